@@ -1,0 +1,44 @@
+"""Counter-based uniforms (DESIGN.md §3).
+
+The uniform for draw ``d`` of request ``seed`` at generation step ``t`` is a pure function of
+``(seed, t, d)``: no generator state, so it does not depend on batch size, position in the batch or
+which backend samples. It is computed with integer tensor ops on the device, from an on-device step
+counter, so a decode step needs no host round trip and can be captured in a CUDA graph.
+
+Draw layout of one step: column 0 is the student fallback draw, column ``1 + k`` the k-th teacher
+proposal. Values lie in (0, 1]: ``(h >> 8 + 1) / 2**24``, exact in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .params import MAX_PROPOSAL_TRIALS
+
+NUM_DRAWS = 1 + MAX_PROPOSAL_TRIALS
+FALLBACK_DRAW = 0
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # A 32-bit avalanche finaliser on int64 lanes. Multipliers stay below 2**31 so that every
+    # product of a 32-bit lane fits in a signed int64: no overflow anywhere, on any backend.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def step_uniforms(seeds: torch.Tensor, steps: torch.Tensor, num_draws: int = NUM_DRAWS) -> torch.Tensor:
+    """Uniforms ``[B, num_draws]`` float32 for requests ``seeds [B]`` (int64) at ``steps [B]`` (int64)."""
+    seeds = seeds.to(torch.int64)
+    steps = steps.to(torch.int64)
+    draws = torch.arange(num_draws, device=seeds.device, dtype=torch.int64)
+    h = torch.full_like(seeds, 0x6A09E667)
+    for word in (seeds & _M32, (seeds >> 32) & _M32, steps & _M32, (steps >> 32) & _M32):
+        h = _mix32(h ^ word)
+    h = _mix32(h[:, None] ^ draws[None, :])
+    h = _mix32(h ^ 0x3C6EF372)
+    return ((h >> 8) + 1).to(torch.float32) * (1.0 / 2**24)
