@@ -1,0 +1,362 @@
+"""The two-model RSD engine: a teacher and a student decoding side by side over static KV caches."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from .models import load_model
+from .params import SamplingParams
+from .randomness import step_uniforms
+from .results import GenerationResult, ScoreResult
+from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_backend, rsd_sample
+from .scheduler import Request, Scheduler
+from .tokens import align_token_spaces, load_tokenizer
+
+KV_BUCKET = 128  # attention spans a multiple of this many cache positions, not max_seq_len
+PREFILL_CHUNK = 512  # prompt tokens per row per forward
+
+
+class Engine:
+    """Batched Reverse Speculative Decoding.
+
+    ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
+    ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
+    "cpp" or "triton".
+    """
+
+    def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
+                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.teacher_path, self.student_path = Path(teacher), Path(student)
+
+        self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
+        self.student = load_model(student, dtype=self.dtype, device=self.device)
+        self.teacher_tokenizer = load_tokenizer(teacher)
+        self.tokenizer = load_tokenizer(student)
+        self.space = align_token_spaces(
+            self.teacher_tokenizer, self.tokenizer, teacher_rows=self.teacher.config.vocab_size,
+            student_rows=self.student.config.vocab_size, token_map=token_map).to(self.device)
+        self.sampler = resolve_backend(sampler, self.device)
+        self.eos_token_ids = self._eos_ids()
+
+        # One extra slot is scratch space for padding rows.
+        self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
+        self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                       progress: bool = False) -> list[GenerationResult]:
+        requests = self._make_requests(prompts, params)
+        scheduler = Scheduler(self.max_batch_size)
+        for request in requests:
+            scheduler.add(request)
+        bar = _progress_bar(len(requests), progress)
+        while scheduler.has_work():
+            admitted = scheduler.admit()
+            if admitted:
+                self._prefill(admitted)
+            batch = scheduler.batch()
+            for request in self._decode(batch):
+                scheduler.finish(request)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [r.result for r in requests]
+
+    def _make_requests(self, prompts, params) -> list[Request]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a list of strings or of token-id lists, "
+                            f"got {type(prompts).__name__}")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
+            ids = self._tokenize(prompt, i)
+            teacher_ids = self.space.to_teacher(ids, what=f"prompt {i}:")
+            longest = max(len(ids), len(teacher_ids))
+            if longest >= self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens ({len(teacher_ids)} in the teacher's space) but "
+                                 f"max_seq_len is {self.max_seq_len}: prompts must be shorter than max_seq_len")
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
+            requests.append(Request(i, ids, teacher_ids, p, seed, GenerationResult(list(ids), seed=seed)))
+        return requests
+
+    def _tokenize(self, prompt, index) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty: every prompt needs at least one token")
+        return ids
+
+    def _prefill(self, requests: list[Request]):
+        """Fill both caches with each prompt but its last token, which the first decode step reads."""
+        for r in requests:
+            r.next_student_token, r.next_teacher_token = r.prompt_ids[-1], r.teacher_prompt_ids[-1]
+            r.student_len, r.teacher_len = len(r.prompt_ids) - 1, len(r.teacher_prompt_ids) - 1
+        self._extend(self.student, self.student_cache, [(r.slot, r.prompt_ids[:-1]) for r in requests])
+        self._extend(self.teacher, self.teacher_cache, [(r.slot, r.teacher_prompt_ids[:-1]) for r in requests])
+
+    def _extend(self, model, cache, rows: list[tuple[int, list[int]]], starts: list[int] | None = None):
+        """Append token runs to cache slots (no logits): rows of (slot, ids), right-padded in chunks."""
+        starts = starts or [0] * len(rows)
+        rows = [(slot, ids, start) for (slot, ids), start in zip(rows, starts) if ids]
+        if not rows:
+            return
+        longest = max(len(ids) for _, ids, _ in rows)
+        for offset in range(0, longest, PREFILL_CHUNK):
+            chunk = [(slot, ids[offset:offset + PREFILL_CHUNK], start + offset) for slot, ids, start in rows
+                     if len(ids) > offset]
+            width = max(len(ids) for _, ids, _ in chunk)
+            tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+            positions = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, (_, ids, start) in enumerate(chunk):
+                tokens[b, : len(ids)] = torch.tensor(ids)
+                # Padding entries write at positions past the row's end, overwritten before they are read.
+                positions[b] = torch.arange(start, start + width).clamp_max(self.max_seq_len - 1)
+            slots = torch.tensor([slot for slot, _, _ in chunk])
+            kv_len = _kv_bucket(int(positions.max()) + 1, self.max_seq_len)
+            model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
+
+    def _decode(self, batch: list[Request]) -> list[Request]:
+        """One RSD step for every running request; returns the requests that finished."""
+        tensors = self._step_inputs(batch)
+        teacher_kv = _kv_bucket(max(r.teacher_len for r in batch) + 1, self.max_seq_len)
+        student_kv = _kv_bucket(max(r.student_len for r in batch) + 1, self.max_seq_len)
+        out = self.decode_step(*tensors, teacher_kv=teacher_kv, student_kv=student_kv)
+        tokens, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
+
+        finished, expansions = [], []
+        for b, r in enumerate(batch):
+            token = tokens[b]
+            if token in (TEACHER_NONFINITE, STUDENT_NONFINITE):
+                model, path = ("teacher", self.teacher_path) if token == TEACHER_NONFINITE else ("student", self.student_path)
+                raise FloatingPointError(f"the {model} model ({path}) produced NaN or +inf logits at generation step "
+                                         f"{len(r.result.token_ids)} of prompt {r.index}; no token was sampled")
+            res = r.result
+            res.token_ids.append(token)
+            res.accepted.append(bool(accepted[b]))
+            res.teacher_logprobs.append(teacher_lp[b])
+            res.student_logprobs.append(student_lp[b])
+            r.student_len += 1
+            r.teacher_len += 1
+            r.next_student_token = token
+            pieces = self.space.teacher_pieces.get(token)
+            if pieces is not None:
+                expansions.append((r, pieces))
+            r.next_teacher_token = token if pieces is None else pieces[-1]
+            reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
+            if reason:
+                self._finalize(r, reason)
+                finished.append(r)
+        # A mapped student token is several teacher tokens: the teacher reads all but the last now.
+        live = [(r, p) for r, p in expansions if not r.result.finish_reason]
+        if live:
+            self._extend(self.teacher, self.teacher_cache, [(r.slot, list(p[:-1])) for r, p in live],
+                         starts=[r.teacher_len for r, _ in live])
+            for r, p in live:
+                r.teacher_len += len(p) - 1
+        return finished
+
+    def _step_inputs(self, batch):
+        dev = self.device
+
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        params = [r.params for r in batch]
+        row_params = RowParams(
+            temperature=col([p.temperature for p in params], torch.float32),
+            top_k=col([p.top_k for p in params], torch.int32),
+            top_p=col([p.top_p for p in params], torch.float32),
+            threshold=col([p.threshold for p in params], torch.float32),
+            check_temperature=col([p.check_temperature for p in params], torch.float32),
+            student_temperature=col([p.student_temperature for p in params], torch.float32),
+            student_top_k=col([p.student_top_k for p in params], torch.int32),
+            student_top_p=col([p.student_top_p for p in params], torch.float32),
+            proposal_trials=col([p.proposal_trials for p in params], torch.int32),
+        )
+        return (
+            col([r.next_teacher_token for r in batch], torch.long),
+            col([r.teacher_len for r in batch], torch.long),
+            col([r.next_student_token for r in batch], torch.long),
+            col([r.student_len for r in batch], torch.long),
+            col([r.slot for r in batch], torch.long),
+            col([r.seed for r in batch], torch.long),
+            col([len(r.result.token_ids) for r in batch], torch.long),
+            row_params,
+        )
+
+    def decode_step(self, teacher_tokens, teacher_pos, student_tokens, student_pos, slots, seeds, steps,
+                    params: RowParams, *, teacher_kv: int, student_kv: int):
+        """Teacher forward, student forward, fused RSD sample: static shapes, no host syncs."""
+        hidden_t = self.teacher(teacher_tokens[:, None], teacher_pos[:, None], self.teacher_cache, slots, teacher_kv)
+        hidden_s = self.student(student_tokens[:, None], student_pos[:, None], self.student_cache, slots, student_kv)
+        teacher_logits = self.teacher.logits(hidden_t[:, 0])
+        student_logits = self.student.logits(hidden_s[:, 0])
+        uniforms = step_uniforms(seeds, steps)
+        return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,
+                          self.space.fallback_mask, backend=self.sampler)
+
+    def _finish_reason(self, r: Request, extra_teacher: int) -> str:
+        token, p, res = r.next_student_token, r.params, r.result
+        if token in self.eos_token_ids:
+            return "eos"
+        if token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self._hit_stop_string(r):
+            return "stop"
+        if len(res.token_ids) >= p.max_new_tokens:
+            return "length"
+        # The next step writes one cache position per model (plus a mapped token's extra pieces).
+        if r.student_len + 1 > self.max_seq_len or r.teacher_len + extra_teacher + 1 > self.max_seq_len:
+            return "length"
+        return ""
+
+    def _hit_stop_string(self, r: Request) -> bool:
+        text = self.tokenizer.decode(r.result.token_ids, skip_special_tokens=False)
+        longest = max(len(s) for s in r.params.stop)
+        window_start = max(0, r.stop_scan_from - longest + 1)
+        hits = [i for s in r.params.stop if (i := text.find(s, window_start)) >= 0]
+        r.stop_scan_from = len(text)
+        if hits:
+            r.result.text = text[: min(hits)]
+            return True
+        return False
+
+    def _finalize(self, r: Request, reason: str):
+        res = r.result
+        res.finish_reason = reason
+        if reason == "stop" and r.params.stop and res.text:
+            return  # text already cut at the stop string
+        ids = res.token_ids[:-1] if reason == "eos" else res.token_ids
+        res.text = self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.student.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        # The teacher's EOS stops too where the student's space has it.
+        ids.update(t for t in self.teacher.config.eos_token_ids
+                   if 0 <= t < self.space.size and bool(self.space.proposal_mask[t]))
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def score_batch(self, prompts, completions) -> list[ScoreResult]:
+        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it."""
+        if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
+            raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
+        results = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            rows = []
+            for i in range(start, min(start + self.max_batch_size, len(prompts))):
+                prompt = self._tokenize(prompts[i], i)
+                completion = completions[i]
+                completion = (self.tokenizer.encode(completion, add_special_tokens=False)
+                              if isinstance(completion, str) else list(completion))
+                rows.append((i, prompt, completion))
+            results.extend(self._score_rows(rows))
+        return results
+
+    def _score_rows(self, rows):
+        student_seqs = [p + c for _, p, c in rows]
+        teacher_seqs, teacher_spans = [], []
+        for i, prompt, completion in rows:
+            t_prompt = self.space.to_teacher(prompt, what=f"prompt {i}:")
+            spans, seq = [], list(t_prompt)
+            for tok in completion:
+                pieces = self.space.to_teacher([tok], what=f"completion {i}:")
+                spans.append((len(seq), len(pieces)))
+                seq.extend(pieces)
+            teacher_seqs.append(seq)
+            teacher_spans.append(spans)
+        for (i, _, _), s, t in zip(rows, student_seqs, teacher_seqs):
+            if max(len(s), len(t)) > self.max_seq_len:
+                raise ValueError(f"prompt {i} with its completion has {len(s)} tokens ({len(t)} in the teacher's "
+                                 f"space), more than max_seq_len {self.max_seq_len}")
+        student_spans = [[(len(p) + j, 1) for j in range(len(c))] for _, p, c in rows]
+        student_lp = self._teacher_forced(self.student, self.student_cache, student_seqs, student_spans)
+        teacher_lp = self._teacher_forced(self.teacher, self.teacher_cache, teacher_seqs, teacher_spans)
+        return [ScoreResult(t, s) for t, s in zip(teacher_lp, student_lp)]
+
+    def _teacher_forced(self, model, cache, seqs, spans):
+        """Sum of log-probs of seq[a : a + n] for each span (a, n): one mapped token may be several ids."""
+        out = []
+        for row, (seq, row_spans) in enumerate(zip(seqs, spans)):
+            logprobs = []
+            for offset in range(0, len(seq), PREFILL_CHUNK):
+                chunk = seq[offset:offset + PREFILL_CHUNK]
+                tokens = torch.tensor([chunk], device=self.device)
+                positions = torch.arange(offset, offset + len(chunk), device=self.device)[None]
+                slot = torch.tensor([0], device=self.device)
+                hidden = model(tokens, positions, cache, slot, _kv_bucket(offset + len(chunk), self.max_seq_len))
+                # Log-prob of the token at position q+1 given everything up to q.
+                targets = torch.tensor(seq[offset + 1: offset + len(chunk) + 1], device=self.device)
+                lp = torch.log_softmax(model.logits(hidden[0, : len(targets)]), dim=-1)
+                logprobs.append(lp.gather(-1, targets[:, None])[:, 0])
+            flat = torch.cat(logprobs).tolist() if logprobs else []
+            # flat[q] is the log-prob of seq[q + 1]
+            out.append([sum(flat[a - 1 + k] for k in range(n)) for a, n in row_spans])
+        return out
+
+
+def _kv_bucket(length: int, max_seq_len: int) -> int:
+    return min(max_seq_len, -(-length // KV_BUCKET) * KV_BUCKET)
+
+
+def _resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available: use device='cpu' or 'auto'")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="rsd", unit="seq")

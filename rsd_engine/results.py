@@ -1,0 +1,31 @@
+"""What the engine returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationResult:
+    """One RSD trace. ``accepted[i]`` says whether token i is the teacher's proposal (True) or the
+    student's fallback (False); the log-probs are raw (temperature 1, untruncated) under each model."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    accepted: list[bool] = field(default_factory=list)
+    teacher_logprobs: list[float] = field(default_factory=list)
+    student_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""  # "eos", "stop" or "length"
+    seed: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+
+@dataclass
+class ScoreResult:
+    """Teacher-forced log-probs of every completion token given its prefix, under each model."""
+
+    teacher_logprobs: list[float]
+    student_logprobs: list[float]

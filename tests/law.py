@@ -1,0 +1,65 @@
+"""The analytic RSD law of DESIGN.md §2 in float64 numpy, written independently of every backend."""
+import numpy as np
+from scipy import stats
+
+
+def truncate(logits, temperature, top_k=0, top_p=1.0, mask=None):
+    """Normalised truncated distribution of one row (float64)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+    if temperature == 0:
+        q = np.zeros_like(logits)
+        q[int(np.argmax(logits))] = 1.0
+        return q
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    kept = np.zeros(len(p), dtype=bool)
+    if top_k > 0:
+        kept[order[:top_k]] = True
+    else:
+        kept[:] = True
+    total = p[kept].sum()
+    before = 0.0
+    for i in order:
+        if not kept[i]:
+            continue
+        if top_p < 1 and before >= top_p * total:
+            kept[i] = False
+        before += p[i]
+    q = np.where(kept, p, 0.0)
+    return q / q.sum()
+
+
+def softmax(logits, temperature=1.0):
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def rsd_law(teacher_logits, student_logits, *, temperature, top_k, top_p, threshold, check_temperature,
+            student_temperature, student_top_k, student_top_p, trials, proposal_mask=None, fallback_mask=None):
+    """(Q, accept rate) for one row: Q_K(y) = qT(y)·ok(y)·(1 + r + … + r^(K−1)) + r^K·qS(y)."""
+    V = len(proposal_mask) if proposal_mask is not None else min(len(teacher_logits), len(student_logits))
+    q_teacher = truncate(teacher_logits[:V], temperature, top_k, top_p, proposal_mask)
+    ok = softmax(student_logits, check_temperature)[:V] >= threshold
+    q_student = truncate(student_logits[:V], student_temperature, student_top_k, student_top_p, fallback_mask)
+    r = float(q_teacher[~ok].sum())
+    law = q_teacher * ok * sum(r**k for k in range(trials)) + r**trials * q_student
+    return law, 1.0 - r**trials
+
+
+def chi_square_pvalue(samples, law):
+    """G-free plain chi-square of integer samples against a law, pooling cells expected below 5."""
+    n = len(samples)
+    observed = np.bincount(samples, minlength=len(law)).astype(np.float64)
+    assert observed[law == 0].sum() == 0, f"sampled ids outside the law's support: {np.nonzero(observed * (law == 0))}"
+    expected = law * n
+    big = expected >= 5
+    obs = list(observed[big]) + ([observed[~big].sum()] if (~big).any() and expected[~big].sum() > 0 else [])
+    exp = list(expected[big]) + ([expected[~big].sum()] if (~big).any() and expected[~big].sum() > 0 else [])
+    if len(obs) < 2:
+        return 1.0
+    return stats.chisquare(obs, exp).pvalue

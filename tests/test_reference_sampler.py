@@ -1,0 +1,107 @@
+"""The reference RSD sampler follows the analytic law Q, and its uniforms follow DESIGN.md §3."""
+import numpy as np
+import pytest
+import torch
+
+from rsd_engine.randomness import NUM_DRAWS, step_uniforms
+from rsd_engine.sampling import RowParams, rsd_sample_reference
+from tests.law import chi_square_pvalue, rsd_law
+
+ALPHA = 1e-3
+DRAWS = 40_000
+
+
+def row_params(n, **kw):
+    base = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+    base.update(kw)
+    ints = {"top_k", "student_top_k", "proposal_trials"}
+    return RowParams(**{k: torch.full((n,), v, dtype=torch.int32 if k in ints else torch.float32)
+                        for k, v in base.items()})
+
+
+CASES = {
+    "default": {},
+    "top_p": dict(top_p=0.6, student_top_p=0.7),
+    "top_k": dict(top_k=4, student_top_k=3, top_p=1.0),
+    "trials": dict(proposal_trials=3, threshold=0.08),
+    "check_temperature": dict(check_temperature=0.5, threshold=0.05),
+    "greedy_fallback": dict(student_temperature=0.0, threshold=0.1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_follows_law(case):
+    gen = torch.Generator().manual_seed(7)
+    V = 24
+    teacher = torch.randn(V, generator=gen) * 2
+    student = torch.randn(V + 5, generator=gen) * 2  # padding rows past V in the student
+    proposal_mask = torch.ones(V, dtype=torch.bool)
+    proposal_mask[[3, 11]] = False
+    fallback_mask = torch.ones(V, dtype=torch.bool)
+    fallback_mask[5] = False
+    kw = dict(CASES[case])
+    params = row_params(DRAWS, **kw)
+    uniforms = step_uniforms(torch.arange(DRAWS), torch.full((DRAWS,), 3))
+    out = rsd_sample_reference(teacher.expand(DRAWS, V), student.expand(DRAWS, V + 5), uniforms, params,
+                               proposal_mask, fallback_mask)
+    full = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+    full.update(kw)
+    trials = full.pop("proposal_trials")
+    law, accept_rate = rsd_law(teacher.numpy(), student.numpy(), trials=trials, proposal_mask=proposal_mask.numpy(),
+                               fallback_mask=fallback_mask.numpy(), **full)
+    assert chi_square_pvalue(out.token.numpy(), law) > ALPHA
+    # Accept rate: a binomial proportion, checked at the same alpha (normal approximation).
+    observed = out.accepted.float().mean().item()
+    sd = np.sqrt(accept_rate * (1 - accept_rate) / DRAWS) + 1e-12
+    assert abs(observed - accept_rate) < 3.3 * sd + 1e-9, (observed, accept_rate)
+
+
+def test_thresholds_zero_and_one_pick_teacher_and_student():
+    gen = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(4, 50, generator=gen), torch.randn(4, 50, generator=gen)
+    mask = torch.ones(50, dtype=torch.bool)
+    u = step_uniforms(torch.arange(4), torch.zeros(4, dtype=torch.long))
+    greedy = dict(temperature=0.0, student_temperature=0.0)
+    out0 = rsd_sample_reference(teacher, student, u, row_params(4, threshold=0.0, **greedy), mask, mask)
+    out1 = rsd_sample_reference(teacher, student, u, row_params(4, threshold=1.0, **greedy), mask, mask)
+    assert torch.equal(out0.token, teacher.argmax(-1)) and out0.accepted.all()
+    assert torch.equal(out1.token, student.argmax(-1)) and not out1.accepted.any()
+    assert torch.allclose(out1.student_logprob, torch.log_softmax(student, -1).max(-1).values)
+    assert torch.allclose(out0.teacher_logprob, torch.log_softmax(teacher, -1).max(-1).values)
+
+
+def test_nonfinite_rows_are_flagged_not_sampled():
+    teacher, student = torch.randn(3, 10), torch.randn(3, 10)
+    teacher[0, 4] = float("nan")
+    student[1, 2] = float("inf")
+    teacher[2, 0] = float("-inf")  # -inf is a legal mask value
+    mask = torch.ones(10, dtype=torch.bool)
+    out = rsd_sample_reference(teacher, student, step_uniforms(torch.arange(3), torch.zeros(3)), row_params(3),
+                               mask, mask)
+    assert out.token.tolist()[:2] == [-1, -2] and out.token[2] >= 1
+
+
+def test_uniforms_depend_only_on_seed_step_draw():
+    seeds = torch.tensor([5, 2**62 + 3, 0, 123456789])
+    steps = torch.tensor([0, 7, 1, 2**33])
+    u = step_uniforms(seeds, steps)
+    assert u.shape == (4, NUM_DRAWS) and u.dtype == torch.float32
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(step_uniforms(seeds[perm], steps[perm]), u[perm])
+    assert torch.equal(step_uniforms(seeds[1:2], steps[1:2]), u[1:2])
+    assert ((u > 0) & (u <= 1)).all()
+    assert len(set(u.flatten().tolist())) == u.numel()
+
+
+def test_uniforms_are_uniform():
+    from scipy import stats
+
+    n = 50_000
+    u = step_uniforms(torch.arange(n) * 7919, torch.arange(n) % 13)
+    for column in (0, 1, 5):
+        assert stats.kstest(u[:, column].numpy(), "uniform").pvalue > ALPHA
+    # Neighbouring steps of one seed are uncorrelated.
+    v = step_uniforms(torch.zeros(n, dtype=torch.long), torch.arange(n))[:, 1].numpy()
+    assert abs(np.corrcoef(v[:-1], v[1:])[0, 1]) < 0.03
