@@ -134,7 +134,7 @@ class Engine:
             for b, (_, ids, start) in enumerate(chunk):
                 tokens[b, : len(ids)] = torch.tensor(ids)
                 # Padding entries write at positions past the row's end, overwritten before they are read.
-                positions[b] = torch.arange(start, start + width).clamp_max(self.max_seq_len - 1)
+                positions[b] = torch.arange(start, start + width)
             slots = torch.tensor([slot for slot, _, _ in chunk])
             kv_len = _kv_bucket(int(positions.max()) + 1, self.max_seq_len)
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
@@ -229,8 +229,8 @@ class Engine:
             return "stop"
         if len(res.token_ids) >= p.max_new_tokens:
             return "length"
-        # The next step writes one cache position per model (plus a mapped token's extra pieces).
-        if r.student_len + 1 > self.max_seq_len or r.teacher_len + extra_teacher + 1 > self.max_seq_len:
+        # A sequence (prompt + generated, in either model's space) holds at most max_seq_len tokens.
+        if r.student_len + 1 >= self.max_seq_len or r.teacher_len + extra_teacher + 1 >= self.max_seq_len:
             return "length"
         return ""
 

@@ -5,7 +5,7 @@ import torch
 
 from rsd_engine.randomness import NUM_DRAWS, step_uniforms
 from rsd_engine.sampling import RowParams, rsd_sample_reference
-from tests.law import chi_square_pvalue, rsd_law
+from law import chi_square_pvalue, rsd_law
 
 ALPHA = 1e-3
 DRAWS = 40_000

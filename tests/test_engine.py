@@ -1,0 +1,138 @@
+"""Engine.generate_batch / score_batch against HF transformers, and the scheduling contract."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rsd_engine import Engine, SamplingParams
+
+PROMPTS = ["The answer is", "Let x be a number such that 2x + 3 = 11. Then", "1 + 1 ="]
+GREEDY = dict(temperature=0.0, student_temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair):
+    return Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=2, max_seq_len=128, sampler="reference")
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_pair):
+    return [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in tiny_pair]
+
+
+def hf_greedy(model, engine, prompt_ids, new_tokens):
+    vocab = len(engine.tokenizer)
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=new_tokens,
+                         eos_token_id=sorted(engine.eos_token_ids), pad_token_id=0,
+                         suppress_tokens=list(range(vocab, model.config.vocab_size)))
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("threshold,which", [(0.0, 0), (1.0, 1)], ids=["teacher", "student"])
+def test_greedy_matches_hf(engine, hf_models, threshold, which):
+    """threshold 0 keeps every teacher proposal; threshold 1 rejects them all: greedy decoding of one model."""
+    params = SamplingParams(max_new_tokens=12, threshold=threshold, **GREEDY)
+    results = engine.generate_batch(PROMPTS, params)  # 3 prompts over 2 slots
+    for prompt, result in zip(PROMPTS, results):
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        assert result.prompt_token_ids == ids
+        assert result.token_ids == hf_greedy(hf_models[which], engine, ids, 12)
+        assert all(a == (threshold == 0.0) for a in result.accepted)
+
+
+def test_score_batch_matches_hf(engine, hf_models):
+    completions = ["x = 4. The answer is \\boxed{4}.", [5, 17, 200, 3]]
+    scores = engine.score_batch(PROMPTS[:2], completions)
+    for prompt, completion, score in zip(PROMPTS, completions, scores):
+        p = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        c = engine.tokenizer.encode(completion, add_special_tokens=False) if isinstance(completion, str) else completion
+        ids = torch.tensor([p + c])
+        for model, got in zip(hf_models, (score.teacher_logprobs, score.student_logprobs)):
+            lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            want = [lp[len(p) - 1 + j, tok].item() for j, tok in enumerate(c)]
+            assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_generation_logprobs_match_teacher_forcing(engine):
+    params = SamplingParams(max_new_tokens=16, threshold=0.003, seed=11)
+    result = engine.generate_batch([PROMPTS[1]], params)[0]
+    score = engine.score_batch([result.prompt_token_ids], [result.token_ids])[0]
+    assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)
+    assert result.student_logprobs == pytest.approx(score.student_logprobs, abs=1e-4)
+
+
+def test_seeded_output_independent_of_batch(tiny_pair, engine):
+    prompts = PROMPTS + ["Alice has 5 apples", "The derivative of x^3 is"]
+    params = [SamplingParams(max_new_tokens=10 + i, threshold=0.003, seed=100 + i) for i in range(len(prompts))]
+    first = engine.generate_batch(prompts, params)
+    again = engine.generate_batch(prompts, params)
+    wide = Engine(*tiny_pair, device="cpu", max_batch_size=5, max_seq_len=128, sampler="reference")
+    order = [4, 2, 0, 3, 1]
+    shuffled = wide.generate_batch([prompts[i] for i in order], [params[i] for i in order])
+    for i, j in enumerate(order):
+        assert shuffled[i].token_ids == first[j].token_ids == again[j].token_ids
+        assert shuffled[i].accepted == first[j].accepted
+    assert len({tuple(r.token_ids) for r in first}) == len(prompts)
+    assert any(a for r in first for a in r.accepted) and not all(a for r in first for a in r.accepted)
+
+
+def test_more_prompts_than_slots_all_finish_in_order(engine):
+    prompts = [[7 + i] * (1 + 3 * i) for i in range(7)]  # lengths 1 .. 19, token-id prompts
+    params = [SamplingParams(max_new_tokens=3 + 2 * i, seed=i, threshold=0.0) for i in range(7)]
+    results = engine.generate_batch(prompts, params)
+    for i, r in enumerate(results):
+        assert r.prompt_token_ids == prompts[i]
+        assert r.finish_reason in ("eos", "length")
+        assert len(r.token_ids) == 3 + 2 * i or r.finish_reason == "eos"
+        assert len(r.accepted) == len(r.teacher_logprobs) == len(r.student_logprobs) == len(r.token_ids)
+
+
+def test_stops(engine):
+    base = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=12, **GREEDY, threshold=0.0))[0]
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    by_id = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=12, **GREEDY, threshold=0.0,
+                                                               stop_token_ids=[stop_id]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: first + 1]
+    text = base.text
+    needle = text[len(text) // 2: len(text) // 2 + 2]
+    by_text = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=12, **GREEDY, threshold=0.0,
+                                                                 stop=[needle]))[0]
+    assert by_text.finish_reason == "stop" and by_text.text == text[: text.index(needle)]
+
+
+def test_cache_limit_finishes_with_length(tiny_pair):
+    small = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=12, sampler="reference")
+    r = small.generate_batch([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=100, threshold=0.0, **GREEDY))[0]
+    assert r.finish_reason in ("length", "eos") and len(r.prompt_token_ids) + len(r.token_ids) <= 12
+
+
+def test_prompt_longer_than_max_seq_len_is_named(engine):
+    with pytest.raises(ValueError, match=r"prompt 1 has 200 tokens .* max_seq_len is 128"):
+        engine.generate_batch([[5], [6] * 200], SamplingParams(max_new_tokens=2))
+
+
+def test_empty_prompt_is_refused(engine):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate_batch([""], SamplingParams(max_new_tokens=2))
+
+
+def test_params_must_pair_with_prompts(engine):
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        engine.generate_batch(PROMPTS, [SamplingParams()] * 2)
+    with pytest.raises(TypeError, match="list of strings"):
+        engine.generate_batch("one string", SamplingParams())
+
+
+def test_nonfinite_logits_name_the_model_and_step(tiny_pair, monkeypatch):
+    eng = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference")
+    calls = {"n": 0}
+    real = eng.student.logits
+
+    def broken(hidden):
+        calls["n"] += 1
+        out = real(hidden)
+        return out if calls["n"] < 4 else out.fill_(float("nan"))
+
+    monkeypatch.setattr(eng.student, "logits", broken)
+    with pytest.raises(FloatingPointError, match=r"student model .* NaN or \+inf logits at generation step 3 of prompt 0"):
+        eng.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=8))

@@ -1,0 +1,47 @@
+"""SamplingParams refuses every out-of-range field with a message naming the field and the range."""
+import math
+
+import pytest
+
+from rsd_engine import SamplingParams
+
+BAD = [
+    ("max_new_tokens", 0, "integer >= 1"),
+    ("max_new_tokens", 2.5, "integer >= 1"),
+    ("temperature", -0.1, ">= 0"),
+    ("temperature", math.nan, ">= 0"),
+    ("top_p", 0.0, "(0, 1]"),
+    ("top_p", 1.5, "(0, 1]"),
+    ("top_k", -1, ">= 0"),
+    ("threshold", 1.01, "[0, 1]"),
+    ("threshold", -0.5, "[0, 1]"),
+    ("check_temperature", 0.0, "> 0"),
+    ("student_temperature", math.inf, ">= 0"),
+    ("student_top_p", 0.0, "(0, 1]"),
+    ("student_top_k", True, ">= 0"),
+    ("proposal_trials", 0, "[1, 16]"),
+    ("proposal_trials", 17, "[1, 16]"),
+    ("seed", -1, "integer"),
+    ("stop", [""], "non-empty"),
+    ("stop", [3], "str"),
+    ("stop_token_ids", [-2], ">= 0"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", BAD, ids=[f"{f}={v!r}" for f, v, _ in BAD])
+def test_out_of_range_field_is_named(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**{field: value})
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_defaults_are_the_papers():
+    p = SamplingParams()
+    assert (p.temperature, p.top_p, p.threshold, p.student_temperature, p.student_top_p) == (0.7, 0.95, 0.01, 0.7, 0.95)
+    assert (p.check_temperature, p.proposal_trials, p.top_k, p.max_new_tokens) == (1.0, 1, 0, 1024)
+
+
+def test_sequences_become_tuples():
+    p = SamplingParams(stop=["\n\n", "END"], stop_token_ids=[5], seed=3)
+    assert p.stop == ("\n\n", "END") and p.stop_token_ids == (5,) and hash(p)
+    assert SamplingParams(stop="END").stop == ("END",)
