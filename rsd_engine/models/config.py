@@ -1,0 +1,100 @@
+"""ModelConfig: the few fields of an HF config.json that the decoder needs, for Llama / Qwen2 / Qwen3."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 always; Llama when attention_bias
+    o_bias: bool = False  # Llama attention_bias also puts a bias on o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # rope_type + its params; {} for plain RoPE
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, config: dict, generation_config: dict | None = None) -> "ModelConfig":
+        """Build from the dicts of config.json (and generation_config.json, for extra EOS ids)."""
+        architecture = _architecture(config)
+        num_heads = config["num_attention_heads"]
+        hidden_size = config["hidden_size"]
+        is_llama = architecture == "LlamaForCausalLM"
+        if config.get("use_sliding_window"):
+            raise ValueError(f"{architecture} with use_sliding_window=true is not supported; "
+                             "only full attention in every layer is")
+        rope_theta, rope_scaling = _rope(config)
+        eos = _ids(config.get("eos_token_id"))
+        if generation_config:
+            eos += [i for i in _ids(generation_config.get("eos_token_id")) if i not in eos]
+        return cls(
+            architecture=architecture,
+            vocab_size=config["vocab_size"],
+            hidden_size=hidden_size,
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=config.get("head_dim") or hidden_size // num_heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or (is_llama and bool(config.get("attention_bias"))),
+            o_bias=is_llama and bool(config.get("attention_bias")),
+            mlp_bias=is_llama and bool(config.get("mlp_bias")),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            eos_token_ids=tuple(eos),
+        )
+
+
+def _architecture(config: dict) -> str:
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    named = ", ".join(archs) if archs else f"none (model_type={config.get('model_type')!r})"
+    hint = ""
+    if config.get("auto_map"):
+        hint = (" The config has auto_map (custom modelling code); remote code is never run, "
+                "so such models cannot be loaded.")
+    raise ValueError(f"unsupported architecture: {named}. Supported: {', '.join(SUPPORTED_ARCHITECTURES)}.{hint}")
+
+
+def _rope(config: dict) -> tuple[float, dict]:
+    """(theta, scaling) from transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    params = dict(config.get("rope_parameters") or {})
+    params.update(config.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, {}
+    params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 4096))
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    if missing:
+        raise ValueError(f"llama3 RoPE scaling is missing {', '.join(missing)} in config.json")
+    return theta, {"rope_type": rope_type, **params}
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,105 @@
+"""Load a CausalLM from a local HF folder: config.json + safetensors (single file or sharded with an index).
+
+Only safetensors are read: pickle checkpoints can run arbitrary code when unpickled, and so can the
+custom modelling code that `auto_map` points to; both are refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .transformer import CausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu") -> CausalLM:
+    """Load the model in `folder` in `dtype` (float32, bfloat16 or float16) onto `device`, ready for inference."""
+    dtype = _dtype(dtype)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    config = load_config(folder)
+    files = _weight_files(folder)
+    model = _build(config)
+    _load_weights(model, files, dtype, device)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_config(folder) -> ModelConfig:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
+    generation_path = folder / "generation_config.json"
+    generation = _read_json(generation_path) if generation_path.is_file() else None
+    return ModelConfig.from_hf(_read_json(path), generation)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not in the folder: {', '.join(missing[:5])}")
+        if not names:
+            raise ValueError(f"{index} has an empty weight_map")
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    if pickles:
+        raise FileNotFoundError(
+            f"{folder} has only pickle weights ({', '.join(pickles[:3])}); pickle files are refused because "
+            "loading them can run arbitrary code. Convert them to safetensors (model.safetensors) first.")
+    raise FileNotFoundError(f"{folder} has no safetensors weights (model.safetensors or a sharded "
+                            "model.safetensors.index.json)")
+
+
+def _build(config: ModelConfig) -> CausalLM:
+    with torch.device("meta"):  # no memory or init cost; load_state_dict(assign=True) fills the params
+        return CausalLM(config)
+
+
+def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device) -> None:
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue  # e.g. lm_head.weight saved next to tied embeddings, or rotary buffers
+                tensor = f.get_tensor(name)
+                if tensor.shape != expected[name]:
+                    raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(expected[name])}")
+                state[name] = tensor.to(device=device, dtype=dtype)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+    model.load_state_dict(state, assign=True)

@@ -1,0 +1,143 @@
+"""One decoder for Llama, Qwen2 and Qwen3; the differences are switches in ModelConfig.
+
+Module names mirror HF checkpoints (model.layers.N.self_attn.q_proj, ...), so a safetensors state dict
+loads as is. The forward has static shapes and no host syncs, so it compiles with fullgraph=True.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rope
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As HF does: normalise in float32, cast back, then scale in the model dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, slots, positions, kv_len: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        k, v = cache.update(self.layer, k, v, slots, positions, kv_len)
+        # GQA without repeating K/V: the G query heads sharing a kv head become G*T query rows of it
+        # (mask tiled to match), which any SDPA backend takes as plain multi-head attention.
+        q = q.transpose(1, 2).reshape(B, self.num_kv_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache, slots, positions, kv_len: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, positions, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a static KV cache.
+
+    forward(input_ids [B, T], positions [B, T], cache, slots [B], kv_len) -> hidden [B, T, hidden_size]:
+    writes the new tokens' K/V at cache[slots[b], positions[b, t]], then each query at position p
+    attends to cache positions j < kv_len with j <= p. kv_len is a Python int (a length bucket,
+    >= every real position + 1): attention cost follows it, not the cache's max_seq_len; each
+    distinct value is one compiled graph. Rows may be right-padded: padded entries should carry
+    positions >= their row's real length (positions >= max_seq_len go to a scratch position); their
+    K/V is garbage that later tokens overwrite before anyone attends to it, and their outputs are
+    meaningless. slots=None means slots 0..B-1 (read as a slice, no gather).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Explicit CPU so that building under torch.device("meta") still yields real frequencies.
+        with torch.device("cpu"):
+            self.register_buffer("inv_freq", rope.inv_freq(config), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, num_slots, max_seq_len, c.num_kv_heads, c.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        if not 1 <= kv_len <= cache.max_seq_len:
+            raise ValueError(f"kv_len must be in [1, max_seq_len={cache.max_seq_len}], got {kv_len}")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope.cos_sin(positions, self.inv_freq, x.dtype)
+        # [B, 1, T, kv_len]: key j visible to the query at position p iff j <= p. Key 0 is always
+        # visible, so no row is fully masked (no NaN) even for padded entries.
+        mask = (torch.arange(kv_len, device=positions.device) <= positions[..., None])[:, None]
+        mask = mask.repeat(1, 1, self.config.num_heads // self.config.num_kv_heads, 1)  # see Attention
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, slots, positions, kv_len)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden_size] -> float32 logits [..., vocab_size] (every embedding row)."""
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()

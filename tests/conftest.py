@@ -1,0 +1,35 @@
+"""Shared test setup: offline, two threads, and tiny models built once per session (see tiny.py)."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))  # `from tiny import build_model` from any test file
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from tiny import build_model, build_tokenizer  # noqa: E402
+
+torch.set_num_threads(2)
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+    """(teacher_dir, student_dir): two Qwen3 models over the same tokenizer, the teacher a bit larger."""
+    root = tmp_path_factory.mktemp("pair")
+    teacher = build_model(root / "teacher", "qwen3", tokenizer_dir=tiny_tokenizer_dir, hidden_size=96,
+                          num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=192, seed=1)
+    student = build_model(root / "student", "qwen3", tokenizer_dir=tiny_tokenizer_dir, hidden_size=64,
+                          num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=2)
+    return teacher, student
