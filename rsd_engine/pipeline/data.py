@@ -1,0 +1,188 @@
+"""Problems in: JSONL, JSON, Parquet or a `datasets` folder, into one Problem form.
+
+Rows without a usable question (or id, when ids come from a field) are skipped and reported,
+not fatal; a row without an answer becomes a problem with answer None (its trace is
+'unverified'). An unreadable file or a dataset with no usable row is a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+FORMATS = ".jsonl, .json, .parquet, or a folder written by datasets' save_to_disk"
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str | None
+
+
+@dataclass
+class ProblemSet:
+    problems: list[Problem]
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason)
+    num_rows: int = 0
+
+    @property
+    def num_without_answer(self) -> int:
+        return sum(p.answer is None for p in self.problems)
+
+
+def load_problems(path, *, question_field="question", answer_field="answer", id_field=None) -> ProblemSet:
+    """Read problems from `path`; ids come from `id_field`, else the row index as a string."""
+    path = Path(path)
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: the dataset is empty (no rows)")
+    problems, skipped, seen = [], [], {}
+    for index, row in enumerate(rows):
+        problem, reason = _problem(index, row, question_field, answer_field, id_field)
+        if problem is None:
+            skipped.append((index, reason))
+            continue
+        if problem.id in seen:
+            raise ValueError(
+                f"{path}: rows {seen[problem.id]} and {index} share the id {problem.id!r} "
+                f"(field {id_field!r}); ids must be unique for resumable output"
+            )
+        seen[problem.id] = index
+        problems.append(problem)
+    if not problems:
+        first = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        raise ValueError(
+            f"{path}: none of the {len(rows)} rows is usable ({skipped[0][1]}); fields of the first "
+            f"row: {first}. Name the fields with question_field / answer_field / id_field."
+        )
+    return ProblemSet(problems, skipped, len(rows))
+
+
+def _problem(index, row, question_field, answer_field, id_field) -> tuple[Problem | None, str]:
+    if not isinstance(row, dict):
+        return None, f"row is a {type(row).__name__}, not an object"
+    question = row.get(question_field)
+    if not isinstance(question, str) or not question.strip():
+        return None, f"no {question_field!r} text"
+    if id_field is None:
+        problem_id = str(index)
+    elif row.get(id_field) is None or isinstance(row[id_field], (dict, list)):
+        return None, f"no {id_field!r} id"
+    else:
+        problem_id = str(row[id_field])
+    answer = row.get(answer_field)
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+        return None, f"{answer_field!r} is a {type(answer).__name__}, not text or a number"
+    answer = None if answer is None or str(answer).strip() == "" else str(answer)
+    return Problem(problem_id, question, answer), ""
+
+
+def read_rows(path: Path) -> list:
+    """All rows of the dataset at `path` as Python objects (dicts for well-formed data)."""
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unknown dataset format {suffix or '(no extension)'!r}; valid: {FORMATS}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> list:
+    rows = []
+    for number, line in enumerate((text if text is not None else _read_text(path)).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> list:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, text)  # JSON Lines saved under a .json name
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        return data["data"]
+    if isinstance(data, list):
+        return data
+    raise ValueError(f"{path}: JSON must be a list of objects or {{\"data\": [...]}}, got a {type(data).__name__}")
+
+
+def _read_parquet(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants
+        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from None
+
+
+def _read_saved_dataset(path: Path) -> list:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except Exception as exc:  # FileNotFoundError or assorted errors on folders it did not write
+        raise ValueError(f"{path}: not a dataset folder written by save_to_disk ({exc}); valid: {FORMATS}") from None
+    if isinstance(data, DatasetDict):
+        splits = list(data)
+        if len(splits) != 1 and "train" not in splits:
+            raise ValueError(f"{path} holds splits {splits}; save the one to use on its own or name one 'train'")
+        data = data[splits[0] if len(splits) == 1 else "train"]
+    return data.to_list()
+
+
+def shard_problems(problems: list[Problem], rank: int, world_size: int) -> list[Problem]:
+    """The problems rank `rank` of `world_size` takes: every world_size-th, starting at rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return problems[rank::world_size]
+
+
+def champ_problems(limit: int | None = None, *, numeric_only: bool = False) -> list[Problem]:
+    """Problems of the bundled champ-dataset (270 competition problems), read from the package's
+    JSON file without importing it. numeric_only keeps the 79 whose answer is one number, which
+    math-verify checks unambiguously."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of problems or None, got {limit}")
+    problems = []
+    for key, row in _champ_rows().items():
+        # champ marks math spans with @@ ... @@; the plain text drops the markers
+        answer = row["_raw_answer"].replace("@@", "").strip()
+        if numeric_only and not re.fullmatch(r"-?\d+(\.\d+)?", answer):
+            continue
+        problems.append(Problem(row.get("identifier", key), row["_raw_text"].replace("@@", ""), answer))
+    return problems[:limit] if limit is not None else problems
+
+
+@functools.lru_cache(maxsize=1)
+def _champ_rows() -> dict:
+    spec = find_spec("champ_dataset")
+    if spec is None:
+        raise FileNotFoundError("champ problems need the champ-dataset package: `pip install champ-dataset`")
+    files = [Path(p) / "dataset_files" / "v0.json" for p in spec.submodule_search_locations or []]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise FileNotFoundError("champ-dataset is installed but its dataset_files/v0.json is missing")
+    return json.loads(files[0].read_text(encoding="utf-8"))["problems"]
