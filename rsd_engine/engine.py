@@ -54,26 +54,37 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    @torch.inference_mode()
     def generate_batch(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                        progress: bool = False) -> list[GenerationResult]:
+        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order."""
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for index, result in self.generate_iter(prompts, params, progress=progress):
+            results[index] = result
+        return results
+
+    def generate_iter(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                      progress: bool = False):
+        """Like generate_batch, but yields ``(prompt_index, result)`` as each sequence finishes."""
         requests = self._make_requests(prompts, params)
         scheduler = Scheduler(self.max_batch_size)
         for request in requests:
             scheduler.add(request)
         bar = _progress_bar(len(requests), progress)
-        while scheduler.has_work():
-            admitted = scheduler.admit()
-            if admitted:
-                self._prefill(admitted)
-            batch = scheduler.batch()
-            for request in self._decode(batch):
-                scheduler.finish(request)
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
-        return [r.result for r in requests]
+        try:
+            while scheduler.has_work():
+                with torch.inference_mode():
+                    admitted = scheduler.admit()
+                    if admitted:
+                        self._prefill(admitted)
+                    finished = self._decode(scheduler.batch())
+                for request in finished:
+                    scheduler.finish(request)
+                    if bar is not None:
+                        bar.update(1)
+                    yield request.index, request.result
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _make_requests(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):

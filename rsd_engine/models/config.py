@@ -85,6 +85,8 @@ def _rope(config: dict) -> tuple[float, dict]:
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported; RoPE must rotate the whole head")
     if rope_type == "default":
         return theta, {}
     params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 4096))

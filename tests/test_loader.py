@@ -1,0 +1,107 @@
+"""load_model refuses bad folders with messages that name the problem and what is valid."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import build_model
+
+from rsd_engine.models import SUPPORTED_ARCHITECTURES, load_model
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_tokenizer_dir):
+    return build_model(tmp_path_factory.mktemp("src") / "m", "qwen3", tokenizer_dir=tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def folder(source, tmp_path):
+    return shutil.copytree(source, tmp_path / "m")
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_loads_and_reports_config(folder):
+    model = load_model(folder, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.config.architecture == "Qwen3ForCausalLM"
+    assert model.config.vocab_size == 512 and not any(p.requires_grad for p in model.parameters())
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_missing_config(folder):
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(folder)
+
+
+def test_no_safetensors(folder):
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "consolidated.pth", "model.pt"])
+def test_pickle_weights_are_refused(folder, name):
+    (folder / "model.safetensors").unlink()
+    (folder / name).write_bytes(b"never unpickled")
+    with pytest.raises(FileNotFoundError, match=rf"only pickle weights \({name}\).*refused.*safetensors"):
+        load_model(folder)
+
+
+def test_unsupported_architecture(folder):
+    edit_config(folder, architectures=["MistralForCausalLM"])
+    with pytest.raises(ValueError, match="MistralForCausalLM") as e:
+        load_model(folder)
+    assert all(arch in str(e.value) for arch in SUPPORTED_ARCHITECTURES)
+
+
+def test_remote_code_is_never_run(folder):
+    edit_config(folder, architectures=["MyReasonerForCausalLM"],
+                auto_map={"AutoModelForCausalLM": "modeling_my.MyReasonerForCausalLM"})
+    (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ValueError, match="MyReasonerForCausalLM.*remote code is never run"):
+        load_model(folder)
+
+
+def test_missing_tensors_are_named(folder):
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"], state["model.norm.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="missing 2 tensors: model.layers.1.mlp.up_proj.weight, model.norm.weight"):
+        load_model(folder)
+
+
+def test_shape_mismatch_is_named(folder):
+    edit_config(folder, intermediate_size=96)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight .* shape \(64, 128\).*\(64, 96\)"):
+        load_model(folder)
+
+
+def test_missing_shard_is_named(tmp_path, tiny_tokenizer_dir):
+    folder = build_model(tmp_path / "m", "qwen3", tokenizer_dir=tiny_tokenizer_dir, shards=2)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        load_model(folder)
+
+
+def test_bad_dtype(folder):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        load_model(folder, dtype=torch.int8)
+
+
+def test_eos_ids_include_generation_config(folder):
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [452, 450]}))
+    assert load_model(folder).config.eos_token_ids == (452, 450)
+    (folder / "generation_config.json").unlink()
+    assert load_model(folder).config.eos_token_ids == (452,)
