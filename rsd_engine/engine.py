@@ -213,7 +213,8 @@ class Engine:
             col([r.teacher_len for r in batch], torch.long),
             col([r.next_student_token for r in batch], torch.long),
             col([r.student_len for r in batch], torch.long),
-            col([r.slot for r in batch], torch.long),
+            # Slots 0..B-1 in order are read as a slice of the cache instead of gathered.
+            None if all(r.slot == b for b, r in enumerate(batch)) else col([r.slot for r in batch], torch.long),
             col([r.seed for r in batch], torch.long),
             col([len(r.result.token_ids) for r in batch], torch.long),
             row_params,
