@@ -73,53 +73,83 @@ def timed(fn, repeats: int) -> tuple[float, int]:
     return statistics.median(times), count
 
 
-def make_prompts(n: int, vocab: int, length: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(n: int, vocab: int, length: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length - 7 * (i % 3),), generator=gen).tolist() for i in range(n)]
 
 
-def run(args) -> dict:
+def demo_prompts(n: int, tokenizer) -> list[list[int]]:
+    """Chat-templated competition problems, as `rsd demo` sends them."""
+    from rsd_engine.pipeline.data import champ_problems
+
+    problems = champ_problems(n, numeric_only=True)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for p in problems]
+
+
+def bench_pair(name: str, teacher_dir, student_dir, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads)
-    teacher_dir, student_dir = build_random_pair(args.cache, vocab_size=args.vocab)
     engine = Engine(teacher_dir, student_dir, device="cpu", dtype="float32", max_batch_size=max(args.batches),
-                    max_seq_len=args.prompt_len + args.new_tokens + 8, sampler=args.sampler)
+                    max_seq_len=1024, sampler=args.sampler)
     hf = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (teacher_dir, student_dir)]
+    vocab = engine.space.size
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=TEMPERATURE, top_p=TOP_P, threshold=THRESHOLD)
     rows = []
     for batch in args.batches:
-        prompts = make_prompts(batch, args.vocab, args.prompt_len)
+        if name == "random":
+            prompts = random_prompts(batch, vocab, args.prompt_len)
+        else:
+            prompts = demo_prompts(batch, engine.tokenizer)
+        # Every method generates exactly new_tokens per sequence: EOS is not a stop here.
+        seeded = [SamplingParams(**{**params.__dict__, "seed": i, "ignore_eos": True}) for i in range(batch)]
+        accepted = []
 
         def ours():
-            results = engine.generate_batch(prompts, [SamplingParams(**{**params.__dict__, "seed": i})
-                                                      for i in range(batch)])
+            results = engine.generate_batch(prompts, seeded)
+            accepted.extend(a for r in results for a in r.accepted)
             return sum(len(r.token_ids) for r in results)
 
         def naive():
-            return hf_rsd_loop(*hf, prompts, args.new_tokens, args.vocab)
+            return hf_rsd_loop(*hf, prompts, args.new_tokens, vocab)
 
         def one_by_one():
-            return sum(hf_rsd_loop(*hf, [p], args.new_tokens, args.vocab) for p in prompts)
+            return sum(hf_rsd_loop(*hf, [p], args.new_tokens, vocab) for p in prompts)
 
         t_ours, n_ours = timed(ours, args.repeats)
         t_naive, n_naive = timed(naive, args.repeats)
         t_single, n_single = timed(one_by_one, 1) if batch > 1 else (t_naive, n_naive)
-        row = dict(batch=batch, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+        row = dict(pair=name, batch=batch, new_tokens=args.new_tokens,
+                   prompt_tokens=sum(map(len, prompts)) // len(prompts),
+                   acceptance_rate=sum(accepted) / len(accepted),
                    engine_tok_s=n_ours / t_ours, naive_hf_tok_s=n_naive / t_naive,
                    one_by_one_tok_s=n_single / t_single)
         row["vs_naive_hf"] = row["engine_tok_s"] / row["naive_hf_tok_s"]
         row["vs_one_by_one"] = row["engine_tok_s"] / row["one_by_one_tok_s"]
         rows.append(row)
-        print(f"batch {batch:>3}: engine {row['engine_tok_s']:8.1f} tok/s | naive HF {row['naive_hf_tok_s']:8.1f} "
-              f"({row['vs_naive_hf']:.2f}x) | one by one {row['one_by_one_tok_s']:8.1f} ({row['vs_one_by_one']:.2f}x)",
-              flush=True)
-    return dict(pair="random", vocab=args.vocab, sampler=engine.sampler, threads=args.threads,
-                teacher=str(teacher_dir), student=str(student_dir), rows=rows)
+        print(f"{name} batch {batch:>3}: engine {row['engine_tok_s']:8.1f} tok/s | naive HF "
+              f"{row['naive_hf_tok_s']:8.1f} ({row['vs_naive_hf']:.2f}x) | one by one {row['one_by_one_tok_s']:8.1f} "
+              f"({row['vs_one_by_one']:.2f}x) | acceptance {row['acceptance_rate']:.3f}", flush=True)
+    return dict(sampler=engine.sampler, teacher=str(teacher_dir), student=str(student_dir), rows=rows)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    report = dict(threads=args.threads, pairs={})
+    for name in args.pairs:
+        if name == "random":
+            teacher_dir, student_dir = build_random_pair(args.cache, vocab_size=args.vocab)
+        else:
+            from rsd_engine.pipeline.demo_models import demo_student_dir, demo_teacher_dir
+
+            teacher_dir, student_dir = demo_teacher_dir(), demo_student_dir()
+        report["pairs"][name] = bench_pair(name, teacher_dir, student_dir, args)
+    return report
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", nargs="+", choices=["random", "demo"], default=["random", "demo"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -132,10 +162,13 @@ def main():
     args = parser.parse_args()
     report = run(args)
     print()
-    print(f"{'batch':>5} {'engine tok/s':>13} {'naive HF tok/s':>15} {'one-by-one tok/s':>17} {'vs naive':>9} {'vs 1-by-1':>10}")
-    for r in report["rows"]:
-        print(f"{r['batch']:>5} {r['engine_tok_s']:>13.1f} {r['naive_hf_tok_s']:>15.1f} {r['one_by_one_tok_s']:>17.1f} "
-              f"{r['vs_naive_hf']:>8.2f}x {r['vs_one_by_one']:>9.2f}x")
+    print(f"{'pair':>6} {'batch':>5} {'accept':>7} {'engine tok/s':>13} {'naive HF tok/s':>15} "
+          f"{'1-by-1 tok/s':>13} {'vs naive':>9} {'vs 1-by-1':>10}")
+    for pair in report["pairs"].values():
+        for r in pair["rows"]:
+            print(f"{r['pair']:>6} {r['batch']:>5} {r['acceptance_rate']:>7.3f} {r['engine_tok_s']:>13.1f} "
+                  f"{r['naive_hf_tok_s']:>15.1f} {r['one_by_one_tok_s']:>13.1f} {r['vs_naive_hf']:>8.2f}x "
+                  f"{r['vs_one_by_one']:>9.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -233,7 +233,7 @@ class Engine:
 
     def _finish_reason(self, r: Request, extra_teacher: int) -> str:
         token, p, res = r.next_student_token, r.params, r.result
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not p.ignore_eos:
             return "eos"
         if token in p.stop_token_ids:
             return "stop"

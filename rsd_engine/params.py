@@ -31,11 +31,14 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
     stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False  # run to max_new_tokens through EOS (benchmarks)
 
     def __post_init__(self):
         # Lists are accepted for convenience; stored as tuples so params stay hashable.
         object.__setattr__(self, "stop", _as_tuple("stop", self.stop, str))
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"SamplingParams.ignore_eos = {self.ignore_eos!r} must be True or False")
         _check_int("max_new_tokens", self.max_new_tokens, 1, None)
         _check_float("temperature", self.temperature, 0.0, None, "a finite number >= 0 (0 means argmax)")
         _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", open_low=True)

@@ -136,3 +136,9 @@ def test_nonfinite_logits_name_the_model_and_step(tiny_pair, monkeypatch):
     monkeypatch.setattr(eng.student, "logits", broken)
     with pytest.raises(FloatingPointError, match=r"student model .* NaN or \+inf logits at generation step 3 of prompt 0"):
         eng.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=8))
+
+
+def test_ignore_eos_runs_to_max_new_tokens(engine):
+    params = SamplingParams(max_new_tokens=30, threshold=0.0, seed=5, ignore_eos=True)
+    results = engine.generate_batch(PROMPTS, params)
+    assert all(len(r.token_ids) == 30 and r.finish_reason == "length" for r in results)
