@@ -15,7 +15,19 @@ from .scheduler import Request, Scheduler
 from .tokens import align_token_spaces, load_tokenizer
 
 KV_BUCKET = 128  # attention spans a multiple of this many cache positions, not max_seq_len
+CUDA_KV_BUCKET = 512  # coarser on CUDA: each span is a set of captured graphs
 PREFILL_CHUNK = 512  # prompt tokens per row per forward
+
+
+_STEP_INPUTS = {
+    "teacher_tokens": torch.long, "teacher_pos": torch.long, "student_tokens": torch.long,
+    "student_pos": torch.long, "slots": torch.long, "seeds": torch.long, "steps": torch.long,
+    "temperature": torch.float32, "top_k": torch.int32, "top_p": torch.float32, "threshold": torch.float32,
+    "check_temperature": torch.float32, "student_temperature": torch.float32, "student_top_k": torch.int32,
+    "student_top_p": torch.float32, "proposal_trials": torch.int32,
+}
+_PADDING_PARAMS = {"temperature": 1.0, "top_p": 1.0, "check_temperature": 1.0, "student_temperature": 1.0,
+                   "student_top_p": 1.0, "proposal_trials": 1}
 
 
 class Engine:
@@ -51,6 +63,7 @@ class Engine:
         # One extra slot is scratch space for padding rows.
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
+        self._graphs = {}  # CUDA: attention span -> CudaGraphStep
 
     # ------------------------------------------------------------------ generation
 
@@ -152,10 +165,7 @@ class Engine:
 
     def _decode(self, batch: list[Request]) -> list[Request]:
         """One RSD step for every running request; returns the requests that finished."""
-        tensors = self._step_inputs(batch)
-        teacher_kv = _kv_bucket(max(r.teacher_len for r in batch) + 1, self.max_seq_len)
-        student_kv = _kv_bucket(max(r.student_len for r in batch) + 1, self.max_seq_len)
-        out = self.decode_step(*tensors, teacher_kv=teacher_kv, student_kv=student_kv)
+        out = self._run_decode_step(batch)
         tokens, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
 
         finished, expansions = [], []
@@ -190,44 +200,63 @@ class Engine:
                 r.teacher_len += len(p) - 1
         return finished
 
-    def _step_inputs(self, batch):
-        dev = self.device
-
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        params = [r.params for r in batch]
-        row_params = RowParams(
-            temperature=col([p.temperature for p in params], torch.float32),
-            top_k=col([p.top_k for p in params], torch.int32),
-            top_p=col([p.top_p for p in params], torch.float32),
-            threshold=col([p.threshold for p in params], torch.float32),
-            check_temperature=col([p.check_temperature for p in params], torch.float32),
-            student_temperature=col([p.student_temperature for p in params], torch.float32),
-            student_top_k=col([p.student_top_k for p in params], torch.int32),
-            student_top_p=col([p.student_top_p for p in params], torch.float32),
-            proposal_trials=col([p.proposal_trials for p in params], torch.int32),
-        )
-        return (
-            col([r.next_teacher_token for r in batch], torch.long),
-            col([r.teacher_len for r in batch], torch.long),
-            col([r.next_student_token for r in batch], torch.long),
-            col([r.student_len for r in batch], torch.long),
+    def _run_decode_step(self, batch: list[Request]):
+        teacher_len = max(r.teacher_len for r in batch) + 1
+        student_len = max(r.student_len for r in batch) + 1
+        if self.device.type != "cuda":
             # Slots 0..B-1 in order are read as a slice of the cache instead of gathered.
-            None if all(r.slot == b for b, r in enumerate(batch)) else col([r.slot for r in batch], torch.long),
-            col([r.seed for r in batch], torch.long),
-            col([len(r.result.token_ids) for r in batch], torch.long),
-            row_params,
-        )
+            contiguous = all(r.slot == b for b, r in enumerate(batch))
+            inputs = self._step_inputs(batch, with_slots=not contiguous)
+            return self.decode_step(inputs, teacher_kv=_kv_bucket(teacher_len, self.max_seq_len),
+                                    student_kv=_kv_bucket(student_len, self.max_seq_len))
+        # On CUDA: one graph per (attention span, batch bucket), captured on first use and replayed.
+        kv = _kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
+        if kv not in self._graphs:
+            self._graphs[kv] = self._capture(kv)
+        return self._graphs[kv](self._step_inputs(batch, with_slots=True))
 
-    def decode_step(self, teacher_tokens, teacher_pos, student_tokens, student_pos, slots, seeds, steps,
-                    params: RowParams, *, teacher_kv: int, student_kv: int):
-        """Teacher forward, student forward, fused RSD sample: static shapes, no host syncs."""
-        hidden_t = self.teacher(teacher_tokens[:, None], teacher_pos[:, None], self.teacher_cache, slots, teacher_kv)
-        hidden_s = self.student(student_tokens[:, None], student_pos[:, None], self.student_cache, slots, student_kv)
+    def _capture(self, kv: int):
+        from .cuda_graph import CudaGraphStep
+
+        # Padding rows decode a dummy token into the scratch slot with harmless parameters.
+        padding = {"slots": self.max_batch_size, **_PADDING_PARAMS}
+        n = self.max_batch_size
+        example = {name: torch.full((n,), padding.get(name, 0), dtype=dtype, device=self.device)
+                   for name, dtype in _STEP_INPUTS.items()}
+        buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n} | {n})
+        return CudaGraphStep(lambda inputs: self.decode_step(inputs, teacher_kv=kv, student_kv=kv), example,
+                             buckets=buckets, padding=padding)
+
+    def _step_inputs(self, batch: list[Request], *, with_slots: bool) -> dict[str, torch.Tensor]:
+        """The decode step's inputs, one row per request: tokens, positions, slots, randomness, parameters."""
+        params = [r.params for r in batch]
+        values = {
+            "teacher_tokens": [r.next_teacher_token for r in batch],
+            "teacher_pos": [r.teacher_len for r in batch],
+            "student_tokens": [r.next_student_token for r in batch],
+            "student_pos": [r.student_len for r in batch],
+            "slots": [r.slot for r in batch],
+            "seeds": [r.seed for r in batch],
+            "steps": [len(r.result.token_ids) for r in batch],
+            **{name: [getattr(p, name) for p in params] for name in RowParams._fields},
+        }
+        if not with_slots:
+            del values["slots"]
+        return {name: torch.tensor(v, dtype=_STEP_INPUTS[name]).to(self.device, non_blocking=True)
+                for name, v in values.items()}
+
+    def decode_step(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        """Teacher forward, student forward, fused RSD sample: static shapes, no host syncs.
+        ``inputs`` as built by _step_inputs (without "slots": rows are slots 0..B-1)."""
+        slots = inputs.get("slots")
+        hidden_t = self.teacher(inputs["teacher_tokens"][:, None], inputs["teacher_pos"][:, None],
+                                self.teacher_cache, slots, teacher_kv)
+        hidden_s = self.student(inputs["student_tokens"][:, None], inputs["student_pos"][:, None],
+                                self.student_cache, slots, student_kv)
         teacher_logits = self.teacher.logits(hidden_t[:, 0])
         student_logits = self.student.logits(hidden_s[:, 0])
-        uniforms = step_uniforms(seeds, steps)
+        uniforms = step_uniforms(inputs["seeds"], inputs["steps"])
+        params = RowParams(*(inputs[name] for name in RowParams._fields))
         return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,
                           self.space.fallback_mask, backend=self.sampler)
 
@@ -337,8 +366,8 @@ class Engine:
         return out
 
 
-def _kv_bucket(length: int, max_seq_len: int) -> int:
-    return min(max_seq_len, -(-length // KV_BUCKET) * KV_BUCKET)
+def _kv_bucket(length: int, max_seq_len: int, bucket: int = KV_BUCKET) -> int:
+    return min(max_seq_len, -(-length // bucket) * bucket)
 
 
 def _resolve_device(device) -> torch.device:
