@@ -1,0 +1,118 @@
+"""The fused C++ RSD sampler (csrc/rsd_sample.cpp) behind the reference's signature.
+
+It is registered as the torch custom op ``rsd_engine::rsd_sample_cpp`` with a fake (shape-only)
+implementation, so a decode step that calls it compiles with ``torch.compile(fullgraph=True)`` on CPU:
+the op is one opaque node, no graph break, no host sync. Inputs are checked here, at the boundary,
+because the kernel only sees raw pointers.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import RowParams, SampleOutput
+
+LOGIT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_INT_PARAMS = frozenset({"top_k", "student_top_k", "proposal_trials"})
+
+
+def rsd_sample_cpp(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
+                   fallback_mask) -> SampleOutput:
+    """Same arguments and result as ``rsd_sample_reference``; logits float32, bfloat16 or float16 on CPU."""
+    _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask)
+    row = [getattr(params, name).to(torch.int32 if name in _INT_PARAMS else torch.float32).contiguous()
+           for name in RowParams._fields]
+    out = rsd_sample_op(teacher_logits, student_logits, uniforms.contiguous(), *row, proposal_mask.contiguous(),
+                        fallback_mask.contiguous())
+    return SampleOutput(*out)
+
+
+@torch.library.custom_op("rsd_engine::rsd_sample_cpp", mutates_args=(), device_types="cpu")
+def rsd_sample_op(teacher_logits: torch.Tensor, student_logits: torch.Tensor, uniforms: torch.Tensor,
+                  temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, threshold: torch.Tensor,
+                  check_temperature: torch.Tensor, student_temperature: torch.Tensor, student_top_k: torch.Tensor,
+                  student_top_p: torch.Tensor, proposal_trials: torch.Tensor, proposal_mask: torch.Tensor,
+                  fallback_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .. import _C
+
+    # A compiled graph may hand over other layouts than eager did; the kernel needs unit stride along
+    # the vocabulary and contiguous [B] parameters.
+    teacher_logits, student_logits, uniforms = (_unit_last_stride(t) for t in (teacher_logits, student_logits,
+                                                                                uniforms))
+    row = [p.contiguous() for p in (temperature, top_k, top_p, threshold, check_temperature, student_temperature,
+                                    student_top_k, student_top_p, proposal_trials)]
+    proposal_mask, fallback_mask = proposal_mask.contiguous(), fallback_mask.contiguous()
+    B = teacher_logits.shape[0]
+    token = torch.empty(B, dtype=torch.int64)
+    accepted = torch.empty(B, dtype=torch.bool)
+    teacher_logprob = torch.empty(B, dtype=torch.float32)
+    student_logprob = torch.empty(B, dtype=torch.float32)
+    _C.rsd_sample(
+        B,
+        teacher_logits.data_ptr(), teacher_logits.stride(0), teacher_logits.shape[1],
+        LOGIT_DTYPES[teacher_logits.dtype],
+        student_logits.data_ptr(), student_logits.stride(0), student_logits.shape[1],
+        LOGIT_DTYPES[student_logits.dtype],
+        uniforms.data_ptr(), uniforms.stride(0), uniforms.shape[1],
+        *(p.data_ptr() for p in row),
+        proposal_mask.data_ptr(), fallback_mask.data_ptr(), proposal_mask.numel(),
+        token.data_ptr(), accepted.data_ptr(), teacher_logprob.data_ptr(), student_logprob.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return token, accepted, teacher_logprob, student_logprob
+
+
+@rsd_sample_op.register_fake
+def _(teacher_logits, student_logits, uniforms, *rest):
+    B = teacher_logits.shape[0]
+    return (teacher_logits.new_empty(B, dtype=torch.int64), teacher_logits.new_empty(B, dtype=torch.bool),
+            teacher_logits.new_empty(B, dtype=torch.float32), teacher_logits.new_empty(B, dtype=torch.float32))
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask):
+    for name, logits in (("teacher_logits", teacher_logits), ("student_logits", student_logits)):
+        _check_cpu_tensor(name, logits)
+        if logits.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, vocab], got shape {tuple(logits.shape)}")
+        if logits.dtype not in LOGIT_DTYPES:
+            raise ValueError(f"{name} has dtype {logits.dtype}; the cpp sampler takes float32, bfloat16 or float16")
+        if logits.shape[1] > 1 and logits.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along the vocabulary (stride(-1) == 1), got strides "
+                             f"{tuple(logits.stride())}: pass logits.contiguous()")
+    B, Vt = teacher_logits.shape
+    Vs = student_logits.shape[1]
+    if student_logits.shape[0] != B:
+        raise ValueError(f"student_logits has {student_logits.shape[0]} rows but teacher_logits has {B}")
+    _check_cpu_tensor("uniforms", uniforms)
+    if uniforms.dim() != 2 or uniforms.shape[0] != B or uniforms.shape[1] < 1 or uniforms.dtype != torch.float32:
+        raise ValueError(f"uniforms must be float32 [B={B}, 1 + max proposals] (see randomness.step_uniforms), got "
+                         f"{uniforms.dtype} of shape {tuple(uniforms.shape)}")
+    for name, mask in (("proposal_mask", proposal_mask), ("fallback_mask", fallback_mask)):
+        _check_cpu_tensor(name, mask)
+        if mask.dim() != 1 or mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be a 1-D bool tensor [V], got {mask.dtype} of shape {tuple(mask.shape)}")
+    V = proposal_mask.numel()
+    if fallback_mask.numel() != V:
+        raise ValueError(f"fallback_mask has {fallback_mask.numel()} entries but proposal_mask has {V}")
+    if not 1 <= V <= min(Vt, Vs):
+        raise ValueError(f"the masks cover V={V} ids, which must be in [1, min(teacher vocab {Vt}, student vocab {Vs})]")
+    if V >= 2**31:
+        raise ValueError(f"V={V} ids is beyond what the cpp sampler indexes (< 2**31)")
+    fields = getattr(params, "_fields", None)
+    if fields != RowParams._fields:
+        raise ValueError(f"params must be a RowParams, got {type(params).__name__}")
+    for name in fields:
+        value = getattr(params, name)
+        _check_cpu_tensor(f"params.{name}", value)
+        if tuple(value.shape) != (B,):
+            raise ValueError(f"params.{name} must have shape [B={B}], got {tuple(value.shape)}")
+
+
+def _check_cpu_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device}; the cpp sampler runs on CPU (use sampler='triton' on CUDA)")
