@@ -6,10 +6,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run under the interpreter on CPU; the variable must be set before triton is first
+# imported (torch.compile imports it too), whichever test runs first.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # `from tiny import build_model` from any test file
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from tiny import build_model, build_tokenizer  # noqa: E402

@@ -1,0 +1,306 @@
+"""Fused RSD sample: one program per row, the law and truncation of rsd_engine/sampling/reference.py.
+
+Inputs, for a batch of B rows (logits fp32, bf16 or fp16; last dim contiguous, any row stride):
+    teacher [B, Vt], student [B, Vs], uniforms [B, D] fp32 in (0, 1] (column 0 = fallback draw,
+    column 1 + k = proposal k), nine per-row parameters [B], proposal_mask [Vp] and fallback_mask [Vf]
+    int8 (Vp, Vf <= min(Vt, Vs)).
+Outputs: token [B] int64, accepted [B] int8, teacher_logprob [B] and student_logprob [B] fp32.
+
+Law: x ~ qT = truncate(softmax(lT / temperature) on proposal_mask, top_k, top_p) is accepted iff
+softmax(lS / check_temperature)[x] >= threshold, up to proposal_trials tries; otherwise the student
+writes y ~ qS = truncate(softmax(lS / student_temperature) on fallback_mask, student_top_k, student_top_p).
+Temperature 0 is argmax (lowest id). A draw u picks the first id, in id order, whose cumulative kept
+mass is >= u * total. Rows with NaN or +inf logits get token -1 (teacher) or -2 (student), NaN log-probs
+and accepted 0. Tokens equal the reference's except where rounding decides: a uniform, or top_p times the
+kept mass, within float rounding of a cumulative mass (sums here run in another order than torch's).
+
+No sort. Tokens are ranked by (logit desc, id asc), which is the reference's (prob desc, id asc) because
+dividing by temperature > 0 keeps the order. The kept set of top-k then top-p is a prefix of that
+ranking, so it is (tau, n_tie): every key above the logit tau plus the first n_tie ids, in id order,
+whose logit equals tau. tau is found by a multi-pivot search over logits mapped to order-preserving
+int32 keys: each pass counts the tokens and the mass at or above NUM_PIVOTS pivots and narrows the key
+interval to one pivot gap (and then to the present keys in it), so it ends after a few passes.
+Each row is read: once for statistics, once per search pass (top-k and top-p), once per draw.
+"""
+import triton
+import triton.language as tl
+
+I32_MAX = tl.constexpr(2147483647)
+I32_MIN = tl.constexpr(-2147483648)
+SIGN_OFF = tl.constexpr(0x7FFFFFFF)
+
+
+@triton.jit
+def _order_key(x):
+    # float32 -> int32 with the same order; -0.0 is folded into +0.0 so that equal floats get equal keys.
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & SIGN_OFF)
+
+
+@triton.jit
+def _key_value(key):
+    # Inverse of _order_key (the bit flip is an involution).
+    return (key ^ ((key >> 31) & SIGN_OFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled_exp(x, m, temperature):
+    # exp(x / t - m / t), as softmax(x / t) computes it, for x <= m. m = -inf means every x is -inf:
+    # shifting by 0 then gives exp(-inf) = 0 rather than the NaN of -inf - -inf.
+    # IEEE division (div_rn), as torch's logits / temperature; Triton's "/" is approximate on NVIDIA GPUs.
+    m = tl.where(m > float("-inf"), m, 0.0)
+    return tl.exp(tl.math.div_rn(x, temperature) - tl.math.div_rn(m, temperature))
+
+
+@triton.jit
+def _load_present(row_ptr, mask_ptr, n_mask, idx):
+    """Logits of ids < n_mask (fp32) and whether each id is in the mask."""
+    in_range = idx < n_mask
+    present = in_range & (tl.load(mask_ptr + idx, mask=in_range, other=0) != 0)
+    x = tl.load(row_ptr + idx, mask=in_range, other=float("-inf")).to(tl.float32)
+    return x, present
+
+
+@triton.jit
+def _row_stats(row_ptr, n_logits, mask_ptr, n_mask, temperature, check_temperature, CHECK: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """One online pass over a row.
+
+    Whole row: bad (NaN or +inf present), m and total (max and sum of exp(l - m), for log-probs),
+    check_total (sum of exp(l / check_temperature - m / check_temperature), if CHECK).
+    Ids < n_mask in the mask: lmax, argmax (lowest id), key_min, n_present and
+    mass = sum of exp(l / temperature - lmax / temperature).
+    """
+    offs = tl.arange(0, BLOCK)
+    bad = tl.full((), 0, tl.int32)
+    m = tl.full((), float("-inf"), tl.float32)
+    total = tl.full((), 0.0, tl.float32)
+    check_total = tl.full((), 0.0, tl.float32)
+    lmax = tl.full((), float("-inf"), tl.float32)
+    argmax = tl.full((), 0, tl.int32)
+    key_min = tl.full((), I32_MAX, tl.int32)
+    n_present = tl.full((), 0, tl.int32)
+    mass = tl.full((), 0.0, tl.float32)
+    for start in range(0, n_logits, BLOCK):
+        idx = start + offs
+        x = tl.load(row_ptr + idx, mask=idx < n_logits, other=float("-inf")).to(tl.float32)
+        bad |= tl.max(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        total = total * _scaled_exp(m, m_new, 1.0) + tl.sum(_scaled_exp(x, m_new, 1.0), 0)
+        if CHECK:
+            check_total = (check_total * _scaled_exp(m, m_new, check_temperature)
+                           + tl.sum(_scaled_exp(x, m_new, check_temperature), 0))
+        m = m_new
+
+        present = (idx < n_mask) & (tl.load(mask_ptr + idx, mask=idx < n_mask, other=0) != 0)
+        xm = tl.where(present, x, float("-inf"))
+        block_max = tl.max(xm, 0)
+        block_arg = tl.min(tl.where(present & (xm == block_max), idx, I32_MAX), 0)
+        argmax = tl.where(block_max > lmax, block_arg, argmax)  # strict: the lowest id keeps a tie
+        lmax_new = tl.maximum(lmax, block_max)
+        mass = mass * _scaled_exp(lmax, lmax_new, temperature) + tl.sum(_scaled_exp(xm, lmax_new, temperature), 0)
+        lmax = lmax_new
+        key_min = tl.minimum(key_min, tl.min(tl.where(present, _order_key(x), I32_MAX), 0))
+        n_present += tl.sum(present.to(tl.int32), 0)
+    return bad, m, total, check_total, lmax, argmax, key_min, n_present, mass
+
+
+@triton.jit
+def _search(row_ptr, mask_ptr, n_mask, lmax, temperature, target, lo, hi, lo_count, lo_mass, hi_count, hi_mass,
+            BY_MASS: tl.constexpr, BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+    """Largest present key v with G(v) >= target, G(v) = count (or mass) of present ids with key >= v.
+
+    Invariant: lo is a present key with G(lo) >= target, hi - 1 is a present key, G(hi) < target.
+    Returns (v, G(v) count, G(v) mass, count and mass of the keys above v).
+    """
+    offs = tl.arange(0, BLOCK)
+    rank = tl.arange(0, NUM_PIVOTS)
+    while lo + 1 < hi:  # (hi - lo can overflow int32)
+        span = hi.to(tl.int64) - lo.to(tl.int64)
+        pivots = (lo.to(tl.int64) + span * rank // NUM_PIVOTS).to(tl.int32)  # pivots[0] = lo
+        count = tl.full((NUM_PIVOTS,), 0, tl.int32)
+        mass = tl.full((NUM_PIVOTS,), 0.0, tl.float32)
+        min_at_or_above = tl.full((NUM_PIVOTS,), I32_MAX, tl.int32)
+        max_below = tl.full((NUM_PIVOTS,), I32_MIN, tl.int32)
+        for start in range(0, n_mask, BLOCK):
+            x, present = _load_present(row_ptr, mask_ptr, n_mask, start + offs)
+            key = _order_key(x)[None, :]
+            p = _scaled_exp(x, lmax, temperature)[None, :]
+            at_or_above = present[None, :] & (key >= pivots[:, None])
+            below = present[None, :] & (key < pivots[:, None])
+            count += tl.sum(at_or_above.to(tl.int32), 1)
+            mass += tl.sum(tl.where(at_or_above, p, 0.0), 1)
+            min_at_or_above = tl.minimum(min_at_or_above, tl.min(tl.where(at_or_above, key, I32_MAX), 1))
+            max_below = tl.maximum(max_below, tl.max(tl.where(below, key, I32_MIN), 1))
+        if BY_MASS:
+            ok = mass >= target
+        else:
+            ok = count.to(tl.float32) >= target
+        best = tl.max(tl.where(ok | (pivots == lo), rank, 0), 0)
+        # The answer lies in [pivots[best], pivots[best + 1]), or [pivots[best], hi) for the last pivot;
+        # both ends move onto present keys, and hi - 1 being present makes max_below(hi) = hi - 1.
+        last = best == NUM_PIVOTS - 1
+        lo = tl.sum(tl.where(rank == best, min_at_or_above, 0), 0)
+        lo_count = tl.sum(tl.where(rank == best, count, 0), 0)
+        lo_mass = tl.sum(tl.where(rank == best, mass, 0.0), 0)
+        hi_count = tl.where(last, hi_count, tl.sum(tl.where(rank == best + 1, count, 0), 0))
+        hi_mass = tl.where(last, hi_mass, tl.sum(tl.where(rank == best + 1, mass, 0.0), 0))
+        hi = tl.where(last, hi, tl.sum(tl.where(rank == best + 1, max_below, 0), 0) + 1)
+    return lo, lo_count, lo_mass, hi_count, hi_mass
+
+
+@triton.jit
+def _truncate(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, lmax, key_min, n_present, mass,
+              BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+    """Kept set (tau, n_tie) of truncate(softmax(l / temperature), top_k, top_p) and its mass."""
+    key_max = _order_key(lmax)
+    tau = key_min
+    n_tie = tl.full((), I32_MAX, tl.int32)
+    total = mass
+    tau_count = n_present
+    tau_mass = mass
+    if (top_k > 0) & (top_k < n_present):
+        tau, tau_count, tau_mass, above_count, above_mass = _search(
+            row_ptr, mask_ptr, n_mask, lmax, temperature, top_k.to(tl.float32), key_min, key_max + 1,
+            n_present, mass, tl.full((), 0, tl.int32), tl.full((), 0.0, tl.float32), False, BLOCK, NUM_PIVOTS)
+        n_tie = top_k - above_count
+        total = above_mass + n_tie.to(tl.float32) * _scaled_exp(_key_value(tau), lmax, temperature)
+    if top_p < 1.0:
+        # The top-p cut lies at or above the top-k cut; G(tau_k) >= top_p * total holds by construction.
+        target = top_p * total
+        tau_p, tau_count, tau_mass, above_count, above_mass = _search(
+            row_ptr, mask_ptr, n_mask, lmax, temperature, target, tau, key_max + 1,
+            tau_count, tau_mass, tl.full((), 0, tl.int32), tl.full((), 0.0, tl.float32), True, BLOCK, NUM_PIVOTS)
+        p_tau = _scaled_exp(_key_value(tau_p), lmax, temperature)
+        # Ties at tau_p are kept in id order while the mass ranked before them is < target:
+        # the smallest r >= 1 with above_mass + r * p_tau >= target, capped at the number of ties.
+        a = tl.full((), 1, tl.int32)
+        b = tau_count - above_count
+        while a < b:
+            mid = (a + b) // 2
+            if above_mass + mid.to(tl.float32) * p_tau < target:
+                a = mid + 1
+            else:
+                b = mid
+        n_tie = tl.where(tau_p == tau, tl.minimum(n_tie, a), a)
+        tau = tau_p
+        total = above_mass + n_tie.to(tl.float32) * p_tau
+    return tau, n_tie, total
+
+
+@triton.jit
+def _inverse_cdf(row_ptr, mask_ptr, n_mask, lmax, temperature, tau, n_tie, target, BLOCK: tl.constexpr):
+    """First id, in id order, whose cumulative kept mass reaches target (the last kept id if rounding
+    leaves target above the sum)."""
+    offs = tl.arange(0, BLOCK)
+    carry = tl.full((), 0.0, tl.float32)
+    ties_before = tl.full((), 0, tl.int32)
+    token = tl.full((), -1, tl.int32)
+    last_kept = tl.full((), 0, tl.int32)
+    start = tl.full((), 0, tl.int32)
+    while (start < n_mask) & (token < 0):
+        idx = start + offs
+        x, present = _load_present(row_ptr, mask_ptr, n_mask, idx)
+        key = _order_key(x)
+        tie = (present & (key == tau)).to(tl.int32)
+        tie_rank = ties_before + tl.cumsum(tie, 0) - tie
+        kept = present & ((key > tau) | ((tie != 0) & (tie_rank < n_tie)))
+        w = tl.where(kept, _scaled_exp(x, lmax, temperature), 0.0)
+        cum = carry + tl.cumsum(w, 0)
+        first = tl.min(tl.where((w > 0) & (cum >= target), idx, I32_MAX), 0)
+        token = tl.where(first < I32_MAX, first, -1)
+        last_kept = tl.maximum(last_kept, tl.max(tl.where(w > 0, idx, 0), 0))
+        carry = tl.max(cum, 0)  # the cumsum's own last value, so the running sum stays one chain
+        ties_before += tl.sum(tie, 0)
+        start += BLOCK
+    return tl.where(token >= 0, token, last_kept)
+
+
+@triton.jit
+def rsd_sample_kernel(
+    teacher_ptr,  # [B, Vt] fp32 / bf16 / fp16, row stride teacher_stride
+    student_ptr,  # [B, Vs] same dtypes, row stride student_stride
+    uniforms_ptr,  # [B, num_draws] fp32 in (0, 1], row stride uniforms_stride
+    temperature_ptr,  # [B] fp32, 0 = argmax
+    top_k_ptr,  # [B] int32, 0 = off
+    top_p_ptr,  # [B] fp32
+    threshold_ptr,  # [B] fp32
+    check_temperature_ptr,  # [B] fp32
+    student_temperature_ptr,  # [B] fp32
+    student_top_k_ptr,  # [B] int32
+    student_top_p_ptr,  # [B] fp32
+    proposal_trials_ptr,  # [B] int32
+    proposal_mask_ptr,  # [n_proposal] int8
+    fallback_mask_ptr,  # [n_fallback] int8
+    token_ptr,  # [B] int64 out
+    accepted_ptr,  # [B] int8 out
+    teacher_logprob_ptr,  # [B] fp32 out
+    student_logprob_ptr,  # [B] fp32 out
+    n_teacher, n_student, n_proposal, n_fallback,
+    teacher_stride, student_stride, uniforms_stride, num_draws,
+    BLOCK: tl.constexpr,  # streaming passes (statistics, draws)
+    SEARCH_BLOCK: tl.constexpr,  # search passes: a [NUM_PIVOTS, SEARCH_BLOCK] tile
+    NUM_PIVOTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    teacher_row = teacher_ptr + row * teacher_stride
+    student_row = student_ptr + row * student_stride
+    uniforms_row = uniforms_ptr + row * uniforms_stride
+    temperature = tl.load(temperature_ptr + row)
+    check_temperature = tl.load(check_temperature_ptr + row)
+    student_temperature = tl.load(student_temperature_ptr + row)
+    threshold = tl.load(threshold_ptr + row)
+    trials = tl.minimum(tl.load(proposal_trials_ptr + row), num_draws - 1)
+    t_sampled = temperature != 0.0  # temperature 0 is argmax
+    s_sampled = student_temperature != 0.0
+    t_temp = tl.where(t_sampled, temperature, 1.0)
+    s_temp = tl.where(s_sampled, student_temperature, 1.0)
+
+    t_bad, t_m, t_total, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
+        teacher_row, n_teacher, proposal_mask_ptr, n_proposal, t_temp, 1.0, False, BLOCK)
+    s_bad, s_m, s_total, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
+        student_row, n_student, fallback_mask_ptr, n_fallback, s_temp, check_temperature, True, BLOCK)
+
+    token = t_argmax
+    accepted = tl.full((), 0, tl.int32)
+    if (t_bad == 0) & (s_bad == 0):
+        tau = t_key_min
+        n_tie = tl.full((), I32_MAX, tl.int32)
+        total = t_mass
+        if t_sampled:
+            tau, n_tie, total = _truncate(teacher_row, proposal_mask_ptr, n_proposal, t_temp,
+                                          tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), t_lmax,
+                                          t_key_min, t_present, t_mass, SEARCH_BLOCK, NUM_PIVOTS)
+        k = tl.full((), 0, tl.int32)
+        while (k < trials) & (accepted == 0):
+            proposal = t_argmax
+            if t_sampled:
+                u = tl.load(uniforms_row + 1 + k)
+                proposal = _inverse_cdf(teacher_row, proposal_mask_ptr, n_proposal, t_lmax, t_temp, tau, n_tie,
+                                        u * total, BLOCK)
+            ls = tl.load(student_row + proposal).to(tl.float32)
+            check_prob = tl.math.div_rn(_scaled_exp(ls, s_m, check_temperature), s_check)
+            accepted = (check_prob >= threshold).to(tl.int32)
+            token = proposal
+            k += 1
+        if accepted == 0:
+            token = s_argmax
+            if s_sampled:
+                s_tau, s_n_tie, s_kept = _truncate(student_row, fallback_mask_ptr, n_fallback, s_temp,
+                                                   tl.load(student_top_k_ptr + row),
+                                                   tl.load(student_top_p_ptr + row), s_lmax, s_key_min,
+                                                   s_present, s_mass, SEARCH_BLOCK, NUM_PIVOTS)
+                u = tl.load(uniforms_row)
+                token = _inverse_cdf(student_row, fallback_mask_ptr, n_fallback, s_lmax, s_temp, s_tau, s_n_tie,
+                                     u * s_kept, BLOCK)
+
+    lt = tl.load(teacher_row + token).to(tl.float32)
+    ls = tl.load(student_row + token).to(tl.float32)
+    teacher_logprob = (lt - t_m) - tl.log(t_total)
+    student_logprob = (ls - s_m) - tl.log(s_total)
+    nonfinite = (t_bad != 0) | (s_bad != 0)
+    out_token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, token)).to(tl.int64)
+    tl.store(token_ptr + row, out_token)
+    tl.store(accepted_ptr + row, accepted.to(tl.int8))
+    tl.store(teacher_logprob_ptr + row, tl.where(nonfinite, float("nan"), teacher_logprob))
+    tl.store(student_logprob_ptr + row, tl.where(nonfinite, float("nan"), student_logprob))

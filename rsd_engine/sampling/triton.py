@@ -1,0 +1,126 @@
+"""Triton backend of the RSD-sample op: kernels/rsd_sample.py, on CUDA tensors compiled, on CPU tensors
+under Triton's interpreter (rsd_engine.kernels turns it on when no CUDA device is present). Same
+arguments and outputs as ``rsd_sample_reference``; no host sync, so it can sit inside a CUDA graph."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from .reference import RowParams, SampleOutput
+
+# BLOCK: ids per step of a streaming pass; search passes work on [NUM_PIVOTS, SEARCH_BLOCK] tiles, and
+# NUM_PIVOTS = 16 shrinks the int32 key interval 16x per pass (at most 8 passes, 3-6 on real rows).
+# The interpreter pays per operation, not per element: bigger tiles and more pivots make it 3-4x faster.
+CUDA_CONFIG = dict(BLOCK=1024, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8)
+INTERPRETER_CONFIG = dict(BLOCK=4096, SEARCH_BLOCK=1024, NUM_PIVOTS=256)
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
+
+
+def _import_kernels():
+    try:
+        return importlib.import_module("rsd_engine.kernels.rsd_sample")
+    except ModuleNotFoundError as err:
+        if err.name not in ("rsd_engine.kernels", "rsd_engine.kernels.rsd_sample"):
+            raise
+    # A source checkout used without installing: kernels/ sits beside rsd_engine/, and pyproject's
+    # package-dir mapping (rsd_engine.kernels -> kernels/) is reproduced here.
+    root = Path(__file__).resolve().parents[2] / "kernels"
+    if not (root / "rsd_sample.py").is_file():
+        raise ModuleNotFoundError("rsd_engine.kernels is not installed and kernels/ is not beside rsd_engine/: "
+                                  "reinstall rsd-engine (`pip install -e .`)")
+    spec = importlib.util.spec_from_file_location("rsd_engine.kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["rsd_engine.kernels"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("rsd_engine.kernels.rsd_sample")
+
+
+# Before anything here imports triton: rsd_engine.kernels switches the interpreter on first.
+rsd_sample_kernel = _import_kernels().rsd_sample_kernel
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+
+def is_interpreted() -> bool:
+    """Whether the kernels run under Triton's interpreter (CPU tensors) rather than compiled (CUDA)."""
+    return isinstance(rsd_sample_kernel, InterpretedFunction)
+
+
+def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
+                      fallback_mask) -> SampleOutput:
+    _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask)
+    device = teacher_logits.device
+    config = _launch_config(device)
+    batch = teacher_logits.shape[0]
+    token = torch.empty(batch, dtype=torch.int64, device=device)
+    accepted = torch.empty(batch, dtype=torch.int8, device=device)
+    teacher_logprob = torch.empty(batch, dtype=torch.float32, device=device)
+    student_logprob = torch.empty(batch, dtype=torch.float32, device=device)
+    if batch > 0:
+        teacher_logits, student_logits, uniforms = (_rows(t) for t in (teacher_logits, student_logits,
+                                                                       uniforms.float()))
+        row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
+                      .contiguous() for name in RowParams._fields]
+        proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
+        rsd_sample_kernel[(batch,)](
+            teacher_logits, student_logits, uniforms, *row_params, proposal_mask, fallback_mask,
+            token, accepted, teacher_logprob, student_logprob,
+            teacher_logits.shape[1], student_logits.shape[1], proposal_mask.numel(), fallback_mask.numel(),
+            teacher_logits.stride(0), student_logits.stride(0), uniforms.stride(0), uniforms.shape[1],
+            **config, enable_fp_fusion=False)
+    return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
+
+
+def _launch_config(device):
+    if not is_interpreted():
+        if device.type != "cuda":
+            raise ValueError(f"the triton sampler got {device.type} tensors, which need Triton's interpreter: set "
+                             "TRITON_INTERPRET=1 before rsd_engine.kernels is imported (automatic when no CUDA "
+                             "device is present), or pass CUDA tensors")
+        return CUDA_CONFIG
+    if not isinstance(tl.zeros, InterpretedFunction):
+        raise ValueError("triton was imported before TRITON_INTERPRET=1 was set, so its library functions cannot "
+                         "run under the interpreter: export TRITON_INTERPRET=1, or import rsd_engine.sampling.triton "
+                         "before anything that imports triton (torch.compile does)")
+    return INTERPRETER_CONFIG
+
+
+def _rows(t):
+    # The kernel walks a row with unit stride; any row stride (including 0, from expand) is fine.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _int8(mask):
+    return (mask.view(torch.int8) if mask.dtype in (torch.bool, torch.uint8) else mask).contiguous()
+
+
+def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask):
+    for name, t in (("teacher_logits", teacher_logits), ("student_logits", student_logits)):
+        if t.dim() != 2 or t.dtype not in LOGIT_DTYPES:
+            raise ValueError(f"{name} must be a [B, V] float32, bfloat16 or float16 tensor, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    batch = teacher_logits.shape[0]
+    if student_logits.shape[0] != batch:
+        raise ValueError(f"student_logits has {student_logits.shape[0]} rows, teacher_logits {batch}")
+    if uniforms.dim() != 2 or uniforms.shape[0] != batch or uniforms.shape[1] < 2:
+        raise ValueError(f"uniforms must be [B={batch}, NUM_DRAWS >= 2] (fallback draw, then proposals), "
+                         f"got {tuple(uniforms.shape)}")
+    for name in RowParams._fields:
+        if tuple(getattr(params, name).shape) != (batch,):
+            raise ValueError(f"params.{name} must have shape [{batch}], got {tuple(getattr(params, name).shape)}")
+    limit = min(teacher_logits.shape[1], student_logits.shape[1])
+    for name, m in (("proposal_mask", proposal_mask), ("fallback_mask", fallback_mask)):
+        if m.dim() != 1 or m.numel() > limit or m.dtype not in (torch.bool, torch.int8, torch.uint8):
+            raise ValueError(f"{name} must be a bool [V] tensor with V <= min(Vt, Vs) = {limit}, "
+                             f"got {tuple(m.shape)} {m.dtype}")
+    devices = {t.device for t in (teacher_logits, student_logits, uniforms, proposal_mask, fallback_mask)}
+    if len(devices) > 1:
+        raise ValueError(f"the triton sampler needs all tensors on one device, got {sorted(map(str, devices))}")

@@ -1,0 +1,126 @@
+"""Triton-specific checks of kernels/rsd_sample.py: it runs on CPU tensors under the interpreter, its
+block loops and cut search match the reference at the tile sizes CUDA uses and at tiny ones (ties at
+the cut, -inf, masks, one row per parameter family in one launch), the wrapper refuses bad input, and
+the kernel compiles for CUDA without a GPU. The backend-generic tests are in test_rsd_sample.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsd_engine.randomness import step_uniforms
+from rsd_engine.sampling import RowParams, rsd_sample_reference
+from rsd_engine.sampling import triton as triton_backend
+from rsd_engine.sampling.triton import is_interpreted, rsd_sample_triton
+
+DEFAULTS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+# One row each, all in one launch: per-row parameters must not leak between programs.
+FAMILIES = [
+    {},
+    dict(top_k=5, top_p=1.0, student_top_k=3, student_top_p=1.0, threshold=0.2),
+    dict(top_p=0.6, student_top_p=0.5, threshold=0.1),
+    dict(top_k=9, top_p=0.7, student_top_k=40, student_top_p=0.9, threshold=0.3),
+    dict(temperature=0.0, student_temperature=0.0, threshold=0.15),
+    dict(proposal_trials=4, threshold=0.12, check_temperature=0.5),
+    dict(threshold=1.0, student_temperature=1.3, student_top_k=1),
+    dict(threshold=0.0, temperature=1.5, top_k=1000),
+]
+
+
+def row_params(families):
+    ints = {"top_k", "student_top_k", "proposal_trials"}
+    rows = [{**DEFAULTS, **f} for f in families]
+    return RowParams(**{k: torch.tensor([r[k] for r in rows], dtype=torch.int32 if k in ints else torch.float32)
+                        for k in DEFAULTS})
+
+
+def logits(gen, rows, n, kind):
+    x = torch.randn(rows, n, generator=gen) * 2.5
+    if kind == "ties":
+        x = (x * 2).round() / 2  # many exact ties, at every cut
+    elif kind == "bf16_values":
+        x = x.to(torch.bfloat16).float()
+    elif kind == "neg_inf":
+        x = x.masked_fill(torch.rand(rows, n, generator=gen) < 0.4, float("-inf"))
+        x[:, 0] = 1.0
+    return x
+
+
+def assert_same(out, ref):
+    assert out.token.tolist() == ref.token.tolist()
+    assert out.accepted.tolist() == ref.accepted.tolist()
+    torch.testing.assert_close(out.teacher_logprob, ref.teacher_logprob, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.student_logprob, ref.student_logprob, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels are compiled")
+def test_kernels_run_under_the_interpreter_without_cuda():
+    assert is_interpreted()
+
+
+# The interpreter's own tiles put V <= 4096 in one block, so the backend-generic tests never cross a block
+# there: these run the CUDA tiles, and tiles small enough for many blocks and many search passes.
+SMALL_TILES = dict(BLOCK=128, SEARCH_BLOCK=64, NUM_PIVOTS=4)
+CASES = ([(kind, 300, "small") for kind in ("plain", "ties", "bf16_values", "neg_inf")]
+         + [(kind, 1500, "cuda") for kind in ("plain", "ties")])
+
+
+@pytest.mark.parametrize("kind, V, tiles", CASES, ids=[f"{k}-V{v}-{t}_tiles" for k, v, t in CASES])
+def test_matches_reference_token_for_token(kind, V, tiles, monkeypatch):
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SMALL_TILES if tiles == "small" else triton_backend.CUDA_CONFIG)
+    gen = torch.Generator().manual_seed(V)
+    B = len(FAMILIES)
+    teacher, student = logits(gen, B, V + 3, kind), logits(gen, B, V + 9, kind)  # padding rows past V
+    proposal_mask = torch.rand(V, generator=gen) > 0.1
+    fallback_mask = torch.rand(V, generator=gen) > 0.1
+    proposal_mask[0] = fallback_mask[0] = True
+    uniforms = step_uniforms(torch.arange(B), torch.full((B,), V))
+    args = (teacher, student, uniforms, row_params(FAMILIES), proposal_mask, fallback_mask)
+    assert_same(rsd_sample_triton(*args), rsd_sample_reference(*args))
+
+
+def test_bad_inputs_name_the_problem():
+    t, s = torch.randn(2, 10), torch.randn(2, 10)
+    u = step_uniforms(torch.arange(2), torch.zeros(2, dtype=torch.long))
+    mask = torch.ones(10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="proposal_mask"):
+        rsd_sample_triton(t, s, u, row_params([{}] * 2), torch.ones(11, dtype=torch.bool), mask)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        rsd_sample_triton(t.long(), s, u, row_params([{}] * 2), mask, mask)
+    with pytest.raises(ValueError, match=r"params.temperature must have shape \[2\]"):
+        rsd_sample_triton(t, s, u, row_params([{}] * 3), mask, mask)
+
+
+COMPILE = """
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = importlib.util.spec_from_file_location("rsd_sample", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+kernel = module.rsd_sample_kernel
+constexprs = {"BLOCK": 1024, "SEARCH_BLOCK": 256, "NUM_PIVOTS": 16}
+pointers = {"student_ptr": "*bf16", "top_k_ptr": "*i32", "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32",
+            "proposal_mask_ptr": "*i8", "fallback_mask_ptr": "*i8", "token_ptr": "*i64", "accepted_ptr": "*i8"}
+signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*fp32") if name.endswith("_ptr")
+             else "i32" for name in kernel.arg_names}
+source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+for capability in (80, 90):
+    triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                   options={"num_warps": 8, "enable_fp_fusion": False})
+"""
+
+
+def test_compiles_for_cuda_without_a_gpu():
+    """The interpreter runs Python: it does not check what the compiler checks (loop-carried types,
+    scalar/tensor mixing). Compiling to a cubin for sm_80 and sm_90 does, and needs no GPU."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    kernel_file = Path(__file__).resolve().parents[1] / "kernels" / "rsd_sample.py"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, str(kernel_file)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
