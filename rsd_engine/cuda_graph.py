@@ -18,16 +18,17 @@ import torch
 class CudaGraphStep:
     def __init__(self, step, example_inputs: dict[str, torch.Tensor], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                  padding: dict[str, float | int] | None = None):
-        max_batch = min(t.shape[0] for t in example_inputs.values())
+        sizes = {name: t.shape[0] for name, t in example_inputs.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"example inputs must share their first (batch) dimension, got {sizes}")
+        max_batch = next(iter(sizes.values()))
         self.step = step
         self.padding = padding or {}
-        self.buckets = sorted(b for b in set(buckets) if 0 < b <= max_batch)
+        self.buckets = sorted({b for b in buckets if 0 < b < max_batch} | {max_batch})
         self.enabled = all(t.is_cuda for t in example_inputs.values())
         self.graphs = {}  # bucket -> (graph, static inputs, static outputs)
         if not self.enabled:
             return
-        if not self.buckets:
-            raise ValueError(f"no batch bucket in {tuple(buckets)} fits the example batch of {max_batch} rows")
         static = {name: t.clone() for name, t in example_inputs.items()}
         pool = None
         # Largest first: smaller graphs then fit inside the memory pool the largest one reserved.
