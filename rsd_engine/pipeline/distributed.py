@@ -1,0 +1,72 @@
+"""torchrun support: the rank of this process, and a gloo group used only for the final barrier.
+
+Under `torchrun --nproc-per-node N` (one or several hosts) every rank generates its own shard into
+its own part file; no tensors cross processes. The group exists so that rank 0 can merge the parts
+once every rank is done; without torchrun's rendezvous variables, ranks run independently and the
+parts are merged with `rsd merge`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import merge_parts, read_records
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process when unset)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+        return cls(rank, world, local)
+
+    @property
+    def tag(self) -> str:
+        return f"[rank {self.rank}/{self.world_size}] " if self.world_size > 1 else ""
+
+
+def init_process_group(dist: Dist, log) -> bool:
+    """gloo, only for the final barrier; skipped when torchrun's rendezvous variables are missing."""
+    if dist.world_size == 1:
+        return False
+    import torch.distributed as td
+
+    if not td.is_available() or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        log(f"{dist.tag}no MASTER_ADDR/MASTER_PORT: ranks run independently, merge the parts yourself")
+        return False
+    if not td.is_initialized():
+        from datetime import timedelta
+
+        # Ranks may finish hours apart: the barrier must outwait the slowest shard.
+        td.init_process_group("gloo", timeout=timedelta(days=7))
+    return True
+
+
+def barrier_and_merge(dist: Dist, out: Path, log):
+    import torch.distributed as td
+
+    td.barrier()
+    if dist.rank != 0:
+        return
+    try:
+        count = merge_parts(out)
+    except (FileNotFoundError, ValueError) as err:  # parts on other hosts' disks
+        log(f"not merged ({err}); once all parts are in one folder: rsd merge {out}")
+        return
+    statuses = [r.get("status") for r in read_records(out)]
+    counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
+    log(f"merged {dist.world_size} parts: {count} records ({counts}) in {out}")

@@ -1,0 +1,71 @@
+"""Prompts: a question through the student's chat template, with the thinking block opened.
+
+Thinking detection. A template "has a thinking block" when its Jinja source mentions ``<think>``
+(Qwen3, DeepSeek-R1 distills, s1.1). The generation prompt is what rendering adds for
+``add_generation_prompt=True``; when it already opens a block (``<think>`` with no ``</think>``
+after it, as DeepSeek-R1 distills do) nothing is added; when it opens and closes an empty block
+(Qwen3 with thinking switched off) thinking is off; otherwise ``<think>\\n`` is appended, which is
+what such a model writes first. A tokenizer without a chat template gets plain text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str  # what the student reads, special tokens written out
+    system: str
+    question: str
+    think_prefix: str = ""  # the opened thinking block that ends `text` ("" when no reasoning block)
+
+    @property
+    def thinking(self) -> bool:
+        return bool(self.think_prefix)
+
+    def messages(self, completion: str) -> list[dict]:
+        """System / user / assistant chat messages of a finished trace (the SFT form): the assistant
+        turn starts with the thinking block the prompt opened, so the template re-renders the trace."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": "user", "content": self.question},
+                       {"role": "assistant", "content": self.think_prefix + completion}]
+
+
+def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> ChatPrompt:
+    """The prompt for `question` in `tokenizer`'s chat format (see the module docstring)."""
+    if not getattr(tokenizer, "chat_template", None):
+        text = f"{system_prompt}\n\n{question}\n\n" if system_prompt else f"{question}\n\n"
+        return ChatPrompt(text, system_prompt, question)
+    messages = [{"role": "user", "content": question}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        text = _render(tokenizer, messages, True)
+        before = _render(tokenizer, messages, False)
+    except Exception:  # templates without a system role raise (jinja2 TemplateError)
+        if not system_prompt:
+            raise
+        messages = [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
+        text, before = _render(tokenizer, messages, True), _render(tokenizer, messages, False)
+    generation_prompt = text[len(before):] if text.startswith(before) else text
+    if THINK_OPEN not in _template_source(tokenizer):
+        return ChatPrompt(text, system_prompt, question)
+    if THINK_OPEN not in generation_prompt:
+        return ChatPrompt(text + THINK_OPEN + "\n", system_prompt, question, THINK_OPEN + "\n")
+    opened_at = generation_prompt.rindex(THINK_OPEN)
+    if THINK_CLOSE in generation_prompt[opened_at:]:
+        return ChatPrompt(text, system_prompt, question)  # an empty, closed block: thinking switched off
+    return ChatPrompt(text, system_prompt, question, generation_prompt[opened_at:])
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _template_source(tokenizer) -> str:
+    template = tokenizer.chat_template
+    return "\n".join(template.values()) if isinstance(template, dict) else str(template)

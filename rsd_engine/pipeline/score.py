@@ -1,0 +1,209 @@
+"""`rsd score`: how surprising are traces to the student (and the teacher)?
+
+Each trace is a prompt and a completion; every completion token is scored teacher-forced (its
+log-probability given the prompt and the tokens before it). Per trace and per file: the share of
+tokens under 1% probability, the mean surprisal (nats) and the perplexity, for each model. The
+paper's comparison is two files side by side: raw teacher traces (6.70% of tokens under 1% for
+the student) against RSD traces (0.09%).
+
+Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text),
+from chat `messages` records (--format sft), or, with completion_field, from any dataset: the
+prompt is then the question through the student's chat template, as `rsd generate` builds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import read_rows
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .records import check_writable, read_records
+from .score_report import file_report, format_table, plot_histogram
+
+SCORE_CHUNK = 512  # tokens per forward when scoring a long trace
+
+
+@dataclass
+class Trace:
+    id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+@dataclass
+class TraceFile:
+    path: str
+    traces: list[Trace] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)  # per trace: {"student": [...], "teacher": [...]}
+
+
+def read_traces(path, tokenizer, *, completion_field=None, question_field="question",
+                system_prompt=DEFAULT_SYSTEM_PROMPT) -> TraceFile:
+    """Traces of one file in the student's token space; unusable rows are skipped and listed."""
+    path = Path(path)
+    # A trace file still being written (or killed) may end in a torn line: read it as records.
+    rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: the file is empty (no traces)")
+    out = TraceFile(str(path))
+    for index, row in enumerate(rows):
+        trace, reason = _trace(index, row, tokenizer, completion_field, question_field, system_prompt)
+        if trace is None:
+            out.skipped.append((index, reason))
+        else:
+            out.traces.append(trace)
+    if not out.traces:
+        raise ValueError(f"{path}: none of the {len(rows)} rows is a trace ({out.skipped[0][1]}); expected "
+                         f"`rsd generate` records (prompt + completion), chat `messages`, or name the fields "
+                         f"with --completion-field / --question-field")
+    return out
+
+
+def _trace(index, row, tokenizer, completion_field, question_field, system_prompt):
+    if not isinstance(row, dict):
+        return None, f"row is a {type(row).__name__}, not an object"
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    trace_id = str(row.get("id", index))
+    if completion_field:
+        question, completion = row.get(question_field), row.get(completion_field)
+        if not isinstance(question, str) or not isinstance(completion, str):
+            return None, f"no {question_field!r} or {completion_field!r} text"
+        prompt = build_prompt(tokenizer, question, system_prompt)
+        return Trace(trace_id, encode(prompt.text), encode(completion)), ""
+    if isinstance(row.get("messages"), list):
+        return _chat_trace(trace_id, row["messages"], tokenizer, encode)
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        return None, "no 'prompt' text (and no 'messages')"
+    ids = row.get("token_ids")
+    if isinstance(ids, list) and all(isinstance(t, int) for t in ids):
+        return Trace(trace_id, encode(prompt), ids), ""
+    if isinstance(row.get("completion"), str):
+        return Trace(trace_id, encode(prompt), encode(row["completion"])), ""
+    return None, "no 'token_ids' or 'completion'"
+
+
+def _chat_trace(trace_id, messages, tokenizer, encode):
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        return None, "'messages' does not end with an assistant turn"
+    system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
+    user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+    if not isinstance(user, str):
+        return None, "'messages' has no user turn"
+    prompt = build_prompt(tokenizer, user, system)
+    completion = messages[-1].get("content") or ""
+    if prompt.think_prefix and completion.startswith(prompt.think_prefix):
+        completion = completion[len(prompt.think_prefix):]  # the prompt already opened the block
+    return Trace(trace_id, encode(prompt.text), encode(completion)), ""
+
+
+class StudentScorer:
+    """Teacher-forced log-probs under one model (the student), for scoring without a teacher."""
+
+    def __init__(self, folder, *, device="auto", dtype="auto", max_seq_len: int):
+        from rsd_engine.engine import _resolve_device, _resolve_dtype
+        from rsd_engine.models import load_model
+
+        self.device = _resolve_device(device)
+        self.model = load_model(folder, dtype=_resolve_dtype(dtype, self.device), device=self.device)
+        self.cache = self.model.new_cache(1, max_seq_len)
+        self.max_seq_len = max_seq_len
+
+    def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        import torch
+
+        seq = prompt_ids + completion_ids
+        if len(seq) > self.max_seq_len:
+            raise ValueError(f"trace of {len(seq)} tokens is longer than max_seq_len {self.max_seq_len}")
+        slot = torch.tensor([0], device=self.device)
+        flat = []  # flat[q] = log p(seq[q + 1] | seq[: q + 1])
+        with torch.inference_mode():
+            for start in range(0, len(seq) - 1, SCORE_CHUNK):
+                chunk = seq[start: start + SCORE_CHUNK]
+                targets = torch.tensor(seq[start + 1: start + len(chunk) + 1], device=self.device)
+                hidden = self.model(torch.tensor([chunk], device=self.device),
+                                    torch.arange(start, start + len(chunk), device=self.device)[None],
+                                    self.cache, slot, start + len(chunk))
+                lp = torch.log_softmax(self.model.logits(hidden[0, : len(targets)]).float(), dim=-1)
+                flat.extend(lp.gather(-1, targets[:, None])[:, 0].tolist())
+        return flat[len(prompt_ids) - 1:]
+
+
+def score_files(files: list[TraceFile], *, student, teacher=None, device="auto", dtype="auto", sampler="auto",
+                progress=False) -> None:
+    """Fill each file's per-trace scores: student (and teacher) log-probs of every completion token."""
+    traces = [t for f in files for t in f.traces]
+    for f in files:
+        for t in f.traces:
+            if not t.prompt_ids:
+                raise ValueError(f"{f.path}: trace {t.id} has an empty prompt; scoring needs at least one prompt token")
+    longest = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
+    # Mapped special tokens take several teacher ids: leave room for them.
+    max_seq_len = longest + 64 + longest // 8
+    bar = _bar(len(traces), progress)
+    if teacher is None:
+        scorer = StudentScorer(student, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        for f in files:
+            for t in f.traces:
+                f.scores.append({"student": scorer.logprobs(t.prompt_ids, t.completion_ids)})
+                _tick(bar)
+    else:
+        from rsd_engine.engine import Engine
+
+        engine = Engine(teacher, student, device=device, dtype=dtype, max_batch_size=1, max_seq_len=max_seq_len,
+                        sampler=sampler)
+        for f in files:
+            for t in f.traces:
+                s = engine.score_batch([t.prompt_ids], [t.completion_ids])[0]
+                f.scores.append({"student": s.student_logprobs, "teacher": s.teacher_logprobs})
+                _tick(bar)
+    if bar is not None:
+        bar.close()
+
+
+def _bar(total, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="rsd score", unit="trace", dynamic_ncols=True)
+
+
+def _tick(bar):
+    if bar is not None:
+        bar.update(1)
+
+
+def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, completion_field=None,
+              question_field="question", system_prompt=DEFAULT_SYSTEM_PROMPT, device="auto", dtype="auto",
+              sampler="auto", progress=True, log=print) -> list[dict]:
+    """Score every file, print the side-by-side table, write the JSON report and the plot; returns the reports."""
+    from rsd_engine.tokens import load_tokenizer
+
+    for path in (out, plot):
+        if path is not None:
+            check_writable(path)
+    for model in (student, teacher):
+        if model is not None and not Path(model).is_dir():
+            raise FileNotFoundError(f"model folder not found: {model}")
+    tokenizer = load_tokenizer(student)
+    files = [read_traces(p, tokenizer, completion_field=completion_field, question_field=question_field,
+                         system_prompt=system_prompt) for p in data]
+    score_files(files, student=student, teacher=teacher, device=device, dtype=dtype, sampler=sampler,
+                progress=progress)
+    reports = [file_report(f) for f in files]
+    log(format_table(reports))
+    for f in files:
+        if f.skipped:
+            log(f"{f.path}: skipped {len(f.skipped)} rows (first: row {f.skipped[0][0]}, {f.skipped[0][1]})")
+    if out is not None:
+        Path(out).write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
+                                         "files": reports}, indent=1) + "\n")
+        log(f"report: {out}")
+    if plot is not None:
+        plot_histogram(files, plot)
+        log(f"histogram: {plot}")
+    return reports

@@ -1,0 +1,84 @@
+"""What `rsd score` reports: per-trace and per-file surprisal figures, the side-by-side table, the histogram."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .traces import SUB_1PCT_LOGPROB
+
+
+def surprisal_stats(logprobs: list[float]) -> dict:
+    """Share of tokens under 1% probability, mean surprisal (nats), perplexity."""
+    n = len(logprobs)
+    if n == 0:
+        return {"tokens": 0, "sub_1pct_share": 0.0, "mean_surprisal": 0.0, "perplexity": 1.0}
+    mean = -sum(logprobs) / n
+    return {"tokens": n, "sub_1pct_share": sum(lp < SUB_1PCT_LOGPROB for lp in logprobs) / n,
+            "mean_surprisal": mean, "perplexity": math.exp(mean)}
+
+
+def file_report(f) -> dict:
+    """Figures of a scored TraceFile: overall, pooling every token (as the paper's shares do), and per trace."""
+    models = [m for m in ("student", "teacher") if f.scores and m in f.scores[0]]
+    return {
+        "path": f.path,
+        "traces": len(f.traces),
+        "skipped_rows": len(f.skipped),
+        **{m: surprisal_stats([lp for s in f.scores for lp in s[m]]) for m in models},
+        "per_trace": [{"id": t.id, **{m: surprisal_stats(s[m]) for m in models}} for t, s in zip(f.traces, f.scores)],
+    }
+
+
+def labels(paths: list[str]) -> list[str]:
+    """Short names for files: the file name, with as many parent folders as it takes to tell them apart."""
+    parts = [Path(p).parts for p in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = [str(Path(*p[-depth:])) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def format_table(reports: list[dict]) -> str:
+    models = [m for m in ("student", "teacher") if reports and m in reports[0]]
+    names = labels([r["path"] for r in reports])
+    name_width = max(12, *map(len, names))
+    head = f"{'file':<{name_width}} {'traces':>6} {'tokens':>8}"
+    sub = " " * len(head)
+    for m in models:
+        head += f" | {m + ': <1% tokens':>18} {'surprisal':>9} {'ppl':>8}"
+        sub += f" | {'':>18} {'(nats)':>9} {'':>8}"
+    lines = [head, sub.rstrip(), "-" * len(head)]
+    for name, r in zip(names, reports):
+        first = r[models[0]]
+        line = f"{name:<{name_width}} {r['traces']:>6} {first['tokens']:>8}"
+        for m in models:
+            s = r[m]
+            line += f" | {s['sub_1pct_share']:>18.2%} {s['mean_surprisal']:>9.3f} {s['perplexity']:>8.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_histogram(files, path) -> None:
+    """Histogram of per-token student surprisal, one series per file, density on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = labels([f.path for f in files])
+    series = [(name, [-lp for s in f.scores for lp in s["student"]]) for name, f in zip(names, files)]
+    top = max((max(v) for _, v in series if v), default=1.0)
+    bins = [top * i / 60 for i in range(61)] if top > 0 else 60
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in series:
+        ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.5, label=f"{name} ({len(values)} tokens)")
+    ax.axvline(-SUB_1PCT_LOGPROB, color="grey", linestyle="--", linewidth=1, label="student probability 1%")
+    ax.set_yscale("log")
+    ax.set_xlabel("student surprisal of the trace token (nats)")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""From a problem's attempts to its one record: checks, the kept trace, its statistics.
+
+An attempt passes the structural checks when its reasoning block is closed (if the prompt opened
+one), it ended with EOS, and its student-fallback share is at most max_fallback. It is correct when
+its final answer (the last \\boxed{} after the reasoning) verifies against the reference. Kept:
+the shortest attempt that is both ("solved"); for a problem never solved, the first
+prefix_tokens tokens of attempt 0 ("prefix", UPFT); for a problem without reference answer, the
+shortest structurally valid attempt, else attempt 0 ("unverified").
+
+Stored traces exclude the final EOS token: `token_ids` decodes to `completion`, and the stats
+are over exactly those tokens (the chat template adds the end of turn back for training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rsd_engine.results import GenerationResult
+
+from .answers import extract_final_answer, is_correct
+from .data import Problem
+from .prompts import THINK_CLOSE, ChatPrompt
+
+SUB_1PCT_LOGPROB = math.log(0.01)  # the paper's "student probability under 1%" line
+
+
+@dataclass(frozen=True)
+class Attempt:
+    index: int
+    result: GenerationResult
+    token_ids: list[int]  # generated tokens without the final EOS
+    final_answer: str | None
+    correct: bool
+    closed: bool
+    eos: bool
+    fallback_share: float
+    valid: bool  # closed, eos and fallback_share <= max_fallback
+
+
+def check_attempt(index: int, result: GenerationResult, *, reference: str | None, thinking: bool,
+                  max_fallback: float) -> Attempt:
+    text, eos = result.text, result.finish_reason == "eos"
+    closed = not thinking or THINK_CLOSE in text
+    if thinking:
+        answer = extract_final_answer(text[text.rindex(THINK_CLOSE):]) if closed else None
+    else:
+        answer = extract_final_answer(text)
+    token_ids = result.token_ids[:-1] if eos else list(result.token_ids)
+    fallback_share = 1.0 - result.acceptance_rate if result.accepted else 0.0
+    correct = reference is not None and is_correct(answer, reference)
+    valid = closed and eos and fallback_share <= max_fallback
+    return Attempt(index, result, token_ids, answer, correct, closed, eos, fallback_share, valid)
+
+
+def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
+    """Tokens, acceptance rate, share of tokens under 1% student probability, mean surprisals (nats)."""
+    n = len(accepted)
+    if n == 0:
+        return {"tokens": 0, "acceptance_rate": 0.0, "sub_1pct_share": 0.0,
+                "mean_student_surprisal": 0.0, "mean_teacher_surprisal": 0.0}
+    return {
+        "tokens": n,
+        "acceptance_rate": sum(accepted) / n,
+        "sub_1pct_share": sum(lp < SUB_1PCT_LOGPROB for lp in student_logprobs) / n,
+        "mean_student_surprisal": -sum(student_logprobs) / n,
+        "mean_teacher_surprisal": -sum(teacher_logprobs) / n,
+    }
+
+
+def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], *, prefix_tokens: int,
+                 decode) -> dict:
+    """The record of `problem` (see the module docstring); `decode(ids)` turns token ids into text."""
+    solved = [a for a in attempts if a.valid and a.correct]
+    valid = [a for a in attempts if a.valid]
+    if problem.answer is None:
+        status, kept = "unverified", min(valid, key=_length) if valid else attempts[0]
+    elif solved:
+        status, kept = "solved", min(solved, key=_length)
+    else:
+        status, kept = "prefix", attempts[0]
+    ids = kept.token_ids[:prefix_tokens] if status == "prefix" else kept.token_ids
+    n, r = len(ids), kept.result
+    completion = decode(ids) if status == "prefix" else r.text
+    return {
+        "id": problem.id,
+        "question": problem.question,
+        "answer": problem.answer,
+        "prompt": prompt.text,
+        "completion": completion,
+        "token_ids": list(ids),
+        "status": status,
+        "attempts": len(attempts),
+        "num_correct": sum(a.correct for a in attempts),
+        "num_valid": len(valid),
+        "kept_attempt": kept.index,
+        "final_answer": None if status == "prefix" else kept.final_answer,
+        "finish_reason": r.finish_reason,
+        "seed": r.seed,
+        "stats": trace_stats(r.accepted[:n], r.teacher_logprobs[:n], r.student_logprobs[:n]),
+    }
+
+
+def _length(attempt: Attempt) -> tuple[int, int]:
+    return len(attempt.token_ids), attempt.index  # ties: the earlier attempt
+
+
+def to_sft(record: dict, prompt: ChatPrompt) -> dict:
+    """The chat-messages form that TRL's SFTTrainer and `datasets` read."""
+    return {"id": record["id"], "status": record["status"], "messages": prompt.messages(record["completion"])}

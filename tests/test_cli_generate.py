@@ -1,0 +1,288 @@
+"""`rsd generate` end to end on a tiny pair that learned its answers (solver_pair.py), plus prompts,
+trace selection, SFT export, resume after kill -9, bad input, and the demo's plumbing."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from rsd_engine import Engine, SamplingParams
+from rsd_engine.cli import main
+from rsd_engine.pipeline.data import Problem
+from rsd_engine.pipeline.generate import attempt_seed
+from rsd_engine.pipeline.prompts import ChatPrompt, build_prompt
+from rsd_engine.pipeline.records import read_records
+from rsd_engine.pipeline.traces import check_attempt, select_trace, trace_stats
+from rsd_engine.results import GenerationResult
+from solver_pair import PROBLEMS, SYSTEM, solver_pair, write_problems
+from tiny import CHAT_TEMPLATE
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED = {"add": "solved", "mul": "prefix", "open": "unverified", "unclosed": "prefix"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine it makes them wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+
+
+def generate(pair, data, out, *extra):
+    argv = ["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out", str(out),
+            "--id-field", "id", "--system-prompt", SYSTEM, "--attempts", "2", "--max-new-tokens", "40",
+            "--max-batch-size", "4", "--no-progress", *extra]
+    assert main(argv) == 0
+    return {r["id"]: r for r in read_records(out)}
+
+
+def test_records_statuses_and_stats(pair, tmp_path, capsys):
+    data = write_problems(tmp_path / "p.jsonl", [{"id": "no-question", "answer": "3"}])
+    records = generate(pair, data, tmp_path / "out.jsonl", "--prefix-tokens", "5", "--seed", "7")
+    report = capsys.readouterr().out
+    assert "skipped rows: 1 of 5 (row 4: no 'question' text)" in report
+    assert "solved: 1  prefix: 2  unverified: 1" in report
+    assert {i: r["status"] for i, r in records.items()} == EXPECTED
+
+    engine = Engine(*pair, device="cpu", max_batch_size=4, max_seq_len=128)
+    tokenizer = engine.tokenizer
+    for p in PROBLEMS:
+        record, prompt = records[p["id"]], build_prompt(tokenizer, p["question"], SYSTEM)
+        assert record["prompt"] == prompt.text and prompt.text.endswith("<|im_start|>assistant\n<think>\n")
+        assert (record["question"], record["answer"], record["attempts"]) == (p["question"], p["answer"], 2)
+        # The attempts as the engine gives them, with the seeds the pipeline derives.
+        params = [SamplingParams(max_new_tokens=40, seed=attempt_seed(7, p["id"], a)) for a in range(2)]
+        results = engine.generate_batch([prompt.text] * 2, params)
+        kept = results[record["kept_attempt"]]
+        assert record["seed"] == kept.seed and kept.finish_reason == "eos"
+        n = len(kept.token_ids) - 1 if record["status"] != "prefix" else 5
+        assert record["token_ids"] == kept.token_ids[:n]
+        assert tokenizer.decode(record["token_ids"], skip_special_tokens=False) == record["completion"]
+        assert record["stats"] == pytest.approx(
+            trace_stats(kept.accepted[:n], kept.teacher_logprobs[:n], kept.student_logprobs[:n]), abs=1e-5)
+        assert record["stats"]["tokens"] == n and record["stats"]["acceptance_rate"] == 1.0
+        if record["status"] != "prefix":
+            assert record["completion"] == p["completion"] == kept.text
+    assert records["add"]["num_correct"] == 2 and records["add"]["final_answer"] == "4"
+    assert records["mul"]["num_correct"] == 0 and records["mul"]["num_valid"] == 2
+    assert records["unclosed"]["num_correct"] == 0 and records["unclosed"]["num_valid"] == 0  # </think> missing
+    assert records["open"]["answer"] is None and records["open"]["final_answer"] == "7"
+
+
+@pytest.mark.parametrize("extra, status", [
+    (["--threshold", "1"], "prefix"),  # every proposal rejected: the student wrote 100% > --max-fallback 0.5
+    (["--threshold", "1", "--max-fallback", "1"], "solved"),
+    (["--max-new-tokens", "6"], "prefix"),  # cut before EOS
+])
+def test_structural_checks(pair, tmp_path, extra, status):
+    records = generate(pair, write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl", "--limit", "1", *extra)
+    record = records["add"]
+    assert record["status"] == status
+    if "--threshold" in extra:
+        assert record["num_correct"] == 2 and record["stats"]["acceptance_rate"] == 0.0
+
+
+def _result(n, *, eos=True, text="", accepted=None):
+    ids = list(range(10, 10 + n)) + ([99] if eos else [])
+    m = len(ids)
+    return GenerationResult([1], ids, text, accepted if accepted is not None else [True] * m,
+                            [-0.5] * m, [-0.1 * (i + 1) for i in range(m)], "eos" if eos else "length", seed=n)
+
+
+def test_select_trace_keeps_shortest_correct_and_prefix_of_first():
+    prompt = ChatPrompt("P<think>\n", "", "q", "<think>\n")
+    good = "r</think>\\boxed{4}"
+    attempts = [
+        _result(9, text=good),                       # correct, long
+        _result(4, text=good),                       # correct, shortest: kept
+        _result(2, text="r</think>\\boxed{5}"),      # wrong
+        _result(3, text="r \\boxed{4}"),             # reasoning never closed
+        _result(3, text=good, accepted=[False] * 4),  # all fallback
+        _result(1, eos=False, text=good),            # no EOS
+    ]
+    checks = [check_attempt(i, r, reference="4", thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    assert [c.correct for c in checks] == [True, True, False, False, True, True]
+    assert [c.valid for c in checks] == [True, True, True, False, False, False]
+    decode = lambda ids: ",".join(map(str, ids))  # noqa: E731
+    record = select_trace(Problem("x", "q", "4"), prompt, checks, prefix_tokens=3, decode=decode)
+    assert (record["status"], record["kept_attempt"], record["num_correct"], record["num_valid"]) == ("solved", 1, 4, 3)
+    assert record["token_ids"] == [10, 11, 12, 13] and record["completion"] == good
+    assert record["stats"]["mean_student_surprisal"] == pytest.approx(0.25)  # 0.1 .. 0.4, EOS excluded
+
+    wrong = [check_attempt(i, r, reference="7", thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    unsolved = select_trace(Problem("x", "q", "7"), prompt, wrong, prefix_tokens=3, decode=decode)
+    assert (unsolved["status"], unsolved["token_ids"], unsolved["completion"]) == ("prefix", [10, 11, 12], "10,11,12")
+    assert unsolved["final_answer"] is None and unsolved["stats"]["tokens"] == 3
+
+    no_ref = [check_attempt(i, r, reference=None, thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    record = select_trace(Problem("x", "q", None), prompt, no_ref, prefix_tokens=3, decode=decode)
+    assert (record["status"], record["kept_attempt"]) == ("unverified", 2)  # shortest structurally valid
+    record = select_trace(Problem("x", "q", None), prompt, no_ref[3:], prefix_tokens=3, decode=decode)
+    assert (record["status"], record["kept_attempt"], record["token_ids"]) == ("unverified", 3, [10, 11, 12])
+
+
+def test_prompt_thinking_detection(tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    opened = build_prompt(tok, "Q?", "S")  # the tiny template's generation prompt opens <think>
+    assert opened.text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
+                           "<|im_start|>assistant\n<think>\n")
+    assert opened.think_prefix == "<think>\n"
+
+    tok.chat_template = CHAT_TEMPLATE.replace("<think>\\n", "") + "{# reasoning goes in <think> ... </think> #}"
+    appended = build_prompt(tok, "Q?", "S")  # Qwen3 style: the template knows <think>, the prompt does not open it
+    assert appended.text == opened.text and appended.think_prefix == "<think>\n"
+
+    tok.chat_template = CHAT_TEMPLATE.replace("<think>\\n", "<think>\\n\\n</think>\\n\\n")
+    closed = build_prompt(tok, "Q?", "")  # an empty closed block: thinking switched off
+    assert not closed.thinking and closed.text.endswith("<think>\n\n</think>\n\n") and "system" not in closed.text
+
+    tok.chat_template = CHAT_TEMPLATE.replace("<think>\\n", "")
+    plain_chat = build_prompt(tok, "Q?", "S")
+    assert not plain_chat.thinking and plain_chat.text.endswith("<|im_start|>assistant\n")
+    assert plain_chat.messages("A")[-1] == {"role": "assistant", "content": "A"}
+
+    tok.chat_template = None
+    assert build_prompt(tok, "Q?", "S").text == "S\n\nQ?\n\n"
+
+
+def test_sft_export_reads_with_datasets(pair, tmp_path):
+    from datasets import load_dataset
+
+    data = write_problems(tmp_path / "p.jsonl")
+    full = generate(pair, data, tmp_path / "full.jsonl")
+    generate(pair, data, tmp_path / "sft.jsonl", "--format", "sft")
+    dataset = load_dataset("json", data_files=str(tmp_path / "sft.jsonl"), split="train")
+    assert sorted(dataset["id"]) == sorted(full)
+    tok = AutoTokenizer.from_pretrained(str(pair[1]))
+    for row in dataset:
+        record = full[row["id"]]
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["system", "user", "assistant"] and row["status"] == record["status"]
+        assert row["messages"][1]["content"] == record["question"]
+        # Rendering the chat re-creates exactly what the student read and wrote.
+        rendered = tok.apply_chat_template(row["messages"], tokenize=False)
+        assert rendered == record["prompt"] + record["completion"] + "<|im_end|>\n"
+
+
+def _count_records(path: Path) -> int:
+    return len(read_records(path)) if path.exists() else 0
+
+
+def test_resume_after_kill_9_loses_nothing_and_duplicates_nothing(pair, tmp_path):
+    rows = [{"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(40)]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "rsd_engine.cli", "generate", "--teacher", str(pair[0]), "--student", str(pair[1]),
+            "--data", str(data), "--out", str(out), "--id-field", "id", "--attempts", "2", "--max-new-tokens", "24",
+            "--max-batch-size", "2", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _count_records(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = read_records(out)
+    assert 3 <= len(killed) < len(rows)
+
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = read_records(out)
+    ids = [r["id"] for r in resumed]
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+    assert resumed[: len(killed)] == killed  # nothing written before the kill was touched
+
+    clean = generate(pair, data, tmp_path / "clean.jsonl", "--max-new-tokens", "24", "--system-prompt",
+                     "Please reason step by step, and put your final answer within \\boxed{}.")
+    assert {r["id"]: r["token_ids"] for r in resumed} == {i: r["token_ids"] for i, r in clean.items()}
+
+
+def test_too_long_prompts_are_skipped_and_counted(pair, tmp_path, capsys):
+    data = write_problems(tmp_path / "p.jsonl", [{"id": "long", "question": "What is 2+2? " * 30, "answer": "4"}])
+    records = generate(pair, data, tmp_path / "out.jsonl", "--max-seq-len", "90")
+    assert sorted(records) == sorted(EXPECTED)
+    assert "skipped (prompt longer than --max-seq-len): 1" in capsys.readouterr().out
+
+
+def test_resuming_into_the_other_format_is_refused(pair, tmp_path, capsys):
+    data = write_problems(tmp_path / "p.jsonl")
+    generate(pair, data, tmp_path / "out.jsonl", "--limit", "1", "--format", "sft")
+    with pytest.raises(SystemExit):
+        generate(pair, data, tmp_path / "out.jsonl")
+    assert "already holds --format sft records" in capsys.readouterr().err
+
+
+def test_rerun_skips_done_ids(pair, tmp_path, capsys):
+    data = write_problems(tmp_path / "p.jsonl")
+    generate(pair, data, tmp_path / "out.jsonl", "--limit", "2")
+    records = generate(pair, data, tmp_path / "out.jsonl")
+    assert "problems: 4 (2 already in the output, 2 written now)" in capsys.readouterr().out
+    assert sorted(records) == sorted(EXPECTED) and len(read_records(tmp_path / "out.jsonl")) == 4
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--attempts", "0", "argument --attempts: must be an integer >= 1, got '0'"),
+    ("--max-fallback", "2", "argument --max-fallback: must be a number in [0, 1], got '2'"),
+    ("--threshold", "-0.1", "argument --threshold: must be a number in [0, 1]"),
+    ("--format", "csv", "argument --format: invalid choice"),
+])
+def test_bad_option_values_name_the_option(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--teacher", "t", "--student", "s", "--data", "d", "--out", str(tmp_path / "o"),
+              option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_sampling_value_names_the_option(pair, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        generate(pair, write_problems(tmp_path / "p.jsonl"), tmp_path / "o.jsonl", "--top-p", "1.5")
+    assert "--top-p = 1.5 is out of range: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_bad_inputs_fail_before_any_model_loads(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    models = tmp_path / "models-without-weights"  # loading them would fail: the errors below come first
+    models.mkdir()
+    cases = [
+        ("p.jsonl", blocker / "out.jsonl", models, "output path .* is not writable"),
+        ("p.jsonl", tmp_path / "out.jsonl", tmp_path / "missing-model", "model folder not found: .*missing-model"),
+        (empty, tmp_path / "out.jsonl", models, "the dataset is empty"),
+        (tmp_path / "missing.jsonl", tmp_path / "out.jsonl", models, "dataset not found"),
+    ]
+    for data, out, model, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--teacher", str(model), "--student", str(model), "--data", str(data), "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_demo_plumbing_on_the_tiny_pair(tiny_pair, tmp_path, monkeypatch, capsys):
+    from rsd_engine.pipeline import demo_models
+
+    monkeypatch.setattr(demo_models, "demo_teacher_dir", lambda: tiny_pair[0])
+    monkeypatch.setattr(demo_models, "demo_student_dir", lambda: tiny_pair[1])
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--problems", "2", "--attempts", "1",
+                 "--max-new-tokens", "6", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    records = read_records(tmp_path / "demo" / "traces.jsonl")
+    assert [r["status"] for r in records] == ["prefix", "prefix"] and all(r["answer"] for r in records)
+    assert "re-quantised to 4 bits" in out and "traces.jsonl" in out and "teacher: <1% tokens" in out
