@@ -12,6 +12,7 @@ from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
 from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_backend, rsd_sample
 from .scheduler import Request, Scheduler
+from .scoring import teacher_forced_logprobs
 from .tokens import align_token_spaces, load_tokenizer
 
 KV_BUCKET = 128  # attention spans a multiple of this many cache positions, not max_seq_len
@@ -44,8 +45,8 @@ class Engine:
             raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.teacher_path, self.student_path = Path(teacher), Path(student)
@@ -78,11 +79,11 @@ class Engine:
     def generate_iter(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                       progress: bool = False):
         """Like generate_batch, but yields ``(prompt_index, result)`` as each sequence finishes."""
-        requests = self._make_requests(prompts, params)
         scheduler = Scheduler(self.max_batch_size)
-        for request in requests:
+        # The scheduler holds each request only until it finishes: a long stream keeps no old results alive.
+        for request in self._make_requests(prompts, params):
             scheduler.add(request)
-        bar = _progress_bar(len(requests), progress)
+        bar = _progress_bar(len(scheduler.waiting), progress)
         try:
             while scheduler.has_work():
                 with torch.inference_mode():
@@ -348,20 +349,8 @@ class Engine:
     def _teacher_forced(self, model, cache, seqs, spans):
         """Sum of log-probs of seq[a : a + n] for each span (a, n): one mapped token may be several ids."""
         out = []
-        for row, (seq, row_spans) in enumerate(zip(seqs, spans)):
-            logprobs = []
-            for offset in range(0, len(seq), PREFILL_CHUNK):
-                chunk = seq[offset:offset + PREFILL_CHUNK]
-                tokens = torch.tensor([chunk], device=self.device)
-                positions = torch.arange(offset, offset + len(chunk), device=self.device)[None]
-                slot = torch.tensor([0], device=self.device)
-                hidden = model(tokens, positions, cache, slot, _kv_bucket(offset + len(chunk), self.max_seq_len))
-                # Log-prob of the token at position q+1 given everything up to q.
-                targets = torch.tensor(seq[offset + 1: offset + len(chunk) + 1], device=self.device)
-                lp = torch.log_softmax(model.logits(hidden[0, : len(targets)]), dim=-1)
-                logprobs.append(lp.gather(-1, targets[:, None])[:, 0])
-            flat = torch.cat(logprobs).tolist() if logprobs else []
-            # flat[q] is the log-prob of seq[q + 1]
+        for seq, row_spans in zip(seqs, spans):
+            flat = teacher_forced_logprobs(model, cache, seq)  # flat[q]: log-prob of seq[q + 1]
             out.append([sum(flat[a - 1 + k] for k in range(n)) for a, n in row_spans])
         return out
 
@@ -370,7 +359,7 @@ def _kv_bucket(length: int, max_seq_len: int, bucket: int = KV_BUCKET) -> int:
     return min(max_seq_len, -(-length // bucket) * bucket)
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -385,7 +374,7 @@ def _resolve_device(device) -> torch.device:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():

@@ -1,7 +1,6 @@
 """Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only specials."""
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from rsd_engine import Engine, SamplingParams

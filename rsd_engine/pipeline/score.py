@@ -22,7 +22,6 @@ from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import check_writable, read_records
 from .score_report import file_report, format_table, plot_histogram
 
-SCORE_CHUNK = 512  # tokens per forward when scoring a long trace
 
 
 @dataclass
@@ -104,32 +103,21 @@ class StudentScorer:
     """Teacher-forced log-probs under one model (the student), for scoring without a teacher."""
 
     def __init__(self, folder, *, device="auto", dtype="auto", max_seq_len: int):
-        from rsd_engine.engine import _resolve_device, _resolve_dtype
+        from rsd_engine.engine import resolve_device, resolve_dtype
         from rsd_engine.models import load_model
 
-        self.device = _resolve_device(device)
-        self.model = load_model(folder, dtype=_resolve_dtype(dtype, self.device), device=self.device)
+        device = resolve_device(device)
+        self.model = load_model(folder, dtype=resolve_dtype(dtype, device), device=device)
         self.cache = self.model.new_cache(1, max_seq_len)
         self.max_seq_len = max_seq_len
 
     def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        import torch
+        from rsd_engine.scoring import teacher_forced_logprobs
 
         seq = prompt_ids + completion_ids
         if len(seq) > self.max_seq_len:
             raise ValueError(f"trace of {len(seq)} tokens is longer than max_seq_len {self.max_seq_len}")
-        slot = torch.tensor([0], device=self.device)
-        flat = []  # flat[q] = log p(seq[q + 1] | seq[: q + 1])
-        with torch.inference_mode():
-            for start in range(0, len(seq) - 1, SCORE_CHUNK):
-                chunk = seq[start: start + SCORE_CHUNK]
-                targets = torch.tensor(seq[start + 1: start + len(chunk) + 1], device=self.device)
-                hidden = self.model(torch.tensor([chunk], device=self.device),
-                                    torch.arange(start, start + len(chunk), device=self.device)[None],
-                                    self.cache, slot, start + len(chunk))
-                lp = torch.log_softmax(self.model.logits(hidden[0, : len(targets)]).float(), dim=-1)
-                flat.extend(lp.gather(-1, targets[:, None])[:, 0].tolist())
-        return flat[len(prompt_ids) - 1:]
+        return teacher_forced_logprobs(self.model, self.cache, seq)[len(prompt_ids) - 1:]
 
 
 def score_files(files: list[TraceFile], *, student, teacher=None, device="auto", dtype="auto", sampler="auto",

@@ -32,8 +32,9 @@ def rsd_sample_op(teacher_logits: torch.Tensor, student_logits: torch.Tensor, un
                   check_temperature: torch.Tensor, student_temperature: torch.Tensor, student_top_k: torch.Tensor,
                   student_top_p: torch.Tensor, proposal_trials: torch.Tensor, proposal_mask: torch.Tensor,
                   fallback_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .. import _C
-
+    """The op itself; call it through ``rsd_sample_cpp``, which checks the inputs and converts the parameters
+    to the dtypes the kernel reads (float32, and int32 for top_k, student_top_k, proposal_trials)."""
+    _C = extension()
     # A compiled graph may hand over other layouts than eager did; the kernel needs unit stride along
     # the vocabulary and contiguous [B] parameters.
     teacher_logits, student_logits, uniforms = (_unit_last_stride(t) for t in (teacher_logits, student_logits,
@@ -68,6 +69,16 @@ def _(teacher_logits, student_logits, uniforms, *rest):
             teacher_logits.new_empty(B, dtype=torch.float32), teacher_logits.new_empty(B, dtype=torch.float32))
 
 
+def extension():
+    """The compiled kernel module, or an ImportError that says how to build it."""
+    try:
+        from .. import _C
+    except ImportError as err:
+        raise ImportError("the cpp sampler needs the compiled extension rsd_engine._C: build it with "
+                          "`pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`") from err
+    return _C
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -98,7 +109,8 @@ def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mas
     if fallback_mask.numel() != V:
         raise ValueError(f"fallback_mask has {fallback_mask.numel()} entries but proposal_mask has {V}")
     if not 1 <= V <= min(Vt, Vs):
-        raise ValueError(f"the masks cover V={V} ids, which must be in [1, min(teacher vocab {Vt}, student vocab {Vs})]")
+        raise ValueError(f"the masks cover V={V} ids, which must be in [1, min(teacher vocab {Vt}, "
+                         f"student vocab {Vs})]")
     if V >= 2**31:
         raise ValueError(f"V={V} ids is beyond what the cpp sampler indexes (< 2**31)")
     fields = getattr(params, "_fields", None)
