@@ -152,51 +152,57 @@ struct CompressTable {
 static const CompressTable compress_table;
 #endif
 
-// Ids in [lo, hi) whose weight key is >= tau (>= 1), in id order, as keys[] / ids[]; returns how many.
-// Branch-free compress where the ISA has one (a branch per vector mispredicts on every other vector when
-// a few percent of ids qualify); may write up to VW entries past the count.
-static int64_t gather(const float* weight, int64_t lo, int64_t hi, uint32_t tau, uint32_t* keys, uint32_t* ids) {
-    int64_t n = 0, i = lo;
+// Stores the lanes of k and id whose bit is set in m, packed, at keys / ids; returns how many. Branch-free
+// where the ISA has a compress (a branch per vector mispredicts on every other vector when a few percent of
+// ids qualify); may write up to VW entries past the count.
+static inline int compress_store(vi k, vi id, uint32_t m, uint32_t* keys, uint32_t* ids) {
+    const int count = __builtin_popcount(m);
 #if VW == 16 && defined(RSD_ISA_AVX512)
-    const __m512i t = _mm512_set1_epi32((int32_t)tau);
-    __m512i id = _mm512_add_epi32(_mm512_set1_epi32((int32_t)lo),
-                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    for (; i + VW <= hi; i += VW) {
-        const __m512i k = _mm512_loadu_si512(weight + i);
-        const __mmask16 m = _mm512_cmpge_epi32_mask(k, t);
-        _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(m, k));
-        _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi32(m, id));
-        n += __builtin_popcount(m);
-        id = _mm512_add_epi32(id, _mm512_set1_epi32(16));
-    }
+    _mm512_storeu_si512(keys, _mm512_maskz_compress_epi32((__mmask16)m, (__m512i)k));
+    _mm512_storeu_si512(ids, _mm512_maskz_compress_epi32((__mmask16)m, (__m512i)id));
 #elif VW == 8 && defined(RSD_ISA_AVX2)
-    const __m256i t = _mm256_set1_epi32((int32_t)tau - 1);
-    __m256i id = _mm256_add_epi32(_mm256_set1_epi32((int32_t)lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (; i + VW <= hi; i += VW) {
-        const __m256i k = _mm256_loadu_si256((const __m256i*)(weight + i));
-        const int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, t)));
-        const __m256i perm = _mm256_load_si256((const __m256i*)compress_table.perm[m]);
-        _mm256_storeu_si256((__m256i*)(keys + n), _mm256_permutevar8x32_epi32(k, perm));
-        _mm256_storeu_si256((__m256i*)(ids + n), _mm256_permutevar8x32_epi32(id, perm));
-        n += __builtin_popcount(m);
-        id = _mm256_add_epi32(id, _mm256_set1_epi32(8));
-    }
+    const __m256i perm = _mm256_load_si256((const __m256i*)compress_table.perm[m]);
+    _mm256_storeu_si256((__m256i*)keys, _mm256_permutevar8x32_epi32((__m256i)k, perm));
+    _mm256_storeu_si256((__m256i*)ids, _mm256_permutevar8x32_epi32((__m256i)id, perm));
 #else
-    const vi t = vseti((int32_t)tau);
-    for (; i + VW <= hi; i += VW)
-        for (uint32_t hit = lane_bits(as_int(vload(weight + i)) >= t); hit; hit &= hit - 1) {
-            const int64_t j = i + __builtin_ctz(hit);
-            keys[n] = weight_key(weight[j]);
-            ids[n++] = (uint32_t)j;
-        }
+    for (int n = 0; m; m &= m - 1, ++n) {
+        keys[n] = (uint32_t)k[__builtin_ctz(m)];
+        ids[n] = (uint32_t)id[__builtin_ctz(m)];
+    }
 #endif
+    return count;
+}
+
+// Ids in [lo, hi) whose weight key is >= tau (>= 1), in id order, as keys[] / ids[]; returns how many and
+// adds their mass to *mass.
+static int64_t gather(const float* weight, int64_t lo, int64_t hi, uint32_t tau, uint32_t* keys, uint32_t* ids,
+                      double* mass) {
+    const vi t = vseti((int32_t)tau);
+    vi id;
+    for (int j = 0; j < VW; ++j) id[j] = (int32_t)lo + j;
+    vd total = vd{};
+    int64_t n = 0, i = lo;
+    while (i + VW <= hi) {
+        const int64_t end = i + std::min<int64_t>(SUB, (hi - i) / VW * VW);
+        vf sub = vf{};
+        for (; i < end; i += VW, id += VW) {
+            const vf v = vload(weight + i);
+            const vi hit = as_int(v) >= t;
+            sub += hit ? v : vset(0.0f);
+            n += compress_store(as_int(v), id, lane_bits(hit), keys + n, ids + n);
+        }
+        total += widen(sub);
+    }
+    double tail = 0;
     for (; i < hi; ++i) {
         const uint32_t k = weight_key(weight[i]);
         if (k >= tau) {
             keys[n] = k;
             ids[n++] = (uint32_t)i;
+            tail += weight[i];
         }
     }
+    *mass += hsum(total) + tail;
     return n;
 }
 
@@ -288,3 +294,21 @@ static float logit_at(int dtype, const void* row, int64_t i) {
     });
     return v;
 }
+
+// Splits a row into BLOCK-aligned chunks, one per thread (n == 1: the calling thread does it all).
+struct Chunks {
+    int n;
+    int64_t start(int c, int64_t len) const {
+        const int64_t step = ((len + n - 1) / n + BLOCK - 1) / BLOCK * BLOCK;
+        return std::min(len, c * step);
+    }
+    template <class F>
+    void run(int64_t len, F&& f) const {
+        if (n == 1) {
+            f(0, int64_t(0), len);
+            return;
+        }
+#pragma omp parallel for num_threads(n) schedule(static, 1)
+        for (int c = 0; c < n; ++c) f(c, start(c, len), start(c + 1, len));
+    }
+};

@@ -7,11 +7,12 @@
 // student_top_k, student_top_p) on fallback_mask from uniforms[0]. Reported with the emitted token's raw
 // log-probabilities under both models; token -1 (-2) when the teacher (student) row holds NaN or +inf.
 //
-// How a row is read: pass 1 finds NaN/+inf and the maxima; pass 2 computes every exponential once
-// (normalisers of both rows, the teacher's weights into a cache-resident scratch row); truncation finds
-// its cut-off by radix select over the few candidates that can be kept (rsd_select.h), never sorting the
-// row; each draw walks per-block masses and then one block. The fallback pass runs only when every
-// proposal was rejected. Rows run in parallel; a row is split across threads when rows are fewer.
+// How a row is read (rsd_row.h): pass 1 finds NaN/+inf and the maxima; pass 2 computes every exponential
+// once (the normaliser, and the teacher's weights into a cache-resident scratch row); truncation gathers
+// the few ids that can be kept and finds the exact cut-off by radix select over them, never sorting the
+// row (rsd_truncate.h); a draw walks group masses, then one group. The student's fallback weights are
+// computed only when every proposal was rejected. Rows run in parallel, one thread each; with fewer rows
+// than threads a row is split across threads.
 //
 // Logits arrive as raw pointers (no libtorch linking); the Python wrapper validates them. The hot passes
 // are compiled once per instruction set (portable, AVX2, AVX-512) and the best one is picked at import.
@@ -39,6 +40,7 @@ namespace rsd {
 namespace portable {
 #include "rsd_simd.h"
 #include "rsd_passes.h"
+#include "rsd_truncate.h"
 #include "rsd_row.h"
 }  // namespace portable
 #undef VW
@@ -51,6 +53,7 @@ namespace portable {
 namespace avx2 {
 #include "rsd_simd.h"
 #include "rsd_passes.h"
+#include "rsd_truncate.h"
 #include "rsd_row.h"
 }  // namespace avx2
 #undef RSD_ISA_AVX2
@@ -64,6 +67,7 @@ namespace avx2 {
 namespace avx512 {
 #include "rsd_simd.h"
 #include "rsd_passes.h"
+#include "rsd_truncate.h"
 #include "rsd_row.h"
 }  // namespace avx512
 #undef RSD_ISA_AVX512

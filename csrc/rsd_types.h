@@ -9,7 +9,8 @@ namespace rsd {
 
 enum Dtype : int { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
-constexpr int64_t BLOCK = 1024;  // ids per block of kept mass: a draw walks block sums, then one block
+constexpr int64_t BLOCK = 1024;  // ids per block of mass: a draw walks block sums, then one block
+constexpr int64_t GROUP = 64;    // truncation candidates per group of kept mass, likewise
 constexpr int KEY_BUCKETS = 2048;  // top 11 bits of a positive float32's bit pattern
 constexpr int MAX_THREADS = 256;
 constexpr int64_t GATHER_SLACK = 16;  // a vector compress-store may write this far past its count
@@ -57,26 +58,26 @@ struct Cut {
 struct Workspace {
     std::vector<float> weight;        // [V] unnormalised softmax of the row being truncated
     std::vector<double> block_mass;   // [V / BLOCK] mass per block
-    std::vector<double> running;      // [V] running mass of a truncated law's kept ids
+    std::vector<double> group_mass;   // [V / GROUP] kept mass per GROUP candidates
     std::vector<Cand> cand, cand2;    // [V] truncation candidates
     std::vector<uint32_t> keys, ids;  // [V + slack] candidates as gathered, per chunk
-    std::vector<uint32_t> pick_count; // [KEY_BUCKETS] radix-select and sampling scratch
-    std::vector<double> pick_mass;    // [KEY_BUCKETS]
+    std::vector<uint32_t> pick_count; // [4, KEY_BUCKETS] radix-select and sampling scratch
+    std::vector<double> pick_mass;    // [4, KEY_BUCKETS]
 
     void reserve(int64_t V) {
         if ((int64_t)weight.size() < V) {
             weight.resize(V);
             cand.resize(V);
             cand2.resize(V);
-            running.resize(V);
+            group_mass.resize(V / GROUP + 1);
             keys.resize(V + GATHER_SLACK * (MAX_THREADS + 1));
             ids.resize(V + GATHER_SLACK * (MAX_THREADS + 1));
         }
         int64_t blocks = (V + BLOCK - 1) / BLOCK;
         if ((int64_t)block_mass.size() < blocks) block_mass.resize(blocks);
-        if (pick_count.size() < KEY_BUCKETS) {
-            pick_count.resize(KEY_BUCKETS);
-            pick_mass.resize(KEY_BUCKETS);
+        if (pick_count.size() < 4 * KEY_BUCKETS) {
+            pick_count.resize(4 * KEY_BUCKETS);
+            pick_mass.resize(4 * KEY_BUCKETS);
         }
     }
 };

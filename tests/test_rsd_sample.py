@@ -1,0 +1,435 @@
+"""Every fused RSD-sample backend against the reference and against the analytic law (DESIGN.md §2-3).
+
+One body per test, run for each backend through the ``backend`` parametrisation: "cpp" (csrc/, always
+built) and "triton" (kernels/, under TRITON_INTERPRET=1 on CPU, so at the small sizes LIMITS allows).
+Same uniforms in, same token out: a backend may differ from the reference only on a row where a float64
+replay of the reference's decisions shows one of them within float rounding of its boundary.
+"""
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+from law import chi_square_pvalue, rsd_law  # noqa: E402
+
+from rsd_engine.randomness import NUM_DRAWS, step_uniforms  # noqa: E402
+from rsd_engine.sampling import (  # noqa: E402
+    STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_sample_reference)
+
+ALPHA = 1e-3
+BACKENDS = ("cpp", "triton")
+# What each backend affords here. The Triton interpreter costs tens of ms per row, so it runs small
+# batches and only two law cases with few draws (its token-for-token tests carry the weight).
+LIMITS = {
+    "cpp": dict(batch=16, vocab=151_936, draws=20_000, law_cases=None),
+    "triton": dict(batch=3, vocab=1_000, draws=400, law_cases=("default", "trials")),
+}
+SHAPES = [(B, V) for B in (1, 3, 16) for V in (96, 1_000, 49_152, 151_936)]
+ROUNDING = 1e-5  # relative to the row's mass: far above float32 rounding of a 150k-term sum, far below 1/V
+
+DEFAULTS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+FAMILIES = {
+    "default": {},
+    "greedy": dict(temperature=0.0, student_temperature=0.0),
+    "top_k": dict(top_k=20, top_p=1.0, student_top_k=5, student_top_p=1.0),
+    "top_k_top_p": dict(top_k=200, top_p=0.7, student_top_k=50, student_top_p=0.8),
+    "top_p": dict(top_p=0.5, student_top_p=0.6),
+    "untruncated": dict(temperature=1.0, top_p=1.0, student_temperature=1.0, student_top_p=1.0),
+    "threshold_0": dict(threshold=0.0),
+    "threshold_1": dict(threshold=1.0),
+    "trials": dict(proposal_trials=5, threshold=0.05),
+    "check_temperature": dict(check_temperature=0.5, threshold=0.03),
+    "mixed": "per-row",
+}
+
+
+def use_backend(backend):
+    """Skips the Triton backend where it cannot import; the C++ one must be built (CI builds it)."""
+    if backend == "triton":
+        try:
+            import rsd_engine.sampling.triton  # noqa: F401
+        except ImportError as err:
+            pytest.skip(f"rsd_engine.sampling.triton does not import: {err}")
+    return backend
+
+
+def shapes_for(shapes):
+    return [pytest.param(backend, B, V, id=f"{backend}-B{B}-V{V}") for backend in BACKENDS for B, V in shapes
+            if B <= LIMITS[backend]["batch"] and V <= LIMITS[backend]["vocab"]]
+
+
+def row_params(B, family="default", seed=0):
+    if family == "mixed":
+        rng = np.random.default_rng(seed)
+        choices = dict(temperature=[0.0, 0.5, 0.7, 1.0, 1.3], top_k=[0, 1, 5, 50], top_p=[1.0, 0.9, 0.5],
+                       threshold=[0.0, 0.01, 0.1, 1.0], check_temperature=[1.0, 0.7],
+                       student_temperature=[0.0, 0.7, 1.0], student_top_k=[0, 3], student_top_p=[1.0, 0.8],
+                       proposal_trials=[1, 2, 5])
+        values = {k: [rng.choice(v) for _ in range(B)] for k, v in choices.items()}
+    else:
+        values = {k: [v] * B for k, v in {**DEFAULTS, **FAMILIES[family]}.items()}
+    ints = {"top_k", "student_top_k", "proposal_trials"}
+    return RowParams(**{k: torch.tensor(np.array(v, dtype=np.float64),
+                                        dtype=torch.int32 if k in ints else torch.float32) for k, v in values.items()})
+
+
+def random_rows(B, V, seed, *, teacher_pad=7, student_pad=3):
+    """LM-like logit rows: a broad random background, a few peaked ids, a student that partly agrees with
+    the teacher, padding rows past V that would win if the masks were ignored, and masks with holes."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(B, V + teacher_pad, generator=gen) * 2
+    peaks = torch.randint(0, V, (B, 6), generator=gen)
+    teacher.scatter_add_(1, peaks, torch.rand(B, 6, generator=gen) * 8 + 3)
+    student = torch.randn(B, V + student_pad, generator=gen) * 2
+    student[:, :V] += 0.8 * teacher[:, :V]
+    teacher[:, V:] += 12
+    student[:, V:] += 4
+    proposal_mask = torch.rand(V, generator=gen) > 0.03
+    fallback_mask = torch.rand(V, generator=gen) > 0.02
+    proposal_mask[:2] = fallback_mask[:2] = True
+    return teacher, student, proposal_mask, fallback_mask
+
+
+def uniforms_for(B, seed, step=5):
+    return step_uniforms(torch.arange(B, dtype=torch.int64) + 1000 * seed, torch.full((B,), step, dtype=torch.int64))
+
+
+# ---- float64 replay of the reference's decisions, to tell rounding from bugs ----
+
+def truncated64(logits, temperature, top_k, top_p, mask):
+    """(weights in id order, whether a top-k/top-p decision sits within rounding of its boundary)."""
+    x = np.where(mask, logits, -np.inf)
+    n = len(x)
+    if temperature == 0:
+        q = np.zeros(n)
+        q[int(np.argmax(x))] = 1.0
+        return q, False
+    z = x / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.lexsort((np.arange(n), -p))
+    sp = p[order]
+    keep = np.ones(n, dtype=bool)
+    near = False
+    if 0 < top_k < n:
+        keep[top_k:] = False
+        near |= bool(sp[top_k - 1] != sp[top_k] and sp[top_k - 1] - sp[top_k] <= ROUNDING * sp[top_k - 1])
+    kept_p = np.where(keep, sp, 0.0)
+    total = kept_p.sum()
+    if top_p < 1:
+        before = np.cumsum(kept_p) - kept_p
+        near |= bool(np.any(np.abs(before[keep] - top_p * total) <= ROUNDING * total))
+        keep &= before < top_p * total
+        last = int(np.nonzero(keep)[0][-1])
+        if last + 1 < n:  # near-equal neighbours at the cut may swap ranks under rounding
+            near |= bool(sp[last] != sp[last + 1] and sp[last] - sp[last + 1] <= ROUNDING * sp[last])
+    q = np.zeros(n)
+    q[order[keep]] = sp[keep]
+    return q, near
+
+
+def draw64(q, u):
+    cdf = np.cumsum(q)
+    target = u * cdf[-1]
+    j = min(int(np.searchsorted(cdf, target, side="left")), len(q) - 1)
+    near = abs(cdf[j] - target) <= ROUNDING * cdf[-1] or (j > 0 and abs(cdf[j - 1] - target) <= ROUNDING * cdf[-1])
+    return j, bool(near)
+
+
+def softmax64(x, temperature=1.0):
+    z = np.asarray(x, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def replay64(teacher, student, u, prm, proposal_mask, fallback_mask):
+    """(token, accepted, near): the reference's path for one row in float64, and whether any decision on
+    it (a truncation cut, a uniform against the CDF, the check against the threshold) is within rounding."""
+    V = len(proposal_mask)
+    q_teacher, near = truncated64(teacher[:V], prm["temperature"], prm["top_k"], prm["top_p"], proposal_mask)
+    check = softmax64(student, prm["check_temperature"])
+    for k in range(min(prm["proposal_trials"], len(u) - 1)):
+        x, near_draw = draw64(q_teacher, u[1 + k])
+        near |= near_draw or abs(check[x] - prm["threshold"]) <= 1e-4 * prm["threshold"]
+        if check[x] >= prm["threshold"]:
+            return x, True, near
+    q_student, near_cut = truncated64(student[:V], prm["student_temperature"], prm["student_top_k"],
+                                      prm["student_top_p"], fallback_mask)
+    y, near_draw = draw64(q_student, u[0])
+    return y, False, near or near_cut or near_draw
+
+
+def assert_matches_reference(out, ref, teacher, student, uniforms, params, proposal_mask, fallback_mask):
+    """Token for token (and accepted) except on rows whose decisions are within rounding; log-probs to
+    float32 tolerance wherever the tokens agree."""
+    assert out.token.dtype == torch.int64 and out.accepted.dtype == torch.bool
+    assert out.teacher_logprob.dtype == torch.float32 and out.student_logprob.dtype == torch.float32
+    same = (out.token == ref.token) & ((out.accepted == ref.accepted) | (ref.token < 0))
+    t64, s64 = teacher.double().numpy(), student.double().numpy()
+    for r in torch.nonzero(~same).flatten().tolist():
+        prm = {k: getattr(params, k)[r].item() for k in RowParams._fields}
+        token, accepted, near = replay64(t64[r], s64[r], uniforms[r].double().numpy(), prm,
+                                         proposal_mask.numpy(), fallback_mask.numpy())
+        assert near, (f"row {r}: backend gave token {out.token[r].item()} (accepted {out.accepted[r].item()}), "
+                      f"reference {ref.token[r].item()} ({ref.accepted[r].item()}), float64 replay {token} "
+                      f"({accepted}), and no decision on that row is within rounding; params {prm}")
+    ok = same & (ref.token >= 0)
+    torch.testing.assert_close(out.teacher_logprob[ok], ref.teacher_logprob[ok], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(out.student_logprob[ok], ref.student_logprob[ok], rtol=1e-5, atol=5e-5)
+    return same
+
+
+def run_both(backend, teacher, student, uniforms, params, proposal_mask, fallback_mask):
+    out = rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+    ref = rsd_sample_reference(teacher, student, uniforms, params, proposal_mask, fallback_mask)
+    return out, ref
+
+
+# ---- token for token against the reference ----
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend,B,V", shapes_for(SHAPES))
+def test_same_tokens_as_reference(backend, B, V, family):
+    use_backend(backend)
+    seed = zlib.crc32(f"{B}-{V}-{family}".encode()) % 10_000
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed)
+    uniforms, params = uniforms_for(B, seed), row_params(B, family, seed)
+    out, ref = run_both(backend, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+    assert_matches_reference(out, ref, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+    assert (ref.token >= 0).all() and (ref.token < V).all()
+    if family == "threshold_0":
+        assert ref.accepted.all()
+    if family == "threshold_1":
+        assert not ref.accepted.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend,B,V", shapes_for([(3, 1_000), (16, 49_152), (1, 151_936)]))
+def test_low_precision_logits(backend, B, V, dtype):
+    use_backend(backend)
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed=11)
+    teacher, student = teacher.to(dtype), student.to(dtype)
+    uniforms = uniforms_for(B, 11)
+    for family in ("default", "top_k_top_p", "mixed"):
+        params = row_params(B, family, seed=3)
+        out, ref = run_both(backend, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+        assert_matches_reference(out, ref, teacher.float(), student.float(), uniforms, params, proposal_mask,
+                                 fallback_mask)
+
+
+# ---- edge cases ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_infinity_entries_are_never_emitted(backend):
+    use_backend(backend)
+    B, V = 3, 200
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    teacher[torch.rand(teacher.shape, generator=gen) < 0.9] = float("-inf")
+    student[torch.rand(student.shape, generator=gen) < 0.5] = float("-inf")
+    teacher[:, 0] = student[:, 0] = 1.0  # at least one finite id in each row
+    for family in ("default", "top_k", "untruncated", "greedy", "mixed"):
+        for step in range(4):
+            uniforms, params = uniforms_for(B, step, step), row_params(B, family, step)
+            out, ref = run_both(backend, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+            assert_matches_reference(out, ref, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+            rows = torch.arange(B)
+            emitted = torch.where(out.accepted, teacher[rows, out.token], student[rows, out.token])
+            assert torch.isfinite(emitted).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_but_one_id_masked(backend):
+    use_backend(backend)
+    B, V = 3, 300
+    teacher, student, _, _ = random_rows(B, V, seed=6)
+    only_proposal, only_fallback = torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
+    only_proposal[137] = True
+    only_fallback[42] = True
+    for family in ("default", "top_k", "greedy", "threshold_0", "threshold_1"):
+        uniforms, params = uniforms_for(B, 6), row_params(B, family)
+        out, ref = run_both(backend, teacher, student, uniforms, params, only_proposal, only_fallback)
+        assert_matches_reference(out, ref, teacher, student, uniforms, params, only_proposal, only_fallback)
+        assert torch.equal(out.token, torch.where(out.accepted, 137, 42))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lowest_ids(backend):
+    use_backend(backend)
+    B, V = 3, 500
+    gen = torch.Generator().manual_seed(8)
+    teacher = torch.randint(-2, 3, (B, V), generator=gen).float()  # five values: large tie groups
+    student = torch.randint(-2, 3, (B, V), generator=gen).float()
+    mask = torch.ones(V, dtype=torch.bool)
+    for family in ("top_k", "top_k_top_p", "top_p", "greedy", "mixed"):
+        for step in range(3):
+            uniforms, params = uniforms_for(B, step, step), row_params(B, family, step)
+            out, ref = run_both(backend, teacher, student, uniforms, params, mask, mask)
+            assert_matches_reference(out, ref, teacher, student, uniforms, params, mask, mask)
+    # Equal logits everywhere: top-k keeps the k lowest ids, argmax is id 0.
+    flat = torch.zeros(B, V)
+    params = row_params(B, "top_k")._replace(top_k=torch.full((B,), 7, dtype=torch.int32),
+                                             threshold=torch.zeros(B))
+    for step in range(5):
+        out = rsd_sample(flat, flat, uniforms_for(B, step, step), params, mask, mask, backend=backend)
+        assert out.accepted.all() and (out.token < 7).all()
+    greedy = row_params(B, "greedy")
+    out = rsd_sample(flat, flat, uniforms_for(B, 0), greedy, mask, mask, backend=backend)
+    assert (out.token == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_rows_are_flagged_not_sampled(backend):
+    use_backend(backend)
+    B, V = 6, 100
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed=9)
+    teacher[0, 17] = float("nan")
+    student[1, 3] = float("inf")
+    teacher[2, 5], student[2, 8] = float("inf"), float("nan")  # both bad: the teacher's flag wins
+    teacher[3, V + 2] = float("nan")  # a padding row counts too
+    teacher[4, :50] = float("-inf")  # -inf is a legal value, not an error
+    for family in ("default", "greedy", "threshold_1"):
+        uniforms, params = uniforms_for(B, 9), row_params(B, family)
+        out, ref = run_both(backend, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+        expected = [TEACHER_NONFINITE, STUDENT_NONFINITE, TEACHER_NONFINITE, TEACHER_NONFINITE]
+        assert out.token[:4].tolist() == ref.token[:4].tolist() == expected
+        assert (out.token[4:] >= 0).all()
+        assert_matches_reference(out, ref, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+
+
+# ---- the analytic law ----
+
+LAW_CASES = {
+    "default": {},
+    "top_p": dict(top_p=0.6, student_top_p=0.7),
+    "top_k": dict(top_k=4, student_top_k=3, top_p=1.0),
+    "trials": dict(proposal_trials=3, threshold=0.08),
+    "check_temperature": dict(check_temperature=0.5, threshold=0.05),
+    "greedy_fallback": dict(student_temperature=0.0, threshold=0.1),
+}
+
+
+@pytest.mark.parametrize("backend,case", [
+    pytest.param(backend, case, id=f"{backend}-{case}") for backend in BACKENDS for case in LAW_CASES
+    if LIMITS[backend]["law_cases"] is None or case in LIMITS[backend]["law_cases"]])
+def test_follows_the_law(backend, case):
+    """Rows of the same logits with different seeds: tokens follow Q_K (chi-square), accepts 1 - r^K."""
+    use_backend(backend)
+    draws = LIMITS[backend]["draws"]
+    gen = torch.Generator().manual_seed(21)
+    V = 40
+    teacher = torch.randn(V + 3, generator=gen) * 2
+    student = torch.randn(V + 5, generator=gen) * 2
+    proposal_mask = torch.ones(V, dtype=torch.bool)
+    proposal_mask[[3, 11]] = False
+    fallback_mask = torch.ones(V, dtype=torch.bool)
+    fallback_mask[5] = False
+    kw = {**DEFAULTS, **LAW_CASES[case]}
+    params = RowParams(**{k: torch.full((draws,), v, dtype=torch.int32 if isinstance(v, int) else torch.float32)
+                          for k, v in kw.items()})
+    uniforms = step_uniforms(torch.arange(draws) * 7 + 3, torch.full((draws,), 2))
+    out = rsd_sample(teacher.expand(draws, -1), student.expand(draws, -1), uniforms, params, proposal_mask,
+                     fallback_mask, backend=backend)
+    trials = kw.pop("proposal_trials")
+    law, accept_rate = rsd_law(teacher.numpy(), student.numpy(), trials=trials, proposal_mask=proposal_mask.numpy(),
+                               fallback_mask=fallback_mask.numpy(), **kw)
+    assert chi_square_pvalue(out.token.numpy(), law) > ALPHA
+    observed = out.accepted.double().mean().item()
+    sd = np.sqrt(accept_rate * (1 - accept_rate) / draws) + 1e-12
+    assert abs(observed - accept_rate) < 3.3 * sd + 1e-9, (observed, accept_rate)
+
+
+# ---- the C++ backend's own plumbing ----
+
+def small_batch(B=4, V=64):
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed=1)
+    return teacher, student, uniforms_for(B, 1), row_params(B), proposal_mask, fallback_mask
+
+
+def test_cpp_every_instruction_set_build_agrees():
+    """The portable, AVX2 and AVX-512 builds of the kernel (those this CPU runs) each match the reference:
+    every family, low precision, tie-heavy rows, and a single row split across threads."""
+    from rsd_engine import _C
+
+    cases = []
+    teacher, student, proposal_mask, fallback_mask = random_rows(16, 49_152, seed=4)
+    for family in FAMILIES:
+        cases.append((teacher, student, row_params(16, family, seed=4), proposal_mask, fallback_mask))
+    for dtype in (torch.float16, torch.bfloat16):
+        cases.append((teacher.to(dtype), student.to(dtype), row_params(16, "mixed", seed=5), proposal_mask,
+                      fallback_mask))
+    ties = torch.randint(-2, 3, (2, 16, 3_000), generator=torch.Generator().manual_seed(4)).float()
+    cases.append((ties[0], ties[1], row_params(16, "mixed", seed=6), proposal_mask[:3_000], fallback_mask[:3_000]))
+    one_row = random_rows(1, 151_936, seed=4)
+    cases.append((one_row[0], one_row[1], row_params(1), one_row[2], one_row[3]))
+    refs = [rsd_sample_reference(t, s, uniforms_for(t.shape[0], 4), p, pm, fm) for t, s, p, pm, fm in cases]
+    current = _C.isa()
+    try:
+        for isa in _C.available_isas():
+            _C.set_isa(isa)
+            for (t, s, params, pm, fm), ref in zip(cases, refs):
+                uniforms = uniforms_for(t.shape[0], 4)
+                out = rsd_sample(t, s, uniforms, params, pm, fm, backend="cpp")
+                assert_matches_reference(out, ref, t.float(), s.float(), uniforms, params, pm, fm)
+        with pytest.raises(ValueError, match="not available"):
+            _C.set_isa("sse9")
+    finally:
+        _C.set_isa(current)
+
+
+def test_cpp_strided_rows_and_expanded_params():
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    wide = torch.zeros(4, 200)
+    wide[:, 10:10 + teacher.shape[1]] = teacher
+    view = wide[:, 10:10 + teacher.shape[1]]  # row stride 200, unit stride along the vocabulary
+    expanded = params._replace(temperature=torch.tensor(0.7).expand(4))
+    out = rsd_sample(view, student, uniforms, expanded, proposal_mask, fallback_mask, backend="cpp")
+    ref = rsd_sample_reference(teacher, student, uniforms, params, proposal_mask, fallback_mask)
+    assert torch.equal(out.token, ref.token)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(teacher=a["teacher"].double()), "dtype"),
+    (lambda a: a.update(teacher=a["teacher"].t().contiguous().t()), "contiguous"),
+    (lambda a: a.update(student=a["student"][:2]), "rows"),
+    (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms"),
+    (lambda a: a.update(proposal_mask=a["proposal_mask"].int()), "bool"),
+    (lambda a: a.update(fallback_mask=a["fallback_mask"][:-1]), "fallback_mask"),
+    (lambda a: a.update(proposal_mask=torch.ones(500, dtype=torch.bool),
+                        fallback_mask=torch.ones(500, dtype=torch.bool)), "min"),
+    (lambda a: a.update(params=a["params"]._replace(top_k=torch.zeros(3, dtype=torch.int32))), "top_k"),
+    (lambda a: a.update(params=tuple(a["params"])), "RowParams"),
+])
+def test_cpp_refuses_bad_input_with_a_message(change, message):
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    args = dict(teacher=teacher, student=student, uniforms=uniforms, params=params, proposal_mask=proposal_mask,
+                fallback_mask=fallback_mask)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        rsd_sample(args["teacher"], args["student"], args["uniforms"], args["params"], args["proposal_mask"],
+                   args["fallback_mask"], backend="cpp")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, raised while inductor imports
+def test_cpp_decode_step_compiles_fullgraph():
+    """The op is one opaque node: a step computing uniforms and sampling compiles with no graph break."""
+    teacher, student, _, params, proposal_mask, fallback_mask = small_batch(B=3, V=1_000)
+    seeds, steps = torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9])
+
+    def step(teacher, student, seeds, steps, params, proposal_mask, fallback_mask):
+        uniforms = step_uniforms(seeds, steps)
+        return rsd_sample(teacher * 1.0, student, uniforms, params, proposal_mask, fallback_mask, backend="cpp")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    out = compiled(teacher, student, seeds, steps, params, proposal_mask, fallback_mask)
+    eager = step(teacher, student, seeds, steps, params, proposal_mask, fallback_mask)
+    for a, b in zip(out, eager):
+        assert torch.equal(a, b)
+    assert NUM_DRAWS == step_uniforms(seeds, steps).shape[1]
