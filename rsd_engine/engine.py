@@ -53,6 +53,8 @@ class Engine:
 
         self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
         self.student = load_model(student, dtype=self.dtype, device=self.device)
+        for model in (self.teacher, self.student):
+            model.pack_head_for_cpu()
         self.teacher_tokenizer = load_tokenizer(teacher)
         self.tokenizer = load_tokenizer(student)
         self.space = align_token_spaces(
