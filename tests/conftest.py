@@ -38,3 +38,12 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
     student = build_model(root / "student", "qwen3", tokenizer_dir=tiny_tokenizer_dir, hidden_size=64,
                           num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=2)
     return teacher, student
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine it makes them wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -63,3 +63,10 @@ def chi_square_pvalue(samples, law):
     if len(obs) < 2:
         return 1.0
     return stats.chisquare(obs, exp).pvalue
+
+
+def accept_rate_matches(accepted, accept_rate, *, z=3.3) -> bool:
+    """A binomial proportion within z standard deviations (z=3.3: two-sided alpha of about 1e-3)."""
+    observed = float(np.mean(accepted))
+    sd = np.sqrt(accept_rate * (1 - accept_rate) / len(accepted)) + 1e-12
+    return abs(observed - accept_rate) < z * sd + 1e-9

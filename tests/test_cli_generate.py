@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from rsd_engine import Engine, SamplingParams
@@ -28,13 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"add": "solved", "mul": "prefix", "open": "unverified", "unclosed": "prefix"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine it makes them wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ SUB_1PCT = math.log(0.01)
 QUESTIONS = ["What is 2+2?", "Alice has 5 apples and Bob gives her 8 more. How many?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine it makes them wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rsd_engine.cli import main
 from rsd_engine.pipeline.data import load_problems, shard_problems
@@ -18,13 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine it makes them wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_ranks_shard_merge_and_match_one_process(tmp_path_factory, tmp_path):
