@@ -26,6 +26,7 @@ BACKENDS = ("cpp", "triton")
 # What each backend affords here. The Triton interpreter costs tens of ms per row, so it runs small
 # batches and only two law cases with few draws (its token-for-token tests carry the weight).
 LIMITS = {
+    "reference": dict(draws=40_000, law_cases=None),  # the law test only: the contract itself
     "cpp": dict(batch=16, vocab=151_936, draws=20_000, law_cases=None),
     "triton": dict(batch=3, vocab=1_000, draws=400, law_cases=("default", "trials")),
 }
@@ -316,7 +317,7 @@ LAW_CASES = {
 
 
 @pytest.mark.parametrize("backend,case", [
-    pytest.param(backend, case, id=f"{backend}-{case}") for backend in BACKENDS for case in LAW_CASES
+    pytest.param(backend, case, id=f"{backend}-{case}") for backend in ("reference",) + BACKENDS for case in LAW_CASES
     if LIMITS[backend]["law_cases"] is None or case in LIMITS[backend]["law_cases"]])
 def test_follows_the_law(backend, case):
     """Rows of the same logits with different seeds: tokens follow Q_K (chi-square), accepts 1 - r^K."""
