@@ -156,3 +156,24 @@ def test_every_backend_gives_the_reference_outputs(tiny_pair, engine, sampler):
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids and g.accepted == w.accepted
             assert g.teacher_logprobs == pytest.approx(w.teacher_logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_batch_size=0), "max_batch_size = 0"),
+    (dict(max_seq_len=1), "max_seq_len = 1"),
+    (dict(device="tpu:0"), "device='tpu:0'"),
+    (dict(dtype="int8"), "dtype='int8' is not supported"),
+    (dict(sampler="fast"), "sampler='fast' is not a backend"),
+])
+def test_bad_engine_arguments_are_named(tiny_pair, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        Engine(*tiny_pair, **kwargs)
+
+
+def test_bad_params_and_score_pairs_are_named(engine):
+    with pytest.raises(TypeError, match=r"params\[1\] is a dict, not a SamplingParams"):
+        engine.generate_batch(PROMPTS[:2], [SamplingParams(), {"temperature": 0}])
+    with pytest.raises(ValueError, match="2 prompts and 1 completions"):
+        engine.score_batch(PROMPTS[:2], ["x"])
+    with pytest.raises(TypeError, match="prompt 0 must be a string or a list of token ids"):
+        engine.generate_batch([3.5], SamplingParams(max_new_tokens=2))
