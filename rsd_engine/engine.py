@@ -11,24 +11,14 @@ from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
 from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_backend, rsd_sample
+from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
-from .scoring import teacher_forced_logprobs
+from .scoring import score_rows
+from .step import capture_step, step_inputs
 from .tokens import align_token_spaces, load_tokenizer
 
-KV_BUCKET = 128  # attention spans a multiple of this many cache positions, not max_seq_len
-CUDA_KV_BUCKET = 512  # coarser on CUDA: each span is a set of captured graphs
 PREFILL_CHUNK = 512  # prompt tokens per row per forward
 
-
-_STEP_INPUTS = {
-    "teacher_tokens": torch.long, "teacher_pos": torch.long, "student_tokens": torch.long,
-    "student_pos": torch.long, "slots": torch.long, "seeds": torch.long, "steps": torch.long,
-    "temperature": torch.float32, "top_k": torch.int32, "top_p": torch.float32, "threshold": torch.float32,
-    "check_temperature": torch.float32, "student_temperature": torch.float32, "student_top_k": torch.int32,
-    "student_top_p": torch.float32, "proposal_trials": torch.int32,
-}
-_PADDING_PARAMS = {"temperature": 1.0, "top_p": 1.0, "check_temperature": 1.0, "student_temperature": 1.0,
-                   "student_top_p": 1.0, "proposal_trials": 1}
 
 
 class Engine:
@@ -85,7 +75,7 @@ class Engine:
         # The scheduler holds each request only until it finishes: a long stream keeps no old results alive.
         for request in self._make_requests(prompts, params):
             scheduler.add(request)
-        bar = _progress_bar(len(scheduler.waiting), progress)
+        bar = progress_bar(len(scheduler.waiting), progress)
         try:
             while scheduler.has_work():
                 with torch.inference_mode():
@@ -163,7 +153,7 @@ class Engine:
                 # Padding entries write at positions past the row's end, overwritten before they are read.
                 positions[b] = torch.arange(start, start + width)
             slots = torch.tensor([slot for slot, _, _ in chunk])
-            kv_len = _kv_bucket(int(positions.max()) + 1, self.max_seq_len)
+            kv_len = kv_bucket(int(positions.max()) + 1, self.max_seq_len)
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
@@ -210,43 +200,20 @@ class Engine:
             # Slots 0..B-1 in order are read as a slice of the cache instead of gathered.
             contiguous = all(r.slot == b for b, r in enumerate(batch))
             inputs = self._step_inputs(batch, with_slots=not contiguous)
-            return self.decode_step(inputs, teacher_kv=_kv_bucket(teacher_len, self.max_seq_len),
-                                    student_kv=_kv_bucket(student_len, self.max_seq_len))
+            return self.decode_step(inputs, teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
+                                    student_kv=kv_bucket(student_len, self.max_seq_len))
         # On CUDA: one graph per (attention span, batch bucket), captured on first use and replayed.
-        kv = _kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
+        kv = kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
         if kv not in self._graphs:
             self._graphs[kv] = self._capture(kv)
         return self._graphs[kv](self._step_inputs(batch, with_slots=True))
 
     def _capture(self, kv: int):
-        from .cuda_graph import CudaGraphStep
-
-        # Padding rows decode a dummy token into the scratch slot with harmless parameters.
-        padding = {"slots": self.max_batch_size, **_PADDING_PARAMS}
-        n = self.max_batch_size
-        example = {name: torch.full((n,), padding.get(name, 0), dtype=dtype, device=self.device)
-                   for name, dtype in _STEP_INPUTS.items()}
-        buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n} | {n})
-        return CudaGraphStep(lambda inputs: self.decode_step(inputs, teacher_kv=kv, student_kv=kv), example,
-                             buckets=buckets, padding=padding)
+        return capture_step(lambda inputs: self.decode_step(inputs, teacher_kv=kv, student_kv=kv),
+                            max_batch_size=self.max_batch_size, scratch_slot=self.max_batch_size, device=self.device)
 
     def _step_inputs(self, batch: list[Request], *, with_slots: bool) -> dict[str, torch.Tensor]:
-        """The decode step's inputs, one row per request: tokens, positions, slots, randomness, parameters."""
-        params = [r.params for r in batch]
-        values = {
-            "teacher_tokens": [r.next_teacher_token for r in batch],
-            "teacher_pos": [r.teacher_len for r in batch],
-            "student_tokens": [r.next_student_token for r in batch],
-            "student_pos": [r.student_len for r in batch],
-            "slots": [r.slot for r in batch],
-            "seeds": [r.seed for r in batch],
-            "steps": [len(r.result.token_ids) for r in batch],
-            **{name: [getattr(p, name) for p in params] for name in RowParams._fields},
-        }
-        if not with_slots:
-            del values["slots"]
-        return {name: torch.tensor(v, dtype=_STEP_INPUTS[name]).to(self.device, non_blocking=True)
-                for name, v in values.items()}
+        return step_inputs(batch, self.device, with_slots=with_slots)
 
     def decode_step(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
         """Teacher forward, student forward, fused RSD sample: static shapes, no host syncs.
@@ -324,71 +291,6 @@ class Engine:
                 completion = (self.tokenizer.encode(completion, add_special_tokens=False)
                               if isinstance(completion, str) else list(completion))
                 rows.append((i, prompt, completion))
-            results.extend(self._score_rows(rows))
+            results.extend(score_rows(self, rows))
         return results
 
-    def _score_rows(self, rows):
-        student_seqs = [p + c for _, p, c in rows]
-        teacher_seqs, teacher_spans = [], []
-        for i, prompt, completion in rows:
-            t_prompt = self.space.to_teacher(prompt, what=f"prompt {i}:")
-            spans, seq = [], list(t_prompt)
-            for tok in completion:
-                pieces = self.space.to_teacher([tok], what=f"completion {i}:")
-                spans.append((len(seq), len(pieces)))
-                seq.extend(pieces)
-            teacher_seqs.append(seq)
-            teacher_spans.append(spans)
-        for (i, _, _), s, t in zip(rows, student_seqs, teacher_seqs):
-            if max(len(s), len(t)) > self.max_seq_len:
-                raise ValueError(f"prompt {i} with its completion has {len(s)} tokens ({len(t)} in the teacher's "
-                                 f"space), more than max_seq_len {self.max_seq_len}")
-        student_spans = [[(len(p) + j, 1) for j in range(len(c))] for _, p, c in rows]
-        student_lp = self._teacher_forced(self.student, self.student_cache, student_seqs, student_spans)
-        teacher_lp = self._teacher_forced(self.teacher, self.teacher_cache, teacher_seqs, teacher_spans)
-        return [ScoreResult(t, s) for t, s in zip(teacher_lp, student_lp)]
-
-    def _teacher_forced(self, model, cache, seqs, spans):
-        """Sum of log-probs of seq[a : a + n] for each span (a, n): one mapped token may be several ids."""
-        out = []
-        for seq, row_spans in zip(seqs, spans):
-            flat = teacher_forced_logprobs(model, cache, seq)  # flat[q]: log-prob of seq[q + 1]
-            out.append([sum(flat[a - 1 + k] for k in range(n)) for a, n in row_spans])
-        return out
-
-
-def _kv_bucket(length: int, max_seq_len: int, bucket: int = KV_BUCKET) -> int:
-    return min(max_seq_len, -(-length // bucket) * bucket)
-
-
-def resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA device is available: use device='cpu' or 'auto'")
-    return device
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="rsd", unit="seq")

@@ -103,7 +103,7 @@ class StudentScorer:
     """Teacher-forced log-probs under one model (the student), for scoring without a teacher."""
 
     def __init__(self, folder, *, device="auto", dtype="auto", max_seq_len: int):
-        from rsd_engine.engine import resolve_device, resolve_dtype
+        from rsd_engine.runtime import resolve_device, resolve_dtype
         from rsd_engine.models import load_model
 
         device = resolve_device(device)

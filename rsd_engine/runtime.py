@@ -1,0 +1,44 @@
+"""Small runtime choices shared by the engine's parts: device, dtype, attention-span buckets."""
+from __future__ import annotations
+
+import torch
+
+KV_BUCKET = 128  # attention spans a multiple of this many cache positions, not max_seq_len
+CUDA_KV_BUCKET = 512  # coarser on CUDA: each span is a set of captured graphs
+
+
+def kv_bucket(length: int, max_seq_len: int, bucket: int = KV_BUCKET) -> int:
+    return min(max_seq_len, -(-length // bucket) * bucket)
+
+
+def resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available: use device='cpu' or 'auto'")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', 'float32', 'bfloat16' or 'float16'")
+
+
+def progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="rsd", unit="seq")
