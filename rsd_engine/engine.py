@@ -275,22 +275,17 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
-        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it."""
+        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
+        under both models; every cache slot scores a sequence per forward (see scoring.py).
+        Overwrites the caches: not to be called while a generate_iter is suspended."""
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
-        results = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            rows = []
-            for i in range(start, min(start + self.max_batch_size, len(prompts))):
-                prompt = self._tokenize(prompts[i], i)
-                completion = completions[i]
-                completion = (self.tokenizer.encode(completion, add_special_tokens=False)
-                              if isinstance(completion, str) else list(completion))
-                rows.append((i, prompt, completion))
-            results.extend(score_rows(self, rows))
-        return results
-
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            completion = (self.tokenizer.encode(completion, add_special_tokens=False)
+                          if isinstance(completion, str) else list(completion))
+            rows.append((i, self._tokenize(prompt, i), completion))
+        return score_rows(self, rows)
