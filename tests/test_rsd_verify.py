@@ -353,4 +353,4 @@ def test_round_uniforms_are_the_plain_steps_uniforms():
         torch.testing.assert_close(rounds[:, i, :NUM_DRAWS], step_uniforms(seeds, start + i), rtol=0, atol=0)
     alone = round_uniforms(seeds[1:2], start[1:2], 4)
     assert torch.equal(alone[0], rounds[1])
-    assert len({DRAFT_DRAW, NUM_DRAWS - 1}) == 2 and rounds.unique().numel() > 0.9 * rounds.numel()
+    assert rounds.unique().numel() > 0.9 * rounds.numel()  # draws are distinct, not copies of one column
