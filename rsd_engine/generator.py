@@ -18,6 +18,7 @@ is refused rather than silently ignored.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ class Generator(Engine):
         self.model = load_model(model, dtype=self.dtype, device=self.device)
         self.model.pack_head_for_cpu()
         self.tokenizer = load_tokenizer(model)
-        self.sampler = resolve_backend(sampler, self.device)
+        self.sampler = _sample_backend(sampler, self.device)
         # Ids the tokenizer has (embedding padding rows past it are never drawn).
         table = id_to_token_table(self.tokenizer)
         vocab = self.model.config.vocab_size
@@ -144,6 +145,22 @@ class Generator(Engine):
             seqs.append(ids + completion)
             starts.append(len(ids))
         return score_sequences(self.model, self.cache, seqs, starts)
+
+
+def _sample_backend(sampler: str, device) -> str:
+    """resolve_backend, where the chosen backend must also have its ``sample_tokens`` kernel: "auto"
+    falls back to the reference where it does not; an explicit choice without one is refused."""
+    backend = resolve_backend(sampler, device)
+    if backend == "reference":
+        return backend
+    try:
+        importlib.import_module(f"rsd_engine.sampling.{backend}_verify")
+    except ImportError:
+        if sampler == "auto":
+            return "reference"
+        raise ValueError(f"sampler={sampler!r}: this build has no {backend} sample_tokens kernel; "
+                         f"use sampler='auto' or 'reference'") from None
+    return backend
 
 
 __all__ = ["Generator", "RSD_ONLY_FIELDS"]

@@ -131,3 +131,37 @@ def test_nonfinite_logits_end_that_request_alone(tiny_pair, monkeypatch):
     bad, good = gen.generate_batch(PROMPTS[:2], SamplingParams(max_new_tokens=6, seed=1, ignore_eos=True))
     assert bad.finish_reason == "error" and "NaN or +inf logits at generation step 2 of prompt 0" in bad.error
     assert good.finish_reason == "length" and len(good.token_ids) == 6
+
+
+def test_auto_sampler_has_a_sample_kernel(tiny_pair):
+    """"auto" picks a backend whose sample_tokens exists, and gives the reference's tokens."""
+    auto = Generator(tiny_pair[1], device="cpu", max_batch_size=2, max_seq_len=64)
+    ref = Generator(tiny_pair[1], device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference")
+    params = SamplingParams(max_new_tokens=6, top_k=30, seed=2)
+    assert [r.token_ids for r in auto.generate_batch(PROMPTS, params)] == \
+        [r.token_ids for r in ref.generate_batch(PROMPTS, params)]
+
+
+def test_decode_step_compiles_fullgraph(gen):
+    """One forward, the uniforms and the sample op trace without graph breaks or host syncs."""
+    torch._dynamo.reset()
+    gen.generate_batch(PROMPTS[:2], SamplingParams(max_new_tokens=2, seed=0))
+    inputs = {name: t for name, t in gen._step_inputs(gen_batch(gen), with_slots=True).items()}
+    eager = gen.decode_step(inputs, student_kv=16)
+    step = torch.compile(gen.decode_step, fullgraph=True, dynamic=False, backend="aot_eager")
+    got = step(inputs, student_kv=16)
+    assert torch.equal(got[0], eager[0])
+    torch.testing.assert_close(got[1], eager[1], atol=1e-4, rtol=1e-4)
+
+
+def gen_batch(gen):
+    from rsd_engine.results import GenerationResult
+    from rsd_engine.scheduler import Request
+
+    batch = []
+    for slot, prompt in enumerate(PROMPTS[:2]):
+        ids = gen.tokenizer.encode(prompt, add_special_tokens=False)
+        r = Request(slot, ids, [], SamplingParams(seed=slot), seed=slot, result=GenerationResult(ids))
+        r.slot, r.student_len, r.next_student_token = slot, len(ids) - 1, ids[-1]
+        batch.append(r)
+    return batch
