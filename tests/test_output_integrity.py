@@ -177,7 +177,7 @@ def test_a_failed_request_is_recorded_as_failed_and_retried(pair, tmp_path, monk
                 result = GenerationResult(result.prompt_token_ids, result.token_ids[:2], "", result.accepted[:2],
                                           result.teacher_logprobs[:2], result.student_logprobs[:2], "error",
                                           result.seed)
-                result.error = "the teacher model produced NaN or +inf logits"
+                result.error = "the teacher model produced NaN or +inf logits"  # as the engine reports it
             yield index, result
 
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"

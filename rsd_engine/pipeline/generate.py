@@ -182,7 +182,7 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
             problem, prompt = todo[i], prompts[todo[i].id]
             tally.add_attempt(result)
             if result.finish_reason == "error":
-                unfinished.setdefault(i, ("failed", f"attempt {a}: {getattr(result, 'error', '') or 'failed'}"))
+                unfinished.setdefault(i, ("failed", f"attempt {a}: {result.error or 'failed'}"))
             elif result.finish_reason == "length" and len(result.token_ids) < opts.params.max_new_tokens:
                 unfinished.setdefault(i, ("cut", ""))  # stopped by --max-seq-len, not by --max-new-tokens
             pending[i][a] = check_attempt(a, result, reference=problem.answer, thinking=prompt.thinking,
