@@ -10,7 +10,7 @@ from .models import load_model
 from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
-from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_backend, rsd_sample
+from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
 from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
@@ -31,14 +31,7 @@ class Engine:
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
                  max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None):
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
+        self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
         self.teacher_path, self.student_path = Path(teacher), Path(student)
 
         self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
@@ -58,11 +51,24 @@ class Engine:
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}  # CUDA: attention span -> CudaGraphStep
 
+    def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+
     # ------------------------------------------------------------------ generation
 
     def generate_batch(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                        progress: bool = False) -> list[GenerationResult]:
-        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order."""
+        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order.
+
+        A request whose logits turn non-finite ends alone with ``finish_reason == "error"`` and the reason
+        in ``error``; the rest of the batch goes on."""
         results: list[GenerationResult | None] = [None] * len(prompts)
         for index, result in self.generate_iter(prompts, params, progress=progress):
             results[index] = result
@@ -107,14 +113,17 @@ class Engine:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
             ids = self._tokenize(prompt, i)
-            teacher_ids = self.space.to_teacher(ids, what=f"prompt {i}:")
-            longest = max(len(ids), len(teacher_ids))
-            if longest >= self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens ({len(teacher_ids)} in the teacher's space) but "
-                                 f"max_seq_len is {self.max_seq_len}: prompts must be shorter than max_seq_len")
+            teacher_ids = self._teacher_prompt(ids, i)
+            if max(len(ids), len(teacher_ids)) >= self.max_seq_len:
+                other = f" ({len(teacher_ids)} in the teacher's space)" if teacher_ids else ""
+                raise ValueError(f"prompt {i} has {len(ids)} tokens{other} but max_seq_len is {self.max_seq_len}: "
+                                 f"prompts must be shorter than max_seq_len")
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             requests.append(Request(i, ids, teacher_ids, p, seed, GenerationResult(list(ids), seed=seed)))
         return requests
+
+    def _teacher_prompt(self, ids: list[int], index: int) -> list[int]:
+        return self.space.to_teacher(ids, what=f"prompt {index}:")
 
     def _tokenize(self, prompt, index) -> list[int]:
         if isinstance(prompt, str):
@@ -164,10 +173,10 @@ class Engine:
         finished, expansions = [], []
         for b, r in enumerate(batch):
             token = tokens[b]
-            if token in (TEACHER_NONFINITE, STUDENT_NONFINITE):
-                model, path = ("teacher", self.teacher_path) if token == TEACHER_NONFINITE else ("student", self.student_path)
-                raise FloatingPointError(f"the {model} model ({path}) produced NaN or +inf logits at generation step "
-                                         f"{len(r.result.token_ids)} of prompt {r.index}; no token was sampled")
+            if token < 0:  # the sampler flagged this row: it ends here, the others go on
+                self._fail(r, token)
+                finished.append(r)
+                continue
             res = r.result
             res.token_ids.append(token)
             res.accepted.append(bool(accepted[b]))
@@ -230,6 +239,12 @@ class Engine:
         return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,
                           self.space.fallback_mask, backend=self.sampler)
 
+    def _fail(self, r: Request, flag: int):
+        reason = FLAG_REASONS.get(flag, f"the sampler flagged the row with code {flag}")
+        r.result.error = (f"{reason} at generation step {len(r.result.token_ids)} of prompt {r.index}; no token "
+                          f"was sampled (teacher {self.teacher_path}, student {self.student_path})")
+        self._finalize(r, "error")
+
     def _finish_reason(self, r: Request, extra_teacher: int) -> str:
         token, p, res = r.next_student_token, r.params, r.result
         if token in self.eos_token_ids and not p.ignore_eos:
@@ -275,22 +290,17 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
-        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it."""
+        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
+        under both models; every cache slot scores a sequence per forward (see scoring.py).
+        Overwrites the caches: not to be called while a generate_iter is suspended."""
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
-        results = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            rows = []
-            for i in range(start, min(start + self.max_batch_size, len(prompts))):
-                prompt = self._tokenize(prompts[i], i)
-                completion = completions[i]
-                completion = (self.tokenizer.encode(completion, add_special_tokens=False)
-                              if isinstance(completion, str) else list(completion))
-                rows.append((i, prompt, completion))
-            results.extend(score_rows(self, rows))
-        return results
-
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            completion = (self.tokenizer.encode(completion, add_special_tokens=False)
+                          if isinstance(completion, str) else list(completion))
+            rows.append((i, self._tokenize(prompt, i), completion))
+        return score_rows(self, rows)
