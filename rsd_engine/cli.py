@@ -139,6 +139,7 @@ def _response_options(p, what):
                                                            "%(default)s)")
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
+    p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
 
 
 def _provenance_parser(sub):

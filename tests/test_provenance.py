@@ -77,6 +77,16 @@ def hf_sentence_probs(folder, question, response, sentences) -> list[float]:
     return [math.exp(sum(g) / len(g)) for g in groups]
 
 
+def assert_same_lines(got, expected):
+    """Same sentences and categories; probabilities equal up to float rounding (batches of other
+    sizes pad and bucket attention differently)."""
+    strip = lambda lines: [{k: v for k, v in s.items() if not k.startswith("p_")} for s in lines]  # noqa: E731
+    assert strip(got) == strip(expected)
+    for g, e in zip(got, expected):
+        assert {k: v for k, v in g.items() if k.startswith("p_")} == pytest.approx(
+            {k: v for k, v in e.items() if k.startswith("p_")}, rel=1e-5)
+
+
 def by_response(lines):
     out = {}
     for line in lines:
@@ -146,7 +156,8 @@ def test_tokenizers_differ_but_sentences_agree(models, tmp_path):
     same = provenance(models, data, tmp_path / "same.jsonl")
     cross = provenance(models, data, tmp_path / "cross.jsonl", student="other")
     assert [(s["id"], s["index"], s["text"]) for s in same] == [(s["id"], s["index"], s["text"]) for s in cross]
-    assert [s["p_teacher"] for s in same] == [s["p_teacher"] for s in cross]
+    # Only the cache length differs (the student's longer tokenisation sets it): attention spans differ in rounding.
+    assert [s["p_teacher"] for s in same] == pytest.approx([s["p_teacher"] for s in cross], rel=1e-5)
 
 
 def test_chat_records_read_like_question_and_response(models, tmp_path):
@@ -156,7 +167,7 @@ def test_chat_records_read_like_question_and_response(models, tmp_path):
     chat = [{"id": "p1", "messages": tok.messages(RESPONSES[0]["response"])}]  # as --format sft writes it
     assert chat[0]["messages"][-1]["content"].startswith("<think>\n")
     lines = provenance(models, write_rows(tmp_path / "chat.jsonl", chat), tmp_path / "b.jsonl")
-    assert lines == plain
+    assert_same_lines(lines, plain)
 
 
 CANDIDATES = [
@@ -213,7 +224,7 @@ def test_resume_after_torn_output(models, tmp_path, capsys):
     out.write_text("".join(lines[:-2]) + lines[-2][:10])  # a kill -9 in the middle of response p2's lines
     assert complete_keys(out) == {("p1", 0)}
     capsys.readouterr()
-    assert provenance(models, data, out) == whole
+    assert_same_lines(provenance(models, data, out), whole)
     report = capsys.readouterr().out
     assert "1 already in the output, 2 traced now" in report and "cut short by the last run" in report
 
@@ -230,7 +241,7 @@ def test_ranks_write_parts_that_merge_to_the_single_run(models, tmp_path, monkey
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["merge", str(out)]) == 0
-    assert read_records(out) == whole
+    assert_same_lines(read_records(out), whole)
 
 
 def test_report_table_and_plot(models, tmp_path, capsys):

@@ -38,6 +38,7 @@ class ProvenanceOptions:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     beta: float = DEFAULT_BETA
     max_seq_len: int | None = None  # None: the longest response, up to the models' context
+    batch_size: int = 8  # responses per forward
     limit: int | None = None
     plot: str | None = None
     device: str = "auto"
@@ -58,7 +59,7 @@ def make_tracer(opts, dist: Dist, roles=("teacher", "student", "distilled")) -> 
     device = rank_device(opts.device, dist)
     readers = {role: Reader(role, getattr(opts, role), device=device, dtype=opts.dtype)
                for role in roles if getattr(opts, role, None) is not None}
-    return Tracer(readers, beta=opts.beta)
+    return Tracer(readers, beta=opts.beta, batch_size=opts.batch_size)
 
 
 def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
@@ -116,13 +117,14 @@ def _trace_all(tracer: Tracer, usable, target, tally, progress: bool, dist: Dist
     start = time.perf_counter()
     try:
         with RecordWriter(target) as writer:
-            for response in usable:
-                traced = tracer.trace(response)
-                writer.write_many(traced.records())
-                tally["traced"] += 1
-                tally["sentences"] += len(traced.sentences)
+            for first in range(0, len(usable), tracer.batch_size):
+                batch = tracer.trace_batch(usable[first: first + tracer.batch_size])
+                for traced in batch:
+                    writer.write_many(traced.records())
+                    tally["traced"] += 1
+                    tally["sentences"] += len(traced.sentences)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(batch))
                     bar.set_postfix({"sent/s": f"{tally['sentences'] / (time.perf_counter() - start):.1f}"},
                                     refresh=False)
     finally:

@@ -76,29 +76,30 @@ class Reader:
                 raise Unreadable(f"the {self.role}'s tokenizer gives id {tok} for {text[a:b]!r}, beyond the "
                                  f"model's {self.config.vocab_size} embedding rows")
 
-    def allocate(self, max_seq_len: int) -> None:
-        """Load the model (if not given) and a one-sequence cache of max_seq_len positions."""
+    def allocate(self, max_seq_len: int, slots: int = 1) -> None:
+        """Load the model (if not given) and a cache of `slots` sequences of max_seq_len positions."""
         from rsd_engine.models import load_model
         from rsd_engine.runtime import resolve_device, resolve_dtype
 
         if self._model is None:
             device = resolve_device(self.device)
             self._model = load_model(self.folder, dtype=resolve_dtype(self.dtype, device), device=device)
-        if self._cache is None or self.max_seq_len != max_seq_len:
-            self._cache = self._model.new_cache(1, max_seq_len)
+            self._model.pack_head_for_cpu()
+        if self._cache is None or (self.max_seq_len, self._cache.num_slots) != (max_seq_len, slots):
+            self._cache = None  # free the old one first
+            self._cache = self._model.new_cache(slots, max_seq_len)
             self.max_seq_len = max_seq_len
 
     def logprobs(self, readings: list[Reading]) -> list[list[float]]:
-        """Per reading: log p(token | everything before it) for each response token."""
-        from rsd_engine.scoring import teacher_forced_logprobs
+        """Per reading: log p(token | everything before it) for each response token, a batch of
+        readings per forward."""
+        from rsd_engine.scoring import score_sequences
 
-        out = []
         for r in readings:
             if len(r) > self.max_seq_len:
                 raise ValueError(f"{len(r)} tokens exceed the {self.role}'s max_seq_len {self.max_seq_len}")
-            flat = teacher_forced_logprobs(self._model, self._cache, r.prompt_ids + r.response_ids)
-            out.append(flat[len(r.prompt_ids) - 1:])
-        return out
+        return score_sequences(self._model, self._cache, [r.prompt_ids + r.response_ids for r in readings],
+                               [len(r.prompt_ids) for r in readings])
 
 
 def strip_think_open(text: str) -> str:

@@ -60,6 +60,7 @@ class SelectOptions:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     beta: float = DEFAULT_BETA
     max_seq_len: int | None = None
+    batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
@@ -98,7 +99,10 @@ def run_select(opts: SelectOptions, log=print) -> dict:
         bar = _bar(len(todo), opts.progress and dist.rank == 0, dist)
         with RecordWriter(target) as writer:
             for pid in todo:
-                scored = [(r, tracer.trace(r)) for r in problems[pid] if r.key in usable_keys]
+                mine = [r for r in problems[pid] if r.key in usable_keys]
+                traced = [t for a in range(0, len(mine), tracer.batch_size)
+                          for t in tracer.trace_batch(mine[a: a + tracer.batch_size])]
+                scored = list(zip(mine, traced))
                 if bar is not None:
                     bar.update(1)
                 if not scored:

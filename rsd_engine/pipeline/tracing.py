@@ -50,10 +50,12 @@ class Traced:
 class Tracer:
     """Readers for teacher, student and (optionally) distilled model, and the margin beta."""
 
-    def __init__(self, readers: dict[str, Reader], *, beta: float = DEFAULT_BETA):
+    def __init__(self, readers: dict[str, Reader], *, beta: float = DEFAULT_BETA, batch_size: int = 8):
         if set(readers) - set(ROLES) or not {"teacher", "student"} <= set(readers):
             raise ValueError(f"readers must be teacher, student and optionally distilled, got {sorted(readers)}")
-        self.readers, self.beta = readers, check_beta(beta)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"--batch-size = {batch_size!r}: must be an integer >= 1")
+        self.readers, self.beta, self.batch_size = readers, check_beta(beta), batch_size
         self.max_seq_len = None
 
     def prepare(self, responses: list[Response], max_seq_len: int | None = None):
@@ -81,13 +83,21 @@ class Tracer:
 
     def load(self):
         for reader in self.readers.values():
-            reader.allocate(self.max_seq_len)
+            reader.allocate(self.max_seq_len, self.batch_size)
 
     def trace(self, response: Response) -> Traced:
+        return self.trace_batch([response])[0]
+
+    def trace_batch(self, responses: list[Response]) -> list[Traced]:
+        """Responses scored together (up to batch_size sequences per forward under each model)."""
+        readings = {role: [reader.read(r.question, r.text, r.system) for r in responses]
+                    for role, reader in self.readers.items()}
+        logprobs = {role: self.readers[role].logprobs(readings[role]) for role in readings}
+        return [self._sentences(r, {role: readings[role][k] for role in readings},
+                                {role: logprobs[role][k] for role in readings}) for k, r in enumerate(responses)]
+
+    def _sentences(self, response: Response, readings: dict, logprobs: dict) -> Traced:
         text = response.text
-        readings = {role: reader.read(response.question, text, response.system) for role, reader in
-                    self.readers.items()}
-        logprobs = {role: self.readers[role].logprobs([reading])[0] for role, reading in readings.items()}
         starts = sentence_starts(text)
         while True:
             owners = {role: token_sentences(text, r.offsets, starts) for role, r in readings.items()}
