@@ -14,6 +14,7 @@ from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_b
 from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
+from .speculative import SpeculativeDecoder, check_draft_tokens
 from .step import capture_step, step_inputs
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -26,15 +27,18 @@ class Engine:
 
     ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
-    "cpp" or "triton".
+    "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
+    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
     """
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
-                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None):
+                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
+                 draft_tokens: int = 0):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
@@ -57,6 +61,7 @@ class Engine:
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+        self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
 
     # ------------------------------------------------------------------ generation
 
@@ -157,33 +162,42 @@ class Engine:
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
-        """One RSD step for every running request; returns the requests that finished."""
+        """One RSD step (or speculative round) for every running request; returns the requests that finished."""
+        if self._speculative is not None:
+            return self._speculative.decode(batch)
         out = self._run_decode_step(batch)
-        tokens, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
+        return self._commit(batch, [[row] for row in zip(*(t.tolist() for t in out))])
 
+    def _commit(self, batch: list[Request], runs) -> list[Request]:
+        """Append each request's run of (token, accepted, teacher_lp, student_lp) from one teacher pass.
+        A run ends at the first token that finishes its request, and after a mapped token (the teacher
+        reads its pieces first); returns the requests that finished."""
         finished, expansions = [], []
-        for b, r in enumerate(batch):
-            token = tokens[b]
-            if token in (TEACHER_NONFINITE, STUDENT_NONFINITE):
-                model, path = ("teacher", self.teacher_path) if token == TEACHER_NONFINITE else ("student", self.student_path)
-                raise FloatingPointError(f"the {model} model ({path}) produced NaN or +inf logits at generation step "
-                                         f"{len(r.result.token_ids)} of prompt {r.index}; no token was sampled")
-            res = r.result
-            res.token_ids.append(token)
-            res.accepted.append(bool(accepted[b]))
-            res.teacher_logprobs.append(teacher_lp[b])
-            res.student_logprobs.append(student_lp[b])
-            r.student_len += 1
-            r.teacher_len += 1
-            r.next_student_token = token
-            pieces = self.space.teacher_pieces.get(token)
-            if pieces is not None:
-                expansions.append((r, pieces))
-            r.next_teacher_token = token if pieces is None else pieces[-1]
-            reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
-            if reason:
-                self._finalize(r, reason)
-                finished.append(r)
+        for r, run in zip(batch, runs):
+            r.result.teacher_passes += 1
+            for token, accepted, teacher_lp, student_lp in run:
+                if token in (TEACHER_NONFINITE, STUDENT_NONFINITE):
+                    model, path = ("teacher", self.teacher_path) if token == TEACHER_NONFINITE else ("student", self.student_path)
+                    raise FloatingPointError(f"the {model} model ({path}) produced NaN or +inf logits at generation "
+                                             f"step {len(r.result.token_ids)} of prompt {r.index}; no token was sampled")
+                res = r.result
+                res.token_ids.append(token)
+                res.accepted.append(bool(accepted))
+                res.teacher_logprobs.append(teacher_lp)
+                res.student_logprobs.append(student_lp)
+                r.student_len += 1
+                r.teacher_len += 1
+                r.next_student_token = token
+                pieces = self.space.teacher_pieces.get(token)
+                if pieces is not None:
+                    expansions.append((r, pieces))
+                r.next_teacher_token = token if pieces is None else pieces[-1]
+                reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
+                if reason:
+                    self._finalize(r, reason)
+                    finished.append(r)
+                if reason or pieces is not None:
+                    break
         # A mapped student token is several teacher tokens: the teacher reads all but the last now.
         live = [(r, p) for r, p in expansions if not r.result.finish_reason]
         if live:

@@ -17,6 +17,7 @@ class GenerationResult:
     student_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""  # "eos", "stop" or "length"
     seed: int = 0
+    teacher_passes: int = 0  # teacher decode/verify forwards that produced token_ids (prefill excluded)
 
     @property
     def acceptance_rate(self) -> float:
