@@ -10,7 +10,7 @@ from .models import load_model
 from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
-from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_backend, rsd_sample
+from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
 from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
@@ -67,7 +67,10 @@ class Engine:
 
     def generate_batch(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                        progress: bool = False) -> list[GenerationResult]:
-        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order."""
+        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order.
+
+        A request whose logits turn non-finite ends alone with ``finish_reason == "error"`` and the reason
+        in ``error``; the rest of the batch goes on."""
         results: list[GenerationResult | None] = [None] * len(prompts)
         for index, result in self.generate_iter(prompts, params, progress=progress):
             results[index] = result
@@ -176,10 +179,10 @@ class Engine:
         for r, run in zip(batch, runs):
             r.result.teacher_passes += 1
             for token, accepted, teacher_lp, student_lp in run:
-                if token in (TEACHER_NONFINITE, STUDENT_NONFINITE):
-                    model, path = ("teacher", self.teacher_path) if token == TEACHER_NONFINITE else ("student", self.student_path)
-                    raise FloatingPointError(f"the {model} model ({path}) produced NaN or +inf logits at generation "
-                                             f"step {len(r.result.token_ids)} of prompt {r.index}; no token was sampled")
+                if token < 0:  # the sampler flagged this row: it ends here, the others go on
+                    self._fail(r, token)
+                    finished.append(r)
+                    break
                 res = r.result
                 res.token_ids.append(token)
                 res.accepted.append(bool(accepted))
@@ -244,6 +247,12 @@ class Engine:
         return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,
                           self.space.fallback_mask, backend=self.sampler)
 
+    def _fail(self, r: Request, flag: int):
+        reason = FLAG_REASONS.get(flag, f"the sampler flagged the row with code {flag}")
+        r.result.error = (f"{reason} at generation step {len(r.result.token_ids)} of prompt {r.index}; no token "
+                          f"was sampled (teacher {self.teacher_path}, student {self.student_path})")
+        self._finalize(r, "error")
+
     def _finish_reason(self, r: Request, extra_teacher: int) -> str:
         token, p, res = r.next_student_token, r.params, r.result
         if token in self.eos_token_ids and not p.ignore_eos:
@@ -289,22 +298,17 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
-        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it."""
+        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
+        under both models; every cache slot scores a sequence per forward (see scoring.py).
+        Overwrites the caches: not to be called while a generate_iter is suspended."""
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
-        results = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            rows = []
-            for i in range(start, min(start + self.max_batch_size, len(prompts))):
-                prompt = self._tokenize(prompts[i], i)
-                completion = completions[i]
-                completion = (self.tokenizer.encode(completion, add_special_tokens=False)
-                              if isinstance(completion, str) else list(completion))
-                rows.append((i, prompt, completion))
-            results.extend(score_rows(self, rows))
-        return results
-
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            completion = (self.tokenizer.encode(completion, add_special_tokens=False)
+                          if isinstance(completion, str) else list(completion))
+            rows.append((i, self._tokenize(prompt, i), completion))
+        return score_rows(self, rows)

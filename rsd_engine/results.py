@@ -15,8 +15,9 @@ class GenerationResult:
     accepted: list[bool] = field(default_factory=list)
     teacher_logprobs: list[float] = field(default_factory=list)
     student_logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = ""  # "eos", "stop" or "length"
+    finish_reason: str = ""  # "eos", "stop", "length", or "error" (then ``error`` says what went wrong)
     seed: int = 0
+    error: str = ""
     teacher_passes: int = 0  # teacher decode/verify forwards that produced token_ids (prefill excluded)
 
     @property

@@ -26,6 +26,7 @@ Randomness: the round starting at generation step t reads positions t .. t+G of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 
 import torch
 
@@ -46,6 +47,15 @@ def check_draft_tokens(draft_tokens, max_seq_len: int) -> int:
         raise ValueError(f"draft_tokens = {draft_tokens}: a round of {draft_tokens + 1} tokens after a one-token "
                          f"prompt cannot fit max_seq_len = {max_seq_len}; use draft_tokens <= {max_seq_len - 2}")
     return draft_tokens
+
+
+def verify_backend(sampler: str) -> str:
+    """The engine's sampler backend for sample_tokens / rsd_verify, or the reference where that backend
+    does not have those ops yet."""
+    module = {"cpp": "cpp_verify", "triton": "triton_verify"}.get(sampler)
+    if module and find_spec(f"{__package__}.sampling.{module}") is None:
+        return "reference"
+    return sampler
 
 
 @dataclass
@@ -69,6 +79,7 @@ class SpeculativeDecoder:
         self.engine = engine
         self.draft_tokens = draft_tokens
         self.stats = DraftStats()
+        self.backend = verify_backend(engine.sampler)
         space = engine.space
         # The teacher reads each draft by its own id; a mapped id reads its first piece as a stand-in.
         teacher_ids = torch.arange(space.size, dtype=torch.long)
@@ -145,7 +156,7 @@ class SpeculativeDecoder:
             if i < G:
                 draft = sample_tokens(logits, uniforms[:, i, DRAFT_DRAW].contiguous(), params.student_temperature,
                                       params.student_top_k, params.student_top_p, e.space.fallback_mask,
-                                      backend=e.sampler)
+                                      backend=self.backend)
                 drafts.append(draft)
                 # A flagged row (NaN logits) drafts -1: read token 0 instead; rsd_verify flags the row.
                 token = draft.clamp_min(0)
@@ -156,4 +167,4 @@ class SpeculativeDecoder:
         hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
         teacher_logits = e.teacher.logits(hidden)
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
-                          params, e.space.proposal_mask, e.space.fallback_mask, backend=e.sampler)
+                          params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)

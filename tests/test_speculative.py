@@ -163,6 +163,29 @@ def test_output_does_not_depend_on_the_batch(tiny_pair, spec4):
     assert len({tuple(r.token_ids) for r in batched}) == len(PROMPTS)
 
 
+@pytest.mark.parametrize("model", ["teacher", "student"])
+def test_nonfinite_row_fails_alone(tiny_pair, model, monkeypatch):
+    """A row whose logits turn NaN mid-round ends with finish_reason "error"; the others are unchanged."""
+    eng = engine_for(tiny_pair, 3)
+    params = SamplingParams(max_new_tokens=12, threshold=0.01, seed=3, ignore_eos=True)
+    alone = eng.generate_batch([PROMPTS[0], PROMPTS[2]], params)
+    net = getattr(eng, model)
+    real, calls = net.logits, {"n": 0}
+
+    def broken(hidden):  # from the 6th call on, the middle row (prompt 1, slot 1) is NaN
+        calls["n"] += 1
+        out = real(hidden)
+        if calls["n"] >= 6 and out.shape[0] == 3:
+            out[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(net, "logits", broken)
+    results = eng.generate_batch(PROMPTS[:3], params)
+    assert results[1].finish_reason == "error" and f"the {model}'s logits hold NaN" in results[1].error
+    for want, got in zip(alone, (results[0], results[2])):
+        assert got.token_ids == want.token_ids and got.accepted == want.accepted and got.finish_reason == "length"
+
+
 def test_mapped_token_ends_a_round(tiny_pair, tmp_path):
     """A student-only special token, which the teacher reads as several pieces: the run ends at it, and
     greedy output is still plain output. The student is the tiny one with that token's head row made a

@@ -29,6 +29,11 @@ import torch
 
 TEACHER_NONFINITE = -1
 STUDENT_NONFINITE = -2
+# What a flagged (negative) token means, for the messages of requests that end with it.
+FLAG_REASONS: dict[int, str] = {
+    TEACHER_NONFINITE: "the teacher's logits hold NaN or +inf",
+    STUDENT_NONFINITE: "the student's logits hold NaN or +inf",
+}
 
 
 class RowParams(NamedTuple):
