@@ -34,15 +34,8 @@ class Engine:
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
                  max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
                  draft_tokens: int = 0):
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
         self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
         self.teacher_path, self.student_path = Path(teacher), Path(student)
 
         self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
@@ -62,6 +55,16 @@ class Engine:
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}  # CUDA: attention span -> CudaGraphStep
         self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
+
+    def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
 
     # ------------------------------------------------------------------ generation
 
@@ -115,14 +118,17 @@ class Engine:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
             ids = self._tokenize(prompt, i)
-            teacher_ids = self.space.to_teacher(ids, what=f"prompt {i}:")
-            longest = max(len(ids), len(teacher_ids))
-            if longest >= self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens ({len(teacher_ids)} in the teacher's space) but "
-                                 f"max_seq_len is {self.max_seq_len}: prompts must be shorter than max_seq_len")
+            teacher_ids = self._teacher_prompt(ids, i)
+            if max(len(ids), len(teacher_ids)) >= self.max_seq_len:
+                other = f" ({len(teacher_ids)} in the teacher's space)" if teacher_ids else ""
+                raise ValueError(f"prompt {i} has {len(ids)} tokens{other} but max_seq_len is {self.max_seq_len}: "
+                                 f"prompts must be shorter than max_seq_len")
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             requests.append(Request(i, ids, teacher_ids, p, seed, GenerationResult(list(ids), seed=seed)))
         return requests
+
+    def _teacher_prompt(self, ids: list[int], index: int) -> list[int]:
+        return self.space.to_teacher(ids, what=f"prompt {index}:")
 
     def _tokenize(self, prompt, index) -> list[int]:
         if isinstance(prompt, str):
