@@ -10,7 +10,8 @@ records, and a writer given other settings refuses to append. Under torchrun eve
 its own part (out.rank00003-of-00004.jsonl); merge_parts joins them.
 
 Writers of other commands use the same small API: RecordWriter(path, settings, force=...) checks
-and locks, .existing holds the records already there, .write(record) appends one.
+and locks, .existing holds the records already there, .write(record) / .write_many(records)
+append.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ class RecordWriter:
             raise
 
     def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        self.write_many([record])
+
+    def write_many(self, records: list[dict]) -> None:
+        """Several records with one fsync (a killed write can still leave only some of them)."""
+        line = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         view = memoryview(line)
         while view:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
-        self.written += 1
+        self.written += len(records)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -163,14 +168,15 @@ def done_ids(*paths) -> set[str]:
 
 
 def duplicate_ids(records) -> dict[str, int]:
-    """{id: number of records} for every id held by more than one record."""
-    counts = Counter(str(r["id"]) for r in records if isinstance(r, dict) and "id" in r)
+    """{key: number of records} for every record key (record_key: the id, with its sample and index
+    where records have them) held by more than one record."""
+    counts = Counter(record_key(r) for r in records if isinstance(r, dict) and "id" in r)
     return {key: n for key, n in counts.items() if n > 1}
 
 
 def describe_duplicates(duplicates: dict[str, int], limit: int = 5) -> str:
     """'3 ids occur more than once (a ×2, b ×3, c ×2)'."""
-    shown = ", ".join(f"{key} ×{n}" for key, n in list(duplicates.items())[:limit])
+    shown = ", ".join(f"{key.replace(chr(0), '/')} ×{n}" for key, n in list(duplicates.items())[:limit])
     more = f", and {len(duplicates) - limit} more" if len(duplicates) > limit else ""
     return f"{len(duplicates)} ids occur more than once ({shown}{more})"
 
@@ -231,7 +237,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         for path in sources:
             for record in guard.existing if path == out else read_records(path):
                 in_parts += [record] if path != out else []
-                records.setdefault(str(record.get("id")), record)
+                records.setdefault(record_key(record), record)
         tmp = out.with_name(f".{out.name}.merging")
         tmp.unlink(missing_ok=True)  # left by a merge that was killed
         with RecordWriter(tmp) as writer:
@@ -270,6 +276,16 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
         merged["forced"] = [*first.get("forced", []), {"merged": True, "differences": found}]
     write_manifest(out, merged)
     return found
+
+
+def record_key(record: dict) -> str:
+    """What identifies a record: its id, then its sample (`rsd eval`: several generations per id)
+    and its index (`rsd provenance`: several sentences per response), when it has them."""
+    key = str(record.get("id"))
+    for name in ("sample", "index"):
+        if name in record:
+            key += f"\0{record[name]}"
+    return key
 
 
 def _natural_key(text: str):
