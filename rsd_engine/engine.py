@@ -88,12 +88,19 @@ class Engine:
                     finished = self._decode(scheduler.batch())
                 for request in finished:
                     scheduler.finish(request)
+                    self._release(request.slot)
                     if bar is not None:
                         bar.update(1)
                     yield request.index, request.result
         finally:
+            for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
+                self._release(slot)
             if bar is not None:
                 bar.close()
+
+    def _release(self, slot: int):
+        self.teacher_cache.release(slot)
+        self.student_cache.release(slot)
 
     def _make_requests(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
@@ -301,5 +308,6 @@ class Engine:
                               if isinstance(completion, str) else list(completion))
                 rows.append((i, prompt, completion))
             results.extend(score_rows(self, rows))
+        self._release(0)  # scoring works in slot 0
         return results
 
