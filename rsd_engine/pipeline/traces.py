@@ -42,15 +42,20 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
                   max_fallback: float) -> Attempt:
     text, eos = result.text, result.finish_reason == "eos"
     closed = not thinking or THINK_CLOSE in text
-    if thinking:
-        answer = extract_final_answer(text[text.rindex(THINK_CLOSE):]) if closed else None
-    else:
-        answer = extract_final_answer(text)
+    answer = final_answer(text, thinking)
     token_ids = result.token_ids[:-1] if eos else list(result.token_ids)
     fallback_share = 1.0 - result.acceptance_rate if result.accepted else 0.0
     correct = reference is not None and is_correct(answer, reference)
     valid = closed and eos and fallback_share <= max_fallback
     return Attempt(index, result, token_ids, answer, correct, closed, eos, fallback_share, valid)
+
+
+def final_answer(text: str, thinking: bool) -> str | None:
+    """The last \\boxed{} answer; after the reasoning block when the prompt opened one (an unclosed
+    block has no answer)."""
+    if not thinking:
+        return extract_final_answer(text)
+    return extract_final_answer(text[text.rindex(THINK_CLOSE):]) if THINK_CLOSE in text else None
 
 
 def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
