@@ -98,6 +98,9 @@ def _generate_parser(sub):
                    help="tokens kept for never-solved problems (UPFT)")
     p.add_argument("--format", choices=["jsonl", "sft"], default="jsonl",
                    help="jsonl: full records; sft: chat `messages` for TRL's SFTTrainer")
+    p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
+                   help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
+                        "sentences as rsd select ranks them (default: %(default)s)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     p.add_argument("--limit", type=_int(1), default=None,
                    help="only the first N problems of the dataset (default: all)")
@@ -277,7 +280,7 @@ def _generate(args):
         teacher=args.teacher, student=args.student, data=args.data, out=args.out, params=sampling_params(args),
         question_field=args.question_field, answer_field=args.answer_field or None, id_field=args.id_field,
         system_prompt=args.system_prompt, attempts=args.attempts, max_fallback=args.max_fallback,
-        prefix_tokens=args.prefix_tokens, format=args.format, seed=args.seed, limit=args.limit,
+        prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
         sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress, force=args.force)
     run_generate(opts)

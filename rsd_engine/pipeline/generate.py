@@ -29,6 +29,7 @@ from .records import RecordWriter, check_writable, duplicate_ids, part_path, rea
 from .traces import check_attempt, select_trace, to_sft
 
 FORMATS = ("jsonl", "sft")
+SELECTIONS = ("shortest", "provenance")
 # Options that choose which problems run, or what they run on; a finished record is the same
 # whatever they are, so the manifest notes them without comparing them (see manifest.py).
 RUNTIME_OPTIONS = ("teacher", "student", "data", "out", "limit", "max_batch_size", "max_seq_len", "device",
@@ -50,6 +51,7 @@ class GenerateOptions:
     max_fallback: float = 0.5
     prefix_tokens: int = 128
     format: str = "jsonl"
+    select: str = "shortest"  # among correct attempts: the shortest, or the most teacher-originated sentences
     seed: int = 0
     limit: int | None = None
     max_batch_size: int = 32
@@ -73,6 +75,8 @@ class GenerateOptions:
         if not 0.0 <= self.max_fallback <= 1.0:
             raise ValueError(f"--max-fallback = {self.max_fallback}: must be in [0, 1] "
                              "(the largest share of student-written tokens)")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"--select = {self.select!r}: must be one of {', '.join(SELECTIONS)}")
         if self.format not in FORMATS:
             raise ValueError(f"--format = {self.format!r}: must be one of {', '.join(FORMATS)}")
 
@@ -177,6 +181,11 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
     unfinished = {}  # problem index -> why it gets no record
     bar = ProgressBar(len(requests), opts.progress and dist.rank == 0, dist.tag)
     decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    choose = None
+    if opts.select == "provenance":
+        from .select import provenance_chooser
+
+        choose = provenance_chooser(engine, opts.system_prompt, batch_size=min(opts.attempts, 4))
     tally.start()
     try:
         for index, result in engine.generate_iter(requests, params):
@@ -197,7 +206,8 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                 elif kind == "cut":
                     tally.cut_short.append(problem.id)
                 else:
-                    record = select_trace(problem, prompt, attempts, prefix_tokens=opts.prefix_tokens, decode=decode)
+                    record = select_trace(problem, prompt, attempts, prefix_tokens=opts.prefix_tokens, decode=decode,
+                                          choose=choose)
                     writer.write(to_sft(record, prompt) if opts.format == "sft" else record)
                     tally.add_record(record)
             bar.attempt_done(tally)
