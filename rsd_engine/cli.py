@@ -5,6 +5,8 @@
     torchrun --nproc-per-node 8 -m rsd_engine.cli generate ...   # one shard per rank, merged at the end
     rsd merge traces.jsonl                        # join the parts of a multi-host run
     rsd score --student S [--teacher T] --data teacher_traces.jsonl traces.jsonl --plot hist.png
+    rsd provenance --teacher T --student S [--distilled D] --data gens.jsonl --out sentences.jsonl
+    rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def _generate_parser(sub):
     p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="KV-cache length per sequence (default: longest prompt + --max-new-tokens)")
+    p.add_argument("--draft-tokens", type=_int(0), default=0,
+                   help="exact speculative RSD: the student drafts this many tokens, the teacher verifies them in "
+                        "one pass; same law of traces, fewer teacher passes (0: plain RSD; default: %(default)s)")
     s = p.add_argument_group("sampling (defaults: the paper's)")
     s.add_argument("--max-new-tokens", type=_int(1), default=4096)
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="teacher proposal temperature")
@@ -113,6 +118,55 @@ def _score_parser(sub):
     _runtime_options(p)
 
 
+def _beta(text):
+    from rsd_engine.pipeline.categories import check_beta
+
+    try:
+        return check_beta(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+
+
+def _response_options(p, what):
+    p.add_argument("--teacher", required=True, help="teacher model folder")
+    p.add_argument("--student", required=True, help="original student model folder")
+    p.add_argument("--data", required=True, help=f"{what}: rows with a question and a response (.jsonl, .json, "
+                                                 f".parquet, datasets folder), or chat 'messages' records")
+    p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
+    p.add_argument("--question-field", default="question", help="(default: %(default)s)")
+    p.add_argument("--response-field", default="response", help="(default: %(default)s)")
+    p.add_argument("--id-field", default="id", help="(default: %(default)s; the row number when rows have none)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="system prompt each model reads the question with ('' for none; chat records use their own)")
+    p.add_argument("--beta", type=_beta, default=0.1, help="margin between sentence probabilities (default: "
+                                                           "%(default)s)")
+    p.add_argument("--max-seq-len", type=_int(2), default=None,
+                   help="longer responses are skipped and counted (default: the longest, up to the models' context)")
+    p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
+
+
+def _provenance_parser(sub):
+    p = sub.add_parser("provenance", help="where each sentence comes from: teacher, student, shared, boosted",
+                       description="Scores every sentence of every response under each model (geometric mean of its "
+                                   "token probabilities, each model in its own chat template and tokens) and labels "
+                                   "it teacher / student / shared / boosted (DESIGN section 9).")
+    _response_options(p, "responses")
+    p.add_argument("--distilled", default=None, help="distilled student folder (without it, no 'boosted')")
+    p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses")
+    p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response")
+    _runtime_options(p)
+
+
+def _select_parser(sub):
+    p = sub.add_parser("select", help="keep, per id, the candidate with the most teacher-originated sentences",
+                       description="Teacher-guided selection: candidates share an id; the kept one has the most "
+                                   "teacher-originated sentences (--by count) or the largest share of them (--by "
+                                   "share); ties go to the shorter.")
+    _response_options(p, "candidates")
+    p.add_argument("--by", choices=["count", "share"], default="count", help="(default: %(default)s)")
+    _runtime_options(p)
+
+
 def _demo_parser(sub):
     from rsd_engine.pipeline.demo import DEMO_ATTEMPTS, DEMO_MAX_NEW_TOKENS, DEMO_PROBLEMS
 
@@ -128,9 +182,12 @@ def _demo_parser(sub):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsd", description="Reverse Speculative Decoding: reasoning traces in "
                                                              "the student's own words.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,score,merge,demo}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,score,provenance,select,merge,demo}")
     _generate_parser(sub)
     _score_parser(sub)
+    _provenance_parser(sub)
+    _select_parser(sub)
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT")
     merge.add_argument("out", metavar="OUT")
     _demo_parser(sub)
@@ -153,7 +210,7 @@ def _generate(args):
         system_prompt=args.system_prompt, attempts=args.attempts, max_fallback=args.max_fallback,
         prefix_tokens=args.prefix_tokens, format=args.format, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
-        sampler=args.sampler, progress=args.progress)
+        sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress)
     run_generate(opts)
 
 
@@ -164,6 +221,25 @@ def _score(args):
               completion_field=args.completion_field, question_field=args.question_field,
               system_prompt=args.system_prompt, device=args.device, dtype=args.dtype, sampler=args.sampler,
               progress=args.progress)
+
+
+def _provenance(args):
+    from rsd_engine.pipeline.provenance import ProvenanceOptions, run_provenance
+
+    run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
+
+
+def _select(args):
+    from rsd_engine.pipeline.select import SelectOptions, run_select
+
+    run_select(SelectOptions(**_fields(args, SelectOptions)))
+
+
+def _fields(args, options) -> dict:
+    """The options dataclass's fields, taken from the parsed arguments of the same names."""
+    from dataclasses import fields
+
+    return {f.name: getattr(args, f.name) for f in fields(options) if hasattr(args, f.name)}
 
 
 def _merge(args):
@@ -179,7 +255,8 @@ def _demo(args):
              seed=args.seed, device=args.device, dtype=args.dtype, sampler=args.sampler, progress=args.progress)
 
 
-COMMANDS = {"generate": _generate, "score": _score, "merge": _merge, "demo": _demo}
+COMMANDS = {"generate": _generate, "score": _score, "provenance": _provenance, "select": _select, "merge": _merge,
+            "demo": _demo}
 
 
 def main(argv=None) -> int:

@@ -70,3 +70,16 @@ def barrier_and_merge(dist: Dist, out: Path, log):
     statuses = [r.get("status") for r in read_records(out)]
     counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
     log(f"merged {dist.world_size} parts: {count} records ({counts}) in {out}")
+
+
+def rank_device(device: str, dist: Dist) -> str:
+    """'auto' under torchrun with CUDA: this rank's own GPU (local rank modulo the GPUs on the host)."""
+    if device != "auto" or dist.world_size == 1:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)
+    return device

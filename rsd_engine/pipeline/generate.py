@@ -48,12 +48,14 @@ class GenerateOptions:
     device: str = "auto"
     dtype: str = "auto"
     sampler: str = "auto"
+    draft_tokens: int = 0  # speculative rounds of this many student drafts (0: plain RSD)
     progress: bool = True
 
     def __post_init__(self):
         _check("attempts", self.attempts, 1)
         _check("prefix_tokens", self.prefix_tokens, 1)
         _check("max_batch_size", self.max_batch_size, 1)
+        _check("draft_tokens", self.draft_tokens, 0)
         if self.max_seq_len is not None:
             _check("max_seq_len", self.max_seq_len, 2)
         if self.limit is not None:
@@ -177,7 +179,7 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
         device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     engine = Engine(opts.teacher, opts.student, device=device, dtype=opts.dtype, max_batch_size=opts.max_batch_size,
-                    max_seq_len=max_seq_len, sampler=opts.sampler)
+                    max_seq_len=max_seq_len, sampler=opts.sampler, draft_tokens=opts.draft_tokens)
     return engine, prompts, prompt_ids
 
 

@@ -24,7 +24,11 @@ class RecordWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        self.write_many([record])
+
+    def write_many(self, records: list[dict]) -> None:
+        """Several records with one fsync (a killed write can still leave only some of them)."""
+        line = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         view = memoryview(line)
         while view:
             view = view[os.write(self._fd, view) :]
@@ -127,13 +131,13 @@ def find_parts(out) -> list[Path]:
 
 
 def merge_parts(out) -> int:
-    """Join all parts of `out` (and `out` itself, if it exists) into `out`, in id order, each id
-    once; returns the number of records. The parts are left in place."""
+    """Join all parts of `out` (and `out` itself, if it exists) into `out`, in key order, each key
+    once (see record_key); returns the number of records. The parts are left in place."""
     out = Path(out)
     records = {}
     for path in [out, *find_parts(out)]:
         for record in read_records(path):
-            records.setdefault(str(record.get("id")), record)
+            records.setdefault(record_key(record), record)
     tmp = out.with_name(f".{out.name}.merging")
     tmp.unlink(missing_ok=True)  # left by a merge that was killed
     with RecordWriter(tmp) as writer:
@@ -141,6 +145,16 @@ def merge_parts(out) -> int:
             writer.write(records[key])
     os.replace(tmp, out)
     return len(records)
+
+
+def record_key(record: dict) -> str:
+    """What identifies a record: its id, then its sample (`rsd eval`: several generations per id)
+    and its index (`rsd provenance`: several sentences per response), when it has them."""
+    key = str(record.get("id"))
+    for name in ("sample", "index"):
+        if name in record:
+            key += f"\0{record[name]}"
+    return key
 
 
 def _natural_key(text: str):
