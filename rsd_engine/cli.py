@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 -m rsd_engine.cli generate ...   # one shard per rank, merged at the end
     rsd merge traces.jsonl                        # join the parts of a multi-host run
     rsd score --student S [--teacher T] --data teacher_traces.jsonl traces.jsonl --plot hist.png
+    rsd eval --model M --data problems.jsonl --samples 8 --out gens.jsonl
     rsd provenance --teacher T --student S [--distilled D] --data gens.jsonl --out sentences.jsonl
     rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl
 """
@@ -78,6 +79,9 @@ def _generate_parser(sub):
                    help="tokens kept for never-solved problems (UPFT; default: %(default)s)")
     p.add_argument("--format", choices=["jsonl", "sft"], default="jsonl",
                    help="jsonl: full records; sft: chat `messages` for TRL's SFTTrainer")
+    p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
+                   help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
+                        "sentences as rsd select ranks them (default: %(default)s)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset")
     p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together")
@@ -167,6 +171,34 @@ def _select_parser(sub):
     _runtime_options(p)
 
 
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="accuracy of one model: N samples per problem, answers checked with math-verify",
+                       description="Samples N responses per problem from the model alone and checks each final "
+                                   "\\boxed{} answer as rsd generate does. Accuracy: mean over problems of the mean "
+                                   "over samples, with a 95%% bootstrap interval over problems. Every generation is "
+                                   "written (id, sample, response, correct), resumable; it feeds rsd provenance.")
+    p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--data", required=True, help="problems with reference answers (.jsonl, .json, .parquet, folder)")
+    p.add_argument("--out", required=True, help="output JSONL, one line per generation (rerunning resumes it)")
+    p.add_argument("--samples", type=_int(1), default=1, help="samples per problem (default: %(default)s)")
+    p.add_argument("--question-field", default="question", help="(default: %(default)s)")
+    p.add_argument("--answer-field", default="answer", help="(default: %(default)s; problems without one are skipped)")
+    p.add_argument("--id-field", default=None, help="problem id field (default: the row number)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none (default: %(default)r)")
+    p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
+    p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset")
+    p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together (default: "
+                                                                      "%(default)s)")
+    p.add_argument("--max-seq-len", type=_int(2), default=None,
+                   help="KV-cache length per sequence (default: longest prompt + --max-new-tokens)")
+    s = p.add_argument_group("sampling (defaults: the paper's)")
+    s.add_argument("--max-new-tokens", type=_int(1), default=4096, help="(default: %(default)s)")
+    s.add_argument("--temperature", type=float, default=PAPER.temperature, help="(default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=PAPER.top_p, help="(default: %(default)s)")
+    s.add_argument("--top-k", type=_int(0), default=PAPER.top_k, help="0: off (default: %(default)s)")
+    _runtime_options(p)
+
+
 def _demo_parser(sub):
     from rsd_engine.pipeline.demo import DEMO_ATTEMPTS, DEMO_MAX_NEW_TOKENS, DEMO_PROBLEMS
 
@@ -183,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsd", description="Reverse Speculative Decoding: reasoning traces in "
                                                              "the student's own words.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,score,provenance,select,merge,demo}")
+                                metavar="{generate,score,eval,provenance,select,merge,demo}")
     _generate_parser(sub)
     _score_parser(sub)
+    _eval_parser(sub)
     _provenance_parser(sub)
     _select_parser(sub)
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT")
@@ -208,7 +241,7 @@ def _generate(args):
         teacher=args.teacher, student=args.student, data=args.data, out=args.out, params=sampling_params(args),
         question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
         system_prompt=args.system_prompt, attempts=args.attempts, max_fallback=args.max_fallback,
-        prefix_tokens=args.prefix_tokens, format=args.format, seed=args.seed, limit=args.limit,
+        prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
         sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress)
     run_generate(opts)
@@ -221,6 +254,17 @@ def _score(args):
               completion_field=args.completion_field, question_field=args.question_field,
               system_prompt=args.system_prompt, device=args.device, dtype=args.dtype, sampler=args.sampler,
               progress=args.progress)
+
+
+def _eval(args):
+    from rsd_engine.pipeline.evaluate import EvalOptions, run_eval
+
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k)
+    except ValueError as err:
+        raise ValueError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))) from None
+    run_eval(EvalOptions(params=params, **_fields(args, EvalOptions)))
 
 
 def _provenance(args):
@@ -255,7 +299,7 @@ def _demo(args):
              seed=args.seed, device=args.device, dtype=args.dtype, sampler=args.sampler, progress=args.progress)
 
 
-COMMANDS = {"generate": _generate, "score": _score, "provenance": _provenance, "select": _select, "merge": _merge,
+COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance": _provenance, "select": _select, "merge": _merge,
             "demo": _demo}
 
 

@@ -96,12 +96,24 @@ class Engine:
                     finished = self._decode(scheduler.batch())
                 for request in finished:
                     scheduler.finish(request)
+                    self._release(request.slot)
                     if bar is not None:
                         bar.update(1)
                     yield request.index, request.result
         finally:
+            for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
+                self._release(slot)
             if bar is not None:
                 bar.close()
+
+    def _caches(self):
+        """The KV caches the decode step writes (a Generator has one)."""
+        return self.teacher_cache, self.student_cache
+
+    def _release(self, slot: int):
+        """Give a finished slot's cache memory back (see models/kv_cache.py)."""
+        for cache in self._caches():
+            cache.release(slot)
 
     def _make_requests(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
@@ -317,4 +329,8 @@ class Engine:
             completion = (self.tokenizer.encode(completion, add_special_tokens=False)
                           if isinstance(completion, str) else list(completion))
             rows.append((i, self._tokenize(prompt, i), completion))
-        return score_rows(self, rows)
+        try:
+            return score_rows(self, rows)
+        finally:
+            for slot in range(min(len(rows), self.max_batch_size + 1)):  # the slots scoring wrote
+                self._release(slot)

@@ -24,6 +24,7 @@ from .records import RecordWriter, check_writable, done_ids, part_path, read_rec
 from .traces import SUB_1PCT_LOGPROB, check_attempt, select_trace, to_sft
 
 FORMATS = ("jsonl", "sft")
+SELECTIONS = ("shortest", "provenance")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GenerateOptions:
     max_fallback: float = 0.5
     prefix_tokens: int = 128
     format: str = "jsonl"
+    select: str = "shortest"  # among correct attempts: the shortest, or the most teacher-originated sentences
     seed: int = 0
     limit: int | None = None
     max_batch_size: int = 32
@@ -63,6 +65,8 @@ class GenerateOptions:
         if not 0.0 <= self.max_fallback <= 1.0:
             raise ValueError(f"--max-fallback = {self.max_fallback}: must be in [0, 1] "
                              "(the largest share of student-written tokens)")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"--select = {self.select!r}: must be one of {', '.join(SELECTIONS)}")
         if self.format not in FORMATS:
             raise ValueError(f"--format = {self.format!r}: must be one of {', '.join(FORMATS)}")
 
@@ -139,6 +143,11 @@ def _generate(opts: GenerateOptions, todo: list[Problem], target: Path, dist: Di
     pending = {i: [None] * opts.attempts for i in range(len(todo))}
     bar = ProgressBar(len(todo), opts.progress and dist.rank == 0, dist)
     decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    choose = None
+    if opts.select == "provenance":
+        from .select import provenance_chooser
+
+        choose = provenance_chooser(engine, opts.system_prompt, batch_size=min(opts.attempts, 4))
     tally.start()
     with RecordWriter(target) as writer:
         try:
@@ -150,7 +159,7 @@ def _generate(opts: GenerateOptions, todo: list[Problem], target: Path, dist: Di
                 tally.add_attempt(result)
                 if all(pending[i]):
                     record = select_trace(problem, prompt, pending.pop(i), prefix_tokens=opts.prefix_tokens,
-                                          decode=decode)
+                                          decode=decode, choose=choose)
                     writer.write(to_sft(record, prompt) if opts.format == "sft" else record)
                     tally.add_record(record)
                 bar.show(tally)
