@@ -14,6 +14,7 @@ from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
 from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
+from .speculative import SpeculativeDecoder, check_draft_tokens
 from .step import capture_step, step_inputs
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -26,12 +27,15 @@ class Engine:
 
     ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
-    "cpp" or "triton".
+    "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
+    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
     """
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
-                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None):
+                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
+                 draft_tokens: int = 0):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
+        self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
         self.teacher_path, self.student_path = Path(teacher), Path(student)
 
         self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
@@ -50,6 +54,7 @@ class Engine:
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+        self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -91,12 +96,24 @@ class Engine:
                     finished = self._decode(scheduler.batch())
                 for request in finished:
                     scheduler.finish(request)
+                    self._release(request.slot)
                     if bar is not None:
                         bar.update(1)
                     yield request.index, request.result
         finally:
+            for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
+                self._release(slot)
             if bar is not None:
                 bar.close()
+
+    def _caches(self):
+        """The KV caches the decode step writes (a Generator has one)."""
+        return self.teacher_cache, self.student_cache
+
+    def _release(self, slot: int):
+        """Give a finished slot's cache memory back (see models/kv_cache.py)."""
+        for cache in self._caches():
+            cache.release(slot)
 
     def _make_requests(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
@@ -166,33 +183,42 @@ class Engine:
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
-        """One RSD step for every running request; returns the requests that finished."""
+        """One RSD step (or speculative round) for every running request; returns the requests that finished."""
+        if self._speculative is not None:
+            return self._speculative.decode(batch)
         out = self._run_decode_step(batch)
-        tokens, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
+        return self._commit(batch, [[row] for row in zip(*(t.tolist() for t in out))])
 
+    def _commit(self, batch: list[Request], runs) -> list[Request]:
+        """Append each request's run of (token, accepted, teacher_lp, student_lp) from one teacher pass.
+        A run ends at the first token that finishes its request, and after a mapped token (the teacher
+        reads its pieces first); returns the requests that finished."""
         finished, expansions = [], []
-        for b, r in enumerate(batch):
-            token = tokens[b]
-            if token < 0:  # the sampler flagged this row: it ends here, the others go on
-                self._fail(r, token)
-                finished.append(r)
-                continue
-            res = r.result
-            res.token_ids.append(token)
-            res.accepted.append(bool(accepted[b]))
-            res.teacher_logprobs.append(teacher_lp[b])
-            res.student_logprobs.append(student_lp[b])
-            r.student_len += 1
-            r.teacher_len += 1
-            r.next_student_token = token
-            pieces = self.space.teacher_pieces.get(token)
-            if pieces is not None:
-                expansions.append((r, pieces))
-            r.next_teacher_token = token if pieces is None else pieces[-1]
-            reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
-            if reason:
-                self._finalize(r, reason)
-                finished.append(r)
+        for r, run in zip(batch, runs):
+            r.result.teacher_passes += 1
+            for token, accepted, teacher_lp, student_lp in run:
+                if token < 0:  # the sampler flagged this row: it ends here, the others go on
+                    self._fail(r, token)
+                    finished.append(r)
+                    break
+                res = r.result
+                res.token_ids.append(token)
+                res.accepted.append(bool(accepted))
+                res.teacher_logprobs.append(teacher_lp)
+                res.student_logprobs.append(student_lp)
+                r.student_len += 1
+                r.teacher_len += 1
+                r.next_student_token = token
+                pieces = self.space.teacher_pieces.get(token)
+                if pieces is not None:
+                    expansions.append((r, pieces))
+                r.next_teacher_token = token if pieces is None else pieces[-1]
+                reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
+                if reason:
+                    self._finalize(r, reason)
+                    finished.append(r)
+                if reason or pieces is not None:
+                    break
         # A mapped student token is several teacher tokens: the teacher reads all but the last now.
         live = [(r, p) for r, p in expansions if not r.result.finish_reason]
         if live:
@@ -303,4 +329,8 @@ class Engine:
             completion = (self.tokenizer.encode(completion, add_special_tokens=False)
                           if isinstance(completion, str) else list(completion))
             rows.append((i, self._tokenize(prompt, i), completion))
-        return score_rows(self, rows)
+        try:
+            return score_rows(self, rows)
+        finally:
+            for slot in range(min(len(rows), self.max_batch_size + 1)):  # the slots scoring wrote
+                self._release(slot)

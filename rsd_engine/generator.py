@@ -74,6 +74,9 @@ class Generator(Engine):
                                  f"temperature, top_p, top_k, seed, stop, stop_token_ids, max_new_tokens, ignore_eos")
         return requests
 
+    def _caches(self):
+        return (self.cache,)
+
     def _teacher_prompt(self, ids, index) -> list[int]:
         return []
 
@@ -144,7 +147,11 @@ class Generator(Engine):
                                  f"than max_seq_len {self.max_seq_len}")
             seqs.append(ids + completion)
             starts.append(len(ids))
-        return score_sequences(self.model, self.cache, seqs, starts)
+        try:
+            return score_sequences(self.model, self.cache, seqs, starts)
+        finally:
+            for slot in range(min(len(seqs), self.cache.num_slots)):  # the slots scoring wrote
+                self._release(slot)
 
 
 def _sample_backend(sampler: str, device) -> str:

@@ -20,6 +20,7 @@ class GenerationResult:
     finish_reason: str = ""  # "eos", "stop", "length", or "error" (then ``error`` says what went wrong)
     seed: int = 0
     error: str = ""
+    teacher_passes: int = 0  # teacher decode/verify forwards that produced token_ids (prefill excluded)
     logprobs: list[float] = field(default_factory=list)
 
     @property
