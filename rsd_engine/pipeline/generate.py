@@ -22,6 +22,7 @@ from .distributed import Dist, barrier_and_merge, init_process_group
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import RecordWriter, check_writable, done_ids, part_path, read_records
 from .traces import SUB_1PCT_LOGPROB, check_attempt, select_trace, to_sft
+from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
 
@@ -84,8 +85,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)  # before anything slow
     for model in (opts.teacher, opts.student):
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"model folder not found: {model}")
+        check_model_folder(model)
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
