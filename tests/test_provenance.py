@@ -323,3 +323,52 @@ def test_unreadable_text_is_skipped_with_the_reason(models, unk_model, tmp_path,
     assert ("skipped responses: 1 (first: id euro sample 0: the teacher's tokenizer cannot read the response: '€' at "
             "character 11 becomes the unknown token)") in report
     assert {s["id"] for s in lines} == {"p3"}
+
+
+def test_generate_select_provenance_keeps_what_rsd_select_keeps(models, tmp_path):
+    from rsd_engine import Engine
+    from rsd_engine.pipeline.data import Problem
+    from rsd_engine.pipeline.select import provenance_chooser
+    from rsd_engine.pipeline.traces import Attempt, select_trace
+    from rsd_engine.results import GenerationResult
+
+    teacher, student = models["student"], models["teacher"]  # swapped as in the selection test
+    engine = Engine(teacher, student, device="cpu", max_batch_size=1, max_seq_len=256)
+    rows = [c for c in CANDIDATES if c["id"] == "q1"]
+    attempts = []
+    for k, row in enumerate(rows):
+        ids = engine.tokenizer.encode(row["response"], add_special_tokens=False)
+        result = GenerationResult([1], token_ids=ids, text=row["response"], finish_reason="eos")
+        attempts.append(Attempt(k, result, ids, "4", True, True, True, 0.0, True))
+    problem = Problem("q1", rows[0]["question"], "4")
+    prompt = build_prompt(engine.tokenizer, problem.question, DEFAULT_SYSTEM_PROMPT)
+    choose = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT, beta=float(TINY_BETA))
+    record = select_trace(problem, prompt, attempts, prefix_tokens=8, decode=engine.tokenizer.decode, choose=choose)
+
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    argv = ["select", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--out",
+            str(tmp_path / "sel.jsonl"), "--beta", TINY_BETA, "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    [kept] = read_records(tmp_path / "sel.jsonl")
+    assert record["completion"] == kept["response"] and record["status"] == "solved"
+    assert (record["teacher_sentences"], record["teacher_share"]) == (kept["teacher_sentences"], kept["teacher_share"])
+    shortest = min(range(len(rows)), key=lambda k: len(attempts[k].token_ids))
+    assert record["kept_attempt"] != shortest  # the rule, not length, decided here
+
+
+def test_rsd_generate_select_provenance(tmp_path_factory, tmp_path, capsys):
+    from solver_pair import SYSTEM, solver_pair, write_problems
+
+    teacher, student = solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+    argv = ["generate", "--teacher", str(teacher), "--student", str(student), "--data",
+            str(write_problems(tmp_path / "p.jsonl")), "--out", str(tmp_path / "t.jsonl"), "--id-field", "id",
+            "--system-prompt", SYSTEM, "--attempts", "2", "--max-new-tokens", "40", "--no-progress",
+            "--select", "provenance"]
+    assert main(argv) == 0
+    records = {r["id"]: r for r in read_records(tmp_path / "t.jsonl")}
+    assert records["add"]["status"] == "solved" and records["add"]["teacher_sentences"] >= 0
+    assert 0.0 <= records["add"]["teacher_share"] <= 1.0
+    assert "teacher_sentences" not in records["mul"]  # never solved: a prefix, nothing to choose
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["sideways"])
+    assert "--select: invalid choice: 'sideways'" in capsys.readouterr().err

@@ -20,7 +20,9 @@ from .distributed import Dist, barrier_and_merge, init_process_group
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import make_tracer
 from .records import RecordWriter, check_writable, done_ids, part_path
-from .responses import load_responses
+from .readers import Reader
+from .responses import Response, load_responses
+from .tracing import Tracer
 
 RANKINGS = ("count", "share")
 
@@ -45,6 +47,37 @@ def pick(candidates: list[Candidate], by: str = "count") -> Candidate:
         raise ValueError("no candidates to pick from")
     score = (lambda c: c.teacher_sentences) if by == "count" else (lambda c: c.teacher_share)
     return min(candidates, key=lambda c: (-score(c), c.tokens, c.order))
+
+
+def provenance_chooser(engine, system_prompt: str, *, batch_size: int = 4, by: str = "count",
+                       beta: float = DEFAULT_BETA):
+    """`rsd generate --select provenance`: among a problem's correct attempts, the one `pick` keeps,
+    scored under the engine's own teacher and student (each through its own chat template, in caches
+    of their own, so the generation in flight is untouched). Falls back to the shortest when no
+    attempt can be read."""
+    readers = {"teacher": Reader("teacher", engine.teacher_path, model=engine.teacher,
+                                 tokenizer=engine.teacher_tokenizer),
+               "student": Reader("student", engine.student_path, model=engine.student, tokenizer=engine.tokenizer)}
+    tracer = Tracer(readers, beta=beta, batch_size=batch_size)
+    # Another chat template can make the teacher's prompt a little longer than the student's.
+    max_seq_len = engine.max_seq_len + 256
+
+    def choose(problem, solved):
+        responses = [Response(problem.id, a.index, problem.question, system_prompt, a.result.text, {}) for a in solved]
+        usable, _ = tracer.prepare(responses, max_seq_len)
+        if not usable:
+            return min(solved, key=lambda a: (len(a.token_ids), a.index)), {}
+        tracer.load()
+        by_index = {a.index: a for a in solved}
+        traced = [t for k in range(0, len(usable), batch_size) for t in tracer.trace_batch(usable[k: k + batch_size])]
+        candidates = [Candidate(k, t.teacher_sentences, len(t.sentences), len(by_index[t.response.sample].token_ids))
+                      for k, t in enumerate(traced)]
+        best = pick(candidates, by)
+        kept = traced[best.order]
+        return by_index[kept.response.sample], {"teacher_sentences": best.teacher_sentences,
+                                                "teacher_share": best.teacher_share}
+
+    return choose
 
 
 @dataclass

@@ -74,14 +74,19 @@ def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
 
 
 def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], *, prefix_tokens: int,
-                 decode) -> dict:
-    """The record of `problem` (see the module docstring); `decode(ids)` turns token ids into text."""
+                 decode, choose=None) -> dict:
+    """The record of `problem` (see the module docstring); `decode(ids)` turns token ids into text.
+    `choose(problem, solved)`, when given, picks among the solved attempts instead of the shortest and
+    returns (attempt, fields added to the record) — `--select provenance`."""
     solved = [a for a in attempts if a.valid and a.correct]
     valid = [a for a in attempts if a.valid]
+    extra = {}
     if problem.answer is None:
         status, kept = "unverified", min(valid, key=_length) if valid else attempts[0]
     elif solved:
         status, kept = "solved", min(solved, key=_length)
+        if choose is not None:
+            kept, extra = choose(problem, solved)
     else:
         status, kept = "prefix", attempts[0]
     ids = kept.token_ids[:prefix_tokens] if status == "prefix" else kept.token_ids
@@ -103,6 +108,7 @@ def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], 
         "finish_reason": r.finish_reason,
         "seed": r.seed,
         "stats": trace_stats(r.accepted[:n], r.teacher_logprobs[:n], r.student_logprobs[:n]),
+        **extra,
     }
 
 
