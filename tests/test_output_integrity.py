@@ -122,6 +122,9 @@ def test_output_without_manifest_is_refused(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv(pair, data, out))
     assert "no out.jsonl.manifest.json beside it" in capsys.readouterr().err
+    generate(pair, data, out, "--force")  # adopts the records: later runs with these settings resume
+    assert read_manifest(out)["settings"]["--seed"] == 0 and len(read_manifest(out)["forced"]) == 1
+    assert len(generate(pair, data, out)) == 4
 
 
 def test_model_fingerprint_follows_content_not_path(tiny_pair, tmp_path):
