@@ -66,7 +66,8 @@ def _runtime_options(p):
     p.add_argument("--sampler", default="auto", choices=["auto", "reference", "cpp", "triton"],
                    help="RSD-sample backend (auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--threads", type=_int(1), default=None,
-                   help="CPU threads for torch (default: torch's choice; on a busy machine fewer can be faster)")
+                   help="CPU threads for torch and OpenMP (default: one per physical core this process may "
+                        "use; waiting threads sleep, so a shared machine slows it down rather than stalling it)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: a bar when stderr is a terminal)")
 
@@ -350,10 +351,10 @@ COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance":
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+    if hasattr(args, "threads"):
+        from rsd_engine.threads import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     from rsd_engine.pipeline.records import OutputBusy
 
     try:
