@@ -98,3 +98,42 @@ def test_bad_input_is_named(ours, args, message):
 def test_bad_max_batch_is_named(ours):
     with pytest.raises(ValueError, match=r"max_batch = 4: must be an integer in \[1, 3\]"):
         score_sequences(*ours, [[1, 2]], [1], max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def mapped_pair(tmp_path_factory, tiny_tokenizer_dir):
+    """A teacher on the base tokenizer; a student whose tokenizer adds <extra> (several teacher ids)."""
+    from tiny import build_tokenizer
+
+    root = tmp_path_factory.mktemp("mapped_scoring")
+    student_tok = build_tokenizer(root / "student_tok", extra_special_tokens=("<extra>",))
+    teacher = build_model(root / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=5)
+    student = build_model(root / "student", "qwen3", tokenizer_dir=student_tok, hidden_size=48, seed=6)
+    return teacher, student
+
+
+def test_engine_score_batch_over_two_tokenizers_equals_hf(mapped_pair, small_chunks):
+    """More pairs than slots, a completion over the chunk size, and a student-only token that the teacher
+    reads as several ids: its teacher log-prob is the sum over those ids, each given the ones before."""
+    from rsd_engine import Engine
+
+    engine = Engine(*mapped_pair, device="cpu", max_batch_size=2, max_seq_len=96, sampler="reference")
+    texts = ["The answer is <extra> 42.", "Let x be a number.<extra>", "1 + 1 = 2", "We compute 12 * 12 = 144 " * 3]
+    prompts = ["Q: what?", "Solve:", "1 + 1", "Compute"]
+    scores = engine.score_batch(prompts, texts)
+    hf = [AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval() for d in mapped_pair]
+    for prompt, text, score in zip(prompts, texts, scores):
+        p, c = (engine.tokenizer.encode(s, add_special_tokens=False) for s in (prompt, text))
+        with torch.no_grad():
+            student = torch.log_softmax(hf[1](torch.tensor([p + c])).logits[0], -1)
+        assert score.student_logprobs == pytest.approx([student[len(p) - 1 + j, t].item() for j, t in enumerate(c)],
+                                                       abs=1e-4)
+        seq, want = engine.space.to_teacher(p), []
+        with torch.no_grad():
+            teacher = torch.log_softmax(hf[0](torch.tensor([engine.space.to_teacher(p + c)])).logits[0], -1)
+        for tok in c:
+            pieces = engine.space.to_teacher([tok])
+            want.append(sum(teacher[len(seq) - 1 + k, t].item() for k, t in enumerate(pieces)))
+            seq = seq + pieces
+        assert score.teacher_logprobs == pytest.approx(want, abs=1e-4)
+    assert any(len(engine.space.to_teacher([t])) > 1 for t in engine.tokenizer.encode(texts[0], add_special_tokens=False))
