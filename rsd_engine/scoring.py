@@ -5,8 +5,8 @@
 as chunked prefill over the static KV cache: rows are right-padded, and sorted longest first so that the
 rows still running at any offset are slots 0..k-1 (a cache slice, no gather). Memory is bounded twice:
 a forward holds at most FORWARD_TOKENS tokens, and the [rows, vocab] logits exist only for the positions
-that are scored, LOGIT_ELEMENTS at a time; a target's log-prob is its logit minus the row's logsumexp,
-so no log_softmax over the vocabulary is ever stored.
+that are scored, LOGIT_ELEMENTS at a time, and each block's log_softmax is gathered at the targets
+before the next block is projected.
 """
 from __future__ import annotations
 
@@ -81,9 +81,9 @@ def _target_logprobs(model, hidden, picks, targets) -> torch.Tensor:
     block = max(1, LOGIT_ELEMENTS // model.config.vocab_size)
     out = []
     for a in range(0, len(picks), block):
-        logits = model.logits(hidden[picks[a: a + block]])
-        target = logits.gather(-1, targets[a: a + block, None])[:, 0]
-        out.append(target - torch.logsumexp(logits, dim=-1))
+        # log_softmax is one fused pass; logsumexp makes several over the block.
+        logprobs = torch.log_softmax(model.logits(hidden[picks[a: a + block]]), dim=-1)
+        out.append(logprobs.gather(-1, targets[a: a + block, None])[:, 0])
     return torch.cat(out)
 
 

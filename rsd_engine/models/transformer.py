@@ -14,6 +14,10 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 
 
+# The packed head wins at decode batch sizes; over hundreds of rows (scoring, prefill) MKL's GEMM is faster.
+PACKED_HEAD_ROWS = 32
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -140,7 +144,8 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden_size] -> float32 logits [..., vocab_size] (every embedding row)."""
-        if self._packed_head is not None and hidden.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (self._packed_head is not None and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+                and hidden.numel() <= PACKED_HEAD_ROWS * hidden.shape[-1]):
             flat = hidden.reshape(-1, hidden.shape[-1]).contiguous().to_mkldnn()
             out = torch._C._nn.mkldnn_linear(flat, self._packed_head, None).to_dense()
             return out.view(*hidden.shape[:-1], -1)
