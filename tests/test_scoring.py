@@ -34,6 +34,7 @@ def small_chunks(monkeypatch):
     every boundary the real sizes have."""
     monkeypatch.setattr(scoring, "CHUNK", 8)
     monkeypatch.setattr(scoring, "FORWARD_TOKENS", 20)
+    monkeypatch.setattr(scoring, "CPU_FORWARD_TOKENS", 20)
     monkeypatch.setattr(scoring, "LOGIT_ELEMENTS", 3 * 512)
 
 
