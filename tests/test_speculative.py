@@ -265,3 +265,25 @@ def test_cli_draft_tokens(tiny_pair, tmp_path, capsys):
         capsys.readouterr().err
     with pytest.raises(ValueError, match="--draft-tokens = -1: must be an integer >= 0"):
         GenerateOptions(teacher="t", student="s", data="d", out=str(tmp_path / "o"), draft_tokens=-1)
+
+
+def test_cli_generate_with_draft_tokens_matches_plain(tiny_pair, tmp_path):
+    """`rsd generate --draft-tokens 3`, greedy: the same records as plain RSD."""
+    import json
+
+    from rsd_engine.pipeline.records import read_records
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "4"}) + "\n"
+                            for i, q in enumerate(PROMPTS[:3])))
+    records = {}
+    for G in (0, 3):
+        out = tmp_path / f"out{G}.jsonl"
+        assert main(["generate", "--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--data", str(data),
+                     "--out", str(out), "--attempts", "1", "--max-new-tokens", "12", "--temperature", "0",
+                     "--student-temperature", "0", "--threshold", "0.02", "--max-batch-size", "2",
+                     "--sampler", "reference", "--no-progress", "--draft-tokens", str(G)]) == 0
+        records[G] = {r["id"]: r for r in read_records(out)}
+    assert sorted(records[3]) == ["q0", "q1", "q2"]
+    for key in ("token_ids", "completion", "status", "finish_reason"):
+        assert {i: r[key] for i, r in records[3].items()} == {i: r[key] for i, r in records[0].items()}
