@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_e2e import demo_prompts, random_prompts  # noqa: E402
 from bench.random_pair import build_random_pair  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
+from rsd_engine.speculative import DraftStats  # noqa: E402
 
 
 def expected_tokens_per_pass(alpha: float, gamma: int) -> float:
@@ -72,7 +73,7 @@ def bench_pair(name: str, teacher_dir, student_dir, args) -> dict:
             params = [SamplingParams(max_new_tokens=args.new_tokens, seed=i, ignore_eos=True) for i in range(batch)]
             engine.generate_batch(prompts[batch], [SamplingParams(max_new_tokens=4, seed=0)] * batch)  # warm-up
             if engine._speculative is not None:
-                engine._speculative.stats.__init__()
+                engine._speculative.stats = DraftStats()  # α over the timed runs only
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
