@@ -3,7 +3,8 @@
 ``reference.py`` for the contract."""
 from __future__ import annotations
 
-from .reference import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, SampleOutput, rsd_sample_reference
+from .reference import (FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, SampleOutput,
+                        rsd_sample_reference)
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -60,5 +61,5 @@ def _triton_available() -> bool:
     return True
 
 
-__all__ = ["BACKENDS", "RowParams", "SampleOutput", "STUDENT_NONFINITE", "TEACHER_NONFINITE", "resolve_backend",
-           "rsd_sample", "rsd_sample_reference"]
+__all__ = ["BACKENDS", "FLAG_REASONS", "NO_ALLOWED_TOKEN", "RowParams", "SampleOutput", "STUDENT_NONFINITE",
+           "TEACHER_NONFINITE", "resolve_backend", "rsd_sample", "rsd_sample_reference"]
