@@ -10,10 +10,11 @@ from .models import load_model
 from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
-from .sampling import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, resolve_backend, rsd_sample
+from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
 from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
+from .speculative import SpeculativeDecoder, check_draft_tokens
 from .step import capture_step, step_inputs
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -26,19 +27,15 @@ class Engine:
 
     ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
-    "cpp" or "triton".
+    "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
+    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
     """
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
-                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None):
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
+                 max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
+                 draft_tokens: int = 0):
+        self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
+        self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
         self.teacher_path, self.student_path = Path(teacher), Path(student)
 
         self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
@@ -57,12 +54,26 @@ class Engine:
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+        self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
+
+    def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
 
     # ------------------------------------------------------------------ generation
 
     def generate_batch(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                        progress: bool = False) -> list[GenerationResult]:
-        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order."""
+        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order.
+
+        A request whose logits turn non-finite ends alone with ``finish_reason == "error"`` and the reason
+        in ``error``; the rest of the batch goes on."""
         results: list[GenerationResult | None] = [None] * len(prompts)
         for index, result in self.generate_iter(prompts, params, progress=progress):
             results[index] = result
@@ -85,12 +96,24 @@ class Engine:
                     finished = self._decode(scheduler.batch())
                 for request in finished:
                     scheduler.finish(request)
+                    self._release(request.slot)
                     if bar is not None:
                         bar.update(1)
                     yield request.index, request.result
         finally:
+            for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
+                self._release(slot)
             if bar is not None:
                 bar.close()
+
+    def _caches(self):
+        """The KV caches the decode step writes (a Generator has one)."""
+        return self.teacher_cache, self.student_cache
+
+    def _release(self, slot: int):
+        """Give a finished slot's cache memory back (see models/kv_cache.py)."""
+        for cache in self._caches():
+            cache.release(slot)
 
     def _make_requests(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
@@ -107,14 +130,17 @@ class Engine:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
             ids = self._tokenize(prompt, i)
-            teacher_ids = self.space.to_teacher(ids, what=f"prompt {i}:")
-            longest = max(len(ids), len(teacher_ids))
-            if longest >= self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens ({len(teacher_ids)} in the teacher's space) but "
-                                 f"max_seq_len is {self.max_seq_len}: prompts must be shorter than max_seq_len")
+            teacher_ids = self._teacher_prompt(ids, i)
+            if max(len(ids), len(teacher_ids)) >= self.max_seq_len:
+                other = f" ({len(teacher_ids)} in the teacher's space)" if teacher_ids else ""
+                raise ValueError(f"prompt {i} has {len(ids)} tokens{other} but max_seq_len is {self.max_seq_len}: "
+                                 f"prompts must be shorter than max_seq_len")
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             requests.append(Request(i, ids, teacher_ids, p, seed, GenerationResult(list(ids), seed=seed)))
         return requests
+
+    def _teacher_prompt(self, ids: list[int], index: int) -> list[int]:
+        return self.space.to_teacher(ids, what=f"prompt {index}:")
 
     def _tokenize(self, prompt, index) -> list[int]:
         if isinstance(prompt, str):
@@ -157,33 +183,42 @@ class Engine:
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
-        """One RSD step for every running request; returns the requests that finished."""
+        """One RSD step (or speculative round) for every running request; returns the requests that finished."""
+        if self._speculative is not None:
+            return self._speculative.decode(batch)
         out = self._run_decode_step(batch)
-        tokens, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
+        return self._commit(batch, [[row] for row in zip(*(t.tolist() for t in out))])
 
+    def _commit(self, batch: list[Request], runs) -> list[Request]:
+        """Append each request's run of (token, accepted, teacher_lp, student_lp) from one teacher pass.
+        A run ends at the first token that finishes its request, and after a mapped token (the teacher
+        reads its pieces first); returns the requests that finished."""
         finished, expansions = [], []
-        for b, r in enumerate(batch):
-            token = tokens[b]
-            if token in (TEACHER_NONFINITE, STUDENT_NONFINITE):
-                model, path = ("teacher", self.teacher_path) if token == TEACHER_NONFINITE else ("student", self.student_path)
-                raise FloatingPointError(f"the {model} model ({path}) produced NaN or +inf logits at generation step "
-                                         f"{len(r.result.token_ids)} of prompt {r.index}; no token was sampled")
-            res = r.result
-            res.token_ids.append(token)
-            res.accepted.append(bool(accepted[b]))
-            res.teacher_logprobs.append(teacher_lp[b])
-            res.student_logprobs.append(student_lp[b])
-            r.student_len += 1
-            r.teacher_len += 1
-            r.next_student_token = token
-            pieces = self.space.teacher_pieces.get(token)
-            if pieces is not None:
-                expansions.append((r, pieces))
-            r.next_teacher_token = token if pieces is None else pieces[-1]
-            reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
-            if reason:
-                self._finalize(r, reason)
-                finished.append(r)
+        for r, run in zip(batch, runs):
+            r.result.teacher_passes += 1
+            for token, accepted, teacher_lp, student_lp in run:
+                if token < 0:  # the sampler flagged this row: it ends here, the others go on
+                    self._fail(r, token)
+                    finished.append(r)
+                    break
+                res = r.result
+                res.token_ids.append(token)
+                res.accepted.append(bool(accepted))
+                res.teacher_logprobs.append(teacher_lp)
+                res.student_logprobs.append(student_lp)
+                r.student_len += 1
+                r.teacher_len += 1
+                r.next_student_token = token
+                pieces = self.space.teacher_pieces.get(token)
+                if pieces is not None:
+                    expansions.append((r, pieces))
+                r.next_teacher_token = token if pieces is None else pieces[-1]
+                reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
+                if reason:
+                    self._finalize(r, reason)
+                    finished.append(r)
+                if reason or pieces is not None:
+                    break
         # A mapped student token is several teacher tokens: the teacher reads all but the last now.
         live = [(r, p) for r, p in expansions if not r.result.finish_reason]
         if live:
@@ -230,6 +265,12 @@ class Engine:
         return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,
                           self.space.fallback_mask, backend=self.sampler)
 
+    def _fail(self, r: Request, flag: int):
+        reason = FLAG_REASONS.get(flag, f"the sampler flagged the row with code {flag}")
+        r.result.error = (f"{reason} at generation step {len(r.result.token_ids)} of prompt {r.index}; no token "
+                          f"was sampled (teacher {self.teacher_path}, student {self.student_path})")
+        self._finalize(r, "error")
+
     def _finish_reason(self, r: Request, extra_teacher: int) -> str:
         token, p, res = r.next_student_token, r.params, r.result
         if token in self.eos_token_ids and not p.ignore_eos:
@@ -275,22 +316,21 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
-        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it."""
+        """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
+        under both models; every cache slot scores a sequence per forward (see scoring.py).
+        Overwrites the caches: not to be called while a generate_iter is suspended."""
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
-        results = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            rows = []
-            for i in range(start, min(start + self.max_batch_size, len(prompts))):
-                prompt = self._tokenize(prompts[i], i)
-                completion = completions[i]
-                completion = (self.tokenizer.encode(completion, add_special_tokens=False)
-                              if isinstance(completion, str) else list(completion))
-                rows.append((i, prompt, completion))
-            results.extend(score_rows(self, rows))
-        return results
-
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            completion = (self.tokenizer.encode(completion, add_special_tokens=False)
+                          if isinstance(completion, str) else list(completion))
+            rows.append((i, self._tokenize(prompt, i), completion))
+        try:
+            return score_rows(self, rows)
+        finally:
+            for slot in range(min(len(rows), self.max_batch_size + 1)):  # the slots scoring wrote
+                self._release(slot)

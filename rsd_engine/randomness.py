@@ -42,3 +42,24 @@ def step_uniforms(seeds: torch.Tensor, steps: torch.Tensor, num_draws: int = NUM
     h = _mix32(h[:, None] ^ draws[None, :])
     h = _mix32(h ^ 0x3C6EF372)
     return ((h >> 8) + 1).to(torch.float32) * (1.0 / 2**24)
+
+
+# A speculative round (DESIGN.md §8) spans positions t0 .. t0 + G, one per generated-token index. Each
+# position has its own columns: the plain step's [fallback, proposal 0 .. K-1] (the bonus token is drawn
+# with them, exactly as a plain step would), then one column each for the student's draft, the keep test,
+# the residual draw after a rejection, and the posterior `accepted` flag. A plain step at position t and
+# a speculative round covering t read the same first NUM_DRAWS columns.
+DRAFT_DRAW = NUM_DRAWS
+KEEP_DRAW = NUM_DRAWS + 1
+RESIDUAL_DRAW = NUM_DRAWS + 2
+FLAG_DRAW = NUM_DRAWS + 3
+NUM_ROUND_DRAWS = NUM_DRAWS + 4
+
+
+def round_uniforms(seeds: torch.Tensor, start_steps: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Uniforms ``[B, num_positions, NUM_ROUND_DRAWS]`` float32 for a round starting at ``start_steps [B]``:
+    position ``i`` of row ``b`` holds ``step_uniforms(seeds[b], start_steps[b] + i, NUM_ROUND_DRAWS)``."""
+    seeds = seeds.to(torch.int64)
+    steps = start_steps.to(torch.int64)[:, None] + torch.arange(num_positions, device=seeds.device)
+    flat = step_uniforms(seeds[:, None].expand(-1, num_positions).reshape(-1), steps.reshape(-1), NUM_ROUND_DRAWS)
+    return flat.view(seeds.shape[0], num_positions, NUM_ROUND_DRAWS)

@@ -42,13 +42,14 @@ def step_inputs(batch, device, *, with_slots: bool) -> dict[str, torch.Tensor]:
             for name, v in values.items()}
 
 
-def capture_step(step, *, max_batch_size: int, scratch_slot: int, device):
-    """A CudaGraphStep over ``step(inputs)`` for batch buckets up to ``max_batch_size``."""
+def capture_step(step, *, max_batch_size: int, scratch_slot: int, device, inputs=STEP_INPUTS):
+    """A CudaGraphStep over ``step(inputs)`` for batch buckets up to ``max_batch_size``; ``inputs`` names
+    the step's input tensors and their dtypes."""
     from .cuda_graph import CudaGraphStep
 
     padding = {"slots": scratch_slot, **PADDING_PARAMS}
     n = max_batch_size
     example = {name: torch.full((n,), padding.get(name, 0), dtype=dtype, device=device)
-               for name, dtype in STEP_INPUTS.items()}
+               for name, dtype in inputs.items()}
     buckets = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
     return CudaGraphStep(step, example, buckets=buckets, padding=padding)

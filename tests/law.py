@@ -50,6 +50,16 @@ def rsd_law(teacher_logits, student_logits, *, temperature, top_k, top_p, thresh
     return law, 1.0 - r**trials
 
 
+def rsd_joint_law(teacher_logits, student_logits, *, trials, **kw):
+    """[2, V] joint law of (accepted, token) for one row: row 1 = qT(y)·ok(y)·(1 + … + r^(K−1)) (a teacher
+    proposal was kept), row 0 = r^K·qS(y) (the student wrote it); the rows sum to Q_K."""
+    law, _ = rsd_law(teacher_logits, student_logits, trials=1, **{**kw, "threshold": 2.0})  # qS alone
+    q_student = law
+    full, accept_rate = rsd_law(teacher_logits, student_logits, trials=trials, **kw)
+    r_k = 1.0 - accept_rate
+    return np.stack([r_k * q_student, full - r_k * q_student])
+
+
 def chi_square_pvalue(samples, law):
     """G-free plain chi-square of integer samples against a law, pooling cells expected below 5."""
     n = len(samples)

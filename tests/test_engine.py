@@ -123,19 +123,32 @@ def test_params_must_pair_with_prompts(engine):
         engine.generate_batch("one string", SamplingParams())
 
 
-def test_nonfinite_logits_name_the_model_and_step(tiny_pair, monkeypatch):
-    eng = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference")
-    calls = {"n": 0}
-    real = eng.student.logits
+@pytest.mark.parametrize("model", ["teacher", "student"])
+def test_nonfinite_row_fails_alone(tiny_pair, model, monkeypatch):
+    """A row whose logits turn NaN finishes with finish_reason "error" and a message; the other rows
+    of the batch decode exactly the tokens they decode without it."""
+    eng = Engine(*tiny_pair, device="cpu", max_batch_size=3, max_seq_len=64, sampler="reference")
+    params = SamplingParams(max_new_tokens=8, threshold=0.05, seed=3, ignore_eos=True)
+    alone = eng.generate_batch([PROMPTS[0], PROMPTS[2]], params)
 
-    def broken(hidden):
+    net = getattr(eng, model)
+    real, calls = net.logits, {"n": 0}
+
+    def broken(hidden):  # from the 4th decode step on, the middle row (prompt 1, slot 1) is NaN
         calls["n"] += 1
         out = real(hidden)
-        return out if calls["n"] < 4 else out.fill_(float("nan"))
+        if calls["n"] >= 4 and out.shape[0] == 3:
+            out[1] = float("nan")
+        return out
 
-    monkeypatch.setattr(eng.student, "logits", broken)
-    with pytest.raises(FloatingPointError, match=r"student model .* NaN or \+inf logits at generation step 3 of prompt 0"):
-        eng.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=8))
+    monkeypatch.setattr(net, "logits", broken)
+    results = eng.generate_batch(PROMPTS, params)
+    bad = results[1]
+    assert bad.finish_reason == "error" and len(bad.token_ids) == 3
+    assert bad.error.startswith(f"the {model}'s logits hold NaN or +inf at generation step 3 of prompt 1")
+    for want, got in zip(alone, (results[0], results[2])):
+        assert got.token_ids == want.token_ids and got.accepted == want.accepted
+        assert got.finish_reason == "length" and got.error == ""
 
 
 def test_ignore_eos_runs_to_max_new_tokens(engine):

@@ -109,11 +109,13 @@ def test_merge_parts_in_id_order_without_duplicates(tmp_path):
         with RecordWriter(part_path(out, rank, 2)) as writer:
             for i in ids:
                 writer.write({"id": i, "rank": rank})
-    assert merge_parts(out) == 7
+    report = merge_parts(out)
+    assert (report.records, report.duplicates) == (7, {"2": 2})  # reported, the first copy kept
     merged = read_records(out)
     assert [r["id"] for r in merged] == ["0", "1", "2", "3", "4", "10", "11"]
     assert [r for r in merged if r["id"] == "2"] == [{"id": "2", "rank": 0}]
-    assert merge_parts(out) == 7  # idempotent: out itself is one of the inputs
+    again = merge_parts(out)  # idempotent: out itself is one of the inputs, and not a source of duplicates
+    assert (again.records, again.duplicates) == (7, {"2": 2})
     assert read_records(out) == merged
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "out.jsonl", "out.rank00000-of-00002.jsonl", "out.rank00001-of-00002.jsonl"

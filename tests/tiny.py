@@ -55,8 +55,9 @@ def _corpus_lines() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(folder, *, extra_special_tokens=()) -> Path:
-    """Train and save the tiny tokenizer in `folder`; AutoTokenizer.from_pretrained(folder) loads it."""
+def build_tokenizer(folder, *, extra_special_tokens=(), vocab_size=BPE_VOCAB_SIZE) -> Path:
+    """Train and save the tiny tokenizer in `folder`; AutoTokenizer.from_pretrained(folder) loads it.
+    Another vocab_size gives a tokenizer that splits the same text differently."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,7 +65,7 @@ def build_tokenizer(folder, *, extra_special_tokens=()) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_corpus_lines(), trainer)
     # Added after training, so special tokens take the last ids, as in Qwen's vocabularies.

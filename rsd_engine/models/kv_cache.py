@@ -1,15 +1,33 @@
-"""Static per-slot KV cache: one preallocated K and V tensor per layer, no bookkeeping.
+"""Static per-slot KV cache whose memory is committed as it is written, not when it is made.
 
-Each layer holds K and V as [num_slots, max_seq_len + 1, num_kv_heads, head_dim]: a slot's first n
-positions are one contiguous block, so gathering slots is a few memcpys. A slot is one
-sequence; which positions of it are valid is the caller's knowledge (its length), so rolling back
-speculative tokens is just lowering that length: stale entries are overwritten before any query can
-attend to them. The extra last position is scratch space: positions >= max_seq_len (only ever padded
-entries) are written there and never attended.
+Each layer holds K and V as [num_slots, max_seq_len + 1, num_kv_heads, head_dim] views: a slot's first n
+positions are one contiguous block, so gathering slots is a few memcpys, and slots 0..B-1 are a plain
+slice. A slot is one sequence; which positions of it are valid is the caller's knowledge (its length), so
+rolling back speculative tokens is just lowering that length: stale entries are overwritten before any
+query can attend to them. The extra last position is scratch space: positions >= max_seq_len (only ever
+padded entries) are written there and never attended.
+
+Memory. On CPU the views share one anonymous memory map, laid out slot by slot (every layer's K and V of
+slot 0, then slot 1, ...), each slot padded to whole pages. The kernel hands out an anonymous page, zeroed,
+on its first write and never before (reads of an unwritten page see the shared zero page), so resident
+memory follows the positions written, not num_slots x max_seq_len; `release(slot)` gives a finished slot's
+pages back (MADV_DONTNEED) and they read as zeros again. This keeps the layout, and so the decode step's
+speed and static shapes, which a block-paged cache would trade for a gather per layer per step. Huge pages
+are switched off for the map: one write would commit 2 MB. On CUDA memory is reserved up front, as serving
+engines do (the device is the engine's), and `release` zeroes the slot.
+
+Zeros matter: masked positions inside the attention span still enter `softmax(...) @ V` with weight 0, and
+0 x NaN is NaN, so a slot must never hold NaN left by a request whose logits went non-finite.
 """
 from __future__ import annotations
 
+import mmap
+import sys
+
 import torch
+
+# Linux gives pages back with MADV_DONTNEED and refills them with zeros; elsewhere `release` writes zeros.
+_CAN_DROP_PAGES = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")
 
 
 class KVCache:
@@ -19,9 +37,29 @@ class KVCache:
             raise ValueError(f"KV cache needs num_slots >= 1 and max_seq_len >= 1, got {num_slots} and {max_seq_len}")
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
+        self.device = torch.device(device)
+        self._args = (num_layers, num_slots, max_seq_len, num_kv_heads, head_dim, dtype)
         shape = (num_slots, max_seq_len + 1, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._map = None
+        if self.device.type == "cpu":
+            self.k, self.v = self._mapped_views(num_layers, shape, dtype)
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def _mapped_views(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype):
+        num_slots, positions, heads, head_dim = shape
+        item = torch.empty((), dtype=dtype).element_size()
+        block = positions * heads * head_dim  # elements of one layer's K (or V) for one slot
+        page = mmap.PAGESIZE
+        self._slot_bytes = -(-2 * num_layers * block * item // page) * page
+        self._map = mmap.mmap(-1, num_slots * self._slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8).view(dtype)
+        stride = (self._slot_bytes // item, heads * head_dim, head_dim, 1)
+        views = [flat.as_strided(shape, stride, storage_offset=i * block) for i in range(2 * num_layers)]
+        return views[0::2], views[1::2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None, positions: torch.Tensor,
                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,5 +77,23 @@ class KVCache:
             k_out, v_out = k_cache[:, :kv_len].index_select(0, slots), v_cache[:, :kv_len].index_select(0, slots)
         return k_out.transpose(1, 2), v_out.transpose(1, 2)
 
+    def release(self, slot: int) -> None:
+        """The slot's sequence is done: give its memory back; every position of it reads as zero after."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not in [0, {self.num_slots})")
+        if self._map is not None and _CAN_DROP_PAGES:
+            self._map.madvise(mmap.MADV_DONTNEED, slot * self._slot_bytes, self._slot_bytes)
+            return
+        for t in self.k + self.v:
+            t[slot].zero_()
+
+    def __deepcopy__(self, memo) -> "KVCache":
+        *shape, dtype = self._args
+        copy = KVCache(*shape, dtype=dtype, device=self.device)
+        for mine, theirs in zip(self.k + self.v, copy.k + copy.v):
+            theirs.copy_(mine)
+        return copy
+
     def nbytes(self) -> int:
+        """Bytes the cache can hold (reserved address space on CPU, of which only written pages are resident)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

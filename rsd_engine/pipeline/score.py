@@ -9,17 +9,22 @@ the student) against RSD traces (0.09%).
 Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text),
 from chat `messages` records (--format sft), or, with completion_field, from any dataset: the
 prompt is then the question through the student's chat template, as `rsd generate` builds it.
+Ids held by more than one record in a file are reported (each copy is scored, as the file is).
+
+The JSON report is written once, at the end, to a temporary name renamed over --out: a kill -9
+leaves the previous report or the new one, whole, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import read_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import check_writable, read_records
+from .records import check_writable, describe_duplicates, duplicate_ids, read_records
 from .score_report import file_report, format_table, plot_histogram
 
 
@@ -36,6 +41,7 @@ class TraceFile:
     path: str
     traces: list[Trace] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: dict = field(default_factory=dict)  # {id: records}: an id written more than once
     scores: list[dict] = field(default_factory=list)  # per trace: {"student": [...], "teacher": [...]}
 
 
@@ -47,7 +53,7 @@ def read_traces(path, tokenizer, *, completion_field=None, question_field="quest
     rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the file is empty (no traces)")
-    out = TraceFile(str(path))
+    out = TraceFile(str(path), duplicates=duplicate_ids(r for r in rows if isinstance(r, dict)))
     for index, row in enumerate(rows):
         trace, reason = _trace(index, row, tokenizer, completion_field, question_field, system_prompt)
         if trace is None:
@@ -99,30 +105,14 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
     return Trace(trace_id, encode(prompt.text), encode(completion)), ""
 
 
-class StudentScorer:
-    """Teacher-forced log-probs under one model (the student), for scoring without a teacher."""
-
-    def __init__(self, folder, *, device="auto", dtype="auto", max_seq_len: int):
-        from rsd_engine.runtime import resolve_device, resolve_dtype
-        from rsd_engine.models import load_model
-
-        device = resolve_device(device)
-        self.model = load_model(folder, dtype=resolve_dtype(dtype, device), device=device)
-        self.cache = self.model.new_cache(1, max_seq_len)
-        self.max_seq_len = max_seq_len
-
-    def logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-        from rsd_engine.scoring import teacher_forced_logprobs
-
-        seq = prompt_ids + completion_ids
-        if len(seq) > self.max_seq_len:
-            raise ValueError(f"trace of {len(seq)} tokens is longer than max_seq_len {self.max_seq_len}")
-        return teacher_forced_logprobs(self.model, self.cache, seq)[len(prompt_ids) - 1:]
+SCORE_BATCH = 16  # traces per forward (cache slots)
+GROUP = 8 * SCORE_BATCH  # traces per scoring call: the progress bar moves between calls
 
 
 def score_files(files: list[TraceFile], *, student, teacher=None, device="auto", dtype="auto", sampler="auto",
                 progress=False) -> None:
-    """Fill each file's per-trace scores: student (and teacher) log-probs of every completion token."""
+    """Fill each file's per-trace scores: student (and teacher) log-probs of every completion token,
+    SCORE_BATCH traces per forward."""
     traces = [t for f in files for t in f.traces]
     for f in files:
         for t in f.traces:
@@ -131,25 +121,41 @@ def score_files(files: list[TraceFile], *, student, teacher=None, device="auto",
     longest = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
     # Mapped special tokens take several teacher ids: leave room for them.
     max_seq_len = longest + 64 + longest // 8
-    bar = _bar(len(traces), progress)
     if teacher is None:
-        scorer = StudentScorer(student, device=device, dtype=dtype, max_seq_len=max_seq_len)
-        for f in files:
-            for t in f.traces:
-                f.scores.append({"student": scorer.logprobs(t.prompt_ids, t.completion_ids)})
-                _tick(bar)
+        from rsd_engine.models import load_model
+        from rsd_engine.runtime import resolve_device, resolve_dtype
+        from rsd_engine.scoring import score_sequences
+
+        device = resolve_device(device)
+        model = load_model(student, dtype=resolve_dtype(dtype, device), device=device)
+        cache = model.new_cache(SCORE_BATCH, max_seq_len)
+
+        def score(group):
+            lps = score_sequences(model, cache, [t.prompt_ids + t.completion_ids for t in group],
+                                  [len(t.prompt_ids) for t in group])
+            return [{"student": lp} for lp in lps]
     else:
         from rsd_engine.engine import Engine
 
-        engine = Engine(teacher, student, device=device, dtype=dtype, max_batch_size=1, max_seq_len=max_seq_len,
-                        sampler=sampler)
-        for f in files:
-            for t in f.traces:
-                s = engine.score_batch([t.prompt_ids], [t.completion_ids])[0]
-                f.scores.append({"student": s.student_logprobs, "teacher": s.teacher_logprobs})
-                _tick(bar)
+        engine = Engine(teacher, student, device=device, dtype=dtype, max_batch_size=SCORE_BATCH,
+                        max_seq_len=max_seq_len, sampler=sampler)
+
+        def score(group):
+            scores = engine.score_batch([t.prompt_ids for t in group], [t.completion_ids for t in group])
+            return [{"student": s.student_logprobs, "teacher": s.teacher_logprobs} for s in scores]
+    scores = []
+    bar = _bar(len(traces), progress)
+    for first in range(0, len(traces), GROUP):
+        group = traces[first: first + GROUP]
+        scores.extend(score(group))
+        if bar is not None:
+            bar.update(len(group))
     if bar is not None:
         bar.close()
+    at = 0
+    for f in files:
+        f.scores.extend(scores[at: at + len(f.traces)])
+        at += len(f.traces)
 
 
 def _bar(total, enabled):
@@ -157,12 +163,7 @@ def _bar(total, enabled):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="rsd score", unit="trace", dynamic_ncols=True)
-
-
-def _tick(bar):
-    if bar is not None:
-        bar.update(1)
+    return tqdm(total=total, desc="rsd score", unit="trace", dynamic_ncols=True, disable=None)  # None: terminals only
 
 
 def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, completion_field=None,
@@ -185,11 +186,15 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
     reports = [file_report(f) for f in files]
     log(format_table(reports))
     for f in files:
+        if f.duplicates:
+            log(f"{f.path}: warning: {describe_duplicates(f.duplicates)}; each copy is scored")
         if f.skipped:
             log(f"{f.path}: skipped {len(f.skipped)} rows (first: row {f.skipped[0][0]}, {f.skipped[0][1]})")
     if out is not None:
-        Path(out).write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
-                                         "files": reports}, indent=1) + "\n")
+        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        tmp.write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
+                                   "files": reports}, indent=1) + "\n")
+        os.replace(tmp, out)
         log(f"report: {out}")
     if plot is not None:
         plot_histogram(files, plot)

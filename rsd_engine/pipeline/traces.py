@@ -42,15 +42,20 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
                   max_fallback: float) -> Attempt:
     text, eos = result.text, result.finish_reason == "eos"
     closed = not thinking or THINK_CLOSE in text
-    if thinking:
-        answer = extract_final_answer(text[text.rindex(THINK_CLOSE):]) if closed else None
-    else:
-        answer = extract_final_answer(text)
+    answer = final_answer(text, thinking)
     token_ids = result.token_ids[:-1] if eos else list(result.token_ids)
     fallback_share = 1.0 - result.acceptance_rate if result.accepted else 0.0
     correct = reference is not None and is_correct(answer, reference)
     valid = closed and eos and fallback_share <= max_fallback
     return Attempt(index, result, token_ids, answer, correct, closed, eos, fallback_share, valid)
+
+
+def final_answer(text: str, thinking: bool) -> str | None:
+    """The last \\boxed{} answer; after the reasoning block when the prompt opened one (an unclosed
+    block has no answer)."""
+    if not thinking:
+        return extract_final_answer(text)
+    return extract_final_answer(text[text.rindex(THINK_CLOSE):]) if THINK_CLOSE in text else None
 
 
 def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
@@ -69,14 +74,19 @@ def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
 
 
 def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], *, prefix_tokens: int,
-                 decode) -> dict:
-    """The record of `problem` (see the module docstring); `decode(ids)` turns token ids into text."""
+                 decode, choose=None) -> dict:
+    """The record of `problem` (see the module docstring); `decode(ids)` turns token ids into text.
+    `choose(problem, solved)`, when given, picks among the solved attempts instead of the shortest and
+    returns (attempt, fields added to the record) — `--select provenance`."""
     solved = [a for a in attempts if a.valid and a.correct]
     valid = [a for a in attempts if a.valid]
+    extra = {}
     if problem.answer is None:
         status, kept = "unverified", min(valid, key=_length) if valid else attempts[0]
     elif solved:
         status, kept = "solved", min(solved, key=_length)
+        if choose is not None:
+            kept, extra = choose(problem, solved)
     else:
         status, kept = "prefix", attempts[0]
     ids = kept.token_ids[:prefix_tokens] if status == "prefix" else kept.token_ids
@@ -98,6 +108,7 @@ def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], 
         "finish_reason": r.finish_reason,
         "seed": r.seed,
         "stats": trace_stats(r.accepted[:n], r.teacher_logprobs[:n], r.student_logprobs[:n]),
+        **extra,
     }
 
 

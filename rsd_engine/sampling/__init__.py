@@ -1,10 +1,15 @@
-"""One RSD-sample op, three backends: ``reference`` (PyTorch), ``cpp`` (csrc/, CPU) and ``triton``
-(kernels/, CUDA, or CPU under ``TRITON_INTERPRET=1``). All take and return the same tensors; see
-``reference.py`` for the contract."""
+"""The sampling ops, three backends each: ``reference`` (PyTorch), ``cpp`` (csrc/, CPU) and ``triton``
+(kernels/, CUDA, or CPU under ``TRITON_INTERPRET=1``). All backends of an op take and return the same
+tensors. ``rsd_sample``: one RSD step (contract in reference.py). ``sample_tokens``: one model's
+truncated sampling (sample_reference.py). ``rsd_verify``: the verify step of a speculative round
+(verify_reference.py)."""
 from __future__ import annotations
 
+from .checks import check_sample_inputs, check_verify_inputs
 from .reference import (FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, SampleOutput,
                         rsd_sample_reference)
+from .sample_reference import SAMPLE_FLAGGED, sample_tokens_reference
+from .verify_reference import VerifyOutput, rsd_verify_reference
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -45,6 +50,40 @@ def rsd_sample(teacher_logits, student_logits, uniforms, params: RowParams, prop
     raise ValueError(f"unknown sampler backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def sample_tokens(logits, uniforms, temperature, top_k, top_p, mask, backend: str = "reference"):
+    """token [B] int64 ~ truncate(softmax(logits / temperature) on mask, top_k, top_p), one uniform per row."""
+    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)
+    if backend == "reference":
+        return sample_tokens_reference(logits, uniforms, temperature, top_k, top_p, mask)
+    if backend == "cpp":
+        from .cpp_verify import sample_tokens_cpp
+
+        return sample_tokens_cpp(logits, uniforms, temperature, top_k, top_p, mask)
+    if backend == "triton":
+        from .triton_verify import sample_tokens_triton
+
+        return sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask)
+    raise ValueError(f"unknown sampler backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def rsd_verify(teacher_logits, student_logits, draft, num_draft, uniforms, params: RowParams, proposal_mask,
+               fallback_mask, backend: str = "reference") -> VerifyOutput:
+    """Verifies a speculative round of G drafts against the RSD law; see verify_reference.py."""
+    args = (teacher_logits, student_logits, draft, num_draft, uniforms, params, proposal_mask, fallback_mask)
+    check_verify_inputs(*args)
+    if backend == "reference":
+        return rsd_verify_reference(*args)
+    if backend == "cpp":
+        from .cpp_verify import rsd_verify_cpp
+
+        return rsd_verify_cpp(*args)
+    if backend == "triton":
+        from .triton_verify import rsd_verify_triton
+
+        return rsd_verify_triton(*args)
+    raise ValueError(f"unknown sampler backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
 def _cpp_available() -> bool:
     try:
         from .. import _C  # noqa: F401
@@ -61,5 +100,6 @@ def _triton_available() -> bool:
     return True
 
 
-__all__ = ["BACKENDS", "FLAG_REASONS", "NO_ALLOWED_TOKEN", "RowParams", "SampleOutput", "STUDENT_NONFINITE",
-           "TEACHER_NONFINITE", "resolve_backend", "rsd_sample", "rsd_sample_reference"]
+__all__ = ["BACKENDS", "FLAG_REASONS", "NO_ALLOWED_TOKEN", "RowParams", "SAMPLE_FLAGGED", "SampleOutput",
+           "STUDENT_NONFINITE", "TEACHER_NONFINITE", "VerifyOutput", "resolve_backend", "rsd_sample",
+           "rsd_sample_reference", "rsd_verify", "rsd_verify_reference", "sample_tokens", "sample_tokens_reference"]

@@ -51,9 +51,10 @@ import torch
 TEACHER_NONFINITE = -1
 STUDENT_NONFINITE = -2
 NO_ALLOWED_TOKEN = -3
+# What a flagged (negative) token means, for the messages of requests that end with it.
 FLAG_REASONS: dict[int, str] = {
-    TEACHER_NONFINITE: "the teacher produced NaN or +inf logits",
-    STUDENT_NONFINITE: "the student produced NaN or +inf logits",
+    TEACHER_NONFINITE: "the teacher's logits hold NaN or +inf",
+    STUDENT_NONFINITE: "the student's logits hold NaN or +inf",
     NO_ALLOWED_TOKEN: "the student had to write the token, but every id it may write (the fallback mask) "
                       "has logit -inf",
 }

@@ -1,0 +1,205 @@
+"""`rsd eval`: how often does a model solve the problems? N samples per problem from the model
+alone, each final answer checked with math-verify as `rsd generate` checks them.
+
+Accuracy is the mean over problems of each problem's mean over its samples (avg@N); its 95%
+interval is a percentile bootstrap over problems (problems resampled with replacement, 10,000
+times, fixed seed), which treats a problem's samples as the correlated unit they are.
+
+Every generation is written (and fsynced) as it finishes, one line with id, sample, question,
+answer, response, final_answer and correct, so the file feeds `rsd provenance`, and a kill -9
+loses only the generations in flight: a rerun skips the (id, sample) pairs already written. The
+seed of a sample is a hash of (--seed, problem id, sample index), so reruns and any number of
+ranks give the same generations. Under torchrun each rank takes every world_size-th problem and
+writes its own part; rank 0 merges them (else `rsd merge OUT`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rsd_engine.params import SamplingParams
+
+from .answers import is_correct
+from .data import load_problems, shard_problems
+from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
+from .generate import attempt_seed
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .records import RecordWriter, check_writable, part_path, read_records
+from .traces import final_answer
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    data: str
+    out: str
+    samples: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)  # temperature, top_p, top_k, max_new_tokens
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    seed: int = 0
+    limit: int | None = None
+    max_batch_size: int = 32
+    max_seq_len: int | None = None  # None: the longest prompt + max_new_tokens
+    device: str = "auto"
+    dtype: str = "auto"
+    sampler: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, lo in (("samples", 1), ("max_batch_size", 1), ("limit", 1), ("max_seq_len", 2)):
+            value = getattr(self, name)
+            if value is None and name in ("limit", "max_seq_len"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= {lo}")
+
+
+def generate_samples(opts: EvalOptions, prompts: list[list[int]], params: list[SamplingParams], device,
+                     max_seq_len: int):
+    """(index, GenerationResult) for each prompt as it finishes: the model alone (Generator)."""
+    from rsd_engine.generator import Generator
+
+    generator = Generator(opts.model, device=device, dtype=opts.dtype, max_batch_size=opts.max_batch_size,
+                          max_seq_len=max_seq_len, sampler=opts.sampler)
+    yield from generator.generate_iter(prompts, params)
+
+
+def run_eval(opts: EvalOptions, log=print) -> dict:
+    """Generate and grade what `opts` asks for; returns the summary (see accuracy_summary)."""
+    from rsd_engine.tokens import load_tokenizer
+
+    dist = Dist.from_env()
+    out = Path(opts.out)
+    target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    check_writable(target)
+    if not Path(opts.model).is_dir():
+        raise FileNotFoundError(f"model folder not found: {opts.model}")
+    problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
+                                id_field=opts.id_field)
+    problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
+    graded = [p for p in problems if p.answer is not None]
+    if not graded:
+        raise ValueError(f"{opts.data}: none of the {len(problems)} problems has a reference answer "
+                         f"(field {opts.answer_field!r}); rsd eval needs answers to check against")
+    mine = shard_problems(graded, dist.rank, dist.world_size)
+    done = {(str(r.get("id")), r.get("sample")) for path in {target, out} for r in read_records(path)}
+    todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
+    tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
+             "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine), "already_done": 0,
+             "written": 0, "too_long": [], "tokens": 0, "seconds": 0.0}
+    tally["already_done"] = len(mine) * opts.samples - len(todo)
+    group = init_process_group(dist, log)
+    try:
+        if todo:
+            tokenizer = load_tokenizer(opts.model)
+            _eval(opts, todo, tokenizer, target, tally, dist)
+        log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
+        if group:
+            barrier_and_merge(dist, out, log)
+        elif dist.world_size > 1:
+            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
+        if dist.rank != 0:
+            return tally
+        shown = out if (group or dist.world_size == 1) and out.is_file() else target
+        summary = accuracy_summary(read_records(shown))
+        log(format_accuracy(summary, shown))
+        return {**tally, **summary}
+    finally:
+        if group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _eval(opts: EvalOptions, todo, tokenizer, target, tally, dist):
+    prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p, _ in todo}
+    prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
+    max_seq_len = opts.max_seq_len or max(map(len, prompt_ids.values())) + opts.params.max_new_tokens
+    fits = [(p, s) for p, s in todo if len(prompt_ids[p.id]) < max_seq_len]
+    tally["too_long"] = sorted({p.id for p, s in todo if len(prompt_ids[p.id]) >= max_seq_len})
+    if not fits:
+        return
+    params = [_sample_params(opts.params, attempt_seed(opts.seed, p.id, s)) for p, s in fits]
+    bar = None
+    if opts.progress and dist.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(fits), desc=f"{dist.tag}rsd eval", unit="sample", dynamic_ncols=True)
+    start = time.perf_counter()
+    with RecordWriter(target) as writer:
+        try:
+            for index, result in generate_samples(opts, [prompt_ids[p.id] for p, _ in fits], params,
+                                                  rank_device(opts.device, dist), max_seq_len):
+                problem, sample = fits[index]
+                answer = final_answer(result.text, prompts[problem.id].thinking)
+                record = {"id": problem.id, "sample": sample, "question": problem.question, "answer": problem.answer,
+                          "response": result.text, "final_answer": answer, "correct": is_correct(answer, problem.answer),
+                          "finish_reason": result.finish_reason, "tokens": len(result.token_ids), "seed": result.seed}
+                if getattr(result, "error", None):
+                    record["error"] = result.error
+                writer.write(record)
+                tally["written"] += 1
+                tally["tokens"] += len(result.token_ids)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            tally["seconds"] = time.perf_counter() - start
+            if bar is not None:
+                bar.close()
+
+
+def _sample_params(base: SamplingParams, seed: int) -> SamplingParams:
+    """The fields a single model uses (the RSD-only ones stay at their defaults)."""
+    return SamplingParams(max_new_tokens=base.max_new_tokens, temperature=base.temperature, top_p=base.top_p,
+                          top_k=base.top_k, seed=seed)
+
+
+def accuracy_summary(records: list[dict]) -> dict:
+    """avg@N accuracy (mean over problems of the mean over samples) with a 95% bootstrap interval."""
+    import numpy as np
+
+    per_problem: dict[str, list[bool]] = {}
+    for r in records:
+        per_problem.setdefault(str(r["id"]), []).append(bool(r.get("correct")))
+    means = np.array([sum(v) / len(v) for v in per_problem.values()], dtype=np.float64)
+    if len(means) == 0:
+        return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None}
+    rng = np.random.default_rng(0)
+    boot = means[rng.integers(0, len(means), size=(BOOTSTRAP_RESAMPLES, len(means)))].mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    counts = sorted({len(v) for v in per_problem.values()})
+    return {"problems_graded": len(means), "samples": sum(map(len, per_problem.values())),
+            "samples_per_problem": counts, "accuracy": float(means.mean()), "interval": [float(low), float(high)]}
+
+
+def format_accuracy(s: dict, path) -> str:
+    if s["accuracy"] is None:
+        return f"no generations in {path}"
+    per = s["samples_per_problem"]
+    per = str(per[0]) if len(per) == 1 else f"{per[0]}-{per[-1]}"
+    low, high = s["interval"]
+    return (f"accuracy: {s['accuracy']:.2%}  (95% bootstrap interval over problems: {low:.2%} to {high:.2%}; "
+            f"{s['problems_graded']} problems x {per} samples, {path})")
+
+
+def _format_tally(t: dict, target) -> str:
+    lines = [f"problems: {t['problems']} ({t['already_done']} samples already in the output, {t['written']} "
+             f"written now)"]
+    if t["skipped_rows"]:
+        number, why = t["skipped_rows"][0]
+        lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+    if t["no_answer"]:
+        lines.append(f"skipped problems without a reference answer: {t['no_answer']}")
+    if t["too_long"]:
+        lines.append(f"skipped (prompt longer than --max-seq-len): {len(t['too_long'])} problems")
+    if t["written"]:
+        lines.append(f"tokens: {t['tokens']}  {t['tokens'] / max(t['seconds'], 1e-9):.1f} tokens/s")
+    lines.append(f"output: {target}")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""`rsd provenance`: where each sentence of a response comes from — teacher, student, both, or
+boosted by distillation (DESIGN §9; rules in categories.py).
+
+Output is one JSON line per sentence; a response's lines are written together and fsynced, and
+each line names how many sentences its response has, so a response cut short by a kill -9 is
+recognised and dropped when the run resumes (rerun the same command to continue). Under torchrun
+each rank takes every world_size-th response and writes its own part; rank 0 merges the parts
+(else `rsd merge OUT`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .categories import DEFAULT_BETA, check_beta
+from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
+from .prompts import DEFAULT_SYSTEM_PROMPT
+from .provenance_report import category_shares, format_shares, plot_shares
+from .readers import Reader
+from .records import RecordWriter, check_writable, part_path, read_records
+from .responses import load_responses
+from .tracing import Tracer
+
+
+@dataclass
+class ProvenanceOptions:
+    teacher: str
+    student: str
+    data: str
+    out: str
+    distilled: str | None = None
+    question_field: str = "question"
+    response_field: str = "response"
+    id_field: str = "id"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    beta: float = DEFAULT_BETA
+    max_seq_len: int | None = None  # None: the longest response, up to the models' context
+    batch_size: int = 8  # responses per forward
+    limit: int | None = None
+    plot: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        for name in ("max_seq_len", "limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2 - (
+                    name == "limit")):
+                raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= "
+                                 f"{2 if name == 'max_seq_len' else 1}")
+
+
+def make_tracer(opts, dist: Dist, roles=("teacher", "student", "distilled")) -> Tracer:
+    device = rank_device(opts.device, dist)
+    readers = {role: Reader(role, getattr(opts, role), device=device, dtype=opts.dtype)
+               for role in roles if getattr(opts, role, None) is not None}
+    return Tracer(readers, beta=opts.beta, batch_size=opts.batch_size)
+
+
+def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
+    dist = Dist.from_env()
+    out = Path(opts.out)
+    target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    check_writable(target)
+    if opts.plot:
+        check_writable(opts.plot)
+    tracer = make_tracer(opts, dist)
+    data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
+                          id_field=opts.id_field, system_prompt=opts.system_prompt)
+    responses = data.responses[: opts.limit] if opts.limit else data.responses
+    mine = responses[dist.rank:: dist.world_size]
+    dropped = drop_incomplete(target)
+    done = complete_keys(target)
+    todo = [r for r in mine if r.key not in done]
+    usable, skipped = tracer.prepare(todo, opts.max_seq_len)
+    tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+             "responses": len(mine), "already_done": len(mine) - len(todo), "torn_dropped": dropped,
+             "skipped": [(r.key, why) for r, why in skipped], "traced": 0, "sentences": 0, "seconds": 0.0}
+    group = init_process_group(dist, log)
+    try:
+        if usable:
+            _trace_all(tracer, usable, target, tally, opts.progress and dist.rank == 0, dist)
+        log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
+        if group:
+            barrier_and_merge(dist, out, log)
+        elif dist.world_size > 1:
+            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
+        if dist.rank == 0:
+            shown = out if (group or dist.world_size == 1) and out.is_file() else target
+            report = category_shares(read_records(shown))
+            log(format_shares(report, distilled=opts.distilled is not None) if report["responses"]
+                else f"no sentences in {shown}")
+            if opts.plot and report["responses"]:
+                plot_shares(report, opts.plot, distilled=opts.distilled is not None)
+                log(f"plot: {opts.plot}")
+            tally["report"] = report
+        return tally
+    finally:
+        if group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _trace_all(tracer: Tracer, usable, target, tally, progress: bool, dist: Dist):
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(usable), desc=f"{dist.tag}rsd provenance", unit="response", dynamic_ncols=True)
+    tracer.load()
+    start = time.perf_counter()
+    try:
+        with RecordWriter(target) as writer:
+            for first in range(0, len(usable), tracer.batch_size):
+                batch = tracer.trace_batch(usable[first: first + tracer.batch_size])
+                for traced in batch:
+                    writer.write_many(traced.records())
+                    tally["traced"] += 1
+                    tally["sentences"] += len(traced.sentences)
+                if bar is not None:
+                    bar.update(len(batch))
+                    bar.set_postfix({"sent/s": f"{tally['sentences'] / (time.perf_counter() - start):.1f}"},
+                                    refresh=False)
+    finally:
+        tally["seconds"] = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+
+
+def _format_tally(t: dict, target) -> str:
+    lines = [f"responses: {t['responses']} ({t['already_done']} already in the output, {t['traced']} traced now)"]
+    if t["skipped_rows"]:
+        number, why = t["skipped_rows"][0]
+        lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+    if t["skipped"]:
+        (rid, sample), why = t["skipped"][0]
+        lines.append(f"skipped responses: {len(t['skipped'])} (first: id {rid} sample {sample}: {why})")
+    if t["torn_dropped"]:
+        lines.append(f"dropped {t['torn_dropped']} sentences of a response cut short by the last run (traced again)")
+    if t["traced"]:
+        lines.append(f"sentences: {t['sentences']}  {t['sentences'] / max(t['seconds'], 1e-9):.1f} sentences/s")
+    lines.append(f"output: {target}")
+    return "\n".join(lines)
+
+
+def complete_keys(path) -> set[tuple[str, int]]:
+    """(id, sample) of the responses whose every sentence line is in `path`."""
+    seen: dict[tuple[str, int], set[int]] = {}
+    total = {}
+    for line in read_records(path):
+        key = (str(line.get("id")), line.get("sample", 0))
+        seen.setdefault(key, set()).add(line.get("index"))
+        total[key] = line.get("sentences")
+    return {key for key, indices in seen.items() if len(indices) == total[key]}
+
+
+def drop_incomplete(path) -> int:
+    """Remove the lines of responses cut short (only the last write can be); returns how many."""
+    path = Path(path)
+    lines = read_records(path)
+    done = complete_keys(path)
+    keep = [line for line in lines if (str(line.get("id")), line.get("sample", 0)) in done]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.repair")
+    tmp.unlink(missing_ok=True)
+    with RecordWriter(tmp) as writer:
+        writer.write_many(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)

@@ -1,0 +1,111 @@
+"""One model reading a question and a response, each in its own words: the question through the
+model's own chat template, the response as plain text tokenised by the model's own tokenizer.
+
+A Reader gives the log-probability of every response token given everything before it, and each
+token's character span in the response, which is what makes sentences comparable across models
+with different tokenizers (see sentences.py). The model is loaded only when first needed, so a
+whole dataset can be checked (lengths, unreadable text) before any weights are read.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompts import THINK_OPEN, build_prompt
+
+
+class Unreadable(ValueError):
+    """This model cannot read this text faithfully (unknown tokens, ids beyond its embedding)."""
+
+
+@dataclass
+class Reading:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    offsets: list[tuple[int, int]]  # per response token: its characters in the response
+
+    def __len__(self):
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+class Reader:
+    def __init__(self, role: str, folder, *, device="auto", dtype="auto", model=None, tokenizer=None):
+        from rsd_engine.models import load_config
+        from rsd_engine.tokens import load_tokenizer
+
+        self.role, self.folder = role, Path(folder)
+        if model is None and not self.folder.is_dir():
+            raise FileNotFoundError(f"--{role} model folder not found: {folder}")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"the {role}'s tokenizer in {folder} is a slow (Python) tokenizer; provenance needs "
+                             f"character offsets, which only fast tokenizers (tokenizer.json) give")
+        self.config = model.config if model is not None else load_config(folder)
+        self.device, self.dtype = device, dtype
+        self._model, self._cache, self.max_seq_len = model, None, None
+        self._prompt = functools.lru_cache(maxsize=64)(self._prompt_ids)
+
+    @property
+    def context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def read(self, question: str, response: str, system: str) -> Reading:
+        """Token ids and offsets of the prompt and response; Unreadable when the tokenizer cannot
+        represent the text."""
+        prompt_ids = self._prompt(question, system)
+        enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        self._check_ids(ids, offsets, response, "response")
+        return Reading(prompt_ids, ids, offsets)
+
+    def _prompt_ids(self, question: str, system: str) -> list[int]:
+        text = build_prompt(self.tokenizer, question, system).text
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        self._check_ids(list(enc["input_ids"]), enc["offset_mapping"], text, "question in its chat template")
+        return list(enc["input_ids"])
+
+    def _check_ids(self, ids, offsets, text, what):
+        unk = self.tokenizer.unk_token_id
+        for tok, (a, b) in zip(ids, offsets):
+            if unk is not None and tok == unk:
+                raise Unreadable(f"the {self.role}'s tokenizer cannot read the {what}: {text[a:b]!r} at character "
+                                 f"{a} becomes the unknown token")
+            if tok >= self.config.vocab_size:
+                raise Unreadable(f"the {self.role}'s tokenizer gives id {tok} for {text[a:b]!r}, beyond the "
+                                 f"model's {self.config.vocab_size} embedding rows")
+
+    def allocate(self, max_seq_len: int, slots: int = 1) -> None:
+        """Load the model (if not given) and a cache of `slots` sequences of max_seq_len positions."""
+        from rsd_engine.models import load_model
+        from rsd_engine.runtime import resolve_device, resolve_dtype
+
+        if self._model is None:
+            device = resolve_device(self.device)
+            self._model = load_model(self.folder, dtype=resolve_dtype(self.dtype, device), device=device)
+            self._model.pack_head_for_cpu()
+        if self._cache is None or (self.max_seq_len, self._cache.num_slots) != (max_seq_len, slots):
+            self._cache = None  # free the old one first
+            self._cache = self._model.new_cache(slots, max_seq_len)
+            self.max_seq_len = max_seq_len
+
+    def logprobs(self, readings: list[Reading]) -> list[list[float]]:
+        """Per reading: log p(token | everything before it) for each response token, a batch of
+        readings per forward."""
+        from rsd_engine.scoring import score_sequences
+
+        for r in readings:
+            if len(r) > self.max_seq_len:
+                raise ValueError(f"{len(r)} tokens exceed the {self.role}'s max_seq_len {self.max_seq_len}")
+        return score_sequences(self._model, self._cache, [r.prompt_ids + r.response_ids for r in readings],
+                               [len(r.prompt_ids) for r in readings])
+
+
+def strip_think_open(text: str) -> str:
+    """The assistant turn of a chat record without the thinking block its prompt opened: each model
+    opens (or not) its own block through its own template."""
+    if text.startswith(THINK_OPEN):
+        text = text[len(THINK_OPEN):]
+        return text[1:] if text.startswith("\n") else text
+    return text

@@ -1,0 +1,104 @@
+"""Responses in: rows with a question and a response, or chat `messages` records (`rsd generate
+--format sft`), as read by `rsd provenance` and `rsd select`.
+
+Every response has a key (id, sample): the id from --id-field when the row has one (else the row
+number), the sample from the row's `sample` field (`rsd eval` output), else the count of earlier
+rows with the same id, so several candidates per problem stay apart. Unusable rows (missing
+fields, empty responses) are skipped and listed; no usable row at all is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import read_rows
+from .readers import strip_think_open
+from .records import read_records
+
+
+@dataclass(frozen=True)
+class Response:
+    id: str
+    sample: int
+    question: str
+    system: str
+    text: str
+    row: dict = field(repr=False, compare=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.id, self.sample
+
+
+@dataclass
+class ResponseSet:
+    responses: list[Response]
+    skipped: list[tuple[int, str]]  # (row number, reason)
+    num_rows: int
+    has_ids: bool  # some row had the id field
+
+
+def load_responses(path, *, question_field="question", response_field="response", id_field="id",
+                   system_prompt: str = "") -> ResponseSet:
+    path = Path(path)
+    rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: the file is empty (no responses)")
+    responses, skipped, seen, per_id = [], [], {}, {}
+    has_ids = any(isinstance(r, dict) and r.get(id_field) is not None for r in rows)
+    for number, row in enumerate(rows):
+        response, reason = _response(number, row, question_field, response_field, id_field, system_prompt)
+        if response is None:
+            skipped.append((number, reason))
+            continue
+        if response.sample < 0:
+            response = Response(response.id, per_id.get(response.id, 0), response.question, response.system,
+                                response.text, response.row)
+        per_id[response.id] = max(per_id.get(response.id, 0), response.sample + 1)
+        if response.key in seen:
+            raise ValueError(f"{path}: rows {seen[response.key]} and {number} are both id {response.id!r} sample "
+                             f"{response.sample}; each (id, sample) must be one response")
+        seen[response.key] = number
+        responses.append(response)
+    if not responses:
+        first = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        raise ValueError(f"{path}: none of the {len(rows)} rows is a usable response ({skipped[0][1]}); fields of "
+                         f"the first row: {first}. Expected --question-field {question_field!r} and --response-field "
+                         f"{response_field!r}, or chat 'messages'.")
+    return ResponseSet(responses, skipped, len(rows), has_ids)
+
+
+def _response(number, row, question_field, response_field, id_field, system_prompt):
+    if not isinstance(row, dict):
+        return None, f"row is a {type(row).__name__}, not an object"
+    rid = row.get(id_field)
+    if isinstance(rid, (dict, list)):
+        return None, f"{id_field!r} is a {type(rid).__name__}, not an id"
+    rid = str(number) if rid is None else str(rid)
+    sample = row.get("sample")
+    sample = sample if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else -1
+    if response_field not in row and isinstance(row.get("messages"), list):
+        return _chat(rid, sample, row)
+    question, text = row.get(question_field), row.get(response_field)
+    if not isinstance(question, str) or not question.strip():
+        return None, f"no {question_field!r} text"
+    if not isinstance(text, str):
+        return None, f"no {response_field!r} text"
+    if not text.strip():
+        return None, "empty response"
+    return Response(rid, sample, question, system_prompt, text, row), ""
+
+
+def _chat(rid, sample, row):
+    messages = row["messages"]
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        return None, "'messages' does not end with an assistant turn"
+    user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    if not isinstance(user, str) or not user.strip():
+        return None, "'messages' has no user turn"
+    system = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"), "")
+    text = messages[-1].get("content")
+    if not isinstance(text, str) or not strip_think_open(text).strip():
+        return None, "empty response"
+    return Response(rid, sample, user, system or "", strip_think_open(text), row), ""

@@ -1,0 +1,122 @@
+"""Sentence provenance of one response under several models (DESIGN §9).
+
+Each model reads the response in its own context (readers.py); a sentence's probability under a
+model is the geometric mean of its tokens' probabilities, exp(mean log p), over the tokens that
+belong to it (sentences.py); its category follows categories.py. Responses a model cannot read
+(unknown tokens), or longer than max_seq_len under any model, are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .categories import DEFAULT_BETA, categorize, check_beta
+from .readers import Reader, Unreadable
+from .responses import Response
+from .sentences import Sentence, merge_empty, sentence_starts, split_sentences, token_sentences
+
+ROLES = ("teacher", "student", "distilled")
+
+
+@dataclass
+class Traced:
+    response: Response
+    sentences: list[Sentence]
+    probs: dict[str, list[float]]  # role -> per-sentence probability
+    categories: list[str]
+    tokens: int  # the response's length in the student's tokens
+
+    @property
+    def teacher_sentences(self) -> int:
+        return self.categories.count("teacher")
+
+    @property
+    def teacher_share(self) -> float:
+        return self.teacher_sentences / len(self.sentences)
+
+    def records(self) -> list[dict]:
+        """One JSON line per sentence."""
+        r, n = self.response, len(self.sentences)
+        out = []
+        for i, (sentence, category) in enumerate(zip(self.sentences, self.categories)):
+            line = {"id": r.id, "sample": r.sample, "index": i, "sentences": n, "text": sentence.text}
+            line.update({f"p_{role}": p[i] for role, p in self.probs.items()})
+            line["category"] = category
+            out.append(line)
+        return out
+
+
+class Tracer:
+    """Readers for teacher, student and (optionally) distilled model, and the margin beta."""
+
+    def __init__(self, readers: dict[str, Reader], *, beta: float = DEFAULT_BETA, batch_size: int = 8):
+        if set(readers) - set(ROLES) or not {"teacher", "student"} <= set(readers):
+            raise ValueError(f"readers must be teacher, student and optionally distilled, got {sorted(readers)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"--batch-size = {batch_size!r}: must be an integer >= 1")
+        self.readers, self.beta, self.batch_size = readers, check_beta(beta), batch_size
+        self.max_seq_len = None
+
+    def prepare(self, responses: list[Response], max_seq_len: int | None = None):
+        """Check every response before any model is loaded: (usable, skipped as (response, reason)).
+        max_seq_len None fits the longest usable response, up to the smallest model context."""
+        lengths, skipped = {}, []
+        for r in responses:
+            try:
+                lengths[r.key] = max(len(reader.read(r.question, r.text, r.system)) for reader in
+                                     self.readers.values())
+            except Unreadable as err:
+                skipped.append((r, str(err)))
+        if max_seq_len is None:
+            context = min(reader.context for reader in self.readers.values())
+            max_seq_len = min(max(lengths.values(), default=2), context)
+        usable = []
+        for r in responses:
+            n = lengths.get(r.key)
+            if n is not None and n > max_seq_len:
+                skipped.append((r, f"{n} tokens with its prompt, longer than max_seq_len {max_seq_len}"))
+            elif n is not None:
+                usable.append(r)
+        self.max_seq_len = max(max_seq_len, 2)
+        return usable, skipped
+
+    def load(self):
+        for reader in self.readers.values():
+            reader.allocate(self.max_seq_len, self.batch_size)
+
+    def trace(self, response: Response) -> Traced:
+        return self.trace_batch([response])[0]
+
+    def trace_batch(self, responses: list[Response]) -> list[Traced]:
+        """Responses scored together (up to batch_size sequences per forward under each model)."""
+        readings = {role: [reader.read(r.question, r.text, r.system) for r in responses]
+                    for role, reader in self.readers.items()}
+        logprobs = {role: self.readers[role].logprobs(readings[role]) for role in readings}
+        return [self._sentences(r, {role: readings[role][k] for role in readings},
+                                {role: logprobs[role][k] for role in readings}) for k, r in enumerate(responses)]
+
+    def _sentences(self, response: Response, readings: dict, logprobs: dict) -> Traced:
+        text = response.text
+        starts = sentence_starts(text)
+        while True:
+            owners = {role: token_sentences(text, r.offsets, starts) for role, r in readings.items()}
+            counts = [[o.count(i) for i in range(len(starts))] for o in owners.values()]
+            merged = merge_empty(starts, counts)
+            if merged == starts:
+                break
+            starts = merged
+        probs = {role: _geometric_means(logprobs[role], owners[role], len(starts)) for role in readings}
+        categories = [categorize(probs["teacher"][i], probs["student"][i],
+                                 probs["distilled"][i] if "distilled" in probs else None, beta=self.beta)
+                      for i in range(len(starts))]
+        return Traced(response, split_sentences(text, starts), probs, categories,
+                      len(readings["student"].response_ids))
+
+
+def _geometric_means(logprobs: list[float], owners: list[int], n: int) -> list[float]:
+    sums, counts = [0.0] * n, [0] * n
+    for lp, i in zip(logprobs, owners):
+        sums[i] += lp
+        counts[i] += 1
+    return [math.exp(s / c) for s, c in zip(sums, counts)]

@@ -1,0 +1,170 @@
+"""Exact speculative RSD (DESIGN.md §8): the student drafts, the teacher verifies a round in one forward.
+
+A round, for every running request at once, with static shapes (G = draft_tokens):
+  1. draft: G one-token student forwards, each drawing the next draft token from the student's fallback
+     law qS (``sample_tokens``), then one more forward so that student logits exist at all G+1 positions;
+  2. verify: one teacher forward over [B, G+1] (the pending token, then the G drafts);
+  3. ``rsd_verify`` keeps a prefix of the row's first ``num_draft`` drafts and adds one token (a residual
+     after a rejection, else a bonus), so every emitted token follows the RSD law Q exactly.
+Rolling back is lowering each row's cache lengths to the tokens kept: positions past them are rewritten
+before anything attends to them.
+
+The host commits each row's emitted run through the engine's finish rules token by token and cuts it at
+the first stop (EOS, stop ids or strings, max_new_tokens, max_seq_len). Where a run ends depends only on
+the tokens before the cut, so every kept token keeps its law. ``num_draft`` is sized per row so that a
+round never reaches past max_new_tokens or max_seq_len.
+
+Mapped student tokens (several teacher tokens, ``TokenSpace.teacher_pieces``) end a row's run: the
+teacher verifies a mapped draft at its own position, but reads a stand-in for it (its first piece), so
+its logits after it are wrong and whatever the round emits after a mapped token is dropped (again a cut
+that depends only on the tokens before it). The engine then feeds the teacher the token's pieces as in
+plain mode. Cost: a round that drafts a mapped token emits at most up to it.
+
+Randomness: the round starting at generation step t reads positions t .. t+G of ``round_uniforms``
+(pure functions of seed, position and draw), so a request's output does not depend on its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.util import find_spec
+
+import torch
+
+from .randomness import DRAFT_DRAW, round_uniforms
+from .runtime import CUDA_KV_BUCKET, kv_bucket
+from .sampling import RowParams, rsd_verify, sample_tokens
+from .step import STEP_INPUTS, capture_step, step_inputs
+
+ROUND_INPUTS = {**STEP_INPUTS, "num_draft": torch.int32}
+
+
+def check_draft_tokens(draft_tokens, max_seq_len: int) -> int:
+    if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 0:
+        raise ValueError(f"draft_tokens = {draft_tokens!r}: must be an integer >= 0 (0 = plain RSD, one teacher "
+                         f"pass per token)")
+    # The shortest request (a one-token prompt) must fit a whole round: its prompt plus G+1 tokens.
+    if draft_tokens + 2 > max_seq_len:
+        raise ValueError(f"draft_tokens = {draft_tokens}: a round of {draft_tokens + 1} tokens after a one-token "
+                         f"prompt cannot fit max_seq_len = {max_seq_len}; use draft_tokens <= {max_seq_len - 2}")
+    return draft_tokens
+
+
+def verify_backend(sampler: str) -> str:
+    """The engine's sampler backend for sample_tokens / rsd_verify, or the reference where that backend
+    does not have those ops yet."""
+    module = {"cpp": "cpp_verify", "triton": "triton_verify"}.get(sampler)
+    if module and find_spec(f"{__package__}.sampling.{module}") is None:
+        return "reference"
+    return sampler
+
+
+@dataclass
+class DraftStats:
+    """Counts over all rounds, for the per-token draft acceptance α = kept / checked (DESIGN.md §8)."""
+
+    rounds: int = 0  # row-rounds: teacher passes
+    checked: int = 0  # drafts that reached the keep test
+    kept: int = 0
+    emitted: int = 0  # tokens committed to results, after cuts at stops
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / self.checked if self.checked else float("nan")
+
+
+class SpeculativeDecoder:
+    """Speculative rounds for ``engine`` with ``draft_tokens`` drafts each; ``decode`` replaces the plain step."""
+
+    def __init__(self, engine, draft_tokens: int):
+        self.engine = engine
+        self.draft_tokens = draft_tokens
+        self.stats = DraftStats()
+        self.backend = verify_backend(engine.sampler)
+        space = engine.space
+        # The teacher reads each draft by its own id; a mapped id reads its first piece as a stand-in.
+        teacher_ids = torch.arange(space.size, dtype=torch.long)
+        for student_id, pieces in space.teacher_pieces.items():
+            teacher_ids[student_id] = pieces[0]
+        self.teacher_ids = teacher_ids.to(engine.device)
+        self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+
+    # ------------------------------------------------------------------ host side
+
+    def decode(self, batch) -> list:
+        """One round for every running request; returns the requests that finished."""
+        out = self._run_round(batch)
+        tokens, num_emitted, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
+        runs = []
+        for b, r in enumerate(batch):
+            m = num_emitted[b]
+            runs.append(list(zip(tokens[b][:m], accepted[b][:m], teacher_lp[b][:m], student_lp[b][:m])))
+            # All num_draft drafts kept and a bonus, or m-1 kept and the m-th rejected.
+            n = self._num_draft(r)
+            self.stats.kept += min(m - 1, n)
+            self.stats.checked += n if m == n + 1 else m
+        self.stats.rounds += len(batch)
+        before = sum(len(r.result.token_ids) for r in batch)
+        finished = self.engine._commit(batch, runs)
+        self.stats.emitted += sum(len(r.result.token_ids) for r in batch) - before
+        return finished
+
+    def _num_draft(self, r) -> int:
+        """Drafts a row verifies this round: at most G, and few enough that the G+1-th token still fits."""
+        e = self.engine
+        room = min(r.params.max_new_tokens - len(r.result.token_ids),
+                   e.max_seq_len - (r.student_len + 1), e.max_seq_len - (r.teacher_len + 1))
+        return max(0, min(self.draft_tokens, room - 1))
+
+    def round_inputs(self, batch, *, with_slots: bool) -> dict[str, torch.Tensor]:
+        inputs = step_inputs(batch, self.engine.device, with_slots=with_slots)
+        inputs["num_draft"] = torch.tensor([self._num_draft(r) for r in batch], dtype=torch.int32).to(
+            self.engine.device, non_blocking=True)
+        return inputs
+
+    def _run_round(self, batch):
+        e, G = self.engine, self.draft_tokens
+        teacher_len = max(r.teacher_len for r in batch) + G + 1
+        student_len = max(r.student_len for r in batch) + G + 1
+        if e.device.type != "cuda":
+            contiguous = all(r.slot == b for b, r in enumerate(batch))
+            inputs = self.round_inputs(batch, with_slots=not contiguous)
+            return self.round(inputs, teacher_kv=kv_bucket(teacher_len, e.max_seq_len),
+                              student_kv=kv_bucket(student_len, e.max_seq_len))
+        kv = kv_bucket(max(teacher_len, student_len), e.max_seq_len, CUDA_KV_BUCKET)
+        if kv not in self._graphs:
+            self._graphs[kv] = capture_step(lambda inputs: self.round(inputs, teacher_kv=kv, student_kv=kv),
+                                            max_batch_size=e.max_batch_size, scratch_slot=e.max_batch_size,
+                                            device=e.device, inputs=ROUND_INPUTS)
+        return self._graphs[kv](self.round_inputs(batch, with_slots=True))
+
+    # ------------------------------------------------------------------ device side
+
+    def round(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        """Draft, verify: static shapes, no host syncs. ``inputs`` as built by round_inputs (without
+        "slots": rows are slots 0..B-1). Returns rsd_verify's VerifyOutput over [B, G+1]."""
+        e, G = self.engine, self.draft_tokens
+        slots = inputs.get("slots")
+        params = RowParams(*(inputs[name] for name in RowParams._fields))
+        uniforms = round_uniforms(inputs["seeds"], inputs["steps"], G + 1)
+
+        token, position = inputs["student_tokens"], inputs["student_pos"]
+        student_logits, drafts = [], []
+        for i in range(G + 1):
+            hidden = e.student(token[:, None], (position + i)[:, None], e.student_cache, slots, student_kv)
+            logits = e.student.logits(hidden[:, 0])
+            student_logits.append(logits)
+            if i < G:
+                draft = sample_tokens(logits, uniforms[:, i, DRAFT_DRAW].contiguous(), params.student_temperature,
+                                      params.student_top_k, params.student_top_p, e.space.fallback_mask,
+                                      backend=self.backend)
+                drafts.append(draft)
+                # A flagged row (NaN logits) drafts -1: read token 0 instead; rsd_verify flags the row.
+                token = draft.clamp_min(0)
+        draft = torch.stack(drafts, dim=1)
+
+        teacher_tokens = torch.cat([inputs["teacher_tokens"][:, None], self.teacher_ids[draft.clamp_min(0)]], dim=1)
+        teacher_pos = inputs["teacher_pos"][:, None] + torch.arange(G + 1, device=teacher_tokens.device)
+        hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
+        teacher_logits = e.teacher.logits(hidden)
+        return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
+                          params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)

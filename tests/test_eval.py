@@ -1,0 +1,141 @@
+"""`rsd eval`: exact accuracy on constructed cases (a model that learned its answers, and generation
+replaced by fixed responses), the bootstrap interval, resume, shards, and bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from rsd_engine.cli import main
+from rsd_engine.pipeline import evaluate
+from rsd_engine.pipeline.evaluate import accuracy_summary
+from rsd_engine.pipeline.records import read_records
+from rsd_engine.results import GenerationResult
+from solver_pair import PROBLEMS, SYSTEM, solver_pair, write_problems
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+
+
+def run_eval(model, data, out, *extra):
+    argv = ["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--id-field", "id",
+            "--system-prompt", SYSTEM, "--max-new-tokens", "40", "--device", "cpu", "--no-progress", *extra]
+    assert main(argv) == 0
+    return read_records(out)
+
+
+def test_learned_answers_give_exact_accuracy(pair, tmp_path, capsys):
+    """The student answers add right (4), mul wrong (8, not 9), unclosed without closing its reasoning
+    (no answer); open has no reference and is not graded: accuracy exactly 1/3 whatever the seed."""
+    records = run_eval(pair[1], write_problems(tmp_path / "p.jsonl"), tmp_path / "gens.jsonl", "--samples", "3")
+    report = capsys.readouterr().out
+    completions = {p["id"]: p["completion"] for p in PROBLEMS}
+    assert sorted((r["id"], r["sample"]) for r in records) == [(i, s) for i in ("add", "mul", "unclosed")
+                                                                for s in range(3)]
+    for r in records:
+        assert r["response"] == completions[r["id"]]
+        assert r["correct"] == (r["id"] == "add")
+    assert "skipped problems without a reference answer: 1" in report
+    assert "accuracy: 33.33%  (95% bootstrap interval over problems: 0.00% to 100.00%; 3 problems x 3 samples" in report
+
+
+ROWS = [{"id": "a", "question": "1+3?", "answer": "4"}, {"id": "b", "question": "2*3?", "answer": "6"},
+        {"id": "c", "question": "x?", "answer": "\\frac{1}{2}"}]
+ANSWERS = {("a", 0): "4", ("a", 1): "5", ("b", 0): "6", ("b", 1): "3 + 3", ("c", 0): "0.5", ("c", 1): "2"}
+CORRECT = {("a", 0): True, ("a", 1): False, ("b", 0): True, ("b", 1): True, ("c", 0): True, ("c", 1): False}
+
+
+@pytest.fixture
+def forced(monkeypatch, pair):
+    """Generation forced to ANSWERS: (id, sample) -> the boxed answer, after a closed reasoning block."""
+    seen = []
+
+    def generate_samples(opts, prompts, params, device, max_seq_len):
+        seen.append(len(prompts))
+        for index, p in enumerate(params):
+            key = next(k for k in ANSWERS if evaluate.attempt_seed(opts.seed, *k) == p.seed)
+            yield index, GenerationResult(prompts[index], token_ids=[1, 2],
+                                          text=f"Work.</think>\nSo \\boxed{{{ANSWERS[key]}}}.", finish_reason="eos",
+                                          seed=p.seed)
+
+    monkeypatch.setattr(evaluate, "generate_samples", generate_samples)
+    return seen
+
+
+def test_forced_answers_give_exact_accuracy(pair, forced, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
+    assert {(r["id"], r["sample"]): r["correct"] for r in records} == CORRECT
+    summary = accuracy_summary(records)
+    assert summary["accuracy"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    # The interval, independently: problem means resampled as the docstring says.
+    means = np.array([0.5, 1.0, 0.5])
+    boot = means[np.random.default_rng(0).integers(0, 3, size=(10_000, 3))].mean(axis=1)
+    assert summary["interval"] == pytest.approx(list(np.percentile(boot, [2.5, 97.5])))
+    assert "accuracy: 66.67%" in capsys.readouterr().out
+
+
+def test_interval_of_constant_results_is_a_point():
+    right = [{"id": i, "sample": s, "correct": True} for i in "abc" for s in range(4)]
+    assert accuracy_summary(right)["interval"] == [1.0, 1.0]
+    mixed = right + [{"id": "d", "sample": 0, "correct": False}]
+    low, high = accuracy_summary(mixed)["interval"]
+    assert 0.0 <= low < accuracy_summary(mixed)["accuracy"] < high <= 1.0
+
+
+def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    run_eval(pair[1], data, out, "--samples", "1")
+    records = run_eval(pair[1], data, out, "--samples", "2")
+    assert forced == [3, 3]  # the second run generated only sample 1 of each problem
+    assert len(records) == 6 and "3 samples already in the output, 3 written now" in capsys.readouterr().out
+
+
+def test_ranks_write_parts_that_merge(pair, forced, tmp_path, monkeypatch):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
+                     "--samples", "2", "--no-progress"]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(out)]) == 0
+    records = read_records(out)
+    assert [(r["id"], r["sample"]) for r in records] == sorted(CORRECT)
+    assert accuracy_summary(records)["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_generations_feed_provenance(pair, tmp_path):
+    gens = run_eval(pair[1], write_problems(tmp_path / "p.jsonl"), tmp_path / "gens.jsonl", "--samples", "2")
+    argv = ["provenance", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(tmp_path / "gens.jsonl"),
+            "--out", str(tmp_path / "s.jsonl"), "--system-prompt", SYSTEM, "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    lines = read_records(tmp_path / "s.jsonl")
+    assert {(s["id"], s["sample"]) for s in lines} == {(r["id"], r["sample"]) for r in gens}
+
+
+def test_bad_input(pair, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "x", "question": "Q?", "answer": None}) + "\n")  # a column, never filled
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl")])
+    assert exit_info.value.code == 2
+    assert "none of the 1 problems has a reference answer (field 'answer')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
+              "--samples", "0"])
+    assert "--samples: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
+              "--top-p", "1.5"])
+    assert "--top-p" in capsys.readouterr().err

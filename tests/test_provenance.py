@@ -1,0 +1,374 @@
+"""`rsd provenance` and `rsd select`: sentence probabilities against HF transformers, identity
+properties of the categories, tokenizer independence, selection by the provenance counts,
+resume / shards, and bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsd_engine.cli import main
+from rsd_engine.pipeline.categories import categorize, check_beta
+from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from rsd_engine.pipeline.provenance import ProvenanceOptions, complete_keys
+from rsd_engine.pipeline.records import read_records
+from rsd_engine.pipeline.select import Candidate, pick
+from rsd_engine.pipeline.sentences import split_sentences
+from tiny import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, build_model, build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RESPONSES = [
+    {"id": "p1", "question": "What is 2 + 2?",
+     "response": "We have $x = 1.5$. Then 2 + 2 = 4.\n1. First step: add the numbers. 2. Second step, check it. "
+                 "The answer is \\boxed{4}."},
+    {"id": "p2", "question": "Solve 5y - 15 = 0.",
+     "response": "Adding 15 gives 5y = 15.\n\n$$y = \\frac{15}{5}.$$ So y = 3. The answer is \\boxed{3}."},
+    {"id": "p3", "question": "What is the area of a circle?",
+     "response": "The area of a circle with radius r is pi r^2. Wait, let me check this again. It is pi r^2."},
+]
+TINY_BETA = "1e-7"  # random tiny models give sentence probabilities near 1e-6: a small margin sees them differ
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_pair):
+    """teacher and student over one tokenizer, plus a Llama over a different tokenizer."""
+    root = tmp_path_factory.mktemp("provenance_models")
+    other_tok = build_tokenizer(root / "other_tok", vocab_size=380)
+    other = build_model(root / "other", "llama", tokenizer_dir=other_tok, hidden_size=64, num_layers=2, seed=3)
+    return {"teacher": tiny_pair[0], "student": tiny_pair[1], "other": other}
+
+
+def write_rows(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def provenance(models, data, out, *extra, teacher="teacher", student="student"):
+    argv = ["provenance", "--teacher", str(models[teacher]), "--student", str(models[student]), "--data", str(data),
+            "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+    assert main(argv) == 0
+    return read_records(out)
+
+
+def hf_sentence_probs(folder, question, response, sentences) -> list[float]:
+    """Independently of the pipeline: each token's probability from HF transformers, tokens given to
+    the sentence holding their first non-space character, geometric mean per sentence."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prompt = tok(build_prompt(tok, question, DEFAULT_SYSTEM_PROMPT).text, add_special_tokens=False)["input_ids"]
+    enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+    ids = prompt + enc["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    token_lp = [logprobs[len(prompt) - 1 + k, t].item() for k, t in enumerate(enc["input_ids"])]
+    starts, cursor = [], 0
+    for text in sentences:
+        cursor = response.index(text, cursor)
+        starts.append(cursor)
+    starts[0] = 0
+    groups = [[] for _ in sentences]
+    for lp, (a, b) in zip(token_lp, enc["offset_mapping"]):
+        first = next((k for k in range(a, b) if not response[k].isspace()), a)
+        groups[max(i for i, s in enumerate(starts) if s <= first)].append(lp)
+    return [math.exp(sum(g) / len(g)) for g in groups]
+
+
+def assert_same_lines(got, expected):
+    """Same sentences and categories; probabilities equal up to float rounding (batches of other
+    sizes pad and bucket attention differently)."""
+    strip = lambda lines: [{k: v for k, v in s.items() if not k.startswith("p_")} for s in lines]  # noqa: E731
+    assert strip(got) == strip(expected)
+    for g, e in zip(got, expected):
+        assert {k: v for k, v in g.items() if k.startswith("p_")} == pytest.approx(
+            {k: v for k, v in e.items() if k.startswith("p_")}, rel=1e-5)
+
+
+def by_response(lines):
+    out = {}
+    for line in lines:
+        out.setdefault((line["id"], line["sample"]), []).append(line)
+    return out
+
+
+def test_sentence_probabilities_match_hf(models, tmp_path):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    # The student reads through another tokenizer and architecture: both sides are checked.
+    lines = provenance(models, data, tmp_path / "s.jsonl", student="other")
+    grouped = by_response(lines)
+    for row in RESPONSES:
+        sentence_lines = grouped[(row["id"], 0)]
+        assert [s["index"] for s in sentence_lines] == list(range(len(sentence_lines)))
+        texts = [s["text"] for s in sentence_lines]
+        for role, name in (("teacher", "teacher"), ("student", "other")):
+            expected = hf_sentence_probs(models[name], row["question"], row["response"], texts)
+            got = [s[f"p_{role}"] for s in sentence_lines]
+            assert got == pytest.approx(expected, rel=1e-4), role
+
+
+def test_split_keeps_latex_and_numbered_steps():
+    text = ("We have $x = 1.5$. Then $y = 2x$.\n1. First step: compute $a^2$. 2. Second step.\n"
+            "Next we get\n$$\\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}.$$ Therefore the sum is 5/6. "
+            "So \\(f(x) = 1.5x\\). Done.")
+    assert [s.text for s in split_sentences(text)] == [
+        "We have $x = 1.5$.", "Then $y = 2x$.", "1. First step: compute $a^2$.", "2. Second step.",
+        "Next we get", "$$\\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}.$$ Therefore the sum is 5/6.",
+        "So \\(f(x) = 1.5x\\).", "Done."]
+    sentences = split_sentences("  Leading space. Two.  ")
+    assert (sentences[0].start, sentences[-1].end) == (0, len("  Leading space. Two.  "))
+    assert split_sentences(" \n ") == []
+
+
+def test_distilled_copy_of_teacher_boosts_nothing(models, tmp_path):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    lines = provenance(models, data, tmp_path / "s.jsonl", "--distilled", str(models["teacher"]), "--beta", TINY_BETA)
+    assert all(s["p_distilled"] == s["p_teacher"] for s in lines)
+    assert all(s["category"] != "boosted" for s in lines)
+    assert {s["category"] for s in lines} & {"teacher", "student"}  # the margin does see differences
+
+
+def test_teacher_copy_as_student_is_shared_or_boosted(models, tmp_path):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    lines = provenance(models, data, tmp_path / "s.jsonl", "--distilled", str(models["student"]), "--beta", TINY_BETA,
+                       student="teacher")
+    assert all(s["p_student"] == s["p_teacher"] for s in lines)
+    assert {s["category"] for s in lines} <= {"shared", "boosted"}
+    assert "boosted" in {s["category"] for s in lines}
+
+
+def test_categories_rule():
+    assert categorize(0.5, 0.3) == "teacher" and categorize(0.3, 0.5) == "student"
+    assert categorize(0.5, 0.45, 0.7) == "boosted" and categorize(0.5, 0.45, 0.55) == "shared"
+    assert categorize(0.5, 0.45) == "shared"
+    assert categorize(0.5, 0.45, 0.7, beta=0.3) == "shared"
+
+
+def test_tokenizers_differ_but_sentences_agree(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = RESPONSES[0]["response"]
+    a, b = (AutoTokenizer.from_pretrained(str(models[m])) for m in ("student", "other"))
+    assert a.tokenize(text) != b.tokenize(text)
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    same = provenance(models, data, tmp_path / "same.jsonl")
+    cross = provenance(models, data, tmp_path / "cross.jsonl", student="other")
+    assert [(s["id"], s["index"], s["text"]) for s in same] == [(s["id"], s["index"], s["text"]) for s in cross]
+    # Only the cache length differs (the student's longer tokenisation sets it): attention spans differ in rounding.
+    assert [s["p_teacher"] for s in same] == pytest.approx([s["p_teacher"] for s in cross], rel=1e-5)
+
+
+def test_chat_records_read_like_question_and_response(models, tmp_path):
+    plain = provenance(models, write_rows(tmp_path / "r.jsonl", RESPONSES[:1]), tmp_path / "a.jsonl")
+    tok = build_prompt(__import__("transformers").AutoTokenizer.from_pretrained(str(models["student"])),
+                       RESPONSES[0]["question"], DEFAULT_SYSTEM_PROMPT)
+    chat = [{"id": "p1", "messages": tok.messages(RESPONSES[0]["response"])}]  # as --format sft writes it
+    assert chat[0]["messages"][-1]["content"].startswith("<think>\n")
+    lines = provenance(models, write_rows(tmp_path / "chat.jsonl", chat), tmp_path / "b.jsonl")
+    assert_same_lines(lines, plain)
+
+
+CANDIDATES = [
+    {"id": "q1", "question": "What is 2 + 2?", "response": "Two and two make four. The answer is \\boxed{4}."},
+    {"id": "q1", "question": "What is 2 + 2?", "response": RESPONSES[0]["response"]},
+    {"id": "q1", "question": "What is 2 + 2?", "response": "Hmm, that does not look right. Let me try a different "
+                                                           "approach. So 2 + 2 = 4. The answer is \\boxed{4}."},
+    {"id": "q2", "question": RESPONSES[2]["question"], "response": RESPONSES[2]["response"]},
+    {"id": "q2", "question": RESPONSES[2]["question"], "response": "It is pi r^2. The answer is \\boxed{pi r^2}."},
+]
+
+
+@pytest.mark.parametrize("by", ["count", "share"])
+def test_select_keeps_what_provenance_counts_say(models, tmp_path, by):
+    from transformers import AutoTokenizer
+
+    data = write_rows(tmp_path / "c.jsonl", CANDIDATES)
+    # Roles swapped: the smaller tiny model happens to give these texts the higher probabilities.
+    models = {"teacher": models["student"], "student": models["teacher"]}
+    lines = provenance(models, data, tmp_path / "s.jsonl", "--beta", TINY_BETA)
+    tok = AutoTokenizer.from_pretrained(str(models["student"]))
+    stats = {}
+    for (rid, sample), group in by_response(lines).items():
+        teacher = sum(s["category"] == "teacher" for s in group)
+        stats.setdefault(rid, []).append((teacher, len(group), sample))
+    assert len({t for t, _, _ in stats["q1"]}) > 1  # the candidates do differ
+    argv = ["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", str(data),
+            "--out", str(tmp_path / "sel.jsonl"), "--beta", TINY_BETA, "--by", by, "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    kept = {r["id"]: r for r in read_records(tmp_path / "sel.jsonl")}
+    for rid, cands in stats.items():
+        rows = [c for c in CANDIDATES if c["id"] == rid]
+        score = (lambda c: c[0]) if by == "count" else (lambda c: c[0] / c[1])
+        best = min(cands, key=lambda c: (-score(c), len(tok.encode(rows[c[2]]["response"])), c[2]))
+        assert kept[rid]["response"] == rows[best[2]]["response"]
+        assert kept[rid]["teacher_sentences"] == best[0]
+        assert kept[rid]["teacher_share"] == pytest.approx(best[0] / best[1])
+        assert kept[rid]["candidates"] == len(rows)
+
+
+def test_pick_ties_go_to_the_shorter():
+    cands = [Candidate(0, 2, 4, 50), Candidate(1, 2, 3, 40), Candidate(2, 1, 1, 10)]
+    assert pick(cands, "count").order == 1
+    assert pick(cands, "share").order == 2
+    assert pick([Candidate(0, 1, 2, 30), Candidate(1, 1, 2, 30)]).order == 0
+
+
+def test_resume_after_torn_output(models, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    whole = provenance(models, data, tmp_path / "whole.jsonl")
+    out = tmp_path / "s.jsonl"
+    provenance(models, data, out, "--limit", "2")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]) + lines[-2][:10])  # a kill -9 in the middle of response p2's lines
+    assert complete_keys(out) == {("p1", 0)}
+    capsys.readouterr()
+    assert_same_lines(provenance(models, data, out), whole)
+    report = capsys.readouterr().out
+    assert "1 already in the output, 2 traced now" in report and "cut short by the last run" in report
+
+
+def test_ranks_write_parts_that_merge_to_the_single_run(models, tmp_path, monkeypatch):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    whole = provenance(models, data, tmp_path / "whole.jsonl")
+    out = tmp_path / "s.jsonl"
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        provenance(models, data, out)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(out)]) == 0
+    assert_same_lines(read_records(out), whole)
+
+
+def test_report_table_and_plot(models, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    provenance(models, data, tmp_path / "s.jsonl", "--distilled", str(models["student"]), "--plot",
+               str(tmp_path / "p.png"))
+    report = capsys.readouterr().out
+    assert "response sentences  teacher  student   shared  boosted" in report
+    assert "\np3 " in report and "\nall " in report
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_rows_are_skipped_and_counted(models, tmp_path, capsys):
+    rows = [*RESPONSES, {"id": "e", "question": "Q?", "response": "  \n"}, {"id": "m", "response": "No question."},
+            {"id": "long", "question": "Q?", "response": "The answer is 4. " * 40}]
+    lines = provenance(models, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl", "--max-seq-len", "150")
+    report = capsys.readouterr().out
+    assert "skipped rows: 2 of 6 (first: row 3, empty response)" in report
+    assert "skipped responses: 1 (first: id long sample 0: " in report and "longer than max_seq_len 150" in report
+    assert {s["id"] for s in lines} == {"p1", "p2", "p3"}
+
+
+def test_no_usable_row_names_the_fields(models, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", [{"prompt": "Q?", "completion": "A."}])
+    argv = ["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+            str(data), "--out", str(tmp_path / "s.jsonl"), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "none of the 1 rows is a usable response (no 'question' text)" in err and "['completion', 'prompt']" in err
+
+
+@pytest.mark.parametrize("beta", ["0", "1", "-0.1", "1.5", "x"])
+def test_beta_outside_open_interval_is_refused(models, tmp_path, capsys, beta):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", "x",
+              "--out", str(tmp_path / "s.jsonl"), "--beta", beta])
+    assert exit_info.value.code == 2
+    assert f"--beta: must be a number in (0, 1), got '{beta}'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--beta = 1.5: must be a number in \(0, 1\)"):
+        check_beta(1.5)
+    with pytest.raises(ValueError, match="--beta"):
+        ProvenanceOptions("t", "s", "d", "o", beta=0.0)
+
+
+def test_select_needs_ids(models, tmp_path, capsys):
+    data = write_rows(tmp_path / "c.jsonl", [{k: v for k, v in c.items() if k != "id"} for c in CANDIDATES])
+    with pytest.raises(SystemExit):
+        main(["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", str(data),
+              "--out", str(tmp_path / "sel.jsonl"), "--no-progress"])
+    assert "no row has an 'id' field; rsd select keeps one candidate per id" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def unk_model(tmp_path_factory):
+    """A model whose tokenizer has no byte fallback: characters outside its corpus become [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("unk")
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                                                            show_progress=False))
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<|im_end|>",
+                            pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE).save_pretrained(str(root / "tok"))
+    return build_model(root / "model", "qwen3", tokenizer_dir=root / "tok", seed=4)
+
+
+def test_unreadable_text_is_skipped_with_the_reason(models, unk_model, tmp_path, capsys):
+    rows = [RESPONSES[2], {"id": "euro", "question": "What is 2 + 2?", "response": "It costs 4 € in total."}]
+    lines = provenance({**models, "unk": unk_model}, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl",
+                       "--system-prompt", "", teacher="unk")
+    report = capsys.readouterr().out
+    assert ("skipped responses: 1 (first: id euro sample 0: the teacher's tokenizer cannot read the response: '€' at "
+            "character 11 becomes the unknown token)") in report
+    assert {s["id"] for s in lines} == {"p3"}
+
+
+def test_generate_select_provenance_keeps_what_rsd_select_keeps(models, tmp_path):
+    from rsd_engine import Engine
+    from rsd_engine.pipeline.data import Problem
+    from rsd_engine.pipeline.select import provenance_chooser
+    from rsd_engine.pipeline.traces import Attempt, select_trace
+    from rsd_engine.results import GenerationResult
+
+    teacher, student = models["student"], models["teacher"]  # swapped as in the selection test
+    engine = Engine(teacher, student, device="cpu", max_batch_size=1, max_seq_len=256)
+    rows = [c for c in CANDIDATES if c["id"] == "q1"]
+    attempts = []
+    for k, row in enumerate(rows):
+        ids = engine.tokenizer.encode(row["response"], add_special_tokens=False)
+        result = GenerationResult([1], token_ids=ids, text=row["response"], finish_reason="eos")
+        attempts.append(Attempt(k, result, ids, "4", True, True, True, 0.0, True))
+    problem = Problem("q1", rows[0]["question"], "4")
+    prompt = build_prompt(engine.tokenizer, problem.question, DEFAULT_SYSTEM_PROMPT)
+    choose = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT, beta=float(TINY_BETA))
+    record = select_trace(problem, prompt, attempts, prefix_tokens=8, decode=engine.tokenizer.decode, choose=choose)
+
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    argv = ["select", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--out",
+            str(tmp_path / "sel.jsonl"), "--beta", TINY_BETA, "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    [kept] = read_records(tmp_path / "sel.jsonl")
+    assert record["completion"] == kept["response"] and record["status"] == "solved"
+    assert (record["teacher_sentences"], record["teacher_share"]) == (kept["teacher_sentences"], kept["teacher_share"])
+    shortest = min(range(len(rows)), key=lambda k: len(attempts[k].token_ids))
+    assert record["kept_attempt"] != shortest  # the rule, not length, decided here
+
+
+def test_rsd_generate_select_provenance(tmp_path_factory, tmp_path, capsys):
+    from solver_pair import SYSTEM, solver_pair, write_problems
+
+    teacher, student = solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+    argv = ["generate", "--teacher", str(teacher), "--student", str(student), "--data",
+            str(write_problems(tmp_path / "p.jsonl")), "--out", str(tmp_path / "t.jsonl"), "--id-field", "id",
+            "--system-prompt", SYSTEM, "--attempts", "2", "--max-new-tokens", "40", "--no-progress",
+            "--select", "provenance"]
+    assert main(argv) == 0
+    records = {r["id"]: r for r in read_records(tmp_path / "t.jsonl")}
+    assert records["add"]["status"] == "solved" and records["add"]["teacher_sentences"] >= 0
+    assert 0.0 <= records["add"]["teacher_share"] <= 1.0
+    assert "teacher_sentences" not in records["mul"]  # never solved: a prefix, nothing to choose
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["sideways"])
+    assert "--select: invalid choice: 'sideways'" in capsys.readouterr().err

@@ -1,0 +1,466 @@
+"""The speculative verify op and single-model sampling (DESIGN.md §8), on every backend.
+
+Law tests run whole speculative rounds on a lookup-table "model" (the logits at a position are a
+function of the token before it), drafting with ``sample_tokens`` from the student's rows exactly as the
+engine does, so that the token at position 1 really depends on position 0. The emitted (token, accepted)
+pairs must follow plain RSD's joint law: at position 0, and at position 1 given the most frequent first
+token. Backends are compared with the reference token for token under shared uniforms.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+from law import chi_square_pvalue, rsd_joint_law, truncate  # noqa: E402
+from test_rsd_sample import random_rows  # noqa: E402
+from test_rsd_sample import row_params as family_params  # noqa: E402
+
+from rsd_engine.randomness import DRAFT_DRAW, NUM_DRAWS, NUM_ROUND_DRAWS, round_uniforms, step_uniforms  # noqa: E402
+from rsd_engine.sampling import (  # noqa: E402
+    SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_verify, sample_tokens)
+
+ALPHA = 1e-3
+BACKENDS = ("reference", "cpp")
+# Rounds per law test; the Triton interpreter runs one program per row in Python, so it gets fewer.
+DRAWS = {"reference": 20_000, "cpp": 20_000, "triton": 600}
+
+DEFAULTS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+INTS = ("top_k", "student_top_k", "proposal_trials")
+AGREEMENT_FAMILIES = ("default", "greedy", "top_k_top_p", "top_p", "untruncated", "threshold_0", "trials", "mixed")
+
+
+def use_backend(backend):
+    if backend == "triton":
+        try:
+            import rsd_engine.sampling.triton  # noqa: F401
+        except ImportError as err:
+            pytest.skip(f"rsd_engine.sampling.triton does not import: {err}")
+    return backend
+
+
+def row_params(B, **kw):
+    values = {**DEFAULTS, **kw}
+    return RowParams(**{k: torch.full((B,), v, dtype=torch.int32 if k in INTS else torch.float32)
+                        for k, v in values.items()})
+
+
+def law_kwargs(params: RowParams, proposal_mask, fallback_mask):
+    kw = {k: getattr(params, k)[0].item() for k in RowParams._fields}
+    kw["trials"] = kw.pop("proposal_trials")
+    return dict(kw, proposal_mask=proposal_mask.numpy(), fallback_mask=fallback_mask.numpy())
+
+
+class TableModel:
+    """Logits of the next token as a function of the previous one: [V_prev, vocab] per model."""
+
+    def __init__(self, V, seed, *, teacher_pad=2, student_pad=1, agreement=0.6):
+        gen = torch.Generator().manual_seed(seed)
+        self.teacher = torch.randn(V, V + teacher_pad, generator=gen) * 2.5
+        self.student = torch.randn(V, V + student_pad, generator=gen) * 2.5
+        self.student[:, :V] += agreement * self.teacher[:, :V]
+        self.teacher[:, V:] += 8  # padding ids that would win if the masks were ignored
+        self.student[:, V:] += 8
+        self.proposal_mask = torch.ones(V, dtype=torch.bool)
+        self.proposal_mask[3] = False
+        self.fallback_mask = torch.ones(V, dtype=torch.bool)
+        self.fallback_mask[5] = False
+
+
+def speculative_round(model, prev, start, seeds, G, params, backend, num_draft=None):
+    """One round for every row: the student drafts G tokens after `prev`, the op verifies them."""
+    B = prev.shape[0]
+    uniforms = round_uniforms(seeds, start, G + 1)
+    drafts, context = [], prev
+    for i in range(G):
+        token = sample_tokens(model.student[context], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
+                              params.student_top_k, params.student_top_p, model.fallback_mask, backend=backend)
+        drafts.append(token)
+        context = token
+    draft = torch.stack(drafts, dim=1) if G else torch.zeros(B, 0, dtype=torch.int64)
+    before = torch.cat([prev[:, None], draft], dim=1)  # the token each position's logits follow
+    num_draft = torch.full((B,), G, dtype=torch.int32) if num_draft is None else num_draft
+    out = rsd_verify(model.teacher[before], model.student[before], draft, num_draft, uniforms, params,
+                     model.proposal_mask, model.fallback_mask, backend=backend)
+    return out, draft
+
+
+def first_two_tokens(model, seeds, G, params, backend):
+    """(tokens [N, 2], accepted [N, 2]) of speculative generation after token 0, running as many rounds
+    as each row needs."""
+    N = seeds.shape[0]
+    tokens = torch.full((N, 2), -1, dtype=torch.int64)
+    accepted = torch.zeros(N, 2, dtype=torch.bool)
+    count = torch.zeros(N, dtype=torch.int64)
+    while (count < 2).any():
+        prev = torch.where(count == 0, 0, tokens[:, 0].clamp_min(0))
+        out, _ = speculative_round(model, prev, count, seeds, G, params, backend)
+        for j in range(2):  # round position j lands at sequence index count + j
+            dest = count + j
+            take = (dest < 2) & (j < out.num_emitted)
+            rows = torch.nonzero(take).flatten()
+            tokens[rows, dest[rows]] = out.tokens[rows, j]
+            accepted[rows, dest[rows]] = out.accepted[rows, j]
+        count = torch.minimum(count + out.num_emitted.long(), torch.tensor(2))
+    return tokens, accepted
+
+
+def joint_pvalue(tokens, accepted, law2):
+    """Chi-square of (accepted, token) pairs against a [2, V] joint law."""
+    V = law2.shape[1]
+    return chi_square_pvalue((accepted.long() * V + tokens).numpy(), law2.reshape(-1))
+
+
+# ---- token for token against the reference ----
+
+def matches_with_nudged_uniforms(out, ref_fn, uniforms, fields):
+    """Rows where `out` differs from the reference must be rows where a uniform sits within rounding of a
+    boundary: the reference run with every uniform nudged by a relative 1e-5 up or down gives out's row."""
+    ref = ref_fn(uniforms)
+    same = torch.ones(uniforms.shape[0], dtype=torch.bool)
+    for name in fields:
+        a, b = getattr(out, name) if name else out, getattr(ref, name) if name else ref
+        same &= (a == b).reshape(a.shape[0], -1).all(dim=1)
+    for r in torch.nonzero(~same).flatten().tolist():
+        ok = False
+        for scale in (1 - 1e-5, 1 + 1e-5):
+            nudged = ref_fn((uniforms * scale).clamp(2**-24, 1.0))
+            ok |= all(torch.equal((getattr(out, n) if n else out)[r], (getattr(nudged, n) if n else nudged)[r])
+                      for n in fields)
+        assert ok, f"row {r}: backend and reference differ, and not by a uniform within rounding"
+    return ref, same
+
+
+def random_round(B, G, V, seed, family):
+    teacher, student, proposal_mask, fallback_mask = random_rows(B * (G + 1), V, seed)
+    teacher, student = teacher.view(B, G + 1, -1), student.view(B, G + 1, -1)
+    params = family_params(B, family, seed)
+    uniforms = round_uniforms(torch.arange(B) + 10 * seed, torch.arange(B) * 7, G + 1)
+    draft = torch.stack([sample_tokens(student[:, i], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
+                                       params.student_top_k, params.student_top_p, fallback_mask)
+                         for i in range(G)], dim=1) if G else torch.zeros(B, 0, dtype=torch.int64)
+    num_draft = torch.randint(0, G + 1, (B,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+    num_draft[0] = G
+    return teacher, student, draft.clamp_min(0), num_draft, uniforms, params, proposal_mask, fallback_mask
+
+
+# (B, G, V, families): every family on small rows; real vocabularies (the reference is slow there) on two.
+AGREEMENT_SHAPES = {
+    "cpp": [(16, 4, 1_000, AGREEMENT_FAMILIES), (3, 0, 500, AGREEMENT_FAMILIES), (4, 2, 5_000, AGREEMENT_FAMILIES),
+            (1, 4, 151_936, ("default", "mixed")), (8, 1, 49_152, ("top_k_top_p", "untruncated"))],
+    "triton": [(3, 2, 300, AGREEMENT_FAMILIES), (2, 1, 1_000, ("default", "mixed"))],
+}
+
+
+@pytest.mark.parametrize("backend,B,G,V,family", [
+    pytest.param(b, B, G, V, f, id=f"{b}-B{B}-G{G}-V{V}-{f}") for b in BACKENDS if b != "reference"
+    for B, G, V, families in AGREEMENT_SHAPES[b] for f in families])
+def test_verify_same_tokens_as_reference(backend, B, G, V, family):
+    use_backend(backend)
+    args = list(random_round(B, G, V, seed=V % 97 + G, family=family))
+    out = rsd_verify(*args, backend=backend)
+
+    def reference(uniforms):
+        return rsd_verify(*args[:4], uniforms, *args[5:])
+
+    ref, same = matches_with_nudged_uniforms(out, reference, args[4], ("tokens", "num_emitted", "accepted"))
+    assert same.float().mean() >= 0.75
+    live = torch.arange(G + 1) < torch.minimum(out.num_emitted, ref.num_emitted)[:, None].long()
+    live &= (out.tokens == ref.tokens) & (ref.tokens >= 0)
+    torch.testing.assert_close(out.teacher_logprob[live], ref.teacher_logprob[live], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(out.student_logprob[live], ref.student_logprob[live], rtol=1e-5, atol=5e-5)
+    if family == "threshold_0":
+        assert out.accepted[live].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", AGREEMENT_FAMILIES)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_sample_tokens_same_tokens_as_reference(backend, family, dtype):
+    use_backend(backend)
+    B, V = (16, 5_000) if backend == "cpp" else (3, 300)
+    logits, _, _, mask = random_rows(B, V, seed=4)
+    logits = logits.to(dtype)
+    params = family_params(B, family, seed=4)
+    uniforms = step_uniforms(torch.arange(B), torch.full((B,), 3))[:, 0]
+    args = (params.student_temperature, params.student_top_k, params.student_top_p, mask)
+    out = sample_tokens(logits, uniforms, *args, backend=backend)
+    matches_with_nudged_uniforms(out, lambda u: sample_tokens(logits, u, *args), uniforms, (None,))
+
+
+# ---- the law ----
+
+LAW_CASES = {
+    "G1": (1, {}),
+    "G4": (4, {}),
+    "G4-top_p": (4, dict(top_p=0.6, student_top_p=0.7, threshold=0.03)),
+    "G4-trials": (4, dict(proposal_trials=3, threshold=0.08)),
+}
+
+
+@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS for c in LAW_CASES
+                                          if b != "triton" or c in ("G1", "G4-trials")])
+def test_tokens_and_flags_follow_plain_rsd_law(backend, case):
+    use_backend(backend)
+    G, kw = LAW_CASES[case]
+    N = DRAWS[backend]
+    model = TableModel(16, seed=31)
+    params = row_params(N, **kw)
+    tokens, accepted = first_two_tokens(model, torch.arange(N) * 13 + 5, G, params, backend)
+    assert (tokens >= 0).all()
+    lk = law_kwargs(params, model.proposal_mask, model.fallback_mask)
+    law0 = rsd_joint_law(model.teacher[0].numpy(), model.student[0].numpy(), **lk)
+    assert joint_pvalue(tokens[:, 0], accepted[:, 0], law0) > ALPHA
+    first = int(torch.mode(tokens[:, 0]).values)
+    given = tokens[:, 0] == first
+    law1 = rsd_joint_law(model.teacher[first].numpy(), model.student[first].numpy(), **lk)
+    assert joint_pvalue(tokens[given, 1], accepted[given, 1], law1) > ALPHA
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_tokens_follow_the_truncated_law(backend):
+    use_backend(backend)
+    N = DRAWS[backend]
+    gen = torch.Generator().manual_seed(3)
+    V = 30
+    logits = torch.randn(V + 2, generator=gen) * 2
+    mask = torch.ones(V, dtype=torch.bool)
+    mask[[2, 7]] = False
+    uniforms = step_uniforms(torch.arange(N) + 77, torch.zeros(N, dtype=torch.int64))[:, 0]
+    for temperature, top_k, top_p in ((0.7, 0, 0.8), (1.3, 5, 1.0), (1.0, 0, 1.0)):
+        token = sample_tokens(logits.expand(N, -1), uniforms, torch.full((N,), temperature),
+                              torch.full((N,), top_k, dtype=torch.int32), torch.full((N,), top_p), mask,
+                              backend=backend)
+        law = truncate(logits[:V].numpy(), temperature, top_k, top_p, mask.numpy())
+        assert chi_square_pvalue(token.numpy(), law) > ALPHA
+
+
+# ---- exact special cases ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 4])
+def test_identical_models_at_threshold_zero_keep_every_draft(backend, G):
+    use_backend(backend)
+    B = 12
+    model = TableModel(20, seed=5)
+    model.student = model.teacher.clone()
+    model.fallback_mask = model.proposal_mask.clone()
+    params = row_params(B, threshold=0.0, temperature=0.8, student_temperature=0.8, top_p=0.9, student_top_p=0.9)
+    prev = torch.arange(B) % 20
+    out, draft = speculative_round(model, prev, torch.arange(B) * 3, torch.arange(B) + 100, G, params, backend)
+    assert (out.num_emitted == G + 1).all()
+    assert torch.equal(out.tokens[:, :G], draft)
+    assert out.accepted.all()  # r = 0: every token is the teacher's
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G", [1, 4])
+def test_greedy_is_plain_argmax_rsd(backend, G):
+    """Both temperatures 0: the round emits what plain greedy RSD emits, token by token."""
+    use_backend(backend)
+    B = 10
+    model = TableModel(20, seed=9, agreement=1.5)
+    params = row_params(B, temperature=0.0, student_temperature=0.0, threshold=0.05)
+    prev = torch.arange(B) * 2 % 20
+    out, draft = speculative_round(model, prev, torch.zeros(B, dtype=torch.int64), torch.arange(B), G, params,
+                                   backend)
+    context = prev.clone()
+    for i in range(G + 1):
+        plain = rsd_sample(model.teacher[context], model.student[context], step_uniforms(torch.arange(B),
+                           torch.full((B,), i)), params, model.proposal_mask, model.fallback_mask)
+        live = i < out.num_emitted
+        assert torch.equal(out.tokens[live, i], plain.token[live])
+        assert torch.equal(out.accepted[live, i], plain.accepted[live])
+        context = plain.token
+    # A round ends exactly where plain greedy RSD leaves the student's argmax draft.
+    kept = (out.tokens[:, :G] == draft).long().cumprod(dim=1).sum(dim=1)
+    assert torch.equal(out.num_emitted.long(), kept + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_drafts_is_one_plain_rsd_step(backend):
+    use_backend(backend)
+    B, G = 6, 3
+    model = TableModel(24, seed=2)
+    params = row_params(B, proposal_trials=2, threshold=0.05)
+    prev = torch.arange(B) * 3
+    out, _ = speculative_round(model, prev, torch.arange(B), torch.arange(B) + 9, G, params, backend,
+                               num_draft=torch.zeros(B, dtype=torch.int32))
+    plain = rsd_sample(model.teacher[prev], model.student[prev], step_uniforms(torch.arange(B) + 9, torch.arange(B)),
+                       params, model.proposal_mask, model.fallback_mask)
+    assert (out.num_emitted == 1).all()
+    assert torch.equal(out.tokens[:, 0], plain.token) and torch.equal(out.accepted[:, 0], plain.accepted)
+    torch.testing.assert_close(out.teacher_logprob[:, 0], plain.teacher_logprob)
+    assert (out.tokens[:, 1:] == -1).all() and not out.accepted[:, 1:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_draft_different_numbers_and_log_probs_are_raw(backend):
+    use_backend(backend)
+    B, G = 8, 4
+    model = TableModel(20, seed=4)
+    params = row_params(B)
+    num_draft = torch.tensor([0, 1, 2, 3, 4, 4, 2, 0], dtype=torch.int32)
+    prev = torch.arange(B)
+    out, draft = speculative_round(model, prev, torch.zeros(B, dtype=torch.int64), torch.arange(B), G, params,
+                                   backend, num_draft=num_draft)
+    assert ((out.num_emitted >= 1) & (out.num_emitted <= num_draft + 1)).all()
+    before = torch.cat([prev[:, None], draft], dim=1)
+    for b in range(B):
+        n = int(out.num_emitted[b])
+        assert torch.equal(out.tokens[b, :n - 1], draft[b, :n - 1])  # every token before the last was a kept draft
+        assert (out.tokens[b, n:] == -1).all() and not out.accepted[b, n:].any()
+        for i in range(n):
+            tok = out.tokens[b, i]
+            expect_t = torch.log_softmax(model.teacher[before[b, i]], -1)[tok]
+            expect_s = torch.log_softmax(model.student[before[b, i]], -1)[tok]
+            torch.testing.assert_close(out.teacher_logprob[b, i], expect_t, rtol=1e-5, atol=5e-5)
+            torch.testing.assert_close(out.student_logprob[b, i], expect_s, rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_positions_are_flagged_and_end_the_round(backend):
+    use_backend(backend)
+    B, G, V = 4, 3, 16
+    model = TableModel(V, seed=8)
+    model.student = model.teacher.clone()
+    model.fallback_mask = model.proposal_mask.clone()
+    params = row_params(B, threshold=0.0, temperature=1.0, student_temperature=1.0, top_p=1.0, student_top_p=1.0)
+    uniforms = round_uniforms(torch.arange(B), torch.zeros(B, dtype=torch.int64), G + 1)
+    teacher = model.teacher[torch.arange(B)][:, None].repeat(1, G + 1, 1)
+    student = teacher.clone()
+    draft = torch.stack([sample_tokens(student[:, i], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
+                                       params.student_top_k, params.student_top_p, model.fallback_mask, backend=backend)
+                         for i in range(G)], dim=1)
+    teacher[0, 1, 4] = float("nan")  # row 0: teacher bad at position 1
+    student[1, 2, V] = float("inf")  # row 1: student bad at position 2 (a padding id counts)
+    student[2, 0, :] = float("-inf")  # row 2: the student can write nothing at position 0
+    teacher[3, 3, 0] = float("nan")  # row 3: bad only at the bonus position
+    out = rsd_verify(teacher, student, draft, torch.full((B,), G, dtype=torch.int32), uniforms, params,
+                     model.proposal_mask, model.fallback_mask, backend=backend)
+    assert out.num_emitted.tolist() == [2, 3, 1, 4]
+    assert out.tokens[0, 1] == TEACHER_NONFINITE and out.tokens[1, 2] == STUDENT_NONFINITE
+    assert out.tokens[2, 0] == STUDENT_NONFINITE and out.tokens[3, 3] == TEACHER_NONFINITE
+    assert torch.equal(out.tokens[3, :3], draft[3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_tokens_flags_and_greedy(backend):
+    use_backend(backend)
+    V = 10
+    logits = torch.randn(5, V + 1, generator=torch.Generator().manual_seed(1))
+    logits[0, 2] = float("nan")
+    logits[1, V] = float("inf")
+    logits[2, :V] = float("-inf")  # only the padding id is finite: nothing to draw
+    logits[3, :] = 0.0  # a tie everywhere: greedy takes the lowest id the mask allows
+    mask = torch.ones(V, dtype=torch.bool)
+    mask[0] = False
+    token = sample_tokens(logits, torch.full((5,), 0.5), torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]),
+                          torch.zeros(5, dtype=torch.int32), torch.ones(5), mask, backend=backend)
+    assert token[:3].tolist() == [SAMPLE_FLAGGED] * 3
+    assert token[3] == 1 and token[4] == int(logits[4, 1:V].argmax()) + 1
+
+
+# ---- bad input ----
+
+def good_verify_args(B=2, G=2, V=12):
+    model = TableModel(V, seed=1)
+    uniforms = round_uniforms(torch.arange(B), torch.zeros(B, dtype=torch.int64), G + 1)
+    return dict(teacher_logits=model.teacher[:B, None].repeat(1, G + 1, 1),
+                student_logits=model.student[:B, None].repeat(1, G + 1, 1),
+                draft=torch.zeros(B, G, dtype=torch.int64), num_draft=torch.full((B,), G, dtype=torch.int32),
+                uniforms=uniforms, params=row_params(B), proposal_mask=model.proposal_mask,
+                fallback_mask=model.fallback_mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(teacher_logits=a["teacher_logits"][:, 0]), r"teacher_logits must be a \[B, G\+1, V\]"),
+    (lambda a: a.update(teacher_logits=a["teacher_logits"].double()), "float32, bfloat16 or float16"),
+    (lambda a: a.update(student_logits=a["student_logits"][:, :2]), "same B and G"),
+    (lambda a: a.update(draft=a["draft"].int()), "draft must be int64"),
+    (lambda a: a.update(draft=a["draft"][:, :1]), r"draft must be int64 \[B=2, G=2\]"),
+    (lambda a: a.update(num_draft=a["num_draft"].long()), "num_draft must be int32"),
+    (lambda a: a.update(uniforms=a["uniforms"][:, :, :NUM_DRAWS]), f"D>={NUM_ROUND_DRAWS}"),
+    (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms must be float32"),
+    (lambda a: a.update(params=tuple(a["params"])), "RowParams"),
+    (lambda a: a.update(params=a["params"]._replace(top_k=torch.zeros(3, dtype=torch.int32))), "params.top_k"),
+    (lambda a: a.update(params=a["params"]._replace(top_p=torch.ones(2, dtype=torch.int32))), "params.top_p"),
+    (lambda a: a.update(proposal_mask=a["proposal_mask"].int()), "proposal_mask must be a 1-D bool"),
+    (lambda a: a.update(fallback_mask=a["fallback_mask"][:-1]), "fallback_mask has"),
+    (lambda a: a.update(proposal_mask=torch.ones(100, dtype=torch.bool)), r"proposal_mask covers V=100"),
+    (lambda a: a.update(num_draft=[2, 2]), "num_draft must be a torch.Tensor"),
+])
+def test_verify_refuses_bad_input(backend, change, message):
+    use_backend(backend)
+    args = good_verify_args()
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        rsd_verify(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(logits=a["logits"][0]), r"logits must be a \[B, V\]"),
+    (lambda a: a.update(logits=a["logits"].long()), "float32, bfloat16 or float16"),
+    (lambda a: a.update(uniforms=a["uniforms"][:, None]), r"uniforms must be float32 \[B=3\]"),
+    (lambda a: a.update(temperature=a["temperature"][:2]), r"temperature must have shape \[B=3\]"),
+    (lambda a: a.update(top_k=a["top_k"].float()), "top_k must be an integer tensor"),
+    (lambda a: a.update(mask=a["mask"][None]), "mask must be a 1-D bool"),
+    (lambda a: a.update(mask=torch.ones(50, dtype=torch.bool)), r"mask covers V=50"),
+])
+def test_sample_tokens_refuses_bad_input(backend, change, message):
+    use_backend(backend)
+    args = dict(logits=torch.randn(3, 12), uniforms=torch.full((3,), 0.5), temperature=torch.ones(3),
+                top_k=torch.zeros(3, dtype=torch.int32), top_p=torch.ones(3), mask=torch.ones(10, dtype=torch.bool))
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        sample_tokens(**args, backend=backend)
+
+
+def test_round_uniforms_are_the_plain_steps_uniforms():
+    """Position i of a round is step start + i: a pure function of (seed, position, draw), whose first
+    NUM_DRAWS columns are the ones a plain step at that position reads."""
+    seeds, start = torch.tensor([3, 8, 2**40 + 1]), torch.tensor([0, 17, 5])
+    rounds = round_uniforms(seeds, start, 4)
+    assert rounds.shape == (3, 4, NUM_ROUND_DRAWS) and rounds.dtype == torch.float32
+    for i in range(4):
+        torch.testing.assert_close(rounds[:, i], step_uniforms(seeds, start + i, NUM_ROUND_DRAWS), rtol=0, atol=0)
+        torch.testing.assert_close(rounds[:, i, :NUM_DRAWS], step_uniforms(seeds, start + i), rtol=0, atol=0)
+    alone = round_uniforms(seeds[1:2], start[1:2], 4)
+    assert torch.equal(alone[0], rounds[1])
+    assert rounds.unique().numel() > 0.9 * rounds.numel()  # draws are distinct, not copies of one column
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, raised while inductor imports
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_draft_and_verify_compile_fullgraph(backend):
+    """Round uniforms, drafting and verification trace as one graph: static shapes, no host sync."""
+    use_backend(backend)
+    B, G = 3, 2
+    model = TableModel(40, seed=3)
+    params = row_params(B, proposal_trials=2)
+    seeds, start, prev = torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9]), torch.tensor([0, 5, 7])
+
+    def round_step(prev, seeds, start, params):
+        uniforms = round_uniforms(seeds, start, G + 1)
+        drafts, context = [], prev
+        for i in range(G):
+            context = sample_tokens(model.student[context], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
+                                    params.student_top_k, params.student_top_p, model.fallback_mask,
+                                    backend=backend).clamp_min(0)
+            drafts.append(context)
+        draft = torch.stack(drafts, dim=1)
+        before = torch.cat([prev[:, None], draft], dim=1)
+        return rsd_verify(model.teacher[before], model.student[before], draft, torch.full((B,), G, dtype=torch.int32),
+                          uniforms, params, model.proposal_mask, model.fallback_mask, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(round_step, fullgraph=True, dynamic=False, backend="aot_eager")
+    out, eager = compiled(prev, seeds, start, params), round_step(prev, seeds, start, params)
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b, equal_nan=True)
