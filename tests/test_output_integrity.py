@@ -122,6 +122,9 @@ def test_output_without_manifest_is_refused(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv(pair, data, out))
     assert "no out.jsonl.manifest.json beside it" in capsys.readouterr().err
+    generate(pair, data, out, "--force")  # adopts the records: later runs with these settings resume
+    assert read_manifest(out)["settings"]["--seed"] == 0 and len(read_manifest(out)["forced"]) == 1
+    assert len(generate(pair, data, out)) == 4
 
 
 def test_model_fingerprint_follows_content_not_path(tiny_pair, tmp_path):
@@ -190,3 +193,25 @@ def test_a_failed_request_is_recorded_as_failed_and_retried(pair, tmp_path, monk
     records = generate(pair, data, out)
     assert "problems: 4 (3 already in the output, 1 written now)" in capsys.readouterr().out
     assert sorted(r["id"] for r in records) == ["add", "mul", "open", "unclosed"]
+
+
+def test_a_request_the_engine_fails_is_named_and_the_run_goes_on(pair, tmp_path, capsys):
+    """The real engine path: a NaN embedding row for a token only one question holds makes the
+    teacher's logits non-finite for that request alone."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tok = AutoTokenizer.from_pretrained(str(pair[1]))
+    ids = {p["id"]: set(tok.encode(build_prompt(tok, p["question"], SYSTEM).text, add_special_tokens=False))
+           for p in PROBLEMS}
+    only_open = ids["open"] - set().union(*(v for k, v in ids.items() if k != "open"))
+    teacher = Path(shutil.copytree(pair[0], tmp_path / "teacher"))
+    weights = load_file(str(teacher / "model.safetensors"))
+    weights["model.embed_tokens.weight"][min(only_open)] = torch.nan
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    records = generate((teacher, pair[1]), data, out)
+    report = capsys.readouterr().out
+    assert sorted(r["id"] for r in records) == ["add", "mul", "unclosed"]
+    assert "failed, not written: 1 (open: attempt " in report and "the teacher's logits" in report

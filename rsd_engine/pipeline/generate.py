@@ -27,6 +27,7 @@ from .progress import ProgressBar, Tally, format_summary
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import RecordWriter, check_writable, duplicate_ids, part_path, read_records
 from .traces import check_attempt, select_trace, to_sft
+from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
 SELECTIONS = ("shortest", "provenance")
@@ -98,8 +99,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)  # before anything slow
     for model in (opts.teacher, opts.student):
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"model folder not found: {model}")
+        check_model_folder(model)
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
@@ -119,7 +119,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
             tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
                           problems=len(mine), resumed=len(mine) - len(todo), out=str(target),
-                          duplicates=duplicate_ids(held), forced=writer.forced)
+                          # the merged output holds the parts' ids again: only copies within one file count
+                          duplicates={**duplicate_ids(merged), **duplicate_ids(writer.existing)},
+                          forced=writer.forced)
             if todo:
                 _generate(opts, todo, writer, dist, tally, log)
         summary = tally.summary()

@@ -113,7 +113,7 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
             "\nRerun with the same settings to resume it, give another --out, or pass --force to append anyway "
             "(the manifest then lists the mixed settings)")
     if write:
-        manifest = held or new_manifest({}, about)
+        manifest = held or new_manifest(settings, about)  # adopting an output that had none
         manifest.setdefault("forced", []).append({"at": _now(), "differences": found, "settings": plain(settings)})
         write_manifest(out, manifest)
     return found

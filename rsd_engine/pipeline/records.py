@@ -7,7 +7,8 @@ exclusive flock on the file for its whole life, so a second writer fails at once
 writing every id again; the kernel drops the lock when its holder dies, so a kill -9 leaves no
 stale lock. Beside the file, OUT.manifest.json (manifest.py) holds the settings that made its
 records, and a writer given other settings refuses to append. Under torchrun every rank writes
-its own part (out.rank00003-of-00004.jsonl); merge_parts joins them.
+its own part (out.rank00003-of-00004.jsonl); merge_parts joins them into a file beside OUT and
+renames it over OUT, so a merge killed midway leaves OUT as it was and the parts untouched.
 
 Writers of other commands use the same small API: RecordWriter(path, settings, force=...) checks
 and locks, .existing holds the records already there, .write(record) / .write_many(records)

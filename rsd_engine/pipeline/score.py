@@ -26,6 +26,7 @@ from .data import read_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import check_writable, describe_duplicates, duplicate_ids, read_records
 from .score_report import file_report, format_table, plot_histogram
+from ..models.loader import check_model_folder
 
 
 
@@ -176,8 +177,8 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
         if path is not None:
             check_writable(path)
     for model in (student, teacher):
-        if model is not None and not Path(model).is_dir():
-            raise FileNotFoundError(f"model folder not found: {model}")
+        if model is not None:
+            check_model_folder(model)
     tokenizer = load_tokenizer(student)
     files = [read_traces(p, tokenizer, completion_field=completion_field, question_field=question_field,
                          system_prompt=system_prompt) for p in data]
