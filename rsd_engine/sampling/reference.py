@@ -108,15 +108,14 @@ def truncated_probs(logits, temperature, top_k, top_p, mask):
 
 
 def inverse_cdf(weights, u):
-    """First id with weight > 0 whose cumulative weight is >= u * total, or the last such id where rounding
-    leaves u * total above the sum; -1 on a row with no weight. weights [B, V] >= 0, u [B] in [0, 1]."""
+    """First id with weight > 0 whose cumulative weight is >= u * total; -1 on a row with no weight.
+    weights [B, V] >= 0, u [B] in [0, 1]."""
     cdf = torch.cumsum(weights.double(), dim=-1)
-    target = u.double()[:, None] * cdf[:, -1:]
-    live = weights > 0
-    ids = torch.arange(weights.shape[-1], device=weights.device)
-    first = torch.where(live & (cdf >= target), ids, weights.shape[-1]).amin(dim=-1)
-    last = torch.where(live, ids, -1).amax(dim=-1)
-    return torch.where(first < weights.shape[-1], first, last)
+    # Aiming at the smallest positive mass instead of 0 makes u = 0 land on an id with weight too. In
+    # float64, u * total never exceeds the sum (u <= 1), so only a row without weight finds no id.
+    target = (u.double()[:, None] * cdf[:, -1:]).clamp_min(torch.finfo(torch.float64).tiny)
+    idx = torch.searchsorted(cdf, target).squeeze(-1)
+    return torch.where(idx < weights.shape[-1], idx, -1)
 
 
 def check_probs(student_logits, check_temperature):
