@@ -119,7 +119,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
             tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
                           problems=len(mine), resumed=len(mine) - len(todo), out=str(target),
-                          duplicates=duplicate_ids(held), forced=writer.forced)
+                          # the merged output holds the parts' ids again: only copies within one file count
+                          duplicates={**duplicate_ids(merged), **duplicate_ids(writer.existing)},
+                          forced=writer.forced)
             if todo:
                 _generate(opts, todo, writer, dist, tally, log)
         summary = tally.summary()
