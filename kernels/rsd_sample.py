@@ -19,11 +19,12 @@ mass (sums here run in fp32 and in another order than the reference's fp64 ones)
 rounding makes equal (ranked here by logit, in the reference by weight then id).
 
 No sort. Tokens are ranked by (logit desc, id asc), which is the reference's (prob desc, id asc) because
-scaling by 1 / temperature > 0 keeps the order (up to the float32 ties above). The kept set of top-k then top-p is a prefix of that
-ranking, so it is (tau, n_tie): every key above the logit tau plus the first n_tie ids, in id order,
-whose logit equals tau. tau is found by a multi-pivot search over logits mapped to order-preserving
-int32 keys: each pass counts the tokens and the mass at or above NUM_PIVOTS pivots and narrows the key
-interval to one pivot gap (and then to the present keys in it), so it ends after a few passes.
+scaling by 1 / temperature > 0 keeps the order (up to the float32 ties above). The kept set of top-k then
+top-p is a prefix of that ranking, so it is (tau, n_tie): every key above the logit tau plus the first
+n_tie ids, in id order, whose logit equals tau. tau is found by a multi-pivot search over logits mapped to
+order-preserving int32 keys: each pass counts the tokens and the mass at or above NUM_PIVOTS pivots and
+narrows the key interval to one pivot gap (and then to the present keys in it), so it ends after a few
+passes (MAX_SEARCH_PASSES bounds it whatever happens).
 Each row is read: once for statistics, once per search pass (top-k and top-p), once per draw.
 """
 import triton

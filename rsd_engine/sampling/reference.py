@@ -24,7 +24,8 @@ Arithmetic, as exact as the best backend and stated so that every backend can fo
   threshold = float32(1/3) (which is slightly above 1/3), as exact arithmetic says.
 
 Truncation: top-k keeps the k largest weights (ties by lower id); top-p then keeps id i iff the mass
-ranked before it is < top_p times the mass top-k kept (so at least one id; top_p = 1 keeps all).
+ranked before it is < top_p times the mass top-k kept (so at least one id; top_p = 1 keeps all). Logits
+that float32 weights make equal rank by id here; a backend ranking by logit may differ only there.
 A draw with uniform u picks the first id, in id order, with weight > 0 whose cumulative kept mass is
 >= u * total; u = 0 therefore picks the first kept id, and if rounding leaves u * total above the sum,
 the last kept id.
@@ -33,8 +34,8 @@ Outputs: token [B] int64, accepted [B] bool, and the emitted token's raw log-pro
 (log_softmax at temperature 1 over the whole row) teacher_logprob [B], student_logprob [B] float32.
 
 Degenerate rows:
-- No allowed finite teacher logit (every proposal_mask id is -inf, or the mask has no True entry): qT is empty,
-  no proposal is drawn, and the student writes the token (accepted False).
+- No allowed finite teacher logit (every proposal_mask id is -inf, or the mask has no True entry): qT is
+  empty, no proposal is drawn, and the student writes the token (accepted False).
 - The student must write the token but no fallback_mask id has a finite logit: token NO_ALLOWED_TOKEN
   (-3). A row that accepts a proposal never needs qS and is not flagged.
 - NaN or +inf anywhere in a row (padding past V included): token TEACHER_NONFINITE (-1), else
