@@ -18,7 +18,10 @@ import triton.language as tl
 
 from .rsd_sample import I32_MAX, _inverse_cdf, _load_present, _order_key, _row_stats, _scaled_exp, _truncate
 
-NO_ALLOWED_TOKEN = tl.constexpr(-2)  # the student's fallback mask leaves no finite logit at a draft position
+# Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
+TEACHER_NONFINITE = tl.constexpr(-1)
+STUDENT_NONFINITE = tl.constexpr(-2)
+NO_ALLOWED_TOKEN = tl.constexpr(-3)
 
 
 @triton.jit
@@ -95,7 +98,8 @@ def _plain_step(teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallb
     lt = tl.load(teacher_row + token).to(tl.float32)
     ls = tl.load(student_row + token).to(tl.float32)
     no_token = (accepted == 0) & (s_lmax == float("-inf"))
-    token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(no_token, NO_ALLOWED_TOKEN, token)))
+    flag = tl.where(t_bad != 0, TEACHER_NONFINITE, tl.where(s_bad != 0, STUDENT_NONFINITE, NO_ALLOWED_TOKEN))
+    token = tl.where((t_bad != 0) | (s_bad != 0) | no_token, flag, token)
     return token, accepted, (lt - t_m) - tl.log(t_norm), (ls - s_m) - tl.log(s_norm)
 
 
@@ -214,8 +218,8 @@ def _verify_draft(teacher_row, student_row, uniforms_row, x, proposal_mask_ptr, 
     safe = tl.maximum(token, 0)
     lt = tl.load(teacher_row + safe).to(tl.float32)
     ls = tl.load(student_row + safe).to(tl.float32)
-    token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(s_live & (token >= 0), token,
-                                                                         NO_ALLOWED_TOKEN)))
+    flag = tl.where(t_bad != 0, TEACHER_NONFINITE, tl.where(s_bad != 0, STUDENT_NONFINITE, NO_ALLOWED_TOKEN))
+    token = tl.where((t_bad != 0) | (s_bad != 0) | ~s_live | (token < 0), flag, token)
     return token, accepted, (lt - t_m) - tl.log(t_norm), (ls - s_m) - tl.log(s_norm), kept
 
 

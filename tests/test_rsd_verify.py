@@ -21,7 +21,7 @@ from test_rsd_sample import row_params as family_params  # noqa: E402
 
 from rsd_engine.randomness import DRAFT_DRAW, NUM_DRAWS, NUM_ROUND_DRAWS, round_uniforms, step_uniforms  # noqa: E402
 from rsd_engine.sampling import (  # noqa: E402
-    SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_verify, sample_tokens)
+    NO_ALLOWED_TOKEN, SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_verify, sample_tokens)
 
 ALPHA = 1e-3
 BACKENDS = ("reference", "cpp", "triton")
@@ -347,7 +347,7 @@ def test_nonfinite_positions_are_flagged_and_end_the_round(backend):
                      model.proposal_mask, model.fallback_mask, backend=backend)
     assert out.num_emitted.tolist() == [2, 3, 1, 4]
     assert out.tokens[0, 1] == TEACHER_NONFINITE and out.tokens[1, 2] == STUDENT_NONFINITE
-    assert out.tokens[2, 0] == STUDENT_NONFINITE and out.tokens[3, 3] == TEACHER_NONFINITE
+    assert out.tokens[2, 0] == NO_ALLOWED_TOKEN and out.tokens[3, 3] == TEACHER_NONFINITE
     assert torch.equal(out.tokens[3, :3], draft[3])
 
 
