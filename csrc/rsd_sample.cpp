@@ -5,7 +5,10 @@
 // drawn by inverse CDF in id order from uniforms[1 + k]; the first x with softmax(lS / check_temperature)[x]
 // >= threshold is emitted, else the student's fallback y ~ truncate(softmax(lS / student_temperature),
 // student_top_k, student_top_p) on fallback_mask from uniforms[0]. Reported with the emitted token's raw
-// log-probabilities under both models; token -1 (-2) when the teacher (student) row holds NaN or +inf.
+// log-probabilities under both models. Flagged rows as in the reference: token -1 (-2) when the teacher
+// (student) row holds NaN or +inf, -3 when the student must write but no fallback id is finite; no allowed
+// finite proposal means no proposal is drawn. Weights are exp((x - max) * (1 / t)) with 1 / t in float32 and
+// their sums in double; the check probability and its comparison with the threshold run in double.
 //
 // How a row is read (rsd_row.h): pass 1 finds NaN/+inf and the maxima; pass 2 computes every exponential
 // once (the normaliser, and the teacher's weights into a cache-resident scratch row); truncation gathers
@@ -28,6 +31,7 @@
 
 #include "rsd_select.h"
 #include "rsd_types.h"
+#include "rsd_verify_types.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RSD_X86_VARIANTS 1
@@ -42,6 +46,7 @@ namespace portable {
 #include "rsd_passes.h"
 #include "rsd_truncate.h"
 #include "rsd_row.h"
+#include "rsd_verify.h"
 }  // namespace portable
 #undef VW
 
@@ -55,6 +60,7 @@ namespace avx2 {
 #include "rsd_passes.h"
 #include "rsd_truncate.h"
 #include "rsd_row.h"
+#include "rsd_verify.h"
 }  // namespace avx2
 #undef RSD_ISA_AVX2
 #undef VW
@@ -69,6 +75,7 @@ namespace avx512 {
 #include "rsd_passes.h"
 #include "rsd_truncate.h"
 #include "rsd_row.h"
+#include "rsd_verify.h"
 }  // namespace avx512
 #undef RSD_ISA_AVX512
 #undef VW
@@ -105,6 +112,28 @@ static void run(Batch b, int num_threads) {
     if (g_isa == AVX2) return avx2::run_batch(b, num_threads);
 #endif
     portable::run_batch(b, num_threads);
+}
+
+static void run_sample(SampleBatch b, const uint8_t* mask, int num_threads) {
+    const std::vector<uint32_t> bits = pack_mask(mask, b.V);
+    b.mask_bits = bits.data();
+#ifdef RSD_X86_VARIANTS
+    if (g_isa == AVX512) return avx512::run_sample_batch(b, num_threads);
+    if (g_isa == AVX2) return avx2::run_sample_batch(b, num_threads);
+#endif
+    portable::run_sample_batch(b, num_threads);
+}
+
+static void run_verify(VerifyBatch b, int num_threads) {
+    const std::vector<uint32_t> proposal_bits = pack_mask(b.proposal_mask, b.V);
+    const std::vector<uint32_t> fallback_bits = pack_mask(b.fallback_mask, b.V);
+    b.proposal_bits = proposal_bits.data();
+    b.fallback_bits = fallback_bits.data();
+#ifdef RSD_X86_VARIANTS
+    if (g_isa == AVX512) return avx512::run_verify_batch(b, num_threads);
+    if (g_isa == AVX2) return avx2::run_verify_batch(b, num_threads);
+#endif
+    portable::run_verify_batch(b, num_threads);
 }
 
 }  // namespace rsd
@@ -144,6 +173,47 @@ PYBIND11_MODULE(_C, m) {
         py::arg("student_top_k"), py::arg("student_top_p"), py::arg("proposal_trials"), py::arg("proposal_mask"),
         py::arg("fallback_mask"), py::arg("V"), py::arg("token"), py::arg("accepted"), py::arg("teacher_logprob"),
         py::arg("student_logprob"), py::arg("num_threads"));
+    m.def(
+        "sample_tokens",
+        [](int64_t B, uintptr_t logits, int64_t stride, int64_t len, int dtype, uintptr_t uniforms,
+           uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t mask, int64_t V, uintptr_t token,
+           int num_threads) {
+            using namespace rsd;
+            SampleBatch b{B, (const void*)logits, stride, len, dtype, (const float*)uniforms,
+                          (const float*)temperature, (const int32_t*)top_k, (const float*)top_p, nullptr, V,
+                          (int64_t*)token};
+            py::gil_scoped_release release;
+            run_sample(b, (const uint8_t*)mask, num_threads);
+        },
+        "Samples one token per row from one model's truncated law (validated by rsd_engine.sampling.cpp_verify).");
+    m.def(
+        "rsd_verify",
+        [](int64_t B, int64_t P, uintptr_t teacher, int64_t teacher_stride_b, int64_t teacher_stride_p, int64_t Vt,
+           int teacher_dtype, uintptr_t student, int64_t student_stride_b, int64_t student_stride_p, int64_t Vs,
+           int student_dtype, uintptr_t draft, int64_t draft_stride, uintptr_t num_draft, uintptr_t uniforms,
+           int64_t uniforms_stride_b, int64_t uniforms_stride_p, std::vector<int64_t> draws,
+           std::vector<uintptr_t> params, uintptr_t proposal_mask, uintptr_t fallback_mask, int64_t V,
+           uintptr_t tokens, uintptr_t num_emitted, uintptr_t accepted, uintptr_t teacher_logprob,
+           uintptr_t student_logprob, int num_threads) {
+            using namespace rsd;
+            if (draws.size() != 4 || params.size() != 9) throw py::value_error("draws needs 4 entries, params 9");
+            VerifyBatch b{B, P,
+                          (const void*)teacher, teacher_stride_b, teacher_stride_p, Vt, teacher_dtype,
+                          (const void*)student, student_stride_b, student_stride_p, Vs, student_dtype,
+                          (const int64_t*)draft, draft_stride, (const int32_t*)num_draft,
+                          (const float*)uniforms, uniforms_stride_b, uniforms_stride_p,
+                          draws[0], draws[1], draws[2], draws[3],
+                          (const float*)params[0], (const int32_t*)params[1], (const float*)params[2],
+                          (const float*)params[3], (const float*)params[4], (const float*)params[5],
+                          (const int32_t*)params[6], (const float*)params[7], (const int32_t*)params[8],
+                          (const uint8_t*)proposal_mask, (const uint8_t*)fallback_mask, nullptr, nullptr, V,
+                          (int64_t*)tokens, (int32_t*)num_emitted, (uint8_t*)accepted, (float*)teacher_logprob,
+                          (float*)student_logprob};
+            py::gil_scoped_release release;
+            run_verify(b, num_threads);
+        },
+        "Verifies a speculative round of drafts against the RSD law (validated by rsd_engine.sampling.cpp_verify); "
+        "draws = [plain columns, keep, residual, flag], params in RowParams order.");
     m.def("available_isas", &rsd::available_isas, "Instruction-set builds this CPU can run, best last.");
     m.def("isa", []() {
         static const char* names[] = {"portable", "avx2", "avx512"};

@@ -1,4 +1,8 @@
 """rsd-engine: Reverse Speculative Decoding, batched and fused."""
+from .threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch: see threads.py
+
 from .params import SamplingParams
 from .results import GenerationResult, ScoreResult
 

@@ -4,6 +4,7 @@
     rsd generate --teacher T --student S --data problems.jsonl --out traces.jsonl
     torchrun --nproc-per-node 8 -m rsd_engine.cli generate ...   # one shard per rank, merged at the end
     rsd merge traces.jsonl                        # join the parts of a multi-host run
+    rsd --version
     rsd score --student S [--teacher T] --data teacher_traces.jsonl traces.jsonl --plot hist.png
     rsd eval --model M --data problems.jsonl --samples 8 --out gens.jsonl
     rsd provenance --teacher T --student S [--distilled D] --data gens.jsonl --out sentences.jsonl
@@ -22,6 +23,16 @@ from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
 PAPER = SamplingParams()
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "threshold", "check_temperature",
                    "student_temperature", "student_top_p", "student_top_k", "proposal_trials")
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it is required, a switch, or says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.nargs == 0 or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _int(lo, hi=None):
@@ -51,74 +62,94 @@ def _fraction(text):
 def _runtime_options(p):
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--sampler", default="auto", choices=["auto", "reference", "cpp", "triton"],
                    help="RSD-sample backend (auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--threads", type=_int(1), default=None,
-                   help="CPU threads for torch (default: torch's choice; on a busy machine fewer can be faster)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                   help="CPU threads for torch and OpenMP (default: one per physical core this process may "
+                        "use; waiting threads sleep, so a shared machine slows it down rather than stalling it)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: a bar when stderr is a terminal)")
 
 
 def _generate_parser(sub):
-    p = sub.add_parser("generate", help="verified RSD traces for a dataset of problems",
+    p = sub.add_parser("generate", help="verified RSD traces for a dataset of problems", formatter_class=_Help,
                        description="One RSD trace per problem: up to --attempts tries, the shortest correct one kept; "
                                    "never-solved problems keep a --prefix-tokens prefix (UPFT). Resumable; under "
-                                   "torchrun each rank writes its own part.")
+                                   "torchrun each rank writes its own part. OUT is locked while a run writes it, "
+                                   "and OUT.manifest.json records the settings: a rerun under other settings is "
+                                   "refused unless --force.")
     p.add_argument("--teacher", required=True, help="teacher model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--student", required=True, help="student model folder; traces are in its tokens and chat format")
     p.add_argument("--data", required=True, help="problems: .jsonl, .json, .parquet or a datasets save_to_disk folder")
     p.add_argument("--out", required=True, help="output JSONL (rerunning skips the ids already in it)")
-    p.add_argument("--question-field", default="question")
-    p.add_argument("--answer-field", default="answer", help="reference answer (rows without one: 'unverified')")
-    p.add_argument("--id-field", default=None, help="problem id field (default: the row number)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none (default: %(default)r)")
-    p.add_argument("--attempts", type=_int(1), default=16, help="tries per problem (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="append to an OUT made with other settings (default: refuse, naming the differences)")
+    p.add_argument("--question-field", default="question", help="column holding the question text")
+    p.add_argument("--answer-field", default="answer",
+                   help="column holding the reference answer; '' for none (rows without one: 'unverified')")
+    p.add_argument("--id-field", default=None,
+                   help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
+                        "the question text)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt, '' for none (default: %(default)r)")
+    p.add_argument("--attempts", type=_int(1), default=16, help="tries per problem")
     p.add_argument("--max-fallback", type=_fraction, default=0.5,
-                   help="reject traces with a larger share of student-written tokens (default: %(default)s)")
+                   help="reject traces with a larger share of student-written tokens")
     p.add_argument("--prefix-tokens", type=_int(1), default=128,
-                   help="tokens kept for never-solved problems (UPFT; default: %(default)s)")
+                   help="tokens kept for never-solved problems (UPFT)")
     p.add_argument("--format", choices=["jsonl", "sft"], default="jsonl",
                    help="jsonl: full records; sft: chat `messages` for TRL's SFTTrainer")
     p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
                    help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
                         "sentences as rsd select ranks them (default: %(default)s)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
-    p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset")
+    p.add_argument("--limit", type=_int(1), default=None,
+                   help="only the first N problems of the dataset (default: all)")
     p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=_int(2), default=None,
-                   help="KV-cache length per sequence (default: longest prompt + --max-new-tokens)")
+                   help="KV-cache length per sequence; problems cut short by it are not written (default: "
+                        "longest prompt + --max-new-tokens)")
     p.add_argument("--draft-tokens", type=_int(0), default=0,
                    help="exact speculative RSD: the student drafts this many tokens, the teacher verifies them in "
                         "one pass; same law of traces, fewer teacher passes (0: plain RSD; default: %(default)s)")
     s = p.add_argument_group("sampling (defaults: the paper's)")
-    s.add_argument("--max-new-tokens", type=_int(1), default=4096)
+    s.add_argument("--max-new-tokens", type=_int(1), default=4096, help="tokens generated per attempt at most")
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="teacher proposal temperature")
-    s.add_argument("--top-p", type=float, default=PAPER.top_p)
-    s.add_argument("--top-k", type=_int(0), default=PAPER.top_k, help="0: off")
+    s.add_argument("--top-p", type=float, default=PAPER.top_p, help="teacher proposal nucleus")
+    s.add_argument("--top-k", type=_int(0), default=PAPER.top_k, help="teacher proposal top-k, 0: off")
     s.add_argument("--threshold", type=_fraction, default=PAPER.threshold,
-                   help="keep a proposal iff the student's probability of it is >= this (default: %(default)s)")
-    s.add_argument("--check-temperature", type=float, default=PAPER.check_temperature)
-    s.add_argument("--student-temperature", type=float, default=PAPER.student_temperature)
-    s.add_argument("--student-top-p", type=float, default=PAPER.student_top_p)
-    s.add_argument("--student-top-k", type=_int(0), default=PAPER.student_top_k)
+                   help="keep a proposal iff the student's probability of it is >= this")
+    s.add_argument("--check-temperature", type=float, default=PAPER.check_temperature,
+                   help="temperature of the student probability the threshold checks")
+    s.add_argument("--student-temperature", type=float, default=PAPER.student_temperature,
+                   help="student fallback temperature")
+    s.add_argument("--student-top-p", type=float, default=PAPER.student_top_p, help="student fallback nucleus")
+    s.add_argument("--student-top-k", type=_int(0), default=PAPER.student_top_k,
+                   help="student fallback top-k, 0: off")
     s.add_argument("--proposal-trials", type=_int(1, MAX_PROPOSAL_TRIALS), default=PAPER.proposal_trials,
                    help="teacher proposals tried before the student writes")
     _runtime_options(p)
 
 
 def _score_parser(sub):
+    # The description is printed as it is written: one % sign, not the %% of help strings.
     p = sub.add_parser("score", help="teacher-forced surprisal of traces under the student (and teacher)",
-                       description="Per trace and per file: share of tokens under 1%% probability, mean surprisal, "
-                                   "perplexity. Several files are compared side by side.")
-    p.add_argument("--student", required=True)
-    p.add_argument("--teacher", default=None, help="also score under the teacher")
+                       formatter_class=_Help,
+                       description="Per trace and per file: share of tokens under 1% probability, mean surprisal, "
+                                   "perplexity. Several files are compared side by side; ids held by more than one "
+                                   "record are reported.")
+    p.add_argument("--student", required=True, help="student model folder")
+    p.add_argument("--teacher", default=None, help="also score under this teacher model (default: student only)")
     p.add_argument("--data", required=True, nargs="+", help="trace files (rsd generate output, chat messages, ...)")
-    p.add_argument("--out", default=None, help="JSON report (per file and per trace)")
-    p.add_argument("--plot", default=None, help="PNG histogram of student surprisal, one series per file")
+    p.add_argument("--out", default=None, help="JSON report, per file and per trace (default: none)")
+    p.add_argument("--plot", default=None,
+                   help="PNG histogram of student surprisal, one series per file (default: none)")
     p.add_argument("--completion-field", default=None,
-                   help="score this field of any dataset, prompted with --question-field through the chat template")
-    p.add_argument("--question-field", default="question")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+                   help="score this field of any dataset, prompted with --question-field through the chat template "
+                        "(default: rsd generate records or chat messages)")
+    p.add_argument("--question-field", default="question", help="column holding the question text")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="system prompt of --completion-field prompts, '' for none (default: %(default)r)")
     _runtime_options(p)
 
 
@@ -137,8 +168,8 @@ def _response_options(p, what):
     p.add_argument("--data", required=True, help=f"{what}: rows with a question and a response (.jsonl, .json, "
                                                  f".parquet, datasets folder), or chat 'messages' records")
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
-    p.add_argument("--question-field", default="question", help="(default: %(default)s)")
-    p.add_argument("--response-field", default="response", help="(default: %(default)s)")
+    p.add_argument("--question-field", default="question", help="column holding the question (default: %(default)s)")
+    p.add_argument("--response-field", default="response", help="column holding the response (default: %(default)s)")
     p.add_argument("--id-field", default="id", help="(default: %(default)s; the row number when rows have none)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
@@ -151,31 +182,35 @@ def _response_options(p, what):
 
 def _provenance_parser(sub):
     p = sub.add_parser("provenance", help="where each sentence comes from: teacher, student, shared, boosted",
+                       formatter_class=_Help,
                        description="Scores every sentence of every response under each model (geometric mean of its "
                                    "token probabilities, each model in its own chat template and tokens) and labels "
                                    "it teacher / student / shared / boosted (DESIGN section 9).")
     _response_options(p, "responses")
-    p.add_argument("--distilled", default=None, help="distilled student folder (without it, no 'boosted')")
-    p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses")
-    p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response")
+    p.add_argument("--distilled", default=None, help="distilled student folder (default: none, and no 'boosted')")
+    p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
+    p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response (default: none)")
     _runtime_options(p)
 
 
 def _select_parser(sub):
     p = sub.add_parser("select", help="keep, per id, the candidate with the most teacher-originated sentences",
+                       formatter_class=_Help,
                        description="Teacher-guided selection: candidates share an id; the kept one has the most "
                                    "teacher-originated sentences (--by count) or the largest share of them (--by "
                                    "share); ties go to the shorter.")
     _response_options(p, "candidates")
-    p.add_argument("--by", choices=["count", "share"], default="count", help="(default: %(default)s)")
+    p.add_argument("--by", choices=["count", "share"], default="count",
+                   help="rank by the count or the share of teacher-originated sentences (default: %(default)s)")
     _runtime_options(p)
 
 
 def _eval_parser(sub):
     p = sub.add_parser("eval", help="accuracy of one model: N samples per problem, answers checked with math-verify",
+                       formatter_class=_Help,
                        description="Samples N responses per problem from the model alone and checks each final "
                                    "\\boxed{} answer as rsd generate does. Accuracy: mean over problems of the mean "
-                                   "over samples, with a 95%% bootstrap interval over problems. Every generation is "
+                                   "over samples, with a 95% bootstrap interval over problems. Every generation is "
                                    "written (id, sample, response, correct), resumable; it feeds rsd provenance.")
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--data", required=True, help="problems with reference answers (.jsonl, .json, .parquet, folder)")
@@ -186,7 +221,7 @@ def _eval_parser(sub):
     p.add_argument("--id-field", default=None, help="problem id field (default: the row number)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none (default: %(default)r)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
-    p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset")
+    p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset (default: all)")
     p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together (default: "
                                                                       "%(default)s)")
     p.add_argument("--max-seq-len", type=_int(2), default=None,
@@ -202,18 +237,23 @@ def _eval_parser(sub):
 def _demo_parser(sub):
     from rsd_engine.pipeline.demo import DEMO_ATTEMPTS, DEMO_MAX_NEW_TOKENS, DEMO_PROBLEMS
 
-    p = sub.add_parser("demo", help="the pipeline on the embedded SmolLM2 pair and a few champ problems")
-    p.add_argument("--out", default="rsd-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--problems", type=_int(1, 79), default=DEMO_PROBLEMS)
-    p.add_argument("--attempts", type=_int(1), default=DEMO_ATTEMPTS)
-    p.add_argument("--max-new-tokens", type=_int(1), default=DEMO_MAX_NEW_TOKENS)
-    p.add_argument("--seed", type=_int(0), default=0)
+    p = sub.add_parser("demo", help="the pipeline on the embedded SmolLM2 pair and a few champ problems",
+                       formatter_class=_Help)
+    p.add_argument("--out", default="rsd-demo", help="output folder")
+    p.add_argument("--problems", type=_int(1, 79), default=DEMO_PROBLEMS, help="champ problems to run")
+    p.add_argument("--attempts", type=_int(1), default=DEMO_ATTEMPTS, help="tries per problem")
+    p.add_argument("--max-new-tokens", type=_int(1), default=DEMO_MAX_NEW_TOKENS,
+                   help="tokens generated per attempt at most")
+    p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     _runtime_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rsd_engine import __version__
+
     parser = argparse.ArgumentParser(prog="rsd", description="Reverse Speculative Decoding: reasoning traces in "
                                                              "the student's own words.")
+    parser.add_argument("--version", action="version", version=f"rsd-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{generate,score,eval,provenance,select,merge,demo}")
     _generate_parser(sub)
@@ -221,8 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _provenance_parser(sub)
     _select_parser(sub)
-    merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT")
-    merge.add_argument("out", metavar="OUT")
+    merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
+                           description="Join OUT.rank*-of-*.jsonl (and OUT, if it exists) into OUT in id order, each "
+                                       "id once; duplicate ids are reported.")
+    merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
+    merge.add_argument("--force", action="store_true",
+                       help="merge parts made with other settings (default: refuse, naming the differences)")
     _demo_parser(sub)
     return parser
 
@@ -239,11 +283,11 @@ def _generate(args):
 
     opts = GenerateOptions(
         teacher=args.teacher, student=args.student, data=args.data, out=args.out, params=sampling_params(args),
-        question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
+        question_field=args.question_field, answer_field=args.answer_field or None, id_field=args.id_field,
         system_prompt=args.system_prompt, attempts=args.attempts, max_fallback=args.max_fallback,
         prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
-        sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress)
+        sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress, force=args.force)
     run_generate(opts)
 
 
@@ -287,9 +331,14 @@ def _fields(args, options) -> dict:
 
 
 def _merge(args):
-    from rsd_engine.pipeline.records import merge_parts
+    from rsd_engine.pipeline.records import describe_duplicates, merge_parts
 
-    print(f"merged {merge_parts(args.out)} records into {args.out}")
+    report = merge_parts(args.out, force=args.force)
+    print(f"merged {report.records} records into {args.out}")
+    if report.forced:
+        print("merged under --force despite other settings: " + "; ".join(report.forced))
+    if report.duplicates:
+        print(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
 
 
 def _demo(args):
@@ -306,14 +355,16 @@ COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance":
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+    if hasattr(args, "threads"):
+        from rsd_engine.threads import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
+    from rsd_engine.pipeline.records import OutputBusy
+
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-            FloatingPointError) as err:
+            FloatingPointError, OutputBusy) as err:
         parser.exit(2, f"rsd {args.command}: error: {err}\n")
     except KeyboardInterrupt:
         parser.exit(130, "rsd: interrupted\n")

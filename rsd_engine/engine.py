@@ -16,6 +16,7 @@ from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
 from .step import capture_step, step_inputs
+from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per row per forward
@@ -70,7 +71,8 @@ class Engine:
 
     def generate_batch(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                        progress: bool = False) -> list[GenerationResult]:
-        """RSD traces for ``prompts`` (strings or token-id lists), in prompt order.
+        """RSD traces for ``prompts``, in prompt order. A prompt is a string, a list of token ids, or chat
+        messages (a list of {"role", "content"} dicts) that go through the student's chat template.
 
         A request whose logits turn non-finite ends alone with ``finish_reason == "error"`` and the reason
         in ``error``; the rest of the batch goes on."""
@@ -117,8 +119,11 @@ class Engine:
 
     def _make_requests(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
-            raise TypeError("prompts must be a list of strings or of token-id lists, "
+            raise TypeError("prompts must be a list of strings, token-id lists or chat-message lists, "
                             f"got {type(prompts).__name__}")
+        if is_chat(prompts):
+            raise TypeError("prompts is one conversation (a list of message dicts): pass a list of conversations, "
+                            "e.g. [messages]")
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
@@ -143,12 +148,15 @@ class Engine:
         return self.space.to_teacher(ids, what=f"prompt {index}:")
 
     def _tokenize(self, prompt, index) -> list[int]:
+        if is_chat(prompt):  # chat messages: the student's chat template, as `rsd generate` renders them
+            prompt = chat_prompt_text(self.tokenizer, prompt, what=f"prompt {index}")
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise TypeError(f"prompt {index} must be a string, a list of token ids or a list of chat messages "
+                            f"({{'role', 'content'}} dicts), got {type(prompt).__name__}")
         if not ids:
             raise ValueError(f"prompt {index} is empty: every prompt needs at least one token")
         return ids

@@ -6,6 +6,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads OpenMP: idle threads sleep instead of spinning, as `import rsd_engine` asks
+# (rsd_engine/threads.py); on a shared machine spinning threads make every test many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Triton kernels run under the interpreter on CPU; the variable must be set before triton is first
 # imported (torch.compile imports it too), whichever test runs first.
 import torch  # noqa: E402

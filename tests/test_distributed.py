@@ -51,3 +51,19 @@ def test_two_ranks_shard_merge_and_match_one_process(tmp_path_factory, tmp_path)
     out.unlink()
     assert main(["merge", str(out)]) == 0
     assert [json.dumps(r) for r in read_records(out)] == [json.dumps(r) for r in merged]
+
+
+def test_rerun_of_a_merged_run_resumes_without_false_duplicates(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    pair = solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    options = ["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out", str(out),
+               "--system-prompt", SYSTEM, "--attempts", "1", "--max-new-tokens", "24", "--no-progress"]
+    for rank in range(WORLD):  # ranks without a rendezvous: each writes its part, merged by hand
+        monkeypatch.setenv("WORLD_SIZE", str(WORLD))
+        monkeypatch.setenv("RANK", str(rank))
+        assert main(options) == 0
+    assert main(["merge", str(out)]) == 0
+    capsys.readouterr()
+    assert main(options) == 0  # rank 1 again: its part and the merged output hold its ids
+    report = capsys.readouterr().out
+    assert "problems: 2 (2 already in the output, 0 written now)" in report and "duplicate" not in report

@@ -190,3 +190,37 @@ def test_bad_params_and_score_pairs_are_named(engine):
         engine.score_batch(PROMPTS[:2], ["x"])
     with pytest.raises(TypeError, match="prompt 0 must be a string or a list of token ids"):
         engine.generate_batch([3.5], SamplingParams(max_new_tokens=2))
+
+
+CHAT = [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "What is 1 + 1?"}]
+
+
+def test_chat_message_prompts_are_the_templated_string(engine):
+    """Chat messages go through the student's chat template with the generation prompt, exactly as
+    `rsd generate` builds its prompts (pipeline/prompts.py); generation and scoring see the same ids."""
+    from rsd_engine.pipeline.prompts import build_prompt
+
+    text = engine.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert text == build_prompt(engine.tokenizer, "What is 1 + 1?", "Think step by step.").text
+    params = SamplingParams(max_new_tokens=6, seed=4)
+    by_chat, by_text = engine.generate_batch([CHAT, text], params)
+    assert by_chat.prompt_token_ids == engine.tokenizer.encode(text, add_special_tokens=False)
+    assert by_chat.token_ids == by_text.token_ids and by_chat.accepted == by_text.accepted
+    chat_score, text_score = engine.score_batch([CHAT, text], [" 2", " 2"])
+    assert chat_score == text_score
+
+
+@pytest.mark.parametrize("prompts,error,message", [
+    ([CHAT + [{"role": "assistant", "content": "2"}]], ValueError, "prompt 0 ends with an assistant message"),
+    ([[{"role": "user"}]], ValueError, "prompt 0: message 0 must be a dict with string 'role' and 'content'"),
+    (CHAT, TypeError, "prompts is one conversation"),
+])
+def test_bad_chat_prompts_are_named(engine, prompts, error, message):
+    with pytest.raises(error, match=message):
+        engine.generate_batch(prompts, SamplingParams(max_new_tokens=2))
+
+
+def test_chat_prompt_without_a_chat_template_is_refused(engine, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match="prompt 0 is chat messages but the student's tokenizer has no chat template"):
+        engine.generate_batch([CHAT], SamplingParams(max_new_tokens=2))

@@ -126,7 +126,7 @@ def test_generations_feed_provenance(pair, tmp_path):
 
 def test_bad_input(pair, tmp_path, capsys):
     data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"id": "x", "question": "Q?"}) + "\n")
+    data.write_text(json.dumps({"id": "x", "question": "Q?", "answer": None}) + "\n")  # a column, never filled
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl")])
     assert exit_info.value.code == 2

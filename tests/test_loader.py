@@ -38,6 +38,39 @@ def test_missing_folder(tmp_path):
         load_model(tmp_path / "nope")
 
 
+def test_a_file_given_for_the_folder_is_named(folder):
+    with pytest.raises(NotADirectoryError, match=r"model.safetensors is a file, but a model is a folder .* "
+                                                 r"pass the folder that holds it"):
+        load_model(folder / "model.safetensors")
+
+
+def test_a_hub_id_says_a_local_folder_is_needed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Qwen/Qwen3-0.6B. It looks like a Hugging Face hub id.*local "
+                                                r"folders only.*huggingface-cli download Qwen/Qwen3-0.6B "
+                                                r"--local-dir models/Qwen3-0.6B"):
+        load_model("Qwen/Qwen3-0.6B")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_name_the_file_and_model(folder, damage):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07" * 64, "empty": b""}[damage])
+    with pytest.raises(ValueError, match=rf"{path} \(model {folder}\) is not a readable safetensors file, maybe "
+                                         r"truncated or corrupt .*Download or convert the weights again"):
+        load_model(folder)
+
+
+def test_corrupt_demo_cache_says_how_to_rebuild_it(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("RSD_ENGINE_CACHE", str(tmp_path))  # `folder` sits in it, as the demo pair does
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"model.safetensors .*demo pair's cache: delete {folder} and run "
+                                         r"`rsd demo` again.*demo_models.py"):
+        load_model(folder)
+
+
 def test_missing_config(folder):
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -1,13 +1,14 @@
 """Problem loading (every input format, bad rows, bad files), champ problems and the demo pair."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from rsd_engine.pipeline import demo_models
-from rsd_engine.pipeline.data import Problem, champ_problems, load_problems, shard_problems
+from rsd_engine.pipeline.data import QUESTION_HASH, Problem, champ_problems, load_problems, question_id, shard_problems
 
 ROWS = [
     {"problem": "What is 2+2?", "solution": "4", "uid": "a"},
@@ -60,15 +61,47 @@ def test_every_format_gives_the_same_problems(tmp_path, kind, name):
         assert "list" in skipped[5]
 
 
-def test_ids_default_to_row_index(tmp_path):
-    loaded = load_problems(write(tmp_path / "p.jsonl", "jsonl"), **FIELDS)
-    assert [p.id for p in loaded.problems] == ["0", "1", "3"]
+def test_ids_default_to_the_id_column_else_a_question_hash(tmp_path):
+    """Never the row number: resuming after the data file was reordered must find the same ids."""
+    hashed = load_problems(write(tmp_path / "p.jsonl", "jsonl"), **FIELDS)  # ROWS have 'uid', not 'id'
+    assert [p.id for p in hashed.problems] == [question_id(p.question) for p in hashed.problems]
+    assert hashed.id_field == QUESTION_HASH and len(hashed.problems[0].id) == 16
+    reordered = load_problems(write(tmp_path / "r.jsonl", "jsonl", ROWS[::-1]), **FIELDS)
+    assert {p.id: p for p in reordered.problems} == {p.id: p for p in hashed.problems}
+
+    rows = [{"id": 7, "question": "q1", "answer": "1"}, {"id": "x", "question": "q2"}, {"question": "q3"}]
+    with_ids = load_problems(write(tmp_path / "i.jsonl", "jsonl", rows))
+    assert with_ids.problems == [Problem("7", "q1", "1"), Problem("x", "q2", None)]
+    assert with_ids.id_field == "id" and with_ids.skipped == [(2, "no 'id' id")]
+
+
+def test_repeated_question_under_hash_ids_is_skipped(tmp_path):
+    rows = [{"question": "q", "answer": "1"}, {"question": "r", "answer": "2"}, {"question": "q", "answer": "3"}]
+    loaded = load_problems(write(tmp_path / "p.jsonl", "jsonl", rows))
+    assert [p.answer for p in loaded.problems] == ["1", "2"]
+    assert loaded.skipped == [(2, "same question as row 0")]
 
 
 def test_default_field_names_and_jsonl_named_json(tmp_path):
     path = tmp_path / "p.json"
     path.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2", "answer": "2"}\n')
-    assert load_problems(path).problems == [Problem("0", "q1", "1"), Problem("1", "q2", "2")]
+    assert load_problems(path).problems == [Problem(question_id("q1"), "q1", "1"), Problem(question_id("q2"), "q2", "2")]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"question_field": "q"}, "--question-field 'q' is not a column; columns are problem, solution, uid"),
+    ({"answer_field": "sol"}, "--answer-field 'sol' is not a column; columns are problem, solution, uid; "
+                              "--answer-field '' for problems without reference answers"),
+    ({"id_field": "key"}, "--id-field 'key' is not a column"),
+])
+def test_fields_that_are_no_column_name_the_option(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_problems(write(tmp_path / "p.jsonl", "jsonl"), **{**FIELDS, **fields})
+
+
+def test_no_answer_field(tmp_path):
+    loaded = load_problems(write(tmp_path / "p.jsonl", "jsonl"), question_field="problem", answer_field=None)
+    assert loaded.num_without_answer == len(loaded.problems) == 4
 
 
 def test_rows_missing_the_id_field_are_skipped(tmp_path):
@@ -83,15 +116,15 @@ def test_rows_missing_the_id_field_are_skipped(tmp_path):
         ("p.jsonl", "", "empty"),
         ("p.json", "[]", "empty"),
         ("p.jsonl", '{"question": "q"}\n{broken\n', "line 2"),
-        ("p.jsonl", '{"other": "x"}\n', r"none of the 1 rows.*\['other'\]"),
+        ("p.jsonl", '{"other": "x", "question": 1}\n', r"none of the 1 rows .*no 'question' text.*other, question"),
         ("p.json", '{"a": 1}', "list of objects"),
-        ("p.json", '[{"question": "q", "id": 1}, {"question": "r", "id": 1}]', "share the id '1'"),
+        ("p.json", '[{"question": "q", "id": 1}, {"question": "r", "id": 1}]', "share the --id-field 'id' value '1'"),
     ],
 )
 def test_bad_datasets_are_clear_errors(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=match):
-        load_problems(tmp_path / name, id_field="id")
+        load_problems(tmp_path / name, answer_field=None)
 
 
 def test_unreadable_paths(tmp_path):
@@ -116,7 +149,7 @@ def test_dataset_dict_folders(tmp_path):
 
     one = Dataset.from_list([{"question": "q", "answer": "1"}])
     DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "with_train"))
-    assert load_problems(tmp_path / "with_train").problems == [Problem("0", "q", "1")]
+    assert load_problems(tmp_path / "with_train").problems == [Problem(question_id("q"), "q", "1")]
     DatasetDict({"a": one, "b": one}).save_to_disk(str(tmp_path / "no_train"))
     with pytest.raises(ValueError, match=r"splits \['a', 'b'\]"):
         load_problems(tmp_path / "no_train")

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from rsd_engine.pipeline.manifest import manifest_path, read_manifest
 from rsd_engine.pipeline.records import (
+    OutputBusy,
     RecordWriter,
+    SettingsMismatch,
     check_writable,
     done_ids,
     find_parts,
@@ -109,11 +112,13 @@ def test_merge_parts_in_id_order_without_duplicates(tmp_path):
         with RecordWriter(part_path(out, rank, 2)) as writer:
             for i in ids:
                 writer.write({"id": i, "rank": rank})
-    assert merge_parts(out) == 7
+    report = merge_parts(out)
+    assert (report.records, report.duplicates) == (7, {"2": 2})  # reported, the first copy kept
     merged = read_records(out)
     assert [r["id"] for r in merged] == ["0", "1", "2", "3", "4", "10", "11"]
     assert [r for r in merged if r["id"] == "2"] == [{"id": "2", "rank": 0}]
-    assert merge_parts(out) == 7  # idempotent: out itself is one of the inputs
+    again = merge_parts(out)  # idempotent: out itself is one of the inputs, and not a source of duplicates
+    assert (again.records, again.duplicates) == (7, {"2": 2})
     assert read_records(out) == merged
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "out.jsonl", "out.rank00000-of-00002.jsonl", "out.rank00001-of-00002.jsonl"
@@ -146,3 +151,57 @@ def test_check_writable(tmp_path):
     blocker.write_text("")
     with pytest.raises(PermissionError, match="not writable"):
         check_writable(blocker / "out.jsonl")
+
+
+def test_merge_refuses_a_part_still_being_written(tmp_path):
+    out = tmp_path / "out.jsonl"
+    RecordWriter(part_path(out, 0, 2)).close()
+    with RecordWriter(part_path(out, 1, 2)):
+        with pytest.raises(OutputBusy, match=r"rank00001-of-00002.jsonl is still being written \(pid \d+\)"):
+            merge_parts(out)
+    assert merge_parts(out).records == 0
+
+
+def test_merge_checks_the_parts_settings(tmp_path):
+    out = tmp_path / "out.jsonl"
+    for rank, seed in enumerate([0, 1]):
+        with RecordWriter(part_path(out, rank, 2), {"--seed": seed, "--attempts": 4}) as writer:
+            writer.write({"id": str(rank)})
+    with pytest.raises(SettingsMismatch, match=r"rank00001-of-00002.jsonl vs .*: --seed: 0 in the output, 1 now"):
+        merge_parts(out)
+    assert not out.exists() or read_records(out) == []
+    report = merge_parts(out, force=True)
+    assert report.records == 2 and len(report.forced) == 1
+    assert read_manifest(out)["settings"] == {"--seed": 0, "--attempts": 4} and read_manifest(out)["forced"]
+
+
+def test_writer_settings_and_a_corrupt_manifest(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(out, {"--seed": 0}) as writer:
+        assert writer.forced == []
+    with RecordWriter(out, {"--seed": 1}):  # no records yet: nothing to mix, the manifest is rewritten
+        pass
+    assert read_manifest(out)["settings"] == {"--seed": 1}
+    with RecordWriter(out, {"--seed": 1}) as writer:
+        writer.write({"id": "a"})
+    with pytest.raises(SettingsMismatch, match="--seed: 1 in the output, 2 now"):
+        RecordWriter(out, {"--seed": 2})
+    with RecordWriter(out, {"--seed": 2}, force=True) as writer:
+        assert writer.forced == ["--seed: 1 in the output, 2 now"] and [r["id"] for r in writer.existing] == ["a"]
+    manifest_path(out).write_text("{torn")
+    with pytest.raises(ValueError, match="is not a JSON manifest"):
+        RecordWriter(out, {"--seed": 1})
+
+
+def test_a_filesystem_without_locks_warns_and_writes(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot lock .*out.jsonl \(No locks available\)"):
+        with RecordWriter(tmp_path / "out.jsonl") as writer:
+            writer.write({"id": "a"})
+    assert read_records(tmp_path / "out.jsonl") == [{"id": "a"}]

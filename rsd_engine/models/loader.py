@@ -6,29 +6,68 @@ custom modelling code that `auto_map` points to; both are refused.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .transformer import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
 
 
 def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu") -> CausalLM:
     """Load the model in `folder` in `dtype` (float32, bfloat16 or float16) onto `device`, ready for inference."""
     dtype = _dtype(dtype)
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
+    folder = check_model_folder(folder)
     config = load_config(folder)
     files = _weight_files(folder)
     model = _build(config)
     _load_weights(model, files, dtype, device)
     return model.to(device).eval().requires_grad_(False)
+
+
+def check_model_folder(folder) -> Path:
+    """``folder`` as a Path if it is a folder; otherwise an error that says what was given instead."""
+    path = Path(folder)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        raise NotADirectoryError(f"{path} is a file, but a model is a folder (config.json, *.safetensors and the "
+                                 f"tokenizer files): pass the folder that holds it, e.g. {path.parent}")
+    if HUB_ID.fullmatch(str(folder)):
+        raise FileNotFoundError(
+            f"model folder not found: {folder}. It looks like a Hugging Face hub id, but models are read from "
+            f"local folders only (nothing is downloaded); get one with `huggingface-cli download {folder} "
+            f"--local-dir models/{path.name}` (or `hf download`), then pass models/{path.name}")
+    raise FileNotFoundError(f"model folder not found: {folder}")
+
+
+def read_safetensors(path: Path, names=None, *, model=None):
+    """Yield (name, tensor) for the tensors of one safetensors file (only ``names`` if given), on CPU as
+    stored, one at a time. A file that is not valid safetensors (truncated, corrupt) is a ValueError that
+    names the file, its model and how to get a good copy."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if names is None or name in names:
+                    yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} (model {model or path.parent}) is not a readable safetensors file, maybe "
+                         f"truncated or corrupt ({err}). {_rebuild_hint(path.parent)}") from None
+
+
+def _rebuild_hint(folder: Path) -> str:
+    from ..pipeline.demo_models import cache_dir  # the demo pair is built into the cache by demo_models.py
+
+    if folder.resolve().parent == cache_dir().resolve():
+        return (f"It is the demo pair's cache: delete {folder} and run `rsd demo` again, which rebuilds it "
+                f"(rsd_engine/pipeline/demo_models.py).")
+    return "Download or convert the weights again."
 
 
 def load_config(folder) -> ModelConfig:
@@ -89,15 +128,12 @@ def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in expected:
-                    continue  # e.g. lm_head.weight saved next to tied embeddings, or rotary buffers
-                tensor = f.get_tensor(name)
-                if tensor.shape != expected[name]:
-                    raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
-                                     f"config.json implies {tuple(expected[name])}")
-                state[name] = tensor.to(device=device, dtype=dtype)
+        # Names not expected are skipped: e.g. lm_head.weight saved next to tied embeddings, or rotary buffers.
+        for name, tensor in read_safetensors(path, expected, model=path.parent):
+            if tensor.shape != expected[name]:
+                raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(expected[name])}")
+            state[name] = tensor.to(device=device, dtype=dtype)
     missing = [name for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

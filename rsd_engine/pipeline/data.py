@@ -1,13 +1,18 @@
 """Problems in: JSONL, JSON, Parquet or a `datasets` folder, into one Problem form.
 
-Rows without a usable question (or id, when ids come from a field) are skipped and reported,
-not fatal; a row without an answer becomes a problem with answer None (its trace is
-'unverified'). An unreadable file or a dataset with no usable row is a clear error.
+Ids must survive a reordered or extended data file, since resuming skips the ids already
+written: they come from the id field (`id` by default, when the rows have one), else from a
+hash of the question text; never from the row number. Rows without a usable question (or id)
+are skipped and reported, not fatal; so is a repeated question when ids are question hashes. A
+row without an answer becomes a problem with answer None (its trace is 'unverified'). An
+unreadable file, a field that is no column, or a dataset with no usable row is a clear error
+that names the command-line option to change.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 FORMATS = ".jsonl, .json, .parquet, or a folder written by datasets' save_to_disk"
+QUESTION_HASH = "(hash of the question)"  # what ProblemSet.id_field says when ids are question hashes
 
 
 @dataclass(frozen=True)
@@ -29,53 +35,71 @@ class ProblemSet:
     problems: list[Problem]
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason)
     num_rows: int = 0
+    id_field: str = QUESTION_HASH  # where the ids came from
 
     @property
     def num_without_answer(self) -> int:
         return sum(p.answer is None for p in self.problems)
 
 
+def question_id(question: str) -> str:
+    """The id of a question without an id field: 16 hex digits of its text's hash."""
+    return hashlib.blake2b(question.encode("utf-8"), digest_size=8).hexdigest()
+
+
 def load_problems(path, *, question_field="question", answer_field="answer", id_field=None) -> ProblemSet:
-    """Read problems from `path`; ids come from `id_field`, else the row index as a string."""
+    """Read problems from `path` (see the module docstring). id_field None: `id` when the rows have
+    that column, else question hashes. answer_field None: no reference answers."""
     path = Path(path)
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the dataset is empty (no rows)")
+    columns = _columns(rows)
+    if id_field is None and "id" in columns:
+        id_field = "id"
+    for option, name in (("--question-field", question_field), ("--answer-field", answer_field),
+                         ("--id-field", id_field)):
+        if name is not None and name not in columns:
+            hint = "; --answer-field '' for problems without reference answers" if option == "--answer-field" else ""
+            raise ValueError(f"{path}: {option} {name!r} is not a column; columns are {', '.join(columns) or '(none)'}"
+                             f"{hint}")
     problems, skipped, seen = [], [], {}
     for index, row in enumerate(rows):
-        problem, reason = _problem(index, row, question_field, answer_field, id_field)
+        problem, reason = _problem(row, question_field, answer_field, id_field)
+        if problem is not None and problem.id in seen:
+            if id_field is not None:
+                raise ValueError(f"{path}: rows {seen[problem.id]} and {index} share the --id-field {id_field!r} "
+                                 f"value {problem.id!r}; ids must be unique for resumable output")
+            problem, reason = None, f"same question as row {seen[problem.id]}"
         if problem is None:
             skipped.append((index, reason))
             continue
-        if problem.id in seen:
-            raise ValueError(
-                f"{path}: rows {seen[problem.id]} and {index} share the id {problem.id!r} "
-                f"(field {id_field!r}); ids must be unique for resumable output"
-            )
         seen[problem.id] = index
         problems.append(problem)
     if not problems:
-        first = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
-        raise ValueError(
-            f"{path}: none of the {len(rows)} rows is usable ({skipped[0][1]}); fields of the first "
-            f"row: {first}. Name the fields with question_field / answer_field / id_field."
-        )
-    return ProblemSet(problems, skipped, len(rows))
+        raise ValueError(f"{path}: none of the {len(rows)} rows is usable ({skipped[0][1]}); columns: "
+                         f"{', '.join(columns)}. Name the fields with --question-field / --answer-field / --id-field.")
+    return ProblemSet(problems, skipped, len(rows), id_field or QUESTION_HASH)
 
 
-def _problem(index, row, question_field, answer_field, id_field) -> tuple[Problem | None, str]:
+def _columns(rows) -> list[str]:
+    """Every field name of the dict rows, in order of first appearance."""
+    return list(dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row))
+
+
+def _problem(row, question_field, answer_field, id_field) -> tuple[Problem | None, str]:
     if not isinstance(row, dict):
         return None, f"row is a {type(row).__name__}, not an object"
     question = row.get(question_field)
     if not isinstance(question, str) or not question.strip():
         return None, f"no {question_field!r} text"
     if id_field is None:
-        problem_id = str(index)
+        problem_id = question_id(question)
     elif row.get(id_field) is None or isinstance(row[id_field], (dict, list)):
         return None, f"no {id_field!r} id"
     else:
         problem_id = str(row[id_field])
-    answer = row.get(answer_field)
+    answer = row.get(answer_field) if answer_field is not None else None
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
         return None, f"{answer_field!r} is a {type(answer).__name__}, not text or a number"
     answer = None if answer is None or str(answer).strip() == "" else str(answer)

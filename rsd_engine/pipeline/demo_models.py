@@ -19,9 +19,10 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rsd_engine.models.gguf_import import atomic_folder, convert_gguf
+from rsd_engine.models.loader import read_safetensors
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the importer or the student recipe changes, so stale caches are not reused.
@@ -90,7 +91,7 @@ def demo_student_dir() -> Path:
     if _complete(folder):
         return folder
     teacher = demo_teacher_dir()
-    weights = load_file(str(teacher / "model.safetensors"))
+    weights = dict(read_safetensors(teacher / "model.safetensors"))
     student = {
         name: quantise_rtn(w, bits=STUDENT_BITS, group_size=STUDENT_GROUP_SIZE)
         if name.endswith(QUANTISED_SUFFIXES)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import merge_parts, read_records
+from .records import OutputBusy, describe_duplicates, merge_parts, read_records
 
 
 @dataclass
@@ -63,13 +63,16 @@ def barrier_and_merge(dist: Dist, out: Path, log):
     if dist.rank != 0:
         return
     try:
-        count = merge_parts(out)
-    except (FileNotFoundError, ValueError) as err:  # parts on other hosts' disks
+        report = merge_parts(out)
+    except (FileNotFoundError, ValueError, OutputBusy) as err:  # parts on other hosts' disks, or other settings
         log(f"not merged ({err}); once all parts are in one folder: rsd merge {out}")
         return
     statuses = [r.get("status") for r in read_records(out)]
     counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
-    log(f"merged {dist.world_size} parts: {count} records ({counts}) in {out}")
+    counts = f" ({counts})" if any(statuses) else ""  # only rsd generate records have a status
+    log(f"merged {dist.world_size} parts: {report.records} records{counts} in {out}")
+    if report.duplicates:
+        log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
 
 
 def rank_device(device: str, dist: Dist) -> str:

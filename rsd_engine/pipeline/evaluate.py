@@ -28,6 +28,7 @@ from .generate import attempt_seed
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import RecordWriter, check_writable, part_path, read_records
 from .traces import final_answer
+from ..models.loader import check_model_folder
 
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -79,8 +80,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)
-    if not Path(opts.model).is_dir():
-        raise FileNotFoundError(f"model folder not found: {opts.model}")
+    check_model_folder(opts.model)
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems

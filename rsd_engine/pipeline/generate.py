@@ -2,29 +2,39 @@
 
 Every attempt of every problem goes through one Engine.generate_iter stream, so the batch is
 refilled across problems; a problem's record is written (and fsynced) as soon as its last attempt
-finishes, so a kill -9 loses at most the problems in flight. The seed of an attempt is a hash of
-(--seed, problem id, attempt index): reruns, resumes and any number of ranks give the same traces.
-Under torchrun each rank takes its shard of the problems and writes its own part; rank 0 merges
-the parts when every rank is done and the parts are in one folder (else `rsd merge OUT`).
+finishes, so a kill -9 loses at most the problems in flight. Only finished problems are written:
+one whose attempt failed (non-finite logits) or was cut short by --max-seq-len is named in the
+summary instead, so a rerun redoes it. The seed of an attempt is a hash of (--seed, problem id,
+attempt index), and ids do not depend on row order (data.py): reruns, resumes and any number of
+ranks give the same traces. The output is locked while a run writes it, and a rerun under other
+settings is refused (records.py, manifest.py). Under torchrun each rank takes its shard of the
+problems and writes its own part; rank 0 merges the parts when every rank is done and the parts
+are in one folder (else `rsd merge OUT`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
 from .data import Problem, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
+from .manifest import check_settings, model_fingerprint
+from .progress import ProgressBar, Tally, format_summary
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import RecordWriter, check_writable, done_ids, part_path, read_records
-from .traces import SUB_1PCT_LOGPROB, check_attempt, select_trace, to_sft
+from .records import RecordWriter, check_writable, duplicate_ids, part_path, read_records
+from .traces import check_attempt, select_trace, to_sft
+from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
 SELECTIONS = ("shortest", "provenance")
+# Options that choose which problems run, or what they run on; a finished record is the same
+# whatever they are, so the manifest notes them without comparing them (see manifest.py).
+RUNTIME_OPTIONS = ("teacher", "student", "data", "out", "limit", "max_batch_size", "max_seq_len", "device",
+                   "dtype", "sampler", "progress", "force")
 
 
 @dataclass
@@ -35,7 +45,7 @@ class GenerateOptions:
     out: str
     params: SamplingParams = field(default_factory=SamplingParams)  # its seed is ignored: see attempt_seed
     question_field: str = "question"
-    answer_field: str = "answer"
+    answer_field: str | None = "answer"  # None: no reference answers
     id_field: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     attempts: int = 16
@@ -52,6 +62,7 @@ class GenerateOptions:
     sampler: str = "auto"
     draft_tokens: int = 0  # speculative rounds of this many student drafts (0: plain RSD)
     progress: bool = True
+    force: bool = False  # append to an output made with other settings
 
     def __post_init__(self):
         _check("attempts", self.attempts, 1)
@@ -88,22 +99,31 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)  # before anything slow
     for model in (opts.teacher, opts.student):
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"model folder not found: {model}")
+        check_model_folder(model)
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
     mine = shard_problems(problems, dist.rank, dist.world_size)
     _check_format(target, opts.format)
-    done = done_ids(target, out) if dist.world_size > 1 else done_ids(target)
-    todo = [p for p in mine if p.id not in done]
-    # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
-    tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
-                  problems=len(mine), resumed=len(mine) - len(todo), out=str(target))
+    settings, about = record_settings(opts, problem_set.id_field)
+    merged = read_records(out) if dist.world_size > 1 else []  # a merged output of an earlier run
+    if merged:
+        _check_format(out, opts.format)
+        check_settings(out, settings, has_records=True, force=opts.force, write=False)
     group = init_process_group(dist, log)
     try:
-        if todo:
-            _generate(opts, todo, target, dist, tally, log)
+        with RecordWriter(target, settings, force=opts.force, about=about) as writer:
+            held = writer.existing + merged
+            done = {str(r["id"]) for r in held if "id" in r}
+            todo = [p for p in mine if p.id not in done]
+            # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
+            tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
+                          problems=len(mine), resumed=len(mine) - len(todo), out=str(target),
+                          # the merged output holds the parts' ids again: only copies within one file count
+                          duplicates={**duplicate_ids(merged), **duplicate_ids(writer.existing)},
+                          forced=writer.forced)
+            if todo:
+                _generate(opts, todo, writer, dist, tally, log)
         summary = tally.summary()
         log("\n".join(dist.tag + line for line in format_summary(summary).splitlines()))
         if group:
@@ -118,8 +138,27 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
+    """(settings that shape the records, other options for the reader): the output's manifest."""
+    settings = {"teacher model": model_fingerprint(opts.teacher), "student model": model_fingerprint(opts.student)}
+    for f in fields(opts):
+        if f.name == "params":
+            settings.update({_flag(p.name): getattr(opts.params, p.name) for p in fields(opts.params)
+                             if p.name != "seed"})  # attempt seeds derive from --seed (attempt_seed)
+        elif f.name not in RUNTIME_OPTIONS:
+            settings[_flag(f.name)] = getattr(opts, f.name)
+    settings["--id-field"] = id_field
+    about = {_flag(name): getattr(opts, name) for name in RUNTIME_OPTIONS if name not in ("progress", "force")}
+    about.update({"--teacher": str(Path(opts.teacher).resolve()), "--student": str(Path(opts.student).resolve())})
+    return settings, about
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_format(path: Path, fmt: str):
-    """Resuming into a file of the other format would mix record shapes in one file."""
+    """Resuming into a file of the other format would mix record shapes in one file (never forced)."""
     records = read_records(path)
     if records and ("messages" in records[0]) != (fmt == "sft"):
         held = "sft" if "messages" in records[0] else "jsonl"
@@ -127,7 +166,7 @@ def _check_format(path: Path, fmt: str):
                          f"or write --format {fmt} to another --out")
 
 
-def _generate(opts: GenerateOptions, todo: list[Problem], target: Path, dist: Dist, tally, log):
+def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, dist: Dist, tally: Tally, log):
     engine, prompts, prompt_ids = _prepare(opts, todo, dist)
     fits = {p.id: _fits(engine, prompt_ids[p.id], p.id) for p in todo}
     tally.too_long.extend(pid for pid, ok in fits.items() if not ok)
@@ -141,7 +180,8 @@ def _generate(opts: GenerateOptions, todo: list[Problem], target: Path, dist: Di
             requests.append(prompt_ids[p.id])
             params.append(replace(opts.params, seed=attempt_seed(opts.seed, p.id, a)))
     pending = {i: [None] * opts.attempts for i in range(len(todo))}
-    bar = ProgressBar(len(todo), opts.progress and dist.rank == 0, dist)
+    unfinished = {}  # problem index -> why it gets no record
+    bar = ProgressBar(len(requests), opts.progress and dist.rank == 0, dist.tag)
     decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     choose = None
     if opts.select == "provenance":
@@ -149,26 +189,36 @@ def _generate(opts: GenerateOptions, todo: list[Problem], target: Path, dist: Di
 
         choose = provenance_chooser(engine, opts.system_prompt, batch_size=min(opts.attempts, 4))
     tally.start()
-    with RecordWriter(target) as writer:
-        try:
-            for index, result in engine.generate_iter(requests, params):
-                i, a = divmod(index, opts.attempts)
-                problem, prompt = todo[i], prompts[todo[i].id]
-                pending[i][a] = check_attempt(a, result, reference=problem.answer, thinking=prompt.thinking,
-                                              max_fallback=opts.max_fallback)
-                tally.add_attempt(result)
-                if all(pending[i]):
-                    record = select_trace(problem, prompt, pending.pop(i), prefix_tokens=opts.prefix_tokens,
-                                          decode=decode, choose=choose)
+    try:
+        for index, result in engine.generate_iter(requests, params):
+            i, a = divmod(index, opts.attempts)
+            problem, prompt = todo[i], prompts[todo[i].id]
+            tally.add_attempt(result)
+            if result.finish_reason == "error":
+                unfinished.setdefault(i, ("failed", f"attempt {a}: {result.error or 'failed'}"))
+            elif result.finish_reason == "length" and len(result.token_ids) < opts.params.max_new_tokens:
+                unfinished.setdefault(i, ("cut", ""))  # stopped by --max-seq-len, not by --max-new-tokens
+            pending[i][a] = check_attempt(a, result, reference=problem.answer, thinking=prompt.thinking,
+                                          max_fallback=opts.max_fallback)
+            if all(pending[i]):
+                attempts = pending.pop(i)
+                kind, why = unfinished.pop(i, (None, ""))
+                if kind == "failed":
+                    tally.failed[problem.id] = why
+                elif kind == "cut":
+                    tally.cut_short.append(problem.id)
+                else:
+                    record = select_trace(problem, prompt, attempts, prefix_tokens=opts.prefix_tokens, decode=decode,
+                                          choose=choose)
                     writer.write(to_sft(record, prompt) if opts.format == "sft" else record)
                     tally.add_record(record)
-                bar.show(tally)
-        except KeyboardInterrupt:
-            log(f"{dist.tag}interrupted: {tally.written} records are safely in {target}; rerun to resume")
-            raise
-        finally:
-            tally.stop()
-            bar.close()
+            bar.attempt_done(tally)
+    except KeyboardInterrupt:
+        log(f"{dist.tag}interrupted: {tally.written} records are safely in {writer.path}; rerun to resume")
+        raise
+    finally:
+        tally.stop()
+        bar.close()
 
 
 def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
@@ -195,102 +245,3 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
 def _fits(engine, ids: list[int], problem_id: str) -> bool:
     teacher_ids = engine.space.to_teacher(ids, what=f"problem {problem_id}: prompt")
     return max(len(ids), len(teacher_ids)) < engine.max_seq_len
-
-
-class ProgressBar:
-    """tqdm over problems, with solved / tokens/s / acceptance refreshed as attempts finish
-    (at most once a second: all attempts of a problem often finish together, long after they start)."""
-
-    def __init__(self, total: int, enabled: bool, dist: Dist):
-        self.bar, self.last = None, 0.0
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=f"{dist.tag}rsd generate", unit="problem", dynamic_ncols=True)
-
-    def show(self, tally):
-        if self.bar is None:
-            return
-        self.bar.set_postfix(tally.postfix(), refresh=False)
-        if tally.written > self.bar.n:
-            self.bar.update(tally.written - self.bar.n)
-        elif time.perf_counter() - self.last > 1.0:
-            self.bar.refresh()
-            self.last = time.perf_counter()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-@dataclass
-class Tally:
-    """Counts for the progress bar and the end-of-run summary."""
-
-    rows: int
-    skipped: list
-    problems: int
-    resumed: int
-    out: str
-    too_long: list = field(default_factory=list)
-    statuses: dict = field(default_factory=lambda: {"solved": 0, "prefix": 0, "unverified": 0})
-    attempts: int = 0
-    tokens: int = 0
-    accepted: int = 0
-    sub_1pct: int = 0
-    seconds: float = 0.0
-    _t0: float | None = None
-
-    @property
-    def written(self) -> int:
-        return sum(self.statuses.values())
-
-    def start(self):
-        self._t0 = time.perf_counter()
-
-    def stop(self):
-        if self._t0 is not None:
-            self.seconds += time.perf_counter() - self._t0
-            self._t0 = None
-
-    def elapsed(self) -> float:
-        return self.seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
-
-    def add_attempt(self, result):
-        self.attempts += 1
-        self.tokens += len(result.token_ids)
-        self.accepted += sum(result.accepted)
-        self.sub_1pct += sum(lp < SUB_1PCT_LOGPROB for lp in result.student_logprobs)
-
-    def add_record(self, record: dict):
-        self.statuses[record["status"]] += 1
-
-    def postfix(self) -> dict:
-        return {"solved": self.statuses["solved"], "tok/s": f"{self.tokens / max(self.elapsed(), 1e-9):.1f}",
-                "accept": f"{self.accepted / max(self.tokens, 1):.1%}"}
-
-    def summary(self) -> dict:
-        return {
-            "rows": self.rows, "skipped_rows": len(self.skipped), "skipped_examples": self.skipped[:3],
-            "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
-            "written": self.written, **self.statuses, "attempts": self.attempts, "tokens": self.tokens,
-            "acceptance_rate": self.accepted / self.tokens if self.tokens else 0.0,
-            "sub_1pct_share": self.sub_1pct / self.tokens if self.tokens else 0.0,
-            "seconds": self.elapsed(), "tokens_per_second": self.tokens / self.elapsed() if self.tokens else 0.0,
-            "out": self.out,
-        }
-
-
-def format_summary(s: dict) -> str:
-    lines = [f"problems: {s['problems']} ({s['already_done']} already in the output, {s['written']} written now)"]
-    if s["skipped_rows"]:
-        examples = "; ".join(f"row {i}: {why}" for i, why in s["skipped_examples"])
-        lines.append(f"skipped rows: {s['skipped_rows']} of {s['rows']} ({examples})")
-    if s["prompt_too_long"]:
-        lines.append(f"skipped (prompt longer than --max-seq-len): {len(s['prompt_too_long'])}")
-    if s["written"]:
-        lines.append(f"solved: {s['solved']}  prefix: {s['prefix']}  unverified: {s['unverified']}")
-        lines.append(f"attempts: {s['attempts']}  tokens: {s['tokens']}  {s['tokens_per_second']:.1f} tokens/s  "
-                     f"acceptance: {s['acceptance_rate']:.1%}  student prob < 1%: {s['sub_1pct_share']:.2%}")
-    lines.append(f"output: {s['out']}")
-    return "\n".join(lines)

@@ -44,22 +44,50 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     try:
-        text = _render(tokenizer, messages, True)
-        before = _render(tokenizer, messages, False)
+        text, think_prefix = render_chat(tokenizer, messages)
     except Exception:  # templates without a system role raise (jinja2 TemplateError)
         if not system_prompt:
             raise
         messages = [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
-        text, before = _render(tokenizer, messages, True), _render(tokenizer, messages, False)
+        text, think_prefix = render_chat(tokenizer, messages)
+    return ChatPrompt(text, system_prompt, question, think_prefix)
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(text, think_prefix): ``messages`` through the chat template with the generation prompt, the
+    thinking block opened as the module docstring says; think_prefix is the opened block ("" if none)."""
+    text = _render(tokenizer, messages, True)
+    before = _render(tokenizer, messages, False)
     generation_prompt = text[len(before):] if text.startswith(before) else text
     if THINK_OPEN not in _template_source(tokenizer):
-        return ChatPrompt(text, system_prompt, question)
+        return text, ""
     if THINK_OPEN not in generation_prompt:
-        return ChatPrompt(text + THINK_OPEN + "\n", system_prompt, question, THINK_OPEN + "\n")
+        return text + THINK_OPEN + "\n", THINK_OPEN + "\n"
     opened_at = generation_prompt.rindex(THINK_OPEN)
     if THINK_CLOSE in generation_prompt[opened_at:]:
-        return ChatPrompt(text, system_prompt, question)  # an empty, closed block: thinking switched off
-    return ChatPrompt(text, system_prompt, question, generation_prompt[opened_at:])
+        return text, ""  # an empty, closed block: thinking switched off
+    return text, generation_prompt[opened_at:]
+
+
+def is_chat(prompt) -> bool:
+    """A prompt given as chat messages: a non-empty list of dicts."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
+    """What the model reads for a chat-message prompt (a list of {"role", "content"} dicts), as
+    `rsd generate` builds its prompts: the chat template with the generation prompt, thinking opened."""
+    for j, m in enumerate(messages):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{what}: message {j} must be a dict with string 'role' and 'content', got "
+                             f"keys {sorted(m)}")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(f"{what} ends with an assistant message; the model answers after the last user "
+                         f"message (a generation prompt is added): end with a user message")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{what} is chat messages but the student's tokenizer has no chat template: pass "
+                         f"the prompt as a plain string")
+    return render_chat(tokenizer, list(messages))[0]
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:

@@ -1,27 +1,62 @@
-"""Resumable JSONL output: one complete record per line, durable after every record.
+"""Resumable JSONL output: one complete record per line, durable after every record, one writer.
 
 A kill -9 at any moment loses at most the records in flight: each record is one write of a
 whole line, flushed and fsynced before the next. A torn last line (a write cut short) is
-ignored by the reader and cut away by the next writer before it appends. Under torchrun every
-rank writes its own part (out.rank00003-of-00004.jsonl); merge_parts joins them.
+ignored by the reader and cut away by the next writer before it appends. The writer holds an
+exclusive flock on the file for its whole life, so a second writer fails at once instead of
+writing every id again; the kernel drops the lock when its holder dies, so a kill -9 leaves no
+stale lock. Beside the file, OUT.manifest.json (manifest.py) holds the settings that made its
+records, and a writer given other settings refuses to append. Under torchrun every rank writes
+its own part (out.rank00003-of-00004.jsonl); merge_parts joins them into a file beside OUT and
+renames it over OUT, so a merge killed midway leaves OUT as it was and the parts untouched.
+
+Writers of other commands use the same small API: RecordWriter(path, settings, force=...) checks
+and locks, .existing holds the records already there, .write(record) / .write_many(records)
+append.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .manifest import SettingsMismatch, check_settings, differences, read_manifest, write_manifest
+
+__all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
+           "merge_parts", "part_path", "find_parts", "check_writable"]
+
+
+class OutputBusy(RuntimeError):
+    """Another process holds the output's lock."""
 
 
 class RecordWriter:
-    """Append records (JSON objects) to `path`, repairing a torn tail first."""
+    """The one appender of `path`: locks it, repairs a torn tail, checks the settings manifest
+    (when `settings` is given) and appends records.
 
-    def __init__(self, path):
+    .existing: the complete records already in the file when it was opened.
+    .forced: the setting differences accepted under `force` (empty when the settings match).
+    """
+
+    def __init__(self, path, settings: dict | None = None, *, force: bool = False, about: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _repair_tail(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = _open_locked(self.path)
+        self.written = 0
+        try:
+            _repair_tail(self.path)
+            self.existing = read_records(self.path)
+            self.forced = [] if settings is None else check_settings(
+                self.path, settings, has_records=bool(self.existing), force=force, about=about)
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, record: dict) -> None:
         self.write_many([record])
@@ -33,10 +68,11 @@ class RecordWriter:
         while view:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
+        self.written += len(records)
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            os.close(self._fd)  # and with it the lock
             self._fd = None
 
     def __enter__(self):
@@ -44,6 +80,46 @@ class RecordWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _open_locked(path: Path) -> int:
+    """`path` opened for appending (created if missing) under an exclusive flock; fails at once when
+    another process holds it."""
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusy(f"{path} is being written by another process{_holder(path)}; wait for it to "
+                             f"finish, or give another --out") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): say so, go on
+            warnings.warn(f"cannot lock {path} ({err.strerror or err}); make sure no other run writes to it",
+                          stacklevel=3)
+            return fd
+        # Between open and lock the previous holder may have replaced (rsd merge) or removed the
+        # file: the lock is only worth anything on the file the path names now.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    """' (pid N)' for the process holding the flock on `path`, from /proc/locks where it exists."""
+    try:
+        st = os.stat(path)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and key in fields:
+                    return f" (pid {fields[fields.index(key) - 1]})"
+    except OSError:
+        pass
+    return ""
 
 
 def _repair_tail(path: Path) -> None:
@@ -97,6 +173,20 @@ def done_ids(*paths) -> set[str]:
     return {str(r["id"]) for path in paths for r in read_records(path) if "id" in r}
 
 
+def duplicate_ids(records) -> dict[str, int]:
+    """{key: number of records} for every record key (record_key: the id, with its sample and index
+    where records have them) held by more than one record."""
+    counts = Counter(record_key(r) for r in records if isinstance(r, dict) and "id" in r)
+    return {key: n for key, n in counts.items() if n > 1}
+
+
+def describe_duplicates(duplicates: dict[str, int], limit: int = 5) -> str:
+    """'3 ids occur more than once (a ×2, b ×3, c ×2)'."""
+    shown = ", ".join(f"{key.replace(chr(0), '/')} ×{n}" for key, n in list(duplicates.items())[:limit])
+    more = f", and {len(duplicates) - limit} more" if len(duplicates) > limit else ""
+    return f"{len(duplicates)} ids occur more than once ({shown}{more})"
+
+
 def part_path(out, rank: int, world_size: int) -> Path:
     """out.jsonl -> out.rank00003-of-00004.jsonl: the part rank `rank` writes."""
     if not 0 <= rank < world_size:
@@ -130,21 +220,68 @@ def find_parts(out) -> list[Path]:
     return [found[(rank, world)] for rank in range(world)]
 
 
-def merge_parts(out) -> int:
-    """Join all parts of `out` (and `out` itself, if it exists) into `out`, in key order, each key
-    once (see record_key); returns the number of records. The parts are left in place."""
+@dataclass
+class MergeReport:
+    records: int
+    duplicates: dict = field(default_factory=dict)  # {id: copies seen}; the first copy is kept
+    forced: list = field(default_factory=list)  # setting differences between the parts, merged under force
+
+
+def merge_parts(out, *, force: bool = False) -> MergeReport:
+    """Join all parts of `out` (and `out` itself, if it exists) into `out`, in id order, each id
+    once (the first copy seen: out, then the parts by rank); duplicates are reported. Refuses
+    parts still being written, and parts made with other settings unless `force`. The parts are
+    left in place."""
     out = Path(out)
-    records = {}
-    for path in [out, *find_parts(out)]:
-        for record in read_records(path):
-            records.setdefault(record_key(record), record)
-    tmp = out.with_name(f".{out.name}.merging")
-    tmp.unlink(missing_ok=True)  # left by a merge that was killed
-    with RecordWriter(tmp) as writer:
-        for key in sorted(records, key=_natural_key):
-            writer.write(records[key])
-    os.replace(tmp, out)
-    return len(records)
+    parts = find_parts(out)
+    for part in parts:
+        _check_idle(part)
+    with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
+        sources = ([out] if guard.existing else []) + parts
+        forced = _merged_manifest(out, sources, force)
+        records, in_parts = {}, []
+        for path in sources:
+            for record in guard.existing if path == out else read_records(path):
+                in_parts += [record] if path != out else []
+                records.setdefault(record_key(record), record)
+        tmp = out.with_name(f".{out.name}.merging")
+        tmp.unlink(missing_ok=True)  # left by a merge that was killed
+        with RecordWriter(tmp) as writer:
+            for key in sorted(records, key=_natural_key):
+                writer.write(records[key])
+        os.replace(tmp, out)
+    # out is usually an earlier merge of these same parts: its copies of their ids are expected.
+    return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced)
+
+
+def _check_idle(part: Path) -> None:
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputBusy(f"{part} is still being written{_holder(part)}; merge once every rank is done") from None
+    finally:
+        os.close(fd)
+
+
+def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
+    """Write out's manifest from its sources' (all must agree, unless `force`); the differences found."""
+    manifests = [(path, read_manifest(path)) for path in sources]
+    known = [(path, m) for path, m in manifests if m is not None]
+    if not known:
+        return []
+    first_path, first = known[0]
+    found = [f"{path.name}: no manifest" for path, m in manifests if m is None]
+    for path, m in known[1:]:
+        found += [f"{path.name} vs {first_path.name}: {line}" for line in differences(first["settings"], m["settings"])]
+    if found and not force:
+        raise SettingsMismatch(f"the parts of {out} were made with different settings:\n  " + "\n  ".join(found) +
+                               "\nmerge only parts of one run, or pass --force to merge anyway")
+    merged = dict(first)
+    if found:
+        merged["forced"] = [*first.get("forced", []), {"merged": True, "differences": found}]
+    write_manifest(out, merged)
+    return found
 
 
 def record_key(record: dict) -> str:

@@ -9,18 +9,24 @@ the student) against RSD traces (0.09%).
 Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text),
 from chat `messages` records (--format sft), or, with completion_field, from any dataset: the
 prompt is then the question through the student's chat template, as `rsd generate` builds it.
+Ids held by more than one record in a file are reported (each copy is scored, as the file is).
+
+The JSON report is written once, at the end, to a temporary name renamed over --out: a kill -9
+leaves the previous report or the new one, whole, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import read_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import check_writable, read_records
+from .records import check_writable, describe_duplicates, duplicate_ids, read_records
 from .score_report import file_report, format_table, plot_histogram
+from ..models.loader import check_model_folder
 
 
 
@@ -36,6 +42,7 @@ class TraceFile:
     path: str
     traces: list[Trace] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: dict = field(default_factory=dict)  # {id: records}: an id written more than once
     scores: list[dict] = field(default_factory=list)  # per trace: {"student": [...], "teacher": [...]}
 
 
@@ -47,7 +54,7 @@ def read_traces(path, tokenizer, *, completion_field=None, question_field="quest
     rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the file is empty (no traces)")
-    out = TraceFile(str(path))
+    out = TraceFile(str(path), duplicates=duplicate_ids(r for r in rows if isinstance(r, dict)))
     for index, row in enumerate(rows):
         trace, reason = _trace(index, row, tokenizer, completion_field, question_field, system_prompt)
         if trace is None:
@@ -157,7 +164,7 @@ def _bar(total, enabled):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="rsd score", unit="trace", dynamic_ncols=True)
+    return tqdm(total=total, desc="rsd score", unit="trace", dynamic_ncols=True, disable=None)  # None: terminals only
 
 
 def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, completion_field=None,
@@ -170,8 +177,8 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
         if path is not None:
             check_writable(path)
     for model in (student, teacher):
-        if model is not None and not Path(model).is_dir():
-            raise FileNotFoundError(f"model folder not found: {model}")
+        if model is not None:
+            check_model_folder(model)
     tokenizer = load_tokenizer(student)
     files = [read_traces(p, tokenizer, completion_field=completion_field, question_field=question_field,
                          system_prompt=system_prompt) for p in data]
@@ -180,11 +187,15 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
     reports = [file_report(f) for f in files]
     log(format_table(reports))
     for f in files:
+        if f.duplicates:
+            log(f"{f.path}: warning: {describe_duplicates(f.duplicates)}; each copy is scored")
         if f.skipped:
             log(f"{f.path}: skipped {len(f.skipped)} rows (first: row {f.skipped[0][0]}, {f.skipped[0][1]})")
     if out is not None:
-        Path(out).write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
-                                         "files": reports}, indent=1) + "\n")
+        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        tmp.write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
+                                   "files": reports}, indent=1) + "\n")
+        os.replace(tmp, out)
         log(f"report: {out}")
     if plot is not None:
         plot_histogram(files, plot)

@@ -1,0 +1,143 @@
+"""The settings manifest beside an output: OUT.manifest.json says what made OUT's records.
+
+A record is only as good as the settings that made it, and resuming under other settings would mix
+two datasets in one file. So the command that writes OUT states its settings once, as a flat
+dict keyed by what the user would change (`--seed`, `--temperature`, `teacher model`), and a
+rerun compares: with records in OUT and any difference, it refuses, naming each difference,
+unless forced (the manifest then keeps a list of the forced runs and their differences).
+
+Settings are what shape a finished record. Options that only choose which problems run
+(--limit) or what resources they run on (--max-seq-len, batch size, device) are kept under
+"about" for the reader and not compared: a finished record is the same whatever they were.
+
+Models are fingerprinted by content, not by path (a copied folder is the same model): small
+files are hashed whole, weight files by their size and 16 evenly spaced 64 KiB windows, which
+reads 1 MiB of a multi-GB file and still tells two checkpoints apart.
+
+The manifest is written to a temporary name, fsynced and renamed over the old one, under the
+output's lock: after a kill -9 it is the old manifest or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.txt")
+WHOLE_HASH_BYTES = 4 << 20
+WINDOWS, WINDOW_BYTES = 16, 64 << 10
+
+
+class SettingsMismatch(ValueError):
+    """OUT holds records made with other settings."""
+
+
+def manifest_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".manifest.json")
+
+
+def read_manifest(out) -> dict | None:
+    path = manifest_path(out)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a JSON manifest; it was changed by something else. Remove it and "
+                         f"rerun with --force to adopt the records in {Path(out).name}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise ValueError(f"{path} has no 'settings'; it was not written by rsd")
+    return manifest
+
+
+def write_manifest(out, manifest: dict) -> None:
+    path = manifest_path(out)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_manifest(settings: dict, about: dict | None = None) -> dict:
+    from rsd_engine import __version__
+
+    return {"written_by": f"rsd-engine {__version__}", "created": _now(), "settings": plain(settings),
+            "about": plain(about or {})}
+
+
+def plain(value):
+    """`value` as it reads back from JSON (tuples become lists), so that comparisons are exact."""
+    return json.loads(json.dumps(value))
+
+
+def differences(held: dict, now: dict) -> list[str]:
+    """One line per setting that differs, in the user's words."""
+    held, now = plain(held), plain(now)
+    lines = []
+    for key in [*held, *(k for k in now if k not in held)]:
+        a, b = held.get(key, "(not set)"), now.get(key, "(not set)")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+            lines.append(f"{key}: {', '.join(changed)} differ")
+        else:
+            lines.append(f"{key}: {json.dumps(a)} in the output, {json.dumps(b)} now")
+    return lines
+
+
+def check_settings(out, settings: dict, *, has_records: bool, force: bool, about: dict | None = None,
+                   write: bool = True) -> list[str]:
+    """Compare `settings` with OUT's manifest and (re)write it (unless not `write`); returns the
+    differences accepted under `force`. Refuses (SettingsMismatch) when OUT has records made
+    otherwise and not `force`."""
+    out = Path(out)
+    if not has_records:  # a new output, or one killed before its first record
+        if write:
+            write_manifest(out, new_manifest(settings, about))
+        return []
+    held = read_manifest(out)
+    found = (differences(held["settings"], settings) if held is not None
+             else [f"no {manifest_path(out).name} beside it: its records were made by an older rsd or another tool"])
+    if not found:
+        return []
+    if not force:
+        raise SettingsMismatch(
+            f"{out} holds records made with other settings:\n  " + "\n  ".join(found) +
+            "\nRerun with the same settings to resume it, give another --out, or pass --force to append anyway "
+            "(the manifest then lists the mixed settings)")
+    if write:
+        manifest = held or new_manifest(settings, about)  # adopting an output that had none
+        manifest.setdefault("forced", []).append({"at": _now(), "differences": found, "settings": plain(settings)})
+        write_manifest(out, manifest)
+    return found
+
+
+def model_fingerprint(folder) -> dict:
+    """{file name: content hash} of a model folder's weights, config and tokenizer files."""
+    folder = Path(folder)
+    files = sorted({p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
+    return {p.name: _file_hash(p) for p in files}
+
+
+def _file_hash(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        if size <= WHOLE_HASH_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(WINDOWS):
+                f.seek((size - WINDOW_BYTES) * i // (WINDOWS - 1))
+                digest.update(f.read(WINDOW_BYTES))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,138 @@
+"""What `rsd generate` tells the user: the progress bar while it runs, the summary at the end.
+
+Problems that end without a record are named, not only counted: rows skipped as unusable,
+prompts too long, problems cut short by --max-seq-len and problems whose generation failed. The
+last two are retried by a rerun, so the summary says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .traces import SUB_1PCT_LOGPROB
+
+
+class ProgressBar:
+    """tqdm over attempts (a problem's attempts often finish together, long after they start, so a
+    bar over problems stands still for minutes); quiet when `file` (stderr) is not a terminal."""
+
+    def __init__(self, total_attempts: int, enabled: bool, tag: str = "", file=None):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            # disable=None: tqdm's own "only on a terminal" test, so logs and CI output stay clean.
+            self.bar = tqdm(total=total_attempts, desc=f"{tag}rsd generate", unit="attempt", dynamic_ncols=True,
+                            disable=None, file=file)
+
+    def attempt_done(self, tally):
+        if self.bar is not None:
+            self.bar.set_postfix(tally.postfix(), refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class Tally:
+    """Counts for the progress bar and the end-of-run summary."""
+
+    rows: int
+    skipped: list
+    problems: int
+    resumed: int
+    out: str
+    too_long: list = field(default_factory=list)
+    cut_short: list = field(default_factory=list)  # ids: an attempt hit --max-seq-len
+    failed: dict = field(default_factory=dict)  # id -> the engine's error message
+    duplicates: dict = field(default_factory=dict)  # ids already in the output more than once
+    forced: list = field(default_factory=list)  # setting differences appended under --force
+    statuses: dict = field(default_factory=lambda: {"solved": 0, "prefix": 0, "unverified": 0})
+    attempts: int = 0
+    tokens: int = 0
+    accepted: int = 0
+    sub_1pct: int = 0
+    seconds: float = 0.0
+    _t0: float | None = None
+
+    @property
+    def written(self) -> int:
+        return sum(self.statuses.values())
+
+    def start(self):
+        self._t0 = time.perf_counter()
+
+    def stop(self):
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def elapsed(self) -> float:
+        return self.seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def add_attempt(self, result):
+        self.attempts += 1
+        self.tokens += len(result.token_ids)
+        self.accepted += sum(result.accepted)
+        self.sub_1pct += sum(lp < SUB_1PCT_LOGPROB for lp in result.student_logprobs)
+
+    def add_record(self, record: dict):
+        self.statuses[record["status"]] += 1
+
+    def postfix(self) -> dict:
+        return {"written": self.written, "solved": self.statuses["solved"],
+                "tok/s": f"{self.tokens / max(self.elapsed(), 1e-9):.1f}",
+                "accept": f"{self.accepted / max(self.tokens, 1):.1%}"}
+
+    def summary(self) -> dict:
+        return {
+            "rows": self.rows, "skipped_rows": len(self.skipped), "skipped_examples": self.skipped[:5],
+            "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
+            "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
+            "forced": list(self.forced),
+            "written": self.written, **self.statuses, "attempts": self.attempts, "tokens": self.tokens,
+            "acceptance_rate": self.accepted / self.tokens if self.tokens else 0.0,
+            "sub_1pct_share": self.sub_1pct / self.tokens if self.tokens else 0.0,
+            "seconds": self.elapsed(), "tokens_per_second": self.tokens / self.elapsed() if self.tokens else 0.0,
+            "out": self.out,
+        }
+
+
+def names(ids, limit: int = 10) -> str:
+    ids = list(ids)
+    more = f", and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(map(str, ids[:limit])) + more
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"problems: {s['problems']} ({s['already_done']} already in the output, {s['written']} written now)"]
+    if s["forced"]:
+        lines.append(f"appended under --force despite other settings: {'; '.join(s['forced'])}")
+    if s["duplicate_ids"]:
+        from .records import describe_duplicates
+
+        lines.append(f"warning: the output already held duplicates: {describe_duplicates(s['duplicate_ids'])}")
+    if s["skipped_rows"]:
+        more = f", and {s['skipped_rows'] - 5} more" if s["skipped_rows"] > 5 else ""
+        examples = "; ".join(f"row {i}: {why}" for i, why in s["skipped_examples"])
+        lines.append(f"skipped rows: {s['skipped_rows']} of {s['rows']} ({examples}{more})")
+    if s["prompt_too_long"]:
+        lines.append(f"skipped (prompt longer than --max-seq-len): {len(s['prompt_too_long'])} "
+                     f"({names(s['prompt_too_long'])})")
+    if s["cut_short"]:
+        lines.append(f"not written, cut short by --max-seq-len: {len(s['cut_short'])} ({names(s['cut_short'])}); "
+                     f"raise --max-seq-len and rerun to redo them")
+    if s["failed"]:
+        shown = "; ".join(f"{pid}: {why}" for pid, why in list(s["failed"].items())[:5])
+        more = f"; and {len(s['failed']) - 5} more" if len(s["failed"]) > 5 else ""
+        lines.append(f"failed, not written: {len(s['failed'])} ({shown}{more}); a rerun retries them")
+    if s["written"]:
+        lines.append(f"solved: {s['solved']}  prefix: {s['prefix']}  unverified: {s['unverified']}")
+    if s["attempts"]:
+        lines.append(f"attempts: {s['attempts']}  tokens: {s['tokens']}  {s['tokens_per_second']:.1f} tokens/s  "
+                     f"acceptance: {s['acceptance_rate']:.1%}  student prob < 1%: {s['sub_1pct_share']:.2%}")
+    lines.append(f"output: {s['out']}")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""The command line explains itself: every option's help gives its default, `rsd --version`, help text
+printed as written, and a progress bar that counts attempts on a terminal and stays out of logs."""
+import io
+import re
+
+import pytest
+
+from rsd_engine import __version__
+from rsd_engine.cli import main
+from rsd_engine.pipeline.progress import ProgressBar, Tally
+
+COMMANDS = ("generate", "score", "eval", "provenance", "select", "merge", "demo")
+
+
+def help_text(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_entries(text: str) -> dict[str, str]:
+    """{'--attempts': 'tries per problem (default: 16)', ...}: each option's help, lines joined."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        match = re.match(r"^  (-[-\w]+|[A-Z]+)(?:[ ,].*?)?(?:  +(.*))?$", line)
+        if match:
+            current = match[1]
+            entries[current] = match[2] or ""
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_states_its_default(capsys, command):
+    text = help_text(capsys, command)
+    entries = option_entries(text)
+    assert "--no-progress" in entries or command == "merge"
+    for option, helptext in entries.items():
+        if option in ("-h", "--help"):
+            continue
+        assert helptext, f"rsd {command} {option} has no help"
+        required = ("--teacher", "--student", "--model", "--data", "--out", "OUT")
+        assert "default" in helptext or option in required and command != "demo", \
+            f"rsd {command} {option}: {helptext!r} does not say its default"
+
+
+@pytest.mark.parametrize("command", ("", *COMMANDS))
+def test_help_has_no_doubled_percent(capsys, command):
+    text = help_text(capsys, *([command] if command else []))
+    assert "%%" not in text and "%(" not in text
+    if command == "score":
+        assert "under 1% probability" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"rsd-engine {__version__}"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class _Result:
+    token_ids, accepted, student_logprobs = [1, 2], [True, False], [-0.1, -9.0]
+
+
+def test_progress_counts_attempts_on_a_terminal_only():
+    tally = Tally(rows=2, skipped=[], problems=2, resumed=0, out="o")
+    screen = Terminal()
+    bar = ProgressBar(4, True, file=screen)
+    for _ in range(3):
+        tally.add_attempt(_Result())
+        bar.attempt_done(tally)
+    bar.close()
+    assert "3/4" in screen.getvalue() and "attempt" in screen.getvalue()
+
+    log = io.StringIO()  # a file, a pipe, CI: not a terminal
+    bar = ProgressBar(4, True, file=log)
+    bar.attempt_done(tally)
+    bar.close()
+    assert log.getvalue() == ""

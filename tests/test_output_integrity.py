@@ -1,0 +1,217 @@
+"""A rerun must never silently make a wrong dataset: ids that survive reordering, one writer per
+output, settings checked against the manifest, duplicates reported, and problems that were cut
+short or failed redone instead of counted as finished."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from rsd_engine.cli import main
+from rsd_engine.pipeline.manifest import manifest_path, model_fingerprint, read_manifest
+from rsd_engine.pipeline.prompts import build_prompt
+from rsd_engine.pipeline.records import OutputBusy, RecordWriter, read_records
+from rsd_engine.pipeline.score import read_traces
+from rsd_engine.results import GenerationResult
+from solver_pair import PROBLEMS, SYSTEM, solver_pair, write_problems
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+
+
+def argv(pair, data, out, *extra):
+    return ["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out", str(out),
+            "--system-prompt", SYSTEM, "--attempts", "2", "--max-new-tokens", "40", "--max-batch-size", "4",
+            "--no-progress", *extra]
+
+
+def generate(pair, data, out, *extra):
+    assert main(argv(pair, data, out, *extra)) == 0
+    return read_records(out)
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reordered_data_resumes_without_duplicates_or_gaps(pair, tmp_path, capsys):
+    rows = [{"question": p["question"], "answer": p["answer"]} for p in PROBLEMS]  # no id column: question hashes
+    out = tmp_path / "out.jsonl"
+    generate(pair, write_rows(tmp_path / "a.jsonl", rows), out, "--limit", "2")
+    resumed = generate(pair, write_rows(tmp_path / "b.jsonl", rows[::-1]), out)
+    assert "problems: 4 (2 already in the output, 2 written now)" in capsys.readouterr().out
+    clean = generate(pair, tmp_path / "a.jsonl", tmp_path / "clean.jsonl")
+    assert sorted(r["question"] for r in resumed) == sorted(p["question"] for p in PROBLEMS)
+    assert {r["id"]: r["token_ids"] for r in resumed} == {r["id"]: r["token_ids"] for r in clean}
+
+
+def test_a_second_writer_fails_at_once(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(out) as first:
+        first.write({"id": "a"})
+        with pytest.raises(OutputBusy, match=rf"out.jsonl is being written by another process \(pid {os.getpid()}\)"):
+            RecordWriter(out)
+    with RecordWriter(out) as again:  # released on close
+        again.write({"id": "b"})
+    assert [r["id"] for r in read_records(out)] == ["a", "b"]
+
+
+def test_two_concurrent_generate_runs(pair, tmp_path, capsys):
+    rows = [{"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(40)]
+    data, out = write_rows(tmp_path / "p.jsonl", rows), tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "rsd_engine.cli", *argv(pair, data, out, "--max-batch-size", "2", "--threads", "1")]
+    first = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and read_records(out)) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early: " + first.stderr.read().decode()[-2000:]
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv(pair, data, out))
+        assert first.poll() is None  # the second run did not wait for the first
+        assert exit_info.value.code == 2
+        assert f"is being written by another process (pid {first.pid})" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    ids = [r["id"] for r in read_records(out)]
+    assert len(ids) == len(set(ids))
+
+
+def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    generate(pair, data, out, "--limit", "1")
+    manifest = read_manifest(out)
+    assert manifest["settings"]["--seed"] == 0 and manifest["settings"]["--id-field"] == "id"
+    assert manifest["settings"]["student model"] == model_fingerprint(pair[1])
+    assert manifest["about"]["--limit"] == 1  # which problems run is not a setting: extending is resuming
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(pair, data, out, "--seed", "3", "--temperature", "0.5"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds records made with other settings" in err
+    assert "--seed: 0 in the output, 3 now" in err and "--temperature: 0.7 in the output, 0.5 now" in err
+    assert "--force" in err and [r["id"] for r in read_records(out)] == ["add"]
+
+    records = generate(pair, data, out, "--seed", "3", "--temperature", "0.5", "--force")
+    assert sorted(r["id"] for r in records) == sorted(p["id"] for p in PROBLEMS)
+    forced_line = next(line for line in capsys.readouterr().out.splitlines() if "under --force" in line)
+    assert "--seed: 0 in the output, 3 now" in forced_line
+    forced = read_manifest(out)["forced"]
+    assert len(forced) == 1 and forced[0]["settings"]["--seed"] == 3
+    assert read_manifest(out)["settings"]["--seed"] == 0  # what the first records were made with
+
+
+def test_output_without_manifest_is_refused(pair, tmp_path, capsys):
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    generate(pair, data, out, "--limit", "1")
+    manifest_path(out).unlink()
+    with pytest.raises(SystemExit):
+        main(argv(pair, data, out))
+    assert "no out.jsonl.manifest.json beside it" in capsys.readouterr().err
+    generate(pair, data, out, "--force")  # adopts the records: later runs with these settings resume
+    assert read_manifest(out)["settings"]["--seed"] == 0 and len(read_manifest(out)["forced"]) == 1
+    assert len(generate(pair, data, out)) == 4
+
+
+def test_model_fingerprint_follows_content_not_path(tiny_pair, tmp_path):
+    copy = shutil.copytree(tiny_pair[1], tmp_path / "copy")
+    assert model_fingerprint(copy) == model_fingerprint(tiny_pair[1])
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # one byte of the last tensor
+    weights.write_bytes(bytes(data))
+    changed = model_fingerprint(copy)
+    assert [name for name in changed if changed[name] != model_fingerprint(tiny_pair[1])[name]] == ["model.safetensors"]
+
+
+def test_duplicate_ids_are_reported_on_resume_and_by_score(pair, tmp_path, capsys):
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    records = generate(pair, data, out, "--limit", "2")
+    with open(out, "a") as f:
+        f.write(json.dumps(records[0]) + "\n")  # as two unlocked writers left it
+    capsys.readouterr()
+    generate(pair, data, out)
+    assert "warning: the output already held duplicates: 1 ids occur more than once (add ×2)" in capsys.readouterr().out
+
+    traces = read_traces(out, AutoTokenizer.from_pretrained(str(pair[1])))
+    assert traces.duplicates == {"add": 2}
+
+
+def _prompt_lengths(pair):
+    tok = AutoTokenizer.from_pretrained(str(pair[1]))
+    return [len(tok.encode(build_prompt(tok, p["question"], SYSTEM).text, add_special_tokens=False))
+            for p in PROBLEMS]
+
+
+def test_problems_cut_short_by_max_seq_len_are_redone(pair, tmp_path, capsys):
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    # Room for every prompt, not for any answer: every attempt stops at the sequence limit.
+    records = generate(pair, data, out, "--max-seq-len", str(max(_prompt_lengths(pair)) + 4))
+    report = capsys.readouterr().out
+    assert records == []
+    assert "not written, cut short by --max-seq-len: 4 (add, mul, open, unclosed)" in report
+    records = generate(pair, data, out)  # the default fits: all four are redone
+    assert sorted(r["id"] for r in records) == ["add", "mul", "open", "unclosed"]
+    assert "problems: 4 (0 already in the output, 4 written now)" in capsys.readouterr().out
+
+
+def test_a_failed_request_is_recorded_as_failed_and_retried(pair, tmp_path, monkeypatch, capsys):
+    from rsd_engine.engine import Engine
+
+    real = Engine.generate_iter
+
+    def one_attempt_fails(self, requests, params):
+        for index, result in real(self, requests, params):
+            if index == 3:  # problem 1 ('mul'), attempt 1
+                result = GenerationResult(result.prompt_token_ids, result.token_ids[:2], "", result.accepted[:2],
+                                          result.teacher_logprobs[:2], result.student_logprobs[:2], "error",
+                                          result.seed)
+                result.error = "the teacher model produced NaN or +inf logits"  # as the engine reports it
+            yield index, result
+
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    monkeypatch.setattr(Engine, "generate_iter", one_attempt_fails)
+    summary_records = generate(pair, data, out)
+    report = capsys.readouterr().out
+    assert sorted(r["id"] for r in summary_records) == ["add", "open", "unclosed"]  # the run went on
+    assert "failed, not written: 1 (mul: attempt 1: the teacher model produced NaN or +inf logits)" in report
+    monkeypatch.setattr(Engine, "generate_iter", real)
+    records = generate(pair, data, out)
+    assert "problems: 4 (3 already in the output, 1 written now)" in capsys.readouterr().out
+    assert sorted(r["id"] for r in records) == ["add", "mul", "open", "unclosed"]
+
+
+def test_a_request_the_engine_fails_is_named_and_the_run_goes_on(pair, tmp_path, capsys):
+    """The real engine path: a NaN embedding row for a token only one question holds makes the
+    teacher's logits non-finite for that request alone."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tok = AutoTokenizer.from_pretrained(str(pair[1]))
+    ids = {p["id"]: set(tok.encode(build_prompt(tok, p["question"], SYSTEM).text, add_special_tokens=False))
+           for p in PROBLEMS}
+    only_open = ids["open"] - set().union(*(v for k, v in ids.items() if k != "open"))
+    teacher = Path(shutil.copytree(pair[0], tmp_path / "teacher"))
+    weights = load_file(str(teacher / "model.safetensors"))
+    weights["model.embed_tokens.weight"][min(only_open)] = torch.nan
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    records = generate((teacher, pair[1]), data, out)
+    report = capsys.readouterr().out
+    assert sorted(r["id"] for r in records) == ["add", "mul", "unclosed"]
+    assert "failed, not written: 1 (open: attempt " in report and "the teacher's logits" in report
