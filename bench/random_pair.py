@@ -14,6 +14,13 @@ SHAPES = {
     "student": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                     intermediate_size=1024),
 }
+# A few-MB pair for dry runs of the benchmark plumbing (bench/device_check.sh --cpu-dry-run).
+TINY_SHAPES = {
+    "teacher": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=256),
+    "student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                    intermediate_size=128),
+}
 
 
 def word_tokenizer(folder: Path, vocab_size: int):
@@ -29,14 +36,14 @@ def word_tokenizer(folder: Path, vocab_size: int):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
 
 
-def build_random_pair(root, *, vocab_size: int = 49152, seed: int = 0) -> tuple[Path, Path]:
-    """Qwen3-style teacher and student folders under ``root`` (cached: built once)."""
+def build_random_pair(root, *, vocab_size: int = 49152, seed: int = 0, tiny: bool = False) -> tuple[Path, Path]:
+    """Qwen3-style teacher and student folders under ``root`` (cached: built once); ``tiny``: TINY_SHAPES."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     root = Path(root)
     folders = []
-    for i, (name, shape) in enumerate(SHAPES.items()):
-        folder = root / f"{name}-v{vocab_size}-s{seed}"
+    for i, (name, shape) in enumerate((TINY_SHAPES if tiny else SHAPES).items()):
+        folder = root / f"{name}{'-tiny' if tiny else ''}-v{vocab_size}-s{seed}"
         folders.append(folder)
         if (folder / "config.json").exists():
             continue
