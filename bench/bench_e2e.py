@@ -112,7 +112,10 @@ def peak_rss_gb() -> float:
 
 def pair_dirs(name: str, args):
     if name == "random":
-        return build_random_pair(args.cache, vocab_size=args.vocab, tiny=args.tiny)
+        if args.tiny:
+            return build_random_pair(args.cache, vocab_size=args.vocab, teacher="teacher-tiny",
+                                     student="student-tiny")
+        return build_random_pair(args.cache, vocab_size=args.vocab)
     from rsd_engine.pipeline.demo_models import demo_student_dir, demo_teacher_dir
 
     return demo_teacher_dir(), demo_student_dir()

@@ -118,12 +118,12 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
                             int64_t x, const float* u, Workspace& wt, Workspace& ws, const Chunks& ch) {
     const int64_t V = b.V;
     const float nan = __builtin_nanf("");
-    Emitted out{-1, false, false, nan, nan};
+    Emitted out{TEACHER_NONFINITE, false, false, nan, nan};
     const Stats t = scan_row(teacher, V, ch);
     if (t.bad) return out;
     const Stats s = scan_row(student, V, ch);
     if (s.bad) {
-        out.token = -2;
+        out.token = STUDENT_NONFINITE;
         return out;
     }
     const int64_t trials = std::max<int64_t>(0, b.proposal_trials[r]);
@@ -136,7 +136,7 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
                                ExpArgs{s.max_full, s.max_masked, 1.0f, 1.0f / check_temperature}, ws, ch);
     const RowLaw qs = row_law(student, s, V, b.student_temperature[r], b.student_top_k[r], b.student_top_p[r], ws, ch);
     if (qs.empty()) {  // the student could not have drafted here
-        out.token = -2;
+        out.token = NO_ALLOWED_TOKEN;
         return out;
     }
     const double check_norm = check_temperature == 1.0f ? sn.full : sn.check;
@@ -194,7 +194,7 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
         }
         y = pick >= 0 ? pick : last;
         if (y < 0) {  // Q has no mass at all (cannot happen while qS has some)
-            out.token = -2;
+            out.token = NO_ALLOWED_TOKEN;
             return out;
         }
     }

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ def _open_locked(path: Path) -> int:
             os.close(fd)
             raise OutputBusy(f"{path} is being written by another process{_holder(path)}; wait for it to "
                              f"finish, or give another --out") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): say so, go on
+            warnings.warn(f"cannot lock {path} ({err.strerror or err}); make sure no other run writes to it",
+                          stacklevel=3)
+            return fd
         # Between open and lock the previous holder may have replaced (rsd merge) or removed the
         # file: the lock is only worth anything on the file the path names now.
         try:
