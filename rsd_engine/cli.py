@@ -178,6 +178,12 @@ def _response_options(p, what):
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
     p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
+    _force_option(p)
+
+
+def _force_option(p):
+    p.add_argument("--force", action="store_true",
+                   help="append to an OUT made with other settings (default: refuse, naming the differences)")
 
 
 def _provenance_parser(sub):
@@ -218,9 +224,12 @@ def _eval_parser(sub):
     p.add_argument("--samples", type=_int(1), default=1, help="samples per problem (default: %(default)s)")
     p.add_argument("--question-field", default="question", help="(default: %(default)s)")
     p.add_argument("--answer-field", default="answer", help="(default: %(default)s; problems without one are skipped)")
-    p.add_argument("--id-field", default=None, help="problem id field (default: the row number)")
+    p.add_argument("--id-field", default=None,
+                   help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
+                        "the question text)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none (default: %(default)r)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
+    _force_option(p)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset (default: all)")
     p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together (default: "
                                                                       "%(default)s)")

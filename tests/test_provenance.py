@@ -222,7 +222,7 @@ def test_resume_after_torn_output(models, tmp_path, capsys):
     provenance(models, data, out, "--limit", "2")
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:-2]) + lines[-2][:10])  # a kill -9 in the middle of response p2's lines
-    assert complete_keys(out) == {("p1", 0)}
+    assert complete_keys(read_records(out)) == {("p1", 0)}
     capsys.readouterr()
     assert_same_lines(provenance(models, data, out), whole)
     report = capsys.readouterr().out
@@ -372,3 +372,18 @@ def test_rsd_generate_select_provenance(tmp_path_factory, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv[:-1] + ["sideways"])
     assert "--select: invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused_unless_forced(models, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    out = tmp_path / "s.jsonl"
+    provenance(models, data, out, "--limit", "1")
+    argv = ["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+            str(data), "--out", str(out), "--device", "cpu", "--no-progress", "--beta", "0.2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds records made with other settings" in err and "--beta" in err
+    assert main(argv + ["--force"]) == 0
+    assert {s["id"] for s in read_records(out)} == {"p1", "p2", "p3"}

@@ -12,7 +12,7 @@ renames it over OUT, so a merge killed midway leaves OUT as it was and the parts
 
 Writers of other commands use the same small API: RecordWriter(path, settings, force=...) checks
 and locks, .existing holds the records already there, .write(record) / .write_many(records)
-append.
+append, .drop_last(n) cuts a torn group of records off the end.
 """
 
 from __future__ import annotations
@@ -69,6 +69,20 @@ class RecordWriter:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
         self.written += len(records)
+
+    def drop_last(self, count: int) -> None:
+        """Cut the last `count` records off the file: a group of records that a kill cut short
+        (`rsd provenance` writes a response's sentences as one group). A truncation, so a crash
+        during it leaves either the old file or the shorter one."""
+        if count <= 0:
+            return
+        data = self.path.read_bytes()
+        cut = len(data) - 1
+        for _ in range(count):
+            cut = data.rfind(b"\n", 0, cut)
+        os.ftruncate(self._fd, cut + 1)
+        os.fsync(self._fd)
+        self.existing = self.existing[:-count]
 
     def close(self) -> None:
         if self._fd is not None:
