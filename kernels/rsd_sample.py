@@ -229,6 +229,70 @@ def _inverse_cdf(row_ptr, mask_ptr, n_mask, lmax, temperature, tau, n_tie, targe
 
 
 @triton.jit
+def _rsd_step(teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
+              n_proposal, n_fallback, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
+              student_top_k, student_top_p, trials, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+              NUM_PIVOTS: tl.constexpr):
+    """One RSD step for one row, as the contract above (also the bonus token of kernels/rsd_verify.py):
+    (token int32, or -1 / -2 / -3 when flagged; accepted int32; teacher and student log-probs fp32)."""
+    t_sampled = temperature != 0.0  # temperature 0 is argmax
+    s_sampled = student_temperature != 0.0
+    t_temp = tl.where(t_sampled, temperature, 1.0)
+    s_temp = tl.where(s_sampled, student_temperature, 1.0)
+
+    t_bad, t_m, t_total, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
+        teacher_row, n_teacher, proposal_mask_ptr, n_proposal, t_temp, 1.0, False, BLOCK)
+    s_bad, s_m, s_total, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
+        student_row, n_student, fallback_mask_ptr, n_fallback, s_temp, check_temperature, True, BLOCK)
+
+    # No allowed finite logit on a side: its law is empty (the search must not run on it).
+    t_live = t_lmax > float("-inf")
+    s_live = s_lmax > float("-inf")
+    token = t_argmax
+    accepted = tl.full((), 0, tl.int32)
+    if (t_bad == 0) & (s_bad == 0):
+        tau = t_key_min
+        n_tie = tl.full((), I32_MAX, tl.int32)
+        total = t_mass
+        if t_sampled & t_live:
+            tau, n_tie, total = _truncate(teacher_row, proposal_mask_ptr, n_proposal, t_temp,
+                                          top_k, top_p, t_lmax,
+                                          t_key_min, t_present, t_mass, SEARCH_BLOCK, NUM_PIVOTS)
+        k = tl.full((), 0, tl.int32)
+        while (k < trials) & (accepted == 0) & t_live:
+            proposal = t_argmax
+            if t_sampled:
+                u = tl.load(uniforms_row + 1 + k)
+                proposal = _inverse_cdf(teacher_row, proposal_mask_ptr, n_proposal, t_lmax, t_temp, tau, n_tie,
+                                        u * total, BLOCK)
+            # fp64, as the contract: pC = 1/3 must lose to threshold float32(1/3), which lies above it.
+            ls = tl.load(student_row + proposal).to(tl.float32)
+            z = (ls.to(tl.float64) - s_m.to(tl.float64)) / check_temperature.to(tl.float64)
+            check_prob = tl.exp(z) / s_check.to(tl.float64)
+            accepted = (check_prob >= threshold.to(tl.float64)).to(tl.int32)
+            token = proposal
+            k += 1
+        if accepted == 0:
+            token = s_argmax
+            if s_sampled & s_live:
+                s_tau, s_n_tie, s_kept = _truncate(student_row, fallback_mask_ptr, n_fallback, s_temp,
+                                                   student_top_k,
+                                                   student_top_p, s_lmax, s_key_min,
+                                                   s_present, s_mass, SEARCH_BLOCK, NUM_PIVOTS)
+                u = tl.load(uniforms_row)
+                token = _inverse_cdf(student_row, fallback_mask_ptr, n_fallback, s_lmax, s_temp, s_tau, s_n_tie,
+                                     u * s_kept, BLOCK)
+
+    lt = tl.load(teacher_row + token).to(tl.float32)
+    ls = tl.load(student_row + token).to(tl.float32)
+    teacher_logprob = (lt - t_m) - tl.log(t_total)
+    student_logprob = (ls - s_m) - tl.log(s_total)
+    no_token = (accepted == 0) & (s_lmax == float("-inf"))
+    token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(no_token, -3, token)))
+    return token, accepted, teacher_logprob, student_logprob
+
+
+@triton.jit
 def rsd_sample_kernel(
     teacher_ptr,  # [B, Vt] fp32 / bf16 / fp16, row stride teacher_stride
     student_ptr,  # [B, Vs] same dtypes, row stride student_stride
@@ -263,62 +327,13 @@ def rsd_sample_kernel(
     student_temperature = tl.load(student_temperature_ptr + row)
     threshold = tl.load(threshold_ptr + row)
     trials = tl.minimum(tl.load(proposal_trials_ptr + row), num_draws - 1)
-    t_sampled = temperature != 0.0  # temperature 0 is argmax
-    s_sampled = student_temperature != 0.0
-    t_temp = tl.where(t_sampled, temperature, 1.0)
-    s_temp = tl.where(s_sampled, student_temperature, 1.0)
-
-    t_bad, t_m, t_total, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
-        teacher_row, n_teacher, proposal_mask_ptr, n_proposal, t_temp, 1.0, False, BLOCK)
-    s_bad, s_m, s_total, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
-        student_row, n_student, fallback_mask_ptr, n_fallback, s_temp, check_temperature, True, BLOCK)
-
-    # No allowed finite logit on a side: its law is empty (the search must not run on it).
-    t_live = t_lmax > float("-inf")
-    s_live = s_lmax > float("-inf")
-    token = t_argmax
-    accepted = tl.full((), 0, tl.int32)
-    if (t_bad == 0) & (s_bad == 0):
-        tau = t_key_min
-        n_tie = tl.full((), I32_MAX, tl.int32)
-        total = t_mass
-        if t_sampled & t_live:
-            tau, n_tie, total = _truncate(teacher_row, proposal_mask_ptr, n_proposal, t_temp,
-                                          tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), t_lmax,
-                                          t_key_min, t_present, t_mass, SEARCH_BLOCK, NUM_PIVOTS)
-        k = tl.full((), 0, tl.int32)
-        while (k < trials) & (accepted == 0) & t_live:
-            proposal = t_argmax
-            if t_sampled:
-                u = tl.load(uniforms_row + 1 + k)
-                proposal = _inverse_cdf(teacher_row, proposal_mask_ptr, n_proposal, t_lmax, t_temp, tau, n_tie,
-                                        u * total, BLOCK)
-            # fp64, as the contract: pC = 1/3 must lose to threshold float32(1/3), which lies above it.
-            ls = tl.load(student_row + proposal).to(tl.float32)
-            z = (ls.to(tl.float64) - s_m.to(tl.float64)) / check_temperature.to(tl.float64)
-            check_prob = tl.exp(z) / s_check.to(tl.float64)
-            accepted = (check_prob >= threshold.to(tl.float64)).to(tl.int32)
-            token = proposal
-            k += 1
-        if accepted == 0:
-            token = s_argmax
-            if s_sampled & s_live:
-                s_tau, s_n_tie, s_kept = _truncate(student_row, fallback_mask_ptr, n_fallback, s_temp,
-                                                   tl.load(student_top_k_ptr + row),
-                                                   tl.load(student_top_p_ptr + row), s_lmax, s_key_min,
-                                                   s_present, s_mass, SEARCH_BLOCK, NUM_PIVOTS)
-                u = tl.load(uniforms_row)
-                token = _inverse_cdf(student_row, fallback_mask_ptr, n_fallback, s_lmax, s_temp, s_tau, s_n_tie,
-                                     u * s_kept, BLOCK)
-
-    lt = tl.load(teacher_row + token).to(tl.float32)
-    ls = tl.load(student_row + token).to(tl.float32)
-    teacher_logprob = (lt - t_m) - tl.log(t_total)
-    student_logprob = (ls - s_m) - tl.log(s_total)
-    no_token = (accepted == 0) & (s_lmax == float("-inf"))
-    out_token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(no_token, -3, token))).to(tl.int64)
-    flagged = out_token < 0
-    tl.store(token_ptr + row, out_token)
+    token, accepted, teacher_logprob, student_logprob = _rsd_step(
+        teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
+        n_proposal, n_fallback, temperature, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), threshold,
+        check_temperature, student_temperature, tl.load(student_top_k_ptr + row), tl.load(student_top_p_ptr + row),
+        trials, BLOCK, SEARCH_BLOCK, NUM_PIVOTS)
+    flagged = token < 0
+    tl.store(token_ptr + row, token.to(tl.int64))
     tl.store(accepted_ptr + row, tl.where(flagged, 0, accepted).to(tl.int8))
     tl.store(teacher_logprob_ptr + row, tl.where(flagged, float("nan"), teacher_logprob))
     tl.store(student_logprob_ptr + row, tl.where(flagged, float("nan"), student_logprob))

@@ -10,13 +10,15 @@ rsd_verify_kernel, per row and per position i of the round (logits [B, P, V], P 
     Q = qT * ok * c + r^K * qS. On a rejection two more passes draw from max(0, Q - qS) (or from Q where
     rounding leaves that without mass) by inverse CDF in id order. The flag of the emitted y is
     u_flag * Q(y) <= qT(y) * ok(y) * c. Q is never stored: each pass rebuilds it per block.
-  * i == num_draft: the bonus token, a plain RSD step with this position's [fallback, proposals] columns.
+  * i == num_draft: the bonus token, a plain RSD step (rsd_sample.py's _rsd_step) with this position's
+    [fallback, proposals] columns.
 The arithmetic on Q (r, c, r^K, the residual's sums) runs in fp64 from fp32 weights.
 """
 import triton
 import triton.language as tl
 
-from .rsd_sample import I32_MAX, _inverse_cdf, _load_present, _order_key, _row_stats, _scaled_exp, _truncate
+from .rsd_sample import I32_MAX, _inverse_cdf, _load_present, _order_key, _row_stats, _rsd_step, _scaled_exp, \
+    _truncate
 
 # Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
 TEACHER_NONFINITE = tl.constexpr(-1)
@@ -55,52 +57,6 @@ def _side_law(row_ptr, mask_ptr, n_vocab, temperature, top_k, top_p, lmax, key_m
         tau, n_tie, total = _truncate(row_ptr, mask_ptr, n_vocab, temperature, top_k, top_p, lmax, key_min,
                                       n_present, mass, SEARCH_BLOCK, NUM_PIVOTS)
     return tau, n_tie, tl.where(temperature != 0.0, total, 1.0)
-
-
-@triton.jit
-def _plain_step(teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
-                n_vocab, temperature, top_k, top_p, threshold, check_temperature, student_temperature, student_top_k,
-                student_top_p, trials, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """One RSD step (rsd_sample_kernel's body for one row): (token, accepted, teacher_logprob, student_logprob)."""
-    t_sampled = temperature != 0.0
-    s_sampled = student_temperature != 0.0
-    t_temp = tl.where(t_sampled, temperature, 1.0)
-    s_temp = tl.where(s_sampled, student_temperature, 1.0)
-    t_bad, t_m, t_norm, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
-        teacher_row, n_teacher, proposal_mask_ptr, n_vocab, t_temp, 1.0, False, BLOCK)
-    s_bad, s_m, s_norm, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
-        student_row, n_student, fallback_mask_ptr, n_vocab, s_temp, check_temperature, True, BLOCK)
-    t_live = t_lmax > float("-inf")
-    s_live = s_lmax > float("-inf")
-    token = t_argmax
-    accepted = tl.full((), 0, tl.int32)
-    if (t_bad == 0) & (s_bad == 0):
-        tau, n_tie, total = _side_law(teacher_row, proposal_mask_ptr, n_vocab, temperature, top_k, top_p, t_lmax,
-                                      t_key_min, t_present, t_mass, t_live, SEARCH_BLOCK, NUM_PIVOTS)
-        k = tl.full((), 0, tl.int32)
-        while (k < trials) & (accepted == 0) & t_live:
-            proposal = t_argmax
-            if t_sampled:
-                proposal = _inverse_cdf(teacher_row, proposal_mask_ptr, n_vocab, t_lmax, t_temp, tau, n_tie,
-                                        tl.load(uniforms_row + 1 + k) * total, BLOCK)
-            ls = tl.load(student_row + proposal).to(tl.float32)
-            accepted = _check_ok(ls, s_m, check_temperature, s_check, threshold).to(tl.int32)
-            token = proposal
-            k += 1
-        if accepted == 0:
-            token = s_argmax
-            if s_sampled & s_live:
-                s_tau, s_n_tie, s_total = _side_law(student_row, fallback_mask_ptr, n_vocab, student_temperature,
-                                                    student_top_k, student_top_p, s_lmax, s_key_min, s_present,
-                                                    s_mass, s_live, SEARCH_BLOCK, NUM_PIVOTS)
-                token = _inverse_cdf(student_row, fallback_mask_ptr, n_vocab, s_lmax, s_temp, s_tau, s_n_tie,
-                                     tl.load(uniforms_row) * s_total, BLOCK)
-    lt = tl.load(teacher_row + token).to(tl.float32)
-    ls = tl.load(student_row + token).to(tl.float32)
-    no_token = (accepted == 0) & (s_lmax == float("-inf"))
-    flag = tl.where(t_bad != 0, TEACHER_NONFINITE, tl.where(s_bad != 0, STUDENT_NONFINITE, NO_ALLOWED_TOKEN))
-    token = tl.where((t_bad != 0) | (s_bad != 0) | no_token, flag, token)
-    return token, accepted, (lt - t_m) - tl.log(t_norm), (ls - s_m) - tl.log(s_norm)
 
 
 @triton.jit
@@ -269,9 +225,9 @@ def rsd_verify_kernel(
         student_row = student_ptr + row * student_stride_b + i * student_stride_p
         uniforms_row = uniforms_ptr + row * uniforms_stride_b + i * uniforms_stride_p
         if i == n:
-            token, accepted, t_lp, s_lp = _plain_step(
+            token, accepted, t_lp, s_lp = _rsd_step(
                 teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
-                n_vocab, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
+                n_vocab, n_vocab, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
                 student_top_k, student_top_p, tl.minimum(trials, num_draws - 1), BLOCK, SEARCH_BLOCK, NUM_PIVOTS)
             kept = tl.full((), 0, tl.int32)
         else:
