@@ -41,11 +41,15 @@ def expected_tokens_per_pass(alpha: float, gamma: int) -> float:
 @torch.inference_mode()
 def forward_ms(engine, model, cache, repeats: int = 20) -> float:
     """Median time of one single-token forward plus its logits at batch 1, position 64."""
-    tokens, positions = torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), 64)
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+    positions = torch.full((1, 1), 64, device=engine.device)
+    span = min(128, engine.max_seq_len)
     times = []
     for _ in range(repeats + 3):
         start = time.perf_counter()
-        model.logits(model(tokens, positions, cache, None, 128)[:, 0])
+        model.logits(model(tokens, positions, cache, None, span)[:, 0])
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:]) * 1e3
 
@@ -55,7 +59,7 @@ def bench_pair(name: str, teacher_dir, student_dir, args) -> dict:
     plain_rate = {}
     prompts = {}
     for gamma in [0] + args.gammas:
-        engine = Engine(teacher_dir, student_dir, device="cpu", dtype="float32", max_batch_size=max(args.batches),
+        engine = Engine(teacher_dir, student_dir, device=args.device, max_batch_size=max(args.batches),
                         max_seq_len=args.max_seq_len, sampler=args.sampler, draft_tokens=gamma)
         if gamma == 0:
             report["sampler"] = engine.sampler
@@ -135,6 +139,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sampler", default="auto")
+    parser.add_argument("--device", default="cpu", help="default: %(default)s (float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--tiny", action="store_true", help="the random pair at a few MB (plumbing checks)")
+    parser.add_argument("--vocab", type=int, default=49152, help="random pair's vocabulary")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, one repeat, G in {1, 4}")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rsd-engine" / "bench"))
     parser.add_argument("--out", default="bench/results/speculative.json")
@@ -148,7 +155,8 @@ def main():
     report = dict(threads=args.threads, new_tokens=args.new_tokens, repeats=args.repeats, pairs={})
     for name in args.pairs:
         if name == "random":
-            teacher_dir, student_dir = build_random_pair(args.cache, student="student-small")
+            shapes = dict(teacher="teacher-tiny", student="student-tiny") if args.tiny else dict(student="student-small")
+            teacher_dir, student_dir = build_random_pair(args.cache, vocab_size=args.vocab, **shapes)
         else:
             from rsd_engine.pipeline.demo_models import demo_student_dir, demo_teacher_dir
 

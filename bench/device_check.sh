@@ -12,6 +12,7 @@
 #                      engine greedy output on CUDA vs CPU (skipped, and reported so, without CUDA)
 #   rsd_step.json      bench/bench_rsd_step.py --quick: fused RSD step vs op-by-op PyTorch
 #   e2e.json           bench/bench_e2e.py: Engine vs naive HF loop vs one-by-one, random and demo pairs
+#   speculative.json   bench/bench_speculative.py: draft_tokens 2 and 4 vs plain RSD (the round as a CUDA graph)
 #   summary.json       each step's exit status and seconds; the script exits non-zero if any step failed
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,11 +93,15 @@ if [ "$mode" = cuda ]; then
   step rsd_step 120 $py bench/bench_rsd_step.py --quick --device cuda --out "$out/rsd_step.json"
   step e2e 300 $py bench/bench_e2e.py --device cuda --pairs random demo --batches 1 8 --new-tokens 32 \
     --repeats 2 --out "$out/e2e.json"
+  step speculative 180 $py bench/bench_speculative.py --device cuda --pairs random --gammas 2 4 --batches 1 8 \
+    --new-tokens 32 --repeats 2 --out "$out/speculative.json"
 else
   step rsd_step 120 $py bench/bench_rsd_step.py --device cpu --batch 1 2 --vocab 1000 --warmup 1 --repeats 3 \
     --budget 1 --out "$out/rsd_step.json"
   step e2e 300 $py bench/bench_e2e.py --device cpu --pairs random --tiny --vocab 1000 --batches 1 2 \
     --new-tokens 4 --repeats 1 --max-seq-len 256 --cache "$out/pairs" --out "$out/e2e.json"
+  step speculative 180 $py bench/bench_speculative.py --device cpu --pairs random --tiny --vocab 1000 --gammas 2 \
+    --batches 1 2 --new-tokens 4 --repeats 1 --threads 1 --cache "$out/pairs" --out "$out/speculative.json"
 fi
 
 $py - "$out/summary.json" "$mode" "${steps[@]}" <<'EOF'

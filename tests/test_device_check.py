@@ -17,7 +17,7 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "cpu" and summary["ok"]
-    assert [s["step"] for s in summary["steps"]] == ["environment", "cuda_tests", "rsd_step", "e2e"]
+    assert [s["step"] for s in summary["steps"]] == ["environment", "cuda_tests", "rsd_step", "e2e", "speculative"]
 
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert environment["torch"] == torch.__version__ and environment["omp_wait_policy"] == "PASSIVE"
@@ -31,6 +31,9 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     rows = [r for run in e2e["runs"] for r in run["rows"]]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["engine_tok_s"] > 0 and r["naive_hf_tok_s"] > 0 and r["engine_peak_rss_gb"] > 0 for r in rows)
+    speculative = json.loads((tmp_path / "speculative.json").read_text())["pairs"]["random"]["rows"]
+    assert [(r["batch"], r["draft_tokens"]) for r in speculative] == [(1, 0), (2, 0), (1, 2), (2, 2)]
+    assert all(r["tok_s"] > 0 and r["teacher_passes"] <= r["tokens"] for r in speculative)
 
 
 def test_refuses_unknown_options():

@@ -387,3 +387,21 @@ def test_rerun_with_other_settings_is_refused_unless_forced(models, tmp_path, ca
     assert "holds records made with other settings" in err and "--beta" in err
     assert main(argv + ["--force"]) == 0
     assert {s["id"] for s in read_records(out)} == {"p1", "p2", "p3"}
+
+
+def test_select_ranks_merge_to_the_single_run(models, tmp_path, monkeypatch):
+    data = write_rows(tmp_path / "c.jsonl", CANDIDATES)
+    argv = ["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", str(data),
+            "--beta", TINY_BETA, "--device", "cpu", "--no-progress", "--out"]
+    assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(tmp_path / "sel.jsonl")]) == 0
+    merged, whole = read_records(tmp_path / "sel.jsonl"), read_records(tmp_path / "whole.jsonl")
+    assert [(r["id"], r["response"], r["teacher_sentences"]) for r in merged] == [
+        (r["id"], r["response"], r["teacher_sentences"]) for r in whole]
