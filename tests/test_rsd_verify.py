@@ -506,3 +506,34 @@ def test_triton_kernels_compile_for_cuda_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", COMPILE, str(root)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_num_draft_is_clamped_and_bad_draft_ids_rejected(backend):
+    """num_draft is clamped into [0, G] (no host sync to refuse it); a draft id outside [0, V) is never
+    emitted: the position is rejected and the residual drawn."""
+    use_backend(backend)
+    B, G = 4, 2
+    args = list(random_round(B, G, 300, seed=12, family="default"))
+    draft, num_draft = args[2].clone(), torch.tensor([-5, 9, 1, 2], dtype=torch.int32)
+    draft[2, 0], draft[3, 0] = -7, 300  # rows 2 and 3 draft an id outside the vocabulary first
+    out = rsd_verify(args[0], args[1], draft, num_draft, *args[4:], backend=backend)
+    clamped = rsd_verify(args[0], args[1], draft, num_draft.clamp(0, G), *args[4:], backend=backend)
+    for a, b in zip(out, clamped):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    assert out.num_emitted[0] == 1 and out.num_emitted[1] <= G + 1
+    assert (out.num_emitted[2:] == 1).all() and ((out.tokens[2:, 0] >= 0) & (out.tokens[2:, 0] < 300)).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_verify_low_precision_logits(backend):
+    use_backend(backend)
+    B, G, V = (6, 3, 2_000) if backend == "cpp" else (2, 2, 300)
+    args = list(random_round(B, G, V, seed=5, family="mixed"))
+    args[0], args[1] = args[0].bfloat16(), args[1].half()
+    out = rsd_verify(*args, backend=backend)
+
+    def reference(uniforms):
+        return rsd_verify(args[0].float(), args[1].float(), *args[2:4], uniforms, *args[5:])
+
+    matches_with_nudged_uniforms(out, reference, args[4], ("tokens", "num_emitted", "accepted"))
