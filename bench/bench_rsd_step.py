@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import rsd_engine  # noqa: E402,F401  before torch: passive OpenMP waiting (rsd_engine/threads.py)
+import torch  # noqa: E402
+
 from rsd_engine.randomness import step_uniforms  # noqa: E402
 from rsd_engine.sampling import RowParams, rsd_sample, rsd_sample_reference  # noqa: E402
 
@@ -147,7 +148,8 @@ def main(argv=None):
         from rsd_engine import _C
 
         meta.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), isa=_C.isa(),
-                    load_average=os.getloadavg(), timing="median wall clock after warm-up",
+                    load_average=os.getloadavg(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                    timing="median wall clock after warm-up",
                     floor="read_once: amax over both logit tensors, measured in the same run")
 
     rows = []

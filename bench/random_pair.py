@@ -13,6 +13,14 @@ SHAPES = {
     # about 30M parameters
     "student": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                     intermediate_size=1024),
+    # about 11M parameters, a tenth of the teacher's work per token (mostly the 49k x 192 head)
+    "student-small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
+                          intermediate_size=512),
+    # a few-MB pair for dry runs of the benchmark plumbing (bench/device_check.sh --cpu-dry-run)
+    "teacher-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=256),
+    "student-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                         intermediate_size=128),
 }
 
 
@@ -29,13 +37,16 @@ def word_tokenizer(folder: Path, vocab_size: int):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
 
 
-def build_random_pair(root, *, vocab_size: int = 49152, seed: int = 0) -> tuple[Path, Path]:
-    """Qwen3-style teacher and student folders under ``root`` (cached: built once)."""
+def build_random_pair(root, *, vocab_size: int = 49152, seed: int = 0, student: str = "student",
+                      teacher: str = "teacher") -> tuple[Path, Path]:
+    """Qwen3-style teacher and student folders under ``root`` (cached: built once); ``teacher`` and
+    ``student`` name their shapes in SHAPES."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     root = Path(root)
     folders = []
-    for i, (name, shape) in enumerate(SHAPES.items()):
+    for i, name in enumerate((teacher, student)):
+        shape = SHAPES[name]
         folder = root / f"{name}-v{vocab_size}-s{seed}"
         folders.append(folder)
         if (folder / "config.json").exists():

@@ -60,7 +60,7 @@ static void process_row(const Batch& b, int64_t r, Workspace& ws, const Chunks& 
     // its log-softmax normaliser and the proposal weights.
     const Stats t = scan_row(teacher, V, ch);
     if (t.bad) {
-        b.token[r] = -1;
+        b.token[r] = TEACHER_NONFINITE;
         return;
     }
     const bool greedy = temperature == 0.0f;
@@ -74,7 +74,7 @@ static void process_row(const Batch& b, int64_t r, Workspace& ws, const Chunks& 
     // The student row the same way: its normaliser and the check softmax's.
     const Stats s = scan_row(student, V, ch);
     if (s.bad) {
-        b.token[r] = -2;
+        b.token[r] = STUDENT_NONFINITE;
         return;
     }
     const ExpArgs sa{s.max_full, s.max_masked, 1.0f, 1.0f / check_temperature};
@@ -111,8 +111,8 @@ static void process_row(const Batch& b, int64_t r, Workspace& ws, const Chunks& 
                 token = draw(ws, V, truncate_law(ws, V, mass, b.student_top_k[r], b.student_top_p[r], ch), u[0]);
         }
     }
-    if (token < 0) {  // no id the student may write has any mass
-        b.token[r] = -2;
+    if (token < 0) {  // no id the student may write has a finite logit
+        b.token[r] = NO_ALLOWED_TOKEN;
         return;
     }
     b.token[r] = token;

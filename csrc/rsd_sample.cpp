@@ -5,7 +5,10 @@
 // drawn by inverse CDF in id order from uniforms[1 + k]; the first x with softmax(lS / check_temperature)[x]
 // >= threshold is emitted, else the student's fallback y ~ truncate(softmax(lS / student_temperature),
 // student_top_k, student_top_p) on fallback_mask from uniforms[0]. Reported with the emitted token's raw
-// log-probabilities under both models; token -1 (-2) when the teacher (student) row holds NaN or +inf.
+// log-probabilities under both models. Flagged rows as in the reference: token -1 (-2) when the teacher
+// (student) row holds NaN or +inf, -3 when the student must write but no fallback id is finite; no allowed
+// finite proposal means no proposal is drawn. Weights are exp((x - max) * (1 / t)) with 1 / t in float32 and
+// their sums in double; the check probability and its comparison with the threshold run in double.
 //
 // How a row is read (rsd_row.h): pass 1 finds NaN/+inf and the maxima; pass 2 computes every exponential
 // once (the normaliser, and the teacher's weights into a cache-resident scratch row); truncation gathers

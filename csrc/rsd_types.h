@@ -15,6 +15,11 @@ constexpr int KEY_BUCKETS = 2048;  // top 11 bits of a positive float32's bit pa
 constexpr int MAX_THREADS = 256;
 constexpr int64_t GATHER_SLACK = 16;  // a vector compress-store may write this far past its count
 
+// Flagged rows' tokens (rsd_engine/sampling/reference.py: TEACHER_NONFINITE, STUDENT_NONFINITE, NO_ALLOWED_TOKEN).
+constexpr int64_t TEACHER_NONFINITE = -1;
+constexpr int64_t STUDENT_NONFINITE = -2;
+constexpr int64_t NO_ALLOWED_TOKEN = -3;
+
 // Everything one call samples from and writes to; pointers are the tensors' data, strides in elements.
 struct Batch {
     int64_t B;

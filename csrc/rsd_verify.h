@@ -118,12 +118,12 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
                             int64_t x, const float* u, Workspace& wt, Workspace& ws, const Chunks& ch) {
     const int64_t V = b.V;
     const float nan = __builtin_nanf("");
-    Emitted out{-1, false, false, nan, nan};
+    Emitted out{TEACHER_NONFINITE, false, false, nan, nan};
     const Stats t = scan_row(teacher, V, ch);
     if (t.bad) return out;
     const Stats s = scan_row(student, V, ch);
     if (s.bad) {
-        out.token = -2;
+        out.token = STUDENT_NONFINITE;
         return out;
     }
     const int64_t trials = std::max<int64_t>(0, b.proposal_trials[r]);
@@ -131,19 +131,36 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
     if (trials == 0) proposals.max_masked = -__builtin_inff();  // no proposal at all: an empty qT, r = 1
     double t_full = 0;
     const RowLaw qt = row_law(teacher, proposals, V, b.temperature[r], b.top_k[r], b.top_p[r], wt, ch, &t_full);
+    // The student's normalisers: at check_temperature 1 the check's is the log-softmax's, summed in the pass
+    // that writes the fallback weights; otherwise one pass sums both first.
     const float check_temperature = b.check_temperature[r];
-    const ExpSums sn = exp_row(student, b.Vs, V, check_temperature == 1.0f ? WANT_FULL : WANT_FULL | WANT_CHECK,
-                               ExpArgs{s.max_full, s.max_masked, 1.0f, 1.0f / check_temperature}, ws, ch);
-    const RowLaw qs = row_law(student, s, V, b.student_temperature[r], b.student_top_k[r], b.student_top_p[r], ws, ch);
+    double s_full = 0, check_norm = 0;
+    RowLaw qs;
+    if (check_temperature == 1.0f) {
+        qs = row_law(student, s, V, b.student_temperature[r], b.student_top_k[r], b.student_top_p[r], ws, ch, &s_full);
+        check_norm = s_full;
+    } else {
+        const ExpSums sn = exp_row(student, b.Vs, V, WANT_FULL | WANT_CHECK,
+                                   ExpArgs{s.max_full, s.max_masked, 1.0f, 1.0f / check_temperature}, ws, ch);
+        s_full = sn.full;
+        check_norm = sn.check;
+        qs = row_law(student, s, V, b.student_temperature[r], b.student_top_k[r], b.student_top_p[r], ws, ch);
+    }
     if (qs.empty()) {  // the student could not have drafted here
-        out.token = -2;
+        out.token = NO_ALLOWED_TOKEN;
         return out;
     }
-    const double check_norm = check_temperature == 1.0f ? sn.full : sn.check;
     const double threshold = b.threshold[r];
-    auto ok = [&](int64_t y) {  // the check of rsd_sample: softmax(lS / check_temperature)[y] >= threshold
-        const double z = ((double)logit_at(student.dtype, student.logits, y) - s.max_full) / check_temperature;
-        return std::exp(z) / check_norm >= threshold;
+    // The check of rsd_sample, softmax(lS / check_temperature)[y] >= threshold in double, is monotone in the
+    // logit: it holds above the logit `cut`. Only logits within far more than double rounding of it pay
+    // for the exact test (a truncated teacher keeps tens of thousands of ids on a flat row).
+    const double cut = s.max_full + check_temperature * std::log(threshold * check_norm);
+    const double margin = std::isfinite(cut) ? 1e-6 * (1.0 + std::fabs(cut)) : 0.0;
+    auto ok = [&](int64_t y) {
+        const double l = logit_at(student.dtype, student.logits, y);
+        if (l > cut + margin) return true;
+        if (l < cut - margin) return false;
+        return std::exp((l - s.max_full) / check_temperature) / check_norm >= threshold;
     };
 
     double rejected = qt.empty() ? 1.0 : 0.0;  // r: the teacher's mass that fails the check
@@ -194,7 +211,7 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
         }
         y = pick >= 0 ? pick : last;
         if (y < 0) {  // Q has no mass at all (cannot happen while qS has some)
-            out.token = -2;
+            out.token = NO_ALLOWED_TOKEN;
             return out;
         }
     }
@@ -202,7 +219,7 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
     out.token = y;
     out.accepted = tp > 0 && (double)u[b.flag_draw] * law(y) <= tp;
     out.teacher_logprob = (float)log_softmax_at(teacher, t, t_full, y);
-    out.student_logprob = (float)log_softmax_at(student, s, sn.full, y);
+    out.student_logprob = (float)log_softmax_at(student, s, s_full, y);
     return out;
 }
 

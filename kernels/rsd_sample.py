@@ -1,7 +1,7 @@
 """Fused RSD sample: one program per row, the law and truncation of rsd_engine/sampling/reference.py.
 
 Inputs, for a batch of B rows (logits fp32, bf16 or fp16; last dim contiguous, any row stride):
-    teacher [B, Vt], student [B, Vs], uniforms [B, D] fp32 in (0, 1] (column 0 = fallback draw,
+    teacher [B, Vt], student [B, Vs], uniforms [B, D >= 1] fp32 in [0, 1] (column 0 = fallback draw,
     column 1 + k = proposal k), nine per-row parameters [B], proposal_mask [Vp] and fallback_mask [Vf]
     int8 (Vp, Vf <= min(Vt, Vs)).
 Outputs: token [B] int64, accepted [B] int8, teacher_logprob [B] and student_logprob [B] fp32.
@@ -9,17 +9,22 @@ Outputs: token [B] int64, accepted [B] int8, teacher_logprob [B] and student_log
 Law: x ~ qT = truncate(softmax(lT / temperature) on proposal_mask, top_k, top_p) is accepted iff
 softmax(lS / check_temperature)[x] >= threshold, up to proposal_trials tries; otherwise the student
 writes y ~ qS = truncate(softmax(lS / student_temperature) on fallback_mask, student_top_k, student_top_p).
-Temperature 0 is argmax (lowest id). A draw u picks the first id, in id order, whose cumulative kept
-mass is >= u * total. Rows with NaN or +inf logits get token -1 (teacher) or -2 (student), NaN log-probs
-and accepted 0. Tokens equal the reference's except where rounding decides: a uniform, or top_p times the
-kept mass, within float rounding of a cumulative mass (sums here run in another order than torch's).
+Temperature 0 is argmax (lowest id). Weights are exp((l - max) * (1 / t)), 1 / t rounded once; the check
+probability and its comparison with the threshold run in fp64. A draw u picks the first id, in id order,
+with weight > 0 whose cumulative kept mass is >= u * total. No allowed finite proposal: no proposal is
+drawn. Flagged rows (accepted 0, NaN log-probs): token -1 (teacher) or -2 (student) for NaN or +inf
+logits, -3 when the student must write but no fallback id is finite. Tokens equal the reference's except
+where rounding decides: a uniform, or top_p times the kept mass, within float rounding of a cumulative
+mass (sums here run in fp32 and in another order than the reference's fp64 ones), or weights that float32
+rounding makes equal (ranked here by logit, in the reference by weight then id).
 
 No sort. Tokens are ranked by (logit desc, id asc), which is the reference's (prob desc, id asc) because
-dividing by temperature > 0 keeps the order. The kept set of top-k then top-p is a prefix of that
-ranking, so it is (tau, n_tie): every key above the logit tau plus the first n_tie ids, in id order,
-whose logit equals tau. tau is found by a multi-pivot search over logits mapped to order-preserving
-int32 keys: each pass counts the tokens and the mass at or above NUM_PIVOTS pivots and narrows the key
-interval to one pivot gap (and then to the present keys in it), so it ends after a few passes.
+scaling by 1 / temperature > 0 keeps the order (up to the float32 ties above). The kept set of top-k then
+top-p is a prefix of that ranking, so it is (tau, n_tie): every key above the logit tau plus the first
+n_tie ids, in id order, whose logit equals tau. tau is found by a multi-pivot search over logits mapped to
+order-preserving int32 keys: each pass counts the tokens and the mass at or above NUM_PIVOTS pivots and
+narrows the key interval to one pivot gap (and then to the present keys in it), so it ends after a few
+passes (MAX_SEARCH_PASSES bounds it whatever happens).
 Each row is read: once for statistics, once per search pass (top-k and top-p), once per draw.
 """
 import triton
@@ -28,6 +33,9 @@ import triton.language as tl
 I32_MAX = tl.constexpr(2147483647)
 I32_MIN = tl.constexpr(-2147483648)
 SIGN_OFF = tl.constexpr(0x7FFFFFFF)
+# A search pass cuts the key interval (at most 2**32 wide) to one pivot gap, ceil(span / NUM_PIVOTS) with
+# NUM_PIVOTS >= 2, so 33 passes always end it; the limit only keeps a broken invariant from hanging a GPU.
+MAX_SEARCH_PASSES = tl.constexpr(64)
 
 
 @triton.jit
@@ -45,11 +53,12 @@ def _key_value(key):
 
 @triton.jit
 def _scaled_exp(x, m, temperature):
-    # exp(x / t - m / t), as softmax(x / t) computes it, for x <= m. m = -inf means every x is -inf:
+    # exp((x - m) * (1 / t)) for x <= m, the contract's weight: subtracting first cannot overflow (x / t
+    # does once |x| > FLT_MAX * t) and keeps ulp-sized gaps at tiny t. m = -inf means every x is -inf:
     # shifting by 0 then gives exp(-inf) = 0 rather than the NaN of -inf - -inf.
-    # IEEE division (div_rn), as torch's logits / temperature; Triton's "/" is approximate on NVIDIA GPUs.
+    # IEEE division (div_rn) for 1 / t, as the reference's; Triton's "/" is approximate on NVIDIA GPUs.
     m = tl.where(m > float("-inf"), m, 0.0)
-    return tl.exp(tl.math.div_rn(x, temperature) - tl.math.div_rn(m, temperature))
+    return tl.exp((x - m) * tl.math.div_rn(1.0, temperature))
 
 
 @triton.jit
@@ -115,7 +124,10 @@ def _search(row_ptr, mask_ptr, n_mask, lmax, temperature, target, lo, hi, lo_cou
     """
     offs = tl.arange(0, BLOCK)
     rank = tl.arange(0, NUM_PIVOTS)
-    while lo + 1 < hi:  # (hi - lo can overflow int32)
+    passes = tl.full((), 0, tl.int32)
+    # In int64: lo + 1 overflows int32 at lo = INT32_MAX, and hi - lo can too.
+    while (lo.to(tl.int64) + 1 < hi.to(tl.int64)) & (passes < MAX_SEARCH_PASSES):
+        passes += 1
         span = hi.to(tl.int64) - lo.to(tl.int64)
         pivots = (lo.to(tl.int64) + span * rank // NUM_PIVOTS).to(tl.int32)  # pivots[0] = lo
         count = tl.full((NUM_PIVOTS,), 0, tl.int32)
@@ -217,6 +229,70 @@ def _inverse_cdf(row_ptr, mask_ptr, n_mask, lmax, temperature, tau, n_tie, targe
 
 
 @triton.jit
+def _rsd_step(teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
+              n_proposal, n_fallback, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
+              student_top_k, student_top_p, trials, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+              NUM_PIVOTS: tl.constexpr):
+    """One RSD step for one row, as the contract above (also the bonus token of kernels/rsd_verify.py):
+    (token int32, or -1 / -2 / -3 when flagged; accepted int32; teacher and student log-probs fp32)."""
+    t_sampled = temperature != 0.0  # temperature 0 is argmax
+    s_sampled = student_temperature != 0.0
+    t_temp = tl.where(t_sampled, temperature, 1.0)
+    s_temp = tl.where(s_sampled, student_temperature, 1.0)
+
+    t_bad, t_m, t_total, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
+        teacher_row, n_teacher, proposal_mask_ptr, n_proposal, t_temp, 1.0, False, BLOCK)
+    s_bad, s_m, s_total, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
+        student_row, n_student, fallback_mask_ptr, n_fallback, s_temp, check_temperature, True, BLOCK)
+
+    # No allowed finite logit on a side: its law is empty (the search must not run on it).
+    t_live = t_lmax > float("-inf")
+    s_live = s_lmax > float("-inf")
+    token = t_argmax
+    accepted = tl.full((), 0, tl.int32)
+    if (t_bad == 0) & (s_bad == 0):
+        tau = t_key_min
+        n_tie = tl.full((), I32_MAX, tl.int32)
+        total = t_mass
+        if t_sampled & t_live:
+            tau, n_tie, total = _truncate(teacher_row, proposal_mask_ptr, n_proposal, t_temp,
+                                          top_k, top_p, t_lmax,
+                                          t_key_min, t_present, t_mass, SEARCH_BLOCK, NUM_PIVOTS)
+        k = tl.full((), 0, tl.int32)
+        while (k < trials) & (accepted == 0) & t_live:
+            proposal = t_argmax
+            if t_sampled:
+                u = tl.load(uniforms_row + 1 + k)
+                proposal = _inverse_cdf(teacher_row, proposal_mask_ptr, n_proposal, t_lmax, t_temp, tau, n_tie,
+                                        u * total, BLOCK)
+            # fp64, as the contract: pC = 1/3 must lose to threshold float32(1/3), which lies above it.
+            ls = tl.load(student_row + proposal).to(tl.float32)
+            z = (ls.to(tl.float64) - s_m.to(tl.float64)) / check_temperature.to(tl.float64)
+            check_prob = tl.exp(z) / s_check.to(tl.float64)
+            accepted = (check_prob >= threshold.to(tl.float64)).to(tl.int32)
+            token = proposal
+            k += 1
+        if accepted == 0:
+            token = s_argmax
+            if s_sampled & s_live:
+                s_tau, s_n_tie, s_kept = _truncate(student_row, fallback_mask_ptr, n_fallback, s_temp,
+                                                   student_top_k,
+                                                   student_top_p, s_lmax, s_key_min,
+                                                   s_present, s_mass, SEARCH_BLOCK, NUM_PIVOTS)
+                u = tl.load(uniforms_row)
+                token = _inverse_cdf(student_row, fallback_mask_ptr, n_fallback, s_lmax, s_temp, s_tau, s_n_tie,
+                                     u * s_kept, BLOCK)
+
+    lt = tl.load(teacher_row + token).to(tl.float32)
+    ls = tl.load(student_row + token).to(tl.float32)
+    teacher_logprob = (lt - t_m) - tl.log(t_total)
+    student_logprob = (ls - s_m) - tl.log(s_total)
+    no_token = (accepted == 0) & (s_lmax == float("-inf"))
+    token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(no_token, -3, token)))
+    return token, accepted, teacher_logprob, student_logprob
+
+
+@triton.jit
 def rsd_sample_kernel(
     teacher_ptr,  # [B, Vt] fp32 / bf16 / fp16, row stride teacher_stride
     student_ptr,  # [B, Vs] same dtypes, row stride student_stride
@@ -251,56 +327,13 @@ def rsd_sample_kernel(
     student_temperature = tl.load(student_temperature_ptr + row)
     threshold = tl.load(threshold_ptr + row)
     trials = tl.minimum(tl.load(proposal_trials_ptr + row), num_draws - 1)
-    t_sampled = temperature != 0.0  # temperature 0 is argmax
-    s_sampled = student_temperature != 0.0
-    t_temp = tl.where(t_sampled, temperature, 1.0)
-    s_temp = tl.where(s_sampled, student_temperature, 1.0)
-
-    t_bad, t_m, t_total, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
-        teacher_row, n_teacher, proposal_mask_ptr, n_proposal, t_temp, 1.0, False, BLOCK)
-    s_bad, s_m, s_total, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
-        student_row, n_student, fallback_mask_ptr, n_fallback, s_temp, check_temperature, True, BLOCK)
-
-    token = t_argmax
-    accepted = tl.full((), 0, tl.int32)
-    if (t_bad == 0) & (s_bad == 0):
-        tau = t_key_min
-        n_tie = tl.full((), I32_MAX, tl.int32)
-        total = t_mass
-        if t_sampled:
-            tau, n_tie, total = _truncate(teacher_row, proposal_mask_ptr, n_proposal, t_temp,
-                                          tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), t_lmax,
-                                          t_key_min, t_present, t_mass, SEARCH_BLOCK, NUM_PIVOTS)
-        k = tl.full((), 0, tl.int32)
-        while (k < trials) & (accepted == 0):
-            proposal = t_argmax
-            if t_sampled:
-                u = tl.load(uniforms_row + 1 + k)
-                proposal = _inverse_cdf(teacher_row, proposal_mask_ptr, n_proposal, t_lmax, t_temp, tau, n_tie,
-                                        u * total, BLOCK)
-            ls = tl.load(student_row + proposal).to(tl.float32)
-            check_prob = tl.math.div_rn(_scaled_exp(ls, s_m, check_temperature), s_check)
-            accepted = (check_prob >= threshold).to(tl.int32)
-            token = proposal
-            k += 1
-        if accepted == 0:
-            token = s_argmax
-            if s_sampled:
-                s_tau, s_n_tie, s_kept = _truncate(student_row, fallback_mask_ptr, n_fallback, s_temp,
-                                                   tl.load(student_top_k_ptr + row),
-                                                   tl.load(student_top_p_ptr + row), s_lmax, s_key_min,
-                                                   s_present, s_mass, SEARCH_BLOCK, NUM_PIVOTS)
-                u = tl.load(uniforms_row)
-                token = _inverse_cdf(student_row, fallback_mask_ptr, n_fallback, s_lmax, s_temp, s_tau, s_n_tie,
-                                     u * s_kept, BLOCK)
-
-    lt = tl.load(teacher_row + token).to(tl.float32)
-    ls = tl.load(student_row + token).to(tl.float32)
-    teacher_logprob = (lt - t_m) - tl.log(t_total)
-    student_logprob = (ls - s_m) - tl.log(s_total)
-    nonfinite = (t_bad != 0) | (s_bad != 0)
-    out_token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, token)).to(tl.int64)
-    tl.store(token_ptr + row, out_token)
-    tl.store(accepted_ptr + row, accepted.to(tl.int8))
-    tl.store(teacher_logprob_ptr + row, tl.where(nonfinite, float("nan"), teacher_logprob))
-    tl.store(student_logprob_ptr + row, tl.where(nonfinite, float("nan"), student_logprob))
+    token, accepted, teacher_logprob, student_logprob = _rsd_step(
+        teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
+        n_proposal, n_fallback, temperature, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), threshold,
+        check_temperature, student_temperature, tl.load(student_top_k_ptr + row), tl.load(student_top_p_ptr + row),
+        trials, BLOCK, SEARCH_BLOCK, NUM_PIVOTS)
+    flagged = token < 0
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(accepted_ptr + row, tl.where(flagged, 0, accepted).to(tl.int8))
+    tl.store(teacher_logprob_ptr + row, tl.where(flagged, float("nan"), teacher_logprob))
+    tl.store(student_logprob_ptr + row, tl.where(flagged, float("nan"), student_logprob))

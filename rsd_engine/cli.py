@@ -168,8 +168,8 @@ def _response_options(p, what):
     p.add_argument("--data", required=True, help=f"{what}: rows with a question and a response (.jsonl, .json, "
                                                  f".parquet, datasets folder), or chat 'messages' records")
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
-    p.add_argument("--question-field", default="question", help="(default: %(default)s)")
-    p.add_argument("--response-field", default="response", help="(default: %(default)s)")
+    p.add_argument("--question-field", default="question", help="column holding the question (default: %(default)s)")
+    p.add_argument("--response-field", default="response", help="column holding the response (default: %(default)s)")
     p.add_argument("--id-field", default="id", help="(default: %(default)s; the row number when rows have none)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
@@ -178,35 +178,45 @@ def _response_options(p, what):
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
     p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
+    _force_option(p)
+
+
+def _force_option(p):
+    p.add_argument("--force", action="store_true",
+                   help="append to an OUT made with other settings (default: refuse, naming the differences)")
 
 
 def _provenance_parser(sub):
     p = sub.add_parser("provenance", help="where each sentence comes from: teacher, student, shared, boosted",
+                       formatter_class=_Help,
                        description="Scores every sentence of every response under each model (geometric mean of its "
                                    "token probabilities, each model in its own chat template and tokens) and labels "
                                    "it teacher / student / shared / boosted (DESIGN section 9).")
     _response_options(p, "responses")
-    p.add_argument("--distilled", default=None, help="distilled student folder (without it, no 'boosted')")
-    p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses")
-    p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response")
+    p.add_argument("--distilled", default=None, help="distilled student folder (default: none, and no 'boosted')")
+    p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
+    p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response (default: none)")
     _runtime_options(p)
 
 
 def _select_parser(sub):
     p = sub.add_parser("select", help="keep, per id, the candidate with the most teacher-originated sentences",
+                       formatter_class=_Help,
                        description="Teacher-guided selection: candidates share an id; the kept one has the most "
                                    "teacher-originated sentences (--by count) or the largest share of them (--by "
                                    "share); ties go to the shorter.")
     _response_options(p, "candidates")
-    p.add_argument("--by", choices=["count", "share"], default="count", help="(default: %(default)s)")
+    p.add_argument("--by", choices=["count", "share"], default="count",
+                   help="rank by the count or the share of teacher-originated sentences (default: %(default)s)")
     _runtime_options(p)
 
 
 def _eval_parser(sub):
     p = sub.add_parser("eval", help="accuracy of one model: N samples per problem, answers checked with math-verify",
+                       formatter_class=_Help,
                        description="Samples N responses per problem from the model alone and checks each final "
                                    "\\boxed{} answer as rsd generate does. Accuracy: mean over problems of the mean "
-                                   "over samples, with a 95%% bootstrap interval over problems. Every generation is "
+                                   "over samples, with a 95% bootstrap interval over problems. Every generation is "
                                    "written (id, sample, response, correct), resumable; it feeds rsd provenance.")
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--data", required=True, help="problems with reference answers (.jsonl, .json, .parquet, folder)")
@@ -214,10 +224,13 @@ def _eval_parser(sub):
     p.add_argument("--samples", type=_int(1), default=1, help="samples per problem (default: %(default)s)")
     p.add_argument("--question-field", default="question", help="(default: %(default)s)")
     p.add_argument("--answer-field", default="answer", help="(default: %(default)s; problems without one are skipped)")
-    p.add_argument("--id-field", default=None, help="problem id field (default: the row number)")
+    p.add_argument("--id-field", default=None,
+                   help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
+                        "the question text)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none (default: %(default)r)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
-    p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset")
+    _force_option(p)
+    p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset (default: all)")
     p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together (default: "
                                                                       "%(default)s)")
     p.add_argument("--max-seq-len", type=_int(2), default=None,

@@ -26,7 +26,6 @@ Randomness: the round starting at generation step t reads positions t .. t+G of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.util import find_spec
 
 import torch
 
@@ -47,15 +46,6 @@ def check_draft_tokens(draft_tokens, max_seq_len: int) -> int:
         raise ValueError(f"draft_tokens = {draft_tokens}: a round of {draft_tokens + 1} tokens after a one-token "
                          f"prompt cannot fit max_seq_len = {max_seq_len}; use draft_tokens <= {max_seq_len - 2}")
     return draft_tokens
-
-
-def verify_backend(sampler: str) -> str:
-    """The engine's sampler backend for sample_tokens / rsd_verify, or the reference where that backend
-    does not have those ops yet."""
-    module = {"cpp": "cpp_verify", "triton": "triton_verify"}.get(sampler)
-    if module and find_spec(f"{__package__}.sampling.{module}") is None:
-        return "reference"
-    return sampler
 
 
 @dataclass
@@ -79,7 +69,7 @@ class SpeculativeDecoder:
         self.engine = engine
         self.draft_tokens = draft_tokens
         self.stats = DraftStats()
-        self.backend = verify_backend(engine.sampler)
+        self.backend = engine.sampler  # sample_tokens and rsd_verify have the same three backends
         space = engine.space
         # The teacher reads each draft by its own id; a mapped id reads its first piece as a stand-in.
         teacher_ids = torch.arange(space.size, dtype=torch.long)

@@ -12,8 +12,7 @@ def truncate(logits, temperature, top_k=0, top_p=1.0, mask=None):
         q = np.zeros_like(logits)
         q[int(np.argmax(logits))] = 1.0
         return q
-    z = logits / temperature
-    p = np.exp(z - z.max())
+    p = np.exp((logits - logits.max()) / temperature)
     p /= p.sum()
     order = sorted(range(len(p)), key=lambda i: (-p[i], i))
     kept = np.zeros(len(p), dtype=bool)
@@ -34,8 +33,8 @@ def truncate(logits, temperature, top_k=0, top_p=1.0, mask=None):
 
 
 def softmax(logits, temperature=1.0):
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    p = np.exp(z - z.max())
+    x = np.asarray(logits, dtype=np.float64)
+    p = np.exp((x - x.max()) / temperature)
     return p / p.sum()
 
 

@@ -9,7 +9,7 @@ from rsd_engine import __version__
 from rsd_engine.cli import main
 from rsd_engine.pipeline.progress import ProgressBar, Tally
 
-COMMANDS = ("generate", "score", "merge", "demo")
+COMMANDS = ("generate", "score", "eval", "provenance", "select", "merge", "demo")
 
 
 def help_text(capsys, *argv) -> str:
@@ -43,8 +43,9 @@ def test_every_option_states_its_default(capsys, command):
         if option in ("-h", "--help"):
             continue
         assert helptext, f"rsd {command} {option} has no help"
-        assert "default" in helptext or option in ("--teacher", "--student", "--data", "--out", "OUT") \
-            and command != "demo", f"rsd {command} {option}: {helptext!r} does not say its default"
+        required = ("--teacher", "--student", "--model", "--data", "--out", "OUT")
+        assert "default" in helptext or option in required and command != "demo", \
+            f"rsd {command} {option}: {helptext!r} does not say its default"
 
 
 @pytest.mark.parametrize("command", ("", *COMMANDS))

@@ -188,7 +188,7 @@ def test_bad_params_and_score_pairs_are_named(engine):
         engine.generate_batch(PROMPTS[:2], [SamplingParams(), {"temperature": 0}])
     with pytest.raises(ValueError, match="2 prompts and 1 completions"):
         engine.score_batch(PROMPTS[:2], ["x"])
-    with pytest.raises(TypeError, match="prompt 0 must be a string or a list of token ids"):
+    with pytest.raises(TypeError, match="prompt 0 must be a string, a list of token ids or a list of chat messages"):
         engine.generate_batch([3.5], SamplingParams(max_new_tokens=2))
 
 

@@ -139,3 +139,13 @@ def test_bad_input(pair, tmp_path, capsys):
         main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
               "--top-p", "1.5"])
     assert "--top-p" in capsys.readouterr().err
+
+
+def test_rerun_with_other_sampling_is_refused(pair, forced, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "1")
+    with pytest.raises(SystemExit):
+        run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2", "--temperature", "1.0")
+    err = capsys.readouterr().err
+    assert "holds records made with other settings" in err and "--temperature" in err

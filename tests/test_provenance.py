@@ -222,7 +222,7 @@ def test_resume_after_torn_output(models, tmp_path, capsys):
     provenance(models, data, out, "--limit", "2")
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:-2]) + lines[-2][:10])  # a kill -9 in the middle of response p2's lines
-    assert complete_keys(out) == {("p1", 0)}
+    assert complete_keys(read_records(out)) == {("p1", 0)}
     capsys.readouterr()
     assert_same_lines(provenance(models, data, out), whole)
     report = capsys.readouterr().out
@@ -372,3 +372,36 @@ def test_rsd_generate_select_provenance(tmp_path_factory, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv[:-1] + ["sideways"])
     assert "--select: invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused_unless_forced(models, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    out = tmp_path / "s.jsonl"
+    provenance(models, data, out, "--limit", "1")
+    argv = ["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+            str(data), "--out", str(out), "--device", "cpu", "--no-progress", "--beta", "0.2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds records made with other settings" in err and "--beta" in err
+    assert main(argv + ["--force"]) == 0
+    assert {s["id"] for s in read_records(out)} == {"p1", "p2", "p3"}
+
+
+def test_select_ranks_merge_to_the_single_run(models, tmp_path, monkeypatch):
+    data = write_rows(tmp_path / "c.jsonl", CANDIDATES)
+    argv = ["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", str(data),
+            "--beta", TINY_BETA, "--device", "cpu", "--no-progress", "--out"]
+    assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(tmp_path / "sel.jsonl")]) == 0
+    merged, whole = read_records(tmp_path / "sel.jsonl"), read_records(tmp_path / "whole.jsonl")
+    assert [(r["id"], r["response"], r["teacher_sentences"]) for r in merged] == [
+        (r["id"], r["response"], r["teacher_sentences"]) for r in whole]

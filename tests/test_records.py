@@ -191,3 +191,17 @@ def test_writer_settings_and_a_corrupt_manifest(tmp_path):
     manifest_path(out).write_text("{torn")
     with pytest.raises(ValueError, match="is not a JSON manifest"):
         RecordWriter(out, {"--seed": 1})
+
+
+def test_a_filesystem_without_locks_warns_and_writes(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot lock .*out.jsonl \(No locks available\)"):
+        with RecordWriter(tmp_path / "out.jsonl") as writer:
+            writer.write({"id": "a"})
+    assert read_records(tmp_path / "out.jsonl") == [{"id": "a"}]

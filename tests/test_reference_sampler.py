@@ -41,6 +41,8 @@ def test_nonfinite_rows_are_flagged_not_sampled():
     out = rsd_sample_reference(teacher, student, step_uniforms(torch.arange(3), torch.zeros(3)), row_params(3),
                                mask, mask)
     assert out.token.tolist()[:2] == [-1, -2] and out.token[2] >= 1
+    assert out.accepted.tolist()[:2] == [False, False]
+    assert out.teacher_logprob[:2].isnan().all() and out.student_logprob[:2].isnan().all()
 
 
 def test_uniforms_depend_only_on_seed_step_draw():

@@ -19,7 +19,7 @@ from law import accept_rate_matches, chi_square_pvalue, rsd_law  # noqa: E402
 
 from rsd_engine.randomness import NUM_DRAWS, step_uniforms  # noqa: E402
 from rsd_engine.sampling import (  # noqa: E402
-    STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_sample_reference)
+    FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_sample_reference)
 
 ALPHA = 1e-3
 BACKENDS = ("cpp", "triton")
@@ -28,7 +28,7 @@ BACKENDS = ("cpp", "triton")
 LIMITS = {
     "reference": dict(draws=40_000, law_cases=None),  # the law test only: the contract itself
     "cpp": dict(batch=16, vocab=151_936, draws=20_000, law_cases=None),
-    "triton": dict(batch=3, vocab=1_000, draws=400, law_cases=("default", "trials")),
+    "triton": dict(batch=3, vocab=1_000, draws=400, law_cases=("default", "trials", "tiny_temperature")),
 }
 SHAPES = [(B, V) for B in (1, 3, 16) for V in (96, 1_000, 49_152, 151_936)]
 ROUNDING = 1e-5  # relative to the row's mass: far above float32 rounding of a 150k-term sum, far below 1/V
@@ -103,49 +103,65 @@ def uniforms_for(B, seed, step=5):
 
 # ---- float64 replay of the reference's decisions, to tell rounding from bugs ----
 
+def near_cut(sorted_p, c):
+    """Whether rounding could move a cut between ranks c - 1 and c of probabilities sorted in descending
+    order: some kept and some dropped value differ, by no more than rounding. Exactly equal values are
+    ranked by id in every precision, so a tie alone is no excuse, but the tie must not hide a near value
+    behind it (kept 5 + ulp, 5 + ulp; dropped 5.0 at t = 1000: float32 makes all three equal)."""
+    if not 0 < c < len(sorted_p):
+        return False
+    kept, dropped = sorted_p[:c], sorted_p[c:]
+    a, b = kept[-1], dropped[0]
+    above, below = kept[kept > b], dropped[dropped < a]
+    gaps = ([above.min() - b] if len(above) else []) + ([a - below.max()] if len(below) else [])
+    return any(g <= ROUNDING * a for g in gaps)
+
+
 def truncated64(logits, temperature, top_k, top_p, mask):
-    """(weights in id order, whether a top-k/top-p decision sits within rounding of its boundary)."""
+    """(weights in id order, whether a top-k/top-p decision sits within rounding of its boundary); all
+    zero on a row with no allowed finite logit."""
     x = np.where(mask, logits, -np.inf)
     n = len(x)
+    if not (x > -np.inf).any():
+        return np.zeros(n), False
     if temperature == 0:
         q = np.zeros(n)
         q[int(np.argmax(x))] = 1.0
         return q, False
-    z = x / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    p = np.exp((x - x.max()) / temperature)
     order = np.lexsort((np.arange(n), -p))
     sp = p[order]
     keep = np.ones(n, dtype=bool)
     near = False
     if 0 < top_k < n:
         keep[top_k:] = False
-        near |= bool(sp[top_k - 1] != sp[top_k] and sp[top_k - 1] - sp[top_k] <= ROUNDING * sp[top_k - 1])
+        near |= near_cut(sp, top_k)
     kept_p = np.where(keep, sp, 0.0)
     total = kept_p.sum()
     if top_p < 1:
         before = np.cumsum(kept_p) - kept_p
         near |= bool(np.any(np.abs(before[keep] - top_p * total) <= ROUNDING * total))
         keep &= before < top_p * total
-        last = int(np.nonzero(keep)[0][-1])
-        if last + 1 < n:  # near-equal neighbours at the cut may swap ranks under rounding
-            near |= bool(sp[last] != sp[last + 1] and sp[last] - sp[last + 1] <= ROUNDING * sp[last])
+        near |= near_cut(sp, int(keep.sum()))
     q = np.zeros(n)
     q[order[keep]] = sp[keep]
     return q, near
 
 
 def draw64(q, u):
+    """(first id with weight whose cumulative weight reaches u * total, whether u * total is within rounding
+    of a cumulative weight). u = 0 picks the first id with weight in any precision."""
     cdf = np.cumsum(q)
     target = u * cdf[-1]
-    j = min(int(np.searchsorted(cdf, target, side="left")), len(q) - 1)
-    near = abs(cdf[j] - target) <= ROUNDING * cdf[-1] or (j > 0 and abs(cdf[j - 1] - target) <= ROUNDING * cdf[-1])
+    hits = np.nonzero((q > 0) & (cdf >= target))[0]
+    j = int(hits[0]) if len(hits) else int(np.nonzero(q > 0)[0][-1])
+    near = target > 0 and min(abs(cdf[j] - target), abs(cdf[j] - q[j] - target)) <= ROUNDING * cdf[-1]
     return j, bool(near)
 
 
 def softmax64(x, temperature=1.0):
-    z = np.asarray(x, dtype=np.float64) / temperature
-    p = np.exp(z - z.max())
+    x = np.asarray(x, dtype=np.float64)
+    p = np.exp((x - x.max()) / temperature)
     return p / p.sum()
 
 
@@ -155,15 +171,18 @@ def replay64(teacher, student, u, prm, proposal_mask, fallback_mask):
     V = len(proposal_mask)
     q_teacher, near = truncated64(teacher[:V], prm["temperature"], prm["top_k"], prm["top_p"], proposal_mask)
     check = softmax64(student, prm["check_temperature"])
-    for k in range(min(prm["proposal_trials"], len(u) - 1)):
+    trials = min(prm["proposal_trials"], len(u) - 1) if q_teacher.any() else 0
+    for k in range(trials):
         x, near_draw = draw64(q_teacher, u[1 + k])
-        near |= near_draw or abs(check[x] - prm["threshold"]) <= 1e-4 * prm["threshold"]
+        near |= near_draw or abs(check[x] - prm["threshold"]) <= ROUNDING * prm["threshold"]
         if check[x] >= prm["threshold"]:
             return x, True, near
-    q_student, near_cut = truncated64(student[:V], prm["student_temperature"], prm["student_top_k"],
-                                      prm["student_top_p"], fallback_mask)
+    q_student, near_cut_ = truncated64(student[:V], prm["student_temperature"], prm["student_top_k"],
+                                       prm["student_top_p"], fallback_mask)
+    if not q_student.any():
+        return NO_ALLOWED_TOKEN, False, near or near_cut_
     y, near_draw = draw64(q_student, u[0])
-    return y, False, near or near_cut or near_draw
+    return y, False, near or near_cut_ or near_draw
 
 
 def assert_matches_reference(out, ref, teacher, student, uniforms, params, proposal_mask, fallback_mask):
@@ -171,7 +190,7 @@ def assert_matches_reference(out, ref, teacher, student, uniforms, params, propo
     float32 tolerance wherever the tokens agree."""
     assert out.token.dtype == torch.int64 and out.accepted.dtype == torch.bool
     assert out.teacher_logprob.dtype == torch.float32 and out.student_logprob.dtype == torch.float32
-    same = (out.token == ref.token) & ((out.accepted == ref.accepted) | (ref.token < 0))
+    same = (out.token == ref.token) & (out.accepted == ref.accepted)
     t64, s64 = teacher.double().numpy(), student.double().numpy()
     for r in torch.nonzero(~same).flatten().tolist():
         prm = {k: getattr(params, k)[r].item() for k in RowParams._fields}
@@ -183,6 +202,9 @@ def assert_matches_reference(out, ref, teacher, student, uniforms, params, propo
     ok = same & (ref.token >= 0)
     torch.testing.assert_close(out.teacher_logprob[ok], ref.teacher_logprob[ok], rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(out.student_logprob[ok], ref.student_logprob[ok], rtol=1e-5, atol=5e-5)
+    flagged = out.token < 0
+    assert not out.accepted[flagged].any()
+    assert out.teacher_logprob[flagged].isnan().all() and out.student_logprob[flagged].isnan().all()
     return same
 
 
@@ -285,7 +307,7 @@ def test_ties_go_to_the_lowest_ids(backend):
     assert (out.token == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
 def test_nonfinite_rows_are_flagged_not_sampled(backend):
     use_backend(backend)
     B, V = 6, 100
@@ -300,8 +322,231 @@ def test_nonfinite_rows_are_flagged_not_sampled(backend):
         out, ref = run_both(backend, teacher, student, uniforms, params, proposal_mask, fallback_mask)
         expected = [TEACHER_NONFINITE, STUDENT_NONFINITE, TEACHER_NONFINITE, TEACHER_NONFINITE]
         assert out.token[:4].tolist() == ref.token[:4].tolist() == expected
+        assert not out.accepted[:4].any()  # flagged rows carry no sample
+        assert out.teacher_logprob[:4].isnan().all() and out.student_logprob[:4].isnan().all()
         assert (out.token[4:] >= 0).all()
         assert_matches_reference(out, ref, teacher, student, uniforms, params, proposal_mask, fallback_mask)
+
+
+# ---- the contract at its edges: degenerate rows, extreme and ulp-spaced logits, exact boundaries ----
+
+EDGE_BACKENDS = ("reference",) + BACKENDS
+ULP5 = float(np.spacing(np.float32(5.0)))  # one float32 ulp at 5.0
+
+
+def edge_params(B, **kw):
+    values = {**DEFAULTS, **kw}
+    ints = {"top_k", "student_top_k", "proposal_trials"}
+    return RowParams(**{k: torch.full((B,), v, dtype=torch.int32 if k in ints else torch.float32)
+                        for k, v in values.items()})
+
+
+def assert_matches_float64(out, teacher, student, uniforms, params, proposal_mask, fallback_mask):
+    """Token for token against the float64 replay of the contract, except where a decision is within rounding."""
+    t64, s64 = teacher.double().numpy(), student.double().numpy()
+    for r in range(teacher.shape[0]):
+        prm = {k: getattr(params, k)[r].item() for k in RowParams._fields}
+        token, accepted, near = replay64(t64[r], s64[r], uniforms[r].double().numpy(), prm, proposal_mask.numpy(),
+                                         fallback_mask.numpy())
+        assert near or (out.token[r].item(), out.accepted[r].item()) == (token, accepted), (
+            f"row {r}: token {out.token[r].item()} (accepted {out.accepted[r].item()}), float64 {token} ({accepted})")
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("family", ["default", "greedy", "top_k", "threshold_0", "trials"])
+def test_no_allowed_finite_proposal_falls_back_to_the_student(backend, family):
+    """An empty proposal mask, or one whose ids are all -inf: no proposal, the student writes (the Triton
+    search used to loop forever on the empty mask with top_p < 1)."""
+    use_backend(backend)
+    B, V = 3, 50
+    teacher, student, _, fallback_mask = random_rows(B, V, seed=12)
+    uniforms, params = uniforms_for(B, 12), row_params(B, family)
+    some = torch.zeros(V, dtype=torch.bool)
+    some[[4, 9, 31]] = True
+    banned = teacher.clone()
+    banned[:, [4, 9, 31]] = float("-inf")
+    pure_fallback = rsd_sample(teacher, student, uniforms, params._replace(threshold=torch.ones(B)), some,
+                               fallback_mask, backend=backend)
+    for t, mask in ((teacher, torch.zeros(V, dtype=torch.bool)), (banned, some)):
+        out = rsd_sample(t, student, uniforms, params, mask, fallback_mask, backend=backend)
+        assert not out.accepted.any() and (out.token >= 0).all()
+        assert torch.equal(out.token, pure_fallback.token)
+        assert_matches_float64(out, t, student, uniforms, params, mask, fallback_mask)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_no_allowed_finite_fallback_is_flagged(backend):
+    use_backend(backend)
+    B, V = 3, 50
+    teacher, student, proposal_mask, _ = random_rows(B, V, seed=13)
+    some = torch.zeros(V, dtype=torch.bool)
+    some[[2, 7]] = True
+    banned = student.clone()
+    banned[:, [2, 7]] = float("-inf")
+    uniforms = uniforms_for(B, 13)
+    for s, mask in ((student, torch.zeros(V, dtype=torch.bool)), (banned, some)):
+        for family in ("threshold_1", "greedy", "top_k_top_p"):
+            params = row_params(B, family)._replace(threshold=torch.ones(B))
+            out = rsd_sample(teacher, s, uniforms, params, proposal_mask, mask, backend=backend)
+            assert out.token.tolist() == [NO_ALLOWED_TOKEN] * B and not out.accepted.any()
+            assert out.teacher_logprob.isnan().all() and out.student_logprob.isnan().all()
+        # A row that accepts a proposal never needs the fallback, so it is not flagged.
+        params = row_params(B, "threshold_0")
+        out = rsd_sample(teacher, s, uniforms, params, proposal_mask, mask, backend=backend)
+        assert out.accepted.all() and (out.token >= 0).all()
+    nan_teacher = teacher.clone()
+    nan_teacher[0, 1] = float("nan")  # precedence: -1 before -3
+    out = rsd_sample(nan_teacher, banned, uniforms, row_params(B, "threshold_1"), proposal_mask, some,
+                     backend=backend)
+    assert out.token.tolist() == [TEACHER_NONFINITE] + [NO_ALLOWED_TOKEN] * (B - 1)
+
+
+def test_flag_reasons_name_every_flag():
+    assert sorted(FLAG_REASONS) == sorted([TEACHER_NONFINITE, STUDENT_NONFINITE, NO_ALLOWED_TOKEN])
+    assert all(code < 0 and len(reason) > 20 for code, reason in FLAG_REASONS.items())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: -inf is right
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_extreme_finite_logits_do_not_overflow(backend):
+    """x / t overflows once |x| > FLT_MAX * t; (x - max) / t does not. The float64 law puts all mass on id 5."""
+    use_backend(backend)
+    B = 8
+    extreme = torch.tensor([0, 1, -3e38, 2.9e38, -1, 3e38, 1e38, 2e38]).expand(B, -1)
+    plain = torch.randn(B, 8, generator=torch.Generator().manual_seed(14))
+    mask = torch.ones(8, dtype=torch.bool)
+    uniforms = uniforms_for(B, 14)
+    for teacher, student, threshold in ((extreme, plain, 0.0), (plain, extreme, 1.0)):
+        for check_temperature in (1.0, 0.5):
+            params = edge_params(B, threshold=threshold, check_temperature=check_temperature)
+            out = rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend)
+            assert out.token.tolist() == [5] * B, (teacher[0], threshold)
+            logprob = out.teacher_logprob if threshold == 0 else out.student_logprob
+            assert (logprob == 0).all()
+
+
+def ulp_spaced(B, n, seed):
+    """n logits one float32 ulp apart from 5.0 up, in a random order, the same in every row."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return (5.0 + order.double() * ULP5).float().expand(B, -1)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_tiny_temperature_follows_float64(backend):
+    """t = 1e-6 over logits one ulp apart: the law is decided by the ulps, which l / t rounds away. Uniforms
+    hug every boundary of the float64 CDF (3e-4 to each side: far outside rounding, well inside the error
+    of l / t), plus some random rows."""
+    use_backend(backend)
+    V = 40
+    mask = torch.ones(V, dtype=torch.bool)
+    for side in ("teacher", "student"):
+        tiny = ulp_spaced(1, V + 3, seed=15 if side == "teacher" else 16)
+        q, _ = truncated64(tiny[0, :V].double().numpy(), np.float32(1e-6), 0, np.float32(DEFAULTS["top_p"]),
+                           mask.numpy())
+        edges = np.cumsum(q[q > 0])[:-1] / q.sum()
+        hug = np.concatenate([edges - 3e-4, edges + 3e-4])
+        B = len(hug) + (4 if backend == "triton" else 64)
+        uniforms = uniforms_for(B, 15)
+        uniforms[: len(hug)] = torch.tensor(hug, dtype=torch.float32)[:, None]
+        noise = torch.randn(B, V + 3, generator=torch.Generator().manual_seed(15))
+        tiny = tiny.expand(B, -1)
+        teacher, student = (tiny, noise) if side == "teacher" else (noise, tiny)
+        params = edge_params(B, temperature=1e-6, student_temperature=1e-6,
+                             threshold=0.0 if side == "teacher" else 1.0)
+        out = rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend)
+        assert_matches_float64(out, teacher, student, uniforms, params, mask, mask)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_threshold_exactly_at_a_check_probability(backend):
+    """n equal student logits give pC = 1/n exactly; threshold = float32(1/n) is accepted iff it is <= 1/n
+    in exact arithmetic (n = 2, 4, 8 yes; 3, 5, 6, 7, 10 round up and no)."""
+    from fractions import Fraction
+
+    use_backend(backend)
+    for n in (2, 3, 4, 5, 6, 7, 8, 10):
+        threshold = np.float32(1 / n)
+        exact = Fraction(float(threshold)) <= Fraction(1, n)
+        logits = torch.zeros(2, n)
+        mask = torch.ones(n, dtype=torch.bool)
+        for family in ({}, dict(temperature=0.0)):
+            params = edge_params(2, threshold=float(threshold), **family)
+            out = rsd_sample(logits, logits, uniforms_for(2, n), params, mask, mask, backend=backend)
+            assert out.accepted.tolist() == [exact] * 2, (n, family)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_float32_rounding_ties_are_excused_only_there(backend):
+    """At t = 1000 a one-ulp logit gap vanishes in float32 weights, so top_k = 1 may keep either id: float64
+    keeps the larger, the reference the lower id. The replay excuses exactly such rows."""
+    use_backend(backend)
+    rows = torch.tensor([[5.0, 5.0 + ULP5, 5.0], [5.0, 5.0 + 2 * ULP5, 5.0 + 2 * ULP5], [5.0, 5.0 + 2 * ULP5, 5.0]])
+    mask = torch.ones(3, dtype=torch.bool)
+    params = edge_params(3, temperature=1000.0, top_k=1, threshold=0.0)
+    uniforms = uniforms_for(3, 16)
+    out, ref = run_both(backend, rows, rows, uniforms, params, mask, mask)
+    assert_matches_reference(out, ref, rows, rows, uniforms, params, mask, mask)
+    t64 = rows.double().numpy()
+    prm = {k: getattr(params, k)[0].item() for k in RowParams._fields}
+    assert all(replay64(t64[r], t64[r], uniforms[r].double().numpy(), prm, mask.numpy(), mask.numpy())[2]
+               for r in range(3))
+    # A clear gap is not excused: a wrong token there fails the comparison.
+    clear = torch.tensor([[5.0, 6.0, 5.0]]).expand(3, -1)
+    out, ref = run_both(backend, clear, clear, uniforms, params, mask, mask)
+    assert out.token.tolist() == [1, 1, 1]
+    wrong = out._replace(token=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(AssertionError, match="within rounding"):
+        assert_matches_reference(wrong, ref, clear, clear, uniforms, params, mask, mask)
+
+
+def test_near_cut_sees_past_an_exact_tie():
+    assert near_cut(np.array([2.0, 1.0, 1.0 - 1e-9]), 2)  # tie across the cut, a near value behind it
+    assert near_cut(np.array([1.0, 1.0 - 1e-9, 0.5]), 1)
+    assert not near_cut(np.array([2.0, 1.0, 1.0, 0.5]), 2)  # a tie alone: broken by id everywhere
+    assert not near_cut(np.array([2.0, 1.0]), 1)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_uniform_zero_draws_the_first_kept_id(backend):
+    use_backend(backend)
+    B, V = 2, 30
+    teacher, student, _, _ = random_rows(B, V, seed=17)
+    mask = torch.ones(V, dtype=torch.bool)
+    mask[0] = False
+    teacher[:, 1] = student[:, 1] = float("-inf")  # allowed, but no mass
+    zero = torch.zeros(B, NUM_DRAWS)
+    for threshold in (0.0, 1.0):
+        params = edge_params(B, threshold=threshold, top_p=1.0, student_top_p=1.0)
+        out = rsd_sample(teacher, student, zero, params, mask, mask, backend=backend)
+        assert out.token.tolist() == [2] * B and out.accepted.tolist() == [threshold == 0.0] * B
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_any_vocabulary_stride_is_accepted(backend):
+    use_backend(backend)
+    B, V = 3, 64
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed=18)
+    strided_t, strided_s = teacher.t().contiguous().t(), student.t().contiguous().t()
+    assert strided_t.stride(1) == B
+    uniforms, params = uniforms_for(B, 18), row_params(B, "mixed", 18)
+    out = rsd_sample(strided_t, strided_s, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+    same = rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+    for a, b in zip(out, same):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_single_column_uniforms_mean_no_proposal(backend):
+    use_backend(backend)
+    B, V = 3, 64
+    teacher, student, proposal_mask, fallback_mask = random_rows(B, V, seed=19)
+    uniforms, params = uniforms_for(B, 19), row_params(B, "default")
+    out = rsd_sample(teacher, student, uniforms[:, :1], params, proposal_mask, fallback_mask, backend=backend)
+    rejected = rsd_sample(teacher, student, uniforms, params._replace(threshold=torch.ones(B)), proposal_mask,
+                          fallback_mask, backend=backend)
+    assert not out.accepted.any() and torch.equal(out.token, rejected.token)
+    with pytest.raises(ValueError, match="uniforms"):
+        rsd_sample(teacher, student, uniforms[:, :0], params, proposal_mask, fallback_mask, backend=backend)
 
 
 # ---- the analytic law ----
@@ -313,6 +558,9 @@ LAW_CASES = {
     "trials": dict(proposal_trials=3, threshold=0.08),
     "check_temperature": dict(check_temperature=0.5, threshold=0.05),
     "greedy_fallback": dict(student_temperature=0.0, threshold=0.1),
+    # t = 1e-6 over logits one float32 ulp apart (the teacher's, then the student's): l / t rounds the law away.
+    "tiny_temperature": dict(temperature=1e-6, threshold=0.0),
+    "tiny_temperature_fallback": dict(student_temperature=1e-6, threshold=1.0),
 }
 
 
@@ -331,6 +579,10 @@ def test_follows_the_law(backend, case):
     proposal_mask[[3, 11]] = False
     fallback_mask = torch.ones(V, dtype=torch.bool)
     fallback_mask[5] = False
+    if case == "tiny_temperature":
+        teacher = ulp_spaced(1, V + 3, seed=21)[0]
+    if case == "tiny_temperature_fallback":
+        student = ulp_spaced(1, V + 5, seed=22)[0]
     kw = {**DEFAULTS, **LAW_CASES[case]}
     params = RowParams(**{k: torch.full((draws,), v, dtype=torch.int32 if isinstance(v, int) else torch.float32)
                           for k, v in kw.items()})
@@ -395,7 +647,6 @@ def test_cpp_strided_rows_and_expanded_params():
 
 @pytest.mark.parametrize("change,message", [
     (lambda a: a.update(teacher=a["teacher"].double()), "dtype"),
-    (lambda a: a.update(teacher=a["teacher"].t().contiguous().t()), "contiguous"),
     (lambda a: a.update(student=a["student"][:2]), "rows"),
     (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms"),
     (lambda a: a.update(proposal_mask=a["proposal_mask"].int()), "bool"),

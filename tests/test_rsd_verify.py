@@ -21,12 +21,12 @@ from test_rsd_sample import row_params as family_params  # noqa: E402
 
 from rsd_engine.randomness import DRAFT_DRAW, NUM_DRAWS, NUM_ROUND_DRAWS, round_uniforms, step_uniforms  # noqa: E402
 from rsd_engine.sampling import (  # noqa: E402
-    SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_verify, sample_tokens)
+    NO_ALLOWED_TOKEN, SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_verify, sample_tokens)
 
 ALPHA = 1e-3
-BACKENDS = ("reference", "cpp")
+BACKENDS = ("reference", "cpp", "triton")
 # Rounds per law test; the Triton interpreter runs one program per row in Python, so it gets fewer.
-DRAWS = {"reference": 20_000, "cpp": 20_000, "triton": 600}
+DRAWS = {"reference": 20_000, "cpp": 20_000, "triton": 300}
 
 DEFAULTS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
                 student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
@@ -202,8 +202,10 @@ LAW_CASES = {
 }
 
 
+# Not Triton: its interpreter takes minutes for even a few hundred rounds; it is held to the reference token
+# for token instead (test_verify_same_tokens_as_reference), which carries the law over.
 @pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS for c in LAW_CASES
-                                          if b != "triton" or c in ("G1", "G4-trials")])
+                                          if b != "triton"])
 def test_tokens_and_flags_follow_plain_rsd_law(backend, case):
     use_backend(backend)
     G, kw = LAW_CASES[case]
@@ -231,7 +233,8 @@ def test_sample_tokens_follow_the_truncated_law(backend):
     mask = torch.ones(V, dtype=torch.bool)
     mask[[2, 7]] = False
     uniforms = step_uniforms(torch.arange(N) + 77, torch.zeros(N, dtype=torch.int64))[:, 0]
-    for temperature, top_k, top_p in ((0.7, 0, 0.8), (1.3, 5, 1.0), (1.0, 0, 1.0)):
+    settings = ((0.7, 0, 0.8), (1.3, 5, 1.0), (1.0, 0, 1.0))
+    for temperature, top_k, top_p in settings[:1] if backend == "triton" else settings:  # interpreter: minutes
         token = sample_tokens(logits.expand(N, -1), uniforms, torch.full((N,), temperature),
                               torch.full((N,), top_k, dtype=torch.int32), torch.full((N,), top_p), mask,
                               backend=backend)
@@ -344,7 +347,7 @@ def test_nonfinite_positions_are_flagged_and_end_the_round(backend):
                      model.proposal_mask, model.fallback_mask, backend=backend)
     assert out.num_emitted.tolist() == [2, 3, 1, 4]
     assert out.tokens[0, 1] == TEACHER_NONFINITE and out.tokens[1, 2] == STUDENT_NONFINITE
-    assert out.tokens[2, 0] == STUDENT_NONFINITE and out.tokens[3, 3] == TEACHER_NONFINITE
+    assert out.tokens[2, 0] == NO_ALLOWED_TOKEN and out.tokens[3, 3] == TEACHER_NONFINITE
     assert torch.equal(out.tokens[3, :3], draft[3])
 
 
@@ -441,6 +444,8 @@ def test_round_uniforms_are_the_plain_steps_uniforms():
 def test_draft_and_verify_compile_fullgraph(backend):
     """Round uniforms, drafting and verification trace as one graph: static shapes, no host sync."""
     use_backend(backend)
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("torch.compile cannot trace a kernel that Triton's interpreter runs")
     B, G = 3, 2
     model = TableModel(40, seed=3)
     params = row_params(B, proposal_trials=2)
@@ -464,3 +469,71 @@ def test_draft_and_verify_compile_fullgraph(backend):
     out, eager = compiled(prev, seeds, start, params), round_step(prev, seeds, start, params)
     for a, b in zip(out, eager):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+COMPILE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import rsd_verify
+constexprs = {"BLOCK": 1024, "SEARCH_BLOCK": 256, "NUM_PIVOTS": 16}
+pointers = {"student_ptr": "*bf16", "draft_ptr": "*i64", "num_draft_ptr": "*i32", "top_k_ptr": "*i32",
+            "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32", "proposal_mask_ptr": "*i8",
+            "fallback_mask_ptr": "*i8", "mask_ptr": "*i8", "tokens_ptr": "*i64", "token_ptr": "*i64",
+            "num_emitted_ptr": "*i32", "accepted_ptr": "*i8"}
+for kernel in (rsd_verify.rsd_verify_kernel, rsd_verify.sample_tokens_kernel):
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*fp32") if name.endswith("_ptr")
+                 else "i32" for name in kernel.arg_names}
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    for capability in (80, 90):
+        triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                       options={"num_warps": 8, "enable_fp_fusion": False})
+"""
+
+
+def test_triton_kernels_compile_for_cuda_without_a_gpu():
+    """The interpreter does not check what the compiler checks (loop-carried types, scalar/tensor mixing);
+    compiling both kernels to cubins for sm_80 and sm_90 does, and needs no GPU."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, str(root)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_num_draft_is_clamped_and_bad_draft_ids_rejected(backend):
+    """num_draft is clamped into [0, G] (no host sync to refuse it); a draft id outside [0, V) is never
+    emitted: the position is rejected and the residual drawn."""
+    use_backend(backend)
+    B, G = 4, 2
+    args = list(random_round(B, G, 300, seed=12, family="default"))
+    draft, num_draft = args[2].clone(), torch.tensor([-5, 9, 1, 2], dtype=torch.int32)
+    draft[2, 0], draft[3, 0] = -7, 300  # rows 2 and 3 draft an id outside the vocabulary first
+    out = rsd_verify(args[0], args[1], draft, num_draft, *args[4:], backend=backend)
+    clamped = rsd_verify(args[0], args[1], draft, num_draft.clamp(0, G), *args[4:], backend=backend)
+    for a, b in zip(out, clamped):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    assert out.num_emitted[0] == 1 and out.num_emitted[1] <= G + 1
+    assert (out.num_emitted[2:] == 1).all() and ((out.tokens[2:, 0] >= 0) & (out.tokens[2:, 0] < 300)).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_verify_low_precision_logits(backend):
+    use_backend(backend)
+    B, G, V = (6, 3, 2_000) if backend == "cpp" else (2, 2, 300)
+    args = list(random_round(B, G, V, seed=5, family="mixed"))
+    args[0], args[1] = args[0].bfloat16(), args[1].half()
+    out = rsd_verify(*args, backend=backend)
+
+    def reference(uniforms):
+        return rsd_verify(args[0].float(), args[1].float(), *args[2:4], uniforms, *args[5:])
+
+    matches_with_nudged_uniforms(out, reference, args[4], ("tokens", "num_emitted", "accepted"))

@@ -132,6 +132,17 @@ def test_cache_limit_inside_a_round(tiny_pair):
     assert len(g.token_ids) + 5 <= 13
 
 
+@pytest.mark.parametrize("sampler", ["cpp", "triton"])
+def test_every_backend_gives_the_reference_outputs(tiny_pair, spec4, sampler):
+    """Seeded speculative generations are token for token the same on every backend that has the ops."""
+    other = engine_for(tiny_pair, 4, sampler=sampler)
+    params = [SamplingParams(max_new_tokens=10, threshold=0.003, top_k=50, proposal_trials=2, seed=9 + i)
+              for i in range(3)]
+    for w, g in zip(spec4.generate_batch(PROMPTS[:3], params), other.generate_batch(PROMPTS[:3], params)):
+        assert g.token_ids == w.token_ids and g.accepted == w.accepted and g.teacher_passes == w.teacher_passes
+        assert g.teacher_logprobs == pytest.approx(w.teacher_logprobs, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------- rounds that keep every draft
 
 @pytest.mark.parametrize("draft_tokens", [1, 3])
@@ -218,9 +229,12 @@ def test_mapped_token_ends_a_round(tiny_pair, tmp_path):
 
 # ---------------------------------------------------------------------------- static shapes
 
-def test_round_compiles_fullgraph(tiny_pair):
+@pytest.mark.parametrize("sampler", ["reference"])  # the fused ops' own compile tests live with them
+def test_round_compiles_fullgraph(tiny_pair, sampler):
+    """The round (G+1 student forwards with draft sampling, the teacher's verify forward, rsd_verify) has no
+    graph breaks and no host syncs: aot_eager as in test_compile.py."""
     torch._dynamo.reset()
-    engine = engine_for(tiny_pair, 2, max_seq_len=64)
+    engine = engine_for(tiny_pair, 2, max_seq_len=64, sampler=sampler)
     engine.generate_batch(PROMPTS[:3], SamplingParams(max_new_tokens=2, seed=0))
     batch = []
     from rsd_engine.results import GenerationResult
@@ -240,6 +254,23 @@ def test_round_compiles_fullgraph(tiny_pair):
     for name in ("tokens", "num_emitted", "accepted"):
         assert torch.equal(getattr(eager, name), getattr(got, name)), name
     torch.testing.assert_close(eager.teacher_logprob, got.teacher_logprob, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_graph_runner_plumbing_on_cpu(tiny_pair):
+    """The CUDA-graph runner over the round's inputs (num_draft included), exercised with capture off."""
+    from rsd_engine.speculative import ROUND_INPUTS
+    from rsd_engine.step import capture_step
+
+    engine = engine_for(tiny_pair, 2, max_seq_len=64)
+    spec = engine._speculative
+    runner = capture_step(lambda inputs: spec.round(inputs, teacher_kv=64, student_kv=64), max_batch_size=3,
+                          scratch_slot=3, device="cpu", inputs=ROUND_INPUTS)
+    assert not runner.enabled and runner.buckets == [1, 2, 3]
+    params = SamplingParams(max_new_tokens=9, threshold=0.01, seed=1)
+    want = engine.generate_batch(PROMPTS[:3], params)
+    spec._run_round = lambda batch: runner(spec.round_inputs(batch, with_slots=True))
+    got = engine.generate_batch(PROMPTS[:3], params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -265,3 +296,25 @@ def test_cli_draft_tokens(tiny_pair, tmp_path, capsys):
         capsys.readouterr().err
     with pytest.raises(ValueError, match="--draft-tokens = -1: must be an integer >= 0"):
         GenerateOptions(teacher="t", student="s", data="d", out=str(tmp_path / "o"), draft_tokens=-1)
+
+
+def test_cli_generate_with_draft_tokens_matches_plain(tiny_pair, tmp_path):
+    """`rsd generate --draft-tokens 3`, greedy: the same records as plain RSD."""
+    import json
+
+    from rsd_engine.pipeline.records import read_records
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "4"}) + "\n"
+                            for i, q in enumerate(PROMPTS[:3])))
+    records = {}
+    for G in (0, 3):
+        out = tmp_path / f"out{G}.jsonl"
+        assert main(["generate", "--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--data", str(data),
+                     "--out", str(out), "--attempts", "1", "--max-new-tokens", "12", "--temperature", "0",
+                     "--student-temperature", "0", "--threshold", "0.02", "--max-batch-size", "2",
+                     "--sampler", "reference", "--no-progress", "--draft-tokens", str(G)]) == 0
+        records[G] = {r["id"]: r for r in read_records(out)}
+    assert sorted(records[3]) == ["q0", "q1", "q2"]
+    for key in ("token_ids", "completion", "status", "finish_reason"):
+        assert {i: r[key] for i, r in records[3].items()} == {i: r[key] for i, r in records[0].items()}

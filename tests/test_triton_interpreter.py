@@ -94,6 +94,68 @@ def test_bad_inputs_name_the_problem():
         rsd_sample_triton(t, s, u, row_params([{}] * 3), mask, mask)
 
 
+# Each script runs in a child process under a timeout, so that a regression shows as a failure, not a hung suite.
+EMPTY_MASKS = """
+import torch
+from rsd_engine.randomness import step_uniforms
+from rsd_engine.sampling import RowParams
+from rsd_engine.sampling.triton import rsd_sample_triton
+defaults = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+def params(**kw):
+    ints = {"top_k", "student_top_k", "proposal_trials"}
+    return RowParams(**{k: torch.full((1,), v, dtype=torch.int32 if k in ints else torch.float32)
+                        for k, v in {**defaults, **kw}.items()})
+gen = torch.Generator().manual_seed(0)
+teacher, student = torch.randn(1, 50, generator=gen), torch.randn(1, 50, generator=gen)
+u = step_uniforms(torch.arange(1), torch.zeros(1, dtype=torch.long))
+every, none = torch.ones(50, dtype=torch.bool), torch.zeros(50, dtype=torch.bool)
+print(rsd_sample_triton(teacher, student, u, params(), none, every).token.item(),
+      rsd_sample_triton(teacher, student, u, params(threshold=1.0), every, none).token.item())
+"""
+
+# One pivot per pass never narrows the interval: only the pass limit ends this search.
+ONE_PIVOT = """
+import torch, triton, triton.language as tl
+from rsd_engine.kernels.rsd_sample import _order_key, _search
+@triton.jit
+def probe(row_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    lo = _order_key(tl.full((), 0.0, tl.float32))
+    hi = _order_key(tl.full((), 3.0, tl.float32)) + 1
+    v, count, mass, above_count, above_mass = _search(
+        row_ptr, mask_ptr, n, 3.0, 1.0, 2.0, lo, hi, tl.full((), 4, tl.int32), tl.full((), 4.0, tl.float32),
+        tl.full((), 0, tl.int32), tl.full((), 0.0, tl.float32), False, BLOCK, 1)
+    tl.store(out_ptr, v)
+out = torch.zeros(1, dtype=torch.int32)
+probe[(1,)](torch.arange(4.0), torch.ones(4, dtype=torch.int8), out, 4, BLOCK=4)
+print(out.item())
+"""
+
+
+def run_script(script, timeout=300):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s: the kernel loops without bound")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels under the interpreter")
+def test_empty_masks_return_at_once():
+    """No allowed id and top_p < 1 used to send the cut search into an endless loop (INT32_MAX + 1 wraps):
+    an empty proposal mask falls back to the student, an empty fallback mask is flagged -3."""
+    fallback, flagged = run_script(EMPTY_MASKS)
+    assert int(fallback) >= 0 and int(flagged) == -3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels under the interpreter")
+def test_cut_search_has_a_pass_limit():
+    assert len(run_script(ONE_PIVOT)) == 1
+
+
 COMPILE = """
 import importlib.util, sys
 import triton

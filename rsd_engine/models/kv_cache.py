@@ -22,12 +22,17 @@ Zeros matter: masked positions inside the attention span still enter `softmax(..
 from __future__ import annotations
 
 import mmap
+import platform
 import sys
 
 import torch
 
 # Linux gives pages back with MADV_DONTNEED and refills them with zeros; elsewhere `release` writes zeros.
 _CAN_DROP_PAGES = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")
+# Reserve address space only: without it Linux refuses a map larger than RAM + swap up front, although
+# only the pages written are ever committed. (Python < 3.13 lacks the constant; 0x4000 on x86 and arm.)
+_NO_RESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if _CAN_DROP_PAGES and platform.machine() in (
+    "x86_64", "aarch64", "arm64") else 0)
 
 
 class KVCache:
@@ -53,7 +58,13 @@ class KVCache:
         block = positions * heads * head_dim  # elements of one layer's K (or V) for one slot
         page = mmap.PAGESIZE
         self._slot_bytes = -(-2 * num_layers * block * item // page) * page
-        self._map = mmap.mmap(-1, num_slots * self._slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        size = num_slots * self._slot_bytes
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NO_RESERVE)
+        except OSError as err:
+            raise MemoryError(f"cannot reserve {size / 2**30:.1f} GiB of address space for a KV cache of "
+                              f"{num_slots} slots x {positions - 1} positions ({err}): lower max_batch_size or "
+                              f"max_seq_len") from None
         if hasattr(mmap, "MADV_NOHUGEPAGE"):
             self._map.madvise(mmap.MADV_NOHUGEPAGE)
         flat = torch.frombuffer(self._map, dtype=torch.uint8).view(dtype)

@@ -69,7 +69,8 @@ def barrier_and_merge(dist: Dist, out: Path, log):
         return
     statuses = [r.get("status") for r in read_records(out)]
     counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
-    log(f"merged {dist.world_size} parts: {report.records} records ({counts}) in {out}")
+    counts = f" ({counts})" if any(statuses) else ""  # only rsd generate records have a status
+    log(f"merged {dist.world_size} parts: {report.records} records{counts} in {out}")
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
 

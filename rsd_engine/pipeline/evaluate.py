@@ -26,6 +26,7 @@ from .data import load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import RecordWriter, check_writable, part_path, read_records
 from .traces import final_answer
 from ..models.loader import check_model_folder
@@ -52,6 +53,7 @@ class EvalOptions:
     dtype: str = "auto"
     sampler: str = "auto"
     progress: bool = True
+    force: bool = False  # append to an output made with other settings
 
     def __post_init__(self):
         for name, lo in (("samples", 1), ("max_batch_size", 1), ("limit", 1), ("max_seq_len", 2)):
@@ -89,17 +91,22 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         raise ValueError(f"{opts.data}: none of the {len(problems)} problems has a reference answer "
                          f"(field {opts.answer_field!r}); rsd eval needs answers to check against")
     mine = shard_problems(graded, dist.rank, dist.world_size)
-    done = {(str(r.get("id")), r.get("sample")) for path in {target, out} for r in read_records(path)}
-    todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
-    tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
-             "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine), "already_done": 0,
-             "written": 0, "too_long": [], "tokens": 0, "seconds": 0.0}
-    tally["already_done"] = len(mine) * opts.samples - len(todo)
+    # --samples only says how many records to make; sample k's record is the same whatever it is.
+    settings, about = output_settings(opts, ("model",), RUNTIME_OPTIONS + ("samples",))
+    settings["--id-field"] = problem_set.id_field
     group = init_process_group(dist, log)
     try:
-        if todo:
-            tokenizer = load_tokenizer(opts.model)
-            _eval(opts, todo, tokenizer, target, tally, dist)
+        with RecordWriter(target, settings, force=opts.force, about=about) as writer:
+            held = writer.existing + (read_records(out) if dist.world_size > 1 else [])
+            done = {(str(r.get("id")), r.get("sample")) for r in held}
+            todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
+            tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
+                     "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine),
+                     "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
+                     "tokens": 0, "seconds": 0.0}
+            if todo:
+                tokenizer = load_tokenizer(opts.model)
+                _eval(opts, todo, tokenizer, writer, tally, dist)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
         if group:
             barrier_and_merge(dist, out, log)
@@ -118,7 +125,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _eval(opts: EvalOptions, todo, tokenizer, target, tally, dist):
+def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
     prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p, _ in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     max_seq_len = opts.max_seq_len or max(map(len, prompt_ids.values())) + opts.params.max_new_tokens
@@ -133,26 +140,25 @@ def _eval(opts: EvalOptions, todo, tokenizer, target, tally, dist):
 
         bar = tqdm(total=len(fits), desc=f"{dist.tag}rsd eval", unit="sample", dynamic_ncols=True)
     start = time.perf_counter()
-    with RecordWriter(target) as writer:
-        try:
-            for index, result in generate_samples(opts, [prompt_ids[p.id] for p, _ in fits], params,
-                                                  rank_device(opts.device, dist), max_seq_len):
-                problem, sample = fits[index]
-                answer = final_answer(result.text, prompts[problem.id].thinking)
-                record = {"id": problem.id, "sample": sample, "question": problem.question, "answer": problem.answer,
-                          "response": result.text, "final_answer": answer, "correct": is_correct(answer, problem.answer),
-                          "finish_reason": result.finish_reason, "tokens": len(result.token_ids), "seed": result.seed}
-                if getattr(result, "error", None):
-                    record["error"] = result.error
-                writer.write(record)
-                tally["written"] += 1
-                tally["tokens"] += len(result.token_ids)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            tally["seconds"] = time.perf_counter() - start
+    try:
+        for index, result in generate_samples(opts, [prompt_ids[p.id] for p, _ in fits], params,
+                                              rank_device(opts.device, dist), max_seq_len):
+            problem, sample = fits[index]
+            answer = final_answer(result.text, prompts[problem.id].thinking)
+            record = {"id": problem.id, "sample": sample, "question": problem.question, "answer": problem.answer,
+                      "response": result.text, "final_answer": answer, "correct": is_correct(answer, problem.answer),
+                      "finish_reason": result.finish_reason, "tokens": len(result.token_ids), "seed": result.seed}
+            if getattr(result, "error", None):
+                record["error"] = result.error
+            writer.write(record)
+            tally["written"] += 1
+            tally["tokens"] += len(result.token_ids)
             if bar is not None:
-                bar.close()
+                bar.update(1)
+    finally:
+        tally["seconds"] = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
 
 
 def _sample_params(base: SamplingParams, seed: int) -> SamplingParams:

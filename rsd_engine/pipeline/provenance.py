@@ -10,19 +10,22 @@ each rank takes every world_size-th response and writes its own part; rank 0 mer
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .categories import DEFAULT_BETA, check_beta
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
+from .manifest import model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
 from .records import RecordWriter, check_writable, part_path, read_records
 from .responses import load_responses
 from .tracing import Tracer
+
+# Options that choose what runs or where, not what a record says: kept in the manifest, not compared.
+RUNTIME_OPTIONS = ("max_seq_len", "batch_size", "limit", "plot", "device", "dtype", "progress", "force")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ProvenanceOptions:
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
+    force: bool = False  # append to an output made with other settings
 
     def __post_init__(self):
         check_beta(self.beta)
@@ -74,17 +78,19 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
                           id_field=opts.id_field, system_prompt=opts.system_prompt)
     responses = data.responses[: opts.limit] if opts.limit else data.responses
     mine = responses[dist.rank:: dist.world_size]
-    dropped = drop_incomplete(target)
-    done = complete_keys(target)
-    todo = [r for r in mine if r.key not in done]
-    usable, skipped = tracer.prepare(todo, opts.max_seq_len)
-    tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
-             "responses": len(mine), "already_done": len(mine) - len(todo), "torn_dropped": dropped,
-             "skipped": [(r.key, why) for r, why in skipped], "traced": 0, "sentences": 0, "seconds": 0.0}
+    settings, about = output_settings(opts, ("teacher", "student", "distilled"))
     group = init_process_group(dist, log)
     try:
-        if usable:
-            _trace_all(tracer, usable, target, tally, opts.progress and dist.rank == 0, dist)
+        with RecordWriter(target, settings, force=opts.force, about=about) as writer:
+            dropped = drop_incomplete(writer)
+            done = complete_keys(writer.existing + (read_records(out) if dist.world_size > 1 else []))
+            todo = [r for r in mine if r.key not in done]
+            usable, skipped = tracer.prepare(todo, opts.max_seq_len)
+            tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+                     "responses": len(mine), "already_done": len(mine) - len(todo), "torn_dropped": dropped,
+                     "skipped": [(r.key, why) for r, why in skipped], "traced": 0, "sentences": 0, "seconds": 0.0}
+            if usable:
+                _trace_all(tracer, usable, writer, tally, opts.progress and dist.rank == 0, dist)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
         if group:
             barrier_and_merge(dist, out, log)
@@ -107,7 +113,27 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _trace_all(tracer: Tracer, usable, target, tally, progress: bool, dist: Dist):
+def output_settings(opts, models, runtime=RUNTIME_OPTIONS) -> tuple[dict, dict]:
+    """(settings that shape the records, other options for the reader): the output's manifest
+    (manifest.py). Models count by content; options in `runtime` do not change a record."""
+    settings, about = {}, {}
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if f.name in models:
+            settings[f"{f.name} model"] = model_fingerprint(value) if value is not None else None
+            about[f"--{f.name}"] = str(Path(value).resolve()) if value is not None else None
+        elif f.name == "params":
+            settings.update({f"--{p.name.replace('_', '-')}": getattr(value, p.name) for p in fields(value)
+                             if p.name != "seed"})
+        elif f.name in runtime:
+            if f.name not in ("progress", "force"):
+                about[f"--{f.name.replace('_', '-')}"] = value
+        else:
+            settings[f"--{f.name.replace('_', '-')}"] = value
+    return settings, about
+
+
+def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist):
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -116,17 +142,16 @@ def _trace_all(tracer: Tracer, usable, target, tally, progress: bool, dist: Dist
     tracer.load()
     start = time.perf_counter()
     try:
-        with RecordWriter(target) as writer:
-            for first in range(0, len(usable), tracer.batch_size):
-                batch = tracer.trace_batch(usable[first: first + tracer.batch_size])
-                for traced in batch:
-                    writer.write_many(traced.records())
-                    tally["traced"] += 1
-                    tally["sentences"] += len(traced.sentences)
-                if bar is not None:
-                    bar.update(len(batch))
-                    bar.set_postfix({"sent/s": f"{tally['sentences'] / (time.perf_counter() - start):.1f}"},
-                                    refresh=False)
+        for first in range(0, len(usable), tracer.batch_size):
+            batch = tracer.trace_batch(usable[first: first + tracer.batch_size])
+            for traced in batch:
+                writer.write_many(traced.records())
+                tally["traced"] += 1
+                tally["sentences"] += len(traced.sentences)
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix({"sent/s": f"{tally['sentences'] / (time.perf_counter() - start):.1f}"},
+                                refresh=False)
     finally:
         tally["seconds"] = time.perf_counter() - start
         if bar is not None:
@@ -149,28 +174,28 @@ def _format_tally(t: dict, target) -> str:
     return "\n".join(lines)
 
 
-def complete_keys(path) -> set[tuple[str, int]]:
-    """(id, sample) of the responses whose every sentence line is in `path`."""
+def complete_keys(lines: list[dict]) -> set[tuple[str, int]]:
+    """(id, sample) of the responses whose every sentence line is in `lines`."""
     seen: dict[tuple[str, int], set[int]] = {}
     total = {}
-    for line in read_records(path):
+    for line in lines:
         key = (str(line.get("id")), line.get("sample", 0))
         seen.setdefault(key, set()).add(line.get("index"))
         total[key] = line.get("sentences")
     return {key for key, indices in seen.items() if len(indices) == total[key]}
 
 
-def drop_incomplete(path) -> int:
-    """Remove the lines of responses cut short (only the last write can be); returns how many."""
-    path = Path(path)
-    lines = read_records(path)
-    done = complete_keys(path)
-    keep = [line for line in lines if (str(line.get("id")), line.get("sample", 0)) in done]
-    if len(keep) == len(lines):
-        return 0
-    tmp = path.with_name(f".{path.name}.repair")
-    tmp.unlink(missing_ok=True)
-    with RecordWriter(tmp) as writer:
-        writer.write_many(keep)
-    os.replace(tmp, path)
-    return len(lines) - len(keep)
+def drop_incomplete(writer: RecordWriter) -> int:
+    """Cut off the lines of a response cut short by a kill (only the last group written can be);
+    returns how many lines went."""
+    done = complete_keys(writer.existing)
+    torn = 0
+    for line in reversed(writer.existing):
+        if (str(line.get("id")), line.get("sample", 0)) in done:
+            break
+        torn += 1
+    if any((str(line.get("id")), line.get("sample", 0)) not in done for line in writer.existing[:-torn or None]):
+        raise ValueError(f"{writer.path} has incomplete responses before its last one: the file was changed by "
+                         f"something else; give another --out")
+    writer.drop_last(torn)
+    return torn

@@ -12,7 +12,7 @@ renames it over OUT, so a merge killed midway leaves OUT as it was and the parts
 
 Writers of other commands use the same small API: RecordWriter(path, settings, force=...) checks
 and locks, .existing holds the records already there, .write(record) / .write_many(records)
-append.
+append, .drop_last(n) cuts a torn group of records off the end.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,20 @@ class RecordWriter:
         os.fsync(self._fd)
         self.written += len(records)
 
+    def drop_last(self, count: int) -> None:
+        """Cut the last `count` records off the file: a group of records that a kill cut short
+        (`rsd provenance` writes a response's sentences as one group). A truncation, so a crash
+        during it leaves either the old file or the shorter one."""
+        if count <= 0:
+            return
+        data = self.path.read_bytes()
+        cut = len(data) - 1
+        for _ in range(count):
+            cut = data.rfind(b"\n", 0, cut)
+        os.ftruncate(self._fd, cut + 1)
+        os.fsync(self._fd)
+        self.existing = self.existing[:-count]
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # and with it the lock
@@ -92,6 +107,10 @@ def _open_locked(path: Path) -> int:
             os.close(fd)
             raise OutputBusy(f"{path} is being written by another process{_holder(path)}; wait for it to "
                              f"finish, or give another --out") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): say so, go on
+            warnings.warn(f"cannot lock {path} ({err.strerror or err}); make sure no other run writes to it",
+                          stacklevel=3)
+            return fd
         # Between open and lock the previous holder may have replaced (rsd merge) or removed the
         # file: the lock is only worth anything on the file the path names now.
         try:

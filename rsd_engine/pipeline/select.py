@@ -18,8 +18,8 @@ from pathlib import Path
 from .categories import DEFAULT_BETA
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .provenance import make_tracer
-from .records import RecordWriter, check_writable, done_ids, part_path
+from .provenance import make_tracer, output_settings
+from .records import RecordWriter, check_writable, part_path, read_records
 from .readers import Reader
 from .responses import Response, load_responses
 from .tracing import Tracer
@@ -97,6 +97,7 @@ class SelectOptions:
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
+    force: bool = False  # append to an output made with other settings
 
     def __post_init__(self):
         if self.by not in RANKINGS:
@@ -118,19 +119,21 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     for r in data.responses:
         problems.setdefault(r.id, []).append(r)
     ids = list(problems)[dist.rank:: dist.world_size]
-    done = done_ids(target, out) if dist.world_size > 1 else done_ids(target)
-    todo = [i for i in ids if i not in done]
-    usable, skipped = tracer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
-    usable_keys = {r.key for r in usable}
-    tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [], "problems": len(ids),
-             "already_done": len(ids) - len(todo), "skipped": [(r.key, why) for r, why in skipped],
-             "written": 0, "no_candidate": []}
+    settings, about = output_settings(opts, ("teacher", "student"))
     group = init_process_group(dist, log)
     try:
-        if usable:
-            tracer.load()
-        bar = _bar(len(todo), opts.progress and dist.rank == 0, dist)
-        with RecordWriter(target) as writer:
+        with RecordWriter(target, settings, force=opts.force, about=about) as writer:
+            held = writer.existing + (read_records(out) if dist.world_size > 1 else [])
+            done = {str(r["id"]) for r in held if "id" in r}
+            todo = [i for i in ids if i not in done]
+            usable, skipped = tracer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
+            usable_keys = {r.key for r in usable}
+            tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+                     "problems": len(ids), "already_done": len(ids) - len(todo),
+                     "skipped": [(r.key, why) for r, why in skipped], "written": 0, "no_candidate": []}
+            if usable:
+                tracer.load()
+            bar = _bar(len(todo), opts.progress and dist.rank == 0, dist)
             for pid in todo:
                 mine = [r for r in problems[pid] if r.key in usable_keys]
                 traced = [t for a in range(0, len(mine), tracer.batch_size)
@@ -149,8 +152,8 @@ def run_select(opts: SelectOptions, log=print) -> dict:
                            candidates=len(problems[pid]))
                 writer.write(row)
                 tally["written"] += 1
-        if bar is not None:
-            bar.close()
+            if bar is not None:
+                bar.close()
         log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
         if group:
             barrier_and_merge(dist, out, log)

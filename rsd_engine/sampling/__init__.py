@@ -6,7 +6,7 @@ truncated sampling (sample_reference.py). ``rsd_verify``: the verify step of a s
 from __future__ import annotations
 
 from .checks import check_sample_inputs, check_verify_inputs
-from .reference import (FLAG_REASONS, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, SampleOutput,
+from .reference import (FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, SampleOutput,
                         rsd_sample_reference)
 from .sample_reference import SAMPLE_FLAGGED, sample_tokens_reference
 from .verify_reference import VerifyOutput, rsd_verify_reference
@@ -100,6 +100,6 @@ def _triton_available() -> bool:
     return True
 
 
-__all__ = ["BACKENDS", "FLAG_REASONS", "RowParams", "SAMPLE_FLAGGED", "SampleOutput", "STUDENT_NONFINITE",
-           "TEACHER_NONFINITE", "VerifyOutput", "resolve_backend", "rsd_sample", "rsd_sample_reference", "rsd_verify",
-           "rsd_verify_reference", "sample_tokens", "sample_tokens_reference"]
+__all__ = ["BACKENDS", "FLAG_REASONS", "NO_ALLOWED_TOKEN", "RowParams", "SAMPLE_FLAGGED", "SampleOutput",
+           "STUDENT_NONFINITE", "TEACHER_NONFINITE", "VerifyOutput", "resolve_backend", "rsd_sample",
+           "rsd_sample_reference", "rsd_verify", "rsd_verify_reference", "sample_tokens", "sample_tokens_reference"]

@@ -35,8 +35,8 @@ def rsd_sample_op(teacher_logits: torch.Tensor, student_logits: torch.Tensor, un
     """The op itself; call it through ``rsd_sample_cpp``, which checks the inputs and converts the parameters
     to the dtypes the kernel reads (float32, and int32 for top_k, student_top_k, proposal_trials)."""
     _C = extension()
-    # A compiled graph may hand over other layouts than eager did; the kernel needs unit stride along
-    # the vocabulary and contiguous [B] parameters.
+    # The kernel needs unit stride along the vocabulary and contiguous [B] parameters; other layouts (any
+    # the caller passes, or a compiled graph hands over) are copied, as the other backends do.
     teacher_logits, student_logits, uniforms = (_unit_last_stride(t) for t in (teacher_logits, student_logits,
                                                                                 uniforms))
     row = [p.contiguous() for p in (temperature, top_k, top_p, threshold, check_temperature, student_temperature,
@@ -90,9 +90,6 @@ def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mas
             raise ValueError(f"{name} must be 2-D [B, vocab], got shape {tuple(logits.shape)}")
         if logits.dtype not in LOGIT_DTYPES:
             raise ValueError(f"{name} has dtype {logits.dtype}; the cpp sampler takes float32, bfloat16 or float16")
-        if logits.shape[1] > 1 and logits.stride(1) != 1:
-            raise ValueError(f"{name} must be contiguous along the vocabulary (stride(-1) == 1), got strides "
-                             f"{tuple(logits.stride())}: pass logits.contiguous()")
     B, Vt = teacher_logits.shape
     Vs = student_logits.shape[1]
     if student_logits.shape[0] != B:

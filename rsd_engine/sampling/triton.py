@@ -110,9 +110,9 @@ def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mas
     batch = teacher_logits.shape[0]
     if student_logits.shape[0] != batch:
         raise ValueError(f"student_logits has {student_logits.shape[0]} rows, teacher_logits {batch}")
-    if uniforms.dim() != 2 or uniforms.shape[0] != batch or uniforms.shape[1] < 2:
-        raise ValueError(f"uniforms must be [B={batch}, NUM_DRAWS >= 2] (fallback draw, then proposals), "
-                         f"got {tuple(uniforms.shape)}")
+    if uniforms.dim() != 2 or uniforms.shape[0] != batch or uniforms.shape[1] < 1:
+        raise ValueError(f"uniforms must be [B={batch}, 1 + max proposals] (fallback draw, then proposals; see "
+                         f"randomness.step_uniforms), got {tuple(uniforms.shape)}")
     for name in RowParams._fields:
         if tuple(getattr(params, name).shape) != (batch,):
             raise ValueError(f"params.{name} must have shape [{batch}], got {tuple(getattr(params, name).shape)}")

@@ -29,9 +29,10 @@ Outputs (VerifyOutput): tokens [B, G+1] int64, num_emitted [B] int32 in [1, num_
 [B, G+1] bool, teacher_logprob / student_logprob [B, G+1] float32 (raw log_softmax at temperature 1 of
 each model's row at that position, of the emitted token). Positions past num_emitted are filled with
 token -1, accepted False and NaN log-probs; read only the first num_emitted entries of a row.
-Flags: an emitted position whose teacher row holds NaN/+inf gets token -1 (TEACHER_NONFINITE), whose
-student row does (or, at a draft position, whose fallback mask leaves no finite logit) -2
-(STUDENT_NONFINITE), as ``rsd_sample``; the round ends there, with the flag as its last token.
+Flags, as ``rsd_sample``'s: an emitted position whose teacher row holds NaN/+inf gets token -1
+(TEACHER_NONFINITE), else whose student row does -2 (STUDENT_NONFINITE); a draft position whose fallback
+mask leaves the student no finite logit (it cannot have drafted there) gets -3 (NO_ALLOWED_TOKEN), and
+the bonus position gets -3 where rsd_sample would. The round ends at a flag, which is its last token.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from typing import NamedTuple
 import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
-from .reference import STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, inverse_cdf, rsd_sample_reference, \
-    truncated_probs
+from .reference import NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, check_probs, inverse_cdf, \
+    rsd_sample_reference, truncated_probs
 from .sample_reference import nonfinite_rows
 
 
@@ -67,9 +68,8 @@ def position_laws(teacher_logits, student_logits, params: RowParams, proposal_ma
                                             proposal_mask))
     q_student = _normalised(truncated_probs(student_logits, params.student_temperature, params.student_top_k,
                                             params.student_top_p, fallback_mask))
-    # The same check decision as rsd_sample's, so the bonus token and the drafts agree on ok.
-    check = torch.softmax(student_logits / params.check_temperature[:, None], dim=-1)[:, :V]
-    ok = check >= params.threshold[:, None]
+    # The same check decision as rsd_sample's (float64), so the bonus token and the drafts agree on ok.
+    ok = check_probs(student_logits, params.check_temperature)[:, :V] >= params.threshold.double()[:, None]
     has_teacher = q_teacher.sum(dim=-1) > 0
     r = torch.where(has_teacher, (q_teacher * ~ok).sum(dim=-1), 1.0)
     trials = params.proposal_trials.to(torch.float64)
@@ -108,7 +108,8 @@ def rsd_verify_reference(teacher_logits, student_logits, draft, num_draft, unifo
         y = torch.where(keep, x, inverse_cdf(residual, u[:, RESIDUAL_DRAW].double()))
         flag = (teacher_part[rows, y] > 0) & (u[:, FLAG_DRAW].double() * Q[rows, y] <= teacher_part[rows, y])
         empty_fallback = q_student.sum(dim=-1) <= 0
-        y = torch.where(nonfinite_rows(lS) | empty_fallback, STUDENT_NONFINITE, y)
+        y = torch.where(empty_fallback, NO_ALLOWED_TOKEN, y)
+        y = torch.where(nonfinite_rows(lS), STUDENT_NONFINITE, y)
         y = torch.where(nonfinite_rows(lT), TEACHER_NONFINITE, y)
 
         drafting = i < n
