@@ -170,7 +170,8 @@ def _response_options(p, what):
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
     p.add_argument("--question-field", default="question", help="column holding the question (default: %(default)s)")
     p.add_argument("--response-field", default="response", help="column holding the response (default: %(default)s)")
-    p.add_argument("--id-field", default="id", help="(default: %(default)s; the row number when rows have none)")
+    p.add_argument("--id-field", default="id",
+                   help="column holding the problem id (default: %(default)s; a hash of the question when rows have none)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
     p.add_argument("--beta", type=_beta, default=0.1, help="margin between sentence probabilities (default: "

@@ -405,3 +405,23 @@ def test_select_ranks_merge_to_the_single_run(models, tmp_path, monkeypatch):
     merged, whole = read_records(tmp_path / "sel.jsonl"), read_records(tmp_path / "whole.jsonl")
     assert [(r["id"], r["response"], r["teacher_sentences"]) for r in merged] == [
         (r["id"], r["response"], r["teacher_sentences"]) for r in whole]
+
+
+def test_rows_without_ids_are_keyed_by_their_question_not_their_row_number(tmp_path):
+    from rsd_engine.pipeline.data import question_id
+    from rsd_engine.pipeline.responses import load_responses
+
+    rows = [{"question": f"what is {i} + {i}?", "response": f"It is {2 * i}."} for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "what is 0 + 0?"},
+                              {"role": "assistant", "content": "Zero."}]})
+    forward, backward = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    forward.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    backward.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+
+    def keyed(path):
+        return {r.key: r.text for r in load_responses(path).responses}
+
+    assert keyed(forward)[(question_id("what is 2 + 2?"), 0)] == "It is 4."
+    # The same question twice: two samples of one id, whichever file order.
+    assert {keyed(forward)[(question_id("what is 0 + 0?"), s)] for s in (0, 1)} == {"It is 0.", "Zero."}
+    assert set(keyed(forward)) == set(keyed(backward))

@@ -1,8 +1,8 @@
 """Responses in: rows with a question and a response, or chat `messages` records (`rsd generate
 --format sft`), as read by `rsd provenance` and `rsd select`.
 
-Every response has a key (id, sample): the id from --id-field when the row has one (else the row
-number), the sample from the row's `sample` field (`rsd eval` output), else the count of earlier
+Every response has a key (id, sample): the id from --id-field when the row has one (else a hash of
+the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the row's `sample` field (`rsd eval` output), else the count of earlier
 rows with the same id, so several candidates per problem stay apart. Unusable rows (missing
 fields, empty responses) are skipped and listed; no usable row at all is an error.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import read_rows
+from .data import question_id, read_rows
 from .readers import strip_think_open
 from .records import read_records
 
@@ -75,7 +75,7 @@ def _response(number, row, question_field, response_field, id_field, system_prom
     rid = row.get(id_field)
     if isinstance(rid, (dict, list)):
         return None, f"{id_field!r} is a {type(rid).__name__}, not an id"
-    rid = str(number) if rid is None else str(rid)
+    rid = None if rid is None else str(rid)
     sample = row.get("sample")
     sample = sample if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else -1
     if response_field not in row and isinstance(row.get("messages"), list):
@@ -87,7 +87,7 @@ def _response(number, row, question_field, response_field, id_field, system_prom
         return None, f"no {response_field!r} text"
     if not text.strip():
         return None, "empty response"
-    return Response(rid, sample, question, system_prompt, text, row), ""
+    return Response(rid or question_id(question), sample, question, system_prompt, text, row), ""
 
 
 def _chat(rid, sample, row):
@@ -101,4 +101,4 @@ def _chat(rid, sample, row):
     text = messages[-1].get("content")
     if not isinstance(text, str) or not strip_think_open(text).strip():
         return None, "empty response"
-    return Response(rid, sample, user, system or "", strip_think_open(text), row), ""
+    return Response(rid or question_id(user), sample, user, system or "", strip_think_open(text), row), ""
