@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import rsd_engine  # noqa: E402  before torch: rsd_engine asks OpenMP for passive waiting (threads.py)
 import torch  # noqa: E402
 
-from bench.random_pair import build_random_pair  # noqa: E402
+from random_pair import build_random_pair  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
 
 TEMPERATURE, TOP_P, THRESHOLD = 0.7, 0.95, 0.01

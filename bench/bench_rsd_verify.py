@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_rsd_step import PARAMS, cuda_copy_bandwidth, make_step, median_graph_ms, median_wall_ms  # noqa: E402
+from bench_rsd_step import PARAMS, cuda_copy_bandwidth, make_step, median_graph_ms, median_wall_ms  # noqa: E402
 from rsd_engine.randomness import DRAFT_DRAW, round_uniforms  # noqa: E402
 from rsd_engine.sampling import rsd_verify, rsd_verify_reference, sample_tokens  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.random_pair import build_random_pair  # noqa: E402
+from random_pair import build_random_pair  # noqa: E402
 from rsd_engine import Engine  # noqa: E402
 from rsd_engine.scoring import score_sequences  # noqa: E402
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_e2e import demo_prompts, random_prompts  # noqa: E402
-from bench.random_pair import build_random_pair  # noqa: E402
+from bench_e2e import demo_prompts, random_prompts  # noqa: E402
+from random_pair import build_random_pair  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
 from rsd_engine.speculative import DraftStats  # noqa: E402
 

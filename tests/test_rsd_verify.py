@@ -477,7 +477,8 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import rsd_verify
+from rsd_engine.sampling.triton import import_kernel
+rsd_verify = import_kernel("rsd_verify")
 constexprs = {"BLOCK": 1024, "SEARCH_BLOCK": 256, "NUM_PIVOTS": 16}
 pointers = {"student_ptr": "*bf16", "draft_ptr": "*i64", "num_draft_ptr": "*i32", "top_k_ptr": "*i32",
             "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32", "proposal_mask_ptr": "*i8",

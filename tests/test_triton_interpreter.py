@@ -117,7 +117,8 @@ print(rsd_sample_triton(teacher, student, u, params(), none, every).token.item()
 # One pivot per pass never narrows the interval: only the pass limit ends this search.
 ONE_PIVOT = """
 import torch, triton, triton.language as tl
-from rsd_engine.kernels.rsd_sample import _order_key, _search
+from rsd_engine.sampling.triton import import_kernel
+_order_key, _search = import_kernel("rsd_sample")._order_key, import_kernel("rsd_sample")._search
 @triton.jit
 def probe(row_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
     lo = _order_key(tl.full((), 0.0, tl.float32))

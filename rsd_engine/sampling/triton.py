@@ -1,10 +1,12 @@
 """Triton backend of the RSD-sample op: kernels/rsd_sample.py, on CUDA tensors compiled, on CPU tensors
-under Triton's interpreter (rsd_engine.kernels turns it on when no CUDA device is present). Same
+under Triton's interpreter (``import_kernel`` turns it on when no CUDA device is present). Same
 arguments and outputs as ``rsd_sample_reference``; no host sync, so it can sit inside a CUDA graph."""
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -22,28 +24,36 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
 
 
-def _import_kernels():
+def import_kernel(name: str):
+    """``rsd_engine.kernels.<name>``: one Triton op of kernels/, installed as ``rsd_engine.kernels``.
+
+    kernels/ has no ``__init__.py`` on purpose: a regular package named ``kernels`` at the repository root
+    would shadow the Hugging Face distribution of that name (transformers imports it) for anything run
+    from the root. So ``rsd_engine.kernels`` is a namespace package: a wheel installs it as such; in a
+    source checkout (setuptools' editable finder does not resolve a namespace inside a mapped package,
+    and a checkout may not be installed at all) pyproject's package-dir mapping is reproduced here.
+    Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit`` function is defined, so without a CUDA
+    device it is switched on before any kernel module loads; an explicit value in the environment wins.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        return importlib.import_module("rsd_engine.kernels.rsd_sample")
+        return importlib.import_module(f"rsd_engine.kernels.{name}")
     except ModuleNotFoundError as err:
-        if err.name not in ("rsd_engine.kernels", "rsd_engine.kernels.rsd_sample"):
+        if err.name not in ("rsd_engine.kernels", f"rsd_engine.kernels.{name}"):
             raise
-    # A source checkout used without installing: kernels/ sits beside rsd_engine/, and pyproject's
-    # package-dir mapping (rsd_engine.kernels -> kernels/) is reproduced here.
     root = Path(__file__).resolve().parents[2] / "kernels"
-    if not (root / "rsd_sample.py").is_file():
-        raise ModuleNotFoundError("rsd_engine.kernels is not installed and kernels/ is not beside rsd_engine/: "
-                                  "reinstall rsd-engine (`pip install -e .`)")
-    spec = importlib.util.spec_from_file_location("rsd_engine.kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["rsd_engine.kernels"] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module("rsd_engine.kernels.rsd_sample")
+    if not (root / f"{name}.py").is_file():
+        raise ModuleNotFoundError(f"rsd_engine.kernels.{name} is not installed and kernels/{name}.py is not beside "
+                                  "rsd_engine/: reinstall rsd-engine (`pip install -e .`)")
+    spec = importlib.machinery.ModuleSpec("rsd_engine.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(root)]
+    sys.modules["rsd_engine.kernels"] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"rsd_engine.kernels.{name}")
 
 
-# Before anything here imports triton: rsd_engine.kernels switches the interpreter on first.
-rsd_sample_kernel = _import_kernels().rsd_sample_kernel
+# Before anything here imports triton: the interpreter is switched on first where there is no CUDA device.
+rsd_sample_kernel = import_kernel("rsd_sample").rsd_sample_kernel
 
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -83,7 +93,7 @@ def _launch_config(device):
     if not is_interpreted():
         if device.type != "cuda":
             raise ValueError(f"the triton sampler got {device.type} tensors, which need Triton's interpreter: set "
-                             "TRITON_INTERPRET=1 before rsd_engine.kernels is imported (automatic when no CUDA "
+                             "TRITON_INTERPRET=1 before rsd_engine.sampling.triton is imported (automatic when no CUDA "
                              "device is present), or pass CUDA tensors")
         return CUDA_CONFIG
     if not isinstance(tl.zeros, InterpretedFunction):

@@ -3,16 +3,14 @@ tensors, interpreted on CPU ones (as the Triton ``rsd_sample``; see triton.py). 
 as the references; no host sync, so a round can sit inside a CUDA graph."""
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .reference import RowParams
-from .triton import _int8, _launch_config, _rows
+from .triton import _int8, _launch_config, _rows, import_kernel
 from .verify_reference import VerifyOutput
 
-_kernels = importlib.import_module("rsd_engine.kernels.rsd_verify")  # triton.py has made the package importable
+_kernels = import_kernel("rsd_verify")
 _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
 
 
