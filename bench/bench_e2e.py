@@ -12,8 +12,8 @@ its peak RSS is the engine's: the Engine is made as the README makes it (max_bat
 4096 unless told otherwise) and peak RSS is read after its runs, before the HF baselines load.
 ``--busy N`` runs N busy-loop processes beside the measurements: a machine shared with other work.
 
-On CUDA (bench/device_check.sh) the run is in-process and the JSON is rewritten after every row, so a
-run cut short keeps what it measured. ``--teacher-shape``/``--student-shape`` pick random pairs of real
+On CUDA (bench/device_check.sh), or with --in-process, the run is in this process and the JSON is
+rewritten after every row, so a run cut short keeps what it measured. ``--teacher-shape``/``--student-shape`` pick random pairs of real
 shapes (bench/random_pair.py: Qwen3 0.6B/1.7B/8B, weights made on the card); ``--draft-tokens`` runs
 plain RSD (0) and speculative rounds; ``--naive-batches``/``--naive-new-tokens`` bound the naive loop,
 which is slow. Each row also carries the weight-streaming floor: one decode step reads both models'
@@ -280,6 +280,8 @@ def main(argv=None):
     parser.add_argument("--sampler", default="auto")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rsd-engine" / "bench"))
     parser.add_argument("--out", default="bench/results/e2e.json")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no worker processes (one thread setting; always so on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -299,12 +301,12 @@ def main(argv=None):
                                 naive_repeats=args.naive_repeats, one_by_one=args.one_by_one,
                                 floor=f"both models' weights read once per step at {args.floor_tb_s} TB/s"),
                   runs=[])
-    if torch.device(args.device).type == "cuda":
-        # In this process: thread settings do not matter, and the JSON is kept after every row.
+    if args.in_process or torch.device(args.device).type == "cuda":
+        # In this process (thread settings do not matter on CUDA), the JSON kept after every row.
         for pair in args.pairs:
             run = dict(rows=[])
             report["runs"].append(run)
-            worker(argparse.Namespace(**{**vars(args), "pairs": [pair], "threads": ["default"]}), run,
+            worker(argparse.Namespace(**{**vars(args), "pairs": [pair], "threads": args.threads[:1]}), run,
                    save=lambda: write_report(report, args.out))
     else:
         passthrough = [a for a in argv if a not in ("--worker",)]
