@@ -125,8 +125,8 @@ step cuda_tests $test_limit bash -c 'exec "$@" > "$0" 2>&1' "$work/pytest.log" \
 tail -n 25 "$work/pytest.log" 2>/dev/null
 test_rc=${steps[-1]}
 $py - "$work/pytest.log" "$out/cuda_tests.json" "$test_rc" <<'EOF'
-import json, re, sys
-log = open(sys.argv[1], errors="replace").read() if sys.argv[1] else ""
+import json, os, re, sys
+log = open(sys.argv[1], errors="replace").read() if os.path.exists(sys.argv[1]) else ""
 name, rc, seconds, limit = sys.argv[3].split()
 line = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", re.M)
 outcomes = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped", "XFAIL": "skipped",
