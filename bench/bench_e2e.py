@@ -301,6 +301,10 @@ def main(argv=None):
                                 naive_repeats=args.naive_repeats, one_by_one=args.one_by_one,
                                 floor=f"both models' weights read once per step at {args.floor_tb_s} TB/s"),
                   runs=[])
+    naive = report["settings"]
+    if args.baselines and (naive["naive_batches"] != args.batches or naive["naive_new_tokens"] != args.new_tokens):
+        naive["naive_note"] = (f"shrunk to fit the time budget: the naive HF loop ran {naive['naive_new_tokens']} new "
+                               f"tokens at batches {naive['naive_batches']} only; its tok/s is of its own run")
     if args.in_process or torch.device(args.device).type == "cuda":
         # In this process (thread settings do not matter on CUDA), the JSON kept after every row.
         for pair in args.pairs:

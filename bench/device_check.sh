@@ -2,7 +2,8 @@
 # The prepared check for a lent CUDA machine (DESIGN.md §6): one run on a bare box, from a plain source
 # checkout, with no network and no install: torch, triton, transformers, safetensors, numpy and pytest are
 # all it uses (the C++ sampler is built only where a compiler and pybind11 are; the demo pair is skipped).
-# Run it from the checkout's root, with about 7 minutes of wall time:
+# Run it from the checkout's root, with about 7 minutes of wall time (device tool: command
+# "bash bench/device_check.sh", timeout_s 420; the machine sets $OUT):
 #
 #   bash bench/device_check.sh                 # on the CUDA machine: results under $OUT
 #   bash bench/device_check.sh --cpu-dry-run   # the same steps on CPU at toy sizes (tests/test_device_check.py)
