@@ -13,11 +13,12 @@ its peak RSS is the engine's: the Engine is made as the README makes it (max_bat
 ``--busy N`` runs N busy-loop processes beside the measurements: a machine shared with other work.
 
 On CUDA (bench/device_check.sh), or with --in-process, the run is in this process and the JSON is
-rewritten after every row, so a run cut short keeps what it measured. ``--teacher-shape``/``--student-shape`` pick random pairs of real
-shapes (bench/random_pair.py: Qwen3 0.6B/1.7B/8B, weights made on the card); ``--draft-tokens`` runs
+rewritten after every row, so a run cut short keeps what it measured. ``--teacher-shape`` and
+``--student-shape`` pick random pairs of real shapes (bench/random_pair.py: Qwen3 0.6B/1.7B/8B, weights made on the card); ``--draft-tokens`` runs
 plain RSD (0) and speculative rounds; ``--naive-batches``/``--naive-new-tokens`` bound the naive loop,
 which is slow. Each row also carries the weight-streaming floor: one decode step reads both models'
-weights once, at --floor-tb-s (4.3 TB/s, an H200's practical HBM rate).
+weights once, at --floor-tb-s (4.3 TB/s, an H200's practical HBM rate); the engine's ms per step is a
+run's wall time over its new tokens (prefill included), and its warm-up (capture, compiles) is apart.
 Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -219,7 +220,8 @@ def worker(args, run: dict, save=lambda: None) -> dict:
                 one_by_one = n_single / t_single
             for row in rows:
                 if row["batch"] == batch:
-                    row.update(naive_hf_tok_s=naive, naive_new_tokens=naive_tokens, vs_naive_hf=row["engine_tok_s"] / naive)
+                    row.update(naive_hf_tok_s=naive, naive_new_tokens=naive_tokens,
+                               vs_naive_hf=row["engine_tok_s"] / naive)
                     if batch == 1 or args.one_by_one:
                         row.update(one_by_one_tok_s=one_by_one, vs_one_by_one=row["engine_tok_s"] / one_by_one)
             save()
@@ -262,7 +264,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-batches", type=int, nargs="*", default=None,
                         help="batches the naive HF loop runs (default: --batches; none: no value)")
-    parser.add_argument("--naive-new-tokens", type=int, default=None, help="naive loop's tokens (default: --new-tokens)")
+    parser.add_argument("--naive-new-tokens", type=int, default=None,
+                        help="naive loop's new tokens (default: --new-tokens)")
     parser.add_argument("--naive-repeats", type=int, default=None, help="default: --repeats")
     parser.add_argument("--no-one-by-one", dest="one_by_one", action="store_false",
                         help="skip the one-sequence-at-a-time baseline at batch > 1")

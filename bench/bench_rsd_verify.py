@@ -43,7 +43,8 @@ def bench_verify(B, G, V, dtype, device, args) -> dict:
     fused = lambda: rsd_verify(*inputs, backend=backend)  # noqa: E731
     reference = lambda: rsd_verify_reference(*inputs)  # noqa: E731
     out, ref = fused(), reference()
-    row = dict(same_tokens=bool(torch.equal(out.tokens, ref.tokens)), mean_emitted=out.num_emitted.float().mean().item())
+    row = dict(same_tokens=bool(torch.equal(out.tokens, ref.tokens)),
+               mean_emitted=out.num_emitted.float().mean().item())
     row.update(time_pair(fused, reference, device, args, inputs[:2]))
     return row
 

@@ -240,11 +240,13 @@ for name in ("rsd_step.json", "rsd_verify.json"):
                 print(f"  {r['op']} B={r['B']} {r['dtype']}: ERROR {r['error'][:160]}")
             else:
                 print(f"  {r['op']} {r['B']} {r.get('G', 0)} {r['V']} {r['dtype']} | {f(r['fused_us'])} | "
-                      f"{f(r['reference_us'])} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | {r['same_tokens']}")
+                      f"{f(r['reference_us'])} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | "
+                      f"{r['same_tokens']}")
 for name in ("e2e.json", "e2e_8b.json"):
     e2e = load(name)
     if e2e:
-        print(f"{name}: teacher/student | G | batch | tok/s | ms/step | floor ms | /floor | naive tok/s | vs naive | vs plain")
+        print(f"{name}: teacher/student | G | batch | tok/s | ms/step | floor ms | /floor | naive tok/s | "
+              "vs naive | vs plain")
         for run in e2e["runs"]:
             shapes = "/".join(os.path.basename(run.get(k, "?")).split("-v")[0] for k in ("teacher", "student"))
             for r in run.get("rows", []):
