@@ -228,9 +228,11 @@ print("steps: " + ", ".join(f"{r['step']}={r['exit']} ({r['seconds']}s)" for r i
 tests = load("cuda_tests.json")
 if tests:
     print(f"cuda_tests: {tests['counts']}" + (" TIMED OUT" if tests["timed_out"] else ""))
-    for t in tests["tests"]:
-        if t["outcome"] in ("failed", "error"):
-            print(f"  {t['outcome'].upper()} {t['name']}: {t['message'][:200]}")
+    bad = [t for t in tests["tests"] if t["outcome"] in ("failed", "error")]
+    for t in bad[:10]:  # the coordinator sees the last 12,000 characters: the rest are in cuda_tests.json
+        print(f"  {t['outcome'].upper()} {t['name'][:120]}: {t['message'][:160]}")
+    if len(bad) > 10:
+        print(f"  ... and {len(bad) - 10} more in cuda_tests.json")
 for name in ("rsd_step.json", "rsd_verify.json"):
     ops = load(name)
     if ops:
