@@ -140,15 +140,23 @@ def worker(args, run: dict, save=lambda: None) -> dict:
     requested = args.threads[-1]  # the worker's own --threads comes last
     threads = set_threads(None if requested == "default" else int(requested))
     name = args.pairs[-1]
-    start = time.perf_counter()
+    began = time.perf_counter()
+    run.update(pair=name, progress=[])
+
+    def progress(what: str):  # where a run that was cut short stopped, and when
+        run["progress"].append(f"{time.perf_counter() - began:.1f}s {what}")
+        save()
+
+    progress("building the pair" if name == "random" else "finding the pair")
     teacher_dir, student_dir = pair_dirs(name, args)
     streamed = weight_bytes(teacher_dir) + weight_bytes(student_dir) if name == "random" else None
-    run.update(pair=name, teacher=str(teacher_dir), student=str(student_dir), rss_before_engine_gb=peak_rss_gb(),
-               build_s=time.perf_counter() - start, weight_bytes=streamed)
-    save()
+    run.update(teacher=str(teacher_dir), student=str(student_dir), rss_before_engine_gb=peak_rss_gb(),
+               build_s=time.perf_counter() - began, weight_bytes=streamed)
+    progress("pair built")
     rows, inputs, plain_rate = run["rows"], {}, {}
     dtype = device = vocab = None
     for draft_tokens in args.draft_tokens:
+        progress(f"loading the engine, draft_tokens={draft_tokens}")
         start = time.perf_counter()
         engine = Engine(teacher_dir, student_dir, device=args.device, max_batch_size=args.max_batch_size,
                         max_seq_len=args.max_seq_len, sampler=args.sampler, draft_tokens=draft_tokens)
@@ -171,6 +179,7 @@ def worker(args, run: dict, save=lambda: None) -> dict:
                 passes.append(sum(r.teacher_passes for r in results))
                 return sum(len(r.token_ids) for r in results)
 
+            progress(f"engine: batch {batch}, draft_tokens={draft_tokens} (warm-up, then {args.repeats} runs)")
             t_ours, n_ours, warmup_s = timed(ours, args.repeats)
             rate = n_ours / t_ours
             if draft_tokens == 0:
@@ -204,11 +213,13 @@ def worker(args, run: dict, save=lambda: None) -> dict:
     if args.baselines:
         from transformers import AutoModelForCausalLM
 
+        progress("loading the HF models")
         hf = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
               for d in (teacher_dir, student_dir)]
         naive_tokens = args.naive_new_tokens or args.new_tokens
         for batch in args.naive_batches or args.batches:
             prompts = inputs[batch]
+            progress(f"naive HF loop: batch {batch}")
             t_naive, n_naive, _ = timed(lambda: hf_rsd_loop(*hf, prompts, naive_tokens, vocab), args.naive_repeats,
                                         warmup=lambda: hf_rsd_loop(*hf, prompts, 2, vocab))
             naive = n_naive / t_naive
@@ -226,6 +237,7 @@ def worker(args, run: dict, save=lambda: None) -> dict:
                         row.update(one_by_one_tok_s=one_by_one, vs_one_by_one=row["engine_tok_s"] / one_by_one)
             save()
             print(f"{name} batch {batch:>3}: naive HF loop {naive:8.1f} tok/s ({naive_tokens} new tokens)", flush=True)
+    progress("done")
     return run
 
 

@@ -252,6 +252,9 @@ for name in ("e2e.json", "e2e_8b.json"):
               "vs naive | vs plain")
         for run in e2e["runs"]:
             shapes = "/".join(os.path.basename(run.get(k, "?")).split("-v")[0] for k in ("teacher", "student"))
+            last = (run.get("progress") or ["?"])[-1]
+            if not last.endswith("done"):
+                print(f"  {shapes}: cut short at: {last}")
             for r in run.get("rows", []):
                 print(f"  {shapes} | {r['draft_tokens']} | {r['batch']} | {f(r['engine_tok_s'])} | "
                       f"{f(r['engine_ms_per_step'], '.2f')} | {f(r.get('floor_ms_per_step'), '.3f')} | "
