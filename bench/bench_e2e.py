@@ -217,7 +217,7 @@ def worker(args, run: dict, save=lambda: None) -> dict:
         hf = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
               for d in (teacher_dir, student_dir)]
         naive_tokens = args.naive_new_tokens or args.new_tokens
-        for batch in args.naive_batches or args.batches:
+        for batch in args.batches if args.naive_batches is None else args.naive_batches:
             prompts = inputs[batch]
             progress(f"naive HF loop: batch {batch}")
             t_naive, n_naive, _ = timed(lambda: hf_rsd_loop(*hf, prompts, naive_tokens, vocab), args.naive_repeats,
