@@ -47,6 +47,13 @@ class Reader:
         self._model, self._cache, self.max_seq_len = model, None, None
         self._prompt = functools.lru_cache(maxsize=64)(self._prompt_ids)
 
+    @functools.cached_property
+    def markers(self) -> frozenset[str]:
+        """The tokenizer's special and added tokens that are markup, not words (`<think>`,
+        `<|im_end|>`; an added "hello" or a run of spaces is text)."""
+        tokens = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        return frozenset(t for t in tokens if t.strip() and not t.strip().isalnum())
+
     @property
     def context(self) -> int:
         return self.config.max_position_embeddings
