@@ -61,6 +61,11 @@ class Reader:
     def read(self, question: str, response: str, system: str) -> Reading:
         """Token ids and offsets of the prompt and response; Unreadable when the tokenizer cannot
         represent the text."""
+        try:
+            response.encode("utf-8")
+        except UnicodeEncodeError as err:  # the tokenizer would raise a bare TypeError
+            raise Unreadable(f"the response is not valid Unicode: {response[err.start]!r} at character {err.start} "
+                             f"is a lone surrogate") from None
         prompt_ids = self._prompt(question, system)
         enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]

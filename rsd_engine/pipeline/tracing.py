@@ -17,6 +17,7 @@ from .responses import Response
 from .sentences import Sentence, merge_empty, sentence_spans, split_sentences, token_sentences
 
 ROLES = ("teacher", "student", "distilled")
+CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output), for the analysis by correctness
 
 
 @dataclass
@@ -40,7 +41,11 @@ class Traced:
         r, n = self.response, len(self.sentences)
         out = []
         for i, (sentence, category) in enumerate(zip(self.sentences, self.categories)):
-            line = {"id": r.id, "sample": r.sample, "index": i, "sentences": n, "text": sentence.text}
+            line = {"id": r.id, "sample": r.sample, "response_hash": r.text_hash, "index": i, "sentences": n,
+                    "text": sentence.text}
+            line.update({name: r.row[name] for name in CARRIED if name in r.row})
+            if r.truncated:
+                line["truncated"] = True
             line.update({f"p_{role}": p[i] for role, p in self.probs.items()})
             line["category"] = category
             out.append(line)
