@@ -178,3 +178,39 @@ def test_merge_keeps_the_newest_version_of_a_response(tmp_path):
             writer.write_many(records)
     report = merge_parts(out)
     assert [r["text"] for r in read_records(out)] == ["a", "n0", "n1"] and report.duplicates == {}
+
+
+def test_input_named_another_way_or_copied_resumes_but_another_input_is_refused(tiny_pair, tmp_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path / "gens.jsonl", ROWS)
+    provenance(tiny_pair, "gens.jsonl", "s.jsonl", "--limit", "1")
+    provenance(tiny_pair, "./gens.jsonl", "s.jsonl")
+    assert "(1 already in the output, 1 traced now)" in capsys.readouterr().out
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "gens.jsonl").write_bytes((tmp_path / "gens.jsonl").read_bytes())
+    provenance(tiny_pair, tmp_path / "copy" / "gens.jsonl", "s.jsonl")
+    assert "(2 already in the output, 0 traced now)" in capsys.readouterr().out
+    write_rows(tmp_path / "other.jsonl", ROWS[:1])
+    with pytest.raises(SystemExit):
+        main(provenance_argv(tiny_pair, "other.jsonl", "s.jsonl"))
+    err = capsys.readouterr().err
+    assert "holds records made with other settings" in err
+    assert f"--data: {tmp_path / 'copy' / 'gens.jsonl'} in the output, {tmp_path / 'other.jsonl'} now" in err
+
+
+def test_select_and_eval_compare_inputs_by_content_and_resolved_path(tiny_pair, tmp_path, monkeypatch, capsys):
+    from solver_pair import write_problems
+
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path / "c.jsonl", ROWS)
+    assert main(select_argv(tiny_pair, "c.jsonl", "sel.jsonl")) == 0
+    assert main(select_argv(tiny_pair, "./c.jsonl", "sel.jsonl")) == 0
+    assert "problems: 2 (2 already in the output, 0 written now)" in capsys.readouterr().out
+
+    write_problems(tmp_path / "p.jsonl")
+    argv = ["eval", "--model", str(tiny_pair[1]), "--out", "g.jsonl", "--id-field", "id",
+            "--max-new-tokens", "8", "--device", "cpu", "--no-progress", "--limit", "1", "--data"]
+    assert main(argv + ["p.jsonl"]) == 0
+    assert main(argv + ["./p.jsonl"]) == 0
+    assert "(1 samples already in the output, 0 written now" in capsys.readouterr().out

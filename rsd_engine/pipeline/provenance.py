@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .categories import DEFAULT_BETA, check_beta
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import model_fingerprint
+from .manifest import input_identity, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
@@ -126,13 +126,16 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
 
 def output_settings(opts, models, runtime=RUNTIME_OPTIONS) -> tuple[dict, dict]:
     """(settings that shape the records, other options for the reader): the output's manifest
-    (manifest.py). Models count by content; options in `runtime` do not change a record."""
+    (manifest.py). Models count by content, the input by content or resolved path; options in
+    `runtime` do not change a record."""
     settings, about = {}, {}
     for f in fields(opts):
         value = getattr(opts, f.name)
         if f.name in models:
             settings[f"{f.name} model"] = model_fingerprint(value) if value is not None else None
             about[f"--{f.name}"] = str(Path(value).resolve()) if value is not None else None
+        elif f.name == "data":
+            settings["--data"] = input_identity(value)
         elif f.name == "params":
             settings.update({f"--{p.name.replace('_', '-')}": getattr(value, p.name) for p in fields(value)
                              if p.name != "seed"})
