@@ -217,6 +217,9 @@ def _select_parser(sub):
     _response_options(p, "candidates")
     p.add_argument("--by", choices=["count", "share"], default="count",
                    help="rank by the count or the share of teacher-originated sentences (default: %(default)s)")
+    p.add_argument("--include-incorrect", action="store_true",
+                   help="also rank candidates whose row says \"correct\": false (default: only correct ones, and "
+                        "ungraded rows)")
     _runtime_options(p)
 
 

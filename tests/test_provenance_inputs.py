@@ -214,3 +214,60 @@ def test_select_and_eval_compare_inputs_by_content_and_resolved_path(tiny_pair, 
     assert main(argv + ["p.jsonl"]) == 0
     assert main(argv + ["./p.jsonl"]) == 0
     assert "(1 samples already in the output, 0 written now" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- select
+
+CANDIDATES = [
+    {"id": "q1", "question": "What is 2 + 2?", "response": "Two and two make four. The answer is \\boxed{4}."},
+    {"id": "q1", "question": "What is 2 + 2?", "response": "We have $x = 1.5$. Then 2 + 2 = 4.\n1. First step: add "
+                                                           "the numbers. 2. Second step, check it. The answer is 4."},
+    {"id": "q1", "question": "What is 2 + 2?", "response": "Hmm, that does not look right. Let me try a different "
+                                                           "approach. So 2 + 2 = 4. The answer is \\boxed{4}."},
+    {"id": "q2", "question": "What is 3 + 3?", "response": "Three and three make six. The answer is \\boxed{6}."},
+]
+
+
+def select(tiny_pair, rows, tmp_path, name, *extra):
+    assert main(select_argv(tiny_pair, write_rows(tmp_path / f"{name}.in.jsonl", rows), tmp_path / name, *extra)) == 0
+    return {r["id"]: r for r in read_records(tmp_path / name)}
+
+
+def test_select_never_keeps_a_candidate_its_row_calls_wrong(tiny_pair, tmp_path, capsys):
+    ungraded = select(tiny_pair, CANDIDATES, tmp_path, "a.jsonl")
+    wrong = ungraded["q1"]["response"]
+    graded = [{**c, "correct": c["response"] != wrong} for c in CANDIDATES]
+    kept = select(tiny_pair, graded, tmp_path, "b.jsonl")
+    assert kept["q1"]["response"] != wrong and kept["q1"]["correct"] is True
+    assert kept["q1"]["candidates"] == 3
+    assert "incorrect candidates set aside: 1 (--include-incorrect ranks them)" in capsys.readouterr().out
+    assert select(tiny_pair, graded, tmp_path, "c.jsonl", "--include-incorrect")["q1"]["response"] == wrong
+    # A problem with no correct candidate is named and not written.
+    all_wrong = [{**c, "correct": c["id"] == "q2"} for c in CANDIDATES]
+    assert set(select(tiny_pair, all_wrong, tmp_path, "d.jsonl")) == {"q2"}
+    assert "problems without a usable, correct candidate: 1 (first: q1)" in capsys.readouterr().out
+
+
+def test_select_refuses_an_id_holding_different_questions(tiny_pair, tmp_path, capsys):
+    rows = [*CANDIDATES, {"id": "q2", "question": "What is 5 + 5?", "response": "Ten. The answer is \\boxed{10}."}]
+    with pytest.raises(SystemExit) as exit_info:
+        main(select_argv(tiny_pair, write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "id 'q2' holds 2 different questions: 'What is 3 + 3?'; 'What is 5 + 5?'" in err
+    assert not (tmp_path / "sel.jsonl").exists()
+
+
+def test_select_refuses_a_correct_field_that_is_not_true_or_false(tiny_pair, tmp_path, capsys):
+    rows = [{**CANDIDATES[0], "correct": "yes"}]
+    with pytest.raises(SystemExit):
+        main(select_argv(tiny_pair, write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"))
+    assert "id 'q1' sample 0 has \"correct\": 'yes'; it must be true or false" in capsys.readouterr().err
+
+
+def test_select_sets_truncated_candidates_aside_unless_included(tiny_pair, tmp_path, capsys):
+    rows = [{**CANDIDATES[3], "finish_reason": "length"}, *CANDIDATES[:3]]
+    assert set(select(tiny_pair, rows, tmp_path, "a.jsonl")) == {"q1"}
+    assert "cut off by the length limit, set aside: 1 (first: id q2 candidate 0" in capsys.readouterr().out
+    kept = select(tiny_pair, rows, tmp_path, "b.jsonl", "--include-truncated")
+    assert kept["q2"]["finish_reason"] == "length"
