@@ -271,3 +271,23 @@ def test_select_sets_truncated_candidates_aside_unless_included(tiny_pair, tmp_p
     assert "cut off by the length limit, set aside: 1 (first: id q2 candidate 0" in capsys.readouterr().out
     kept = select(tiny_pair, rows, tmp_path, "b.jsonl", "--include-truncated")
     assert kept["q2"]["finish_reason"] == "length"
+
+
+def test_kill_while_tracing_a_changed_response_again_loses_nothing(tiny_pair, tmp_path, capsys):
+    from rsd_engine.pipeline.provenance import current_sentences
+
+    data, out = tmp_path / "r.jsonl", tmp_path / "s.jsonl"
+    first = provenance(tiny_pair, write_rows(data, ROWS), out)
+    write_rows(data, [ROWS[0], {**ROWS[1], "response": "Three and three make six. So six. The answer is 6."}])
+    provenance(tiny_pair, data, out, "--force")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]) + lines[-2][:15])  # killed while writing b's new lines
+    assert current_sentences(read_records(out)) == first  # the old version is still whole, and read
+    with pytest.raises(SystemExit):
+        main(provenance_argv(tiny_pair, data, out))  # the output still holds b's old text
+    assert "1 response changed (id b sample 0)" in capsys.readouterr().err
+    provenance(tiny_pair, data, out, "--force")
+    assert "cut short by the last run" in capsys.readouterr().out
+    fresh = provenance(tiny_pair, data, tmp_path / "fresh.jsonl")
+    assert current_sentences(read_records(out)) == [s for s in first if s["id"] == "a"] + [
+        s for s in fresh if s["id"] == "b"]

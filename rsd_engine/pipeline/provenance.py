@@ -87,13 +87,14 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-            dropped = drop_incomplete(writer)
+            # A torn version is no version: refusing leaves it for the run that traces it again to cut off.
             held = complete_versions(writer.existing + (read_records(out) if dist.world_size > 1 else []))
             todo, changed = responses_to_trace(mine, held)
             if changed and not opts.force:
                 raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced them; rerun "
                                        f"with --force to trace them again (readers take a response's newest lines), "
                                        f"or give another --out")
+            dropped = drop_incomplete(writer)
             usable, skipped = tracer.prepare(todo, opts.max_seq_len)
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
                      "truncated": data.truncated if dist.rank == 0 else [],
