@@ -291,3 +291,14 @@ def test_kill_while_tracing_a_changed_response_again_loses_nothing(tiny_pair, tm
     fresh = provenance(tiny_pair, data, tmp_path / "fresh.jsonl")
     assert current_sentences(read_records(out)) == [s for s in first if s["id"] == "a"] + [
         s for s in fresh if s["id"] == "b"]
+
+
+def test_include_truncated_only_chooses_rows_for_provenance_but_shapes_selection(tiny_pair, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", eval_rows())
+    provenance(tiny_pair, data, tmp_path / "s.jsonl")
+    lines = provenance(tiny_pair, data, tmp_path / "s.jsonl", "--include-truncated")  # resumes: adds the cut one
+    assert sorted({(s["id"], s["sample"]) for s in lines}) == [("a", 0), ("a", 1), ("b", 0)]
+    assert main(select_argv(tiny_pair, data, tmp_path / "sel.jsonl", "--include-incorrect")) == 0
+    with pytest.raises(SystemExit):
+        main(select_argv(tiny_pair, data, tmp_path / "sel.jsonl", "--include-incorrect", "--include-truncated"))
+    assert "--include-truncated: false in the output, true now" in capsys.readouterr().err

@@ -28,7 +28,9 @@ from .responses import load_responses
 from .tracing import Tracer
 
 # Options that choose what runs or where, not what a record says: kept in the manifest, not compared.
-RUNTIME_OPTIONS = ("max_seq_len", "batch_size", "limit", "plot", "device", "dtype", "progress", "force")
+# --include-truncated only chooses which responses run: a traced response's lines are the same either way.
+RUNTIME_OPTIONS = ("max_seq_len", "batch_size", "limit", "plot", "device", "dtype", "progress", "force",
+                   "include_truncated")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 from .categories import DEFAULT_BETA
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .provenance import make_tracer, output_settings
+from .provenance import RUNTIME_OPTIONS, make_tracer, output_settings
 from .records import RecordWriter, check_writable, part_path, read_records
 from .readers import Reader
 from .responses import Response, load_responses
@@ -127,7 +127,9 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     problems = group_candidates(data.responses, opts.data)
     incorrect = {pid: [r for r in rows if said_correct(r, opts.data) is False] for pid, rows in problems.items()}
     ids = list(problems)[dist.rank:: dist.world_size]
-    settings, about = output_settings(opts, ("teacher", "student"))
+    # Which candidates compete shapes the row kept: --include-truncated is compared here.
+    settings, about = output_settings(opts, ("teacher", "student"),
+                                      tuple(o for o in RUNTIME_OPTIONS if o != "include_truncated"))
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
