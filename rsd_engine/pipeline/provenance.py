@@ -240,7 +240,9 @@ def current_sentences(lines: list[dict]) -> list[dict]:
 
 
 def responses_to_trace(responses, held: dict) -> tuple[list, list]:
-    """(responses not in the output, responses whose text changed since): `held` from complete_versions."""
+    """(what to trace: responses not in the output, then those whose text changed since; the changed
+    ones), `held` being complete_versions of the output. Lines of an older rsd (no hash) count as
+    the response's."""
     todo, changed = [], []
     for r in responses:
         if r.key not in held:
