@@ -61,6 +61,27 @@ def test_template_markers_are_never_sentences():
     assert split_sentences("</think>\n\n<|im_end|>", markers=["</think>", "<|im_end|>"]) == []
 
 
+def test_tokenless_sentences_join_within_their_segment_only():
+    from rsd_engine.pipeline.sentences import merge_empty, token_sentences
+
+    text = "One. Two.</think>Three. Four."
+    spans = [(0, 5), (5, 9), (17, 24), (24, 29)]
+    # A token over "One. T" leaves "Two." empty under one model: it joins "One.", not across the marker.
+    assert merge_empty(spans, [[2, 0, 1, 1], [1, 1, 1, 1]]) == [(0, 9), (17, 24), (24, 29)]
+    # The first sentence of a segment joins the next; a segment without any token has no sentence left.
+    assert merge_empty(spans, [[1, 1, 0, 1]]) == [(0, 5), (5, 9), (17, 29)]
+    assert merge_empty(spans, [[0, 0, 1, 1]]) == [(17, 24), (24, 29)]
+    offsets = [(0, 4), (4, 9), (9, 17), (17, 23), (23, 24), (24, 29)]
+    assert token_sentences(text, offsets, spans) == [0, 1, -1, 2, 2, 3]
+
+
+def test_reader_refuses_unencodable_text_as_unreadable(tiny_pair):
+    from rsd_engine.pipeline.readers import Reader, Unreadable
+
+    with pytest.raises(Unreadable, match=r"'\\ud800' at character 16 is a lone surrogate"):
+        Reader("student", tiny_pair[1]).read("Q?", "The answer is 5 \ud800 ok.", "")
+
+
 def hf_response_logprobs(folder, question, response):
     """Per response token of HF transformers' float32 forward: (log p, (start, end))."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
