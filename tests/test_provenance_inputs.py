@@ -147,6 +147,14 @@ def test_truncated_responses_are_skipped_unless_included_and_then_marked(tiny_pa
     assert "kept (--include-truncated): 1" in capsys.readouterr().out
 
 
+def test_failed_generations_are_skipped_and_named(tiny_pair, tmp_path, capsys):
+    rows = [{**ROWS[0], "finish_reason": "error", "error": "non-finite logits"}, ROWS[1]]
+    lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
+    assert {s["id"] for s in lines} == {"b"}
+    assert ("skipped rows: 1 of 2 (first: row 0, the generation failed (finish_reason 'error': non-finite logits))"
+            in capsys.readouterr().out)
+
+
 def test_all_truncated_is_an_error_naming_the_option(tiny_pair, tmp_path, capsys):
     data = write_rows(tmp_path / "r.jsonl", [eval_rows()[1]])
     with pytest.raises(SystemExit):
