@@ -75,6 +75,34 @@ def test_tokenless_sentences_join_within_their_segment_only():
     assert token_sentences(text, offsets, spans) == [0, 1, -1, 2, 2, 3]
 
 
+def test_think_markers_are_markers_even_for_a_tokenizer_without_them():
+    """As with the demo pair (SmolLM2 has no <think> token) reading records of a reasoning model."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rsd_engine.pipeline.readers import Reader
+    from rsd_engine.pipeline.sentences import sentence_spans, token_sentences
+    from tiny import CORPUS
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
+    reader = Reader("student", "unused", model=SimpleNamespace(config=SimpleNamespace(vocab_size=10**6)),
+                    tokenizer=tokenizer)
+    assert {"<think>", "</think>", "<|im_end|>"} <= reader.markers
+    text = "So x = 4.\n</think>\n\nThe answer is 4."
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert len([t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if 10 <= a < 18]) > 1  # split up
+    spans = sentence_spans(text, reader.markers)
+    assert [text[a:b].strip() for a, b in spans] == ["So x = 4.", "The answer is 4."]
+    owners = token_sentences(text, enc["offset_mapping"], spans)
+    assert {o for o, (a, b) in zip(owners, enc["offset_mapping"]) if 10 <= a < 18} == {-1}
+
+
 def test_reader_refuses_unencodable_text_as_unreadable(tiny_pair):
     from rsd_engine.pipeline.readers import Reader, Unreadable
 
