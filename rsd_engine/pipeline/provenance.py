@@ -93,9 +93,10 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
             held = complete_versions(writer.existing + (read_records(out) if dist.world_size > 1 else []))
             todo, changed = responses_to_trace(mine, held)
             if changed and not opts.force:
-                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced them; rerun "
-                                       f"with --force to trace them again (readers take a response's newest lines), "
-                                       f"or give another --out")
+                them = "them" if len(changed) > 1 else "it"
+                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced {them}; rerun "
+                                       f"with --force to trace {them} again (readers take a response's newest "
+                                       f"lines), or give another --out")
             dropped = drop_incomplete(writer)
             usable, skipped = tracer.prepare(todo, opts.max_seq_len)
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
@@ -191,7 +192,7 @@ def _format_tally(t: dict, target) -> str:
         lines.append(f"cut off by the length limit, kept (--include-truncated): {t['truncated_kept']}, their lines "
                      f"marked \"truncated\"")
     if t["changed"]:
-        lines.append(f"{describe_changed(t['changed'])} since the output traced them: traced again (--force)")
+        lines.append(f"{describe_changed(t['changed'])} since the output had it: traced again (--force)")
     if t["torn_dropped"]:
         lines.append(f"dropped {t['torn_dropped']} sentences of a response cut short by the last run (traced again)")
     if t["traced"]:
