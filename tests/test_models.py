@@ -167,3 +167,17 @@ def test_eos_ids_are_the_union_of_config_and_generation_config():
     cfg = ModelConfig.from_hf({**CONFIG, "eos_token_id": [3, 5]}, {"eos_token_id": [5, 7]})
     assert cfg.eos_token_ids == (3, 5, 7)
     assert ModelConfig.from_hf({**CONFIG, "eos_token_id": None}, {"eos_token_id": 2}).eos_token_ids == (2,)
+
+
+def test_attention_output_in_a_transposed_layout(folders, monkeypatch):
+    """CUDA's memory-efficient SDPA returns [B, L, H, D] memory behind a [B, H, L, D] shape (float32 and
+    float16 prefill crashed on a GPU at `out.view`): the decoder must take any layout."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def transposed_sdpa(*args, **kwargs):
+        out = sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+        assert not out.is_contiguous()
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed_sdpa)
+    assert_matches_hf(folders["qwen3"], load_model(folders["qwen3"]), atol=1e-4, rtol=1e-4)

@@ -56,7 +56,8 @@ class Attention(nn.Module):
         # (mask tiled to match), which any SDPA backend takes as plain multi-head attention.
         q = q.transpose(1, 2).reshape(B, self.num_kv_heads, -1, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+        # reshape, not view: some backends (CUDA's memory-efficient one) return a [B, L, H, D] layout.
+        return self.o_proj(out.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
