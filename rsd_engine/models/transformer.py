@@ -14,6 +14,10 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 
 
+# Merged projections -> the HF checkpoint tensors they concatenate, in order (loader.py splits names this way).
+MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
 # The packed head wins at decode batch sizes; over hundreds of rows (scoring, prefill) MKL's GEMM is faster.
 PACKED_HEAD_ROWS = 32
 
@@ -35,9 +39,8 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        # q, k and v heads in one GEMM; the loader concatenates HF's q_proj, k_proj, v_proj (MERGED).
+        self.qkv_proj = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -45,30 +48,31 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache, slots, positions, kv_len: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         k, v = cache.update(self.layer, k, v, slots, positions, kv_len)
         # GQA without repeating K/V: the G query heads sharing a kv head become G*T query rows of it
         # (mask tiled to match), which any SDPA backend takes as plain multi-head attention.
-        q = q.transpose(1, 2).reshape(B, self.num_kv_heads, -1, self.head_dim)
+        q = q.transpose(1, 2).reshape(B, Hkv, -1, D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # reshape, not view: some backends (CUDA's memory-efficient one) return a [B, L, H, D] layout.
-        return self.o_proj(out.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        # gate and up in one GEMM (the loader concatenates HF's gate_proj and up_proj, gate first).
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
