@@ -119,6 +119,9 @@ class CausalLM(nn.Module):
         with torch.device("cpu"):
             self.register_buffer("inv_freq", rope.inv_freq(config), persistent=False)
         self._packed_head = None  # see pack_head_for_cpu
+        # The Triton forward (_forward_triton): None = on CUDA tensors; True also runs it on CPU (interpreted, tests).
+        self.use_triton: bool | None = None
+        self._rope_tables = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,6 +133,8 @@ class CausalLM(nn.Module):
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         c = self.config
+        if self.device.type == "cuda":
+            self.rope_tables(max_seq_len + 1)  # before any graph capture reads them
         return KVCache(c.num_layers, num_slots, max_seq_len, c.num_kv_heads, c.head_dim,
                        dtype=self.dtype, device=self.device)
 
@@ -137,6 +142,8 @@ class CausalLM(nn.Module):
                 slots: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         if not 1 <= kv_len <= cache.max_seq_len:
             raise ValueError(f"kv_len must be in [1, max_seq_len={cache.max_seq_len}], got {kv_len}")
+        if self.use_triton or (self.use_triton is None and input_ids.is_cuda):
+            return self._forward_triton(input_ids, positions, cache, slots)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope.cos_sin(positions, self.inv_freq, x.dtype)
         # [B, 1, T, kv_len]: key j visible to the query at position p iff j <= p. Key 0 is always
@@ -146,6 +153,43 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, slots, positions, kv_len)
         return self.model.norm(x)
+
+    def _forward_triton(self, input_ids, positions, cache: KVCache, slots) -> torch.Tensor:
+        """The forward of CUDA: 9 kernels per layer (10 with split attention), each reading what it needs
+        where it lies. Attention reads the cache in place by slot and position, up to each query's own
+        position, so kv_len plays no part: one captured graph serves any span. The residual stream is updated in place, and
+        the MLP's output is added by the next layer's (or the final) norm."""
+        from . import triton_ops as ops
+
+        c = self.config
+        B, T = input_ids.shape
+        cos, sin = self.rope_tables(cache.max_seq_len + 1)
+        if slots is None:
+            slots = torch.arange(B, device=input_ids.device)
+        positions = positions.contiguous()
+        hidden = self.model.embed_tokens(input_ids).view(B * T, -1)
+        delta = None
+        for layer in self.model.layers:
+            attn, i = layer.self_attn, layer.self_attn.layer
+            x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, c.rms_norm_eps)
+            qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if c.qk_norm else (None, None)
+            q = ops.qk_norm_rope_store(attn.qkv_proj(x), positions.view(-1), slots, cos, sin, *qk_norm,
+                                       cache.k[i], cache.v[i], num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                                       head_dim=c.head_dim, tokens_per_row=T, eps=c.rms_norm_eps)
+            out = ops.decode_attention(q.view(B, T, c.num_heads, c.head_dim), cache.k[i], cache.v[i], slots,
+                                       positions)
+            x = ops.add_rms_norm(hidden, attn.o_proj(out.view(B * T, -1)), layer.post_attention_layernorm.weight,
+                                 c.rms_norm_eps)
+            delta = layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(x)))
+        return ops.add_rms_norm(hidden, delta, self.model.norm.weight, c.rms_norm_eps).view(B, T, -1)
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [>= length, head_dim / 2] float32 on the model's device, built once (grown if a longer
+        cache comes); the Triton forward indexes them by position instead of computing RoPE each step."""
+        tables = self._rope_tables
+        if tables is None or tables[0].shape[0] < length or tables[0].device != self.device:
+            self._rope_tables = tables = rope.tables(self.inv_freq, length, self.device)
+        return tables
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden_size] -> float32 logits [..., vocab_size] (every embedding row)."""
