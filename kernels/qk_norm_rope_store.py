@@ -3,7 +3,8 @@
 Inputs: qkv [M = B * T, (H + 2 Hkv) * D] (q heads, then k heads, then v heads; rows of any stride), q_norm
 and k_norm [D] (HAS_QK_NORM), cos and sin tables [P, D / 2] fp32 indexed by position, positions [M] int64,
 slots [B] int64. Outputs: q [M, H, D] (normed, rotated) and, in place, k and v of every token at
-cache[slots[m // T], min(position, max_pos)] (max_pos = L, the scratch position for padded entries).
+cache[slots[m // T], min(position, max_pos)] (max_pos = L, the scratch position for padded entries,
+which are rotated as at max_pos: the tables have max_pos + 1 rows).
 One program per (token, head) over the H + 2 Hkv heads. RoPE is the rotate-half layout: (x1, x2) ->
 (x1 cos - x2 sin, x2 cos + x1 sin), in fp32 and rounded once.
 """
