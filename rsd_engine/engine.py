@@ -267,8 +267,8 @@ class Engine:
                                 self.teacher_cache, slots, teacher_kv)
         hidden_s = self.student(inputs["student_tokens"][:, None], inputs["student_pos"][:, None],
                                 self.student_cache, slots, student_kv)
-        teacher_logits = self.teacher.logits(hidden_t[:, 0])
-        student_logits = self.student.logits(hidden_s[:, 0])
+        teacher_logits = self.teacher.sampler_logits(hidden_t[:, 0])
+        student_logits = self.student.sampler_logits(hidden_s[:, 0])
         uniforms = step_uniforms(inputs["seeds"], inputs["steps"])
         params = RowParams(*(inputs[name] for name in RowParams._fields))
         return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,

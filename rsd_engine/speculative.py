@@ -141,7 +141,7 @@ class SpeculativeDecoder:
         student_logits, drafts = [], []
         for i in range(G + 1):
             hidden = e.student(token[:, None], (position + i)[:, None], e.student_cache, slots, student_kv)
-            logits = e.student.logits(hidden[:, 0])
+            logits = e.student.sampler_logits(hidden[:, 0])
             student_logits.append(logits)
             if i < G:
                 draft = sample_tokens(logits, uniforms[:, i, DRAFT_DRAW].contiguous(), params.student_temperature,
@@ -155,6 +155,6 @@ class SpeculativeDecoder:
         teacher_tokens = torch.cat([inputs["teacher_tokens"][:, None], self.teacher_ids[draft.clamp_min(0)]], dim=1)
         teacher_pos = inputs["teacher_pos"][:, None] + torch.arange(G + 1, device=teacher_tokens.device)
         hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
-        teacher_logits = e.teacher.logits(hidden)
+        teacher_logits = e.teacher.sampler_logits(hidden)
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
                           params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)

@@ -103,16 +103,15 @@ import importlib.util, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+DOT = dict(DOT_PRECISION="tf32", DOT_IN_FP32=False)
 KERNELS = {  # file: (kernel, constexprs, pointer types other than the model dtype)
     "decode_attention": [
-        ("decode_attention_kernel", dict(G=2, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, SPLITS=1,
-                                         DOT_PRECISION="tf32"), {"slots_ptr": "*i64", "positions_ptr": "*i64",
-                                                                 "lse_ptr": "*fp32"}),
-        ("decode_attention_kernel", dict(G=4, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=8,
-                                         DOT_PRECISION="tf32"), {"slots_ptr": "*i64", "positions_ptr": "*i64",
-                                                                 "out_ptr": "*fp32", "lse_ptr": "*fp32"}),
-        ("attention_combine_kernel", dict(HEAD_DIM=128, BLOCK_D=128, SPLITS=8), {"partial_ptr": "*fp32",
-                                                                                 "lse_ptr": "*fp32"})],
+        ("decode_attention_kernel", dict(G=2, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, SPLITS=1, **DOT),
+         {"slots_ptr": "*i64", "positions_ptr": "*i64", "lse_ptr": "*fp32"}),
+        ("decode_attention_kernel", dict(G=4, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, SPLITS=8, **DOT),
+         {"slots_ptr": "*i64", "positions_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32"}),
+        ("attention_combine_kernel", dict(HEAD_DIM=128, BLOCK_D=128, SPLITS=8),
+         {"partial_ptr": "*fp32", "lse_ptr": "*fp32"})],
     "add_rms_norm": [("add_rms_norm_kernel", dict(HAS_DELTA=True, BLOCK=2048), {})],
     "silu_mul": [("silu_mul_kernel", dict(BLOCK=1024), {})],
     "qk_norm_rope_store": [("qk_norm_rope_store_kernel", dict(H=16, HKV=8, HEAD_DIM=128, HALF_BLOCK=64,

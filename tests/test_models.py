@@ -183,10 +183,13 @@ def test_attention_output_in_a_transposed_layout(folders, monkeypatch):
     assert_matches_hf(folders["qwen3"], load_model(folders["qwen3"]), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama3_tied"])  # q/k norms; GQA 4:1, tied, llama3 RoPE
-def test_triton_forward_matches_hf(folders, name):
+@pytest.mark.parametrize("name, dtype, atol", [("qwen3", torch.float32, 1e-4), ("llama3_tied", torch.float32, 1e-4),
+                                               ("qwen3", torch.bfloat16, 0.75)])
+def test_triton_forward_matches_hf(folders, name, dtype, atol):
     """The CUDA path (merged GEMMs + our Triton kernels, attention over the cache in place), run on CPU
-    under the interpreter: same scripted session, same HF logits, kv_len buckets ignored."""
-    model = load_model(folders[name])
+    under the interpreter: same scripted session, same HF logits, kv_len buckets ignored. Variants: q/k
+    norms; GQA 4:1 with tied embeddings and llama3 RoPE; bf16, CUDA's default (worst measured 0.58, the plain
+    path 0.30 on another session: P @ V runs in bf16 here, as in flash attention; mean errors 0.044 vs 0.032)."""
+    model = load_model(folders[name], dtype=dtype)
     model.use_triton = True
-    assert_matches_hf(folders[name], model, atol=1e-4, rtol=1e-4)
+    assert_matches_hf(folders[name], model, atol=atol, rtol=atol if dtype == torch.float32 else 0.02)

@@ -200,6 +200,13 @@ class CausalLM(nn.Module):
             return out.view(*hidden.shape[:-1], -1)
         return F.linear(hidden, self.head_weight).float()
 
+    def sampler_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for the samplers, which read float32, bf16 and fp16 as they are: the model dtype on CUDA
+        (a float32 copy of [B, V] is one more kernel and twice the bytes), float32 on CPU as ``logits``."""
+        if hidden.is_cuda:
+            return F.linear(hidden, self.head_weight)
+        return self.logits(hidden)
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

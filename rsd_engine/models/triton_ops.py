@@ -74,7 +74,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     positions = positions.contiguous()
     common = dict(G=G, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=64,
-                  SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+                  SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  DOT_IN_FP32=q.dtype == torch.bfloat16 and not q.is_cuda, num_warps=4)
     args = (T, num_kv_heads, k_cache.shape[1] - 1, D ** -0.5, q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     grid = (B * num_kv_heads, m_blocks, splits)
