@@ -39,8 +39,8 @@ def run_rows(model, cache, slots, rows, starts, kv_len=None):
     input_ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
     positions = torch.tensor(starts)[:, None] + torch.arange(T)
     kv_len = kv_len or bucket(max(s + len(r) for s, r in zip(starts, rows)))
-    logits = model.logits(model(input_ids, positions, cache, slots, kv_len))
-    return [logits[b, :len(r)] for b, r in enumerate(rows)]
+    logits = model.logits(model(input_ids.to(model.device), positions.to(model.device), cache, slots, kv_len))
+    return [logits[b, :len(r)].cpu() for b, r in enumerate(rows)]
 
 
 @torch.no_grad()
@@ -193,3 +193,16 @@ def test_triton_forward_matches_hf(folders, name, dtype, atol):
     model = load_model(folders[name], dtype=dtype)
     model.use_triton = True
     assert_matches_hf(folders[name], model, atol=atol, rtol=atol if dtype == torch.float32 else 0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.float16, 0.1), (torch.bfloat16, 0.75)])
+def test_cuda_forward_matches_hf(folders, dtype, atol):
+    """On a GPU: the Triton forward in every dtype (float32 and float16 prefill crashed in SDPA's output
+    layout before), and logits for the samplers stay in the model dtype there."""
+    model = load_model(folders["qwen3"], dtype=dtype, device="cuda")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folders["qwen3"], dtype=torch.float32)
+    for seq, positions, ours in scripted_session(model, torch.tensor([3, 0, 2], device="cuda")):
+        torch.testing.assert_close(ours, hf_logits(hf, seq)[positions], atol=atol, rtol=max(atol, 0.02))
+    hidden = torch.zeros(2, model.config.hidden_size, dtype=dtype, device="cuda")
+    assert model.sampler_logits(hidden).dtype == dtype

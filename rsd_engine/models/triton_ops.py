@@ -7,6 +7,7 @@ by kernel name, so a CPU test can count the CUDA path's kernels per layer.
 from __future__ import annotations
 
 import collections
+import functools
 
 import torch
 
@@ -96,11 +97,16 @@ def _splits(programs: int, device: torch.device) -> int:
     """Split each row's keys until the programs fill the device about twice (a power of two, for the combine)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
     while splits < MAX_SPLITS and programs * splits < 2 * sms:
         splits *= 2
     return splits
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _warps(n: int) -> int:
