@@ -19,7 +19,7 @@ def add_rms_norm_kernel(
     N, eps,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # M x N may pass 2**31 in a long prefill
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     x = tl.load(residual_ptr + row * N + cols, mask=ok, other=0.0)

@@ -33,7 +33,7 @@ def decode_attention_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    b = tl.program_id(0) // num_kv_heads
+    b = (tl.program_id(0) // num_kv_heads).to(tl.int64)
     kv_head = tl.program_id(0) % num_kv_heads
     split = tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows t * G + g
@@ -100,7 +100,7 @@ def attention_combine_kernel(
     out_ptr,  # [N, D] model dtype
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
     lse = tl.load(lse_ptr + n * SPLITS + s)

@@ -28,7 +28,7 @@ def qk_norm_rope_store_kernel(
     H: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
     HAS_QK_NORM: tl.constexpr,
 ):
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
     i = tl.arange(0, HALF_BLOCK)

@@ -12,7 +12,7 @@ def silu_mul_kernel(
     I,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # M x 2I passes 2**31 in long prefills of large models
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I
     gate = tl.load(gate_up_ptr + row * 2 * I + cols, mask=ok, other=0.0).to(tl.float32)
