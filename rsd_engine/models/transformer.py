@@ -1,7 +1,8 @@
 """One decoder for Llama, Qwen2 and Qwen3; the differences are switches in ModelConfig.
 
-Module names mirror HF checkpoints (model.layers.N.self_attn.q_proj, ...), so a safetensors state dict
-loads as is. The forward has static shapes and no host syncs, so it compiles with fullgraph=True.
+Module names mirror HF checkpoints (model.layers.N.self_attn.o_proj, ...), except the merged projections
+(MERGED: qkv_proj, gate_up_proj), which the loader concatenates from HF's tensors. The forward has static
+shapes and no host syncs, so it compiles with fullgraph=True and is captured as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -107,6 +108,10 @@ class CausalLM(nn.Module):
     positions >= their row's real length (positions >= max_seq_len go to a scratch position); their
     K/V is garbage that later tokens overwrite before anyone attends to it, and their outputs are
     meaningless. slots=None means slots 0..B-1 (read as a slice, no gather).
+
+    Two paths, same results: on CPU the plain PyTorch one above (SDPA over the span, the reference); on
+    CUDA (or with use_triton=True) _forward_triton, where attention reads the cache in place up to each
+    query's own position, so kv_len is only validated and one CUDA graph serves every span.
     """
 
     def __init__(self, config: ModelConfig):
