@@ -206,3 +206,17 @@ def test_cuda_forward_matches_hf(folders, dtype, atol):
         torch.testing.assert_close(ours, hf_logits(hf, seq)[positions], atol=atol, rtol=max(atol, 0.02))
     hidden = torch.zeros(2, model.config.hidden_size, dtype=dtype, device="cuda")
     assert model.sampler_logits(hidden).dtype == dtype
+
+
+def test_triton_forward_traces_without_host_reads(folders):
+    """Under FakeTensorMode a host read (.item(), .tolist(), a data-dependent branch) raises, and our
+    launchers skip the kernels (their outputs are allocated already): the CUDA forward traces, so its
+    step can be checked for syncs on CPU, and it keeps the model's output shape."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    model = load_model(folders["qwen3"])
+    model.use_triton = True
+    cache = model.new_cache(num_slots=3, max_seq_len=MAX_SEQ_LEN)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        hidden = model(torch.tensor([[5], [6]]), torch.tensor([[3], [40]]), cache, torch.tensor([2, 0]), 8)
+    assert isinstance(hidden, FakeTensor) and hidden.shape == (2, 1, model.config.hidden_size)

@@ -10,6 +10,7 @@ import collections
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..sampling.triton import import_kernel
 
@@ -26,6 +27,8 @@ MAX_SPLITS = 32  # flash-decoding splits of a row's keys at small batch
 
 def _launch(kernel, grid, *args, **kwargs):
     LAUNCHES[kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__] += 1
+    if any(isinstance(a, FakeTensor) for a in args):
+        return  # traced under FakeTensorMode: the launchers allocated every output already; nothing to compute
     kernel[grid](*args, **kwargs)
 
 
@@ -95,7 +98,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _splits(programs: int, device: torch.device) -> int:
     """Split each row's keys until the programs fill the device about twice (a power of two, for the combine)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():  # no device: a CPU run or a fake trace
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
