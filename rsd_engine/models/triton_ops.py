@@ -1,12 +1,11 @@
 """Launchers of the decoder's Triton kernels (kernels/): the CUDA path of transformer.py.
 
 On CUDA they run compiled; on CPU tensors under Triton's interpreter (tests). None syncs with the host,
-so a forward made of them and cuBLAS GEMMs is CUDA-graph capturable. ``LAUNCHES`` counts kernel launches
-by kernel name, so a CPU test can count the CUDA path's kernels per layer.
+so a forward made of them and cuBLAS GEMMs is CUDA-graph capturable. Every launch goes through ``_launch``
+(tests/test_kernel_count.py counts the CUDA path's kernels per layer there).
 """
 from __future__ import annotations
 
-import collections
 import functools
 
 import torch
@@ -21,12 +20,10 @@ _silu = import_kernel("silu_mul")
 
 import triton  # noqa: E402  (after import_kernel: it decides on the interpreter first)
 
-LAUNCHES: collections.Counter = collections.Counter()
 MAX_SPLITS = 32  # flash-decoding splits of a row's keys at small batch
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    LAUNCHES[kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__] += 1
     if any(isinstance(a, FakeTensor) for a in args):
         return  # traced under FakeTensorMode: the launchers allocated every output already; nothing to compute
     kernel[grid](*args, **kwargs)
