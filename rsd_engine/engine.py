@@ -11,7 +11,7 @@ from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
 from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
-from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, resolve_dtype
+from .runtime import kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
@@ -54,7 +54,7 @@ class Engine:
         # One extra slot is scratch space for padding rows.
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
-        self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+        self._graphs = {}  # CUDA: the CudaGraphStep, under the attention span it passes (max_seq_len)
         self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
@@ -245,8 +245,9 @@ class Engine:
             inputs = self._step_inputs(batch, with_slots=not contiguous)
             return self.decode_step(inputs, teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
                                     student_kv=kv_bucket(student_len, self.max_seq_len))
-        # On CUDA: one graph per (attention span, batch bucket), captured on first use and replayed.
-        kv = kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
+        # On CUDA: one graph per batch bucket, captured on first use and replayed. Attention reads each row's
+        # own span off the cache (CausalLM._forward_triton), so the span is no graph key.
+        kv = self.max_seq_len
         if kv not in self._graphs:
             self._graphs[kv] = self._capture(kv)
         return self._graphs[kv](self._step_inputs(batch, with_slots=True))
@@ -266,8 +267,8 @@ class Engine:
                                 self.teacher_cache, slots, teacher_kv)
         hidden_s = self.student(inputs["student_tokens"][:, None], inputs["student_pos"][:, None],
                                 self.student_cache, slots, student_kv)
-        teacher_logits = self.teacher.logits(hidden_t[:, 0])
-        student_logits = self.student.logits(hidden_s[:, 0])
+        teacher_logits = self.teacher.sampler_logits(hidden_t[:, 0])
+        student_logits = self.student.sampler_logits(hidden_s[:, 0])
         uniforms = step_uniforms(inputs["seeds"], inputs["steps"])
         params = RowParams(*(inputs[name] for name in RowParams._fields))
         return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-KV_BUCKET = 128  # attention spans a multiple of this many cache positions, not max_seq_len
-CUDA_KV_BUCKET = 512  # coarser on CUDA: each span is a set of captured graphs
+KV_BUCKET = 128  # CPU attention spans a multiple of this many cache positions, not max_seq_len
 
 
 def kv_bucket(length: int, max_seq_len: int, bucket: int = KV_BUCKET) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .randomness import DRAFT_DRAW, round_uniforms
-from .runtime import CUDA_KV_BUCKET, kv_bucket
+from .runtime import kv_bucket
 from .sampling import RowParams, rsd_verify, sample_tokens
 from .step import STEP_INPUTS, capture_step, step_inputs
 
@@ -76,7 +76,7 @@ class SpeculativeDecoder:
         for student_id, pieces in space.teacher_pieces.items():
             teacher_ids[student_id] = pieces[0]
         self.teacher_ids = teacher_ids.to(engine.device)
-        self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+        self._graphs = {}  # CUDA: the CudaGraphStep, under the attention span it passes (max_seq_len)
 
     # ------------------------------------------------------------------ host side
 
@@ -120,7 +120,7 @@ class SpeculativeDecoder:
             inputs = self.round_inputs(batch, with_slots=not contiguous)
             return self.round(inputs, teacher_kv=kv_bucket(teacher_len, e.max_seq_len),
                               student_kv=kv_bucket(student_len, e.max_seq_len))
-        kv = kv_bucket(max(teacher_len, student_len), e.max_seq_len, CUDA_KV_BUCKET)
+        kv = e.max_seq_len  # one graph set for any span: see Engine._run_decode_step
         if kv not in self._graphs:
             self._graphs[kv] = capture_step(lambda inputs: self.round(inputs, teacher_kv=kv, student_kv=kv),
                                             max_batch_size=e.max_batch_size, scratch_slot=e.max_batch_size,
@@ -141,7 +141,7 @@ class SpeculativeDecoder:
         student_logits, drafts = [], []
         for i in range(G + 1):
             hidden = e.student(token[:, None], (position + i)[:, None], e.student_cache, slots, student_kv)
-            logits = e.student.logits(hidden[:, 0])
+            logits = e.student.sampler_logits(hidden[:, 0])
             student_logits.append(logits)
             if i < G:
                 draft = sample_tokens(logits, uniforms[:, i, DRAFT_DRAW].contiguous(), params.student_temperature,
@@ -155,6 +155,6 @@ class SpeculativeDecoder:
         teacher_tokens = torch.cat([inputs["teacher_tokens"][:, None], self.teacher_ids[draft.clamp_min(0)]], dim=1)
         teacher_pos = inputs["teacher_pos"][:, None] + torch.arange(G + 1, device=teacher_tokens.device)
         hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
-        teacher_logits = e.teacher.logits(hidden)
+        teacher_logits = e.teacher.sampler_logits(hidden)
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
                           params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)

@@ -2,7 +2,8 @@
 
 Each layer holds K and V as [num_slots, max_seq_len + 1, num_kv_heads, head_dim] views: a slot's first n
 positions are one contiguous block, so gathering slots is a few memcpys, and slots 0..B-1 are a plain
-slice. A slot is one sequence; which positions of it are valid is the caller's knowledge (its length), so
+slice. `update` is the CPU path's write and read; the CUDA forward writes and reads `k` and `v` in place
+with its Triton kernels (qk_norm_rope_store, decode_attention), no gather. A slot is one sequence; which positions of it are valid is the caller's knowledge (its length), so
 rolling back speculative tokens is just lowering that length: stale entries are overwritten before any
 query can attend to them. The extra last position is scratch space: positions >= max_seq_len (only ever
 padded entries) are written there and never attended.

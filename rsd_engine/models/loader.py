@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .transformer import CausalLM
+from .transformer import MERGED, CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -125,7 +125,7 @@ def _build(config: ModelConfig) -> CausalLM:
 
 
 def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device) -> None:
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    expected, merged = _checkpoint_layout(model)
     state = {}
     for path in files:
         # Names not expected are skipped: e.g. lm_head.weight saved next to tied embeddings, or rotary buffers.
@@ -138,4 +138,27 @@ def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+    for name, parts in merged.items():
+        state[name] = torch.cat([state.pop(part) for part in parts])
     model.load_state_dict(state, assign=True)
+
+
+def _checkpoint_layout(model: CausalLM) -> tuple[dict[str, torch.Size], dict[str, list[str]]]:
+    """The HF checkpoint's tensor names and shapes for ``model``, and each merged parameter's HF parts
+    (e.g. ...self_attn.qkv_proj.weight <- q_proj, k_proj, v_proj weights), split by output rows."""
+    c = model.config
+    rows = {"self_attn.q_proj": c.num_heads * c.head_dim, "self_attn.k_proj": c.num_kv_heads * c.head_dim,
+            "self_attn.v_proj": c.num_kv_heads * c.head_dim, "mlp.gate_proj": c.intermediate_size,
+            "mlp.up_proj": c.intermediate_size}
+    pattern = re.compile(rf"(.*\.)({'|'.join(map(re.escape, MERGED))})\.(weight|bias)")
+    expected, merged = {}, {}
+    for name, p in model.state_dict().items():
+        match = pattern.fullmatch(name)
+        if match is None:
+            expected[name] = p.shape
+            continue
+        prefix, fused, param = match.groups()
+        merged[name] = [f"{prefix}{part}.{param}" for part in MERGED[fused]]
+        for part, hf_name in zip(MERGED[fused], merged[name]):
+            expected[hf_name] = torch.Size((rows[part], *p.shape[1:]))
+    return expected, merged

@@ -36,6 +36,12 @@ def cos_sin(positions: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype) -> 
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def tables(freq: torch.Tensor, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim / 2] float32 of positions 0..length-1 (the CUDA path indexes them)."""
+    angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * freq.to(device)
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, heads, head_dim]."""
     half = x.shape[-1] // 2

@@ -1,7 +1,8 @@
 """One decoder for Llama, Qwen2 and Qwen3; the differences are switches in ModelConfig.
 
-Module names mirror HF checkpoints (model.layers.N.self_attn.q_proj, ...), so a safetensors state dict
-loads as is. The forward has static shapes and no host syncs, so it compiles with fullgraph=True.
+Module names mirror HF checkpoints (model.layers.N.self_attn.o_proj, ...), except the merged projections
+(MERGED: qkv_proj, gate_up_proj), which the loader concatenates from HF's tensors. The forward has static
+shapes and no host syncs, so it compiles with fullgraph=True and is captured as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from . import rope
 from .config import ModelConfig
 from .kv_cache import KVCache
 
+
+# Merged projections -> the HF checkpoint tensors they concatenate, in order (loader.py splits names this way).
+MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 # The packed head wins at decode batch sizes; over hundreds of rows (scoring, prefill) MKL's GEMM is faster.
 PACKED_HEAD_ROWS = 32
@@ -35,9 +40,8 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        # q, k and v heads in one GEMM; the loader concatenates HF's q_proj, k_proj, v_proj (MERGED).
+        self.qkv_proj = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -45,29 +49,31 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache, slots, positions, kv_len: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         k, v = cache.update(self.layer, k, v, slots, positions, kv_len)
         # GQA without repeating K/V: the G query heads sharing a kv head become G*T query rows of it
         # (mask tiled to match), which any SDPA backend takes as plain multi-head attention.
-        q = q.transpose(1, 2).reshape(B, self.num_kv_heads, -1, self.head_dim)
+        q = q.transpose(1, 2).reshape(B, Hkv, -1, D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.view(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+        # reshape, not view: some backends (CUDA's memory-efficient one) return a [B, L, H, D] layout.
+        return self.o_proj(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        # gate and up in one GEMM (the loader concatenates HF's gate_proj and up_proj, gate first).
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -102,6 +108,10 @@ class CausalLM(nn.Module):
     positions >= their row's real length (positions >= max_seq_len go to a scratch position); their
     K/V is garbage that later tokens overwrite before anyone attends to it, and their outputs are
     meaningless. slots=None means slots 0..B-1 (read as a slice, no gather).
+
+    Two paths, same results: on CPU the plain PyTorch one above (SDPA over the span, the reference); on
+    CUDA (or with use_triton=True) _forward_triton, where attention reads the cache in place up to each
+    query's own position, so kv_len is only validated and one CUDA graph serves every span.
     """
 
     def __init__(self, config: ModelConfig):
@@ -114,6 +124,9 @@ class CausalLM(nn.Module):
         with torch.device("cpu"):
             self.register_buffer("inv_freq", rope.inv_freq(config), persistent=False)
         self._packed_head = None  # see pack_head_for_cpu
+        # The Triton forward (_forward_triton): None = on CUDA tensors; True also runs it on CPU (interpreted, tests).
+        self.use_triton: bool | None = None
+        self._rope_tables = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,6 +138,8 @@ class CausalLM(nn.Module):
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         c = self.config
+        if self.device.type == "cuda":
+            self.rope_tables(max_seq_len + 1)  # before any graph capture reads them
         return KVCache(c.num_layers, num_slots, max_seq_len, c.num_kv_heads, c.head_dim,
                        dtype=self.dtype, device=self.device)
 
@@ -132,6 +147,8 @@ class CausalLM(nn.Module):
                 slots: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         if not 1 <= kv_len <= cache.max_seq_len:
             raise ValueError(f"kv_len must be in [1, max_seq_len={cache.max_seq_len}], got {kv_len}")
+        if self.use_triton or (self.use_triton is None and input_ids.is_cuda):
+            return self._forward_triton(input_ids, positions, cache, slots)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope.cos_sin(positions, self.inv_freq, x.dtype)
         # [B, 1, T, kv_len]: key j visible to the query at position p iff j <= p. Key 0 is always
@@ -142,6 +159,43 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache, slots, positions, kv_len)
         return self.model.norm(x)
 
+    def _forward_triton(self, input_ids, positions, cache: KVCache, slots) -> torch.Tensor:
+        """The forward of CUDA: 9 kernels per layer (10 with split attention), each reading what it needs
+        where it lies. Attention reads the cache in place by slot and position, up to each query's own
+        position, so kv_len plays no part: one captured graph serves any span. The residual stream is updated in place, and
+        the MLP's output is added by the next layer's (or the final) norm."""
+        from . import triton_ops as ops
+
+        c = self.config
+        B, T = input_ids.shape
+        cos, sin = self.rope_tables(cache.max_seq_len + 1)
+        if slots is None:
+            slots = torch.arange(B, device=input_ids.device)
+        positions = positions.contiguous()
+        hidden = self.model.embed_tokens(input_ids).view(B * T, -1)
+        delta = None
+        for layer in self.model.layers:
+            attn, i = layer.self_attn, layer.self_attn.layer
+            x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, c.rms_norm_eps)
+            qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if c.qk_norm else (None, None)
+            q = ops.qk_norm_rope_store(attn.qkv_proj(x), positions.view(-1), slots, cos, sin, *qk_norm,
+                                       cache.k[i], cache.v[i], num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                                       head_dim=c.head_dim, tokens_per_row=T, eps=c.rms_norm_eps)
+            out = ops.decode_attention(q.view(B, T, c.num_heads, c.head_dim), cache.k[i], cache.v[i], slots,
+                                       positions)
+            x = ops.add_rms_norm(hidden, attn.o_proj(out.view(B * T, -1)), layer.post_attention_layernorm.weight,
+                                 c.rms_norm_eps)
+            delta = layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(x)))
+        return ops.add_rms_norm(hidden, delta, self.model.norm.weight, c.rms_norm_eps).view(B, T, -1)
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [>= length, head_dim / 2] float32 on the model's device, built once (grown if a longer
+        cache comes); the Triton forward indexes them by position instead of computing RoPE each step."""
+        tables = self._rope_tables
+        if tables is None or tables[0].shape[0] < length or tables[0].device != self.device:
+            self._rope_tables = tables = rope.tables(self.inv_freq, length, self.device)
+        return tables
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden_size] -> float32 logits [..., vocab_size] (every embedding row)."""
         if (self._packed_head is not None and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -150,6 +204,13 @@ class CausalLM(nn.Module):
             out = torch._C._nn.mkldnn_linear(flat, self._packed_head, None).to_dense()
             return out.view(*hidden.shape[:-1], -1)
         return F.linear(hidden, self.head_weight).float()
+
+    def sampler_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for the samplers, which read float32, bf16 and fp16 as they are: the model dtype on CUDA
+        (a float32 copy of [B, V] is one more kernel and twice the bytes), float32 on CPU as ``logits``."""
+        if hidden.is_cuda:
+            return F.linear(hidden, self.head_weight)
+        return self.logits(hidden)
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""Launchers of the decoder's Triton kernels (kernels/): the CUDA path of transformer.py.
+
+On CUDA they run compiled; on CPU tensors under Triton's interpreter (tests). None syncs with the host,
+so a forward made of them and cuBLAS GEMMs is CUDA-graph capturable. Every launch goes through ``_launch``
+(tests/test_kernel_count.py counts the CUDA path's kernels per layer there).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from ..sampling.triton import import_kernel
+
+_attention = import_kernel("decode_attention")
+_norm = import_kernel("add_rms_norm")
+_rope = import_kernel("qk_norm_rope_store")
+_silu = import_kernel("silu_mul")
+
+import triton  # noqa: E402  (after import_kernel: it decides on the interpreter first)
+
+MAX_SPLITS = 32  # flash-decoding splits of a row's keys at small batch
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if any(isinstance(a, FakeTensor) for a in args):
+        return  # traced under FakeTensorMode: the launchers allocated every output already; nothing to compute
+    kernel[grid](*args, **kwargs)
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual [M, N] += delta (in place, skipped when None); returns weight * rmsnorm(residual)."""
+    M, N = residual.shape
+    out = torch.empty_like(residual)
+    _launch(_norm.add_rms_norm_kernel, (M,), residual, residual if delta is None else delta, weight, out, N, eps,
+            HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N), num_warps=_warps(N))
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [M, 2I] -> silu(gate) * up [M, I]."""
+    M, two_i = gate_up.shape
+    I = two_i // 2
+    out = torch.empty((M, I), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(I))
+    _launch(_silu.silu_mul_kernel, (M, triton.cdiv(I, block)), gate_up, out, I, BLOCK=block, num_warps=4)
+    return out
+
+
+def qk_norm_rope_store(qkv, positions, slots, cos, sin, q_norm, k_norm, k_cache, v_cache, *, num_heads: int,
+                       num_kv_heads: int, head_dim: int, tokens_per_row: int, eps: float) -> torch.Tensor:
+    """qkv [M, (H + 2 Hkv) D] -> q [M, H, D]; writes k and v into the caches (see the kernel)."""
+    M = qkv.shape[0]
+    q = torch.empty((M, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    has_norm = q_norm is not None
+    _launch(_rope.qk_norm_rope_store_kernel, (M, num_heads + 2 * num_kv_heads), qkv,
+            q_norm if has_norm else qkv, k_norm if has_norm else qkv, cos, sin, positions, slots, q, k_cache, v_cache,
+            tokens_per_row, k_cache.shape[1] - 1, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), eps, H=num_heads, HKV=num_kv_heads, HEAD_DIM=head_dim,
+            HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_QK_NORM=has_norm, num_warps=1)
+    return q
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """q [B, T, H, D], caches [S, L + 1, Hkv, D], slots [B], positions [B, T] -> out [B, T, H, D]."""
+    B, T, H, D = q.shape
+    num_kv_heads = k_cache.shape[2]
+    G = H // num_kv_heads
+    block_m = 16 if T * G <= 16 else 64
+    m_blocks = triton.cdiv(T * G, block_m)
+    if splits is None:
+        splits = _splits(B * num_kv_heads * m_blocks, q.device)
+    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    positions = positions.contiguous()
+    common = dict(G=G, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=64,
+                  SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  DOT_IN_FP32=q.dtype == torch.bfloat16 and not q.is_cuda, num_warps=4)
+    args = (T, num_kv_heads, k_cache.shape[1] - 1, D ** -0.5, q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    grid = (B * num_kv_heads, m_blocks, splits)
+    if splits == 1:
+        _launch(_attention.decode_attention_kernel, grid, q, k_cache, v_cache, slots, positions, out, out, *args,
+                **common)
+        return out
+    partial = torch.empty((B, T, H, splits, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, T, H, splits), dtype=torch.float32, device=q.device)
+    _launch(_attention.decode_attention_kernel, grid, q, k_cache, v_cache, slots, positions, partial, lse, *args,
+            **common)
+    _launch(_attention.attention_combine_kernel, (B * T * H,), partial, lse, out, HEAD_DIM=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), SPLITS=splits, num_warps=4)
+    return out
+
+
+def _splits(programs: int, device: torch.device) -> int:
+    """Split each row's keys until the programs fill the device about twice (a power of two, for the combine)."""
+    if device.type != "cuda" or not torch.cuda.is_available():  # no device: a CPU run or a fake trace
+        return 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    splits = 1
+    while splits < MAX_SPLITS and programs * splits < 2 * sms:
+        splits *= 2
+    return splits
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _warps(n: int) -> int:
+    return 1 if n <= 256 else 4 if n <= 2048 else 8
