@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 
 from .models import load_model
+from .models.hub import resolve_model
 from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
@@ -26,7 +26,9 @@ PREFILL_CHUNK = 512  # prompt tokens per row per forward
 class Engine:
     """Batched Reverse Speculative Decoding.
 
-    ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
+    ``teacher`` and ``student`` are model folders (config.json, safetensors, tokenizer files) or Hugging Face
+    Hub ids (``Qwen/Qwen3-0.6B``), fetched into the Hub cache at ``teacher_revision`` / ``student_revision``
+    (branch, tag or commit; default main; models/hub.py). A folder that exists wins over a Hub id.
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
     "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
     student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
@@ -34,17 +36,18 @@ class Engine:
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
                  max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
-                 draft_tokens: int = 0):
+                 draft_tokens: int = 0, teacher_revision: str | None = None, student_revision: str | None = None):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
         self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
-        self.teacher_path, self.student_path = Path(teacher), Path(student)
+        self.teacher_path = resolve_model(teacher, teacher_revision)
+        self.student_path = resolve_model(student, student_revision)
 
-        self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
-        self.student = load_model(student, dtype=self.dtype, device=self.device)
+        self.teacher = load_model(self.teacher_path, dtype=self.dtype, device=self.device)
+        self.student = load_model(self.student_path, dtype=self.dtype, device=self.device)
         for model in (self.teacher, self.student):
             model.pack_head_for_cpu()
-        self.teacher_tokenizer = load_tokenizer(teacher)
-        self.tokenizer = load_tokenizer(student)
+        self.teacher_tokenizer = load_tokenizer(self.teacher_path)
+        self.tokenizer = load_tokenizer(self.student_path)
         self.space = align_token_spaces(
             self.teacher_tokenizer, self.tokenizer, teacher_rows=self.teacher.config.vocab_size,
             student_rows=self.student.config.vocab_size, token_map=token_map).to(self.device)
