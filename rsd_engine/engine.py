@@ -86,13 +86,19 @@ class Engine:
 
     def generate_iter(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                       progress: bool = False):
-        """Like generate_batch, but yields ``(prompt_index, result)`` as each sequence finishes."""
+        """Like generate_batch, but yields ``(prompt_index, result)`` as each sequence finishes.
+
+        The rows in flight live in the engine's caches until the iterator is exhausted or closed; while
+        it is paused, score_batch and another generate_iter of this engine are refused (they would
+        overwrite them)."""
         scheduler = Scheduler(self.max_batch_size)
         # The scheduler holds each request only until it finishes: a long stream keeps no old results alive.
         for request in self._make_requests(prompts, params):
             scheduler.add(request)
+        self._claim_caches("generate_iter")
         bar = progress_bar(len(scheduler.waiting), progress)
         try:
+            self._stream_open = True
             while scheduler.has_work():
                 with torch.inference_mode():
                     admitted = scheduler.admit()
@@ -108,8 +114,17 @@ class Engine:
         finally:
             for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
                 self._release(slot)
+            self._stream_open = False
             if bar is not None:
                 bar.close()
+
+    _stream_open = False  # a generate_iter has started and is neither exhausted nor closed
+
+    def _claim_caches(self, what: str):
+        if self._stream_open:
+            raise RuntimeError(f"{what} called while a generate_iter of this engine is paused: its rows in flight "
+                               f"are in the caches that {what} would overwrite. Exhaust the iterator or close() it "
+                               f"first (or use another engine)")
 
     def _caches(self):
         """The KV caches the decode step writes (a Generator has one)."""
@@ -330,7 +345,8 @@ class Engine:
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
         """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
         under both models; every cache slot scores a sequence per forward (see scoring.py).
-        Overwrites the caches: not to be called while a generate_iter is suspended."""
+        It overwrites the caches: refused while a generate_iter of this engine is paused."""
+        self._claim_caches("score_batch")
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):

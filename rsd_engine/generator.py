@@ -133,7 +133,8 @@ class Generator(Engine):
     def score_batch(self, prompts, completions) -> list[list[float]]:
         """Teacher-forced log-probs of each completion token given the prompt and the tokens before it
         (strings or token-id lists), every cache slot scoring a sequence per forward (see scoring.py).
-        Overwrites the cache: not to be called while a generate_iter is suspended."""
+        It overwrites the cache: refused while a generate_iter of this generator is paused."""
+        self._claim_caches("score_batch")
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):
