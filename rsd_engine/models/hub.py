@@ -66,9 +66,10 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     if not weights or missing == ["model.safetensors"]:
         raise ModelUnavailable(
             f"model {where}: the Hub snapshot in {folder} has no safetensors weights (model.safetensors or a "
-            f"sharded {SAFETENSORS_INDEX}); pickle checkpoints (*.bin, *.pt) are never downloaded or loaded, "
-            f"because loading them can run arbitrary code. Use a repo that publishes safetensors, or convert "
-            f"the weights and pass the local folder")
+            f"sharded {SAFETENSORS_INDEX}). Either the repo has none: pickle checkpoints (*.bin, *.pt) are never "
+            f"downloaded or loaded, because loading them can run arbitrary code, so use a repo that publishes "
+            f"safetensors, or convert the weights and pass the local folder; or they are not cached yet and the "
+            f"Hub could not be asked (HF_HUB_OFFLINE, no network): fetch them once with `hf download {repo_id}`")
     if missing:
         raise ModelUnavailable(f"model {where}: the Hub snapshot in {folder} lacks {', '.join(missing[:3])}, which "
                                f"its {SAFETENSORS_INDEX} lists; fetch it again with network access")
