@@ -105,8 +105,8 @@ def _generate_parser(sub):
                                    "torchrun each rank writes its own part. OUT is locked while a run writes it, "
                                    "and OUT.manifest.json records the settings: a rerun under other settings is "
                                    "refused unless --force.",
-                       epilog=_exit_codes("problem", "some problems failed or were cut short (by --max-seq-len) "
-                                                     "and have no record"))
+                       epilog=_exit_codes("problem", "some problems failed, or were cut short or skipped by "
+                                                     "--max-seq-len, and have no record"))
     _model_option(p, "teacher", "teacher model")
     _model_option(p, "student", "student model; traces are in its tokens and chat format")
     p.add_argument("--data", required=True, help="problems: .jsonl, .json, .parquet or a datasets save_to_disk folder")
