@@ -9,6 +9,8 @@
     rsd eval --model M --data problems.jsonl --samples 8 --out gens.jsonl
     rsd provenance --teacher T --student S [--distilled D] --data gens.jsonl --out sentences.jsonl
     rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl
+
+A model (T, S, M) is a local folder or a Hugging Face Hub id such as Qwen/Qwen3-0.6B (models/hub.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,30 @@ def _fraction(text):
     return value
 
 
+# Each model option and the option naming its Hub revision.
+MODEL_REVISIONS = {"teacher": "teacher_revision", "student": "student_revision", "distilled": "distilled_revision",
+                   "model": "revision"}
+MODEL_HELP = "a folder (config.json, safetensors, tokenizer) or a Hugging Face Hub id such as Qwen/Qwen3-0.6B"
+
+# Exit statuses of the commands that run a dataset (see _exit_status).
+EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _exit_codes(unit: str, incomplete: str) -> str:
+    return (f"Exit status: 0 every {unit} done; {EXIT_USAGE} bad usage or input (the message says which); "
+            f"{EXIT_INCOMPLETE} {incomplete}, said on the last line (the records already written stay; a rerun "
+            f"resumes); {EXIT_INTERRUPTED} interrupted (Ctrl-C; the records already written stay).")
+
+
+def _model_option(p, role: str, help: str, *, required: bool = True):
+    """``--role`` (a folder or Hub id) and ``--role-revision`` (``--revision`` for --model)."""
+    p.add_argument(f"--{role}", required=required, help=f"{help}: {MODEL_HELP}")
+    flag = "--" + MODEL_REVISIONS[role].replace("_", "-")
+    p.add_argument(flag, default=None, metavar="REV",
+                   help=f"branch, tag or commit of a Hub id --{role} (default: the repo's main; a local folder "
+                        f"takes none)")
+
+
 def _runtime_options(p):
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -78,9 +104,11 @@ def _generate_parser(sub):
                                    "never-solved problems keep a --prefix-tokens prefix (UPFT). Resumable; under "
                                    "torchrun each rank writes its own part. OUT is locked while a run writes it, "
                                    "and OUT.manifest.json records the settings: a rerun under other settings is "
-                                   "refused unless --force.")
-    p.add_argument("--teacher", required=True, help="teacher model folder (config.json, safetensors, tokenizer)")
-    p.add_argument("--student", required=True, help="student model folder; traces are in its tokens and chat format")
+                                   "refused unless --force.",
+                       epilog=_exit_codes("problem", "some problems failed, or were cut short or skipped by "
+                                                     "--max-seq-len, and have no record"))
+    _model_option(p, "teacher", "teacher model")
+    _model_option(p, "student", "student model; traces are in its tokens and chat format")
     p.add_argument("--data", required=True, help="problems: .jsonl, .json, .parquet or a datasets save_to_disk folder")
     p.add_argument("--out", required=True, help="output JSONL (rerunning skips the ids already in it)")
     p.add_argument("--force", action="store_true",
@@ -138,8 +166,8 @@ def _score_parser(sub):
                        description="Per trace and per file: share of tokens under 1% probability, mean surprisal, "
                                    "perplexity. Several files are compared side by side; ids held by more than one "
                                    "record are reported.")
-    p.add_argument("--student", required=True, help="student model folder")
-    p.add_argument("--teacher", default=None, help="also score under this teacher model (default: student only)")
+    _model_option(p, "student", "student model")
+    _model_option(p, "teacher", "also score under this teacher model (default: student only)", required=False)
     p.add_argument("--data", required=True, nargs="+", help="trace files (rsd generate output, chat messages, ...)")
     p.add_argument("--out", default=None, help="JSON report, per file and per trace (default: none)")
     p.add_argument("--plot", default=None,
@@ -163,8 +191,8 @@ def _beta(text):
 
 
 def _response_options(p, what):
-    p.add_argument("--teacher", required=True, help="teacher model folder")
-    p.add_argument("--student", required=True, help="original student model folder")
+    _model_option(p, "teacher", "teacher model")
+    _model_option(p, "student", "original student model")
     p.add_argument("--data", required=True, help=f"{what}: rows with a question and a response (.jsonl, .json, "
                                                  f".parquet, datasets folder), or chat 'messages' records")
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
@@ -200,9 +228,11 @@ def _provenance_parser(sub):
                        formatter_class=_Help,
                        description="Scores every sentence of every response under each model (geometric mean of its "
                                    "token probabilities, each model in its own chat template and tokens) and labels "
-                                   "it teacher / student / shared / boosted (DESIGN section 9).")
+                                   "it teacher / student / shared / boosted (DESIGN section 9).",
+                       epilog=_exit_codes("response", "some responses were skipped (too long for --max-seq-len, "
+                                                      "or unreadable by a model's tokenizer)"))
     _response_options(p, "responses")
-    p.add_argument("--distilled", default=None, help="distilled student folder (default: none, and no 'boosted')")
+    _model_option(p, "distilled", "distilled student (default: none, and no 'boosted')", required=False)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
     p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response (default: none)")
     _runtime_options(p)
@@ -213,7 +243,10 @@ def _select_parser(sub):
                        formatter_class=_Help,
                        description="Teacher-guided selection: candidates share an id; the kept one has the most "
                                    "teacher-originated sentences (--by count) or the largest share of them (--by "
-                                   "share); ties go to the shorter.")
+                                   "share); ties go to the shorter.",
+                       epilog=_exit_codes("candidate", "some candidates were skipped (too long for --max-seq-len, "
+                                                       "or unreadable by a model's tokenizer), or a problem had "
+                                                       "none left"))
     _response_options(p, "candidates")
     p.add_argument("--by", choices=["count", "share"], default="count",
                    help="rank by the count or the share of teacher-originated sentences (default: %(default)s)")
@@ -229,8 +262,11 @@ def _eval_parser(sub):
                        description="Samples N responses per problem from the model alone and checks each final "
                                    "\\boxed{} answer as rsd generate does. Accuracy: mean over problems of the mean "
                                    "over samples, with a 95% bootstrap interval over problems. Every generation is "
-                                   "written (id, sample, response, correct), resumable; it feeds rsd provenance.")
-    p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+                                   "written (id, sample, response, correct), resumable; it feeds rsd provenance.",
+                       epilog=_exit_codes("generation", "some generations failed (non-finite logits; written "
+                                                        "with their error) or were cut short by --max-seq-len, "
+                                                        "or problems were skipped as too long"))
+    _model_option(p, "model", "the model")
     p.add_argument("--data", required=True, help="problems with reference answers (.jsonl, .json, .parquet, folder)")
     p.add_argument("--out", required=True, help="output JSONL, one line per generation (rerunning resumes it)")
     p.add_argument("--samples", type=_int(1), default=1, help="samples per problem (default: %(default)s)")
@@ -309,7 +345,11 @@ def _generate(args):
         prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
         sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress, force=args.force)
-    run_generate(opts)
+    s = run_generate(opts)
+    n = (s["problems"], "problems")
+    return _exit_status("generate", [
+        (len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, "were cut short by --max-seq-len"),
+        (len(s["prompt_too_long"]), *n, "were skipped (prompt longer than --max-seq-len)")])
 
 
 def _score(args):
@@ -329,19 +369,39 @@ def _eval(args):
                                 top_k=args.top_k)
     except ValueError as err:
         raise ValueError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))) from None
-    run_eval(EvalOptions(params=params, **_fields(args, EvalOptions)))
+    t = run_eval(EvalOptions(params=params, **_fields(args, EvalOptions)))
+    n = (t["problems"] * args.samples, "generations")
+    return _exit_status("eval", [
+        (t["failed"], *n, "failed (error)"), (t["cut_short"], *n, "were cut short by --max-seq-len"),
+        (len(t["too_long"]) * args.samples, *n, "were skipped (prompt longer than --max-seq-len)")])
 
 
 def _provenance(args):
     from rsd_engine.pipeline.provenance import ProvenanceOptions, run_provenance
 
-    run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
+    t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
+    return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses",
+                                        "were skipped (too long for --max-seq-len, or unreadable)")])
 
 
 def _select(args):
     from rsd_engine.pipeline.select import SelectOptions, run_select
 
-    run_select(SelectOptions(**_fields(args, SelectOptions)))
+    t = run_select(SelectOptions(**_fields(args, SelectOptions)))
+    return _exit_status("select", [
+        (len(t["no_candidate"]), t["problems"], "problems", "had no usable candidate (not written)"),
+        (len(t["skipped"]), None, "candidates", "were skipped (too long for --max-seq-len, or unreadable)")])
+
+
+def _exit_status(command: str, shortfalls: list[tuple[int, int | None, str, str]]) -> int:
+    """0, or EXIT_INCOMPLETE with a last line that says, for each (count, total, unit, why) with a count,
+    "count of total unit why" ("count unit why" where total is None)."""
+    said = [f"{count}{'' if total is None else f' of {total}'} {unit} {why}"
+            for count, total, unit, why in shortfalls if count]
+    if not said:
+        return 0
+    print(f"rsd {command}: {'; '.join(said)}: exit status {EXIT_INCOMPLETE}", flush=True)
+    return EXIT_INCOMPLETE
 
 
 def _fields(args, options) -> dict:
@@ -383,13 +443,25 @@ def main(argv=None) -> int:
     from rsd_engine.pipeline.records import OutputBusy
 
     try:
-        COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-            FloatingPointError, OutputBusy) as err:
-        parser.exit(2, f"rsd {args.command}: error: {err}\n")
+        _resolve_models(args)
+        return COMMANDS[args.command](args) or 0
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, OutputBusy) as err:
+        parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "rsd: interrupted\n")
-    return 0
+        parser.exit(EXIT_INTERRUPTED, "rsd: interrupted\n")
+
+
+def _resolve_models(args):
+    """Model options given as Hub ids become their snapshot folders, each at its --*-revision."""
+    from rsd_engine.models.hub import resolve_model
+
+    for role, revision_name in MODEL_REVISIONS.items():
+        name, revision = getattr(args, role, None), getattr(args, revision_name, None)
+        if name is not None:
+            setattr(args, role, str(resolve_model(name, revision)))
+        elif revision is not None:
+            flag = "--" + revision_name.replace("_", "-")
+            raise ValueError(f"{flag} {revision} was given without --{role}")
 
 
 if __name__ == "__main__":

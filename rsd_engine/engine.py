@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 
 from .models import load_model
+from .models.hub import resolve_model
 from .params import SamplingParams
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
@@ -26,7 +26,9 @@ PREFILL_CHUNK = 512  # prompt tokens per row per forward
 class Engine:
     """Batched Reverse Speculative Decoding.
 
-    ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
+    ``teacher`` and ``student`` are model folders (config.json, safetensors, tokenizer files) or Hugging Face
+    Hub ids (``Qwen/Qwen3-0.6B``), fetched into the Hub cache at ``teacher_revision`` / ``student_revision``
+    (branch, tag or commit; default main; models/hub.py). A folder that exists wins over a Hub id.
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
     "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
     student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
@@ -34,17 +36,18 @@ class Engine:
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
                  max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
-                 draft_tokens: int = 0):
+                 draft_tokens: int = 0, teacher_revision: str | None = None, student_revision: str | None = None):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
         self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
-        self.teacher_path, self.student_path = Path(teacher), Path(student)
+        self.teacher_path = resolve_model(teacher, teacher_revision)
+        self.student_path = resolve_model(student, student_revision)
 
-        self.teacher = load_model(teacher, dtype=self.dtype, device=self.device)
-        self.student = load_model(student, dtype=self.dtype, device=self.device)
+        self.teacher = load_model(self.teacher_path, dtype=self.dtype, device=self.device)
+        self.student = load_model(self.student_path, dtype=self.dtype, device=self.device)
         for model in (self.teacher, self.student):
             model.pack_head_for_cpu()
-        self.teacher_tokenizer = load_tokenizer(teacher)
-        self.tokenizer = load_tokenizer(student)
+        self.teacher_tokenizer = load_tokenizer(self.teacher_path)
+        self.tokenizer = load_tokenizer(self.student_path)
         self.space = align_token_spaces(
             self.teacher_tokenizer, self.tokenizer, teacher_rows=self.teacher.config.vocab_size,
             student_rows=self.student.config.vocab_size, token_map=token_map).to(self.device)
@@ -83,13 +86,19 @@ class Engine:
 
     def generate_iter(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                       progress: bool = False):
-        """Like generate_batch, but yields ``(prompt_index, result)`` as each sequence finishes."""
+        """Like generate_batch, but yields ``(prompt_index, result)`` as each sequence finishes.
+
+        The rows in flight live in the engine's caches until the iterator is exhausted or closed; while
+        it is paused, score_batch and another generate_iter of this engine are refused (they would
+        overwrite them)."""
         scheduler = Scheduler(self.max_batch_size)
         # The scheduler holds each request only until it finishes: a long stream keeps no old results alive.
         for request in self._make_requests(prompts, params):
             scheduler.add(request)
+        self._claim_caches("generate_iter")
         bar = progress_bar(len(scheduler.waiting), progress)
         try:
+            self._stream_open = True
             while scheduler.has_work():
                 with torch.inference_mode():
                     admitted = scheduler.admit()
@@ -105,8 +114,17 @@ class Engine:
         finally:
             for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
                 self._release(slot)
+            self._stream_open = False
             if bar is not None:
                 bar.close()
+
+    _stream_open = False  # a generate_iter has started and is neither exhausted nor closed
+
+    def _claim_caches(self, what: str):
+        if self._stream_open:
+            raise RuntimeError(f"{what} called while a generate_iter of this engine is paused: its rows in flight "
+                               f"are in the caches that {what} would overwrite. Exhaust the iterator or close() it "
+                               f"first (or use another engine)")
 
     def _caches(self):
         """The KV caches the decode step writes (a Generator has one)."""
@@ -328,7 +346,8 @@ class Engine:
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
         """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
         under both models; every cache slot scores a sequence per forward (see scoring.py).
-        Overwrites the caches: not to be called while a generate_iter is suspended."""
+        It overwrites the caches: refused while a generate_iter of this engine is paused."""
+        self._claim_caches("score_batch")
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):

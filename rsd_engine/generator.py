@@ -19,12 +19,12 @@ is refused rather than silently ignored.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import torch
 
 from .engine import Engine
 from .models import load_model
+from .models.hub import resolve_model
 from .params import SamplingParams
 from .randomness import FALLBACK_DRAW, step_uniforms
 from .scheduler import Request
@@ -37,8 +37,9 @@ RSD_ONLY_FIELDS = ("threshold", "check_temperature", "student_temperature", "stu
 
 
 class Generator(Engine):
-    """Batched sampling from one model (``model``: a local folder with config.json, safetensors and
-    tokenizer files). ``sampler`` picks the sampling backend as for Engine.
+    """Batched sampling from one model (``model``: a folder with config.json, safetensors and tokenizer
+    files, or a Hugging Face Hub id fetched at ``revision``, as for Engine). ``sampler`` picks the
+    sampling backend as for Engine.
 
     ``generate_batch(prompts, params)`` / ``generate_iter`` return GenerationResult with ``token_ids``,
     ``text``, ``logprobs`` (each token's raw log-prob under the model), ``finish_reason`` and ``seed``.
@@ -46,12 +47,12 @@ class Generator(Engine):
     """
 
     def __init__(self, model, *, device="auto", dtype="auto", max_batch_size: int = 32, max_seq_len: int = 4096,
-                 sampler: str = "auto"):
+                 sampler: str = "auto", revision: str | None = None):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
-        self.model_path = Path(model)
-        self.model = load_model(model, dtype=self.dtype, device=self.device)
+        self.model_path = resolve_model(model, revision)
+        self.model = load_model(self.model_path, dtype=self.dtype, device=self.device)
         self.model.pack_head_for_cpu()
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.sampler = _sample_backend(sampler, self.device)
         # Ids the tokenizer has (embedding padding rows past it are never drawn).
         table = id_to_token_table(self.tokenizer)
@@ -132,7 +133,8 @@ class Generator(Engine):
     def score_batch(self, prompts, completions) -> list[list[float]]:
         """Teacher-forced log-probs of each completion token given the prompt and the tokens before it
         (strings or token-id lists), every cache slot scoring a sequence per forward (see scoring.py).
-        Overwrites the cache: not to be called while a generate_iter is suspended."""
+        It overwrites the cache: refused while a generate_iter of this generator is paused."""
+        self._claim_caches("score_batch")
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):
             raise TypeError("prompts and completions must be lists (of strings or token-id lists)")
         if len(prompts) != len(completions):

@@ -93,13 +93,14 @@ def align_token_spaces(teacher_tokenizer, student_tokenizer, *, teacher_rows: in
     return TokenSpace(size, proposal_mask, fallback_mask, teacher_pieces, num_shared)
 
 
-def load_tokenizer(folder):
-    """The HF tokenizer saved in a model folder; offline, and never running the folder's code."""
-    from pathlib import Path
-
+def load_tokenizer(folder, revision: str | None = None):
+    """The HF tokenizer saved in a model folder (or the Hub snapshot an id names, see models/hub.py);
+    read from disk, never running the folder's code."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
+    from .models.hub import resolve_model
+
+    folder = resolve_model(folder, revision)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json (and tokenizer_config.json) "
                                 f"next to config.json")

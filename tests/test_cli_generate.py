@@ -35,11 +35,11 @@ def pair(tmp_path_factory):
     return solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
 
 
-def generate(pair, data, out, *extra):
+def generate(pair, data, out, *extra, status=0):
     argv = ["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out", str(out),
             "--id-field", "id", "--system-prompt", SYSTEM, "--attempts", "2", "--max-new-tokens", "40",
             "--max-batch-size", "4", "--no-progress", *extra]
-    assert main(argv) == 0
+    assert main(argv) == status
     return {r["id"]: r for r in read_records(out)}
 
 
@@ -207,9 +207,39 @@ def test_resume_after_kill_9_loses_nothing_and_duplicates_nothing(pair, tmp_path
 
 def test_too_long_prompts_are_skipped_and_counted(pair, tmp_path, capsys):
     data = write_problems(tmp_path / "p.jsonl", [{"id": "long", "question": "What is 2+2? " * 30, "answer": "4"}])
-    records = generate(pair, data, tmp_path / "out.jsonl", "--max-seq-len", "90")
+    records = generate(pair, data, tmp_path / "out.jsonl", "--max-seq-len", "90", status=3)
     assert sorted(records) == sorted(EXPECTED)
-    assert "skipped (prompt longer than --max-seq-len): 1" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "skipped (prompt longer than --max-seq-len): 1" in report
+    assert report.splitlines()[-1] == ("rsd generate: 1 of 5 problems were skipped (prompt longer than --max-seq-len): "
+                                       "exit status 3")
+
+
+def test_failed_and_cut_short_problems_exit_3_and_say_so_last(pair, tmp_path, capsys, monkeypatch):
+    """A scheduler sees exit status 3 when problems got no record; the records written stay."""
+    real = Engine.generate_iter
+
+    def first_attempt_fails(self, prompts, params=None, **kw):
+        for index, result in real(self, prompts, params, **kw):
+            if index == 0:  # problem "add", attempt 0
+                result.finish_reason, result.error = "error", "the teacher's logits hold NaN or +inf"
+            yield index, result
+
+    monkeypatch.setattr(Engine, "generate_iter", first_attempt_fails)
+    data = write_problems(tmp_path / "p.jsonl")
+    records = generate(pair, data, tmp_path / "out.jsonl", status=3)
+    report = capsys.readouterr().out.splitlines()
+    assert report[-1] == "rsd generate: 1 of 4 problems failed (error): exit status 3"
+    assert sorted(records) == sorted(set(EXPECTED) - {"add"})
+    monkeypatch.undo()
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pair[1]))
+    longest = max(len(tokenizer.encode(build_prompt(tokenizer, p["question"], SYSTEM).text)) for p in PROBLEMS)
+    generate(pair, data, tmp_path / "out.jsonl", "--max-seq-len", str(longest + 3), status=3)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(r"rsd generate: \d of 4 problems were cut short by --max-seq-len: exit status 3", last)
+    assert sorted(read_records(tmp_path / "out.jsonl"), key=lambda r: r["id"]) == sorted(records.values(),
+                                                                                       key=lambda r: r["id"])
 
 
 def test_resuming_into_the_other_format_is_refused(pair, tmp_path, capsys):

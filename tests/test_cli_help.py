@@ -86,3 +86,22 @@ def test_progress_counts_attempts_on_a_terminal_only():
     bar.attempt_done(tally)
     bar.close()
     assert log.getvalue() == ""
+
+
+@pytest.mark.parametrize("command", ("generate", "eval", "provenance", "select"))
+def test_exit_statuses_are_documented(capsys, command):
+    text = " ".join(help_text(capsys, command).split())
+    assert "Exit status: 0 every" in text and "2 bad usage or input" in text
+    assert "3 some" in text and "said on the last line" in text and "130 interrupted" in text
+
+
+@pytest.mark.parametrize("command, options", [
+    ("generate", ("--teacher-revision", "--student-revision")), ("score", ("--teacher-revision", "--student-revision")),
+    ("eval", ("--revision",)), ("provenance", ("--teacher-revision", "--student-revision", "--distilled-revision")),
+    ("select", ("--teacher-revision", "--student-revision"))])
+def test_models_take_hub_ids_and_revisions(capsys, command, options):
+    entries = option_entries(help_text(capsys, command))
+    for option in options:
+        assert "branch, tag or commit of a Hub id" in entries[option]
+    model = options[0].removesuffix("-revision") if options[0] != "--revision" else "--model"
+    assert "Hugging Face Hub id such as Qwen/Qwen3-0.6B" in entries[model]

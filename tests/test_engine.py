@@ -146,7 +146,8 @@ def test_nonfinite_row_fails_alone(tiny_pair, model, monkeypatch):
     results = eng.generate_batch(PROMPTS, params)
     bad = results[1]
     assert bad.finish_reason == "error" and len(bad.token_ids) == 3
-    assert bad.error.startswith(f"the {model}'s logits hold NaN or +inf at generation step 3 of prompt 1")
+    assert bad.error.startswith(f"the {model}'s logits hold NaN or +inf") and " at generation step 3 of prompt 1" \
+        in bad.error
     for want, got in zip(alone, (results[0], results[2])):
         assert got.token_ids == want.token_ids and got.accepted == want.accepted
         assert got.finish_reason == "length" and got.error == ""
@@ -225,3 +226,30 @@ def test_chat_prompt_without_a_chat_template_is_refused(engine, monkeypatch):
     monkeypatch.setattr(engine.tokenizer, "chat_template", None)
     with pytest.raises(ValueError, match="prompt 0 is chat messages but the student's tokenizer has no chat template"):
         engine.generate_batch([CHAT], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("kind", ["engine", "generator"])
+def test_nothing_else_uses_the_caches_while_a_generate_iter_is_paused(tiny_pair, kind):
+    """score_batch (or a second stream) would overwrite the paused stream's rows in flight: refused until the
+    iterator is exhausted or closed, and the stream then finishes exactly as it does alone."""
+    from rsd_engine import Generator
+
+    model = (Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference") if kind == "engine"
+             else Generator(tiny_pair[1], device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference"))
+    params = SamplingParams(max_new_tokens=6, seed=5, ignore_eos=True)
+    alone = model.generate_batch(PROMPTS, params)  # 3 prompts over 2 slots
+    stream = model.generate_iter(PROMPTS, params)
+    first = next(stream)
+    with pytest.raises(RuntimeError, match="score_batch called while a generate_iter of this engine is paused.*"
+                                           r"Exhaust the iterator or close\(\) it first"):
+        model.score_batch(PROMPTS[:2], [" 2", " 3"])
+    with pytest.raises(RuntimeError, match="generate_iter called while a generate_iter of this engine is paused"):
+        model.generate_batch(PROMPTS[:1], params)
+    finished = dict([first, *stream])
+    assert [finished[i].token_ids for i in range(3)] == [r.token_ids for r in alone]
+
+    scores = model.score_batch(PROMPTS[:2], [" 2", " 3"])
+    stream = model.generate_iter(PROMPTS, params)
+    next(stream)
+    stream.close()
+    assert model.score_batch(PROMPTS[:2], [" 2", " 3"]) == scores

@@ -20,10 +20,10 @@ def pair(tmp_path_factory):
     return solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
 
 
-def run_eval(model, data, out, *extra):
+def run_eval(model, data, out, *extra, status=0):
     argv = ["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--id-field", "id",
             "--system-prompt", SYSTEM, "--max-new-tokens", "40", "--device", "cpu", "--no-progress", *extra]
-    assert main(argv) == 0
+    assert main(argv) == status
     return read_records(out)
 
 
@@ -77,6 +77,29 @@ def test_forced_answers_give_exact_accuracy(pair, forced, tmp_path, capsys):
     boot = means[np.random.default_rng(0).integers(0, 3, size=(10_000, 3))].mean(axis=1)
     assert summary["interval"] == pytest.approx(list(np.percentile(boot, [2.5, 97.5])))
     assert "accuracy: 66.67%" in capsys.readouterr().out
+
+
+def test_failed_and_cut_short_generations_exit_3_and_say_so_last(pair, forced, tmp_path, capsys, monkeypatch):
+    """Generations that failed or were cut short by --max-seq-len are written, and the exit status is 3."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    forced_samples = evaluate.generate_samples
+
+    def spoiled(opts, prompts, params, device, max_seq_len):
+        for index, result in forced_samples(opts, prompts, params, device, max_seq_len):
+            if index == 0:
+                result.finish_reason, result.error = "error", "the model produced NaN or +inf logits"
+            elif index == 1:
+                result.finish_reason = "length"  # 2 tokens < --max-new-tokens: the cache limit stopped it
+            yield index, result
+
+    monkeypatch.setattr(evaluate, "generate_samples", spoiled)
+    records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2", status=3)
+    assert len(records) == 6 and sum("error" in r for r in records) == 1
+    report = capsys.readouterr().out.splitlines()
+    assert report[-1] == ("rsd eval: 1 of 6 generations failed (error); 1 of 6 generations were cut short by "
+                          "--max-seq-len: exit status 3")
+    assert "failed (error, written with it): 1 generations" in report
 
 
 def test_interval_of_constant_results_is_a_point():

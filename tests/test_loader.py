@@ -44,14 +44,6 @@ def test_a_file_given_for_the_folder_is_named(folder):
         load_model(folder / "model.safetensors")
 
 
-def test_a_hub_id_says_a_local_folder_is_needed(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"Qwen/Qwen3-0.6B. It looks like a Hugging Face hub id.*local "
-                                                r"folders only.*huggingface-cli download Qwen/Qwen3-0.6B "
-                                                r"--local-dir models/Qwen3-0.6B"):
-        load_model("Qwen/Qwen3-0.6B")
-
-
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_corrupt_safetensors_name_the_file_and_model(folder, damage):
     path = folder / "model.safetensors"

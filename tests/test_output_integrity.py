@@ -35,8 +35,8 @@ def argv(pair, data, out, *extra):
             "--no-progress", *extra]
 
 
-def generate(pair, data, out, *extra):
-    assert main(argv(pair, data, out, *extra)) == 0
+def generate(pair, data, out, *extra, status=0):
+    assert main(argv(pair, data, out, *extra)) == status
     return read_records(out)
 
 
@@ -160,10 +160,11 @@ def _prompt_lengths(pair):
 def test_problems_cut_short_by_max_seq_len_are_redone(pair, tmp_path, capsys):
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
     # Room for every prompt, not for any answer: every attempt stops at the sequence limit.
-    records = generate(pair, data, out, "--max-seq-len", str(max(_prompt_lengths(pair)) + 4))
+    records = generate(pair, data, out, "--max-seq-len", str(max(_prompt_lengths(pair)) + 4), status=3)
     report = capsys.readouterr().out
     assert records == []
     assert "not written, cut short by --max-seq-len: 4 (add, mul, open, unclosed)" in report
+    assert report.splitlines()[-1] == "rsd generate: 4 of 4 problems were cut short by --max-seq-len: exit status 3"
     records = generate(pair, data, out)  # the default fits: all four are redone
     assert sorted(r["id"] for r in records) == ["add", "mul", "open", "unclosed"]
     assert "problems: 4 (0 already in the output, 4 written now)" in capsys.readouterr().out
@@ -185,7 +186,7 @@ def test_a_failed_request_is_recorded_as_failed_and_retried(pair, tmp_path, monk
 
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
     monkeypatch.setattr(Engine, "generate_iter", one_attempt_fails)
-    summary_records = generate(pair, data, out)
+    summary_records = generate(pair, data, out, status=3)
     report = capsys.readouterr().out
     assert sorted(r["id"] for r in summary_records) == ["add", "open", "unclosed"]  # the run went on
     assert "failed, not written: 1 (mul: attempt 1: the teacher model produced NaN or +inf logits)" in report
@@ -211,7 +212,7 @@ def test_a_request_the_engine_fails_is_named_and_the_run_goes_on(pair, tmp_path,
     save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
 
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
-    records = generate((teacher, pair[1]), data, out)
+    records = generate((teacher, pair[1]), data, out, status=3)
     report = capsys.readouterr().out
     assert sorted(r["id"] for r in records) == ["add", "mul", "unclosed"]
     assert "failed, not written: 1 (open: attempt " in report and "the teacher's logits" in report

@@ -45,10 +45,10 @@ def write_rows(path: Path, rows) -> Path:
     return path
 
 
-def provenance(models, data, out, *extra, teacher="teacher", student="student"):
+def provenance(models, data, out, *extra, teacher="teacher", student="student", status=0):
     argv = ["provenance", "--teacher", str(models[teacher]), "--student", str(models[student]), "--data", str(data),
             "--out", str(out), "--device", "cpu", "--no-progress", *extra]
-    assert main(argv) == 0
+    assert main(argv) == status
     return read_records(out)
 
 
@@ -259,8 +259,11 @@ def test_report_table_and_plot(models, tmp_path, capsys):
 def test_bad_rows_are_skipped_and_counted(models, tmp_path, capsys):
     rows = [*RESPONSES, {"id": "e", "question": "Q?", "response": "  \n"}, {"id": "m", "response": "No question."},
             {"id": "long", "question": "Q?", "response": "The answer is 4. " * 40}]
-    lines = provenance(models, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl", "--max-seq-len", "150")
+    lines = provenance(models, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl", "--max-seq-len", "150",
+                       status=3)
     report = capsys.readouterr().out
+    assert report.splitlines()[-1] == ("rsd provenance: 1 of 4 responses were skipped (too long for --max-seq-len, "
+                                       "or unreadable): exit status 3")
     assert "skipped rows: 2 of 6 (first: row 3, empty response)" in report
     assert "skipped responses: 1 (first: id long sample 0: " in report and "longer than max_seq_len 150" in report
     assert {s["id"] for s in lines} == {"p1", "p2", "p3"}
@@ -288,6 +291,18 @@ def test_beta_outside_open_interval_is_refused(models, tmp_path, capsys, beta):
         check_beta(1.5)
     with pytest.raises(ValueError, match="--beta"):
         ProvenanceOptions("t", "s", "d", "o", beta=0.0)
+
+
+def test_select_exits_3_when_candidates_are_skipped(models, tmp_path, capsys):
+    rows = [*CANDIDATES[:3], {"id": "q3", "question": "Q?", "response": "The answer is 4. " * 40}]
+    argv = ["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+            str(write_rows(tmp_path / "c.jsonl", rows)), "--out", str(tmp_path / "sel.jsonl"), "--max-seq-len", "150",
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 3
+    assert [r["id"] for r in read_records(tmp_path / "sel.jsonl")] == ["q1"]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "rsd select: 1 of 2 problems had no usable candidate (not written); 1 candidates were skipped (too long for "
+        "--max-seq-len, or unreadable): exit status 3")
 
 
 def test_select_needs_ids(models, tmp_path, capsys):
@@ -318,7 +333,7 @@ def unk_model(tmp_path_factory):
 def test_unreadable_text_is_skipped_with_the_reason(models, unk_model, tmp_path, capsys):
     rows = [RESPONSES[2], {"id": "euro", "question": "What is 2 + 2?", "response": "It costs 4 € in total."}]
     lines = provenance({**models, "unk": unk_model}, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl",
-                       "--system-prompt", "", teacher="unk")
+                       "--system-prompt", "", teacher="unk", status=3)
     report = capsys.readouterr().out
     assert ("skipped responses: 1 (first: id euro sample 0: the teacher's tokenizer cannot read the response: '€' at "
             "character 11 becomes the unknown token)") in report

@@ -22,7 +22,8 @@ from triton_device import TRITON_DEVICE, on_triton_device  # noqa: E402
 from rsd_engine import sampling  # noqa: E402
 from rsd_engine.randomness import NUM_DRAWS, step_uniforms  # noqa: E402
 from rsd_engine.sampling import (  # noqa: E402
-    FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample_reference)
+    FLAG_REASONS, NO_ALLOWED_TOKEN, SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams,
+    rsd_sample_reference)
 
 rsd_sample = on_triton_device(sampling.rsd_sample)  # Triton calls run on CUDA where there is one
 
@@ -411,6 +412,9 @@ def test_no_allowed_finite_fallback_is_flagged(backend):
 def test_flag_reasons_name_every_flag():
     assert sorted(FLAG_REASONS) == sorted([TEACHER_NONFINITE, STUDENT_NONFINITE, NO_ALLOWED_TOKEN])
     assert all(code < 0 and len(reason) > 20 for code, reason in FLAG_REASONS.items())
+    # -1 is also sample_tokens' flag for its one model: the words fit both.
+    assert SAMPLE_FLAGGED == TEACHER_NONFINITE
+    assert "teacher's" in FLAG_REASONS[SAMPLE_FLAGGED] and "one model" in FLAG_REASONS[SAMPLE_FLAGGED]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: -inf is right

@@ -1,4 +1,5 @@
-"""Load a CausalLM from a local HF folder: config.json + safetensors (single file or sharded with an index).
+"""Load a CausalLM from an HF folder: config.json + safetensors (single file or sharded with an index).
+The folder may be named by a Hugging Face Hub id (hub.py fetches it into the Hub cache).
 
 Only safetensors are read: pickle checkpoints can run arbitrary code when unpickled, and so can the
 custom modelling code that `auto_map` points to; both are refused.
@@ -6,24 +7,25 @@ custom modelling code that `auto_map` points to; both are refused.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
+from .hub import resolve_model
 from .transformer import MERGED, CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as on the Hugging Face hub
 
 
-def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu") -> CausalLM:
-    """Load the model in `folder` in `dtype` (float32, bfloat16 or float16) onto `device`, ready for inference."""
+def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
+               revision: str | None = None) -> CausalLM:
+    """Load the model in `folder` (or Hub id, at `revision`) in `dtype` (float32, bfloat16 or float16) onto
+    `device`, ready for inference."""
     dtype = _dtype(dtype)
-    folder = check_model_folder(folder)
+    folder = resolve_model(folder, revision)
     config = load_config(folder)
     files = _weight_files(folder)
     model = _build(config)
@@ -31,20 +33,10 @@ def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torc
     return model.to(device).eval().requires_grad_(False)
 
 
-def check_model_folder(folder) -> Path:
-    """``folder`` as a Path if it is a folder; otherwise an error that says what was given instead."""
-    path = Path(folder)
-    if path.is_dir():
-        return path
-    if path.is_file():
-        raise NotADirectoryError(f"{path} is a file, but a model is a folder (config.json, *.safetensors and the "
-                                 f"tokenizer files): pass the folder that holds it, e.g. {path.parent}")
-    if HUB_ID.fullmatch(str(folder)):
-        raise FileNotFoundError(
-            f"model folder not found: {folder}. It looks like a Hugging Face hub id, but models are read from "
-            f"local folders only (nothing is downloaded); get one with `huggingface-cli download {folder} "
-            f"--local-dir models/{path.name}` (or `hf download`), then pass models/{path.name}")
-    raise FileNotFoundError(f"model folder not found: {folder}")
+def check_model_folder(folder, revision: str | None = None) -> Path:
+    """The model's folder: ``folder`` itself, or the Hub snapshot it names; else an error that says what was
+    given instead (see hub.py)."""
+    return resolve_model(folder, revision)
 
 
 def read_safetensors(path: Path, names=None, *, model=None):
@@ -71,7 +63,7 @@ def _rebuild_hint(folder: Path) -> str:
 
 
 def load_config(folder) -> ModelConfig:
-    folder = Path(folder)
+    folder = resolve_model(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")

@@ -16,7 +16,7 @@ writes its own part; rank 0 merges them (else `rsd merge OUT`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rsd_engine.params import SamplingParams
@@ -82,7 +82,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)
-    check_model_folder(opts.model)
+    opts = replace(opts, model=str(check_model_folder(opts.model)))  # a Hub id: its snapshot folder
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
@@ -103,6 +103,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
                      "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine),
                      "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
+                     "failed": 0, "cut_short": 0,
                      "tokens": 0, "seconds": 0.0}
             if todo:
                 tokenizer = load_tokenizer(opts.model)
@@ -152,6 +153,10 @@ def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
                 record["error"] = result.error
             writer.write(record)
             tally["written"] += 1
+            if result.finish_reason == "error":
+                tally["failed"] += 1
+            elif result.finish_reason == "length" and len(result.token_ids) < opts.params.max_new_tokens:
+                tally["cut_short"] += 1  # by --max-seq-len, not --max-new-tokens
             tally["tokens"] += len(result.token_ids)
             if bar is not None:
                 bar.update(1)
@@ -205,6 +210,10 @@ def _format_tally(t: dict, target) -> str:
         lines.append(f"skipped problems without a reference answer: {t['no_answer']}")
     if t["too_long"]:
         lines.append(f"skipped (prompt longer than --max-seq-len): {len(t['too_long'])} problems")
+    if t["failed"]:
+        lines.append(f"failed (error, written with it): {t['failed']} generations")
+    if t["cut_short"]:
+        lines.append(f"cut short by --max-seq-len (written as they stopped): {t['cut_short']} generations")
     if t["written"]:
         lines.append(f"tokens: {t['tokens']}  {t['tokens'] / max(t['seconds'], 1e-9):.1f} tokens/s")
     lines.append(f"output: {target}")

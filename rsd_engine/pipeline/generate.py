@@ -98,8 +98,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)  # before anything slow
-    for model in (opts.teacher, opts.student):
-        check_model_folder(model)
+    # Hub ids become their snapshot folders here, so the manifest fingerprints the files themselves.
+    opts = replace(opts, teacher=str(check_model_folder(opts.teacher)), student=str(check_model_folder(opts.student)))
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems

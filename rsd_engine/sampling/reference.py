@@ -54,7 +54,9 @@ STUDENT_NONFINITE = -2
 NO_ALLOWED_TOKEN = -3
 # What a flagged (negative) token means, for the messages of requests that end with it.
 FLAG_REASONS: dict[int, str] = {
-    TEACHER_NONFINITE: "the teacher's logits hold NaN or +inf",
+    # sample_tokens (one model) flags its rows with -1 too: SAMPLE_FLAGGED in sample_reference.py.
+    TEACHER_NONFINITE: "the teacher's logits hold NaN or +inf (or, from sample_tokens, the one model's logits do, "
+                       "or leave no id it may draw)",
     STUDENT_NONFINITE: "the student's logits hold NaN or +inf",
     NO_ALLOWED_TOKEN: "the student had to write the token, but every id it may write (the fallback mask) "
                       "has logit -inf",
