@@ -61,6 +61,46 @@ class CudaGraphStep:
         return _rows(outputs, batch)
 
 
+class SelfFeedingGraphs:
+    """One CUDA graph per batch bucket of ``step(bucket)``, a step whose inputs and outputs are static
+    buffers of its own (step.py's StepState): it reads the first ``bucket`` rows, writes its outputs and
+    moves the rows on, so a replay needs no copies in or out. ``__call__(rows)`` replays the smallest
+    bucket holding ``rows`` and returns it. Capture runs each bucket once for warm-up: the caller makes
+    every row padding meanwhile (StepState.padded). Without CUDA (``enabled=False``) it calls ``step(rows)``.
+    """
+
+    def __init__(self, step, buckets, *, enabled: bool):
+        self.step = step
+        self.buckets = sorted(buckets)
+        self.enabled = enabled
+        self.graphs = {}
+        if not enabled:
+            return
+        pool = None
+        for bucket in reversed(self.buckets):  # largest first, as CudaGraphStep
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step(bucket)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                step(bucket)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize()
+
+    def __call__(self, rows: int) -> int:
+        if not self.enabled:
+            self.step(rows)
+            return rows
+        bucket = next((b for b in self.buckets if b >= rows), None)
+        if bucket is None:
+            raise ValueError(f"batch of {rows} rows exceeds the largest captured bucket {self.buckets[-1]}")
+        self.graphs[bucket].replay()
+        return bucket
+
+
 def _rows(outputs, n):
     if isinstance(outputs, torch.Tensor):
         return outputs[:n]

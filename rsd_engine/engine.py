@@ -15,7 +15,8 @@ from .runtime import CUDA_KV_BUCKET, kv_bucket, progress_bar, resolve_device, re
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
-from .step import capture_step, step_inputs
+from .cuda_graph import SelfFeedingGraphs
+from .step import GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, step_inputs
 from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -54,7 +55,14 @@ class Engine:
         # One extra slot is scratch space for padding rows.
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
-        self._graphs = {}  # CUDA: attention span -> CudaGraphStep
+        self._graphs = {}  # CUDA: attention span -> SelfFeedingGraphs
+        self._state = self._step_state(out_columns=4)
+        # How a committed student token moves the teacher on (a mapped token: all its pieces, see _commit).
+        teacher_next = torch.arange(self.space.size)
+        teacher_advance = torch.ones(self.space.size, dtype=torch.long)
+        for token, pieces in self.space.teacher_pieces.items():
+            teacher_next[token], teacher_advance[token] = pieces[-1], len(pieces)
+        self._teacher_next, self._teacher_advance = teacher_next.to(self.device), teacher_advance.to(self.device)
         self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
@@ -66,6 +74,11 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+
+    def _step_state(self, out_columns: int) -> StepState:
+        # Padding rows decode a dummy token into the scratch slot (the extra last one) and stay where they are.
+        return StepState(STEP_INPUTS, self.max_batch_size, self.device, {"slots": self.max_batch_size,
+                         **PADDING_PARAMS}, out_columns)
 
     # ------------------------------------------------------------------ generation
 
@@ -105,6 +118,7 @@ class Engine:
         finally:
             for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
                 self._release(slot)
+            self._state.requests = []  # nor are its rows kept on the device
             if bar is not None:
                 bar.close()
 
@@ -187,15 +201,16 @@ class Engine:
                 # Padding entries write at positions past the row's end, overwritten before they are read.
                 positions[b] = torch.arange(start, start + width)
             slots = torch.tensor([slot for slot, _, _ in chunk])
-            kv_len = kv_bucket(int(positions.max()) + 1, self.max_seq_len)
+            kv_len = kv_bucket(max(start for _, _, start in chunk) + width, self.max_seq_len)
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
         """One RSD step (or speculative round) for every running request; returns the requests that finished."""
         if self._speculative is not None:
             return self._speculative.decode(batch)
-        out = self._run_decode_step(batch)
-        return self._commit(batch, [[row] for row in zip(*(t.tolist() for t in out))])
+        rows = self._run_decode_step(batch)
+        return self._commit(batch, [[(int(token), accepted, teacher_lp, student_lp)]
+                                    for token, accepted, teacher_lp, student_lp in rows])
 
     def _commit(self, batch: list[Request], runs) -> list[Request]:
         """Append each request's run of (token, accepted, teacher_lp, student_lp) from one teacher pass.
@@ -236,27 +251,65 @@ class Engine:
                 r.teacher_len += len(p) - 1
         return finished
 
-    def _run_decode_step(self, batch: list[Request]):
+    def _run_decode_step(self, batch: list[Request]) -> list[list[float]]:
+        """One decode step for ``batch`` over the device-resident step state (step.py's StepState): at most
+        one upload (rows that changed), one read of the packed outputs, one row of them per request."""
+        state = self._state
+        state.sync(batch)
+        n = len(batch)
         teacher_len = max(r.teacher_len for r in batch) + 1
         student_len = max(r.student_len for r in batch) + 1
         if self.device.type != "cuda":
             # Slots 0..B-1 in order are read as a slice of the cache instead of gathered.
             contiguous = all(r.slot == b for b, r in enumerate(batch))
-            inputs = self._step_inputs(batch, with_slots=not contiguous)
-            return self.decode_step(inputs, teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
-                                    student_kv=kv_bucket(student_len, self.max_seq_len))
+            packed = self._step_and_advance(state.inputs(n, with_slots=not contiguous),
+                                            teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
+                                            student_kv=kv_bucket(student_len, self.max_seq_len))
+            return state.read(packed)
         # On CUDA: one graph per (attention span, batch bucket), captured on first use and replayed.
         kv = kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
         if kv not in self._graphs:
             self._graphs[kv] = self._capture(kv)
-        return self._graphs[kv](self._step_inputs(batch, with_slots=True))
+        self._graphs[kv](n)
+        return state.read(state.out[:n])
 
-    def _capture(self, kv: int):
-        return capture_step(lambda inputs: self.decode_step(inputs, teacher_kv=kv, student_kv=kv),
-                            max_batch_size=self.max_batch_size, scratch_slot=self.max_batch_size, device=self.device)
+    def _capture(self, kv: int) -> SelfFeedingGraphs:
+        """Graphs of the step that feeds itself: each reads the state's rows, writes the packed outputs to
+        ``state.out`` and moves the rows on."""
+        state = self._state
+
+        def step(bucket: int):
+            state.out[:bucket].copy_(self._step_and_advance(state.inputs(bucket), teacher_kv=kv, student_kv=kv))
+
+        n = self.max_batch_size
+        buckets = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
+        with state.padded():  # warm-up runs the step: only on padding rows, then the real rows come back
+            return SelfFeedingGraphs(step, buckets=buckets, enabled=self.device.type == "cuda")
 
     def _step_inputs(self, batch: list[Request], *, with_slots: bool) -> dict[str, torch.Tensor]:
         return step_inputs(batch, self.device, with_slots=with_slots)
+
+    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        """decode_step, then move the rows on in place (the next step's inputs); returns the packed outputs."""
+        out = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance(inputs, out.token)
+        return torch.stack([out.token.double(), out.accepted.double(), out.teacher_logprob.double(),
+                            out.student_logprob.double()], dim=1)
+
+    def _advance(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
+        """The device's copy of _commit for one token per row (a flagged row's junk is dropped when it
+        leaves the batch); padding rows (the scratch slot) keep their positions."""
+        token, live = self._advance_student(inputs, token)
+        inputs["teacher_tokens"].copy_(self._teacher_next[token])
+        inputs["teacher_pos"].add_(self._teacher_advance[token] * live)
+
+    def _advance_student(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
+        token = token.clamp_min(0)
+        live = (inputs["slots"] != self.max_batch_size).long() if "slots" in inputs else 1
+        inputs["student_tokens"].copy_(token)
+        inputs["student_pos"].add_(live)
+        inputs["steps"].add_(live)
+        return token, live
 
     def decode_step(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
         """Teacher forward, student forward, fused RSD sample: static shapes, no host syncs.

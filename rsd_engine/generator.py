@@ -61,6 +61,7 @@ class Generator(Engine):
         # One extra slot is scratch space for padding rows.
         self.cache = self.model.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}
+        self._state = self._step_state(out_columns=2)
 
     def _make_requests(self, prompts, params) -> list[Request]:
         requests = super()._make_requests(prompts, params)
@@ -88,16 +89,15 @@ class Generator(Engine):
 
     def _decode(self, batch: list[Request]) -> list[Request]:
         """One sampling step for every running request; returns the requests that finished."""
-        tokens, logprobs = (t.tolist() for t in self._run_decode_step(batch))
         finished = []
-        for b, r in enumerate(batch):
-            token = tokens[b]
+        for r, (token, logprob) in zip(batch, self._run_decode_step(batch)):
+            token = int(token)
             if token < 0:  # flagged: this row's logits are not finite; the others go on
                 self._fail(r, token)
                 finished.append(r)
                 continue
             r.result.token_ids.append(token)
-            r.result.logprobs.append(logprobs[b])
+            r.result.logprobs.append(logprob)
             r.student_len += 1
             r.next_student_token = token
             reason = self._finish_reason(r, extra_teacher=0)
@@ -117,6 +117,11 @@ class Generator(Engine):
                               backend=self.sampler)
         picked = logits.gather(-1, token.clamp(min=0)[:, None])[:, 0]
         return token, picked - torch.logsumexp(logits, dim=-1)
+
+    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        token, logprob = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance_student(inputs, token)
+        return torch.stack([token.double(), logprob.double()], dim=1)
 
     def _fail(self, r: Request, flag: int):
         r.result.error = (f"the model ({self.model_path}) produced NaN or +inf logits at generation step "
