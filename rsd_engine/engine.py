@@ -371,8 +371,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         # The teacher's EOS stops too where the student's space has it.
-        ids.update(t for t in self.teacher.config.eos_token_ids
-                   if 0 <= t < self.space.size and bool(self.space.proposal_mask[t]))
+        ids.update(t for t in self.teacher.config.eos_token_ids if self.space.is_shared(t))
         return frozenset(ids)
 
     # ------------------------------------------------------------------ scoring

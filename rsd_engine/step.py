@@ -84,7 +84,7 @@ class StepState:
             start, _ = self.groups.get(fields[name], (i, i))
             self.groups[fields[name]] = (start, i + 1)
         self.padding = [padding.get(name, 0) for name in self.names]
-        pad = {dtype: torch.tensor(self.padding[a:b], dtype=dtype)[:, None].to(self.device)
+        pad = {dtype: torch.tensor(self.padding[a:b], dtype=dtype, device=self.device)[:, None]
                for dtype, (a, b) in self.groups.items()}
         self._pad = pad
         self.buffers = {dtype: pad[dtype].expand(-1, rows).clone() for dtype in self.groups}

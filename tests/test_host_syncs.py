@@ -141,3 +141,86 @@ def test_counter_sees_every_kind_of_read_and_upload():
         x.clone()  # device work: not host traffic
     assert traffic.reads == ["tolist", "item", "item", "item", "numpy"]
     assert traffic.uploads == ["torch.tensor"]
+
+
+def test_translating_prompts_reads_nothing_back(engine):
+    """Prompts go into the teacher's token space id by id: against a mask on the device that was one
+    blocking read per prompt token (tokens.py); the host keeps its own copy."""
+    with HostTraffic(engine.device) as traffic:
+        requests = engine._make_requests(PROMPTS, SamplingParams(max_new_tokens=2, seed=0))
+    assert sum(len(r.teacher_prompt_ids) for r in requests) > 20
+    assert traffic.reads == [] and traffic.uploads == []
+
+
+def _fake(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+def _engine_on_fake_tensors(engine):
+    """Swap every tensor the decode step reads (weights, caches, masks, step state) for a fake tensor of the
+    same shape, and take the engine's CUDA branch (device, Triton sampler)."""
+    for model in (engine.teacher, engine.student):
+        for module in model.modules():
+            for group in (module._parameters, module._buffers):
+                for name, t in group.items():
+                    if t is not None:
+                        group[name] = _fake(t)
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(module, name, None if name == "_packed_head" else _fake(value))
+    for cache in engine._caches():
+        cache.k, cache.v = [_fake(t) for t in cache.k], [_fake(t) for t in cache.v]
+    space = engine.space
+    space.proposal_mask, space.fallback_mask = _fake(space.proposal_mask), _fake(space.fallback_mask)
+    engine._teacher_next, engine._teacher_advance = _fake(engine._teacher_next), _fake(engine._teacher_advance)
+    state = engine._state
+    state.buffers = {dtype: _fake(b) for dtype, b in state.buffers.items()}
+    state._pad = {dtype: _fake(p) for dtype, p in state._pad.items()}
+    state.out = _fake(state.out)
+    for name, view in state.views.items():
+        state.views[name] = state.buffers[view.dtype][state.names.index(name) - state.groups[view.dtype][0]]
+    engine.device, engine.sampler = torch.device("cuda"), "triton"
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel under fake tensors: the launch (device code) is skipped, the host
+    code around it runs."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_cuda_step_traces_under_fake_tensors(tiny_pair, monkeypatch):
+    """The step the engine captures on CUDA (model forwards with slots, the Triton sampler's host side,
+    packing, the rows' advance) traced on fake tensors, where .item()/.tolist() raise: it completes, so
+    nothing inside the graph reads device data back. The fake tensors are CPU ones: a CPU-only torch
+    cannot index fake CUDA tensors (its CUDA device guard is missing); the engine's device, the sampler
+    backend and the Triton launch configuration are CUDA's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import rsd_engine.engine as engine_module
+    import rsd_engine.sampling.triton as triton_sampler
+
+    engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=4, max_seq_len=128,
+                    sampler="reference")
+    captured = {}
+
+    class Recorder:  # the graph runner: keeps the step it would capture
+        def __init__(self, step, *, buckets, enabled):
+            captured.update(step=step, buckets=buckets, enabled=enabled)
+
+    monkeypatch.setattr(engine_module, "SelfFeedingGraphs", Recorder)
+    monkeypatch.setattr(triton_sampler, "rsd_sample_kernel", _NoLaunch())
+    monkeypatch.setattr(triton_sampler, "_launch_config", lambda device: triton_sampler.CUDA_CONFIG)
+    calls = []
+    real_sample = triton_sampler.rsd_sample_triton
+    monkeypatch.setattr(triton_sampler, "rsd_sample_triton", lambda *a: calls.append(1) or real_sample(*a))
+    with FakeTensorMode(allow_non_fake_inputs=False), torch.inference_mode():
+        _engine_on_fake_tensors(engine)
+        engine._capture(128)
+        assert captured["enabled"] and captured["buckets"] == [1, 2, 4]
+        for bucket in captured["buckets"]:
+            captured["step"](bucket)
+        assert len(calls) == 3  # the Triton sampler's host code ran in every bucket's step
+        with pytest.raises(Exception, match="_local_scalar_dense"):  # the trace does refuse host reads
+            engine._state.out[0, 0].item()
