@@ -16,7 +16,7 @@ from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
 from .cuda_graph import SelfFeedingGraphs
-from .step import GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, step_inputs
+from .step import GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, row_values, step_inputs
 from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -56,7 +56,6 @@ class Engine:
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}  # CUDA: attention span -> SelfFeedingGraphs
-        self._state = self._step_state(out_columns=4)
         # How a committed student token moves the teacher on (a mapped token: all its pieces, see _commit).
         teacher_next = torch.arange(self.space.size)
         teacher_advance = torch.ones(self.space.size, dtype=torch.long)
@@ -64,6 +63,7 @@ class Engine:
             teacher_next[token], teacher_advance[token] = pieces[-1], len(pieces)
         self._teacher_next, self._teacher_advance = teacher_next.to(self.device), teacher_advance.to(self.device)
         self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
+        self._state = self._speculative.state() if draft_tokens else self._step_state(STEP_INPUTS, out_columns=4)
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -75,10 +75,10 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
 
-    def _step_state(self, out_columns: int) -> StepState:
+    def _step_state(self, fields: dict[str, torch.dtype], out_columns: int, values=row_values) -> StepState:
         # Padding rows decode a dummy token into the scratch slot (the extra last one) and stay where they are.
-        return StepState(STEP_INPUTS, self.max_batch_size, self.device, {"slots": self.max_batch_size,
-                         **PADDING_PARAMS}, out_columns)
+        return StepState(fields, self.max_batch_size, self.device, {"slots": self.max_batch_size, **PADDING_PARAMS},
+                         out_columns, values)
 
     # ------------------------------------------------------------------ generation
 
@@ -251,40 +251,44 @@ class Engine:
                 r.teacher_len += len(p) - 1
         return finished
 
-    def _run_decode_step(self, batch: list[Request]) -> list[list[float]]:
+    def _run_decode_step(self, batch: list[Request], step=None, lookahead: int = 1) -> list[list[float]]:
         """One decode step for ``batch`` over the device-resident step state (step.py's StepState): at most
-        one upload (rows that changed), one read of the packed outputs, one row of them per request."""
+        one upload (rows that changed), one read of the packed outputs, one row of them per request.
+        ``step(inputs, teacher_kv=, student_kv=)`` runs the step and moves the rows on (default
+        _step_and_advance); it writes ``lookahead`` positions past each row's cache length."""
+        step = step or self._step_and_advance
         state = self._state
         state.sync(batch)
         n = len(batch)
-        teacher_len = max(r.teacher_len for r in batch) + 1
-        student_len = max(r.student_len for r in batch) + 1
+        teacher_len = max(r.teacher_len for r in batch) + lookahead
+        student_len = max(r.student_len for r in batch) + lookahead
         if self.device.type != "cuda":
             # Slots 0..B-1 in order are read as a slice of the cache instead of gathered.
             contiguous = all(r.slot == b for b, r in enumerate(batch))
-            packed = self._step_and_advance(state.inputs(n, with_slots=not contiguous),
-                                            teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
-                                            student_kv=kv_bucket(student_len, self.max_seq_len))
+            packed = step(state.inputs(n, with_slots=not contiguous),
+                          teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
+                          student_kv=kv_bucket(student_len, self.max_seq_len))
             return state.read(packed)
         # On CUDA: one graph per (attention span, batch bucket), captured on first use and replayed.
         kv = kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
         if kv not in self._graphs:
-            self._graphs[kv] = self._capture(kv)
+            self._graphs[kv] = self._capture(kv, step)
         self._graphs[kv](n)
         return state.read(state.out[:n])
 
-    def _capture(self, kv: int) -> SelfFeedingGraphs:
+    def _capture(self, kv: int, step=None) -> SelfFeedingGraphs:
         """Graphs of the step that feeds itself: each reads the state's rows, writes the packed outputs to
         ``state.out`` and moves the rows on."""
+        step = step or self._step_and_advance
         state = self._state
 
-        def step(bucket: int):
-            state.out[:bucket].copy_(self._step_and_advance(state.inputs(bucket), teacher_kv=kv, student_kv=kv))
+        def run(bucket: int):
+            state.out[:bucket].copy_(step(state.inputs(bucket), teacher_kv=kv, student_kv=kv))
 
         n = self.max_batch_size
         buckets = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
         with state.padded():  # warm-up runs the step: only on padding rows, then the real rows come back
-            return SelfFeedingGraphs(step, buckets=buckets, enabled=self.device.type == "cuda")
+            return SelfFeedingGraphs(run, buckets=buckets, enabled=self.device.type == "cuda")
 
     def _step_inputs(self, batch: list[Request], *, with_slots: bool) -> dict[str, torch.Tensor]:
         return step_inputs(batch, self.device, with_slots=with_slots)

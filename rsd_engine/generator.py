@@ -30,6 +30,7 @@ from .randomness import FALLBACK_DRAW, step_uniforms
 from .scheduler import Request
 from .sampling import resolve_backend, sample_tokens
 from .scoring import score_sequences
+from .step import STEP_INPUTS
 from .tokens import id_to_token_table, load_tokenizer
 
 RSD_ONLY_FIELDS = ("threshold", "check_temperature", "student_temperature", "student_top_p", "student_top_k",
@@ -61,7 +62,7 @@ class Generator(Engine):
         # One extra slot is scratch space for padding rows.
         self.cache = self.model.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}
-        self._state = self._step_state(out_columns=2)
+        self._state = self._step_state(STEP_INPUTS, out_columns=2)
 
     def _make_requests(self, prompts, params) -> list[Request]:
         requests = super()._make_requests(prompts, params)

@@ -1,9 +1,11 @@
-"""The decode step's inputs and its CUDA-graph capture.
+"""The decode step's inputs, kept on the device between steps.
 
 A decode step is one function of a dict of batch-major tensors (``STEP_INPUTS``): static shapes, no
-host syncs, so it compiles with ``fullgraph=True`` on CPU and is captured as a CUDA graph on GPU.
-The trap is padding: captured graphs run at bucket sizes, and rows past the real batch must decode
-a dummy token into the scratch slot with harmless parameters (``PADDING_PARAMS``).
+host syncs, so it compiles with ``fullgraph=True`` on CPU and is captured as a CUDA graph on GPU
+(cuda_graph.py). Its inputs live in ``StepState``, which the step itself moves on; the host patches
+rows only when the batch changes. The trap is padding: captured graphs run at bucket sizes, and rows
+past the real batch must decode a dummy token into the scratch slot with harmless parameters
+(``PADDING_PARAMS``) and stay where they are.
 """
 from __future__ import annotations
 
@@ -74,8 +76,9 @@ class StepState:
     """
 
     def __init__(self, fields: dict[str, torch.dtype], rows: int, device, padding: dict[str, int | float],
-                 out_columns: int):
+                 out_columns: int, values=row_values):
         self.device = torch.device(device)
+        self.values = values  # request -> its row of fields, for rows that join
         self.rows = rows
         # Fields grouped by dtype: one buffer per dtype, one line per field; the patch follows that order.
         self.names = sorted(fields, key=lambda name: str(fields[name]))
@@ -115,9 +118,8 @@ class StepState:
         """Views of the first ``n`` rows, named as the step reads them (static buffers: a graph reads these)."""
         return {name: view[:n] for name, view in self.views.items() if with_slots or name != "slots"}
 
-    def sync(self, batch, values=row_values) -> bool:
-        """Make rows 0..len(batch)-1 hold ``batch``; ``values(request)`` gives a new row's fields. Returns
-        whether anything was sent."""
+    def sync(self, batch) -> bool:
+        """Make rows 0..len(batch)-1 hold ``batch``; returns whether anything was sent."""
         if len(batch) > self.rows:
             raise ValueError(f"batch of {len(batch)} rows exceeds the step state's {self.rows} rows")
         old = {id(r): b for b, r in enumerate(self.requests) if id(r) not in self.dirty}
@@ -135,7 +137,7 @@ class StepState:
         for b, r in enumerate(batch):
             if source[b] >= 0:
                 continue
-            row = values(r)
+            row = self.values(r)
             for f, name in enumerate(self.names):
                 block[(1 + f) * n + b] = _float32_bits(row[name]) if self._is_float[f] else int(row[name])
         patch = torch.tensor(block, dtype=torch.int64)  # the one upload
@@ -174,15 +176,3 @@ class StepState:
 def _float32_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
-
-def capture_step(step, *, max_batch_size: int, scratch_slot: int, device, inputs=STEP_INPUTS):
-    """A CudaGraphStep over ``step(inputs)`` for batch buckets up to ``max_batch_size``; ``inputs`` names
-    the step's input tensors and their dtypes."""
-    from .cuda_graph import CudaGraphStep
-
-    padding = {"slots": scratch_slot, **PADDING_PARAMS}
-    n = max_batch_size
-    example = {name: torch.full((n,), padding.get(name, 0), dtype=dtype, device=device)
-               for name, dtype in inputs.items()}
-    buckets = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
-    return CudaGraphStep(step, example, buckets=buckets, padding=padding)
