@@ -74,6 +74,9 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        # Commit step n while step n+1 runs (see _decode): on CUDA, where the host's work can overlap.
+        self.pipelined = self.device.type == "cuda"
+        self._pending = None  # the step in flight: (its batch, requests whose row it must drop, its read)
 
     def _step_state(self, fields: dict[str, torch.dtype], out_columns: int, values=row_values) -> StepState:
         # Padding rows decode a dummy token into the scratch slot (the extra last one) and stay where they are.
@@ -118,7 +121,7 @@ class Engine:
         finally:
             for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
                 self._release(slot)
-            self._state.requests = []  # nor are its rows kept on the device
+            self._state.requests, self._pending = [], None  # nor are its rows kept, nor its step in flight
             if bar is not None:
                 bar.close()
 
@@ -205,12 +208,36 @@ class Engine:
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
-        """One RSD step (or speculative round) for every running request; returns the requests that finished."""
+        """One RSD step (or speculative round) for every running request; returns the requests that finished.
+
+        Pipelined (``self.pipelined``, on by default on CUDA): the step for ``batch`` is launched first, then
+        the previous step's outputs are committed while it runs. Rows move on by themselves on the device,
+        so the new step needs nothing from that commit, except for rows the commit ends or disturbs: a
+        finished request's extra step is dropped, and a row that wrote a mapped token (the teacher reads its
+        pieces on the host first) has its extra step dropped and is sent again, to redo that step. Each
+        row's uniforms depend on its own step counter only (DESIGN.md §3), so the tokens are the same."""
         if self._speculative is not None:
             return self._speculative.decode(batch)
-        rows = self._run_decode_step(batch)
+        if not self.pipelined:
+            return self._commit_step(batch, self._launch(batch)())
+        previous, self._pending = self._pending, (list(batch), set(), self._launch(batch, lookahead=2))
+        if previous is None:
+            return []
+        launched, dropped, rows = previous
+        kept = [(r, row) for r, row in zip(launched, rows()) if not r.result.finish_reason and id(r) not in dropped]
+        finished = self._commit_step([r for r, _ in kept], [row for _, row in kept])
+        disturbed = {id(r) for r, row in kept if not r.result.finish_reason and self._disturbs(row)}
+        self._pending[1].update(disturbed)
+        self._state.dirty.update(disturbed)
+        return finished
+
+    def _commit_step(self, batch: list[Request], rows: list[list[float]]) -> list[Request]:
         return self._commit(batch, [[(int(token), accepted, teacher_lp, student_lp)]
                                     for token, accepted, teacher_lp, student_lp in rows])
+
+    def _disturbs(self, row: list[float]) -> bool:
+        """Whether committing this step's row changes the host's state beyond what the device's advance did."""
+        return int(row[0]) in self.space.teacher_pieces
 
     def _commit(self, batch: list[Request], runs) -> list[Request]:
         """Append each request's run of (token, accepted, teacher_lp, student_lp) from one teacher pass.
@@ -252,10 +279,15 @@ class Engine:
         return finished
 
     def _run_decode_step(self, batch: list[Request], step=None, lookahead: int = 1) -> list[list[float]]:
-        """One decode step for ``batch`` over the device-resident step state (step.py's StepState): at most
-        one upload (rows that changed), one read of the packed outputs, one row of them per request.
-        ``step(inputs, teacher_kv=, student_kv=)`` runs the step and moves the rows on (default
-        _step_and_advance); it writes ``lookahead`` positions past each row's cache length."""
+        """One decode step for ``batch``; its packed outputs, one row per request (see _launch)."""
+        return self._launch(batch, step, lookahead)()
+
+    def _launch(self, batch: list[Request], step=None, lookahead: int = 1):
+        """Start one decode step for ``batch`` over the device-resident step state (step.py's StepState): at
+        most one upload (rows that changed), one read of the packed outputs; returns the function that waits
+        for them. ``step(inputs, teacher_kv=, student_kv=)`` runs the step and moves the rows on (default
+        _step_and_advance); it writes up to ``lookahead`` positions past a row's cache length as the host
+        knows it (2 while pipelined: the device may be a step ahead)."""
         step = step or self._step_and_advance
         state = self._state
         state.sync(batch)
@@ -268,13 +300,13 @@ class Engine:
             packed = step(state.inputs(n, with_slots=not contiguous),
                           teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
                           student_kv=kv_bucket(student_len, self.max_seq_len))
-            return state.read(packed)
+            return state.start_read(packed)
         # On CUDA: one graph per (attention span, batch bucket), captured on first use and replayed.
         kv = kv_bucket(max(teacher_len, student_len), self.max_seq_len, CUDA_KV_BUCKET)
         if kv not in self._graphs:
             self._graphs[kv] = self._capture(kv, step)
         self._graphs[kv](n)
-        return state.read(state.out[:n])
+        return state.start_read(state.out[:n])
 
     def _capture(self, kv: int, step=None) -> SelfFeedingGraphs:
         """Graphs of the step that feeds itself: each reads the state's rows, writes the packed outputs to

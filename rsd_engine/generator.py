@@ -63,6 +63,7 @@ class Generator(Engine):
         self.cache = self.model.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}
         self._state = self._step_state(STEP_INPUTS, out_columns=2)
+        self._speculative = None
 
     def _make_requests(self, prompts, params) -> list[Request]:
         requests = super()._make_requests(prompts, params)
@@ -88,10 +89,10 @@ class Generator(Engine):
             r.next_student_token, r.student_len = r.prompt_ids[-1], len(r.prompt_ids) - 1
         self._extend(self.model, self.cache, [(r.slot, r.prompt_ids[:-1]) for r in requests])
 
-    def _decode(self, batch: list[Request]) -> list[Request]:
-        """One sampling step for every running request; returns the requests that finished."""
+    def _commit_step(self, batch: list[Request], rows: list[list[float]]) -> list[Request]:
+        """Append one sampled token per request (Engine._decode runs the step); returns those that finished."""
         finished = []
-        for r, (token, logprob) in zip(batch, self._run_decode_step(batch)):
+        for r, (token, logprob) in zip(batch, rows):
             token = int(token)
             if token < 0:  # flagged: this row's logits are not finite; the others go on
                 self._fail(r, token)
@@ -118,6 +119,9 @@ class Generator(Engine):
                               backend=self.sampler)
         picked = logits.gather(-1, token.clamp(min=0)[:, None])[:, 0]
         return token, picked - torch.logsumexp(logits, dim=-1)
+
+    def _disturbs(self, row) -> bool:
+        return False  # one model, no mapped tokens: the device's advance is the whole commit
 
     def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
         token, logprob = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)

@@ -98,9 +98,13 @@ class StepState:
         self.dirty: set[int] = set()  # id() of requests the host changed outside the device's advance
         self.out = torch.zeros(rows, out_columns, dtype=torch.float64, device=self.device)
         if self.device.type == "cuda":
-            self.host_out = torch.empty(rows, out_columns, dtype=torch.float64, pin_memory=True)
-            self.staging = torch.empty((1 + len(self.names)) * rows, dtype=torch.int64, pin_memory=True)
-            self.read_done = torch.cuda.Event()
+            # Two of each: with the engine's pipelining (engine.py, _decode) one read is in flight while the
+            # next step starts; a buffer is reused two steps later, after the host waited for its step.
+            self.host_out = [torch.empty(rows, out_columns, dtype=torch.float64, pin_memory=True) for _ in "ab"]
+            self.read_done = [torch.cuda.Event() for _ in "ab"]
+            self.staging = [torch.empty((1 + len(self.names)) * rows, dtype=torch.int64, pin_memory=True)
+                            for _ in "ab"]
+            self._reads = self._patches = 0
 
     @contextmanager
     def padded(self):
@@ -142,8 +146,8 @@ class StepState:
                 block[(1 + f) * n + b] = _float32_bits(row[name]) if self._is_float[f] else int(row[name])
         patch = torch.tensor(block, dtype=torch.int64)  # the one upload
         if self.device.type == "cuda":
-            # The previous patch's copy is done: the last read waited on an event recorded after it.
-            staged = self.staging[: patch.numel()]
+            staged = self.staging[self._patches % 2][: patch.numel()]
+            self._patches += 1
             staged.copy_(patch)
             patch = staged.to(self.device, non_blocking=True)
         self._apply(patch.view(1 + fields, n), n)
@@ -163,14 +167,22 @@ class StepState:
 
     def read(self, packed: torch.Tensor) -> list[list[float]]:
         """The step's packed outputs ``[n, C]`` as Python rows: the step's one host read."""
+        return self.start_read(packed)()
+
+    def start_read(self, packed: torch.Tensor):
+        """Start bringing the packed outputs ``[n, C]`` to the host (one asynchronous copy on CUDA); returns a
+        function that waits for them and gives them as Python rows."""
         if self.device.type != "cuda":
-            return packed.tolist()
-        n = packed.shape[0]
-        host = self.host_out[:n]
+            return packed.tolist
+        turn, self._reads = self._reads % 2, self._reads + 1
+        host, done = self.host_out[turn][: packed.shape[0]], self.read_done[turn]
         host.copy_(packed, non_blocking=True)
-        self.read_done.record()
-        self.read_done.synchronize()
-        return host.tolist()
+        done.record()
+
+        def rows():
+            done.synchronize()
+            return host.tolist()
+        return rows
 
 
 def _float32_bits(x: float) -> int:

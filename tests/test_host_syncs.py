@@ -112,11 +112,24 @@ def engine(tiny_pair):
     return Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=3, max_seq_len=128, sampler="cpp")
 
 
-def test_engine_decode_step_has_one_read_and_at_most_one_upload(engine, monkeypatch):
-    """Four prompts over three slots with different lengths: rows join and finish mid-run."""
+@pytest.mark.parametrize("pipelined", [False, True], ids=["step_by_step", "pipelined"])
+def test_engine_decode_step_has_one_read_and_at_most_one_upload(engine, monkeypatch, pipelined):
+    """Four prompts over three slots with different lengths: rows join and finish mid-run. Pipelined is the
+    CUDA loop (commit step n while step n+1 runs), forced on CPU."""
+    monkeypatch.setattr(engine, "pipelined", pipelined)
     steps = per_step_traffic(engine, monkeypatch)
     params = [SamplingParams(max_new_tokens=4 + 3 * i, seed=i, threshold=0.01, ignore_eos=True) for i in range(4)]
     engine.generate_batch(PROMPTS, params)
+    assert_budget(steps)
+
+
+def test_speculative_round_has_one_read_and_at_most_one_upload(tiny_pair, monkeypatch):
+    """A speculative round (draft, verify) is one step: the device sizes the next round's num_draft."""
+    spec = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=3, max_seq_len=128, sampler="cpp",
+                  draft_tokens=2)
+    steps = per_step_traffic(spec, monkeypatch)
+    params = [SamplingParams(max_new_tokens=6 + 4 * i, seed=i, threshold=0.01, ignore_eos=True) for i in range(4)]
+    spec.generate_batch(PROMPTS, params)
     assert_budget(steps)
 
 
