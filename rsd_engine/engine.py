@@ -30,7 +30,8 @@ class Engine:
     ``teacher`` and ``student`` are local model folders (config.json, safetensors, tokenizer files).
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
     "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
-    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
+    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD. ``pipelined``
+    (True on CUDA) commits each step while the next one runs (see _decode); the tokens are the same.
     """
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,

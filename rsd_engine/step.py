@@ -60,8 +60,8 @@ class StepState:
     """The decode step's inputs, resident on the device: row b belongs to ``batch[b]`` (DESIGN.md §10,
     "a graph that feeds itself").
 
-    The step moves its own rows on after sampling (tokens, positions, step counters; ``advance`` in the
-    engine), so from one step to the next the host sends nothing. It patches rows only where the batch
+    The step moves its own rows on after sampling (tokens, positions, step counters: Engine._advance,
+    SpeculativeDecoder._advance), so from one step to the next the host sends nothing. It patches rows only where the batch
     changed, with one upload: an int64 ``[1 + F, n]`` block whose first line says, for every row, which
     row of the previous step it continues (``-1``: a request that just joined, whose F values follow;
     floats travel as their float32 bits). The block is applied on the device by a gather and a select,
@@ -71,7 +71,7 @@ class StepState:
     ``tolist``.
 
     The trap: ``sync`` assumes that every row it carries over holds exactly what the host would upload for
-    it, i.e. that ``advance`` mirrors the host's commit. A row the host changes otherwise must be sent as
+    it, i.e. that the device's advance mirrors the host's commit. A row the host changes otherwise must be sent as
     new (``dirty``).
     """
 

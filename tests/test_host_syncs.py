@@ -123,6 +123,37 @@ def test_engine_decode_step_has_one_read_and_at_most_one_upload(engine, monkeypa
     assert_budget(steps)
 
 
+@pytest.mark.parametrize("draft_tokens", [0, 2])
+def test_device_rows_track_the_host(tiny_pair, monkeypatch, draft_tokens):
+    """After every step, each running request's row on the device holds exactly what the host would send
+    for it: the device's advance is the host's commit (the premise of sending only rows that changed)."""
+    from rsd_engine.step import row_values
+
+    eng = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=3, max_seq_len=32, sampler="cpp",
+                 draft_tokens=draft_tokens)
+    decode, checked = eng._decode, []
+
+    def checking(batch):
+        finished = decode(batch)
+        state = eng._state
+        for b, r in enumerate(state.requests):
+            if r.result.finish_reason:
+                continue
+            want = row_values(r)
+            if draft_tokens:
+                want["num_draft"] = eng._speculative._num_draft(r)
+            got = {name: view[b].item() for name, view in state.views.items() if name in want}
+            assert got == pytest.approx(want), f"request {r.index} after {len(r.result.token_ids)} tokens"
+            checked.append(r.index)
+        return finished
+
+    monkeypatch.setattr(eng, "_decode", checking)
+    # The longest runs into max_seq_len: num_draft shrinks on the device as the room does.
+    params = [SamplingParams(max_new_tokens=5 + 9 * i, seed=i, threshold=0.01, ignore_eos=True) for i in range(4)]
+    eng.generate_batch(PROMPTS, params)
+    assert len(set(checked)) == 4
+
+
 def test_speculative_round_has_one_read_and_at_most_one_upload(tiny_pair, monkeypatch):
     """A speculative round (draft, verify) is one step: the device sizes the next round's num_draft."""
     spec = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=3, max_seq_len=128, sampler="cpp",
