@@ -82,3 +82,22 @@ def test_engine_greedy_on_cuda_equals_cpu(tiny_pair, threshold):
     for want, got in zip(cpu.generate_batch(PROMPTS, params), gpu.generate_batch(PROMPTS, params)):
         assert got.token_ids == want.token_ids and got.accepted == want.accepted
         assert got.teacher_logprobs == pytest.approx(want.teacher_logprobs, abs=1e-3)
+
+
+def test_decode_loop_host_traffic_on_cuda(tiny_pair, monkeypatch):
+    """The loop as it runs on the card (pipelined: step n committed while step n+1 runs): per decode step at
+    most one device-to-host copy and one upload, none where the batch did not change (test_host_syncs
+    counts the same on CPU); the tokens are those of the step-by-step loop."""
+    from test_host_syncs import PROMPTS as prompts, assert_budget, per_step_traffic
+
+    params = [SamplingParams(max_new_tokens=4 + 3 * i, seed=i, threshold=0.01, ignore_eos=True) for i in range(4)]
+    step_by_step = Engine(*tiny_pair, device="cuda", dtype="float32", max_batch_size=3, max_seq_len=128)
+    step_by_step.pipelined = False
+    want = step_by_step.generate_batch(prompts, params)
+    engine = Engine(*tiny_pair, device="cuda", dtype="float32", max_batch_size=3, max_seq_len=128)
+    assert engine.pipelined
+    steps = per_step_traffic(engine, monkeypatch)
+    got = engine.generate_batch(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.accepted for g in got] == [w.accepted for w in want]
+    assert_budget(steps)
