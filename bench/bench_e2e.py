@@ -6,16 +6,25 @@
     token per sequence to two engines, with no batching across sequences).
 
 All three run in one process on the same models, the same prompts and the same number of new tokens;
-the figure to quote is the ratio. Each (pair, thread count, OpenMP wait policy) runs in a fresh worker
-process, so that its thread settings are its own (OpenMP reads its wait policy once, at load) and its
-peak RSS is the engine's: the Engine is made as the README makes it (max_batch_size 32, max_seq_len
+the figure to quote is the ratio. On CPU each (pair, thread count, OpenMP wait policy) runs in a fresh
+worker process, so that its thread settings are its own (OpenMP reads its wait policy once, at load) and
+its peak RSS is the engine's: the Engine is made as the README makes it (max_batch_size 32, max_seq_len
 4096 unless told otherwise) and peak RSS is read after its runs, before the HF baselines load.
 ``--busy N`` runs N busy-loop processes beside the measurements: a machine shared with other work.
+
+On CUDA (bench/device_check.sh), or with --in-process, the run is in this process and the JSON is
+rewritten after every row, so a run cut short keeps what it measured. ``--teacher-shape`` and
+``--student-shape`` pick random pairs of real shapes (bench/random_pair.py: Qwen3 0.6B/1.7B/8B, weights made on the card); ``--draft-tokens`` runs
+plain RSD (0) and speculative rounds; ``--naive-batches``/``--naive-new-tokens`` bound the naive loop,
+which is slow. Each row also carries the weight-streaming floor: one decode step reads both models'
+weights once, at --floor-tb-s (4.3 TB/s, an H200's practical HBM rate); the engine's ms per step is a
+run's wall time over its new tokens (prefill included), and its warm-up (capture, compiles) is apart.
 Prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -30,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import rsd_engine  # noqa: E402  before torch: rsd_engine asks OpenMP for passive waiting (threads.py)
 import torch  # noqa: E402
 
-from random_pair import build_random_pair  # noqa: E402
+from random_pair import SHAPES, build_random_pair, weight_bytes  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
 
 TEMPERATURE, TOP_P, THRESHOLD = 0.7, 0.95, 0.01
@@ -74,20 +83,23 @@ def hf_rsd_loop(teacher, student, prompts: list[list[int]], new_tokens: int, voc
     return len(prompts) * new_tokens
 
 
-def timed(fn, repeats: int) -> tuple[float, int]:
-    def run():
-        count = fn()
+def timed(fn, repeats: int, warmup=None) -> tuple[float, int, float]:
+    """(median seconds, count, warm-up seconds) of fn() after one warm-up call (``warmup`` or fn itself)."""
+    def run(f):
+        count = f()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return count
 
-    run()  # warm-up (on CUDA: graph capture, Triton compiles)
+    start = time.perf_counter()
+    run(warmup or fn)  # on CUDA: graph capture, Triton compiles
+    warmup_s = time.perf_counter() - start
     times, count = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
-        count = run()
+        count = run(fn)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), count
+    return statistics.median(times), count, warmup_s
 
 
 def random_prompts(n: int, vocab: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -112,70 +124,121 @@ def peak_rss_gb() -> float:
 
 def pair_dirs(name: str, args):
     if name == "random":
-        if args.tiny:
-            return build_random_pair(args.cache, vocab_size=args.vocab, teacher="teacher-tiny",
-                                     student="student-tiny")
-        return build_random_pair(args.cache, vocab_size=args.vocab)
+        shapes = (("teacher-tiny", "student-tiny") if args.tiny else (args.teacher_shape, args.student_shape))
+        return build_random_pair(args.cache, vocab_size=args.vocab, teacher=shapes[0], student=shapes[1],
+                                 device=args.device)
     from rsd_engine.pipeline.demo_models import demo_student_dir, demo_teacher_dir
 
     return demo_teacher_dir(), demo_student_dir()
 
 
-def worker(args) -> dict:
-    """One configuration, in this (fresh) process: the engine's runs, its peak RSS, then the baselines."""
+def worker(args, run: dict, save=lambda: None) -> dict:
+    """One configuration, in this process: the engine's runs (one Engine per --draft-tokens value), its
+    peak RSS, then the baselines. Rows are appended to run["rows"] and save() is called after each."""
     from rsd_engine.threads import set_threads
 
     requested = args.threads[-1]  # the worker's own --threads comes last
     threads = set_threads(None if requested == "default" else int(requested))
     name = args.pairs[-1]
+    began = time.perf_counter()
+    run.update(pair=name, progress=[])
+
+    def progress(what: str):  # where a run that was cut short stopped, and when
+        run["progress"].append(f"{time.perf_counter() - began:.1f}s {what}")
+        save()
+
+    progress("building the pair" if name == "random" else "finding the pair")
     teacher_dir, student_dir = pair_dirs(name, args)
-    rss_before = peak_rss_gb()
-    engine = Engine(teacher_dir, student_dir, device=args.device, max_batch_size=args.max_batch_size,
-                    max_seq_len=args.max_seq_len, sampler=args.sampler)
-    vocab = engine.space.size
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=TEMPERATURE, top_p=TOP_P, threshold=THRESHOLD)
-    rows, inputs = [], {}
-    for batch in args.batches:
-        prompts = random_prompts(batch, vocab, args.prompt_len) if name == "random" else \
-            demo_prompts(batch, engine.tokenizer)
-        # Every method generates exactly new_tokens per sequence: EOS is not a stop here.
-        seeded = [SamplingParams(**{**params.__dict__, "seed": i, "ignore_eos": True}) for i in range(batch)]
-        accepted = []
+    streamed = weight_bytes(teacher_dir) + weight_bytes(student_dir) if name == "random" else None
+    run.update(teacher=str(teacher_dir), student=str(student_dir), rss_before_engine_gb=peak_rss_gb(),
+               build_s=time.perf_counter() - began, weight_bytes=streamed)
+    progress("pair built")
+    rows, inputs, plain_rate = run["rows"], {}, {}
+    dtype = device = vocab = None
+    for draft_tokens in args.draft_tokens:
+        progress(f"loading the engine, draft_tokens={draft_tokens}")
+        start = time.perf_counter()
+        engine = Engine(teacher_dir, student_dir, device=args.device, max_batch_size=args.max_batch_size,
+                        max_seq_len=args.max_seq_len, sampler=args.sampler, draft_tokens=draft_tokens)
+        load_s = time.perf_counter() - start
+        dtype, device, vocab = engine.dtype, engine.device, engine.space.size
+        params = SamplingParams(max_new_tokens=args.new_tokens, temperature=TEMPERATURE, top_p=TOP_P,
+                                threshold=THRESHOLD)
+        for batch in args.batches:
+            if batch not in inputs:
+                inputs[batch] = random_prompts(batch, vocab, args.prompt_len) if name == "random" else \
+                    demo_prompts(batch, engine.tokenizer)
+            prompts = inputs[batch]
+            # Every method generates exactly new_tokens per sequence: EOS is not a stop here.
+            seeded = [SamplingParams(**{**params.__dict__, "seed": i, "ignore_eos": True}) for i in range(batch)]
+            accepted, passes = [], []
 
-        def ours():
-            results = engine.generate_batch(prompts, seeded)
-            accepted.extend(a for r in results for a in r.accepted)
-            return sum(len(r.token_ids) for r in results)
+            def ours():
+                results = engine.generate_batch(prompts, seeded)
+                accepted.extend(a for r in results for a in r.accepted)
+                passes.append(sum(r.teacher_passes for r in results))
+                return sum(len(r.token_ids) for r in results)
 
-        t_ours, n_ours = timed(ours, args.repeats)
-        inputs[batch] = prompts
-        rows.append(dict(pair=name, device=str(engine.device), threads=threads, requested_threads=requested,
-                         wait_policy=os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"), batch=batch,
-                         new_tokens=args.new_tokens, prompt_tokens=sum(map(len, prompts)) // len(prompts),
-                         acceptance_rate=sum(accepted) / len(accepted), engine_tok_s=n_ours / t_ours))
+            progress(f"engine: batch {batch}, draft_tokens={draft_tokens} (warm-up, then {args.repeats} runs)")
+            t_ours, n_ours, warmup_s = timed(ours, args.repeats)
+            rate = n_ours / t_ours
+            if draft_tokens == 0:
+                plain_rate[batch] = rate
+            row = dict(pair=name, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+                       threads=threads, requested_threads=requested,
+                       wait_policy=os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"), batch=batch,
+                       draft_tokens=draft_tokens, new_tokens=args.new_tokens,
+                       prompt_tokens=sum(map(len, prompts)) // len(prompts), engine_load_s=load_s,
+                       engine_warmup_s=warmup_s, acceptance_rate=sum(accepted) / len(accepted),
+                       teacher_passes_per_token=passes[-1] / n_ours, engine_tok_s=rate,
+                       engine_ms_per_step=1e3 * t_ours / args.new_tokens)
+            if batch in plain_rate:
+                row["vs_plain"] = rate / plain_rate[batch]
+            if streamed and engine.device.type == "cuda":
+                # One plain step reads both models' weights once for all rows.
+                floor_s = streamed / (args.floor_tb_s * 1e12)
+                row.update(floor_ms_per_step=floor_s * 1e3, floor_tok_s=batch / floor_s,
+                           over_floor=row["engine_ms_per_step"] / (floor_s * 1e3))
+            rows.append(row)
+            save()
+            print(f"{name} G={draft_tokens} batch {batch:>3}: engine {rate:8.1f} tok/s "
+                  f"({row['engine_ms_per_step']:.2f} ms per step, warm-up {warmup_s:.1f} s)", flush=True)
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     engine_peak = peak_rss_gb()
     for row in rows:
         row["engine_peak_rss_gb"] = engine_peak
     if args.baselines:
         from transformers import AutoModelForCausalLM
 
-        hf = [AutoModelForCausalLM.from_pretrained(d, dtype=engine.dtype).to(engine.device).eval()
+        progress("loading the HF models")
+        hf = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
               for d in (teacher_dir, student_dir)]
-        del engine
-        for row in rows:
-            prompts = inputs[row["batch"]]
-            t_naive, n_naive = timed(lambda: hf_rsd_loop(*hf, prompts, args.new_tokens, vocab), args.repeats)
-            row["naive_hf_tok_s"] = n_naive / t_naive
-            if row["batch"] > 1:
-                t_single, n_single = timed(
-                    lambda: sum(hf_rsd_loop(*hf, [p], args.new_tokens, vocab) for p in prompts), 1)
-                row["one_by_one_tok_s"] = n_single / t_single
-            else:
-                row["one_by_one_tok_s"] = row["naive_hf_tok_s"]
-            row["vs_naive_hf"] = row["engine_tok_s"] / row["naive_hf_tok_s"]
-            row["vs_one_by_one"] = row["engine_tok_s"] / row["one_by_one_tok_s"]
-    return dict(pair=name, teacher=str(teacher_dir), student=str(student_dir), rss_before_engine_gb=rss_before,
-                rows=rows)
+        naive_tokens = args.naive_new_tokens or args.new_tokens
+        for batch in args.batches if args.naive_batches is None else args.naive_batches:
+            prompts = inputs[batch]
+            progress(f"naive HF loop: batch {batch}")
+            t_naive, n_naive, _ = timed(lambda: hf_rsd_loop(*hf, prompts, naive_tokens, vocab), args.naive_repeats,
+                                        warmup=lambda: hf_rsd_loop(*hf, prompts, 2, vocab))
+            naive = n_naive / t_naive
+            one_by_one = naive
+            if batch > 1 and args.one_by_one:
+                t_single, n_single, _ = timed(
+                    lambda: sum(hf_rsd_loop(*hf, [p], naive_tokens, vocab) for p in prompts), 1,
+                    warmup=lambda: hf_rsd_loop(*hf, prompts[:1], 2, vocab))
+                one_by_one = n_single / t_single
+            for row in rows:
+                if row["batch"] == batch:
+                    row.update(naive_hf_tok_s=naive, naive_new_tokens=naive_tokens,
+                               vs_naive_hf=row["engine_tok_s"] / naive)
+                    if batch == 1 or args.one_by_one:
+                        row.update(one_by_one_tok_s=one_by_one, vs_one_by_one=row["engine_tok_s"] / one_by_one)
+            save()
+            print(f"{name} batch {batch:>3}: naive HF loop {naive:8.1f} tok/s ({naive_tokens} new tokens)", flush=True)
+    progress("done")
+    return run
 
 
 def run_worker(argv: list[str], pair: str, threads: str, policy: str) -> dict:
@@ -185,6 +248,12 @@ def run_worker(argv: list[str], pair: str, threads: str, policy: str) -> dict:
                "--worker-out", out.name]
         subprocess.run(cmd, env=env, check=True)
         return json.loads(Path(out.name).read_text())
+
+
+def write_report(report: dict, path: str):
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
 
 
 def busy_loops(n: int) -> list[subprocess.Popen]:
@@ -198,9 +267,21 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--vocab", type=int, default=49152, help="random pair's words (shapes without their own)")
     parser.add_argument("--tiny", action="store_true", help="the random pair at a few MB (plumbing checks)")
+    parser.add_argument("--teacher-shape", choices=list(SHAPES), default="teacher", help="random pair's teacher")
+    parser.add_argument("--student-shape", choices=list(SHAPES), default="student", help="random pair's student")
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[0],
+                        help="Engine draft_tokens values, one Engine each (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-batches", type=int, nargs="*", default=None,
+                        help="batches the naive HF loop runs (default: --batches; none: no value)")
+    parser.add_argument("--naive-new-tokens", type=int, default=None,
+                        help="naive loop's new tokens (default: --new-tokens)")
+    parser.add_argument("--naive-repeats", type=int, default=None, help="default: --repeats")
+    parser.add_argument("--no-one-by-one", dest="one_by_one", action="store_false",
+                        help="skip the one-sequence-at-a-time baseline at batch > 1")
+    parser.add_argument("--floor-tb-s", type=float, default=4.3, help="HBM rate of the CUDA floor, TB/s")
     parser.add_argument("--threads", nargs="+", default=["default"],
                         help="thread counts to compare, 'default' = rsd's default (default: %(default)s)")
     parser.add_argument("--wait-policies", nargs="+", default=["PASSIVE"], choices=["PASSIVE", "ACTIVE"],
@@ -214,51 +295,77 @@ def main(argv=None):
     parser.add_argument("--sampler", default="auto")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rsd-engine" / "bench"))
     parser.add_argument("--out", default="bench/results/e2e.json")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no worker processes (one thread setting; always so on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if max(args.batches) > args.max_batch_size:
         parser.error(f"--batches up to {max(args.batches)} need --max-batch-size >= that")
+    if not set(args.naive_batches or []) <= set(args.batches):
+        parser.error("--naive-batches must be among --batches (the naive loop runs the engine's prompts)")
+    args.naive_repeats = args.naive_repeats or args.repeats
     if args.worker:
-        Path(args.worker_out).write_text(json.dumps(worker(args)))
+        Path(args.worker_out).write_text(json.dumps(worker(args, dict(rows=[]))))
         return
 
-    passthrough = [a for a in argv if a not in ("--worker",)]
-    report = dict(busy_loops=args.busy, cpus=os.cpu_count(), load_average_before=os.getloadavg(), runs=[])
-    busy = busy_loops(args.busy)
-    try:
+    report = dict(device=args.device, busy_loops=args.busy, cpus=os.cpu_count(), load_average_before=os.getloadavg(),
+                  settings=dict(new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats,
+                                naive_batches=args.naive_batches if args.naive_batches is not None else args.batches,
+                                naive_new_tokens=args.naive_new_tokens or args.new_tokens,
+                                naive_repeats=args.naive_repeats, one_by_one=args.one_by_one,
+                                floor=f"both models' weights read once per step at {args.floor_tb_s} TB/s"),
+                  runs=[])
+    naive = report["settings"]
+    if args.baselines and (naive["naive_batches"] != args.batches or naive["naive_new_tokens"] != args.new_tokens):
+        naive["naive_note"] = (f"shrunk to fit the time budget: the naive HF loop ran {naive['naive_new_tokens']} new "
+                               f"tokens at batches {naive['naive_batches']} only; its tok/s is of its own run")
+    if args.in_process or torch.device(args.device).type == "cuda":
+        # In this process (thread settings do not matter on CUDA), the JSON kept after every row.
         for pair in args.pairs:
-            for policy in args.wait_policies:
-                for threads in args.threads:
-                    run = run_worker(passthrough, pair, threads, policy)
-                    report["runs"].append(run)
-                    for r in run["rows"]:
-                        print(f"{r['pair']} threads {r['threads']} ({r['requested_threads']}) {r['wait_policy']} "
-                              f"batch {r['batch']:>3}: engine {r['engine_tok_s']:8.1f} tok/s, peak RSS "
-                              f"{r['engine_peak_rss_gb']:.2f} GB", flush=True)
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+            run = dict(rows=[])
+            report["runs"].append(run)
+            worker(argparse.Namespace(**{**vars(args), "pairs": [pair], "threads": args.threads[:1]}), run,
+                   save=lambda: write_report(report, args.out))
+    else:
+        passthrough = [a for a in argv if a not in ("--worker",)]
+        busy = busy_loops(args.busy)
+        try:
+            for pair in args.pairs:
+                for policy in args.wait_policies:
+                    for threads in args.threads:
+                        report["runs"].append(run_worker(passthrough, pair, threads, policy))
+        finally:
+            for p in busy:
+                p.kill()
+                p.wait()
     report["load_average_after"] = os.getloadavg()
+    print_table(report, args)
+    write_report(report, args.out)
+    print(f"wrote {args.out}")
+
+
+def print_table(report, args):
     rows = [r for run in report["runs"] for r in run["rows"]]
     print()
     print(f"machine: {report['cpus']} CPUs, {args.busy} busy-loop processes beside, load average "
           f"{report['load_average_before'][0]:.1f} before / {report['load_average_after'][0]:.1f} after")
-    print(f"{'pair':>6} {'thr':>7} {'wait':>7} {'batch':>5} {'accept':>7} {'engine tok/s':>13} {'vs 1st':>7} "
-          f"{'peak RSS GB':>11} {'naive HF':>9} {'1-by-1':>8} {'vs naive':>9} {'vs 1-by-1':>10}")
+    print(f"{'pair':>6} {'thr':>7} {'wait':>7} {'G':>2} {'batch':>5} {'accept':>7} {'engine tok/s':>13} {'vs 1st':>7} "
+          f"{'ms/step':>8} {'floor ms':>9} {'/floor':>7} {'peak RSS GB':>11} {'naive HF':>9} {'1-by-1':>8} "
+          f"{'vs naive':>9} {'vs 1-by-1':>10}")
     first = {}
     for r in rows:
-        base = first.setdefault((r["pair"], r["batch"]), r["engine_tok_s"])
-        hf = (f"{r['naive_hf_tok_s']:>9.1f} {r['one_by_one_tok_s']:>8.1f} {r['vs_naive_hf']:>8.2f}x "
-              f"{r['vs_one_by_one']:>9.2f}x") if "naive_hf_tok_s" in r else ""
-        print(f"{r['pair']:>6} {r['requested_threads']:>7} {r['wait_policy'][:7]:>7} {r['batch']:>5} "
-              f"{r['acceptance_rate']:>7.3f} {r['engine_tok_s']:>13.1f} {r['engine_tok_s'] / base:>6.2f}x "
-              f"{r['engine_peak_rss_gb']:>11.2f} {hf}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+        base = first.setdefault((r["pair"], r["batch"], r["draft_tokens"]), r["engine_tok_s"])
+        floor = (f"{r['floor_ms_per_step']:>9.3f} {r['over_floor']:>6.1f}x" if "floor_ms_per_step" in r
+                 else f"{'-':>9} {'-':>7}")
+        naive = f"{r['naive_hf_tok_s']:>9.1f} " if "naive_hf_tok_s" in r else f"{'-':>9} "
+        naive += f"{r['one_by_one_tok_s']:>8.1f} " if "one_by_one_tok_s" in r else f"{'-':>8} "
+        naive += f"{r['vs_naive_hf']:>8.2f}x " if "vs_naive_hf" in r else f"{'-':>9} "
+        naive += f"{r['vs_one_by_one']:>9.2f}x" if "vs_one_by_one" in r else f"{'-':>10}"
+        print(f"{r['pair']:>6} {r['requested_threads']:>7} {r['wait_policy'][:7]:>7} {r['draft_tokens']:>2} "
+              f"{r['batch']:>5} {r['acceptance_rate']:>7.3f} {r['engine_tok_s']:>13.1f} "
+              f"{r['engine_tok_s'] / base:>6.2f}x {r['engine_ms_per_step']:>8.2f} {floor} "
+              f"{r['engine_peak_rss_gb']:>11.2f} {naive}")
 
 
 if __name__ == "__main__":

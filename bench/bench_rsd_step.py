@@ -1,14 +1,14 @@
-"""One RSD sampling step: the fused kernel against the op-by-op PyTorch reference (issue 3).
+"""One RSD sampling step: the fused op against the op-by-op PyTorch reference and the memory floor.
 
-CPU: the C++ kernel (``backend="cpp"``) against ``rsd_sample_reference``, both called as the engine calls
-them, wall-clock median after warm-up. Beside them, the time to read both logit tensors once
-(``amax``), measured in the same run: the memory floor of any sampler.
-CUDA (wherever one exists): the Triton kernel against the same reference, each captured as a CUDA graph
-and timed as replays; the ideal is one read of each logit row at the card's measured copy bandwidth.
-
-Effective bandwidth counts the bytes of both logit rows once. The ratio measured side by side is the
-figure to quote. Default parameters are the paper's (temperature 0.7, top_p 0.95, threshold 0.01).
-Prints one table and writes JSON (bench/results/rsd_step.json unless --out says otherwise).
+Rows are (op, B, V, logit dtype). CUDA: the Triton op against ``rsd_sample_reference`` on the same card,
+each captured as a CUDA graph and timed as replays between CUDA events (µs per call, median of
+repeats); the floor is the logit rows read once at --floor-tb-s (4.3 TB/s: an H200's practical HBM
+rate), beside the card's measured copy bandwidth. CPU: the C++ op (``backend="cpp"``) against the same
+reference, wall-clock median after warm-up; the floor there is measured in the same run (``amax`` over
+both logit tensors). The ratio measured side by side is the figure to quote.
+Default parameters are the paper's (temperature 0.7, top_p 0.95, threshold 0.01). Prints one table and
+writes JSON after every row (bench/results/rsd_step.json unless --out says otherwise), so a run cut
+short keeps what it measured; a row that fails is recorded with its error and the run goes on.
 """
 from __future__ import annotations
 
@@ -28,28 +28,30 @@ import torch  # noqa: E402
 from rsd_engine.randomness import step_uniforms  # noqa: E402
 from rsd_engine.sampling import RowParams, rsd_sample, rsd_sample_reference  # noqa: E402
 
-BATCHES = (1, 8, 16, 32, 128)
-VOCABS = (32_000, 49_152, 151_936)
-QUICK = ((1, 32_000), (16, 151_936), (32, 49_152))
+BATCHES = (1, 16, 64, 256)
+VOCAB = 151_936
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAMS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
               student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
 LOGITS = "LM-like rows: 2*randn background plus 6 peaked ids per row (+3..+11); student = 0.8*teacher + 2*randn"
+FLOOR_TB_S = 4.3
 
 
-def make_step(B: int, V: int, device: str, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(B, V, generator=gen) * 2
-    teacher.scatter_add_(1, torch.randint(0, V, (B, 6), generator=gen), torch.rand(B, 6, generator=gen) * 8 + 3)
-    student = 0.8 * teacher + torch.randn(B, V, generator=gen) * 2
-    params = RowParams(**{k: torch.full((B,), v, dtype=torch.int32 if isinstance(v, int) else torch.float32)
-                          for k, v in PARAMS.items()})
-    uniforms = step_uniforms(torch.arange(B) + seed, torch.zeros(B, dtype=torch.int64))
-    mask = torch.ones(V, dtype=torch.bool)
-    to = lambda t: t.to(device)  # noqa: E731
-    return to(teacher), to(student), to(uniforms), RowParams(*map(to, params)), to(mask), to(mask)
+def make_step(B: int, V: int, device: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(teacher, student, uniforms, params, mask, mask) for B rows of V ids, made on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    teacher = torch.randn(B, V, generator=gen, device=device) * 2
+    peaks = torch.randint(0, V, (B, 6), generator=gen, device=device)
+    teacher.scatter_add_(1, peaks, torch.rand(B, 6, generator=gen, device=device) * 8 + 3)
+    student = 0.8 * teacher + torch.randn(B, V, generator=gen, device=device) * 2
+    params = RowParams(**{k: torch.full((B,), v, dtype=torch.int32 if isinstance(v, int) else torch.float32,
+                                        device=device) for k, v in PARAMS.items()})
+    uniforms = step_uniforms(torch.arange(B, device=device) + seed, torch.zeros(B, dtype=torch.int64, device=device))
+    mask = torch.ones(V, dtype=torch.bool, device=device)
+    return teacher.to(dtype), student.to(dtype), uniforms, params, mask, mask
 
 
-def median_wall_ms(fn, warmup: int, repeats: int, budget_s: float) -> float:
+def median_wall_us(fn, warmup: int, repeats: int, budget_s: float) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -58,15 +60,15 @@ def median_wall_ms(fn, warmup: int, repeats: int, budget_s: float) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e6 * statistics.median(times)
 
 
-def median_graph_ms(fn, repeats: int) -> float:
-    """Median time of one CUDA-graph replay of fn."""
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    """fn captured as a CUDA graph, after warm-up runs on a side stream (Triton compiles, allocator settles)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # compiles kernels and settles the allocator before capture
+        for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
@@ -74,103 +76,149 @@ def median_graph_ms(fn, repeats: int) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def median_graph_us(fn, repeats: int) -> float:
+    """µs per call of fn replayed as a CUDA graph: the median over repeats of (CUDA-event time of n
+    back-to-back replays) / n, n chosen so one repeat takes about a millisecond."""
+    graph = graph_of(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
+
+    def timed(n):
         start.record()
-        graph.replay()
+        for _ in range(n):
+            graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return start.elapsed_time(end) * 1e3 / n
+
+    n = max(1, min(100, int(1000 / max(timed(1), 1.0))))
+    return statistics.median(timed(n) for _ in range(repeats))
 
 
 def cuda_copy_bandwidth() -> float:
     """Bytes per second the card moves in a large device-to-device copy (read + write)."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = median_graph_ms(lambda: dst.copy_(src), 20)
-    return 2 * src.numel() / (ms * 1e-3)
+    us = median_graph_us(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() / (us * 1e-6)
 
 
-def bench_cpu(B, V, args):
-    teacher, student, uniforms, params, mask, _ = make_step(B, V, "cpu")
-    fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend="cpp")  # noqa: E731
-    reference = lambda: rsd_sample_reference(teacher, student, uniforms, params, mask, mask)  # noqa: E731
-    same = torch.equal(fused().token, reference().token)
-    fused_ms = median_wall_ms(fused, args.warmup, args.repeats, args.budget)
-    reference_ms = median_wall_ms(reference, 1, args.repeats, args.budget)
-    floor_ms = median_wall_ms(lambda: (teacher.amax(), student.amax()), args.warmup, args.repeats, args.budget)
-    return dict(fused_ms=fused_ms, reference_ms=reference_ms, read_once_ms=floor_ms, same_tokens=same)
-
-
-def bench_cuda(B, V, args, bandwidth):
-    teacher, student, uniforms, params, mask, _ = make_step(B, V, "cuda")
-    fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend="triton")  # noqa: E731
-    reference = lambda: rsd_sample_reference(teacher, student, uniforms, params, mask, mask)  # noqa: E731
-    same = torch.equal(fused().token, reference().token)
-    row = dict(fused_ms=median_graph_ms(fused, args.repeats), same_tokens=same)
-    try:
-        row["reference_ms"] = median_graph_ms(reference, args.repeats)
-    except RuntimeError as err:  # should the reference ever stop being capturable, time it eagerly
-        row["reference_ms"] = median_wall_ms(lambda: (reference(), torch.cuda.synchronize()), 2, args.repeats,
-                                             args.budget)
-        row["reference_note"] = f"eager (graph capture failed: {err})"
-    row["read_once_ms"] = 2 * teacher.numel() * teacher.element_size() / bandwidth * 1e3  # the ideal
+def time_pair(fused, reference, device: str, args, floor_tensors) -> dict:
+    """fused_us, reference_us and floor_us (see the module docstring) of two zero-argument callables."""
+    if device == "cuda":
+        row = dict(fused_us=median_graph_us(fused, args.repeats))
+        try:
+            row["reference_us"] = median_graph_us(reference, args.repeats)
+        except RuntimeError as err:  # should the reference ever stop being capturable, time it eagerly
+            torch.cuda.synchronize()
+            row["reference_us"] = median_wall_us(lambda: (reference(), torch.cuda.synchronize()), 2, args.repeats,
+                                                 args.budget)
+            row["reference_note"] = f"eager (graph capture failed: {str(err)[:200]})"
+        nbytes = sum(t.numel() * t.element_size() for t in floor_tensors)
+        row["floor_us"] = nbytes / (args.floor_tb_s * 1e12) * 1e6
+    else:
+        row = dict(fused_us=median_wall_us(fused, args.warmup, args.repeats, args.budget),
+                   reference_us=median_wall_us(reference, 1, args.repeats, args.budget),
+                   floor_us=median_wall_us(lambda: [t.amax() for t in floor_tensors], args.warmup, args.repeats,
+                                           args.budget))
+    row.update(speedup=row["reference_us"] / row["fused_us"], over_floor=row["fused_us"] / row["floor_us"],
+               bytes=sum(t.numel() * t.element_size() for t in floor_tensors))
     return row
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"only {QUICK} (B, V) pairs")
-    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
-    parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--budget", type=float, default=5.0, help="seconds per measurement before cutting repeats")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "rsd_step.json")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    shapes = list(QUICK) if args.quick else [(B, V) for V in args.vocab for B in args.batch]
+def bench_rsd_sample(B, V, dtype, device, args) -> dict:
+    teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
+    backend = "triton" if device == "cuda" else "cpp"
+    fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend)  # noqa: E731
+    reference = lambda: rsd_sample_reference(teacher, student, uniforms, params, mask, mask)  # noqa: E731
+    row = dict(same_tokens=bool(torch.equal(fused().token, reference().token)))
+    row.update(time_pair(fused, reference, device, args, (teacher, student)))
+    return row
 
-    meta = dict(device=device, torch=torch.__version__, params=PARAMS, logits=LOGITS, dtype="float32",
+
+def run_rows(rows_to_run, bench_one, device, args, meta, header, fmt) -> list[dict]:
+    """Runs bench_one(*key) for every key, printing and writing the JSON after each row; a failing row is
+    recorded with its error (an out-of-memory or a kernel that does not compile must not end the run)."""
+    rows = []
+    print(header)
+    print("-" * len(header), flush=True)
+    for key in rows_to_run:
+        start = time.perf_counter()
+        try:
+            row = {**key, **bench_one(**key)}
+            print(fmt(row), flush=True)
+        except Exception as err:  # noqa: BLE001  recorded, and the next row runs
+            row = {**key, "error": f"{type(err).__name__}: {str(err)[:500]}"}
+            print(f"{key}: FAILED {row['error']}", flush=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2, default=str))
+    print(f"wrote {args.out}")
+    return rows
+
+
+def common_meta(device: str, args) -> dict:
+    meta = dict(device=device, torch=torch.__version__, params=PARAMS, logits=LOGITS,
                 python=platform.python_version())
-    bandwidth = None
     if device == "cuda":
-        bandwidth = cuda_copy_bandwidth()
-        meta.update(gpu=torch.cuda.get_device_name(), copy_bandwidth_gb_s=bandwidth / 1e9,
-                    timing="median CUDA-graph replay", floor="ideal: both rows read once at the copy bandwidth")
+        meta.update(gpu=torch.cuda.get_device_name(), copy_bandwidth_gb_s=cuda_copy_bandwidth() / 1e9,
+                    timing="median of CUDA-event times of back-to-back CUDA-graph replays",
+                    floor=f"the logit rows read once at {args.floor_tb_s} TB/s", floor_tb_s=args.floor_tb_s)
     else:
         from rsd_engine import _C
 
         meta.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), isa=_C.isa(),
                     load_average=os.getloadavg(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                     timing="median wall clock after warm-up",
-                    floor="read_once: amax over both logit tensors, measured in the same run")
+                    floor="amax over the logit tensors (each read once), measured in the same run")
+    return meta
 
-    rows = []
-    header = (f"{'B':>4} {'V':>7} | {'fused ms':>9} {'torch ms':>9} {'speedup':>8} | {'fused GB/s':>10} "
-              f"{'floor ms':>9} {'fused/floor':>11} | same")
-    print(f"RSD step on {device} ({meta.get('gpu') or meta.get('isa')}), fused vs op-by-op PyTorch")
-    print(header)
-    print("-" * len(header))
-    for B, V in shapes:
-        row = bench_cuda(B, V, args, bandwidth) if device == "cuda" else bench_cpu(B, V, args)
-        bytes_read = 2 * B * V * 4
-        row.update(B=B, V=V, bytes=bytes_read, speedup=row["reference_ms"] / row["fused_ms"],
-                   fused_gb_s=bytes_read / (row["fused_ms"] * 1e-3) / 1e9,
-                   fused_over_floor=row["fused_ms"] / row["read_once_ms"])
-        rows.append(row)
-        print(f"{B:>4} {V:>7} | {row['fused_ms']:>9.3f} {row['reference_ms']:>9.2f} {row['speedup']:>7.1f}x | "
-              f"{row['fused_gb_s']:>10.1f} {row['read_once_ms']:>9.3f} {row['fused_over_floor']:>10.1f}x | "
-              f"{'yes' if row['same_tokens'] else 'no (rounding)'}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    print(f"wrote {args.out}")
+
+def add_common_arguments(parser, default_out: str):
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"],
+                        help="logit dtypes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=5.0, help="seconds per measurement before cutting repeats")
+    parser.add_argument("--floor-tb-s", type=float, default=FLOOR_TB_S,
+                        help="memory rate of the floor on CUDA, TB/s (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / default_out)
+
+
+def resolve(args) -> str:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--vocab", type=int, nargs="+", default=[VOCAB])
+    add_common_arguments(parser, "rsd_step.json")
+    args = parser.parse_args(argv)
+    device = resolve(args)
+    meta = common_meta(device, args)
+    print(f"rsd_sample on {device} ({meta.get('gpu') or meta.get('isa')}), fused vs op-by-op PyTorch, µs per call")
+    header = (f"{'B':>4} {'V':>7} {'dtype':>8} | {'fused µs':>10} {'torch µs':>10} {'speedup':>8} | "
+              f"{'floor µs':>9} {'fused/floor':>11} | same")
+    keys = [dict(op="rsd_sample", B=B, V=V, dtype=d) for d in args.dtype for V in args.vocab for B in args.batch]
+
+    def fmt(r):
+        return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} {r['reference_us']:>10.1f} "
+                f"{r['speedup']:>7.1f}x | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "
+                f"{'yes' if r['same_tokens'] else 'no (rounding)'}")
+
+    run_rows(keys, lambda op, B, V, dtype: bench_rsd_sample(B, V, DTYPES[dtype], device, args), device, args, meta,
+             header, fmt)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""A random teacher/student pair at realistic shapes, built offline for benchmarks."""
+"""A random teacher/student pair at realistic shapes, built offline for benchmarks.
+
+Shapes named "qwen3-*" are the released Qwen3 models' (151,936 logit rows, head_dim 128); on a CUDA
+device their random bf16 weights are made on the card (seconds, where CPU init of an 8B model takes
+minutes) and written as safetensors, which the Engine reads as it reads any model folder."""
 from __future__ import annotations
 
 import json
@@ -21,7 +25,15 @@ SHAPES = {
                          intermediate_size=256),
     "student-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
                          intermediate_size=128),
+    # The released Qwen3 shapes (config.json of Qwen/Qwen3-0.6B, -1.7B, -8B): 151,936 logit rows each.
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=3072, head_dim=128, vocab_rows=151_936),
+    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=6144, head_dim=128, vocab_rows=151_936),
+    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=12288, head_dim=128, vocab_rows=151_936, tie_word_embeddings=False),
 }
+PADDING_ROWS = 64  # logit rows past the tokenizer; the last one is the EOS id, so no request stops early
 
 
 def word_tokenizer(folder: Path, vocab_size: int):
@@ -38,25 +50,45 @@ def word_tokenizer(folder: Path, vocab_size: int):
 
 
 def build_random_pair(root, *, vocab_size: int = 49152, seed: int = 0, student: str = "student",
-                      teacher: str = "teacher") -> tuple[Path, Path]:
+                      teacher: str = "teacher", device: str = "cpu") -> tuple[Path, Path]:
     """Qwen3-style teacher and student folders under ``root`` (cached: built once); ``teacher`` and
-    ``student`` name their shapes in SHAPES."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
+    ``student`` name their shapes in SHAPES. A shape with ``vocab_rows`` fixes its logit rows (the
+    tokenizer then has vocab_rows - PADDING_ROWS words, whatever ``vocab_size`` says); the others have
+    ``vocab_size`` words and ``vocab_size + PADDING_ROWS`` rows. On ``device="cuda"`` the weights are
+    made on the card in bfloat16."""
+    rows = {SHAPES[name].get("vocab_rows", vocab_size + PADDING_ROWS) for name in (teacher, student)}
+    if len(rows) != 1:
+        raise ValueError(f"{teacher} and {student} have different vocabularies ({sorted(rows)} logit rows)")
+    rows = rows.pop()
     root = Path(root)
     folders = []
     for i, name in enumerate((teacher, student)):
-        shape = SHAPES[name]
-        folder = root / f"{name}-v{vocab_size}-s{seed}"
+        folder = root / f"{name}-v{rows - PADDING_ROWS}-s{seed}"
         folders.append(folder)
-        if (folder / "config.json").exists():
-            continue
-        # The EOS id is a padding row past the tokenizer, so generation always runs to max_new_tokens.
-        config = Qwen3Config(vocab_size=vocab_size + 64, head_dim=64, tie_word_embeddings=True,
-                             max_position_embeddings=4096, eos_token_id=vocab_size + 63, **shape)
-        torch.manual_seed(seed + i)
-        model = AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(folder, safe_serialization=True)
-        word_tokenizer(folder, vocab_size)
-        (folder / "params.json").write_text(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
+        if not (folder / "params.json").exists():  # written last: a folder without it is half-built
+            _build(folder, name, rows, seed + i, device)
     return folders[0], folders[1]
+
+
+def _build(folder: Path, name: str, rows: int, seed: int, device: str):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    shape = {k: v for k, v in SHAPES[name].items() if k != "vocab_rows"}
+    shape = {"head_dim": 64, "tie_word_embeddings": True, **shape}
+    config = Qwen3Config(vocab_size=rows, max_position_embeddings=4096, eos_token_id=rows - 1, **shape)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer(folder, rows - PADDING_ROWS)
+    (folder / "params.json").write_text(json.dumps({"shape": name, "dtype": str(dtype),
+                                                    "parameters": sum(p.numel() for p in model.parameters())}))
+    del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weights as stored (a tied head is stored once): what a decode step reads."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

@@ -1,5 +1,7 @@
-"""bench/device_check.sh's CPU-side parts: its --cpu-dry-run runs every step (environment, the CUDA-only
-tests, both benchmarks) at toy sizes on CPU and writes each result as JSON, as a lent CUDA machine would."""
+"""bench/device_check.sh's plumbing on CPU: --cpu-dry-run runs every step of the CUDA check (environment,
+the CUDA tests, the op benchmarks, both end-to-end runs, the profiler table) at toy sizes and writes the
+same 8 files a lent CUDA machine would return; a spent time budget skips steps with their own exit code
+and still writes every summary."""
 import json
 import os
 import subprocess
@@ -8,32 +10,71 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+FILES = ["cuda_tests.json", "device_check.log", "e2e.json", "e2e_8b.json", "profile.json", "rsd_step.json",
+         "rsd_verify.json", "summary.json"]
+STEPS = ["environment", "cuda_tests", "rsd_step", "rsd_verify", "e2e", "profile", "e2e_8b"]
+
+
+def dry_run(out: Path, budget: int):
+    env = {**os.environ, "OUT": str(out), "DEVICE_CHECK_BUDGET": str(budget)}
+    return subprocess.run(["bash", "bench/device_check.sh", "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 def test_cpu_dry_run_writes_every_result(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", "bench/device_check.sh", "--cpu-dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = dry_run(tmp_path, budget=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == FILES  # a lent machine returns at most 8 files
+    assert "device_check summary" in done.stdout and "0 step(s) failed" in done.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "cpu" and summary["ok"]
-    assert [s["step"] for s in summary["steps"]] == ["environment", "cuda_tests", "rsd_step", "e2e", "speculative"]
-
-    environment = json.loads((tmp_path / "environment.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == STEPS
+    environment = summary["environment"]
     assert environment["torch"] == torch.__version__ and environment["omp_wait_policy"] == "PASSIVE"
+
     cuda_tests = json.loads((tmp_path / "cuda_tests.json").read_text())
     assert cuda_tests["counts"]["failed"] == 0 and len(cuda_tests["tests"]) >= 3
+    assert cuda_tests["counts"]["not_run"] == 0 and not cuda_tests["timed_out"]
     if not torch.cuda.is_available():
         assert cuda_tests["counts"]["skipped"] == len(cuda_tests["tests"])
+
     step = json.loads((tmp_path / "rsd_step.json").read_text())
-    assert step["meta"]["device"] == "cpu" and [(r["B"], r["V"]) for r in step["rows"]] == [(1, 1000), (2, 1000)]
+    assert step["meta"]["device"] == "cpu"
+    assert [(r["op"], r["B"], r["V"], r["dtype"]) for r in step["rows"]] == [
+        ("rsd_sample", B, 1000, dtype) for dtype in ("float32", "bfloat16") for B in (1, 2)]
+    verify = json.loads((tmp_path / "rsd_verify.json").read_text())
+    assert [(r["op"], r["B"], r["G"]) for r in verify["rows"]] == [
+        ("rsd_verify", 1, 2), ("rsd_verify", 2, 2), ("sample_tokens", 2, 0)]
+    for r in step["rows"] + verify["rows"]:
+        assert "error" not in r, r
+        assert r["fused_us"] > 0 and r["reference_us"] > 0 and r["floor_us"] > 0
+        assert r["over_floor"] == r["fused_us"] / r["floor_us"]
+
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     rows = [r for run in e2e["runs"] for r in run["rows"]]
-    assert [r["batch"] for r in rows] == [1, 2]
-    assert all(r["engine_tok_s"] > 0 and r["naive_hf_tok_s"] > 0 and r["engine_peak_rss_gb"] > 0 for r in rows)
-    speculative = json.loads((tmp_path / "speculative.json").read_text())["pairs"]["random"]["rows"]
+    assert [(r["batch"], r["draft_tokens"]) for r in rows] == [(1, 0), (2, 0)]
+    assert all(r["engine_tok_s"] > 0 and r["naive_hf_tok_s"] > 0 and r["naive_new_tokens"] == 3 for r in rows)
+    assert all(run["weight_bytes"] > 0 for run in e2e["runs"])
+    speculative = [r for run in json.loads((tmp_path / "e2e_8b.json").read_text())["runs"] for r in run["rows"]]
     assert [(r["batch"], r["draft_tokens"]) for r in speculative] == [(1, 0), (2, 0), (1, 2), (2, 2)]
-    assert all(r["tok_s"] > 0 and r["teacher_passes"] <= r["tokens"] for r in speculative)
+    assert all(r["engine_tok_s"] > 0 for r in speculative)
+    assert [("naive_hf_tok_s" in r) for r in speculative] == [True, False, True, False]  # --naive-batches 1
+    assert all(r["teacher_passes_per_token"] <= 1 and "vs_plain" in r for r in speculative)
+
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert profile["steps"] == 3 and profile["kernels_per_step"] > 0 and profile["wall_ms_per_step"] > 0
+    assert profile["top_kernels"] and all(k["calls_per_step"] > 0 for k in profile["top_kernels"])
+
+
+def test_a_spent_budget_skips_steps_and_still_reports(tmp_path):
+    done = dry_run(tmp_path, budget=5)
+    assert done.returncode == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["ok"] and [(s["step"], s["exit"]) for s in summary["steps"]] == [(s, 125) for s in STEPS]
+    assert "error" in summary["environment"]  # the skipped environment step wrote nothing, and says so
+    cuda_tests = json.loads((tmp_path / "cuda_tests.json").read_text())
+    assert cuda_tests["exit"] == 125 and cuda_tests["tests"] == [] and cuda_tests["selected"] is None
+    assert "7 step(s) failed" in done.stdout
 
 
 def test_refuses_unknown_options():

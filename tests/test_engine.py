@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rsd_engine import Engine, SamplingParams
+from triton_device import engine_placement
 
 PROMPTS = ["The answer is", "Let x be a number such that 2x + 3 = 11. Then", "1 + 1 ="]
 GREEDY = dict(temperature=0.0, student_temperature=0.0)
@@ -160,7 +161,7 @@ def test_ignore_eos_runs_to_max_new_tokens(engine):
 @pytest.mark.parametrize("sampler", ["cpp", "triton"])
 def test_every_backend_gives_the_reference_outputs(tiny_pair, engine, sampler):
     """Greedy and seeded generations are token for token the same on every sampler backend."""
-    other = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=128, sampler=sampler)
+    other = Engine(*tiny_pair, max_batch_size=2, max_seq_len=128, sampler=sampler, **engine_placement(sampler))
     assert other.sampler == sampler
     for params in (SamplingParams(max_new_tokens=6, threshold=0.5, **GREEDY),
                    SamplingParams(max_new_tokens=6, threshold=0.003, top_k=50, proposal_trials=2, seed=9)):

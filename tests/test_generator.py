@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from law import chi_square_pvalue, truncate
 from rsd_engine import Engine, Generator, SamplingParams
 from tiny import build_model
+from triton_device import engine_placement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,7 +139,7 @@ def test_every_backend_gives_the_reference_tokens(tiny_pair, gen, sampler):
     """Seeded and greedy generations are token for token the reference's on every sample_tokens backend
     ("auto" picks one that has the kernel)."""
     try:
-        other = Generator(tiny_pair[1], device="cpu", max_batch_size=2, max_seq_len=128, sampler=sampler)
+        other = Generator(tiny_pair[1], max_batch_size=2, max_seq_len=128, sampler=sampler, **engine_placement(sampler))
     except ValueError as e:
         pytest.skip(str(e))
     for params in (SamplingParams(max_new_tokens=6, top_k=30, seed=2), SamplingParams(max_new_tokens=6, temperature=0)):

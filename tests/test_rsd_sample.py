@@ -17,9 +17,14 @@ if not torch.cuda.is_available():
 
 from law import accept_rate_matches, chi_square_pvalue, rsd_law  # noqa: E402
 
+from triton_device import TRITON_DEVICE, on_triton_device  # noqa: E402
+
+from rsd_engine import sampling  # noqa: E402
 from rsd_engine.randomness import NUM_DRAWS, step_uniforms  # noqa: E402
 from rsd_engine.sampling import (  # noqa: E402
-    FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_sample_reference)
+    FLAG_REASONS, NO_ALLOWED_TOKEN, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample_reference)
+
+rsd_sample = on_triton_device(sampling.rsd_sample)  # Triton calls run on CUDA where there is one
 
 ALPHA = 1e-3
 BACKENDS = ("cpp", "triton")
@@ -30,6 +35,8 @@ LIMITS = {
     "cpp": dict(batch=16, vocab=151_936, draws=20_000, law_cases=None),
     "triton": dict(batch=3, vocab=1_000, draws=400, law_cases=("default", "trials", "tiny_temperature")),
 }
+if TRITON_DEVICE.type == "cuda":  # compiled kernels afford what the C++ backend does
+    LIMITS["triton"] = LIMITS["cpp"]
 SHAPES = [(B, V) for B in (1, 3, 16) for V in (96, 1_000, 49_152, 151_936)]
 ROUNDING = 1e-5  # relative to the row's mass: far above float32 rounding of a 150k-term sum, far below 1/V
 

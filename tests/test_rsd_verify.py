@@ -18,15 +18,22 @@ if not torch.cuda.is_available():
 from law import chi_square_pvalue, rsd_joint_law, truncate  # noqa: E402
 from test_rsd_sample import random_rows  # noqa: E402
 from test_rsd_sample import row_params as family_params  # noqa: E402
+from triton_device import TRITON_DEVICE, on_triton_device, to_device  # noqa: E402
 
+from rsd_engine import sampling  # noqa: E402
 from rsd_engine.randomness import DRAFT_DRAW, NUM_DRAWS, NUM_ROUND_DRAWS, round_uniforms, step_uniforms  # noqa: E402
 from rsd_engine.sampling import (  # noqa: E402
-    NO_ALLOWED_TOKEN, SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams, rsd_sample, rsd_verify, sample_tokens)
+    NO_ALLOWED_TOKEN, SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams)
+
+# Triton calls run on CUDA where there is one (inputs and outputs stay on CPU here).
+rsd_sample, rsd_verify, sample_tokens = map(on_triton_device, (sampling.rsd_sample, sampling.rsd_verify,
+                                                               sampling.sample_tokens))
+INTERPRETED = TRITON_DEVICE.type == "cpu"
 
 ALPHA = 1e-3
 BACKENDS = ("reference", "cpp", "triton")
 # Rounds per law test; the Triton interpreter runs one program per row in Python, so it gets fewer.
-DRAWS = {"reference": 20_000, "cpp": 20_000, "triton": 300}
+DRAWS = {"reference": 20_000, "cpp": 20_000, "triton": 300 if INTERPRETED else 20_000}
 
 DEFAULTS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
                 student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
@@ -154,6 +161,8 @@ AGREEMENT_SHAPES = {
             (1, 4, 151_936, ("default", "mixed")), (8, 1, 49_152, ("top_k_top_p", "untruncated"))],
     "triton": [(3, 2, 300, AGREEMENT_FAMILIES), (2, 1, 1_000, ("default", "mixed"))],
 }
+if not INTERPRETED:  # compiled kernels afford what the C++ backend does
+    AGREEMENT_SHAPES["triton"] = AGREEMENT_SHAPES["cpp"]
 
 
 @pytest.mark.parametrize("backend,B,G,V,family", [
@@ -182,7 +191,7 @@ def test_verify_same_tokens_as_reference(backend, B, G, V, family):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_sample_tokens_same_tokens_as_reference(backend, family, dtype):
     use_backend(backend)
-    B, V = (16, 5_000) if backend == "cpp" else (3, 300)
+    B, V = (3, 300) if backend == "triton" and INTERPRETED else (16, 5_000)
     logits, _, _, mask = random_rows(B, V, seed=4)
     logits = logits.to(dtype)
     params = family_params(B, family, seed=4)
@@ -202,10 +211,10 @@ LAW_CASES = {
 }
 
 
-# Not Triton: its interpreter takes minutes for even a few hundred rounds; it is held to the reference token
+# Not Triton's interpreter: it takes minutes for even a few hundred rounds; it is held to the reference token
 # for token instead (test_verify_same_tokens_as_reference), which carries the law over.
 @pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS for c in LAW_CASES
-                                          if b != "triton"])
+                                          if b != "triton" or not INTERPRETED])
 def test_tokens_and_flags_follow_plain_rsd_law(backend, case):
     use_backend(backend)
     G, kw = LAW_CASES[case]
@@ -234,7 +243,8 @@ def test_sample_tokens_follow_the_truncated_law(backend):
     mask[[2, 7]] = False
     uniforms = step_uniforms(torch.arange(N) + 77, torch.zeros(N, dtype=torch.int64))[:, 0]
     settings = ((0.7, 0, 0.8), (1.3, 5, 1.0), (1.0, 0, 1.0))
-    for temperature, top_k, top_p in settings[:1] if backend == "triton" else settings:  # interpreter: minutes
+    interpreted = backend == "triton" and INTERPRETED
+    for temperature, top_k, top_p in settings[:1] if interpreted else settings:  # interpreter: minutes
         token = sample_tokens(logits.expand(N, -1), uniforms, torch.full((N,), temperature),
                               torch.full((N,), top_k, dtype=torch.int32), torch.full((N,), top_p), mask,
                               backend=backend)
@@ -447,22 +457,26 @@ def test_draft_and_verify_compile_fullgraph(backend):
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("torch.compile cannot trace a kernel that Triton's interpreter runs")
     B, G = 3, 2
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")  # the whole round on one device
     model = TableModel(40, seed=3)
-    params = row_params(B, proposal_trials=2)
-    seeds, start, prev = torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9]), torch.tensor([0, 5, 7])
+    for name in ("teacher", "student", "proposal_mask", "fallback_mask"):
+        setattr(model, name, getattr(model, name).to(device))
+    params = to_device(row_params(B, proposal_trials=2), device)
+    seeds, start, prev = (torch.tensor(v, device=device) for v in ([1, 2, 3], [0, 4, 9], [0, 5, 7]))
 
     def round_step(prev, seeds, start, params):
         uniforms = round_uniforms(seeds, start, G + 1)
         drafts, context = [], prev
         for i in range(G):
-            context = sample_tokens(model.student[context], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
-                                    params.student_top_k, params.student_top_p, model.fallback_mask,
-                                    backend=backend).clamp_min(0)
+            context = sampling.sample_tokens(model.student[context], uniforms[:, i, DRAFT_DRAW],
+                                             params.student_temperature, params.student_top_k, params.student_top_p,
+                                             model.fallback_mask, backend=backend).clamp_min(0)
             drafts.append(context)
         draft = torch.stack(drafts, dim=1)
         before = torch.cat([prev[:, None], draft], dim=1)
-        return rsd_verify(model.teacher[before], model.student[before], draft, torch.full((B,), G, dtype=torch.int32),
-                          uniforms, params, model.proposal_mask, model.fallback_mask, backend=backend)
+        return sampling.rsd_verify(model.teacher[before], model.student[before], draft,
+                                   torch.full((B,), G, dtype=torch.int32, device=device), uniforms, params,
+                                   model.proposal_mask, model.fallback_mask, backend=backend)
 
     torch._dynamo.reset()
     compiled = torch.compile(round_step, fullgraph=True, dynamic=False, backend="aot_eager")
@@ -529,7 +543,7 @@ def test_out_of_range_num_draft_is_clamped_and_bad_draft_ids_rejected(backend):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_verify_low_precision_logits(backend):
     use_backend(backend)
-    B, G, V = (6, 3, 2_000) if backend == "cpp" else (2, 2, 300)
+    B, G, V = (2, 2, 300) if backend == "triton" and INTERPRETED else (6, 3, 2_000)
     args = list(random_round(B, G, V, seed=5, family="mixed"))
     args[0], args[1] = args[0].bfloat16(), args[1].half()
     out = rsd_verify(*args, backend=backend)

@@ -12,6 +12,7 @@ from law import chi_square_pvalue, softmax, truncate
 from rsd_engine import Engine, SamplingParams
 from rsd_engine.cli import main
 from rsd_engine.pipeline.generate import GenerateOptions
+from triton_device import engine_placement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,7 +136,7 @@ def test_cache_limit_inside_a_round(tiny_pair):
 @pytest.mark.parametrize("sampler", ["cpp", "triton"])
 def test_every_backend_gives_the_reference_outputs(tiny_pair, spec4, sampler):
     """Seeded speculative generations are token for token the same on every backend that has the ops."""
-    other = engine_for(tiny_pair, 4, sampler=sampler)
+    other = engine_for(tiny_pair, 4, sampler=sampler, **engine_placement(sampler))
     params = [SamplingParams(max_new_tokens=10, threshold=0.003, top_k=50, proposal_trials=2, seed=9 + i)
               for i in range(3)]
     for w, g in zip(spec4.generate_batch(PROMPTS[:3], params), other.generate_batch(PROMPTS[:3], params)):

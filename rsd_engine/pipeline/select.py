@@ -2,6 +2,12 @@
 one richest in teacher-originated sentences (DESIGN §9; scored under teacher and original student
 only).
 
+Candidates are the rows that share an id; an id whose rows hold different questions is refused
+(naming them), since one of two problems would be dropped. Rows that say they are wrong
+(`"correct": false`, as `rsd eval` writes it) are set aside unless --include-incorrect: teacher-
+guided selection chooses among correct answers. A problem without a candidate left is named and
+written nowhere. Responses cut off by the length limit are set aside as `rsd provenance` does.
+
 `--by count` (default) ranks by the number of teacher-originated sentences, `--by share` by their
 share of the response's sentences; ties go to the shorter response (student tokens), then to the
 earlier candidate. The kept row is written as it was read, plus `teacher_sentences`,
@@ -18,7 +24,7 @@ from pathlib import Path
 from .categories import DEFAULT_BETA
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .provenance import make_tracer, output_settings
+from .provenance import RUNTIME_OPTIONS, make_tracer, output_settings
 from .records import RecordWriter, check_writable, part_path, read_records
 from .readers import Reader
 from .responses import Response, load_responses
@@ -96,6 +102,8 @@ class SelectOptions:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    include_incorrect: bool = False  # also rank candidates whose row says "correct": false
+    include_truncated: bool = False
     progress: bool = True
     force: bool = False  # append to an output made with other settings
 
@@ -111,24 +119,30 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     check_writable(target)
     tracer = make_tracer(opts, dist, roles=("teacher", "student"))
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
-                          id_field=opts.id_field, system_prompt=opts.system_prompt)
+                          id_field=opts.id_field, system_prompt=opts.system_prompt,
+                          include_truncated=opts.include_truncated)
     if not data.has_ids:
         raise ValueError(f"{opts.data}: no row has an {opts.id_field!r} field; rsd select keeps one candidate per "
                          f"id, so candidates of one problem must share an id (name it with --id-field)")
-    problems: dict[str, list] = {}
-    for r in data.responses:
-        problems.setdefault(r.id, []).append(r)
+    problems = group_candidates(data.responses, opts.data)
+    incorrect = {pid: [r for r in rows if said_correct(r, opts.data) is False] for pid, rows in problems.items()}
     ids = list(problems)[dist.rank:: dist.world_size]
-    settings, about = output_settings(opts, ("teacher", "student"))
+    # Which candidates compete shapes the row kept: --include-truncated is compared here.
+    settings, about = output_settings(opts, ("teacher", "student"),
+                                      tuple(o for o in RUNTIME_OPTIONS if o != "include_truncated"))
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
             held = writer.existing + (read_records(out) if dist.world_size > 1 else [])
             done = {str(r["id"]) for r in held if "id" in r}
             todo = [i for i in ids if i not in done]
-            usable, skipped = tracer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
+            considered = [r for i in todo for r in problems[i]
+                          if opts.include_incorrect or said_correct(r, opts.data) is not False]
+            usable, skipped = tracer.prepare(considered, opts.max_seq_len)
             usable_keys = {r.key for r in usable}
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+                     "truncated": data.truncated if dist.rank == 0 else [],
+                     "incorrect": 0 if opts.include_incorrect else sum(len(incorrect[i]) for i in todo),
                      "problems": len(ids), "already_done": len(ids) - len(todo),
                      "skipped": [(r.key, why) for r, why in skipped], "written": 0, "no_candidate": []}
             if usable:
@@ -167,6 +181,32 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def group_candidates(responses: list[Response], source) -> dict[str, list[Response]]:
+    """{id: its candidates, in input order}; refuses an id whose rows hold different questions."""
+    problems: dict[str, list[Response]] = {}
+    for r in responses:
+        problems.setdefault(r.id, []).append(r)
+    mixed = {pid: list(dict.fromkeys(r.question for r in rows)) for pid, rows in problems.items()}
+    mixed = {pid: questions for pid, questions in mixed.items() if len(questions) > 1}
+    if mixed:
+        pid, questions = next(iter(mixed.items()))
+        shown = "; ".join(repr(q if len(q) <= 80 else q[:77] + "...") for q in questions[:3])
+        more = f" ({len(mixed) - 1} more ids like it)" if len(mixed) > 1 else ""
+        raise ValueError(f"{source}: id {pid!r} holds {len(questions)} different questions: {shown}{more}. rsd select "
+                         f"keeps one candidate per id, so one of these problems would be lost; give each problem its "
+                         f"own id (or name another column with --id-field)")
+    return problems
+
+
+def said_correct(response: Response, source) -> bool | None:
+    """The row's `correct` (true / false), or None when the row does not say."""
+    value = response.row.get("correct")
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{source}: id {response.id!r} sample {response.sample} has \"correct\": {value!r}; it must be "
+                     f"true or false (or absent when ungraded)")
+
+
 def _bar(total, enabled, dist):
     if not enabled:
         return None
@@ -180,11 +220,18 @@ def _format(t: dict, target) -> str:
     if t["skipped_rows"]:
         number, why = t["skipped_rows"][0]
         lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+    if t["truncated"]:
+        rid, sample = t["truncated"][0]
+        lines.append(f"cut off by the length limit, set aside: {len(t['truncated'])} (first: id {rid} candidate "
+                     f"{sample}; --include-truncated ranks them)")
+    if t["incorrect"]:
+        lines.append(f"incorrect candidates set aside: {t['incorrect']} (--include-incorrect ranks them)")
     if t["skipped"]:
         (rid, sample), why = t["skipped"][0]
         lines.append(f"skipped candidates: {len(t['skipped'])} (first: id {rid} candidate {sample}: {why})")
     if t["no_candidate"]:
-        lines.append(f"problems without a usable candidate: {len(t['no_candidate'])} "
+        lines.append(f"problems without a usable{'' if t['incorrect'] == 0 else ', correct'} candidate: "
+                     f"{len(t['no_candidate'])} "
                      f"(first: {t['no_candidate'][0]})")
     lines.append(f"output: {target}")
     return "\n".join(lines)
