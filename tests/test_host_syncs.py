@@ -204,6 +204,8 @@ def _engine_on_fake_tensors(engine):
     """Swap every tensor the decode step reads (weights, caches, masks, step state) for a fake tensor of the
     same shape, and take the engine's CUDA branch (device, Triton sampler)."""
     for model in (engine.teacher, engine.student):
+        if hasattr(model, "use_triton"):  # models with a Triton forward take it, as on CUDA tensors
+            model.use_triton = True
         for module in model.modules():
             for group in (module._parameters, module._buffers):
                 for name, t in group.items():
