@@ -15,7 +15,8 @@ from .runtime import kv_bucket, progress_bar, resolve_device, resolve_dtype
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
-from .step import capture_step, step_inputs
+from .cuda_graph import SelfFeedingGraphs
+from .step import GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, row_values, step_inputs
 from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -31,7 +32,8 @@ class Engine:
     (branch, tag or commit; default main; models/hub.py). A folder that exists wins over a Hub id.
     ``sampler`` picks the RSD-sample backend: "auto" (C++ on CPU, Triton on CUDA), "reference",
     "cpp" or "triton". ``draft_tokens`` = G > 0 decodes in exact speculative rounds (speculative.py): the
-    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD.
+    student drafts G tokens and the teacher verifies them in one forward; 0 is plain RSD. ``pipelined``
+    (True on CUDA) commits each step while the next one runs (see _decode); the tokens are the same.
     """
 
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
@@ -57,8 +59,15 @@ class Engine:
         # One extra slot is scratch space for padding rows.
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
         self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
-        self._graphs = {}  # CUDA: the CudaGraphStep, under the attention span it passes (max_seq_len)
+        self._graphs = {}  # CUDA: the SelfFeedingGraphs, under the attention span they pass (max_seq_len)
+        # How a committed student token moves the teacher on (a mapped token: all its pieces, see _commit).
+        teacher_next = torch.arange(self.space.size)
+        teacher_advance = torch.ones(self.space.size, dtype=torch.long)
+        for token, pieces in self.space.teacher_pieces.items():
+            teacher_next[token], teacher_advance[token] = pieces[-1], len(pieces)
+        self._teacher_next, self._teacher_advance = teacher_next.to(self.device), teacher_advance.to(self.device)
         self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
+        self._state = self._speculative.state() if draft_tokens else self._step_state(STEP_INPUTS, out_columns=4)
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -69,6 +78,14 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        # Commit step n while step n+1 runs (see _decode): on CUDA, where the host's work can overlap.
+        self.pipelined = self.device.type == "cuda"
+        self._pending = None  # the step in flight: (its batch, requests whose row it must drop, its read)
+
+    def _step_state(self, fields: dict[str, torch.dtype], out_columns: int, values=row_values) -> StepState:
+        # Padding rows decode a dummy token into the scratch slot (the extra last one) and stay where they are.
+        return StepState(fields, self.max_batch_size, self.device, {"slots": self.max_batch_size, **PADDING_PARAMS},
+                         out_columns, values)
 
     # ------------------------------------------------------------------ generation
 
@@ -115,6 +132,7 @@ class Engine:
             for slot in list(scheduler.running):  # stopped early: what was in flight is dropped
                 self._release(slot)
             self._stream_open = False
+            self._state.requests, self._pending = [], None  # nor are its rows kept, nor its step in flight
             if bar is not None:
                 bar.close()
 
@@ -205,15 +223,40 @@ class Engine:
                 # Padding entries write at positions past the row's end, overwritten before they are read.
                 positions[b] = torch.arange(start, start + width)
             slots = torch.tensor([slot for slot, _, _ in chunk])
-            kv_len = kv_bucket(int(positions.max()) + 1, self.max_seq_len)
+            kv_len = kv_bucket(max(start for _, _, start in chunk) + width, self.max_seq_len)
             model(tokens.to(self.device), positions.to(self.device), cache, slots.to(self.device), kv_len)
 
     def _decode(self, batch: list[Request]) -> list[Request]:
-        """One RSD step (or speculative round) for every running request; returns the requests that finished."""
+        """One RSD step (or speculative round) for every running request; returns the requests that finished.
+
+        Pipelined (``self.pipelined``, on by default on CUDA): the step for ``batch`` is launched first, then
+        the previous step's outputs are committed while it runs. Rows move on by themselves on the device,
+        so the new step needs nothing from that commit, except for rows the commit ends or disturbs: a
+        finished request's extra step is dropped, and a row that wrote a mapped token (the teacher reads its
+        pieces on the host first) has its extra step dropped and is sent again, to redo that step. Each
+        row's uniforms depend on its own step counter only (DESIGN.md §3), so the tokens are the same."""
         if self._speculative is not None:
             return self._speculative.decode(batch)
-        out = self._run_decode_step(batch)
-        return self._commit(batch, [[row] for row in zip(*(t.tolist() for t in out))])
+        if not self.pipelined:
+            return self._commit_step(batch, self._launch(batch)())
+        previous, self._pending = self._pending, (list(batch), set(), self._launch(batch, lookahead=2))
+        if previous is None:
+            return []
+        launched, dropped, rows = previous
+        kept = [(r, row) for r, row in zip(launched, rows()) if not r.result.finish_reason and id(r) not in dropped]
+        finished = self._commit_step([r for r, _ in kept], [row for _, row in kept])
+        disturbed = {id(r) for r, row in kept if not r.result.finish_reason and self._disturbs(row)}
+        self._pending[1].update(disturbed)
+        self._state.dirty.update(disturbed)
+        return finished
+
+    def _commit_step(self, batch: list[Request], rows: list[list[float]]) -> list[Request]:
+        return self._commit(batch, [[(int(token), accepted, teacher_lp, student_lp)]
+                                    for token, accepted, teacher_lp, student_lp in rows])
+
+    def _disturbs(self, row: list[float]) -> bool:
+        """Whether committing this step's row changes the host's state beyond what the device's advance did."""
+        return int(row[0]) in self.space.teacher_pieces
 
     def _commit(self, batch: list[Request], runs) -> list[Request]:
         """Append each request's run of (token, accepted, teacher_lp, student_lp) from one teacher pass.
@@ -254,28 +297,75 @@ class Engine:
                 r.teacher_len += len(p) - 1
         return finished
 
-    def _run_decode_step(self, batch: list[Request]):
-        teacher_len = max(r.teacher_len for r in batch) + 1
-        student_len = max(r.student_len for r in batch) + 1
+    def _run_decode_step(self, batch: list[Request], step=None, lookahead: int = 1) -> list[list[float]]:
+        """One decode step for ``batch``; its packed outputs, one row per request (see _launch)."""
+        return self._launch(batch, step, lookahead)()
+
+    def _launch(self, batch: list[Request], step=None, lookahead: int = 1):
+        """Start one decode step for ``batch`` over the device-resident step state (step.py's StepState): at
+        most one upload (rows that changed), one read of the packed outputs; returns the function that waits
+        for them. ``step(inputs, teacher_kv=, student_kv=)`` runs the step and moves the rows on (default
+        _step_and_advance); it writes up to ``lookahead`` positions past a row's cache length as the host
+        knows it (2 while pipelined: the device may be a step ahead)."""
+        step = step or self._step_and_advance
+        state = self._state
+        state.sync(batch)
+        n = len(batch)
+        teacher_len = max(r.teacher_len for r in batch) + lookahead
+        student_len = max(r.student_len for r in batch) + lookahead
         if self.device.type != "cuda":
             # Slots 0..B-1 in order are read as a slice of the cache instead of gathered.
             contiguous = all(r.slot == b for b, r in enumerate(batch))
-            inputs = self._step_inputs(batch, with_slots=not contiguous)
-            return self.decode_step(inputs, teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
-                                    student_kv=kv_bucket(student_len, self.max_seq_len))
+            packed = step(state.inputs(n, with_slots=not contiguous),
+                          teacher_kv=kv_bucket(teacher_len, self.max_seq_len),
+                          student_kv=kv_bucket(student_len, self.max_seq_len))
+            return state.start_read(packed)
         # On CUDA: one graph per batch bucket, captured on first use and replayed. Attention reads each row's
         # own span off the cache (CausalLM._forward_triton), so the span is no graph key.
         kv = self.max_seq_len
         if kv not in self._graphs:
-            self._graphs[kv] = self._capture(kv)
-        return self._graphs[kv](self._step_inputs(batch, with_slots=True))
+            self._graphs[kv] = self._capture(kv, step)
+        self._graphs[kv](n)
+        return state.start_read(state.out[:n])
 
-    def _capture(self, kv: int):
-        return capture_step(lambda inputs: self.decode_step(inputs, teacher_kv=kv, student_kv=kv),
-                            max_batch_size=self.max_batch_size, scratch_slot=self.max_batch_size, device=self.device)
+    def _capture(self, kv: int, step=None) -> SelfFeedingGraphs:
+        """Graphs of the step that feeds itself: each reads the state's rows, writes the packed outputs to
+        ``state.out`` and moves the rows on."""
+        step = step or self._step_and_advance
+        state = self._state
+
+        def run(bucket: int):
+            state.out[:bucket].copy_(step(state.inputs(bucket), teacher_kv=kv, student_kv=kv))
+
+        n = self.max_batch_size
+        buckets = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
+        with state.padded():  # warm-up runs the step: only on padding rows, then the real rows come back
+            return SelfFeedingGraphs(run, buckets=buckets, enabled=self.device.type == "cuda")
 
     def _step_inputs(self, batch: list[Request], *, with_slots: bool) -> dict[str, torch.Tensor]:
         return step_inputs(batch, self.device, with_slots=with_slots)
+
+    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        """decode_step, then move the rows on in place (the next step's inputs); returns the packed outputs."""
+        out = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance(inputs, out.token)
+        return torch.stack([out.token.double(), out.accepted.double(), out.teacher_logprob.double(),
+                            out.student_logprob.double()], dim=1)
+
+    def _advance(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
+        """The device's copy of _commit for one token per row (a flagged row's junk is dropped when it
+        leaves the batch); padding rows (the scratch slot) keep their positions."""
+        token, live = self._advance_student(inputs, token)
+        inputs["teacher_tokens"].copy_(self._teacher_next[token])
+        inputs["teacher_pos"].add_(self._teacher_advance[token] * live)
+
+    def _advance_student(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
+        token = token.clamp_min(0)
+        live = (inputs["slots"] != self.max_batch_size).long() if "slots" in inputs else 1
+        inputs["student_tokens"].copy_(token)
+        inputs["student_pos"].add_(live)
+        inputs["steps"].add_(live)
+        return token, live
 
     def decode_step(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
         """Teacher forward, student forward, fused RSD sample: static shapes, no host syncs.
@@ -337,8 +427,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         # The teacher's EOS stops too where the student's space has it.
-        ids.update(t for t in self.teacher.config.eos_token_ids
-                   if 0 <= t < self.space.size and bool(self.space.proposal_mask[t]))
+        ids.update(t for t in self.teacher.config.eos_token_ids if self.space.is_shared(t))
         return frozenset(ids)
 
     # ------------------------------------------------------------------ scoring

@@ -30,6 +30,7 @@ from .randomness import FALLBACK_DRAW, step_uniforms
 from .scheduler import Request
 from .sampling import resolve_backend, sample_tokens
 from .scoring import score_sequences
+from .step import STEP_INPUTS
 from .tokens import id_to_token_table, load_tokenizer
 
 RSD_ONLY_FIELDS = ("threshold", "check_temperature", "student_temperature", "student_top_p", "student_top_k",
@@ -62,6 +63,8 @@ class Generator(Engine):
         # One extra slot is scratch space for padding rows.
         self.cache = self.model.new_cache(max_batch_size + 1, max_seq_len)
         self._graphs = {}
+        self._state = self._step_state(STEP_INPUTS, out_columns=2)
+        self._speculative = None
 
     def _make_requests(self, prompts, params) -> list[Request]:
         requests = super()._make_requests(prompts, params)
@@ -87,18 +90,17 @@ class Generator(Engine):
             r.next_student_token, r.student_len = r.prompt_ids[-1], len(r.prompt_ids) - 1
         self._extend(self.model, self.cache, [(r.slot, r.prompt_ids[:-1]) for r in requests])
 
-    def _decode(self, batch: list[Request]) -> list[Request]:
-        """One sampling step for every running request; returns the requests that finished."""
-        tokens, logprobs = (t.tolist() for t in self._run_decode_step(batch))
+    def _commit_step(self, batch: list[Request], rows: list[list[float]]) -> list[Request]:
+        """Append one sampled token per request (Engine._decode runs the step); returns those that finished."""
         finished = []
-        for b, r in enumerate(batch):
-            token = tokens[b]
+        for r, (token, logprob) in zip(batch, rows):
+            token = int(token)
             if token < 0:  # flagged: this row's logits are not finite; the others go on
                 self._fail(r, token)
                 finished.append(r)
                 continue
             r.result.token_ids.append(token)
-            r.result.logprobs.append(logprobs[b])
+            r.result.logprobs.append(logprob)
             r.student_len += 1
             r.next_student_token = token
             reason = self._finish_reason(r, extra_teacher=0)
@@ -118,6 +120,14 @@ class Generator(Engine):
                               backend=self.sampler)
         picked = logits.gather(-1, token.clamp(min=0)[:, None])[:, 0]
         return token, picked - torch.logsumexp(logits, dim=-1)
+
+    def _disturbs(self, row) -> bool:
+        return False  # one model, no mapped tokens: the device's advance is the whole commit
+
+    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        token, logprob = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance_student(inputs, token)
+        return torch.stack([token.double(), logprob.double()], dim=1)
 
     def _fail(self, r: Request, flag: int):
         r.result.error = (f"the model ({self.model_path}) produced NaN or +inf logits at generation step "

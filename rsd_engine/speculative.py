@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from .randomness import DRAFT_DRAW, round_uniforms
-from .runtime import kv_bucket
-from .sampling import RowParams, rsd_verify, sample_tokens
-from .step import STEP_INPUTS, capture_step, step_inputs
+from .sampling import RowParams, VerifyOutput, rsd_verify, sample_tokens
+from .step import STEP_INPUTS, row_values, step_inputs
 
-ROUND_INPUTS = {**STEP_INPUTS, "num_draft": torch.int32}
+# max_new_tokens: the device sizes each row's next num_draft itself (_advance), as _num_draft does.
+ROUND_INPUTS = {**STEP_INPUTS, "num_draft": torch.int32, "max_new_tokens": torch.long}
 
 
 def check_draft_tokens(draft_tokens, max_seq_len: int) -> int:
@@ -76,18 +76,28 @@ class SpeculativeDecoder:
         for student_id, pieces in space.teacher_pieces.items():
             teacher_ids[student_id] = pieces[0]
         self.teacher_ids = teacher_ids.to(engine.device)
-        self._graphs = {}  # CUDA: the CudaGraphStep, under the attention span it passes (max_seq_len)
+        mapped = torch.zeros(space.size, dtype=torch.bool)
+        mapped[list(space.teacher_pieces)] = True
+        self.mapped = mapped.to(engine.device)
+
+    def state(self):
+        """The engine's step state for rounds: packed outputs are [num_emitted, tokens, accepted, teacher
+        log-probs, student log-probs], each but the first G+1 wide."""
+        def values(r):
+            return {**row_values(r), "num_draft": self._num_draft(r), "max_new_tokens": r.params.max_new_tokens}
+
+        return self.engine._step_state(ROUND_INPUTS, out_columns=1 + 4 * (self.draft_tokens + 1), values=values)
 
     # ------------------------------------------------------------------ host side
 
     def decode(self, batch) -> list:
         """One round for every running request; returns the requests that finished."""
-        out = self._run_round(batch)
-        tokens, num_emitted, accepted, teacher_lp, student_lp = (t.tolist() for t in out)
+        W = self.draft_tokens + 1
         runs = []
-        for b, r in enumerate(batch):
-            m = num_emitted[b]
-            runs.append(list(zip(tokens[b][:m], accepted[b][:m], teacher_lp[b][:m], student_lp[b][:m])))
+        for r, row in zip(batch, self._run_round(batch)):
+            m = int(row[0])
+            tokens = [int(t) for t in row[1:1 + m]]
+            runs.append(list(zip(tokens, row[1 + W:1 + W + m], row[1 + 2 * W:1 + 2 * W + m], row[1 + 3 * W:1 + 3 * W + m])))
             # All num_draft drafts kept and a bonus, or m-1 kept and the m-th rejected.
             n = self._num_draft(r)
             self.stats.kept += min(m - 1, n)
@@ -111,21 +121,8 @@ class SpeculativeDecoder:
             self.engine.device, non_blocking=True)
         return inputs
 
-    def _run_round(self, batch):
-        e, G = self.engine, self.draft_tokens
-        teacher_len = max(r.teacher_len for r in batch) + G + 1
-        student_len = max(r.student_len for r in batch) + G + 1
-        if e.device.type != "cuda":
-            contiguous = all(r.slot == b for b, r in enumerate(batch))
-            inputs = self.round_inputs(batch, with_slots=not contiguous)
-            return self.round(inputs, teacher_kv=kv_bucket(teacher_len, e.max_seq_len),
-                              student_kv=kv_bucket(student_len, e.max_seq_len))
-        kv = e.max_seq_len  # one graph set for any span: see Engine._run_decode_step
-        if kv not in self._graphs:
-            self._graphs[kv] = capture_step(lambda inputs: self.round(inputs, teacher_kv=kv, student_kv=kv),
-                                            max_batch_size=e.max_batch_size, scratch_slot=e.max_batch_size,
-                                            device=e.device, inputs=ROUND_INPUTS)
-        return self._graphs[kv](self.round_inputs(batch, with_slots=True))
+    def _run_round(self, batch) -> list[list[float]]:
+        return self.engine._run_decode_step(batch, self._round_and_advance, lookahead=self.draft_tokens + 1)
 
     # ------------------------------------------------------------------ device side
 
@@ -158,3 +155,33 @@ class SpeculativeDecoder:
         teacher_logits = e.teacher.sampler_logits(hidden)
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
                           params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)
+
+    def _round_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+        """round, then move the rows on in place as the host's commit will; returns the packed outputs."""
+        out = self.round(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance(inputs, out)
+        return torch.cat([out.num_emitted[:, None].double(), out.tokens.double(), out.accepted.double(),
+                          out.teacher_logprob.double(), out.student_logprob.double()], dim=1)
+
+    def _advance(self, inputs: dict[str, torch.Tensor], out: VerifyOutput):
+        """The device's copy of the engine's commit of a round: a row takes its emitted run up to and including
+        its first mapped token (the host cuts there; a run cut by a stop ends its request, whose row then
+        leaves the batch), and the next round's num_draft is sized as _num_draft does."""
+        e, width = self.engine, self.draft_tokens + 1
+        emitted = out.num_emitted.long()
+        index = torch.arange(width, device=emitted.device)
+        tokens = out.tokens.clamp_min(0)
+        mapped = self.mapped[tokens] & (index < emitted[:, None])
+        count = torch.minimum(emitted, torch.where(mapped, index, width).amin(dim=1) + 1)
+        if "slots" in inputs:  # padding rows (the scratch slot) stay where they are
+            count = count * (inputs["slots"] != e.max_batch_size)
+        moved = count > 0
+        last = tokens.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
+        inputs["student_tokens"].copy_(torch.where(moved, last, inputs["student_tokens"]))
+        inputs["teacher_tokens"].copy_(torch.where(moved, e._teacher_next[last], inputs["teacher_tokens"]))
+        inputs["student_pos"].add_(count)
+        inputs["teacher_pos"].add_(torch.where(moved, count - 1 + e._teacher_advance[last], 0))
+        inputs["steps"].add_(count)
+        room = torch.minimum(inputs["max_new_tokens"] - inputs["steps"],
+                             e.max_seq_len - 1 - torch.maximum(inputs["student_pos"], inputs["teacher_pos"]))
+        inputs["num_draft"].copy_((room - 1).clamp(0, self.draft_tokens))

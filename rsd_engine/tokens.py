@@ -21,13 +21,22 @@ class TokenSpace:
     teacher_pieces: dict[int, tuple[int, ...]] = field(default_factory=dict)  # mapped student id -> teacher ids
     num_shared: int = 0
 
+    def __post_init__(self):
+        # The host's copy of the proposal mask: prompts are translated id by id, and reading a mask that
+        # lives on the GPU one id at a time is a blocking sync per prompt token.
+        self._shared = self.proposal_mask.tolist()
+
+    def is_shared(self, tok: int) -> bool:
+        """Whether student id ``tok`` means the same token to the teacher (a host lookup, no device read)."""
+        return 0 <= tok < self.size and self._shared[tok]
+
     def to_teacher(self, student_ids, *, what: str = "prompt") -> list[int]:
         """Translate student-space ids into the teacher ids that carry the same text."""
         out: list[int] = []
         for pos, tok in enumerate(student_ids):
             if tok in self.teacher_pieces:
                 out.extend(self.teacher_pieces[tok])
-            elif 0 <= tok < self.size and bool(self.proposal_mask[tok]):
+            elif self.is_shared(tok):
                 out.append(tok)
             else:
                 raise ValueError(f"{what} token {pos} (id {tok}) has no equivalent in the teacher's token space: "

@@ -56,10 +56,22 @@ def test_decode_step_compiles_fullgraph(tiny_pair, sampler):
 
 
 def test_graph_runner_plumbing_on_cpu(tiny_pair):
-    """The CUDA-graph runner's inputs, padding and buckets, exercised with capture off (CPU)."""
+    """The self-feeding graph runner, capture off (CPU): capturing leaves the state's rows alone; a run
+    writes the eager step's outputs to state.out and moves the rows on as the host's commit would."""
     engine = Engine(*tiny_pair, device="cpu", max_batch_size=3, max_seq_len=64, sampler="reference")
     batch = decode_batch(engine)
+    inputs = engine._step_inputs(batch, with_slots=True)
+    eager = engine.decode_step(inputs, teacher_kv=64, student_kv=64)
+    state = engine._state
+    assert state.sync(batch)
+    before = {name: t.clone() for name, t in state.inputs(3).items()}
     runner = engine._capture(64)
     assert not runner.enabled and runner.buckets == [1, 2, 3]
-    inputs = engine._step_inputs(batch, with_slots=True)
-    assert_same(engine.decode_step(inputs, teacher_kv=64, student_kv=64), runner(inputs))
+    assert all(torch.equal(before[name], t) for name, t in state.inputs(3).items())
+    assert runner(3) == 3
+    out = state.out[:3]
+    assert_same(eager, type(eager)(out[:, 0].long(), out[:, 1].bool(), out[:, 2].float(), out[:, 3].float()))
+    after = state.inputs(3)
+    assert torch.equal(after["student_tokens"], eager.token) and torch.equal(after["teacher_tokens"], eager.token)
+    for name in ("student_pos", "teacher_pos", "steps"):
+        assert torch.equal(after[name], before[name] + 1)

@@ -48,18 +48,28 @@ def decode_batch(engine):
 
 
 def test_cuda_graph_replay_equals_eager(tiny_pair):
-    """Three rows replayed in the captured graph of bucket 4 (one padding row into the scratch slot) give
-    what the same step gives run eagerly; the writes are the same K/V, so the order does not matter."""
+    """Three rows of the step state replayed in the captured graph of bucket 4 (one padding row into the
+    scratch slot) give what the same step gives run eagerly, and move the rows on by themselves; the
+    writes are the same K/V, so the order does not matter."""
     engine = Engine(*tiny_pair, device="cuda", dtype="float32", max_batch_size=4, max_seq_len=128)
     with torch.inference_mode():
-        inputs = engine._step_inputs(decode_batch(engine), with_slots=True)
+        batch = decode_batch(engine)
+        inputs = engine._step_inputs(batch, with_slots=True)
         eager = [t.clone() for t in engine.decode_step(inputs, teacher_kv=128, student_kv=128)]
+        state = engine._state
+        state.sync(batch)
         runner = engine._capture(128)
         assert runner.enabled and 4 in runner.buckets
-        replayed = runner(inputs)
-    assert torch.equal(replayed.token, eager[0]) and torch.equal(replayed.accepted, eager[1])
-    torch.testing.assert_close(replayed.teacher_logprob, eager[2], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(replayed.student_logprob, eager[3], atol=1e-4, rtol=1e-4)
+        assert runner(3) == 4
+        replayed = state.out[:3].cpu()
+        after = {name: t.cpu() for name, t in state.inputs(4).items()}
+    eager = [t.cpu() for t in eager]
+    assert torch.equal(replayed[:, 0].long(), eager[0]) and torch.equal(replayed[:, 1].bool(), eager[1])
+    torch.testing.assert_close(replayed[:, 2].float(), eager[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(replayed[:, 3].float(), eager[3], atol=1e-4, rtol=1e-4)
+    assert torch.equal(after["student_tokens"][:3], eager[0])
+    assert torch.equal(after["student_pos"][:3], inputs["student_pos"].cpu() + 1)
+    assert after["slots"][3] == 4 and after["student_pos"][3] == 0  # the padding row stays in the scratch slot
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0], ids=["teacher", "student"])
@@ -72,3 +82,22 @@ def test_engine_greedy_on_cuda_equals_cpu(tiny_pair, threshold):
     for want, got in zip(cpu.generate_batch(PROMPTS, params), gpu.generate_batch(PROMPTS, params)):
         assert got.token_ids == want.token_ids and got.accepted == want.accepted
         assert got.teacher_logprobs == pytest.approx(want.teacher_logprobs, abs=1e-3)
+
+
+def test_decode_loop_host_traffic_on_cuda(tiny_pair, monkeypatch):
+    """The loop as it runs on the card (pipelined: step n committed while step n+1 runs): per decode step at
+    most one device-to-host copy and one upload, none where the batch did not change (test_host_syncs
+    counts the same on CPU); the tokens are those of the step-by-step loop."""
+    from test_host_syncs import PROMPTS as prompts, assert_budget, per_step_traffic
+
+    params = [SamplingParams(max_new_tokens=4 + 3 * i, seed=i, threshold=0.01, ignore_eos=True) for i in range(4)]
+    step_by_step = Engine(*tiny_pair, device="cuda", dtype="float32", max_batch_size=3, max_seq_len=128)
+    step_by_step.pipelined = False
+    want = step_by_step.generate_batch(prompts, params)
+    engine = Engine(*tiny_pair, device="cuda", dtype="float32", max_batch_size=3, max_seq_len=128)
+    assert engine.pipelined
+    steps = per_step_traffic(engine, monkeypatch)
+    got = engine.generate_batch(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.accepted for g in got] == [w.accepted for w in want]
+    assert_budget(steps)

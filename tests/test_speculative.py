@@ -258,18 +258,22 @@ def test_round_compiles_fullgraph(tiny_pair, sampler):
 
 
 def test_graph_runner_plumbing_on_cpu(tiny_pair):
-    """The CUDA-graph runner over the round's inputs (num_draft included), exercised with capture off."""
-    from rsd_engine.speculative import ROUND_INPUTS
-    from rsd_engine.step import capture_step
-
+    """The self-feeding graph runner over the rounds' step state (the device moves rows on and sizes
+    num_draft itself), exercised with capture off: the same tokens as the plain loop."""
     engine = engine_for(tiny_pair, 2, max_seq_len=64)
     spec = engine._speculative
-    runner = capture_step(lambda inputs: spec.round(inputs, teacher_kv=64, student_kv=64), max_batch_size=3,
-                          scratch_slot=3, device="cpu", inputs=ROUND_INPUTS)
+    runner = engine._capture(64, spec._round_and_advance)
     assert not runner.enabled and runner.buckets == [1, 2, 3]
     params = SamplingParams(max_new_tokens=9, threshold=0.01, seed=1)
     want = engine.generate_batch(PROMPTS[:3], params)
-    spec._run_round = lambda batch: runner(spec.round_inputs(batch, with_slots=True))
+
+    def run_round(batch):
+        state = engine._state
+        state.sync(batch)
+        assert runner(len(batch)) == len(batch)
+        return state.read(state.out[:len(batch)])
+
+    spec._run_round = run_round
     got = engine.generate_batch(PROMPTS[:3], params)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 

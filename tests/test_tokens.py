@@ -42,9 +42,12 @@ def test_student_only_special_is_mapped(mapped_pair):
     assert teacher_tok.decode(space.to_teacher(ids)) == "a<extra>b"
 
 
-def test_mapped_token_is_read_by_the_teacher_as_its_pieces(mapped_pair, monkeypatch):
-    """Force the student to write <extra>; the teacher's later log-probs must equal teacher forcing."""
+@pytest.mark.parametrize("pipelined", [False, True], ids=["step_by_step", "pipelined"])
+def test_mapped_token_is_read_by_the_teacher_as_its_pieces(mapped_pair, monkeypatch, pipelined):
+    """Force the student to write <extra>; the teacher's later log-probs must equal teacher forcing. Pipelined
+    (the CUDA loop, forced on CPU), the step launched before the mapped token was committed is redone."""
     engine = Engine(*mapped_pair, device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference")
+    engine.pipelined = pipelined
     extra = engine.tokenizer.convert_tokens_to_ids("<extra>")
     real = engine.student.logits
     calls = {"n": 0}
@@ -52,7 +55,8 @@ def test_mapped_token_is_read_by_the_teacher_as_its_pieces(mapped_pair, monkeypa
     def prefer_extra(hidden):
         calls["n"] += 1
         out = real(hidden)
-        if calls["n"] in (2, 5):
+        # Steps 1 and 4; pipelined, step 2 runs twice (it was launched before step 1's <extra> was seen).
+        if calls["n"] in ((2, 6) if pipelined else (2, 5)):
             out[..., extra] += 100.0
         return out
 
