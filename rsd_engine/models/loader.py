@@ -7,6 +7,7 @@ custom modelling code that `auto_map` points to; both are refused.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
