@@ -102,6 +102,8 @@ def _generate_parser(sub):
     p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
                    help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
                         "sentences as rsd select ranks them (default: %(default)s)")
+    p.add_argument("--by", choices=["count", "share", "student-likelihood", "random"], default=None,
+                   help="--select provenance: rank the correct attempts as rsd select --by does (default: count)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     p.add_argument("--limit", type=_int(1), default=None,
                    help="only the first N problems of the dataset (default: all)")
@@ -112,6 +114,7 @@ def _generate_parser(sub):
     p.add_argument("--draft-tokens", type=_int(0), default=0,
                    help="exact speculative RSD: the student drafts this many tokens, the teacher verifies them in "
                         "one pass; same law of traces, fewer teacher passes (0: plain RSD; default: %(default)s)")
+    _rule_options(p, default=None)
     s = p.add_argument_group("sampling (defaults: the paper's)")
     s.add_argument("--max-new-tokens", type=_int(1), default=4096, help="tokens generated per attempt at most")
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="teacher proposal temperature")
@@ -162,9 +165,33 @@ def _beta(text):
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
 
 
-def _response_options(p, what):
-    p.add_argument("--teacher", required=True, help="teacher model folder")
-    p.add_argument("--student", required=True, help="original student model folder")
+def _margin(text):
+    from rsd_engine.pipeline.categories import check_margin
+
+    try:
+        return check_margin(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+
+
+def _rule_options(p, default="difference"):
+    from rsd_engine.pipeline.categories import DEFAULT_BETA, DEFAULT_MARGIN, DEFAULT_RULE, RULES
+
+    g = p.add_argument_group("sentence categories (DESIGN section 9: what 'pT >> pS' means)")
+    g.add_argument("--rule", choices=RULES, default=default,
+                   help="difference: pT - pS > --beta; ratio: log pT - log pS > --margin, which also flags "
+                        f"sentences both models find unlikely (default: {DEFAULT_RULE})")
+    g.add_argument("--beta", type=_beta, default=None,
+                   help=f"margin of --rule difference, in (0, 1) (default: {DEFAULT_BETA})")
+    g.add_argument("--margin", type=_margin, default=None,
+                   help=f"margin of --rule ratio, in nats of per-token log probability, > 0 (default: "
+                        f"{DEFAULT_MARGIN}: the teacher about 1.65 times as likely per token)")
+
+
+def _response_options(p, what, models_required=True):
+    needed = "" if models_required else " (needed by --by count/share; the student also by student-likelihood)"
+    p.add_argument("--teacher", required=models_required, default=None, help="teacher model folder" + needed)
+    p.add_argument("--student", required=models_required, default=None, help="original student model folder" + needed)
     p.add_argument("--data", required=True, help=f"{what}: rows with a question and a response (.jsonl, .json, "
                                                  f".parquet, datasets folder), or chat 'messages' records")
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
@@ -174,12 +201,11 @@ def _response_options(p, what):
                    help="column holding the problem id (default: %(default)s; a hash of the question when rows have none)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
-    p.add_argument("--beta", type=_beta, default=0.1, help="margin between sentence probabilities (default: "
-                                                           "%(default)s)")
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
     p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
     _force_option(p)
+    _rule_options(p)
 
 
 def _force_option(p):
@@ -201,14 +227,22 @@ def _provenance_parser(sub):
 
 
 def _select_parser(sub):
-    p = sub.add_parser("select", help="keep, per id, the candidate with the most teacher-originated sentences",
+    p = sub.add_parser("select", help="keep the candidates richest in teacher-originated sentences (or a baseline)",
                        formatter_class=_Help,
-                       description="Teacher-guided selection: candidates share an id; the kept one has the most "
-                                   "teacher-originated sentences (--by count) or the largest share of them (--by "
-                                   "share); ties go to the shorter.")
-    _response_options(p, "candidates")
-    p.add_argument("--by", choices=["count", "share"], default="count",
-                   help="rank by the count or the share of teacher-originated sentences (default: %(default)s)")
+                       description="Teacher-guided selection: candidates share an id. Without --budget each id keeps "
+                                   "its best candidate; with --budget N the N best responses (or problems) of the "
+                                   "whole dataset are kept, best first. --by random and --by student-likelihood are "
+                                   "the baselines at the same budget. Ties go to the shorter.")
+    _response_options(p, "candidates", models_required=False)
+    p.add_argument("--by", choices=["count", "share", "student-likelihood", "random"], default=None,
+                   help="rank by the count or the share of teacher-originated sentences, the student's mean "
+                        "log-probability per token, or at random (default: count; share with --budget)")
+    p.add_argument("--budget", type=_int(1), default=None,
+                   help="keep the N best of the whole dataset (default: none, the best candidate of every id)")
+    p.add_argument("--budget-unit", choices=["responses", "problems"], default="responses",
+                   help="what --budget counts: responses (several of one id may be kept) or problems (each with "
+                        "its best candidate) (default: %(default)s)")
+    p.add_argument("--seed", type=_int(0), default=0, help="the draws of --by random (default: %(default)s)")
     _runtime_options(p)
 
 
@@ -295,7 +329,8 @@ def _generate(args):
         teacher=args.teacher, student=args.student, data=args.data, out=args.out, params=sampling_params(args),
         question_field=args.question_field, answer_field=args.answer_field or None, id_field=args.id_field,
         system_prompt=args.system_prompt, attempts=args.attempts, max_fallback=args.max_fallback,
-        prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, seed=args.seed, limit=args.limit,
+        prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, by=args.by, rule=args.rule,
+        beta=args.beta, margin=args.margin, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
         sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress, force=args.force)
     run_generate(opts)
