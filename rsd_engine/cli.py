@@ -8,7 +8,8 @@
     rsd score --student S [--teacher T] --data teacher_traces.jsonl traces.jsonl --plot hist.png
     rsd eval --model M --data problems.jsonl --samples 8 --out gens.jsonl
     rsd provenance --teacher T --student S [--distilled D] --data gens.jsonl --out sentences.jsonl
-    rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl
+    rsd provenance-report sentences.jsonl [--rule ratio --margin 0.5] --out report.json --plot report.png
+    rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl [--budget N --by share]
 """
 
 from __future__ import annotations
@@ -246,6 +247,29 @@ def _select_parser(sub):
     _runtime_options(p)
 
 
+def _report_parser(sub):
+    from rsd_engine.pipeline.provenance_report import DEFAULT_BINS, DEFAULT_RESAMPLES
+
+    p = sub.add_parser("provenance-report", formatter_class=_Help,
+                       help="the papers' analysis of a rsd provenance output, from its stored probabilities",
+                       description="Re-categorises every sentence under --rule (no model runs) and reports category "
+                                   "shares overall, for correct and incorrect answers and per response; the teacher "
+                                   "share by relative position in the response for correct against incorrect "
+                                   "answers, the area between those curves and the correlation of a response's "
+                                   "teacher share with its correctness, with bootstrap intervals over problems.")
+    p.add_argument("sentences", metavar="SENTENCES", help="the --out of rsd provenance (one line per sentence)")
+    p.add_argument("--out", default=None, help="JSON report (default: print only)")
+    p.add_argument("--plot", default=None, help="PNG: teacher share by position, correct vs incorrect, and per "
+                                                "response (default: none)")
+    p.add_argument("--bins", type=_int(1), default=DEFAULT_BINS, help="position bins (default: %(default)s, deciles)")
+    p.add_argument("--resamples", type=_int(1), default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the problems (default: %(default)s)")
+    p.add_argument("--seed", type=_int(0), default=0, help="seed of the bootstrap (default: %(default)s)")
+    p.add_argument("--include-truncated", action="store_true",
+                   help="analyse responses cut off by the length limit too (default: leave them out)")
+    _rule_options(p)
+
+
 def _eval_parser(sub):
     p = sub.add_parser("eval", help="accuracy of one model: N samples per problem, answers checked with math-verify",
                        formatter_class=_Help,
@@ -299,11 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "the student's own words.")
     parser.add_argument("--version", action="version", version=f"rsd-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,score,eval,provenance,select,merge,demo}")
+                                metavar="{generate,score,eval,provenance,provenance-report,select,merge,demo}")
     _generate_parser(sub)
     _score_parser(sub)
     _eval_parser(sub)
     _provenance_parser(sub)
+    _report_parser(sub)
     _select_parser(sub)
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
                            description="Join OUT.rank*-of-*.jsonl (and OUT, if it exists) into OUT in id order, each "
@@ -362,6 +387,15 @@ def _provenance(args):
     run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
 
 
+def _provenance_report(args):
+    from rsd_engine.pipeline.categories import make_rule
+    from rsd_engine.pipeline.provenance_report import run_report
+
+    run_report(args.sentences, rule=make_rule(args.rule, beta=args.beta, margin=args.margin), out=args.out,
+               plot=args.plot, bins=args.bins, resamples=args.resamples, seed=args.seed,
+               include_truncated=args.include_truncated)
+
+
 def _select(args):
     from rsd_engine.pipeline.select import SelectOptions, run_select
 
@@ -393,7 +427,8 @@ def _demo(args):
              seed=args.seed, device=args.device, dtype=args.dtype, sampler=args.sampler, progress=args.progress)
 
 
-COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance": _provenance, "select": _select, "merge": _merge,
+COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance": _provenance,
+            "provenance-report": _provenance_report, "select": _select, "merge": _merge,
             "demo": _demo}
 
 
