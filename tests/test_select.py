@@ -1,0 +1,137 @@
+"""`rsd select`'s ranking: --budget over the whole dataset (responses or problems), the random and
+student-likelihood baselines at the same budget, resume, and bad options refused."""
+import json
+import math
+
+import pytest
+
+from rsd_engine.cli import main
+from rsd_engine.pipeline.records import read_records
+from rsd_engine.pipeline.select import Candidate, SelectOptions, pick, random_key, scores_path, select_budget
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cand(order, teacher, sentences, tokens, **kw):
+    return Candidate(order, teacher, sentences, tokens, **kw)
+
+
+# problem -> candidates (teacher sentences, sentences, tokens)
+PROBLEMS = {
+    "p1": [cand(0, 1, 4, 40), cand(1, 3, 4, 50)],  # shares 0.25, 0.75
+    "p2": [cand(0, 2, 2, 30)],  # 1.0
+    "p3": [cand(0, 0, 3, 20), cand(1, 4, 8, 90), cand(2, 1, 2, 25)],  # 0, 0.5, 0.5 (the shorter first)
+}
+
+
+def names(kept):
+    return [(pid, c.order) for pid, c in kept]
+
+
+def test_budget_of_responses_takes_the_highest_shares_of_the_dataset():
+    assert names(select_budget(PROBLEMS, 3, "responses", "share")) == [("p2", 0), ("p1", 1), ("p3", 2)]
+    assert names(select_budget(PROBLEMS, 4, "responses", "share"))[3] == ("p3", 1)  # tie at 0.5: the shorter first
+    assert len(select_budget(PROBLEMS, 100, "responses", "share")) == 6  # no more than there are
+
+
+def test_budget_of_problems_keeps_each_problems_best():
+    assert names(select_budget(PROBLEMS, 2, "problems", "share")) == [("p2", 0), ("p1", 1)]
+    assert names(select_budget(PROBLEMS, 3, "problems", "count")) == [("p3", 1), ("p1", 1), ("p2", 0)]
+
+
+def test_student_likelihood_ranks_by_the_mean_log_probability():
+    problems = {"a": [Candidate(0, tokens=10, student_logprob=-2.0), Candidate(1, tokens=12, student_logprob=-0.5)],
+                "b": [Candidate(0, tokens=9, student_logprob=-1.0)]}
+    assert names(select_budget(problems, 2, "responses", "student-likelihood")) == [("a", 1), ("b", 0)]
+    assert pick(problems["a"], "student-likelihood").order == 1
+
+
+def test_random_keys_are_uniform_and_fixed_by_seed_id_and_sample():
+    from scipy.stats import kstest
+
+    keys = [random_key(0, f"p{i}", s) for i in range(500) for s in range(4)]
+    assert kstest(keys, "uniform").pvalue > 1e-3
+    assert random_key(0, "p1", 0) == random_key(0, "p1", 0) != random_key(1, "p1", 0) != random_key(0, "p1", 1)
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"id": f"q{i}", "sample": s, "question": f"What is {i} + {s}?", "response": f"It is {i + s}. " * (1 + s)}
+        for i in range(5) for s in range(3)]
+
+
+def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    assert main(["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    kept = read_records(out)
+    expected = sorted(((r["id"], r["sample"]) for r in ROWS), key=lambda k: random_key(0, *k))[:4]
+    assert [(r["id"], r["sample"]) for r in kept] == expected
+    assert [r["rank"] for r in kept] == [1, 2, 3, 4] and all(r["candidates"] == 3 for r in kept)
+    assert len(read_records(scores_path(out))) == len(ROWS)
+    assert "kept: 4 (0 already in the output, 4 written now)" in capsys.readouterr().out
+    # Another seed, another draw; the same budget of problems keeps one response per problem.
+    other = tmp_path / "other.jsonl"
+    assert main(["select", "--by", "random", "--budget", "3", "--budget-unit", "problems", "--seed", "5",
+                 "--data", str(data), "--out", str(other), "--no-progress"]) == 0
+    kept = read_records(other)
+    assert len({r["id"] for r in kept}) == 3
+
+
+def test_budget_run_resumes_the_writing_and_refuses_another_selection(tmp_path, capsys):
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "5", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as if killed while writing
+    assert main(argv) == 0
+    assert out.read_text() == whole
+    assert "15 already in the scores file, 0 scored now" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([("6" if a == "5" else a) for a in argv])
+    assert "--budget: 5 in the output, 6 now" in capsys.readouterr().err
+
+
+def test_student_likelihood_baseline_matches_the_students_log_probabilities(tiny_pair, tmp_path):
+    from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+    from rsd_engine.pipeline.readers import Reader
+
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS[:6]), tmp_path / "sel.jsonl"
+    assert main(["select", "--by", "student-likelihood", "--student", str(tiny_pair[1]), "--budget", "2",
+                 "--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    reader = Reader("student", tiny_pair[1], device="cpu")
+    readings = [reader.read(r["question"], r["response"], DEFAULT_SYSTEM_PROMPT) for r in ROWS[:6]]
+    reader.allocate(max(len(x) for x in readings), 1)
+    means = [sum(lp) / len(lp) for lp in (reader.logprobs([x])[0] for x in readings)]
+    best = sorted(range(6), key=lambda k: -means[k])[:2]
+    kept = read_records(out)
+    assert [(r["id"], r["sample"]) for r in kept] == [(ROWS[k]["id"], ROWS[k]["sample"]) for k in best]
+    assert [r["student_logprob"] for r in kept] == pytest.approx([means[k] for k in best], abs=1e-5)
+    assert all(math.isfinite(r["student_logprob"]) for r in kept)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0"], "--budget: must be an integer >= 1, got '0'"),
+    (["--budget-unit", "tokens"], "--budget-unit: invalid choice: 'tokens'"),
+    (["--by", "length"], "--by: invalid choice: 'length'"),
+    (["--by", "share"], "--by share needs --teacher"),
+    (["--by", "student-likelihood"], "--by student-likelihood needs --student"),
+    (["--by", "random", "--rule", "ratio", "--beta", "0.2"], "--beta = 0.2 is the difference rule's margin"),
+    (["--by", "random", "--rule", "ratio", "--margin", "0"], "--margin: must be a finite number > 0, got '0'"),
+])
+def test_bad_options_are_refused(tmp_path, capsys, argv, message):
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--data", str(data), "--out", str(tmp_path / "o.jsonl"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_options_default_by_follows_the_budget():
+    assert SelectOptions("t", "s", "d", "o").by == "count"
+    assert SelectOptions("t", "s", "d", "o", budget=3).by == "share"
+    with pytest.raises(ValueError, match="--budget = 0: must be an integer >= 1"):
+        SelectOptions("t", "s", "d", "o", budget=0)
