@@ -205,7 +205,15 @@ def _response_options(p, what, models_required=True):
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
     p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
-    _force_option(p)
+    p.add_argument("--include-truncated", action="store_true",
+                   help="keep responses cut off by the length limit (finish_reason 'length'; default: skip and count "
+                        "them)")
+    if what == "responses":
+        p.add_argument("--force", action="store_true",
+                       help="append to an OUT made with other settings, and trace again responses whose text changed "
+                            "since OUT holds them (default: refuse, naming the differences)")
+    else:
+        _force_option(p)
     _rule_options(p)
 
 

@@ -153,14 +153,26 @@ def test_newest_lines_of_a_response_win(tmp_path):
     assert read["lines"] == 5
 
 
+def test_only_the_newest_complete_version_counts(tmp_path):
+    old = sentence_lines([("a", 0, True, [S, S])], response_hash="h1")
+    new = sentence_lines([("a", 0, True, [T, SH])], response_hash="h2")
+    torn = sentence_lines([("a", 0, True, [S, S, S])], response_hash="h3")[:2]
+    other = sentence_lines([("b", 0, False, [S])], response_hash="h4")
+    responses, read = read_sentences(write_lines(tmp_path / "s.jsonl", old + new + other + torn), Rule())
+    assert [(r.id, r.categories) for r in responses] == [("a", ["teacher", "shared"]), ("b", ["student"])]
+    assert read["lines"] == 7 and read["lines_used"] == 3
+
+
 def test_truncated_responses_are_left_out_unless_asked(tmp_path):
     lines = sentence_lines(CASE)
     for line in lines:
         if line["id"] == "b" and line["sample"] == 1:
             line["finish_reason"] = "length"
+        if line["id"] == "a" and line["sample"] == 1:
+            line["truncated"] = True  # how rsd provenance --include-truncated marks them
     responses, _ = read_sentences(write_lines(tmp_path / "s.jsonl", lines), Rule())
     left_out = analyse(responses, resamples=5)
-    assert left_out["responses"] == 3 and left_out["truncated"] == {"count": 1, "included": False}
+    assert left_out["responses"] == 2 and left_out["truncated"] == {"count": 2, "included": False}
     assert analyse(responses, resamples=5, include_truncated=True)["responses"] == 4
 
 
@@ -197,6 +209,7 @@ def test_cli_refuses_bad_options(tmp_path, capsys, argv, message):
 @pytest.mark.parametrize("drop, change, message", [
     ("p_teacher", {}, "line 1: no 'p_teacher' field"),
     ("index", {}, "line 1: no 'index' field"),
+    ("sentences", {}, "line 1: no 'sentences' field"),
     (None, {"p_student": 1.5}, "line 1: p_student = 1.5, not a probability in [0, 1]"),
     (None, {"p_distilled": "x"}, "line 1: p_distilled = 'x', not a probability"),
 ])

@@ -3,7 +3,10 @@ boosted by distillation (DESIGN §9; rules in categories.py).
 
 Output is one JSON line per sentence; a response's lines are written together and fsynced, and
 each line names how many sentences its response has, so a response cut short by a kill -9 is
-recognised and dropped when the run resumes (rerun the same command to continue). Under torchrun
+recognised and dropped when the run resumes (rerun the same command to continue). Each line also
+holds the hash of its response's text: a response whose text changed in the input since it was
+traced is named and the run refused, and under --force traced again, its new lines appended; every
+reader of the output (current_sentences) takes the newest complete version of a response. Under torchrun
 each rank takes every world_size-th response and writes its own part; rank 0 merges the parts
 (else `rsd merge OUT`).
 """
@@ -49,7 +52,8 @@ class ProvenanceOptions:
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
-    force: bool = False  # append to an output made with other settings
+    include_truncated: bool = False  # keep responses cut off by the length limit (marked "truncated")
+    force: bool = False  # append to an output made with other settings, trace changed responses again
 
     def __post_init__(self):
         self.category_rule = options_rule(self)
@@ -77,7 +81,8 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
         check_writable(opts.plot)
     tracer = make_tracer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
-                          id_field=opts.id_field, system_prompt=opts.system_prompt)
+                          id_field=opts.id_field, system_prompt=opts.system_prompt,
+                          include_truncated=opts.include_truncated)
     responses = data.responses[: opts.limit] if opts.limit else data.responses
     mine = responses[dist.rank:: dist.world_size]
     settings, about = output_settings(opts, ("teacher", "student", "distilled"))
@@ -85,10 +90,16 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
             dropped = drop_incomplete(writer)
-            done = complete_keys(writer.existing + (read_records(out) if dist.world_size > 1 else []))
-            todo = [r for r in mine if r.key not in done]
+            held = complete_versions(writer.existing + (read_records(out) if dist.world_size > 1 else []))
+            todo, changed = responses_to_trace(mine, held)
+            if changed and not opts.force:
+                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced them; rerun "
+                                       f"with --force to trace them again (readers take a response's newest lines), "
+                                       f"or give another --out")
             usable, skipped = tracer.prepare(todo, opts.max_seq_len)
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+                     "truncated": data.truncated if dist.rank == 0 else [],
+                     "truncated_kept": sum(r.truncated for r in mine), "changed": [r.key for r in changed],
                      "responses": len(mine), "already_done": len(mine) - len(todo), "torn_dropped": dropped,
                      "skipped": [(r.key, why) for r, why in skipped], "traced": 0, "sentences": 0, "seconds": 0.0}
             if usable:
@@ -100,7 +111,7 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
         if dist.rank == 0:
             shown = out if (group or dist.world_size == 1) and out.is_file() else target
-            report = category_shares(read_records(shown))
+            report = category_shares(current_sentences(read_records(shown)))
             log(format_shares(report, distilled=opts.distilled is not None) if report["responses"]
                 else f"no sentences in {shown}")
             if opts.plot and report["responses"]:
@@ -168,6 +179,15 @@ def _format_tally(t: dict, target) -> str:
     if t["skipped"]:
         (rid, sample), why = t["skipped"][0]
         lines.append(f"skipped responses: {len(t['skipped'])} (first: id {rid} sample {sample}: {why})")
+    if t["truncated"]:
+        rid, sample = t["truncated"][0]
+        lines.append(f"cut off by the length limit, skipped: {len(t['truncated'])} (first: id {rid} sample {sample}; "
+                     f"--include-truncated keeps them)")
+    if t["truncated_kept"]:
+        lines.append(f"cut off by the length limit, kept (--include-truncated): {t['truncated_kept']}, their lines "
+                     f"marked \"truncated\"")
+    if t["changed"]:
+        lines.append(f"{describe_changed(t['changed'])} since the output traced them: traced again (--force)")
     if t["torn_dropped"]:
         lines.append(f"dropped {t['torn_dropped']} sentences of a response cut short by the last run (traced again)")
     if t["traced"]:
@@ -176,27 +196,72 @@ def _format_tally(t: dict, target) -> str:
     return "\n".join(lines)
 
 
+class ChangedResponses(ValueError):
+    """The input holds responses whose text differs from the version in the output."""
+
+
+def _version(line: dict) -> tuple[str, int, str | None]:
+    """(id, sample, hash of the response text): one traced version of a response (outputs of an
+    older rsd have no hash)."""
+    return str(line.get("id")), line.get("sample", 0), line.get("response_hash")
+
+
+def _complete(lines: list[dict]) -> dict[tuple, int]:
+    """{version: position of its last line} for each version whose every sentence line is in `lines`."""
+    seen: dict[tuple, set[int]] = {}
+    total, last = {}, {}
+    for position, line in enumerate(lines):
+        version = _version(line)
+        seen.setdefault(version, set()).add(line.get("index"))
+        total[version], last[version] = line.get("sentences"), position
+    return {v: last[v] for v, indices in seen.items() if len(indices) == total[v]}
+
+
+def complete_versions(lines: list[dict]) -> dict[tuple[str, int], str | None]:
+    """{(id, sample): text hash of its newest (last written) complete version}."""
+    complete = _complete(lines)
+    return {v[:2]: v[2] for v in sorted(complete, key=complete.get)}
+
+
 def complete_keys(lines: list[dict]) -> set[tuple[str, int]]:
-    """(id, sample) of the responses whose every sentence line is in `lines`."""
-    seen: dict[tuple[str, int], set[int]] = {}
-    total = {}
-    for line in lines:
-        key = (str(line.get("id")), line.get("sample", 0))
-        seen.setdefault(key, set()).add(line.get("index"))
-        total[key] = line.get("sentences")
-    return {key for key, indices in seen.items() if len(indices) == total[key]}
+    """(id, sample) of the responses with every sentence line of some version in `lines`."""
+    return set(complete_versions(lines))
+
+
+def current_sentences(lines: list[dict]) -> list[dict]:
+    """The lines of each response's newest complete version, in file order: what every reader of
+    an `rsd provenance` output should use (older versions and torn ones are left out)."""
+    newest = complete_versions(lines)
+    return [line for line in lines if newest.get(_version(line)[:2], ...) == _version(line)[2]]
+
+
+def responses_to_trace(responses, held: dict) -> tuple[list, list]:
+    """(responses not in the output, responses whose text changed since): `held` from complete_versions."""
+    todo, changed = [], []
+    for r in responses:
+        if r.key not in held:
+            todo.append(r)
+        elif held[r.key] is not None and held[r.key] != r.text_hash:
+            changed.append(r)
+    return todo + changed, changed
+
+
+def describe_changed(changed: list) -> str:
+    keys = [r.key if hasattr(r, "key") else r for r in changed]
+    shown = ", ".join(f"id {rid} sample {sample}" for rid, sample in keys[:3])
+    return f"{len(keys)} response{'s' * (len(keys) != 1)} changed ({shown}{', ...' if len(keys) > 3 else ''})"
 
 
 def drop_incomplete(writer: RecordWriter) -> int:
     """Cut off the lines of a response cut short by a kill (only the last group written can be);
     returns how many lines went."""
-    done = complete_keys(writer.existing)
+    done = _complete(writer.existing)
     torn = 0
     for line in reversed(writer.existing):
-        if (str(line.get("id")), line.get("sample", 0)) in done:
+        if _version(line) in done:
             break
         torn += 1
-    if any((str(line.get("id")), line.get("sample", 0)) not in done for line in writer.existing[:-torn or None]):
+    if any(_version(line) not in done for line in writer.existing[:-torn or None]):
         raise ValueError(f"{writer.path} has incomplete responses before its last one: the file was changed by "
                          f"something else; give another --out")
     writer.drop_last(torn)

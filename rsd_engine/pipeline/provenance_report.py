@@ -100,7 +100,7 @@ def plot_shares(report: dict, path, *, distilled: bool) -> None:
 
 # ---- `rsd provenance-report`: the papers' analysis from stored sentence probabilities ----------
 
-REQUIRED = ("id", "index", "p_teacher", "p_student")
+REQUIRED = ("id", "index", "sentences", "p_teacher", "p_student")
 DEFAULT_BINS, DEFAULT_RESAMPLES, DEFAULT_LEVEL = 10, 1000, 0.95
 
 
@@ -119,27 +119,34 @@ class ScoredResponse:
 
 def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
     """The responses of a `rsd provenance` output, re-categorised under `rule` from their stored
-    probabilities: of each (id, sample) the newest group of lines (a response traced again after its
-    text changed is appended later). Refuses lines without the fields the analysis needs."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    previous, changed, lines = None, 0, read_records(path)
+    probabilities: of each (id, sample) the newest complete version (provenance.current_sentences:
+    a response traced again after its text changed is appended later; a torn one is left out).
+    Refuses lines without the fields the analysis needs."""
+    from .provenance import current_sentences
+
+    lines = read_records(path)
     if not lines:
         raise ValueError(f"{path}: no sentence lines (is it the --out of rsd provenance?)")
     for number, line in enumerate(lines, 1):
         _check_line(path, number, line)
+    current = current_sentences(lines)
+    groups: dict[tuple[str, int], list[dict]] = {}
+    previous = None
+    for line in current:
         key = (str(line["id"]), line.get("sample", 0))
         if key != previous or line["index"] <= groups[key][-1]["index"]:
-            groups[key] = []  # a new group: a later one replaces an earlier one of the same response
+            groups[key] = []  # the same version written again later replaces the earlier copy
         groups[key].append(line)
         previous = key
-    responses = []
+    responses, changed = [], 0
     for (rid, sample), group in groups.items():
         cats = [rule.categorize(g["p_teacher"], g["p_student"], g.get("p_distilled")) for g in group]
         changed += sum(c != g.get("category") for c, g in zip(cats, group))
-        correct = group[0].get("correct")
-        responses.append(ScoredResponse(rid, sample, cats, correct if isinstance(correct, bool) else None,
-                                        group[0].get("finish_reason")))
-    return responses, {"lines": len(lines), "recategorised": changed}
+        first = group[0]
+        correct = first.get("correct")
+        finish = "length" if first.get("truncated") else first.get("finish_reason")
+        responses.append(ScoredResponse(rid, sample, cats, correct if isinstance(correct, bool) else None, finish))
+    return responses, {"lines": len(lines), "lines_used": sum(map(len, groups.values())), "recategorised": changed}
 
 
 def _check_line(path, number, line):

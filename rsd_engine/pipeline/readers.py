@@ -47,6 +47,13 @@ class Reader:
         self._model, self._cache, self.max_seq_len = model, None, None
         self._prompt = functools.lru_cache(maxsize=64)(self._prompt_ids)
 
+    @functools.cached_property
+    def markers(self) -> frozenset[str]:
+        """The tokenizer's special and added tokens that are markup, not words (`<think>`,
+        `<|im_end|>`; an added "hello" or a run of spaces is text)."""
+        tokens = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        return frozenset(t for t in tokens if t.strip() and not t.strip().isalnum())
+
     @property
     def context(self) -> int:
         return self.config.max_position_embeddings
@@ -54,6 +61,11 @@ class Reader:
     def read(self, question: str, response: str, system: str) -> Reading:
         """Token ids and offsets of the prompt and response; Unreadable when the tokenizer cannot
         represent the text."""
+        try:
+            response.encode("utf-8")
+        except UnicodeEncodeError as err:  # the tokenizer would raise a bare TypeError
+            raise Unreadable(f"the response is not valid Unicode: {response[err.start]!r} at character {err.start} "
+                             f"is a lone surrogate") from None
         prompt_ids = self._prompt(question, system)
         enc = self.tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]

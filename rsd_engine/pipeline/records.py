@@ -258,6 +258,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
             for record in guard.existing if path == out else read_records(path):
                 in_parts += [record] if path != out else []
                 records.setdefault(record_key(record), record)
+        records = {key: records[key] for key in _newest(records)}
         tmp = out.with_name(f".{out.name}.merging")
         tmp.unlink(missing_ok=True)  # left by a merge that was killed
         with RecordWriter(tmp) as writer:
@@ -298,11 +299,23 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
     return found
 
 
+def _newest(records: dict[str, dict]) -> list[str]:
+    """The keys of `records` (in the order seen: out, then the parts) less those of a response's
+    older versions (`rsd provenance` lines of a text since changed: another response_hash)."""
+    newest = {}
+    for record in records.values():
+        if "response_hash" in record:
+            newest[(str(record.get("id")), record.get("sample"))] = record["response_hash"]
+    return [key for key, r in records.items()
+            if "response_hash" not in r or newest[(str(r.get("id")), r.get("sample"))] == r["response_hash"]]
+
+
 def record_key(record: dict) -> str:
-    """What identifies a record: its id, then its sample (`rsd eval`: several generations per id)
-    and its index (`rsd provenance`: several sentences per response), when it has them."""
+    """What identifies a record: its id, then its sample (`rsd eval`: several generations per id),
+    the hash of its response's text and its index (`rsd provenance`: several versions of a
+    response, several sentences each), when it has them."""
     key = str(record.get("id"))
-    for name in ("sample", "index"):
+    for name in ("sample", "response_hash", "index"):
         if name in record:
             key += f"\0{record[name]}"
     return key

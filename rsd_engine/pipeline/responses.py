@@ -4,11 +4,18 @@
 Every response has a key (id, sample): the id from --id-field when the row has one (else a hash of
 the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the row's `sample` field (`rsd eval` output), else the count of earlier
 rows with the same id, so several candidates per problem stay apart. Unusable rows (missing
-fields, empty responses) are skipped and listed; no usable row at all is an error.
+fields, empty responses, text that is not valid Unicode such as a lone surrogate) are skipped and
+listed; no usable row at all is an error. A response cut off by the length limit (`finish_reason`
+"length", as `rsd eval` writes it) is not a whole answer: it is set apart and counted unless
+include_truncated, and then kept with the mark.
+
+A response's text has a hash (text_hash): outputs keep it with their records, so a rerun sees a
+response whose text changed since it was traced.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +37,18 @@ class Response:
     def key(self) -> tuple[str, int]:
         return self.id, self.sample
 
+    @property
+    def text_hash(self) -> str:
+        return text_hash(self.text)
+
+    @property
+    def truncated(self) -> bool:
+        return self.row.get("finish_reason") == "length"
+
+
+def text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
 
 @dataclass
 class ResponseSet:
@@ -37,15 +56,16 @@ class ResponseSet:
     skipped: list[tuple[int, str]]  # (row number, reason)
     num_rows: int
     has_ids: bool  # some row had the id field
+    truncated: list[tuple[str, int]] = field(default_factory=list)  # keys set apart: cut off by the length limit
 
 
 def load_responses(path, *, question_field="question", response_field="response", id_field="id",
-                   system_prompt: str = "") -> ResponseSet:
+                   system_prompt: str = "", include_truncated: bool = False) -> ResponseSet:
     path = Path(path)
     rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the file is empty (no responses)")
-    responses, skipped, seen, per_id = [], [], {}, {}
+    responses, skipped, truncated, seen, per_id = [], [], [], {}, {}
     has_ids = any(isinstance(r, dict) and r.get(id_field) is not None for r in rows)
     for number, row in enumerate(rows):
         response, reason = _response(number, row, question_field, response_field, id_field, system_prompt)
@@ -60,13 +80,19 @@ def load_responses(path, *, question_field="question", response_field="response"
             raise ValueError(f"{path}: rows {seen[response.key]} and {number} are both id {response.id!r} sample "
                              f"{response.sample}; each (id, sample) must be one response")
         seen[response.key] = number
-        responses.append(response)
+        if response.truncated and not include_truncated:
+            truncated.append(response.key)
+        else:
+            responses.append(response)
+    if not responses and truncated:
+        raise ValueError(f"{path}: all {len(truncated)} usable responses were cut off by the length limit "
+                         f"(finish_reason 'length'); pass --include-truncated to use them anyway")
     if not responses:
         first = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
         raise ValueError(f"{path}: none of the {len(rows)} rows is a usable response ({skipped[0][1]}); fields of "
                          f"the first row: {first}. Expected --question-field {question_field!r} and --response-field "
                          f"{response_field!r}, or chat 'messages'.")
-    return ResponseSet(responses, skipped, len(rows), has_ids)
+    return ResponseSet(responses, skipped, len(rows), has_ids, truncated)
 
 
 def _response(number, row, question_field, response_field, id_field, system_prompt):
@@ -78,8 +104,33 @@ def _response(number, row, question_field, response_field, id_field, system_prom
     rid = None if rid is None else str(rid)
     sample = row.get("sample")
     sample = sample if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else -1
+    reason = _not_unicode(row)
+    if reason:
+        return None, reason
     if response_field not in row and isinstance(row.get("messages"), list):
         return _chat(rid, sample, row)
+    return _plain(rid, sample, row, question_field, response_field, system_prompt)
+
+
+def _not_unicode(value, where: str = "") -> str:
+    """Why some text in `value` (a row) cannot be encoded, as no tokenizer or JSON writer can (a
+    lone surrogate from a JSON escape such as \\ud800), or ''."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"{where or 'text'} is not valid Unicode: {value[err.start]!r} at character {err.start} is a "
+                    f"lone surrogate")
+        return ""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        reason = _not_unicode(item, f"{where}[{key!r}]" if where else repr(key))
+        if reason:
+            return reason
+    return ""
+
+
+def _plain(rid, sample, row, question_field, response_field, system_prompt):
     question, text = row.get(question_field), row.get(response_field)
     if not isinstance(question, str) or not question.strip():
         return None, f"no {question_field!r} text"

@@ -3,12 +3,20 @@
 Splitting is pysbd's (rule-based, offline, no model to download): it keeps enumerators with their
 step ("1. First step", "Step 2. ...") and decimals inside sentences ("$x = 1.5$."). It does not
 know LaTeX, so a boundary it puts inside a math span (`$...$`, `$$...$$`, `\\[...\\]`, `\\(...\\)`)
-is dropped: a displayed equation ending in "." stays one piece with the text around it.
+is dropped: a displayed equation ending in "." stays one piece with the text around it. A `$`
+before a number is currency, not math, unless its closing `$` comes before pysbd's next boundary:
+"It costs $5. Then $3." is two sentences, "$5x = 10$." one.
 
-A sentence covers the characters from its first one up to the next sentence's first one (so
-trailing whitespace belongs to the sentence before it, leading whitespace of the response to the
-first). A token belongs to the sentence holding its first non-space character (DESIGN §9), which
-is why scores compare across tokenizers: every model splits the same text into the same sentences.
+Template markers (`<think>`, `</think>`, `<|im_end|>`: the tokenizers' special and added tokens,
+found by the caller) are never sentences: they cut the text into segments, each split on its own,
+and their characters belong to no sentence.
+
+A sentence is a span (start, end) of the response: from its first character up to the next
+sentence's first one, or to the marker or end of text closing its segment (so trailing whitespace
+belongs to the sentence before it, leading whitespace of a segment to its first). A token belongs
+to the sentence holding its first non-space character (DESIGN §9), which is why scores compare
+across tokenizers: every model splits the same text into the same sentences. A token whose first
+non-space character lies in a marker, or in a whitespace-only segment, belongs to none (index -1).
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ import functools
 import re
 from dataclasses import dataclass
 
-_MATH = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<!\\)\$.+?(?<!\\)\$|\\\[.+?\\\]|\\\(.+?\\\)", re.DOTALL)
+_DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|\\\[.+?\\\]|\\\(.+?\\\)", re.DOTALL)
+_DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)")  # a lone, unescaped `$`
+_AMOUNT = re.compile(r"\s?\.?\d")  # what follows a currency `$`: "$5", "$ 5", "$.50"
+
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,32 @@ def _segmenter():
     return pysbd.Segmenter(language="en", clean=False)
 
 
-def sentence_starts(text: str) -> list[int]:
-    """Offsets where sentences begin: pysbd's boundaries, less those inside math spans."""
+def marker_spans(text: str, markers=()) -> list[Span]:
+    """Where the markers occur in `text`, longest marker first at any position, not overlapping."""
+    if not markers:
+        return []
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(set(markers), key=len, reverse=True)))
+    return [(m.start(), m.end()) for m in pattern.finditer(text)]
+
+
+def math_spans(text: str, boundaries: list[int]) -> list[Span]:
+    """Math spans of `text`; a `$` before a number whose closing `$` lies past one of `boundaries`
+    (pysbd's sentence starts) is currency and opens none."""
+    spans = [(m.start(), m.end()) for m in _DELIMITED.finditer(text)]
+    dollars = [m.start() for m in _DOLLAR.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
+    k = 0
+    while k + 1 < len(dollars):
+        a, b = dollars[k], dollars[k + 1]
+        if _AMOUNT.match(text, a + 1) and any(a < s <= b for s in boundaries):
+            k += 1
+            continue
+        spans.append((a, b + 1))
+        k += 2
+    return spans
+
+
+def _segment_starts(text: str) -> list[int]:
+    """Sentence starts within one marker-free piece of text: pysbd's, less those inside math."""
     starts, cursor = [], 0
     for piece in _segmenter().segment(text):
         piece = piece.strip()
@@ -50,38 +86,59 @@ def sentence_starts(text: str) -> list[int]:
             at = cursor
         starts.append(at)
         cursor = at + len(piece)
-    inside = [(m.start(), m.end()) for m in _MATH.finditer(text)]
-    starts = [s for s in starts if not any(a < s < b for a, b in inside)]
-    return [0] + [s for s in sorted(set(starts)) if s > 0] if text else []
+    inside = math_spans(text, starts)
+    starts = sorted({s for s in starts if not any(a < s < b for a, b in inside)})
+    return [0] + starts[1:]  # the first sentence takes the segment's leading whitespace
 
 
-def split_sentences(text: str, starts: list[int] | None = None) -> list[Sentence]:
+def sentence_spans(text: str, markers=()) -> list[Span]:
+    """The sentences of `text` as (start, end) spans (see the module docstring)."""
+    spans, cursor = [], 0
+    for a, b in [*marker_spans(text, markers), (len(text), len(text))]:
+        segment = text[cursor:a]
+        if segment.strip():
+            starts = [cursor + s for s in _segment_starts(segment)]
+            spans += list(zip(starts, starts[1:] + [a]))
+        cursor = b
+    return spans
+
+
+def split_sentences(text: str, spans: list[Span] | None = None, markers=()) -> list[Sentence]:
     """The sentences of `text` (see the module docstring); whitespace-only text has none."""
-    if not text.strip():
-        return []
-    starts = sentence_starts(text) if starts is None else starts
-    ends = starts[1:] + [len(text)]
-    return [Sentence(a, b, text[a:b].strip()) for a, b in zip(starts, ends)]
+    spans = sentence_spans(text, markers) if spans is None else spans
+    return [Sentence(a, b, text[a:b].strip()) for a, b in spans]
 
 
-def token_sentences(text: str, offsets: list[tuple[int, int]], starts: list[int]) -> list[int]:
+def token_sentences(text: str, offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
     """Index of the sentence each token belongs to, from the tokens' character offsets into `text`:
-    the sentence holding the token's first non-space character (its first character if it has none)."""
+    the sentence holding the token's first non-space character (its first character if it has
+    none); -1 for a token in no sentence (a marker)."""
+    starts = [a for a, _ in spans]
     out = []
     for a, b in offsets:
         first = next((k for k in range(a, min(b, len(text))) if not text[k].isspace()), a)
-        out.append(max(bisect.bisect_right(starts, first) - 1, 0))
+        i = bisect.bisect_right(starts, first) - 1
+        out.append(i if i >= 0 and first < spans[i][1] else -1)
     return out
 
 
-def merge_empty(starts: list[int], counts: list[list[int]]) -> list[int]:
-    """Drop sentence starts so that every sentence holds at least one token under every model.
+def merge_empty(spans: list[Span], counts: list[list[int]]) -> list[Span]:
+    """Join sentences so that every sentence holds at least one token under every model.
 
     counts[m][i] is the number of model m's tokens in sentence i. A sentence without tokens (a
-    token ran across its start) joins the sentence before it, the first one joins the next; the
-    result is the same for every model, so sentences stay comparable."""
+    token ran across its start) joins the sentence before it in its segment, else the next one; a
+    segment with no token at all under some model has no sentence left. The result is the same
+    for every model, so sentences stay comparable."""
     empty = {i for per_model in counts for i, n in enumerate(per_model) if n == 0}
-    kept = [s for i, s in enumerate(starts) if i not in empty or i == 0]
-    if 0 in empty and len(kept) > 1:
-        kept.pop(1)  # the first sentence absorbs the second instead
-    return kept
+    out, pending = [], None  # pending: an empty sentence waiting to join the next one
+    for i, (a, b) in enumerate(spans):
+        if pending is not None and pending[1] == a:
+            a = pending[0]
+        pending = None
+        if i not in empty:
+            out.append((a, b))
+        elif out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            pending = (a, b)
+    return out

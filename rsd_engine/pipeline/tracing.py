@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from .categories import DEFAULT_BETA, Rule, check_beta
 from .readers import Reader, Unreadable
 from .responses import Response
-from .sentences import Sentence, merge_empty, sentence_starts, split_sentences, token_sentences
+from .sentences import Sentence, merge_empty, sentence_spans, split_sentences, token_sentences
 
 ROLES = ("teacher", "student", "distilled")
+CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output), for the analysis by correctness
 
 
 @dataclass
@@ -40,7 +41,11 @@ class Traced:
         r, n = self.response, len(self.sentences)
         out = []
         for i, (sentence, category) in enumerate(zip(self.sentences, self.categories)):
-            line = {"id": r.id, "sample": r.sample, "index": i, "sentences": n, "text": sentence.text}
+            line = {"id": r.id, "sample": r.sample, "response_hash": r.text_hash, "index": i, "sentences": n,
+                    "text": sentence.text}
+            line.update({name: r.row[name] for name in CARRIED if name in r.row})
+            if r.truncated:
+                line["truncated"] = True
             line.update({f"p_{role}": p[i] for role, p in self.probs.items()})
             line["category"] = category
             out.append(line)
@@ -60,6 +65,8 @@ class Tracer:
         self.readers, self.batch_size = readers, batch_size
         self.rule = rule if rule is not None else Rule("difference", check_beta(beta))
         self.max_seq_len = None
+        # Every model's markers: a marker one tokenizer lacks is still no sentence for the others.
+        self.markers = sorted({m for reader in readers.values() for m in reader.markers})
 
     def prepare(self, responses: list[Response], max_seq_len: int | None = None):
         """Check every response before any model is loaded: (usable, skipped as (response, reason)).
@@ -101,25 +108,27 @@ class Tracer:
 
     def _sentences(self, response: Response, readings: dict, logprobs: dict) -> Traced:
         text = response.text
-        starts = sentence_starts(text)
+        spans = sentence_spans(text, self.markers)
         while True:
-            owners = {role: token_sentences(text, r.offsets, starts) for role, r in readings.items()}
-            counts = [[o.count(i) for i in range(len(starts))] for o in owners.values()]
-            merged = merge_empty(starts, counts)
-            if merged == starts:
+            owners = {role: token_sentences(text, r.offsets, spans) for role, r in readings.items()}
+            counts = [[o.count(i) for i in range(len(spans))] for o in owners.values()]
+            merged = merge_empty(spans, counts)
+            if merged == spans:
                 break
-            starts = merged
-        probs = {role: _geometric_means(logprobs[role], owners[role], len(starts)) for role in readings}
+            spans = merged
+        probs = {role: _geometric_means(logprobs[role], owners[role], len(spans)) for role in readings}
         categories = [self.rule.categorize(probs["teacher"][i], probs["student"][i],
                                            probs["distilled"][i] if "distilled" in probs else None)
-                      for i in range(len(starts))]
-        return Traced(response, split_sentences(text, starts), probs, categories,
+                      for i in range(len(spans))]
+        return Traced(response, split_sentences(text, spans), probs, categories,
                       len(readings["student"].response_ids))
 
 
 def _geometric_means(logprobs: list[float], owners: list[int], n: int) -> list[float]:
     sums, counts = [0.0] * n, [0] * n
     for lp, i in zip(logprobs, owners):
+        if i < 0:  # a template marker: in no sentence
+            continue
         sums[i] += lp
         counts[i] += 1
     return [math.exp(s / c) for s, c in zip(sums, counts)]
