@@ -135,3 +135,54 @@ def test_options_default_by_follows_the_budget():
     assert SelectOptions("t", "s", "d", "o", budget=3).by == "share"
     with pytest.raises(ValueError, match="--budget = 0: must be an integer >= 1"):
         SelectOptions("t", "s", "d", "o", budget=0)
+
+
+def test_generate_takes_the_selection_options_only_with_select_provenance(tmp_path):
+    from rsd_engine.pipeline.generate import GenerateOptions, record_settings
+
+    plain = GenerateOptions("t", "s", "d", "o")
+    assert not {"--by", "--rule", "--beta", "--margin"} & set(record_settings(plain, "id")[0])  # resumes as before
+    chosen = GenerateOptions("t", "s", "d", "o", select="provenance", by="share", rule="ratio", margin=1.0)
+    assert chosen.category_rule.name == "ratio" and chosen.category_rule.margin == 1.0
+    settings = record_settings(chosen, "id")[0]
+    assert (settings["--by"], settings["--rule"], settings["--margin"], settings["--beta"]) == ("share", "ratio", 1.0,
+                                                                                                 None)
+    assert GenerateOptions("t", "s", "d", "o", select="provenance").by == "count"
+    with pytest.raises(ValueError, match="--beta: only with --select provenance"):
+        GenerateOptions("t", "s", "d", "o", beta=0.2)
+    with pytest.raises(ValueError, match="--by = 'length': must be one of"):
+        GenerateOptions("t", "s", "d", "o", select="provenance", by="length")
+
+
+@pytest.mark.parametrize("by", ["random", "student-likelihood"])
+def test_generate_chooser_baselines(tiny_pair, by):
+    """`rsd generate --select provenance --by B` keeps among correct attempts what `pick` keeps."""
+    from rsd_engine import Engine
+    from rsd_engine.pipeline.data import Problem
+    from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+    from rsd_engine.pipeline.readers import Reader
+    from rsd_engine.pipeline.select import provenance_chooser
+    from rsd_engine.pipeline.traces import Attempt
+    from rsd_engine.results import GenerationResult
+
+    engine = Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=128)
+    texts = [r["response"] for r in ROWS[:4]]
+    attempts = []
+    for k, text in enumerate(texts):
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        attempts.append(Attempt(k, GenerationResult([1], token_ids=ids, text=text, finish_reason="eos"), ids, "1",
+                                True, True, True, 0.0, True))
+    problem = Problem("q0", ROWS[0]["question"], "1")
+    kept, fields = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT, by=by, seed=3)(problem, attempts)
+    if by == "random":
+        expected = min(range(4), key=lambda k: random_key(3, "q0", k))
+        assert fields == {"random_key": random_key(3, "q0", expected)}
+    else:
+        reader = Reader("student", tiny_pair[1], device="cpu")
+        readings = [reader.read(problem.question, t, DEFAULT_SYSTEM_PROMPT) for t in texts]
+        reader.allocate(max(len(x) for x in readings), 1)
+        means = [sum(lp) / len(lp) for lp in (reader.logprobs([x])[0] for x in readings)]
+        assert len(set(means)) == 4
+        expected = max(range(4), key=lambda k: means[k])
+        assert fields["student_logprob"] == pytest.approx(means[expected], abs=1e-5)
+    assert kept.index == expected
