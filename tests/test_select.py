@@ -72,7 +72,7 @@ def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
     assert [(r["id"], r["sample"]) for r in kept] == expected
     assert [r["rank"] for r in kept] == [1, 2, 3, 4] and all(r["candidates"] == 3 for r in kept)
     assert len(read_records(scores_path(out))) == len(ROWS)
-    assert "kept: 4 (0 already in the output, 4 written now)" in capsys.readouterr().out
+    assert "kept: 4 of 15 scored candidates (0 already in the output, 4 written now)" in capsys.readouterr().out
     # Another seed, another draw; the same budget of problems keeps one response per problem.
     other = tmp_path / "other.jsonl"
     assert main(["select", "--by", "random", "--budget", "3", "--budget-unit", "problems", "--seed", "5",
@@ -89,7 +89,7 @@ def test_budget_run_resumes_the_writing_and_refuses_another_selection(tmp_path, 
     out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as if killed while writing
     assert main(argv) == 0
     assert out.read_text() == whole
-    assert "15 already in the scores file, 0 scored now" in capsys.readouterr().out
+    assert "candidates: 15 already in the scores file, 0 scored now" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([("6" if a == "5" else a) for a in argv])
     assert "--budget: 5 in the output, 6 now" in capsys.readouterr().err
@@ -186,3 +186,21 @@ def test_generate_chooser_baselines(tiny_pair, by):
         expected = max(range(4), key=lambda k: means[k])
         assert fields["student_logprob"] == pytest.approx(means[expected], abs=1e-5)
     assert kept.index == expected
+
+
+def test_budget_under_ranks_gives_the_single_runs_selection(tmp_path, monkeypatch, capsys):
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    argv = ["select", "--by", "random", "--budget", "7", "--data", str(data), "--no-progress", "--out"]
+    assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    assert "scores part written; when every rank is done: rsd merge" in capsys.readouterr().out
+    assert not (tmp_path / "sel.jsonl").exists()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
+    assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    assert read_records(tmp_path / "sel.jsonl") == read_records(tmp_path / "whole.jsonl")

@@ -292,9 +292,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
                  "problems": len(ids), "skipped": [], "written": 0, "no_candidate": []}
         if opts.budget is None:
             _select_per_problem(opts, scorer, problems, ids, target, settings, about, tally, dist)
-        elif not _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group, log):
-            return tally
-        else:
+        elif _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group, log):
             _write_budget(opts, problems, settings, about, tally)
         log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
         if group and opts.budget is None:
@@ -410,10 +408,12 @@ def _bar(total, enabled, dist, unit):
 
 
 def _format(t: dict, target) -> str:
-    if "kept" in t:  # --budget
-        lines = [f"problems: {t['problems']}; candidates scored: {t['candidates']} ({t['already_done']} already in "
-                 f"the scores file, {t['scored']} scored now)",
-                 f"kept: {t['kept']} ({t['already_written']} already in the output, {t['written']} written now)"]
+    if "scored" in t:  # --budget
+        lines = [f"problems: {t['problems']}; candidates: {t['already_done']} already in the scores file, "
+                 f"{t['scored']} scored now"]
+        if "kept" in t:
+            lines.append(f"kept: {t['kept']} of {t['candidates']} scored candidates ({t['already_written']} already "
+                         f"in the output, {t['written']} written now)")
     else:
         lines = [f"problems: {t['problems']} ({t['already_done']} already in the output, {t['written']} written "
                  f"now)"]
@@ -426,5 +426,5 @@ def _format(t: dict, target) -> str:
     if t["no_candidate"]:
         lines.append(f"problems without a usable candidate: {len(t['no_candidate'])} "
                      f"(first: {t['no_candidate'][0]})")
-    lines.append(f"output: {target}")
+    lines.append(f"output: {target}" if "scored" not in t or "kept" in t else f"scores: {scores_path(target)}")
     return "\n".join(lines)
