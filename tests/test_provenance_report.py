@@ -109,6 +109,10 @@ def test_bootstrap_interval_is_fixed_by_its_seed(tmp_path):
 def test_without_incorrect_answers_the_split_is_undefined_not_an_error(tmp_path):
     r = report_of(tmp_path, case=[c for c in CASE if c[2]], resamples=10)
     assert r["teacher_area"]["value"] is None and r["correlation"]["value"] is None
+    assert r["correlation"]["why"] == "needs correct and incorrect answers"
+    flat = report_of(tmp_path, case=[("a", 0, True, [S]), ("b", 0, False, [SH])], resamples=10)
+    assert flat["correlation"]["value"] is None and flat["teacher_area"]["value"] == 0.0
+    assert flat["correlation"]["why"] == "the teacher share is the same in every response"
     assert r["shares"]["incorrect"]["sentences"] == 0
 
 

@@ -196,6 +196,13 @@ def analyse(responses: list[ScoredResponse], *, bins: int = DEFAULT_BINS, resamp
     report["correlation"] = _estimate(curves.correlation(np.ones((1, curves.problems)))[0],
                                       curves.correlation(weights), level, resamples, seed)
     report["correlation"]["responses"] = len(judged)
+    both = {r.correct for r in judged} == {True, False}
+    if report["teacher_area"]["value"] is None:
+        report["teacher_area"]["why"] = ("no bin holds sentences of both" if both else
+                                         "needs correct and incorrect answers")
+    if report["correlation"]["value"] is None:
+        report["correlation"]["why"] = ("the teacher share is the same in every response" if both else
+                                        "needs correct and incorrect answers")
     return report
 
 
@@ -332,7 +339,7 @@ def format_report(report: dict, *, distilled: bool = False) -> str:
 
 def _estimate_line(what: str, e: dict) -> str:
     if e["value"] is None:
-        return f"{what}: undefined (needs correct and incorrect answers)"
+        return f"{what}: undefined ({e['why']})"
     interval = (f", {e['level']:.0%} bootstrap interval over problems [{e['interval'][0]:+.3f}, "
                 f"{e['interval'][1]:+.3f}]" if e["interval"] else "")
     return f"{what}: {e['value']:+.3f}{interval}"
