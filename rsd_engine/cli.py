@@ -252,6 +252,9 @@ def _select_parser(sub):
                    help="what --budget counts: responses (several of one id may be kept) or problems (each with "
                         "its best candidate) (default: %(default)s)")
     p.add_argument("--seed", type=_int(0), default=0, help="the draws of --by random (default: %(default)s)")
+    p.add_argument("--include-incorrect", action="store_true",
+                   help="also rank candidates whose row says \"correct\": false (default: only correct ones, and "
+                        "ungraded rows)")
     _runtime_options(p)
 
 

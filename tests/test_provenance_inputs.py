@@ -61,6 +61,55 @@ def test_template_markers_are_never_sentences():
     assert split_sentences("</think>\n\n<|im_end|>", markers=["</think>", "<|im_end|>"]) == []
 
 
+def test_tokenless_sentences_join_within_their_segment_only():
+    from rsd_engine.pipeline.sentences import merge_empty, token_sentences
+
+    text = "One. Two.</think>Three. Four."
+    spans = [(0, 5), (5, 9), (17, 24), (24, 29)]
+    # A token over "One. T" leaves "Two." empty under one model: it joins "One.", not across the marker.
+    assert merge_empty(spans, [[2, 0, 1, 1], [1, 1, 1, 1]]) == [(0, 9), (17, 24), (24, 29)]
+    # The first sentence of a segment joins the next; a segment without any token has no sentence left.
+    assert merge_empty(spans, [[1, 1, 0, 1]]) == [(0, 5), (5, 9), (17, 29)]
+    assert merge_empty(spans, [[0, 0, 1, 1]]) == [(17, 24), (24, 29)]
+    offsets = [(0, 4), (4, 9), (9, 17), (17, 23), (23, 24), (24, 29)]
+    assert token_sentences(text, offsets, spans) == [0, 1, -1, 2, 2, 3]
+
+
+def test_think_markers_are_markers_even_for_a_tokenizer_without_them():
+    """As with the demo pair (SmolLM2 has no <think> token) reading records of a reasoning model."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rsd_engine.pipeline.readers import Reader
+    from rsd_engine.pipeline.sentences import sentence_spans, token_sentences
+    from tiny import CORPUS
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
+    reader = Reader("student", "unused", model=SimpleNamespace(config=SimpleNamespace(vocab_size=10**6)),
+                    tokenizer=tokenizer)
+    assert {"<think>", "</think>", "<|im_end|>"} <= reader.markers
+    text = "So x = 4.\n</think>\n\nThe answer is 4."
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert len([t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if 10 <= a < 18]) > 1  # split up
+    spans = sentence_spans(text, reader.markers)
+    assert [text[a:b].strip() for a, b in spans] == ["So x = 4.", "The answer is 4."]
+    owners = token_sentences(text, enc["offset_mapping"], spans)
+    assert {o for o, (a, b) in zip(owners, enc["offset_mapping"]) if 10 <= a < 18} == {-1}
+
+
+def test_reader_refuses_unencodable_text_as_unreadable(tiny_pair):
+    from rsd_engine.pipeline.readers import Reader, Unreadable
+
+    with pytest.raises(Unreadable, match=r"'\\ud800' at character 16 is a lone surrogate"):
+        Reader("student", tiny_pair[1]).read("Q?", "The answer is 5 \ud800 ok.", "")
+
+
 def hf_response_logprobs(folder, question, response):
     """Per response token of HF transformers' float32 forward: (log p, (start, end))."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,6 +175,14 @@ def test_truncated_responses_are_skipped_unless_included_and_then_marked(tiny_pa
     assert "kept (--include-truncated): 1" in capsys.readouterr().out
 
 
+def test_failed_generations_are_skipped_and_named(tiny_pair, tmp_path, capsys):
+    rows = [{**ROWS[0], "finish_reason": "error", "error": "non-finite logits"}, ROWS[1]]
+    lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
+    assert {s["id"] for s in lines} == {"b"}
+    assert ("skipped rows: 1 of 2 (first: row 0, the generation failed (finish_reason 'error': non-finite logits))"
+            in capsys.readouterr().out)
+
+
 def test_all_truncated_is_an_error_naming_the_option(tiny_pair, tmp_path, capsys):
     data = write_rows(tmp_path / "r.jsonl", [eval_rows()[1]])
     with pytest.raises(SystemExit):
@@ -178,3 +235,127 @@ def test_merge_keeps_the_newest_version_of_a_response(tmp_path):
             writer.write_many(records)
     report = merge_parts(out)
     assert [r["text"] for r in read_records(out)] == ["a", "n0", "n1"] and report.duplicates == {}
+
+
+def test_input_named_another_way_or_copied_resumes_but_another_input_is_refused(tiny_pair, tmp_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path / "gens.jsonl", ROWS)
+    provenance(tiny_pair, "gens.jsonl", "s.jsonl", "--limit", "1")
+    provenance(tiny_pair, "./gens.jsonl", "s.jsonl")
+    assert "(1 already in the output, 1 traced now)" in capsys.readouterr().out
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "gens.jsonl").write_bytes((tmp_path / "gens.jsonl").read_bytes())
+    provenance(tiny_pair, tmp_path / "copy" / "gens.jsonl", "s.jsonl")
+    assert "(2 already in the output, 0 traced now)" in capsys.readouterr().out
+    write_rows(tmp_path / "other.jsonl", ROWS[:1])
+    with pytest.raises(SystemExit):
+        main(provenance_argv(tiny_pair, "other.jsonl", "s.jsonl"))
+    err = capsys.readouterr().err
+    assert "holds records made with other settings" in err
+    assert f"--data: {tmp_path / 'copy' / 'gens.jsonl'} in the output, {tmp_path / 'other.jsonl'} now" in err
+
+
+def test_select_and_eval_compare_inputs_by_content_and_resolved_path(tiny_pair, tmp_path, monkeypatch, capsys):
+    from solver_pair import write_problems
+
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path / "c.jsonl", ROWS)
+    assert main(select_argv(tiny_pair, "c.jsonl", "sel.jsonl")) == 0
+    assert main(select_argv(tiny_pair, "./c.jsonl", "sel.jsonl")) == 0
+    assert "problems: 2 (2 already in the output, 0 written now)" in capsys.readouterr().out
+
+    write_problems(tmp_path / "p.jsonl")
+    argv = ["eval", "--model", str(tiny_pair[1]), "--out", "g.jsonl", "--id-field", "id",
+            "--max-new-tokens", "8", "--device", "cpu", "--no-progress", "--limit", "1", "--data"]
+    assert main(argv + ["p.jsonl"]) == 0
+    assert main(argv + ["./p.jsonl"]) == 0
+    assert "(1 samples already in the output, 0 written now" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- select
+
+CANDIDATES = [
+    {"id": "q1", "question": "What is 2 + 2?", "response": "Two and two make four. The answer is \\boxed{4}."},
+    {"id": "q1", "question": "What is 2 + 2?", "response": "We have $x = 1.5$. Then 2 + 2 = 4.\n1. First step: add "
+                                                           "the numbers. 2. Second step, check it. The answer is 4."},
+    {"id": "q1", "question": "What is 2 + 2?", "response": "Hmm, that does not look right. Let me try a different "
+                                                           "approach. So 2 + 2 = 4. The answer is \\boxed{4}."},
+    {"id": "q2", "question": "What is 3 + 3?", "response": "Three and three make six. The answer is \\boxed{6}."},
+]
+
+
+def select(tiny_pair, rows, tmp_path, name, *extra):
+    assert main(select_argv(tiny_pair, write_rows(tmp_path / f"{name}.in.jsonl", rows), tmp_path / name, *extra)) == 0
+    return {r["id"]: r for r in read_records(tmp_path / name)}
+
+
+def test_select_never_keeps_a_candidate_its_row_calls_wrong(tiny_pair, tmp_path, capsys):
+    ungraded = select(tiny_pair, CANDIDATES, tmp_path, "a.jsonl")
+    wrong = ungraded["q1"]["response"]
+    graded = [{**c, "correct": c["response"] != wrong} for c in CANDIDATES]
+    kept = select(tiny_pair, graded, tmp_path, "b.jsonl")
+    assert kept["q1"]["response"] != wrong and kept["q1"]["correct"] is True
+    assert kept["q1"]["candidates"] == 3
+    assert "incorrect candidates set aside: 1 (--include-incorrect ranks them)" in capsys.readouterr().out
+    assert select(tiny_pair, graded, tmp_path, "c.jsonl", "--include-incorrect")["q1"]["response"] == wrong
+    # A problem with no correct candidate is named and not written.
+    all_wrong = [{**c, "correct": c["id"] == "q2"} for c in CANDIDATES]
+    assert set(select(tiny_pair, all_wrong, tmp_path, "d.jsonl")) == {"q2"}
+    assert "problems without a usable, correct candidate: 1 (first: q1)" in capsys.readouterr().out
+
+
+def test_select_refuses_an_id_holding_different_questions(tiny_pair, tmp_path, capsys):
+    rows = [*CANDIDATES, {"id": "q2", "question": "What is 5 + 5?", "response": "Ten. The answer is \\boxed{10}."}]
+    with pytest.raises(SystemExit) as exit_info:
+        main(select_argv(tiny_pair, write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "id 'q2' holds 2 different questions: 'What is 3 + 3?'; 'What is 5 + 5?'" in err
+    assert not (tmp_path / "sel.jsonl").exists()
+
+
+def test_select_refuses_a_correct_field_that_is_not_true_or_false(tiny_pair, tmp_path, capsys):
+    rows = [{**CANDIDATES[0], "correct": "yes"}]
+    with pytest.raises(SystemExit):
+        main(select_argv(tiny_pair, write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"))
+    assert "id 'q1' sample 0 has \"correct\": 'yes'; it must be true or false" in capsys.readouterr().err
+
+
+def test_select_sets_truncated_candidates_aside_unless_included(tiny_pair, tmp_path, capsys):
+    rows = [{**CANDIDATES[3], "finish_reason": "length"}, *CANDIDATES[:3]]
+    assert set(select(tiny_pair, rows, tmp_path, "a.jsonl")) == {"q1"}
+    assert "cut off by the length limit, set aside: 1 (first: id q2 candidate 0" in capsys.readouterr().out
+    kept = select(tiny_pair, rows, tmp_path, "b.jsonl", "--include-truncated")
+    assert kept["q2"]["finish_reason"] == "length"
+
+
+def test_kill_while_tracing_a_changed_response_again_loses_nothing(tiny_pair, tmp_path, capsys):
+    from rsd_engine.pipeline.provenance import current_sentences
+
+    data, out = tmp_path / "r.jsonl", tmp_path / "s.jsonl"
+    first = provenance(tiny_pair, write_rows(data, ROWS), out)
+    write_rows(data, [ROWS[0], {**ROWS[1], "response": "Three and three make six. So six. The answer is 6."}])
+    provenance(tiny_pair, data, out, "--force")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]) + lines[-2][:15])  # killed while writing b's new lines
+    assert current_sentences(read_records(out)) == first  # the old version is still whole, and read
+    with pytest.raises(SystemExit):
+        main(provenance_argv(tiny_pair, data, out))  # the output still holds b's old text
+    assert "1 response changed (id b sample 0)" in capsys.readouterr().err
+    provenance(tiny_pair, data, out, "--force")
+    assert "cut short by the last run" in capsys.readouterr().out
+    fresh = provenance(tiny_pair, data, tmp_path / "fresh.jsonl")
+    assert current_sentences(read_records(out)) == [s for s in first if s["id"] == "a"] + [
+        s for s in fresh if s["id"] == "b"]
+
+
+def test_include_truncated_only_chooses_rows_for_provenance_but_shapes_selection(tiny_pair, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", eval_rows())
+    provenance(tiny_pair, data, tmp_path / "s.jsonl")
+    lines = provenance(tiny_pair, data, tmp_path / "s.jsonl", "--include-truncated")  # resumes: adds the cut one
+    assert sorted({(s["id"], s["sample"]) for s in lines}) == [("a", 0), ("a", 1), ("b", 0)]
+    assert main(select_argv(tiny_pair, data, tmp_path / "sel.jsonl", "--include-incorrect")) == 0
+    with pytest.raises(SystemExit):
+        main(select_argv(tiny_pair, data, tmp_path / "sel.jsonl", "--include-incorrect", "--include-truncated"))
+    assert "--include-truncated: false in the output, true now" in capsys.readouterr().err

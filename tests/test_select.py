@@ -59,7 +59,7 @@ def write_rows(path, rows):
     return path
 
 
-ROWS = [{"id": f"q{i}", "sample": s, "question": f"What is {i} + {s}?", "response": f"It is {i + s}. " * (1 + s)}
+ROWS = [{"id": f"q{i}", "sample": s, "question": f"What is {i} + 1?", "response": f"It is {i + s}. " * (1 + s)}
         for i in range(5) for s in range(3)]
 
 
@@ -79,6 +79,19 @@ def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
                  "--data", str(data), "--out", str(other), "--no-progress"]) == 0
     kept = read_records(other)
     assert len({r["id"] for r in kept}) == 3
+
+
+def test_budget_keeps_only_correct_candidates_unless_asked(tmp_path, capsys):
+    rows = [{**r, "correct": r["sample"] == 0} for r in ROWS]
+    data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "8", "--data", str(data), "--no-progress", "--out"]
+    assert main(argv + [str(out)]) == 0
+    assert [(r["sample"], r["correct"]) for r in read_records(out)] == [(0, True)] * 5  # no more than are correct
+    assert "incorrect candidates set aside: 10 (--include-incorrect ranks them)" in capsys.readouterr().out
+    assert main(argv + [str(tmp_path / "all.jsonl"), "--include-incorrect"]) == 0
+    kept = read_records(tmp_path / "all.jsonl")
+    expected = sorted(((r["id"], r["sample"]) for r in rows), key=lambda k: random_key(0, *k))[:8]
+    assert [(r["id"], r["sample"]) for r in kept] == expected and [r["candidates"] for r in kept] == [3] * 8
 
 
 def test_budget_run_resumes_the_writing_and_refuses_another_selection(tmp_path, capsys):

@@ -22,7 +22,7 @@ from rsd_engine.params import SamplingParams
 
 from .data import Problem, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import check_settings, model_fingerprint
+from .manifest import check_settings, input_identity, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import RecordWriter, check_writable, duplicate_ids, part_path, read_records
@@ -165,7 +165,8 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
             settings[_flag(f.name)] = getattr(opts, f.name)
     settings["--id-field"] = id_field
     about = {_flag(name): getattr(opts, name) for name in RUNTIME_OPTIONS if name not in ("progress", "force")}
-    about.update({"--teacher": str(Path(opts.teacher).resolve()), "--student": str(Path(opts.student).resolve())})
+    about.update({"--teacher": str(Path(opts.teacher).resolve()), "--student": str(Path(opts.student).resolve()),
+                  "--data": input_identity(opts.data)})
     return settings, about
 
 

@@ -12,7 +12,11 @@ Settings are what shape a finished record. Options that only choose which proble
 
 Models are fingerprinted by content, not by path (a copied folder is the same model): small
 files are hashed whole, weight files by their size and 16 evenly spaced 64 KiB windows, which
-reads 1 MiB of a multi-GB file and still tells two checkpoints apart.
+reads 1 MiB of a multi-GB file and still tells two checkpoints apart. An input dataset (--data) is
+held as its resolved path and its content hash, and is the same input when either matches: named
+`gens.jsonl` or `./gens.jsonl`, or copied elsewhere. A file edited in place stays the same input;
+the commands that read it see which of its rows changed (`rsd provenance` keeps a hash of each
+response's text).
 
 The manifest is written to a temporary name, fsynced and renamed over the old one, under the
 output's lock: after a kill -9 it is the old manifest or the new one, never a torn one.
@@ -76,13 +80,44 @@ def plain(value):
     return json.loads(json.dumps(value))
 
 
+def input_identity(path) -> dict:
+    """{"file": resolved path, "content": hash} of a dataset file or folder (content None when missing)."""
+    path = Path(path)
+    if path.is_file():
+        content = _file_hash(path)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        digest = hashlib.blake2b(digest_size=16)
+        for p in files:
+            digest.update(f"{p.relative_to(path)}\0{_file_hash(p)}\0".encode())
+        content = f"{len(files)} files:{digest.hexdigest()}"
+    else:
+        content = None
+    return {"file": str(path.resolve()), "content": content}
+
+
+def _same_input(held, now) -> bool:
+    """An input named either way (see the module docstring); a manifest of an older rsd holds the
+    path as typed, taken from the current folder."""
+    if not (isinstance(now, dict) and set(now) == {"file", "content"}):
+        return False
+    if isinstance(held, str):
+        return str(Path(held).resolve()) == now["file"]
+    return isinstance(held, dict) and set(held) == {"file", "content"} and (
+        held["file"] == now["file"] or (held["content"] is not None and held["content"] == now["content"]))
+
+
 def differences(held: dict, now: dict) -> list[str]:
     """One line per setting that differs, in the user's words."""
     held, now = plain(held), plain(now)
     lines = []
     for key in [*held, *(k for k in now if k not in held)]:
         a, b = held.get(key, "(not set)"), now.get(key, "(not set)")
-        if a == b:
+        if a == b or _same_input(a, b):
+            continue
+        if isinstance(b, dict) and set(b) == {"file", "content"}:
+            a_file = a.get("file") if isinstance(a, dict) else a
+            lines.append(f"{key}: {a_file} in the output, {b['file']} now (another file, with other content)")
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             changed = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
@@ -106,6 +141,9 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
     found = (differences(held["settings"], settings) if held is not None
              else [f"no {manifest_path(out).name} beside it: its records were made by an older rsd or another tool"])
     if not found:
+        if write and held is not None and held["settings"] != plain(settings):
+            held["settings"] = plain(settings)  # the same input under another name, or edited: as it is now
+            write_manifest(out, held)
         return []
     if not force:
         raise SettingsMismatch(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import model_fingerprint
+from .manifest import input_identity, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
@@ -28,7 +28,9 @@ from .responses import load_responses
 from .tracing import Tracer
 
 # Options that choose what runs or where, not what a record says: kept in the manifest, not compared.
-RUNTIME_OPTIONS = ("max_seq_len", "batch_size", "limit", "plot", "device", "dtype", "progress", "force")
+# --include-truncated only chooses which responses run: a traced response's lines are the same either way.
+RUNTIME_OPTIONS = ("max_seq_len", "batch_size", "limit", "plot", "device", "dtype", "progress", "force",
+                   "include_truncated")
 
 
 @dataclass
@@ -89,13 +91,14 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-            dropped = drop_incomplete(writer)
+            # A torn version is no version: refusing leaves it for the run that traces it again to cut off.
             held = complete_versions(writer.existing + (read_records(out) if dist.world_size > 1 else []))
             todo, changed = responses_to_trace(mine, held)
             if changed and not opts.force:
                 raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced them; rerun "
                                        f"with --force to trace them again (readers take a response's newest lines), "
                                        f"or give another --out")
+            dropped = drop_incomplete(writer)
             usable, skipped = tracer.prepare(todo, opts.max_seq_len)
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
                      "truncated": data.truncated if dist.rank == 0 else [],
@@ -128,13 +131,16 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
 
 def output_settings(opts, models, runtime=RUNTIME_OPTIONS) -> tuple[dict, dict]:
     """(settings that shape the records, other options for the reader): the output's manifest
-    (manifest.py). Models count by content; options in `runtime` do not change a record."""
+    (manifest.py). Models count by content, the input by content or resolved path; options in
+    `runtime` do not change a record."""
     settings, about = {}, {}
     for f in fields(opts):
         value = getattr(opts, f.name)
         if f.name in models:
             settings[f"{f.name} model"] = model_fingerprint(value) if value is not None else None
             about[f"--{f.name}"] = str(Path(value).resolve()) if value is not None else None
+        elif f.name == "data":
+            settings["--data"] = input_identity(value)
         elif f.name == "params":
             settings.update({f"--{p.name.replace('_', '-')}": getattr(value, p.name) for p in fields(value)
                              if p.name != "seed"})
@@ -236,7 +242,9 @@ def current_sentences(lines: list[dict]) -> list[dict]:
 
 
 def responses_to_trace(responses, held: dict) -> tuple[list, list]:
-    """(responses not in the output, responses whose text changed since): `held` from complete_versions."""
+    """(what to trace: responses not in the output, then those whose text changed since; the changed
+    ones), `held` being complete_versions of the output. Lines of an older rsd (no hash) count as
+    the response's."""
     todo, changed = [], []
     for r in responses:
         if r.key not in held:

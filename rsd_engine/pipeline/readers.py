@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompts import THINK_OPEN, build_prompt
+from .prompts import THINK_CLOSE, THINK_OPEN, build_prompt
 
 
 class Unreadable(ValueError):
@@ -49,9 +49,11 @@ class Reader:
 
     @functools.cached_property
     def markers(self) -> frozenset[str]:
-        """The tokenizer's special and added tokens that are markup, not words (`<think>`,
-        `<|im_end|>`; an added "hello" or a run of spaces is text)."""
-        tokens = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        """The tokenizer's special and added tokens that are markup, not words (`<|im_end|>`; an
+        added "hello" or a run of spaces is text), and the reasoning markers `<think>` `</think>`
+        even where the tokenizer has no such token: records of a reasoning model hold them as text."""
+        tokens = {THINK_OPEN, THINK_CLOSE} | set(self.tokenizer.all_special_tokens) | set(
+            self.tokenizer.get_added_vocab())
         return frozenset(t for t in tokens if t.strip() and not t.strip().isalnum())
 
     @property

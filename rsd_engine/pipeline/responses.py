@@ -2,12 +2,13 @@
 --format sft`), as read by `rsd provenance` and `rsd select`.
 
 Every response has a key (id, sample): the id from --id-field when the row has one (else a hash of
-the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the row's `sample` field (`rsd eval` output), else the count of earlier
-rows with the same id, so several candidates per problem stay apart. Unusable rows (missing
-fields, empty responses, text that is not valid Unicode such as a lone surrogate) are skipped and
-listed; no usable row at all is an error. A response cut off by the length limit (`finish_reason`
-"length", as `rsd eval` writes it) is not a whole answer: it is set apart and counted unless
-include_truncated, and then kept with the mark.
+the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the
+row's `sample` field (`rsd eval` output), else the count of earlier rows with the same id, so
+several candidates per problem stay apart. Unusable rows (missing fields, empty responses, text that
+is not valid Unicode such as a lone surrogate, generations that failed: `finish_reason` "error")
+are skipped and listed; no usable row at all is an error. A response cut off by the length limit
+(`finish_reason` "length", as `rsd eval` writes it) is not a whole answer: it is set apart and
+counted unless include_truncated, and then kept with the mark.
 
 A response's text has a hash (text_hash): outputs keep it with their records, so a rerun sees a
 response whose text changed since it was traced.
@@ -107,6 +108,8 @@ def _response(number, row, question_field, response_field, id_field, system_prom
     reason = _not_unicode(row)
     if reason:
         return None, reason
+    if row.get("finish_reason") == "error":  # `rsd eval`: non-finite logits cut the generation short
+        return None, f"the generation failed (finish_reason 'error'{': ' + str(row['error']) if row.get('error') else ''})"
     if response_field not in row and isinstance(row.get("messages"), list):
         return _chat(rid, sample, row)
     return _plain(rid, sample, row, question_field, response_field, system_prompt)

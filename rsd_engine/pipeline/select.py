@@ -9,6 +9,12 @@ What a candidate is ranked by (`--by`):
     random              a uniform draw fixed by (--seed, id, sample) (no model read)
 Ties go to the shorter response (student tokens), then to the earlier candidate.
 
+Candidates are the rows that share an id; an id whose rows hold different questions is refused
+(naming them), since one of two problems would be dropped. Rows that say they are wrong
+(`"correct": false`, as `rsd eval` writes it) are set aside unless --include-incorrect: teacher-
+guided selection chooses among correct answers. A problem without a candidate left is named and
+written nowhere. Responses cut off by the length limit are set aside as `rsd provenance` does.
+
 Without `--budget` every problem (id) keeps its best candidate; `--by` defaults to count. A
 problem's row is written (fsynced) once all its candidates are scored, so a rerun resumes after
 the last problem written.
@@ -37,7 +43,7 @@ from .categories import DEFAULT_RULE, Rule, options_rule
 from .manifest import plain
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .provenance import output_settings
+from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import RecordWriter, check_writable, part_path, read_records
 from .readers import Reader, Unreadable
 from .responses import Response, load_responses
@@ -243,6 +249,8 @@ class SelectOptions:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    include_incorrect: bool = False  # also rank candidates whose row says "correct": false
+    include_truncated: bool = False
     progress: bool = True
     force: bool = False  # append to an output made with other settings
 
@@ -277,23 +285,29 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     check_writable(target)
     scorer = make_scorer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
-                          id_field=opts.id_field, system_prompt=opts.system_prompt)
+                          id_field=opts.id_field, system_prompt=opts.system_prompt,
+                          include_truncated=opts.include_truncated)
     if not data.has_ids:
         raise ValueError(f"{opts.data}: no row has an {opts.id_field!r} field; rsd select keeps one candidate per "
                          f"id, so candidates of one problem must share an id (name it with --id-field)")
-    problems: dict[str, list] = {}
-    for r in data.responses:
-        problems.setdefault(r.id, []).append(r)
+    problems = group_candidates(data.responses, opts.data)
+    incorrect = {pid: [r for r in rows if said_correct(r, opts.data) is False] for pid, rows in problems.items()}
     ids = list(problems)[dist.rank:: dist.world_size]
-    settings, about = output_settings(opts, ("teacher", "student"))
+    # Which candidates compete shapes the row kept: --include-truncated is compared here.
+    settings, about = output_settings(opts, ("teacher", "student"),
+                                      tuple(o for o in RUNTIME_OPTIONS if o != "include_truncated"))
     group = init_process_group(dist, log)
     try:
         tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+                 "truncated": data.truncated if dist.rank == 0 else [],
+                 "incorrect": 0 if opts.include_incorrect else sum(len(incorrect[i]) for i in ids),
                  "problems": len(ids), "skipped": [], "written": 0, "no_candidate": []}
+        considered = {pid: [r for r in rows if opts.include_incorrect or said_correct(r, opts.data) is not False]
+                      for pid, rows in problems.items()}
         if opts.budget is None:
-            _select_per_problem(opts, scorer, problems, ids, target, settings, about, tally, dist)
-        elif _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group, log):
-            _write_budget(opts, problems, settings, about, tally)
+            _select_per_problem(opts, scorer, considered, problems, ids, target, settings, about, tally, dist)
+        elif _score_all(opts, scorer, considered, ids, settings, about, tally, dist, group, log):
+            _write_budget(opts, considered, problems, settings, about, tally)
         log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
         if group and opts.budget is None:
             barrier_and_merge(dist, out, log)
@@ -307,7 +321,8 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _select_per_problem(opts, scorer, problems, ids, target, settings, about, tally, dist):
+def _select_per_problem(opts, scorer, problems, every, ids, target, settings, about, tally, dist):
+    """`problems`: the candidates that compete; `every`: all rows of each id."""
     with RecordWriter(target, settings, force=opts.force, about=about) as writer:
         held = writer.existing + (read_records(opts.out) if dist.world_size > 1 else [])
         done = {str(r["id"]) for r in held if "id" in r}
@@ -328,7 +343,7 @@ def _select_per_problem(opts, scorer, problems, ids, target, settings, about, ta
                 continue
             best = pick(candidates, opts.by)
             row = dict(mine[best.order].row)
-            row.update(best.fields(), candidates=len(problems[pid]))
+            row.update(best.fields(), candidates=len(every[pid]))
             writer.write(row)
             tally["written"] += 1
         if bar is not None:
@@ -372,8 +387,9 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
     return True
 
 
-def _write_budget(opts, problems, settings, about, tally):
-    """--budget, second step: the kept rows, best first, from the complete scores file."""
+def _write_budget(opts, problems, every, settings, about, tally):
+    """--budget, second step: the kept rows, best first, from the complete scores file (`problems`:
+    the candidates that compete; `every`: all rows of each id)."""
     scores = {(str(r["id"]), r["sample"]): r for r in read_records(scores_path(opts.out))}
     by_problem = {}
     for pid, responses in problems.items():
@@ -386,7 +402,7 @@ def _write_budget(opts, problems, settings, about, tally):
     rows = []
     for rank, (pid, c) in enumerate(kept, 1):
         row = dict(problems[pid][c.order].row)
-        row.update(c.fields(), candidates=len(by_problem[pid]), rank=rank)
+        row.update(c.fields(), candidates=len(every[pid]), rank=rank)
         rows.append(row)
     with RecordWriter(opts.out, settings, force=opts.force, about=about) as writer:
         held = writer.existing
@@ -397,6 +413,32 @@ def _write_budget(opts, problems, settings, about, tally):
         writer.write_many(rows[len(held):])
     tally.update(written=len(rows) - len(held), kept=len(rows), candidates=sum(map(len, by_problem.values())),
                  already_written=len(held))
+
+
+def group_candidates(responses: list[Response], source) -> dict[str, list[Response]]:
+    """{id: its candidates, in input order}; refuses an id whose rows hold different questions."""
+    problems: dict[str, list[Response]] = {}
+    for r in responses:
+        problems.setdefault(r.id, []).append(r)
+    mixed = {pid: list(dict.fromkeys(r.question for r in rows)) for pid, rows in problems.items()}
+    mixed = {pid: questions for pid, questions in mixed.items() if len(questions) > 1}
+    if mixed:
+        pid, questions = next(iter(mixed.items()))
+        shown = "; ".join(repr(q if len(q) <= 80 else q[:77] + "...") for q in questions[:3])
+        more = f" ({len(mixed) - 1} more ids like it)" if len(mixed) > 1 else ""
+        raise ValueError(f"{source}: id {pid!r} holds {len(questions)} different questions: {shown}{more}. rsd select "
+                         f"keeps one candidate per id, so one of these problems would be lost; give each problem its "
+                         f"own id (or name another column with --id-field)")
+    return problems
+
+
+def said_correct(response: Response, source) -> bool | None:
+    """The row's `correct` (true / false), or None when the row does not say."""
+    value = response.row.get("correct")
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{source}: id {response.id!r} sample {response.sample} has \"correct\": {value!r}; it must be "
+                     f"true or false (or absent when ungraded)")
 
 
 def _bar(total, enabled, dist, unit):
@@ -420,11 +462,17 @@ def _format(t: dict, target) -> str:
     if t["skipped_rows"]:
         number, why = t["skipped_rows"][0]
         lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+    if t["truncated"]:
+        rid, sample = t["truncated"][0]
+        lines.append(f"cut off by the length limit, set aside: {len(t['truncated'])} (first: id {rid} candidate "
+                     f"{sample}; --include-truncated ranks them)")
+    if t["incorrect"]:
+        lines.append(f"incorrect candidates set aside: {t['incorrect']} (--include-incorrect ranks them)")
     if t["skipped"]:
         (rid, sample), why = t["skipped"][0]
         lines.append(f"skipped candidates: {len(t['skipped'])} (first: id {rid} candidate {sample}: {why})")
     if t["no_candidate"]:
-        lines.append(f"problems without a usable candidate: {len(t['no_candidate'])} "
-                     f"(first: {t['no_candidate'][0]})")
+        lines.append(f"problems without a usable{'' if t['incorrect'] == 0 else ', correct'} candidate: "
+                     f"{len(t['no_candidate'])} (first: {t['no_candidate'][0]})")
     lines.append(f"output: {target}" if "scored" not in t or "kept" in t else f"scores: {scores_path(target)}")
     return "\n".join(lines)
