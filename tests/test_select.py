@@ -71,6 +71,7 @@ def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
     expected = sorted(((r["id"], r["sample"]) for r in ROWS), key=lambda k: random_key(0, *k))[:4]
     assert [(r["id"], r["sample"]) for r in kept] == expected
     assert [r["rank"] for r in kept] == [1, 2, 3, 4] and all(r["candidates"] == 3 for r in kept)
+    assert [r["random_key"] for r in kept] == [random_key(0, *k) for k in expected] and "tokens" not in kept[0]
     assert len(read_records(scores_path(out))) == len(ROWS)
     assert "kept: 4 of 15 scored candidates (0 already in the output, 4 written now)" in capsys.readouterr().out
     # Another seed, another draw; the same budget of problems keeps one response per problem.

@@ -78,11 +78,11 @@ class Candidate:
 
     def fields(self) -> dict:
         """What goes into the kept row and the scores file."""
+        if self.random_key is not None:
+            return {"random_key": self.random_key}  # no model read it: no token count
         out = {"tokens": self.tokens}
         if self.student_logprob is not None:
             out["student_logprob"] = self.student_logprob
-        elif self.random_key is not None:
-            out["random_key"] = self.random_key
         else:
             out.update(teacher_sentences=self.teacher_sentences, sentences=self.sentences,
                        teacher_share=self.teacher_share)
@@ -222,7 +222,7 @@ def provenance_chooser(engine, system_prompt: str, *, batch_size: int = 4, by: s
                       for k, (r, c) in enumerate(zip(usable, scorer.score(usable)))]
         best = pick(candidates, by)
         fields = best.fields()
-        fields.pop("tokens")
+        fields.pop("tokens", None)
         return by_index[usable[best.order].sample], fields
 
     return choose
