@@ -231,3 +231,21 @@ def test_run_report_refuses_an_empty_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(ValueError, match="no sentence lines"):
         run_report(tmp_path / "e.jsonl", rule=Rule(), log=lambda *_: None)
+
+
+def test_provenance_records_follow_the_ratio_rule_and_the_report_agrees(tiny_pair, tmp_path):
+    rows = [{"id": "a", "question": "What is 2 + 2?", "response": "We add them. So 2 + 2 = 4. The answer is 4.",
+             "correct": True},
+            {"id": "b", "question": "What is 3 + 3?", "response": "Three and three. It is 7, I think.",
+             "correct": False}]
+    data = write_lines(tmp_path / "gens.jsonl", rows)
+    out = tmp_path / "s.jsonl"
+    assert main(["provenance", "--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--data", str(data),
+                 "--out", str(out), "--rule", "ratio", "--margin", "0.05", "--device", "cpu", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rule = Rule("ratio", 0.05)
+    assert [line["category"] for line in lines] == [rule.categorize(line["p_teacher"], line["p_student"])
+                                                    for line in lines]
+    assert {line["category"] for line in lines} - {"shared"}  # the margin is small enough to see the models differ
+    report = run_report(out, rule=rule, resamples=10, log=lambda *_: None)
+    assert report["recategorised"] == 0 and [r["correct"] for r in report["per_response"]] == [True, False]
