@@ -103,7 +103,19 @@ def test_bootstrap_interval_is_fixed_by_its_seed(tmp_path):
     assert one["teacher_area"] == again["teacher_area"] and one["correlation"] == again["correlation"]
     assert one["teacher_area"]["interval"] != other["teacher_area"]["interval"]
     lo, hi = one["teacher_area"]["interval"]
-    assert lo <= hi and one["teacher_area"]["resamples"] == 200
+    assert lo <= hi and one["teacher_area"]["resamples"] == 200 == one["teacher_area"]["resamples_drawn"]
+
+
+def test_resamples_without_both_kinds_of_answer_are_left_out_and_counted(tmp_path):
+    from rsd_engine.pipeline.provenance_report import format_report
+
+    case = [("a", 0, True, [T, SH]), ("b", 0, False, [S, SH]), ("c", 0, True, [T]), ("c", 1, False, [SH])]
+    r = report_of(tmp_path, case=case, resamples=300, seed=0)
+    used = r["teacher_area"]["resamples"]
+    # Without c, a resample of three problems is all a or all b (one kind of answer) with chance 2 / 27.
+    assert 5 < 300 - used < 50 and r["teacher_area"]["resamples_drawn"] == 300
+    shown = format_report({"source": "s", "rule": {"rule": "difference", "beta": 0.1}, "recategorised": 0, **r})
+    assert f"; {used} of 300 resamples have a value" in shown
 
 
 def test_without_incorrect_answers_the_split_is_undefined_not_an_error(tmp_path):
@@ -188,9 +200,10 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["rule"] == {"rule": "ratio", "margin": 0.2}
     assert report["recategorised"] == 6  # stored "shared", re-categorised to teacher / student
-    assert report["teacher_area"]["resamples"] <= 50
+    assert report["teacher_area"]["resamples"] == 50  # both problems hold correct and incorrect answers
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
+    assert "+0.250, 95% bootstrap interval over problems [" in printed
     assert "area between the curves (correct - incorrect): +0.250" in printed
     assert "point-biserial r" in printed
 

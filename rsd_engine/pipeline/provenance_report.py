@@ -276,12 +276,15 @@ class PositionCounts:
 
 def _estimate(value, replicates, level, resamples, seed) -> dict:
     finite = replicates[np.isfinite(replicates)]
+    # A resample without a correct or an incorrect answer has no value: it is left out, and the
+    # count of those kept says how far to trust the interval.
     if not np.isfinite(value):
-        return {"value": None, "interval": None, "level": level, "resamples": 0, "seed": seed}
+        return {"value": None, "interval": None, "level": level, "resamples": 0, "resamples_drawn": resamples,
+                "seed": seed}
     tail = (1.0 - level) / 2 * 100
     interval = [float(x) for x in np.percentile(finite, [tail, 100 - tail])] if len(finite) else None
     return {"value": float(value), "interval": interval, "level": level, "resamples": int(len(finite)),
-            "seed": seed}
+            "resamples_drawn": resamples, "seed": seed}
 
 
 def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAULT_BINS,
@@ -340,8 +343,10 @@ def format_report(report: dict, *, distilled: bool = False) -> str:
 def _estimate_line(what: str, e: dict) -> str:
     if e["value"] is None:
         return f"{what}: undefined ({e['why']})"
+    defined = (f"; {e['resamples']} of {e['resamples_drawn']} resamples have a value"
+               if e["resamples"] < e["resamples_drawn"] else "")
     interval = (f", {e['level']:.0%} bootstrap interval over problems [{e['interval'][0]:+.3f}, "
-                f"{e['interval'][1]:+.3f}]" if e["interval"] else "")
+                f"{e['interval'][1]:+.3f}]{defined}" if e["interval"] else "")
     return f"{what}: {e['value']:+.3f}{interval}"
 
 
