@@ -213,7 +213,7 @@ def test_changed_response_is_named_refused_and_traced_again_under_force(tiny_pai
     assert "(1 already in the output, 1 traced now)" in report and "1 response changed (id b sample 0)" in report
     fresh = provenance(tiny_pair, data, tmp_path / "fresh.jsonl")
     assert current_sentences(read_records(out)) == [s for s in first if s["id"] == "a"] + [
-        s for s in fresh if s["id"] == "b"]
+        {**s, "version": 2} for s in fresh if s["id"] == "b"]
     # The printed report reads the newest version: b has 3 sentences now, not the old 2.
     assert "\nb                3 " in report
     # A rerun is a no-op: the newest version matches the input.
@@ -226,15 +226,17 @@ def test_merge_keeps_the_newest_version_of_a_response(tmp_path):
 
     old = [{"id": "b", "sample": 0, "response_hash": "old", "index": i, "sentences": 3, "text": f"o{i}"}
            for i in range(3)]
-    new = [{"id": "b", "sample": 0, "response_hash": "new", "index": i, "sentences": 2, "text": f"n{i}"}
+    new = [{"id": "b", "sample": 0, "response_hash": "new", "version": 2, "index": i, "sentences": 2, "text": f"n{i}"}
            for i in range(2)]
     other = [{"id": "a", "sample": 0, "response_hash": "x", "index": 0, "sentences": 1, "text": "a"}]
     out = tmp_path / "s.jsonl"
-    for rank, records in enumerate([old + other, new]):
+    for rank, records in enumerate([new + other, old]):  # the newest is not the last seen
         with RecordWriter(part_path(out, rank, 2)) as writer:
             writer.write_many(records)
     report = merge_parts(out)
     assert [r["text"] for r in read_records(out)] == ["a", "n0", "n1"] and report.duplicates == {}
+    merge_parts(out)  # again, with out holding the newest and a part the old
+    assert [r["text"] for r in read_records(out)] == ["a", "n0", "n1"]
 
 
 def test_input_named_another_way_or_copied_resumes_but_another_input_is_refused(tiny_pair, tmp_path, monkeypatch,
@@ -347,7 +349,7 @@ def test_kill_while_tracing_a_changed_response_again_loses_nothing(tiny_pair, tm
     assert "cut short by the last run" in capsys.readouterr().out
     fresh = provenance(tiny_pair, data, tmp_path / "fresh.jsonl")
     assert current_sentences(read_records(out)) == [s for s in first if s["id"] == "a"] + [
-        s for s in fresh if s["id"] == "b"]
+        {**s, "version": 2} for s in fresh if s["id"] == "b"]
 
 
 def test_include_truncated_only_chooses_rows_for_provenance_but_shapes_selection(tiny_pair, tmp_path, capsys):
@@ -359,3 +361,18 @@ def test_include_truncated_only_chooses_rows_for_provenance_but_shapes_selection
     with pytest.raises(SystemExit):
         main(select_argv(tiny_pair, data, tmp_path / "sel.jsonl", "--include-incorrect", "--include-truncated"))
     assert "--include-truncated: false in the output, true now" in capsys.readouterr().err
+
+
+def test_a_text_changed_back_is_a_new_version_and_a_torn_one_is_none():
+    from rsd_engine.pipeline.provenance import complete_keys, current_sentences
+
+    def version(text_hash, number, n, upto=None):
+        extra = {} if number == 1 else {"version": number}
+        return [{"id": "b", "sample": 0, "response_hash": text_hash, **extra, "index": i, "sentences": n,
+                 "text": f"{text_hash}{number}.{i}"} for i in range(n)][:upto]
+
+    lines = version("A", 1, 2) + version("B", 2, 3) + version("A", 3, 2)
+    assert [s["text"] for s in current_sentences(lines)] == ["A3.0", "A3.1"]
+    torn = version("A", 1, 2) + version("B", 2, 3) + version("A", 3, 2, upto=1)
+    assert [s["text"] for s in current_sentences(torn)] == ["B2.0", "B2.1", "B2.2"]
+    assert complete_keys(torn) == {("b", 0)}

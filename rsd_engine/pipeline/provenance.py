@@ -5,10 +5,10 @@ Output is one JSON line per sentence; a response's lines are written together an
 each line names how many sentences its response has, so a response cut short by a kill -9 is
 recognised and dropped when the run resumes (rerun the same command to continue). Each line also
 holds the hash of its response's text: a response whose text changed in the input since it was
-traced is named and the run refused, and under --force traced again, its new lines appended; every
-reader of the output (current_sentences) takes the newest complete version of a response. Under torchrun
-each rank takes every world_size-th response and writes its own part; rank 0 merges the parts
-(else `rsd merge OUT`).
+traced is named and the run refused, and under --force traced again, its new lines appended with
+the next version number; every reader of the output (current_sentences, rsd merge) takes the
+newest complete version of a response. Under torchrun each rank takes every world_size-th response
+and writes its own part; rank 0 merges the parts (else `rsd merge OUT`).
 """
 
 from __future__ import annotations
@@ -92,12 +92,13 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
             # A torn version is no version: refusing leaves it for the run that traces it again to cut off.
-            held = complete_versions(writer.existing + (read_records(out) if dist.world_size > 1 else []))
-            todo, changed = responses_to_trace(mine, held)
+            newest = _newest(writer.existing + (read_records(out) if dist.world_size > 1 else []))
+            todo, changed = responses_to_trace(mine, {key: text_hash for key, (text_hash, _) in newest.items()})
             if changed and not opts.force:
-                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced them; rerun "
-                                       f"with --force to trace them again (readers take a response's newest lines), "
-                                       f"or give another --out")
+                them = "them" if len(changed) > 1 else "it"
+                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced {them}; rerun "
+                                       f"with --force to trace {them} again (readers take a response's newest "
+                                       f"lines), or give another --out")
             dropped = drop_incomplete(writer)
             usable, skipped = tracer.prepare(todo, opts.max_seq_len)
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
@@ -106,7 +107,8 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
                      "responses": len(mine), "already_done": len(mine) - len(todo), "torn_dropped": dropped,
                      "skipped": [(r.key, why) for r, why in skipped], "traced": 0, "sentences": 0, "seconds": 0.0}
             if usable:
-                _trace_all(tracer, usable, writer, tally, opts.progress and dist.rank == 0, dist)
+                numbers = {r.key: newest[r.key][1] + 1 for r in changed}
+                _trace_all(tracer, usable, writer, tally, opts.progress and dist.rank == 0, dist, numbers)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
         if group:
             barrier_and_merge(dist, out, log)
@@ -152,7 +154,8 @@ def output_settings(opts, models, runtime=RUNTIME_OPTIONS) -> tuple[dict, dict]:
     return settings, about
 
 
-def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist):
+def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist, numbers: dict):
+    """Trace and write `usable`; numbers: {key: version number} of the responses traced again."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -164,7 +167,11 @@ def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist
         for first in range(0, len(usable), tracer.batch_size):
             batch = tracer.trace_batch(usable[first: first + tracer.batch_size])
             for traced in batch:
-                writer.write_many(traced.records())
+                lines = traced.records()
+                if traced.response.key in numbers:
+                    for line in lines:
+                        line["version"] = numbers[traced.response.key]
+                writer.write_many(lines)
                 tally["traced"] += 1
                 tally["sentences"] += len(traced.sentences)
             if bar is not None:
@@ -193,7 +200,7 @@ def _format_tally(t: dict, target) -> str:
         lines.append(f"cut off by the length limit, kept (--include-truncated): {t['truncated_kept']}, their lines "
                      f"marked \"truncated\"")
     if t["changed"]:
-        lines.append(f"{describe_changed(t['changed'])} since the output traced them: traced again (--force)")
+        lines.append(f"{describe_changed(t['changed'])} since the output had it: traced again (--force)")
     if t["torn_dropped"]:
         lines.append(f"dropped {t['torn_dropped']} sentences of a response cut short by the last run (traced again)")
     if t["traced"]:
@@ -206,10 +213,11 @@ class ChangedResponses(ValueError):
     """The input holds responses whose text differs from the version in the output."""
 
 
-def _version(line: dict) -> tuple[str, int, str | None]:
-    """(id, sample, hash of the response text): one traced version of a response (outputs of an
-    older rsd have no hash)."""
-    return str(line.get("id")), line.get("sample", 0), line.get("response_hash")
+def _version(line: dict) -> tuple[str, int, str | None, int]:
+    """(id, sample, hash of the response text, number): one traced version of a response. A response
+    traced again is numbered one more than its newest version ("version", absent for the first),
+    which orders versions across files (parts, a merged output); outputs of an older rsd have no hash."""
+    return str(line.get("id")), line.get("sample", 0), line.get("response_hash"), line.get("version", 1)
 
 
 def _complete(lines: list[dict]) -> dict[tuple, int]:
@@ -223,10 +231,15 @@ def _complete(lines: list[dict]) -> dict[tuple, int]:
     return {v: last[v] for v, indices in seen.items() if len(indices) == total[v]}
 
 
-def complete_versions(lines: list[dict]) -> dict[tuple[str, int], str | None]:
-    """{(id, sample): text hash of its newest (last written) complete version}."""
+def _newest(lines: list[dict]) -> dict[tuple[str, int], tuple[str | None, int]]:
+    """{(id, sample): (text hash, number) of its newest complete version}."""
     complete = _complete(lines)
-    return {v[:2]: v[2] for v in sorted(complete, key=complete.get)}
+    return {v[:2]: v[2:] for v in sorted(complete, key=lambda v: (v[3], complete[v]))}
+
+
+def complete_versions(lines: list[dict]) -> dict[tuple[str, int], str | None]:
+    """{(id, sample): text hash of its newest complete version}."""
+    return {key: text_hash for key, (text_hash, _) in _newest(lines).items()}
 
 
 def complete_keys(lines: list[dict]) -> set[tuple[str, int]]:
@@ -237,8 +250,8 @@ def complete_keys(lines: list[dict]) -> set[tuple[str, int]]:
 def current_sentences(lines: list[dict]) -> list[dict]:
     """The lines of each response's newest complete version, in file order: what every reader of
     an `rsd provenance` output should use (older versions and torn ones are left out)."""
-    newest = complete_versions(lines)
-    return [line for line in lines if newest.get(_version(line)[:2], ...) == _version(line)[2]]
+    newest = _newest(lines)
+    return [line for line in lines if newest.get(_version(line)[:2]) == _version(line)[2:]]
 
 
 def responses_to_trace(responses, held: dict) -> tuple[list, list]:

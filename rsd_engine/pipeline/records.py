@@ -300,22 +300,25 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
 
 
 def _newest(records: dict[str, dict]) -> list[str]:
-    """The keys of `records` (in the order seen: out, then the parts) less those of a response's
-    older versions (`rsd provenance` lines of a text since changed: another response_hash)."""
+    """The keys of `records` less those of a response's older versions (`rsd provenance` lines of a
+    text since changed: the newest has the highest "version", absent for the first)."""
     newest = {}
     for record in records.values():
         if "response_hash" in record:
-            newest[(str(record.get("id")), record.get("sample"))] = record["response_hash"]
-    return [key for key, r in records.items()
-            if "response_hash" not in r or newest[(str(r.get("id")), r.get("sample"))] == r["response_hash"]]
+            response = (str(record.get("id")), record.get("sample"))
+            version = (record.get("version", 1), record["response_hash"])
+            if version[0] >= newest.get(response, (0, None))[0]:
+                newest[response] = version
+    return [key for key, r in records.items() if "response_hash" not in r or
+            newest[(str(r.get("id")), r.get("sample"))] == (r.get("version", 1), r["response_hash"])]
 
 
 def record_key(record: dict) -> str:
     """What identifies a record: its id, then its sample (`rsd eval`: several generations per id),
-    the hash of its response's text and its index (`rsd provenance`: several versions of a
-    response, several sentences each), when it has them."""
+    the hash of its response's text, its version and its index (`rsd provenance`: several versions
+    of a response, several sentences each), when it has them."""
     key = str(record.get("id"))
-    for name in ("sample", "response_hash", "index"):
+    for name in ("sample", "response_hash", "version", "index"):
         if name in record:
             key += f"\0{record[name]}"
     return key
