@@ -27,7 +27,7 @@ from .progress import ProgressBar, Tally, format_summary
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import RecordWriter, check_writable, duplicate_ids, part_path, read_records
 from .categories import DEFAULT_RULE, options_rule
-from .select import check_by
+from .ranking import check_by
 from .traces import check_attempt, select_trace, to_sft
 from ..models.loader import check_model_folder
 
