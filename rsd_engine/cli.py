@@ -8,7 +8,8 @@
     rsd score --student S [--teacher T] --data teacher_traces.jsonl traces.jsonl --plot hist.png
     rsd eval --model M --data problems.jsonl --samples 8 --out gens.jsonl
     rsd provenance --teacher T --student S [--distilled D] --data gens.jsonl --out sentences.jsonl
-    rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl
+    rsd provenance-report sentences.jsonl [--rule ratio --margin 0.5] --out report.json --plot report.png
+    rsd select --teacher T --student S --data candidates.jsonl --out selected.jsonl [--budget N --by share]
 
 A model (T, S, M) is a local folder or a Hugging Face Hub id such as Qwen/Qwen3-0.6B (models/hub.py).
 """
@@ -130,6 +131,8 @@ def _generate_parser(sub):
     p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
                    help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
                         "sentences as rsd select ranks them (default: %(default)s)")
+    p.add_argument("--by", choices=["count", "share", "student-likelihood", "random"], default=None,
+                   help="--select provenance: rank the correct attempts as rsd select --by does (default: count)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     p.add_argument("--limit", type=_int(1), default=None,
                    help="only the first N problems of the dataset (default: all)")
@@ -140,6 +143,7 @@ def _generate_parser(sub):
     p.add_argument("--draft-tokens", type=_int(0), default=0,
                    help="exact speculative RSD: the student drafts this many tokens, the teacher verifies them in "
                         "one pass; same law of traces, fewer teacher passes (0: plain RSD; default: %(default)s)")
+    _rule_options(p, default=None)
     s = p.add_argument_group("sampling (defaults: the paper's)")
     s.add_argument("--max-new-tokens", type=_int(1), default=4096, help="tokens generated per attempt at most")
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="teacher proposal temperature")
@@ -190,9 +194,33 @@ def _beta(text):
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
 
 
-def _response_options(p, what):
-    _model_option(p, "teacher", "teacher model")
-    _model_option(p, "student", "original student model")
+def _margin(text):
+    from rsd_engine.pipeline.categories import check_margin
+
+    try:
+        return check_margin(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+
+
+def _rule_options(p, default="difference"):
+    from rsd_engine.pipeline.categories import DEFAULT_BETA, DEFAULT_MARGIN, DEFAULT_RULE, RULES
+
+    g = p.add_argument_group("sentence categories (DESIGN section 9: what 'pT >> pS' means)")
+    g.add_argument("--rule", choices=RULES, default=default,
+                   help="difference: pT - pS > --beta; ratio: log pT - log pS > --margin, which also flags "
+                        f"sentences both models find unlikely (default: {DEFAULT_RULE})")
+    g.add_argument("--beta", type=_beta, default=None,
+                   help=f"margin of --rule difference, in (0, 1) (default: {DEFAULT_BETA})")
+    g.add_argument("--margin", type=_margin, default=None,
+                   help=f"margin of --rule ratio, in nats of per-token log probability, > 0 (default: "
+                        f"{DEFAULT_MARGIN}: the teacher about 1.65 times as likely per token)")
+
+
+def _response_options(p, what, models_required=True):
+    needed = "" if models_required else " (needed by --by count/share; the student also by student-likelihood)"
+    _model_option(p, "teacher", "teacher model" + needed, required=models_required)
+    _model_option(p, "student", "original student model" + needed, required=models_required)
     p.add_argument("--data", required=True, help=f"{what}: rows with a question and a response (.jsonl, .json, "
                                                  f".parquet, datasets folder), or chat 'messages' records")
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
@@ -202,8 +230,6 @@ def _response_options(p, what):
                    help="column holding the problem id (default: %(default)s; a hash of the question when rows have none)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
-    p.add_argument("--beta", type=_beta, default=0.1, help="margin between sentence probabilities (default: "
-                                                           "%(default)s)")
     p.add_argument("--max-seq-len", type=_int(2), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
     p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
@@ -216,6 +242,7 @@ def _response_options(p, what):
                             "since OUT holds them (default: refuse, naming the differences)")
     else:
         _force_option(p)
+    _rule_options(p)
 
 
 def _force_option(p):
@@ -239,21 +266,52 @@ def _provenance_parser(sub):
 
 
 def _select_parser(sub):
-    p = sub.add_parser("select", help="keep, per id, the candidate with the most teacher-originated sentences",
+    p = sub.add_parser("select", help="keep the candidates richest in teacher-originated sentences (or a baseline)",
                        formatter_class=_Help,
-                       description="Teacher-guided selection: candidates share an id; the kept one has the most "
-                                   "teacher-originated sentences (--by count) or the largest share of them (--by "
-                                   "share); ties go to the shorter.",
+                       description="Teacher-guided selection: candidates share an id. Without --budget each id keeps "
+                                   "its best candidate; with --budget N the N best responses (or problems) of the "
+                                   "whole dataset are kept, best first. --by random and --by student-likelihood are "
+                                   "the baselines at the same budget. Ties go to the shorter.",
                        epilog=_exit_codes("candidate", "some candidates were skipped (too long for --max-seq-len, "
                                                        "or unreadable by a model's tokenizer), or a problem had "
                                                        "none left"))
-    _response_options(p, "candidates")
-    p.add_argument("--by", choices=["count", "share"], default="count",
-                   help="rank by the count or the share of teacher-originated sentences (default: %(default)s)")
+    _response_options(p, "candidates", models_required=False)
+    p.add_argument("--by", choices=["count", "share", "student-likelihood", "random"], default=None,
+                   help="rank by the count or the share of teacher-originated sentences, the student's mean "
+                        "log-probability per token, or at random (default: count; share with --budget)")
+    p.add_argument("--budget", type=_int(1), default=None,
+                   help="keep the N best of the whole dataset (default: none, the best candidate of every id)")
+    p.add_argument("--budget-unit", choices=["responses", "problems"], default="responses",
+                   help="what --budget counts: responses (several of one id may be kept) or problems (each with "
+                        "its best candidate) (default: %(default)s)")
+    p.add_argument("--seed", type=_int(0), default=0, help="the draws of --by random (default: %(default)s)")
     p.add_argument("--include-incorrect", action="store_true",
                    help="also rank candidates whose row says \"correct\": false (default: only correct ones, and "
                         "ungraded rows)")
     _runtime_options(p)
+
+
+def _report_parser(sub):
+    from rsd_engine.pipeline.provenance_report import DEFAULT_BINS, DEFAULT_RESAMPLES
+
+    p = sub.add_parser("provenance-report", formatter_class=_Help,
+                       help="the papers' analysis of a rsd provenance output, from its stored probabilities",
+                       description="Re-categorises every sentence under --rule (no model runs) and reports category "
+                                   "shares overall, for correct and incorrect answers and per response; the teacher "
+                                   "share by relative position in the response for correct against incorrect "
+                                   "answers, the area between those curves and the correlation of a response's "
+                                   "teacher share with its correctness, with bootstrap intervals over problems.")
+    p.add_argument("sentences", metavar="SENTENCES", help="the --out of rsd provenance (one line per sentence)")
+    p.add_argument("--out", default=None, help="JSON report (default: print only)")
+    p.add_argument("--plot", default=None, help="PNG: teacher share by position, correct vs incorrect, and per "
+                                                "response (default: none)")
+    p.add_argument("--bins", type=_int(1), default=DEFAULT_BINS, help="position bins (default: %(default)s, deciles)")
+    p.add_argument("--resamples", type=_int(1), default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the problems (default: %(default)s)")
+    p.add_argument("--seed", type=_int(0), default=0, help="seed of the bootstrap (default: %(default)s)")
+    p.add_argument("--include-truncated", action="store_true",
+                   help="analyse responses cut off by the length limit too (default: leave them out)")
+    _rule_options(p)
 
 
 def _eval_parser(sub):
@@ -312,11 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "the student's own words.")
     parser.add_argument("--version", action="version", version=f"rsd-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,score,eval,provenance,select,merge,demo}")
+                                metavar="{generate,score,eval,provenance,provenance-report,select,merge,demo}")
     _generate_parser(sub)
     _score_parser(sub)
     _eval_parser(sub)
     _provenance_parser(sub)
+    _report_parser(sub)
     _select_parser(sub)
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
                            description="Join OUT.rank*-of-*.jsonl (and OUT, if it exists) into OUT in id order, each "
@@ -342,7 +401,8 @@ def _generate(args):
         teacher=args.teacher, student=args.student, data=args.data, out=args.out, params=sampling_params(args),
         question_field=args.question_field, answer_field=args.answer_field or None, id_field=args.id_field,
         system_prompt=args.system_prompt, attempts=args.attempts, max_fallback=args.max_fallback,
-        prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, seed=args.seed, limit=args.limit,
+        prefix_tokens=args.prefix_tokens, format=args.format, select=args.select, by=args.by, rule=args.rule,
+        beta=args.beta, margin=args.margin, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
         sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress, force=args.force)
     s = run_generate(opts)
@@ -382,6 +442,15 @@ def _provenance(args):
     t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
     return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses",
                                         "were skipped (too long for --max-seq-len, or unreadable)")])
+
+
+def _provenance_report(args):
+    from rsd_engine.pipeline.categories import make_rule
+    from rsd_engine.pipeline.provenance_report import run_report
+
+    run_report(args.sentences, rule=make_rule(args.rule, beta=args.beta, margin=args.margin), out=args.out,
+               plot=args.plot, bins=args.bins, resamples=args.resamples, seed=args.seed,
+               include_truncated=args.include_truncated)
 
 
 def _select(args):
@@ -429,7 +498,8 @@ def _demo(args):
              seed=args.seed, device=args.device, dtype=args.dtype, sampler=args.sampler, progress=args.progress)
 
 
-COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance": _provenance, "select": _select, "merge": _merge,
+COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance": _provenance,
+            "provenance-report": _provenance_report, "select": _select, "merge": _merge,
             "demo": _demo}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rsd_engine.cli import main
-from rsd_engine.pipeline.categories import categorize, check_beta
+from rsd_engine.pipeline.categories import Rule, categorize, check_beta
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from rsd_engine.pipeline.provenance import ProvenanceOptions, complete_keys
 from rsd_engine.pipeline.records import read_records
@@ -357,7 +357,7 @@ def test_generate_select_provenance_keeps_what_rsd_select_keeps(models, tmp_path
         attempts.append(Attempt(k, result, ids, "4", True, True, True, 0.0, True))
     problem = Problem("q1", rows[0]["question"], "4")
     prompt = build_prompt(engine.tokenizer, problem.question, DEFAULT_SYSTEM_PROMPT)
-    choose = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT, beta=float(TINY_BETA))
+    choose = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT, rule=Rule("difference", float(TINY_BETA)))
     record = select_trace(problem, prompt, attempts, prefix_tokens=8, decode=engine.tokenizer.decode, choose=choose)
 
     data = write_rows(tmp_path / "c.jsonl", rows)

@@ -26,11 +26,14 @@ from .manifest import check_settings, input_identity, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import RecordWriter, check_writable, duplicate_ids, part_path, read_records
+from .categories import DEFAULT_RULE, options_rule
+from .ranking import check_by
 from .traces import check_attempt, select_trace, to_sft
 from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
 SELECTIONS = ("shortest", "provenance")
+PROVENANCE_OPTIONS = ("by", "rule", "beta", "margin")
 # Options that choose which problems run, or what they run on; a finished record is the same
 # whatever they are, so the manifest notes them without comparing them (see manifest.py).
 RUNTIME_OPTIONS = ("teacher", "student", "data", "out", "limit", "max_batch_size", "max_seq_len", "device",
@@ -53,6 +56,10 @@ class GenerateOptions:
     prefix_tokens: int = 128
     format: str = "jsonl"
     select: str = "shortest"  # among correct attempts: the shortest, or the most teacher-originated sentences
+    by: str | None = None  # --select provenance: ranked as rsd select ranks (select.py; None: count)
+    rule: str | None = None  # --select provenance: the category rule (categories.py; None: difference)
+    beta: float | None = None
+    margin: float | None = None
     seed: int = 0
     limit: int | None = None
     max_batch_size: int = 32
@@ -78,6 +85,13 @@ class GenerateOptions:
                              "(the largest share of student-written tokens)")
         if self.select not in SELECTIONS:
             raise ValueError(f"--select = {self.select!r}: must be one of {', '.join(SELECTIONS)}")
+        if self.select == "provenance":
+            self.by = check_by(self.by or "count")
+            self.rule = self.rule or DEFAULT_RULE
+            self.category_rule = options_rule(self)
+        elif given := [f"--{n}" for n in PROVENANCE_OPTIONS if getattr(self, n) is not None]:
+            raise ValueError(f"{', '.join(given)}: only with --select provenance (they choose among correct attempts "
+                             f"by their sentences)")
         if self.format not in FORMATS:
             raise ValueError(f"--format = {self.format!r}: must be one of {', '.join(FORMATS)}")
 
@@ -145,6 +159,8 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
         if f.name == "params":
             settings.update({_flag(p.name): getattr(opts.params, p.name) for p in fields(opts.params)
                              if p.name != "seed"})  # attempt seeds derive from --seed (attempt_seed)
+        elif f.name in PROVENANCE_OPTIONS and opts.select != "provenance":
+            continue  # unused: kept out so that outputs of --select shortest resume as before
         elif f.name not in RUNTIME_OPTIONS:
             settings[_flag(f.name)] = getattr(opts, f.name)
     settings["--id-field"] = id_field
@@ -188,7 +204,8 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
     if opts.select == "provenance":
         from .select import provenance_chooser
 
-        choose = provenance_chooser(engine, opts.system_prompt, batch_size=min(opts.attempts, 4))
+        choose = provenance_chooser(engine, opts.system_prompt, batch_size=min(opts.attempts, 4), by=opts.by,
+                                    rule=opts.category_rule, seed=opts.seed)
     tally.start()
     try:
         for index, result in engine.generate_iter(requests, params):

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .categories import DEFAULT_BETA, check_beta
+from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .manifest import input_identity, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
@@ -44,7 +44,9 @@ class ProvenanceOptions:
     response_field: str = "response"
     id_field: str = "id"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    beta: float = DEFAULT_BETA
+    rule: str = DEFAULT_RULE  # categories.py: difference (--beta) or ratio (--margin)
+    beta: float | None = None
+    margin: float | None = None
     max_seq_len: int | None = None  # None: the longest response, up to the models' context
     batch_size: int = 8  # responses per forward
     limit: int | None = None
@@ -56,7 +58,7 @@ class ProvenanceOptions:
     force: bool = False  # append to an output made with other settings, trace changed responses again
 
     def __post_init__(self):
-        check_beta(self.beta)
+        self.category_rule = options_rule(self)
         for name in ("max_seq_len", "limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2 - (
@@ -69,7 +71,7 @@ def make_tracer(opts, dist: Dist, roles=("teacher", "student", "distilled")) -> 
     device = rank_device(opts.device, dist)
     readers = {role: Reader(role, getattr(opts, role), device=device, dtype=opts.dtype)
                for role in roles if getattr(opts, role, None) is not None}
-    return Tracer(readers, beta=opts.beta, batch_size=opts.batch_size)
+    return Tracer(readers, rule=opts.category_rule, batch_size=opts.batch_size)
 
 
 def run_provenance(opts: ProvenanceOptions, log=print) -> dict:

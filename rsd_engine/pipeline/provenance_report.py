@@ -1,8 +1,34 @@
-"""What `rsd provenance` reports: category shares per response and overall, and a stacked-bar plot."""
+"""What `rsd provenance` reports (category shares per response and overall, a stacked-bar plot),
+and `rsd provenance-report`: the analysis the papers draw, from the stored sentence probabilities,
+under any category rule, without running a model.
+
+The analysis, over the responses of a `rsd provenance` output (the newest lines of each (id,
+sample); responses cut off by the length limit left out unless asked for):
+- category shares over all sentences, over the sentences of correct and of incorrect answers, and
+  per response;
+- shares by relative position: sentence i of n sits at (i + 0.5) / n and falls in one of `bins`
+  equal bins (deciles); a bin's share pools the sentences of all responses of a group there;
+- the area between the teacher-share curves of correct and incorrect answers over position [0, 1],
+  signed (correct minus incorrect): the mean over bins of the difference, over the bins both
+  groups have sentences in;
+- the point-biserial correlation between a response's teacher share and its correctness (Pearson's
+  r on 0/1), over responses;
+- for both, a percentile-bootstrap interval resampling problems (ids) with all their responses,
+  since samples of one problem are not independent; numpy's generator with a fixed seed, so a
+  rerun gives the same interval.
+"""
 
 from __future__ import annotations
 
-from .categories import CATEGORIES
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .categories import CATEGORIES, Rule
+from .records import check_writable, read_records
 
 SHOWN_RESPONSES = 20  # rows of the printed per-response table
 PLOTTED_RESPONSES = 40
@@ -67,6 +93,297 @@ def plot_shares(report: dict, path, *, distilled: bool) -> None:
                                                   if len(report["responses"]) > shown else "")
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- `rsd provenance-report`: the papers' analysis from stored sentence probabilities ----------
+
+REQUIRED = ("id", "index", "sentences", "p_teacher", "p_student")
+DEFAULT_BINS, DEFAULT_RESAMPLES, DEFAULT_LEVEL = 10, 1000, 0.95
+
+
+@dataclass
+class ScoredResponse:
+    id: str
+    sample: int
+    categories: list[str]
+    correct: bool | None  # None: the input did not say
+    finish_reason: str | None
+
+    @property
+    def teacher_share(self) -> float:
+        return self.categories.count("teacher") / len(self.categories)
+
+
+def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
+    """The responses of a `rsd provenance` output, re-categorised under `rule` from their stored
+    probabilities: of each (id, sample) the newest complete version (provenance.current_sentences:
+    a response traced again after its text changed is appended later; a torn one is left out).
+    Refuses lines without the fields the analysis needs."""
+    from .provenance import current_sentences
+
+    lines = read_records(path)
+    if not lines:
+        raise ValueError(f"{path}: no sentence lines (is it the --out of rsd provenance?)")
+    for number, line in enumerate(lines, 1):
+        _check_line(path, number, line)
+    current = current_sentences(lines)
+    groups: dict[tuple[str, int], list[dict]] = {}
+    previous = None
+    for line in current:
+        key = (str(line["id"]), line.get("sample", 0))
+        if key != previous or line["index"] <= groups[key][-1]["index"]:
+            groups[key] = []  # the same version written again later replaces the earlier copy
+        groups[key].append(line)
+        previous = key
+    responses, changed = [], 0
+    for (rid, sample), group in groups.items():
+        cats = [rule.categorize(g["p_teacher"], g["p_student"], g.get("p_distilled")) for g in group]
+        changed += sum(c != g.get("category") for c, g in zip(cats, group))
+        first = group[0]
+        correct = first.get("correct")
+        finish = "length" if first.get("truncated") else first.get("finish_reason")
+        responses.append(ScoredResponse(rid, sample, cats, correct if isinstance(correct, bool) else None, finish))
+    return responses, {"lines": len(lines), "lines_used": sum(map(len, groups.values())), "recategorised": changed}
+
+
+def _check_line(path, number, line):
+    for name in REQUIRED:
+        if name not in line:
+            raise ValueError(f"{path} line {number}: no {name!r} field; provenance-report reads the output of rsd "
+                             f"provenance (id, sample, index, p_teacher, p_student[, p_distilled], correct)")
+    for name in ("p_teacher", "p_student", "p_distilled"):
+        p = line.get(name)
+        if (p is not None or name != "p_distilled") and (
+                isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0):
+            raise ValueError(f"{path} line {number}: {name} = {p!r}, not a probability in [0, 1]")
+    if isinstance(line["index"], bool) or not isinstance(line["index"], int):
+        raise ValueError(f"{path} line {number}: index = {line['index']!r}, not an integer")
+
+
+def analyse(responses: list[ScoredResponse], *, bins: int = DEFAULT_BINS, resamples: int = DEFAULT_RESAMPLES,
+            seed: int = 0, level: float = DEFAULT_LEVEL, include_truncated: bool = False) -> dict:
+    """Shares overall and per response; shares by relative position for correct and incorrect
+    answers; the area between their teacher-share curves and the correlation of a response's
+    teacher share with its correctness, each with a percentile-bootstrap interval over problems."""
+    truncated = [r for r in responses if r.finish_reason == "length"]
+    kept = responses if include_truncated else [r for r in responses if r.finish_reason != "length"]
+    if not kept:
+        raise ValueError(f"all {len(responses)} responses were cut off by the length limit (finish_reason "
+                         f"'length'); pass --include-truncated to analyse them anyway")
+    judged = [r for r in kept if r.correct is not None]
+    report = {
+        "responses": len(kept),
+        "sentences": sum(len(r.categories) for r in kept),
+        "truncated": {"count": len(truncated), "included": include_truncated},
+        "unjudged": len(kept) - len(judged),
+        "shares": {"all": _shares("all", [c for r in kept for c in r.categories])},
+        "per_response": [{"id": r.id, "sample": r.sample, "correct": r.correct, "finish_reason": r.finish_reason,
+                          **_shares(f"{r.id}/{r.sample}", r.categories)} for r in kept],
+    }
+    for name, flag in (("correct", True), ("incorrect", False)):
+        report["shares"][name] = _shares(name, [c for r in judged if r.correct is flag for c in r.categories])
+    curves = PositionCounts(judged, bins)
+    report["by_position"] = curves.shares()
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(curves.problems, np.full(curves.problems, 1.0 / curves.problems),
+                              size=resamples) if curves.problems else np.zeros((resamples, 0))
+    report["teacher_area"] = _estimate(curves.area(np.ones((1, curves.problems)))[0], curves.area(weights),
+                                       level, resamples, seed)
+    report["teacher_area"]["deciles_compared" if bins == 10 else "bins_compared"] = curves.compared()
+    report["correlation"] = _estimate(curves.correlation(np.ones((1, curves.problems)))[0],
+                                      curves.correlation(weights), level, resamples, seed)
+    report["correlation"]["responses"] = len(judged)
+    both = {r.correct for r in judged} == {True, False}
+    if report["teacher_area"]["value"] is None:
+        report["teacher_area"]["why"] = ("no bin holds sentences of both" if both else
+                                         "needs correct and incorrect answers")
+    if report["correlation"]["value"] is None:
+        report["correlation"]["why"] = ("the teacher share is the same in every response" if both else
+                                        "needs correct and incorrect answers")
+    return report
+
+
+class PositionCounts:
+    """Counts per problem, correctness and position bin: what both the estimates and their
+    bootstrap replicates are computed from (a replicate weighs each problem by how often it was
+    drawn, so samples of one problem move together)."""
+
+    def __init__(self, responses: list[ScoredResponse], bins: int):
+        self.bins = bins
+        ids = list(dict.fromkeys(r.id for r in responses))
+        self.problems = len(ids)
+        place = {pid: k for k, pid in enumerate(ids)}
+        # [problem, correct?, category, bin]
+        self.counts = np.zeros((len(ids), 2, len(CATEGORIES), bins))
+        for r in responses:
+            n = len(r.categories)
+            for i, c in enumerate(r.categories):
+                b = min(int((i + 0.5) / n * bins), bins - 1)  # a sentence sits at its middle
+                self.counts[place[r.id], int(r.correct), CATEGORIES.index(c), b] += 1
+        self.owner = np.array([place[r.id] for r in responses], dtype=int)
+        self.share = np.array([r.teacher_share for r in responses])
+        self.correct = np.array([float(r.correct) for r in responses])
+
+    def _curves(self, weights):
+        """Teacher share per bin, [replicate, correct?, bin]; NaN where a group has no sentence."""
+        teacher = np.einsum("wp,pgb->wgb", weights, self.counts[:, :, CATEGORIES.index("teacher"), :])
+        total = np.einsum("wp,pgb->wgb", weights, self.counts.sum(axis=2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, teacher / np.where(total > 0, total, 1), np.nan)
+
+    def shares(self) -> dict:
+        totals = self.counts.sum(axis=(0, 2))  # [correct?, bin]
+        out = {"bins": self.bins, "position": [(b + 0.5) / self.bins for b in range(self.bins)]}
+        for name, g in (("correct", 1), ("incorrect", 0)):
+            out[name] = {"sentences": totals[g].astype(int).tolist()}
+            for k, c in enumerate(CATEGORIES):
+                counts = self.counts[:, g, k, :].sum(axis=0)
+                out[name][c] = [float(x / t) if t else None for x, t in zip(counts, totals[g])]
+        return out
+
+    def compared(self) -> int:
+        totals = self.counts.sum(axis=(0, 2))
+        return int(((totals[0] > 0) & (totals[1] > 0)).sum())
+
+    def area(self, weights) -> np.ndarray:
+        """Per replicate: the signed area between the correct and the incorrect teacher-share curves
+        over relative position [0, 1], i.e. the mean over bins of (correct - incorrect), taken over
+        the bins both groups have sentences in. NaN when there are none."""
+        curves = self._curves(weights)
+        gap = curves[:, 1, :] - curves[:, 0, :]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(gap, axis=1) if gap.size else np.full(len(weights), np.nan)
+
+    def correlation(self, weights) -> np.ndarray:
+        """Per replicate: Pearson's r between a response's teacher share and its correctness (0/1),
+        which is the point-biserial correlation. NaN when either does not vary."""
+        if not len(self.share):
+            return np.full(len(weights), np.nan)
+        w = weights[:, self.owner]
+        total = w.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mx, my = (w @ self.share) / total, (w @ self.correct) / total
+            cov = (w @ (self.share * self.correct)) / total - mx * my
+            vx = (w @ self.share ** 2) / total - mx ** 2
+            vy = (w @ self.correct ** 2) / total - my ** 2
+            ok = (vx > 1e-12) & (vy > 1e-12)
+            return np.where(ok, cov / np.sqrt(np.where(ok, vx * vy, 1.0)), np.nan)
+
+
+def _estimate(value, replicates, level, resamples, seed) -> dict:
+    finite = replicates[np.isfinite(replicates)]
+    # A resample without a correct or an incorrect answer has no value: it is left out, and the
+    # count of those kept says how far to trust the interval.
+    if not np.isfinite(value):
+        return {"value": None, "interval": None, "level": level, "resamples": 0, "resamples_drawn": resamples,
+                "seed": seed}
+    tail = (1.0 - level) / 2 * 100
+    interval = [float(x) for x in np.percentile(finite, [tail, 100 - tail])] if len(finite) else None
+    return {"value": float(value), "interval": interval, "level": level, "resamples": int(len(finite)),
+            "resamples_drawn": resamples, "seed": seed}
+
+
+def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAULT_BINS,
+               resamples: int = DEFAULT_RESAMPLES, seed: int = 0, include_truncated: bool = False,
+               log=print) -> dict:
+    """`rsd provenance-report`: read, re-categorise, analyse; write the JSON report and the plot."""
+    for path in (out, plot):
+        if path is not None:
+            check_writable(path)
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"--bins = {bins!r}: must be an integer >= 1")
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
+        raise ValueError(f"--resamples = {resamples!r}: must be an integer >= 1")
+    responses, read = read_sentences(sentences, rule)
+    report = {"source": str(sentences), "rule": rule.as_dict(), **read,
+              **analyse(responses, bins=bins, resamples=resamples, seed=seed, include_truncated=include_truncated)}
+    distilled = any(r.get("boosted") for r in report["per_response"])
+    log(format_report(report, distilled=distilled))
+    if out is not None:
+        Path(out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        log(f"report: {out}")
+    if plot is not None:
+        plot_report(report, plot)
+        log(f"plot: {plot}")
+    return report
+
+
+def format_report(report: dict, *, distilled: bool = False) -> str:
+    cats = [c for c in CATEGORIES if distilled or c != "boosted"]
+    rule = report["rule"]
+    lines = [f"{report['source']}: {report['responses']} responses, {report['sentences']} sentences, rule "
+             f"{rule['rule']} {'beta' if 'beta' in rule else 'margin'} {rule.get('beta', rule.get('margin')):g} "
+             f"({report['recategorised']} sentences change category from the stored one)"]
+    t = report["truncated"]
+    if t["count"]:
+        lines.append(f"cut off by the length limit: {t['count']} responses "
+                     f"({'included' if t['included'] else 'left out; --include-truncated to keep them'})")
+    if report["unjudged"]:
+        lines.append(f"without a 'correct' field: {report['unjudged']} responses (left out of the split by "
+                     f"correctness)")
+    width = 10
+    head = f"{'':<{width}} {'sentences':>9}" + "".join(f" {c:>8}" for c in cats)
+    lines += [head, "-" * len(head)]
+    lines += [_row({**s, "name": name}, cats, width) for name, s in report["shares"].items()]
+    pos = report["by_position"]
+    lines.append(f"teacher share by position ({pos['bins']} bins, start -> end of the response):")
+    for name in ("correct", "incorrect"):
+        values = " ".join("   -  " if v is None else f"{v:6.1%}" for v in pos[name]["teacher"])
+        lines.append(f"  {name:<9} {values}")
+    lines.append(_estimate_line("area between the curves (correct - incorrect)", report["teacher_area"]))
+    lines.append(_estimate_line("correlation of teacher share with correctness (point-biserial r)",
+                                report["correlation"]))
+    return "\n".join(lines)
+
+
+def _estimate_line(what: str, e: dict) -> str:
+    if e["value"] is None:
+        return f"{what}: undefined ({e['why']})"
+    defined = (f"; {e['resamples']} of {e['resamples_drawn']} resamples have a value"
+               if e["resamples"] < e["resamples_drawn"] else "")
+    interval = (f", {e['level']:.0%} bootstrap interval over problems [{e['interval'][0]:+.3f}, "
+                f"{e['interval'][1]:+.3f}]{defined}" if e["interval"] else "")
+    return f"{what}: {e['value']:+.3f}{interval}"
+
+
+def plot_report(report: dict, path) -> None:
+    """Left: teacher share by relative position, correct against incorrect answers, the area between
+    them shaded. Right: each response's teacher share by correctness, with r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = report["by_position"]
+    x = np.array(pos["position"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    curves = {}
+    for name, colour in (("correct", "#2ca02c"), ("incorrect", "#d62728")):
+        y = np.array([np.nan if v is None else v for v in pos[name]["teacher"]])
+        curves[name] = y
+        left.plot(x, y, marker="o", color=colour, label=f"{name} ({sum(pos[name]['sentences'])} sentences)")
+    both = np.isfinite(curves["correct"]) & np.isfinite(curves["incorrect"])
+    left.fill_between(x, curves["correct"], curves["incorrect"], where=both, color="#999999", alpha=0.3,
+                      label="area between")
+    area = report["teacher_area"]
+    left.set_title("teacher share by position" + (f": area {area['value']:+.3f}" if area["value"] is not None else ""))
+    left.set_xlabel("relative position in the response")
+    left.set_ylabel("share of teacher sentences")
+    left.set_xlim(0, 1)
+    left.set_ylim(0, max(0.05, np.nanmax(np.concatenate([curves["correct"], curves["incorrect"], [0.0]])) * 1.15))
+    left.legend(fontsize=8)
+    rng = np.random.default_rng(0)  # jitter only
+    for k, (name, flag, colour) in enumerate((("incorrect", False, "#d62728"), ("correct", True, "#2ca02c"))):
+        shares = [r["teacher"] for r in report["per_response"] if r["correct"] is flag]
+        right.scatter(k + rng.uniform(-0.15, 0.15, len(shares)), shares, s=12, color=colour, alpha=0.7)
+    right.set_xticks([0, 1], ["incorrect", "correct"])
+    right.set_ylabel("teacher share of the response")
+    r = report["correlation"]
+    right.set_title("per response" + (f": r = {r['value']:+.2f}" if r["value"] is not None else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,9 @@
-"""`rsd select`: teacher-guided selection — of the candidate responses to each problem, keep the
-one richest in teacher-originated sentences (DESIGN §9; scored under teacher and original student
-only).
+"""`rsd select`: teacher-guided selection — keep the candidate responses richest in
+teacher-originated sentences (DESIGN §9; scored under teacher and original student only), or, as
+baselines, random ones or the ones the student finds likeliest.
+
+`--by` ranks candidates by the count or the share of teacher-originated sentences, the student's
+mean log-probability per token, or at random (ranking.py, which says what each reads).
 
 Candidates are the rows that share an id; an id whose rows hold different questions is refused
 (naming them), since one of two problems would be dropped. Rows that say they are wrong
@@ -8,12 +11,22 @@ Candidates are the rows that share an id; an id whose rows hold different questi
 guided selection chooses among correct answers. A problem without a candidate left is named and
 written nowhere. Responses cut off by the length limit are set aside as `rsd provenance` does.
 
-`--by count` (default) ranks by the number of teacher-originated sentences, `--by share` by their
-share of the response's sentences; ties go to the shorter response (student tokens), then to the
-earlier candidate. The kept row is written as it was read, plus `teacher_sentences`,
-`teacher_share` and `candidates`. A problem's row is written (fsynced) once all its candidates are
-scored, so a rerun resumes after the last problem written. Under torchrun each rank takes every
-world_size-th problem and writes its own part; rank 0 merges them (else `rsd merge OUT`).
+Without `--budget` every problem (id) keeps its best candidate; `--by` defaults to count. A
+problem's row is written (fsynced) once all its candidates are scored, so a rerun resumes after
+the last problem written.
+
+With `--budget N` the N best over the whole dataset are kept: N responses (`--budget-unit
+responses`, the default: a problem may give several) or N problems, each with its best candidate
+(`--budget-unit problems`); `--by` defaults to share, since a count favours long responses when
+problems are compared with each other. The same N under `--by random` or `--by
+student-likelihood` is the baseline to train against. Every candidate's score goes first to
+OUT.scores.jsonl (resumable, one line per candidate); once all are scored the kept rows are
+written to OUT best first with their `rank`, so a rerun resumes scoring or the writing.
+
+The kept rows are written as read, plus the score (`teacher_sentences`, `sentences`,
+`teacher_share`; or `student_logprob`; or `random_key`), `tokens` and `candidates`. Under torchrun
+each rank takes every world_size-th problem and writes its own part; rank 0 merges them (else
+`rsd merge OUT`, or, with --budget, `rsd merge OUT.scores.jsonl` and a rerun on one process).
 """
 
 from __future__ import annotations
@@ -21,42 +34,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .categories import DEFAULT_BETA
-from .distributed import Dist, barrier_and_merge, init_process_group
+from .categories import DEFAULT_RULE, Rule, options_rule
+from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
+from .manifest import plain
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .provenance import RUNTIME_OPTIONS, make_tracer, output_settings
-from .records import RecordWriter, check_writable, part_path, read_records
+from .provenance import RUNTIME_OPTIONS, output_settings
+from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
+from .records import RecordWriter, check_writable, part_path, read_records
 from .responses import Response, load_responses
-from .tracing import Tracer
 
-RANKINGS = ("count", "share")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    order: int  # position among its problem's candidates
-    teacher_sentences: int
-    sentences: int
-    tokens: int
-
-    @property
-    def teacher_share(self) -> float:
-        return self.teacher_sentences / self.sentences if self.sentences else 0.0
-
-
-def pick(candidates: list[Candidate], by: str = "count") -> Candidate:
-    """The candidate teacher-guided selection keeps (see the module docstring)."""
-    if by not in RANKINGS:
-        raise ValueError(f"--by = {by!r}: must be one of {', '.join(RANKINGS)}")
-    if not candidates:
-        raise ValueError("no candidates to pick from")
-    score = (lambda c: c.teacher_sentences) if by == "count" else (lambda c: c.teacher_share)
-    return min(candidates, key=lambda c: (-score(c), c.tokens, c.order))
-
+__all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
+           "select_budget", "provenance_chooser", "run_select", "scores_path"]
 
 def provenance_chooser(engine, system_prompt: str, *, batch_size: int = 4, by: str = "count",
-                       beta: float = DEFAULT_BETA):
+                       rule: Rule | None = None, seed: int = 0):
     """`rsd generate --select provenance`: among a problem's correct attempts, the one `pick` keeps,
     scored under the engine's own teacher and student (each through its own chat template, in caches
     of their own, so the generation in flight is untouched). Falls back to the shortest when no
@@ -64,40 +56,45 @@ def provenance_chooser(engine, system_prompt: str, *, batch_size: int = 4, by: s
     readers = {"teacher": Reader("teacher", engine.teacher_path, model=engine.teacher,
                                  tokenizer=engine.teacher_tokenizer),
                "student": Reader("student", engine.student_path, model=engine.student, tokenizer=engine.tokenizer)}
-    tracer = Tracer(readers, beta=beta, batch_size=batch_size)
+    scorer = Scorer(by, readers, rule=rule, batch_size=batch_size, seed=seed)
     # Another chat template can make the teacher's prompt a little longer than the student's.
     max_seq_len = engine.max_seq_len + 256
 
     def choose(problem, solved):
         responses = [Response(problem.id, a.index, problem.question, system_prompt, a.result.text, {}) for a in solved]
-        usable, _ = tracer.prepare(responses, max_seq_len)
+        usable, _ = scorer.prepare(responses, max_seq_len)
         if not usable:
             return min(solved, key=lambda a: (len(a.token_ids), a.index)), {}
-        tracer.load()
+        scorer.load()
         by_index = {a.index: a for a in solved}
-        traced = [t for k in range(0, len(usable), batch_size) for t in tracer.trace_batch(usable[k: k + batch_size])]
-        candidates = [Candidate(k, t.teacher_sentences, len(t.sentences), len(by_index[t.response.sample].token_ids))
-                      for k, t in enumerate(traced)]
+        # Rank by the attempts' own token counts, as the shortest rule does.
+        candidates = [Candidate.from_fields(k, {**c.fields(), "tokens": len(by_index[r.sample].token_ids)})
+                      for k, (r, c) in enumerate(zip(usable, scorer.score(usable)))]
         best = pick(candidates, by)
-        kept = traced[best.order]
-        return by_index[kept.response.sample], {"teacher_sentences": best.teacher_sentences,
-                                                "teacher_share": best.teacher_share}
+        fields = best.fields()
+        fields.pop("tokens", None)
+        return by_index[usable[best.order].sample], fields
 
     return choose
 
 
 @dataclass
 class SelectOptions:
-    teacher: str
-    student: str
+    teacher: str | None
+    student: str | None
     data: str
     out: str
-    by: str = "count"
+    by: str | None = None  # None: count, or share with a budget
+    budget: int | None = None
+    budget_unit: str = "responses"
+    seed: int = 0  # --by random's draws
     question_field: str = "question"
     response_field: str = "response"
     id_field: str = "id"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    beta: float = DEFAULT_BETA
+    rule: str = DEFAULT_RULE  # categories.py: difference (--beta) or ratio (--margin)
+    beta: float | None = None
+    margin: float | None = None
     max_seq_len: int | None = None
     batch_size: int = 8
     device: str = "auto"
@@ -108,8 +105,27 @@ class SelectOptions:
     force: bool = False  # append to an output made with other settings
 
     def __post_init__(self):
-        if self.by not in RANKINGS:
-            raise ValueError(f"--by = {self.by!r}: must be one of {', '.join(RANKINGS)}")
+        if self.budget is not None:
+            check_budget(self.budget)
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ValueError(f"--budget-unit = {self.budget_unit!r}: must be one of {', '.join(BUDGET_UNITS)}")
+        if self.by is None:
+            self.by = "count" if self.budget is None else "share"
+        check_by(self.by)
+        self.category_rule = options_rule(self)
+        needed = {"count": ("teacher", "student"), "share": ("teacher", "student"),
+                  "student-likelihood": ("student",), "random": ()}[self.by]
+        for role in needed:
+            if not getattr(self, role):
+                raise ValueError(f"--by {self.by} needs --{role} (the {role} model folder)")
+
+
+def make_scorer(opts: SelectOptions, dist: Dist) -> Scorer:
+    device = rank_device(opts.device, dist)
+    roles = {"count": ("teacher", "student"), "share": ("teacher", "student"),
+             "student-likelihood": ("student",), "random": ()}[opts.by]
+    readers = {role: Reader(role, getattr(opts, role), device=device, dtype=opts.dtype) for role in roles}
+    return Scorer(opts.by, readers, rule=opts.category_rule, batch_size=opts.batch_size, seed=opts.seed)
 
 
 def run_select(opts: SelectOptions, log=print) -> dict:
@@ -117,7 +133,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)
-    tracer = make_tracer(opts, dist, roles=("teacher", "student"))
+    scorer = make_scorer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
                           id_field=opts.id_field, system_prompt=opts.system_prompt,
                           include_truncated=opts.include_truncated)
@@ -132,46 +148,20 @@ def run_select(opts: SelectOptions, log=print) -> dict:
                                       tuple(o for o in RUNTIME_OPTIONS if o != "include_truncated"))
     group = init_process_group(dist, log)
     try:
-        with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-            held = writer.existing + (read_records(out) if dist.world_size > 1 else [])
-            done = {str(r["id"]) for r in held if "id" in r}
-            todo = [i for i in ids if i not in done]
-            considered = [r for i in todo for r in problems[i]
-                          if opts.include_incorrect or said_correct(r, opts.data) is not False]
-            usable, skipped = tracer.prepare(considered, opts.max_seq_len)
-            usable_keys = {r.key for r in usable}
-            tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
-                     "truncated": data.truncated if dist.rank == 0 else [],
-                     "incorrect": 0 if opts.include_incorrect else sum(len(incorrect[i]) for i in todo),
-                     "problems": len(ids), "already_done": len(ids) - len(todo),
-                     "skipped": [(r.key, why) for r, why in skipped], "written": 0, "no_candidate": []}
-            if usable:
-                tracer.load()
-            bar = _bar(len(todo), opts.progress and dist.rank == 0, dist)
-            for pid in todo:
-                mine = [r for r in problems[pid] if r.key in usable_keys]
-                traced = [t for a in range(0, len(mine), tracer.batch_size)
-                          for t in tracer.trace_batch(mine[a: a + tracer.batch_size])]
-                scored = list(zip(mine, traced))
-                if bar is not None:
-                    bar.update(1)
-                if not scored:
-                    tally["no_candidate"].append(pid)
-                    continue
-                candidates = [Candidate(k, t.teacher_sentences, len(t.sentences), t.tokens)
-                              for k, (_, t) in enumerate(scored)]
-                best = pick(candidates, opts.by)
-                row = dict(scored[best.order][0].row)
-                row.update(teacher_sentences=best.teacher_sentences, teacher_share=best.teacher_share,
-                           candidates=len(problems[pid]))
-                writer.write(row)
-                tally["written"] += 1
-            if bar is not None:
-                bar.close()
+        tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
+                 "truncated": data.truncated if dist.rank == 0 else [],
+                 "incorrect": 0 if opts.include_incorrect else sum(len(incorrect[i]) for i in ids),
+                 "problems": len(ids), "skipped": [], "written": 0, "no_candidate": []}
+        considered = {pid: [r for r in rows if opts.include_incorrect or said_correct(r, opts.data) is not False]
+                      for pid, rows in problems.items()}
+        if opts.budget is None:
+            _select_per_problem(opts, scorer, considered, problems, ids, target, settings, about, tally, dist)
+        elif _score_all(opts, scorer, considered, ids, settings, about, tally, dist, group, log):
+            _write_budget(opts, considered, problems, settings, about, tally)
         log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
-        if group:
+        if group and opts.budget is None:
             barrier_and_merge(dist, out, log)
-        elif dist.world_size > 1:
+        elif dist.world_size > 1 and opts.budget is None:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
         return tally
     finally:
@@ -179,6 +169,100 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+
+
+def _select_per_problem(opts, scorer, problems, every, ids, target, settings, about, tally, dist):
+    """`problems`: the candidates that compete; `every`: all rows of each id."""
+    with RecordWriter(target, settings, force=opts.force, about=about) as writer:
+        held = writer.existing + (read_records(opts.out) if dist.world_size > 1 else [])
+        done = {str(r["id"]) for r in held if "id" in r}
+        todo = [i for i in ids if i not in done]
+        usable, skipped = scorer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
+        usable_keys = {r.key for r in usable}
+        tally.update(already_done=len(ids) - len(todo), skipped=[(r.key, why) for r, why in skipped])
+        if usable:
+            scorer.load()
+        bar = _bar(len(todo), opts.progress and dist.rank == 0, dist, "problem")
+        for pid in todo:
+            mine = [r for r in problems[pid] if r.key in usable_keys]
+            candidates = scorer.score(mine)
+            if bar is not None:
+                bar.update(1)
+            if not candidates:
+                tally["no_candidate"].append(pid)
+                continue
+            best = pick(candidates, opts.by)
+            row = dict(mine[best.order].row)
+            row.update(best.fields(), candidates=len(every[pid]))
+            writer.write(row)
+            tally["written"] += 1
+        if bar is not None:
+            bar.close()
+
+
+def scores_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.with_suffix("").name + ".scores.jsonl")
+
+
+def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group, log) -> bool:
+    """--budget, first step: every candidate's score into OUT.scores.jsonl (this rank's part under
+    torchrun). True when this process goes on to write OUT."""
+    path = scores_path(opts.out)
+    target = part_path(path, dist.rank, dist.world_size) if dist.world_size > 1 else path
+    score_settings = {k: v for k, v in settings.items() if k not in ("--budget", "--budget-unit")}
+    with RecordWriter(target, score_settings, force=opts.force, about=about) as writer:
+        done = {(str(r.get("id")), r.get("sample")) for r in writer.existing}
+        todo = [r for pid in ids for r in problems[pid] if r.key not in done]
+        usable, skipped = scorer.prepare(todo, opts.max_seq_len)
+        tally.update(already_done=len(done), skipped=[(r.key, why) for r, why in skipped], scored=0)
+        if usable:
+            scorer.load()
+        bar = _bar(len(usable), opts.progress and dist.rank == 0, dist, "candidate")
+        for first in range(0, len(usable), scorer.batch_size):
+            batch = usable[first: first + scorer.batch_size]
+            writer.write_many([{"id": r.id, "sample": r.sample, **c.fields()} for r, c in zip(batch, scorer.score(batch))])
+            tally["scored"] += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+    if group:
+        barrier_and_merge(dist, path, log)
+        return dist.rank == 0
+    if dist.world_size > 1:
+        log(f"{dist.tag}scores part written; when every rank is done: rsd merge {path}, then rerun this command "
+            f"on one process to write {opts.out}")
+        return False
+    return True
+
+
+def _write_budget(opts, problems, every, settings, about, tally):
+    """--budget, second step: the kept rows, best first, from the complete scores file (`problems`:
+    the candidates that compete; `every`: all rows of each id)."""
+    scores = {(str(r["id"]), r["sample"]): r for r in read_records(scores_path(opts.out))}
+    by_problem = {}
+    for pid, responses in problems.items():
+        scored = [r for r in responses if r.key in scores]
+        by_problem[pid] = [Candidate.from_fields(k, scores[r.key]) for k, r in enumerate(scored)]
+        problems[pid] = scored
+        if not scored:
+            tally["no_candidate"].append(pid)
+    kept = select_budget(by_problem, opts.budget, opts.budget_unit, opts.by)
+    rows = []
+    for rank, (pid, c) in enumerate(kept, 1):
+        row = dict(problems[pid][c.order].row)
+        row.update(c.fields(), candidates=len(every[pid]), rank=rank)
+        rows.append(row)
+    with RecordWriter(opts.out, settings, force=opts.force, about=about) as writer:
+        held = writer.existing
+        for k, row in enumerate(held):
+            if k >= len(rows) or row != plain(rows[k]):
+                raise ValueError(f"{opts.out} holds another selection (its row {k} is not this selection's; the "
+                                 f"scores in {scores_path(opts.out).name} changed?); give another --out")
+        writer.write_many(rows[len(held):])
+    tally.update(written=len(rows) - len(held), kept=len(rows), candidates=sum(map(len, by_problem.values())),
+                 already_written=len(held))
 
 
 def group_candidates(responses: list[Response], source) -> dict[str, list[Response]]:
@@ -207,16 +291,24 @@ def said_correct(response: Response, source) -> bool | None:
                      f"true or false (or absent when ungraded)")
 
 
-def _bar(total, enabled, dist):
+def _bar(total, enabled, dist, unit):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"{dist.tag}rsd select", unit="problem", dynamic_ncols=True)
+    return tqdm(total=total, desc=f"{dist.tag}rsd select", unit=unit, dynamic_ncols=True)
 
 
 def _format(t: dict, target) -> str:
-    lines = [f"problems: {t['problems']} ({t['already_done']} already in the output, {t['written']} written now)"]
+    if "scored" in t:  # --budget
+        lines = [f"problems: {t['problems']}; candidates: {t['already_done']} already in the scores file, "
+                 f"{t['scored']} scored now"]
+        if "kept" in t:
+            lines.append(f"kept: {t['kept']} of {t['candidates']} scored candidates ({t['already_written']} already "
+                         f"in the output, {t['written']} written now)")
+    else:
+        lines = [f"problems: {t['problems']} ({t['already_done']} already in the output, {t['written']} written "
+                 f"now)"]
     if t["skipped_rows"]:
         number, why = t["skipped_rows"][0]
         lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
@@ -231,7 +323,6 @@ def _format(t: dict, target) -> str:
         lines.append(f"skipped candidates: {len(t['skipped'])} (first: id {rid} candidate {sample}: {why})")
     if t["no_candidate"]:
         lines.append(f"problems without a usable{'' if t['incorrect'] == 0 else ', correct'} candidate: "
-                     f"{len(t['no_candidate'])} "
-                     f"(first: {t['no_candidate'][0]})")
-    lines.append(f"output: {target}")
+                     f"{len(t['no_candidate'])} (first: {t['no_candidate'][0]})")
+    lines.append(f"output: {target}" if "scored" not in t or "kept" in t else f"scores: {scores_path(target)}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .categories import DEFAULT_BETA, categorize, check_beta
+from .categories import DEFAULT_BETA, Rule, check_beta
 from .readers import Reader, Unreadable
 from .responses import Response
 from .sentences import Sentence, merge_empty, sentence_spans, split_sentences, token_sentences
@@ -53,14 +53,17 @@ class Traced:
 
 
 class Tracer:
-    """Readers for teacher, student and (optionally) distilled model, and the margin beta."""
+    """Readers for teacher, student and (optionally) distilled model, and the category rule
+    (default: the difference rule at `beta`)."""
 
-    def __init__(self, readers: dict[str, Reader], *, beta: float = DEFAULT_BETA, batch_size: int = 8):
+    def __init__(self, readers: dict[str, Reader], *, beta: float = DEFAULT_BETA, rule: Rule | None = None,
+                 batch_size: int = 8):
         if set(readers) - set(ROLES) or not {"teacher", "student"} <= set(readers):
             raise ValueError(f"readers must be teacher, student and optionally distilled, got {sorted(readers)}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"--batch-size = {batch_size!r}: must be an integer >= 1")
-        self.readers, self.beta, self.batch_size = readers, check_beta(beta), batch_size
+        self.readers, self.batch_size = readers, batch_size
+        self.rule = rule if rule is not None else Rule("difference", check_beta(beta))
         self.max_seq_len = None
         # Every model's markers: a marker one tokenizer lacks is still no sentence for the others.
         self.markers = sorted({m for reader in readers.values() for m in reader.markers})
@@ -114,8 +117,8 @@ class Tracer:
                 break
             spans = merged
         probs = {role: _geometric_means(logprobs[role], owners[role], len(spans)) for role in readings}
-        categories = [categorize(probs["teacher"][i], probs["student"][i],
-                                 probs["distilled"][i] if "distilled" in probs else None, beta=self.beta)
+        categories = [self.rule.categorize(probs["teacher"][i], probs["student"][i],
+                                           probs["distilled"][i] if "distilled" in probs else None)
                       for i in range(len(spans))]
         return Traced(response, split_sentences(text, spans), probs, categories,
                       len(readings["student"].response_ids))

@@ -1,0 +1,264 @@
+"""`rsd provenance-report` and the category rules: shares, position curves, area and correlation
+against a case computed by hand; the bootstrap against its definition; re-categorising under the
+ratio rule; bad input refused."""
+import json
+
+import numpy as np
+import pytest
+
+from rsd_engine.cli import main
+from rsd_engine.pipeline.categories import DEFAULT_MARGIN, Rule, make_rule
+from rsd_engine.pipeline.provenance_report import PositionCounts, analyse, read_sentences, run_report
+
+# Difference rule, beta 0.1: (pT, pS) -> category
+T, S, SH = (0.6, 0.3), (0.2, 0.6), (0.5, 0.5)
+# problem a: a correct [teacher, shared] and an incorrect [student, teacher];
+# problem b: a correct [teacher, teacher, student, shared] and an incorrect [shared].
+CASE = [("a", 0, True, [T, SH]), ("a", 1, False, [S, T]), ("b", 0, True, [T, T, S, SH]), ("b", 1, False, [SH])]
+
+
+def sentence_lines(case, **extra):
+    lines = []
+    for rid, sample, correct, sentences in case:
+        for i, (pt, ps) in enumerate(sentences):
+            lines.append({"id": rid, "sample": sample, "index": i, "sentences": len(sentences), "text": f"s{i}.",
+                          "p_teacher": pt, "p_student": ps, "category": "shared", "correct": correct,
+                          "finish_reason": "eos", **extra})
+    return lines
+
+
+def write_lines(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def report_of(tmp_path, case=CASE, rule=Rule(), **kw):
+    responses, _ = read_sentences(write_lines(tmp_path / "s.jsonl", sentence_lines(case)), rule)
+    return analyse(responses, **kw)
+
+
+def test_shares_overall_by_correctness_and_per_response(tmp_path):
+    r = report_of(tmp_path, resamples=10)
+    assert r["responses"] == 4 and r["sentences"] == 9
+    assert r["shares"]["all"]["teacher"] == pytest.approx(4 / 9)
+    assert r["shares"]["all"]["student"] == pytest.approx(2 / 9)
+    assert r["shares"]["all"]["shared"] == pytest.approx(3 / 9)
+    assert r["shares"]["correct"]["sentences"] == 6 and r["shares"]["correct"]["teacher"] == pytest.approx(3 / 6)
+    assert r["shares"]["incorrect"]["sentences"] == 3 and r["shares"]["incorrect"]["teacher"] == pytest.approx(1 / 3)
+    assert [(p["id"], p["sample"], p["correct"], p["teacher"]) for p in r["per_response"]] == [
+        ("a", 0, True, 0.5), ("a", 1, False, 0.5), ("b", 0, True, 0.5), ("b", 1, False, 0.0)]
+
+
+def test_position_curves_and_area_in_two_bins(tmp_path):
+    # Midpoints: 2 sentences at 0.25 / 0.75, 4 at 0.125 ... 0.875, 1 at 0.5 (second half).
+    # correct:   first half T T T, second half SH S SH -> teacher 1, 0
+    # incorrect: first half S,     second half T SH   -> teacher 0, 1/2
+    r = report_of(tmp_path, bins=2, resamples=10)
+    pos = r["by_position"]
+    assert pos["position"] == [0.25, 0.75]
+    assert pos["correct"]["teacher"] == [1.0, 0.0] and pos["correct"]["sentences"] == [3, 3]
+    assert pos["incorrect"]["teacher"] == [0.0, 0.5] and pos["incorrect"]["sentences"] == [1, 2]
+    assert pos["incorrect"]["student"] == [1.0, 0.0]
+    assert r["teacher_area"]["value"] == pytest.approx(((1 - 0) + (0 - 0.5)) / 2)
+
+
+def test_deciles_leave_empty_bins_out_of_the_area(tmp_path):
+    r = report_of(tmp_path, resamples=10)
+    correct, incorrect = r["by_position"]["correct"]["teacher"], r["by_position"]["incorrect"]["teacher"]
+    assert correct == [None, 1.0, 1.0, 1.0, None, None, 0.0, 0.0, 0.0, None]
+    assert incorrect == [None, None, 0.0, None, None, 0.0, None, 1.0, None, None]
+    assert r["teacher_area"]["deciles_compared"] == 2  # bins 2 and 7: (1 - 0) and (0 - 1)
+    assert r["teacher_area"]["value"] == pytest.approx(0.0)
+
+
+def test_correlation_is_the_point_biserial_r(tmp_path):
+    from scipy.stats import pointbiserialr
+
+    r = report_of(tmp_path, resamples=10)
+    expected = pointbiserialr([1, 0, 1, 0], [0.5, 0.5, 0.5, 0.0]).statistic
+    assert r["correlation"]["value"] == pytest.approx(expected) and expected == pytest.approx(1 / 3 ** 0.5)
+    assert r["correlation"]["responses"] == 4
+
+
+def test_bootstrap_replicate_is_the_estimate_on_the_resampled_problems(tmp_path):
+    """Weights (2, 0, 1) over problems (a, b, c) give what the plain estimate gives on a, a, c."""
+    extra = [("c", 0, True, [S, T, T]), ("c", 1, False, [T, SH, S, S, T])]
+    responses, _ = read_sentences(write_lines(tmp_path / "s.jsonl", sentence_lines(CASE + extra)), Rule())
+    counts = PositionCounts(responses, 10)
+    a = [r for r in responses if r.id == "a"]
+    a_again = [type(r)("a'", r.sample, r.categories, r.correct, r.finish_reason) for r in a]
+    resampled = a + a_again + [r for r in responses if r.id == "c"]
+    direct = PositionCounts(resampled, 10)
+    weights = np.array([[2.0, 0.0, 1.0]])
+    ones = np.ones((1, direct.problems))
+    assert counts.area(weights)[0] == pytest.approx(direct.area(ones)[0])
+    assert counts.correlation(weights)[0] == pytest.approx(direct.correlation(ones)[0])
+
+
+def test_bootstrap_interval_is_fixed_by_its_seed(tmp_path):
+    extra = [(f"x{k}", s, s == 0, [T, S, SH][k % 3:] + [T] * s) for k in range(6) for s in range(2)]
+    one = report_of(tmp_path, case=CASE + extra, resamples=200, seed=1)
+    again = report_of(tmp_path, case=CASE + extra, resamples=200, seed=1)
+    other = report_of(tmp_path, case=CASE + extra, resamples=200, seed=2)
+    assert one["teacher_area"] == again["teacher_area"] and one["correlation"] == again["correlation"]
+    assert one["teacher_area"]["interval"] != other["teacher_area"]["interval"]
+    lo, hi = one["teacher_area"]["interval"]
+    assert lo <= hi and one["teacher_area"]["resamples"] == 200 == one["teacher_area"]["resamples_drawn"]
+
+
+def test_resamples_without_both_kinds_of_answer_are_left_out_and_counted(tmp_path):
+    from rsd_engine.pipeline.provenance_report import format_report
+
+    case = [("a", 0, True, [T, SH]), ("b", 0, False, [S, SH]), ("c", 0, True, [T]), ("c", 1, False, [SH])]
+    r = report_of(tmp_path, case=case, resamples=300, seed=0)
+    used = r["teacher_area"]["resamples"]
+    # Without c, a resample of three problems is all a or all b (one kind of answer) with chance 2 / 27.
+    assert 5 < 300 - used < 50 and r["teacher_area"]["resamples_drawn"] == 300
+    shown = format_report({"source": "s", "rule": {"rule": "difference", "beta": 0.1}, "recategorised": 0, **r})
+    assert f"; {used} of 300 resamples have a value" in shown
+
+
+def test_without_incorrect_answers_the_split_is_undefined_not_an_error(tmp_path):
+    r = report_of(tmp_path, case=[c for c in CASE if c[2]], resamples=10)
+    assert r["teacher_area"]["value"] is None and r["correlation"]["value"] is None
+    assert r["correlation"]["why"] == "needs correct and incorrect answers"
+    flat = report_of(tmp_path, case=[("a", 0, True, [S]), ("b", 0, False, [SH])], resamples=10)
+    assert flat["correlation"]["value"] is None and flat["teacher_area"]["value"] == 0.0
+    assert flat["correlation"]["why"] == "the teacher share is the same in every response"
+    assert r["shares"]["incorrect"]["sentences"] == 0
+
+
+def test_ratio_rule_flags_what_the_difference_never_does(tmp_path):
+    low = [("a", 0, True, [(0.05, 0.001), (0.9, 0.85)])]
+    diff = report_of(tmp_path, case=low, resamples=1)
+    ratio = report_of(tmp_path, case=low, rule=make_rule("ratio"), resamples=1)
+    assert diff["per_response"][0]["teacher"] == 0.0  # 0.049 apart: "shared" at beta 0.1
+    assert ratio["per_response"][0]["teacher"] == 0.5  # log 50 = 3.9 > 0.5; log(0.9/0.85) = 0.06 is not
+
+
+@pytest.mark.parametrize("pt, ps, pd, margin, category", [
+    (0.05, 0.001, None, DEFAULT_MARGIN, "teacher"), (0.001, 0.05, None, DEFAULT_MARGIN, "student"),
+    (0.5, 0.4, None, 0.3, "shared"),  # log 1.25 = 0.22
+    (0.5, 0.4, None, 0.2, "teacher"),
+    (0.2, 0.2, 0.4, 0.5, "boosted"),  # log 2 = 0.69 over the larger
+    (0.2, 0.2, 0.3, 0.5, "shared"),  # log 1.5 = 0.41
+    (0.3, 0.0, None, 0.5, "teacher"), (0.0, 0.0, None, 0.5, "shared"),  # underflowed geometric means
+])
+def test_ratio_rule(pt, ps, pd, margin, category):
+    assert Rule("ratio", margin).categorize(pt, ps, pd) == category
+
+
+def test_rule_options_are_checked():
+    assert make_rule() == Rule("difference", 0.1)
+    assert make_rule("ratio") == Rule("ratio", DEFAULT_MARGIN)
+    with pytest.raises(ValueError, match="--rule = 'sum': must be one of difference, ratio"):
+        make_rule("sum")
+    with pytest.raises(ValueError, match="--margin = -1.0: must be a finite number > 0"):
+        make_rule("ratio", margin=-1.0)
+    with pytest.raises(ValueError, match="--beta = 0.2 is the difference rule's margin; --rule ratio takes --margin"):
+        make_rule("ratio", beta=0.2)
+    with pytest.raises(ValueError, match="--margin = 1.0 is the ratio rule's margin"):
+        make_rule("difference", margin=1.0)
+
+
+def test_newest_lines_of_a_response_win(tmp_path):
+    old = sentence_lines([("a", 0, True, [S, S])])
+    new = sentence_lines([("a", 0, True, [T, T, SH])])
+    responses, read = read_sentences(write_lines(tmp_path / "s.jsonl", old + new), Rule())
+    assert [(r.id, r.categories) for r in responses] == [("a", ["teacher", "teacher", "shared"])]
+    assert read["lines"] == 5
+
+
+def test_only_the_newest_complete_version_counts(tmp_path):
+    old = sentence_lines([("a", 0, True, [S, S])], response_hash="h1")
+    new = sentence_lines([("a", 0, True, [T, SH])], response_hash="h2")
+    torn = sentence_lines([("a", 0, True, [S, S, S])], response_hash="h3")[:2]
+    other = sentence_lines([("b", 0, False, [S])], response_hash="h4")
+    responses, read = read_sentences(write_lines(tmp_path / "s.jsonl", old + new + other + torn), Rule())
+    assert [(r.id, r.categories) for r in responses] == [("a", ["teacher", "shared"]), ("b", ["student"])]
+    assert read["lines"] == 7 and read["lines_used"] == 3
+
+
+def test_truncated_responses_are_left_out_unless_asked(tmp_path):
+    lines = sentence_lines(CASE)
+    for line in lines:
+        if line["id"] == "b" and line["sample"] == 1:
+            line["finish_reason"] = "length"
+        if line["id"] == "a" and line["sample"] == 1:
+            line["truncated"] = True  # how rsd provenance --include-truncated marks them
+    responses, _ = read_sentences(write_lines(tmp_path / "s.jsonl", lines), Rule())
+    left_out = analyse(responses, resamples=5)
+    assert left_out["responses"] == 2 and left_out["truncated"] == {"count": 2, "included": False}
+    assert analyse(responses, resamples=5, include_truncated=True)["responses"] == 4
+
+
+def test_cli_writes_report_and_plot(tmp_path, capsys):
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    out, plot = tmp_path / "report.json", tmp_path / "report.png"
+    assert main(["provenance-report", str(path), "--out", str(out), "--plot", str(plot), "--bins", "2",
+                 "--resamples", "50", "--rule", "ratio", "--margin", "0.2"]) == 0
+    report = json.loads(out.read_text())
+    assert report["rule"] == {"rule": "ratio", "margin": 0.2}
+    assert report["recategorised"] == 6  # stored "shared", re-categorised to teacher / student
+    assert report["teacher_area"]["resamples"] == 50  # both problems hold correct and incorrect answers
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "+0.250, 95% bootstrap interval over problems [" in printed
+    assert "area between the curves (correct - incorrect): +0.250" in printed
+    assert "point-biserial r" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rule", "sum"], "argument --rule: invalid choice: 'sum'"),
+    (["--rule", "ratio", "--margin", "-0.5"], "--margin: must be a finite number > 0, got '-0.5'"),
+    (["--beta", "1.5"], "--beta: must be a number in (0, 1), got '1.5'"),
+    (["--rule", "ratio", "--beta", "0.2"], "--beta = 0.2 is the difference rule's margin"),
+    (["--bins", "0"], "--bins: must be an integer >= 1, got '0'"),
+])
+def test_cli_refuses_bad_options(tmp_path, capsys, argv, message):
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance-report", str(path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("drop, change, message", [
+    ("p_teacher", {}, "line 1: no 'p_teacher' field"),
+    ("index", {}, "line 1: no 'index' field"),
+    ("sentences", {}, "line 1: no 'sentences' field"),
+    (None, {"p_student": 1.5}, "line 1: p_student = 1.5, not a probability in [0, 1]"),
+    (None, {"p_distilled": "x"}, "line 1: p_distilled = 'x', not a probability"),
+])
+def test_lines_without_what_the_analysis_needs_are_refused(tmp_path, capsys, drop, change, message):
+    lines = sentence_lines(CASE)
+    lines[0].update(change)
+    lines[0].pop(drop, None)
+    path = write_lines(tmp_path / "s.jsonl", lines)
+    with pytest.raises(SystemExit):
+        main(["provenance-report", str(path)])
+    assert message in capsys.readouterr().err
+
+
+def test_run_report_refuses_an_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no sentence lines"):
+        run_report(tmp_path / "e.jsonl", rule=Rule(), log=lambda *_: None)
+
+
+def test_provenance_records_follow_the_ratio_rule_and_the_report_agrees(tiny_pair, tmp_path):
+    rows = [{"id": "a", "question": "What is 2 + 2?", "response": "We add them. So 2 + 2 = 4. The answer is 4.",
+             "correct": True},
+            {"id": "b", "question": "What is 3 + 3?", "response": "Three and three. It is 7, I think.",
+             "correct": False}]
+    data = write_lines(tmp_path / "gens.jsonl", rows)
+    out = tmp_path / "s.jsonl"
+    assert main(["provenance", "--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--data", str(data),
+                 "--out", str(out), "--rule", "ratio", "--margin", "0.05", "--device", "cpu", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rule = Rule("ratio", 0.05)
+    assert [line["category"] for line in lines] == [rule.categorize(line["p_teacher"], line["p_student"])
+                                                    for line in lines]
+    assert {line["category"] for line in lines} - {"shared"}  # the margin is small enough to see the models differ
+    report = run_report(out, rule=rule, resamples=10, log=lambda *_: None)
+    assert report["recategorised"] == 0 and [r["correct"] for r in report["per_response"]] == [True, False]

@@ -1,0 +1,220 @@
+"""`rsd select`'s ranking: --budget over the whole dataset (responses or problems), the random and
+student-likelihood baselines at the same budget, resume, and bad options refused."""
+import json
+import math
+
+import pytest
+
+from rsd_engine.cli import main
+from rsd_engine.pipeline.records import read_records
+from rsd_engine.pipeline.select import Candidate, SelectOptions, pick, random_key, scores_path, select_budget
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cand(order, teacher, sentences, tokens, **kw):
+    return Candidate(order, teacher, sentences, tokens, **kw)
+
+
+# problem -> candidates (teacher sentences, sentences, tokens)
+PROBLEMS = {
+    "p1": [cand(0, 1, 4, 40), cand(1, 3, 4, 50)],  # shares 0.25, 0.75
+    "p2": [cand(0, 2, 2, 30)],  # 1.0
+    "p3": [cand(0, 0, 3, 20), cand(1, 4, 8, 90), cand(2, 1, 2, 25)],  # 0, 0.5, 0.5 (the shorter first)
+}
+
+
+def names(kept):
+    return [(pid, c.order) for pid, c in kept]
+
+
+def test_budget_of_responses_takes_the_highest_shares_of_the_dataset():
+    assert names(select_budget(PROBLEMS, 3, "responses", "share")) == [("p2", 0), ("p1", 1), ("p3", 2)]
+    assert names(select_budget(PROBLEMS, 4, "responses", "share"))[3] == ("p3", 1)  # tie at 0.5: the shorter first
+    assert len(select_budget(PROBLEMS, 100, "responses", "share")) == 6  # no more than there are
+
+
+def test_budget_of_problems_keeps_each_problems_best():
+    assert names(select_budget(PROBLEMS, 2, "problems", "share")) == [("p2", 0), ("p1", 1)]
+    assert names(select_budget(PROBLEMS, 3, "problems", "count")) == [("p3", 1), ("p1", 1), ("p2", 0)]
+
+
+def test_student_likelihood_ranks_by_the_mean_log_probability():
+    problems = {"a": [Candidate(0, tokens=10, student_logprob=-2.0), Candidate(1, tokens=12, student_logprob=-0.5)],
+                "b": [Candidate(0, tokens=9, student_logprob=-1.0)]}
+    assert names(select_budget(problems, 2, "responses", "student-likelihood")) == [("a", 1), ("b", 0)]
+    assert pick(problems["a"], "student-likelihood").order == 1
+
+
+def test_random_keys_are_uniform_and_fixed_by_seed_id_and_sample():
+    from scipy.stats import kstest
+
+    keys = [random_key(0, f"p{i}", s) for i in range(500) for s in range(4)]
+    assert kstest(keys, "uniform").pvalue > 1e-3
+    assert random_key(0, "p1", 0) == random_key(0, "p1", 0) != random_key(1, "p1", 0) != random_key(0, "p1", 1)
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"id": f"q{i}", "sample": s, "question": f"What is {i} + 1?", "response": f"It is {i + s}. " * (1 + s)}
+        for i in range(5) for s in range(3)]
+
+
+def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    assert main(["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    kept = read_records(out)
+    expected = sorted(((r["id"], r["sample"]) for r in ROWS), key=lambda k: random_key(0, *k))[:4]
+    assert [(r["id"], r["sample"]) for r in kept] == expected
+    assert [r["rank"] for r in kept] == [1, 2, 3, 4] and all(r["candidates"] == 3 for r in kept)
+    assert [r["random_key"] for r in kept] == [random_key(0, *k) for k in expected] and "tokens" not in kept[0]
+    assert len(read_records(scores_path(out))) == len(ROWS)
+    assert "kept: 4 of 15 scored candidates (0 already in the output, 4 written now)" in capsys.readouterr().out
+    # Another seed, another draw; the same budget of problems keeps one response per problem.
+    other = tmp_path / "other.jsonl"
+    assert main(["select", "--by", "random", "--budget", "3", "--budget-unit", "problems", "--seed", "5",
+                 "--data", str(data), "--out", str(other), "--no-progress"]) == 0
+    kept = read_records(other)
+    assert len({r["id"] for r in kept}) == 3
+
+
+def test_budget_keeps_only_correct_candidates_unless_asked(tmp_path, capsys):
+    rows = [{**r, "correct": r["sample"] == 0} for r in ROWS]
+    data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "8", "--data", str(data), "--no-progress", "--out"]
+    assert main(argv + [str(out)]) == 0
+    assert [(r["sample"], r["correct"]) for r in read_records(out)] == [(0, True)] * 5  # no more than are correct
+    assert "incorrect candidates set aside: 10 (--include-incorrect ranks them)" in capsys.readouterr().out
+    assert main(argv + [str(tmp_path / "all.jsonl"), "--include-incorrect"]) == 0
+    kept = read_records(tmp_path / "all.jsonl")
+    expected = sorted(((r["id"], r["sample"]) for r in rows), key=lambda k: random_key(0, *k))[:8]
+    assert [(r["id"], r["sample"]) for r in kept] == expected and [r["candidates"] for r in kept] == [3] * 8
+
+
+def test_budget_run_resumes_the_writing_and_refuses_another_selection(tmp_path, capsys):
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "5", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as if killed while writing
+    assert main(argv) == 0
+    assert out.read_text() == whole
+    assert "candidates: 15 already in the scores file, 0 scored now" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([("6" if a == "5" else a) for a in argv])
+    assert "--budget: 5 in the output, 6 now" in capsys.readouterr().err
+
+
+def test_student_likelihood_baseline_matches_the_students_log_probabilities(tiny_pair, tmp_path):
+    from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+    from rsd_engine.pipeline.readers import Reader
+
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS[:6]), tmp_path / "sel.jsonl"
+    assert main(["select", "--by", "student-likelihood", "--student", str(tiny_pair[1]), "--budget", "2",
+                 "--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    reader = Reader("student", tiny_pair[1], device="cpu")
+    readings = [reader.read(r["question"], r["response"], DEFAULT_SYSTEM_PROMPT) for r in ROWS[:6]]
+    reader.allocate(max(len(x) for x in readings), 1)
+    means = [sum(lp) / len(lp) for lp in (reader.logprobs([x])[0] for x in readings)]
+    best = sorted(range(6), key=lambda k: -means[k])[:2]
+    kept = read_records(out)
+    assert [(r["id"], r["sample"]) for r in kept] == [(ROWS[k]["id"], ROWS[k]["sample"]) for k in best]
+    assert [r["student_logprob"] for r in kept] == pytest.approx([means[k] for k in best], abs=1e-5)
+    assert all(math.isfinite(r["student_logprob"]) for r in kept)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0"], "--budget: must be an integer >= 1, got '0'"),
+    (["--budget-unit", "tokens"], "--budget-unit: invalid choice: 'tokens'"),
+    (["--by", "length"], "--by: invalid choice: 'length'"),
+    (["--by", "share"], "--by share needs --teacher"),
+    (["--by", "student-likelihood"], "--by student-likelihood needs --student"),
+    (["--by", "random", "--rule", "ratio", "--beta", "0.2"], "--beta = 0.2 is the difference rule's margin"),
+    (["--by", "random", "--rule", "ratio", "--margin", "0"], "--margin: must be a finite number > 0, got '0'"),
+])
+def test_bad_options_are_refused(tmp_path, capsys, argv, message):
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--data", str(data), "--out", str(tmp_path / "o.jsonl"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_options_default_by_follows_the_budget():
+    assert SelectOptions("t", "s", "d", "o").by == "count"
+    assert SelectOptions("t", "s", "d", "o", budget=3).by == "share"
+    with pytest.raises(ValueError, match="--budget = 0: must be an integer >= 1"):
+        SelectOptions("t", "s", "d", "o", budget=0)
+
+
+def test_generate_takes_the_selection_options_only_with_select_provenance(tmp_path):
+    from rsd_engine.pipeline.generate import GenerateOptions, record_settings
+
+    plain = GenerateOptions("t", "s", "d", "o")
+    assert not {"--by", "--rule", "--beta", "--margin"} & set(record_settings(plain, "id")[0])  # resumes as before
+    chosen = GenerateOptions("t", "s", "d", "o", select="provenance", by="share", rule="ratio", margin=1.0)
+    assert chosen.category_rule.name == "ratio" and chosen.category_rule.margin == 1.0
+    settings = record_settings(chosen, "id")[0]
+    assert (settings["--by"], settings["--rule"], settings["--margin"], settings["--beta"]) == ("share", "ratio", 1.0,
+                                                                                                 None)
+    assert GenerateOptions("t", "s", "d", "o", select="provenance").by == "count"
+    with pytest.raises(ValueError, match="--beta: only with --select provenance"):
+        GenerateOptions("t", "s", "d", "o", beta=0.2)
+    with pytest.raises(ValueError, match="--by = 'length': must be one of"):
+        GenerateOptions("t", "s", "d", "o", select="provenance", by="length")
+
+
+@pytest.mark.parametrize("by", ["random", "student-likelihood"])
+def test_generate_chooser_baselines(tiny_pair, by):
+    """`rsd generate --select provenance --by B` keeps among correct attempts what `pick` keeps."""
+    from rsd_engine import Engine
+    from rsd_engine.pipeline.data import Problem
+    from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+    from rsd_engine.pipeline.readers import Reader
+    from rsd_engine.pipeline.select import provenance_chooser
+    from rsd_engine.pipeline.traces import Attempt
+    from rsd_engine.results import GenerationResult
+
+    engine = Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=128)
+    texts = [r["response"] for r in ROWS[:4]]
+    attempts = []
+    for k, text in enumerate(texts):
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        attempts.append(Attempt(k, GenerationResult([1], token_ids=ids, text=text, finish_reason="eos"), ids, "1",
+                                True, True, True, 0.0, True))
+    problem = Problem("q0", ROWS[0]["question"], "1")
+    kept, fields = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT, by=by, seed=3)(problem, attempts)
+    if by == "random":
+        expected = min(range(4), key=lambda k: random_key(3, "q0", k))
+        assert fields == {"random_key": random_key(3, "q0", expected)}
+    else:
+        reader = Reader("student", tiny_pair[1], device="cpu")
+        readings = [reader.read(problem.question, t, DEFAULT_SYSTEM_PROMPT) for t in texts]
+        reader.allocate(max(len(x) for x in readings), 1)
+        means = [sum(lp) / len(lp) for lp in (reader.logprobs([x])[0] for x in readings)]
+        assert len(set(means)) == 4
+        expected = max(range(4), key=lambda k: means[k])
+        assert fields["student_logprob"] == pytest.approx(means[expected], abs=1e-5)
+    assert kept.index == expected
+
+
+def test_budget_under_ranks_gives_the_single_runs_selection(tmp_path, monkeypatch, capsys):
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    argv = ["select", "--by", "random", "--budget", "7", "--data", str(data), "--no-progress", "--out"]
+    assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    assert "scores part written; when every rank is done: rsd merge" in capsys.readouterr().out
+    assert not (tmp_path / "sel.jsonl").exists()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
+    assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    assert read_records(tmp_path / "sel.jsonl") == read_records(tmp_path / "whole.jsonl")
