@@ -235,7 +235,7 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
                 tl.atomic_add(h0m + d, wf, mask=present & (wf > 0), sem="relaxed")
     elif ROUND == 1:
         if (mode == BY_COUNT) | (mode == BY_MASS):
-            mode, prefix, _t, _c, _m = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 1)
+            mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 1)
             if mode != FULL:
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
                     x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
@@ -249,7 +249,7 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
         if mode != GREEDY:
             prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
             if (mode == BY_COUNT) | (mode == BY_MASS):
-                mode, prefix, _t, _c, _m = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
+                mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
                 prefix = tl.where(mode == FULL, -1, prefix)
             if mode != BOTH:
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
@@ -370,7 +370,7 @@ def _draw(row_ptr, mask_ptr, n_mask, lmax, temperature, rs, prefix, b2, total, u
     in_seg = s < n_seg
     kept = tl.load(kept_ptr + rs * n_seg + s, mask=in_seg, other=0)
     cum = tl.cumsum(kept, 0)
-    target = u.to(tl.float64) * total.to(tl.float64)
+    target = u.to(tl.float64) * total
     live = kept > 0
     first = tl.min(tl.where(live & (cum.to(tl.float64) >= target), s, NSP2), 0)
     seg = tl.where(first < NSP2, first, tl.max(tl.where(live, s, -1), 0))
@@ -390,20 +390,34 @@ def _draw(row_ptr, mask_ptr, n_mask, lmax, temperature, rs, prefix, b2, total, u
 
 
 @triton.jit
-def _sample_side(row_ptr, mask_ptr, n_logits, n_mask, mode, lmax, temperature, top_k, top_p, u, rs, h0c, h0m, h1c,
-                 h1m, sc, sm, sa, kept, kt, n_seg, SEG: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr,
-                 NUM_PIVOTS: tl.constexpr):
-    """One draw from a sampled, live side's truncated law."""
+def _prepare(row_ptr, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs, h0c, h0m, h1c, h1m, sc, sm,
+             sa, kept, kt, n_seg, SEG: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+             NUM_PIVOTS: tl.constexpr):
+    """The cut of a sampled, live side, once per call whatever the number of draws: (prefix, b2, kept total
+    fp64) from the rounds, or on the one-program path (mode BOTH) (tau, n_tie, kept total)."""
     t = tl.where(temperature != 0.0, temperature, 1.0)
     if mode == BOTH:
-        _bad, _m, _tot, _chk, lmax1, _arg, key_min, n_present, mass = _row_stats(
+        _bad, _m, _tot, _chk, lmax, _arg, key_min, n_present, mass = _row_stats(
             row_ptr, n_logits, mask_ptr, n_mask, t, 1.0, False, SEG)
-        tau, n_tie, kept_total = _truncate(row_ptr, mask_ptr, n_mask, t, top_k, top_p, lmax1, key_min, n_present,
-                                           mass, SEG // NUM_PIVOTS, NUM_PIVOTS)
-        token = _inverse_cdf(row_ptr, mask_ptr, n_mask, lmax1, t, tau, n_tie, u * kept_total, SEG)
+        tau, n_tie, kept_total = _truncate(row_ptr, mask_ptr, n_mask, t, top_k, top_p, lmax, key_min, n_present,
+                                           mass, SEARCH_BLOCK, NUM_PIVOTS)
+        cut, fine, total = tau.to(tl.int64), n_tie, kept_total.to(tl.float64)
     else:
-        prefix, b2, total = _law(rs, mode, top_k, top_p, h0c, h0m, h1c, h1m, sc, sm, sa, kept, kt, n_seg, SG)
-        token = _draw(row_ptr, mask_ptr, n_mask, lmax, t, rs, prefix, b2, total, u, kept, kt, n_seg, SEG, NSP2)
+        cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c, h0m, h1c, h1m, sc, sm, sa, kept, kt, n_seg, SG)
+        total = law_total.to(tl.float64)
+    return cut, fine, total
+
+
+@triton.jit
+def _sample_side(row_ptr, mask_ptr, n_mask, mode, lmax, temperature, cut, fine, total, u, rs, kept, kt, n_seg,
+                 SEG: tl.constexpr, NSP2: tl.constexpr):
+    """One draw from a side prepared by _prepare."""
+    t = tl.where(temperature != 0.0, temperature, 1.0)
+    if mode == BOTH:
+        token = _inverse_cdf(row_ptr, mask_ptr, n_mask, lmax, t, cut.to(tl.int32), fine,
+                             (u.to(tl.float64) * total).to(tl.float32), SEG)
+    else:
+        token = _draw(row_ptr, mask_ptr, n_mask, lmax, t, rs, cut, fine, total, u, kept, kt, n_seg, SEG, NSP2)
     return token
 
 
@@ -422,7 +436,8 @@ def rsd_final_kernel(
     teacher_logprob_ptr, student_logprob_ptr,  # [B] fp32 out
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, uniforms_stride, num_draws,
     n_chunks, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     teacher_row = teacher_ptr + row * teacher_stride
@@ -449,14 +464,20 @@ def rsd_final_kernel(
     token = t_argmax
     accepted = tl.full((), 0, tl.int32)
     if (t_bad == 0) & (s_bad == 0):
+        cut = tl.full((), 0, tl.int64)
+        fine = tl.full((), 0, tl.int32)
+        total = tl.full((), 0.0, tl.float64)
+        if (t_mode != GREEDY) & (trials > 0):
+            cut, fine, total = _prepare(teacher_row, proposal_mask_ptr, n_teacher, n_proposal, t_mode, temperature,
+                                        top_k, top_p, rt, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
+                                        sa_ptr, kept_ptr, kt_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
         k = tl.full((), 0, tl.int32)
         while (k < trials) & (accepted == 0) & t_live:
             proposal = t_argmax
             if t_mode != GREEDY:
-                proposal = _sample_side(teacher_row, proposal_mask_ptr, n_teacher, n_proposal, t_mode, t_lmax,
-                                        temperature, top_k, top_p, tl.load(uniforms_row + 1 + k), rt, h0c_ptr,
-                                        h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, n_seg,
-                                        SEG, NSP2, SG, NUM_PIVOTS)
+                proposal = _sample_side(teacher_row, proposal_mask_ptr, n_proposal, t_mode, t_lmax, temperature,
+                                        cut, fine, total, tl.load(uniforms_row + 1 + k), rt, kept_ptr, kt_ptr,
+                                        n_seg, SEG, NSP2)
             ls = tl.load(student_row + proposal).to(tl.float32)
             z = (ls.to(tl.float64) - s_m.to(tl.float64)) / check_temperature.to(tl.float64)
             accepted = (tl.exp(z) / s_check >= threshold.to(tl.float64)).to(tl.int32)
@@ -465,10 +486,13 @@ def rsd_final_kernel(
         if accepted == 0:
             token = s_argmax
             if s_mode != GREEDY:
-                token = _sample_side(student_row, fallback_mask_ptr, n_student, n_fallback, s_mode, s_lmax,
-                                     student_temperature, student_top_k, student_top_p, tl.load(uniforms_row),
-                                     rs, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr,
-                                     kt_ptr, n_seg, SEG, NSP2, SG, NUM_PIVOTS)
+                s_cut, s_fine, s_kept = _prepare(
+                    student_row, fallback_mask_ptr, n_student, n_fallback, s_mode, student_temperature,
+                    student_top_k, student_top_p, rs, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,
+                    kept_ptr, kt_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
+                token = _sample_side(student_row, fallback_mask_ptr, n_fallback, s_mode, s_lmax, student_temperature,
+                                     s_cut, s_fine, s_kept, tl.load(uniforms_row), rs, kept_ptr, kt_ptr, n_seg, SEG,
+                                     NSP2)
     safe = tl.maximum(token, 0)
     lt = tl.load(teacher_row + safe).to(tl.float32)
     ls = tl.load(student_row + safe).to(tl.float32)
@@ -490,7 +514,8 @@ def sample_final_kernel(
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr,
     token_ptr,  # [B] int64 out, -1 where flagged
     n_logits, n_mask, stride, n_chunks, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride
@@ -502,7 +527,9 @@ def sample_final_kernel(
     mode = _mode(bad, lmax, temperature, top_k, top_p)
     token = argmax
     if mode != GREEDY:
-        token = _sample_side(logits_row, mask_ptr, n_logits, n_mask, mode, lmax, temperature, top_k, top_p,
-                             tl.load(uniforms_ptr + row), rs, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
-                             sa_ptr, kept_ptr, kt_ptr, n_seg, SEG, NSP2, SG, NUM_PIVOTS)
+        cut, fine, total = _prepare(logits_row, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs,
+                                    h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr,
+                                    n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
+        token = _sample_side(logits_row, mask_ptr, n_mask, mode, lmax, temperature, cut, fine, total,
+                             tl.load(uniforms_ptr + row), rs, kept_ptr, kt_ptr, n_seg, SEG, NSP2)
     tl.store(token_ptr + row, tl.where((bad != 0) | (lmax == float("-inf")), -1, token).to(tl.int64))

@@ -18,11 +18,11 @@ from .reference import RowParams, SampleOutput
 # segment); a row of V ids is ceil(V / SEG) segments, cut into `chunks` programs per row and side. The chunk
 # count comes from CHUNKS_BY_BATCH (no autotune: a CUDA graph replays one fixed launch shape): about 132
 # programs (one per H200 SM) while B is small, one program per row and side once B alone fills the card.
-# SG: segments per step when the final kernel sums the per-segment histograms. NUM_PIVOTS: the pivot
-# search of the one-program path (rows with top-k and top-p both on).
-CUDA_CONFIG = dict(SEG=4096, SG=16, NUM_PIVOTS=16, num_warps=8, chunks=None)
-# The interpreter pays per operation, not per element: wide tiles keep it fast.
-INTERPRETER_CONFIG = dict(SEG=4096, SG=16, NUM_PIVOTS=16, chunks=None)
+# SG: segments per step when the final kernel sums the per-segment histograms. SEARCH_BLOCK, NUM_PIVOTS:
+# the [NUM_PIVOTS, SEARCH_BLOCK] tiles of the one-program pivot search (rows with top-k and top-p both on).
+CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None)
+# The interpreter pays per operation, not per element: wide tiles and many pivots keep it fast.
+INTERPRETER_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=1024, NUM_PIVOTS=256, chunks=None)
 CHUNKS_BY_BATCH = ((1, 66), (2, 33), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1))  # (B at least, chunks)
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -126,7 +126,8 @@ class _SplitLaunch:
         self.constexprs = dict(SEG=seg, **self.warps)
         self.round_constexprs = dict(SEG=seg, CP2=cp2, **self.warps)
         self.final_constexprs = dict(SEG=seg, CP2=cp2, NSP2=triton.next_power_of_2(self.n_seg), SG=config["SG"],
-                                     NUM_PIVOTS=config["NUM_PIVOTS"], **self.warps)
+                                     SEARCH_BLOCK=config["SEARCH_BLOCK"], NUM_PIVOTS=config["NUM_PIVOTS"],
+                                     **self.warps)
         i32, i64 = torch.int32, torch.int64
         rs = (batch, 2)
         self.stats = (torch.empty(*rs, self.chunks, 4, dtype=torch.float32, device=device),
