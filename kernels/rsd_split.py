@@ -218,8 +218,8 @@ def _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, LEVELS: tl.constexpr):
 
 @triton.jit
 def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, n_seg, ROUND: tl.constexpr, SEG: tl.constexpr,
-                CP2: tl.constexpr):
+                h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, n_seg, ROUND: tl.constexpr,
+                SEG: tl.constexpr, CP2: tl.constexpr):
     bad, _m, _total, _k, _mc, lmax, _arg = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
     mode = _mode(bad, lmax, temperature, top_k, top_p)
     t = tl.where(temperature != 0.0, temperature, 1.0)
@@ -237,27 +237,38 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
         if (mode == BY_COUNT) | (mode == BY_MASS):
             mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 1)
             if mode != FULL:
-                for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
-                    x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
-                    key = _ukey(x)
-                    hit = present & ((key >> 20) == prefix)
-                    d = ((key >> 8) & 4095).to(tl.int32)
-                    wf = _fixed(x, lmax, t)
-                    tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
-                    tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
-    else:
-        if mode != GREEDY:
-            prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
-            if (mode == BY_COUNT) | (mode == BY_MASS):
-                mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
-                prefix = tl.where(mode == FULL, -1, prefix)
-            if mode != BOTH:
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
                     x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                     key = _ukey(x)
                     wf = _fixed(x, lmax, t)
-                    tl.store(sa_ptr + s, tl.sum(tl.where(present & ((key >> 8) > prefix), wf, 0), 0))
-                    hit = present & ((key >> 8) == prefix)
+                    tl.store(sa_ptr + s, tl.sum(tl.where(present & ((key >> 20) > prefix), wf, 0), 0))
+                    hit = present & ((key >> 20) == prefix)
+                    d = ((key >> 8) & 4095).to(tl.int32)
+                    tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                    tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
+                    # The ids in the cut's level-0 bin, compacted per segment: round 2 reads only them.
+                    slot = tl.cumsum(hit.to(tl.int32), 0) - 1
+                    tl.store(cand_ptr + s * SEG + slot, s * SEG + offs, mask=hit)
+                    tl.store(ncand_ptr + s, tl.sum(hit.to(tl.int32), 0))
+    else:
+        if (mode != GREEDY) & (mode != BOTH):
+            prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
+            if (mode == BY_COUNT) | (mode == BY_MASS):
+                mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
+            if mode == FULL:
+                for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+                    x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
+                    tl.store(sa_ptr + s, tl.sum(tl.where(present, _fixed(x, lmax, t), 0), 0))
+            else:
+                for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+                    live = offs < tl.load(ncand_ptr + s)
+                    idx = tl.load(cand_ptr + s * SEG + offs, mask=live, other=0)
+                    x = tl.load(row_ptr + idx, mask=live, other=float("-inf")).to(tl.float32)
+                    key = _ukey(x)
+                    wf = _fixed(x, lmax, t)
+                    above = tl.sum(tl.where(live & ((key >> 8) > prefix), wf, 0), 0)
+                    tl.store(sa_ptr + s, tl.load(sa_ptr + s) + above)
+                    hit = live & ((key >> 8) == prefix)
                     d = (key & 255).to(tl.int32)
                     tl.atomic_add(sc_ptr + s * NB2 + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
                     tl.atomic_add(sm_ptr + s * NB2 + d, wf, mask=hit & (wf > 0), sem="relaxed")
@@ -269,7 +280,9 @@ def round_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr,  # [B] teacher side (sample_tokens: its only side)
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B] student side
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,  # as stats_kernel
-    sa_ptr,  # [B, 2, n_seg] int64 out (ROUND 2): each segment's mass above the cut's 24-bit prefix
+    sa_ptr,  # [B, 2, n_seg] int64 out (ROUND 1, 2): each segment's mass above the cut's prefix so far
+    cand_ptr,  # [B, 2, n_seg * SEG] int32 scratch (ROUND 1 writes, 2 reads): ids in the cut's level-0 bin
+    ncand_ptr,  # [B, 2, n_seg] int32 scratch: how many of them each segment holds
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg,
     ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr,
 ):
@@ -280,15 +293,16 @@ def round_kernel(
     h0c, h0m = h0c_ptr + rs * NB0, h0m_ptr + rs * NB0
     h1c, h1m = h1c_ptr + rs * NB1, h1m_ptr + rs * NB1
     sc, sm, sa = sc_ptr + rs * n_seg * NB2, sm_ptr + rs * n_seg * NB2, sa_ptr + rs * n_seg
+    cand, ncand = cand_ptr + rs * n_seg * SEG, ncand_ptr + rs * n_seg
     if side == 0:
         _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + row),
                     tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                    h0c, h0m, h1c, h1m, sc, sm, sa, n_seg, ROUND, SEG, CP2)
+                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
     else:
         _round_side(student_ptr + row * student_stride, fallback_mask_ptr, n_fallback,
                     tl.load(student_temperature_ptr + row), tl.load(student_top_k_ptr + row),
                     tl.load(student_top_p_ptr + row), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                    h0c, h0m, h1c, h1m, sc, sm, sa, n_seg, ROUND, SEG, CP2)
+                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
 
 
 @triton.jit

@@ -137,6 +137,8 @@ class _SplitLaunch:
                       torch.empty(*rs, self.n_seg, 256, dtype=i32, device=device),
                       torch.empty(*rs, self.n_seg, 256, dtype=i64, device=device))
         self.above = torch.empty(*rs, self.n_seg, dtype=i64, device=device)
+        self.candidates = (torch.empty(*rs, self.n_seg * seg, dtype=i32, device=device),
+                           torch.empty(*rs, self.n_seg, dtype=i32, device=device))
         self.kept = (torch.empty(*rs, self.n_seg, dtype=i64, device=device),
                      torch.empty(*rs, self.n_seg, dtype=i32, device=device))
         self.scratch = (*self.stats, *self.hists, self.above, *self.kept)
@@ -149,7 +151,7 @@ class _SplitLaunch:
                                   *self.hists, *self.shape, **self.constexprs, enable_fp_fusion=False)
         for r in range(3):
             _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
-                                      *self.stats, *self.hists, self.above, *self.shape, ROUND=r,
+                                      *self.stats, *self.hists, self.above, *self.candidates, *self.shape, ROUND=r,
                                       **self.round_constexprs, enable_fp_fusion=False)
 
 
