@@ -1,6 +1,7 @@
-"""Triton backend of the RSD-sample op: kernels/rsd_sample.py, on CUDA tensors compiled, on CPU tensors
-under Triton's interpreter (``import_kernel`` turns it on when no CUDA device is present). Same
-arguments and outputs as ``rsd_sample_reference``; no host sync, so it can sit inside a CUDA graph."""
+"""Triton backend of the RSD-sample op: the split-row kernels of kernels/rsd_split.py (five launches: stats,
+three radix rounds, the final draw), on CUDA tensors compiled, on CPU tensors under Triton's interpreter
+(``import_kernel`` turns it on when no CUDA device is present). Same arguments and outputs as
+``rsd_sample_reference``; no host sync and a launch shape fixed by (B, V), so it can sit inside a CUDA graph."""
 from __future__ import annotations
 
 import importlib
