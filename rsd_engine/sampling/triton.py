@@ -105,7 +105,7 @@ def chunks_for(batch: int, n_segments: int, config) -> int:
     """Programs per row and side: the table's entry for this batch, at most one per segment."""
     if config.get("chunks"):
         return max(1, min(config["chunks"], n_segments))
-    chunks = max(c for b, c in CHUNKS_BY_BATCH if batch >= b)
+    chunks = min(c for b, c in CHUNKS_BY_BATCH if batch >= b)  # the entry of the largest B at most batch
     return max(1, min(chunks, n_segments))
 
 
