@@ -277,8 +277,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rsd_engine.sampling.triton import import_kernel
 split = import_kernel("rsd_split")
-types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i32", "kt_ptr": "*i32", "cand_ptr": "*i32",
-         "ncand_ptr": "*i32", "h0m_ptr": "*i64", "h1m_ptr": "*i64", "sm_ptr": "*i64", "sa_ptr": "*i64",
+types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i32", "kt_ptr": "*i32",
+         "cand_ptr": "*i32", "ncand_ptr": "*i32", "h0m_ptr": "*i64", "h1m_ptr": "*i64", "sm_ptr": "*i64", "sa_ptr": "*i64",
          "kept_ptr": "*i64", "student_ptr": "*bf16", "logits_ptr": "*fp16", "top_k_ptr": "*i32",
          "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32", "proposal_mask_ptr": "*i8",
          "fallback_mask_ptr": "*i8", "mask_ptr": "*i8", "token_ptr": "*i64", "accepted_ptr": "*i8"}

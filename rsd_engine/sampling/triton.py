@@ -133,8 +133,8 @@ class _SplitLaunch:
         rs = (batch, 2)
         self.stats = (torch.empty(*rs, self.chunks, 4, dtype=torch.float32, device=device),
                       torch.empty(*rs, self.chunks, 2, dtype=i32, device=device))
-        self.hists = (torch.empty(*rs, 4096, dtype=i32, device=device), torch.empty(*rs, 4096, dtype=i64, device=device),
-                      torch.empty(*rs, 4096, dtype=i32, device=device), torch.empty(*rs, 4096, dtype=i64, device=device),
+        level = [torch.empty(*rs, 4096, dtype=dtype, device=device) for dtype in (i32, i64, i32, i64)]
+        self.hists = (*level,
                       torch.empty(*rs, self.n_seg, 256, dtype=i32, device=device),
                       torch.empty(*rs, self.n_seg, 256, dtype=i64, device=device))
         self.above = torch.empty(*rs, self.n_seg, dtype=i64, device=device)
