@@ -10,8 +10,10 @@ segments of SEG ids; program (row, side, chunk) owns SPC consecutive segments. L
      [0, 2**32)), digits of 12, 12 and 8 bits. Round r adds count and mass of the ids whose higher digits
      equal the cut's prefix, found by walking the histograms of rounds < r (every program of a row walks
      the same integers, so all agree). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
-     * (1 / t)) in fp32 as the contract's weight, so the atomic sums are exact and order-free. Round 2
-     keeps its digit histogram per segment, and each segment's mass above the cut's 24-bit prefix.
+     * (1 / t)) in fp32 as the contract's weight, so the atomic sums are exact and order-free. Round 1
+     also compacts, per segment, the ids in the cut's level-0 bin; round 2 reads only those (a gather),
+     keeps its digit histogram per segment and each segment's mass above the cut's 24-bit prefix. A row
+     is thus read about three times (stats, rounds 0 and 1) plus one segment per draw.
   5. final kernel (one program per row): the cut (tau, n_tie) from the histograms, each segment's kept
      mass, then every draw by inverse CDF: the segment holding the target mass (prefix sums over the
      segments, in id order), then one scan of that segment. Then the check, the fallback, log-probs.
