@@ -1,7 +1,9 @@
-"""Triton-specific checks of kernels/rsd_sample.py: it runs on CPU tensors under the interpreter, its
-block loops and cut search match the reference at the tile sizes CUDA uses and at tiny ones (ties at
-the cut, -inf, masks, one row per parameter family in one launch), the wrapper refuses bad input, and
-the kernel compiles for CUDA without a GPU. The backend-generic tests are in test_rsd_sample.py."""
+"""Triton-specific checks of the sampler kernels (kernels/rsd_split.py, and the one-program pieces of
+kernels/rsd_sample.py it keeps for rows with top-k and top-p both on): they run on CPU tensors under the
+interpreter, their segment loops, chunk split and radix rounds match the reference at the tile sizes CUDA
+uses and at tiny ones (ties at the cut and across chunk boundaries, -inf, masks, kept sets of one id,
+all-masked and flagged rows, one row per parameter family in one launch), the wrapper refuses bad input,
+and every kernel compiles for CUDA without a GPU. The backend-generic tests are in test_rsd_sample.py."""
 import os
 import subprocess
 import sys
@@ -61,16 +63,18 @@ def test_kernels_run_under_the_interpreter_without_cuda():
     assert is_interpreted()
 
 
-# The interpreter's own tiles put V <= 4096 in one block, so the backend-generic tests never cross a block
-# there: these run the CUDA tiles, and tiles small enough for many blocks and many search passes.
-SMALL_TILES = dict(BLOCK=128, SEARCH_BLOCK=64, NUM_PIVOTS=4)
+# The interpreter's own tiles put V <= 4096 in one segment, so the backend-generic tests never cross one
+# there: these run the CUDA tiles, and segments small enough for many segments and chunks per row (the
+# pivot search of the one-program path keeps wide tiles: its own small-tile test is below).
+SMALL_TILES = dict(SEG=32, SG=4, SEARCH_BLOCK=1024, NUM_PIVOTS=64, chunks=3)
 CASES = ([(kind, 300, "small") for kind in ("plain", "ties", "bf16_values", "neg_inf")]
          + [(kind, 1500, "cuda") for kind in ("plain", "ties")])
 
 
 @pytest.mark.parametrize("kind, V, tiles", CASES, ids=[f"{k}-V{v}-{t}_tiles" for k, v, t in CASES])
 def test_matches_reference_token_for_token(kind, V, tiles, monkeypatch):
-    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SMALL_TILES if tiles == "small" else triton_backend.CUDA_CONFIG)
+    cuda_tiles = {k: v for k, v in triton_backend.CUDA_CONFIG.items() if k != "num_warps"}
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SMALL_TILES if tiles == "small" else cuda_tiles)
     gen = torch.Generator().manual_seed(V)
     B = len(FAMILIES)
     teacher, student = logits(gen, B, V + 3, kind), logits(gen, B, V + 9, kind)  # padding rows past V
@@ -186,4 +190,115 @@ def test_compiles_for_cuda_without_a_gpu():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "0"}
     done = subprocess.run([sys.executable, "-c", COMPILE, str(kernel_file)], env=env, capture_output=True, text=True,
                           timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ---- the split-row kernels at segments of 16 ids, 4 chunks per row: every cut crosses segments and chunks ----
+
+SPLIT_TILES = dict(SEG=16, SG=4, SEARCH_BLOCK=1024, NUM_PIVOTS=64, chunks=4)
+from rsd_engine.sampling import sample_tokens_reference  # noqa: E402
+from rsd_engine.sampling.triton_verify import sample_tokens_triton  # noqa: E402
+
+
+def split_rows(case, B, V, gen):
+    """(teacher, student, proposal_mask, fallback_mask, families) for one edge case of the contract."""
+    teacher, student = torch.randn(B, V + 2, generator=gen), torch.randn(B, V + 5, generator=gen)
+    every = torch.ones(V, dtype=torch.bool)
+    if case == "ties_across_chunks":
+        # Few distinct values, each repeated across every segment and chunk: the cuts (top-k 37, top-p 0.3
+        # and 0.8) fall inside a run of ties that spans chunk boundaries; ties are kept in id order.
+        teacher = (torch.randint(0, 3, (B, V + 2), generator=gen) * 0.5).float()
+        student = (torch.randint(0, 2, (B, V + 5), generator=gen) * 0.25).float()
+        families = [dict(top_k=37, top_p=1.0, student_top_k=50, student_top_p=1.0, threshold=0.0),
+                    dict(top_p=0.3, student_top_p=0.8, threshold=1.0), dict(top_p=0.8, threshold=0.0),
+                    dict(temperature=1.0, top_k=64, top_p=1.0, threshold=0.0)]
+        return teacher, student, every, every, families
+    if case == "kept_set_of_one":
+        teacher[:, 77] += 30.0  # one id holds all the mass: top-p keeps it alone
+        student[:, 130] += 30.0
+        families = [dict(top_k=1, top_p=1.0, student_top_k=1, student_top_p=1.0, threshold=1.0),
+                    dict(top_p=0.5, student_top_p=0.5, threshold=1.0), dict(top_p=0.5, threshold=0.0),
+                    dict(temperature=0.0, student_temperature=0.0, threshold=1.0)]
+        return teacher, student, every, every, families
+    if case == "masked_rows":
+        proposal_mask = torch.zeros(V, dtype=torch.bool)  # the teacher may propose nothing: the student writes
+        fallback_mask = torch.rand(V, generator=gen) > 0.5
+        student[1, :V] = float("-inf")  # ... and row 1 has no finite id the student may write: -3
+        teacher[2, :V] = float("-inf")
+        families = [{}, {}, dict(top_k=5, top_p=1.0, student_top_k=5, student_top_p=1.0), dict(student_top_p=0.4)]
+        return teacher, student, proposal_mask, fallback_mask, families
+    assert case == "flagged_rows"
+    teacher[0, V + 1] = float("nan")  # in the padding past V: still flagged
+    student[1, 3] = float("inf")
+    teacher[2, 5], student[2, 6] = float("inf"), float("nan")  # both: the teacher's flag wins
+    return teacher, student, every, every, [{}, dict(top_k=3, top_p=1.0), {}, dict(top_p=0.5)]
+
+
+@pytest.mark.parametrize("case", ["ties_across_chunks", "kept_set_of_one", "masked_rows", "flagged_rows"])
+def test_split_kernels_on_the_edge_rows(case, monkeypatch):
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SPLIT_TILES)
+    V = 200
+    gen = torch.Generator().manual_seed(len(case))
+    teacher, student, proposal_mask, fallback_mask, families = split_rows(case, 4, V, gen)
+    params = row_params(families)
+    for step in range(3):  # other uniforms, other draws through the same cuts
+        uniforms = step_uniforms(torch.arange(4), torch.full((4,), step))
+        args = (teacher, student, uniforms, params, proposal_mask, fallback_mask)
+        out, ref = rsd_sample_triton(*args), rsd_sample_reference(*args)
+        assert out.token.tolist() == ref.token.tolist() and out.accepted.tolist() == ref.accepted.tolist()
+        for got, want in ((out.teacher_logprob, ref.teacher_logprob), (out.student_logprob, ref.student_logprob)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)  # flagged rows: NaN
+        draws = sample_tokens_triton(student, uniforms[:, 0], params.student_temperature, params.student_top_k,
+                                     params.student_top_p, fallback_mask)
+        assert draws.tolist() == sample_tokens_reference(student, uniforms[:, 0], params.student_temperature,
+                                                         params.student_top_k, params.student_top_p,
+                                                         fallback_mask).tolist()
+    if case == "flagged_rows":
+        assert out.token.tolist()[:3] == [-1, -2, -1]
+    if case == "masked_rows":
+        assert out.token[1].item() == -3 and not out.accepted.any()
+    if case == "kept_set_of_one":
+        assert out.token.tolist() == [130, 130, 77, 130]
+
+
+def test_chunk_table_covers_every_batch():
+    """One entry per batch size, fewer chunks as the batch grows, never more chunks than segments."""
+    config = triton_backend.CUDA_CONFIG
+    chunks = [triton_backend.chunks_for(B, 38, config) for B in (1, 2, 16, 63, 64, 256, 4096)]
+    assert chunks == sorted(chunks, reverse=True) and chunks[0] == 38 and chunks[-1] == 1
+    assert triton_backend.chunks_for(1, 5, config) == 5
+
+
+SPLIT_COMPILE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rsd_engine.sampling.triton import import_kernel
+split = import_kernel("rsd_split")
+types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i32", "kt_ptr": "*i32",
+         "cand_ptr": "*i32", "ncand_ptr": "*i32", "h0m_ptr": "*i64", "h1m_ptr": "*i64", "sm_ptr": "*i64", "sa_ptr": "*i64",
+         "kept_ptr": "*i64", "student_ptr": "*bf16", "logits_ptr": "*fp16", "top_k_ptr": "*i32",
+         "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32", "proposal_mask_ptr": "*i8",
+         "fallback_mask_ptr": "*i8", "mask_ptr": "*i8", "token_ptr": "*i64", "accepted_ptr": "*i8"}
+final = dict(SEG=4096, CP2=64, NSP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)
+cases = [(split.stats_kernel, dict(SEG=4096))] + [
+    (split.round_kernel, dict(ROUND=r, SEG=4096, CP2=64)) for r in range(3)] + [
+    (split.rsd_final_kernel, final), (split.sample_final_kernel, final)]
+for kernel, constexprs in cases:
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") if n.endswith("_ptr") else "i32"
+                 for n in kernel.arg_names}
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    for capability in (80, 90):
+        triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                       options={"num_warps": 8, "enable_fp_fusion": False})
+"""
+
+
+def test_split_kernels_compile_for_cuda_without_a_gpu():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "0"}
+    done = subprocess.run([sys.executable, "-c", SPLIT_COMPILE, str(Path(__file__).resolve().parents[1])], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

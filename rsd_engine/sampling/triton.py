@@ -1,6 +1,7 @@
-"""Triton backend of the RSD-sample op: kernels/rsd_sample.py, on CUDA tensors compiled, on CPU tensors
-under Triton's interpreter (``import_kernel`` turns it on when no CUDA device is present). Same
-arguments and outputs as ``rsd_sample_reference``; no host sync, so it can sit inside a CUDA graph."""
+"""Triton backend of the RSD-sample op: the split-row kernels of kernels/rsd_split.py (five launches: stats,
+three radix rounds, the final draw), on CUDA tensors compiled, on CPU tensors under Triton's interpreter
+(``import_kernel`` turns it on when no CUDA device is present). Same arguments and outputs as
+``rsd_sample_reference``; no host sync and a launch shape fixed by (B, V), so it can sit inside a CUDA graph."""
 from __future__ import annotations
 
 import importlib
@@ -14,11 +15,16 @@ import torch
 
 from .reference import RowParams, SampleOutput
 
-# BLOCK: ids per step of a streaming pass; search passes work on [NUM_PIVOTS, SEARCH_BLOCK] tiles, and
-# NUM_PIVOTS = 16 shrinks the int32 key interval 16x per pass (at most 8 passes, 3-6 on real rows).
-# The interpreter pays per operation, not per element: bigger tiles and more pivots make it 3-4x faster.
-CUDA_CONFIG = dict(BLOCK=1024, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8)
-INTERPRETER_CONFIG = dict(BLOCK=4096, SEARCH_BLOCK=1024, NUM_PIVOTS=256)
+# Split-row launches (kernels/rsd_split.py). SEG: ids per tile and per segment (a dependent step streams one
+# segment); a row of V ids is ceil(V / SEG) segments, cut into `chunks` programs per row and side. The chunk
+# count comes from CHUNKS_BY_BATCH (no autotune: a CUDA graph replays one fixed launch shape): about 132
+# programs (one per H200 SM) while B is small, one program per row and side once B alone fills the card.
+# SG: segments per step when the final kernel sums the per-segment histograms. SEARCH_BLOCK, NUM_PIVOTS:
+# the [NUM_PIVOTS, SEARCH_BLOCK] tiles of the one-program pivot search (rows with top-k and top-p both on).
+CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None)
+# The interpreter pays per operation, not per element: wide tiles and many pivots keep it fast.
+INTERPRETER_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=1024, NUM_PIVOTS=256, chunks=None)
+CHUNKS_BY_BATCH = ((1, 66), (2, 33), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1))  # (B at least, chunks)
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
@@ -54,7 +60,9 @@ def import_kernel(name: str):
 
 # Before anything here imports triton: the interpreter is switched on first where there is no CUDA device.
 rsd_sample_kernel = import_kernel("rsd_sample").rsd_sample_kernel
+_split = import_kernel("rsd_split")
 
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -80,13 +88,72 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
         row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
                       .contiguous() for name in RowParams._fields]
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
-        rsd_sample_kernel[(batch,)](
-            teacher_logits, student_logits, uniforms, *row_params, proposal_mask, fallback_mask,
+        split = _SplitLaunch(config, batch, teacher_logits, student_logits, proposal_mask.numel(),
+                             fallback_mask.numel(), sides=2)
+        split.rounds(teacher_logits, student_logits, proposal_mask, fallback_mask, row_params[4], row_params[:3],
+                     row_params[5:8])
+        _split.rsd_final_kernel[(batch,)](
+            teacher_logits, student_logits, uniforms, *row_params, proposal_mask, fallback_mask, *split.scratch,
             token, accepted, teacher_logprob, student_logprob,
             teacher_logits.shape[1], student_logits.shape[1], proposal_mask.numel(), fallback_mask.numel(),
             teacher_logits.stride(0), student_logits.stride(0), uniforms.stride(0), uniforms.shape[1],
-            **config, enable_fp_fusion=False)
+            split.chunks, split.n_seg, **split.final_constexprs)
     return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
+
+
+def chunks_for(batch: int, n_segments: int, config) -> int:
+    """Programs per row and side: the table's entry for this batch, at most one per segment."""
+    if config.get("chunks"):
+        return max(1, min(config["chunks"], n_segments))
+    chunks = min(c for b, c in CHUNKS_BY_BATCH if batch >= b)  # the entry of the largest B at most batch
+    return max(1, min(chunks, n_segments))
+
+
+class _SplitLaunch:
+    """Scratch and launch shape of the split-row kernels for one call: stats, then the three radix rounds
+    (the final kernel is the caller's). sides = 2 for rsd_sample, 1 for sample_tokens (side 0 only)."""
+
+    def __init__(self, config, batch, first, second, n_first_mask, n_second_mask, sides):
+        seg = config["SEG"]
+        device = first.device
+        self.seg = seg
+        self.batch, self.sides = batch, sides
+        n_logits = max(first.shape[1], second.shape[1])
+        self.n_seg = triton.cdiv(max(n_first_mask, n_second_mask, 1), seg)
+        self.chunks = chunks_for(batch, triton.cdiv(n_logits, seg), config)
+        self.spc = triton.cdiv(triton.cdiv(n_logits, seg), self.chunks)
+        self.warps = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
+        cp2 = triton.next_power_of_2(self.chunks)
+        self.constexprs = dict(SEG=seg, **self.warps)
+        self.round_constexprs = dict(SEG=seg, CP2=cp2, **self.warps)
+        self.final_constexprs = dict(SEG=seg, CP2=cp2, NSP2=triton.next_power_of_2(self.n_seg), SG=config["SG"],
+                                     SEARCH_BLOCK=config["SEARCH_BLOCK"], NUM_PIVOTS=config["NUM_PIVOTS"],
+                                     **self.warps)
+        i32, i64 = torch.int32, torch.int64
+        rs = (batch, 2)
+        self.stats = (torch.empty(*rs, self.chunks, 4, dtype=torch.float32, device=device),
+                      torch.empty(*rs, self.chunks, 2, dtype=i32, device=device))
+        level = [torch.empty(*rs, 4096, dtype=dtype, device=device) for dtype in (i32, i64, i32, i64)]
+        self.hists = (*level,
+                      torch.empty(*rs, self.n_seg, 256, dtype=i32, device=device),
+                      torch.empty(*rs, self.n_seg, 256, dtype=i64, device=device))
+        self.above = torch.empty(*rs, self.n_seg, dtype=i64, device=device)
+        self.candidates = (torch.empty(*rs, self.n_seg * seg, dtype=i32, device=device),
+                           torch.empty(*rs, self.n_seg, dtype=i32, device=device))
+        self.kept = (torch.empty(*rs, self.n_seg, dtype=i64, device=device),
+                     torch.empty(*rs, self.n_seg, dtype=i32, device=device))
+        self.scratch = (*self.stats, *self.hists, self.above, *self.kept)
+        self.shape = (first.shape[1], second.shape[1], n_first_mask, n_second_mask, first.stride(0), second.stride(0),
+                      self.chunks, self.spc, self.n_seg)
+
+    def rounds(self, first, second, first_mask, second_mask, check_temperature, first_params, second_params):
+        grid = (self.batch, self.sides, self.chunks)
+        _split.stats_kernel[grid](first, second, first_mask, second_mask, check_temperature, *self.stats,
+                                  *self.hists, *self.shape, **self.constexprs, enable_fp_fusion=False)
+        for r in range(3):
+            _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
+                                      *self.stats, *self.hists, self.above, *self.candidates, *self.shape, ROUND=r,
+                                      **self.round_constexprs, enable_fp_fusion=False)
 
 
 def _launch_config(device):

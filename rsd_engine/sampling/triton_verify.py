@@ -7,10 +7,11 @@ import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .reference import RowParams
-from .triton import _int8, _launch_config, _rows, import_kernel
+from .triton import _int8, _launch_config, _rows, _SplitLaunch, import_kernel
 from .verify_reference import VerifyOutput
 
 _kernels = import_kernel("rsd_verify")
+_split = import_kernel("rsd_split")
 _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
 
 
@@ -22,11 +23,13 @@ def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask) -> t
     if B > 0:
         logits = _rows(logits)
         mask = _int8(mask)
-        _kernels.sample_tokens_kernel[(B,)](
-            logits, uniforms.contiguous(), temperature.to(torch.float32).contiguous(),
-            top_k.to(torch.int32).contiguous(), top_p.to(torch.float32).contiguous(), mask, token,
-            logits.shape[1], mask.numel(), logits.stride(0),
-            **config, enable_fp_fusion=False)
+        law = (temperature.to(device, torch.float32).contiguous(), top_k.to(device, torch.int32).contiguous(),
+               top_p.to(device, torch.float32).contiguous())
+        split = _SplitLaunch(config, B, logits, logits, mask.numel(), mask.numel(), sides=1)
+        split.rounds(logits, logits, mask, mask, law[0], law, law)
+        _split.sample_final_kernel[(B,)](
+            logits, uniforms.float().contiguous(), *law, mask, *split.scratch, token, logits.shape[1], mask.numel(),
+            logits.stride(0), split.chunks, split.n_seg, **split.final_constexprs, enable_fp_fusion=False)
     return token
 
 

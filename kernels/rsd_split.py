@@ -1,0 +1,551 @@
+"""Split-row sampling: rsd_sample and sample_tokens as a few launches over many programs per row, for GPU
+throughput. Same contract as kernels/rsd_sample.py (and rsd_engine/sampling/reference.py): same tokens,
+flags and log-probs under the same uniforms, except where float rounding decides.
+
+A row of each side (side 0: teacher with proposal_mask; side 1: student with fallback_mask) is cut into
+segments of SEG ids; program (row, side, chunk) owns SPC consecutive segments. Launches, in order:
+  1. stats_kernel: per chunk, per-lane partials over its segments (max, sum of exp, the check's sum,
+     the masked max and its lowest id, NaN/+inf), reduced once at the end; zeroes the histograms.
+  2-4. round_kernel ROUND 0, 1, 2: a radix select over order-preserving keys (logit bits, ukey in
+     [0, 2**32)), digits of 12, 12 and 8 bits. Round r adds count and mass of the ids whose higher digits
+     equal the cut's prefix, found by walking the histograms of rounds < r (every program of a row walks
+     the same integers, so all agree). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
+     * (1 / t)) in fp32 as the contract's weight, so the atomic sums are exact and order-free. Round 1
+     also compacts, per segment, the ids in the cut's level-0 bin; round 2 reads only those (a gather),
+     keeps its digit histogram per segment and each segment's mass above the cut's 24-bit prefix. A row
+     is thus read about three times (stats, rounds 0 and 1) plus one segment per draw.
+  5. final kernel (one program per row): the cut (tau, n_tie) from the histograms, each segment's kept
+     mass, then every draw by inverse CDF: the segment holding the target mass (prefix sums over the
+     segments, in id order), then one scan of that segment. Then the check, the fallback, log-probs.
+The cut is the reference's: keys rank as (logit desc, id asc), top-k keeps the k first, top-p the
+shortest prefix whose mass reaches top_p * the kept mass, ties at tau kept in id order (n_tie). A row
+with both top-k and top-p active searches top-p inside the top-k set; it takes the one-program path of
+kernels/rsd_sample.py inside the final kernel (slow, exact) rather than two more rounds for every row.
+No spin waits and no autotune: each launch depends only on the ones before it (CUDA-graph capturable).
+"""
+import triton
+import triton.language as tl
+
+from .rsd_sample import I32_MAX, _inverse_cdf, _order_key, _row_stats, _scaled_exp, _truncate
+
+FIXED_ONE = tl.constexpr(1099511627776.0)  # 2**40: V * 2**40 < 2**63 for V < 2**23
+NB0 = tl.constexpr(4096)  # digit 0: ukey >> 20
+NB1 = tl.constexpr(4096)  # digit 1: (ukey >> 8) & 4095
+NB2 = tl.constexpr(256)  # digit 2: ukey & 255
+# Search modes of one side of one row.
+GREEDY = tl.constexpr(0)  # temperature 0, a dead row, or NaN: no law to cut
+FULL = tl.constexpr(1)  # nothing cut: every present id is kept
+BY_COUNT = tl.constexpr(2)  # top-k only
+BY_MASS = tl.constexpr(3)  # top-p only
+BOTH = tl.constexpr(4)  # top-k then top-p: the one-program path
+
+
+@triton.jit
+def _ukey(x):
+    return _order_key(x).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _fixed(x, lmax, temperature):
+    return (_scaled_exp(x, lmax, temperature).to(tl.float64) * FIXED_ONE).to(tl.int64)
+
+
+@triton.jit
+def _load_row(row_ptr, mask_ptr, n_mask, idx):
+    in_range = idx < n_mask
+    present = in_range & (tl.load(mask_ptr + idx, mask=in_range, other=0) != 0)
+    x = tl.load(row_ptr + idx, mask=in_range, other=float("-inf")).to(tl.float32)
+    return x, present
+
+
+@triton.jit
+def _stats_chunk(row_ptr, n_logits, mask_ptr, n_mask, check_temperature, seg_lo, seg_hi, sc_ptr, sm_ptr,
+                 n_seg, CHECK: tl.constexpr, SEG: tl.constexpr):
+    """Per-lane partials over segments [seg_lo, seg_hi), reduced once: (bad, m, total, check, lmax, argmax)."""
+    offs = tl.arange(0, SEG)
+    bins = tl.arange(0, NB2)
+    bad_v = tl.zeros((SEG,), tl.int32)
+    m_v = tl.full((SEG,), float("-inf"), tl.float32)
+    t_v = tl.zeros((SEG,), tl.float32)
+    c_v = tl.zeros((SEG,), tl.float32)
+    l_v = tl.full((SEG,), float("-inf"), tl.float32)
+    a_v = tl.full((SEG,), I32_MAX, tl.int32)
+    for s in range(seg_lo, seg_hi):
+        idx = s * SEG + offs
+        x = tl.load(row_ptr + idx, mask=idx < n_logits, other=float("-inf")).to(tl.float32)
+        bad_v |= ((x != x) | (x == float("inf"))).to(tl.int32)
+        m_new = tl.maximum(m_v, x)
+        t_v = t_v * _scaled_exp(m_v, m_new, 1.0) + _scaled_exp(x, m_new, 1.0)
+        if CHECK:
+            c_v = c_v * _scaled_exp(m_v, m_new, check_temperature) + _scaled_exp(x, m_new, check_temperature)
+        m_v = m_new
+        present = (idx < n_mask) & (tl.load(mask_ptr + idx, mask=idx < n_mask, other=0) != 0)
+        xm = tl.where(present, x, float("-inf"))
+        better = xm > l_v  # strict: each lane keeps its lowest id of a tie
+        a_v = tl.where(better, idx, a_v)
+        l_v = tl.where(better, xm, l_v)
+        # Round 2's per-segment histograms start at zero (its atomics come two launches later).
+        zero = s * NB2 + bins < n_seg * NB2
+        tl.store(sc_ptr + s * NB2 + bins, tl.zeros((NB2,), tl.int32), mask=zero)
+        tl.store(sm_ptr + s * NB2 + bins, tl.zeros((NB2,), tl.int64), mask=zero)
+    m = tl.max(m_v, 0)
+    total = tl.sum(t_v * _scaled_exp(m_v, m, 1.0), 0)
+    check = tl.sum(c_v * _scaled_exp(m_v, m, check_temperature), 0)
+    lmax = tl.max(l_v, 0)
+    argmax = tl.min(tl.where(l_v == lmax, a_v, I32_MAX), 0)
+    return tl.max(bad_v, 0), m, total, check, lmax, argmax
+
+
+@triton.jit
+def stats_kernel(
+    teacher_ptr,  # [B, Vt] fp32 / bf16 / fp16, row stride teacher_stride
+    student_ptr,  # [B, Vs] same dtypes (sample_tokens: the same tensor as teacher_ptr)
+    proposal_mask_ptr, fallback_mask_ptr,  # [n_proposal], [n_fallback] int8
+    check_temperature_ptr,  # [B] fp32
+    stf_ptr,  # [B, 2, C, 4] fp32 out: m, total, check, lmax
+    sti_ptr,  # [B, 2, C, 2] int32 out: bad, argmax
+    h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,  # [B, 2, NB0 / NB1] int32 / int64, zeroed here
+    sc_ptr, sm_ptr,  # [B, 2, n_seg, NB2] int32 / int64, zeroed here
+    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg,
+    SEG: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    side = tl.program_id(1)
+    chunk = tl.program_id(2)
+    rs = row * 2 + side
+    seg_lo = chunk * spc
+    ct = tl.load(check_temperature_ptr + row)
+    sc_row = sc_ptr + rs * n_seg * NB2
+    sm_row = sm_ptr + rs * n_seg * NB2
+    if side == 0:
+        bad, m, total, check, lmax, argmax = _stats_chunk(
+            teacher_ptr + row * teacher_stride, n_teacher, proposal_mask_ptr, n_proposal, ct, seg_lo,
+            tl.minimum(seg_lo + spc, tl.cdiv(n_teacher, SEG)), sc_row, sm_row, n_seg, False, SEG)
+    else:
+        bad, m, total, check, lmax, argmax = _stats_chunk(
+            student_ptr + row * student_stride, n_student, fallback_mask_ptr, n_fallback, ct, seg_lo,
+            tl.minimum(seg_lo + spc, tl.cdiv(n_student, SEG)), sc_row, sm_row, n_seg, True, SEG)
+    out = rs * n_chunks + chunk
+    tl.store(stf_ptr + out * 4 + 0, m)
+    tl.store(stf_ptr + out * 4 + 1, total)
+    tl.store(stf_ptr + out * 4 + 2, check)
+    tl.store(stf_ptr + out * 4 + 3, lmax)
+    tl.store(sti_ptr + out * 2 + 0, bad)
+    tl.store(sti_ptr + out * 2 + 1, argmax)
+    if chunk == 0:
+        b0 = tl.arange(0, NB0)
+        tl.store(h0c_ptr + rs * NB0 + b0, tl.zeros((NB0,), tl.int32))
+        tl.store(h0m_ptr + rs * NB0 + b0, tl.zeros((NB0,), tl.int64))
+        b1 = tl.arange(0, NB1)
+        tl.store(h1c_ptr + rs * NB1 + b1, tl.zeros((NB1,), tl.int32))
+        tl.store(h1m_ptr + rs * NB1 + b1, tl.zeros((NB1,), tl.int64))
+
+
+@triton.jit
+def _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2: tl.constexpr):
+    """The chunks' partials of one (row, side), combined in chunk order: (bad, m, total, check, lmax,
+    argmax); argmax is the lowest id holding lmax (0 where no allowed id is finite)."""
+    c = tl.arange(0, CP2)
+    ok = c < n_chunks
+    base = rs * n_chunks + c
+    m_c = tl.load(stf_ptr + base * 4 + 0, mask=ok, other=float("-inf"))
+    t_c = tl.load(stf_ptr + base * 4 + 1, mask=ok, other=0.0)
+    k_c = tl.load(stf_ptr + base * 4 + 2, mask=ok, other=0.0)
+    l_c = tl.load(stf_ptr + base * 4 + 3, mask=ok, other=float("-inf"))
+    bad = tl.max(tl.load(sti_ptr + base * 2 + 0, mask=ok, other=0), 0)
+    a_c = tl.load(sti_ptr + base * 2 + 1, mask=ok, other=I32_MAX)
+    m = tl.max(m_c, 0)
+    total = tl.sum(t_c * _scaled_exp(m_c, m, 1.0), 0)
+    lmax = tl.max(l_c, 0)
+    argmax = tl.min(tl.where(l_c == lmax, a_c, I32_MAX), 0)
+    argmax = tl.where(argmax < I32_MAX, argmax, 0)
+    return bad, m, total, k_c, m_c, lmax, argmax
+
+
+@triton.jit
+def _check_total(k_c, m_c, m, check_temperature):
+    # fp64 combine of the chunks' check sums: the check itself runs in fp64.
+    shift = tl.where(m_c > float("-inf"), m_c - m, float("-inf")).to(tl.float64)
+    return tl.sum(k_c.to(tl.float64) * tl.exp(shift / check_temperature.to(tl.float64)), 0)
+
+
+@triton.jit
+def _mode(bad, lmax, temperature, top_k, top_p):
+    mode = tl.where((temperature == 0.0) | (lmax == float("-inf")) | (bad != 0), GREEDY, FULL)
+    use_k = top_k > 0
+    use_p = top_p < 1.0
+    searched = tl.where(use_k & use_p, BOTH, tl.where(use_k, BY_COUNT, tl.where(use_p, BY_MASS, FULL)))
+    return tl.where(mode == GREEDY, GREEDY, searched)
+
+
+@triton.jit
+def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
+    """The highest bin b with above + (count or mass of bins >= b) >= target, and above moved past the
+    bins > b: (b, above_c, above_m, count of b, mass of b)."""
+    bins = tl.arange(0, NB)
+    c = tl.load(hc_ptr + bins)
+    m = tl.load(hm_ptr + bins)
+    c_at_or_above = tl.sum(c, 0) - tl.cumsum(c, 0) + c
+    m_at_or_above = tl.sum(m, 0) - tl.cumsum(m, 0) + m
+    reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64), (above_c + c_at_or_above).to(tl.float64))
+    b = tl.maximum(tl.max(tl.where(reach >= target, bins, -1), 0), 0)
+    at = bins == b
+    bin_c = tl.sum(tl.where(at, c, 0), 0)
+    bin_m = tl.sum(tl.where(at, m, 0), 0)
+    above_c += tl.sum(tl.where(at, c_at_or_above, 0), 0) - bin_c
+    above_m += tl.sum(tl.where(at, m_at_or_above, 0), 0) - bin_m
+    return b, above_c, above_m, bin_c, bin_m
+
+
+@triton.jit
+def _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, LEVELS: tl.constexpr):
+    """Walk the first LEVELS histograms of one (row, side): (mode, prefix, target, above_c, above_m).
+    A top-k as large as the present ids cuts nothing (mode FULL)."""
+    present = tl.sum(tl.load(h0c + tl.arange(0, NB0)), 0)
+    total = tl.sum(tl.load(h0m + tl.arange(0, NB0)), 0)
+    mode = tl.where((mode == BY_COUNT) & (top_k >= present), FULL, mode)
+    by_mass = mode == BY_MASS
+    target = tl.where(by_mass, top_p.to(tl.float64) * total.to(tl.float64), top_k.to(tl.float64))
+    above_c = tl.full((), 0, tl.int32)
+    above_m = tl.full((), 0, tl.int64)
+    prefix = tl.full((), 0, tl.int64)
+    if LEVELS >= 1:
+        b0, above_c, above_m, _c, _m = _walk(h0c, h0m, NB0, by_mass, target, above_c, above_m)
+        prefix = b0.to(tl.int64)
+    if LEVELS >= 2:
+        b1, above_c, above_m, _c, _m = _walk(h1c, h1m, NB1, by_mass, target, above_c, above_m)
+        prefix = prefix * NB1 + b1
+    return mode, prefix, target, above_c, above_m
+
+
+@triton.jit
+def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
+                h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, n_seg, ROUND: tl.constexpr,
+                SEG: tl.constexpr, CP2: tl.constexpr):
+    bad, _m, _total, _k, _mc, lmax, _arg = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    mode = _mode(bad, lmax, temperature, top_k, top_p)
+    t = tl.where(temperature != 0.0, temperature, 1.0)
+    offs = tl.arange(0, SEG)
+    seg_lo = chunk * spc
+    if ROUND == 0:
+        if (mode == BY_COUNT) | (mode == BY_MASS):
+            for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
+                x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
+                wf = _fixed(x, lmax, t)
+                d = (_ukey(x) >> 20).to(tl.int32)
+                tl.atomic_add(h0c + d, tl.full((SEG,), 1, tl.int32), mask=present, sem="relaxed")
+                tl.atomic_add(h0m + d, wf, mask=present & (wf > 0), sem="relaxed")
+    elif ROUND == 1:
+        if (mode == BY_COUNT) | (mode == BY_MASS):
+            mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 1)
+            if mode != FULL:
+                for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+                    x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
+                    key = _ukey(x)
+                    wf = _fixed(x, lmax, t)
+                    tl.store(sa_ptr + s, tl.sum(tl.where(present & ((key >> 20) > prefix), wf, 0), 0))
+                    hit = present & ((key >> 20) == prefix)
+                    d = ((key >> 8) & 4095).to(tl.int32)
+                    tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                    tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
+                    # The ids in the cut's level-0 bin, compacted per segment: round 2 reads only them.
+                    slot = tl.cumsum(hit.to(tl.int32), 0) - 1
+                    tl.store(cand_ptr + s * SEG + slot, s * SEG + offs, mask=hit)
+                    tl.store(ncand_ptr + s, tl.sum(hit.to(tl.int32), 0))
+    else:
+        if (mode != GREEDY) & (mode != BOTH):
+            prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
+            if (mode == BY_COUNT) | (mode == BY_MASS):
+                mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
+            if mode == FULL:
+                for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+                    x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
+                    tl.store(sa_ptr + s, tl.sum(tl.where(present, _fixed(x, lmax, t), 0), 0))
+            else:
+                for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+                    live = offs < tl.load(ncand_ptr + s)
+                    idx = tl.load(cand_ptr + s * SEG + offs, mask=live, other=0)
+                    x = tl.load(row_ptr + idx, mask=live, other=float("-inf")).to(tl.float32)
+                    key = _ukey(x)
+                    wf = _fixed(x, lmax, t)
+                    above = tl.sum(tl.where(live & ((key >> 8) > prefix), wf, 0), 0)
+                    tl.store(sa_ptr + s, tl.load(sa_ptr + s) + above)
+                    hit = live & ((key >> 8) == prefix)
+                    d = (key & 255).to(tl.int32)
+                    tl.atomic_add(sc_ptr + s * NB2 + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                    tl.atomic_add(sm_ptr + s * NB2 + d, wf, mask=hit & (wf > 0), sem="relaxed")
+
+
+@triton.jit
+def round_kernel(
+    teacher_ptr, student_ptr, proposal_mask_ptr, fallback_mask_ptr,  # as stats_kernel
+    temperature_ptr, top_k_ptr, top_p_ptr,  # [B] teacher side (sample_tokens: its only side)
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B] student side
+    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,  # as stats_kernel
+    sa_ptr,  # [B, 2, n_seg] int64 out (ROUND 1, 2): each segment's mass above the cut's prefix so far
+    cand_ptr,  # [B, 2, n_seg * SEG] int32 scratch (ROUND 1 writes, 2 reads): ids in the cut's level-0 bin
+    ncand_ptr,  # [B, 2, n_seg] int32 scratch: how many of them each segment holds
+    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg,
+    ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    side = tl.program_id(1)
+    chunk = tl.program_id(2)
+    rs = row * 2 + side
+    h0c, h0m = h0c_ptr + rs * NB0, h0m_ptr + rs * NB0
+    h1c, h1m = h1c_ptr + rs * NB1, h1m_ptr + rs * NB1
+    sc, sm, sa = sc_ptr + rs * n_seg * NB2, sm_ptr + rs * n_seg * NB2, sa_ptr + rs * n_seg
+    cand, ncand = cand_ptr + rs * n_seg * SEG, ncand_ptr + rs * n_seg
+    if side == 0:
+        _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + row),
+                    tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
+                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
+    else:
+        _round_side(student_ptr + row * student_stride, fallback_mask_ptr, n_fallback,
+                    tl.load(student_temperature_ptr + row), tl.load(student_top_k_ptr + row),
+                    tl.load(student_top_p_ptr + row), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
+                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
+
+
+@triton.jit
+def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, n_seg,
+         SG: tl.constexpr):
+    """The cut of one (row, side) from the three rounds, and each segment's kept mass and kept ties
+    (stored to kept_ptr / kt_ptr): (prefix, b2, pf = the fixed weight of a tie at tau, kept total).
+    Mode FULL keeps everything: prefix -1."""
+    h0c, h0m = h0c_ptr + rs * NB0, h0m_ptr + rs * NB0
+    h1c, h1m = h1c_ptr + rs * NB1, h1m_ptr + rs * NB1
+    sc, sm, sa = sc_ptr + rs * n_seg * NB2, sm_ptr + rs * n_seg * NB2, sa_ptr + rs * n_seg
+    kept, kt = kept_ptr + rs * n_seg, kt_ptr + rs * n_seg
+    prefix = tl.full((), -1, tl.int64)
+    target = tl.full((), 0.0, tl.float64)
+    above_c = tl.full((), 0, tl.int32)
+    above_m = tl.full((), 0, tl.int64)
+    if mode != FULL:
+        mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
+        prefix = tl.where(mode == FULL, -1, prefix)
+    segs = tl.arange(0, SG)
+    bins = tl.arange(0, NB2)
+    b2 = tl.full((), 0, tl.int32)
+    n_tie = tl.full((), 0, tl.int32)
+    pf = tl.full((), 0, tl.int64)
+    if mode != FULL:
+        hist_c = tl.zeros((NB2,), tl.int32)
+        hist_m = tl.zeros((NB2,), tl.int64)
+        for g in range(0, n_seg, SG):
+            s = g + segs
+            ok = (s < n_seg)[:, None] & (bins >= 0)[None, :]
+            hist_c += tl.sum(tl.load(sc + s[:, None] * NB2 + bins[None, :], mask=ok, other=0), 0)
+            hist_m += tl.sum(tl.load(sm + s[:, None] * NB2 + bins[None, :], mask=ok, other=0), 0)
+        c_at_or_above = tl.sum(hist_c, 0) - tl.cumsum(hist_c, 0) + hist_c
+        m_at_or_above = tl.sum(hist_m, 0) - tl.cumsum(hist_m, 0) + hist_m
+        by_mass = mode == BY_MASS
+        reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64),
+                         (above_c + c_at_or_above).to(tl.float64))
+        b2 = tl.maximum(tl.max(tl.where(reach >= target, bins, -1), 0), 0)
+        at = bins == b2
+        ties = tl.sum(tl.where(at, hist_c, 0), 0)
+        tie_mass = tl.sum(tl.where(at, hist_m, 0), 0)
+        above_c += tl.sum(tl.where(at, c_at_or_above, 0), 0) - ties
+        above_m += tl.sum(tl.where(at, m_at_or_above, 0), 0) - tie_mass
+        pf = tie_mass // tl.maximum(ties, 1)  # every tie at tau has the same key, so the same weight
+        # top-p: the fewest ties r >= 1 whose mass reaches the target, in id order.
+        need = tl.where(pf > 0, tl.math.ceil((target - above_m.to(tl.float64)) / pf.to(tl.float64)), ties)
+        by_p = tl.minimum(tl.maximum(need.to(tl.int32), 1), ties)
+        n_tie = tl.where(by_mass, by_p, top_k - above_c)
+    total = tl.full((), 0, tl.int64)
+    ties_before = tl.full((), 0, tl.int32)
+    for g in range(0, n_seg, SG):
+        s = g + segs
+        in_seg = s < n_seg
+        seg_kept = tl.load(sa + s, mask=in_seg, other=0)
+        seg_ties = tl.zeros((SG,), tl.int32)
+        if mode != FULL:
+            ok = in_seg[:, None] & (bins >= 0)[None, :]
+            seg_m = tl.load(sm + s[:, None] * NB2 + bins[None, :], mask=ok, other=0)
+            seg_c = tl.load(sc + s[:, None] * NB2 + bins[None, :], mask=ok, other=0)
+            seg_kept += tl.sum(tl.where(bins[None, :] > b2, seg_m, 0), 1)
+            seg_ties = tl.sum(tl.where(bins[None, :] == b2, seg_c, 0), 1)
+        before = ties_before + tl.cumsum(seg_ties, 0) - seg_ties
+        kept_ties = tl.minimum(tl.maximum(n_tie - before, 0), seg_ties)
+        seg_kept += kept_ties.to(tl.int64) * pf
+        tl.store(kept + s, seg_kept, mask=in_seg)
+        tl.store(kt + s, kept_ties, mask=in_seg)
+        total += tl.sum(seg_kept, 0)
+        ties_before += tl.sum(seg_ties, 0)
+    return prefix, b2, total
+
+
+@triton.jit
+def _draw(row_ptr, mask_ptr, n_mask, lmax, temperature, rs, prefix, b2, total, u, kept_ptr, kt_ptr, n_seg,
+          SEG: tl.constexpr, NSP2: tl.constexpr):
+    """Inverse CDF: the first id, in id order, with kept weight > 0 whose cumulative kept mass reaches
+    u * total (the last such id if rounding leaves the target above the sum). Finds the segment from the
+    segments' kept masses, then scans that one segment."""
+    s = tl.arange(0, NSP2)
+    in_seg = s < n_seg
+    kept = tl.load(kept_ptr + rs * n_seg + s, mask=in_seg, other=0)
+    cum = tl.cumsum(kept, 0)
+    target = u.to(tl.float64) * total
+    live = kept > 0
+    first = tl.min(tl.where(live & (cum.to(tl.float64) >= target), s, NSP2), 0)
+    seg = tl.where(first < NSP2, first, tl.max(tl.where(live, s, -1), 0))
+    carry = tl.sum(tl.where(s == seg, cum - kept, 0), 0)
+    n_tie = tl.load(kt_ptr + rs * n_seg + seg)
+    offs = tl.arange(0, SEG)
+    idx = seg * SEG + offs
+    x, present = _load_row(row_ptr, mask_ptr, n_mask, idx)
+    key = _ukey(x)
+    tie = (present & ((key >> 8) == prefix) & ((key & 255) == b2)).to(tl.int32)
+    above = present & (((key >> 8) > prefix) | (((key >> 8) == prefix) & ((key & 255) > b2)))
+    keep = above | ((tie != 0) & (tl.cumsum(tie, 0) - tie < n_tie))
+    wf = tl.where(keep, _fixed(x, lmax, temperature), 0)
+    run = carry + tl.cumsum(wf, 0)
+    hit = tl.min(tl.where((wf > 0) & (run.to(tl.float64) >= target), idx, I32_MAX), 0)
+    return tl.where(hit < I32_MAX, hit, tl.max(tl.where(wf > 0, idx, -1), 0))
+
+
+@triton.jit
+def _prepare(row_ptr, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs, h0c, h0m, h1c, h1m, sc, sm,
+             sa, kept, kt, n_seg, SEG: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+             NUM_PIVOTS: tl.constexpr):
+    """The cut of a sampled, live side, once per call whatever the number of draws: (prefix, b2, kept total
+    fp64) from the rounds, or on the one-program path (mode BOTH) (tau, n_tie, kept total)."""
+    t = tl.where(temperature != 0.0, temperature, 1.0)
+    if mode == BOTH:
+        _bad, _m, _tot, _chk, lmax, _arg, key_min, n_present, mass = _row_stats(
+            row_ptr, n_logits, mask_ptr, n_mask, t, 1.0, False, SEG)
+        tau, n_tie, kept_total = _truncate(row_ptr, mask_ptr, n_mask, t, top_k, top_p, lmax, key_min, n_present,
+                                           mass, SEARCH_BLOCK, NUM_PIVOTS)
+        cut, fine, total = tau.to(tl.int64), n_tie, kept_total.to(tl.float64)
+    else:
+        cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c, h0m, h1c, h1m, sc, sm, sa, kept, kt, n_seg, SG)
+        total = law_total.to(tl.float64)
+    return cut, fine, total
+
+
+@triton.jit
+def _sample_side(row_ptr, mask_ptr, n_mask, mode, lmax, temperature, cut, fine, total, u, rs, kept, kt, n_seg,
+                 SEG: tl.constexpr, NSP2: tl.constexpr):
+    """One draw from a side prepared by _prepare."""
+    t = tl.where(temperature != 0.0, temperature, 1.0)
+    if mode == BOTH:
+        token = _inverse_cdf(row_ptr, mask_ptr, n_mask, lmax, t, cut.to(tl.int32), fine,
+                             (u.to(tl.float64) * total).to(tl.float32), SEG)
+    else:
+        token = _draw(row_ptr, mask_ptr, n_mask, lmax, t, rs, cut, fine, total, u, kept, kt, n_seg, SEG, NSP2)
+    return token
+
+
+@triton.jit
+def rsd_final_kernel(
+    teacher_ptr, student_ptr,  # as stats_kernel
+    uniforms_ptr,  # [B, num_draws] fp32, row stride uniforms_stride; column 0 fallback, 1 + k proposal k
+    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] (top_k int32)
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B]
+    proposal_mask_ptr, fallback_mask_ptr,  # [n_proposal], [n_fallback] int8
+    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,  # as round_kernel
+    kept_ptr,  # [B, 2, n_seg] int64 scratch: each segment's kept mass
+    kt_ptr,  # [B, 2, n_seg] int32 scratch: each segment's kept ties at tau
+    token_ptr,  # [B] int64 out
+    accepted_ptr,  # [B] int8 out
+    teacher_logprob_ptr, student_logprob_ptr,  # [B] fp32 out
+    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, uniforms_stride, num_draws,
+    n_chunks, n_seg,
+    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    teacher_row = teacher_ptr + row * teacher_stride
+    student_row = student_ptr + row * student_stride
+    uniforms_row = uniforms_ptr + row * uniforms_stride
+    temperature = tl.load(temperature_ptr + row)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    check_temperature = tl.load(check_temperature_ptr + row)
+    student_temperature = tl.load(student_temperature_ptr + row)
+    student_top_k = tl.load(student_top_k_ptr + row)
+    student_top_p = tl.load(student_top_p_ptr + row)
+    threshold = tl.load(threshold_ptr + row)
+    trials = tl.minimum(tl.load(proposal_trials_ptr + row), num_draws - 1)
+    rt = row * 2
+    rs = row * 2 + 1
+    t_bad, t_m, t_total, _tk, _tmc, t_lmax, t_argmax = _side_stats(stf_ptr, sti_ptr, rt, n_chunks, CP2)
+    s_bad, s_m, s_total, s_kc, s_mc, s_lmax, s_argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    s_check = _check_total(s_kc, s_mc, s_m, check_temperature)
+    t_mode = _mode(t_bad, t_lmax, temperature, top_k, top_p)
+    s_mode = _mode(s_bad, s_lmax, student_temperature, student_top_k, student_top_p)
+    t_live = t_lmax > float("-inf")
+    s_live = s_lmax > float("-inf")
+    token = t_argmax
+    accepted = tl.full((), 0, tl.int32)
+    if (t_bad == 0) & (s_bad == 0):
+        cut = tl.full((), 0, tl.int64)
+        fine = tl.full((), 0, tl.int32)
+        total = tl.full((), 0.0, tl.float64)
+        if (t_mode != GREEDY) & (trials > 0):
+            cut, fine, total = _prepare(teacher_row, proposal_mask_ptr, n_teacher, n_proposal, t_mode, temperature,
+                                        top_k, top_p, rt, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
+                                        sa_ptr, kept_ptr, kt_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
+        k = tl.full((), 0, tl.int32)
+        while (k < trials) & (accepted == 0) & t_live:
+            proposal = t_argmax
+            if t_mode != GREEDY:
+                proposal = _sample_side(teacher_row, proposal_mask_ptr, n_proposal, t_mode, t_lmax, temperature,
+                                        cut, fine, total, tl.load(uniforms_row + 1 + k), rt, kept_ptr, kt_ptr,
+                                        n_seg, SEG, NSP2)
+            ls = tl.load(student_row + proposal).to(tl.float32)
+            z = (ls.to(tl.float64) - s_m.to(tl.float64)) / check_temperature.to(tl.float64)
+            accepted = (tl.exp(z) / s_check >= threshold.to(tl.float64)).to(tl.int32)
+            token = proposal
+            k += 1
+        if accepted == 0:
+            token = s_argmax
+            if s_mode != GREEDY:
+                s_cut, s_fine, s_kept = _prepare(
+                    student_row, fallback_mask_ptr, n_student, n_fallback, s_mode, student_temperature,
+                    student_top_k, student_top_p, rs, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,
+                    kept_ptr, kt_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
+                token = _sample_side(student_row, fallback_mask_ptr, n_fallback, s_mode, s_lmax, student_temperature,
+                                     s_cut, s_fine, s_kept, tl.load(uniforms_row), rs, kept_ptr, kt_ptr, n_seg, SEG,
+                                     NSP2)
+    safe = tl.maximum(token, 0)
+    lt = tl.load(teacher_row + safe).to(tl.float32)
+    ls = tl.load(student_row + safe).to(tl.float32)
+    no_token = (accepted == 0) & ~s_live
+    token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(no_token, -3, token)))
+    flagged = token < 0
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(accepted_ptr + row, tl.where(flagged, 0, accepted).to(tl.int8))
+    tl.store(teacher_logprob_ptr + row, tl.where(flagged, float("nan"), (lt - t_m) - tl.log(t_total)))
+    tl.store(student_logprob_ptr + row, tl.where(flagged, float("nan"), (ls - s_m) - tl.log(s_total)))
+
+
+@triton.jit
+def sample_final_kernel(
+    logits_ptr,  # [B, V'] fp32 / bf16 / fp16, row stride stride (side 0 of the launches before)
+    uniforms_ptr,  # [B] fp32
+    temperature_ptr, top_k_ptr, top_p_ptr,  # [B] fp32, int32, fp32
+    mask_ptr,  # [n_mask] int8
+    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr,
+    token_ptr,  # [B] int64 out, -1 where flagged
+    n_logits, n_mask, stride, n_chunks, n_seg,
+    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride
+    temperature = tl.load(temperature_ptr + row)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    rs = row * 2
+    bad, _m, _total, _k, _mc, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    mode = _mode(bad, lmax, temperature, top_k, top_p)
+    token = argmax
+    if mode != GREEDY:
+        cut, fine, total = _prepare(logits_row, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs,
+                                    h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr,
+                                    n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
+        token = _sample_side(logits_row, mask_ptr, n_mask, mode, lmax, temperature, cut, fine, total,
+                             tl.load(uniforms_ptr + row), rs, kept_ptr, kt_ptr, n_seg, SEG, NSP2)
+    tl.store(token_ptr + row, tl.where((bad != 0) | (lmax == float("-inf")), -1, token).to(tl.int64))

@@ -1,0 +1,85 @@
+"""Counts what the Triton sampler kernels do, under TRITON_INTERPRET=1: the cost model of issue 14 that
+needs no GPU.
+
+Inside ``count_costs(*logit_tensors)`` every kernel launch is recorded (kernel name, grid) and, per
+program of each launch, every load is inspected: a load whose addresses fall in one of the given logit
+tensors is one *dependent block step* of that program (each loop iteration of the kernels streams one
+tile of a row, and the next iteration depends on it through the running partials), and the bytes it
+reads are the program's logit bytes. The counts come from the interpreter running the real kernels, so
+they follow any change of tile sizes, chunk table or loop structure.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+from triton.runtime import interpreter  # noqa: E402
+
+
+@dataclass
+class Launch:
+    name: str
+    grid: tuple
+    steps: dict = field(default_factory=lambda: defaultdict(int))  # program -> logit tile loads
+    bytes: dict = field(default_factory=lambda: defaultdict(int))  # program -> logit bytes read
+
+
+@dataclass
+class Costs:
+    launches: list = field(default_factory=list)
+    row_bytes: int = 0  # bytes of one row of every logit tensor together
+
+    @property
+    def max_steps(self) -> int:
+        """The most dependent block steps any program of any launch took."""
+        return max((max(l.steps.values(), default=0) for l in self.launches), default=0)
+
+    def reads_per_row(self, rows: int) -> float:
+        """Logit bytes read by the whole call over the bytes of the rows' logits: 1.0 = each row read once."""
+        return sum(sum(l.bytes.values()) for l in self.launches) / (rows * self.row_bytes)
+
+
+@contextlib.contextmanager
+def count_costs(*logits):
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in logits]
+    costs = Costs(row_bytes=sum(t.shape[-1] * t.element_size() for t in logits))
+    builder = interpreter.interpreter_builder
+    original_call = interpreter.GridExecutor.__call__
+    original_masked = interpreter.InterpreterBuilder.create_masked_load
+
+    def record(ptrs, mask):  # create_load goes through create_masked_load too
+        if not costs.launches:
+            return
+        addresses = np.asarray(ptrs.data).reshape(-1)
+        live = np.broadcast_to(np.asarray(mask.data), np.asarray(ptrs.data).shape).reshape(-1)
+        hits = np.zeros(addresses.shape, dtype=bool)
+        for lo, hi in ranges:
+            hits |= (addresses >= lo) & (addresses < hi)
+        if hits.any():
+            launch = costs.launches[-1]
+            program = tuple(builder.grid_idx)
+            if addresses.size > 1:
+                launch.steps[program] += 1
+            launch.bytes[program] += int((hits & live).sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+
+    def call(self, *args, **kwargs):
+        grid = self.grid if not callable(self.grid) else None
+        costs.launches.append(Launch(self.fn.__name__, tuple(grid) if grid is not None else ()))
+        return original_call(self, *args, **kwargs)
+
+    def masked_load(self, ptrs, mask, other, *rest):
+        record(ptrs, mask)
+        return original_masked(self, ptrs, mask, other, *rest)
+
+    interpreter.GridExecutor.__call__ = call
+    interpreter.InterpreterBuilder.create_masked_load = masked_load
+    try:
+        yield costs
+    finally:
+        interpreter.GridExecutor.__call__ = original_call
+        interpreter.InterpreterBuilder.create_masked_load = original_masked

@@ -1,0 +1,74 @@
+"""The cost model of the Triton sampler ops, checked without a GPU (issue 14): under TRITON_INTERPRET=1 the
+real kernels run at V = 151,936 with CUDA's tiles and chunk table while tests/interpreter_cost.py counts,
+per call, the launches, the dependent block steps of every program (tile loads of a logit row) and the
+bytes of logits read. Targets: <= 6 launches for rsd_sample, <= 40 dependent steps per program, <= 4
+reads of each logit row in total. The one-program kernels this replaced took 1 launch, thousands of steps
+per program and about 17 reads per row (their figures are in the closing note of issue 14)."""
+import pytest
+import torch
+
+from interpreter_cost import count_costs
+
+from rsd_engine.randomness import step_uniforms
+from rsd_engine.sampling import RowParams
+from rsd_engine.sampling import triton as triton_backend
+from rsd_engine.sampling.triton import rsd_sample_triton
+from rsd_engine.sampling.triton_verify import sample_tokens_triton
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the kernels under the interpreter")
+
+V = 151_936
+DEFAULTS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
+                student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
+
+
+def default_params(B):
+    ints = {"top_k", "student_top_k", "proposal_trials"}
+    return RowParams(**{k: torch.full((B,), v, dtype=torch.int32 if k in ints else torch.float32)
+                        for k, v in DEFAULTS.items()})
+
+
+def lm_rows(B, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(B, V, generator=gen) * 2.5
+    rows.scatter_add_(1, torch.randint(0, V, (B, 8), generator=gen), torch.rand(B, 8, generator=gen) * 10 + 4)
+    return rows
+
+
+@pytest.fixture
+def cuda_tiles(monkeypatch):
+    """CUDA's tiles; `chunks` None follows the table, a number forces that table entry (1 = B >= 64)."""
+    def use(chunks=None):
+        config = {k: v for k, v in triton_backend.CUDA_CONFIG.items() if k != "num_warps"}
+        monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", {**config, "chunks": chunks})
+    return use
+
+
+# B = 1 runs the table's widest split (38 programs per row and side); chunks = 1 is the entry of every B >= 64,
+# where a program streams a whole row: the most dependent steps any batch size gives.
+@pytest.mark.parametrize("chunks", [None, 1], ids=["B1-table", "B64-and-up-entry"])
+def test_rsd_sample_cost(chunks, cuda_tiles):
+    cuda_tiles(chunks)
+    teacher, student = lm_rows(1, 0), lm_rows(1, 1)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = step_uniforms(torch.arange(1), torch.zeros(1, dtype=torch.long))
+    with count_costs(teacher, student) as costs:
+        out = rsd_sample_triton(teacher, student, uniforms, default_params(1), mask, mask)
+    assert out.token.item() >= 0
+    assert len(costs.launches) <= 6
+    assert costs.max_steps <= 40
+    assert costs.reads_per_row(1) <= 4.0
+    # The split really splits: the streaming launches run many programs per row at B = 1.
+    widest = max(l.grid[2] if len(l.grid) == 3 else 1 for l in costs.launches)
+    assert widest == (38 if chunks is None else 1)
+
+
+def test_sample_tokens_cost(cuda_tiles):
+    cuda_tiles()
+    logits = lm_rows(1, 2)
+    with count_costs(logits) as costs:
+        token = sample_tokens_triton(logits, torch.tensor([0.4]), torch.tensor([0.7]),
+                                     torch.tensor([0], dtype=torch.int32), torch.tensor([0.95]),
+                                     torch.ones(V, dtype=torch.bool))
+    assert token.item() >= 0
+    assert len(costs.launches) <= 5 and costs.max_steps <= 40 and costs.reads_per_row(1) <= 4.0
