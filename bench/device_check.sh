@@ -122,6 +122,9 @@ EOF
 tests=(tests/test_cuda.py tests/test_generator.py tests/test_engine.py tests/test_speculative.py
        tests/test_rsd_verify.py tests/test_rsd_sample.py)
 if [ "$mode" = cuda ]; then test_limit=90; else test_limit=60; tests=(tests/test_cuda.py); fi
+# A shorter check (a second run in one lease): DEVICE_CHECK_TESTS="tests/a.py tests/b.py", DEVICE_CHECK_TEST_LIMIT=S.
+[ -n "${DEVICE_CHECK_TESTS:-}" ] && read -r -a tests <<< "$DEVICE_CHECK_TESTS"
+test_limit=${DEVICE_CHECK_TEST_LIMIT:-$test_limit}
 step cuda_tests $test_limit bash -c 'exec "$@" > "$0" 2>&1' "$work/pytest.log" \
   $py -m pytest -v -p no:cacheprovider -rfEs -k "(cuda or triton) and not without_a_gpu" "${tests[@]}"
 tail -n 25 "$work/pytest.log" 2>/dev/null
