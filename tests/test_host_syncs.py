@@ -236,6 +236,13 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+class _NoKernels:
+    """Stands in for a module of Triton kernels: every kernel is a _NoLaunch."""
+
+    def __getattr__(self, name):
+        return _NoLaunch()
+
+
 def test_cuda_step_traces_under_fake_tensors(tiny_pair, monkeypatch):
     """The step the engine captures on CUDA (model forwards with slots, the Triton sampler's host side,
     packing, the rows' advance) traced on fake tensors, where .item()/.tolist() raise: it completes, so
@@ -257,6 +264,7 @@ def test_cuda_step_traces_under_fake_tensors(tiny_pair, monkeypatch):
 
     monkeypatch.setattr(engine_module, "SelfFeedingGraphs", Recorder)
     monkeypatch.setattr(triton_sampler, "rsd_sample_kernel", _NoLaunch())
+    monkeypatch.setattr(triton_sampler, "_split", _NoKernels())  # the split-row kernels rsd_sample launches
     monkeypatch.setattr(triton_sampler, "_launch_config", lambda device: triton_sampler.CUDA_CONFIG)
     calls = []
     real_sample = triton_sampler.rsd_sample_triton
