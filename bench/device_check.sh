@@ -50,6 +50,11 @@ steps=()
 step() {  # step NAME SECONDS COMMAND...: COMMAND under min(SECONDS, budget left), its status recorded
   local name=$1 limit=$2 start rc left
   shift 2
+  if [ -n "${DEVICE_CHECK_ONLY:-}" ] && [ "$name" != environment ] && [[ " $DEVICE_CHECK_ONLY " != *" $name "* ]]; then
+    echo "== $name: skipped, not in DEVICE_CHECK_ONLY"
+    steps+=("$name 125 0 $limit")
+    return
+  fi
   left=$(( budget - ($(date +%s) - t0) ))
   if (( left < 20 )); then
     echo "== $name: skipped, ${left}s of the budget left"
@@ -122,7 +127,8 @@ EOF
 tests=(tests/test_cuda.py tests/test_generator.py tests/test_engine.py tests/test_speculative.py
        tests/test_rsd_verify.py tests/test_rsd_sample.py)
 if [ "$mode" = cuda ]; then test_limit=90; else test_limit=60; tests=(tests/test_cuda.py); fi
-# A shorter check (a second run in one lease): DEVICE_CHECK_TESTS="tests/a.py tests/b.py", DEVICE_CHECK_TEST_LIMIT=S.
+# A shorter check (a second run in one lease): DEVICE_CHECK_TESTS="tests/a.py tests/b.py", DEVICE_CHECK_TEST_LIMIT=S,
+# DEVICE_CHECK_ONLY="rsd_step e2e" (the steps to run), DEVICE_CHECK_DTYPES="bfloat16" (the op benchmarks' logits).
 [ -n "${DEVICE_CHECK_TESTS:-}" ] && read -r -a tests <<< "$DEVICE_CHECK_TESTS"
 test_limit=${DEVICE_CHECK_TEST_LIMIT:-$test_limit}
 step cuda_tests $test_limit bash -c 'exec "$@" > "$0" 2>&1' "$work/pytest.log" \
@@ -156,10 +162,11 @@ EOF
 
 if [ "$mode" = cuda ]; then
   pairs=$work/pairs
-  step rsd_step 50 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype float32 bfloat16 \
+  dtypes=(${DEVICE_CHECK_DTYPES:-float32 bfloat16})
+  step rsd_step 50 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
     --repeats 10 --out "$out/rsd_step.json"
   step rsd_verify 45 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
-    --dtype float32 bfloat16 --repeats 10 --out "$out/rsd_verify.json"
+    --dtype "${dtypes[@]}" --repeats 10 --out "$out/rsd_verify.json"
   step e2e 90 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-1.7b \
     --student-shape qwen3-0.6b --batches 1 16 128 --max-batch-size 128 --max-seq-len 512 --prompt-len 64 \
     --new-tokens 32 --repeats 2 --naive-new-tokens 16 --naive-repeats 1 --no-one-by-one --cache "$pairs" \
