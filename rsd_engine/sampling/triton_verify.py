@@ -7,7 +7,7 @@ import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .reference import RowParams
-from .triton import INTERPRETER_CONFIG, _int8, _launch_config, _rows, _SplitLaunch, import_kernel
+from .triton import _int8, _launch_config, _rows, _SplitLaunch, import_kernel
 from .verify_reference import VerifyOutput
 
 _kernels = import_kernel("rsd_verify")
@@ -37,20 +37,13 @@ def _last_contiguous(t):
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-# rsd_verify still runs the one-program-per-row kernel (kernels/rsd_verify.py) with its own tiles: BLOCK ids per
-# streaming step, pivot searches on [NUM_PIVOTS, SEARCH_BLOCK] tiles (wider under the interpreter, which pays per
-# operation rather than per element).
-VERIFY_CUDA_CONFIG = dict(BLOCK=1024, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8)
-VERIFY_INTERPRETER_CONFIG = dict(BLOCK=4096, SEARCH_BLOCK=1024, NUM_PIVOTS=256)
-
-
 def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms, params: RowParams, proposal_mask,
                       fallback_mask) -> VerifyOutput:
     """kernels/rsd_verify.py: rsd_split's stats and radix rounds over the B * P (row, position) pairs, then the
     cuts, the failed masses and the residual masses per (position, chunk), then one program per row picks the
     emitted prefix: eight launches whatever G."""
     device = teacher_logits.device
-    config = VERIFY_INTERPRETER_CONFIG if _launch_config(device) is INTERPRETER_CONFIG else VERIFY_CUDA_CONFIG
+    config = _launch_config(device)
     B, P = teacher_logits.shape[:2]
     tokens = torch.empty(B, P, dtype=torch.int64, device=device)
     num_emitted = torch.empty(B, dtype=torch.int32, device=device)
