@@ -7,8 +7,9 @@ parallel. Then, with rp = row * P + position and the position's side rs = rp * 2
   5. law_kernel (rp, side): the cut of each side from the histograms, stored once (prefix and b2 with
      each segment's kept mass and kept ties, as rsd_split's final kernel; or, for a row with top-k and
      top-p both on, (tau, n_tie) of the one-program search and each segment's kept ties).
-  6. failed_kernel (rp, chunk), draft positions: per segment, the teacher's mass failing the check,
-     sum qT(z) * (1 - ok(z)); the chunk holding the draft x stores qT(x), qS(x), ok(x).
+  6. failed_kernel (rp, chunk), draft positions: per segment, the teacher's kept weight failing the check,
+     sum wT(z) * (1 - ok(z)), and both sides' kept weights; the chunk holding the draft x stores wT(x),
+     wS(x), ok(x).
   7. residual_kernel (rp, chunk), draft positions: r from the segments' sums in a fixed order, r^K, c
      and the keep test (the same arithmetic as the last kernel, so both agree); where x is rejected,
      each segment's mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
@@ -16,13 +17,15 @@ parallel. Then, with rp = row * P + position and the position's side rs = rp * 2
      launches before stored: a kept draft costs a few scalar loads; a rejected one a draw from the residual
      (the segment holding the target mass from the segments' masses, then one scan of that segment); the
      bonus position a plain RSD step (rsd_split's draws) from its [fallback, proposals] columns.
-Q arithmetic runs in fp64 from the fp32 weights (qT = w / kept mass); no spin waits, no autotune.
+Q arithmetic runs in fp64 from the fp32 weights, as the reference's: qT = w / (kept mass), the kept mass the
+fp64 sum of the kept weights (segments in id order), not rsd_split's fixed-point mass (exact for the cut and
+the draws, but each weight rounded to 2**-40). No spin waits, no autotune.
 """
 import triton
 import triton.language as tl
 
 from .rsd_sample import I32_MAX, _order_key, _row_stats, _scaled_exp, _truncate
-from .rsd_split import BOTH, FIXED_ONE, GREEDY, _check_total, _law, _load_row, _mode, _sample_side, _side_stats, \
+from .rsd_split import BOTH, GREEDY, _check_total, _law, _load_row, _mode, _sample_side, _side_stats, \
     _ukey
 
 # Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
@@ -68,52 +71,56 @@ def _segment_law(row_ptr, mask_ptr, n_mask, seg, mode, live, lmax, temperature, 
 
 @triton.jit
 def _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg, rp, n_seg,
-                  cut_ptr, fine_ptr, den_ptr, kt_ptr, t_mode, t_live, t_lmax, temperature, t_argmax,
+                  cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax, temperature, t_argmax,
                   s_mode, s_live, s_lmax, student_temperature, s_argmax, SEG: tl.constexpr):
-    """(ids, qT, qS, student logits) of one segment of a position."""
+    """(ids, qT, qS, student logits) of one segment of a position; t_den = s_den = 1 gives the weights."""
     rt = rp * 2
     rs = rt + 1
     idx, _lt, qt = _segment_law(teacher_row, proposal_mask_ptr, n_vocab, seg, t_mode, t_live, t_lmax, temperature,
-                                tl.load(cut_ptr + rt), tl.load(fine_ptr + rt), tl.load(den_ptr + rt), t_argmax,
+                                tl.load(cut_ptr + rt), tl.load(fine_ptr + rt), t_den, t_argmax,
                                 tl.load(kt_ptr + rt * n_seg + seg), SEG)
     _idx, ls, qs = _segment_law(student_row, fallback_mask_ptr, n_vocab, seg, s_mode, s_live, s_lmax,
                                 student_temperature, tl.load(cut_ptr + rs), tl.load(fine_ptr + rs),
-                                tl.load(den_ptr + rs), s_argmax, tl.load(kt_ptr + rs * n_seg + seg), SEG)
+                                s_den, s_argmax, tl.load(kt_ptr + rs * n_seg + seg), SEG)
     return idx, qt, qs, ls
 
 
 @triton.jit
 def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_keep, NSP2: tl.constexpr):
-    """r from the segments' failed masses (fixed order), r^K, c and the keep test of the draft x:
-    (r_k, c, kept, qT(x)·ok(x)·c, Q(x))."""
+    """Both laws' kept masses and r from the segments' fp64 sums (fixed order), r^K, c and the keep test of
+    the draft x: (r_k, c, kept, qT(x)·ok(x)·c, Q(x), teacher's kept mass, student's kept mass)."""
     s = tl.arange(0, NSP2)
-    failed = tl.sum(tl.load(failed_ptr + rp * n_seg + s, mask=s < n_seg, other=0.0), 0)
-    r = tl.where(t_live, failed, 1.0)
+    base = failed_ptr + rp * 3 * n_seg + s
+    failed = tl.sum(tl.load(base, mask=s < n_seg, other=0.0), 0)
+    t_den = tl.sum(tl.load(base + n_seg, mask=s < n_seg, other=0.0), 0)
+    s_den = tl.sum(tl.load(base + 2 * n_seg, mask=s < n_seg, other=0.0), 0)
+    t_den = tl.where(t_den > 0.0, t_den, 1.0)  # an empty law stays all zero, not NaN
+    s_den = tl.where(s_den > 0.0, s_den, 1.0)
+    r = tl.where(t_live, failed / t_den, 1.0)
     r_k = tl.full((), 1.0, tl.float64)
     for _ in range(0, trials):
         r_k = r_k * r
     c = tl.where(r < 1.0, (1.0 - r_k) / tl.where(r < 1.0, 1.0 - r, 1.0), trials.to(tl.float64))
-    qt_x = tl.load(at_ptr + rp * 3 + 0)
-    qs_x = tl.load(at_ptr + rp * 3 + 1)
+    qt_x = tl.load(at_ptr + rp * 3 + 0) / t_den
+    qs_x = tl.load(at_ptr + rp * 3 + 1) / s_den
     ok_x = tl.load(at_ptr + rp * 3 + 2)
     in_range = (x >= 0) & (x < n_vocab)
     tp_x = tl.where(in_range & (ok_x != 0.0), qt_x * c, 0.0)
     q_x = tl.where(in_range, tp_x + r_k * qs_x, 0.0)
     kept = (q_x > 0.0) & (u_keep.to(tl.float64) * qs_x <= q_x)
-    return r_k, c, kept, tp_x, q_x
+    return r_k, c, kept, tp_x, q_x, t_den, s_den
 
 
 @triton.jit
 def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, used, rs, stf_ptr, sti_ptr, h0c_ptr,
-               h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, den_ptr,
-               total_ptr, n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
+               h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
+               n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
                SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
     bad, _m, _total, _kc, _mc, lmax, _argmax, mode = _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p,
                                                            CP2)
     cut = tl.full((), -1, tl.int64)
     fine = tl.full((), 0, tl.int32)
     total = tl.full((), 1.0, tl.float64)
-    den = tl.full((), 1.0, tl.float64)
     if (mode != GREEDY) & used:
         t = tl.where(temperature != 0.0, temperature, 1.0)
         if mode == BOTH:
@@ -125,7 +132,6 @@ def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, 
             cut = tau.to(tl.int64)
             fine = n_tie
             total = kept_total.to(tl.float64)
-            den = total
             ties_before = tl.full((), 0, tl.int32)
             for s in range(0, n_seg):
                 x, present = _load_row(row_ptr, mask_ptr, n_vocab, s * SEG + tl.arange(0, SEG))
@@ -136,11 +142,9 @@ def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, 
             cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
                                         sa_ptr, kept_ptr, kt_ptr, n_seg, SG)
             total = law_total.to(tl.float64)
-            den = total / FIXED_ONE
     tl.store(cut_ptr + rs, cut)
     tl.store(fine_ptr + rs, fine)
     tl.store(total_ptr + rs, total)
-    tl.store(den_ptr + rs, tl.where(den > 0.0, den, 1.0))  # an empty law stays all zero, not NaN
 
 
 @triton.jit
@@ -152,7 +156,7 @@ def law_kernel(
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,  # rsd_split's scratch
     kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: each segment's kept mass and kept ties
-    cut_ptr, fine_ptr, den_ptr, total_ptr,  # [B * P, 2] int64, int32, fp64, fp64 out: the cut, its kept mass
+    cut_ptr, fine_ptr, total_ptr,  # [B * P, 2] int64, int32, fp64 out: the cut, its kept mass (fixed point)
     at_ptr,  # [B * P, 3] fp64 out: zeroed here (failed_kernel writes qT(x), qS(x), ok(x))
     n_teacher, n_student, n_vocab, num_positions, teacher_stride, student_stride, n_chunks, n_seg,
     SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
@@ -168,13 +172,13 @@ def law_kernel(
         _store_law(teacher_ptr + rp * teacher_stride, proposal_mask_ptr, n_teacher, n_vocab,
                    tl.load(temperature_ptr + rp), tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp),
                    needed & (tl.load(proposal_trials_ptr + rp) > 0), rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr,
-                   h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, den_ptr, total_ptr,
+                   h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
                    n_chunks, n_seg, SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
     else:
         _store_law(student_ptr + rp * student_stride, fallback_mask_ptr, n_student, n_vocab,
                    tl.load(student_temperature_ptr + rp), tl.load(student_top_k_ptr + rp),
                    tl.load(student_top_p_ptr + rp), needed, rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,
-                   sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, den_ptr, total_ptr, n_chunks, n_seg,
+                   sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_chunks, n_seg,
                    SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
 
 
@@ -209,9 +213,9 @@ def failed_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B * P] each
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B * P] each
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
-    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr, den_ptr,  # as law_kernel
-    failed_ptr,  # [B * P, n_seg] fp64 out: each segment's sum of qT(z) * (1 - ok(z))
-    at_ptr,  # [B * P, 3] fp64 out: qT(x), qS(x), ok(x) at the draft x
+    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr,  # as law_kernel
+    failed_ptr,  # [B * P, 3, n_seg] fp64 out: per segment, sum of wT(z) * (1 - ok(z)), of wT, of wS (kept weights)
+    at_ptr,  # [B * P, 3] fp64 out: wT(x), wS(x), ok(x) at the draft x
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, n_chunks, spc, n_seg,
     SEG: tl.constexpr, CP2: tl.constexpr,
 ):
@@ -230,11 +234,13 @@ def failed_kernel(
         seg_lo = chunk * spc
         for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
             idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab,
-                                            s, rp, n_seg, cut_ptr, fine_ptr, den_ptr, kt_ptr, t_mode, t_live, t_lmax,
+                                            s, rp, n_seg, cut_ptr, fine_ptr, 1.0, 1.0, kt_ptr, t_mode, t_live, t_lmax,
                                             temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature,
                                             s_argmax, SEG)
             ok = _check_ok(ls, s_m, check_temperature, s_check, threshold)
-            tl.store(failed_ptr + rp * n_seg + s, tl.sum(tl.where(ok, 0.0, qt), 0))
+            tl.store(failed_ptr + rp * 3 * n_seg + s, tl.sum(tl.where(ok, 0.0, qt), 0))
+            tl.store(failed_ptr + (rp * 3 + 1) * n_seg + s, tl.sum(qt, 0))
+            tl.store(failed_ptr + (rp * 3 + 2) * n_seg + s, tl.sum(qs, 0))
             if (x >= s * SEG) & (x < s * SEG + SEG):
                 at_x = idx == x
                 tl.store(at_ptr + rp * 3 + 0, tl.sum(tl.where(at_x, qt, 0.0), 0))
@@ -248,7 +254,7 @@ def residual_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # as failed_kernel
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
     proposal_mask_ptr, fallback_mask_ptr,
-    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr, den_ptr, failed_ptr, at_ptr,  # as failed_kernel
+    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr, failed_ptr, at_ptr,  # as failed_kernel
     res_ptr, qm_ptr,  # [B * P, n_seg] fp64 out: each segment's mass of max(0, Q - qS) and of Q (rejected x)
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, n_chunks, spc,
     n_seg,
@@ -263,7 +269,7 @@ def residual_kernel(
         CP2)
     if draft:
         x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
-        r_k, c, kept, _tp, _q = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
+        r_k, c, kept, _tp, _q, t_den, s_den = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
                                             tl.load(uniforms_ptr + rp * uniforms_stride + keep_draw), NSP2)
         if not kept:
             threshold = tl.load(threshold_ptr + rp)
@@ -272,7 +278,7 @@ def residual_kernel(
             seg_lo = chunk * spc
             for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
                 _idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr,
-                                                 n_vocab, s, rp, n_seg, cut_ptr, fine_ptr, den_ptr, kt_ptr, t_mode,
+                                                 n_vocab, s, rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode,
                                                  t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
                                                  student_temperature, s_argmax, SEG)
                 tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
@@ -282,7 +288,7 @@ def residual_kernel(
 
 @triton.jit
 def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, rp, n_seg, cut_ptr,
-                   fine_ptr, den_ptr, kt_ptr, res_ptr, qm_ptr, u, r_k, c, threshold, t_mode, t_live, t_lmax,
+                   fine_ptr, t_den, s_den, kt_ptr, res_ptr, qm_ptr, u, r_k, c, threshold, t_mode, t_live, t_lmax,
                    temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax, s_m, s_check,
                    check_temperature, SEG: tl.constexpr, NSP2: tl.constexpr):
     """y ~ norm(max(0, Q - qS)) (from Q where rounding leaves that no mass) by inverse CDF in id order: the
@@ -300,7 +306,7 @@ def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_pt
     seg = tl.where(first < NSP2, first, tl.max(tl.where(live, s, 0), 0))
     carry = tl.sum(tl.where(s == seg, cum - mass, 0.0), 0)
     idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg,
-                                    rp, n_seg, cut_ptr, fine_ptr, den_ptr, kt_ptr, t_mode, t_live, t_lmax,
+                                    rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax,
                                     temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax,
                                     SEG)
     tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
@@ -318,7 +324,7 @@ def pick_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B * P] each
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
     proposal_mask_ptr, fallback_mask_ptr,
-    stf_ptr, sti_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, den_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
+    stf_ptr, sti_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
     tokens_ptr,  # [B, P] int64 out
     num_emitted_ptr,  # [B] int32 out
     accepted_ptr,  # [B, P] int8 out
@@ -388,13 +394,13 @@ def pick_kernel(
             token = x.to(tl.int32)
             if (t_bad == 0) & (s_bad == 0) & s_live:
                 t_live = (t_lmax > float("-inf")) & (trials > 0)
-                r_k, c, keep, tp_y, q_y = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
-                                                      tl.load(uniforms_row + keep_draw), NSP2)
+                r_k, c, keep, tp_y, q_y, t_den, s_den = _keep_state(
+                    failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, tl.load(uniforms_row + keep_draw), NSP2)
                 kept = keep.to(tl.int32)
                 if kept == 0:
                     token, tp_y, q_y = _residual_draw(
                         teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, rp, n_seg, cut_ptr,
-                        fine_ptr, den_ptr, kt_ptr, res_ptr, qm_ptr, tl.load(uniforms_row + residual_draw), r_k, c,
+                        fine_ptr, t_den, s_den, kt_ptr, res_ptr, qm_ptr, tl.load(uniforms_row + residual_draw), r_k, c,
                         threshold, t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
                         student_temperature, s_argmax, s_m, s_check, check_temperature, SEG, NSP2)
                 accepted = ((tp_y > 0.0) & (tl.load(uniforms_row + flag_draw).to(tl.float64) * q_y <= tp_y)).to(

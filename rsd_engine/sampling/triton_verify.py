@@ -69,10 +69,10 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         split.rounds(teacher, student, proposal_mask, fallback_mask, row_params[4], row_params[:3], row_params[5:8])
         n_seg, chunks = split.n_seg, split.chunks
         f64 = dict(dtype=torch.float64, device=device)
-        cut = (torch.empty(R, 2, dtype=torch.int64, device=device), torch.empty(R, 2, dtype=torch.int32, device=device),
-               torch.empty(R, 2, **f64))  # cut, fine, den
+        cut = (torch.empty(R, 2, dtype=torch.int64, device=device), torch.empty(R, 2, dtype=torch.int32, device=device))
         total, at = torch.empty(R, 2, **f64), torch.empty(R, 3, **f64)
-        failed, residual, q_mass = (torch.empty(R, n_seg, **f64) for _ in range(3))
+        failed = torch.empty(R, 3, n_seg, **f64)
+        residual, q_mass = torch.empty(R, n_seg, **f64), torch.empty(R, n_seg, **f64)
         constexprs = split.final_constexprs
         pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS")}
         shape = (V, P, teacher.stride(0), student.stride(0), draft.stride(0))
