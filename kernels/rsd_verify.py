@@ -1,24 +1,32 @@
-"""Single-model sampling and the verify step of exact speculative RSD: one program per row, the contracts
-of rsd_engine/sampling/sample_reference.py and verify_reference.py, built from the pieces of
-kernels/rsd_sample.py (row statistics, the sort-free (tau, n_tie) truncation, inverse-CDF walks).
+"""The verify step of exact speculative RSD on the split-row machinery of kernels/rsd_split.py: the contract
+of rsd_engine/sampling/verify_reference.py, every position of a round computed at once.
 
-sample_tokens_kernel: one model's truncated law, as the RSD sample's fallback side.
-
-rsd_verify_kernel, per row and per position i of the round (logits [B, P, V], P = G + 1):
-  * i < num_draft: one pass over both rows gives r = sum of qT over kept teacher ids failing the check, and
-    qT, qS, ok at the draft x; keep x iff Q(x) > 0 and u_keep * qS(x) <= Q(x), with
-    Q = qT * ok * c + r^K * qS. On a rejection two more passes draw from max(0, Q - qS) (or from Q where
-    rounding leaves that without mass) by inverse CDF in id order. The flag of the emitted y is
-    u_flag * Q(y) <= qT(y) * ok(y) * c. Q is never stored: each pass rebuilds it per block.
-  * i == num_draft: the bonus token, a plain RSD step (rsd_sample.py's _rsd_step) with this position's
-    [fallback, proposals] columns.
-The arithmetic on Q (r, c, r^K, the residual's sums) runs in fp64 from fp32 weights.
+A round's logits [B, P, V] (P = G + 1) are read as B * P rows: the (row, position) pairs are the rows of
+rsd_split's launches, so stats and the three radix rounds find both sides' cuts at every position in
+parallel. Then, with rp = row * P + position and the position's side rs = rp * 2 + side:
+  5. law_kernel (rp, side): the cut of each side from the histograms, stored once (prefix and b2 with
+     each segment's kept mass and kept ties, as rsd_split's final kernel; or, for a row with top-k and
+     top-p both on, (tau, n_tie) of the one-program search and each segment's kept ties).
+  6. failed_kernel (rp, chunk), draft positions: per segment, the teacher's kept weight failing the check,
+     sum wT(z) * (1 - ok(z)), and both sides' kept weights; the chunk holding the draft x stores wT(x),
+     wS(x), ok(x).
+  7. residual_kernel (rp, chunk), draft positions: r from the segments' sums in a fixed order, r^K, c
+     and the keep test (the same arithmetic as the last kernel, so both agree); where x is rejected,
+     each segment's mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
+  8. pick_kernel (row): walks the positions up to the first rejection or flag, reading only what the
+     launches before stored: a kept draft costs a few scalar loads; a rejected one a draw from the residual
+     (the segment holding the target mass from the segments' masses, then one scan of that segment); the
+     bonus position a plain RSD step (rsd_split's draws) from its [fallback, proposals] columns.
+Q arithmetic runs in fp64 from the fp32 weights, as the reference's: qT = w / (kept mass), the kept mass the
+fp64 sum of the kept weights (segments in id order), not rsd_split's fixed-point mass (exact for the cut and
+the draws, but each weight rounded to 2**-40). No spin waits, no autotune.
 """
 import triton
 import triton.language as tl
 
-from .rsd_sample import I32_MAX, _inverse_cdf, _load_present, _order_key, _row_stats, _rsd_step, _scaled_exp, \
-    _truncate
+from .rsd_sample import I32_MAX, _order_key, _row_stats, _scaled_exp, _truncate
+from .rsd_split import BOTH, GREEDY, _check_total, _law, _load_row, _mode, _sample_side, _side_stats, \
+    _ukey
 
 # Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
 TEACHER_NONFINITE = tl.constexpr(-1)
@@ -34,244 +42,379 @@ def _check_ok(ls, s_m, check_temperature, s_check, threshold):
 
 
 @triton.jit
-def _kept_prob(x, present, idx, ties_before, tau, n_tie, lmax, temperature, sampled, argmax, total):
-    """The truncated law's probability (fp64) of each id of a block, and the ties at tau seen so far."""
-    key = _order_key(x)
-    tie = (present & (key == tau)).to(tl.int32)
-    tie_rank = ties_before + tl.cumsum(tie, 0) - tie
-    kept = present & ((key > tau) | ((tie != 0) & (tie_rank < n_tie)))
-    total = tl.where(total > 0.0, total, 1.0).to(tl.float64)  # an empty law stays all zero, not NaN
-    w = tl.where(kept, _scaled_exp(x, lmax, temperature), 0.0).to(tl.float64) / total
+def _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p, CP2: tl.constexpr):
+    """(bad, m, total, check partials, chunk maxima, lmax, argmax, mode) of one (position, side)."""
+    bad, m, total, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    return bad, m, total, k_c, m_c, lmax, argmax, _mode(bad, lmax, temperature, top_k, top_p)
+
+
+@triton.jit
+def _segment_law(row_ptr, mask_ptr, n_mask, seg, mode, live, lmax, temperature, cut, fine, den, argmax, kept_ties,
+                 SEG: tl.constexpr):
+    """One segment of a side's truncated law, fp64: (ids, logits, probabilities). A tie at the cut is kept
+    while its rank among the segment's ties is below the segment's kept ties."""
+    idx = seg * SEG + tl.arange(0, SEG)
+    x, present = _load_row(row_ptr, mask_ptr, n_mask, idx)
+    present = tl.where(live, present, 0) != 0  # (`present & live` trips the interpreter on a scalar bool)
+    key = _ukey(x)
+    both = mode == BOTH
+    okey = _order_key(x).to(tl.int64)
+    tie = present & tl.where(both, okey == cut, ((key >> 8) == cut) & ((key & 255) == fine))
+    above = present & tl.where(both, okey > cut, ((key >> 8) > cut) | (((key >> 8) == cut) & ((key & 255) > fine)))
+    tie_i = tie.to(tl.int32)
+    keep = above | (tie & (tl.cumsum(tie_i, 0) - tie_i < kept_ties))
+    t = tl.where(temperature != 0.0, temperature, 1.0)
+    w = tl.where(keep, _scaled_exp(x, lmax, t), 0.0).to(tl.float64) / den
     one_hot = tl.where(present & (idx == argmax), 1.0, 0.0).to(tl.float64)
-    return tl.where(sampled, w, one_hot), ties_before + tl.sum(tie, 0)
+    return idx, x, tl.where(mode == GREEDY, one_hot, w)
 
 
 @triton.jit
-def _side_law(row_ptr, mask_ptr, n_vocab, temperature, top_k, top_p, lmax, key_min, n_present, mass, live,
-              SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """(tau, n_tie, kept mass) of one side's truncated law; sampled rows only, live ones searched."""
-    tau = key_min
-    n_tie = tl.full((), I32_MAX, tl.int32)
-    total = mass
-    if (temperature != 0.0) & live:
-        tau, n_tie, total = _truncate(row_ptr, mask_ptr, n_vocab, temperature, top_k, top_p, lmax, key_min,
-                                      n_present, mass, SEARCH_BLOCK, NUM_PIVOTS)
-    return tau, n_tie, tl.where(temperature != 0.0, total, 1.0)
+def _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg, rp, n_seg,
+                  cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax, temperature, t_argmax,
+                  s_mode, s_live, s_lmax, student_temperature, s_argmax, SEG: tl.constexpr):
+    """(ids, qT, qS, student logits) of one segment of a position; t_den = s_den = 1 gives the weights."""
+    rt = rp * 2
+    rs = rt + 1
+    idx, _lt, qt = _segment_law(teacher_row, proposal_mask_ptr, n_vocab, seg, t_mode, t_live, t_lmax, temperature,
+                                tl.load(cut_ptr + rt), tl.load(fine_ptr + rt), t_den, t_argmax,
+                                tl.load(kt_ptr + rt * n_seg + seg), SEG)
+    _idx, ls, qs = _segment_law(student_row, fallback_mask_ptr, n_vocab, seg, s_mode, s_live, s_lmax,
+                                student_temperature, tl.load(cut_ptr + rs), tl.load(fine_ptr + rs),
+                                s_den, s_argmax, tl.load(kt_ptr + rs * n_seg + seg), SEG)
+    return idx, qt, qs, ls
 
 
 @triton.jit
-def _verify_draft(teacher_row, student_row, uniforms_row, x, proposal_mask_ptr, fallback_mask_ptr, n_teacher,
-                  n_student, n_vocab, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
-                  student_top_k, student_top_p, trials, keep_draw, residual_draw, flag_draw, BLOCK: tl.constexpr,
-                  SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """Keep test, residual and flag at a draft position: (token, accepted, teacher_logprob, student_logprob,
-    kept)."""
-    offs = tl.arange(0, BLOCK)
-    t_sampled = temperature != 0.0
-    s_sampled = student_temperature != 0.0
-    t_temp = tl.where(t_sampled, temperature, 1.0)
-    s_temp = tl.where(s_sampled, student_temperature, 1.0)
-    t_bad, t_m, t_norm, _t_check, t_lmax, t_argmax, t_key_min, t_present, t_mass = _row_stats(
-        teacher_row, n_teacher, proposal_mask_ptr, n_vocab, t_temp, 1.0, False, BLOCK)
-    s_bad, s_m, s_norm, s_check, s_lmax, s_argmax, s_key_min, s_present, s_mass = _row_stats(
-        student_row, n_student, fallback_mask_ptr, n_vocab, s_temp, check_temperature, True, BLOCK)
+def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_keep, NSP2: tl.constexpr):
+    """Both laws' kept masses and r from the segments' fp64 sums (fixed order), r^K, c and the keep test of
+    the draft x: (r_k, c, kept, qT(x)·ok(x)·c, Q(x), teacher's kept mass, student's kept mass)."""
+    s = tl.arange(0, NSP2)
+    base = failed_ptr + rp * 3 * n_seg + s
+    failed = tl.sum(tl.load(base, mask=s < n_seg, other=0.0), 0)
+    t_den = tl.sum(tl.load(base + n_seg, mask=s < n_seg, other=0.0), 0)
+    s_den = tl.sum(tl.load(base + 2 * n_seg, mask=s < n_seg, other=0.0), 0)
+    t_den = tl.where(t_den > 0.0, t_den, 1.0)  # an empty law stays all zero, not NaN
+    s_den = tl.where(s_den > 0.0, s_den, 1.0)
+    r = tl.where(t_live, failed / t_den, 1.0)
+    r_k = tl.full((), 1.0, tl.float64)
+    for _ in range(0, trials):
+        r_k = r_k * r
+    c = tl.where(r < 1.0, (1.0 - r_k) / tl.where(r < 1.0, 1.0 - r, 1.0), trials.to(tl.float64))
+    qt_x = tl.load(at_ptr + rp * 3 + 0) / t_den
+    qs_x = tl.load(at_ptr + rp * 3 + 1) / s_den
+    ok_x = tl.load(at_ptr + rp * 3 + 2)
+    in_range = (x >= 0) & (x < n_vocab)
+    tp_x = tl.where(in_range & (ok_x != 0.0), qt_x * c, 0.0)
+    q_x = tl.where(in_range, tp_x + r_k * qs_x, 0.0)
+    kept = (q_x > 0.0) & (u_keep.to(tl.float64) * qs_x <= q_x)
+    return r_k, c, kept, tp_x, q_x, t_den, s_den
+
+
+@triton.jit
+def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, used, rs, stf_ptr, sti_ptr, h0c_ptr,
+               h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
+               n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
+               SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+    bad, _m, _total, _kc, _mc, lmax, _argmax, mode = _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p,
+                                                           CP2)
+    cut = tl.full((), -1, tl.int64)
+    fine = tl.full((), 0, tl.int32)
+    total = tl.full((), 1.0, tl.float64)
+    if (mode != GREEDY) & used:
+        t = tl.where(temperature != 0.0, temperature, 1.0)
+        if mode == BOTH:
+            # The one-program search (rsd_split's path for these rows), then each segment's kept ties.
+            _bad, _m2, _tot, _chk, _lmax, _arg, key_min, n_present, mass = _row_stats(
+                row_ptr, n_logits, mask_ptr, n_vocab, t, 1.0, False, SEG)
+            tau, n_tie, kept_total = _truncate(row_ptr, mask_ptr, n_vocab, t, top_k, top_p, lmax, key_min, n_present,
+                                               mass, SEARCH_BLOCK, NUM_PIVOTS)
+            cut = tau.to(tl.int64)
+            fine = n_tie
+            total = kept_total.to(tl.float64)
+            ties_before = tl.full((), 0, tl.int32)
+            for s in range(0, n_seg):
+                x, present = _load_row(row_ptr, mask_ptr, n_vocab, s * SEG + tl.arange(0, SEG))
+                ties = tl.sum((present & (_order_key(x) == tau)).to(tl.int32), 0)
+                tl.store(kt_ptr + rs * n_seg + s, tl.minimum(tl.maximum(n_tie - ties_before, 0), ties))
+                ties_before += ties
+        else:
+            cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
+                                        sa_ptr, kept_ptr, kt_ptr, n_seg, SG)
+            total = law_total.to(tl.float64)
+    tl.store(cut_ptr + rs, cut)
+    tl.store(fine_ptr + rs, fine)
+    tl.store(total_ptr + rs, total)
+
+
+@triton.jit
+def law_kernel(
+    teacher_ptr, student_ptr,  # [B * P, Vt], [B * P, Vs] fp32 / bf16 / fp16, row strides teacher_stride, ...
+    num_draft_ptr,  # [B] int32
+    temperature_ptr, top_k_ptr, top_p_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B*P]
+    proposal_trials_ptr,  # [B * P] int32
+    proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
+    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,  # rsd_split's scratch
+    kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: each segment's kept mass and kept ties
+    cut_ptr, fine_ptr, total_ptr,  # [B * P, 2] int64, int32, fp64 out: the cut, its kept mass (fixed point)
+    at_ptr,  # [B * P, 3] fp64 out: zeroed here (failed_kernel writes qT(x), qS(x), ok(x))
+    n_teacher, n_student, n_vocab, num_positions, teacher_stride, student_stride, n_chunks, n_seg,
+    SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+):
+    rp = tl.program_id(0).to(tl.int64)
+    side = tl.program_id(1)
+    rs = rp * 2 + side
+    n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + rp // num_positions), 0), num_positions - 1)
+    needed = rp % num_positions <= n  # positions past the bonus are never read
+    if side == 0:
+        for j in range(0, 3):
+            tl.store(at_ptr + rp * 3 + j, tl.zeros((), tl.float64))
+        _store_law(teacher_ptr + rp * teacher_stride, proposal_mask_ptr, n_teacher, n_vocab,
+                   tl.load(temperature_ptr + rp), tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp),
+                   needed & (tl.load(proposal_trials_ptr + rp) > 0), rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr,
+                   h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
+                   n_chunks, n_seg, SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
+    else:
+        _store_law(student_ptr + rp * student_stride, fallback_mask_ptr, n_student, n_vocab,
+                   tl.load(student_temperature_ptr + rp), tl.load(student_top_k_ptr + rp),
+                   tl.load(student_top_p_ptr + rp), needed, rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,
+                   sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_chunks, n_seg,
+                   SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
+
+
+@triton.jit
+def _position(stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
+              check_temperature_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,
+              proposal_trials_ptr, CP2: tl.constexpr):
+    """What failed_kernel and residual_kernel need of a position: whether it is a draft to verify, and each
+    side's statistics and mode."""
+    i = rp % num_positions
+    n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + rp // num_positions), 0), num_positions - 1)
+    temperature = tl.load(temperature_ptr + rp)
+    student_temperature = tl.load(student_temperature_ptr + rp)
+    trials = tl.load(proposal_trials_ptr + rp)
+    t_bad, _tm, _tt, _tk, _tmc, t_lmax, t_argmax, t_mode = _side(
+        stf_ptr, sti_ptr, rp * 2, n_chunks, temperature, tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp), CP2)
+    s_bad, s_m, _st, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
+        stf_ptr, sti_ptr, rp * 2 + 1, n_chunks, student_temperature, tl.load(student_top_k_ptr + rp),
+        tl.load(student_top_p_ptr + rp), CP2)
+    check_temperature = tl.load(check_temperature_ptr + rp)
+    s_check = _check_total(s_kc, s_mc, s_m, check_temperature)
     t_live = (t_lmax > float("-inf")) & (trials > 0)
     s_live = s_lmax > float("-inf")
-    token = x.to(tl.int32)
-    accepted = tl.full((), 0, tl.int32)
-    kept = tl.full((), 0, tl.int32)
-    if (t_bad == 0) & (s_bad == 0) & s_live:
-        t_tau, t_n_tie, t_total = _side_law(teacher_row, proposal_mask_ptr, n_vocab, temperature, top_k, top_p,
-                                            t_lmax, t_key_min, t_present, t_mass, t_live, SEARCH_BLOCK, NUM_PIVOTS)
-        s_tau, s_n_tie, s_total = _side_law(student_row, fallback_mask_ptr, n_vocab, student_temperature,
-                                            student_top_k, student_top_p, s_lmax, s_key_min, s_present, s_mass,
-                                            s_live, SEARCH_BLOCK, NUM_PIVOTS)
-        # Pass 1: r, and qT, qS, ok at the draft.
-        failed = tl.full((), 0.0, tl.float64)
-        qt_x = tl.full((), 0.0, tl.float64)
-        qs_x = tl.full((), 0.0, tl.float64)
-        ok_x = tl.full((), 0, tl.int32)
-        t_ties = tl.full((), 0, tl.int32)
-        s_ties = tl.full((), 0, tl.int32)
-        for start in range(0, n_vocab, BLOCK):
-            idx = start + offs
-            lt, t_in = _load_present(teacher_row, proposal_mask_ptr, n_vocab, idx)
-            ls, s_in = _load_present(student_row, fallback_mask_ptr, n_vocab, idx)
-            qt, t_ties = _kept_prob(lt, tl.where(t_live, t_in, 0) != 0, idx, t_ties, t_tau, t_n_tie, t_lmax, t_temp, t_sampled,
-                                    t_argmax, t_total)
-            qs, s_ties = _kept_prob(ls, s_in, idx, s_ties, s_tau, s_n_tie, s_lmax, s_temp, s_sampled, s_argmax,
-                                    s_total)
-            ok = _check_ok(ls, s_m, check_temperature, s_check, threshold)
-            failed += tl.sum(tl.where(ok, 0.0, qt), 0)
-            at_x = idx == x
-            qt_x += tl.sum(tl.where(at_x, qt, 0.0), 0)
-            qs_x += tl.sum(tl.where(at_x, qs, 0.0), 0)
-            ok_x |= tl.max(tl.where(at_x & ok, 1, 0), 0)
-        r = tl.where(t_live, failed, 1.0)
-        r_k = tl.full((), 1.0, tl.float64)
-        for _ in range(0, trials):
-            r_k = r_k * r
-        c = tl.where(r < 1.0, (1.0 - r_k) / tl.where(r < 1.0, 1.0 - r, 1.0), trials.to(tl.float64))
-        in_range = (x >= 0) & (x < n_vocab)
-        tp_y = tl.where(in_range & (ok_x != 0), qt_x * c, 0.0)
-        q_y = tl.where(in_range, tp_y + r_k * qs_x, 0.0)
-        kept = ((q_y > 0.0) & (tl.load(uniforms_row + keep_draw).to(tl.float64) * qs_x <= q_y)).to(tl.int32)
-        if kept == 0:
-            # Pass 2: the residual's mass (and Q's, for when rounding leaves the residual none).
-            res_total = tl.full((), 0.0, tl.float64)
-            q_total = tl.full((), 0.0, tl.float64)
-            t_ties = tl.full((), 0, tl.int32)
-            s_ties = tl.full((), 0, tl.int32)
-            for start in range(0, n_vocab, BLOCK):
-                idx = start + offs
-                lt, t_in = _load_present(teacher_row, proposal_mask_ptr, n_vocab, idx)
-                ls, s_in = _load_present(student_row, fallback_mask_ptr, n_vocab, idx)
-                qt, t_ties = _kept_prob(lt, tl.where(t_live, t_in, 0) != 0, idx, t_ties, t_tau, t_n_tie, t_lmax, t_temp, t_sampled,
-                                        t_argmax, t_total)
-                qs, s_ties = _kept_prob(ls, s_in, idx, s_ties, s_tau, s_n_tie, s_lmax, s_temp, s_sampled, s_argmax,
-                                        s_total)
-                tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
-                res_total += tl.sum(tl.maximum(tp - (1.0 - r_k) * qs, 0.0), 0)
-                q_total += tl.sum(tp + r_k * qs, 0)
-            use_q = res_total <= 0.0
-            target = tl.load(uniforms_row + residual_draw).to(tl.float64) * tl.where(use_q, q_total, res_total)
-            # Pass 3: inverse CDF in id order, keeping tp and Q of the id it stops at.
-            carry = tl.full((), 0.0, tl.float64)
-            pick = tl.full((), -1, tl.int32)
-            last = tl.full((), -1, tl.int32)
-            tp_last = tl.full((), 0.0, tl.float64)
-            q_last = tl.full((), 0.0, tl.float64)
-            t_ties = tl.full((), 0, tl.int32)
-            s_ties = tl.full((), 0, tl.int32)
-            start = tl.full((), 0, tl.int32)
-            while (start < n_vocab) & (pick < 0):
-                idx = start + offs
-                lt, t_in = _load_present(teacher_row, proposal_mask_ptr, n_vocab, idx)
-                ls, s_in = _load_present(student_row, fallback_mask_ptr, n_vocab, idx)
-                qt, t_ties = _kept_prob(lt, tl.where(t_live, t_in, 0) != 0, idx, t_ties, t_tau, t_n_tie, t_lmax, t_temp, t_sampled,
-                                        t_argmax, t_total)
-                qs, s_ties = _kept_prob(ls, s_in, idx, s_ties, s_tau, s_n_tie, s_lmax, s_temp, s_sampled, s_argmax,
-                                        s_total)
-                tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
-                q = tp + r_k * qs
-                w = tl.where(use_q, q, tl.maximum(tp - (1.0 - r_k) * qs, 0.0))
-                cum = carry + tl.cumsum(w, 0)
-                first = tl.min(tl.where((w > 0.0) & (cum >= target), idx, I32_MAX), 0)
-                block_last = tl.max(tl.where(w > 0.0, idx, -1), 0)
-                at = tl.where(first < I32_MAX, first, block_last)
-                tp_at = tl.sum(tl.where(idx == at, tp, 0.0), 0)
-                q_at = tl.sum(tl.where(idx == at, q, 0.0), 0)
-                pick = tl.where(first < I32_MAX, first, -1)
-                last = tl.where(block_last >= 0, block_last, last)
-                tp_last = tl.where(at >= 0, tp_at, tp_last)
-                q_last = tl.where(at >= 0, q_at, q_last)
-                carry = tl.max(cum, 0)
-                start += BLOCK
-            token = tl.where(pick >= 0, pick, last)
-            tp_y = tp_last
-            q_y = q_last
-        accepted = ((tp_y > 0.0) & (tl.load(uniforms_row + flag_draw).to(tl.float64) * q_y <= tp_y)).to(tl.int32)
-    safe = tl.maximum(token, 0)
-    lt = tl.load(teacher_row + safe).to(tl.float32)
-    ls = tl.load(student_row + safe).to(tl.float32)
-    flag = tl.where(t_bad != 0, TEACHER_NONFINITE, tl.where(s_bad != 0, STUDENT_NONFINITE, NO_ALLOWED_TOKEN))
-    token = tl.where((t_bad != 0) | (s_bad != 0) | ~s_live | (token < 0), flag, token)
-    return token, accepted, (lt - t_m) - tl.log(t_norm), (ls - s_m) - tl.log(s_norm), kept
+    draft = (i < n) & (t_bad == 0) & (s_bad == 0) & s_live
+    return (draft, trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live,
+            s_lmax, s_argmax, s_m, s_check, check_temperature)
 
 
 @triton.jit
-def rsd_verify_kernel(
-    teacher_ptr,  # [B, P, Vt] fp32 / bf16 / fp16, vocabulary contiguous
-    student_ptr,  # [B, P, Vs] same dtypes
-    draft_ptr,  # [B, P - 1] int64
-    num_draft_ptr,  # [B] int32
-    uniforms_ptr,  # [B, P, D] fp32
-    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] each (top_k int32)
-    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B] each
-    proposal_mask_ptr,  # [V] int8
-    fallback_mask_ptr,  # [V] int8
+def failed_kernel(
+    teacher_ptr, student_ptr, draft_ptr, num_draft_ptr,  # as law_kernel; draft [B, P - 1] int64, row draft_stride
+    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B * P] each
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B * P] each
+    proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
+    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr,  # as law_kernel
+    failed_ptr,  # [B * P, 3, n_seg] fp64 out: per segment, sum of wT(z) * (1 - ok(z)), of wT, of wS (kept weights)
+    at_ptr,  # [B * P, 3] fp64 out: wT(x), wS(x), ok(x) at the draft x
+    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, n_chunks, spc, n_seg,
+    SEG: tl.constexpr, CP2: tl.constexpr,
+):
+    rp = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    (draft, _trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live, s_lmax,
+     s_argmax, s_m, s_check, check_temperature) = _position(
+        stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
+        check_temperature_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
+        CP2)
+    if draft:
+        x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
+        threshold = tl.load(threshold_ptr + rp)
+        teacher_row = teacher_ptr + rp * teacher_stride
+        student_row = student_ptr + rp * student_stride
+        seg_lo = chunk * spc
+        for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+            idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab,
+                                            s, rp, n_seg, cut_ptr, fine_ptr, 1.0, 1.0, kt_ptr, t_mode, t_live, t_lmax,
+                                            temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature,
+                                            s_argmax, SEG)
+            ok = _check_ok(ls, s_m, check_temperature, s_check, threshold)
+            tl.store(failed_ptr + rp * 3 * n_seg + s, tl.sum(tl.where(ok, 0.0, qt), 0))
+            tl.store(failed_ptr + (rp * 3 + 1) * n_seg + s, tl.sum(qt, 0))
+            tl.store(failed_ptr + (rp * 3 + 2) * n_seg + s, tl.sum(qs, 0))
+            if (x >= s * SEG) & (x < s * SEG + SEG):
+                at_x = idx == x
+                tl.store(at_ptr + rp * 3 + 0, tl.sum(tl.where(at_x, qt, 0.0), 0))
+                tl.store(at_ptr + rp * 3 + 1, tl.sum(tl.where(at_x, qs, 0.0), 0))
+                tl.store(at_ptr + rp * 3 + 2, tl.max(tl.where(at_x & ok, 1.0, 0.0), 0).to(tl.float64))
+
+
+@triton.jit
+def residual_kernel(
+    teacher_ptr, student_ptr, draft_ptr, num_draft_ptr, uniforms_ptr,  # uniforms [B * P, D] fp32, row u_stride
+    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # as failed_kernel
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
+    proposal_mask_ptr, fallback_mask_ptr,
+    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr, failed_ptr, at_ptr,  # as failed_kernel
+    res_ptr, qm_ptr,  # [B * P, n_seg] fp64 out: each segment's mass of max(0, Q - qS) and of Q (rejected x)
+    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, n_chunks, spc,
+    n_seg,
+    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr,
+):
+    rp = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    (draft, trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live, s_lmax,
+     s_argmax, s_m, s_check, check_temperature) = _position(
+        stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
+        check_temperature_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
+        CP2)
+    if draft:
+        x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
+        r_k, c, kept, _tp, _q, t_den, s_den = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
+                                            tl.load(uniforms_ptr + rp * uniforms_stride + keep_draw), NSP2)
+        if not kept:
+            threshold = tl.load(threshold_ptr + rp)
+            teacher_row = teacher_ptr + rp * teacher_stride
+            student_row = student_ptr + rp * student_stride
+            seg_lo = chunk * spc
+            for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
+                _idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr,
+                                                 n_vocab, s, rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode,
+                                                 t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
+                                                 student_temperature, s_argmax, SEG)
+                tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
+                tl.store(res_ptr + rp * n_seg + s, tl.sum(tl.maximum(tp - (1.0 - r_k) * qs, 0.0), 0))
+                tl.store(qm_ptr + rp * n_seg + s, tl.sum(tp + r_k * qs, 0))
+
+
+@triton.jit
+def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, rp, n_seg, cut_ptr,
+                   fine_ptr, t_den, s_den, kt_ptr, res_ptr, qm_ptr, u, r_k, c, threshold, t_mode, t_live, t_lmax,
+                   temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax, s_m, s_check,
+                   check_temperature, SEG: tl.constexpr, NSP2: tl.constexpr):
+    """y ~ norm(max(0, Q - qS)) (from Q where rounding leaves that no mass) by inverse CDF in id order: the
+    segment holding the target from the segments' masses, then one scan of it. (y, qT(y)·ok(y)·c, Q(y))."""
+    s = tl.arange(0, NSP2)
+    in_seg = s < n_seg
+    res = tl.load(res_ptr + rp * n_seg + s, mask=in_seg, other=0.0)
+    qm = tl.load(qm_ptr + rp * n_seg + s, mask=in_seg, other=0.0)
+    use_q = tl.sum(res, 0) <= 0.0
+    mass = tl.where(use_q, qm, res)
+    cum = tl.cumsum(mass, 0)
+    target = u.to(tl.float64) * tl.sum(mass, 0)
+    live = mass > 0.0
+    first = tl.min(tl.where(live & (cum >= target), s, NSP2), 0)
+    seg = tl.where(first < NSP2, first, tl.max(tl.where(live, s, 0), 0))
+    carry = tl.sum(tl.where(s == seg, cum - mass, 0.0), 0)
+    idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg,
+                                    rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax,
+                                    temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax,
+                                    SEG)
+    tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
+    q = tp + r_k * qs
+    w = tl.where(use_q, q, tl.maximum(tp - (1.0 - r_k) * qs, 0.0))
+    run = carry + tl.cumsum(w, 0)
+    hit = tl.min(tl.where((w > 0.0) & (run >= target), idx, I32_MAX), 0)
+    y = tl.where(hit < I32_MAX, hit, tl.max(tl.where(w > 0.0, idx, -1), 0))
+    return y, tl.sum(tl.where(idx == y, tp, 0.0), 0), tl.sum(tl.where(idx == y, q, 0.0), 0)
+
+
+@triton.jit
+def pick_kernel(
+    teacher_ptr, student_ptr, draft_ptr, num_draft_ptr, uniforms_ptr,  # as residual_kernel
+    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B * P] each
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
+    proposal_mask_ptr, fallback_mask_ptr,
+    stf_ptr, sti_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
     tokens_ptr,  # [B, P] int64 out
     num_emitted_ptr,  # [B] int32 out
     accepted_ptr,  # [B, P] int8 out
-    teacher_logprob_ptr,  # [B, P] fp32 out
-    student_logprob_ptr,  # [B, P] fp32 out
-    n_teacher, n_student, n_vocab, num_positions,
-    teacher_stride_b, teacher_stride_p, student_stride_b, student_stride_p, draft_stride,
-    uniforms_stride_b, uniforms_stride_p, num_draws, keep_draw, residual_draw, flag_draw,
-    BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    teacher_logprob_ptr, student_logprob_ptr,  # [B, P] fp32 out
+    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, num_draws, keep_draw,
+    residual_draw, flag_draw, n_chunks, n_seg,
+    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    temperature = tl.load(temperature_ptr + row)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    threshold = tl.load(threshold_ptr + row)
-    check_temperature = tl.load(check_temperature_ptr + row)
-    student_temperature = tl.load(student_temperature_ptr + row)
-    student_top_k = tl.load(student_top_k_ptr + row)
-    student_top_p = tl.load(student_top_p_ptr + row)
-    trials = tl.load(proposal_trials_ptr + row)
     n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
     out = row * num_positions
-    for i in range(0, num_positions):
-        tl.store(tokens_ptr + out + i, -1)
-        tl.store(accepted_ptr + out + i, 0)
-        tl.store(teacher_logprob_ptr + out + i, float("nan"))
-        tl.store(student_logprob_ptr + out + i, float("nan"))
-
-    i = tl.full((), 0, tl.int32)
+    for j in range(0, num_positions):
+        tl.store(tokens_ptr + out + j, -1)
+        tl.store(accepted_ptr + out + j, 0)
+        tl.store(teacher_logprob_ptr + out + j, float("nan"))
+        tl.store(student_logprob_ptr + out + j, float("nan"))
+    i = tl.full((), 0, tl.int64)
     going = tl.full((), 1, tl.int32)
     while going != 0:
-        teacher_row = teacher_ptr + row * teacher_stride_b + i * teacher_stride_p
-        student_row = student_ptr + row * student_stride_b + i * student_stride_p
-        uniforms_row = uniforms_ptr + row * uniforms_stride_b + i * uniforms_stride_p
+        rp = out + i
+        rt = rp * 2
+        rs = rt + 1
+        teacher_row = teacher_ptr + rp * teacher_stride
+        student_row = student_ptr + rp * student_stride
+        uniforms_row = uniforms_ptr + rp * uniforms_stride
+        temperature = tl.load(temperature_ptr + rp)
+        student_temperature = tl.load(student_temperature_ptr + rp)
+        check_temperature = tl.load(check_temperature_ptr + rp)
+        threshold = tl.load(threshold_ptr + rp)
+        trials = tl.load(proposal_trials_ptr + rp)
+        t_bad, t_m, t_total, _tk, _tmc, t_lmax, t_argmax, t_mode = _side(
+            stf_ptr, sti_ptr, rt, n_chunks, temperature, tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp), CP2)
+        s_bad, s_m, s_total, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
+            stf_ptr, sti_ptr, rs, n_chunks, student_temperature, tl.load(student_top_k_ptr + rp),
+            tl.load(student_top_p_ptr + rp), CP2)
+        s_check = _check_total(s_kc, s_mc, s_m, check_temperature)
+        s_live = s_lmax > float("-inf")
+        token = t_argmax
+        accepted = tl.full((), 0, tl.int32)
+        kept = tl.full((), 0, tl.int32)
         if i == n:
-            token, accepted, t_lp, s_lp = _rsd_step(
-                teacher_row, student_row, uniforms_row, proposal_mask_ptr, fallback_mask_ptr, n_teacher, n_student,
-                n_vocab, n_vocab, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
-                student_top_k, student_top_p, tl.minimum(trials, num_draws - 1), BLOCK, SEARCH_BLOCK, NUM_PIVOTS)
-            kept = tl.full((), 0, tl.int32)
+            # The bonus: rsd_split's final kernel with this position's cuts and [fallback, proposals] columns.
+            bonus_trials = tl.minimum(trials, num_draws - 1)
+            if (t_bad == 0) & (s_bad == 0):
+                k = tl.full((), 0, tl.int32)
+                while (k < bonus_trials) & (accepted == 0) & (t_lmax > float("-inf")):
+                    proposal = t_argmax
+                    if t_mode != GREEDY:
+                        proposal = _sample_side(teacher_row, proposal_mask_ptr, n_vocab, t_mode, t_lmax, temperature,
+                                                tl.load(cut_ptr + rt), tl.load(fine_ptr + rt),
+                                                tl.load(total_ptr + rt), tl.load(uniforms_row + 1 + k), rt,
+                                                kept_ptr, kt_ptr, n_seg, SEG, NSP2)
+                    ls = tl.load(student_row + proposal).to(tl.float32)
+                    accepted = _check_ok(ls, s_m, check_temperature, s_check, threshold).to(tl.int32)
+                    token = proposal
+                    k += 1
+                if accepted == 0:
+                    token = s_argmax
+                    if s_mode != GREEDY:
+                        token = _sample_side(student_row, fallback_mask_ptr, n_vocab, s_mode, s_lmax,
+                                             student_temperature, tl.load(cut_ptr + rs), tl.load(fine_ptr + rs),
+                                             tl.load(total_ptr + rs), tl.load(uniforms_row), rs, kept_ptr, kt_ptr,
+                                             n_seg, SEG, NSP2)
+            token = tl.where((accepted == 0) & ~s_live, NO_ALLOWED_TOKEN, token)
         else:
             x = tl.load(draft_ptr + row * draft_stride + i)
-            token, accepted, t_lp, s_lp, kept = _verify_draft(
-                teacher_row, student_row, uniforms_row, x, proposal_mask_ptr, fallback_mask_ptr, n_teacher,
-                n_student, n_vocab, temperature, top_k, top_p, threshold, check_temperature, student_temperature,
-                student_top_k, student_top_p, trials, keep_draw, residual_draw, flag_draw, BLOCK, SEARCH_BLOCK,
-                NUM_PIVOTS)
+            token = x.to(tl.int32)
+            if (t_bad == 0) & (s_bad == 0) & s_live:
+                t_live = (t_lmax > float("-inf")) & (trials > 0)
+                r_k, c, keep, tp_y, q_y, t_den, s_den = _keep_state(
+                    failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, tl.load(uniforms_row + keep_draw), NSP2)
+                kept = keep.to(tl.int32)
+                if kept == 0:
+                    token, tp_y, q_y = _residual_draw(
+                        teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, rp, n_seg, cut_ptr,
+                        fine_ptr, t_den, s_den, kt_ptr, res_ptr, qm_ptr, tl.load(uniforms_row + residual_draw), r_k, c,
+                        threshold, t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
+                        student_temperature, s_argmax, s_m, s_check, check_temperature, SEG, NSP2)
+                accepted = ((tp_y > 0.0) & (tl.load(uniforms_row + flag_draw).to(tl.float64) * q_y <= tp_y)).to(
+                    tl.int32)
+            token = tl.where(~s_live | (token < 0), NO_ALLOWED_TOKEN, token)
+        token = tl.where(t_bad != 0, TEACHER_NONFINITE, tl.where(s_bad != 0, STUDENT_NONFINITE, token))
         flagged = token < 0
+        safe = tl.maximum(token, 0)
+        lt = tl.load(teacher_row + safe).to(tl.float32)
+        ls = tl.load(student_row + safe).to(tl.float32)
         tl.store(tokens_ptr + out + i, token.to(tl.int64))
         tl.store(accepted_ptr + out + i, tl.where(flagged, 0, accepted).to(tl.int8))
-        tl.store(teacher_logprob_ptr + out + i, tl.where(flagged, float("nan"), t_lp))
-        tl.store(student_logprob_ptr + out + i, tl.where(flagged, float("nan"), s_lp))
+        tl.store(teacher_logprob_ptr + out + i, tl.where(flagged, float("nan"), (lt - t_m) - tl.log(t_total)))
+        tl.store(student_logprob_ptr + out + i, tl.where(flagged, float("nan"), (ls - s_m) - tl.log(s_total)))
         i += 1
         going = ((kept != 0) & ~flagged & (i < num_positions)).to(tl.int32)
-    tl.store(num_emitted_ptr + row, i)
-
-
-@triton.jit
-def sample_tokens_kernel(
-    logits_ptr,  # [B, V'] fp32 / bf16 / fp16, row stride stride
-    uniforms_ptr,  # [B] fp32
-    temperature_ptr,  # [B] fp32
-    top_k_ptr,  # [B] int32
-    top_p_ptr,  # [B] fp32
-    mask_ptr,  # [V] int8
-    token_ptr,  # [B] int64 out
-    n_logits, n_vocab, stride,
-    BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride
-    temperature = tl.load(temperature_ptr + row)
-    sampled = temperature != 0.0
-    temp = tl.where(sampled, temperature, 1.0)
-    bad, _m, _norm, _check, lmax, argmax, key_min, n_present, mass = _row_stats(
-        logits_row, n_logits, mask_ptr, n_vocab, temp, 1.0, False, BLOCK)
-    live = lmax > float("-inf")
-    token = argmax
-    if sampled & live & (bad == 0):
-        tau, n_tie, total = _side_law(logits_row, mask_ptr, n_vocab, temperature, tl.load(top_k_ptr + row),
-                                      tl.load(top_p_ptr + row), lmax, key_min, n_present, mass, live, SEARCH_BLOCK,
-                                      NUM_PIVOTS)
-        token = _inverse_cdf(logits_row, mask_ptr, n_vocab, lmax, temp, tau, n_tie,
-                             tl.load(uniforms_ptr + row) * total, BLOCK)
-    tl.store(token_ptr + row, tl.where((bad != 0) | ~live, -1, token).to(tl.int64))
+    tl.store(num_emitted_ptr + row, i.to(tl.int32))

@@ -493,13 +493,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rsd_engine.sampling.triton import import_kernel
 rsd_verify = import_kernel("rsd_verify")
-constexprs = {"BLOCK": 1024, "SEARCH_BLOCK": 256, "NUM_PIVOTS": 16}
-pointers = {"student_ptr": "*bf16", "draft_ptr": "*i64", "num_draft_ptr": "*i32", "top_k_ptr": "*i32",
-            "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32", "proposal_mask_ptr": "*i8",
-            "fallback_mask_ptr": "*i8", "mask_ptr": "*i8", "tokens_ptr": "*i64", "token_ptr": "*i64",
-            "num_emitted_ptr": "*i32", "accepted_ptr": "*i8"}
-for kernel in (rsd_verify.rsd_verify_kernel, rsd_verify.sample_tokens_kernel):
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*fp32") if name.endswith("_ptr")
+types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i32", "kt_ptr": "*i32",
+         "fine_ptr": "*i32", "h0m_ptr": "*i64", "h1m_ptr": "*i64", "sm_ptr": "*i64", "sa_ptr": "*i64",
+         "kept_ptr": "*i64", "cut_ptr": "*i64", "total_ptr": "*fp64", "at_ptr": "*fp64",
+         "failed_ptr": "*fp64", "res_ptr": "*fp64", "qm_ptr": "*fp64", "student_ptr": "*bf16", "draft_ptr": "*i64",
+         "num_draft_ptr": "*i32", "top_k_ptr": "*i32", "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32",
+         "proposal_mask_ptr": "*i8", "fallback_mask_ptr": "*i8", "tokens_ptr": "*i64", "num_emitted_ptr": "*i32",
+         "accepted_ptr": "*i8"}
+cases = [(rsd_verify.law_kernel, dict(SEG=4096, CP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)),
+         (rsd_verify.failed_kernel, dict(SEG=4096, CP2=64)),
+         (rsd_verify.residual_kernel, dict(SEG=4096, CP2=64, NSP2=64)),
+         (rsd_verify.pick_kernel, dict(SEG=4096, CP2=64, NSP2=64))]
+for kernel, constexprs in cases:
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") if name.endswith("_ptr")
                  else "i32" for name in kernel.arg_names}
     source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
     for capability in (80, 90):
@@ -510,7 +516,7 @@ for kernel in (rsd_verify.rsd_verify_kernel, rsd_verify.sample_tokens_kernel):
 
 def test_triton_kernels_compile_for_cuda_without_a_gpu():
     """The interpreter does not check what the compiler checks (loop-carried types, scalar/tensor mixing);
-    compiling both kernels to cubins for sm_80 and sm_90 does, and needs no GPU."""
+    compiling the verify kernels to cubins for sm_80 and sm_90 does, and needs no GPU."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     import subprocess
     import sys

@@ -1,19 +1,22 @@
 """The cost model of the Triton sampler ops, checked without a GPU (issue 14): under TRITON_INTERPRET=1 the
 real kernels run at V = 151,936 with CUDA's tiles and chunk table while tests/interpreter_cost.py counts,
 per call, the launches, the dependent block steps of every program (tile loads of a logit row) and the
-bytes of logits read. Targets: <= 6 launches for rsd_sample, <= 40 dependent steps per program, <= 4
-reads of each logit row in total. The one-program kernels this replaced took 1 launch, thousands of steps
-per program and about 17 reads per row (their figures are in the closing note of issue 14)."""
+bytes of logits read. Targets: <= 6 launches for rsd_sample (<= 8 for rsd_verify), <= 40 dependent steps
+per program, <= 4 reads of each logit row in total (rsd_verify: see its test). The one-program kernels this
+replaced took 1 launch, thousands of steps per program and about 17 reads per row (rsd_verify at G = 4:
+5,708 steps when the first draft is rejected, 32,559 when all are kept; figures in the closing note of
+issue 14)."""
 import pytest
 import torch
 
 from interpreter_cost import count_costs
 
-from rsd_engine.randomness import step_uniforms
+from rsd_engine.randomness import round_uniforms, step_uniforms
 from rsd_engine.sampling import RowParams
 from rsd_engine.sampling import triton as triton_backend
 from rsd_engine.sampling.triton import rsd_sample_triton
-from rsd_engine.sampling.triton_verify import sample_tokens_triton
+from rsd_engine.sampling.triton_verify import rsd_verify_triton, sample_tokens_triton
+from rsd_engine.sampling.verify_reference import rsd_verify_reference
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the kernels under the interpreter")
 
@@ -72,3 +75,31 @@ def test_sample_tokens_cost(cuda_tiles):
                                      torch.ones(V, dtype=torch.bool))
     assert token.item() >= 0
     assert len(costs.launches) <= 5 and costs.max_steps <= 40 and costs.reads_per_row(1) <= 4.0
+
+
+# rsd_verify at G = 4: the B * P (row, position) pairs are the split kernels' rows. Drafts 0-1 are the student's
+# argmax (kept here), draft 2 an unlikely id (rejected), so every launch does its work: the cuts at positions
+# 0-2, the failed and residual masses, and the residual draw in the last kernel.
+@pytest.mark.parametrize("chunks", [None, 1], ids=["B1-table", "B64-and-up-entry"])
+def test_rsd_verify_cost(chunks, cuda_tiles):
+    cuda_tiles(chunks)
+    B, G = 1, 4
+    P = G + 1
+    teacher, student = lm_rows(P, 2).reshape(B, P, V), lm_rows(P, 3).reshape(B, P, V)
+    draft = student[:, :G].argmax(dim=-1)
+    draft[:, 2] = 7
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = round_uniforms(torch.arange(B), torch.zeros(B, dtype=torch.long), P)
+    args = (teacher, student, draft, torch.full((B,), G, dtype=torch.int32), uniforms, default_params(B), mask, mask)
+    with count_costs(teacher, student) as costs:
+        out = rsd_verify_triton(*args)
+    ref = rsd_verify_reference(*args)
+    assert out.num_emitted.tolist() == ref.num_emitted.tolist() == [3]
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.accepted, ref.accepted)
+    print(f"rsd_verify G={G}: {len(costs.launches)} launches, {costs.max_steps} steps per program at most, "
+          f"{costs.reads_per_row(B * P):.2f} reads per (row, position)")
+    assert len(costs.launches) <= 8
+    assert costs.max_steps <= 40
+    # stats and rounds 0-1 read every position (3), the failed masses every draft position and the residual
+    # masses every rejected one (at most 2 G / P), round 2 and the draws a few segments.
+    assert costs.reads_per_row(B * P) <= 3.2 + 2 * G / P

@@ -261,6 +261,57 @@ def test_split_kernels_on_the_edge_rows(case, monkeypatch):
         assert out.token.tolist() == [130, 130, 77, 130]
 
 
+
+# ---- rsd_verify on the same machinery: the B * P (row, position) pairs are the split kernels' rows ----
+
+from rsd_engine.randomness import DRAFT_DRAW, round_uniforms  # noqa: E402
+from rsd_engine.sampling.triton_verify import rsd_verify_triton  # noqa: E402
+from rsd_engine.sampling.verify_reference import rsd_verify_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("case", ["ties_across_chunks", "ties_top_k_and_top_p", "kept_set_of_one", "masked_rows",
+                                  "flagged_rows"])
+def test_split_verify_on_the_edge_rows(case, monkeypatch):
+    """Every position's cuts, failed and residual masses cross segments and chunks (segments of 16 ids, 4
+    chunks): the round's tokens, flags, lengths and log-probs equal the reference's under the same uniforms.
+    Drafts are the student's own draws (mostly kept) except one id per row that the teacher never proposes
+    at ties (mostly rejected: the residual is drawn there)."""
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SPLIT_TILES)
+    B, G, V = 4, 2, 200
+    P = G + 1
+    gen = torch.Generator().manual_seed(len(case))
+    rows = [split_rows("ties_across_chunks" if case.startswith("ties") else case, B, V, gen) for _ in range(P)]
+    teacher, student = torch.stack([r[0] for r in rows], 1), torch.stack([r[1] for r in rows], 1)
+    proposal_mask, fallback_mask, families = rows[0][2], rows[0][3], rows[0][4]
+    if case == "ties_top_k_and_top_p":  # the one-program cut of rows with both on, then per-segment kept ties
+        families = [dict(top_k=60, top_p=0.5, student_top_k=45, student_top_p=0.7, threshold=0.0),
+                    dict(top_k=37, top_p=0.9, threshold=1.0), dict(top_k=80, top_p=0.3, student_top_p=0.6),
+                    dict(top_k=2, top_p=0.99, student_top_p=0.2, proposal_trials=3)]
+    params = row_params(families)
+    num_draft = torch.tensor([2, 1, 2, 0], dtype=torch.int32)
+    emitted = set()
+    for step in range(2):
+        uniforms = round_uniforms(torch.arange(B), torch.full((B,), step * P), P)
+        draft = torch.stack([sample_tokens_reference(student[:, i], uniforms[:, i, DRAFT_DRAW],
+                                                     params.student_temperature, params.student_top_k,
+                                                     params.student_top_p, fallback_mask) for i in range(G)], 1)
+        draft = draft.clamp_min(0)
+        draft[step % B, step % G] = V - 1 - step
+        args = (teacher, student, draft, num_draft, uniforms, params, proposal_mask, fallback_mask)
+        out, ref = rsd_verify_triton(*args), rsd_verify_reference(*args)
+        assert out.num_emitted.tolist() == ref.num_emitted.tolist()
+        assert out.tokens.tolist() == ref.tokens.tolist() and out.accepted.tolist() == ref.accepted.tolist()
+        for got, want in ((out.teacher_logprob, ref.teacher_logprob), (out.student_logprob, ref.student_logprob)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+        emitted.update(out.num_emitted.tolist())
+    if case == "flagged_rows":
+        assert out.tokens[:3, 0].tolist() == [-1, -2, -1] and out.num_emitted[:3].tolist() == [1, 1, 1]
+    if case == "masked_rows":
+        assert out.tokens[1, 0].item() == -3 and not out.accepted[1].any()
+    if case.startswith("ties"):
+        assert len(emitted) > 1  # rounds ended at different positions: kept drafts and residual draws both ran
+
+
 def test_chunk_table_covers_every_batch():
     """One entry per batch size, fewer chunks as the batch grows, never more chunks than segments."""
     config = triton_backend.CUDA_CONFIG

@@ -7,7 +7,7 @@ import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .reference import RowParams
-from .triton import INTERPRETER_CONFIG, _int8, _launch_config, _rows, _SplitLaunch, import_kernel
+from .triton import _int8, _launch_config, _rows, _SplitLaunch, chunks_for, import_kernel
 from .verify_reference import VerifyOutput
 
 _kernels = import_kernel("rsd_verify")
@@ -37,17 +37,13 @@ def _last_contiguous(t):
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-# rsd_verify still runs the one-program-per-row kernel (kernels/rsd_verify.py) with its own tiles: BLOCK ids per
-# streaming step, pivot searches on [NUM_PIVOTS, SEARCH_BLOCK] tiles (wider under the interpreter, which pays per
-# operation rather than per element).
-VERIFY_CUDA_CONFIG = dict(BLOCK=1024, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8)
-VERIFY_INTERPRETER_CONFIG = dict(BLOCK=4096, SEARCH_BLOCK=1024, NUM_PIVOTS=256)
-
-
 def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms, params: RowParams, proposal_mask,
                       fallback_mask) -> VerifyOutput:
+    """kernels/rsd_verify.py: rsd_split's stats and radix rounds over the B * P (row, position) pairs, then the
+    cuts, the failed masses and the residual masses per (position, chunk), then one program per row picks the
+    emitted prefix: eight launches whatever G."""
     device = teacher_logits.device
-    config = VERIFY_INTERPRETER_CONFIG if _launch_config(device) is INTERPRETER_CONFIG else VERIFY_CUDA_CONFIG
+    config = _launch_config(device)
     B, P = teacher_logits.shape[:2]
     tokens = torch.empty(B, P, dtype=torch.int64, device=device)
     num_emitted = torch.empty(B, dtype=torch.int32, device=device)
@@ -55,16 +51,46 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
     teacher_logprob = torch.empty(B, P, dtype=torch.float32, device=device)
     student_logprob = torch.empty(B, P, dtype=torch.float32, device=device)
     if B > 0:
-        teacher_logits, student_logits, uniforms = (_last_contiguous(t) for t in (teacher_logits, student_logits,
-                                                                                   uniforms))
+        R = B * P
+        teacher, student = (_last_contiguous(t).reshape(R, t.shape[2]) for t in (teacher_logits, student_logits))
+        uniforms = _last_contiguous(uniforms.float()).reshape(R, uniforms.shape[2])
         draft = draft.contiguous() if draft.numel() else torch.zeros(B, 1, dtype=torch.int64, device=device)
+        num_draft = num_draft.to(device, torch.int32).contiguous()
+        # Every position carries its row's parameters: the split launches see B * P independent rows.
         row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
-                      .contiguous() for name in RowParams._fields]
-        _kernels.rsd_verify_kernel[(B,)](
-            teacher_logits, student_logits, draft, num_draft.contiguous(), uniforms, *row_params,
-            _int8(proposal_mask), _int8(fallback_mask), tokens, num_emitted, accepted, teacher_logprob,
-            student_logprob, teacher_logits.shape[2], student_logits.shape[2], proposal_mask.numel(), P,
-            teacher_logits.stride(0), teacher_logits.stride(1), student_logits.stride(0), student_logits.stride(1),
-            draft.stride(0), uniforms.stride(0), uniforms.stride(1), NUM_DRAWS, KEEP_DRAW, RESIDUAL_DRAW, FLAG_DRAW,
-            **config, enable_fp_fusion=False)
+                      .repeat_interleave(P).contiguous() for name in RowParams._fields]
+        sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
+        proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
+        V = proposal_mask.numel()
+        # At least two programs per position: a program of failed_kernel / residual_kernel reads both models'
+        # segments, so one per position would take two dependent steps per segment of the row.
+        chunks = max(2, chunks_for(R, -(-max(teacher.shape[1], student.shape[1]) // config["SEG"]), config))
+        split = _SplitLaunch({**config, "chunks": chunks}, R, teacher, student, V, fallback_mask.numel(), sides=2)
+        split.rounds(teacher, student, proposal_mask, fallback_mask, row_params[4], row_params[:3], row_params[5:8])
+        n_seg, chunks = split.n_seg, split.chunks
+        f64 = dict(dtype=torch.float64, device=device)
+        cut = (torch.empty(R, 2, dtype=torch.int64, device=device), torch.empty(R, 2, dtype=torch.int32, device=device))
+        total, at = torch.empty(R, 2, **f64), torch.empty(R, 3, **f64)
+        failed = torch.empty(R, 3, n_seg, **f64)
+        residual, q_mass = torch.empty(R, n_seg, **f64), torch.empty(R, n_seg, **f64)
+        constexprs = split.final_constexprs
+        pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS")}
+        shape = (V, P, teacher.stride(0), student.stride(0), draft.stride(0))
+        _kernels.law_kernel[(R, 2)](
+            teacher, student, num_draft, *sides, proposal_mask, fallback_mask, *split.scratch, *cut, total, at,
+            teacher.shape[1], student.shape[1], V, P, teacher.stride(0), student.stride(0), chunks, n_seg,
+            **{k: v for k, v in constexprs.items() if k != "NSP2"}, enable_fp_fusion=False)
+        _kernels.failed_kernel[(R, chunks)](
+            teacher, student, draft, num_draft, *row_params, proposal_mask, fallback_mask, *split.stats, split.kept[1],
+            *cut, failed, at, *shape, chunks, split.spc, n_seg, SEG=split.seg, CP2=pick["CP2"], **split.warps,
+            enable_fp_fusion=False)
+        _kernels.residual_kernel[(R, chunks)](
+            teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, *split.stats,
+            split.kept[1], *cut, failed, at, residual, q_mass, *shape, uniforms.stride(0), KEEP_DRAW, chunks,
+            split.spc, n_seg, **pick, enable_fp_fusion=False)
+        _kernels.pick_kernel[(B,)](
+            teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, *split.stats,
+            *split.kept, *cut, total, failed, at, residual, q_mass, tokens, num_emitted, accepted, teacher_logprob,
+            student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, KEEP_DRAW, RESIDUAL_DRAW, FLAG_DRAW, chunks,
+            n_seg, **pick, enable_fp_fusion=False)
     return VerifyOutput(tokens, num_emitted, accepted.view(torch.bool), teacher_logprob, student_logprob)
