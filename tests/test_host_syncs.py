@@ -263,7 +263,6 @@ def test_cuda_step_traces_under_fake_tensors(tiny_pair, monkeypatch):
             captured.update(step=step, buckets=buckets, enabled=enabled)
 
     monkeypatch.setattr(engine_module, "SelfFeedingGraphs", Recorder)
-    monkeypatch.setattr(triton_sampler, "rsd_sample_kernel", _NoLaunch())
     monkeypatch.setattr(triton_sampler, "_split", _NoKernels())  # the split-row kernels rsd_sample launches
     monkeypatch.setattr(triton_sampler, "_launch_config", lambda device: triton_sampler.CUDA_CONFIG)
     calls = []

@@ -59,7 +59,6 @@ def import_kernel(name: str):
 
 
 # Before anything here imports triton: the interpreter is switched on first where there is no CUDA device.
-rsd_sample_kernel = import_kernel("rsd_sample").rsd_sample_kernel
 _split = import_kernel("rsd_split")
 
 import triton  # noqa: E402
@@ -69,7 +68,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 def is_interpreted() -> bool:
     """Whether the kernels run under Triton's interpreter (CPU tensors) rather than compiled (CUDA)."""
-    return isinstance(rsd_sample_kernel, InterpretedFunction)
+    return isinstance(_split.rsd_final_kernel, InterpretedFunction)
 
 
 def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
