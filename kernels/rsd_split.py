@@ -14,13 +14,15 @@ segments of SEG ids; program (row, side, chunk) owns SPC consecutive segments. L
      also compacts, per segment, the ids in the cut's level-0 bin; round 2 reads only those (a gather),
      keeps its digit histogram per segment and each segment's mass above the cut's 24-bit prefix. A row
      is thus read about three times (stats, rounds 0 and 1) plus one segment per draw.
-  5. final kernel (one program per row): the cut (tau, n_tie) from the histograms, each segment's kept
-     mass, then every draw by inverse CDF: the segment holding the target mass (prefix sums over the
-     segments, in id order), then one scan of that segment. Then the check, the fallback, log-probs.
+  5. the cut of each side and each segment's kept mass (_law), then every draw by inverse CDF: the segment
+     holding the target mass (prefix sums over the segments, in id order), then one scan of that segment.
+     sample_tokens does both in sample_final_kernel (one program per row); rsd_sample, a verify round
+     without drafts, in kernels/rsd_verify.py's law_kernel (both sides at once) and pick_kernel (the
+     proposal draws, the check, the fallback draw, log-probs).
 The cut is the reference's: keys rank as (logit desc, id asc), top-k keeps the k first, top-p the
 shortest prefix whose mass reaches top_p * the kept mass, ties at tau kept in id order (n_tie). A row
 with both top-k and top-p active searches top-p inside the top-k set; it takes the one-program path of
-kernels/rsd_sample.py inside the final kernel (slow, exact) rather than two more rounds for every row.
+kernels/rsd_sample.py when its law is found (slow, exact) rather than two more rounds for every row.
 No spin waits and no autotune: each launch depends only on the ones before it (CUDA-graph capturable).
 """
 import triton
@@ -435,90 +437,6 @@ def _sample_side(row_ptr, mask_ptr, n_mask, mode, lmax, temperature, cut, fine, 
     else:
         token = _draw(row_ptr, mask_ptr, n_mask, lmax, t, rs, cut, fine, total, u, kept, kt, n_seg, SEG, NSP2)
     return token
-
-
-@triton.jit
-def rsd_final_kernel(
-    teacher_ptr, student_ptr,  # as stats_kernel
-    uniforms_ptr,  # [B, num_draws] fp32, row stride uniforms_stride; column 0 fallback, 1 + k proposal k
-    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] (top_k int32)
-    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B]
-    proposal_mask_ptr, fallback_mask_ptr,  # [n_proposal], [n_fallback] int8
-    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,  # as round_kernel
-    kept_ptr,  # [B, 2, n_seg] int64 scratch: each segment's kept mass
-    kt_ptr,  # [B, 2, n_seg] int32 scratch: each segment's kept ties at tau
-    token_ptr,  # [B] int64 out
-    accepted_ptr,  # [B] int8 out
-    teacher_logprob_ptr, student_logprob_ptr,  # [B] fp32 out
-    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, uniforms_stride, num_draws,
-    n_chunks, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
-    NUM_PIVOTS: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    teacher_row = teacher_ptr + row * teacher_stride
-    student_row = student_ptr + row * student_stride
-    uniforms_row = uniforms_ptr + row * uniforms_stride
-    temperature = tl.load(temperature_ptr + row)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    check_temperature = tl.load(check_temperature_ptr + row)
-    student_temperature = tl.load(student_temperature_ptr + row)
-    student_top_k = tl.load(student_top_k_ptr + row)
-    student_top_p = tl.load(student_top_p_ptr + row)
-    threshold = tl.load(threshold_ptr + row)
-    trials = tl.minimum(tl.load(proposal_trials_ptr + row), num_draws - 1)
-    rt = row * 2
-    rs = row * 2 + 1
-    t_bad, t_m, t_total, _tk, _tmc, t_lmax, t_argmax = _side_stats(stf_ptr, sti_ptr, rt, n_chunks, CP2)
-    s_bad, s_m, s_total, s_kc, s_mc, s_lmax, s_argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
-    s_check = _check_total(s_kc, s_mc, s_m, check_temperature)
-    t_mode = _mode(t_bad, t_lmax, temperature, top_k, top_p)
-    s_mode = _mode(s_bad, s_lmax, student_temperature, student_top_k, student_top_p)
-    t_live = t_lmax > float("-inf")
-    s_live = s_lmax > float("-inf")
-    token = t_argmax
-    accepted = tl.full((), 0, tl.int32)
-    if (t_bad == 0) & (s_bad == 0):
-        cut = tl.full((), 0, tl.int64)
-        fine = tl.full((), 0, tl.int32)
-        total = tl.full((), 0.0, tl.float64)
-        if (t_mode != GREEDY) & (trials > 0):
-            cut, fine, total = _prepare(teacher_row, proposal_mask_ptr, n_teacher, n_proposal, t_mode, temperature,
-                                        top_k, top_p, rt, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
-                                        sa_ptr, kept_ptr, kt_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
-        k = tl.full((), 0, tl.int32)
-        while (k < trials) & (accepted == 0) & t_live:
-            proposal = t_argmax
-            if t_mode != GREEDY:
-                proposal = _sample_side(teacher_row, proposal_mask_ptr, n_proposal, t_mode, t_lmax, temperature,
-                                        cut, fine, total, tl.load(uniforms_row + 1 + k), rt, kept_ptr, kt_ptr,
-                                        n_seg, SEG, NSP2)
-            ls = tl.load(student_row + proposal).to(tl.float32)
-            z = (ls.to(tl.float64) - s_m.to(tl.float64)) / check_temperature.to(tl.float64)
-            accepted = (tl.exp(z) / s_check >= threshold.to(tl.float64)).to(tl.int32)
-            token = proposal
-            k += 1
-        if accepted == 0:
-            token = s_argmax
-            if s_mode != GREEDY:
-                s_cut, s_fine, s_kept = _prepare(
-                    student_row, fallback_mask_ptr, n_student, n_fallback, s_mode, student_temperature,
-                    student_top_k, student_top_p, rs, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,
-                    kept_ptr, kt_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
-                token = _sample_side(student_row, fallback_mask_ptr, n_fallback, s_mode, s_lmax, student_temperature,
-                                     s_cut, s_fine, s_kept, tl.load(uniforms_row), rs, kept_ptr, kt_ptr, n_seg, SEG,
-                                     NSP2)
-    safe = tl.maximum(token, 0)
-    lt = tl.load(teacher_row + safe).to(tl.float32)
-    ls = tl.load(student_row + safe).to(tl.float32)
-    no_token = (accepted == 0) & ~s_live
-    token = tl.where(t_bad != 0, -1, tl.where(s_bad != 0, -2, tl.where(no_token, -3, token)))
-    flagged = token < 0
-    tl.store(token_ptr + row, token.to(tl.int64))
-    tl.store(accepted_ptr + row, tl.where(flagged, 0, accepted).to(tl.int8))
-    tl.store(teacher_logprob_ptr + row, tl.where(flagged, float("nan"), (lt - t_m) - tl.log(t_total)))
-    tl.store(student_logprob_ptr + row, tl.where(flagged, float("nan"), (ls - s_m) - tl.log(s_total)))
 
 
 @triton.jit

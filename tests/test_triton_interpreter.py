@@ -304,7 +304,7 @@ types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i3
 final = dict(SEG=4096, CP2=64, NSP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)
 cases = [(split.stats_kernel, dict(SEG=4096))] + [
     (split.round_kernel, dict(ROUND=r, SEG=4096, CP2=64)) for r in range(3)] + [
-    (split.rsd_final_kernel, final), (split.sample_final_kernel, final)]
+    (split.sample_final_kernel, final)]
 for kernel, constexprs in cases:
     signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") if n.endswith("_ptr") else "i32"
                  for n in kernel.arg_names}

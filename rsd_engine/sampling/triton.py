@@ -1,5 +1,6 @@
-"""Triton backend of the RSD-sample op: the split-row kernels of kernels/rsd_split.py (five launches: stats,
-three radix rounds, the final draw), on CUDA tensors compiled, on CPU tensors under Triton's interpreter
+"""Triton backend of the RSD-sample op: the split-row kernels of kernels/rsd_split.py (stats, three radix
+rounds), then kernels/rsd_verify.py's law and pick kernels as for a round without drafts: six launches. On CUDA
+tensors compiled, on CPU tensors under Triton's interpreter
 (``import_kernel`` turns it on when no CUDA device is present). Same arguments and outputs as
 ``rsd_sample_reference``; no host sync and a launch shape fixed by (B, V), so it can sit inside a CUDA graph."""
 from __future__ import annotations
@@ -60,6 +61,7 @@ def import_kernel(name: str):
 
 # Before anything here imports triton: the interpreter is switched on first where there is no CUDA device.
 _split = import_kernel("rsd_split")
+_verify = import_kernel("rsd_verify")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -68,7 +70,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 def is_interpreted() -> bool:
     """Whether the kernels run under Triton's interpreter (CPU tensors) rather than compiled (CUDA)."""
-    return isinstance(_split.rsd_final_kernel, InterpretedFunction)
+    return isinstance(_split.stats_kernel, InterpretedFunction)
 
 
 def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
@@ -87,16 +89,38 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
         row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
                       .contiguous() for name in RowParams._fields]
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
-        split = _SplitLaunch(config, batch, teacher_logits, student_logits, proposal_mask.numel(),
-                             fallback_mask.numel(), sides=2)
+        # A plain step is a verify round with no drafts (P = 1, DESIGN.md §8): after the split launches,
+        # law_kernel finds both sides' cuts at once (a program per row and side) and pick_kernel draws.
+        # The verify kernels read both masks over one length: the shorter is padded with absent ids (never
+        # in the engine, whose masks span its token space).
+        V = max(proposal_mask.numel(), fallback_mask.numel())
+        proposal_mask, fallback_mask = (torch.nn.functional.pad(m, (0, V - m.numel())) if m.numel() < V else m
+                                        for m in (proposal_mask, fallback_mask))
+        split = _SplitLaunch(config, batch, teacher_logits, student_logits, V, fallback_mask.numel(), sides=2)
         split.rounds(teacher_logits, student_logits, proposal_mask, fallback_mask, row_params[4], row_params[:3],
                      row_params[5:8])
-        _split.rsd_final_kernel[(batch,)](
-            teacher_logits, student_logits, uniforms, *row_params, proposal_mask, fallback_mask, *split.scratch,
-            token, accepted, teacher_logprob, student_logprob,
-            teacher_logits.shape[1], student_logits.shape[1], proposal_mask.numel(), fallback_mask.numel(),
-            teacher_logits.stride(0), student_logits.stride(0), uniforms.stride(0), uniforms.shape[1],
-            split.chunks, split.n_seg, **split.final_constexprs)
+        law = (torch.empty(batch, 2, dtype=torch.int64, device=device),  # cut
+               torch.empty(batch, 2, dtype=torch.int32, device=device),  # fine
+               torch.empty(batch, 2, dtype=torch.float64, device=device))  # kept total
+        at = torch.empty(batch, 3, dtype=torch.float64, device=device)  # zeroed by law_kernel; read for drafts only
+        # Read only through draft positions, which P = 1 has none of: num_draft clamps to P - 1 = 0 whatever
+        # it holds, the draft ids and the failed / residual masses are never loaded.
+        no_draft = torch.empty(batch, 1, dtype=torch.int64, device=device)
+        num_draft = torch.empty(batch, dtype=torch.int32, device=device)
+        sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
+        constexprs = split.final_constexprs
+        pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS")}
+        _verify.law_kernel[(batch, 2)](
+            teacher_logits, student_logits, num_draft, *sides, proposal_mask, fallback_mask, *split.scratch, *law,
+            at, teacher_logits.shape[1], student_logits.shape[1], V, 1, teacher_logits.stride(0),
+            student_logits.stride(0), split.chunks, split.n_seg, **{k: v for k, v in constexprs.items() if k != "NSP2"},
+            enable_fp_fusion=False)
+        _verify.pick_kernel[(batch,)](
+            teacher_logits, student_logits, no_draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask,
+            *split.stats, *split.kept, *law, at, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
+            teacher_logprob.view(batch, 1), student_logprob.view(batch, 1), V, 1, teacher_logits.stride(0),
+            student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, 0, split.chunks, split.n_seg,
+            **pick, enable_fp_fusion=False)
     return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
 
 
