@@ -42,6 +42,25 @@ BY_MASS = tl.constexpr(3)  # top-p only
 BOTH = tl.constexpr(4)  # top-k then top-p: the one-program path
 
 
+# Several integer reductions (exact in any order) share one cross-warp exchange: on the GPU each reduction or
+# scan over a tile is a round through shared memory with a barrier, which at B = 1 is most of the time.
+@triton.jit
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _add4(a0, b0, c0, d0, a1, b1, c1, d1):
+    return a0 + a1, b0 + b1, c0 + c1, d0 + d1
+
+
+@triton.jit
+def _stats_combine(bad0, m0, l0, a0, bad1, m1, l1, a1):
+    # (bad, max, (lmax, its lowest id)): the lexicographic max of (logit, -id), so ties keep the lowest id.
+    first = (l0 > l1) | ((l0 == l1) & (a0 < a1))
+    return tl.maximum(bad0, bad1), tl.maximum(m0, m1), tl.where(first, l0, l1), tl.where(first, a0, a1)
+
+
 @triton.jit
 def _ukey(x):
     return _order_key(x).to(tl.int64) + 2147483648
@@ -154,12 +173,10 @@ def _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2: tl.constexpr):
     t_c = tl.load(stf_ptr + base * 4 + 1, mask=ok, other=0.0)
     k_c = tl.load(stf_ptr + base * 4 + 2, mask=ok, other=0.0)
     l_c = tl.load(stf_ptr + base * 4 + 3, mask=ok, other=float("-inf"))
-    bad = tl.max(tl.load(sti_ptr + base * 2 + 0, mask=ok, other=0), 0)
+    bad_c = tl.load(sti_ptr + base * 2 + 0, mask=ok, other=0)
     a_c = tl.load(sti_ptr + base * 2 + 1, mask=ok, other=I32_MAX)
-    m = tl.max(m_c, 0)
+    bad, m, lmax, argmax = tl.reduce((bad_c, m_c, l_c, a_c), 0, _stats_combine)
     total = tl.sum(t_c * _scaled_exp(m_c, m, 1.0), 0)
-    lmax = tl.max(l_c, 0)
-    argmax = tl.min(tl.where(l_c == lmax, a_c, I32_MAX), 0)
     argmax = tl.where(argmax < I32_MAX, argmax, 0)
     return bad, m, total, k_c, m_c, lmax, argmax
 
@@ -187,15 +204,14 @@ def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
     bins = tl.arange(0, NB)
     c = tl.load(hc_ptr + bins)
     m = tl.load(hm_ptr + bins)
-    c_at_or_above = tl.sum(c, 0) - tl.cumsum(c, 0) + c
-    m_at_or_above = tl.sum(m, 0) - tl.cumsum(m, 0) + m
+    c_at_or_above, m_at_or_above = tl.associative_scan((c, m), 0, _add2, reverse=True)
     reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64), (above_c + c_at_or_above).to(tl.float64))
     b = tl.maximum(tl.max(tl.where(reach >= target, bins, -1), 0), 0)
     at = bins == b
-    bin_c = tl.sum(tl.where(at, c, 0), 0)
-    bin_m = tl.sum(tl.where(at, m, 0), 0)
-    above_c += tl.sum(tl.where(at, c_at_or_above, 0), 0) - bin_c
-    above_m += tl.sum(tl.where(at, m_at_or_above, 0), 0) - bin_m
+    bin_c, bin_m, c_from, m_from = tl.reduce((tl.where(at, c, 0), tl.where(at, m, 0), tl.where(at, c_at_or_above, 0),
+                                              tl.where(at, m_at_or_above, 0)), 0, _add4)
+    above_c += c_from - bin_c
+    above_m += m_from - bin_m
     return b, above_c, above_m, bin_c, bin_m
 
 
@@ -203,8 +219,7 @@ def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
 def _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, LEVELS: tl.constexpr):
     """Walk the first LEVELS histograms of one (row, side): (mode, prefix, target, above_c, above_m).
     A top-k as large as the present ids cuts nothing (mode FULL)."""
-    present = tl.sum(tl.load(h0c + tl.arange(0, NB0)), 0)
-    total = tl.sum(tl.load(h0m + tl.arange(0, NB0)), 0)
+    present, total = tl.reduce((tl.load(h0c + tl.arange(0, NB0)), tl.load(h0m + tl.arange(0, NB0))), 0, _add2)
     mode = tl.where((mode == BY_COUNT) & (top_k >= present), FULL, mode)
     by_mass = mode == BY_MASS
     target = tl.where(by_mass, top_p.to(tl.float64) * total.to(tl.float64), top_k.to(tl.float64))
@@ -332,24 +347,25 @@ def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_
     n_tie = tl.full((), 0, tl.int32)
     pf = tl.full((), 0, tl.int64)
     if mode != FULL:
-        hist_c = tl.zeros((NB2,), tl.int32)
-        hist_m = tl.zeros((NB2,), tl.int64)
+        part_c = tl.zeros((SG, NB2), tl.int32)  # per-lane partials over the segments, reduced once
+        part_m = tl.zeros((SG, NB2), tl.int64)
         for g in range(0, n_seg, SG):
             s = g + segs
             ok = (s < n_seg)[:, None] & (bins >= 0)[None, :]
-            hist_c += tl.sum(tl.load(sc + s[:, None] * NB2 + bins[None, :], mask=ok, other=0), 0)
-            hist_m += tl.sum(tl.load(sm + s[:, None] * NB2 + bins[None, :], mask=ok, other=0), 0)
-        c_at_or_above = tl.sum(hist_c, 0) - tl.cumsum(hist_c, 0) + hist_c
-        m_at_or_above = tl.sum(hist_m, 0) - tl.cumsum(hist_m, 0) + hist_m
+            part_c += tl.load(sc + s[:, None] * NB2 + bins[None, :], mask=ok, other=0)
+            part_m += tl.load(sm + s[:, None] * NB2 + bins[None, :], mask=ok, other=0)
+        hist_c, hist_m = tl.reduce((part_c, part_m), 0, _add2)
+        c_at_or_above, m_at_or_above = tl.associative_scan((hist_c, hist_m), 0, _add2, reverse=True)
         by_mass = mode == BY_MASS
         reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64),
                          (above_c + c_at_or_above).to(tl.float64))
         b2 = tl.maximum(tl.max(tl.where(reach >= target, bins, -1), 0), 0)
         at = bins == b2
-        ties = tl.sum(tl.where(at, hist_c, 0), 0)
-        tie_mass = tl.sum(tl.where(at, hist_m, 0), 0)
-        above_c += tl.sum(tl.where(at, c_at_or_above, 0), 0) - ties
-        above_m += tl.sum(tl.where(at, m_at_or_above, 0), 0) - tie_mass
+        ties, tie_mass, c_from, m_from = tl.reduce((tl.where(at, hist_c, 0), tl.where(at, hist_m, 0),
+                                                    tl.where(at, c_at_or_above, 0), tl.where(at, m_at_or_above, 0)),
+                                                   0, _add4)
+        above_c += c_from - ties
+        above_m += m_from - tie_mass
         pf = tie_mass // tl.maximum(ties, 1)  # every tie at tau has the same key, so the same weight
         # top-p: the fewest ties r >= 1 whose mass reaches the target, in id order.
         need = tl.where(pf > 0, tl.math.ceil((target - above_m.to(tl.float64)) / pf.to(tl.float64)), ties)
@@ -366,8 +382,9 @@ def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_
             ok = in_seg[:, None] & (bins >= 0)[None, :]
             seg_m = tl.load(sm + s[:, None] * NB2 + bins[None, :], mask=ok, other=0)
             seg_c = tl.load(sc + s[:, None] * NB2 + bins[None, :], mask=ok, other=0)
-            seg_kept += tl.sum(tl.where(bins[None, :] > b2, seg_m, 0), 1)
-            seg_ties = tl.sum(tl.where(bins[None, :] == b2, seg_c, 0), 1)
+            seg_above, seg_ties = tl.reduce((tl.where(bins[None, :] > b2, seg_m, 0),
+                                             tl.where(bins[None, :] == b2, seg_c, 0)), 1, _add2)
+            seg_kept += seg_above
         before = ties_before + tl.cumsum(seg_ties, 0) - seg_ties
         kept_ties = tl.minimum(tl.maximum(n_tie - before, 0), seg_ties)
         seg_kept += kept_ties.to(tl.int64) * pf

@@ -5,8 +5,12 @@ Inside ``count_costs(*logit_tensors)`` every kernel launch is recorded (kernel n
 program of each launch, every load is inspected: a load whose addresses fall in one of the given logit
 tensors is one *dependent block step* of that program (each loop iteration of the kernels streams one
 tile of a row, and the next iteration depends on it through the running partials), and the bytes it
-reads are the program's logit bytes. The counts come from the interpreter running the real kernels, so
-they follow any change of tile sizes, chunk table or loop structure.
+reads are the program's logit bytes. Every reduction or scan over more elements than a warp holds (32)
+is one *collective* of that program: on the GPU each is a cross-warp exchange through shared memory
+with a barrier, about a microsecond of latency however little data it moves, so the collectives of a
+launch's slowest program, summed over the launches, model the latency of a call that moves little data
+(B = 1). The counts come from the interpreter running the real kernels, so they follow any change of
+tile sizes, chunk table or loop structure.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class Launch:
     grid: tuple
     steps: dict = field(default_factory=lambda: defaultdict(int))  # program -> logit tile loads
     bytes: dict = field(default_factory=lambda: defaultdict(int))  # program -> logit bytes read
+    collectives: dict = field(default_factory=lambda: defaultdict(int))  # program -> block-wide reduce / scan
 
 
 @dataclass
@@ -38,6 +43,11 @@ class Costs:
     def max_steps(self) -> int:
         """The most dependent block steps any program of any launch took."""
         return max((max(l.steps.values(), default=0) for l in self.launches), default=0)
+
+    @property
+    def critical_collectives(self) -> int:
+        """Collectives on the call's critical path: the slowest program of each launch, launches in order."""
+        return sum(max(l.collectives.values(), default=0) for l in self.launches)
 
     def reads_per_row(self, rows: int) -> float:
         """Logit bytes read by the whole call over the bytes of the rows' logits: 1.0 = each row read once."""
@@ -76,10 +86,19 @@ def count_costs(*logits):
         record(ptrs, mask)
         return original_masked(self, ptrs, mask, other, *rest)
 
+    def collective(self, input):
+        first = input[0] if isinstance(input, tuple) else input
+        if costs.launches and int(np.prod(first.shape or [1])) > 32:
+            costs.launches[-1].collectives[tuple(builder.grid_idx)] += 1
+        return original_apply(self, input)
+
+    original_apply = interpreter.ReduceScanOpInterface.apply
     interpreter.GridExecutor.__call__ = call
     interpreter.InterpreterBuilder.create_masked_load = masked_load
+    interpreter.ReduceScanOpInterface.apply = collective
     try:
         yield costs
     finally:
         interpreter.GridExecutor.__call__ = original_call
         interpreter.InterpreterBuilder.create_masked_load = original_masked
+        interpreter.ReduceScanOpInterface.apply = original_apply
