@@ -356,13 +356,13 @@ class Engine:
         """The device's copy of _commit for one token per row (a flagged row's junk is dropped when it
         leaves the batch); padding rows (the scratch slot) keep their positions."""
         token, live = self._advance_student(inputs, token)
-        inputs["teacher_tokens"].copy_(self._teacher_next[token])
+        torch.index_select(self._teacher_next, 0, token, out=inputs["teacher_tokens"])
         inputs["teacher_pos"].add_(self._teacher_advance[token] * live)
 
     def _advance_student(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
-        token = token.clamp_min(0)
-        live = (inputs["slots"] != self.max_batch_size).long() if "slots" in inputs else 1
-        inputs["student_tokens"].copy_(token)
+        # Results written straight into the state (out=), bools added as they are: each op is a CUDA kernel.
+        token = torch.clamp_min(token, 0, out=inputs["student_tokens"])
+        live = inputs["slots"] != self.max_batch_size if "slots" in inputs else 1
         inputs["student_pos"].add_(live)
         inputs["steps"].add_(live)
         return token, live
