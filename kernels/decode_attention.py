@@ -107,13 +107,15 @@ def decode_attention_kernel(
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # clean for the next launch (graph replay)
-            _combine_splits(partial_ptr, lse_ptr, out_ptr, query, row_ok, d, d_ok, HEAD_DIM, BLOCK_M, BLOCK_D, SPLITS)
+            _combine_splits(partial_ptr, lse_ptr, out_ptr + out_off, query, row_ok, d, tile_ok, HEAD_DIM, BLOCK_M,
+                            BLOCK_D, SPLITS)
 
 
 @triton.jit
-def _combine_splits(partial_ptr, lse_ptr, out_ptr, query, row_ok, d, d_ok, HEAD_DIM: tl.constexpr,
+def _combine_splits(partial_ptr, lse_ptr, out_ptrs, query, row_ok, d, tile_ok, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
-    """out = sum_s exp(lse_s - max) * partial_s / sum_s exp(lse_s - max), summed in split order."""
+    """out = sum_s exp(lse_s - max) * partial_s / sum_s exp(lse_s - max), summed in split order: the same
+    output whichever program arrived last."""
     lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(SPLITS):
         lse_s = tl.load(lse_ptr + query * SPLITS + s, mask=row_ok, other=0.0, cache_modifier=".cg")
@@ -123,10 +125,9 @@ def _combine_splits(partial_ptr, lse_ptr, out_ptr, query, row_ok, d, d_ok, HEAD_
     for s in range(SPLITS):
         part = query * SPLITS + s
         w = tl.exp(tl.load(lse_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg") - lse_max)
-        partial = tl.load(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                          other=0.0, cache_modifier=".cg")
+        partial = tl.load(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=tile_ok, other=0.0,
+                          cache_modifier=".cg")
         acc += partial * w[:, None]
         total += w
     out = acc / total[:, None]
-    tl.store(out_ptr + query[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=tile_ok)
