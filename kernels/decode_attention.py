@@ -11,8 +11,10 @@ No gather, no mask tensor: a program reads its slot's keys up to the largest pos
 the cost follows each row's real length and one compiled kernel (one CUDA graph) serves every span.
 A program takes one (row, kv head) and BLOCK_M of its G * T query rows (the G query heads sharing the kv
 head, for each of the T tokens): K and V are read once for the whole group. At small batch a row's keys
-are split over SPLITS programs (flash-decoding); each writes a normalised partial and its log-sum-exp, and
-attention_combine_kernel merges them in split order.
+are split over SPLITS programs (flash-decoding); each writes a normalised partial and its log-sum-exp,
+then counts itself in on an arrival counter of its (row, kv head, m-block); the program that arrives last
+merges all the partials in split order and writes the output: one launch per layer for any SPLITS.
+Nobody waits for anybody (no spin: CUDA-graph capturable, and the interpreter runs programs one by one).
 """
 import triton
 import triton.language as tl
@@ -25,8 +27,10 @@ def decode_attention_kernel(
     v_cache_ptr,  # [S, L + 1, Hkv, D]
     slots_ptr,  # [B] int64
     positions_ptr,  # [B, T] int64, contiguous
-    out_ptr,  # SPLITS == 1: [B, T, H, D] as q; else partials [B, T, H, SPLITS, D] fp32
-    lse_ptr,  # SPLITS > 1: [B, T, H, SPLITS] fp32
+    out_ptr,  # [B, T, H, D] as q
+    partial_ptr,  # SPLITS > 1: [B, T, H, SPLITS, D] fp32, each split's normalised output
+    lse_ptr,  # SPLITS > 1: [B, T, H, SPLITS] fp32, each split's log-sum-exp; -inf for a split that saw no key
+    counters_ptr,  # SPLITS > 1: [>= B * Hkv * m_blocks] int32, zero between launches (the last arrival resets)
     T, num_kv_heads, max_pos, scale,
     stride_qb, stride_qt, stride_qh,
     stride_cs, stride_cl, stride_ch,
@@ -82,30 +86,48 @@ def decode_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    token = b * T + t
+    query = (b * T + t) * (num_kv_heads * G) + head  # index of (row, token, head) in [B * T * H]
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    out_off = query[:, None] * HEAD_DIM + d[None, :]
     if SPLITS == 1:
-        out_off = (token[:, None] * (num_kv_heads * G) + head[:, None]) * HEAD_DIM + d[None, :]
-        tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
     else:
-        part = (token * (num_kv_heads * G) + head) * SPLITS + split
-        tl.store(out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        part = query * SPLITS + split
+        tl.store(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=tile_ok)
         lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + part, lse, mask=row_ok)
+        # Memory ordering. The barrier orders every thread's partial stores above before the counter's
+        # atomic, which one thread of the program issues; its release half (gpu scope, cumulative over what
+        # the barrier ordered before it) publishes them. The last arrival's acquire half orders its loads
+        # below after every other program's release, and the loads are `.cg` (served by L2, the point of
+        # coherence): no stale line of this SM's L1 can answer them. (Barrier, then one thread's gpu-scope
+        # release: the pattern of cooperative groups' grid sync.) Every program but the last leaves at once.
+        tl.debug_barrier()
+        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # clean for the next launch (graph replay)
+            _combine_splits(partial_ptr, lse_ptr, out_ptr + out_off, query, row_ok, d, tile_ok, HEAD_DIM, BLOCK_M,
+                            BLOCK_D, SPLITS)
 
 
 @triton.jit
-def attention_combine_kernel(
-    partial_ptr,  # [N = B * T * H, SPLITS, D] fp32
-    lse_ptr,  # [N, SPLITS] fp32; -inf for a split that saw no key
-    out_ptr,  # [N, D] model dtype
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-):
-    n = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + n * SPLITS + s)
-    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 always holds key 0: the max is finite
-    part = tl.load(partial_ptr + (n * SPLITS + s[:, None]) * HEAD_DIM + d[None, :], mask=d[None, :] < HEAD_DIM,
-                   other=0.0)
-    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + n * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+def _combine_splits(partial_ptr, lse_ptr, out_ptrs, query, row_ok, d, tile_ok, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """out = sum_s exp(lse_s - max) * partial_s / sum_s exp(lse_s - max), summed in split order: the same
+    output whichever program arrived last."""
+    lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        lse_s = tl.load(lse_ptr + query * SPLITS + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+        lse_max = tl.maximum(lse_max, lse_s)  # split 0 always holds key 0: the max is finite
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(SPLITS):
+        part = query * SPLITS + s
+        w = tl.exp(tl.load(lse_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg") - lse_max)
+        partial = tl.load(partial_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=tile_ok, other=0.0,
+                          cache_modifier=".cg")
+        acc += partial * w[:, None]
+        total += w
+    out = acc / total[:, None]
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=tile_ok)

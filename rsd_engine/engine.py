@@ -16,7 +16,7 @@ from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
 from .cuda_graph import SelfFeedingGraphs
-from .step import GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, row_values, step_inputs
+from .step import GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, pack_outputs, row_values, step_inputs
 from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -335,7 +335,7 @@ class Engine:
         state = self._state
 
         def run(bucket: int):
-            state.out[:bucket].copy_(step(state.inputs(bucket), teacher_kv=kv, student_kv=kv))
+            step(state.inputs(bucket), teacher_kv=kv, student_kv=kv, out=state.out[:bucket])
 
         n = self.max_batch_size
         buckets = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
@@ -345,24 +345,25 @@ class Engine:
     def _step_inputs(self, batch: list[Request], *, with_slots: bool) -> dict[str, torch.Tensor]:
         return step_inputs(batch, self.device, with_slots=with_slots)
 
-    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
-        """decode_step, then move the rows on in place (the next step's inputs); returns the packed outputs."""
-        out = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
-        self._advance(inputs, out.token)
-        return torch.stack([out.token.double(), out.accepted.double(), out.teacher_logprob.double(),
-                            out.student_logprob.double()], dim=1)
+    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int,
+                          out: torch.Tensor | None = None):
+        """decode_step, then move the rows on in place (the next step's inputs); returns the packed outputs
+        (written into ``out`` when given, see pack_outputs)."""
+        sampled = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance(inputs, sampled.token)
+        return pack_outputs([sampled.token, sampled.accepted, sampled.teacher_logprob, sampled.student_logprob], out)
 
     def _advance(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
         """The device's copy of _commit for one token per row (a flagged row's junk is dropped when it
         leaves the batch); padding rows (the scratch slot) keep their positions."""
         token, live = self._advance_student(inputs, token)
-        inputs["teacher_tokens"].copy_(self._teacher_next[token])
+        torch.index_select(self._teacher_next, 0, token, out=inputs["teacher_tokens"])
         inputs["teacher_pos"].add_(self._teacher_advance[token] * live)
 
     def _advance_student(self, inputs: dict[str, torch.Tensor], token: torch.Tensor):
-        token = token.clamp_min(0)
-        live = (inputs["slots"] != self.max_batch_size).long() if "slots" in inputs else 1
-        inputs["student_tokens"].copy_(token)
+        # Results written straight into the state (out=), bools added as they are: each op is a CUDA kernel.
+        token = torch.clamp_min(token, 0, out=inputs["student_tokens"])
+        live = inputs["slots"] != self.max_batch_size if "slots" in inputs else 1
         inputs["student_pos"].add_(live)
         inputs["steps"].add_(live)
         return token, live

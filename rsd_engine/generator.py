@@ -30,7 +30,7 @@ from .randomness import FALLBACK_DRAW, step_uniforms
 from .scheduler import Request
 from .sampling import resolve_backend, sample_tokens
 from .scoring import score_sequences
-from .step import STEP_INPUTS
+from .step import STEP_INPUTS, pack_outputs
 from .tokens import id_to_token_table, load_tokenizer
 
 RSD_ONLY_FIELDS = ("threshold", "check_temperature", "student_temperature", "student_top_p", "student_top_k",
@@ -124,10 +124,11 @@ class Generator(Engine):
     def _disturbs(self, row) -> bool:
         return False  # one model, no mapped tokens: the device's advance is the whole commit
 
-    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
+    def _step_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int,
+                          out: torch.Tensor | None = None):
         token, logprob = self.decode_step(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
         self._advance_student(inputs, token)
-        return torch.stack([token.double(), logprob.double()], dim=1)
+        return pack_outputs([token, logprob], out)
 
     def _fail(self, r: Request, flag: int):
         r.result.error = (f"the model ({self.model_path}) produced NaN or +inf logits at generation step "

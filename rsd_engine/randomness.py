@@ -10,7 +10,10 @@ proposal. Values lie in (0, 1]: ``(h >> 8 + 1) / 2**24``, exact in float32.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .params import MAX_PROPOSAL_TRIALS
 
@@ -31,8 +34,20 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# Whether CPU tensors take the Triton kernel (under the interpreter) instead of the torch ops: tests only.
+KERNEL_ON_CPU = False
+
+
 def step_uniforms(seeds: torch.Tensor, steps: torch.Tensor, num_draws: int = NUM_DRAWS) -> torch.Tensor:
-    """Uniforms ``[B, num_draws]`` float32 for requests ``seeds [B]`` (int64) at ``steps [B]`` (int64)."""
+    """Uniforms ``[B, num_draws]`` float32 for requests ``seeds [B]`` (int64) at ``steps [B]`` (int64).
+    On CUDA one launch of kernels/uniforms.py; elsewhere ``step_uniforms_torch``, its reference."""
+    if seeds.is_cuda or KERNEL_ON_CPU:
+        return uniforms_triton(seeds, steps, 1, num_draws)[:, 0]
+    return step_uniforms_torch(seeds, steps, num_draws)
+
+
+def step_uniforms_torch(seeds: torch.Tensor, steps: torch.Tensor, num_draws: int = NUM_DRAWS) -> torch.Tensor:
+    """The reference of the uniforms, in torch ops (plain torch: it compiles under torch.compile on CPU)."""
     seeds = seeds.to(torch.int64)
     steps = steps.to(torch.int64)
     draws = torch.arange(num_draws, device=seeds.device, dtype=torch.int64)
@@ -59,7 +74,29 @@ NUM_ROUND_DRAWS = NUM_DRAWS + 4
 def round_uniforms(seeds: torch.Tensor, start_steps: torch.Tensor, num_positions: int) -> torch.Tensor:
     """Uniforms ``[B, num_positions, NUM_ROUND_DRAWS]`` float32 for a round starting at ``start_steps [B]``:
     position ``i`` of row ``b`` holds ``step_uniforms(seeds[b], start_steps[b] + i, NUM_ROUND_DRAWS)``."""
+    if seeds.is_cuda or KERNEL_ON_CPU:
+        return uniforms_triton(seeds, start_steps, num_positions, NUM_ROUND_DRAWS)
     seeds = seeds.to(torch.int64)
     steps = start_steps.to(torch.int64)[:, None] + torch.arange(num_positions, device=seeds.device)
-    flat = step_uniforms(seeds[:, None].expand(-1, num_positions).reshape(-1), steps.reshape(-1), NUM_ROUND_DRAWS)
+    flat = step_uniforms_torch(seeds[:, None].expand(-1, num_positions).reshape(-1), steps.reshape(-1), NUM_ROUND_DRAWS)
     return flat.view(seeds.shape[0], num_positions, NUM_ROUND_DRAWS)
+
+
+def uniforms_triton(seeds: torch.Tensor, start_steps: torch.Tensor, num_positions: int, num_draws: int) -> torch.Tensor:
+    """``[B, num_positions, num_draws]``: the uniforms of steps ``start_steps + position``, in one launch."""
+    B = seeds.shape[0]
+    out = torch.empty((B, num_positions, num_draws), dtype=torch.float32, device=seeds.device)
+    seeds, start_steps = seeds.to(torch.int64).contiguous(), start_steps.to(torch.int64).contiguous()
+    if isinstance(out, FakeTensor) or out.numel() == 0:
+        return out  # traced under FakeTensorMode: the shape is all a trace needs
+    block = 256
+    grid = (-(-out.numel() // block),)
+    _uniforms_kernel()[grid](seeds, start_steps, out, out.numel(), num_positions, num_draws, BLOCK=block, num_warps=4)
+    return out
+
+
+@functools.cache
+def _uniforms_kernel():
+    from .sampling.triton import import_kernel  # not at import time: CPU-only users never load Triton
+
+    return import_kernel("uniforms").uniforms_kernel

@@ -31,7 +31,7 @@ import torch
 
 from .randomness import DRAFT_DRAW, round_uniforms
 from .sampling import RowParams, VerifyOutput, rsd_verify, sample_tokens
-from .step import STEP_INPUTS, row_values, step_inputs
+from .step import STEP_INPUTS, pack_outputs, row_values, step_inputs
 
 # max_new_tokens: the device sizes each row's next num_draft itself (_advance), as _num_draft does.
 ROUND_INPUTS = {**STEP_INPUTS, "num_draft": torch.int32, "max_new_tokens": torch.long}
@@ -156,12 +156,14 @@ class SpeculativeDecoder:
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
                           params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)
 
-    def _round_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int):
-        """round, then move the rows on in place as the host's commit will; returns the packed outputs."""
-        out = self.round(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
-        self._advance(inputs, out)
-        return torch.cat([out.num_emitted[:, None].double(), out.tokens.double(), out.accepted.double(),
-                          out.teacher_logprob.double(), out.student_logprob.double()], dim=1)
+    def _round_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int,
+                           out: torch.Tensor | None = None):
+        """round, then move the rows on in place as the host's commit will; returns the packed outputs
+        (written into ``out`` when given, see pack_outputs)."""
+        verified = self.round(inputs, teacher_kv=teacher_kv, student_kv=student_kv)
+        self._advance(inputs, verified)
+        return pack_outputs([verified.num_emitted, verified.tokens, verified.accepted, verified.teacher_logprob,
+                             verified.student_logprob], out)
 
     def _advance(self, inputs: dict[str, torch.Tensor], out: VerifyOutput):
         """The device's copy of the engine's commit of a round: a row takes its emitted run up to and including

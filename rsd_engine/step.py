@@ -47,6 +47,23 @@ def step_inputs(batch, device, *, with_slots: bool) -> dict[str, torch.Tensor]:
             for name, v in values.items()}
 
 
+def pack_outputs(columns, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The step's outputs ``[n]`` or ``[n, k]`` each, side by side as one float64 ``[n, C]`` (exact for int64
+    tokens below 2**53 and float32 log-probs), read back with one copy. Given ``out`` (StepState.out, a
+    captured graph's static buffer), each column is cast straight into it: one kernel per column instead of
+    a cast each, a concatenation and a copy."""
+    columns = [c.reshape(c.shape[0], -1) for c in columns]
+    if out is None:
+        return torch.cat([c.double() for c in columns], dim=1)
+    start = 0
+    for c in columns:
+        out[:, start:start + c.shape[1]].copy_(c)
+        start += c.shape[1]
+    if start != out.shape[1]:
+        raise ValueError(f"the step's outputs are {start} columns, its output buffer {out.shape[1]}")
+    return out
+
+
 def row_values(r) -> dict[str, int | float]:
     """One request's row of step inputs, as the host knows it between steps."""
     p = r.params

@@ -101,3 +101,58 @@ def test_decode_loop_host_traffic_on_cuda(tiny_pair, monkeypatch):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert [g.accepted for g in got] == [w.accepted for w in want]
     assert_budget(steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_attention_in_a_graph_on_cuda(dtype):
+    """Attention with each row's keys split over 8 programs, the last to arrive merging them (no second
+    launch): against SDPA, captured in a CUDA graph and replayed with new queries (the arrival counters must
+    be back at zero after every launch), and bit for bit the same on a second replay of the same queries."""
+    from test_decode_attention import sdpa_reference
+
+    from rsd_engine.models import triton_ops as ops
+
+    B, T, Hkv, G, D, L = 6, 3, 4, 4, 128, 2048
+    g = torch.Generator().manual_seed(15)
+    k_cache, v_cache = (torch.randn(B + 1, L + 1, Hkv, D, generator=g).to(dtype).cuda() for _ in "kv")
+    slots = torch.randperm(B + 1, generator=g)[:B].cuda()
+    positions = (torch.tensor([5, 700, 1500, 2040, 64, 1023])[:, None] + torch.arange(T)).cuda()
+    queries = [torch.randn(B, T, Hkv * G, D, generator=g).to(dtype).cuda() for _ in range(3)]
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+    def expected(q):
+        return sdpa_reference(q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), slots.cpu(),
+                              positions.cpu())
+
+    static_q = queries[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, and zeroes the counters outside the capture
+        ops.decode_attention(static_q, k_cache, v_cache, slots, positions, splits=8)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.decode_attention(static_q, k_cache, v_cache, slots, positions, splits=8)
+    for q in queries:
+        static_q.copy_(q)
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+        torch.testing.assert_close(first.float().cpu(), expected(q), **tol)
+        assert all(not c.any() for c in ops._counters.values()), "an arrival counter was left non-zero"
+
+
+def test_uniforms_kernel_on_cuda_equals_torch():
+    """kernels/uniforms.py compiled for the card, bit for bit the torch ops on CPU (test_uniforms.py's grid)."""
+    from test_uniforms import grid
+
+    from rsd_engine.randomness import NUM_DRAWS, round_uniforms, step_uniforms, step_uniforms_torch
+
+    seeds, steps = grid()
+    got = step_uniforms(seeds.cuda(), steps.cuda()).cpu()
+    assert torch.equal(got.view(torch.int32), step_uniforms_torch(seeds, steps).view(torch.int32))
+    rounds = round_uniforms(seeds.cuda(), steps.cuda(), 5).cpu()
+    for i in range(5):
+        assert torch.equal(rounds[:, i, :NUM_DRAWS], step_uniforms_torch(seeds, steps + i))

@@ -46,7 +46,7 @@ def kernels_of_forward(model, monkeypatch, tokens: int) -> int:
             mode.in_launch = False
 
     monkeypatch.setattr(triton_ops, "_launch", counted_launch)
-    # The worst case of CUDA: a row's keys split over programs, then combined (2 attention kernels).
+    # The worst case of CUDA: a row's keys split over programs (still one attention kernel: the last merges).
     monkeypatch.setattr(triton_ops, "_splits", lambda programs, device: 4)
     cache = model.new_cache(3, 32)
     ids = torch.arange(2 * tokens).view(2, tokens) + 5
@@ -68,6 +68,8 @@ def test_cuda_path_kernels_per_layer_within_budget(qwen3_models, monkeypatch, to
     one, three = qwen3_models
     for model in qwen3_models:
         model.use_triton = True
+    for model in qwen3_models:  # once-only work out of the count: RoPE tables, the attention's arrival counters
+        kernels_of_forward(model, monkeypatch, tokens)
     per_layer = (kernels_of_forward(three, monkeypatch, tokens) - kernels_of_forward(one, monkeypatch, tokens)) / 2
-    # add+norm 2, GEMMs 4 (qkv, o, gate_up, down), q/k-norm+RoPE+store 1, attention 2, SiLU*up 1.
-    assert per_layer == 10 <= BUDGET
+    # add+norm 2, GEMMs 4 (qkv, o, gate_up, down), q/k-norm+RoPE+store 1, attention 1, SiLU*up 1.
+    assert per_layer == 9 <= BUDGET

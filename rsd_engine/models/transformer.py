@@ -160,10 +160,10 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def _forward_triton(self, input_ids, positions, cache: KVCache, slots) -> torch.Tensor:
-        """The forward of CUDA: 9 kernels per layer (10 with split attention), each reading what it needs
-        where it lies. Attention reads the cache in place by slot and position, up to each query's own
-        position, so kv_len plays no part: one captured graph serves any span. The residual stream is updated in place, and
-        the MLP's output is added by the next layer's (or the final) norm."""
+        """The forward of CUDA: 9 kernels per layer (split attention too: its last program merges the splits),
+        each reading what it needs where it lies. Attention reads the cache in place by slot and position, up to
+        each query's own position, so kv_len plays no part: one captured graph serves any span. The residual
+        stream is updated in place, and the MLP's output is added by the next layer's (or the final) norm."""
         from . import triton_ops as ops
 
         c = self.config

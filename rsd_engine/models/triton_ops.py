@@ -81,16 +81,30 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     grid = (B * num_kv_heads, m_blocks, splits)
     if splits == 1:
-        _launch(_attention.decode_attention_kernel, grid, q, k_cache, v_cache, slots, positions, out, out, *args,
-                **common)
+        _launch(_attention.decode_attention_kernel, grid, q, k_cache, v_cache, slots, positions, out, out, out, slots,
+                *args, **common)
         return out
     partial = torch.empty((B, T, H, splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, T, H, splits), dtype=torch.float32, device=q.device)
-    _launch(_attention.decode_attention_kernel, grid, q, k_cache, v_cache, slots, positions, partial, lse, *args,
-            **common)
-    _launch(_attention.attention_combine_kernel, (B * T * H,), partial, lse, out, HEAD_DIM=D,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), SPLITS=splits, num_warps=4)
+    counters = q if isinstance(q, FakeTensor) else _arrival_counters(q.device, B * num_kv_heads * m_blocks)
+    _launch(_attention.decode_attention_kernel, grid, q, k_cache, v_cache, slots, positions, out, partial, lse,
+            counters, *args, **common)
     return out
+
+
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The attention's arrival counters: zeroed once here, and every launch leaves them at zero (its last
+    arrival resets its own), so one buffer serves every layer and every replay of a graph without a kernel
+    to clear it. Kept for good, never replaced: a captured graph holds its address. Launches that share it
+    must not overlap, which holds on one stream. First allocated in a graph's warm-up, outside the capture."""
+    size = triton.next_power_of_2(n)
+    key = (device, size)
+    if key not in _counters:
+        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 def _splits(programs: int, device: torch.device) -> int:

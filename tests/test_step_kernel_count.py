@@ -1,0 +1,100 @@
+"""Kernels of one whole CUDA decode step, counted on CPU: (kernels per layer x layers) + a fixed part.
+
+The step the engine captures as a CUDA graph (Engine._capture's ``run``: both forwards, the logits, the
+uniforms, the fused sampler, the rows' advance, packing the outputs into StepState.out) runs on CPU with
+every choice CUDA makes: the models' Triton forward, the Triton sampler and the Triton uniforms, all
+interpreted. As in test_kernel_count.py, every aten op that computes is at least one CUDA kernel and every
+Triton launch is one. Ops inside the two model forwards are told apart from the rest; the teacher has one
+layer more than the student, which gives the kernels per layer and the forward's own (embedding, final
+norm). Before this count existed the fixed part was 106: 78 int64 ops for the uniforms, 11 for the
+advance, 6 for the packing; now 24."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.interpreter import InterpretedFunction
+
+from rsd_engine import Engine
+from rsd_engine import randomness
+from rsd_engine.models import triton_ops
+from rsd_engine.models.transformer import CausalLM
+
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
+
+
+class StepKernels(TorchDispatchMode):
+    """Kernels by where they run: ``forward`` (inside a model's forward) or ``step`` (the rest)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {"forward": [], "step": []}
+        self.where, self.in_launch = "step", False
+
+    def add(self, name):
+        self.ops[self.where].append(name)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        # aten marks ``to`` (a dtype cast: ``.double()``, ``.long()``) as a view: it is one only when it aliases.
+        if func.is_view and not (isinstance(out, torch.Tensor) and not _aliases(out, args[0])):
+            return out
+        if not self.in_launch and name not in NO_KERNEL:
+            self.add(name)
+        return out
+
+
+def _aliases(out: torch.Tensor, source) -> bool:
+    return isinstance(source, torch.Tensor) and out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+
+
+def count_step(engine, monkeypatch, rows: int) -> tuple[StepKernels, dict]:
+    mode, per_model = StepKernels(), {}
+    run = InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):  # every Triton launch, whoever makes it (models, sampler, uniforms)
+        mode.add(self.fn.__name__)
+        mode.in_launch = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            mode.in_launch = False
+
+    forward = CausalLM.forward
+
+    def counted_forward(model, *args, **kwargs):
+        before, mode.where = len(mode.ops["forward"]), "forward"
+        try:
+            return forward(model, *args, **kwargs)
+        finally:
+            mode.where = "step"
+            per_model[model] = len(mode.ops["forward"]) - before
+
+    monkeypatch.setattr(InterpretedFunction, "run", launch)
+    monkeypatch.setattr(CausalLM, "forward", counted_forward)
+    graphs = engine._capture(engine.max_seq_len)  # no CUDA: calling it runs the step the graph would hold
+    with torch.inference_mode(), mode:
+        graphs(rows)
+    return mode, per_model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the CUDA path on CPU tensors, under the interpreter")
+def test_decode_step_kernels(tiny_pair, monkeypatch):
+    engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=2, max_seq_len=64, sampler="triton")
+    for model in (engine.teacher, engine.student):
+        model.use_triton, model._packed_head = True, None  # the CUDA forward and the CUDA logits (one GEMM)
+    monkeypatch.setattr(randomness, "KERNEL_ON_CPU", True)
+    monkeypatch.setattr(triton_ops, "_splits", lambda programs, device: 4)  # CUDA's small batch: split attention
+    count_step(engine, monkeypatch, 2)  # once-only work out of the count (RoPE tables, arrival counters)
+    mode, per_model = count_step(engine, monkeypatch, 2)
+    layers = {m: m.config.num_layers for m in per_model}
+    assert sorted(layers.values()) == [2, 3]
+    per_layer = per_model[engine.teacher] - per_model[engine.student]
+    forward_own = per_model[engine.student] - 2 * per_layer  # embedding, final norm
+    fixed = len(mode.ops["step"]) + 2 * forward_own
+    print(f"\nper layer {per_layer}; fixed {fixed} = outside the forwards {len(mode.ops['step'])} "
+          f"+ 2 x {forward_own} in each forward; outside: {sorted(mode.ops['step'])}")
+    assert per_layer == 9
+    assert forward_own == 2  # the embedding gather, the final add + norm
+    # 2 x (embedding, final norm) 4, logits GEMMs 2, uniforms 1, sampler launches 5, the rows' advance 8,
+    # packing the outputs (a cast-copy per column into StepState.out) 4.
+    assert fixed == 24
