@@ -1,0 +1,156 @@
+"""kernels/skinny_linear.py under the interpreter against PyTorch (every prologue and epilogue, biases, row
+counts of a decode step, a verification round and a full dot tile, shapes off the block sizes); the probe's
+choice of the row limit with a fake timer; the kernel compiled for sm_90 without a GPU (with the 16-divisible
+strides and the pipelined loads a real launch gets). The fused forward against HF: tests/test_models.py
+::test_triton_forward_matches_hf (skinny cases); its kernel count: tests/test_kernel_count.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsd_engine.models import skinny
+from rsd_engine.models import triton_ops as ops
+from rsd_engine.models.transformer import RMSNorm
+
+N, K, EPS = 72, 88, 1e-6  # neither a multiple of the column block (16) nor of the K block (32 on CPU here)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("prologue", [None, "rms_norm", "silu_mul"])
+@pytest.mark.parametrize("add_residual", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_matches_pytorch(M, prologue, add_residual, has_bias, monkeypatch):
+    g = torch.Generator().manual_seed(M * 100 + 3)
+    monkeypatch.setattr(ops, "skinny_config", lambda n, k, device: (16, 32, 2))  # several blocks on both axes
+    weight = torch.randn(N, K, generator=g)
+    bias = torch.randn(N, generator=g) if has_bias else None
+    x = torch.randn(M, 2 * K if prologue == "silu_mul" else K, generator=g) * 3
+    norm = RMSNorm(K, EPS)
+    norm.weight.data = torch.randn(K, generator=g)
+    residual = torch.randn(M, N, generator=g)
+    stream = residual.clone()
+
+    out = ops.skinny_linear(x, weight, bias, norm_weight=norm.weight if prologue == "rms_norm" else None, eps=EPS,
+                            silu_mul=prologue == "silu_mul", residual=stream if add_residual else None)
+
+    inputs = norm(x) if prologue == "rms_norm" else F.silu(x[:, :K]) * x[:, K:] if prologue == "silu_mul" else x
+    expected = F.linear(inputs, weight, bias) + (residual if add_residual else 0)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    if add_residual:
+        assert out.data_ptr() == stream.data_ptr()  # updated in place, returned
+    else:
+        assert torch.equal(stream, residual)
+
+
+def test_rows_past_a_tile_and_default_config():
+    """More rows than one dot tile (a second program row) with the launcher's own config."""
+    g = torch.Generator().manual_seed(7)
+    x, weight = torch.randn(20, 40, generator=g), torch.randn(24, 40, generator=g)
+    torch.testing.assert_close(ops.skinny_linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-4)
+
+
+def test_refuses_shapes_that_do_not_fit():
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.skinny_linear(x, weight, silu_mul=True)  # silu_mul wants x [M, 2K]
+    with pytest.raises(ValueError, match="residual"):
+        ops.skinny_linear(x, weight, residual=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="exclusive"):
+        ops.skinny_linear(torch.randn(2, 16), weight, norm_weight=torch.ones(8), silu_mul=True)
+
+
+def test_config_fills_the_card():
+    """Two programs per SM where the columns allow, wider blocks only then; 16 KiB weight tiles."""
+    cpu = torch.device("cpu")  # counts as 132 SMs
+    assert ops.skinny_config(1024, 2048, cpu) == (16, 512, 3)  # 64 programs: as many as the dot allows
+    assert ops.skinny_config(12288, 2048, cpu) == (32, 256, 4)  # 384 programs
+    assert ops.skinny_config(24576, 4096, cpu) == (64, 128, 4)  # 384 programs
+    assert ops.skinny_config(64, 20, cpu) == (16, 32, 3)  # K below a tile: the smallest dot K
+
+
+@pytest.mark.parametrize("won, expected", [
+    ({1: True, 2: True, 4: True, 8: True, 16: True}, 16),
+    ({1: True, 2: True, 4: True, 8: False, 16: True}, 4),  # a later win does not cover the loss at 8
+    ({1: False, 2: True, 4: True, 8: True, 16: True}, 0),
+    ({1: True, 2: False, 4: False, 8: False, 16: False}, 1),
+])
+def test_probe_chooses_the_largest_row_count_won_throughout(won, expected):
+    calls = []
+
+    def fake_timer(skinny_path: bool, rows: int) -> float:
+        calls.append((skinny_path, rows))
+        return 1.0 if skinny_path == won[rows] else 2.0
+
+    assert skinny.choose(fake_timer) == expected
+    first_loss = next((m for m in skinny.PROBE_ROWS if not won[m]), None)
+    assert max(rows for _, rows in calls) == (first_loss or 16)  # stops at the first loss
+    assert skinny.choose(lambda s, m: 1.0) == 0  # a tie is no win
+
+
+@pytest.mark.parametrize("mode, expected", [("off", 0), ("on", 16), ("auto", 0), (" ON ", 16)])
+def test_mode_override_off_cuda(monkeypatch, mode, expected):
+    """Off CUDA nothing is probed: auto is off, on is on (tests force the path this way)."""
+    monkeypatch.setenv("RSD_SKINNY_GEMM", mode)
+    model = SimpleNamespace(device=torch.device("cpu"))
+    assert skinny.row_limit(model) == expected
+    monkeypatch.setenv("RSD_SKINNY_GEMM", "fast")
+    with pytest.raises(ValueError, match="RSD_SKINNY_GEMM"):
+        skinny.row_limit(model)
+
+
+def test_failed_probe_warns_and_leaves_todays_path(monkeypatch):
+    """On CUDA a probe that raises (a kernel that does not compile there) gives 0 and one warning."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX too new\nmore lines")
+
+    monkeypatch.setenv("RSD_SKINNY_GEMM", "auto")
+    monkeypatch.setattr(skinny, "GraphTimer", broken)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    with pytest.warns(UserWarning, match="skinny-GEMM path off: its probe failed .RuntimeError: PTX too new.$"):
+        assert skinny.row_limit(SimpleNamespace(device=torch.device("cuda"))) == 0
+
+
+COMPILE = """
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = importlib.util.spec_from_file_location("skinny_linear", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+kernel = module.skinny_linear_kernel
+VARIANTS = [dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=True, ADD_RESIDUAL=False),  # qkv (Qwen2's bias)
+            dict(RMS_NORM=False, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=True),  # o_proj
+            dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=False),  # gate_up
+            dict(RMS_NORM=False, SILU_MUL=True, HAS_BIAS=False, ADD_RESIDUAL=True)]  # down
+for variant in VARIANTS:
+    for block_n, block_k, stages in [(16, 512, 3), (64, 128, 4)]:
+        constexprs = dict(variant, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
+                          DOT_IN_FP32=False)
+        signature = {n: "constexpr" if n in constexprs else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps"
+                     else "i32" for n in kernel.arg_names}
+        # As a launch specialises them: pointers and N, K divisible by 16 (M is not specialised).
+        aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in kernel.arg_names
+                   if signature[n] in ("*bf16", "i32") and n != "M"}
+        source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}, aligned)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "num_stages": stages})
+        # The weight stream must be software-pipelined (cp.async stages), else it runs at a fraction of HBM.
+        print(compiled.asm["ptx"].count("cp.async") > 0)
+"""
+
+
+def test_compiles_for_sm90_and_pipelines_without_a_gpu():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    path = Path(__file__).resolve().parents[1] / "kernels" / "skinny_linear.py"
+    done = subprocess.run([sys.executable, "-c", COMPILE, str(path)], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"] * 8
