@@ -11,9 +11,11 @@ Epilogue ADD_RESIDUAL: residual [M, N] = round(residual + out), in place, instea
 
 At M <= 16 the layer is a stream of the weight: each program owns BLOCK_N output columns, walks K once in
 BLOCK_K steps (every weight byte read once, no split-K, so the sum order is fixed and runs reproduce), and
-keeps a [BLOCK_M, BLOCK_N] fp32 accumulator. The product is a tl.dot over BLOCK_M = 16 rows (unused rows
-masked to zero): the tensor cores' spare work is free when the weight stream is the bound, and Triton
-software-pipelines a dot loop's loads (num_stages deep), which keeps enough weight bytes in flight per SM.
+keeps a [BLOCK_M, BLOCK_N] fp32 accumulator. The product is a tl.dot over BLOCK_M = 16 rows: the tensor
+cores' spare work is free when the weight stream is the bound, and Triton software-pipelines a dot loop's
+loads (num_stages deep), which keeps enough weight bytes in flight per SM. The prologue's math (an exp and a
+division per element for SiLU) is not free: it runs on ROWS = next_pow2(M) rows only, tiled up to the dot's
+16 (the copies' results are never stored), so one row costs a sixteenth of a full tile.
 """
 import triton
 import triton.language as tl
@@ -28,12 +30,13 @@ def skinny_linear_kernel(
     out_ptr,  # [M, N] model dtype: the output, or the residual stream updated in place with ADD_RESIDUAL
     M, N, K, eps,
     RMS_NORM: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,  # next_pow2(M) up to BLOCK_M: the rows the prologue computes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (tests), else the tensor cores' "tf32" (unused)
     DOT_IN_FP32: tl.constexpr,  # the interpreter has no bf16 dot: operands upcast on CPU
 ):
     dtype = out_ptr.dtype.element_ty
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, ROWS)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     x_stride = 2 * K if SILU_MUL else K
@@ -42,7 +45,7 @@ def skinny_linear_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     if RMS_NORM:
-        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & (k0 + ks < K)[None, :], other=0.0)
             x = x.to(tl.float32)
@@ -64,6 +67,8 @@ def skinny_linear_kernel(
             g = tl.load(norm_weight_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
             normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
             x = (normed * g[None, :]).to(dtype)
+        if ROWS < BLOCK_M:  # row r of the tile is x's row r % ROWS
+            x = tl.reshape(tl.broadcast_to(x[None, :, :], (BLOCK_M // ROWS, ROWS, BLOCK_K)), (BLOCK_M, BLOCK_K))
         w = tl.load(w_rows + k0 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         if DOT_IN_FP32:
             x, w = x.to(tl.float32), w.to(tl.float32)
@@ -72,8 +77,9 @@ def skinny_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = acc.to(dtype)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # the copies past ROWS (>= M) are masked off
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
+    ok = (rows < M)[:, None] & col_ok[None, :]
     if ADD_RESIDUAL:
         out = (tl.load(out_ptrs, mask=ok, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dtype)
     tl.store(out_ptrs, out, mask=ok)

@@ -131,8 +131,8 @@ VARIANTS = [dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=True, ADD_RESIDUAL=Fals
             dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=False),  # gate_up
             dict(RMS_NORM=False, SILU_MUL=True, HAS_BIAS=False, ADD_RESIDUAL=True)]  # down
 for variant in VARIANTS:
-    for block_n, block_k, stages in [(16, 512, 3), (64, 128, 4)]:
-        constexprs = dict(variant, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
+    for rows, block_n, block_k, stages in [(1, 16, 512, 3), (16, 64, 128, 4)]:
+        constexprs = dict(variant, ROWS=rows, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
                           DOT_IN_FP32=False)
         signature = {n: "constexpr" if n in constexprs else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps"
                      else "i32" for n in kernel.arg_names}

@@ -73,7 +73,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _launch(_skinny.skinny_linear_kernel, grid, x, weight, weight if bias is None else bias,
             weight if norm_weight is None else norm_weight, out, M, N, K, eps,
             RMS_NORM=norm_weight is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
-            ADD_RESIDUAL=residual is not None, BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+            ADD_RESIDUAL=residual is not None, ROWS=min(SKINNY_BLOCK_M, triton.next_power_of_2(M)),
+            BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             DOT_IN_FP32=x.dtype != torch.float32 and not x.is_cuda, num_warps=4, num_stages=stages)
     return out
