@@ -3,6 +3,7 @@ counts of a decode step, a verification round and a full dot tile, shapes off th
 choice of the row limit with a fake timer; the kernel compiled for sm_90 without a GPU (with the 16-divisible
 strides and the pipelined loads a real launch gets). The fused forward against HF: tests/test_models.py
 ::test_triton_forward_matches_hf (skinny cases); its kernel count: tests/test_kernel_count.py."""
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,32 @@ def test_mode_override_off_cuda(monkeypatch, mode, expected):
         skinny.row_limit(model)
 
 
+def test_probe_on_cuda_records_times_and_runs_once_per_shape(monkeypatch):
+    """auto on a (pretend) CUDA model: the timer's verdict becomes the limit, its times are kept on the
+    model, and a second model of the same config, dtype and device reuses the answer without timing."""
+    timed = []
+
+    class FakeTimer:
+        def __init__(self, model):
+            pass
+
+        def __call__(self, skinny_path, rows):
+            timed.append((skinny_path, rows))
+            return (10.0 if skinny_path else 20.0) * (1 if rows <= 4 else 3 if skinny_path else 1)
+
+    monkeypatch.setenv("RSD_SKINNY_GEMM", "auto")
+    monkeypatch.setattr(skinny, "GraphTimer", FakeTimer)
+    monkeypatch.setattr(skinny, "_probed", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    model = lambda: SimpleNamespace(device=torch.device("cuda"), config=("a config",), dtype=torch.bfloat16,  # noqa: E731
+                                    skinny_probe=None)
+    first, second = model(), model()
+    assert skinny.row_limit(first) == 4
+    assert first.skinny_probe[8] == {"skinny_us": 30.0, "cublas_us": 20.0} and 16 not in first.skinny_probe
+    assert len(timed) == 8
+    assert skinny.row_limit(second) == 4 and second.skinny_probe == first.skinny_probe and len(timed) == 8
+
+
 def test_failed_probe_warns_and_leaves_todays_path(monkeypatch):
     """On CUDA a probe that raises (a kernel that does not compile there) gives 0 and one warning."""
 
@@ -115,6 +142,19 @@ def test_failed_probe_warns_and_leaves_todays_path(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     with pytest.warns(UserWarning, match="skinny-GEMM path off: its probe failed .RuntimeError: PTX too new.$"):
         assert skinny.row_limit(SimpleNamespace(device=torch.device("cuda"))) == 0
+
+
+def test_benchmark_runs_and_both_paths_agree(tmp_path):
+    """bench/bench_skinny_linear.py on CPU (a tiny layer, interpreted): every op and the whole layer by both
+    paths, same outputs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_skinny_linear import main
+
+    main(["--device", "cpu", "--repeats", "1", "--budget", "0", "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["op"], r["M"]) for r in rows] == [(op, M) for op in ("qkv", "o", "gate_up", "down", "layer")
+                                                 for M in (1, 5)]
+    assert all(r["max_abs_diff"] < 1e-5 for r in rows), rows
 
 
 COMPILE = """

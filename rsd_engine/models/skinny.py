@@ -6,7 +6,8 @@ depends on the card and the shapes. So a probe measures it, once per model and b
 (CausalLM.new_cache asks on CUDA): the decode forward at 1, 2, 4, 8 and 16 rows by both paths, each captured
 as a CUDA graph (else Python's launch overhead is what gets measured) and replayed between CUDA events. The
 limit is the largest probed row count up to which the skinny path won at every count: a threshold should not
-cover a count where the path lost. RSD_SKINNY_GEMM=on|off|auto (default auto) overrides it (A/B runs).
+cover a count where the path lost. The answer is kept per (config, dtype, device) for the process, so the
+engines of one benchmark run probe each shape once. RSD_SKINNY_GEMM=on|off|auto (default auto) overrides it (A/B runs).
 Off CUDA, auto means off (the interpreter says nothing of speed). A probe that fails (a kernel that does not
 compile on this card, say) costs a one-line warning and leaves today's path.
 """
@@ -24,6 +25,7 @@ from .kv_cache import KVCache
 MAX_ROWS = 16  # triton_ops.SKINNY_BLOCK_M: the rows of one dot tile
 PROBE_ROWS = (1, 2, 4, 8, 16)
 MODES = ("auto", "on", "off")
+_probed: dict = {}  # (ModelConfig, dtype, device) -> (limit, times)
 
 
 def row_limit(model) -> int:
@@ -46,6 +48,10 @@ def row_limit(model) -> int:
             for rows in (1, MAX_ROWS):  # compiles every variant now, or fails here rather than in a capture
                 timer(True, rows)
             return MAX_ROWS
+        key = (model.config, model.dtype, str(model.device))
+        if key in _probed:
+            limit, model.skinny_probe = _probed[key]
+            return limit
         times = {}
 
         def timed(skinny: bool, rows: int) -> float:
@@ -55,6 +61,7 @@ def row_limit(model) -> int:
         limit = choose(timed)
         model.skinny_probe = {rows: {"skinny_us": times[True, rows], "cublas_us": times[False, rows]}
                               for skinny, rows in times if skinny and (False, rows) in times}
+        _probed[key] = limit, model.skinny_probe
         return limit
     except Exception as err:  # noqa: BLE001  any failure leaves today's path, which ran before this existed
         torch.cuda.synchronize()
