@@ -33,7 +33,7 @@ MODELS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-8b")
 OPS = ("qkv", "o", "gate_up", "down", "layer")
 EPS = 1e-6
 L2_CLEAR_BYTES = 256 * 2**20  # weight copies per graph: each op's weights over this many bytes (H200 L2: 60 MiB)
-SWEEP = [(16, 256, 3), (16, 512, 2), (16, 512, 3), (16, 512, 4), (16, 1024, 2), (16, 1024, 3), (32, 256, 3),
+SWEEP = [(16, 256, 3), (16, 512, 2), (16, 512, 3), (16, 512, 4), (16, 512, 6), (16, 1024, 2), (16, 1024, 3), (32, 256, 3),
          (32, 256, 4), (32, 512, 3), (64, 128, 4), (64, 256, 3)]  # (BLOCK_N, BLOCK_K, num_stages)
 TINY = dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=40)
 
@@ -97,7 +97,7 @@ def bench_op(model: str, op: str, M: int, device: str, args, config=None) -> dic
     hidden, delta = calls[0][1], calls[0][2]
     saved_config = ops.skinny_config
     if config is not None:
-        ops.skinny_config = lambda n, k, dev: config
+        ops.skinny_config = lambda n, k, dtype, dev: config
     try:
         start = hidden.clone()
         out_skinny = skinny().clone()

@@ -213,14 +213,17 @@ def test_cuda_forward_matches_hf(folders, dtype, atol):
     assert model.sampler_logits(hidden).dtype == dtype
 
 
-def test_triton_forward_traces_without_host_reads(folders):
+@pytest.mark.parametrize("skinny", [False, True])
+def test_triton_forward_traces_without_host_reads(folders, skinny):
     """Under FakeTensorMode a host read (.item(), .tolist(), a data-dependent branch) raises, and our
     launchers skip the kernels (their outputs are allocated already): the CUDA forward traces, so its
-    step can be checked for syncs on CPU, and it keeps the model's output shape."""
+    step can be checked for syncs on CPU, and it keeps the model's output shape. Both paths (skinny GEMMs
+    or cuBLAS)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     model = load_model(folders["qwen3"])
     model.use_triton = True
+    model.skinny_rows = 16 if skinny else 0
     cache = model.new_cache(num_slots=3, max_seq_len=MAX_SEQ_LEN)
     with FakeTensorMode(allow_non_fake_inputs=True):
         hidden = model(torch.tensor([[5], [6]]), torch.tensor([[3], [40]]), cache, torch.tensor([2, 0]), 8)

@@ -27,7 +27,7 @@ N, K, EPS = 72, 88, 1e-6  # neither a multiple of the column block (16) nor of t
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_matches_pytorch(M, prologue, add_residual, has_bias, monkeypatch):
     g = torch.Generator().manual_seed(M * 100 + 3)
-    monkeypatch.setattr(ops, "skinny_config", lambda n, k, device: (16, 32, 2))  # several blocks on both axes
+    monkeypatch.setattr(ops, "skinny_config", lambda n, k, dtype, device: (16, 32, 2))  # several blocks on both axes
     weight = torch.randn(N, K, generator=g)
     bias = torch.randn(N, generator=g) if has_bias else None
     x = torch.randn(M, 2 * K if prologue == "silu_mul" else K, generator=g) * 3
@@ -67,11 +67,12 @@ def test_refuses_shapes_that_do_not_fit():
 
 def test_config_fills_the_card():
     """Two programs per SM where the columns allow, wider blocks only then; 16 KiB weight tiles."""
-    cpu = torch.device("cpu")  # counts as 132 SMs
-    assert ops.skinny_config(1024, 2048, cpu) == (16, 512, 3)  # 64 programs: as many as the dot allows
-    assert ops.skinny_config(12288, 2048, cpu) == (32, 256, 4)  # 384 programs
-    assert ops.skinny_config(24576, 4096, cpu) == (64, 128, 4)  # 384 programs
-    assert ops.skinny_config(64, 20, cpu) == (16, 32, 3)  # K below a tile: the smallest dot K
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16  # the CPU counts as 132 SMs
+    assert ops.skinny_config(1024, 2048, bf16, cpu) == (16, 512, 3)  # 64 programs: as many as the dot allows
+    assert ops.skinny_config(12288, 2048, bf16, cpu) == (32, 256, 4)  # 384 programs
+    assert ops.skinny_config(24576, 4096, bf16, cpu) == (64, 128, 4)  # 384 programs
+    assert ops.skinny_config(1024, 2048, torch.float32, cpu) == (16, 256, 3)  # 16 KiB of fp32
+    assert ops.skinny_config(64, 20, bf16, cpu) == (16, 32, 3)  # K below a tile: the smallest dot K
 
 
 @pytest.mark.parametrize("won, expected", [
@@ -170,20 +171,22 @@ VARIANTS = [dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=True, ADD_RESIDUAL=Fals
             dict(RMS_NORM=False, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=True),  # o_proj
             dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=False),  # gate_up
             dict(RMS_NORM=False, SILU_MUL=True, HAS_BIAS=False, ADD_RESIDUAL=True)]  # down
+CONFIGS = [(1, 16, 512, 3, "bf16"), (16, 64, 128, 4, "bf16"), (4, 16, 256, 3, "fp32")]  # ROWS, BLOCK_N, BLOCK_K, stages
 for variant in VARIANTS:
-    for rows, block_n, block_k, stages in [(1, 16, 512, 3), (16, 64, 128, 4)]:
-        constexprs = dict(variant, ROWS=rows, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
-                          DOT_IN_FP32=False)
-        signature = {n: "constexpr" if n in constexprs else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps"
+    for rows, block_n, block_k, stages, dtype in CONFIGS:
+        constexprs = dict(variant, ROWS=rows, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_IN_FP32=False)
+        signature = {n: "constexpr" if n in constexprs else f"*{dtype}" if n.endswith("_ptr") else "fp32" if n == "eps"
                      else "i32" for n in kernel.arg_names}
         # As a launch specialises them: pointers and N, K divisible by 16 (M is not specialised).
         aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in kernel.arg_names
-                   if signature[n] in ("*bf16", "i32") and n != "M"}
+                   if signature[n] != "constexpr" and n not in ("M", "eps")}
         source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}, aligned)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 4, "num_stages": stages})
-        # The weight stream must be software-pipelined (cp.async stages), else it runs at a fraction of HBM.
-        print(compiled.asm["ptx"].count("cp.async") > 0)
+        # The weight stream must be software-pipelined (cp.async stages), else it runs at a fraction of HBM;
+        # and two programs must fit an SM's shared memory (228 KiB).
+        print(compiled.asm["ptx"].count("cp.async") > 0 and compiled.metadata.shared <= 114 * 1024)
 """
 
 
@@ -193,4 +196,4 @@ def test_compiles_for_sm90_and_pipelines_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", COMPILE, str(path)], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True"] * 8
+    assert done.stdout.split() == ["True"] * 12

@@ -68,7 +68,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if residual is not None and (residual.shape != (M, N) or not residual.is_contiguous()):
         raise ValueError(f"skinny_linear: residual must be a contiguous [{M}, {N}], got {tuple(residual.shape)}")
     out = residual if residual is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
-    block_n, block_k, stages = skinny_config(N, K, x.device)
+    block_n, block_k, stages = skinny_config(N, K, x.dtype, x.device)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, SKINNY_BLOCK_M))
     _launch(_skinny.skinny_linear_kernel, grid, x, weight, weight if bias is None else bias,
             weight if norm_weight is None else norm_weight, out, M, N, K, eps,
@@ -80,17 +80,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def skinny_config(N: int, K: int, device: torch.device) -> tuple[int, int, int]:
+def skinny_config(N: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_stages) of skinny_linear for a weight [N, K].
 
     The widest column block that still gives every SM two programs (fewer, wider programs read longer
     contiguous runs; below two per SM the card idles), else the narrowest the dot takes (16); a weight tile of
-    16 KiB per stage (BLOCK_N x BLOCK_K bf16), so that num_stages tiles in flight keep an SM's share of HBM
-    busy. A rule, not an autotuner: nothing to benchmark at capture, the same config on every run, and
+    16 KiB per stage (BLOCK_N x BLOCK_K elements), so that num_stages tiles in flight keep an SM's share of
+    HBM busy. A rule, not an autotuner: nothing to benchmark at capture, the same config on every run, and
     bench/bench_skinny_linear.py --sweep measures the alternatives on the card."""
     programs = 2 * (_multiprocessors(_index(device)) if device.type == "cuda" and torch.cuda.is_available() else 132)
     block_n = next((b for b in (64, 32) if triton.cdiv(N, b) >= programs), 16)
-    block_k = max(32, min(8192 // block_n, triton.next_power_of_2(K)))
+    tile = 16384 // dtype.itemsize
+    block_k = max(32, min(tile // block_n, triton.next_power_of_2(K)))
     return block_n, block_k, 4 if block_n > 16 else 3
 
 
