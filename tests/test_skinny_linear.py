@@ -48,6 +48,26 @@ def test_matches_pytorch(M, prologue, add_residual, has_bias, monkeypatch):
         assert torch.equal(stream, residual)
 
 
+def test_prologues_and_epilogue_round_as_the_kernels_they_replace():
+    """In bf16, through an identity weight (the fp32 product is exact): the RMSNorm prologue gives
+    add_rms_norm's output bit for bit, the SiLU prologue silu_mul's, and the residual epilogue add_rms_norm's
+    residual update (HF's x + o_proj(...))."""
+    g = torch.Generator().manual_seed(11)
+    M, K = 3, 64
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    x = (torch.randn(M, K, generator=g) * 4).to(torch.bfloat16)
+    norm_weight = torch.randn(K, generator=g).to(torch.bfloat16)
+    assert torch.equal(ops.skinny_linear(x, eye, norm_weight=norm_weight, eps=EPS),
+                       ops.add_rms_norm(x.clone(), None, norm_weight, EPS))
+    gate_up = (torch.randn(M, 2 * K, generator=g) * 4).to(torch.bfloat16)
+    assert torch.equal(ops.skinny_linear(gate_up, eye, silu_mul=True), ops.silu_mul(gate_up))
+    residual = (torch.randn(M, K, generator=g) * 4).to(torch.bfloat16)
+    stream = residual.clone()
+    # Kernel against kernel: the interpreter rounds to bf16 its own way (the card to nearest even, as torch).
+    ops.add_rms_norm(stream, x, norm_weight, EPS)
+    assert torch.equal(ops.skinny_linear(x, eye, residual=residual.clone()), stream)
+
+
 def test_rows_past_a_tile_and_default_config():
     """More rows than one dot tile (a second program row) with the launcher's own config."""
     g = torch.Generator().manual_seed(7)
