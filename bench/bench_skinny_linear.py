@@ -97,7 +97,7 @@ def bench_op(model: str, op: str, M: int, device: str, args, config=None) -> dic
     hidden, delta = calls[0][1], calls[0][2]
     saved_config = ops.skinny_config
     if config is not None:
-        ops.skinny_config = lambda n, k, dtype, dev: config
+        ops.skinny_config = lambda n, k, m, dtype, dev: config
     try:
         start = hidden.clone()
         out_skinny = skinny().clone()

@@ -27,7 +27,7 @@ N, K, EPS = 72, 88, 1e-6  # neither a multiple of the column block (16) nor of t
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_matches_pytorch(M, prologue, add_residual, has_bias, monkeypatch):
     g = torch.Generator().manual_seed(M * 100 + 3)
-    monkeypatch.setattr(ops, "skinny_config", lambda n, k, dtype, device: (16, 32, 2))  # several blocks on both axes
+    monkeypatch.setattr(ops, "skinny_config", lambda n, k, m, dtype, device: (16, 32, 2))  # several blocks on both axes
     weight = torch.randn(N, K, generator=g)
     bias = torch.randn(N, generator=g) if has_bias else None
     x = torch.randn(M, 2 * K if prologue == "silu_mul" else K, generator=g) * 3
@@ -68,11 +68,15 @@ def test_prologues_and_epilogue_round_as_the_kernels_they_replace():
     assert torch.equal(ops.skinny_linear(x, eye, residual=residual.clone()), stream)
 
 
-def test_rows_past_a_tile_and_default_config():
-    """More rows than one dot tile (a second program row) with the launcher's own config."""
+@pytest.mark.parametrize("M", [1, 20])
+def test_default_config_one_row_and_rows_past_a_tile(M):
+    """The launcher's own config: the FMA form at one row (4 columns a program), and more rows than one dot
+    tile (a second program row)."""
     g = torch.Generator().manual_seed(7)
-    x, weight = torch.randn(20, 40, generator=g), torch.randn(24, 40, generator=g)
-    torch.testing.assert_close(ops.skinny_linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-4)
+    gate_up, weight, residual = torch.randn(M, 80, generator=g), torch.randn(24, 40, generator=g), torch.randn(M, 24)
+    out = ops.skinny_linear(gate_up, weight, silu_mul=True, residual=residual.clone())
+    torch.testing.assert_close(out, residual + F.linear(F.silu(gate_up[:, :40]) * gate_up[:, 40:], weight),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_refuses_shapes_that_do_not_fit():
@@ -86,13 +90,17 @@ def test_refuses_shapes_that_do_not_fit():
 
 
 def test_config_fills_the_card():
-    """Two programs per SM where the columns allow, wider blocks only then; 16 KiB weight tiles."""
+    """Two programs per SM where the columns allow, wider blocks only then; 8 KiB weight tiles for one row
+    (the FMA form, columns down to 4), 16 KiB for the dot (columns down to 16)."""
     cpu, bf16 = torch.device("cpu"), torch.bfloat16  # the CPU counts as 132 SMs
-    assert ops.skinny_config(1024, 2048, bf16, cpu) == (16, 512, 3)  # 64 programs: as many as the dot allows
-    assert ops.skinny_config(12288, 2048, bf16, cpu) == (32, 256, 4)  # 384 programs
-    assert ops.skinny_config(24576, 4096, bf16, cpu) == (64, 128, 4)  # 384 programs
-    assert ops.skinny_config(1024, 2048, torch.float32, cpu) == (16, 256, 3)  # 16 KiB of fp32
-    assert ops.skinny_config(64, 20, bf16, cpu) == (16, 32, 3)  # K below a tile: the smallest dot K
+    assert ops.skinny_config(1024, 2048, 1, bf16, cpu) == (4, 1024, 4)  # 256 programs
+    assert ops.skinny_config(4096, 1024, 1, bf16, cpu) == (8, 512, 4)  # 512 programs
+    assert ops.skinny_config(24576, 4096, 1, bf16, cpu) == (16, 256, 4)
+    assert ops.skinny_config(1024, 2048, 5, bf16, cpu) == (16, 512, 3)  # 64 programs: as many as the dot allows
+    assert ops.skinny_config(12288, 2048, 5, bf16, cpu) == (32, 256, 4)  # 384 programs
+    assert ops.skinny_config(24576, 4096, 16, bf16, cpu) == (64, 128, 4)  # 384 programs
+    assert ops.skinny_config(1024, 2048, 5, torch.float32, cpu) == (16, 256, 3)  # 16 KiB of fp32
+    assert ops.skinny_config(64, 20, 5, bf16, cpu) == (16, 32, 3)  # K below a tile: the smallest dot K
 
 
 @pytest.mark.parametrize("won, expected", [
@@ -191,10 +199,11 @@ VARIANTS = [dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=True, ADD_RESIDUAL=Fals
             dict(RMS_NORM=False, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=True),  # o_proj
             dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=False),  # gate_up
             dict(RMS_NORM=False, SILU_MUL=True, HAS_BIAS=False, ADD_RESIDUAL=True)]  # down
-CONFIGS = [(1, 16, 512, 3, "bf16"), (16, 64, 128, 4, "bf16"), (4, 16, 256, 3, "fp32")]  # ROWS, BLOCK_N, BLOCK_K, stages
+CONFIGS = [(1, 4, 1024, 4, "bf16"), (1, 16, 256, 4, "bf16"), (2, 16, 512, 3, "bf16"), (16, 64, 128, 4, "bf16"),
+           (4, 16, 256, 3, "fp32")]  # ROWS, BLOCK_N, BLOCK_K, STAGES
 for variant in VARIANTS:
     for rows, block_n, block_k, stages, dtype in CONFIGS:
-        constexprs = dict(variant, ROWS=rows, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        constexprs = dict(variant, ROWS=rows, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
                           DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_IN_FP32=False)
         signature = {n: "constexpr" if n in constexprs else f"*{dtype}" if n.endswith("_ptr") else "fp32" if n == "eps"
                      else "i32" for n in kernel.arg_names}
@@ -216,4 +225,4 @@ def test_compiles_for_sm90_and_pipelines_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", COMPILE, str(path)], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True"] * 12
+    assert done.stdout.split() == ["True"] * 20

@@ -68,31 +68,36 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if residual is not None and (residual.shape != (M, N) or not residual.is_contiguous()):
         raise ValueError(f"skinny_linear: residual must be a contiguous [{M}, {N}], got {tuple(residual.shape)}")
     out = residual if residual is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
-    block_n, block_k, stages = skinny_config(N, K, x.dtype, x.device)
+    block_n, block_k, stages = skinny_config(N, K, M, x.dtype, x.device)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, SKINNY_BLOCK_M))
     _launch(_skinny.skinny_linear_kernel, grid, x, weight, weight if bias is None else bias,
             weight if norm_weight is None else norm_weight, out, M, N, K, eps,
             RMS_NORM=norm_weight is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
             ADD_RESIDUAL=residual is not None, ROWS=min(SKINNY_BLOCK_M, triton.next_power_of_2(M)),
-            BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             DOT_IN_FP32=x.dtype != torch.float32 and not x.is_cuda, num_warps=4, num_stages=stages)
     return out
 
 
-def skinny_config(N: int, K: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_stages) of skinny_linear for a weight [N, K].
+def skinny_config(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, STAGES) of skinny_linear for a weight [N, K] and M rows.
 
     The widest column block that still gives every SM two programs (fewer, wider programs read longer
-    contiguous runs; below two per SM the card idles), else the narrowest the dot takes (16); a weight tile of
-    16 KiB per stage (BLOCK_N x BLOCK_K elements), so that num_stages tiles in flight keep an SM's share of
-    HBM busy. A rule, not an autotuner: nothing to benchmark at capture, the same config on every run, and
+    contiguous runs; below two per SM the card idles), else the narrowest the form takes (one row, the FMA
+    form: 4; more rows, the dot: 16); a weight tile of 8 KiB per stage in the FMA form, whose programs are
+    many, 16 KiB in the dot's, so that the tiles in flight keep an SM's share of HBM busy. A rule, not an
+    autotuner: nothing to benchmark at capture, the same config on every run, and
     bench/bench_skinny_linear.py --sweep measures the alternatives on the card."""
     programs = 2 * (_multiprocessors(_index(device)) if device.type == "cuda" and torch.cuda.is_available() else 132)
-    block_n = next((b for b in (64, 32) if triton.cdiv(N, b) >= programs), 16)
-    tile = 16384 // dtype.itemsize
-    block_k = max(32, min(tile // block_n, triton.next_power_of_2(K)))
-    return block_n, block_k, 4 if block_n > 16 else 3
+    if M == 1:  # the FMA form
+        wider, narrowest, tile_bytes = (16, 8), 4, 8192
+    else:  # the dot
+        wider, narrowest, tile_bytes = (64, 32), 16, 16384
+    block_n = next((b for b in wider if triton.cdiv(N, b) >= programs), narrowest)
+    block_k = max(32, min(tile_bytes // dtype.itemsize // block_n, triton.next_power_of_2(K)))
+    # The dot's narrow tiles carry a 16-row x tile beside the weight's: one stage fewer fits two programs per SM.
+    return block_n, block_k, 3 if M > 1 and block_n == narrowest else 4
 
 
 def qk_norm_rope_store(qkv, positions, slots, cos, sin, q_norm, k_norm, k_cache, v_cache, *, num_heads: int,
