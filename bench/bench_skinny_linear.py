@@ -8,7 +8,7 @@ today's sequence of the CUDA forward: norm, qkv, o, add+norm, gate_up, silu_mul,
 both, left out). CUDA: each side captured as a CUDA graph over enough weight copies that they do not sit in
 L2, replayed between CUDA events (µs per call, median of repeats); the floor is the weight bytes read once at
 --floor-tb-s. ``max_abs_diff``: the two sides' outputs compared once (bf16 rounding apart). --sweep adds
-the skinny kernel's alternative launch configs at M=1 (data for triton_ops.skinny_config's rule).
+the skinny kernel's alternative launch configs at M=1 and 5 (data for triton_ops.skinny_config's rule).
 CPU: one tiny shape under Triton's interpreter, wall clock (that the benchmark runs, not a speed).
 Prints one table and writes JSON after every row (--json, default bench/results/skinny_linear.json).
 """
@@ -33,8 +33,11 @@ MODELS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-8b")
 OPS = ("qkv", "o", "gate_up", "down", "layer")
 EPS = 1e-6
 L2_CLEAR_BYTES = 256 * 2**20  # weight copies per graph: each op's weights over this many bytes (H200 L2: 60 MiB)
-SWEEP = [(16, 256, 3), (16, 512, 2), (16, 512, 3), (16, 512, 4), (16, 512, 6), (16, 1024, 2), (16, 1024, 3), (32, 256, 3),
-         (32, 256, 4), (32, 512, 3), (64, 128, 4), (64, 256, 3)]  # (BLOCK_N, BLOCK_K, num_stages)
+SWEEP = {  # (BLOCK_N, BLOCK_K, STAGES) by M: the FMA form at one row, the dot above
+    1: [(2, 2048, 4), (4, 512, 4), (4, 1024, 3), (4, 1024, 4), (4, 1024, 6), (4, 2048, 4), (8, 512, 4), (8, 1024, 4),
+        (16, 256, 4)],
+    5: [(16, 256, 3), (16, 512, 2), (16, 512, 3), (16, 512, 4), (16, 1024, 3), (32, 256, 3), (32, 256, 4),
+        (64, 128, 4)]}
 TINY = dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=40)
 
 
@@ -109,16 +112,18 @@ def bench_op(model: str, op: str, M: int, device: str, args, config=None) -> dic
         row = dict(N=list(weights[op].shape)[0] if op != "layer" else None, copies=copies,
                    max_abs_diff=(out_skinny.float() - out_cublas.float()).abs().max().item(), bytes=nbytes)
         each = lambda side: lambda: [c[0][op][side]() for c in calls]  # noqa: E731
-        if device == "cuda":
-            row.update(skinny_us=median_graph_us(each(0), args.repeats) / copies,
-                       cublas_us=median_graph_us(each(1), args.repeats) / copies)
+        if device == "cuda":  # a sweep row times the skinny side only (its cuBLAS side is the default row's)
+            row["skinny_us"] = median_graph_us(each(0), args.repeats) / copies
+            row["cublas_us"] = None if config else median_graph_us(each(1), args.repeats) / copies
             row["floor_us"] = nbytes / (args.floor_tb_s * 1e12) * 1e6
-            row.update(skinny_over_floor=row["skinny_us"] / row["floor_us"],
-                       cublas_over_floor=row["cublas_us"] / row["floor_us"])
+            row["skinny_over_floor"] = row["skinny_us"] / row["floor_us"]
         else:
             row.update(skinny_us=median_wall_us(skinny, 1, args.repeats, args.budget),
                        cublas_us=median_wall_us(cublas, 1, args.repeats, args.budget))
-        row["speedup"] = row["cublas_us"] / row["skinny_us"]
+        if row["cublas_us"] is not None:
+            row["speedup"] = row["cublas_us"] / row["skinny_us"]
+            if "floor_us" in row:
+                row["cublas_over_floor"] = row["cublas_us"] / row["floor_us"]
         return row
     finally:
         ops.skinny_config = saved_config
@@ -141,7 +146,8 @@ def main(argv=None):
         keys = [dict(model=m, op=op, M=M) for m in MODELS for M in rows_m for op in OPS
                 if not (args.quick and m == "qwen3-8b" and op != "layer")]
         if args.sweep:
-            keys += [dict(model=m, op=op, M=1, config=list(c)) for m in MODELS[:2] for op in OPS[:4] for c in SWEEP]
+            keys += [dict(model=m, op=op, M=M, config=list(c)) for m in MODELS[:2] for op in OPS[:4]
+                     for M, configs in SWEEP.items() for c in configs]
     else:
         keys = [dict(model="tiny", op=op, M=M) for op in OPS for M in (1, 5)]
     meta = dict(device=device, torch=torch.__version__, dtype="bfloat16" if device == "cuda" else "float32",
@@ -155,9 +161,10 @@ def main(argv=None):
              f"{'speedup':>8} {'maxdiff':>8}"
 
     def fmt(r):
+        num = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         return (f"{r['model']:<11} {r['op']:<8} {r['M']:>3} {str(r.get('config') or ''):<14} {r['skinny_us']:>10.2f} "
-                f"{r['cublas_us']:>10.2f} {r.get('floor_us', float('nan')):>9.2f} {r['speedup']:>8.2f} "
-                f"{r['max_abs_diff']:>8.3g}")
+                f"{num(r['cublas_us'], '.2f'):>10} {num(r.get('floor_us'), '.2f'):>9} "
+                f"{num(r.get('speedup'), '.2f'):>8} {r['max_abs_diff']:>8.3g}")
 
     def one(model, op, M, config=None):
         return bench_op(model, op, M, device, args, tuple(config) if config else None)
