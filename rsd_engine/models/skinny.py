@@ -35,7 +35,7 @@ def row_limit(model) -> int:
     mode = os.environ.get("RSD_SKINNY_GEMM", "auto").strip().lower()
     if mode not in MODES:
         raise ValueError(f"RSD_SKINNY_GEMM must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "off":
+    if mode == "off" or getattr(model, "use_triton", None) is False:  # no Triton forward, nothing to choose
         return 0
     if model.device.type != "cuda":
         return MAX_ROWS if mode == "on" else 0
