@@ -183,15 +183,20 @@ def test_attention_output_in_a_transposed_layout(folders, monkeypatch):
     assert_matches_hf(folders["qwen3"], load_model(folders["qwen3"]), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name, dtype, atol", [("qwen3", torch.float32, 1e-4), ("llama3_tied", torch.float32, 1e-4),
-                                               ("qwen3", torch.bfloat16, 0.75)])
-def test_triton_forward_matches_hf(folders, name, dtype, atol):
+@pytest.mark.parametrize("name, dtype, atol, skinny", [
+    ("qwen3", torch.float32, 1e-4, False), ("llama3_tied", torch.float32, 1e-4, False),
+    ("qwen3", torch.bfloat16, 0.75, False), ("qwen3", torch.float32, 1e-4, True), ("qwen2", torch.float32, 1e-4, True),
+    ("qwen3", torch.bfloat16, 0.75, True)])
+def test_triton_forward_matches_hf(folders, name, dtype, atol, skinny):
     """The CUDA path (merged GEMMs + our Triton kernels, attention over the cache in place), run on CPU
     under the interpreter: same scripted session, same HF logits, kv_len buckets ignored. Variants: q/k
     norms; GQA 4:1 with tied embeddings and llama3 RoPE; bf16, CUDA's default (worst measured 0.58, the plain
-    path 0.30 on another session: P @ V runs in bf16 here, as in flash attention; mean errors 0.044 vs 0.032)."""
+    path 0.30 on another session: P @ V runs in bf16 here, as in flash attention; mean errors 0.044 vs 0.032).
+    skinny: the fused skinny-GEMM path for up to 16 rows (the session's decode and verification steps; its
+    27-row prefill takes the other path), with q/k norms, with qkv biases (qwen2), in bf16."""
     model = load_model(folders[name], dtype=dtype)
     model.use_triton = True
+    model.skinny_rows = 16 if skinny else 0
     assert_matches_hf(folders[name], model, atol=atol, rtol=atol if dtype == torch.float32 else 0.02)
 
 
@@ -208,14 +213,17 @@ def test_cuda_forward_matches_hf(folders, dtype, atol):
     assert model.sampler_logits(hidden).dtype == dtype
 
 
-def test_triton_forward_traces_without_host_reads(folders):
+@pytest.mark.parametrize("skinny", [False, True])
+def test_triton_forward_traces_without_host_reads(folders, skinny):
     """Under FakeTensorMode a host read (.item(), .tolist(), a data-dependent branch) raises, and our
     launchers skip the kernels (their outputs are allocated already): the CUDA forward traces, so its
-    step can be checked for syncs on CPU, and it keeps the model's output shape."""
+    step can be checked for syncs on CPU, and it keeps the model's output shape. Both paths (skinny GEMMs
+    or cuBLAS)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     model = load_model(folders["qwen3"])
     model.use_triton = True
+    model.skinny_rows = 16 if skinny else 0
     cache = model.new_cache(num_slots=3, max_seq_len=MAX_SEQ_LEN)
     with FakeTensorMode(allow_non_fake_inputs=True):
         hidden = model(torch.tensor([[5], [6]]), torch.tensor([[3], [40]]), cache, torch.tensor([2, 0]), 8)

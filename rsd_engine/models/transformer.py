@@ -126,6 +126,10 @@ class CausalLM(nn.Module):
         self._packed_head = None  # see pack_head_for_cpu
         # The Triton forward (_forward_triton): None = on CUDA tensors; True also runs it on CPU (interpreted, tests).
         self.use_triton: bool | None = None
+        # The Triton forward's fused skinny-GEMM path runs for B*T <= skinny_rows; None = not chosen yet
+        # (skinny.py's row_limit chooses on first use: a probe on CUDA, RSD_SKINNY_GEMM overrides it).
+        self.skinny_rows: int | None = None
+        self.skinny_probe: dict | None = None  # the probe's µs per forward by row count, for benchmarks
         self._rope_tables = None
 
     @property
@@ -140,6 +144,7 @@ class CausalLM(nn.Module):
         c = self.config
         if self.device.type == "cuda":
             self.rope_tables(max_seq_len + 1)  # before any graph capture reads them
+            self.choose_skinny_rows()  # the probe runs the model: never inside a capture
         return KVCache(c.num_layers, num_slots, max_seq_len, c.num_kv_heads, c.head_dim,
                        dtype=self.dtype, device=self.device)
 
@@ -160,10 +165,15 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def _forward_triton(self, input_ids, positions, cache: KVCache, slots) -> torch.Tensor:
-        """The forward of CUDA: 9 kernels per layer (split attention too: its last program merges the splits),
-        each reading what it needs where it lies. Attention reads the cache in place by slot and position, up to
-        each query's own position, so kv_len plays no part: one captured graph serves any span. The residual
-        stream is updated in place, and the MLP's output is added by the next layer's (or the final) norm."""
+        """The forward of CUDA, each kernel reading what it needs where it lies. Attention reads the cache in
+        place by slot and position, up to each query's own position, so kv_len plays no part: one captured
+        graph serves any span; split attention is one launch too (its last program merges the splits). The
+        residual stream ``hidden`` is updated in place.
+
+        Up to ``skinny_rows`` rows (decode steps, verification rounds): 6 kernels per layer, each GEMM a
+        skinny_linear with its neighbour fused (the norm before it, SiLU*up before it, the residual add after
+        it). More rows: 9 per layer, cuBLAS GEMMs between separate kernels, the MLP's output added by the next
+        layer's (or the final) norm."""
         from . import triton_ops as ops
 
         c = self.config
@@ -173,20 +183,39 @@ class CausalLM(nn.Module):
             slots = torch.arange(B, device=input_ids.device)
         positions = positions.contiguous()
         hidden = self.model.embed_tokens(input_ids).view(B * T, -1)
+        skinny = B * T <= self.choose_skinny_rows()
         delta = None
         for layer in self.model.layers:
-            attn, i = layer.self_attn, layer.self_attn.layer
-            x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, c.rms_norm_eps)
+            attn, mlp, i = layer.self_attn, layer.mlp, layer.self_attn.layer
+            if skinny:
+                qkv = ops.skinny_linear(hidden, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                        norm_weight=layer.input_layernorm.weight, eps=c.rms_norm_eps)
+            else:
+                x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, c.rms_norm_eps)
+                qkv = attn.qkv_proj(x)
             qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if c.qk_norm else (None, None)
-            q = ops.qk_norm_rope_store(attn.qkv_proj(x), positions.view(-1), slots, cos, sin, *qk_norm,
-                                       cache.k[i], cache.v[i], num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                                       head_dim=c.head_dim, tokens_per_row=T, eps=c.rms_norm_eps)
+            q = ops.qk_norm_rope_store(qkv, positions.view(-1), slots, cos, sin, *qk_norm, cache.k[i], cache.v[i],
+                                       num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                       tokens_per_row=T, eps=c.rms_norm_eps)
             out = ops.decode_attention(q.view(B, T, c.num_heads, c.head_dim), cache.k[i], cache.v[i], slots,
-                                       positions)
-            x = ops.add_rms_norm(hidden, attn.o_proj(out.view(B * T, -1)), layer.post_attention_layernorm.weight,
-                                 c.rms_norm_eps)
-            delta = layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(x)))
+                                       positions).view(B * T, -1)
+            if skinny:
+                ops.skinny_linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=hidden)
+                gate_up = ops.skinny_linear(hidden, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                                            norm_weight=layer.post_attention_layernorm.weight, eps=c.rms_norm_eps)
+                ops.skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul=True, residual=hidden)
+            else:
+                x = ops.add_rms_norm(hidden, attn.o_proj(out), layer.post_attention_layernorm.weight, c.rms_norm_eps)
+                delta = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(x)))
         return ops.add_rms_norm(hidden, delta, self.model.norm.weight, c.rms_norm_eps).view(B, T, -1)
+
+    def choose_skinny_rows(self) -> int:
+        """skinny_rows, chosen once (see skinny.py): the most rows the fused skinny-GEMM path takes."""
+        if self.skinny_rows is None:
+            from .skinny import row_limit
+
+            self.skinny_rows = row_limit(self)
+        return self.skinny_rows
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [>= length, head_dim / 2] float32 on the model's device, built once (grown if a longer

@@ -17,10 +17,12 @@ _attention = import_kernel("decode_attention")
 _norm = import_kernel("add_rms_norm")
 _rope = import_kernel("qk_norm_rope_store")
 _silu = import_kernel("silu_mul")
+_skinny = import_kernel("skinny_linear")
 
 import triton  # noqa: E402  (after import_kernel: it decides on the interpreter first)
 
 MAX_SPLITS = 32  # flash-decoding splits of a row's keys at small batch
+SKINNY_BLOCK_M = 16  # rows of skinny_linear's dot tile: the most rows its fused decode path takes
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -46,6 +48,56 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(I))
     _launch(_silu.silu_mul_kernel, (M, triton.cdiv(I, block)), gate_up, out, I, BLOCK=block, num_warps=4)
     return out
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(prologue(x), weight, bias) for a few rows (kernels/skinny_linear.py has the contract).
+
+    norm_weight: x [M, K] is the residual stream, normed (RMSNorm, eps) on the way in. silu_mul: x [M, 2K] is
+    gate_up, silu(gate) * up on the way in. residual [M, N]: the product is added to it in place, and it is
+    returned; otherwise a new [M, N]."""
+    M = x.shape[0]
+    N, K = weight.shape
+    if norm_weight is not None and silu_mul:
+        raise ValueError("skinny_linear: norm_weight and silu_mul are exclusive prologues")
+    if x.shape[1] != (2 * K if silu_mul else K) or not x.is_contiguous() or not weight.is_contiguous():
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} (contiguous, K={K}{' x 2' if silu_mul else ''}) "
+                         f"and weight {tuple(weight.shape)} (contiguous) do not fit")
+    if residual is not None and (residual.shape != (M, N) or not residual.is_contiguous()):
+        raise ValueError(f"skinny_linear: residual must be a contiguous [{M}, {N}], got {tuple(residual.shape)}")
+    out = residual if residual is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_n, block_k, stages = skinny_config(N, K, M, x.dtype, x.device)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, SKINNY_BLOCK_M))
+    _launch(_skinny.skinny_linear_kernel, grid, x, weight, weight if bias is None else bias,
+            weight if norm_weight is None else norm_weight, out, M, N, K, eps,
+            RMS_NORM=norm_weight is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
+            ADD_RESIDUAL=residual is not None, ROWS=min(SKINNY_BLOCK_M, triton.next_power_of_2(M)),
+            BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_IN_FP32=x.dtype != torch.float32 and not x.is_cuda, num_warps=4, num_stages=stages)
+    return out
+
+
+def skinny_config(N: int, K: int, M: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, STAGES) of skinny_linear for a weight [N, K] and M rows.
+
+    The widest column block that still gives every SM two programs (fewer, wider programs read longer
+    contiguous runs; below two per SM the card idles), else the narrowest the form takes (one row, the FMA
+    form: 4; more rows, the dot: 16); a weight tile of 8 KiB per stage in the FMA form, whose programs are
+    many, 16 KiB in the dot's, so that the tiles in flight keep an SM's share of HBM busy. A rule, not an
+    autotuner: nothing to benchmark at capture, the same config on every run, and
+    bench/bench_skinny_linear.py --sweep measures the alternatives on the card."""
+    programs = 2 * (_multiprocessors(_index(device)) if device.type == "cuda" and torch.cuda.is_available() else 132)
+    if M == 1:  # the FMA form
+        wider, narrowest, tile_bytes = (16, 8), 4, 8192
+    else:  # the dot
+        wider, narrowest, tile_bytes = (64, 32), 16, 16384
+    block_n = next((b for b in wider if triton.cdiv(N, b) >= programs), narrowest)
+    block_k = max(32, min(tile_bytes // dtype.itemsize // block_n, triton.next_power_of_2(K)))
+    # The dot's narrow tiles carry a 16-row x tile beside the weight's: one stage fewer fits two programs per SM.
+    return block_n, block_k, 3 if M > 1 and block_n == narrowest else 4
 
 
 def qk_norm_rope_store(qkv, positions, slots, cos, sin, q_norm, k_norm, k_cache, v_cache, *, num_heads: int,
@@ -111,11 +163,15 @@ def _splits(programs: int, device: torch.device) -> int:
     """Split each row's keys until the programs fill the device about twice (a power of two, for the combine)."""
     if device.type != "cuda" or not torch.cuda.is_available():  # no device: a CPU run or a fake trace
         return 1
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _multiprocessors(_index(device))
     splits = 1
     while splits < MAX_SPLITS and programs * splits < 2 * sms:
         splits *= 2
     return splits
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
