@@ -194,6 +194,11 @@ def worker(args, run: dict, save=lambda: None) -> dict:
                        engine_ms_per_step=1e3 * t_ours / args.new_tokens)
             if batch in plain_rate:
                 row["vs_plain"] = rate / plain_rate[batch]
+            # What models/skinny.py's probe chose on this card (rows up to which the fused skinny GEMMs run),
+            # with its µs per forward of both paths: the side-by-side figure of that choice.
+            for side, model in (("teacher", engine.teacher), ("student", engine.student)):
+                row[f"{side}_skinny_rows"] = getattr(model, "skinny_rows", None)
+                row[f"{side}_skinny_probe"] = getattr(model, "skinny_probe", None)
             if streamed and engine.device.type == "cuda":
                 # One plain step reads both models' weights once for all rows.
                 floor_s = streamed / (args.floor_tb_s * 1e12)

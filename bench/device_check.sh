@@ -2,14 +2,14 @@
 # The prepared check for a lent CUDA machine (DESIGN.md §6): one run on a bare box, from a plain source
 # checkout, with no network and no install: torch, triton, transformers, safetensors, numpy and pytest are
 # all it uses (the C++ sampler is built only where a compiler and pybind11 are; the demo pair is skipped).
-# Run it from the checkout's root, with about 7.5 minutes of wall time (device tool: command
-# "bash bench/device_check.sh", timeout_s 450, which leaves a 15-minute lease room for a shorter rerun; the
+# Run it from the checkout's root, with about 8 minutes of wall time (device tool: command
+# "bash bench/device_check.sh", timeout_s 480, which leaves a 15-minute lease room for a shorter rerun; the
 # machine sets $OUT):
 #
 #   bash bench/device_check.sh                 # on the CUDA machine: results under $OUT
 #   bash bench/device_check.sh --cpu-dry-run   # the same steps on CPU at toy sizes (tests/test_device_check.py)
 #
-# The steps share a budget of DEVICE_CHECK_BUDGET seconds (default 390, i.e. about 7 minutes with the
+# The steps share a budget of DEVICE_CHECK_BUDGET seconds (default 420, i.e. about 7.5 minutes with the
 # summary), spent in the order listed below, the most wanted figures first; each step also has its own time
 # limit. A step that runs out of time is killed with everything it started, and its JSON keeps the rows
 # measured so far (the benchmarks rewrite it after every row); a step the budget cannot reach is skipped.
@@ -46,7 +46,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")  # model folders, traces
 trap 'rm -rf "$work"' EXIT
 exec > >(tee "$out/device_check.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-budget=${DEVICE_CHECK_BUDGET:-390}
+budget=${DEVICE_CHECK_BUDGET:-420}
 t0=$(date +%s)
 steps=()
 
@@ -179,6 +179,8 @@ if [ "$mode" = cuda ]; then
     --out "$out/e2e.json"
   step profile 40 $py bench/bench_profile_step.py --device cuda --teacher-shape qwen3-1.7b \
     --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --cache "$pairs" --out "$out/profile.json"
+  # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
+  step skinny 60 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
   step rsd_step 45 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
     --repeats 10 --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
@@ -216,13 +218,17 @@ except (OSError, ValueError) as err:
     env = dict(error=f"environment step wrote nothing: {err}")
 env["cpp_extension"] = cpp
 try:
+    skinny = json.load(open(os.path.join(os.path.dirname(env_path), "skinny_linear.json")))
+except (OSError, ValueError):
+    skinny = None
+try:
     from rsd_engine import _C
     env["cpp_isa"] = _C.isa()
 except Exception as err:  # noqa: BLE001
     env["cpp_isa"] = f"not importable: {err}"
 rows = [dict(step=n, exit=int(rc), seconds=int(s), limit=int(lim)) for n, rc, s, lim in (x.split() for x in steps)]
 summary = dict(mode=mode, ok=all(r["exit"] == 0 for r in rows), total_seconds=int(total), steps=rows,
-               environment=env)
+               environment=env, skinny_linear=skinny)
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 
 
