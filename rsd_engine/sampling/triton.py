@@ -73,6 +73,54 @@ def is_interpreted() -> bool:
     return isinstance(_split.stats_kernel, InterpretedFunction)
 
 
+def _fast_interpreter_reductions():
+    """Under the interpreter, the kernels' tuple reductions run as numpy does the built-in ones.
+
+    Triton's interpreter runs a reduction or scan whose combine function is not one of its own (tl.sum,
+    tl.max...) element by element in Python, about a thousand times slower. rsd_split's are integer sums and a
+    (bad, max, (lmax, lowest id)) combine, whose results do not depend on the order of combination, so numpy's
+    sums, cumulative sums and max/min give exactly what any order would; the GPU compiles the combine functions
+    themselves (tests/test_triton_interpreter.py compiles them for sm_80 and sm_90)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    sums = (_split._add2, _split._add4)
+    reduce_impl, scan_impl = interpreter.ReduceOps.apply_impl, interpreter.ScanOps.apply_impl
+    if getattr(reduce_impl, "rsd_engine", False):
+        return
+
+    def reduce(self, input):
+        data = [x.handle.data for x in input]
+        if any(self.combine_fn is f for f in sums):
+            out = [np.sum(d, axis=self.axis, keepdims=self.keep_dims) for d in data]
+        elif self.combine_fn is _split._stats_combine:
+            bad, m, lmax, arg = data
+            top = np.max(lmax, axis=self.axis, keepdims=True)
+            out = [np.max(bad, axis=self.axis, keepdims=self.keep_dims), np.max(m, axis=self.axis, keepdims=self.keep_dims),
+                   np.max(lmax, axis=self.axis, keepdims=self.keep_dims),
+                   np.min(np.where(lmax == top, arg, np.iinfo(np.int32).max), axis=self.axis, keepdims=self.keep_dims)]
+        else:
+            return reduce_impl(self, input)
+        return [self.to_tensor(d, x.dtype) for d, x in zip(out, input)]
+
+    def scan(self, input):
+        if not any(self.combine_fn is f for f in sums):
+            return scan_impl(self, input)
+        out = []
+        for x in input:
+            d = np.flip(x.handle.data, self.axis) if self.reverse else x.handle.data
+            d = np.cumsum(d, axis=self.axis)
+            out.append(self.to_tensor(np.ascontiguousarray(np.flip(d, self.axis) if self.reverse else d), x.dtype))
+        return out
+
+    reduce.rsd_engine = scan.rsd_engine = True
+    interpreter.ReduceOps.apply_impl, interpreter.ScanOps.apply_impl = reduce, scan
+
+
+if is_interpreted():
+    _fast_interpreter_reductions()
+
+
 def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
                       fallback_mask) -> SampleOutput:
     _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask)
