@@ -20,7 +20,7 @@ from .reference import RowParams, SampleOutput
 # segment); a row of V ids is ceil(V / SEG) segments, cut into `chunks` programs per row and side. The chunk
 # count comes from CHUNKS_BY_BATCH (no autotune: a CUDA graph replays one fixed launch shape): about 132
 # programs (one per H200 SM) while B is small, one program per row and side once B alone fills the card.
-# SG: segments per step when the final kernel sums the per-segment histograms. SEARCH_BLOCK, NUM_PIVOTS:
+# SG: segments per step when the law (rsd_verify's law_kernel, sample_final_kernel) sums the per-segment histograms. SEARCH_BLOCK, NUM_PIVOTS:
 # the [NUM_PIVOTS, SEARCH_BLOCK] tiles of the one-program pivot search (rows with top-k and top-p both on).
 CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None)
 # The interpreter pays per operation, not per element: wide tiles and many pivots keep it fast.
@@ -182,7 +182,7 @@ def chunks_for(batch: int, n_segments: int, config) -> int:
 
 class _SplitLaunch:
     """Scratch and launch shape of the split-row kernels for one call: stats, then the three radix rounds
-    (the final kernel is the caller's). sides = 2 for rsd_sample, 1 for sample_tokens (side 0 only)."""
+    (the law and the draws are the caller's). sides = 2 for rsd_sample, 1 for sample_tokens (side 0 only)."""
 
     def __init__(self, config, batch, first, second, n_first_mask, n_second_mask, sides):
         seg = config["SEG"]
