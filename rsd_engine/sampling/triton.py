@@ -20,7 +20,8 @@ from .reference import RowParams, SampleOutput
 # segment); a row of V ids is ceil(V / SEG) segments, cut into `chunks` programs per row and side. The chunk
 # count comes from CHUNKS_BY_BATCH (no autotune: a CUDA graph replays one fixed launch shape): about 132
 # programs (one per H200 SM) while B is small, one program per row and side once B alone fills the card.
-# SG: segments per step when the law (rsd_verify's law_kernel, sample_final_kernel) sums the per-segment histograms. SEARCH_BLOCK, NUM_PIVOTS:
+# SG: segments per step when the law (rsd_verify's law_kernel, sample_final_kernel) sums the per-segment
+# histograms. SEARCH_BLOCK, NUM_PIVOTS:
 # the [NUM_PIVOTS, SEARCH_BLOCK] tiles of the one-program pivot search (rows with top-k and top-p both on).
 CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None)
 # The interpreter pays per operation, not per element: wide tiles and many pivots keep it fast.
@@ -96,7 +97,8 @@ def _fast_interpreter_reductions():
         elif self.combine_fn is _split._stats_combine:
             bad, m, lmax, arg = data
             top = np.max(lmax, axis=self.axis, keepdims=True)
-            out = [np.max(bad, axis=self.axis, keepdims=self.keep_dims), np.max(m, axis=self.axis, keepdims=self.keep_dims),
+            out = [np.max(bad, axis=self.axis, keepdims=self.keep_dims),
+                   np.max(m, axis=self.axis, keepdims=self.keep_dims),
                    np.max(lmax, axis=self.axis, keepdims=self.keep_dims),
                    np.min(np.where(lmax == top, arg, np.iinfo(np.int32).max), axis=self.axis, keepdims=self.keep_dims)]
         else:
