@@ -264,6 +264,7 @@ def test_cuda_step_traces_under_fake_tensors(tiny_pair, monkeypatch):
 
     monkeypatch.setattr(engine_module, "SelfFeedingGraphs", Recorder)
     monkeypatch.setattr(triton_sampler, "_split", _NoKernels())  # the split-row kernels rsd_sample launches
+    monkeypatch.setattr(triton_sampler, "_verify", _NoKernels())  # and its law and pick kernels
     monkeypatch.setattr(triton_sampler, "_launch_config", lambda device: triton_sampler.CUDA_CONFIG)
     calls = []
     real_sample = triton_sampler.rsd_sample_triton
