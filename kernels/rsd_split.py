@@ -40,18 +40,38 @@ FULL = tl.constexpr(1)  # nothing cut: every present id is kept
 BY_COUNT = tl.constexpr(2)  # top-k only
 BY_MASS = tl.constexpr(3)  # top-p only
 BOTH = tl.constexpr(4)  # top-k then top-p: the one-program path
+# A segment's kept ties at the cut (kt) when it keeps all of them (or has none): the scan that ranks a segment's
+# ties then only runs in the one segment where the cut splits them.
+ALL_TIES = tl.constexpr(2147483647)
 
 
-# Several integer reductions (exact in any order) share one cross-warp exchange: on the GPU each reduction or
-# scan over a tile is a round through shared memory with a barrier, which at B = 1 is most of the time.
+# Reductions over the same tile share one cross-warp exchange (tl.reduce of a tuple): on the GPU each reduction
+# or scan over a tile is a round through shared memory with a barrier, which at B = 1 is most of the time. Each
+# value of a tuple is combined in the same tree as it would be alone, so float sums round as tl.sum's do.
 @triton.jit
 def _add2(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
 
 
 @triton.jit
-def _add4(a0, b0, c0, d0, a1, b1, c1, d1):
-    return a0 + a1, b0 + b1, c0 + c1, d0 + d1
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _first_last(k0, p0, l0, q0, k1, p1, l1, q1):
+    # (lowest k with its payload p, highest l with its payload q): an argmin and an argmax in one exchange.
+    # Only the sentinels of lanes out of the running tie, and their payloads are never read.
+    lo = k1 < k0
+    hi = l1 > l0
+    return tl.where(lo, k1, k0), tl.where(lo, p1, p0), tl.where(hi, l1, l0), tl.where(hi, q1, q0)
+
+
+@triton.jit
+def _argmax_carry(k0, a0, b0, c0, d0, k1, a1, b1, c1, d1):
+    # The highest key with its four payloads: a selection by key in the same exchange as the values it selects.
+    hi = k1 > k0
+    return tl.where(hi, k1, k0), tl.where(hi, a1, a0), tl.where(hi, b1, b0), tl.where(hi, c1, c0), tl.where(hi, d1, d0)
 
 
 @triton.jit
@@ -59,6 +79,17 @@ def _stats_combine(bad0, m0, l0, a0, bad1, m1, l1, a1):
     # (bad, max, (lmax, its lowest id)): the lexicographic max of (logit, -id), so ties keep the lowest id.
     first = (l0 > l1) | ((l0 == l1) & (a0 < a1))
     return tl.maximum(bad0, bad1), tl.maximum(m0, m1), tl.where(first, l0, l1), tl.where(first, a0, a1)
+
+
+@triton.jit
+def _keep_ties(tie, n_tie):
+    """Which ties at the cut (a segment's, boolean) are kept: the first n_tie in id order (kt of _law)."""
+    if (n_tie > 0) & (n_tie < ALL_TIES):
+        tie_i = tie.to(tl.int32)
+        keep = tie & (tl.cumsum(tie_i, 0) - tie_i < n_tie)
+    else:
+        keep = tie & (n_tie > 0)
+    return keep
 
 
 @triton.jit
@@ -109,12 +140,10 @@ def _stats_chunk(row_ptr, n_logits, mask_ptr, n_mask, check_temperature, seg_lo,
         zero = s * NB2 + bins < n_seg * NB2
         tl.store(sc_ptr + s * NB2 + bins, tl.zeros((NB2,), tl.int32), mask=zero)
         tl.store(sm_ptr + s * NB2 + bins, tl.zeros((NB2,), tl.int64), mask=zero)
-    m = tl.max(m_v, 0)
-    total = tl.sum(t_v * _scaled_exp(m_v, m, 1.0), 0)
-    check = tl.sum(c_v * _scaled_exp(m_v, m, check_temperature), 0)
-    lmax = tl.max(l_v, 0)
-    argmax = tl.min(tl.where(l_v == lmax, a_v, I32_MAX), 0)
-    return tl.max(bad_v, 0), m, total, check, lmax, argmax
+    bad, m, lmax, argmax = tl.reduce((bad_v, m_v, l_v, a_v), 0, _stats_combine)
+    total, check = tl.reduce((t_v * _scaled_exp(m_v, m, 1.0), c_v * _scaled_exp(m_v, m, check_temperature)), 0,
+                             _add2)
+    return bad, m, total, check, lmax, argmax
 
 
 @triton.jit
@@ -164,8 +193,9 @@ def stats_kernel(
 
 @triton.jit
 def _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2: tl.constexpr):
-    """The chunks' partials of one (row, side), combined in chunk order: (bad, m, total, check, lmax,
-    argmax); argmax is the lowest id holding lmax (0 where no allowed id is finite)."""
+    """The chunks' partials of one (row, side): (bad, m, the chunks' sums of exp and of the check's exp,
+    their maxima, lmax, argmax); argmax is the lowest id holding lmax (0 where no allowed id is finite). The
+    sums are combined where they are needed (_side_total, _check_terms), in one exchange with each other."""
     c = tl.arange(0, CP2)
     ok = c < n_chunks
     base = rs * n_chunks + c
@@ -176,16 +206,21 @@ def _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2: tl.constexpr):
     bad_c = tl.load(sti_ptr + base * 2 + 0, mask=ok, other=0)
     a_c = tl.load(sti_ptr + base * 2 + 1, mask=ok, other=I32_MAX)
     bad, m, lmax, argmax = tl.reduce((bad_c, m_c, l_c, a_c), 0, _stats_combine)
-    total = tl.sum(t_c * _scaled_exp(m_c, m, 1.0), 0)
     argmax = tl.where(argmax < I32_MAX, argmax, 0)
-    return bad, m, total, k_c, m_c, lmax, argmax
+    return bad, m, t_c, k_c, m_c, lmax, argmax
 
 
 @triton.jit
-def _check_total(k_c, m_c, m, check_temperature):
-    # fp64 combine of the chunks' check sums: the check itself runs in fp64.
+def _total_terms(t_c, m_c, m):
+    # The chunks' sums of exp(l - m_c), rescaled to the row's max: their sum is the softmax's denominator.
+    return t_c * _scaled_exp(m_c, m, 1.0)
+
+
+@triton.jit
+def _check_terms(k_c, m_c, m, check_temperature):
+    # The chunks' check sums rescaled to the row's max, in fp64: the check itself runs in fp64.
     shift = tl.where(m_c > float("-inf"), m_c - m, float("-inf")).to(tl.float64)
-    return tl.sum(k_c.to(tl.float64) * tl.exp(shift / check_temperature.to(tl.float64)), 0)
+    return k_c.to(tl.float64) * tl.exp(shift / check_temperature.to(tl.float64))
 
 
 @triton.jit
@@ -198,6 +233,16 @@ def _mode(bad, lmax, temperature, top_k, top_p):
 
 
 @triton.jit
+def _top_bin(bins, reach, target, c, m, c_at_or_above, m_at_or_above):
+    """The highest bin b with reach[b] >= target (bin 0 where none) with its count, mass, and count and mass
+    at or above it, in one exchange: an argmax of the key b + 1 over the bins that reach (bin 0 keys 0 anyway,
+    the others -1), the only key that is not unique being one no bin wins with."""
+    key = tl.where(reach >= target, bins + 1, tl.where(bins == 0, 0, -1))
+    k, bin_c, bin_m, c_from, m_from = tl.reduce((key, c, m, c_at_or_above, m_at_or_above), 0, _argmax_carry)
+    return tl.maximum(k - 1, 0), bin_c, bin_m, c_from, m_from
+
+
+@triton.jit
 def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
     """The highest bin b with above + (count or mass of bins >= b) >= target, and above moved past the
     bins > b: (b, above_c, above_m, count of b, mass of b)."""
@@ -206,10 +251,7 @@ def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
     m = tl.load(hm_ptr + bins)
     c_at_or_above, m_at_or_above = tl.associative_scan((c, m), 0, _add2, reverse=True)
     reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64), (above_c + c_at_or_above).to(tl.float64))
-    b = tl.maximum(tl.max(tl.where(reach >= target, bins, -1), 0), 0)
-    at = bins == b
-    bin_c, bin_m, c_from, m_from = tl.reduce((tl.where(at, c, 0), tl.where(at, m, 0), tl.where(at, c_at_or_above, 0),
-                                              tl.where(at, m_at_or_above, 0)), 0, _add4)
+    b, bin_c, bin_m, c_from, m_from = _top_bin(bins, reach, target, c, m, c_at_or_above, m_at_or_above)
     above_c += c_from - bin_c
     above_m += m_from - bin_m
     return b, above_c, above_m, bin_c, bin_m
@@ -239,7 +281,7 @@ def _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, LEVELS: tl.constexpr):
 def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
                 h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, n_seg, ROUND: tl.constexpr,
                 SEG: tl.constexpr, CP2: tl.constexpr):
-    bad, _m, _total, _k, _mc, lmax, _arg = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    bad, _m, _tc, _k, _mc, lmax, _arg = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
     mode = _mode(bad, lmax, temperature, top_k, top_p)
     t = tl.where(temperature != 0.0, temperature, 1.0)
     offs = tl.arange(0, SEG)
@@ -260,15 +302,18 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
                     x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                     key = _ukey(x)
                     wf = _fixed(x, lmax, t)
-                    tl.store(sa_ptr + s, tl.sum(tl.where(present & ((key >> 20) > prefix), wf, 0), 0))
                     hit = present & ((key >> 20) == prefix)
-                    d = ((key >> 8) & 4095).to(tl.int32)
-                    tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
-                    tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
-                    # The ids in the cut's level-0 bin, compacted per segment: round 2 reads only them.
-                    slot = tl.cumsum(hit.to(tl.int32), 0) - 1
-                    tl.store(cand_ptr + s * SEG + slot, s * SEG + offs, mask=hit)
-                    tl.store(ncand_ptr + s, tl.sum(hit.to(tl.int32), 0))
+                    above, n_hit = tl.reduce((tl.where(present & ((key >> 20) > prefix), wf, 0), hit.to(tl.int32)),
+                                             0, _add2)
+                    tl.store(sa_ptr + s, above)
+                    tl.store(ncand_ptr + s, n_hit)
+                    if n_hit > 0:
+                        d = ((key >> 8) & 4095).to(tl.int32)
+                        tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                        tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
+                        # The ids in the cut's level-0 bin, compacted per segment: round 2 reads only them.
+                        slot = tl.cumsum(hit.to(tl.int32), 0) - 1
+                        tl.store(cand_ptr + s * SEG + slot, s * SEG + offs, mask=hit)
     else:
         if (mode != GREEDY) & (mode != BOTH):
             prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
@@ -280,17 +325,19 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
                     tl.store(sa_ptr + s, tl.sum(tl.where(present, _fixed(x, lmax, t), 0), 0))
             else:
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
-                    live = offs < tl.load(ncand_ptr + s)
-                    idx = tl.load(cand_ptr + s * SEG + offs, mask=live, other=0)
-                    x = tl.load(row_ptr + idx, mask=live, other=float("-inf")).to(tl.float32)
-                    key = _ukey(x)
-                    wf = _fixed(x, lmax, t)
-                    above = tl.sum(tl.where(live & ((key >> 8) > prefix), wf, 0), 0)
-                    tl.store(sa_ptr + s, tl.load(sa_ptr + s) + above)
-                    hit = live & ((key >> 8) == prefix)
-                    d = (key & 255).to(tl.int32)
-                    tl.atomic_add(sc_ptr + s * NB2 + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
-                    tl.atomic_add(sm_ptr + s * NB2 + d, wf, mask=hit & (wf > 0), sem="relaxed")
+                    n_cand = tl.load(ncand_ptr + s)
+                    if n_cand > 0:  # a segment with none of the cut's level-0 bin keeps round 1's mass above
+                        live = offs < n_cand
+                        idx = tl.load(cand_ptr + s * SEG + offs, mask=live, other=0)
+                        x = tl.load(row_ptr + idx, mask=live, other=float("-inf")).to(tl.float32)
+                        key = _ukey(x)
+                        wf = _fixed(x, lmax, t)
+                        above = tl.sum(tl.where(live & ((key >> 8) > prefix), wf, 0), 0)
+                        tl.store(sa_ptr + s, tl.load(sa_ptr + s) + above)
+                        hit = live & ((key >> 8) == prefix)
+                        d = (key & 255).to(tl.int32)
+                        tl.atomic_add(sc_ptr + s * NB2 + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                        tl.atomic_add(sm_ptr + s * NB2 + d, wf, mask=hit & (wf > 0), sem="relaxed")
 
 
 @triton.jit
@@ -359,11 +406,8 @@ def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_
         by_mass = mode == BY_MASS
         reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64),
                          (above_c + c_at_or_above).to(tl.float64))
-        b2 = tl.maximum(tl.max(tl.where(reach >= target, bins, -1), 0), 0)
-        at = bins == b2
-        ties, tie_mass, c_from, m_from = tl.reduce((tl.where(at, hist_c, 0), tl.where(at, hist_m, 0),
-                                                    tl.where(at, c_at_or_above, 0), tl.where(at, m_at_or_above, 0)),
-                                                   0, _add4)
+        b2, ties, tie_mass, c_from, m_from = _top_bin(bins, reach, target, hist_c, hist_m, c_at_or_above,
+                                                      m_at_or_above)
         above_c += c_from - ties
         above_m += m_from - tie_mass
         pf = tie_mass // tl.maximum(ties, 1)  # every tie at tau has the same key, so the same weight
@@ -389,7 +433,7 @@ def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_
         kept_ties = tl.minimum(tl.maximum(n_tie - before, 0), seg_ties)
         seg_kept += kept_ties.to(tl.int64) * pf
         tl.store(kept + s, seg_kept, mask=in_seg)
-        tl.store(kt + s, kept_ties, mask=in_seg)
+        tl.store(kt + s, tl.where(kept_ties == seg_ties, ALL_TIES, kept_ties), mask=in_seg)
         total += tl.sum(seg_kept, 0)
         ties_before += tl.sum(seg_ties, 0)
     return prefix, b2, total
@@ -407,21 +451,25 @@ def _draw(row_ptr, mask_ptr, n_mask, lmax, temperature, rs, prefix, b2, total, u
     cum = tl.cumsum(kept, 0)
     target = u.to(tl.float64) * total
     live = kept > 0
-    first = tl.min(tl.where(live & (cum.to(tl.float64) >= target), s, NSP2), 0)
-    seg = tl.where(first < NSP2, first, tl.max(tl.where(live, s, -1), 0))
-    carry = tl.sum(tl.where(s == seg, cum - kept, 0), 0)
+    # The first segment whose cumulative mass reaches the target (else the last live one), with the mass before it.
+    first, carry_first, last, carry_last = tl.reduce(
+        (tl.where(live & (cum.to(tl.float64) >= target), s, NSP2), cum - kept, tl.where(live, s, -1), cum - kept), 0,
+        _first_last)
+    seg = tl.where(first < NSP2, first, last)
+    carry = tl.where(first < NSP2, carry_first, tl.where(last >= 0, carry_last, 0))
     n_tie = tl.load(kt_ptr + rs * n_seg + seg)
     offs = tl.arange(0, SEG)
     idx = seg * SEG + offs
     x, present = _load_row(row_ptr, mask_ptr, n_mask, idx)
     key = _ukey(x)
-    tie = (present & ((key >> 8) == prefix) & ((key & 255) == b2)).to(tl.int32)
+    tie = present & ((key >> 8) == prefix) & ((key & 255) == b2)
     above = present & (((key >> 8) > prefix) | (((key >> 8) == prefix) & ((key & 255) > b2)))
-    keep = above | ((tie != 0) & (tl.cumsum(tie, 0) - tie < n_tie))
+    keep = above | _keep_ties(tie, n_tie)
     wf = tl.where(keep, _fixed(x, lmax, temperature), 0)
     run = carry + tl.cumsum(wf, 0)
-    hit = tl.min(tl.where((wf > 0) & (run.to(tl.float64) >= target), idx, I32_MAX), 0)
-    return tl.where(hit < I32_MAX, hit, tl.max(tl.where(wf > 0, idx, -1), 0))
+    hit, _h, last_id, _l = tl.reduce((tl.where((wf > 0) & (run.to(tl.float64) >= target), idx, I32_MAX), idx,
+                                      tl.where(wf > 0, idx, -1), idx), 0, _first_last)
+    return tl.where(hit < I32_MAX, hit, last_id)
 
 
 @triton.jit
@@ -474,7 +522,7 @@ def sample_final_kernel(
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row)
     rs = row * 2
-    bad, _m, _total, _k, _mc, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    bad, _m, _tc, _k, _mc, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
     mode = _mode(bad, lmax, temperature, top_k, top_p)
     token = argmax
     if mode != GREEDY:

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .rsd_sample import I32_MAX, _order_key, _row_stats, _scaled_exp, _truncate
-from .rsd_split import BOTH, GREEDY, _check_total, _law, _load_row, _mode, _sample_side, _side_stats, \
-    _ukey
+from .rsd_split import ALL_TIES, BOTH, GREEDY, _add2, _add3, _check_terms, _first_last, _keep_ties, _law, _load_row, \
+    _mode, _sample_side, _side_stats, _total_terms, _ukey
 
 # Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
 TEACHER_NONFINITE = tl.constexpr(-1)
@@ -43,9 +43,9 @@ def _check_ok(ls, s_m, check_temperature, s_check, threshold):
 
 @triton.jit
 def _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p, CP2: tl.constexpr):
-    """(bad, m, total, check partials, chunk maxima, lmax, argmax, mode) of one (position, side)."""
-    bad, m, total, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
-    return bad, m, total, k_c, m_c, lmax, argmax, _mode(bad, lmax, temperature, top_k, top_p)
+    """(bad, m, exp-sum partials, check partials, chunk maxima, lmax, argmax, mode) of one (position, side)."""
+    bad, m, t_c, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    return bad, m, t_c, k_c, m_c, lmax, argmax, _mode(bad, lmax, temperature, top_k, top_p)
 
 
 @triton.jit
@@ -61,8 +61,7 @@ def _segment_law(row_ptr, mask_ptr, n_mask, seg, mode, live, lmax, temperature, 
     okey = _order_key(x).to(tl.int64)
     tie = present & tl.where(both, okey == cut, ((key >> 8) == cut) & ((key & 255) == fine))
     above = present & tl.where(both, okey > cut, ((key >> 8) > cut) | (((key >> 8) == cut) & ((key & 255) > fine)))
-    tie_i = tie.to(tl.int32)
-    keep = above | (tie & (tl.cumsum(tie_i, 0) - tie_i < kept_ties))
+    keep = above | _keep_ties(tie, kept_ties)
     t = tl.where(temperature != 0.0, temperature, 1.0)
     w = tl.where(keep, _scaled_exp(x, lmax, t), 0.0).to(tl.float64) / den
     one_hot = tl.where(present & (idx == argmax), 1.0, 0.0).to(tl.float64)
@@ -91,9 +90,9 @@ def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_kee
     the draft x: (r_k, c, kept, qT(x)·ok(x)·c, Q(x), teacher's kept mass, student's kept mass)."""
     s = tl.arange(0, NSP2)
     base = failed_ptr + rp * 3 * n_seg + s
-    failed = tl.sum(tl.load(base, mask=s < n_seg, other=0.0), 0)
-    t_den = tl.sum(tl.load(base + n_seg, mask=s < n_seg, other=0.0), 0)
-    s_den = tl.sum(tl.load(base + 2 * n_seg, mask=s < n_seg, other=0.0), 0)
+    failed, t_den, s_den = tl.reduce((tl.load(base, mask=s < n_seg, other=0.0),
+                                      tl.load(base + n_seg, mask=s < n_seg, other=0.0),
+                                      tl.load(base + 2 * n_seg, mask=s < n_seg, other=0.0)), 0, _add3)
     t_den = tl.where(t_den > 0.0, t_den, 1.0)  # an empty law stays all zero, not NaN
     s_den = tl.where(s_den > 0.0, s_den, 1.0)
     r = tl.where(t_live, failed / t_den, 1.0)
@@ -116,7 +115,7 @@ def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, 
                h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
                n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
                SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    bad, _m, _total, _kc, _mc, lmax, _argmax, mode = _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p,
+    bad, _m, _tc, _kc, _mc, lmax, _argmax, mode = _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p,
                                                            CP2)
     cut = tl.full((), -1, tl.int64)
     fine = tl.full((), 0, tl.int32)
@@ -136,7 +135,8 @@ def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, 
             for s in range(0, n_seg):
                 x, present = _load_row(row_ptr, mask_ptr, n_vocab, s * SEG + tl.arange(0, SEG))
                 ties = tl.sum((present & (_order_key(x) == tau)).to(tl.int32), 0)
-                tl.store(kt_ptr + rs * n_seg + s, tl.minimum(tl.maximum(n_tie - ties_before, 0), ties))
+                kept_ties = tl.minimum(tl.maximum(n_tie - ties_before, 0), ties)
+                tl.store(kt_ptr + rs * n_seg + s, tl.where(kept_ties == ties, ALL_TIES, kept_ties))
                 ties_before += ties
         else:
             cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
@@ -199,7 +199,7 @@ def _position(stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temp
         stf_ptr, sti_ptr, rp * 2 + 1, n_chunks, student_temperature, tl.load(student_top_k_ptr + rp),
         tl.load(student_top_p_ptr + rp), CP2)
     check_temperature = tl.load(check_temperature_ptr + rp)
-    s_check = _check_total(s_kc, s_mc, s_m, check_temperature)
+    s_check = tl.sum(_check_terms(s_kc, s_mc, s_m, check_temperature), 0)
     t_live = (t_lmax > float("-inf")) & (trials > 0)
     s_live = s_lmax > float("-inf")
     draft = (i < n) & (t_bad == 0) & (s_bad == 0) & s_live
@@ -238,14 +238,17 @@ def failed_kernel(
                                             temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature,
                                             s_argmax, SEG)
             ok = _check_ok(ls, s_m, check_temperature, s_check, threshold)
-            tl.store(failed_ptr + rp * 3 * n_seg + s, tl.sum(tl.where(ok, 0.0, qt), 0))
-            tl.store(failed_ptr + (rp * 3 + 1) * n_seg + s, tl.sum(qt, 0))
-            tl.store(failed_ptr + (rp * 3 + 2) * n_seg + s, tl.sum(qs, 0))
+            seg_failed, seg_t, seg_s = tl.reduce((tl.where(ok, 0.0, qt), qt, qs), 0, _add3)
+            tl.store(failed_ptr + rp * 3 * n_seg + s, seg_failed)
+            tl.store(failed_ptr + (rp * 3 + 1) * n_seg + s, seg_t)
+            tl.store(failed_ptr + (rp * 3 + 2) * n_seg + s, seg_s)
             if (x >= s * SEG) & (x < s * SEG + SEG):
-                at_x = idx == x
-                tl.store(at_ptr + rp * 3 + 0, tl.sum(tl.where(at_x, qt, 0.0), 0))
-                tl.store(at_ptr + rp * 3 + 1, tl.sum(tl.where(at_x, qs, 0.0), 0))
-                tl.store(at_ptr + rp * 3 + 2, tl.max(tl.where(at_x & ok, 1.0, 0.0), 0).to(tl.float64))
+                at_x = idx == x  # one lane: its sums are its values
+                qt_x, qs_x, ok_x = tl.reduce((tl.where(at_x, qt, 0.0), tl.where(at_x, qs, 0.0),
+                                              tl.where(at_x & ok, 1.0, 0.0).to(tl.float64)), 0, _add3)
+                tl.store(at_ptr + rp * 3 + 0, qt_x)
+                tl.store(at_ptr + rp * 3 + 1, qs_x)
+                tl.store(at_ptr + rp * 3 + 2, ok_x)
 
 
 @triton.jit
@@ -282,8 +285,9 @@ def residual_kernel(
                                                  t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
                                                  student_temperature, s_argmax, SEG)
                 tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
-                tl.store(res_ptr + rp * n_seg + s, tl.sum(tl.maximum(tp - (1.0 - r_k) * qs, 0.0), 0))
-                tl.store(qm_ptr + rp * n_seg + s, tl.sum(tp + r_k * qs, 0))
+                seg_res, seg_q = tl.reduce((tl.maximum(tp - (1.0 - r_k) * qs, 0.0), tp + r_k * qs), 0, _add2)
+                tl.store(res_ptr + rp * n_seg + s, seg_res)
+                tl.store(qm_ptr + rp * n_seg + s, seg_q)
 
 
 @triton.jit
@@ -297,14 +301,18 @@ def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_pt
     in_seg = s < n_seg
     res = tl.load(res_ptr + rp * n_seg + s, mask=in_seg, other=0.0)
     qm = tl.load(qm_ptr + rp * n_seg + s, mask=in_seg, other=0.0)
-    use_q = tl.sum(res, 0) <= 0.0
+    res_total, q_total = tl.reduce((res, qm), 0, _add2)
+    use_q = res_total <= 0.0
     mass = tl.where(use_q, qm, res)
     cum = tl.cumsum(mass, 0)
-    target = u.to(tl.float64) * tl.sum(mass, 0)
+    target = u.to(tl.float64) * tl.where(use_q, q_total, res_total)
     live = mass > 0.0
-    first = tl.min(tl.where(live & (cum >= target), s, NSP2), 0)
-    seg = tl.where(first < NSP2, first, tl.max(tl.where(live, s, 0), 0))
-    carry = tl.sum(tl.where(s == seg, cum - mass, 0.0), 0)
+    # The first segment whose cumulative mass reaches the target (else the last live one, else segment 0), with
+    # the mass before it.
+    first, carry_first, last, carry_last = tl.reduce(
+        (tl.where(live & (cum >= target), s, NSP2), cum - mass, tl.where(live, s, -1), cum - mass), 0, _first_last)
+    seg = tl.where(first < NSP2, first, tl.maximum(last, 0))
+    carry = tl.where(first < NSP2, carry_first, tl.where(last >= 0, carry_last, 0.0))
     idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg,
                                     rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax,
                                     temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax,
@@ -313,9 +321,11 @@ def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_pt
     q = tp + r_k * qs
     w = tl.where(use_q, q, tl.maximum(tp - (1.0 - r_k) * qs, 0.0))
     run = carry + tl.cumsum(w, 0)
-    hit = tl.min(tl.where((w > 0.0) & (run >= target), idx, I32_MAX), 0)
-    y = tl.where(hit < I32_MAX, hit, tl.max(tl.where(w > 0.0, idx, -1), 0))
-    return y, tl.sum(tl.where(idx == y, tp, 0.0), 0), tl.sum(tl.where(idx == y, q, 0.0), 0)
+    hit, _h, last_id, _l = tl.reduce((tl.where((w > 0.0) & (run >= target), idx, I32_MAX), idx,
+                                      tl.where(w > 0.0, idx, -1), idx), 0, _first_last)
+    y = tl.where(hit < I32_MAX, hit, last_id)
+    tp_y, q_y = tl.reduce((tl.where(idx == y, tp, 0.0), tl.where(idx == y, q, 0.0)), 0, _add2)
+    return y, tp_y, q_y
 
 
 @triton.jit
@@ -355,12 +365,14 @@ def pick_kernel(
         check_temperature = tl.load(check_temperature_ptr + rp)
         threshold = tl.load(threshold_ptr + rp)
         trials = tl.load(proposal_trials_ptr + rp)
-        t_bad, t_m, t_total, _tk, _tmc, t_lmax, t_argmax, t_mode = _side(
+        t_bad, t_m, t_tc, _tk, t_mc, t_lmax, t_argmax, t_mode = _side(
             stf_ptr, sti_ptr, rt, n_chunks, temperature, tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp), CP2)
-        s_bad, s_m, s_total, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
+        s_bad, s_m, s_tc, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
             stf_ptr, sti_ptr, rs, n_chunks, student_temperature, tl.load(student_top_k_ptr + rp),
             tl.load(student_top_p_ptr + rp), CP2)
-        s_check = _check_total(s_kc, s_mc, s_m, check_temperature)
+        # Both softmax denominators (the log-probs) and the check's, in one exchange.
+        t_total, s_total, s_check = tl.reduce((_total_terms(t_tc, t_mc, t_m), _total_terms(s_tc, s_mc, s_m),
+                                               _check_terms(s_kc, s_mc, s_m, check_temperature)), 0, _add3)
         s_live = s_lmax > float("-inf")
         token = t_argmax
         accepted = tl.full((), 0, tl.int32)

@@ -87,8 +87,9 @@ def count_costs(*logits):
         return original_masked(self, ptrs, mask, other, *rest)
 
     def collective(self, input):
-        first = input[0] if isinstance(input, tuple) else input
-        if costs.launches and int(np.prod(first.shape or [1])) > 32:
+        # apply() wraps a lone tensor in a tuple and calls itself again: count the tuple call only, once per
+        # reduction or scan whatever the number of values it carries.
+        if costs.launches and isinstance(input, tuple) and int(np.prod(input[0].shape or [1])) > 32:
             costs.launches[-1].collectives[tuple(builder.grid_idx)] += 1
         return original_apply(self, input)
 

@@ -10,6 +10,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -78,14 +79,16 @@ def _fast_interpreter_reductions():
     """Under the interpreter, the kernels' tuple reductions run as numpy does the built-in ones.
 
     Triton's interpreter runs a reduction or scan whose combine function is not one of its own (tl.sum,
-    tl.max...) element by element in Python, about a thousand times slower. rsd_split's are integer sums and a
-    (bad, max, (lmax, lowest id)) combine, whose results do not depend on the order of combination, so numpy's
-    sums, cumulative sums and max/min give exactly what any order would; the GPU compiles the combine functions
-    themselves (tests/test_triton_interpreter.py compiles them for sm_80 and sm_90)."""
+    tl.max...) element by element in Python, about a thousand times slower. rsd_split's are sums of several
+    values at once (numpy's sum, as the interpreter's own tl.sum: a tuple of sums gives what separate tl.sum
+    calls give, as it does on the GPU, where a tuple reduction combines each value in the same tree as a lone
+    one), a (bad, max, (lmax, lowest id)) combine and arg-min/max selections with payloads, whose results do not
+    depend on the order of combination; the GPU compiles the combine functions themselves
+    (tests/test_triton_interpreter.py compiles them for sm_80 and sm_90)."""
     import numpy as np
     from triton.runtime import interpreter
 
-    sums = (_split._add2, _split._add4)
+    sums = (_split._add2, _split._add3)
     reduce_impl, scan_impl = interpreter.ReduceOps.apply_impl, interpreter.ScanOps.apply_impl
     if getattr(reduce_impl, "rsd_engine", False):
         return
@@ -97,12 +100,23 @@ def _fast_interpreter_reductions():
         elif self.combine_fn is _split._stats_combine:
             bad, m, lmax, arg = data
             top = np.max(lmax, axis=self.axis, keepdims=True)
-            out = [np.max(bad, axis=self.axis, keepdims=self.keep_dims),
-                   np.max(m, axis=self.axis, keepdims=self.keep_dims),
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN slice: NaN, as tl.max gives here
+                m_max = np.nanmax(m, axis=self.axis, keepdims=self.keep_dims)  # tl.max's NaN rule
+            out = [np.max(bad, axis=self.axis, keepdims=self.keep_dims), m_max,
                    np.max(lmax, axis=self.axis, keepdims=self.keep_dims),
                    np.min(np.where(lmax == top, arg, np.iinfo(np.int32).max), axis=self.axis, keepdims=self.keep_dims)]
+        elif self.combine_fn is _split._first_last and all(d.ndim == 1 for d in data):
+            k, p, l, q = data
+            i, j = int(np.argmin(k)), int(np.argmax(l))
+            out = [k[i], p[i], l[j], q[j]]
+        elif self.combine_fn is _split._argmax_carry and all(d.ndim == 1 for d in data):
+            i = int(np.argmax(data[0]))
+            out = [d[i] for d in data]
         else:
             return reduce_impl(self, input)
+        if self.keep_dims and np.ndim(out[0]) == 0:
+            out = [np.asarray([v]) for v in out]
         return [self.to_tensor(d, x.dtype) for d, x in zip(out, input)]
 
     def scan(self, input):
