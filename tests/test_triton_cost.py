@@ -1,8 +1,9 @@
 """The cost model of the Triton sampler ops, checked without a GPU (issue 14): under TRITON_INTERPRET=1 the
 real kernels run at V = 151,936 with CUDA's tiles and chunk table while tests/interpreter_cost.py counts,
 per call, the launches, the dependent block steps of every program (tile loads of a logit row) and the
-bytes of logits read. Targets: <= 6 launches for rsd_sample (6: stats, 3 rounds, law, pick; <= 8 for rsd_verify), <= 40 dependent steps
-per program, <= 4 reads of each logit row in total (rsd_verify: see its test). The one-program kernels this
+bytes of logits read, and the block-wide reductions and scans on the critical path at B = 1. Targets: <= 6
+launches for rsd_sample (stats, 3 rounds, law, pick; <= 8 for rsd_verify), <= 40 dependent steps per
+program, <= 4 reads of each logit row in total (rsd_verify: see its test). The one-program kernels this
 replaced took 1 launch, thousands of steps per program and about 17 reads per row (rsd_verify at G = 4:
 5,708 steps when the first draft is rejected, 32,559 when all are kept; figures in the closing note of
 issue 14)."""
