@@ -13,6 +13,7 @@ short keeps what it measured; a row that fails is recorded with its error and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -97,6 +98,31 @@ def median_graph_us(fn, repeats: int) -> float:
     return statistics.median(timed(n) for _ in range(repeats))
 
 
+def kernel_breakdown(fn, calls: int = 5) -> list[dict]:
+    """The GPU kernels of one call of fn in launch order, each with its mean µs over ``calls`` eager calls
+    (torch.profiler): which launch of a fused op the time goes to (rsd_sample: stats, rounds 0-2, law, pick)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        kernels = sorted(((e.start_ns(), e.name(), e.duration_ns()) for e in prof.profiler.kineto_results.events()
+                          if e.device_type() == torch.autograd.DeviceType.CUDA and e.name() != "Memset"
+                          and not e.name().startswith("Memcpy")), key=lambda k: k[0])
+    except Exception as err:  # noqa: BLE001  the row's timings stand without it
+        return [dict(note=f"profiler failed: {type(err).__name__}: {str(err)[:300]}")]
+    if not kernels or len(kernels) % calls:
+        return [dict(note=f"{len(kernels)} kernels over {calls} calls: not one sequence per call")]
+    per_call = len(kernels) // calls
+    return [dict(kernel=kernels[i][1][:80],
+                 us=round(sum(kernels[c * per_call + i][2] for c in range(calls)) / calls / 1e3, 2))
+            for i in range(per_call)]
+
+
 def cuda_copy_bandwidth() -> float:
     """Bytes per second the card moves in a large device-to-device copy (read + write)."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
@@ -108,7 +134,7 @@ def cuda_copy_bandwidth() -> float:
 def time_pair(fused, reference, device: str, args, floor_tensors) -> dict:
     """fused_us, reference_us and floor_us (see the module docstring) of two zero-argument callables."""
     if device == "cuda":
-        row = dict(fused_us=median_graph_us(fused, args.repeats))
+        row = dict(fused_us=median_graph_us(fused, args.repeats), fused_kernels=kernel_breakdown(fused))
         try:
             row["reference_us"] = median_graph_us(reference, args.repeats)
         except RuntimeError as err:  # should the reference ever stop being capturable, time it eagerly
@@ -126,6 +152,31 @@ def time_pair(fused, reference, device: str, args, floor_tensors) -> dict:
     row.update(speedup=row["reference_us"] / row["fused_us"], over_floor=row["fused_us"] / row["floor_us"],
                bytes=sum(t.numel() * t.element_size() for t in floor_tensors))
     return row
+
+
+@contextlib.contextmanager
+def forced_chunks(chunks: int | None):
+    """The Triton ops' launch table overridden with ``chunks`` programs per row and side (None: the table)."""
+    from rsd_engine.sampling import triton as triton_backend
+
+    previous = triton_backend.CUDA_CONFIG["chunks"]
+    triton_backend.CUDA_CONFIG["chunks"] = chunks
+    try:
+        yield
+    finally:
+        triton_backend.CUDA_CONFIG["chunks"] = previous
+
+
+def bench_chunks(B, V, dtype, chunks, device, args) -> dict:
+    """The Triton rsd_sample alone with ``chunks`` programs per row and side: the launch table's alternatives."""
+    teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
+    fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend="triton")  # noqa: E731
+    with forced_chunks(chunks):
+        us = median_graph_us(fused, args.repeats)
+        kernels = kernel_breakdown(fused)
+    nbytes = 2 * teacher.numel() * teacher.element_size()
+    floor = nbytes / (args.floor_tb_s * 1e12) * 1e6
+    return dict(fused_us=us, fused_kernels=kernels, floor_us=floor, over_floor=us / floor)
 
 
 def bench_rsd_sample(B, V, dtype, device, args) -> dict:
@@ -203,6 +254,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--vocab", type=int, nargs="+", default=[VOCAB])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[],
+                        help="CUDA: then time the Triton op alone with each of these programs per row and side "
+                             "(the launch table's alternatives) at the --chunk-batch sizes, first dtype only")
+    parser.add_argument("--chunk-batch", type=int, nargs="+", default=[16, 64, 256])
     add_common_arguments(parser, "rsd_step.json")
     args = parser.parse_args(argv)
     device = resolve(args)
@@ -211,14 +266,24 @@ def main(argv=None):
     header = (f"{'B':>4} {'V':>7} {'dtype':>8} | {'fused µs':>10} {'torch µs':>10} {'speedup':>8} | "
               f"{'floor µs':>9} {'fused/floor':>11} | same")
     keys = [dict(op="rsd_sample", B=B, V=V, dtype=d) for d in args.dtype for V in args.vocab for B in args.batch]
+    if device == "cuda":
+        keys += [dict(op="rsd_sample_chunks", B=B, V=args.vocab[0], dtype=args.dtype[0], chunks=c)
+                 for B in args.chunk_batch for c in args.chunks]
+
+    def one(op, B, V, dtype, chunks=None):
+        if op == "rsd_sample_chunks":
+            return bench_chunks(B, V, DTYPES[dtype], chunks, device, args)
+        return bench_rsd_sample(B, V, DTYPES[dtype], device, args)
 
     def fmt(r):
+        if r["op"] == "rsd_sample_chunks":
+            return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} with {r['chunks']} chunks per "
+                    f"row and side | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x")
         return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} {r['reference_us']:>10.1f} "
                 f"{r['speedup']:>7.1f}x | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "
                 f"{'yes' if r['same_tokens'] else 'no (rounding)'}")
 
-    run_rows(keys, lambda op, B, V, dtype: bench_rsd_sample(B, V, DTYPES[dtype], device, args), device, args, meta,
-             header, fmt)
+    run_rows(keys, one, device, args, meta, header, fmt)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@
 #   profile.json      torch.profiler of one decode step at batch 1 on that pair: top kernels, kernel,
 #                     memcpy, launch and blocking-sync counts per step
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, bf16 and fp32,
-#                     V 151,936, against the read-once floor at 4.3 TB/s
+#                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
+#                     Triton op with 2/4/8 programs per row and side at B 16/64/256
 #   rsd_verify.json   rsd_verify (G = 4, B 1/16) and sample_tokens (B 1/16/64), the same way
 #   device_check.log  this script's whole output
 # Step exit codes: 0 ok, 124 out of time (partial JSON kept), 125 skipped (budget spent), else the step's own.
@@ -181,8 +182,10 @@ if [ "$mode" = cuda ]; then
     --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --cache "$pairs" --out "$out/profile.json"
   # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
   step skinny 60 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
-  step rsd_step 45 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
-    --repeats 10 --out "$out/rsd_step.json"
+  # Each row records its kernels' µs in launch order (which launch the time goes to); then the first dtype at
+  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention).
+  step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
+    --repeats 10 --chunks 2 4 8 --chunk-batch 16 64 256 --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
     --dtype "${dtypes[@]}" --repeats 10 --out "$out/rsd_verify.json"
 else
