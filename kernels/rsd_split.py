@@ -7,9 +7,10 @@ segments of SEG ids; program (row, side, chunk) owns SPC consecutive segments. L
   1. stats_kernel: per chunk, per-lane partials over its segments (max, sum of exp, the check's sum,
      the masked max and its lowest id, NaN/+inf), reduced once at the end; zeroes the histograms.
   2-4. round_kernel ROUND 0, 1, 2: a radix select over order-preserving keys (logit bits, ukey in
-     [0, 2**32)), digits of 12, 12 and 8 bits. Round r adds count and mass of the ids whose higher digits
-     equal the cut's prefix, found by walking the histograms of rounds < r (every program of a row walks
-     the same integers, so all agree). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
+     [0, 2**32)), digits of 12, 12 and 8 bits. Round r adds the count (top-k) or the mass (top-p) of the
+     ids whose higher digits equal the cut's prefix, found by walking the histograms of rounds < r (every
+     program of a row walks the same integers, so all agree); round 2 adds both (the ties at the cut are
+     counted, their mass shared). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
      * (1 / t)) in fp32 as the contract's weight, so the atomic sums are exact and order-free. Round 1
      also compacts, per segment, the ids in the cut's level-0 bin; round 2 reads only those (a gather),
      keeps its digit histogram per segment and each segment's mass above the cut's 24-bit prefix. A row
@@ -286,13 +287,18 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
     t = tl.where(temperature != 0.0, temperature, 1.0)
     offs = tl.arange(0, SEG)
     seg_lo = chunk * spc
+    # Levels 0 and 1 walk counts (top-k) or masses (top-p), never both: one histogram of the two is filled there.
     if ROUND == 0:
-        if (mode == BY_COUNT) | (mode == BY_MASS):
+        if mode == BY_COUNT:
+            for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
+                x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
+                d = (_ukey(x) >> 20).to(tl.int32)
+                tl.atomic_add(h0c + d, tl.full((SEG,), 1, tl.int32), mask=present, sem="relaxed")
+        elif mode == BY_MASS:
             for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
                 x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                 wf = _fixed(x, lmax, t)
                 d = (_ukey(x) >> 20).to(tl.int32)
-                tl.atomic_add(h0c + d, tl.full((SEG,), 1, tl.int32), mask=present, sem="relaxed")
                 tl.atomic_add(h0m + d, wf, mask=present & (wf > 0), sem="relaxed")
     elif ROUND == 1:
         if (mode == BY_COUNT) | (mode == BY_MASS):
@@ -309,8 +315,10 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
                     tl.store(ncand_ptr + s, n_hit)
                     if n_hit > 0:
                         d = ((key >> 8) & 4095).to(tl.int32)
-                        tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
-                        tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
+                        if mode == BY_COUNT:
+                            tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                        else:
+                            tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
                         # The ids in the cut's level-0 bin, compacted per segment: round 2 reads only them.
                         slot = tl.cumsum(hit.to(tl.int32), 0) - 1
                         tl.store(cand_ptr + s * SEG + slot, s * SEG + offs, mask=hit)
