@@ -9,7 +9,9 @@ reads are the program's logit bytes. Every reduction or scan over more elements 
 is one *collective* of that program: on the GPU each is a cross-warp exchange through shared memory
 with a barrier, about a microsecond of latency however little data it moves, so the collectives of a
 launch's slowest program, summed over the launches, model the latency of a call that moves little data
-(B = 1). The counts come from the interpreter running the real kernels, so they follow any change of
+(B = 1). Atomic read-modify-writes are counted per active lane: each is an L2 transaction, serialised
+with the others on its address (the histograms' popular bins), the suspected limit of the row-wide rounds
+at large B. The counts come from the interpreter running the real kernels, so they follow any change of
 tile sizes, chunk table or loop structure.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Launch:
     steps: dict = field(default_factory=lambda: defaultdict(int))  # program -> logit tile loads
     bytes: dict = field(default_factory=lambda: defaultdict(int))  # program -> logit bytes read
     collectives: dict = field(default_factory=lambda: defaultdict(int))  # program -> block-wide reduce / scan
+    atomics: int = 0  # active lanes of atomic read-modify-writes, all programs
 
 
 @dataclass
@@ -48,6 +51,12 @@ class Costs:
     def critical_collectives(self) -> int:
         """Collectives on the call's critical path: the slowest program of each launch, launches in order."""
         return sum(max(l.collectives.values(), default=0) for l in self.launches)
+
+    @property
+    def atomics(self) -> int:
+        """Atomic read-modify-writes (one per active lane) of the whole call: each is an L2 transaction, and
+        those on one address queue behind each other."""
+        return sum(l.atomics for l in self.launches)
 
     def reads_per_row(self, rows: int) -> float:
         """Logit bytes read by the whole call over the bytes of the rows' logits: 1.0 = each row read once."""
@@ -93,7 +102,14 @@ def count_costs(*logits):
             costs.launches[-1].collectives[tuple(builder.grid_idx)] += 1
         return original_apply(self, input)
 
+    def atomic_rmw(self, op, ptr, val, mask, *rest):
+        if costs.launches:
+            costs.launches[-1].atomics += int(np.broadcast_to(np.asarray(mask.data), np.asarray(ptr.data).shape).sum())
+        return original_rmw(self, op, ptr, val, mask, *rest)
+
     original_apply = interpreter.ReduceScanOpInterface.apply
+    original_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
+    interpreter.InterpreterBuilder.create_atomic_rmw = atomic_rmw
     interpreter.GridExecutor.__call__ = call
     interpreter.InterpreterBuilder.create_masked_load = masked_load
     interpreter.ReduceScanOpInterface.apply = collective
@@ -103,3 +119,4 @@ def count_costs(*logits):
         interpreter.GridExecutor.__call__ = original_call
         interpreter.InterpreterBuilder.create_masked_load = original_masked
         interpreter.ReduceScanOpInterface.apply = original_apply
+        interpreter.InterpreterBuilder.create_atomic_rmw = original_rmw

@@ -68,6 +68,9 @@ def test_rsd_sample_cost(chunks, cuda_tiles):
         # and pick kernels, 39 with the reductions sharing exchanges and the tie ranking done only where a cut
         # splits ties. (At B >= 64 a program streams a whole row, a few per segment: throughput, not latency.)
         assert costs.critical_collectives <= 42
+    # The histograms' atomics: one per present id and side in round 0 (a top-p row adds its mass only, a top-k
+    # row its count only; 2 per id when both were filled), a few more for the ids near the cut in rounds 1-2.
+    assert costs.atomics <= 1.1 * 2 * V
     # The split really splits: the streaming launches run many programs per row at B = 1.
     widest = max(l.grid[2] if len(l.grid) == 3 else 1 for l in costs.launches)
     assert widest == (38 if chunks is None else 1)
@@ -111,6 +114,7 @@ def test_rsd_verify_cost(chunks, cuda_tiles):
         # B = 1 latency, as rsd_sample's above: 145 collectives on the critical path in the code measured on the
         # H200, 98 before the reductions shared exchanges, 47 now.
         assert costs.critical_collectives <= 50
+    assert costs.atomics <= 1.1 * 2 * B * P * V  # one per present id, side and position, as rsd_sample's
     # stats and rounds 0-1 read every position (3), the failed masses every draft position and the residual
     # masses every rejected one (at most 2 G / P), round 2 and the draws a few segments.
     assert costs.reads_per_row(B * P) <= 3.2 + 2 * G / P
