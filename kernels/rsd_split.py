@@ -152,12 +152,12 @@ def stats_kernel(
     teacher_ptr,  # [B, Vt] fp32 / bf16 / fp16, row stride teacher_stride
     student_ptr,  # [B, Vs] same dtypes (sample_tokens: the same tensor as teacher_ptr)
     proposal_mask_ptr, fallback_mask_ptr,  # [n_proposal], [n_fallback] int8
-    check_temperature_ptr,  # [B] fp32
+    check_temperature_ptr,  # [B / param_div] fp32: row r reads entry r // param_div (rsd_verify: P positions a row)
     stf_ptr,  # [B, 2, C, 4] fp32 out: m, total, check, lmax
     sti_ptr,  # [B, 2, C, 2] int32 out: bad, argmax
     h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,  # [B, 2, NB0 / NB1] int32 / int64, zeroed here
     sc_ptr, sm_ptr,  # [B, 2, n_seg, NB2] int32 / int64, zeroed here
-    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg,
+    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     SEG: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -165,7 +165,7 @@ def stats_kernel(
     chunk = tl.program_id(2)
     rs = row * 2 + side
     seg_lo = chunk * spc
-    ct = tl.load(check_temperature_ptr + row)
+    ct = tl.load(check_temperature_ptr + row // param_div)
     sc_row = sc_ptr + rs * n_seg * NB2
     sm_row = sm_ptr + rs * n_seg * NB2
     if side == 0:
@@ -351,31 +351,32 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
 @triton.jit
 def round_kernel(
     teacher_ptr, student_ptr, proposal_mask_ptr, fallback_mask_ptr,  # as stats_kernel
-    temperature_ptr, top_k_ptr, top_p_ptr,  # [B] teacher side (sample_tokens: its only side)
-    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B] student side
+    temperature_ptr, top_k_ptr, top_p_ptr,  # [B / param_div] teacher side (sample_tokens: its only side)
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B / param_div] student side
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,  # as stats_kernel
     sa_ptr,  # [B, 2, n_seg] int64 out (ROUND 1, 2): each segment's mass above the cut's prefix so far
     cand_ptr,  # [B, 2, n_seg * SEG] int32 scratch (ROUND 1 writes, 2 reads): ids in the cut's level-0 bin
     ncand_ptr,  # [B, 2, n_seg] int32 scratch: how many of them each segment holds
-    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg,
+    n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
     chunk = tl.program_id(2)
     rs = row * 2 + side
+    prow = row // param_div
     h0c, h0m = h0c_ptr + rs * NB0, h0m_ptr + rs * NB0
     h1c, h1m = h1c_ptr + rs * NB1, h1m_ptr + rs * NB1
     sc, sm, sa = sc_ptr + rs * n_seg * NB2, sm_ptr + rs * n_seg * NB2, sa_ptr + rs * n_seg
     cand, ncand = cand_ptr + rs * n_seg * SEG, ncand_ptr + rs * n_seg
     if side == 0:
-        _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + row),
-                    tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
+        _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + prow),
+                    tl.load(top_k_ptr + prow), tl.load(top_p_ptr + prow), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
                     h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
     else:
         _round_side(student_ptr + row * student_stride, fallback_mask_ptr, n_fallback,
-                    tl.load(student_temperature_ptr + row), tl.load(student_top_k_ptr + row),
-                    tl.load(student_top_p_ptr + row), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
+                    tl.load(student_temperature_ptr + prow), tl.load(student_top_k_ptr + prow),
+                    tl.load(student_top_p_ptr + prow), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
                     h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
 
 

@@ -151,8 +151,8 @@ def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, 
 def law_kernel(
     teacher_ptr, student_ptr,  # [B * P, Vt], [B * P, Vs] fp32 / bf16 / fp16, row strides teacher_stride, ...
     num_draft_ptr,  # [B] int32
-    temperature_ptr, top_k_ptr, top_p_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B*P]
-    proposal_trials_ptr,  # [B * P] int32
+    temperature_ptr, top_k_ptr, top_p_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B]
+    proposal_trials_ptr,  # [B] int32: a row's parameters hold at all its positions
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,  # rsd_split's scratch
     kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: each segment's kept mass and kept ties
@@ -164,20 +164,21 @@ def law_kernel(
     rp = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
     rs = rp * 2 + side
-    n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + rp // num_positions), 0), num_positions - 1)
+    row = rp // num_positions  # the parameters are the row's
+    n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
     needed = rp % num_positions <= n  # positions past the bonus are never read
     if side == 0:
         for j in range(0, 3):
             tl.store(at_ptr + rp * 3 + j, tl.zeros((), tl.float64))
         _store_law(teacher_ptr + rp * teacher_stride, proposal_mask_ptr, n_teacher, n_vocab,
-                   tl.load(temperature_ptr + rp), tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp),
-                   needed & (tl.load(proposal_trials_ptr + rp) > 0), rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr,
+                   tl.load(temperature_ptr + row), tl.load(top_k_ptr + row), tl.load(top_p_ptr + row),
+                   needed & (tl.load(proposal_trials_ptr + row) > 0), rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr,
                    h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
                    n_chunks, n_seg, SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
     else:
         _store_law(student_ptr + rp * student_stride, fallback_mask_ptr, n_student, n_vocab,
-                   tl.load(student_temperature_ptr + rp), tl.load(student_top_k_ptr + rp),
-                   tl.load(student_top_p_ptr + rp), needed, rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,
+                   tl.load(student_temperature_ptr + row), tl.load(student_top_k_ptr + row),
+                   tl.load(student_top_p_ptr + row), needed, rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,
                    sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_chunks, n_seg,
                    SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
 
@@ -189,16 +190,17 @@ def _position(stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temp
     """What failed_kernel and residual_kernel need of a position: whether it is a draft to verify, and each
     side's statistics and mode."""
     i = rp % num_positions
-    n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + rp // num_positions), 0), num_positions - 1)
-    temperature = tl.load(temperature_ptr + rp)
-    student_temperature = tl.load(student_temperature_ptr + rp)
-    trials = tl.load(proposal_trials_ptr + rp)
+    row = rp // num_positions  # the parameters are the row's
+    n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
+    temperature = tl.load(temperature_ptr + row)
+    student_temperature = tl.load(student_temperature_ptr + row)
+    trials = tl.load(proposal_trials_ptr + row)
     t_bad, _tm, _tt, _tk, _tmc, t_lmax, t_argmax, t_mode = _side(
-        stf_ptr, sti_ptr, rp * 2, n_chunks, temperature, tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp), CP2)
+        stf_ptr, sti_ptr, rp * 2, n_chunks, temperature, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), CP2)
     s_bad, s_m, _st, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
-        stf_ptr, sti_ptr, rp * 2 + 1, n_chunks, student_temperature, tl.load(student_top_k_ptr + rp),
-        tl.load(student_top_p_ptr + rp), CP2)
-    check_temperature = tl.load(check_temperature_ptr + rp)
+        stf_ptr, sti_ptr, rp * 2 + 1, n_chunks, student_temperature, tl.load(student_top_k_ptr + row),
+        tl.load(student_top_p_ptr + row), CP2)
+    check_temperature = tl.load(check_temperature_ptr + row)
     s_check = tl.sum(_check_terms(s_kc, s_mc, s_m, check_temperature), 0)
     t_live = (t_lmax > float("-inf")) & (trials > 0)
     s_live = s_lmax > float("-inf")
@@ -210,8 +212,8 @@ def _position(stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temp
 @triton.jit
 def failed_kernel(
     teacher_ptr, student_ptr, draft_ptr, num_draft_ptr,  # as law_kernel; draft [B, P - 1] int64, row draft_stride
-    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B * P] each
-    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B * P] each
+    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] each
+    student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B] each
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
     stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr,  # as law_kernel
     failed_ptr,  # [B * P, 3, n_seg] fp64 out: per segment, sum of wT(z) * (1 - ok(z)), of wT, of wS (kept weights)
@@ -228,7 +230,7 @@ def failed_kernel(
         CP2)
     if draft:
         x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
-        threshold = tl.load(threshold_ptr + rp)
+        threshold = tl.load(threshold_ptr + rp // num_positions)
         teacher_row = teacher_ptr + rp * teacher_stride
         student_row = student_ptr + rp * student_stride
         seg_lo = chunk * spc
@@ -275,7 +277,7 @@ def residual_kernel(
         r_k, c, kept, _tp, _q, t_den, s_den = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
                                             tl.load(uniforms_ptr + rp * uniforms_stride + keep_draw), NSP2)
         if not kept:
-            threshold = tl.load(threshold_ptr + rp)
+            threshold = tl.load(threshold_ptr + rp // num_positions)
             teacher_row = teacher_ptr + rp * teacher_stride
             student_row = student_ptr + rp * student_stride
             seg_lo = chunk * spc
@@ -331,7 +333,7 @@ def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_pt
 @triton.jit
 def pick_kernel(
     teacher_ptr, student_ptr, draft_ptr, num_draft_ptr, uniforms_ptr,  # as residual_kernel
-    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B * P] each
+    temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] each
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
     proposal_mask_ptr, fallback_mask_ptr,
     stf_ptr, sti_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
@@ -360,16 +362,16 @@ def pick_kernel(
         teacher_row = teacher_ptr + rp * teacher_stride
         student_row = student_ptr + rp * student_stride
         uniforms_row = uniforms_ptr + rp * uniforms_stride
-        temperature = tl.load(temperature_ptr + rp)
-        student_temperature = tl.load(student_temperature_ptr + rp)
-        check_temperature = tl.load(check_temperature_ptr + rp)
-        threshold = tl.load(threshold_ptr + rp)
-        trials = tl.load(proposal_trials_ptr + rp)
+        temperature = tl.load(temperature_ptr + row)  # the parameters are the row's, at every position
+        student_temperature = tl.load(student_temperature_ptr + row)
+        check_temperature = tl.load(check_temperature_ptr + row)
+        threshold = tl.load(threshold_ptr + row)
+        trials = tl.load(proposal_trials_ptr + row)
         t_bad, t_m, t_tc, _tk, t_mc, t_lmax, t_argmax, t_mode = _side(
-            stf_ptr, sti_ptr, rt, n_chunks, temperature, tl.load(top_k_ptr + rp), tl.load(top_p_ptr + rp), CP2)
+            stf_ptr, sti_ptr, rt, n_chunks, temperature, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), CP2)
         s_bad, s_m, s_tc, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
-            stf_ptr, sti_ptr, rs, n_chunks, student_temperature, tl.load(student_top_k_ptr + rp),
-            tl.load(student_top_p_ptr + rp), CP2)
+            stf_ptr, sti_ptr, rs, n_chunks, student_temperature, tl.load(student_top_k_ptr + row),
+            tl.load(student_top_p_ptr + row), CP2)
         # Both softmax denominators (the log-probs) and the check's, in one exchange.
         t_total, s_total, s_check = tl.reduce((_total_terms(t_tc, t_mc, t_m), _total_terms(s_tc, s_mc, s_m),
                                                _check_terms(s_kc, s_mc, s_m, check_temperature)), 0, _add3)

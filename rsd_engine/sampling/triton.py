@@ -198,9 +198,10 @@ def chunks_for(batch: int, n_segments: int, config) -> int:
 
 class _SplitLaunch:
     """Scratch and launch shape of the split-row kernels for one call: stats, then the three radix rounds
-    (the law and the draws are the caller's). sides = 2 for rsd_sample, 1 for sample_tokens (side 0 only)."""
+    (the law and the draws are the caller's). sides = 2 for rsd_sample, 1 for sample_tokens (side 0 only).
+    Row r of the logits takes its parameters from entry r // param_div (rsd_verify: P positions per row)."""
 
-    def __init__(self, config, batch, first, second, n_first_mask, n_second_mask, sides):
+    def __init__(self, config, batch, first, second, n_first_mask, n_second_mask, sides, param_div=1):
         seg = config["SEG"]
         device = first.device
         self.seg = seg
@@ -231,7 +232,7 @@ class _SplitLaunch:
                      torch.empty(*rs, self.n_seg, dtype=i32, device=device))
         self.scratch = (*self.stats, *self.hists, self.above, *self.kept)
         self.shape = (first.shape[1], second.shape[1], n_first_mask, n_second_mask, first.stride(0), second.stride(0),
-                      self.chunks, self.spc, self.n_seg)
+                      self.chunks, self.spc, self.n_seg, param_div)
 
     def rounds(self, first, second, first_mask, second_mask, check_temperature, first_params, second_params):
         grid = (self.batch, self.sides, self.chunks)

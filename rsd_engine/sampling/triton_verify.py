@@ -56,16 +56,17 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         uniforms = _last_contiguous(uniforms.float()).reshape(R, uniforms.shape[2])
         draft = draft.contiguous() if draft.numel() else torch.zeros(B, 1, dtype=torch.int64, device=device)
         num_draft = num_draft.to(device, torch.int32).contiguous()
-        # Every position carries its row's parameters: the split launches see B * P independent rows.
+        # The split launches see B * P independent rows, each (row, position) reading its row's parameters.
         row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
-                      .repeat_interleave(P).contiguous() for name in RowParams._fields]
+                      .contiguous() for name in RowParams._fields]
         sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
         V = proposal_mask.numel()
         # At least two programs per position: a program of failed_kernel / residual_kernel reads both models'
         # segments, so one per position would take two dependent steps per segment of the row.
         chunks = max(2, chunks_for(R, -(-max(teacher.shape[1], student.shape[1]) // config["SEG"]), config))
-        split = _SplitLaunch({**config, "chunks": chunks}, R, teacher, student, V, fallback_mask.numel(), sides=2)
+        split = _SplitLaunch({**config, "chunks": chunks}, R, teacher, student, V, fallback_mask.numel(), sides=2,
+                             param_div=P)
         split.rounds(teacher, student, proposal_mask, fallback_mask, row_params[4], row_params[:3], row_params[5:8])
         n_seg, chunks = split.n_seg, split.chunks
         f64 = dict(dtype=torch.float64, device=device)
