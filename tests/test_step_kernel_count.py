@@ -100,3 +100,28 @@ def test_decode_step_kernels(tiny_pair, monkeypatch):
     # 2 x (embedding, final norm) 4, logits GEMMs 2, uniforms 1, sampler launches 6, the rows' advance 8,
     # packing the outputs (a cast-copy per column into StepState.out) 4.
     assert fixed == 25
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the CUDA path on CPU tensors, under the interpreter")
+def test_speculative_round_kernels(tiny_pair, monkeypatch):
+    """A speculative round (draft_tokens = 4) as the engine captures it: G + 1 student forwards, G draws,
+    one teacher forward over G + 1 positions, rsd_verify, the rows' advance and the packing. Outside the
+    forwards: the uniforms (1), sample_tokens (4 x 5 launches), rsd_verify (8), the logits heads (6) and the
+    torch glue; rsd_verify's parameters are read per row, not copied per position (9 repeat_interleave
+    kernels a round before)."""
+    engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=2, max_seq_len=64, sampler="triton",
+                    draft_tokens=4)
+    for model in (engine.teacher, engine.student):
+        model.use_triton, model._packed_head = True, None
+        model.skinny_rows = 16
+    monkeypatch.setattr(randomness, "KERNEL_ON_CPU", True)
+    monkeypatch.setattr(triton_ops, "_splits", lambda programs, device: 4)
+    capture = engine._capture
+    monkeypatch.setattr(engine, "_capture", lambda kv, step=None: capture(kv, engine._speculative._round_and_advance))
+    count_step(engine, monkeypatch, 2)
+    mode, _ = count_step(engine, monkeypatch, 2)
+    outside = mode.ops["step"]
+    print(f"\noutside the forwards: {len(outside)}: {sorted(outside)}")
+    assert "repeat_interleave" not in outside
+    assert sum(name.endswith("_kernel") for name in outside) == 1 + 4 * 5 + 8
+    assert len(outside) <= 95
