@@ -62,7 +62,7 @@ def _add3(a0, b0, c0, a1, b1, c1):
 @triton.jit
 def _first_last(k0, p0, l0, q0, k1, p1, l1, q1):
     # (lowest k with its payload p, highest l with its payload q): an argmin and an argmax in one exchange.
-    # Only the sentinels of lanes out of the running tie, and their payloads are never read.
+    # Keys are unique but for the sentinels of lanes out of the running, whose payloads are never read.
     lo = k1 < k0
     hi = l1 > l0
     return tl.where(lo, k1, k0), tl.where(lo, p1, p0), tl.where(hi, l1, l0), tl.where(hi, q1, q0)
@@ -72,7 +72,8 @@ def _first_last(k0, p0, l0, q0, k1, p1, l1, q1):
 def _argmax_carry(k0, a0, b0, c0, d0, k1, a1, b1, c1, d1):
     # The highest key with its four payloads: a selection by key in the same exchange as the values it selects.
     hi = k1 > k0
-    return tl.where(hi, k1, k0), tl.where(hi, a1, a0), tl.where(hi, b1, b0), tl.where(hi, c1, c0), tl.where(hi, d1, d0)
+    return (tl.where(hi, k1, k0), tl.where(hi, a1, a0), tl.where(hi, b1, b0), tl.where(hi, c1, c0),
+            tl.where(hi, d1, d0))
 
 
 @triton.jit
@@ -196,7 +197,7 @@ def stats_kernel(
 def _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2: tl.constexpr):
     """The chunks' partials of one (row, side): (bad, m, the chunks' sums of exp and of the check's exp,
     their maxima, lmax, argmax); argmax is the lowest id holding lmax (0 where no allowed id is finite). The
-    sums are combined where they are needed (_side_total, _check_terms), in one exchange with each other."""
+    sums are combined only where they are read (_total_terms, _check_terms), in one exchange together."""
     c = tl.arange(0, CP2)
     ok = c < n_chunks
     base = rs * n_chunks + c
