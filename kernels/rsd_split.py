@@ -8,9 +8,10 @@ segments of SEG ids; program (row, side, chunk) owns SPC consecutive segments. L
      the masked max and its lowest id, NaN/+inf), reduced once at the end; zeroes the histograms.
   2-4. round_kernel ROUND 0, 1, 2: a radix select over order-preserving keys (logit bits, ukey in
      [0, 2**32)), digits of 12, 12 and 8 bits. Round r adds the count (top-k) or the mass (top-p) of the
-     ids whose higher digits equal the cut's prefix, found by walking the histograms of rounds < r (every
-     program of a row walks the same integers, so all agree); round 2 adds both (the ties at the cut are
-     counted, their mass shared). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
+     ids whose higher digits equal the cut's prefix, found by walking the histogram of round r - 1 from
+     the state the previous launch stored (every program of a row walks the same integers, so all agree;
+     chunk 0's stores the result for the next launch); round 2 adds both (the ties at the cut are counted,
+     their mass shared). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
      * (1 / t)) in fp32 as the contract's weight, so the atomic sums are exact and order-free. Round 1
      also compacts, per segment, the ids in the cut's level-0 bin; round 2 reads only those (a gather),
      keeps its digit histogram per segment and each segment's mass above the cut's 24-bit prefix. A row
@@ -260,28 +261,41 @@ def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
 
 
 @triton.jit
-def _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, LEVELS: tl.constexpr):
-    """Walk the first LEVELS histograms of one (row, side): (mode, prefix, target, above_c, above_m).
-    A top-k as large as the present ids cuts nothing (mode FULL)."""
+def _search_state(h0c, h0m, mode, top_k, top_p):
+    """Walk the level-0 histogram of one (row, side): (mode, prefix, target, above_c, above_m). A top-k as
+    large as the present ids cuts nothing (mode FULL)."""
     present, total = tl.reduce((tl.load(h0c + tl.arange(0, NB0)), tl.load(h0m + tl.arange(0, NB0))), 0, _add2)
     mode = tl.where((mode == BY_COUNT) & (top_k >= present), FULL, mode)
     by_mass = mode == BY_MASS
     target = tl.where(by_mass, top_p.to(tl.float64) * total.to(tl.float64), top_k.to(tl.float64))
-    above_c = tl.full((), 0, tl.int32)
-    above_m = tl.full((), 0, tl.int64)
-    prefix = tl.full((), 0, tl.int64)
-    if LEVELS >= 1:
-        b0, above_c, above_m, _c, _m = _walk(h0c, h0m, NB0, by_mass, target, above_c, above_m)
-        prefix = b0.to(tl.int64)
-    if LEVELS >= 2:
-        b1, above_c, above_m, _c, _m = _walk(h1c, h1m, NB1, by_mass, target, above_c, above_m)
-        prefix = prefix * NB1 + b1
-    return mode, prefix, target, above_c, above_m
+    b0, above_c, above_m, _c, _m = _walk(h0c, h0m, NB0, by_mass, target, tl.full((), 0, tl.int32),
+                                         tl.full((), 0, tl.int64))
+    return mode, b0.to(tl.int64), target, above_c, above_m
+
+
+# Every program of a row's round walks the same histograms to the same state; the program of chunk 0 also
+# stores it, so that the next launch reads it rather than walking again: walk_ptr [B, 2, 2 levels, 5] int64.
+@triton.jit
+def _store_walk(walk_ptr, rs, level, mode, prefix, target, above_c, above_m):
+    base = walk_ptr + (rs * 2 + level) * 5
+    tl.store(base + 0, mode.to(tl.int64))
+    tl.store(base + 1, prefix.to(tl.int64))
+    tl.store(base + 2, target.to(tl.int64, bitcast=True))
+    tl.store(base + 3, above_c.to(tl.int64))
+    tl.store(base + 4, above_m.to(tl.int64))
+
+
+@triton.jit
+def _load_walk(walk_ptr, rs, level):
+    """(mode, prefix, target, above_c, above_m) after the walk of levels 0..level (_store_walk)."""
+    base = walk_ptr + (rs * 2 + level) * 5
+    return (tl.load(base + 0).to(tl.int32), tl.load(base + 1), tl.load(base + 2).to(tl.float64, bitcast=True),
+            tl.load(base + 3).to(tl.int32), tl.load(base + 4))
 
 
 @triton.jit
 def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, n_seg, ROUND: tl.constexpr,
+                h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, walk_ptr, n_seg, ROUND: tl.constexpr,
                 SEG: tl.constexpr, CP2: tl.constexpr):
     bad, _m, _tc, _k, _mc, lmax, _arg = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
     mode = _mode(bad, lmax, temperature, top_k, top_p)
@@ -303,7 +317,9 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
                 tl.atomic_add(h0m + d, wf, mask=present & (wf > 0), sem="relaxed")
     elif ROUND == 1:
         if (mode == BY_COUNT) | (mode == BY_MASS):
-            mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 1)
+            mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, mode, top_k, top_p)
+            if chunk == 0:
+                _store_walk(walk_ptr, rs, 0, mode, prefix, target, above_c, above_m)
             if mode != FULL:
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
                     x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
@@ -327,7 +343,12 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, s
         if (mode != GREEDY) & (mode != BOTH):
             prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
             if (mode == BY_COUNT) | (mode == BY_MASS):
-                mode, prefix, _st, _sc, _sm = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
+                mode, prefix, target, above_c, above_m = _load_walk(walk_ptr, rs, 0)  # round 1's level-0 walk
+                if mode != FULL:
+                    b1, above_c, above_m, _bc, _bm = _walk(h1c, h1m, NB1, mode == BY_MASS, target, above_c, above_m)
+                    prefix = prefix * NB1 + b1
+                if chunk == 0:
+                    _store_walk(walk_ptr, rs, 1, mode, prefix, target, above_c, above_m)
             if mode == FULL:
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
                     x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
@@ -358,6 +379,7 @@ def round_kernel(
     sa_ptr,  # [B, 2, n_seg] int64 out (ROUND 1, 2): each segment's mass above the cut's prefix so far
     cand_ptr,  # [B, 2, n_seg * SEG] int32 scratch (ROUND 1 writes, 2 reads): ids in the cut's level-0 bin
     ncand_ptr,  # [B, 2, n_seg] int32 scratch: how many of them each segment holds
+    walk_ptr,  # [B, 2, 2, 5] int64 out (ROUND 1: level 0, ROUND 2: level 1): the walks' states (_store_walk)
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr,
 ):
@@ -373,22 +395,19 @@ def round_kernel(
     if side == 0:
         _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + prow),
                     tl.load(top_k_ptr + prow), tl.load(top_p_ptr + prow), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
+                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2)
     else:
         _round_side(student_ptr + row * student_stride, fallback_mask_ptr, n_fallback,
                     tl.load(student_temperature_ptr + prow), tl.load(student_top_k_ptr + prow),
                     tl.load(student_top_p_ptr + prow), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, n_seg, ROUND, SEG, CP2)
+                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2)
 
 
 @triton.jit
-def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, n_seg,
-         SG: tl.constexpr):
+def _law(rs, mode, top_k, top_p, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, n_seg, SG: tl.constexpr):
     """The cut of one (row, side) from the three rounds, and each segment's kept mass and kept ties
     (stored to kept_ptr / kt_ptr): (prefix, b2, pf = the fixed weight of a tie at tau, kept total).
     Mode FULL keeps everything: prefix -1."""
-    h0c, h0m = h0c_ptr + rs * NB0, h0m_ptr + rs * NB0
-    h1c, h1m = h1c_ptr + rs * NB1, h1m_ptr + rs * NB1
     sc, sm, sa = sc_ptr + rs * n_seg * NB2, sm_ptr + rs * n_seg * NB2, sa_ptr + rs * n_seg
     kept, kt = kept_ptr + rs * n_seg, kt_ptr + rs * n_seg
     prefix = tl.full((), -1, tl.int64)
@@ -396,7 +415,7 @@ def _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_
     above_c = tl.full((), 0, tl.int32)
     above_m = tl.full((), 0, tl.int64)
     if mode != FULL:
-        mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, h1c, h1m, mode, top_k, top_p, 2)
+        mode, prefix, target, above_c, above_m = _load_walk(walk_ptr, rs, 1)  # round 2's: levels 0 and 1
         prefix = tl.where(mode == FULL, -1, prefix)
     segs = tl.arange(0, SG)
     bins = tl.arange(0, NB2)
@@ -483,8 +502,8 @@ def _draw(row_ptr, mask_ptr, n_mask, lmax, temperature, rs, prefix, b2, total, u
 
 
 @triton.jit
-def _prepare(row_ptr, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs, h0c, h0m, h1c, h1m, sc, sm,
-             sa, kept, kt, n_seg, SEG: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+def _prepare(row_ptr, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs, sc, sm, sa, walk, kept, kt,
+             n_seg, SEG: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
              NUM_PIVOTS: tl.constexpr):
     """The cut of a sampled, live side, once per call whatever the number of draws: (prefix, b2, kept total
     fp64) from the rounds, or on the one-program path (mode BOTH) (tau, n_tie, kept total)."""
@@ -496,7 +515,7 @@ def _prepare(row_ptr, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_
                                            mass, SEARCH_BLOCK, NUM_PIVOTS)
         cut, fine, total = tau.to(tl.int64), n_tie, kept_total.to(tl.float64)
     else:
-        cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c, h0m, h1c, h1m, sc, sm, sa, kept, kt, n_seg, SG)
+        cut, fine, law_total = _law(rs, mode, top_k, top_p, sc, sm, sa, walk, kept, kt, n_seg, SG)
         total = law_total.to(tl.float64)
     return cut, fine, total
 
@@ -520,7 +539,7 @@ def sample_final_kernel(
     uniforms_ptr,  # [B] fp32
     temperature_ptr, top_k_ptr, top_p_ptr,  # [B] fp32, int32, fp32
     mask_ptr,  # [n_mask] int8
-    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr,
+    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr,
     token_ptr,  # [B] int64 out, -1 where flagged
     n_logits, n_mask, stride, n_chunks, n_seg,
     SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
@@ -537,7 +556,7 @@ def sample_final_kernel(
     token = argmax
     if mode != GREEDY:
         cut, fine, total = _prepare(logits_row, mask_ptr, n_logits, n_mask, mode, temperature, top_k, top_p, rs,
-                                    h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr,
+                                    sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr,
                                     n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
         token = _sample_side(logits_row, mask_ptr, n_mask, mode, lmax, temperature, cut, fine, total,
                              tl.load(uniforms_ptr + row), rs, kept_ptr, kt_ptr, n_seg, SEG, NSP2)

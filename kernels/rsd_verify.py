@@ -112,8 +112,8 @@ def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_kee
 
 @triton.jit
 def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, used, rs, stf_ptr, sti_ptr, h0c_ptr,
-               h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
-               n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
+               h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr,
+               total_ptr, n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
                SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
     bad, _m, _tc, _kc, _mc, lmax, _argmax, mode = _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p,
                                                            CP2)
@@ -139,8 +139,8 @@ def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, 
                 tl.store(kt_ptr + rs * n_seg + s, tl.where(kept_ties == ties, ALL_TIES, kept_ties))
                 ties_before += ties
         else:
-            cut, fine, law_total = _law(rs, mode, top_k, top_p, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,
-                                        sa_ptr, kept_ptr, kt_ptr, n_seg, SG)
+            cut, fine, law_total = _law(rs, mode, top_k, top_p, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr,
+                                        n_seg, SG)
             total = law_total.to(tl.float64)
     tl.store(cut_ptr + rs, cut)
     tl.store(fine_ptr + rs, fine)
@@ -154,7 +154,7 @@ def law_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B]
     proposal_trials_ptr,  # [B] int32: a row's parameters hold at all its positions
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
-    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr,  # rsd_split's scratch
+    stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr,  # rsd_split's scratch
     kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: each segment's kept mass and kept ties
     cut_ptr, fine_ptr, total_ptr,  # [B * P, 2] int64, int32, fp64 out: the cut, its kept mass (fixed point)
     at_ptr,  # [B * P, 3] fp64 out: zeroed here (failed_kernel writes qT(x), qS(x), ok(x))
@@ -173,13 +173,13 @@ def law_kernel(
         _store_law(teacher_ptr + rp * teacher_stride, proposal_mask_ptr, n_teacher, n_vocab,
                    tl.load(temperature_ptr + row), tl.load(top_k_ptr + row), tl.load(top_p_ptr + row),
                    needed & (tl.load(proposal_trials_ptr + row) > 0), rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr,
-                   h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
+                   h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
                    n_chunks, n_seg, SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
     else:
         _store_law(student_ptr + rp * student_stride, fallback_mask_ptr, n_student, n_vocab,
                    tl.load(student_temperature_ptr + row), tl.load(student_top_k_ptr + row),
                    tl.load(student_top_p_ptr + row), needed, rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,
-                   sc_ptr, sm_ptr, sa_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_chunks, n_seg,
+                   sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_chunks, n_seg,
                    SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
 
 

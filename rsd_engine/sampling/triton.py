@@ -230,7 +230,8 @@ class _SplitLaunch:
                            torch.empty(*rs, self.n_seg, dtype=i32, device=device))
         self.kept = (torch.empty(*rs, self.n_seg, dtype=i64, device=device),
                      torch.empty(*rs, self.n_seg, dtype=i32, device=device))
-        self.scratch = (*self.stats, *self.hists, self.above, *self.kept)
+        self.walk = torch.empty(*rs, 2, 5, dtype=i64, device=device)  # rounds 1 and 2 store their walks' states
+        self.scratch = (*self.stats, *self.hists, self.above, self.walk, *self.kept)
         self.shape = (first.shape[1], second.shape[1], n_first_mask, n_second_mask, first.stride(0), second.stride(0),
                       self.chunks, self.spc, self.n_seg, param_div)
 
@@ -240,8 +241,8 @@ class _SplitLaunch:
                                   *self.hists, *self.shape, **self.constexprs, enable_fp_fusion=False)
         for r in range(3):
             _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
-                                      *self.stats, *self.hists, self.above, *self.candidates, *self.shape, ROUND=r,
-                                      **self.round_constexprs, enable_fp_fusion=False)
+                                      *self.stats, *self.hists, self.above, *self.candidates, self.walk, *self.shape,
+                                      ROUND=r, **self.round_constexprs, enable_fp_fusion=False)
 
 
 def _launch_config(device):
