@@ -34,7 +34,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Whether CPU tensors take the Triton kernel (under the interpreter) instead of the torch ops: tests only.
+# Whether CPU tensors take the Triton kernels (under the interpreter) instead of the torch ops, for the uniforms
+# and the step's advance (engine.py): tests only.
 KERNEL_ON_CPU = False
 
 

@@ -9,6 +9,7 @@ past the real batch must decode a dummy token into the scratch slot with harmles
 """
 from __future__ import annotations
 
+import functools
 import struct
 from contextlib import contextmanager
 
@@ -62,6 +63,36 @@ def pack_outputs(columns, out: torch.Tensor | None = None) -> torch.Tensor:
     if start != out.shape[1]:
         raise ValueError(f"the step's outputs are {start} columns, its output buffer {out.shape[1]}")
     return out
+
+
+def advance_and_pack(inputs: dict[str, torch.Tensor], sampled, teacher_next: torch.Tensor,
+                     teacher_advance: torch.Tensor, scratch_slot: int, out: torch.Tensor) -> torch.Tensor:
+    """Engine._advance and pack_outputs of one plain step in one launch (kernels/advance.py): the rows move
+    on in place and ``out`` [B, 4] receives (token, accepted, teacher and student log-probs)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    n = sampled.token.shape[0]
+    if out.shape != (n, 4):
+        raise ValueError(f"the step's output buffer is {tuple(out.shape)}, not [{n}, 4]")
+    if n == 0 or isinstance(out, FakeTensor):
+        return out  # traced under FakeTensorMode: the shapes are all a trace needs
+    accepted = sampled.accepted
+    accepted = accepted.view(torch.int8) if accepted.dtype == torch.bool else accepted.to(torch.int8)
+    slots = inputs.get("slots")
+    block = 128
+    _advance_kernel()[(-(-n // block),)](
+        sampled.token, accepted, sampled.teacher_logprob, sampled.student_logprob, inputs["student_tokens"],
+        inputs["teacher_tokens"], inputs["student_pos"], inputs["teacher_pos"], inputs["steps"],
+        slots if slots is not None else sampled.token, teacher_next, teacher_advance, out, n, out.stride(0),
+        scratch_slot, HAS_SLOTS=slots is not None, BLOCK=block, num_warps=4)
+    return out
+
+
+@functools.cache
+def _advance_kernel():
+    from .sampling.triton import import_kernel  # not at import time: CPU-only users never load Triton
+
+    return import_kernel("advance").advance_pack_kernel
 
 
 def row_values(r) -> dict[str, int | float]:

@@ -7,8 +7,9 @@ interpreted. As in test_kernel_count.py, every aten op that computes is at least
 Triton launch is one. Ops inside the two model forwards are told apart from the rest; the teacher has one
 layer more than the student, which gives the kernels per layer and the forward's own (embedding, final
 norm). Before this count existed the fixed part was 106: 78 int64 ops for the uniforms, 11 for the
-advance, 6 for the packing; now 25 (the sampler: 6 launches). With the skinny GEMMs 6 per layer:
-the 1.7B/0.6B pair (56 layers) is 56 x 6 + 25 = 361 kernels per step, 722 on the H200 profile before."""
+advance, 6 for the packing; then 25 (the sampler: 6 launches), now 14 (the advance and the packing one
+launch). With the skinny GEMMs 6 per layer: the 1.7B/0.6B pair (56 layers) is 56 x 6 + 14 = 350 kernels
+per step, 722 on the H200 profile before."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -97,9 +98,9 @@ def test_decode_step_kernels(tiny_pair, monkeypatch):
           f"+ 2 x {forward_own} in each forward; outside: {sorted(mode.ops['step'])}")
     assert per_layer == 6  # 9 with cuBLAS GEMMs (tests/test_kernel_count.py)
     assert forward_own == 2  # the embedding gather, the final add + norm
-    # 2 x (embedding, final norm) 4, logits GEMMs 2, uniforms 1, sampler launches 6, the rows' advance 8,
-    # packing the outputs (a cast-copy per column into StepState.out) 4.
-    assert fixed == 25
+    # 2 x (embedding, final norm) 4, logits GEMMs 2, uniforms 1, sampler launches 6, the rows' advance and the
+    # outputs' packing 1 (kernels/advance.py; 8 + 4 torch ops before).
+    assert fixed == 14
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the CUDA path on CPU tensors, under the interpreter")

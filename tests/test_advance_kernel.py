@@ -1,0 +1,81 @@
+"""kernels/advance.py, the CUDA step's advance and packing in one launch, against the engine's torch ops (its
+reference and the CPU path), under Triton's interpreter: flagged rows, padding rows in the scratch slot, and
+student tokens that stand for several teacher tokens."""
+import pytest
+import torch
+
+from rsd_engine import Engine, randomness
+from rsd_engine.sampling.reference import SampleOutput
+from rsd_engine.step import STEP_INPUTS, advance_and_pack, pack_outputs
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernel on CPU tensors, interpreted")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair):
+    engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=4, max_seq_len=64, sampler="reference")
+    V = engine.space.size
+    # Mapped tokens: id t ends its teacher pieces at (7 t) mod V after t mod 3 + 1 of them.
+    engine._teacher_next = (torch.arange(V) * 7) % V
+    engine._teacher_advance = torch.arange(V) % 3 + 1
+    return engine
+
+
+def state(B, V, with_slots, seed):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {name: torch.randint(0, 50, (B,), generator=gen).to(dtype) for name, dtype in STEP_INPUTS.items()}
+    inputs["slots"] = torch.tensor([0, 1, 4, 2, 4, 3][:B])  # 4 is the scratch slot: padding rows
+    if not with_slots:
+        del inputs["slots"]
+    token = torch.randint(0, V, (B,), generator=gen)
+    token[1] = -2  # flagged by the sampler
+    sampled = SampleOutput(token, torch.rand(B, generator=gen) < 0.5, torch.randn(B, generator=gen),
+                           torch.randn(B, generator=gen))
+    sampled.teacher_logprob[1] = float("nan")
+    return inputs, sampled
+
+
+@pytest.mark.parametrize("with_slots", [True, False], ids=["slots", "rows-in-order"])
+def test_advance_kernel_moves_rows_and_packs_as_the_torch_ops(engine, with_slots):
+    B = 6 if with_slots else 4
+    inputs, sampled = state(B, engine.space.size, with_slots, seed=3)
+    expected_inputs = {k: v.clone() for k, v in inputs.items()}
+    engine._advance(expected_inputs, sampled.token)
+    expected = pack_outputs([sampled.token, sampled.accepted, sampled.teacher_logprob, sampled.student_logprob],
+                            torch.zeros(B, 4, dtype=torch.float64))
+    out = torch.full((B, 4), -7.0, dtype=torch.float64)
+    advance_and_pack(inputs, sampled, engine._teacher_next, engine._teacher_advance, engine.max_batch_size, out)
+    assert torch.equal(out.nan_to_num(123.0), expected.nan_to_num(123.0))
+    for name in expected_inputs:
+        assert torch.equal(inputs[name], expected_inputs[name]), name
+    if with_slots:  # the padding rows stayed put; the others moved, a mapped token by its pieces
+        moved = torch.tensor([1, 1, 0, 1, 0, 1])
+        assert torch.equal(inputs["steps"] - state(B, engine.space.size, True, seed=3)[0]["steps"], moved)
+
+
+def test_the_engine_step_takes_one_launch_for_it(engine, monkeypatch):
+    """The captured step (``out`` given) on CUDA, or with the kernels forced onto CPU tensors, packs through
+    the kernel; the tokens and the state equal the torch ops'."""
+    B = 3
+    gen = torch.Generator().manual_seed(5)
+    inputs = {name: torch.randint(1, 9, (B,), generator=gen).to(dtype) for name, dtype in STEP_INPUTS.items()}
+    inputs.update(slots=torch.tensor([0, 4, 1]), temperature=torch.full((B,), 0.7), top_p=torch.full((B,), 0.95),
+                  top_k=torch.zeros(B, dtype=torch.int32), threshold=torch.full((B,), 0.01),
+                  check_temperature=torch.ones(B), student_temperature=torch.full((B,), 0.7),
+                  student_top_p=torch.full((B,), 0.95), student_top_k=torch.zeros(B, dtype=torch.int32),
+                  proposal_trials=torch.ones(B, dtype=torch.int32))
+    results = []
+    for kernel in (False, True):
+        monkeypatch.setattr(randomness, "KERNEL_ON_CPU", kernel)
+        launches = []
+        monkeypatch.setattr("rsd_engine.engine.advance_and_pack",
+                            lambda *a, **k: launches.append(1) or advance_and_pack(*a, **k))
+        state_copy = {k: v.clone() for k, v in inputs.items()}
+        out = torch.zeros(B, 4, dtype=torch.float64)
+        with torch.inference_mode():
+            engine._step_and_advance(state_copy, teacher_kv=64, student_kv=64, out=out)
+        assert len(launches) == int(kernel)
+        results.append((out, state_copy))
+    (out_a, state_a), (out_b, state_b) = results
+    assert torch.equal(out_a.nan_to_num(123.0), out_b.nan_to_num(123.0))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
