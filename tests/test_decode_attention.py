@@ -138,6 +138,12 @@ KERNELS = {  # file: (kernel, constexprs, pointer types other than the model dty
     "qk_norm_rope_store": [("qk_norm_rope_store_kernel", dict(H=16, HKV=8, HEAD_DIM=128, HALF_BLOCK=64,
                                                               HAS_QK_NORM=True),
                             {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "positions_ptr": "*i64", "slots_ptr": "*i64"})],
+    "advance": [("advance_pack_kernel", dict(HAS_SLOTS=slots, BLOCK=128),
+                 {**{n: "*i64" for n in ("token_ptr", "student_tokens_ptr", "teacher_tokens_ptr", "student_pos_ptr",
+                                         "teacher_pos_ptr", "steps_ptr", "slots_ptr", "teacher_next_ptr",
+                                         "teacher_advance_ptr")},
+                  "accepted_ptr": "*i8", "teacher_logprob_ptr": "*fp32", "student_logprob_ptr": "*fp32",
+                  "out_ptr": "*fp64"}) for slots in (True, False)],
 }
 for name, kernels in KERNELS.items():
     spec = importlib.util.spec_from_file_location(name, f"{sys.argv[1]}/{name}.py")
@@ -167,4 +173,4 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", COMPILE, str(kernels)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.split()) == 5
+    assert len(done.stdout.split()) == 7
