@@ -79,3 +79,12 @@ def test_the_engine_step_takes_one_launch_for_it(engine, monkeypatch):
     (out_a, state_a), (out_b, state_b) = results
     assert torch.equal(out_a.nan_to_num(123.0), out_b.nan_to_num(123.0))
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_a_wrong_output_buffer_is_named(engine):
+    inputs, sampled = state(4, engine.space.size, True, seed=1)
+    before = {k: v.clone() for k, v in inputs.items()}
+    with pytest.raises(ValueError, match=r"output buffer is \(4, 5\), not \[4, 4\]"):
+        advance_and_pack(inputs, sampled, engine._teacher_next, engine._teacher_advance, engine.max_batch_size,
+                         torch.zeros(4, 5, dtype=torch.float64))
+    assert all(torch.equal(inputs[k], before[k]) for k in inputs)  # nothing moved
