@@ -4,11 +4,13 @@ interpreter, their segment loops, chunk split and radix rounds match the referen
 uses and at tiny ones (ties at the cut and across chunk boundaries, -inf, masks, kept sets of one id,
 all-masked and flagged rows, one row per parameter family in one launch), the wrapper refuses bad input,
 and every kernel compiles for CUDA without a GPU. The backend-generic tests are in test_rsd_sample.py."""
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,6 +197,28 @@ def split_rows(case, B, V, gen):
         teacher[2, :V] = float("-inf")
         families = [{}, {}, dict(top_k=5, top_p=1.0, student_top_k=5, student_top_p=1.0), dict(student_top_p=0.4)]
         return teacher, student, proposal_mask, fallback_mask, families
+    if case == "cut_over_the_guard":
+        # Round 0 bins only the ids above the mass guard (rsd_split._mass_guard) and sums the rest: here 79
+        # ids lie just under the guard's bin (live, their mass in the total) and the top-p cut falls among a
+        # group of 120 ids as close above the guard as its bound allows (about 3t): a guard a few t too high
+        # moves the cut.
+        families = [{}, dict(temperature=1.0, top_p=0.9, student_temperature=1.0, student_top_p=0.9),
+                    dict(top_p=0.99, student_top_p=0.99), dict(temperature=0.5, student_temperature=0.5, threshold=0.0)]
+        rows = []
+        for width, tkey, pkey in ((V + 2, "temperature", "top_p"), (V + 5, "student_temperature", "student_top_p")):
+            side = torch.full((B, width), -1e4)
+            for r in range(B):
+                t, p = [{**DEFAULTS, **families[r]}[k] for k in (tkey, pkey)]
+                guard = t * math.log((1 - p) / (16 * V))
+                order = torch.randperm(V, generator=gen)
+                group = order[1:121]  # together 1.2 (1 - p) / p of the top id's weight: the cut falls among them
+                side[r, order[0]] = 0.0
+                jitter = 0.05 * t * torch.randn(120, generator=gen)
+                side[r, group] = t * math.log(1.2 * (1 - p) / p / len(group)) + jitter
+                # under the guard's bin (bins span up to 1/8 of |x|), still live (weight > 2**-40)
+                side[r, order[121:]] = 1.15 * guard - 0.3 * t + 0.1 * t * torch.rand(V - 121, generator=gen)
+            rows.append(side)
+        return rows[0], rows[1], every, every, families
     assert case == "flagged_rows"
     teacher[0, V + 1] = float("nan")  # in the padding past V: still flagged
     student[1, 3] = float("inf")
@@ -202,7 +226,8 @@ def split_rows(case, B, V, gen):
     return teacher, student, every, every, [{}, dict(top_k=3, top_p=1.0), {}, dict(top_p=0.5)]
 
 
-@pytest.mark.parametrize("case", ["ties_across_chunks", "kept_set_of_one", "masked_rows", "flagged_rows"])
+@pytest.mark.parametrize("case", ["ties_across_chunks", "kept_set_of_one", "masked_rows", "flagged_rows",
+                                  "cut_over_the_guard"])
 def test_split_kernels_on_the_edge_rows(case, monkeypatch):
     monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SPLIT_TILES)
     V = 200
@@ -230,6 +255,40 @@ def test_split_kernels_on_the_edge_rows(case, monkeypatch):
 
 
 
+def test_round_zero_bins_only_above_the_mass_guard(monkeypatch):
+    """White box: after the three rounds, each top-p (row, side)'s level-0 mass histogram holds the exact
+    fixed-point mass of every bin from the guard's up, nothing between bin 0 and it, and in bin 0 the sum of
+    all the ids under it, so its total is the row's exact total; most ids were summed, not binned; and the
+    walk's cut bin lies at or above the guard."""
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SPLIT_TILES)
+    V, B = 200, 4
+    teacher, student, every, _, families = split_rows("cut_over_the_guard", B, V, torch.Generator().manual_seed(3))
+    params = row_params(families)
+    mask = every.to(torch.int8)
+    split = triton_backend._SplitLaunch(triton_backend._launch_config(teacher.device), B, teacher, student, V, V,
+                                        sides=2)
+    fields = [getattr(params, name).float() if name in triton_backend._FLOAT_FIELDS else getattr(params, name)
+              for name in RowParams._fields]
+    split.rounds(teacher, student, mask, mask, fields[4], fields[:3], fields[5:8])
+    h0m, walk = split.hists[1], split.walk
+    for r in range(B):
+        for side, (logits, t) in enumerate(((teacher, params.temperature), (student, params.student_temperature))):
+            x = logits[r, :V].numpy().astype(np.float32)
+            lmax = x.max()
+            w = np.exp((x - lmax) * (np.float32(1.0) / np.float32(t[r].item()))).astype(np.float32)
+            fixed = (w.astype(np.float64) * 2.0 ** 40).astype(np.int64)
+            bits = np.where(x == 0, np.float32(0), x).view(np.int32).astype(np.int64)
+            digit = ((np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2 ** 31) >> 20).astype(np.int64)
+            exact = np.zeros(4096, dtype=np.int64)
+            np.add.at(exact, digit, fixed)
+            got = h0m[r, side].numpy()
+            guard = int(np.flatnonzero(got[1:])[0]) + 1  # the lowest bin above 0 that holds anything
+            assert (got[guard:] == exact[guard:]).all()
+            assert got[0] == exact[:guard].sum() and got.sum() == fixed.sum()
+            assert ((digit < guard) & (fixed > 0)).sum() > V // 3  # summed per program, not binned one by one
+            assert walk[r, side, 0, 1].item() >= guard  # the cut's level-0 bin
+
+
 # ---- rsd_verify on the same machinery: the B * P (row, position) pairs are the split kernels' rows ----
 
 from rsd_engine.randomness import DRAFT_DRAW, round_uniforms  # noqa: E402
@@ -238,7 +297,7 @@ from rsd_engine.sampling.verify_reference import rsd_verify_reference  # noqa: E
 
 
 @pytest.mark.parametrize("case", ["ties_across_chunks", "ties_top_k_and_top_p", "kept_set_of_one", "masked_rows",
-                                  "flagged_rows"])
+                                  "flagged_rows", "cut_over_the_guard"])
 def test_split_verify_on_the_edge_rows(case, monkeypatch):
     """Every position's cuts, failed and residual masses cross segments and chunks (segments of 16 ids, 4
     chunks): the round's tokens, flags, lengths and log-probs equal the reference's under the same uniforms.
