@@ -35,15 +35,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PARAMS = dict(temperature=0.7, top_k=0, top_p=0.95, threshold=0.01, check_temperature=1.0,
               student_temperature=0.7, student_top_k=0, student_top_p=0.95, proposal_trials=1)
 LOGITS = "LM-like rows: 2*randn background plus 6 peaked ids per row (+3..+11); student = 0.8*teacher + 2*randn"
+# Flatter than a real model's: their top is ~12 over the median, where SmolLM2-135M-Instruct's is 20-37 (27 on
+# average, spread ~4; 96 sampled tokens of a math answer), so nearly every id has a fixed weight > 0 at t = 0.7
+# (7-11% of SmolLM2's do). The sampler's atomics grow with those ids: the rows marked shape "model" time it on
+# rows shaped as SmolLM2's too.
+MODEL_LOGITS = ("model-shaped rows: 4*randn plus 8 peaked ids per row (+17..+27); student = 0.8*teacher + "
+                "2*randn")
 FLOOR_TB_S = 4.3
 
 
-def make_step(B: int, V: int, device: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(teacher, student, uniforms, params, mask, mask) for B rows of V ids, made on ``device``."""
+def make_step(B: int, V: int, device: str, seed: int = 0, dtype: torch.dtype = torch.float32, shape: str = "lm"):
+    """(teacher, student, uniforms, params, mask, mask) for B rows of V ids, made on ``device``; ``shape`` "lm"
+    (LOGITS) or "model" (MODEL_LOGITS)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    teacher = torch.randn(B, V, generator=gen, device=device) * 2
-    peaks = torch.randint(0, V, (B, 6), generator=gen, device=device)
-    teacher.scatter_add_(1, peaks, torch.rand(B, 6, generator=gen, device=device) * 8 + 3)
+    spread, n_peaks, lift, lowest = (2, 6, 8, 3) if shape == "lm" else (4, 8, 10, 17)
+    teacher = torch.randn(B, V, generator=gen, device=device) * spread
+    peaks = torch.randint(0, V, (B, n_peaks), generator=gen, device=device)
+    teacher.scatter_add_(1, peaks, torch.rand(B, n_peaks, generator=gen, device=device) * lift + lowest)
     student = 0.8 * teacher + torch.randn(B, V, generator=gen, device=device) * 2
     params = RowParams(**{k: torch.full((B,), v, dtype=torch.int32 if isinstance(v, int) else torch.float32,
                                         device=device) for k, v in PARAMS.items()})
@@ -179,8 +187,8 @@ def bench_chunks(B, V, dtype, chunks, device, args) -> dict:
     return dict(fused_us=us, fused_kernels=kernels, floor_us=floor, over_floor=us / floor)
 
 
-def bench_rsd_sample(B, V, dtype, device, args) -> dict:
-    teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
+def bench_rsd_sample(B, V, dtype, device, args, shape="lm") -> dict:
+    teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype, shape=shape)
     backend = "triton" if device == "cuda" else "cpp"
     fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend)  # noqa: E731
     reference = lambda: rsd_sample_reference(teacher, student, uniforms, params, mask, mask)  # noqa: E731
@@ -215,7 +223,7 @@ def run_rows(rows_to_run, bench_one, device, args, meta, header, fmt) -> list[di
 
 
 def common_meta(device: str, args) -> dict:
-    meta = dict(device=device, torch=torch.__version__, params=PARAMS, logits=LOGITS,
+    meta = dict(device=device, torch=torch.__version__, params=PARAMS, logits=LOGITS, model_logits=MODEL_LOGITS,
                 python=platform.python_version())
     if device == "cuda":
         meta.update(gpu=torch.cuda.get_device_name(), copy_bandwidth_gb_s=cuda_copy_bandwidth() / 1e9,
@@ -258,6 +266,8 @@ def main(argv=None):
                         help="CUDA: then time the Triton op alone with each of these programs per row and side "
                              "(the launch table's alternatives) at the --chunk-batch sizes, first dtype only")
     parser.add_argument("--chunk-batch", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--model-rows-batch", type=int, nargs="*", default=[],
+                        help="then these batch sizes on model-shaped rows (MODEL_LOGITS), first dtype and vocab only")
     add_common_arguments(parser, "rsd_step.json")
     args = parser.parse_args(argv)
     device = resolve(args)
@@ -266,14 +276,16 @@ def main(argv=None):
     header = (f"{'B':>4} {'V':>7} {'dtype':>8} | {'fused µs':>10} {'torch µs':>10} {'speedup':>8} | "
               f"{'floor µs':>9} {'fused/floor':>11} | same")
     keys = [dict(op="rsd_sample", B=B, V=V, dtype=d) for d in args.dtype for V in args.vocab for B in args.batch]
+    keys += [dict(op="rsd_sample", B=B, V=args.vocab[0], dtype=args.dtype[0], shape="model")
+             for B in args.model_rows_batch]
     if device == "cuda":
         keys += [dict(op="rsd_sample_chunks", B=B, V=args.vocab[0], dtype=args.dtype[0], chunks=c)
                  for B in args.chunk_batch for c in args.chunks]
 
-    def one(op, B, V, dtype, chunks=None):
+    def one(op, B, V, dtype, chunks=None, shape="lm"):
         if op == "rsd_sample_chunks":
             return bench_chunks(B, V, DTYPES[dtype], chunks, device, args)
-        return bench_rsd_sample(B, V, DTYPES[dtype], device, args)
+        return bench_rsd_sample(B, V, DTYPES[dtype], device, args, shape)
 
     def fmt(r):
         if r["op"] == "rsd_sample_chunks":
@@ -281,7 +293,7 @@ def main(argv=None):
                     f"row and side | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x")
         return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} {r['reference_us']:>10.1f} "
                 f"{r['speedup']:>7.1f}x | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "
-                f"{'yes' if r['same_tokens'] else 'no (rounding)'}")
+                f"{'yes' if r['same_tokens'] else 'no (rounding)'}{' (model-shaped rows)' if 'shape' in r else ''}")
 
     run_rows(keys, one, device, args, meta, header, fmt)
 

@@ -183,15 +183,16 @@ if [ "$mode" = cuda ]; then
   # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
   step skinny 60 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
   # Each row records its kernels' µs in launch order (which launch the time goes to); then the first dtype at
-  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention).
-  step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
-    --repeats 10 --chunks 2 4 8 --chunk-batch 16 64 256 --out "$out/rsd_step.json"
+  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention);
+  # then B 1/16/64/256 on rows shaped as a real model's (few ids near the top: round 0's atomics almost vanish).
+  step rsd_step 75 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
+    --repeats 10 --chunks 2 4 8 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
     --dtype "${dtypes[@]}" --repeats 10 --out "$out/rsd_verify.json"
 else
   pairs=$work/pairs
   step rsd_step 60 $py bench/bench_rsd_step.py --device cpu --batch 1 2 --vocab 1000 --dtype float32 bfloat16 \
-    --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_step.json"
+    --model-rows-batch 2 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_step.json"
   step rsd_verify 60 $py bench/bench_rsd_verify.py --device cpu --batch 1 2 --gammas 2 --sample-batch 2 \
     --vocab 1000 --dtype float32 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_verify.json"
   step e2e 120 $py bench/bench_e2e.py --device cpu --pairs random --tiny --vocab 1000 --batches 1 2 \
@@ -266,9 +267,11 @@ for name in ("rsd_step.json", "rsd_verify.json"):
             if "error" in r:
                 print(f"  {r['op']} B={r['B']} {r['dtype']}: ERROR {r['error'][:160]}")
             else:
-                print(f"  {r['op']} {r['B']} {r.get('G', 0)} {r['V']} {r['dtype']} | {f(r['fused_us'])} | "
-                      f"{f(r['reference_us'])} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | "
-                      f"{r['same_tokens']}")
+                # chunk-sweep rows time the Triton op alone (no reference); model-shaped rows say so
+                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "shape") if k in r)
+                print(f"  {r['op']} {r['B']} {r.get('G', 0)} {r['V']} {r['dtype']}{extra} | {f(r['fused_us'])} | "
+                      f"{f(r.get('reference_us'))} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | "
+                      f"{r.get('same_tokens', '-')}")
 for name in ("e2e.json", "e2e_8b.json"):
     e2e = load(name)
     if e2e:
