@@ -88,11 +88,46 @@ def advance_and_pack(inputs: dict[str, torch.Tensor], sampled, teacher_next: tor
     return out
 
 
+def round_advance_and_pack(inputs: dict[str, torch.Tensor], verified, mapped: torch.Tensor,
+                           teacher_next: torch.Tensor, teacher_advance: torch.Tensor, scratch_slot: int,
+                           max_seq_len: int, draft_tokens: int, out: torch.Tensor) -> torch.Tensor:
+    """SpeculativeDecoder._advance and pack_outputs of one round in one launch (kernels/advance.py): the rows
+    move on and size their next num_draft in place, and ``out`` [B, 1 + 4W] receives (num_emitted, tokens,
+    accepted, teacher and student log-probs)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    n, width = verified.tokens.shape
+    if out.shape != (n, 1 + 4 * width):
+        raise ValueError(f"the round's output buffer is {tuple(out.shape)}, not [{n}, {1 + 4 * width}]")
+    if n == 0 or isinstance(out, FakeTensor):
+        return out
+    accepted = verified.accepted.contiguous()
+    accepted = accepted.view(torch.int8) if accepted.dtype == torch.bool else accepted.to(torch.int8)
+    slots = inputs.get("slots")
+    block = 64
+    _kernels().round_advance_pack_kernel[(-(-n // block),)](
+        verified.num_emitted, verified.tokens.contiguous(), accepted, verified.teacher_logprob.contiguous(),
+        verified.student_logprob.contiguous(), mapped.view(torch.int8), inputs["student_tokens"],
+        inputs["teacher_tokens"], inputs["student_pos"], inputs["teacher_pos"], inputs["steps"],
+        inputs["num_draft"], inputs["max_new_tokens"], slots if slots is not None else inputs["steps"],
+        teacher_next, teacher_advance, out, n, out.stride(0), scratch_slot, max_seq_len, draft_tokens,
+        W=width, WP2=triton_next_power_of_2(width), HAS_SLOTS=slots is not None, BLOCK=block, num_warps=4)
+    return out
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 @functools.cache
-def _advance_kernel():
+def _kernels():
     from .sampling.triton import import_kernel  # not at import time: CPU-only users never load Triton
 
-    return import_kernel("advance").advance_pack_kernel
+    return import_kernel("advance")
+
+
+def _advance_kernel():
+    return _kernels().advance_pack_kernel
 
 
 def row_values(r) -> dict[str, int | float]:

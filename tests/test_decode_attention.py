@@ -143,7 +143,14 @@ KERNELS = {  # file: (kernel, constexprs, pointer types other than the model dty
                                          "teacher_pos_ptr", "steps_ptr", "slots_ptr", "teacher_next_ptr",
                                          "teacher_advance_ptr")},
                   "accepted_ptr": "*i8", "teacher_logprob_ptr": "*fp32", "student_logprob_ptr": "*fp32",
-                  "out_ptr": "*fp64"}) for slots in (True, False)],
+                  "out_ptr": "*fp64"}) for slots in (True, False)] + [
+        ("round_advance_pack_kernel", dict(W=5, WP2=8, HAS_SLOTS=slots, BLOCK=64),
+         {**{n: "*i64" for n in ("tokens_ptr", "student_tokens_ptr", "teacher_tokens_ptr", "student_pos_ptr",
+                                 "teacher_pos_ptr", "steps_ptr", "max_new_tokens_ptr", "slots_ptr", "teacher_next_ptr",
+                                 "teacher_advance_ptr")},
+          "num_emitted_ptr": "*i32", "num_draft_ptr": "*i32", "accepted_ptr": "*i8", "mapped_ptr": "*i8",
+          "teacher_logprob_ptr": "*fp32", "student_logprob_ptr": "*fp32", "out_ptr": "*fp64"})
+        for slots in (True, False)],
 }
 for name, kernels in KERNELS.items():
     spec = importlib.util.spec_from_file_location(name, f"{sys.argv[1]}/{name}.py")
@@ -173,4 +180,4 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", COMPILE, str(kernels)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.split()) == 7
+    assert len(done.stdout.split()) == 9
