@@ -278,7 +278,7 @@ def main(argv=None):
     keys = [dict(op="rsd_sample", B=B, V=V, dtype=d) for d in args.dtype for V in args.vocab for B in args.batch]
     keys += [dict(op="rsd_sample", B=B, V=args.vocab[0], dtype=args.dtype[0], shape="model")
              for B in args.model_rows_batch]
-    if device == "cuda":
+    if device == "cuda":  # last: a run cut short loses the sweep first
         keys += [dict(op="rsd_sample_chunks", B=B, V=args.vocab[0], dtype=args.dtype[0], chunks=c)
                  for B in args.chunk_batch for c in args.chunks]
 

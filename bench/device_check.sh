@@ -182,9 +182,9 @@ if [ "$mode" = cuda ]; then
     --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --cache "$pairs" --out "$out/profile.json"
   # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
   step skinny 60 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
-  # Each row records its kernels' µs in launch order (which launch the time goes to); then the first dtype at
-  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention);
-  # then B 1/16/64/256 on rows shaped as a real model's (few ids near the top: round 0's atomics almost vanish).
+  # Each row records its kernels' µs in launch order (which launch the time goes to); then B 1/16/64/256 on rows
+  # shaped as a real model's (few ids near the top: round 0's atomics almost vanish); last, the first dtype at
+  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention).
   step rsd_step 75 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
     --repeats 10 --chunks 2 4 8 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
