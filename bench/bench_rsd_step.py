@@ -162,6 +162,30 @@ def time_pair(fused, reference, device: str, args, floor_tensors) -> dict:
     return row
 
 
+def round0_binned_ids(teacher, student, params) -> int:
+    """The ids the Triton op's first radix round bins for these rows, one global atomic each (all-present masks,
+    default parameters: top-p rows), computed with torch as kernels/rsd_split.py's round 0 decides them: an id
+    whose fixed weight is > 0 and whose level-0 digit is at or above the mass guard (_mass_guard). The round
+    adds one atomic per program for the rest. Beside each row's per-launch µs this gives its cost per atomic."""
+    total = 0
+    for logits, t, p in ((teacher, params.temperature, params.top_p),
+                         (student, params.student_temperature, params.student_top_p)):
+        x = logits.float()
+        t, p = t.float()[:, None], p.float()[:, None]
+        lmax = x.amax(dim=1, keepdim=True)
+        live = (torch.exp((x - lmax) * (1.0 / t)).double() * 2.0 ** 40).long() > 0
+        guard = lmax + t * (torch.log((1.0 - p) / (16.0 * x.shape[1])) - 2.0 ** -12)
+        guard = guard - (guard.abs() + lmax.abs()) * 2.0 ** -20
+
+        def digit(v):
+            bits = torch.where(v == 0, torch.zeros_like(v), v).view(torch.int32).long()
+            return (torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2 ** 31) >> 20
+
+        searched = ((p < 1.0) & (t > 0))[:, 0]
+        total += int((live & (digit(x) >= digit(guard)))[searched].sum())
+    return total
+
+
 @contextlib.contextmanager
 def forced_chunks(chunks: int | None):
     """The Triton ops' launch table overridden with ``chunks`` programs per row and side (None: the table)."""
@@ -184,7 +208,8 @@ def bench_chunks(B, V, dtype, chunks, device, args) -> dict:
         kernels = kernel_breakdown(fused)
     nbytes = 2 * teacher.numel() * teacher.element_size()
     floor = nbytes / (args.floor_tb_s * 1e12) * 1e6
-    return dict(fused_us=us, fused_kernels=kernels, floor_us=floor, over_floor=us / floor)
+    return dict(fused_us=us, fused_kernels=kernels, floor_us=floor, over_floor=us / floor,
+                round0_binned_ids=round0_binned_ids(teacher, student, params))
 
 
 def bench_rsd_sample(B, V, dtype, device, args, shape="lm") -> dict:
@@ -192,7 +217,8 @@ def bench_rsd_sample(B, V, dtype, device, args, shape="lm") -> dict:
     backend = "triton" if device == "cuda" else "cpp"
     fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend)  # noqa: E731
     reference = lambda: rsd_sample_reference(teacher, student, uniforms, params, mask, mask)  # noqa: E731
-    row = dict(same_tokens=bool(torch.equal(fused().token, reference().token)))
+    row = dict(same_tokens=bool(torch.equal(fused().token, reference().token)),
+               round0_binned_ids=round0_binned_ids(teacher, student, params))
     row.update(time_pair(fused, reference, device, args, (teacher, student)))
     return row
 

@@ -268,7 +268,7 @@ for name in ("rsd_step.json", "rsd_verify.json"):
                 print(f"  {r['op']} B={r['B']} {r['dtype']}: ERROR {r['error'][:160]}")
             else:
                 # chunk-sweep rows time the Triton op alone (no reference); model-shaped rows say so
-                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "shape") if k in r)
+                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "shape", "round0_binned_ids") if k in r)
                 print(f"  {r['op']} {r['B']} {r.get('G', 0)} {r['V']} {r['dtype']}{extra} | {f(r['fused_us'])} | "
                       f"{f(r.get('reference_us'))} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | "
                       f"{r.get('same_tokens', '-')}")
