@@ -292,10 +292,11 @@ def _search_state(h0c, h0m, mode, top_k, top_p):
 
 
 # Every program of a row's round walks the same histograms to the same state; the program of chunk 0 also
-# stores it, so that the next launch reads it rather than walking again: walk_ptr [B, 2, 2 levels, 5] int64.
+# stores it, so that the next launch reads it rather than walking again: walk_ptr [B, 2, 3, 6] int64, entries
+# 0 and 1 the walks of levels 0 and 1 (5 slots each), entry 2 the side's statistics (_store_side).
 @triton.jit
 def _store_walk(walk_ptr, rs, level, mode, prefix, target, above_c, above_m):
-    base = walk_ptr + (rs * 2 + level) * 5
+    base = walk_ptr + (rs * 3 + level) * 6
     tl.store(base + 0, mode.to(tl.int64))
     tl.store(base + 1, prefix.to(tl.int64))
     tl.store(base + 2, target.to(tl.int64, bitcast=True))
@@ -306,16 +307,51 @@ def _store_walk(walk_ptr, rs, level, mode, prefix, target, above_c, above_m):
 @triton.jit
 def _load_walk(walk_ptr, rs, level):
     """(mode, prefix, target, above_c, above_m) after the walk of levels 0..level (_store_walk)."""
-    base = walk_ptr + (rs * 2 + level) * 5
+    base = walk_ptr + (rs * 3 + level) * 6
     return (tl.load(base + 0).to(tl.int32), tl.load(base + 1), tl.load(base + 2).to(tl.float64, bitcast=True),
             tl.load(base + 3).to(tl.int32), tl.load(base + 4))
 
 
+# A side's statistics combined from the chunks' partials, once: round 0's program of chunk 0 combines them (every
+# program of round 0 needs lmax anyway) and stores them beside the walks; every later launch loads six scalars
+# instead of combining the chunks again (a cross-warp exchange in each of rounds 1 and 2, the law, and three in
+# the draws' kernel at B = 1). The softmax's and the check's denominators are combined in one exchange, each in
+# the same tree as alone, so they equal what the readers computed before.
 @triton.jit
-def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, walk_ptr, n_seg, ROUND: tl.constexpr,
-                SEG: tl.constexpr, CP2: tl.constexpr):
-    bad, _m, _tc, _k, _mc, lmax, _arg = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+def _store_side(walk_ptr, rs, bad, m, lmax, argmax, total, check):
+    base = walk_ptr + (rs * 3 + 2) * 6
+    tl.store(base + 0, bad.to(tl.int64))
+    tl.store(base + 1, argmax.to(tl.int64))
+    tl.store(base + 2, m.to(tl.int32, bitcast=True).to(tl.int64))
+    tl.store(base + 3, lmax.to(tl.int32, bitcast=True).to(tl.int64))
+    tl.store(base + 4, total.to(tl.int32, bitcast=True).to(tl.int64))
+    tl.store(base + 5, check.to(tl.int64, bitcast=True))
+
+
+@triton.jit
+def _load_side(walk_ptr, rs):
+    """(bad, m, lmax, argmax, total, check) of one (row, side) as _store_side stored them: bad != 0 where the
+    row holds NaN/+inf, m the max of every logit, lmax the max of the allowed ones and argmax its lowest id,
+    total the softmax's denominator sum exp(l - m) and check the check's in fp64 (sum exp((l - m) / ct);
+    meaningful on the student's side only)."""
+    base = walk_ptr + (rs * 3 + 2) * 6
+    return (tl.load(base + 0).to(tl.int32), tl.load(base + 2).to(tl.int32).to(tl.float32, bitcast=True),
+            tl.load(base + 3).to(tl.int32).to(tl.float32, bitcast=True), tl.load(base + 1).to(tl.int32),
+            tl.load(base + 4).to(tl.int32).to(tl.float32, bitcast=True), tl.load(base + 5).to(tl.float64, bitcast=True))
+
+
+@triton.jit
+def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temperature, stf_ptr, sti_ptr, rs,
+                n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, walk_ptr, n_seg,
+                ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr):
+    if ROUND == 0:
+        bad, m, t_c, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+        if chunk == 0:
+            total, check = tl.reduce((_total_terms(t_c, m_c, m), _check_terms(k_c, m_c, m, check_temperature)), 0,
+                                     _add2)
+            _store_side(walk_ptr, rs, bad, m, lmax, argmax, total, check)
+    else:
+        bad, _m, lmax, _arg, _t, _k = _load_side(walk_ptr, rs)
     mode = _mode(bad, lmax, temperature, top_k, top_p)
     t = tl.where(temperature != 0.0, temperature, 1.0)
     offs = tl.arange(0, SEG)
@@ -400,11 +436,13 @@ def round_kernel(
     teacher_ptr, student_ptr, proposal_mask_ptr, fallback_mask_ptr,  # as stats_kernel
     temperature_ptr, top_k_ptr, top_p_ptr,  # [B / param_div] teacher side (sample_tokens: its only side)
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,  # [B / param_div] student side
+    check_temperature_ptr,  # [B / param_div] fp32: the check's temperature (the student side's statistics)
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr,  # as stats_kernel
     sa_ptr,  # [B, 2, n_seg] int64 out (ROUND 1, 2): each segment's mass above the cut's prefix so far
     cand_ptr,  # [B, 2, n_seg * SEG] int32 scratch (ROUND 1 writes, 2 reads): ids in the cut's level-0 bin
     ncand_ptr,  # [B, 2, n_seg] int32 scratch: how many of them each segment holds
-    walk_ptr,  # [B, 2, 2, 5] int64 out (ROUND 1: level 0, ROUND 2: level 1): the walks' states (_store_walk)
+    walk_ptr,  # [B, 2, 3, 6] int64 out: ROUND 0 the sides' statistics (_store_side), ROUND 1 and 2 the walks of
+    # levels 0 and 1 (_store_walk)
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr,
 ):
@@ -419,13 +457,14 @@ def round_kernel(
     cand, ncand = cand_ptr + rs * n_seg * SEG, ncand_ptr + rs * n_seg
     if side == 0:
         _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + prow),
-                    tl.load(top_k_ptr + prow), tl.load(top_p_ptr + prow), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2)
+                    tl.load(top_k_ptr + prow), tl.load(top_p_ptr + prow), tl.load(check_temperature_ptr + prow),
+                    stf_ptr, sti_ptr, rs, n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr,
+                    n_seg, ROUND, SEG, CP2)
     else:
         _round_side(student_ptr + row * student_stride, fallback_mask_ptr, n_fallback,
                     tl.load(student_temperature_ptr + prow), tl.load(student_top_k_ptr + prow),
-                    tl.load(student_top_p_ptr + prow), stf_ptr, sti_ptr, rs, n_chunks, chunk, spc,
-                    h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2)
+                    tl.load(student_top_p_ptr + prow), tl.load(check_temperature_ptr + prow), stf_ptr, sti_ptr, rs,
+                    n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2)
 
 
 @triton.jit
@@ -566,8 +605,8 @@ def sample_final_kernel(
     mask_ptr,  # [n_mask] int8
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr,
     token_ptr,  # [B] int64 out, -1 where flagged
-    n_logits, n_mask, stride, n_chunks, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+    n_logits, n_mask, stride, n_seg,
+    SEG: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -576,7 +615,7 @@ def sample_final_kernel(
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row)
     rs = row * 2
-    bad, _m, _tc, _k, _mc, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
+    bad, _m, lmax, argmax, _t, _k = _load_side(walk_ptr, rs)
     mode = _mode(bad, lmax, temperature, top_k, top_p)
     token = argmax
     if mode != GREEDY:

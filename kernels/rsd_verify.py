@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .rsd_sample import I32_MAX, _order_key, _row_stats, _scaled_exp, _truncate
-from .rsd_split import ALL_TIES, BOTH, GREEDY, _add2, _add3, _check_terms, _first_last, _keep_ties, _law, _load_row, \
-    _mode, _sample_side, _side_stats, _total_terms, _ukey
+from .rsd_split import ALL_TIES, BOTH, GREEDY, _add2, _add3, _first_last, _keep_ties, _law, _load_row, _load_side, \
+    _mode, _sample_side, _ukey
 
 # Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
 TEACHER_NONFINITE = tl.constexpr(-1)
@@ -42,10 +42,11 @@ def _check_ok(ls, s_m, check_temperature, s_check, threshold):
 
 
 @triton.jit
-def _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p, CP2: tl.constexpr):
-    """(bad, m, exp-sum partials, check partials, chunk maxima, lmax, argmax, mode) of one (position, side)."""
-    bad, m, t_c, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
-    return bad, m, t_c, k_c, m_c, lmax, argmax, _mode(bad, lmax, temperature, top_k, top_p)
+def _side(walk_ptr, rs, temperature, top_k, top_p):
+    """(bad, m, lmax, argmax, softmax denominator, check denominator, mode) of one (position, side), as round 0
+    stored them (rsd_split._store_side)."""
+    bad, m, lmax, argmax, total, check = _load_side(walk_ptr, rs)
+    return bad, m, lmax, argmax, total, check, _mode(bad, lmax, temperature, top_k, top_p)
 
 
 @triton.jit
@@ -111,12 +112,10 @@ def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_kee
 
 
 @triton.jit
-def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, used, rs, stf_ptr, sti_ptr, h0c_ptr,
-               h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr,
-               total_ptr, n_chunks, n_seg, SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr,
+def _store_law(row_ptr, mask_ptr, n_logits, n_vocab, temperature, top_k, top_p, used, rs, sc_ptr, sm_ptr, sa_ptr,
+               walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_seg, SEG: tl.constexpr, SG: tl.constexpr,
                SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    bad, _m, _tc, _kc, _mc, lmax, _argmax, mode = _side(stf_ptr, sti_ptr, rs, n_chunks, temperature, top_k, top_p,
-                                                           CP2)
+    bad, _m, lmax, _argmax, _total, _check, mode = _side(walk_ptr, rs, temperature, top_k, top_p)
     cut = tl.full((), -1, tl.int64)
     fine = tl.full((), 0, tl.int32)
     total = tl.full((), 1.0, tl.float64)
@@ -158,8 +157,8 @@ def law_kernel(
     kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: each segment's kept mass and kept ties
     cut_ptr, fine_ptr, total_ptr,  # [B * P, 2] int64, int32, fp64 out: the cut, its kept mass (fixed point)
     at_ptr,  # [B * P, 3] fp64 out: zeroed here (failed_kernel writes qT(x), qS(x), ok(x))
-    n_teacher, n_student, n_vocab, num_positions, teacher_stride, student_stride, n_chunks, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    n_teacher, n_student, n_vocab, num_positions, teacher_stride, student_stride, n_seg,
+    SEG: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
 ):
     rp = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
@@ -172,21 +171,18 @@ def law_kernel(
             tl.store(at_ptr + rp * 3 + j, tl.zeros((), tl.float64))
         _store_law(teacher_ptr + rp * teacher_stride, proposal_mask_ptr, n_teacher, n_vocab,
                    tl.load(temperature_ptr + row), tl.load(top_k_ptr + row), tl.load(top_p_ptr + row),
-                   needed & (tl.load(proposal_trials_ptr + row) > 0), rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr,
-                   h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr,
-                   n_chunks, n_seg, SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
+                   needed & (tl.load(proposal_trials_ptr + row) > 0), rs, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr,
+                   kt_ptr, cut_ptr, fine_ptr, total_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
     else:
         _store_law(student_ptr + rp * student_stride, fallback_mask_ptr, n_student, n_vocab,
                    tl.load(student_temperature_ptr + row), tl.load(student_top_k_ptr + row),
-                   tl.load(student_top_p_ptr + row), needed, rs, stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,
-                   sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, n_chunks, n_seg,
-                   SEG, CP2, SG, SEARCH_BLOCK, NUM_PIVOTS)
+                   tl.load(student_top_p_ptr + row), needed, rs, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr,
+                   cut_ptr, fine_ptr, total_ptr, n_seg, SEG, SG, SEARCH_BLOCK, NUM_PIVOTS)
 
 
 @triton.jit
-def _position(stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
-              check_temperature_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr,
-              proposal_trials_ptr, CP2: tl.constexpr):
+def _position(walk_ptr, rp, num_positions, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr, check_temperature_ptr,
+              student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr):
     """What failed_kernel and residual_kernel need of a position: whether it is a draft to verify, and each
     side's statistics and mode."""
     i = rp % num_positions
@@ -195,13 +191,11 @@ def _position(stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temp
     temperature = tl.load(temperature_ptr + row)
     student_temperature = tl.load(student_temperature_ptr + row)
     trials = tl.load(proposal_trials_ptr + row)
-    t_bad, _tm, _tt, _tk, _tmc, t_lmax, t_argmax, t_mode = _side(
-        stf_ptr, sti_ptr, rp * 2, n_chunks, temperature, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), CP2)
-    s_bad, s_m, _st, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
-        stf_ptr, sti_ptr, rp * 2 + 1, n_chunks, student_temperature, tl.load(student_top_k_ptr + row),
-        tl.load(student_top_p_ptr + row), CP2)
+    t_bad, _tm, t_lmax, t_argmax, _tt, _tk, t_mode = _side(walk_ptr, rp * 2, temperature, tl.load(top_k_ptr + row),
+                                                             tl.load(top_p_ptr + row))
+    s_bad, s_m, s_lmax, s_argmax, _st, s_check, s_mode = _side(
+        walk_ptr, rp * 2 + 1, student_temperature, tl.load(student_top_k_ptr + row), tl.load(student_top_p_ptr + row))
     check_temperature = tl.load(check_temperature_ptr + row)
-    s_check = tl.sum(_check_terms(s_kc, s_mc, s_m, check_temperature), 0)
     t_live = (t_lmax > float("-inf")) & (trials > 0)
     s_live = s_lmax > float("-inf")
     draft = (i < n) & (t_bad == 0) & (s_bad == 0) & s_live
@@ -215,19 +209,18 @@ def failed_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] each
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,  # [B] each
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
-    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr,  # as law_kernel
+    walk_ptr, kt_ptr, cut_ptr, fine_ptr,  # as law_kernel (walk_ptr: the sides' statistics, rsd_split._store_side)
     failed_ptr,  # [B * P, 3, n_seg] fp64 out: per segment, sum of wT(z) * (1 - ok(z)), of wT, of wS (kept weights)
     at_ptr,  # [B * P, 3] fp64 out: wT(x), wS(x), ok(x) at the draft x
-    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, n_chunks, spc, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr,
+    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, spc, n_seg,
+    SEG: tl.constexpr,
 ):
     rp = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     (draft, _trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live, s_lmax,
      s_argmax, s_m, s_check, check_temperature) = _position(
-        stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
-        check_temperature_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
-        CP2)
+        walk_ptr, rp, num_positions, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr, check_temperature_ptr,
+        student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr)
     if draft:
         x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
         threshold = tl.load(threshold_ptr + rp // num_positions)
@@ -259,19 +252,17 @@ def residual_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # as failed_kernel
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
     proposal_mask_ptr, fallback_mask_ptr,
-    stf_ptr, sti_ptr, kt_ptr, cut_ptr, fine_ptr, failed_ptr, at_ptr,  # as failed_kernel
+    walk_ptr, kt_ptr, cut_ptr, fine_ptr, failed_ptr, at_ptr,  # as failed_kernel
     res_ptr, qm_ptr,  # [B * P, n_seg] fp64 out: each segment's mass of max(0, Q - qS) and of Q (rejected x)
-    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, n_chunks, spc,
-    n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr,
+    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, spc, n_seg,
+    SEG: tl.constexpr, NSP2: tl.constexpr,
 ):
     rp = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     (draft, trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live, s_lmax,
      s_argmax, s_m, s_check, check_temperature) = _position(
-        stf_ptr, sti_ptr, rp, num_positions, n_chunks, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
-        check_temperature_ptr, student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
-        CP2)
+        walk_ptr, rp, num_positions, num_draft_ptr, temperature_ptr, top_k_ptr, top_p_ptr, check_temperature_ptr,
+        student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr)
     if draft:
         x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
         r_k, c, kept, _tp, _q, t_den, s_den = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
@@ -336,14 +327,15 @@ def pick_kernel(
     temperature_ptr, top_k_ptr, top_p_ptr, threshold_ptr, check_temperature_ptr,  # [B] each
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
     proposal_mask_ptr, fallback_mask_ptr,
-    stf_ptr, sti_ptr, kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
+    walk_ptr,  # [B * P, 2, 3, 6] int64: the sides' statistics (rsd_split._store_side)
+    kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
     tokens_ptr,  # [B, P] int64 out
     num_emitted_ptr,  # [B] int32 out
     accepted_ptr,  # [B, P] int8 out
     teacher_logprob_ptr, student_logprob_ptr,  # [B, P] fp32 out
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, num_draws, keep_draw,
-    residual_draw, flag_draw, n_chunks, n_seg,
-    SEG: tl.constexpr, CP2: tl.constexpr, NSP2: tl.constexpr,
+    residual_draw, flag_draw, n_seg,
+    SEG: tl.constexpr, NSP2: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
@@ -367,14 +359,10 @@ def pick_kernel(
         check_temperature = tl.load(check_temperature_ptr + row)
         threshold = tl.load(threshold_ptr + row)
         trials = tl.load(proposal_trials_ptr + row)
-        t_bad, t_m, t_tc, _tk, t_mc, t_lmax, t_argmax, t_mode = _side(
-            stf_ptr, sti_ptr, rt, n_chunks, temperature, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), CP2)
-        s_bad, s_m, s_tc, s_kc, s_mc, s_lmax, s_argmax, s_mode = _side(
-            stf_ptr, sti_ptr, rs, n_chunks, student_temperature, tl.load(student_top_k_ptr + row),
-            tl.load(student_top_p_ptr + row), CP2)
-        # Both softmax denominators (the log-probs) and the check's, in one exchange.
-        t_total, s_total, s_check = tl.reduce((_total_terms(t_tc, t_mc, t_m), _total_terms(s_tc, s_mc, s_m),
-                                               _check_terms(s_kc, s_mc, s_m, check_temperature)), 0, _add3)
+        t_bad, t_m, t_lmax, t_argmax, t_total, _tk, t_mode = _side(walk_ptr, rt, temperature, tl.load(top_k_ptr + row),
+                                                                   tl.load(top_p_ptr + row))
+        s_bad, s_m, s_lmax, s_argmax, s_total, s_check, s_mode = _side(
+            walk_ptr, rs, student_temperature, tl.load(student_top_k_ptr + row), tl.load(student_top_p_ptr + row))
         s_live = s_lmax > float("-inf")
         token = t_argmax
         accepted = tl.full((), 0, tl.int32)

@@ -500,10 +500,10 @@ types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i3
          "num_draft_ptr": "*i32", "top_k_ptr": "*i32", "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32",
          "proposal_mask_ptr": "*i8", "fallback_mask_ptr": "*i8", "tokens_ptr": "*i64", "num_emitted_ptr": "*i32",
          "accepted_ptr": "*i8"}
-cases = [(rsd_verify.law_kernel, dict(SEG=4096, CP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)),
-         (rsd_verify.failed_kernel, dict(SEG=4096, CP2=64)),
-         (rsd_verify.residual_kernel, dict(SEG=4096, CP2=64, NSP2=64)),
-         (rsd_verify.pick_kernel, dict(SEG=4096, CP2=64, NSP2=64))]
+cases = [(rsd_verify.law_kernel, dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)),
+         (rsd_verify.failed_kernel, dict(SEG=4096)),
+         (rsd_verify.residual_kernel, dict(SEG=4096, NSP2=64)),
+         (rsd_verify.pick_kernel, dict(SEG=4096, NSP2=64))]
 for kernel, constexprs in cases:
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") if name.endswith("_ptr")
                  else "i32" for name in kernel.arg_names}

@@ -360,7 +360,7 @@ types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i3
          "sa_ptr": "*i64", "walk_ptr": "*i64", "kept_ptr": "*i64", "student_ptr": "*bf16", "logits_ptr": "*fp16",
          "top_k_ptr": "*i32", "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32", "proposal_mask_ptr": "*i8",
          "fallback_mask_ptr": "*i8", "mask_ptr": "*i8", "token_ptr": "*i64", "accepted_ptr": "*i8"}
-final = dict(SEG=4096, CP2=64, NSP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)
+final = dict(SEG=4096, NSP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)
 cases = [(split.stats_kernel, dict(SEG=4096))] + [
     (split.round_kernel, dict(ROUND=r, SEG=4096, CP2=64)) for r in range(3)] + [
     (split.sample_final_kernel, final)]

@@ -173,18 +173,18 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
         num_draft = torch.empty(batch, dtype=torch.int32, device=device)
         sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
         constexprs = split.final_constexprs
-        pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS")}
+        pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS", "CP2")}
         _verify.law_kernel[(batch, 2)](
             teacher_logits, student_logits, num_draft, *sides, proposal_mask, fallback_mask, *split.scratch, *law,
             at, teacher_logits.shape[1], student_logits.shape[1], V, 1, teacher_logits.stride(0),
-            student_logits.stride(0), split.chunks, split.n_seg, **{k: v for k, v in constexprs.items() if k != "NSP2"},
+            student_logits.stride(0), split.n_seg, **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")},
             enable_fp_fusion=False)
         _verify.pick_kernel[(batch,)](
             teacher_logits, student_logits, no_draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask,
-            *split.stats, *split.kept, *law, at, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
+            split.walk, *split.kept, *law, at, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
             teacher_logprob.view(batch, 1), student_logprob.view(batch, 1), V, 1, teacher_logits.stride(0),
-            student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, 0, split.chunks, split.n_seg,
-            **pick, enable_fp_fusion=False)
+            student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, 0, split.n_seg, **pick,
+            enable_fp_fusion=False)
     return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
 
 
@@ -230,7 +230,8 @@ class _SplitLaunch:
                            torch.empty(*rs, self.n_seg, dtype=i32, device=device))
         self.kept = (torch.empty(*rs, self.n_seg, dtype=i64, device=device),
                      torch.empty(*rs, self.n_seg, dtype=i32, device=device))
-        self.walk = torch.empty(*rs, 2, 5, dtype=i64, device=device)  # rounds 1 and 2 store their walks' states
+        # round 0 stores the sides' statistics, rounds 1 and 2 their walks' states (rsd_split._store_side, _store_walk)
+        self.walk = torch.empty(*rs, 3, 6, dtype=i64, device=device)
         self.scratch = (*self.stats, *self.hists, self.above, self.walk, *self.kept)
         self.shape = (first.shape[1], second.shape[1], n_first_mask, n_second_mask, first.stride(0), second.stride(0),
                       self.chunks, self.spc, self.n_seg, param_div)
@@ -241,7 +242,7 @@ class _SplitLaunch:
                                   *self.hists, *self.shape, **self.constexprs, enable_fp_fusion=False)
         for r in range(3):
             _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
-                                      *self.stats, *self.hists, self.above, *self.candidates, self.walk, *self.shape,
+                                      check_temperature, *self.stats, *self.hists, self.above, *self.candidates, self.walk, *self.shape,
                                       ROUND=r, **self.round_constexprs, enable_fp_fusion=False)
 
 

@@ -29,7 +29,8 @@ def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask) -> t
         split.rounds(logits, logits, mask, mask, law[0], law, law)
         _split.sample_final_kernel[(B,)](
             logits, uniforms.float().contiguous(), *law, mask, *split.scratch, token, logits.shape[1], mask.numel(),
-            logits.stride(0), split.chunks, split.n_seg, **split.final_constexprs, enable_fp_fusion=False)
+            logits.stride(0), split.n_seg, **{k: v for k, v in split.final_constexprs.items() if k != "CP2"},
+            enable_fp_fusion=False)
     return token
 
 
@@ -75,23 +76,22 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         failed = torch.empty(R, 3, n_seg, **f64)
         residual, q_mass = torch.empty(R, n_seg, **f64), torch.empty(R, n_seg, **f64)
         constexprs = split.final_constexprs
-        pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS")}
+        pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS", "CP2")}
         shape = (V, P, teacher.stride(0), student.stride(0), draft.stride(0))
         _kernels.law_kernel[(R, 2)](
             teacher, student, num_draft, *sides, proposal_mask, fallback_mask, *split.scratch, *cut, total, at,
-            teacher.shape[1], student.shape[1], V, P, teacher.stride(0), student.stride(0), chunks, n_seg,
-            **{k: v for k, v in constexprs.items() if k != "NSP2"}, enable_fp_fusion=False)
+            teacher.shape[1], student.shape[1], V, P, teacher.stride(0), student.stride(0), n_seg,
+            **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")}, enable_fp_fusion=False)
         _kernels.failed_kernel[(R, chunks)](
-            teacher, student, draft, num_draft, *row_params, proposal_mask, fallback_mask, *split.stats, split.kept[1],
-            *cut, failed, at, *shape, chunks, split.spc, n_seg, SEG=split.seg, CP2=pick["CP2"], **split.warps,
-            enable_fp_fusion=False)
+            teacher, student, draft, num_draft, *row_params, proposal_mask, fallback_mask, split.walk, split.kept[1],
+            *cut, failed, at, *shape, split.spc, n_seg, SEG=split.seg, **split.warps, enable_fp_fusion=False)
         _kernels.residual_kernel[(R, chunks)](
-            teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, *split.stats,
-            split.kept[1], *cut, failed, at, residual, q_mass, *shape, uniforms.stride(0), KEEP_DRAW, chunks,
-            split.spc, n_seg, **pick, enable_fp_fusion=False)
+            teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
+            split.kept[1], *cut, failed, at, residual, q_mass, *shape, uniforms.stride(0), KEEP_DRAW, split.spc, n_seg,
+            **pick, enable_fp_fusion=False)
         _kernels.pick_kernel[(B,)](
-            teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, *split.stats,
+            teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
             *split.kept, *cut, total, failed, at, residual, q_mass, tokens, num_emitted, accepted, teacher_logprob,
-            student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, KEEP_DRAW, RESIDUAL_DRAW, FLAG_DRAW, chunks,
-            n_seg, **pick, enable_fp_fusion=False)
+            student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, KEEP_DRAW, RESIDUAL_DRAW, FLAG_DRAW, n_seg, **pick,
+            enable_fp_fusion=False)
     return VerifyOutput(tokens, num_emitted, accepted.view(torch.bool), teacher_logprob, student_logprob)
