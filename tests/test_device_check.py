@@ -40,8 +40,10 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
 
     step = json.loads((tmp_path / "rsd_step.json").read_text())
     assert step["meta"]["device"] == "cpu"
-    assert [(r["op"], r["B"], r["V"], r["dtype"]) for r in step["rows"]] == [
-        ("rsd_sample", B, 1000, dtype) for dtype in ("float32", "bfloat16") for B in (1, 2)]
+    assert [(r["op"], r["B"], r["V"], r["dtype"], r.get("shape", "lm")) for r in step["rows"]] == [
+        ("rsd_sample", B, 1000, dtype, "lm") for dtype in ("float32", "bfloat16") for B in (1, 2)] + [
+        ("rsd_sample", 2, 1000, "float32", "model")]  # rows shaped as a real model's logits
+    assert all(r["round0_binned_ids"] >= 0 for r in step["rows"])
     verify = json.loads((tmp_path / "rsd_verify.json").read_text())
     assert [(r["op"], r["B"], r["G"]) for r in verify["rows"]] == [
         ("rsd_verify", 1, 2), ("rsd_verify", 2, 2), ("sample_tokens", 2, 0)]
