@@ -79,8 +79,8 @@ def round_advance_pack_kernel(
     student_tokens = tl.load(student_tokens_ptr + i, mask=ok, other=0)
     teacher_tokens = tl.load(teacher_tokens_ptr + i, mask=ok, other=0)
     tl.store(student_tokens_ptr + i, tl.where(moved, last, student_tokens), mask=ok)
-    tl.store(teacher_tokens_ptr + i, tl.where(moved, tl.load(teacher_next_ptr + last, mask=ok, other=0), teacher_tokens),
-             mask=ok)
+    teacher_next = tl.load(teacher_next_ptr + last, mask=ok, other=0)
+    tl.store(teacher_tokens_ptr + i, tl.where(moved, teacher_next, teacher_tokens), mask=ok)
     student_pos = tl.load(student_pos_ptr + i, mask=ok, other=0) + count
     advance = tl.where(moved, count - 1 + tl.load(teacher_advance_ptr + last, mask=ok, other=0), 0)
     teacher_pos = tl.load(teacher_pos_ptr + i, mask=ok, other=0) + advance

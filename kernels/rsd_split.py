@@ -347,8 +347,9 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temp
     if ROUND == 0:
         bad, m, t_c, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
         if chunk == 0:
-            total, check = tl.reduce((_total_terms(t_c, m_c, m), _check_terms(k_c, m_c, m, check_temperature)), 0,
-                                     _add2)
+            # (the check is the student's: sample_tokens passes its temperature, maybe 0, for its one side)
+            ct = tl.where(check_temperature > 0.0, check_temperature, 1.0)
+            total, check = tl.reduce((_total_terms(t_c, m_c, m), _check_terms(k_c, m_c, m, ct)), 0, _add2)
             _store_side(walk_ptr, rs, bad, m, lmax, argmax, total, check)
     else:
         bad, _m, lmax, _arg, _t, _k = _load_side(walk_ptr, rs)

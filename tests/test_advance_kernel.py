@@ -112,8 +112,8 @@ def round_state(B, W, V, draft_tokens, with_slots, seed):
     tokens = torch.randint(0, V, (B, W), generator=gen)
     tokens[torch.arange(W)[None, :] >= num_emitted[:, None]] = -1  # rsd_verify's -1 past the run
     tokens[5 % B, 0] = -2  # a flagged row
-    verified = VerifyOutput(tokens, num_emitted, torch.rand(B, W, generator=gen) < 0.5, torch.randn(B, W, generator=gen),
-                            torch.randn(B, W, generator=gen))
+    verified = VerifyOutput(tokens, num_emitted, torch.rand(B, W, generator=gen) < 0.5,
+                            torch.randn(B, W, generator=gen), torch.randn(B, W, generator=gen))
     return inputs, verified
 
 

@@ -242,8 +242,9 @@ class _SplitLaunch:
                                   *self.hists, *self.shape, **self.constexprs, enable_fp_fusion=False)
         for r in range(3):
             _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
-                                      check_temperature, *self.stats, *self.hists, self.above, *self.candidates, self.walk, *self.shape,
-                                      ROUND=r, **self.round_constexprs, enable_fp_fusion=False)
+                                      check_temperature, *self.stats, *self.hists, self.above, *self.candidates,
+                                      self.walk, *self.shape, ROUND=r, **self.round_constexprs,
+                                      enable_fp_fusion=False)
 
 
 def _launch_config(device):
