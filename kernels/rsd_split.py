@@ -14,7 +14,8 @@ segments of SEG ids; program (row, side, chunk) owns SPC consecutive segments. L
      their mass shared). Mass is fixed point: round(w * 2**40) as int64, w = exp((l - lmax)
      * (1 / t)) in fp32 as the contract's weight, so the atomic sums are exact and order-free. Round 0 of a
      top-p row bins only the ids above a guard that the cut provably lies above (_mass_guard); the rest, most
-     of a real model's row, are summed per program into one atomic. Round 1
+     of a real model's row, are summed per program into one atomic; its chunk-0 program also stores the side's
+     statistics combined from the chunks' partials, which every later launch loads (_store_side). Round 1
      also compacts, per segment, the ids in the cut's level-0 bin; round 2 reads only those (a gather),
      keeps its digit histogram per segment and each segment's mass above the cut's 24-bit prefix. A row
      is thus read about three times (stats, rounds 0 and 1) plus one segment per draw.
