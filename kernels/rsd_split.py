@@ -162,6 +162,7 @@ def stats_kernel(
     sti_ptr,  # [B, 2, C, 2] int32 out: bad, argmax
     h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,  # [B, 2, NB0 / NB1] int32 / int64, zeroed here
     sc_ptr, sm_ptr,  # [B, 2, n_seg, NB2] int32 / int64, zeroed here
+    walk_ptr,  # [B, 2, 3, 6] int64: the row's size (round 0 adds it up, _row_size) zeroed here
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     SEG: tl.constexpr,
 ):
@@ -195,6 +196,7 @@ def stats_kernel(
         b1 = tl.arange(0, NB1)
         tl.store(h1c_ptr + rs * NB1 + b1, tl.zeros((NB1,), tl.int32))
         tl.store(h1m_ptr + rs * NB1 + b1, tl.zeros((NB1,), tl.int64))
+        tl.store(_row_size(walk_ptr, rs), tl.zeros((), tl.int64))
 
 
 @triton.jit
@@ -280,10 +282,19 @@ def _mass_guard(lmax, t, top_p, n_mask):
 
 
 @triton.jit
-def _search_state(h0c, h0m, mode, top_k, top_p):
+def _row_size(walk_ptr, rs):
+    """Where round 0 adds up a (row, side)'s size, one atomic per program: its present ids (top-k) or its total
+    fixed-point mass (top-p), the level-0 histogram's sum, which round 1 then loads instead of summing the 4096
+    bins (the last slot of the level-0 walk's entry, which _store_walk leaves alone)."""
+    return walk_ptr + rs * 18 + 5
+
+
+@triton.jit
+def _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs):
     """Walk the level-0 histogram of one (row, side): (mode, prefix, target, above_c, above_m). A top-k as
     large as the present ids cuts nothing (mode FULL)."""
-    present, total = tl.reduce((tl.load(h0c + tl.arange(0, NB0)), tl.load(h0m + tl.arange(0, NB0))), 0, _add2)
+    size = tl.load(_row_size(walk_ptr, rs))  # present ids (top-k) or total mass (top-p)
+    present, total = size.to(tl.int32), size
     mode = tl.where((mode == BY_COUNT) & (top_k >= present), FULL, mode)
     by_mass = mode == BY_MASS
     target = tl.where(by_mass, top_p.to(tl.float64) * total.to(tl.float64), top_k.to(tl.float64))
@@ -361,13 +372,17 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temp
     # Levels 0 and 1 walk counts (top-k) or masses (top-p), never both: one histogram of the two is filled there.
     if ROUND == 0:
         if mode == BY_COUNT:
+            n_v = tl.zeros((SEG,), tl.int32)
             for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
                 x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                 d = (_ukey(x) >> 20).to(tl.int32)
                 tl.atomic_add(h0c + d, tl.full((SEG,), 1, tl.int32), mask=present, sem="relaxed")
+                n_v += present.to(tl.int32)
+            tl.atomic_add(_row_size(walk_ptr, rs), tl.sum(n_v, 0).to(tl.int64), sem="relaxed")
         elif mode == BY_MASS:
             guard = _mass_guard(lmax, t, top_p, n_mask)
-            below = tl.zeros((SEG,), tl.int64)  # per-lane sums of the ids under the guard, reduced once
+            below = tl.zeros((SEG,), tl.int64)  # per-lane sums of the ids under the guard and above, reduced once
+            binned = tl.zeros((SEG,), tl.int64)
             for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
                 x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                 wf = _fixed(x, lmax, t)
@@ -375,12 +390,14 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temp
                 live = present & (wf > 0)
                 tl.atomic_add(h0m + d, wf, mask=live & (d >= guard), sem="relaxed")
                 below += tl.where(live & (d < guard), wf, 0)
-            below_sum = tl.sum(below, 0)
+                binned += tl.where(live & (d >= guard), wf, 0)
+            below_sum, binned_sum = tl.reduce((below, binned), 0, _add2)
             if below_sum > 0:
                 tl.atomic_add(h0m, below_sum, sem="relaxed")  # bin 0: below the guard, as every id summed here
+            tl.atomic_add(_row_size(walk_ptr, rs), below_sum + binned_sum, sem="relaxed")
     elif ROUND == 1:
         if (mode == BY_COUNT) | (mode == BY_MASS):
-            mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, mode, top_k, top_p)
+            mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs)
             if chunk == 0:
                 _store_walk(walk_ptr, rs, 0, mode, prefix, target, above_c, above_m)
             if mode != FULL:

@@ -258,8 +258,8 @@ def test_split_kernels_on_the_edge_rows(case, monkeypatch):
 def test_round_zero_bins_only_above_the_mass_guard(monkeypatch):
     """White box: after the three rounds, each top-p (row, side)'s level-0 mass histogram holds the exact
     fixed-point mass of every bin from the guard's up, nothing between bin 0 and it, and in bin 0 the sum of
-    all the ids under it, so its total is the row's exact total; most ids were summed, not binned; and the
-    walk's cut bin lies at or above the guard."""
+    all the ids under it, so its total is the row's exact total, as is the total round 0 adds up for round 1;
+    most ids were summed, not binned; and the walk's cut bin lies at or above the guard."""
     monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SPLIT_TILES)
     V, B = 200, 4
     teacher, student, every, _, families = split_rows("cut_over_the_guard", B, V, torch.Generator().manual_seed(3))
@@ -285,6 +285,7 @@ def test_round_zero_bins_only_above_the_mass_guard(monkeypatch):
             guard = int(np.flatnonzero(got[1:])[0]) + 1  # the lowest bin above 0 that holds anything
             assert (got[guard:] == exact[guard:]).all()
             assert got[0] == exact[:guard].sum() and got.sum() == fixed.sum()
+            assert walk[r, side, 0, 5].item() == fixed.sum()  # the row's total as round 0 adds it up (_row_size)
             assert ((digit < guard) & (fixed > 0)).sum() > V // 3  # summed per program, not binned one by one
             assert walk[r, side, 0, 1].item() >= guard  # the cut's level-0 bin
 

@@ -239,7 +239,7 @@ class _SplitLaunch:
     def rounds(self, first, second, first_mask, second_mask, check_temperature, first_params, second_params):
         grid = (self.batch, self.sides, self.chunks)
         _split.stats_kernel[grid](first, second, first_mask, second_mask, check_temperature, *self.stats,
-                                  *self.hists, *self.shape, **self.constexprs, enable_fp_fusion=False)
+                                  *self.hists, self.walk, *self.shape, **self.constexprs, enable_fp_fusion=False)
         for r in range(3):
             _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
                                       check_temperature, *self.stats, *self.hists, self.above, *self.candidates,
