@@ -488,8 +488,8 @@ def round_kernel(
 
 @triton.jit
 def _law(rs, mode, top_k, top_p, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_ptr, n_seg, SG: tl.constexpr):
-    """The cut of one (row, side) from the three rounds, and each segment's kept mass and kept ties
-    (stored to kept_ptr / kt_ptr): (prefix, b2, pf = the fixed weight of a tie at tau, kept total).
+    """The cut of one (row, side) from the three rounds, and each segment's kept mass (stored to kept_ptr as
+    running sums over the segments in id order, inclusive) and kept ties (kt_ptr): (prefix, b2, kept total).
     Mode FULL keeps everything: prefix -1."""
     sc, sm, sa = sc_ptr + rs * n_seg * NB2, sm_ptr + rs * n_seg * NB2, sa_ptr + rs * n_seg
     kept, kt = kept_ptr + rs * n_seg, kt_ptr + rs * n_seg
@@ -544,7 +544,7 @@ def _law(rs, mode, top_k, top_p, sc_ptr, sm_ptr, sa_ptr, walk_ptr, kept_ptr, kt_
         before = ties_before + tl.cumsum(seg_ties, 0) - seg_ties
         kept_ties = tl.minimum(tl.maximum(n_tie - before, 0), seg_ties)
         seg_kept += kept_ties.to(tl.int64) * pf
-        tl.store(kept + s, seg_kept, mask=in_seg)
+        tl.store(kept + s, total + tl.cumsum(seg_kept, 0), mask=in_seg)  # inclusive, so no draw scans them
         tl.store(kt + s, tl.where(kept_ties == seg_ties, ALL_TIES, kept_ties), mask=in_seg)
         total += tl.sum(seg_kept, 0)
         ties_before += tl.sum(seg_ties, 0)
@@ -559,8 +559,9 @@ def _draw(row_ptr, mask_ptr, n_mask, lmax, temperature, rs, prefix, b2, total, u
     segments' kept masses, then scans that one segment."""
     s = tl.arange(0, NSP2)
     in_seg = s < n_seg
-    kept = tl.load(kept_ptr + rs * n_seg + s, mask=in_seg, other=0)
-    cum = tl.cumsum(kept, 0)
+    # The law stored the segments' kept masses as running sums (inclusive, in id order): one exchange less a draw.
+    cum = tl.load(kept_ptr + rs * n_seg + s, mask=in_seg, other=0)
+    kept = tl.where(in_seg, cum - tl.load(kept_ptr + rs * n_seg + s - 1, mask=in_seg & (s > 0), other=0), 0)
     target = u.to(tl.float64) * total
     live = kept > 0
     # The first segment whose cumulative mass reaches the target (else the last live one), with the mass before it.

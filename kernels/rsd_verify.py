@@ -154,7 +154,7 @@ def law_kernel(
     proposal_trials_ptr,  # [B] int32: a row's parameters hold at all its positions
     proposal_mask_ptr, fallback_mask_ptr,  # [V] int8
     stf_ptr, sti_ptr, h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr, sc_ptr, sm_ptr, sa_ptr, walk_ptr,  # rsd_split's scratch
-    kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: each segment's kept mass and kept ties
+    kept_ptr, kt_ptr,  # [B * P, 2, n_seg] int64 / int32 out: the segments' kept mass (running sums) and kept ties
     cut_ptr, fine_ptr, total_ptr,  # [B * P, 2] int64, int32, fp64 out: the cut, its kept mass (fixed point)
     at_ptr,  # [B * P, 3] fp64 out: zeroed here (failed_kernel writes qT(x), qS(x), ok(x))
     n_teacher, n_student, n_vocab, num_positions, teacher_stride, student_stride, n_seg,
