@@ -36,6 +36,26 @@ def state(B, V, with_slots, seed):
     return inputs, sampled
 
 
+def kernel_matches_torch(monkeypatch, wrapper_path, wrapper, step, inputs, columns):
+    """Runs ``step(state, out)`` with the torch ops, then with the kernels forced onto CPU tensors (through
+    ``wrapper``, patched at ``wrapper_path`` to count its launches): one launch there and none here, and the
+    packed outputs and the rows' state equal."""
+    results = []
+    for kernel in (False, True):
+        monkeypatch.setattr(randomness, "KERNEL_ON_CPU", kernel)
+        launches = []
+        monkeypatch.setattr(wrapper_path, lambda *a, **k: launches.append(1) or wrapper(*a, **k))
+        state_copy = {k: v.clone() for k, v in inputs.items()}
+        out = torch.zeros(next(iter(inputs.values())).shape[0], columns, dtype=torch.float64)
+        with torch.inference_mode():
+            step(state_copy, out)
+        assert len(launches) == int(kernel)
+        results.append((out, state_copy))
+    (out_a, state_a), (out_b, state_b) = results
+    assert torch.equal(out_a.nan_to_num(123.0), out_b.nan_to_num(123.0))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 @pytest.mark.parametrize("with_slots", [True, False], ids=["slots", "rows-in-order"])
 def test_advance_kernel_moves_rows_and_packs_as_the_torch_ops(engine, with_slots):
     B = 6 if with_slots else 4
@@ -65,21 +85,9 @@ def test_the_engine_step_takes_one_launch_for_it(engine, monkeypatch):
                   check_temperature=torch.ones(B), student_temperature=torch.full((B,), 0.7),
                   student_top_p=torch.full((B,), 0.95), student_top_k=torch.zeros(B, dtype=torch.int32),
                   proposal_trials=torch.ones(B, dtype=torch.int32))
-    results = []
-    for kernel in (False, True):
-        monkeypatch.setattr(randomness, "KERNEL_ON_CPU", kernel)
-        launches = []
-        monkeypatch.setattr("rsd_engine.engine.advance_and_pack",
-                            lambda *a, **k: launches.append(1) or advance_and_pack(*a, **k))
-        state_copy = {k: v.clone() for k, v in inputs.items()}
-        out = torch.zeros(B, 4, dtype=torch.float64)
-        with torch.inference_mode():
-            engine._step_and_advance(state_copy, teacher_kv=64, student_kv=64, out=out)
-        assert len(launches) == int(kernel)
-        results.append((out, state_copy))
-    (out_a, state_a), (out_b, state_b) = results
-    assert torch.equal(out_a.nan_to_num(123.0), out_b.nan_to_num(123.0))
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    kernel_matches_torch(monkeypatch, "rsd_engine.engine.advance_and_pack", advance_and_pack,
+                         lambda rows, out: engine._step_and_advance(rows, teacher_kv=64, student_kv=64, out=out),
+                         inputs, 4)
 
 
 def test_a_wrong_output_buffer_is_named(engine):
@@ -166,21 +174,10 @@ def test_the_round_takes_one_launch_for_it(speculative, monkeypatch):
     inputs["student_tokens"] %= 8
     inputs["student_pos"] = inputs["teacher_pos"] = torch.tensor([5, 6, 7])
     inputs["num_draft"] = torch.tensor([3, 2, 3], dtype=torch.int32)
-    results = []
-    for kernel in (False, True):
-        monkeypatch.setattr(randomness, "KERNEL_ON_CPU", kernel)
-        launches = []
-        monkeypatch.setattr("rsd_engine.speculative.round_advance_and_pack",
-                            lambda *a, **k: launches.append(1) or round_advance_and_pack(*a, **k))
-        state_copy = {k: v.clone() for k, v in inputs.items()}
-        out = torch.zeros(B, 1 + 4 * W, dtype=torch.float64)
-        with torch.inference_mode():
-            speculative._round_and_advance(state_copy, teacher_kv=64, student_kv=64, out=out)
-        assert len(launches) == int(kernel)
-        results.append((out, state_copy))
-    (out_a, state_a), (out_b, state_b) = results
-    assert torch.equal(out_a.nan_to_num(123.0), out_b.nan_to_num(123.0))
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    kernel_matches_torch(monkeypatch, "rsd_engine.speculative.round_advance_and_pack", round_advance_and_pack,
+                         lambda rows, out: speculative._round_and_advance(rows, teacher_kv=64, student_kv=64,
+                                                                          out=out),
+                         inputs, 1 + 4 * W)
 
 
 def test_a_wrong_round_output_buffer_is_named(speculative):
