@@ -105,18 +105,17 @@ def round_advance_and_pack(inputs: dict[str, torch.Tensor], verified, mapped: to
     accepted = accepted.view(torch.int8) if accepted.dtype == torch.bool else accepted.to(torch.int8)
     slots = inputs.get("slots")
     block = 64
-    _kernels().round_advance_pack_kernel[(-(-n // block),)](
+    kernel = _kernels().round_advance_pack_kernel
+    from triton import next_power_of_2  # here, as the kernels: CPU-only users never load Triton
+
+    kernel[(-(-n // block),)](
         verified.num_emitted, verified.tokens.contiguous(), accepted, verified.teacher_logprob.contiguous(),
         verified.student_logprob.contiguous(), mapped.view(torch.int8), inputs["student_tokens"],
         inputs["teacher_tokens"], inputs["student_pos"], inputs["teacher_pos"], inputs["steps"],
         inputs["num_draft"], inputs["max_new_tokens"], slots if slots is not None else inputs["steps"],
         teacher_next, teacher_advance, out, n, out.stride(0), scratch_slot, max_seq_len, draft_tokens,
-        W=width, WP2=triton_next_power_of_2(width), HAS_SLOTS=slots is not None, BLOCK=block, num_warps=4)
+        W=width, WP2=next_power_of_2(width), HAS_SLOTS=slots is not None, BLOCK=block, num_warps=4)
     return out
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @functools.cache
