@@ -11,8 +11,8 @@ parallel. Then, with rp = row * P + position and the position's side rs = rp * 2
      sum wT(z) * (1 - ok(z)), and both sides' kept weights; the chunk holding the draft x stores wT(x),
      wS(x), ok(x).
   7. residual_kernel (rp, chunk), draft positions: r from the segments' sums in a fixed order, r^K, c
-     and the keep test (the same arithmetic as the last kernel, so both agree); where x is rejected,
-     each segment's mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
+     and the keep test (chunk 0 stores them for the last kernel); where x is rejected, each segment's
+     mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
   8. pick_kernel (row): walks the positions up to the first rejection or flag, reading only what the
      launches before stored: a kept draft costs a few scalar loads; a rejected one a draw from the residual
      (the segment holding the target mass from the segments' masses, then one scan of that segment); the
@@ -109,6 +109,29 @@ def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_kee
     q_x = tl.where(in_range, tp_x + r_k * qs_x, 0.0)
     kept = (q_x > 0.0) & (u_keep.to(tl.float64) * qs_x <= q_x)
     return r_k, c, kept, tp_x, q_x, t_den, s_den
+
+
+KEEP_SLOTS = tl.constexpr(8)  # keep_ptr's row: kept (0 / 1), r^K, c, qT(x)·ok(x)·c, Q(x), the two kept masses
+
+
+@triton.jit
+def _store_keep(keep_ptr, rp, kept, r_k, c, tp_x, q_x, t_den, s_den):
+    base = keep_ptr + rp * KEEP_SLOTS
+    tl.store(base + 0, kept.to(tl.float64))
+    tl.store(base + 1, r_k)
+    tl.store(base + 2, c)
+    tl.store(base + 3, tp_x)
+    tl.store(base + 4, q_x)
+    tl.store(base + 5, t_den)
+    tl.store(base + 6, s_den)
+
+
+@triton.jit
+def _load_keep(keep_ptr, rp):
+    """_keep_state's results as residual_kernel's chunk-0 program stored them, bit for bit."""
+    base = keep_ptr + rp * KEEP_SLOTS
+    return (tl.load(base + 1), tl.load(base + 2), tl.load(base + 0) != 0.0, tl.load(base + 3), tl.load(base + 4),
+            tl.load(base + 5), tl.load(base + 6))
 
 
 @triton.jit
@@ -254,6 +277,7 @@ def residual_kernel(
     proposal_mask_ptr, fallback_mask_ptr,
     walk_ptr, kt_ptr, cut_ptr, fine_ptr, failed_ptr, at_ptr,  # as failed_kernel
     res_ptr, qm_ptr,  # [B * P, n_seg] fp64 out: each segment's mass of max(0, Q - qS) and of Q (rejected x)
+    keep_ptr,  # [B * P, KEEP_SLOTS] fp64 out (chunk 0, draft positions): the keep test's state (_store_keep)
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, spc, n_seg,
     SEG: tl.constexpr, NSP2: tl.constexpr,
 ):
@@ -265,8 +289,11 @@ def residual_kernel(
         student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr)
     if draft:
         x = tl.load(draft_ptr + (rp // num_positions) * draft_stride + rp % num_positions)
-        r_k, c, kept, _tp, _q, t_den, s_den = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab,
-                                            tl.load(uniforms_ptr + rp * uniforms_stride + keep_draw), NSP2)
+        r_k, c, kept, tp_x, q_x, t_den, s_den = _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x,
+                                                            n_vocab, tl.load(uniforms_ptr + rp * uniforms_stride
+                                                                             + keep_draw), NSP2)
+        if chunk == 0:  # pick_kernel walks the positions one after another: it loads this instead of reducing
+            _store_keep(keep_ptr, rp, kept, r_k, c, tp_x, q_x, t_den, s_den)
         if not kept:
             threshold = tl.load(threshold_ptr + rp // num_positions)
             teacher_row = teacher_ptr + rp * teacher_stride
@@ -328,12 +355,12 @@ def pick_kernel(
     student_temperature_ptr, student_top_k_ptr, student_top_p_ptr, proposal_trials_ptr,
     proposal_mask_ptr, fallback_mask_ptr,
     walk_ptr,  # [B * P, 2, 3, 6] int64: the sides' statistics (rsd_split._store_side)
-    kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, failed_ptr, at_ptr, res_ptr, qm_ptr,
+    kept_ptr, kt_ptr, cut_ptr, fine_ptr, total_ptr, res_ptr, qm_ptr, keep_ptr,
     tokens_ptr,  # [B, P] int64 out
     num_emitted_ptr,  # [B] int32 out
     accepted_ptr,  # [B, P] int8 out
     teacher_logprob_ptr, student_logprob_ptr,  # [B, P] fp32 out
-    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, num_draws, keep_draw,
+    n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, num_draws,
     residual_draw, flag_draw, n_seg,
     SEG: tl.constexpr, NSP2: tl.constexpr,
 ):
@@ -396,8 +423,7 @@ def pick_kernel(
             token = x.to(tl.int32)
             if (t_bad == 0) & (s_bad == 0) & s_live:
                 t_live = (t_lmax > float("-inf")) & (trials > 0)
-                r_k, c, keep, tp_y, q_y, t_den, s_den = _keep_state(
-                    failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, tl.load(uniforms_row + keep_draw), NSP2)
+                r_k, c, keep, tp_y, q_y, t_den, s_den = _load_keep(keep_ptr, rp)
                 kept = keep.to(tl.int32)
                 if kept == 0:
                     token, tp_y, q_y = _residual_draw(

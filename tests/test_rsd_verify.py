@@ -496,7 +496,7 @@ rsd_verify = import_kernel("rsd_verify")
 types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i32", "kt_ptr": "*i32",
          "fine_ptr": "*i32", "h0m_ptr": "*i64", "h1m_ptr": "*i64", "sm_ptr": "*i64", "sa_ptr": "*i64",
          "walk_ptr": "*i64", "kept_ptr": "*i64", "cut_ptr": "*i64", "total_ptr": "*fp64", "at_ptr": "*fp64",
-         "failed_ptr": "*fp64", "res_ptr": "*fp64", "qm_ptr": "*fp64", "student_ptr": "*bf16", "draft_ptr": "*i64",
+         "failed_ptr": "*fp64", "res_ptr": "*fp64", "qm_ptr": "*fp64", "keep_ptr": "*fp64", "student_ptr": "*bf16", "draft_ptr": "*i64",
          "num_draft_ptr": "*i32", "top_k_ptr": "*i32", "student_top_k_ptr": "*i32", "proposal_trials_ptr": "*i32",
          "proposal_mask_ptr": "*i8", "fallback_mask_ptr": "*i8", "tokens_ptr": "*i64", "num_emitted_ptr": "*i32",
          "accepted_ptr": "*i8"}

@@ -181,9 +181,9 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
             enable_fp_fusion=False)
         _verify.pick_kernel[(batch,)](
             teacher_logits, student_logits, no_draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask,
-            split.walk, *split.kept, *law, at, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
+            split.walk, *split.kept, *law, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
             teacher_logprob.view(batch, 1), student_logprob.view(batch, 1), V, 1, teacher_logits.stride(0),
-            student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, 0, split.n_seg, **pick,
+            student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, split.n_seg, **pick,
             enable_fp_fusion=False)
     return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
 

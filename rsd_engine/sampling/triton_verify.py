@@ -75,6 +75,7 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         total, at = torch.empty(R, 2, **f64), torch.empty(R, 3, **f64)
         failed = torch.empty(R, 3, n_seg, **f64)
         residual, q_mass = torch.empty(R, n_seg, **f64), torch.empty(R, n_seg, **f64)
+        keep = torch.empty(R, _kernels.KEEP_SLOTS.value, **f64)
         constexprs = split.final_constexprs
         pick = {k: v for k, v in constexprs.items() if k not in ("SG", "SEARCH_BLOCK", "NUM_PIVOTS", "CP2")}
         shape = (V, P, teacher.stride(0), student.stride(0), draft.stride(0))
@@ -87,11 +88,12 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
             *cut, failed, at, *shape, split.spc, n_seg, SEG=split.seg, **split.warps, enable_fp_fusion=False)
         _kernels.residual_kernel[(R, chunks)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
-            split.kept[1], *cut, failed, at, residual, q_mass, *shape, uniforms.stride(0), KEEP_DRAW, split.spc, n_seg,
+            split.kept[1], *cut, failed, at, residual, q_mass, keep, *shape, uniforms.stride(0), KEEP_DRAW, split.spc,
+            n_seg,
             **pick, enable_fp_fusion=False)
         _kernels.pick_kernel[(B,)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
-            *split.kept, *cut, total, failed, at, residual, q_mass, tokens, num_emitted, accepted, teacher_logprob,
-            student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, KEEP_DRAW, RESIDUAL_DRAW, FLAG_DRAW, n_seg, **pick,
+            *split.kept, *cut, total, residual, q_mass, keep, tokens, num_emitted, accepted, teacher_logprob,
+            student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, RESIDUAL_DRAW, FLAG_DRAW, n_seg, **pick,
             enable_fp_fusion=False)
     return VerifyOutput(tokens, num_emitted, accepted.view(torch.bool), teacher_logprob, student_logprob)
