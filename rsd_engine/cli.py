@@ -257,7 +257,8 @@ def _provenance_parser(sub):
                                    "token probabilities, each model in its own chat template and tokens) and labels "
                                    "it teacher / student / shared / boosted (DESIGN section 9).",
                        epilog=_exit_codes("response", "some responses were skipped (too long for --max-seq-len, "
-                                                      "or unreadable by a model's tokenizer)"))
+                                                      "unreadable by a model's tokenizer, or no text outside the "
+                                                      "template markers)"))
     _response_options(p, "responses")
     _model_option(p, "distilled", "distilled student (default: none, and no 'boosted')", required=False)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
@@ -273,7 +274,8 @@ def _select_parser(sub):
                                    "whole dataset are kept, best first. --by random and --by student-likelihood are "
                                    "the baselines at the same budget. Ties go to the shorter.",
                        epilog=_exit_codes("candidate", "some candidates were skipped (too long for --max-seq-len, "
-                                                       "or unreadable by a model's tokenizer)"))
+                                                       "unreadable by a model's tokenizer, or no text outside the "
+                                                       "template markers)"))
     _response_options(p, "candidates", models_required=False)
     p.add_argument("--by", choices=["count", "share", "student-likelihood", "random"], default=None,
                    help="rank by the count or the share of teacher-originated sentences, the student's mean "
@@ -440,7 +442,7 @@ def _provenance(args):
 
     t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
     return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses",
-                                        "were skipped (too long for --max-seq-len, or unreadable)")])
+                                        "were skipped (too long for --max-seq-len, unreadable, or no sentence)")])
 
 
 def _provenance_report(args):
@@ -459,7 +461,7 @@ def _select(args):
     # A problem whose candidates were all set aside as incorrect is the selection rule at work, not a shortfall
     # (the summary names it); one left with none because they were skipped is counted through the skips.
     return _exit_status("select", [
-        (len(t["skipped"]), None, "candidates", "were skipped (too long for --max-seq-len, or unreadable)")])
+        (len(t["skipped"]), None, "candidates", "were skipped (too long for --max-seq-len, unreadable, or no sentence)")])
 
 
 def _exit_status(command: str, shortfalls: list[tuple[int, int | None, str, str]]) -> int:

@@ -263,7 +263,7 @@ def test_bad_rows_are_skipped_and_counted(models, tmp_path, capsys):
                        status=3)
     report = capsys.readouterr().out
     assert report.splitlines()[-1] == ("rsd provenance: 1 of 4 responses were skipped (too long for --max-seq-len, "
-                                       "or unreadable): exit status 3")
+                                       "unreadable, or no sentence): exit status 3")
     assert "skipped rows: 2 of 6 (first: row 3, empty response)" in report
     assert "skipped responses: 1 (first: id long sample 0: " in report and "longer than max_seq_len 150" in report
     assert {s["id"] for s in lines} == {"p1", "p2", "p3"}
@@ -301,7 +301,7 @@ def test_select_exits_3_when_candidates_are_skipped(models, tmp_path, capsys):
     assert main(argv) == 3
     assert [r["id"] for r in read_records(tmp_path / "sel.jsonl")] == ["q1"]
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "rsd select: 1 candidates were skipped (too long for --max-seq-len, or unreadable): exit status 3")
+        "rsd select: 1 candidates were skipped (too long for --max-seq-len, unreadable, or no sentence): exit status 3")
 
 
 def test_select_needs_ids(models, tmp_path, capsys):

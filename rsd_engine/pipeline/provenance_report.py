@@ -130,14 +130,13 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
     for number, line in enumerate(lines, 1):
         _check_line(path, number, line)
     current = current_sentences(lines)
-    groups: dict[tuple[str, int], list[dict]] = {}
-    previous = None
-    for line in current:
-        key = (str(line["id"]), line.get("sample", 0))
-        if key != previous or line["index"] <= groups[key][-1]["index"]:
-            groups[key] = []  # the same version written again later replaces the earlier copy
-        groups[key].append(line)
-        previous = key
+    by_index: dict[tuple[str, int], dict[int, dict]] = {}
+    for line in current:  # wherever its lines lie; the same version written again later replaces the earlier copy
+        by_index.setdefault((str(line["id"]), line.get("sample", 0)), {})[line["index"]] = line
+    groups = {key: [lines_[i] for i in sorted(lines_)] for key, lines_ in by_index.items()}
+    if not groups:
+        raise ValueError(f"{path}: no response has all of its sentence lines (the {len(lines)} lines belong to "
+                         "versions cut off mid-write): rerun rsd provenance with the same --out to finish them")
     responses, changed = [], 0
     for (rid, sample), group in groups.items():
         cats = [rule.categorize(g["p_teacher"], g["p_student"], g.get("p_distilled")) for g in group]

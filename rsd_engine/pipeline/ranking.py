@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from .categories import Rule
 from .readers import Reader, Unreadable
 from .responses import Response
-from .tracing import Tracer
+from .sentences import sentence_spans
+from .tracing import NO_SENTENCE, Tracer
 
 RANKINGS = ("count", "share", "student-likelihood", "random")
 BUDGET_UNITS = ("responses", "problems")
@@ -129,6 +130,9 @@ class Scorer:
             return list(responses), []
         reader, lengths, skipped, usable = self.readers["student"], {}, [], []
         for r in responses:
+            if not sentence_spans(r.text, reader.markers):
+                skipped.append((r, NO_SENTENCE))
+                continue
             try:
                 lengths[r.key] = len(reader.read(r.question, r.text, r.system))
             except Unreadable as err:

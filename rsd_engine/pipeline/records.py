@@ -301,14 +301,22 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
 
 def _newest(records: dict[str, dict]) -> list[str]:
     """The keys of `records` less those of a response's older versions (`rsd provenance` lines of a
-    text since changed: the newest has the highest "version", absent for the first)."""
-    newest = {}
+    text since changed: the newest has the highest "version", absent for the first). The newest
+    *complete* version wins (every one of its "sentences" lines present): a rank killed while it traced
+    a changed text leaves a torn newer version, which must not replace the whole one before it."""
+    lines: dict[tuple, dict[tuple, set]] = {}
     for record in records.values():
         if "response_hash" in record:
             response = (str(record.get("id")), record.get("sample"))
             version = (record.get("version", 1), record["response_hash"])
-            if version[0] >= newest.get(response, (0, None))[0]:
-                newest[response] = version
+            lines.setdefault(response, {}).setdefault(version, set()).add(record.get("index"))
+    sizes = {(str(r.get("id")), r.get("sample"), r.get("version", 1), r["response_hash"]): r.get("sentences")
+             for r in records.values() if "response_hash" in r}
+    newest = {}
+    for response, versions in lines.items():
+        whole = [v for v, indices in versions.items()
+                 if not isinstance(sizes[(*response, *v)], int) or len(indices) >= sizes[(*response, *v)]]
+        newest[response] = max(whole or versions, key=lambda v: v[0])
     return [key for key, r in records.items() if "response_hash" not in r or
             newest[(str(r.get("id")), r.get("sample"))] == (r.get("version", 1), r["response_hash"])]
 
@@ -324,9 +332,15 @@ def record_key(record: dict) -> str:
     return key
 
 
-def _natural_key(text: str):
-    """'2' before '10': digit runs compare as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+def _natural_key(key: str):
+    """The order of merged records: by id, '2' before '10' (digit runs compare as numbers), ids equal as
+    numbers ('p01', 'p1') apart by their text, so each id's records stay together; then by the rest of the
+    key (sample, response hash, version, index) the same way."""
+    def natural(text):
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+    rid, _, rest = key.partition("\0")
+    return natural(rid), rid, natural(rest)
 
 
 def check_writable(path) -> Path:

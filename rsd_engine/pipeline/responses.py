@@ -22,7 +22,6 @@ from pathlib import Path
 
 from .data import question_id, read_rows
 from .readers import strip_think_open
-from .records import read_records
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class ResponseSet:
 def load_responses(path, *, question_field="question", response_field="response", id_field="id",
                    system_prompt: str = "", include_truncated: bool = False) -> ResponseSet:
     path = Path(path)
-    rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
+    rows = read_rows(path)  # strict: a torn or bad line of an input is an error, never a row dropped
     if not rows:
         raise ValueError(f"{path}: the file is empty (no responses)")
     responses, skipped, truncated, seen, per_id = [], [], [], {}, {}
@@ -94,6 +93,14 @@ def load_responses(path, *, question_field="question", response_field="response"
                          f"the first row: {first}. Expected --question-field {question_field!r} and --response-field "
                          f"{response_field!r}, or chat 'messages'.")
     return ResponseSet(responses, skipped, len(rows), has_ids, truncated)
+
+
+def row_id(row, *, question_field="question", response_field="response", id_field="id",
+           system_prompt: str = "") -> str | None:
+    """The id load_responses gives `row` (its --id-field value, else its question's hash); None for a row
+    it would skip."""
+    response, _ = _response(0, row, question_field, response_field, id_field, system_prompt)
+    return None if response is None else response.id
 
 
 def _response(number, row, question_field, response_field, id_field, system_prompt):
@@ -152,6 +159,8 @@ def _chat(rid, sample, row):
     if not isinstance(user, str) or not user.strip():
         return None, "'messages' has no user turn"
     system = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"), "")
+    if system is not None and not isinstance(system, str):
+        return None, f"'messages' has a system turn whose content is not text ({type(system).__name__})"
     text = messages[-1].get("content")
     if not isinstance(text, str) or not strip_think_open(text).strip():
         return None, "empty response"

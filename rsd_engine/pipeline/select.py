@@ -42,7 +42,7 @@ from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
 from .records import RecordWriter, check_writable, part_path, read_records
-from .responses import Response, load_responses
+from .responses import Response, load_responses, row_id
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
            "select_budget", "provenance_chooser", "run_select", "scores_path"]
@@ -143,9 +143,10 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     problems = group_candidates(data.responses, opts.data)
     incorrect = {pid: [r for r in rows if said_correct(r, opts.data) is False] for pid, rows in problems.items()}
     ids = list(problems)[dist.rank:: dist.world_size]
-    # Which candidates compete shapes the row kept: --include-truncated is compared here.
+    # Which candidates compete shapes the row kept: --include-truncated and --max-seq-len (a candidate longer
+    # is skipped, and the best of the others kept for good) are compared here.
     settings, about = output_settings(opts, ("teacher", "student"),
-                                      tuple(o for o in RUNTIME_OPTIONS if o != "include_truncated"))
+                                      tuple(o for o in RUNTIME_OPTIONS if o not in ("include_truncated", "max_seq_len")))
     group = init_process_group(dist, log)
     try:
         tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
@@ -175,7 +176,7 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
     """`problems`: the candidates that compete; `every`: all rows of each id."""
     with RecordWriter(target, settings, force=opts.force, about=about) as writer:
         held = writer.existing + (read_records(opts.out) if dist.world_size > 1 else [])
-        done = {str(r["id"]) for r in held if "id" in r}
+        done = {kept_id(r, opts) for r in held}
         todo = [i for i in ids if i not in done]
         usable, skipped = scorer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
         usable_keys = {r.key for r in usable}
@@ -192,12 +193,35 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
                 tally["no_candidate"].append(pid)
                 continue
             best = pick(candidates, opts.by)
-            row = dict(mine[best.order].row)
+            row = with_id(mine[best.order].row, pid)
             row.update(best.fields(), candidates=len(every[pid]))
             writer.write(row)
             tally["written"] += 1
         if bar is not None:
             bar.close()
+
+
+def with_id(row: dict, pid: str) -> dict:
+    """The kept row: the input row, with its problem id as "id" where it has none (--id-field names another
+    column, or the id is the question's hash), so `rsd merge` keeps each problem apart."""
+    row = dict(row)
+    if row.get("id") is None:
+        row["id"] = pid
+    return row
+
+
+def kept_id(row: dict, opts) -> str:
+    """The problem id of a row of the output, read as load_responses read it from the input (the kept row is
+    the input row and a few fields), so a rerun resumes by the same id whatever --id-field names."""
+    pid = row_id(row, question_field=opts.question_field, response_field=opts.response_field,
+                 id_field=opts.id_field, system_prompt=opts.system_prompt)
+    return pid if pid is not None else str(row.get("id"))
+
+
+def _scored_key(line: dict) -> tuple:
+    """(id, sample, hash of the text scored) of a scores line; lines of an older rsd have no hash and match
+    no candidate, so it is scored again."""
+    return str(line.get("id")), line.get("sample"), line.get("response_hash")
 
 
 def scores_path(out) -> Path:
@@ -212,16 +236,19 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
     target = part_path(path, dist.rank, dist.world_size) if dist.world_size > 1 else path
     score_settings = {k: v for k, v in settings.items() if k not in ("--budget", "--budget-unit")}
     with RecordWriter(target, score_settings, force=opts.force, about=about) as writer:
-        done = {(str(r.get("id")), r.get("sample")) for r in writer.existing}
-        todo = [r for pid in ids for r in problems[pid] if r.key not in done]
+        # A score counts for the text it was computed from: a candidate edited, or rows without "sample"
+        # reordered within an id (their sample is their place), is scored again.
+        done = {_scored_key(r) for r in writer.existing}
+        todo = [r for pid in ids for r in problems[pid] if (*r.key, r.text_hash) not in done]
         usable, skipped = scorer.prepare(todo, opts.max_seq_len)
-        tally.update(already_done=len(done), skipped=[(r.key, why) for r, why in skipped], scored=0)
+        tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo), skipped=[(r.key, why) for r, why in skipped], scored=0)
         if usable:
             scorer.load()
         bar = _bar(len(usable), opts.progress and dist.rank == 0, dist, "candidate")
         for first in range(0, len(usable), scorer.batch_size):
             batch = usable[first: first + scorer.batch_size]
-            writer.write_many([{"id": r.id, "sample": r.sample, **c.fields()} for r, c in zip(batch, scorer.score(batch))])
+            writer.write_many([{"id": r.id, "sample": r.sample, "response_hash": r.text_hash, **c.fields()}
+                               for r, c in zip(batch, scorer.score(batch))])
             tally["scored"] += len(batch)
             if bar is not None:
                 bar.update(len(batch))
@@ -240,18 +267,18 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
 def _write_budget(opts, problems, every, settings, about, tally):
     """--budget, second step: the kept rows, best first, from the complete scores file (`problems`:
     the candidates that compete; `every`: all rows of each id)."""
-    scores = {(str(r["id"]), r["sample"]): r for r in read_records(scores_path(opts.out))}
+    scores = {_scored_key(r): r for r in read_records(scores_path(opts.out))}
     by_problem = {}
     for pid, responses in problems.items():
-        scored = [r for r in responses if r.key in scores]
-        by_problem[pid] = [Candidate.from_fields(k, scores[r.key]) for k, r in enumerate(scored)]
+        scored = [r for r in responses if (*r.key, r.text_hash) in scores]
+        by_problem[pid] = [Candidate.from_fields(k, scores[(*r.key, r.text_hash)]) for k, r in enumerate(scored)]
         problems[pid] = scored
         if not scored:
             tally["no_candidate"].append(pid)
     kept = select_budget(by_problem, opts.budget, opts.budget_unit, opts.by)
     rows = []
     for rank, (pid, c) in enumerate(kept, 1):
-        row = dict(problems[pid][c.order].row)
+        row = with_id(problems[pid][c.order].row, pid)
         row.update(c.fields(), candidates=len(every[pid]), rank=rank)
         rows.append(row)
     with RecordWriter(opts.out, settings, force=opts.force, about=about) as writer:

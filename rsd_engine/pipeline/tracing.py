@@ -20,6 +20,11 @@ ROLES = ("teacher", "student", "distilled")
 CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output), for the analysis by correctness
 
 
+# Why a response with no text outside its template markers (say "<think>\n\n</think>") is skipped: it has
+# no sentence to trace or rank, and 0 lines written would never count as done.
+NO_SENTENCE = "no text outside the template markers (no sentence)"
+
+
 @dataclass
 class Traced:
     response: Response
@@ -73,6 +78,9 @@ class Tracer:
         max_seq_len None fits the longest usable response, up to the smallest model context."""
         lengths, skipped = {}, []
         for r in responses:
+            if not sentence_spans(r.text, self.markers):
+                skipped.append((r, NO_SENTENCE))
+                continue
             try:
                 lengths[r.key] = max(len(reader.read(r.question, r.text, r.system)) for reader in
                                      self.readers.values())
