@@ -376,3 +376,87 @@ def test_a_text_changed_back_is_a_new_version_and_a_torn_one_is_none():
     torn = version("A", 1, 2) + version("B", 2, 3) + version("A", 3, 2, upto=1)
     assert [s["text"] for s in current_sentences(torn)] == ["B2.0", "B2.1", "B2.2"]
     assert complete_keys(torn) == {("b", 0)}
+
+
+# ---------------------------------------------------------------------------------------------- strict inputs
+
+def test_a_malformed_last_line_is_an_error_naming_it(tmp_path, capsys):
+    data = tmp_path / "c.jsonl"
+    # No newline after the last row: not a torn write of ours to ignore, a row of the input that is wrong.
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + '{"id": "c", "question": "Q?", "response": "A." x}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--by", "random", "--data", str(data), "--out", str(tmp_path / "sel.jsonl"), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert f"{data}, line 3: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "sel.jsonl").exists()
+
+
+def test_an_input_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    from rsd_engine.pipeline.responses import load_responses
+
+    data = tmp_path / "c.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    assert [r.id for r in load_responses(data).responses] == ["a", "b"]
+    out = tmp_path / "sel.jsonl"
+    assert main(["select", "--by", "random", "--data", str(data), "--out", str(out), "--no-progress"]) == 0
+    assert [r["id"] for r in read_records(out)] == ["a", "b"]
+
+
+def test_a_system_turn_that_is_not_text_is_skipped_with_the_reason(tiny_pair, tmp_path, capsys):
+    def chat(rid, system):
+        return {"id": rid, "messages": [{"role": "system", "content": system},
+                                        {"role": "user", "content": "What is 2 + 2?"},
+                                        {"role": "assistant", "content": "We compute 2 + 2 = 4. The answer is 4."}]}
+
+    rows = [chat("parts", [{"type": "text", "text": "Be brief."}]), chat("number", 7), chat("text", "Be brief.")]
+    lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
+    assert {s["id"] for s in lines} == {"text"}
+    assert ("skipped rows: 2 of 3 (first: row 0, 'messages' has a system turn whose content is not text (list))"
+            in capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------- no sentence
+
+MARKERS_ONLY = "<think>\n\n</think>"  # an empty thinking block: not empty text, but no sentence
+
+
+def test_a_response_of_template_markers_only_is_skipped_as_no_sentence(tiny_pair, tmp_path, capsys):
+    data = write_rows(tmp_path / "r.jsonl", [ROWS[0], {**ROWS[1], "response": MARKERS_ONLY}])
+    out = tmp_path / "s.jsonl"
+    for _ in range(2):  # skipped each run, never "traced" without a line
+        assert main(provenance_argv(tiny_pair, data, out)) == 3
+        report = capsys.readouterr().out
+        assert "skipped responses: 1 (first: id b sample 0: " in report and "no sentence" in report
+        assert report.splitlines()[-1].startswith("rsd provenance: 1 of 2 responses were skipped")
+    assert {s["id"] for s in read_records(out)} == {"a"}
+
+
+def test_select_never_keeps_a_candidate_of_template_markers_only(tiny_pair, tmp_path, capsys):
+    rows = [{**ROWS[0], "sample": 0, "correct": True}, {**ROWS[0], "sample": 1, "response": MARKERS_ONLY,
+                                                        "correct": True}]
+    data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
+    # The default margin: both candidates count 0 teacher sentences, and a tie goes to the shorter.
+    assert main(["select", "--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--data", str(data),
+                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 3
+    [kept] = read_records(out)
+    assert kept["response"] == ROWS[0]["response"] and kept["sample"] == 0
+    assert "no sentence" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+def test_merge_keeps_a_complete_version_over_a_torn_newer_one(tmp_path):
+    from rsd_engine.pipeline.provenance import current_sentences
+    from rsd_engine.pipeline.records import RecordWriter, merge_parts, part_path
+
+    old = [{"id": "b", "sample": 0, "response_hash": "old", "index": i, "sentences": 2, "text": f"o{i}"}
+           for i in range(2)]
+    torn = [{"id": "b", "sample": 0, "response_hash": "new", "version": 2, "index": i, "sentences": 3,
+             "text": f"n{i}"} for i in range(2)]  # a rank killed before the last of its 3 lines
+    other = [{"id": "a", "sample": 0, "response_hash": "x", "index": 0, "sentences": 1, "text": "a"}]
+    out = tmp_path / "s.jsonl"
+    for rank, records in enumerate([other + old + torn, []]):
+        with RecordWriter(part_path(out, rank, 2)) as writer:
+            writer.write_many(records)
+    merge_parts(out)
+    assert [s["text"] for s in current_sentences(read_records(out))] == ["a", "o0", "o1"]

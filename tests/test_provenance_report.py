@@ -262,3 +262,35 @@ def test_provenance_records_follow_the_ratio_rule_and_the_report_agrees(tiny_pai
     assert {line["category"] for line in lines} - {"shared"}  # the margin is small enough to see the models differ
     report = run_report(out, rule=rule, resamples=10, log=lambda *_: None)
     assert report["recategorised"] == 0 and [r["correct"] for r in report["per_response"]] == [True, False]
+
+
+def test_merge_keeps_ids_equal_as_numbers_apart_and_the_report_uses_every_line(tmp_path):
+    from rsd_engine.pipeline.records import part_path, read_records
+
+    out = tmp_path / "s.jsonl"
+    # The same text (response hash) under ids "p01" and "p1", one part each.
+    for rank, (rid, correct) in enumerate([("p01", False), ("p1", True)]):
+        write_lines(part_path(out, rank, 2), sentence_lines([(rid, 0, correct, [T, S, SH])], response_hash="h"))
+    assert main(["merge", str(out)]) == 0
+    assert [(r["id"], r["index"]) for r in read_records(out)] == [("p01", 0), ("p01", 1), ("p01", 2),
+                                                                   ("p1", 0), ("p1", 1), ("p1", 2)]
+    responses, read = read_sentences(out, Rule())
+    assert [(r.id, r.categories) for r in responses] == [("p01", ["teacher", "student", "shared"]),
+                                                         ("p1", ["teacher", "student", "shared"])]
+    assert read["lines"] == read["lines_used"] == 6
+    # A response's lines are read together wherever they lie in the file.
+    a, b = sentence_lines([("p01", 0, False, [T, S, SH])]), sentence_lines([("p1", 0, True, [S, T])])
+    interleaved = [a[0], b[0], a[1], b[1], a[2]]
+    responses, read = read_sentences(write_lines(tmp_path / "i.jsonl", interleaved), Rule())
+    assert sorted((r.id, len(r.categories)) for r in responses) == [("p01", 3), ("p1", 2)]
+    assert read["lines_used"] == 5
+
+
+@pytest.mark.parametrize("extra", [[], ["--include-truncated"]])
+def test_no_complete_response_is_named_as_such(tmp_path, capsys, extra):
+    torn = sentence_lines([("a", 0, True, [T, S])], response_hash="x")[:1]  # one of its 2 lines
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance-report", str(write_lines(tmp_path / "s.jsonl", torn)), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no response has all of its sentence lines" in err and "length limit" not in err

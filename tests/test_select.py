@@ -218,3 +218,95 @@ def test_budget_under_ranks_gives_the_single_runs_selection(tmp_path, monkeypatc
     assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
     assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
     assert read_records(tmp_path / "sel.jsonl") == read_records(tmp_path / "whole.jsonl")
+
+
+# ------------------------------------------------------------------------------ resume, merge, stale scores
+
+def rerun_writes_nothing(argv, out, capsys):
+    assert main(argv) == 0
+    first = out.read_text()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert out.read_text() == first
+    return capsys.readouterr().out
+
+
+def test_rerun_without_budget_resumes_by_the_id_field_it_was_given(tmp_path, capsys):
+    rows = [{"pid": r["id"], **{k: v for k, v in r.items() if k != "id"}} for r in ROWS]  # no "id" column
+    data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--id-field", "pid", "--data", str(data), "--out", str(out), "--no-progress"]
+    report = rerun_writes_nothing(argv, out, capsys)
+    assert "problems: 5 (5 already in the output, 0 written now)" in report
+    kept = read_records(out)
+    assert sorted(r["pid"] for r in kept) == [f"q{i}" for i in range(5)] and [r["id"] for r in kept] == [
+        r["pid"] for r in kept]  # the problem id written as "id", so merge keeps problems apart
+
+
+def test_rerun_without_budget_resumes_a_problem_keyed_by_its_question(tmp_path, capsys):
+    from rsd_engine.pipeline.data import question_id
+
+    rows = [ROWS[0], {k: v for k, v in ROWS[3].items() if k != "id"}]  # the second has no id: its question's hash
+    data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--data", str(data), "--out", str(out), "--no-progress"]
+    report = rerun_writes_nothing(argv, out, capsys)
+    assert "problems: 2 (2 already in the output, 0 written now)" in report
+    assert sorted(r["id"] for r in read_records(out)) == sorted(["q0", question_id(ROWS[3]["question"])])
+
+
+def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, monkeypatch):
+    rows = [{"pid": r["id"], **{k: v for k, v in r.items() if k != "id"}} for r in ROWS]
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    argv = ["select", "--by", "random", "--id-field", "pid", "--data", str(data), "--no-progress", "--out"]
+    assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["merge", str(tmp_path / "sel.jsonl")]) == 0
+    merged = read_records(tmp_path / "sel.jsonl")
+    assert sorted(r["pid"] for r in merged) == [f"q{i}" for i in range(5)]
+    assert sorted(map(json.dumps, merged)) == sorted(map(json.dumps, read_records(tmp_path / "whole.jsonl")))
+
+
+def test_budget_scores_follow_the_text_not_the_row_place(tiny_pair, tmp_path):
+    """A scores file from before the candidates were reordered (rows without "sample": their place is
+    their sample) or edited: each kept row's score is its own text's, as a fresh run gives."""
+    question = "What is 2 + 2?"
+    short, long_ = "It is 4.", "Let me think step by step about the problem. We compute 2 + 2 = 4. The answer is 4."
+    data, out = tmp_path / "c.jsonl", tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "student-likelihood", "--student", str(tiny_pair[1]), "--budget", "4", "--data",
+            str(data), "--device", "cpu", "--no-progress", "--out"]
+    write_rows(data, [{"id": "p1", "question": question, "response": t} for t in (short, long_)]
+               + [{"id": "p2", "question": "What is 3 + 3?", "response": "It is 6."}])
+    assert main(argv + [str(out)]) == 0
+    assert all("response_hash" in s for s in read_records(scores_path(out)))
+    changed = [{"id": "p1", "question": question, "response": t} for t in (long_, short)]  # reordered
+    changed.append({"id": "p2", "question": "What is 3 + 3?", "response": "Three and three make six."})  # edited
+    for stale in (out, tmp_path / "sel.jsonl.manifest.json"):  # as if killed after scoring, before writing
+        stale.unlink()
+    write_rows(data, changed)
+    assert main(argv + [str(out)]) == 0
+    assert main(argv + [str(tmp_path / "fresh.jsonl")]) == 0
+    fields = ("id", "response", "tokens", "student_logprob")
+    resumed, fresh = ([{k: r[k] for k in fields} for r in read_records(p)] for p in (out, tmp_path / "fresh.jsonl"))
+    assert sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, fresh))
+
+
+def test_max_seq_len_is_a_setting_of_the_selection(tiny_pair, tmp_path, capsys):
+    rows = [{"id": "a", "sample": 0, "question": "What is 2 + 2?", "response": "It is 4. I think it is 4."},
+            {"id": "a", "sample": 1, "question": "What is 2 + 2?", "response": "The answer is 4. " * 4}]
+    data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "student-likelihood", "--student", str(tiny_pair[1]), "--data", str(data), "--out",
+            str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv + ["--max-seq-len", "80"]) == 3  # the longer candidate skipped, the other kept
+    kept = out.read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)  # another --max-seq-len: other competitors, maybe another row kept
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds records made with other settings" in err and "--max-seq-len" in err
+    assert out.read_text() == kept
