@@ -432,8 +432,10 @@ def _eval(args):
         raise ValueError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))) from None
     t = run_eval(EvalOptions(params=params, **_fields(args, EvalOptions)))
     n = (t["problems"] * args.samples, "generations")
+    # The output's own counts where this rank read it (a rerun that generates nothing still holds them).
     return _exit_status("eval", [
-        (t["failed"], *n, "failed (error)"), (t["cut_short"], *n, "were cut short by --max-seq-len"),
+        (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
+        (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, "were cut short by --max-seq-len"),
         (len(t["too_long"]) * args.samples, *n, "were skipped (prompt longer than --max-seq-len)")])
 
 
@@ -489,6 +491,9 @@ def _merge(args):
     print(f"merged {report.records} records into {args.out}")
     if report.forced:
         print("merged under --force despite other settings: " + "; ".join(report.forced))
+    if report.forced_runs:
+        print("note: records in the merged output were appended under --force with other settings (listed in its "
+              "manifest): " + " | ".join(report.forced_runs))
     if report.duplicates:
         print(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
 

@@ -113,8 +113,17 @@ def load_tokenizer(folder, revision: str | None = None):
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json (and tokenizer_config.json) "
                                 f"next to config.json")
+    if (folder / "config.json").is_file():
+        from .models.loader import load_config
+
+        load_config(folder)  # a broken or unsupported config.json: our one-line error, not transformers' traceback
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except ValueError as err:  # transformers refuses tokenizers that need remote code
-        raise ValueError(f"cannot load the tokenizer in {folder} without running the folder's own code, "
-                         f"which rsd-engine never does: {err}") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "remote code" in str(err):  # a tokenizer that needs the folder's code
+            raise ValueError(f"cannot load the tokenizer in {folder} without running the folder's own code, "
+                             f"which rsd-engine never does: {err}") from None
+        raise ValueError(f"cannot load the tokenizer in {folder}: {err}") from None
+    except (OSError, KeyError, TypeError, AttributeError) as err:  # a tokenizer file transformers cannot read
+        raise ValueError(f"cannot load the tokenizer in {folder} ({type(err).__name__}: {err}); its tokenizer.json "
+                         f"or tokenizer_config.json is damaged or not a Hugging Face tokenizer") from None

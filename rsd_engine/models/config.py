@@ -31,7 +31,23 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config: dict, generation_config: dict | None = None) -> "ModelConfig":
         """Build from the dicts of config.json (and generation_config.json, for extra EOS ids)."""
+        try:
+            return cls._from_hf(config, generation_config)
+        except KeyError as err:
+            raise ValueError(f"config.json has no {err.args[0]!r}, which a {config.get('architectures')} model "
+                             f"needs") from None
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"config.json has a setting of the wrong type ({err})") from None
+
+    @classmethod
+    def _from_hf(cls, config: dict, generation_config: dict | None = None) -> "ModelConfig":
         architecture = _architecture(config)
+        quantization = config.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+            raise ValueError(f"a quantized checkpoint (quantization_config: {method}) is not supported: its weights "
+                             f"need their scales, which rsd-engine does not apply; give the model's float16, "
+                             f"bfloat16 or float32 weights")
         num_heads = config["num_attention_heads"]
         hidden_size = config["hidden_size"]
         is_llama = architecture == "LlamaForCausalLM"
@@ -66,6 +82,7 @@ class ModelConfig:
 
 def _architecture(config: dict) -> str:
     archs = config.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch

@@ -73,11 +73,17 @@ def load_config(folder) -> ModelConfig:
     return ModelConfig.from_hf(_read_json(path), generation)
 
 
+FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -126,6 +132,10 @@ def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device
             if tensor.shape != expected[name]:
                 raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(expected[name])}")
+            if tensor.dtype not in FLOAT_WEIGHTS:
+                raise ValueError(f"tensor {name} in {path.name} is stored as {tensor.dtype}: quantized or integer "
+                                 f"weights are not supported (their scales would be dropped); give the model's "
+                                 f"float16, bfloat16 or float32 weights")
             state[name] = tensor.to(device=device, dtype=dtype)
     missing = [name for name in expected if name not in state]
     if missing:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -47,9 +48,11 @@ def question_id(question: str) -> str:
     return hashlib.blake2b(question.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def load_problems(path, *, question_field="question", answer_field="answer", id_field=None) -> ProblemSet:
+def load_problems(path, *, question_field="question", answer_field="answer", id_field=None,
+                  answers_needed: bool = False) -> ProblemSet:
     """Read problems from `path` (see the module docstring). id_field None: `id` when the rows have
-    that column, else question hashes. answer_field None: no reference answers."""
+    that column, else question hashes. answer_field None: no reference answers (not where
+    answers_needed: `rsd eval` grades against them)."""
     path = Path(path)
     rows = read_rows(path)
     if not rows:
@@ -60,7 +63,10 @@ def load_problems(path, *, question_field="question", answer_field="answer", id_
     for option, name in (("--question-field", question_field), ("--answer-field", answer_field),
                          ("--id-field", id_field)):
         if name is not None and name not in columns:
-            hint = "; --answer-field '' for problems without reference answers" if option == "--answer-field" else ""
+            hint = ""
+            if option == "--answer-field":
+                hint = ("; name the column of reference answers, which rsd eval grades against" if answers_needed
+                        else "; --answer-field '' for problems without reference answers")
             raise ValueError(f"{path}: {option} {name!r} is not a column; columns are {', '.join(columns) or '(none)'}"
                              f"{hint}")
     problems, skipped, seen = [], [], {}
@@ -90,6 +96,10 @@ def _columns(rows) -> list[str]:
 def _problem(row, question_field, answer_field, id_field) -> tuple[Problem | None, str]:
     if not isinstance(row, dict):
         return None, f"row is a {type(row).__name__}, not an object"
+    used = {name: row.get(name) for name in (question_field, answer_field, id_field) if name is not None}
+    reason = not_unicode(used)  # no tokenizer or JSON writer takes a lone surrogate
+    if reason:
+        return None, reason
     question = row.get(question_field)
     if not isinstance(question, str) or not question.strip():
         return None, f"no {question_field!r} text"
@@ -102,8 +112,27 @@ def _problem(row, question_field, answer_field, id_field) -> tuple[Problem | Non
     answer = row.get(answer_field) if answer_field is not None else None
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
         return None, f"{answer_field!r} is a {type(answer).__name__}, not text or a number"
-    answer = None if answer is None or str(answer).strip() == "" else str(answer)
+    missing = answer is None or (isinstance(answer, float) and math.isnan(answer))  # NaN: a table's missing value
+    answer = None if missing or str(answer).strip() == "" else str(answer)
     return Problem(problem_id, question, answer), ""
+
+
+def not_unicode(value, where: str = "") -> str:
+    """Why some text in `value` (a row) cannot be encoded, as no tokenizer or JSON writer can (a
+    lone surrogate from a JSON escape such as \\ud800), or ''."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"{where or 'text'} is not valid Unicode: {value[err.start]!r} at character {err.start} is a "
+                    f"lone surrogate")
+        return ""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        reason = not_unicode(item, f"{where}[{key!r}]" if where else repr(key))
+        if reason:
+            return reason
+    return ""
 
 
 def read_rows(path: Path) -> list:

@@ -27,6 +27,7 @@ from .distributed import Dist, barrier_and_merge, init_process_group, rank_devic
 from .generate import attempt_seed
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
+from .manifest import check_settings
 from .records import RecordWriter, check_writable, part_path, read_records
 from .traces import final_answer
 from ..models.loader import check_model_folder
@@ -83,21 +84,26 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_writable(target)
     opts = replace(opts, model=str(check_model_folder(opts.model)))  # a Hub id: its snapshot folder
-    problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
-                                id_field=opts.id_field)
+    problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field or None,
+                                id_field=opts.id_field, answers_needed=True)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
     graded = [p for p in problems if p.answer is not None]
     if not graded:
         raise ValueError(f"{opts.data}: none of the {len(problems)} problems has a reference answer "
                          f"(field {opts.answer_field!r}); rsd eval needs answers to check against")
     mine = shard_problems(graded, dist.rank, dist.world_size)
-    # --samples only says how many records to make; sample k's record is the same whatever it is.
-    settings, about = output_settings(opts, ("model",), RUNTIME_OPTIONS + ("samples",))
+    # --samples only says how many records to make; sample k's record is the same whatever it is. --max-seq-len
+    # cuts a generation short where it is shorter than prompt + --max-new-tokens: a setting of the records.
+    settings, about = output_settings(opts, ("model",),
+                                      tuple(o for o in RUNTIME_OPTIONS if o != "max_seq_len") + ("samples",))
     settings["--id-field"] = problem_set.id_field
+    merged = read_records(out) if dist.world_size > 1 else []  # a merged output of an earlier run
+    if merged:
+        check_settings(out, settings, has_records=True, force=opts.force, write=False)
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-            held = writer.existing + (read_records(out) if dist.world_size > 1 else [])
+            held = writer.existing + merged
             done = {(str(r.get("id")), r.get("sample")) for r in held}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
@@ -116,7 +122,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         if dist.rank != 0:
             return tally
         shown = out if (group or dist.world_size == 1) and out.is_file() else target
-        summary = accuracy_summary(read_records(shown))
+        summary = accuracy_summary(read_records(shown), opts.params.max_new_tokens)
         log(format_accuracy(summary, shown))
         return {**tally, **summary}
     finally:
@@ -172,32 +178,48 @@ def _sample_params(base: SamplingParams, seed: int) -> SamplingParams:
                           top_k=base.top_k, seed=seed)
 
 
-def accuracy_summary(records: list[dict]) -> dict:
-    """avg@N accuracy (mean over problems of the mean over samples) with a 95% bootstrap interval."""
+def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> dict:
+    """avg@N accuracy (mean over problems of the mean over samples) with a 95% bootstrap interval. A failed
+    generation (finish_reason "error": non-finite logits) has no answer to grade: it is counted apart, never
+    as a wrong answer; one cut short by --max-seq-len (fewer than max_new_tokens tokens at a length stop) is
+    graded as it stopped and counted."""
     import numpy as np
 
     per_problem: dict[str, list[bool]] = {}
+    failed = cut_short = 0
     for r in records:
+        if r.get("finish_reason") == "error":
+            failed += 1
+            continue
+        if (max_new_tokens is not None and r.get("finish_reason") == "length"
+                and isinstance(r.get("tokens"), int) and r["tokens"] < max_new_tokens):
+            cut_short += 1
         per_problem.setdefault(str(r["id"]), []).append(bool(r.get("correct")))
     means = np.array([sum(v) / len(v) for v in per_problem.values()], dtype=np.float64)
     if len(means) == 0:
-        return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None}
+        return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None, "failed_in_output": failed,
+                "cut_short_in_output": cut_short}
     rng = np.random.default_rng(0)
     boot = means[rng.integers(0, len(means), size=(BOOTSTRAP_RESAMPLES, len(means)))].mean(axis=1)
     low, high = np.percentile(boot, [2.5, 97.5])
     counts = sorted({len(v) for v in per_problem.values()})
     return {"problems_graded": len(means), "samples": sum(map(len, per_problem.values())),
-            "samples_per_problem": counts, "accuracy": float(means.mean()), "interval": [float(low), float(high)]}
+            "samples_per_problem": counts, "accuracy": float(means.mean()), "interval": [float(low), float(high)],
+            "failed_in_output": failed, "cut_short_in_output": cut_short}
 
 
 def format_accuracy(s: dict, path) -> str:
+    failed = s.get("failed_in_output", 0)
+    not_graded = f"; {failed} failed generations (finish_reason 'error') not graded" if failed else ""
+    cut = s.get("cut_short_in_output", 0)
+    cut = f"; {cut} cut short by --max-seq-len, graded as they stopped" if cut else ""
     if s["accuracy"] is None:
-        return f"no generations in {path}"
+        return f"no graded generations in {path}{not_graded}"
     per = s["samples_per_problem"]
     per = str(per[0]) if len(per) == 1 else f"{per[0]}-{per[-1]}"
     low, high = s["interval"]
     return (f"accuracy: {s['accuracy']:.2%}  (95% bootstrap interval over problems: {low:.2%} to {high:.2%}; "
-            f"{s['problems_graded']} problems x {per} samples, {path})")
+            f"{s['problems_graded']} problems x {per} samples, {path}{not_graded}{cut})")
 
 
 def _format_tally(t: dict, target) -> str:

@@ -239,6 +239,7 @@ class MergeReport:
     records: int
     duplicates: dict = field(default_factory=dict)  # {id: copies seen}; the first copy is kept
     forced: list = field(default_factory=list)  # setting differences between the parts, merged under force
+    forced_runs: list = field(default_factory=list)  # runs that appended to a part (or out) under --force
 
 
 def merge_parts(out, *, force: bool = False) -> MergeReport:
@@ -252,7 +253,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         _check_idle(part)
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
         sources = ([out] if guard.existing else []) + parts
-        forced = _merged_manifest(out, sources, force)
+        forced, forced_runs = _merged_manifest(out, sources, force)
         records, in_parts = {}, []
         for path in sources:
             for record in guard.existing if path == out else read_records(path):
@@ -266,7 +267,8 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 writer.write(records[key])
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
-    return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced)
+    return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
+                       forced_runs)
 
 
 def _check_idle(part: Path) -> None:
@@ -279,12 +281,13 @@ def _check_idle(part: Path) -> None:
         os.close(fd)
 
 
-def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
-    """Write out's manifest from its sources' (all must agree, unless `force`); the differences found."""
+def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[str], list[str]]:
+    """Write out's manifest from its sources' (all must agree, unless `force`): (the differences found, the
+    runs that appended to a source under --force, which the merged manifest keeps listing)."""
     manifests = [(path, read_manifest(path)) for path in sources]
     known = [(path, m) for path, m in manifests if m is not None]
     if not known:
-        return []
+        return [], []
     first_path, first = known[0]
     found = [f"{path.name}: no manifest" for path, m in manifests if m is None]
     for path, m in known[1:]:
@@ -293,10 +296,19 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> list[str]:
         raise SettingsMismatch(f"the parts of {out} were made with different settings:\n  " + "\n  ".join(found) +
                                "\nmerge only parts of one run, or pass --force to merge anyway")
     merged = dict(first)
+    # Every source's own forced runs (records a part appended under other settings) stay on record.
+    history = list({json.dumps(entry, sort_keys=True): entry for _, m in known for entry in m.get("forced", [])}.values())
     if found:
-        merged["forced"] = [*first.get("forced", []), {"merged": True, "differences": found}]
+        history.append({"merged": True, "differences": found})
+    merged["forced"] = history
     write_manifest(out, merged)
-    return found
+    earlier = {}  # each forced run once, named by the first source that lists it
+    for path, m in known:
+        for entry in m.get("forced", []):
+            if not entry.get("merged"):
+                earlier.setdefault(json.dumps(entry, sort_keys=True),
+                                   f"{path.name}: {'; '.join(entry.get('differences', []))}")
+    return found, list(earlier.values())
 
 
 def _newest(records: dict[str, dict]) -> list[str]:

@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import question_id, read_rows
+from .data import not_unicode, question_id, read_rows
 from .readers import strip_think_open
 
 
@@ -112,7 +112,7 @@ def _response(number, row, question_field, response_field, id_field, system_prom
     rid = None if rid is None else str(rid)
     sample = row.get("sample")
     sample = sample if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else -1
-    reason = _not_unicode(row)
+    reason = not_unicode(row)
     if reason:
         return None, reason
     if row.get("finish_reason") == "error":  # `rsd eval`: non-finite logits cut the generation short
@@ -120,24 +120,6 @@ def _response(number, row, question_field, response_field, id_field, system_prom
     if response_field not in row and isinstance(row.get("messages"), list):
         return _chat(rid, sample, row)
     return _plain(rid, sample, row, question_field, response_field, system_prompt)
-
-
-def _not_unicode(value, where: str = "") -> str:
-    """Why some text in `value` (a row) cannot be encoded, as no tokenizer or JSON writer can (a
-    lone surrogate from a JSON escape such as \\ud800), or ''."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return (f"{where or 'text'} is not valid Unicode: {value[err.start]!r} at character {err.start} is a "
-                    f"lone surrogate")
-        return ""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        reason = _not_unicode(item, f"{where}[{key!r}]" if where else repr(key))
-        if reason:
-            return reason
-    return ""
 
 
 def _plain(rid, sample, row, question_field, response_field, system_prompt):

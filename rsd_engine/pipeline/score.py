@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import read_rows
+from .data import not_unicode, read_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import check_writable, describe_duplicates, duplicate_ids, read_records
 from .score_report import file_report, format_table, plot_histogram
@@ -71,6 +71,9 @@ def read_traces(path, tokenizer, *, completion_field=None, question_field="quest
 def _trace(index, row, tokenizer, completion_field, question_field, system_prompt):
     if not isinstance(row, dict):
         return None, f"row is a {type(row).__name__}, not an object"
+    reason = not_unicode(row)
+    if reason:
+        return None, reason
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     trace_id = str(row.get("id", index))
     if completion_field:
@@ -95,12 +98,18 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
 def _chat_trace(trace_id, messages, tokenizer, encode):
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         return None, "'messages' does not end with an assistant turn"
-    system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
+    if not all(isinstance(m, dict) for m in messages):
+        return None, "'messages' holds an item that is not a {role, content} object"
+    system = next((m.get("content") for m in messages if m.get("role") == "system"), None) or ""
     user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
     if not isinstance(user, str):
         return None, "'messages' has no user turn"
-    prompt = build_prompt(tokenizer, user, system)
+    if not isinstance(system, str):
+        return None, f"'messages' has a system turn whose content is not text ({type(system).__name__})"
     completion = messages[-1].get("content") or ""
+    if not isinstance(completion, str):
+        return None, f"'messages' ends with an assistant turn whose content is not text ({type(completion).__name__})"
+    prompt = build_prompt(tokenizer, user, system)
     if prompt.think_prefix and completion.startswith(prompt.think_prefix):
         completion = completion[len(prompt.think_prefix):]  # the prompt already opened the block
     return Trace(trace_id, encode(prompt.text), encode(completion)), ""
@@ -173,9 +182,15 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
     """Score every file, print the side-by-side table, write the JSON report and the plot; returns the reports."""
     from rsd_engine.tokens import load_tokenizer
 
-    for path in (out, plot):
+    for option, path in (("--out", out), ("--plot", plot)):
         if path is not None:
+            for source in data:
+                if Path(path).resolve() == Path(source).resolve():
+                    raise ValueError(f"{option} {path} is also a --data file: the report would overwrite the traces; "
+                                     f"give another {option} name")
             check_writable(path)
+    if out is not None and plot is not None and Path(out).resolve() == Path(plot).resolve():
+        raise ValueError(f"--out and --plot are the same file ({out}); give each its own name")
     for model in (student, teacher):
         if model is not None:
             check_model_folder(model)
