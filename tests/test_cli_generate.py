@@ -309,3 +309,18 @@ def test_demo_plumbing_on_the_tiny_pair(tiny_pair, tmp_path, monkeypatch, capsys
     records = read_records(tmp_path / "demo" / "traces.jsonl")
     assert [r["status"] for r in records] == ["prefix", "prefix"] and all(r["answer"] for r in records)
     assert "re-quantised to 4 bits" in out and "traces.jsonl" in out and "teacher: <1% tokens" in out
+
+
+def test_rows_with_lone_surrogates_are_skipped(pair, tmp_path, capsys):
+    """A lone surrogate (JSON's \\ud800) in a question or answer: the row is skipped and named, the others run."""
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": "q", "question": "What is \\ud800 2+2?", "answer": "4"}\n'
+                    '{"id": "add", "question": "What is 2+2?", "answer": "4"}\n'
+                    '{"id": "a", "question": "What is 3*3?", "answer": "9\\udc00"}\n')
+    for _ in range(2):  # and a rerun finds the same rows
+        records = generate(pair, data, tmp_path / "out.jsonl", "--attempts", "1")
+        assert list(records) == ["add"] and records["add"]["status"] == "solved"
+        report = capsys.readouterr().out
+        assert ("skipped rows: 2 of 3 (row 0: 'question' is not valid Unicode: '\\ud800' at character 8 is a lone "
+                "surrogate; row 2: 'answer' is not valid Unicode: '\\udc00' at character 1 is a lone surrogate)"
+                in report)

@@ -121,3 +121,58 @@ def test_bad_trace_files_are_named(tiny_pair, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["score", "--student", str(tiny_pair[1]), "--data", str(data), "--no-progress"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+def test_report_over_a_data_file_is_refused(tiny_pair, traces, tmp_path, capsys, option):
+    files, _ = traces
+    data = tmp_path / "records.jsonl"
+    data.write_bytes(files["records"].read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--student", str(tiny_pair[1]), "--data", str(files["ids"]), str(data), option, str(data),
+              "--no-progress"])
+    assert exit_info.value.code == 2
+    assert f"{option} {data} is also a --data file" in capsys.readouterr().err
+    assert data.read_bytes() == files["records"].read_bytes()
+
+
+def test_out_and_plot_on_one_file_is_refused(tiny_pair, traces, tmp_path, capsys):
+    files, _ = traces
+    report = tmp_path / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--student", str(tiny_pair[1]), "--data", str(files["records"]), "--out", str(report),
+              "--plot", str(report), "--no-progress"])
+    assert exit_info.value.code == 2 and "--out and --plot are the same file" in capsys.readouterr().err
+    assert not report.exists()
+
+
+BAD_CHAT_ROWS = [
+    ({"id": "m", "messages": ["hello", {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "'messages' holds an item that is not a {role, content} object"),
+    ({"id": "m", "messages": [{"role": "user", "content": "q"},
+                              {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]},
+     "'messages' ends with an assistant turn whose content is not text (list)"),
+    ({"id": "m", "messages": [{"role": "user", "content": "q \ud800"}, {"role": "assistant", "content": "a"}]},
+     "'messages'[0]['content'] is not valid Unicode: '\\ud800' at character 2 is a lone surrogate"),
+    ({"id": "s", "prompt": "hi", "completion": "\ud800 x"},
+     "'completion' is not valid Unicode: '\\ud800' at character 0 is a lone surrogate"),
+]
+
+
+def test_bad_chat_rows_are_skipped_with_the_reason(tiny_pair, traces, tmp_path, capsys):
+    from rsd_engine.pipeline.score import read_traces
+    from rsd_engine.tokens import load_tokenizer
+
+    files, _ = traces
+    good = [json.loads(line) for line in files["messages"].read_text().splitlines()]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in [good[0], *(row for row, _ in BAD_CHAT_ROWS)]))
+    read = read_traces(mixed, load_tokenizer(tiny_pair[1]))
+    assert [t.id for t in read.traces] == ["0"] and read.skipped == [(i + 1, why) for i, (_, why) in
+                                                                     enumerate(BAD_CHAT_ROWS)]
+    for index, (row, why) in enumerate(BAD_CHAT_ROWS):  # a file of that row alone: a one-line error
+        data = tmp_path / f"bad{index}.jsonl"
+        data.write_text(json.dumps(row) + "\n")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "--student", str(tiny_pair[1]), "--data", str(data), "--no-progress"])
+        assert exit_info.value.code == 2 and f"none of the 1 rows is a trace ({why})" in capsys.readouterr().err

@@ -172,3 +172,117 @@ def test_rerun_with_other_sampling_is_refused(pair, forced, tmp_path, capsys):
         run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2", "--temperature", "1.0")
     err = capsys.readouterr().err
     assert "holds records made with other settings" in err and "--temperature" in err
+
+
+@pytest.fixture
+def nan_model(pair, tmp_path):
+    """A copy of the student whose final norm is NaN: every generation fails (finish_reason "error")."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(pair[1], tmp_path / "nan_model")
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"] * float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_failed_generations_are_counted_apart_never_graded(nan_model, tmp_path, capsys):
+    """Generations that failed have no answer to grade: they are not wrong answers, they are counted (and a
+    rerun that generates nothing still says so, with exit status 3)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    records = run_eval(nan_model, data, out, "--samples", "2", "--max-new-tokens", "4", status=3)
+    assert len(records) == 6 and all(r["finish_reason"] == "error" for r in records)
+    summary = accuracy_summary(records)
+    assert summary["accuracy"] is None and summary["problems_graded"] == 0 and summary["failed_in_output"] == 6
+    report = capsys.readouterr().out.splitlines()
+    assert report[-2] == f"no graded generations in {out}; 6 failed generations (finish_reason 'error') not graded"
+    assert report[-1] == "rsd eval: 6 of 6 generations failed (error): exit status 3"
+    assert run_eval(nan_model, data, out, "--samples", "2", "--max-new-tokens", "4", status=3) == records
+    report = capsys.readouterr().out
+    assert "6 samples already in the output, 0 written now" in report
+    assert report.splitlines()[-1] == "rsd eval: 6 of 6 generations failed (error): exit status 3"
+
+
+def test_accuracy_summary_leaves_failed_generations_out_and_counts_cut_short():
+    records = [{"id": "a", "sample": 0, "correct": True, "finish_reason": "eos", "tokens": 5},
+               {"id": "a", "sample": 1, "correct": False, "finish_reason": "error", "tokens": 1},
+               {"id": "b", "sample": 0, "correct": False, "finish_reason": "length", "tokens": 3},
+               {"id": "b", "sample": 1, "correct": True, "finish_reason": "length", "tokens": 8},
+               {"id": "c", "sample": 0, "correct": False, "finish_reason": "error", "tokens": 0}]
+    summary = accuracy_summary(records, max_new_tokens=8)
+    assert summary["accuracy"] == pytest.approx((1.0 + 0.5) / 2)  # a: 1 of 1 graded; b: 1 of 2; c: none graded
+    assert (summary["problems_graded"], summary["samples"], summary["samples_per_problem"]) == (2, 3, [1, 2])
+    assert (summary["failed_in_output"], summary["cut_short_in_output"]) == (2, 1)  # b/0: 3 of 8 tokens
+    line = evaluate.format_accuracy(summary, "gens.jsonl")
+    assert line.endswith("gens.jsonl; 2 failed generations (finish_reason 'error') not graded; 1 cut short by "
+                         "--max-seq-len, graded as they stopped)")
+    assert accuracy_summary(records)["cut_short_in_output"] == 0  # without max_new_tokens nothing is known
+
+
+def test_rerun_with_another_max_seq_len_is_refused(pair, forced, tmp_path, capsys):
+    """--max-seq-len cuts generations short: records made under another value are not mixed in."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "1", "--max-seq-len", "200")
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2", "--max-seq-len", "300")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "holds records made with other settings" in err and "--max-seq-len" in err
+    assert forced == [3]  # the refused run generated nothing
+
+
+def test_distributed_rerun_against_a_merged_output_checks_its_settings(pair, forced, tmp_path, monkeypatch, capsys):
+    """Ranks of a rerun read the merged output of an earlier run: other settings are refused there too,
+    not taken as 'every sample already done'."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    argv = ["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
+            "--samples", "2", "--no-progress"]
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(argv) == 0
+    assert main(["merge", str(out)]) == 0
+    for part in tmp_path.glob("gens.rank*"):
+        part.unlink()
+    capsys.readouterr()
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--temperature", "0.2"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert "holds records made with other settings" in err and "--temperature" in err
+    assert not list(tmp_path.glob("gens.rank*"))  # no part was started under the other settings
+
+
+def test_rows_with_lone_surrogates_are_skipped(pair, forced, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    bad = {"id": "s", "question": "What is \ud800 2+2?", "answer": "4"}  # json.dumps writes the escape \ud800
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS, bad]))
+    records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
+    assert {(r["id"], r["sample"]): r["correct"] for r in records} == CORRECT
+    report = capsys.readouterr().out
+    assert "skipped rows: 1 of 4 (first: row 3, 'question' is not valid Unicode: '\\ud800' at character 8 is a lone " \
+           "surrogate)" in report
+
+
+def test_answer_field_empty_says_reference_answers_are_needed(pair, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    for field, message in [("", "none of the 3 problems has a reference answer (field ''); rsd eval needs answers"),
+                           ("solution", "--answer-field 'solution' is not a column; columns are id, question, answer; "
+                                        "name the column of reference answers, which rsd eval grades against")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
+                  "--answer-field", field])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err
+        assert "--answer-field '' for problems without reference answers" not in err

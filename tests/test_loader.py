@@ -1,5 +1,6 @@
 """load_model refuses bad folders with messages that name the problem and what is valid."""
 import json
+import re
 import shutil
 
 import pytest
@@ -130,3 +131,83 @@ def test_eos_ids_include_generation_config(folder):
     assert load_model(folder).config.eos_token_ids == (452, 450)
     (folder / "generation_config.json").unlink()
     assert load_model(folder).config.eos_token_ids == (452,)
+
+
+def _no_hidden_size(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+CONFIG_DAMAGE = {
+    "invalid-json": (lambda f: (f / "config.json").write_text("{bad"), r"config.json is not valid JSON"),
+    "json-list": (lambda f: (f / "config.json").write_text("[1, 2]"),
+                  r"config.json holds a JSON list, not an object of settings"),
+    "no-hidden-size": (_no_hidden_size, r"config.json has no 'hidden_size', which a \['Qwen3ForCausalLM'\] model "
+                                        r"needs"),
+    "unsupported-architecture": (lambda f: edit_config(f, model_type="mamba", architectures=["MambaForCausalLM"]),
+                                 r"unsupported architecture: MambaForCausalLM"),
+    "generation-config-list": (lambda f: (f / "generation_config.json").write_text("[1]"),
+                               r"generation_config.json holds a JSON list, not an object of settings"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CONFIG_DAMAGE))
+def test_damaged_config_is_a_one_line_error(folder, tmp_path, capsys, damage):
+    """load_config, load_tokenizer and the CLI give a ValueError that names the problem (exit 2), never a
+    KeyError / AttributeError traceback from deep inside the loader or transformers."""
+    from rsd_engine.cli import main
+    from rsd_engine.models.loader import load_config
+    from rsd_engine.tokens import load_tokenizer
+
+    spoil, message = CONFIG_DAMAGE[damage]
+    spoil(folder)
+    for load in (load_config, load_tokenizer, load_model):
+        with pytest.raises(ValueError, match=message):
+            load(folder)
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "What is 2+2?", "answer": "4"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
+              "--max-new-tokens", "2", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(message, err) and len(err.splitlines()) == 1
+
+
+def test_unreadable_tokenizer_is_a_one_line_error(folder, tmp_path, capsys):
+    from rsd_engine.cli import main
+    from rsd_engine.tokens import load_tokenizer
+
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"cannot load the tokenizer in {folder} \(KeyError: 'added_tokens'\)"):
+        load_tokenizer(folder)
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "What is 2+2?", "answer": "4"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
+              "--max-new-tokens", "2", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot load the tokenizer" in err and len(err.splitlines()) == 1
+
+
+def test_quantized_checkpoint_is_refused(folder):
+    """quantization_config: the weights need scales that are never applied; refused, naming the method."""
+    from rsd_engine.models.loader import load_config
+
+    edit_config(folder, quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    for load in (load_config, load_model):
+        with pytest.raises(ValueError, match=r"a quantized checkpoint \(quantization_config: fp8\) is not supported"):
+            load(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_non_float_weights_are_refused(folder, dtype):
+    """Even without quantization_config: a float8 or integer tensor is not cast as if it were the weight."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = state[name].clamp(-1, 1).to(dtype)
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} in model.safetensors is stored as "
+                                         rf"{re.escape(str(dtype))}: quantized or integer weights are not supported"):
+        load_model(folder)

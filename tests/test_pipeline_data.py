@@ -216,3 +216,29 @@ def test_demo_pair_student_is_measurably_weaker(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([teacher.name, student.name])
     teacher_ppl, student_ppl = demo_models.perplexity(teacher), demo_models.perplexity(student)
     assert 18 < teacher_ppl < 28 and teacher_ppl * 1.1 < student_ppl < 40, (teacher_ppl, student_ppl)
+
+
+def test_rows_with_lone_surrogates_are_skipped_and_a_nan_answer_is_missing(tmp_path):
+    """No tokenizer or JSON writer takes a lone surrogate (JSON's \\ud800): the row is skipped with the reason.
+    Python's json reads NaN, a table's missing value: that answer is missing, not the text 'nan'."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "q", "question": "What is \\ud800 2+2?", "answer": "4"}\n'
+                    '{"id": "ok", "question": "What is 1+1?", "answer": "2"}\n'
+                    '{"id": "a", "question": "What is 2+3?", "answer": "5\\udc00"}\n'
+                    '{"id": "i\\ud800", "question": "What is 3+3?", "answer": "6"}\n'
+                    '{"id": "n", "question": "What is 4+4?", "answer": NaN}\n')
+    loaded = load_problems(path)
+    assert loaded.problems == [Problem("ok", "What is 1+1?", "2"), Problem("n", "What is 4+4?", None)]
+    assert loaded.num_without_answer == 1
+    assert loaded.skipped == [
+        (0, "'question' is not valid Unicode: '\\ud800' at character 8 is a lone surrogate"),
+        (2, "'answer' is not valid Unicode: '\\udc00' at character 1 is a lone surrogate"),
+        (3, "'id' is not valid Unicode: '\\ud800' at character 1 is a lone surrogate"),
+    ]
+
+
+def test_missing_answer_column_where_answers_are_needed(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("--answer-field 'sol' is not a column; columns are problem, "
+                                                   "solution, uid; name the column of reference answers")) as e:
+        load_problems(write(tmp_path / "p.jsonl", "jsonl"), **{**FIELDS, "answer_field": "sol"}, answers_needed=True)
+    assert "--answer-field ''" not in str(e.value)

@@ -205,3 +205,26 @@ def test_a_filesystem_without_locks_warns_and_writes(tmp_path, monkeypatch):
         with RecordWriter(tmp_path / "out.jsonl") as writer:
             writer.write({"id": "a"})
     assert read_records(tmp_path / "out.jsonl") == [{"id": "a"}]
+
+
+def test_merge_keeps_every_parts_forced_runs(tmp_path, capsys):
+    """A part that took records under --force with other settings says so in its manifest; the merged
+    manifest keeps saying so (once per run, however often it is merged) and the report lists the run."""
+    from rsd_engine.cli import main
+
+    out = tmp_path / "out.jsonl"
+    for rank in range(2):
+        with RecordWriter(part_path(out, rank, 2), {"--seed": 0}) as writer:
+            writer.write({"id": str(rank)})
+    with RecordWriter(part_path(out, 1, 2), {"--seed": 1}, force=True) as writer:
+        writer.write({"id": "3"})
+    (entry,) = read_manifest(part_path(out, 1, 2))["forced"]
+    assert entry["differences"] == ["--seed: 0 in the output, 1 now"]
+    report = merge_parts(out)
+    assert report.records == 3 and report.forced == []
+    assert report.forced_runs == ["out.rank00001-of-00002.jsonl: --seed: 0 in the output, 1 now"]
+    assert read_manifest(out)["settings"] == {"--seed": 0} and read_manifest(out)["forced"] == [entry]
+    assert main(["merge", str(out)]) == 0  # out is now a source too: the run is still listed once
+    assert read_manifest(out)["forced"] == [entry]
+    assert ("note: records in the merged output were appended under --force with other settings (listed in its "
+            "manifest): ") in capsys.readouterr().out
