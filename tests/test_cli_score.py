@@ -176,3 +176,23 @@ def test_bad_chat_rows_are_skipped_with_the_reason(tiny_pair, traces, tmp_path, 
         with pytest.raises(SystemExit) as exit_info:
             main(["score", "--student", str(tiny_pair[1]), "--data", str(data), "--no-progress"])
         assert exit_info.value.code == 2 and f"none of the 1 rows is a trace ({why})" in capsys.readouterr().err
+
+
+def test_traces_past_the_models_context_are_skipped_and_named(tiny_pair, traces, tmp_path, capsys):
+    import shutil
+
+    files, _ = traces
+    student = tmp_path / "student-300"
+    shutil.copytree(tiny_pair[1], student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 300}))
+    # trace "a" is 600 completion tokens after its prompt, "b" 40: only "b" fits 300 positions
+    reports = score(tmp_path, student, files["ids"])
+    out = capsys.readouterr().out
+    assert "skipped 1 rows (first: row 0, " in out and "longer than the models' context (300 positions" in out
+    assert reports[0]["traces"] == 1
+    only = tmp_path / "only_a.jsonl"
+    only.write_text(files["ids"].read_text().splitlines()[0] + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--student", str(student), "--data", str(only), "--no-progress"])
+    assert exit_info.value.code == 2 and "every trace is longer than the models' context" in capsys.readouterr().err

@@ -35,6 +35,7 @@ class Trace:
     id: str
     prompt_ids: list[int]
     completion_ids: list[int]
+    row: int = -1  # its row in the file (for messages about it)
 
 
 @dataclass
@@ -57,6 +58,8 @@ def read_traces(path, tokenizer, *, completion_field=None, question_field="quest
     out = TraceFile(str(path), duplicates=duplicate_ids(r for r in rows if isinstance(r, dict)))
     for index, row in enumerate(rows):
         trace, reason = _trace(index, row, tokenizer, completion_field, question_field, system_prompt)
+        if trace is not None:
+            trace.row = index
         if trace is None:
             out.skipped.append((index, reason))
         else:
@@ -128,6 +131,21 @@ def score_files(files: list[TraceFile], *, student, teacher=None, device="auto",
         for t in f.traces:
             if not t.prompt_ids:
                 raise ValueError(f"{f.path}: trace {t.id} has an empty prompt; scoring needs at least one prompt token")
+    # A model scores nothing meaningful past its context (its positions were never trained there): such a trace
+    # is skipped and named, as a row that is not a trace.
+    from rsd_engine.models.loader import load_config
+
+    context = min(load_config(m).max_position_embeddings for m in (student, teacher) if m is not None)
+    for f in files:
+        fits = [t for t in f.traces if len(t.prompt_ids) + len(t.completion_ids) <= context]
+        f.skipped.extend((t.row, f"{len(t.prompt_ids) + len(t.completion_ids)} tokens, longer than the models' "
+                                 f"context ({context} positions, max_position_embeddings)")
+                         for t in f.traces if len(t.prompt_ids) + len(t.completion_ids) > context)
+        f.skipped.sort(key=lambda item: item[0])
+        if not fits:
+            raise ValueError(f"{f.path}: every trace is longer than the models' context ({context} positions)")
+        f.traces = fits
+    traces = [t for f in files for t in f.traces]
     longest = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
     # Mapped special tokens take several teacher ids: leave room for them.
     max_seq_len = longest + 64 + longest // 8
