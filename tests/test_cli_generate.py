@@ -324,3 +324,15 @@ def test_rows_with_lone_surrogates_are_skipped(pair, tmp_path, capsys):
         assert ("skipped rows: 2 of 3 (row 0: 'question' is not valid Unicode: '\\ud800' at character 8 is a lone "
                 "surrogate; row 2: 'answer' is not valid Unicode: '\\udc00' at character 1 is a lone surrogate)"
                 in report)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "provenance", "select"])
+def test_an_output_not_named_jsonl_is_refused_before_any_work(tiny_pair, tmp_path, capsys, command):
+    teacher, student = map(str, tiny_pair)
+    models = {"generate": ["--teacher", teacher, "--student", student], "eval": ["--model", student],
+              "provenance": ["--teacher", teacher, "--student", student], "select": ["--by", "random"]}[command]
+    out = tmp_path / "traces.out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *models, "--data", str(tmp_path / "d.jsonl"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {out}: the output is JSON lines" in capsys.readouterr().err and not out.exists()

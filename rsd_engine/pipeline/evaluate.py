@@ -28,7 +28,7 @@ from .generate import attempt_seed
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .manifest import check_settings
-from .records import RecordWriter, check_writable, part_path, read_records
+from .records import RecordWriter, check_output_name, check_writable, part_path, read_records
 from .traces import final_answer
 from ..models.loader import check_model_folder
 
@@ -82,6 +82,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     dist = Dist.from_env()
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    check_output_name(out)
     check_writable(target)
     opts = replace(opts, model=str(check_model_folder(opts.model)))  # a Hub id: its snapshot folder
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field or None,

@@ -25,7 +25,7 @@ from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import check_settings, input_identity, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import RecordWriter, check_writable, duplicate_ids, part_path, read_records
+from .records import RecordWriter, check_output_name, check_writable, duplicate_ids, part_path, read_records
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import check_attempt, select_trace, to_sft
@@ -111,6 +111,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     dist = Dist.from_env()
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    check_output_name(out)
     check_writable(target)  # before anything slow
     # Hub ids become their snapshot folders here, so the manifest fingerprints the files themselves.
     opts = replace(opts, teacher=str(check_model_folder(opts.teacher)), student=str(check_model_folder(opts.student)))

@@ -23,7 +23,7 @@ from .manifest import input_identity, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
-from .records import RecordWriter, check_writable, part_path, read_records
+from .records import RecordWriter, check_output_name, check_writable, part_path, read_records
 from .responses import load_responses
 from .tracing import Tracer
 
@@ -78,6 +78,7 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     dist = Dist.from_env()
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    check_output_name(out)
     check_writable(target)
     if opts.plot:
         check_writable(opts.plot)

@@ -355,6 +355,16 @@ def _natural_key(key: str):
     return natural(rid), rid, natural(rest)
 
 
+def check_output_name(path) -> Path:
+    """An output of JSON lines is named *.jsonl: the readers of every command (score, provenance, select)
+    know a file's format by its suffix."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise ValueError(f"--out {path}: the output is JSON lines, one record each; name it *.jsonl (e.g. "
+                         f"{path.with_suffix('.jsonl').name}), the suffix the commands that read it expect")
+    return path
+
+
 def check_writable(path) -> Path:
     """Fail before any generation if `path` cannot be written; creates missing parent folders
     but leaves no file behind."""

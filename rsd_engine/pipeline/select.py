@@ -41,7 +41,7 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
-from .records import RecordWriter, check_writable, part_path, read_records
+from .records import RecordWriter, check_output_name, check_writable, part_path, read_records
 from .responses import Response, load_responses, row_id
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
@@ -132,6 +132,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     dist = Dist.from_env()
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    check_output_name(out)
     check_writable(target)
     scorer = make_scorer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
