@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_rsd_step import (DTYPES, VOCAB, add_common_arguments, common_meta, make_step, resolve,  # noqa: E402
-                            run_rows, time_pair)
+from bench_rsd_step import (DTYPES, MODEL_LOGITS, VOCAB, add_common_arguments, common_meta, make_step,  # noqa: E402
+                            resolve, run_rows, time_pair)
 from rsd_engine.randomness import DRAFT_DRAW, round_uniforms  # noqa: E402
 from rsd_engine.sampling import rsd_verify, rsd_verify_reference, sample_tokens  # noqa: E402
 
@@ -25,8 +25,8 @@ LOGITS = ("LM-like rows as bench_rsd_step (2*randn plus 6 peaked ids; student = 
           "independent per position")
 
 
-def make_round(B, G, V, device, dtype):
-    teacher, student, _, params, mask, _ = make_step(B * (G + 1), V, device, dtype=dtype)
+def make_round(B, G, V, device, dtype, shape="lm"):
+    teacher, student, _, params, mask, _ = make_step(B * (G + 1), V, device, dtype=dtype, shape=shape)
     params = type(params)(*(p[:B] for p in params))
     teacher, student = teacher.view(B, G + 1, V), student.view(B, G + 1, V)
     uniforms = round_uniforms(torch.arange(B, device=device), torch.zeros(B, dtype=torch.int64, device=device), G + 1)
@@ -37,9 +37,9 @@ def make_round(B, G, V, device, dtype):
     return teacher, student, draft, num_draft, uniforms, params, mask, mask
 
 
-def bench_verify(B, G, V, dtype, device, args) -> dict:
+def bench_verify(B, G, V, dtype, device, args, shape="lm") -> dict:
     backend = "triton" if device == "cuda" else "cpp"
-    inputs = make_round(B, G, V, device, dtype)
+    inputs = make_round(B, G, V, device, dtype, shape)
     fused = lambda: rsd_verify(*inputs, backend=backend)  # noqa: E731
     reference = lambda: rsd_verify_reference(*inputs)  # noqa: E731
     out, ref = fused(), reference()
@@ -68,10 +68,13 @@ def main(argv=None):
     parser.add_argument("--sample-batch", type=int, nargs="*", default=[1, 16, 64],
                         help="sample_tokens batch sizes (none: --sample-batch with no values)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[VOCAB])
+    parser.add_argument("--model-rows-batch", type=int, nargs="*", default=[],
+                        help="then rsd_verify at these batch sizes on model-shaped rows (MODEL_LOGITS), first dtype, "
+                             "G and vocab only")
     add_common_arguments(parser, "rsd_verify.json")
     args = parser.parse_args(argv)
     device = resolve(args)
-    meta = dict(common_meta(device, args), logits=LOGITS)
+    meta = dict(common_meta(device, args), logits=LOGITS, model_logits=MODEL_LOGITS)
     print(f"rsd_verify and sample_tokens on {device} ({meta.get('gpu') or meta.get('isa')}), fused vs PyTorch "
           f"reference, µs per call")
     header = (f"{'op':>13} {'B':>4} {'G':>2} {'V':>7} {'dtype':>8} | {'fused µs':>10} {'torch µs':>10} "
@@ -80,17 +83,20 @@ def main(argv=None):
             for G in args.gammas for B in args.batch]
     keys += [dict(op="sample_tokens", B=B, G=0, V=V, dtype=d) for d in args.dtype for V in args.vocab
              for B in args.sample_batch]
+    keys += [dict(op="rsd_verify", B=B, G=args.gammas[0], V=args.vocab[0], dtype=args.dtype[0], shape="model")
+             for B in args.model_rows_batch]
 
-    def one(op, B, G, V, dtype):
+    def one(op, B, G, V, dtype, shape="lm"):
         if op == "rsd_verify":
-            return bench_verify(B, G, V, DTYPES[dtype], device, args)
+            return bench_verify(B, G, V, DTYPES[dtype], device, args, shape)
         return bench_sample_tokens(B, V, DTYPES[dtype], device, args)
 
     def fmt(r):
         emitted = f"{r['mean_emitted']:>7.2f}" if "mean_emitted" in r else f"{'-':>7}"
         return (f"{r['op']:>13} {r['B']:>4} {r['G']:>2} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} "
                 f"{r['reference_us']:>10.1f} {r['speedup']:>7.1f}x | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "
-                f"{emitted} | {'yes' if r['same_tokens'] else 'no (rounding)'}")
+                f"{emitted} | {'yes' if r['same_tokens'] else 'no (rounding)'}"
+                f"{' (model-shaped rows)' if 'shape' in r else ''}")
 
     run_rows(keys, one, device, args, meta, header, fmt)
 

@@ -27,7 +27,7 @@
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, bf16 and fp32,
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
 #                     Triton op with 2/4/8 programs per row and side at B 16/64/256
-#   rsd_verify.json   rsd_verify (G = 4, B 1/16) and sample_tokens (B 1/16/64), the same way
+#   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way
 #   device_check.log  this script's whole output
 # Step exit codes: 0 ok, 124 out of time (partial JSON kept), 125 skipped (budget spent), else the step's own.
 # The script exits 0 only if every step did.
@@ -187,14 +187,14 @@ if [ "$mode" = cuda ]; then
   # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention).
   step rsd_step 75 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
     --repeats 10 --chunks 2 4 8 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 --out "$out/rsd_step.json"
-  step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
-    --dtype "${dtypes[@]}" --repeats 10 --out "$out/rsd_verify.json"
+  step rsd_verify 45 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
+    --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --out "$out/rsd_verify.json"
 else
   pairs=$work/pairs
   step rsd_step 60 $py bench/bench_rsd_step.py --device cpu --batch 1 2 --vocab 1000 --dtype float32 bfloat16 \
     --model-rows-batch 2 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_step.json"
   step rsd_verify 60 $py bench/bench_rsd_verify.py --device cpu --batch 1 2 --gammas 2 --sample-batch 2 \
-    --vocab 1000 --dtype float32 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_verify.json"
+    --vocab 1000 --dtype float32 --model-rows-batch 2 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_verify.json"
   step e2e 120 $py bench/bench_e2e.py --device cpu --pairs random --tiny --vocab 1000 --batches 1 2 \
     --new-tokens 4 --repeats 1 --max-seq-len 256 --naive-new-tokens 3 --in-process --cache "$pairs" \
     --out "$out/e2e.json"

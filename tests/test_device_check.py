@@ -45,8 +45,9 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
         ("rsd_sample", 2, 1000, "float32", "model")]  # rows shaped as a real model's logits
     assert all(r["round0_binned_ids"] >= 0 for r in step["rows"])
     verify = json.loads((tmp_path / "rsd_verify.json").read_text())
-    assert [(r["op"], r["B"], r["G"]) for r in verify["rows"]] == [
-        ("rsd_verify", 1, 2), ("rsd_verify", 2, 2), ("sample_tokens", 2, 0)]
+    assert [(r["op"], r["B"], r["G"], r.get("shape", "lm")) for r in verify["rows"]] == [
+        ("rsd_verify", 1, 2, "lm"), ("rsd_verify", 2, 2, "lm"), ("sample_tokens", 2, 0, "lm"),
+        ("rsd_verify", 2, 2, "model")]
     for r in step["rows"] + verify["rows"]:
         assert "error" not in r, r
         assert r["fused_us"] > 0 and r["reference_us"] > 0 and r["floor_us"] > 0
