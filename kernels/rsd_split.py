@@ -401,24 +401,25 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temp
             if chunk == 0:
                 _store_walk(walk_ptr, rs, 0, mode, prefix, target, above_c, above_m)
             if mode != FULL:
+                last = offs == SEG - 1
                 for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
                     x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                     key = _ukey(x)
                     wf = _fixed(x, lmax, t)
                     hit = present & ((key >> 20) == prefix)
-                    above, n_hit = tl.reduce((tl.where(present & ((key >> 20) > prefix), wf, 0), hit.to(tl.int32)),
-                                             0, _add2)
-                    tl.store(sa_ptr + s, above)
-                    tl.store(ncand_ptr + s, n_hit)
-                    if n_hit > 0:
-                        d = ((key >> 8) & 4095).to(tl.int32)
-                        if mode == BY_COUNT:
-                            tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
-                        else:
-                            tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
-                        # The ids in the cut's level-0 bin, compacted per segment: round 2 reads only them.
-                        slot = tl.cumsum(hit.to(tl.int32), 0) - 1
-                        tl.store(cand_ptr + s * SEG + slot, s * SEG + offs, mask=hit)
+                    # One scan gives the compaction slots of the ids in the cut's level-0 bin and, in its last lane,
+                    # the segment's mass above that bin and its count of them: integer sums, exact in any order.
+                    above, n_hit = tl.associative_scan(
+                        (tl.where(present & ((key >> 20) > prefix), wf, 0), hit.to(tl.int32)), 0, _add2)
+                    tl.store(sa_ptr + s + offs * 0, above, mask=last)
+                    tl.store(ncand_ptr + s + offs * 0, n_hit, mask=last)
+                    d = ((key >> 8) & 4095).to(tl.int32)
+                    if mode == BY_COUNT:
+                        tl.atomic_add(h1c + d, tl.full((SEG,), 1, tl.int32), mask=hit, sem="relaxed")
+                    else:
+                        tl.atomic_add(h1m + d, wf, mask=hit & (wf > 0), sem="relaxed")
+                    # Those ids compacted per segment: round 2 reads only them.
+                    tl.store(cand_ptr + s * SEG + n_hit - 1, s * SEG + offs, mask=hit)
     else:
         if (mode != GREEDY) & (mode != BOTH):
             prefix = tl.full((), -1, tl.int64)  # FULL: every present id lies above the cut
