@@ -72,9 +72,9 @@ class Engine:
         self._state = self._speculative.state() if draft_tokens else self._step_state(STEP_INPUTS, out_columns=4)
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 2:
             raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -197,7 +197,34 @@ class Engine:
                             f"({{'role', 'content'}} dicts), got {type(prompt).__name__}")
         if not ids:
             raise ValueError(f"prompt {index} is empty: every prompt needs at least one token")
+        self._check_ids(ids, f"prompt {index}")
         return ids
+
+    _outside = "has no equivalent in the teacher's token space"  # what an id past _vocab_rows is
+
+    def _vocab_rows(self) -> int:
+        """Ids a sequence may hold: the token space (the student's rows the teacher can read or map)."""
+        return self.space.size
+
+    def _check_ids(self, ids, what: str) -> None:
+        rows = self._vocab_rows()
+        bad = next(((k, t) for k, t in enumerate(ids) if not 0 <= t < rows), None)
+        if bad is not None:
+            raise ValueError(f"{what}: token {bad[0]} (id {bad[1]}) {self._outside}: ids must be in [0, {rows})")
+
+    def _completion_ids(self, completion, index) -> list[int]:
+        """A completion to score: text (the student's tokens) or a list of token ids."""
+        if isinstance(completion, str):
+            return self.tokenizer.encode(completion, add_special_tokens=False)
+        if not isinstance(completion, (list, tuple)):
+            raise TypeError(f"completion {index} must be a string or a list of token ids, got "
+                            f"{type(completion).__name__}")
+        odd = next((t for t in completion if not isinstance(t, int) or isinstance(t, bool)), None)
+        if odd is not None:
+            raise TypeError(f"completion {index} must be a string or a list of token ids, got a list holding a "
+                            f"{type(odd).__name__} ({odd!r})")
+        self._check_ids(completion, f"completion {index}")
+        return list(completion)
 
     def _prefill(self, requests: list[Request]):
         """Fill both caches with each prompt but its last token, which the first decode step reads."""
@@ -450,9 +477,7 @@ class Engine:
             raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
         rows = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            completion = (self.tokenizer.encode(completion, add_special_tokens=False)
-                          if isinstance(completion, str) else list(completion))
-            rows.append((i, self._tokenize(prompt, i), completion))
+            rows.append((i, self._tokenize(prompt, i), self._completion_ids(completion, i)))
         try:
             return score_rows(self, rows)
         finally:

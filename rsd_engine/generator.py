@@ -84,6 +84,11 @@ class Generator(Engine):
     def _teacher_prompt(self, ids, index) -> list[int]:
         return []
 
+    _outside = "is outside the model's vocabulary"
+
+    def _vocab_rows(self) -> int:
+        return self.model.config.vocab_size
+
     def _prefill(self, requests: list[Request]):
         """Fill the cache with each prompt but its last token, which the first decode step reads."""
         for r in requests:
@@ -153,8 +158,7 @@ class Generator(Engine):
         seqs, starts = [], []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             ids = self._tokenize(prompt, i)
-            completion = (self.tokenizer.encode(completion, add_special_tokens=False)
-                          if isinstance(completion, str) else list(completion))
+            completion = self._completion_ids(completion, i)
             if len(ids) + len(completion) > self.max_seq_len:
                 raise ValueError(f"prompt {i} with its completion has {len(ids) + len(completion)} tokens, more "
                                  f"than max_seq_len {self.max_seq_len}")

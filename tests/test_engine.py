@@ -175,7 +175,9 @@ def test_every_backend_gives_the_reference_outputs(tiny_pair, engine, sampler):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_batch_size=0), "max_batch_size = 0"),
+    (dict(max_batch_size=True), "max_batch_size = True"),
     (dict(max_seq_len=1), "max_seq_len = 1"),
+    (dict(max_seq_len=True), "max_seq_len = True"),
     (dict(device="tpu:0"), "device='tpu:0'"),
     (dict(dtype="int8"), "dtype='int8' is not supported"),
     (dict(sampler="fast"), "sampler='fast' is not a backend"),
@@ -192,6 +194,16 @@ def test_bad_params_and_score_pairs_are_named(engine):
         engine.score_batch(PROMPTS[:2], ["x"])
     with pytest.raises(TypeError, match="prompt 0 must be a string, a list of token ids or a list of chat messages"):
         engine.generate_batch([3.5], SamplingParams(max_new_tokens=2))
+    rows = engine.space.size
+    for completion, error, message in [
+            ([1.0, 2.0], TypeError, r"completion 1 must be a string or a list of token ids, got a list holding a float"),
+            (None, TypeError, "completion 1 must be a string or a list of token ids, got NoneType"),
+            (5, TypeError, "completion 1 must be a string or a list of token ids, got int"),
+            ([True, 3], TypeError, "got a list holding a bool"),
+            ([1, rows], ValueError, rf"completion 1: token 1 \(id {rows}\) has no equivalent .* \[0, {rows}\)"),
+            ([-1], ValueError, r"completion 1: token 0 \(id -1\) has no equivalent")]:
+        with pytest.raises(error, match=message):
+            engine.score_batch(PROMPTS[:2], ["x", completion])
 
 
 CHAT = [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "What is 1 + 1?"}]

@@ -114,6 +114,14 @@ def test_bad_prompts_and_pairs_are_named(gen):
         gen.score_batch(PROMPTS[:2], ["x"])
     with pytest.raises(ValueError, match="prompt 0 with its completion has 201 tokens, more than max_seq_len 128"):
         gen.score_batch([[5]], [[6] * 200])
+    rows = gen.model.config.vocab_size
+    for bad in (rows, -1):  # not an IndexError from inside the embedding
+        with pytest.raises(ValueError, match=rf"prompt 0: token 1 \(id {bad}\) is outside the model's vocabulary"):
+            gen.generate_batch([[5, bad]], SamplingParams(max_new_tokens=2))
+        with pytest.raises(ValueError, match=rf"completion 0: token 0 \(id {bad}\) is outside the model's vocabulary"):
+            gen.score_batch([[5]], [[bad]])
+    with pytest.raises(TypeError, match="completion 0 must be a string or a list of token ids, got NoneType"):
+        gen.score_batch([[5]], [None])
 
 
 def test_nonfinite_logits_end_that_request_alone(tiny_pair, monkeypatch):
