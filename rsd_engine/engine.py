@@ -300,14 +300,16 @@ class Engine:
                     finished.append(r)
                     break
                 res = r.result
+                pieces = self.space.teacher_pieces.get(token)
                 res.token_ids.append(token)
                 res.accepted.append(bool(accepted))
-                res.teacher_logprobs.append(teacher_lp)
+                # A mapped token is several teacher tokens: the step's teacher row scores only the first, and the
+                # sampler read the row at the student's id. Not measured here (score_batch sums its pieces).
+                res.teacher_logprobs.append(float("nan") if pieces is not None else teacher_lp)
                 res.student_logprobs.append(student_lp)
                 r.student_len += 1
                 r.teacher_len += 1
                 r.next_student_token = token
-                pieces = self.space.teacher_pieces.get(token)
                 if pieces is not None:
                     expansions.append((r, pieces))
                 r.next_teacher_token = token if pieces is None else pieces[-1]

@@ -9,7 +9,9 @@ class GenerationResult:
     """One RSD trace (Engine) or one model's sample (Generator). RSD: ``accepted[i]`` says whether token i
     is the teacher's proposal (True) or the student's fallback (False), with the token's log-prob under
     each model; ``logprobs`` stays empty. Generator: ``logprobs[i]`` is token i's log-prob under the
-    model; ``accepted`` and the per-model lists stay empty. Log-probs are raw (temperature 1, untruncated)."""
+    model; ``accepted`` and the per-model lists stay empty. Log-probs are raw (temperature 1, untruncated). A student
+    token the teacher reads as several tokens (a mapped special token, tokens.py) has a NaN teacher log-prob: one
+    decode step does not score all its pieces (``Engine.score_batch`` gives their sum)."""
 
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)

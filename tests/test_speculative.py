@@ -12,6 +12,7 @@ from law import chi_square_pvalue, softmax, truncate
 from rsd_engine import Engine, SamplingParams
 from rsd_engine.cli import main
 from rsd_engine.pipeline.generate import GenerateOptions
+from rsd_engine.pipeline.traces import trace_stats
 from triton_device import engine_placement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -225,7 +226,12 @@ def test_mapped_token_ends_a_round(tiny_pair, tmp_path):
     assert sum(w.token_ids.count(mapped) for w in want) >= 3, "the test needs the mapped token in the output"
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids and g.accepted == w.accepted
-        assert g.teacher_logprobs == pytest.approx(w.teacher_logprobs, abs=1e-4)
+        assert g.teacher_logprobs == pytest.approx(w.teacher_logprobs, abs=1e-4, nan_ok=True)
+        # one step scores only a mapped token's first piece: its teacher log-prob is not measured (NaN), the others are
+        assert all(math.isnan(lp) == (t == mapped) for t, lp in zip(g.token_ids, g.teacher_logprobs))
+        scored = [-lp for lp in g.teacher_logprobs if not math.isnan(lp)]  # a trace's stats skip the NaN
+        assert trace_stats(g.accepted, g.teacher_logprobs, g.student_logprobs)["mean_teacher_surprisal"] == \
+            pytest.approx(sum(scored) / len(scored))
 
 
 # ---------------------------------------------------------------------------- static shapes
