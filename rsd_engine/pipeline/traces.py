@@ -59,17 +59,19 @@ def final_answer(text: str, thinking: bool) -> str | None:
 
 
 def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
-    """Tokens, acceptance rate, share of tokens under 1% student probability, mean surprisals (nats)."""
+    """Tokens, acceptance rate, share of tokens under 1% student probability, mean surprisals (nats). The
+    teacher's mean is over the tokens it scored (a mapped special token has no teacher log-prob: NaN)."""
     n = len(accepted)
     if n == 0:
         return {"tokens": 0, "acceptance_rate": 0.0, "sub_1pct_share": 0.0,
                 "mean_student_surprisal": 0.0, "mean_teacher_surprisal": 0.0}
+    scored = [lp for lp in teacher_logprobs if not math.isnan(lp)]
     return {
         "tokens": n,
         "acceptance_rate": sum(accepted) / n,
         "sub_1pct_share": sum(lp < SUB_1PCT_LOGPROB for lp in student_logprobs) / n,
         "mean_student_surprisal": -sum(student_logprobs) / n,
-        "mean_teacher_surprisal": -sum(teacher_logprobs) / n,
+        "mean_teacher_surprisal": -sum(scored) / len(scored) if scored else 0.0,
     }
 
 
