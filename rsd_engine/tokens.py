@@ -2,9 +2,16 @@
 
 Traces live in the student's token space. An id is *shared* when both tokenizers give it the same
 token string and both models have an embedding row for it; only shared ids may be proposed by the
-teacher. A student-only special token (Qwen3's ``<think>`` against a Qwen2.5-based teacher, say) is
-*mapped* to the teacher's own tokenisation of its text, which the teacher consumes as several tokens;
-the student may write shared and mapped ids. Every other id is excluded.
+teacher. A student-only added token (Qwen3's ``<think>`` against a Qwen2.5-based teacher, say, which
+Qwen3's tokenizer marks ``special: false``) is *mapped* to the teacher's own tokenisation of its text,
+which the teacher consumes as several tokens; the student may write shared and mapped ids. Every other
+id is excluded.
+
+A mapping is kept only when the teacher reads exactly the token's text: no unknown-token piece, and
+the pieces decode, after other text, to that text (a sentencepiece teacher's dummy-prefix space is
+stripped where the pieces can be found without it). The space ends at the first id either model lacks
+a row for (the samplers read both models' logits over ids 0..V-1), so a student-only token past the
+teacher's last row cannot be written; ``TokenSpace.unmapped`` says why each unmapped added token is.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ class TokenSpace:
     fallback_mask: torch.Tensor  # [V] bool: ids the student may write
     teacher_pieces: dict[int, tuple[int, ...]] = field(default_factory=dict)  # mapped student id -> teacher ids
     num_shared: int = 0
+    unmapped: dict[int, str] = field(default_factory=dict)  # student-only added token id -> why it is not mapped
 
     def __post_init__(self):
         # The host's copy of the proposal mask: prompts are translated id by id, and reading a mask that
@@ -39,8 +47,8 @@ class TokenSpace:
             elif self.is_shared(tok):
                 out.append(tok)
             else:
-                raise ValueError(f"{what} token {pos} (id {tok}) has no equivalent in the teacher's token space: "
-                                 f"it is neither shared by both tokenizers nor a mapped special token")
+                why = self.unmapped.get(tok, "it is neither shared by both tokenizers nor a mapped student-only token")
+                raise ValueError(f"{what} token {pos} (id {tok}) has no equivalent in the teacher's token space: {why}")
         return out
 
     def to(self, device) -> "TokenSpace":
@@ -62,8 +70,9 @@ def align_token_spaces(teacher_tokenizer, student_tokenizer, *, teacher_rows: in
                        token_map: dict[str, str] | None = None, min_shared_fraction: float = 0.9) -> TokenSpace:
     """Compare the tokenizers id by id. ``*_rows`` are the models' embedding rows (ids beyond a
     tokenizer's length are padding rows and never sampled). ``token_map`` maps student-only token
-    strings to the text the teacher should read instead; by default every student-only special token
-    maps to its own text."""
+    strings to the text the teacher should read instead (an error if the teacher cannot read it); by
+    default every student-only added token (special or not) maps to its own text where the teacher
+    can read that text, and is left out otherwise (``TokenSpace.unmapped`` says why)."""
     teacher_table = id_to_token_table(teacher_tokenizer)
     student_table = id_to_token_table(student_tokenizer)
     size = min(teacher_rows, student_rows, len(student_table))
@@ -72,34 +81,122 @@ def align_token_spaces(teacher_tokenizer, student_tokenizer, *, teacher_rows: in
     num_shared = sum(shared)
     student_real = sum(t is not None for t in student_table)
     if num_shared < min_shared_fraction * student_real:
-        mismatches = [f"id {i}: teacher {teacher_table[i] if i < len(teacher_table) else None!r} vs "
-                      f"student {student_table[i]!r}" for i in range(size) if not shared[i]][:5]
+        # Searched over the whole student tokenizer: one that extends the teacher's differs past `size` only.
+        mismatches = [_mismatch(i, teacher_table, student_table, teacher_rows, student_rows)
+                      for i in range(len(student_table))
+                      if (i < size and not shared[i]) or (i >= size and student_table[i] is not None)][:5]
         raise ValueError(
             f"teacher and student tokenizers share only {num_shared} of the student's {student_real} token ids "
             f"(need at least {min_shared_fraction:.0%}); RSD needs models over one token space. First mismatches: "
             + "; ".join(mismatches))
 
-    specials = {t.content for t in student_tokenizer.added_tokens_decoder.values() if t.special}
+    student_ids = {tok: i for i, tok in enumerate(student_table) if tok is not None}
     wanted = dict(token_map or {})
-    teacher_pieces: dict[int, tuple[int, ...]] = {}
-    for i in range(size):
-        tok = student_table[i]
-        if shared[i] or tok is None or (tok not in wanted and tok not in specials):
+    for tok in wanted:  # names the token map cannot mean, each a clear error
+        i = student_ids.get(tok)
+        if i is None:
+            why = "which is not a token of the student's tokenizer"
+        elif i < size and shared[i]:
+            why = f"which both tokenizers have at id {i} (only student-only tokens are mapped)"
+        elif i >= size:
+            why = "whose " + _past_rows(i, teacher_rows, student_rows, len(student_table))
+        else:
             continue
-        text = wanted.get(tok, tok)
-        pieces = tuple(teacher_tokenizer.encode(text, add_special_tokens=False))
-        if pieces and all(p < min(teacher_rows, len(teacher_table)) for p in pieces):
-            teacher_pieces[i] = pieces
-    unknown = set(wanted) - {student_table[i] for i in teacher_pieces}
-    if unknown:
-        raise ValueError(f"token_map names {sorted(unknown)}, which are not student-only tokens the teacher can "
-                         f"read; token_map keys must be student tokens whose id differs in the teacher")
+        raise ValueError(f"token_map names {tok!r}, {why}; token_map keys must be student tokens whose id differs "
+                         f"in the teacher and that both models have a row for")
+
+    pieces_of = _TeacherReader(teacher_tokenizer, min(teacher_rows, len(teacher_table)))
+    added = sorted(i for i in student_tokenizer.added_tokens_decoder if 0 <= i < len(student_table))
+    teacher_pieces: dict[int, tuple[int, ...]] = {}
+    unmapped: dict[int, str] = {}
+    for i in sorted(set(added) | {student_ids[tok] for tok in wanted}):
+        tok = student_table[i]
+        if tok is None or (i < size and shared[i]):
+            continue
+        if i >= size:
+            unmapped[i] = _past_rows(i, teacher_rows, student_rows, len(student_table))
+            continue
+        pieces, why = pieces_of(wanted.get(tok, tok))
+        if pieces is None:
+            if tok in wanted:
+                raise ValueError(f"token_map maps {tok!r} (student id {i}) to {wanted[tok]!r}, which the teacher "
+                                 f"cannot read: {why}")
+            unmapped[i] = f"student-only token {tok!r} is not mapped: {why}"
+            continue
+        teacher_pieces[i] = pieces
 
     proposal_mask = torch.tensor(shared, dtype=torch.bool)
     fallback_mask = proposal_mask.clone()
     for i in teacher_pieces:
         fallback_mask[i] = True
-    return TokenSpace(size, proposal_mask, fallback_mask, teacher_pieces, num_shared)
+    return TokenSpace(size, proposal_mask, fallback_mask, teacher_pieces, num_shared, unmapped)
+
+
+def _past_rows(i: int, teacher_rows: int, student_rows: int, student_len: int) -> str:
+    """Why student id ``i`` (>= the space's size) is outside the token space."""
+    if i >= teacher_rows:
+        return (f"student id {i} is past the teacher's last embedding row (it has {teacher_rows}): the token space "
+                f"ends there, since both models' logits are read over ids 0..V-1, so the student cannot write it "
+                f"(a teacher with padding rows up to id {i} would map it)")
+    return f"student id {i} is past the student's last embedding row (it has {student_rows} for {student_len} tokens)"
+
+
+def _mismatch(i: int, teacher_table, student_table, teacher_rows: int, student_rows: int) -> str:
+    if i >= min(teacher_rows, student_rows):
+        return f"id {i}: student {student_table[i]!r} past the {'teacher' if i >= teacher_rows else 'student'}'s rows"
+    return f"id {i}: teacher {teacher_table[i] if i < len(teacher_table) else None!r} vs student {student_table[i]!r}"
+
+
+class _TeacherReader:
+    """The teacher ids that read a text exactly, or None and why not.
+
+    The text is checked in context: after a plain piece of text, the pieces must decode to exactly the
+    text, with no unknown token and no id past the teacher's rows. A sentencepiece (Metaspace) teacher
+    encodes a text alone with a dummy-prefix space (``'a<think>'`` would read ``'a <think>'``); then the
+    text is encoded after an anchor and the anchor's own ids are dropped, and that candidate is checked
+    the same way. Whatever is kept is verified, so a tokenizer no candidate suits is refused, never
+    mis-mapped."""
+
+    ANCHORS = ("\n", "a", "0", ".")
+
+    def __init__(self, tokenizer, rows: int):
+        self.tokenizer, self.rows = tokenizer, rows
+        self.unk = tokenizer.unk_token_id
+        self.context = self._encode("a")
+        self.context_text = self._decode(self.context)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _problem(self, text: str, pieces: list[int]) -> str:
+        """'' when ``pieces`` read exactly ``text``, else what is wrong with them."""
+        if not pieces:
+            return "the teacher's tokenizer gives no tokens for it"
+        if self.unk is not None and self.unk in pieces:
+            return (f"the teacher's tokenisation {self.tokenizer.convert_ids_to_tokens(pieces)} holds its unknown "
+                    f"token {self.tokenizer.unk_token!r} (id {self.unk})")
+        if max(pieces) >= self.rows or min(pieces) < 0:
+            return f"the teacher's tokenisation {pieces} holds ids past its {self.rows} rows"
+        read = self._decode(self.context + pieces)
+        if read != self.context_text + text:
+            shown = read[len(self.context_text):] if read.startswith(self.context_text) else read
+            return (f"the teacher's tokenisation {self.tokenizer.convert_ids_to_tokens(pieces)} reads {shown!r} "
+                    f"after other text, not {text!r}")
+        return ""
+
+    def __call__(self, text: str) -> tuple[tuple[int, ...] | None, str]:
+        pieces = self._encode(text)
+        first = self._problem(text, pieces)
+        if not first:
+            return tuple(pieces), ""
+        for anchor in self.ANCHORS:
+            head, ids = self._encode(anchor), self._encode(anchor + text)
+            if ids[:len(head)] == head and not self._problem(text, ids[len(head):]):
+                return tuple(ids[len(head):]), ""
+        return None, first
 
 
 def load_tokenizer(folder, revision: str | None = None):

@@ -1,11 +1,30 @@
-"""Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only specials."""
+"""Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only added tokens."""
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from rsd_engine import Engine, SamplingParams
 from rsd_engine.tokens import align_token_spaces, load_tokenizer
-from tiny import build_model, build_tokenizer
+from tiny import _corpus_lines, build_model, build_tokenizer
+
+
+def with_added(tokenizer_dir, *tokens, special=False):
+    """The tiny tokenizer plus added tokens after its last id; special=False as Qwen3 marks <think>."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken(t, special=special, normalized=False) for t in tokens])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def sentencepiece_like(*extra_special, alphabet=()):
+    """A Metaspace BPE (dummy-prefix space, unknown token) like Llama-2 / TinyLlama's fast tokenizers."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=list(alphabet), show_progress=False)
+    tokenizer.train_from_iterator(_corpus_lines(), trainer)
+    tokenizer.add_special_tokens(list(extra_special))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +59,55 @@ def test_student_only_special_is_mapped(mapped_pair):
     assert len(pieces) > 1 and teacher_tok.decode(list(pieces)) == "<extra>"
     ids = student_tok.encode("a<extra>b", add_special_tokens=False)
     assert teacher_tok.decode(space.to_teacher(ids)) == "a<extra>b"
+
+
+def test_student_only_non_special_added_token_is_mapped(tiny_tokenizer_dir):
+    """Qwen3 (and R1 distills) mark <think> / </think> special: false; they are mapped all the same."""
+    teacher_tok = load_tokenizer(tiny_tokenizer_dir)
+    student_tok = with_added(tiny_tokenizer_dir, "<reason>", "</reason>")
+    reason = student_tok.convert_tokens_to_ids("<reason>")
+    assert not student_tok.added_tokens_decoder[reason].special
+    space = align_token_spaces(teacher_tok, student_tok, teacher_rows=512, student_rows=512)
+    assert set(space.teacher_pieces) == {reason, reason + 1} and space.fallback_mask[reason]
+    ids = student_tok.encode("<|im_start|>assistant\n<reason>\n", add_special_tokens=False)
+    assert reason in ids
+    assert teacher_tok.decode(space.to_teacher(ids)) == "<|im_start|>assistant\n<reason>\n"
+
+
+def test_student_only_token_past_the_teachers_rows_is_a_clear_error(tiny_tokenizer_dir):
+    """A teacher without padding rows (its rows = its tokens) cannot hold a student-only id past them: the
+    token space ends at the teacher's last row, and a token_map naming such a token says so."""
+    teacher_tok = load_tokenizer(tiny_tokenizer_dir)
+    student_tok = with_added(tiny_tokenizer_dir, "<extra>", special=True)
+    extra = student_tok.convert_tokens_to_ids("<extra>")
+    padded = align_token_spaces(teacher_tok, student_tok, teacher_rows=512, student_rows=512)
+    assert extra in padded.teacher_pieces
+    unpadded = align_token_spaces(teacher_tok, student_tok, teacher_rows=len(teacher_tok), student_rows=512)
+    assert unpadded.size == extra and "past the teacher's last embedding row" in unpadded.unmapped[extra]
+    with pytest.raises(ValueError, match=r"past the teacher's last embedding row \(it has 455\)"):
+        unpadded.to_teacher([extra])
+    with pytest.raises(ValueError, match=r"token_map names '<extra>', whose student id 455 is past the teacher's "
+                                         r"last embedding row"):
+        align_token_spaces(teacher_tok, student_tok, teacher_rows=len(teacher_tok), student_rows=512,
+                           token_map={"<extra>": "<extra>"})
+
+
+def test_mapped_pieces_must_read_the_token_text():
+    """A sentencepiece teacher: pieces holding its unknown token are refused (an error for token_map, left
+    unmapped by default), and the dummy-prefix space it puts before a text encoded alone is not read."""
+    teacher, student = sentencepiece_like(), sentencepiece_like("<think>")
+    think = student.convert_tokens_to_ids("<think>")
+    space = align_token_spaces(teacher, student, teacher_rows=448, student_rows=448)
+    assert think not in space.teacher_pieces and "unknown token '<unk>'" in space.unmapped[think]
+    with pytest.raises(ValueError, match=r"token_map maps '<think>' \(student id 400\) to '<think>', which the "
+                                         r"teacher cannot read: .*unknown token"):
+        align_token_spaces(teacher, student, teacher_rows=448, student_rows=448, token_map={"<think>": "<think>"})
+
+    teacher, student = sentencepiece_like(alphabet="<>"), sentencepiece_like("<think>", alphabet="<>")
+    space = align_token_spaces(teacher, student, teacher_rows=448, student_rows=448)
+    for text in ("a<think>b", "<think>b", "a <think> b"):
+        ids = student.encode(text, add_special_tokens=False)
+        assert think in ids and teacher.decode(space.to_teacher(ids)) == text
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["step_by_step", "pipelined"])
@@ -78,6 +146,14 @@ def test_tokenizers_too_different(tmp_path, tiny_pair):
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(shuffled, unk_token="<|endoftext|>")))
     with pytest.raises(ValueError, match=r"share only \d+ of the student's \d+ token ids.*First mismatches: id 0"):
         align_token_spaces(tok, other, teacher_rows=512, student_rows=512)
+
+
+def test_too_few_shared_ids_names_mismatches_past_the_teachers_rows(tiny_tokenizer_dir):
+    """A student tokenizer extending the teacher's (no teacher padding rows) differs only past the teacher's ids."""
+    teacher_tok = load_tokenizer(tiny_tokenizer_dir)
+    student_tok = with_added(tiny_tokenizer_dir, *(f"<x{k}>" for k in range(100)))
+    with pytest.raises(ValueError, match=r"First mismatches: id 455: student '<x0>' past the teacher's rows; id 456"):
+        align_token_spaces(teacher_tok, student_tok, teacher_rows=len(teacher_tok), student_rows=576)
 
 
 def test_token_map_must_name_student_only_tokens(tiny_pair):
