@@ -126,6 +126,22 @@ def test_missing_shards_are_named(cache, tmp_path):
         resolve_model("tiny-org/sharded")
 
 
+@pytest.mark.parametrize("spoil", [lambda m: list(m.values()), lambda m: {**m, "model.norm.weight": 3}],
+                         ids=["weight_map-list", "file-int"])
+def test_a_malformed_index_is_named(cache, tmp_path, spoil):
+    """Was 'the repo has no safetensors weights' (a list) or a TypeError dressed as a download failure (an int)."""
+    from tiny import build_model
+
+    sharded = build_model(tmp_path / "sharded", "qwen3", shards=2)
+    path = sharded / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    path.write_text(json.dumps({**index, "weight_map": spoil(index["weight_map"])}))
+    snapshot = lay_out(cache, "tiny-org/sharded", sharded)
+    with pytest.raises(ValueError, match=rf"^{snapshot}/model.safetensors.index.json: weight_map must map tensor "
+                                         r"names to file names$"):
+        resolve_model("tiny-org/sharded")
+
+
 def test_a_local_folder_wins_over_a_hub_id(cache, tiny_pair):
     lay_out(cache, "tiny-org/student", tiny_pair[1])
     local = cache.parent / "tiny-org" / "student"

@@ -121,6 +121,77 @@ def test_missing_shard_is_named(tmp_path, tiny_tokenizer_dir):
         load_model(folder)
 
 
+def _spoil_index(folder, spoil):
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    path.write_text(json.dumps(spoil(index)))
+    return path
+
+
+INDEX_DAMAGE = {
+    "weight_map-list": lambda i: {**i, "weight_map": list(i["weight_map"].values())},
+    "weight_map-null": lambda i: {**i, "weight_map": None},
+    "weight_map-absent": lambda i: {"metadata": i["metadata"]},
+    "file-null": lambda i: {**i, "weight_map": {**i["weight_map"], "model.norm.weight": None}},
+    "file-int": lambda i: {**i, "weight_map": {**i["weight_map"], "model.norm.weight": 3}},
+    "file-empty": lambda i: {**i, "weight_map": {**i["weight_map"], "model.norm.weight": ""}},
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_source(tmp_path_factory, tiny_tokenizer_dir):
+    return build_model(tmp_path_factory.mktemp("sharded") / "m", "qwen3", tokenizer_dir=tiny_tokenizer_dir, shards=2)
+
+
+@pytest.mark.parametrize("damage", list(INDEX_DAMAGE))
+def test_malformed_index_is_named(sharded_source, tmp_path, damage):
+    """A weight_map that is not a map of tensor names to file names was an AttributeError or TypeError
+    traceback from inside the loader."""
+    folder = shutil.copytree(sharded_source, tmp_path / "m")
+    index = _spoil_index(folder, INDEX_DAMAGE[damage])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(index))}: weight_map must map tensor names to file "
+                                         r"names$"):
+        load_model(folder)
+
+
+def test_an_empty_index_or_one_not_an_object_is_named(sharded_source, tmp_path):
+    folder = shutil.copytree(sharded_source, tmp_path / "m")
+    _spoil_index(folder, lambda i: {**i, "weight_map": {}})
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json has an empty weight_map"):
+        load_model(folder)
+    _spoil_index(folder, lambda i: [1, 2])
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json holds a JSON list, not an object"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("name, shape", [("model.layers.0.self_attn.o_proj.bias", (64,)),
+                                         ("model.layers.1.self_attn.q_proj.bias", (64,)),
+                                         ("model.layers.0.mlp.down_proj.bias", (64,)),
+                                         ("model.layers.2.input_layernorm.weight", (64,))])
+def test_tensors_the_config_does_not_account_for_are_refused(folder, name, shape):
+    """A bias without attention_bias / mlp_bias (as Qwen3's attention_bias was ignored), or a layer past
+    num_hidden_layers, was skipped silently: the model loaded, its outputs not the checkpoint's."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state[name] = torch.randn(shape)
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"checkpoint has 1 tensor\(s\) that config.json does not account for: "
+                                         rf"{re.escape(name)}; .*attention_bias, mlp_bias, num_hidden_layers"):
+        load_model(folder)
+
+
+def test_buffers_and_a_tied_head_copy_are_still_skipped(folder):
+    """What a checkpoint may hold beside the weights: old rotary buffers, and lm_head.weight next to tied
+    embeddings (the head is the embedding: nothing is lost)."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, path, metadata={"format": "pt"})
+    edit_config(folder, tie_word_embeddings=True)
+    model = load_model(folder)
+    assert model.config.tie_word_embeddings and not hasattr(model, "lm_head")
+
+
 def test_bad_dtype(folder):
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
         load_model(folder, dtype=torch.int8)
@@ -149,6 +220,10 @@ CONFIG_DAMAGE = {
                                  r"unsupported architecture: MambaForCausalLM"),
     "generation-config-list": (lambda f: (f / "generation_config.json").write_text("[1]"),
                                r"generation_config.json holds a JSON list, not an object of settings"),
+    # Was run with SiLU whatever hidden_act said.
+    "hidden-act-gelu": (lambda f: edit_config(f, hidden_act="gelu"),
+                        r"hidden_act 'gelu' is not supported; the MLP is SwiGLU, so hidden_act must be one of "
+                        r"silu, swish"),
 }
 
 

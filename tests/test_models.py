@@ -1,6 +1,8 @@
 """Our decoders against HF transformers: batched prefill of ragged prompts, decode, multi-token
 verification with rollback, over a static cache with shuffled slots and kv_len buckets."""
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -17,14 +19,33 @@ VARIANTS = {
     "qwen2": dict(arch="qwen2"),  # qkv bias
     "llama": dict(arch="llama", num_kv_heads=4),  # no GQA
     "llama3_tied": dict(arch="llama", tie_word_embeddings=True, rope_scaling=LLAMA3, num_kv_heads=1),
+    "qwen3_bias": dict(arch="qwen3", config={"attention_bias": True}),  # q, k, v and o biases, then q/k norms
+    "llama_bias": dict(arch="llama", config={"attention_bias": True, "mlp_bias": True}),
 }
 MAX_SEQ_LEN = 32
+
+
+def build_variant(folder, tokenizer_dir, config=None, **kw):
+    """build_model, then `config`'s settings written into config.json and the checkpoint saved again by HF's
+    model of that config, the parameters they add (biases) randomised as tiny.py does."""
+    folder = build_model(folder, tokenizer_dir=tokenizer_dir, **kw)
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in hf.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.1, generator=g)
+        hf.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("models")
-    return {name: build_model(root / name, tokenizer_dir=tiny_tokenizer_dir, **kw) for name, kw in VARIANTS.items()}
+    return {name: build_variant(root / name, tiny_tokenizer_dir, **kw) for name, kw in VARIANTS.items()}
 
 
 def bucket(n: int) -> int:
@@ -163,6 +184,26 @@ def test_config_reads_old_and_new_rope_formats():
         ModelConfig.from_hf({**CONFIG, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
 
 
+def test_config_biases_follow_transformers():
+    """attention_bias: q, k, v and o_proj biases for Llama and Qwen3 (a Qwen3 checkpoint with them was read as
+    if it had none: its biases dropped, logits 15.9 off HF's); Qwen2's q, k, v biases are always there, o_proj
+    never has one. The HF comparison is test_float32_logits_match_hf[qwen3_bias]."""
+    for arch, bias, qkv, o in [("Qwen3ForCausalLM", True, True, True), ("Qwen3ForCausalLM", False, False, False),
+                               ("LlamaForCausalLM", True, True, True), ("Qwen2ForCausalLM", True, True, False),
+                               ("Qwen2ForCausalLM", False, True, False)]:
+        cfg = ModelConfig.from_hf({**CONFIG, "architectures": [arch], "attention_bias": bias})
+        assert (cfg.qkv_bias, cfg.o_bias) == (qkv, o), (arch, bias)
+
+
+def test_config_refuses_activations_other_than_silu():
+    """The MLP is always SiLU(gate) * up: a config whose hidden_act is anything else was run with SiLU anyway."""
+    assert ModelConfig.from_hf(CONFIG) == ModelConfig.from_hf({**CONFIG, "hidden_act": "silu"}) \
+        == ModelConfig.from_hf({**CONFIG, "hidden_act": "swish"})
+    for act in ("gelu", "gelu_pytorch_tanh", "relu", None):
+        with pytest.raises(ValueError, match=rf"^hidden_act {re.escape(repr(act))} is not supported; .* silu, swish$"):
+            ModelConfig.from_hf({**CONFIG, "hidden_act": act})
+
+
 def test_eos_ids_are_the_union_of_config_and_generation_config():
     cfg = ModelConfig.from_hf({**CONFIG, "eos_token_id": [3, 5]}, {"eos_token_id": [5, 7]})
     assert cfg.eos_token_ids == (3, 5, 7)
@@ -186,14 +227,15 @@ def test_attention_output_in_a_transposed_layout(folders, monkeypatch):
 @pytest.mark.parametrize("name, dtype, atol, skinny", [
     ("qwen3", torch.float32, 1e-4, False), ("llama3_tied", torch.float32, 1e-4, False),
     ("qwen3", torch.bfloat16, 0.75, False), ("qwen3", torch.float32, 1e-4, True), ("qwen2", torch.float32, 1e-4, True),
-    ("qwen3", torch.bfloat16, 0.75, True)])
+    ("qwen3", torch.bfloat16, 0.75, True), ("qwen3_bias", torch.float32, 1e-4, True)])
 def test_triton_forward_matches_hf(folders, name, dtype, atol, skinny):
     """The CUDA path (merged GEMMs + our Triton kernels, attention over the cache in place), run on CPU
     under the interpreter: same scripted session, same HF logits, kv_len buckets ignored. Variants: q/k
     norms; GQA 4:1 with tied embeddings and llama3 RoPE; bf16, CUDA's default (worst measured 0.58, the plain
     path 0.30 on another session: P @ V runs in bf16 here, as in flash attention; mean errors 0.044 vs 0.032).
     skinny: the fused skinny-GEMM path for up to 16 rows (the session's decode and verification steps; its
-    27-row prefill takes the other path), with q/k norms, with qkv biases (qwen2), in bf16."""
+    27-row prefill takes the other path), with q/k norms, with qkv biases (qwen2), in bf16, with q/k norms after
+    qkv biases and an o_proj bias before the residual add (qwen3_bias)."""
     model = load_model(folders[name], dtype=dtype)
     model.use_triton = True
     model.skinny_rows = 16 if skinny else 0

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the MLP's SiLU(gate) * up; transformers' ACT2FN names SiLU both ways
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 always; Llama when attention_bias
-    o_bias: bool = False  # Llama attention_bias also puts a bias on o_proj
+    qkv_bias: bool = False  # Qwen2 always; Llama and Qwen3 when attention_bias
+    o_bias: bool = False  # Llama's and Qwen3's attention_bias also puts a bias on o_proj (never Qwen2's)
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     rope_theta: float = 10000.0
@@ -51,6 +52,12 @@ class ModelConfig:
         num_heads = config["num_attention_heads"]
         hidden_size = config["hidden_size"]
         is_llama = architecture == "LlamaForCausalLM"
+        # transformers' Llama and Qwen3 put a bias on q, k, v and o_proj when attention_bias; Qwen2 on q, k, v always.
+        attention_bias = architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(config.get("attention_bias"))
+        activation = config.get("hidden_act", "silu")
+        if activation not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {activation!r} is not supported; the MLP is SwiGLU, so hidden_act must be "
+                             f"one of {', '.join(SUPPORTED_ACTIVATIONS)}")
         if config.get("use_sliding_window"):
             raise ValueError(f"{architecture} with use_sliding_window=true is not supported; "
                              "only full attention in every layer is")
@@ -70,8 +77,8 @@ class ModelConfig:
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or (is_llama and bool(config.get("attention_bias"))),
-            o_bias=is_llama and bool(config.get("attention_bias")),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias,
             mlp_bias=is_llama and bool(config.get("mlp_bias")),
             qk_norm=architecture == "Qwen3ForCausalLM",
             rope_theta=rope_theta,

@@ -54,16 +54,19 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     where = f"{repo_id} (revision {revision})" if revision else repo_id
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_FILES))
-        weights = _weight_names(folder)
-        if weights:
-            # The snapshot folder is named by its commit: the weights come from the same commit.
-            folder = Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=weights))
-    except Exception as err:  # huggingface_hub's errors say what went wrong; the message says what to do
-        raise ModelUnavailable(_explain(where, repo_id, revision, err)) from None
+
+    def download(at: str | None, patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=at, allow_patterns=patterns))
+        except Exception as err:  # huggingface_hub's errors say what went wrong; the message says what to do
+            raise ModelUnavailable(_explain(where, repo_id, revision, err)) from None
+
+    folder = download(revision, METADATA_FILES)
+    weights = _weight_names(folder)  # a malformed index is a ValueError that names it, not a download error
+    # The snapshot folder is named by its commit: the weights come from the same commit.
+    folder = download(folder.name, weights)
     missing = [name for name in weights if not (folder / name).is_file()]
-    if not weights or missing == ["model.safetensors"]:
+    if missing == ["model.safetensors"]:
         raise ModelUnavailable(
             f"model {where}: the Hub snapshot in {folder} has no safetensors weights (model.safetensors or a "
             f"sharded {SAFETENSORS_INDEX}). Either the repo has none: pickle checkpoints (*.bin, *.pt) are never "
@@ -77,14 +80,27 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
 
 
 def _weight_names(folder: Path) -> list[str]:
-    """The safetensors files the snapshot's index names, else model.safetensors ([] when neither is known)."""
+    """The safetensors files the snapshot's index names, else model.safetensors."""
     index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        except (ValueError, AttributeError):
-            return []
-    return ["model.safetensors"]
+    return index_shards(index) if index.is_file() else ["model.safetensors"]
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json lists, sorted, each once. An index that is not
+    JSON, not an object, or whose weight_map is not a non-empty map of tensor names to file names is a
+    ValueError that names it."""
+    try:
+        value = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{index} holds a JSON {type(value).__name__}, not an object with a weight_map")
+    weight_map = value.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) and name for name in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names")
+    if not weight_map:
+        raise ValueError(f"{index} has an empty weight_map")
+    return sorted(set(weight_map.values()))
 
 
 def _explain(where: str, repo_id: str, revision: str | None, err: Exception) -> str:

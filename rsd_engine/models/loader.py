@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .hub import resolve_model
+from .hub import index_shards, resolve_model
 from .transformer import MERGED, CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,15 +40,17 @@ def check_model_folder(folder, revision: str | None = None) -> Path:
     return resolve_model(folder, revision)
 
 
-def read_safetensors(path: Path, names=None, *, model=None):
-    """Yield (name, tensor) for the tensors of one safetensors file (only ``names`` if given), on CPU as
-    stored, one at a time. A file that is not valid safetensors (truncated, corrupt) is a ValueError that
-    names the file, its model and how to get a good copy."""
+def read_safetensors(path: Path, names=None, *, model=None, skipped: list | None = None):
+    """Yield (name, tensor) for the tensors of one safetensors file (only ``names`` if given; the others'
+    names are appended to ``skipped`` if given), on CPU as stored, one at a time. A file that is not valid
+    safetensors (truncated, corrupt) is a ValueError that names the file, its model and how to get a good copy."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if names is None or name in names:
                     yield name, f.get_tensor(name)
+                elif skipped is not None:
+                    skipped.append(name)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} (model {model or path.parent}) is not a readable safetensors file, maybe "
                          f"truncated or corrupt ({err}). {_rebuild_hint(path.parent)}") from None
@@ -74,6 +76,8 @@ def load_config(folder) -> ModelConfig:
 
 
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The decoder's parameters in HF's names; a checkpoint tensor named so that the model lacks is refused.
+DECODER_PARAM = re.compile(r"model\..*\.(weight|bias)")
 
 
 def _read_json(path: Path) -> dict:
@@ -97,12 +101,10 @@ def _dtype(dtype) -> torch.dtype:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        names = index_shards(index)
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in the folder: {', '.join(missing[:5])}")
-        if not names:
-            raise ValueError(f"{index} has an empty weight_map")
         return [folder / n for n in names]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
@@ -125,10 +127,10 @@ def _build(config: ModelConfig) -> CausalLM:
 
 def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device) -> None:
     expected, merged = _checkpoint_layout(model)
-    state = {}
+    state, skipped = {}, []
     for path in files:
         # Names not expected are skipped: e.g. lm_head.weight saved next to tied embeddings, or rotary buffers.
-        for name, tensor in read_safetensors(path, expected, model=path.parent):
+        for name, tensor in read_safetensors(path, expected, model=path.parent, skipped=skipped):
             if tensor.shape != expected[name]:
                 raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(expected[name])}")
@@ -141,6 +143,14 @@ def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+    # But a decoder weight or bias the config does not account for (a bias without attention_bias, a layer past
+    # num_hidden_layers) would change the model's outputs if dropped: refused, not skipped.
+    unused = sorted(name for name in skipped if DECODER_PARAM.fullmatch(name))
+    if unused:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise ValueError(f"checkpoint has {len(unused)} tensor(s) that config.json does not account for: "
+                         f"{', '.join(unused[:5])}{more}; they are not dropped silently, as that would change the "
+                         f"model (check attention_bias, mlp_bias, num_hidden_layers, architectures)")
     for name, parts in merged.items():
         state[name] = torch.cat([state.pop(part) for part in parts])
     model.load_state_dict(state, assign=True)
