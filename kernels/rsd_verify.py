@@ -7,12 +7,12 @@ parallel. Then, with rp = row * P + position and the position's side rs = rp * 2
   5. law_kernel (rp, side): the cut of each side from the histograms, stored once (prefix and b2 with
      each segment's kept mass and kept ties, as rsd_split's final kernel; or, for a row with top-k and
      top-p both on, (tau, n_tie) of the one-program search and each segment's kept ties).
-  6. failed_kernel (rp, chunk), draft positions: per segment, the teacher's kept weight failing the check,
-     sum wT(z) * (1 - ok(z)), and both sides' kept weights; the chunk holding the draft x stores wT(x),
-     wS(x), ok(x).
-  7. residual_kernel (rp, chunk), draft positions: r from the segments' sums in a fixed order, r^K, c
-     and the keep test (chunk 0 stores them for the last kernel); where x is rejected, each segment's
-     mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
+  6. failed_kernel (rp, chunk; the caller gives each program one segment), draft positions: per segment,
+     the teacher's kept weight failing the check, sum wT(z) * (1 - ok(z)), and both sides' kept weights;
+     the program holding the draft x stores wT(x), wS(x), ok(x).
+  7. residual_kernel (rp, chunk, as failed_kernel), draft positions: r from the segments' sums in a fixed
+     order, r^K, c and the keep test (chunk 0 stores them for the last kernel); where x is rejected, each
+     segment's mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
   8. pick_kernel (row): walks the positions up to the first rejection or flag, reading only what the
      launches before stored: a kept draft costs a few scalar loads; a rejected one a draw from the residual
      (the segment holding the target mass from the segments' masses, then one scan of that segment); the

@@ -7,7 +7,7 @@ import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .reference import RowParams
-from .triton import _int8, _launch_config, _rows, _SplitLaunch, chunks_for, import_kernel
+from .triton import _int8, _launch_config, _rows, _SplitLaunch, import_kernel
 from .verify_reference import VerifyOutput
 
 _kernels = import_kernel("rsd_verify")
@@ -63,13 +63,12 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
         V = proposal_mask.numel()
-        # At least two programs per position: a program of failed_kernel / residual_kernel reads both models'
-        # segments, so one per position would take two dependent steps per segment of the row.
-        chunks = max(2, chunks_for(R, -(-max(teacher.shape[1], student.shape[1]) // config["SEG"]), config))
-        split = _SplitLaunch({**config, "chunks": chunks}, R, teacher, student, V, fallback_mask.numel(), sides=2,
-                             param_div=P)
+        split = _SplitLaunch(config, R, teacher, student, V, fallback_mask.numel(), sides=2, param_div=P)
         split.rounds(teacher, student, proposal_mask, fallback_mask, row_params[4], row_params[:3], row_params[5:8])
-        n_seg, chunks = split.n_seg, split.chunks
+        # failed_kernel and residual_kernel: one program per (row, position) and segment. Their programs share
+        # nothing (each stores its segment's sums), so the widest split costs no combining: one dependent step
+        # per side and the fewest exchanges per program, whatever B.
+        n_seg, chunks = split.n_seg, split.n_seg
         f64 = dict(dtype=torch.float64, device=device)
         cut = (torch.empty(R, 2, dtype=torch.int64, device=device), torch.empty(R, 2, dtype=torch.int32, device=device))
         total, at = torch.empty(R, 2, **f64), torch.empty(R, 3, **f64)
@@ -85,11 +84,10 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
             **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")}, enable_fp_fusion=False)
         _kernels.failed_kernel[(R, chunks)](
             teacher, student, draft, num_draft, *row_params, proposal_mask, fallback_mask, split.walk, split.kept[1],
-            *cut, failed, at, *shape, split.spc, n_seg, SEG=split.seg, **split.warps, enable_fp_fusion=False)
+            *cut, failed, at, *shape, 1, n_seg, SEG=split.seg, **split.warps, enable_fp_fusion=False)
         _kernels.residual_kernel[(R, chunks)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
-            split.kept[1], *cut, failed, at, residual, q_mass, keep, *shape, uniforms.stride(0), KEEP_DRAW, split.spc,
-            n_seg,
+            split.kept[1], *cut, failed, at, residual, q_mass, keep, *shape, uniforms.stride(0), KEEP_DRAW, 1, n_seg,
             **pick, enable_fp_fusion=False)
         _kernels.pick_kernel[(B,)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
