@@ -354,8 +354,15 @@ def _demo_parser(sub):
     from rsd_engine.pipeline.demo import DEMO_ATTEMPTS, DEMO_MAX_NEW_TOKENS, DEMO_PROBLEMS
 
     p = sub.add_parser("demo", help="the pipeline on the embedded SmolLM2 pair and a few champ problems",
-                       formatter_class=_Help)
+                       formatter_class=_Help,
+                       description="rsd generate and rsd score on the embedded pair: OUT/traces.jsonl is resumable "
+                                   "as rsd generate's --out is; a rerun under other settings is refused unless "
+                                   "--force.",
+                       epilog=_exit_codes("problem", "some problems failed (error) and have no record"))
     p.add_argument("--out", default="rsd-demo", help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="append to an OUT/traces.jsonl made with other settings (default: refuse, naming the "
+                        "differences)")
     p.add_argument("--problems", type=_int(1, 79), default=DEMO_PROBLEMS, help="champ problems to run")
     p.add_argument("--attempts", type=_int(1), default=DEMO_ATTEMPTS, help="tries per problem")
     p.add_argument("--max-new-tokens", type=_int(1), default=DEMO_MAX_NEW_TOKENS,
@@ -406,11 +413,14 @@ def _generate(args):
         beta=args.beta, margin=args.margin, seed=args.seed, limit=args.limit,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype,
         sampler=args.sampler, draft_tokens=args.draft_tokens, progress=args.progress, force=args.force)
-    s = run_generate(opts)
+    return _exit_status("generate", _generate_shortfalls(run_generate(opts)))
+
+
+def _generate_shortfalls(s: dict) -> list[tuple[int, int | None, str, str]]:
+    """rsd generate's (and rsd demo's) shortfalls for _exit_status, from run_generate's summary."""
     n = (s["problems"], "problems")
-    return _exit_status("generate", [
-        (len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, "were cut short by --max-seq-len"),
-        (len(s["prompt_too_long"]), *n, "were skipped (prompt longer than --max-seq-len)")])
+    return [(len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, "were cut short by --max-seq-len"),
+            (len(s["prompt_too_long"]), *n, "were skipped (prompt longer than --max-seq-len)")]
 
 
 def _score(args):
@@ -501,8 +511,10 @@ def _merge(args):
 def _demo(args):
     from rsd_engine.pipeline.demo import run_demo
 
-    run_demo(args.out, problems=args.problems, attempts=args.attempts, max_new_tokens=args.max_new_tokens,
-             seed=args.seed, device=args.device, dtype=args.dtype, sampler=args.sampler, progress=args.progress)
+    result = run_demo(args.out, problems=args.problems, attempts=args.attempts, max_new_tokens=args.max_new_tokens,
+                      seed=args.seed, device=args.device, dtype=args.dtype, sampler=args.sampler,
+                      progress=args.progress, force=args.force)
+    return _exit_status("demo", _generate_shortfalls(result["generate"]))  # as rsd generate's
 
 
 COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance": _provenance,

@@ -42,6 +42,11 @@ def test_extract_final_answer(text, expected):
         (r"\dfrac{3}{4}", r"The answer is $\frac{3}{4}$."),
         ("12", r"Adding up gives \boxed{12}."),
         ("n!", "n!"),
+        # LaTeX currency: \$ is a dollar sign, not a math delimiter, in the reference as in the answer
+        (r"\$42", r"\$42"),
+        ("42", r"\$42"),
+        ("18.90", r"\$18.90"),
+        ("1000", r"\$1,000"),
     ],
 )
 def test_equivalent_answers(predicted, reference):
@@ -60,6 +65,7 @@ def test_equivalent_answers(predicted, reference):
         (r"\frac{", "1/2"),
         (r"\left( \right] \sqrt{", "3"),
         ("}}}{{{", "{"),
+        ("43", r"\$42"),
     ],
 )
 def test_different_or_unparsable_answers_are_false(predicted, reference):

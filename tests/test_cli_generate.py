@@ -18,7 +18,7 @@ from rsd_engine.pipeline.data import Problem
 from rsd_engine.pipeline.generate import attempt_seed
 from rsd_engine.pipeline.prompts import ChatPrompt, build_prompt
 from rsd_engine.pipeline.records import read_records
-from rsd_engine.pipeline.traces import check_attempt, select_trace, trace_stats
+from rsd_engine.pipeline.traces import check_attempt, select_trace, to_sft, trace_stats
 from rsd_engine.results import GenerationResult
 from solver_pair import PROBLEMS, SYSTEM, solver_pair, write_problems
 from tiny import CHAT_TEMPLATE
@@ -128,6 +128,21 @@ def test_select_trace_keeps_shortest_correct_and_prefix_of_first():
     assert (record["status"], record["kept_attempt"], record["token_ids"]) == ("unverified", 3, [10, 11, 12])
 
 
+def test_fallback_share_is_over_the_stored_tokens_eos_excluded():
+    """--max-fallback judges the trace the record stores (EOS excluded), as its stats describe it."""
+    answer = "\\boxed{4}"
+    # 2 stored tokens, 1 the student's (50%); the EOS, written by the student too, is not stored
+    half = check_attempt(0, _result(2, text=answer, accepted=[True, False, False]), reference="4", thinking=False,
+                         max_fallback=0.5)
+    assert half.fallback_share == 0.5 and half.valid
+    record = select_trace(Problem("x", "q", "4"), ChatPrompt("P", "", "q"), [half], prefix_tokens=8, decode=str)
+    assert record["status"] == "solved" and 1 - record["stats"]["acceptance_rate"] == half.fallback_share
+    # 3 stored tokens, 2 the student's (67%): an accepted EOS does not bring it under 50%
+    most = check_attempt(0, _result(3, text=answer, accepted=[True, False, False, True]), reference="4",
+                         thinking=False, max_fallback=0.5)
+    assert most.fallback_share == pytest.approx(2 / 3) and not most.valid
+
+
 def test_prompt_thinking_detection(tiny_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     opened = build_prompt(tok, "Q?", "S")  # the tiny template's generation prompt opens <think>
@@ -152,14 +167,36 @@ def test_prompt_thinking_detection(tiny_tokenizer_dir):
     assert build_prompt(tok, "Q?", "S").text == "S\n\nQ?\n\n"
 
 
-def test_sft_export_reads_with_datasets(pair, tmp_path):
+def test_a_template_without_system_role_gets_the_same_messages_in_the_sft_record(tiny_tokenizer_dir):
+    """The system prompt folded into the user turn for generation is folded there in the SFT record too, so
+    the template that rejects a system message renders the record as the student read and wrote it."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.chat_template = ("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{%- endif %}" + CHAT_TEMPLATE)
+    prompt = build_prompt(tok, "Q?", "S")
+    assert prompt.text == "<|im_start|>user\nS\n\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    messages = prompt.messages("r</think>\\boxed{4}")
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "S\n\nQ?"
+    record = to_sft({"id": "x", "status": "solved", "completion": "r</think>\\boxed{4}"}, prompt)
+    assert tok.apply_chat_template(record["messages"], tokenize=False) == (
+        prompt.text + "r</think>\\boxed{4}<|im_end|>\n")
+
+
+def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
     from datasets import load_dataset
 
     data = write_problems(tmp_path / "p.jsonl")
     full = generate(pair, data, tmp_path / "full.jsonl")
     generate(pair, data, tmp_path / "sft.jsonl", "--format", "sft")
     dataset = load_dataset("json", data_files=str(tmp_path / "sft.jsonl"), split="train")
-    assert sorted(dataset["id"]) == sorted(full)
+    # A prefix (never solved, cut at --prefix-tokens) is no finished answer, which a chat message is once the
+    # template closes it: the prefixes go, as full records, to the file beside.
+    assert sorted(dataset["id"]) == sorted(i for i, r in full.items() if r["status"] != "prefix")
+    prefixes = {r["id"]: r for r in read_records(tmp_path / "sft.prefix.jsonl")}
+    assert prefixes == {i: r for i, r in full.items() if r["status"] == "prefix"} and len(prefixes) == 2
+    assert "the 2 prefix records" in capsys.readouterr().out
+    generate(pair, data, tmp_path / "sft.jsonl", "--format", "sft")  # a rerun redoes neither
+    assert "problems: 4 (4 already in the output, 0 written now)" in capsys.readouterr().out
     tok = AutoTokenizer.from_pretrained(str(pair[1]))
     for row in dataset:
         record = full[row["id"]]
@@ -309,6 +346,32 @@ def test_demo_plumbing_on_the_tiny_pair(tiny_pair, tmp_path, monkeypatch, capsys
     records = read_records(tmp_path / "demo" / "traces.jsonl")
     assert [r["status"] for r in records] == ["prefix", "prefix"] and all(r["answer"] for r in records)
     assert "re-quantised to 4 bits" in out and "traces.jsonl" in out and "teacher: <1% tokens" in out
+
+
+def test_demo_exits_as_generate_does_and_takes_force(tiny_pair, tmp_path, monkeypatch, capsys):
+    from rsd_engine.pipeline import demo_models
+
+    monkeypatch.setattr(demo_models, "demo_teacher_dir", lambda: tiny_pair[0])
+    monkeypatch.setattr(demo_models, "demo_student_dir", lambda: tiny_pair[1])
+    real = Engine.generate_iter
+
+    def first_attempt_fails(self, prompts, params=None, **kw):
+        for index, result in real(self, prompts, params, **kw):
+            if index == 0:
+                result.finish_reason, result.error = "error", "the teacher's logits hold NaN or +inf"
+            yield index, result
+
+    monkeypatch.setattr(Engine, "generate_iter", first_attempt_fails)
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--problems", "2", "--max-new-tokens", "6", "--no-progress"]
+    assert main([*argv, "--attempts", "1"]) == 3
+    assert capsys.readouterr().out.splitlines()[-1] == "rsd demo: 1 of 2 problems failed (error): exit status 3"
+    monkeypatch.setattr(Engine, "generate_iter", real)
+
+    with pytest.raises(SystemExit) as exit_info:  # other settings: refused, with the advice to pass --force
+        main([*argv, "--attempts", "2"])
+    assert exit_info.value.code == 2 and "pass --force" in capsys.readouterr().err
+    assert main([*argv, "--attempts", "2", "--force"]) == 0
+    assert len(read_records(tmp_path / "demo" / "traces.jsonl")) == 2
 
 
 def test_rows_with_lone_surrogates_are_skipped(pair, tmp_path, capsys):

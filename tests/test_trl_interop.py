@@ -5,6 +5,7 @@ import torch
 import trl  # in the test extra (pyproject.toml)
 
 from rsd_engine.cli import main
+from rsd_engine.pipeline.records import read_records
 from solver_pair import SYSTEM, solver_pair, write_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +23,11 @@ def test_sft_output_trains_one_sftrainer_step(tmp_path_factory, tmp_path):
                  "--system-prompt", SYSTEM, "--attempts", "1", "--max-new-tokens", "40", "--no-progress"]) == 0
 
     dataset = load_dataset("json", data_files=str(out), split="train")
-    assert len(dataset) == 4 and set(dataset.column_names) == {"id", "status", "messages"}
+    assert set(dataset.column_names) == {"id", "status", "messages"}
+    # Finished traces only: the prefixes of never-solved problems, which a chat template would close as
+    # finished answers, are in the file beside.
+    assert sorted(dataset["status"]) == ["solved", "unverified"]
+    assert [r["status"] for r in read_records(tmp_path / "sft.prefix.jsonl")] == ["prefix", "prefix"]
     model = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
     config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,

@@ -8,6 +8,8 @@ import threading
 
 THINK_END = "</think>"
 _BOXED = re.compile(r"\\boxed\s*\{")
+# A math delimiter: a $ not escaped by a backslash (\$ is LaTeX for a dollar sign, as in \$42).
+_MATH_DELIMITER = re.compile(r"(?<!\\)(?:\\\\)*\$")
 
 
 def extract_final_answer(text: str) -> str | None:
@@ -44,8 +46,10 @@ def is_correct(predicted: str | None, reference: str | None) -> bool:
         # math-verify's timeouts use SIGALRM, which only the main thread may set.
         timeout = 5 if threading.current_thread() is threading.main_thread() else None
         # Both sides in $...$: LaTeX such as 2^{n-1} is then read whole, not as its first number.
-        # A reference that is already LaTeX with delimiters or \boxed is parsed as written.
-        gold_text = reference if ("$" in reference or "\\boxed" in reference) else f"${reference}$"
+        # A reference that is already LaTeX with delimiters or \boxed is parsed as written; an escaped
+        # \$ (LaTeX currency, \$42) is a dollar sign, not a delimiter.
+        delimited = _MATH_DELIMITER.search(reference) or "\\boxed" in reference
+        gold_text = reference if delimited else f"${reference}$"
         gold = parse(gold_text, parsing_timeout=timeout)
         if not gold:
             gold = parse(reference, parsing_timeout=timeout)

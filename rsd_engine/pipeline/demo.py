@@ -25,7 +25,9 @@ DEMO_PROBLEMS, DEMO_ATTEMPTS, DEMO_MAX_NEW_TOKENS = 8, 2, 256
 
 def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMPTS,
              max_new_tokens=DEMO_MAX_NEW_TOKENS, seed=0, device="auto", dtype="auto", sampler="auto",
-             progress=True, log=print) -> dict:
+             progress=True, force=False, log=print) -> dict:
+    """The demo (see the module docstring); `force` appends to an OUT/traces.jsonl made with other settings,
+    as `rsd generate --force` does. Returns {"generate": run_generate's summary, "score": ..., "minutes": ...}."""
     from .demo_models import STUDENT_BITS, STUDENT_GROUP_SIZE, demo_student_dir, demo_teacher_dir  # torch: lazily
 
     out_dir = Path(out_dir)
@@ -49,7 +51,8 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
 
     opts = GenerateOptions(teacher=str(teacher), student=str(student), data=str(data), out=str(traces),
                            params=params, id_field="id", attempts=attempts, seed=seed, device=device, dtype=dtype,
-                           sampler=sampler, progress=progress, max_batch_size=max(1, min(32, len(chosen) * attempts)))
+                           sampler=sampler, progress=progress, force=force,
+                           max_batch_size=max(1, min(32, len(chosen) * attempts)))
     summary = run_generate(opts, log=lambda line: log(_indent(line)))
     records = read_records(traces)
     if records:

@@ -10,11 +10,17 @@ ranks give the same traces. The output is locked while a run writes it, and a re
 settings is refused (records.py, manifest.py). Under torchrun each rank takes its shard of the
 problems and writes its own part; rank 0 merges the parts when every rank is done and the parts
 are in one folder (else `rsd merge OUT`).
+
+--format sft writes chat messages, which a chat template renders as a finished assistant turn (it
+adds the end of turn). A prefix record (never solved: the first --prefix-tokens tokens, for UPFT)
+is not a finished answer, so it goes in full to OUT.prefix.jsonl beside OUT (prefix_path), locked,
+resumed and merged as OUT is, never into the SFT file.
 """
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -125,26 +131,53 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     if merged:
         _check_format(out, opts.format)
         check_settings(out, settings, has_records=True, force=opts.force, write=False)
+    # --format sft: prefix records go to their own file (module docstring), checked as OUT is.
+    prefixes = prefix_path(out) if opts.format == "sft" else None
+    prefix_target, merged_prefixes = None, []
+    if prefixes is not None:
+        prefix_target = part_path(prefixes, dist.rank, dist.world_size) if dist.world_size > 1 else prefixes
+        check_writable(prefix_target)
+        _check_format(prefix_target, "jsonl")
+        merged_prefixes = read_records(prefixes) if dist.world_size > 1 else []
+        if merged_prefixes:
+            _check_format(prefixes, "jsonl")
+            check_settings(prefixes, settings, has_records=True, force=opts.force, write=False)
     group = init_process_group(dist, log)
     try:
-        with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-            held = writer.existing + merged
+        with ExitStack() as stack:
+            writer = stack.enter_context(RecordWriter(target, settings, force=opts.force, about=about))
+            prefix_writer = None
+            if prefix_target is not None:
+                prefix_writer = stack.enter_context(RecordWriter(prefix_target, settings, force=opts.force,
+                                                                 about=about))
+            own_prefixes = prefix_writer.existing if prefix_writer else []
+            held = writer.existing + merged + own_prefixes + merged_prefixes
             done = {str(r["id"]) for r in held if "id" in r}
             todo = [p for p in mine if p.id not in done]
             # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
             tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
                           problems=len(mine), resumed=len(mine) - len(todo), out=str(target),
                           # the merged output holds the parts' ids again: only copies within one file count
-                          duplicates={**duplicate_ids(merged), **duplicate_ids(writer.existing)},
+                          duplicates={**duplicate_ids(merged), **duplicate_ids(writer.existing),
+                                      **duplicate_ids(merged_prefixes), **duplicate_ids(own_prefixes)},
                           forced=writer.forced)
             if todo:
-                _generate(opts, todo, writer, dist, tally, log)
-        summary = tally.summary()
-        log("\n".join(dist.tag + line for line in format_summary(summary).splitlines()))
+                _generate(opts, todo, writer, prefix_writer, dist, tally, log)
+            held_prefixes = len(own_prefixes) + prefix_writer.written if prefix_writer else 0
+        summary = {**tally.summary(), "prefix_out": str(prefix_target) if prefix_target else None}
+        report = format_summary(summary)
+        if held_prefixes:
+            report += (f"\n--format sft: the {held_prefixes} prefix records (problems never solved: their first "
+                       f"--prefix-tokens tokens, for UPFT) are in {prefix_target}, not in the SFT messages, where a "
+                       f"chat template would end them as finished answers")
+        log("\n".join(dist.tag + line for line in report.splitlines()))
         if group:
             barrier_and_merge(dist, out, log)
+            if prefixes:
+                barrier_and_merge(dist, prefixes, log)
         elif dist.world_size > 1:
-            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
+            also = f" and rsd merge {prefixes}" if prefixes else ""
+            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}{also}")
         return summary
     finally:
         if group:
@@ -171,6 +204,12 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
     return settings, about
 
 
+def prefix_path(out) -> Path:
+    """traces.jsonl -> traces.prefix.jsonl: where --format sft writes its prefix records (jsonl records)."""
+    out = Path(out)
+    return out.with_name(f"{out.name[: -len(out.suffix)]}.prefix{out.suffix}")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -184,7 +223,8 @@ def _check_format(path: Path, fmt: str):
                          f"or write --format {fmt} to another --out")
 
 
-def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, dist: Dist, tally: Tally, log):
+def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, prefix_writer: RecordWriter | None,
+              dist: Dist, tally: Tally, log):
     engine, prompts, prompt_ids = _prepare(opts, todo, dist)
     fits = {p.id: _fits(engine, prompt_ids[p.id], p.id) for p in todo}
     tally.too_long.extend(pid for pid, ok in fits.items() if not ok)
@@ -229,11 +269,17 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                 else:
                     record = select_trace(problem, prompt, attempts, prefix_tokens=opts.prefix_tokens, decode=decode,
                                           choose=choose)
-                    writer.write(to_sft(record, prompt) if opts.format == "sft" else record)
+                    if opts.format != "sft":
+                        writer.write(record)
+                    elif record["status"] == "prefix":  # unfinished: not an SFT turn (module docstring)
+                        prefix_writer.write(record)
+                    else:
+                        writer.write(to_sft(record, prompt))
                     tally.add_record(record)
             bar.attempt_done(tally)
     except KeyboardInterrupt:
-        log(f"{dist.tag}interrupted: {tally.written} records are safely in {writer.path}; rerun to resume")
+        where = f"{writer.path}" + (f" and {prefix_writer.path}" if prefix_writer else "")
+        log(f"{dist.tag}interrupted: {tally.written} records are safely in {where}; rerun to resume")
         raise
     finally:
         tally.stop()

@@ -19,8 +19,8 @@ DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer w
 @dataclass(frozen=True)
 class ChatPrompt:
     text: str  # what the student reads, special tokens written out
-    system: str
-    question: str
+    system: str  # the system and user messages rendered into `text` (a template without a system role
+    question: str  # gets the system prompt folded into the user message: system "")
     think_prefix: str = ""  # the opened thinking block that ends `text` ("" when no reasoning block)
 
     @property
@@ -48,8 +48,10 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
     except Exception:  # templates without a system role raise (jinja2 TemplateError)
         if not system_prompt:
             raise
-        messages = [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
-        text, think_prefix = render_chat(tokenizer, messages)
+        # The system prompt goes into the user turn; the prompt's messages are the ones rendered, so the
+        # SFT record re-renders through the same template too.
+        system_prompt, question = "", f"{system_prompt}\n\n{question}"
+        text, think_prefix = render_chat(tokenizer, [{"role": "user", "content": question}])
     return ChatPrompt(text, system_prompt, question, think_prefix)
 
 

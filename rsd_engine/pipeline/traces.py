@@ -1,11 +1,11 @@
 """From a problem's attempts to its one record: checks, the kept trace, its statistics.
 
 An attempt passes the structural checks when its reasoning block is closed (if the prompt opened
-one), it ended with EOS, and its student-fallback share is at most max_fallback. It is correct when
-its final answer (the last \\boxed{} after the reasoning) verifies against the reference. Kept:
-the shortest attempt that is both ("solved"); for a problem never solved, the first
-prefix_tokens tokens of attempt 0 ("prefix", UPFT); for a problem without reference answer, the
-shortest structurally valid attempt, else attempt 0 ("unverified").
+one), it ended with EOS, and its student-fallback share (over the tokens stored, EOS excluded) is at
+most max_fallback. It is correct when its final answer (the last \\boxed{} after the reasoning)
+verifies against the reference. Kept: the shortest attempt that is both ("solved"); for a problem
+never solved, the first prefix_tokens tokens of attempt 0 ("prefix", UPFT); for a problem without
+reference answer, the shortest structurally valid attempt, else attempt 0 ("unverified").
 
 Stored traces exclude the final EOS token: `token_ids` decodes to `completion`, and the stats
 are over exactly those tokens (the chat template adds the end of turn back for training).
@@ -44,7 +44,9 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
     closed = not thinking or THINK_CLOSE in text
     answer = final_answer(text, thinking)
     token_ids = result.token_ids[:-1] if eos else list(result.token_ids)
-    fallback_share = 1.0 - result.acceptance_rate if result.accepted else 0.0
+    # Over exactly the tokens the record stores (EOS excluded), as its stats are.
+    kept = result.accepted[:len(token_ids)]
+    fallback_share = 1.0 - sum(kept) / len(kept) if kept else 0.0
     correct = reference is not None and is_correct(answer, reference)
     valid = closed and eos and fallback_share <= max_fallback
     return Attempt(index, result, token_ids, answer, correct, closed, eos, fallback_share, valid)
