@@ -210,7 +210,13 @@ class Engine:
         rows = self._vocab_rows()
         bad = next(((k, t) for k, t in enumerate(ids) if not 0 <= t < rows), None)
         if bad is not None:
-            raise ValueError(f"{what}: token {bad[0]} (id {bad[1]}) {self._outside}: ids must be in [0, {rows})")
+            why = self._why_outside(bad[1])
+            raise ValueError(f"{what}: token {bad[0]} (id {bad[1]}) {self._outside}: ids must be in [0, {rows})"
+                             + (f" ({why})" if why else ""))
+
+    def _why_outside(self, token: int) -> str:
+        """Why a student id past the token space is there (a student-only token past the teacher's rows)."""
+        return self.space.unmapped.get(token, "")
 
     def _completion_ids(self, completion, index) -> list[int]:
         """A completion to score: text (the student's tokens) or a list of token ids."""

@@ -89,6 +89,9 @@ class Generator(Engine):
     def _vocab_rows(self) -> int:
         return self.model.config.vocab_size
 
+    def _why_outside(self, token: int) -> str:
+        return ""
+
     def _prefill(self, requests: list[Request]):
         """Fill the cache with each prompt but its last token, which the first decode step reads."""
         for r in requests:

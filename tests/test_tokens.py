@@ -166,6 +166,10 @@ def test_prompt_ids_outside_the_shared_space_are_refused(tiny_pair):
     engine = Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=32, sampler="reference")
     with pytest.raises(ValueError, match=r"prompt 0: token 1 \(id 500\) has no equivalent"):
         engine.generate_batch([[3, 500]], SamplingParams(max_new_tokens=2))
+    # a student-only token the space could not hold: the error says why (align_token_spaces' reason)
+    engine.space.unmapped[500] = "student id 500 is past the teacher's last embedding row"
+    with pytest.raises(ValueError, match=r"id 500\) has no equivalent .*\(student id 500 is past the teacher's"):
+        engine.generate_batch([[3, 500]], SamplingParams(max_new_tokens=2))
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
