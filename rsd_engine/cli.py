@@ -475,7 +475,8 @@ def _select(args):
     # A problem whose candidates were all set aside as incorrect is the selection rule at work, not a shortfall
     # (the summary names it); one left with none because they were skipped is counted through the skips.
     return _exit_status("select", [
-        (len(t["skipped"]), None, "candidates", "were skipped (too long for --max-seq-len, unreadable, or no sentence)")])
+        (len(t["skipped"]), None, "candidates",
+         "were skipped (too long for --max-seq-len, unreadable, or no sentence)")])
 
 
 def _exit_status(command: str, shortfalls: list[tuple[int, int | None, str, str]]) -> int:

@@ -89,7 +89,9 @@ class ModelConfig:
 
 def _architecture(config: dict) -> str:
     archs = config.get("architectures") or []
-    archs = [archs] if isinstance(archs, str) else [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if isinstance(archs, str):
+        archs = [archs]
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch

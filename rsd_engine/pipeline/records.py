@@ -297,7 +297,8 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[
                                "\nmerge only parts of one run, or pass --force to merge anyway")
     merged = dict(first)
     # Every source's own forced runs (records a part appended under other settings) stay on record.
-    history = list({json.dumps(entry, sort_keys=True): entry for _, m in known for entry in m.get("forced", [])}.values())
+    history = list({json.dumps(entry, sort_keys=True): entry
+                    for _, m in known for entry in m.get("forced", [])}.values())
     if found:
         history.append({"merged": True, "differences": found})
     merged["forced"] = history

@@ -146,8 +146,8 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     ids = list(problems)[dist.rank:: dist.world_size]
     # Which candidates compete shapes the row kept: --include-truncated and --max-seq-len (a candidate longer
     # is skipped, and the best of the others kept for good) are compared here.
-    settings, about = output_settings(opts, ("teacher", "student"),
-                                      tuple(o for o in RUNTIME_OPTIONS if o not in ("include_truncated", "max_seq_len")))
+    runtime = tuple(o for o in RUNTIME_OPTIONS if o not in ("include_truncated", "max_seq_len"))
+    settings, about = output_settings(opts, ("teacher", "student"), runtime)
     group = init_process_group(dist, log)
     try:
         tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
@@ -242,7 +242,8 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
         done = {_scored_key(r) for r in writer.existing}
         todo = [r for pid in ids for r in problems[pid] if (*r.key, r.text_hash) not in done]
         usable, skipped = scorer.prepare(todo, opts.max_seq_len)
-        tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo), skipped=[(r.key, why) for r, why in skipped], scored=0)
+        tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo),
+                     skipped=[(r.key, why) for r, why in skipped], scored=0)
         if usable:
             scorer.load()
         bar = _bar(len(usable), opts.progress and dist.rank == 0, dist, "candidate")
