@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from rsd_engine import Engine, SamplingParams
 from rsd_engine.cli import main
 from rsd_engine.pipeline.data import Problem
-from rsd_engine.pipeline.generate import attempt_seed
+from rsd_engine.pipeline.generate import attempt_seed, is_unfinished
 from rsd_engine.pipeline.prompts import ChatPrompt, build_prompt
 from rsd_engine.pipeline.records import read_records
 from rsd_engine.pipeline.traces import check_attempt, select_trace, to_sft, trace_stats
@@ -182,6 +182,13 @@ def test_a_template_without_system_role_gets_the_same_messages_in_the_sft_record
         prompt.text + "r</think>\\boxed{4}<|im_end|>\n")
 
 
+def test_unfinished_records_are_prefixes_and_unverified_attempts_that_never_finished():
+    assert is_unfinished({"status": "prefix", "num_valid": 0}) and is_unfinished({"status": "prefix", "num_valid": 2})
+    assert is_unfinished({"status": "unverified", "num_valid": 0})  # attempt 0 kept though it never finished
+    assert not is_unfinished({"status": "unverified", "num_valid": 1})
+    assert not is_unfinished({"status": "solved", "num_valid": 1})
+
+
 def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
     from datasets import load_dataset
 
@@ -191,10 +198,10 @@ def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
     dataset = load_dataset("json", data_files=str(tmp_path / "sft.jsonl"), split="train")
     # A prefix (never solved, cut at --prefix-tokens) is no finished answer, which a chat message is once the
     # template closes it: the prefixes go, as full records, to the file beside.
-    assert sorted(dataset["id"]) == sorted(i for i, r in full.items() if r["status"] != "prefix")
-    prefixes = {r["id"]: r for r in read_records(tmp_path / "sft.prefix.jsonl")}
-    assert prefixes == {i: r for i, r in full.items() if r["status"] == "prefix"} and len(prefixes) == 2
-    assert "the 2 prefix records" in capsys.readouterr().out
+    assert sorted(dataset["id"]) == sorted(i for i, r in full.items() if not is_unfinished(r))
+    prefixes = {r["id"]: r for r in read_records(tmp_path / "sft.unfinished.jsonl")}
+    assert prefixes == {i: r for i, r in full.items() if is_unfinished(r)} and len(prefixes) == 2
+    assert "the 2 records that are not finished answers" in capsys.readouterr().out
     generate(pair, data, tmp_path / "sft.jsonl", "--format", "sft")  # a rerun redoes neither
     assert "problems: 4 (4 already in the output, 0 written now)" in capsys.readouterr().out
     tok = AutoTokenizer.from_pretrained(str(pair[1]))

@@ -27,7 +27,7 @@ def test_sft_output_trains_one_sftrainer_step(tmp_path_factory, tmp_path):
     # Finished traces only: the prefixes of never-solved problems, which a chat template would close as
     # finished answers, are in the file beside.
     assert sorted(dataset["status"]) == ["solved", "unverified"]
-    assert [r["status"] for r in read_records(tmp_path / "sft.prefix.jsonl")] == ["prefix", "prefix"]
+    assert [r["status"] for r in read_records(tmp_path / "sft.unfinished.jsonl")] == ["prefix", "prefix"]
     model = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
     config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,

@@ -12,9 +12,10 @@ problems and writes its own part; rank 0 merges the parts when every rank is don
 are in one folder (else `rsd merge OUT`).
 
 --format sft writes chat messages, which a chat template renders as a finished assistant turn (it
-adds the end of turn). A prefix record (never solved: the first --prefix-tokens tokens, for UPFT)
-is not a finished answer, so it goes in full to OUT.prefix.jsonl beside OUT (prefix_path), locked,
-resumed and merged as OUT is, never into the SFT file.
+adds the end of turn). A record that is not a finished answer (a prefix: never solved, the first
+--prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts finished) goes in
+full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged as OUT is,
+never into the SFT file.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     if merged:
         _check_format(out, opts.format)
         check_settings(out, settings, has_records=True, force=opts.force, write=False)
-    # --format sft: prefix records go to their own file (module docstring), checked as OUT is.
-    prefixes = prefix_path(out) if opts.format == "sft" else None
+    # --format sft: unfinished records go to their own file (module docstring), checked as OUT is.
+    prefixes = unfinished_path(out) if opts.format == "sft" else None
     prefix_target, merged_prefixes = None, []
     if prefixes is not None:
         prefix_target = part_path(prefixes, dist.rank, dist.world_size) if dist.world_size > 1 else prefixes
@@ -164,12 +165,12 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             if todo:
                 _generate(opts, todo, writer, prefix_writer, dist, tally, log)
             held_prefixes = len(own_prefixes) + prefix_writer.written if prefix_writer else 0
-        summary = {**tally.summary(), "prefix_out": str(prefix_target) if prefix_target else None}
+        summary = {**tally.summary(), "unfinished_out": str(prefix_target) if prefix_target else None}
         report = format_summary(summary)
         if held_prefixes:
-            report += (f"\n--format sft: the {held_prefixes} prefix records (problems never solved: their first "
-                       f"--prefix-tokens tokens, for UPFT) are in {prefix_target}, not in the SFT messages, where a "
-                       f"chat template would end them as finished answers")
+            report += (f"\n--format sft: the {held_prefixes} records that are not finished answers (UPFT prefixes of "
+                       f"problems never solved, unverified attempts that never finished) are in {prefix_target}, not "
+                       f"in the SFT messages, where a chat template would end them as finished answers")
         log("\n".join(dist.tag + line for line in report.splitlines()))
         if group:
             barrier_and_merge(dist, out, log)
@@ -204,10 +205,17 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
     return settings, about
 
 
-def prefix_path(out) -> Path:
-    """traces.jsonl -> traces.prefix.jsonl: where --format sft writes its prefix records (jsonl records)."""
+def unfinished_path(out) -> Path:
+    """traces.jsonl -> traces.unfinished.jsonl: where --format sft writes the records that are not finished
+    answers (jsonl records; see is_unfinished)."""
     out = Path(out)
-    return out.with_name(f"{out.name[: -len(out.suffix)]}.prefix{out.suffix}")
+    return out.with_name(f"{out.name[: -len(out.suffix)]}.unfinished{out.suffix}")
+
+
+def is_unfinished(record: dict) -> bool:
+    """Not a finished answer: a UPFT prefix, or an unverified problem's attempt 0 when none finished (no EOS, or
+    its reasoning never closed)."""
+    return record["status"] == "prefix" or (record["status"] == "unverified" and record["num_valid"] == 0)
 
 
 def _flag(name: str) -> str:
@@ -271,7 +279,7 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                                           choose=choose)
                     if opts.format != "sft":
                         writer.write(record)
-                    elif record["status"] == "prefix":  # unfinished: not an SFT turn (module docstring)
+                    elif is_unfinished(record):  # not an SFT turn (module docstring)
                         prefix_writer.write(record)
                     else:
                         writer.write(to_sft(record, prompt))
