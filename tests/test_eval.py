@@ -286,3 +286,25 @@ def test_answer_field_empty_says_reference_answers_are_needed(pair, tmp_path, ca
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err
         assert "--answer-field '' for problems without reference answers" not in err
+
+
+def test_rerun_resumes_whatever_names_the_output_and_runs_it(pair, forced, tmp_path, capsys, monkeypatch):
+    """--out spelled another way, another batch size or sampler backend: the same records, so the rerun resumes;
+    an output whose manifest an older rsd wrote (--out compared, --max-seq-len kept under "about") too."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    run_eval(pair[1], data, out, "--samples", "1")
+    monkeypatch.chdir(tmp_path)
+    for extra in (("--max-batch-size", "4"), ("--sampler", "reference"), ()):
+        records = run_eval(pair[1], data, "./gens.jsonl", "--samples", "2", *extra)
+        assert sorted((r["id"], r["sample"]) for r in records) == sorted(CORRECT)
+    manifest = json.loads((tmp_path / "gens.jsonl.manifest.json").read_text())
+    settings = manifest["settings"]
+    assert not {"--out", "--max-batch-size", "--sampler"} & set(settings) and "--max-seq-len" in settings
+    manifest["settings"] = {**{k: v for k, v in settings.items() if k != "--max-seq-len"}, "--out": "elsewhere.jsonl"}
+    manifest["about"]["--max-seq-len"] = settings["--max-seq-len"]
+    (tmp_path / "gens.jsonl.manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    run_eval(pair[1], data, out, "--samples", "2")
+    assert "6 samples already in the output, 0 written now" in capsys.readouterr().out

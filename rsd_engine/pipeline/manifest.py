@@ -7,8 +7,11 @@ rerun compares: with records in OUT and any difference, it refuses, naming each 
 unless forced (the manifest then keeps a list of the forced runs and their differences).
 
 Settings are what shape a finished record. Options that only choose which problems run
-(--limit) or what resources they run on (--max-seq-len, batch size, device) are kept under
-"about" for the reader and not compared: a finished record is the same whatever they were.
+(--limit), where the output is (--out) or what resources they run on (batch size, device, dtype,
+sampler backend; --max-seq-len where what it cuts off is redone or skipped, never written) are kept
+under "about" for the reader and not compared: a finished record is the same whatever they were.
+`rsd eval` and `rsd select` compare --max-seq-len (a generation it cuts short is written as it
+stopped; a candidate it skips does not compete).
 
 Models are fingerprinted by content, not by path (a copied folder is the same model): small
 files are hashed whole, weight files by their size and 16 evenly spaced 64 KiB windows, which
@@ -107,12 +110,15 @@ def _same_input(held, now) -> bool:
         held["file"] == now["file"] or (held["content"] is not None and held["content"] == now["content"]))
 
 
-def differences(held: dict, now: dict) -> list[str]:
-    """One line per setting that differs, in the user's words."""
-    held, now = plain(held), plain(now)
+def differences(held: dict, now: dict, held_about: dict | None = None) -> list[str]:
+    """One line per setting that differs, in the user's words. Only what is compared now counts: a key the
+    held manifest compared but this version keeps under "about" (--out, batch size) is not a difference,
+    and a key this version compares that an older manifest kept under "about" (--max-seq-len of rsd eval
+    and rsd select) is compared with the value held there."""
+    held, now, held_about = plain(held), plain(now), plain(held_about or {})
     lines = []
-    for key in [*held, *(k for k in now if k not in held)]:
-        a, b = held.get(key, "(not set)"), now.get(key, "(not set)")
+    for key in now:
+        a, b = held.get(key, held_about.get(key, "(not set)")), now[key]
         if a == b or _same_input(a, b):
             continue
         if isinstance(b, dict) and set(b) == {"file", "content"}:
@@ -138,7 +144,7 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
             write_manifest(out, new_manifest(settings, about))
         return []
     held = read_manifest(out)
-    found = (differences(held["settings"], settings) if held is not None
+    found = (differences(held["settings"], settings, held.get("about")) if held is not None
              else [f"no {manifest_path(out).name} beside it: its records were made by an older rsd or another tool"])
     if not found:
         if write and held is not None and held["settings"] != plain(settings):

@@ -29,8 +29,9 @@ from .tracing import Tracer
 
 # Options that choose what runs or where, not what a record says: kept in the manifest, not compared.
 # --include-truncated only chooses which responses run: a traced response's lines are the same either way.
-RUNTIME_OPTIONS = ("max_seq_len", "batch_size", "limit", "plot", "device", "dtype", "progress", "force",
-                   "include_truncated")
+# --out is where the manifest itself lives (a rerun may name it ./out.jsonl or by its absolute path).
+RUNTIME_OPTIONS = ("out", "max_seq_len", "batch_size", "max_batch_size", "limit", "plot", "device", "dtype",
+                   "sampler", "progress", "force", "include_truncated")
 
 
 @dataclass
