@@ -360,7 +360,8 @@ def _demo_parser(sub):
                        description="rsd generate and rsd score on the embedded pair: OUT/traces.jsonl is resumable "
                                    "as rsd generate's --out is; a rerun under other settings is refused unless "
                                    "--force.",
-                       epilog=_exit_codes("problem", "some problems failed (error) and have no record"))
+                       epilog=_exit_codes("problem", "some problems failed (error), were cut short by "
+                                                     "--max-seq-len or had prompts longer than it, as rsd generate"))
     p.add_argument("--out", default="rsd-demo", help="output folder")
     p.add_argument("--force", action="store_true",
                    help="append to an OUT/traces.jsonl made with other settings (default: refuse, naming the "
