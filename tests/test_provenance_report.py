@@ -286,11 +286,20 @@ def test_merge_keeps_ids_equal_as_numbers_apart_and_the_report_uses_every_line(t
     assert read["lines_used"] == 5
 
 
-@pytest.mark.parametrize("extra", [[], ["--include-truncated"]])
-def test_no_complete_response_is_named_as_such(tmp_path, capsys, extra):
+def test_no_complete_response_is_named_as_such(tmp_path, capsys):
     torn = sentence_lines([("a", 0, True, [T, S])], response_hash="x")[:1]  # one of its 2 lines
     with pytest.raises(SystemExit) as exit_info:
-        main(["provenance-report", str(write_lines(tmp_path / "s.jsonl", torn)), *extra])
+        main(["provenance-report", str(write_lines(tmp_path / "s.jsonl", torn))])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no response has all of its sentence lines" in err and "length limit" not in err
+    # Beside a complete response cut off by the length limit, the torn one is left out and the length limit
+    # is what is named; --include-truncated then reports the complete one.
+    cut = sentence_lines([("b", 0, True, [T, S, S])], response_hash="y", finish_reason="length")
+    data = write_lines(tmp_path / "t.jsonl", torn + cut)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance-report", str(data)])
+    assert exit_info.value.code == 2 and "cut off by the length limit" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    assert main(["provenance-report", str(data), "--include-truncated", "--resamples", "10", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["lines_used"] == 3
