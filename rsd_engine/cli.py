@@ -444,8 +444,9 @@ def _eval(args):
     except ValueError as err:
         raise ValueError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))) from None
     t = run_eval(EvalOptions(params=params, **_fields(args, EvalOptions)))
-    n = (t["problems"] * args.samples, "generations")
-    # The output's own counts where this rank read it (a rerun that generates nothing still holds them).
+    # The output's own counts where this rank read it (a rerun that generates nothing still holds them), out of
+    # the records it holds (under torchrun or --limit it may hold more than this run's share).
+    n = (max(t["problems"] * args.samples, t.get("samples", 0) + t.get("failed_in_output", 0)), "generations")
     return _exit_status("eval", [
         (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
         (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, "were cut short by --max-seq-len"),

@@ -228,3 +228,42 @@ def test_merge_keeps_every_parts_forced_runs(tmp_path, capsys):
     assert read_manifest(out)["forced"] == [entry]
     assert ("note: records in the merged output were appended under --force with other settings (listed in its "
             "manifest): ") in capsys.readouterr().out
+
+
+def test_a_resumed_older_output_merges_with_its_new_parts(tmp_path):
+    """An output whose manifest an earlier version wrote (--out compared, --max-seq-len kept under "about"),
+    resumed under torchrun: the parts' manifests take this version's settings, and the merge accepts them."""
+    from rsd_engine.pipeline.manifest import new_manifest, write_manifest
+
+    out = tmp_path / "evals.jsonl"
+    old = {"--data": "d", "--out": "evals.jsonl", "--max-batch-size": 32, "--temperature": 0.6}
+    for path, ids in ((out, ["1", "2"]), (part_path(out, 0, 2), ["1", "3"]), (part_path(out, 1, 2), ["2"])):
+        path.write_text("".join(json.dumps({"id": i, "sample": 0}) + "\n" for i in ids))
+        write_manifest(path, new_manifest(old, {"--max-seq-len": None}))
+    for rank in range(2):  # each rank resumes its part under this version's settings
+        with RecordWriter(part_path(out, rank, 2), {"--data": "d", "--temperature": 0.6, "--max-seq-len": None}):
+            pass
+    report = merge_parts(out)
+    assert report.records == 3 and report.forced == []
+
+
+def test_merge_keeps_each_scored_text_and_the_newest_traced_version(tmp_path):
+    """`rsd select --budget` scores lines of one candidate under two texts are both kept (a reader matches the
+    hash); `rsd provenance` lines of one response under two texts with the same version number: the last seen."""
+    out = tmp_path / "s.scores.jsonl"
+    out.write_text(json.dumps({"id": "a", "sample": 0, "response_hash": "h1", "tokens": 1}) + "\n")
+    with RecordWriter(part_path(out, 0, 2)) as writer:
+        writer.write({"id": "a", "sample": 0, "response_hash": "h2", "tokens": 7})
+    with RecordWriter(part_path(out, 1, 2)) as writer:
+        writer.write({"id": "b", "sample": 0, "response_hash": "k1", "tokens": 2})
+    merge_parts(out)
+    assert sorted((r["id"], r["response_hash"]) for r in read_records(out)) == [("a", "h1"), ("a", "h2"), ("b", "k1")]
+
+    lines = tmp_path / "p.jsonl"
+    def traced(text_hash, n):
+        return [{"id": "a", "sample": 0, "response_hash": text_hash, "index": i, "sentences": n} for i in range(n)]
+    lines.write_text("".join(json.dumps(line) + "\n" for line in traced("h1", 2)))
+    with RecordWriter(part_path(lines, 0, 1)) as writer:
+        writer.write_many(traced("h2", 3))
+    merge_parts(lines)
+    assert {r["response_hash"] for r in read_records(lines)} == {"h2"}

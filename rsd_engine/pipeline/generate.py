@@ -13,9 +13,9 @@ are in one folder (else `rsd merge OUT`).
 
 --format sft writes chat messages, which a chat template renders as a finished assistant turn (it
 adds the end of turn). A record that is not a finished answer (a prefix: never solved, the first
---prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts finished) goes in
-full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged as OUT is,
-never into the SFT file.
+--prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts passed the checks)
+goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged as OUT
+is, never into the SFT file.
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
         report = format_summary(summary)
         if held_prefixes:
             report += (f"\n--format sft: the {held_prefixes} records that are not finished answers (UPFT prefixes of "
-                       f"problems never solved, unverified attempts that never finished) are in {prefix_target}, not "
-                       f"in the SFT messages, where a chat template would end them as finished answers")
+                       f"problems never solved, unverified attempts none of which passed the checks) are in "
+                       f"{prefix_target}, not in the SFT messages, where a chat template would end them as finished "
+                       f"answers")
         log("\n".join(dist.tag + line for line in report.splitlines()))
         if group:
             barrier_and_merge(dist, out, log)
@@ -213,8 +214,8 @@ def unfinished_path(out) -> Path:
 
 
 def is_unfinished(record: dict) -> bool:
-    """Not a finished answer: a UPFT prefix, or an unverified problem's attempt 0 when none finished (no EOS, or
-    its reasoning never closed)."""
+    """Not a finished answer: a UPFT prefix, or an unverified problem's attempt 0 when none passed the checks
+    (ended with EOS, closed its reasoning, within --max-fallback)."""
     return record["status"] == "prefix" or (record["status"] == "unverified" and record["num_valid"] == 0)
 
 

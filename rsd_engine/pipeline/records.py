@@ -291,7 +291,8 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[
     first_path, first = known[0]
     found = [f"{path.name}: no manifest" for path, m in manifests if m is None]
     for path, m in known[1:]:
-        found += [f"{path.name} vs {first_path.name}: {line}" for line in differences(first["settings"], m["settings"])]
+        found += [f"{path.name} vs {first_path.name}: {line}"
+                  for line in differences(first["settings"], m["settings"], first.get("about"))]
     if found and not force:
         raise SettingsMismatch(f"the parts of {out} were made with different settings:\n  " + "\n  ".join(found) +
                                "\nmerge only parts of one run, or pass --force to merge anyway")
@@ -313,24 +314,32 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[
 
 
 def _newest(records: dict[str, dict]) -> list[str]:
-    """The keys of `records` less those of a response's older versions (`rsd provenance` lines of a
-    text since changed: the newest has the highest "version", absent for the first). The newest
-    *complete* version wins (every one of its "sentences" lines present): a rank killed while it traced
-    a changed text leaves a torn newer version, which must not replace the whole one before it."""
+    """The keys of `records` less those of a response's older versions (`rsd provenance` sentence lines of a
+    text since changed: the newest has the highest "version", absent for the first; of equal numbers the last
+    seen). The newest *complete* version wins (every one of its "sentences" lines present): a rank killed while
+    it traced a changed text leaves a torn newer version, which must not replace the whole one before it.
+    Other records with a text hash (`rsd select`'s scores lines) are all kept: a reader matches the hash."""
+    def traced(r):
+        return "response_hash" in r and "index" in r
+
     lines: dict[tuple, dict[tuple, set]] = {}
     for record in records.values():
-        if "response_hash" in record:
+        if traced(record):
             response = (str(record.get("id")), record.get("sample"))
             version = (record.get("version", 1), record["response_hash"])
             lines.setdefault(response, {}).setdefault(version, set()).add(record.get("index"))
     sizes = {(str(r.get("id")), r.get("sample"), r.get("version", 1), r["response_hash"]): r.get("sentences")
-             for r in records.values() if "response_hash" in r}
+             for r in records.values() if traced(r)}
     newest = {}
     for response, versions in lines.items():
         whole = [v for v, indices in versions.items()
                  if not isinstance(sizes[(*response, *v)], int) or len(indices) >= sizes[(*response, *v)]]
-        newest[response] = max(whole or versions, key=lambda v: v[0])
-    return [key for key, r in records.items() if "response_hash" not in r or
+        best = None
+        for v in whole or versions:  # in the order seen: of equal numbers, the last
+            if best is None or v[0] >= best[0]:
+                best = v
+        newest[response] = best
+    return [key for key, r in records.items() if not traced(r) or
             newest[(str(r.get("id")), r.get("sample"))] == (r.get("version", 1), r["response_hash"])]
 
 
