@@ -50,3 +50,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def as_ranks(monkeypatch):
+    """`as_ranks(call)` runs `call()` as each rank of a 2-rank job started without a process group (each writes
+    its own part, as torchrun ranks whose merge is left to `rsd merge`) and returns what each rank's call
+    returned; RANK / WORLD_SIZE are unset after."""
+    def run(call, world: int = 2) -> list:
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        results = []
+        for rank in range(world):
+            with monkeypatch.context() as env:
+                env.setenv("RANK", str(rank))
+                env.setenv("WORLD_SIZE", str(world))
+                results.append(call())
+        return results
+    return run

@@ -120,18 +120,12 @@ def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
     assert len(records) == 6 and "3 samples already in the output, 3 written now" in capsys.readouterr().out
 
 
-def test_ranks_write_parts_that_merge(pair, forced, tmp_path, monkeypatch):
+def test_ranks_write_parts_that_merge(pair, forced, tmp_path, as_ranks):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "gens.jsonl"
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
-                     "--samples", "2", "--no-progress"]) == 0
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
+    assert as_ranks(lambda: main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out),
+                                  "--id-field", "id", "--samples", "2", "--no-progress"])) == [0, 0]
     assert main(["merge", str(out)]) == 0
     records = read_records(out)
     assert [(r["id"], r["sample"]) for r in records] == sorted(CORRECT)
@@ -236,30 +230,27 @@ def test_rerun_with_another_max_seq_len_is_refused(pair, forced, tmp_path, capsy
     assert forced == [3]  # the refused run generated nothing
 
 
-def test_distributed_rerun_against_a_merged_output_checks_its_settings(pair, forced, tmp_path, monkeypatch, capsys):
+def test_distributed_rerun_against_a_merged_output_checks_its_settings(pair, forced, tmp_path, as_ranks, capsys):
     """Ranks of a rerun read the merged output of an earlier run: other settings are refused there too,
     not taken as 'every sample already done'."""
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "gens.jsonl"
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
     argv = ["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
             "--samples", "2", "--no-progress"]
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(argv) == 0
+    assert as_ranks(lambda: main(argv)) == [0, 0]
     assert main(["merge", str(out)]) == 0
     for part in tmp_path.glob("gens.rank*"):
         part.unlink()
     capsys.readouterr()
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
+
+    def refused():
         with pytest.raises(SystemExit) as exit_info:
             main(argv + ["--temperature", "0.2"])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2
-        assert "holds records made with other settings" in err and "--temperature" in err
+        return exit_info.value.code, capsys.readouterr().err
+
+    for code, err in as_ranks(refused):
+        assert code == 2 and "holds records made with other settings" in err and "--temperature" in err
     assert not list(tmp_path.glob("gens.rank*"))  # no part was started under the other settings
 
 

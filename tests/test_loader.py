@@ -213,13 +213,13 @@ def _no_hidden_size(folder):
 CONFIG_DAMAGE = {
     "invalid-json": (lambda f: (f / "config.json").write_text("{bad"), r"config.json is not valid JSON"),
     "json-list": (lambda f: (f / "config.json").write_text("[1, 2]"),
-                  r"config.json holds a JSON list, not an object of settings"),
+                  r"config.json holds a JSON list, not an object"),
     "no-hidden-size": (_no_hidden_size, r"config.json has no 'hidden_size', which a \['Qwen3ForCausalLM'\] model "
                                         r"needs"),
     "unsupported-architecture": (lambda f: edit_config(f, model_type="mamba", architectures=["MambaForCausalLM"]),
                                  r"unsupported architecture: MambaForCausalLM"),
     "generation-config-list": (lambda f: (f / "generation_config.json").write_text("[1]"),
-                               r"generation_config.json holds a JSON list, not an object of settings"),
+                               r"generation_config.json holds a JSON list, not an object"),
     # Was run with SiLU whatever hidden_act said.
     "hidden-act-gelu": (lambda f: edit_config(f, hidden_act="gelu"),
                         r"hidden_act 'gelu' is not supported; the MLP is SwiGLU, so hidden_act must be one of "
@@ -227,11 +227,24 @@ CONFIG_DAMAGE = {
 }
 
 
+def eval_error(folder, tmp_path, capsys) -> str:
+    """`rsd eval --model folder`'s error: exit status 2 and one line, no traceback."""
+    from rsd_engine.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "What is 2+2?", "answer": "4"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
+              "--max-new-tokens", "2", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
 @pytest.mark.parametrize("damage", list(CONFIG_DAMAGE))
 def test_damaged_config_is_a_one_line_error(folder, tmp_path, capsys, damage):
     """load_config, load_tokenizer and the CLI give a ValueError that names the problem (exit 2), never a
     KeyError / AttributeError traceback from deep inside the loader or transformers."""
-    from rsd_engine.cli import main
     from rsd_engine.models.loader import load_config
     from rsd_engine.tokens import load_tokenizer
 
@@ -240,29 +253,17 @@ def test_damaged_config_is_a_one_line_error(folder, tmp_path, capsys, damage):
     for load in (load_config, load_tokenizer, load_model):
         with pytest.raises(ValueError, match=message):
             load(folder)
-    data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"id": "a", "question": "What is 2+2?", "answer": "4"}) + "\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
-              "--max-new-tokens", "2", "--device", "cpu", "--no-progress"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and re.search(message, err) and len(err.splitlines()) == 1
+    err = eval_error(folder, tmp_path, capsys)
+    assert re.search(message, err)
 
 
 def test_unreadable_tokenizer_is_a_one_line_error(folder, tmp_path, capsys):
-    from rsd_engine.cli import main
     from rsd_engine.tokens import load_tokenizer
 
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match=rf"cannot load the tokenizer in {folder} \(KeyError: 'added_tokens'\)"):
         load_tokenizer(folder)
-    data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"id": "a", "question": "What is 2+2?", "answer": "4"}) + "\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
-              "--max-new-tokens", "2", "--device", "cpu", "--no-progress"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "cannot load the tokenizer" in err and len(err.splitlines()) == 1
+    assert "cannot load the tokenizer" in eval_error(folder, tmp_path, capsys)
 
 
 def test_quantized_checkpoint_is_refused(folder):

@@ -229,17 +229,11 @@ def test_resume_after_torn_output(models, tmp_path, capsys):
     assert "1 already in the output, 2 traced now" in report and "cut short by the last run" in report
 
 
-def test_ranks_write_parts_that_merge_to_the_single_run(models, tmp_path, monkeypatch):
+def test_ranks_write_parts_that_merge_to_the_single_run(models, tmp_path, as_ranks):
     data = write_rows(tmp_path / "r.jsonl", RESPONSES)
     whole = provenance(models, data, tmp_path / "whole.jsonl")
     out = tmp_path / "s.jsonl"
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        provenance(models, data, out)
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
+    as_ranks(lambda: provenance(models, data, out))
     assert main(["merge", str(out)]) == 0
     assert_same_lines(read_records(out), whole)
 
@@ -403,18 +397,12 @@ def test_rerun_with_other_settings_is_refused_unless_forced(models, tmp_path, ca
     assert {s["id"] for s in read_records(out)} == {"p1", "p2", "p3"}
 
 
-def test_select_ranks_merge_to_the_single_run(models, tmp_path, monkeypatch):
+def test_select_ranks_merge_to_the_single_run(models, tmp_path, as_ranks):
     data = write_rows(tmp_path / "c.jsonl", CANDIDATES)
     argv = ["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", str(data),
             "--beta", TINY_BETA, "--device", "cpu", "--no-progress", "--out"]
     assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
     assert main(["merge", str(tmp_path / "sel.jsonl")]) == 0
     merged, whole = read_records(tmp_path / "sel.jsonl"), read_records(tmp_path / "whole.jsonl")
     assert [(r["id"], r["response"], r["teacher_sentences"]) for r in merged] == [

@@ -8,7 +8,6 @@ token. Backends are compared with the reference token for token under shared uni
 """
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -202,19 +202,13 @@ def test_generate_chooser_baselines(tiny_pair, by):
     assert kept.index == expected
 
 
-def test_budget_under_ranks_gives_the_single_runs_selection(tmp_path, monkeypatch, capsys):
+def test_budget_under_ranks_gives_the_single_runs_selection(tmp_path, as_ranks, capsys):
     data = write_rows(tmp_path / "c.jsonl", ROWS)
     argv = ["select", "--by", "random", "--budget", "7", "--data", str(data), "--no-progress", "--out"]
     assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
     assert "scores part written; when every rank is done: rsd merge" in capsys.readouterr().out
     assert not (tmp_path / "sel.jsonl").exists()
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
     assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
     assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
     assert read_records(tmp_path / "sel.jsonl") == read_records(tmp_path / "whole.jsonl")
@@ -253,18 +247,12 @@ def test_rerun_without_budget_resumes_a_problem_keyed_by_its_question(tmp_path, 
     assert sorted(r["id"] for r in read_records(out)) == sorted(["q0", question_id(ROWS[3]["question"])])
 
 
-def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, monkeypatch):
+def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, as_ranks):
     rows = [{"pid": r["id"], **{k: v for k, v in r.items() if k != "id"}} for r in ROWS]
     data = write_rows(tmp_path / "c.jsonl", rows)
     argv = ["select", "--by", "random", "--id-field", "pid", "--data", str(data), "--no-progress", "--out"]
     assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
     assert main(["merge", str(tmp_path / "sel.jsonl")]) == 0
     merged = read_records(tmp_path / "sel.jsonl")
     assert sorted(r["pid"] for r in merged) == [f"q{i}" for i in range(5)]

@@ -85,17 +85,23 @@ def _weight_names(folder: Path) -> list[str]:
     return index_shards(index) if index.is_file() else ["model.safetensors"]
 
 
+def read_json_object(path: Path) -> dict:
+    """A model folder's JSON file (config, generation config, index): a ValueError that names the file when it
+    is not JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def index_shards(index: Path) -> list[str]:
     """The shard file names a model.safetensors.index.json lists, sorted, each once. An index that is not
     JSON, not an object, or whose weight_map is not a non-empty map of tensor names to file names is a
     ValueError that names it."""
-    try:
-        value = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{index} holds a JSON {type(value).__name__}, not an object with a weight_map")
-    weight_map = value.get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) and name for name in weight_map.values()):
         raise ValueError(f"{index}: weight_map must map tensor names to file names")
     if not weight_map:

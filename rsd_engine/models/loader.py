@@ -6,7 +6,6 @@ custom modelling code that `auto_map` points to; both are refused.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .hub import index_shards, resolve_model
+from .hub import index_shards, read_json_object, resolve_model
 from .transformer import MERGED, CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,23 +70,13 @@ def load_config(folder) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
     generation_path = folder / "generation_config.json"
-    generation = _read_json(generation_path) if generation_path.is_file() else None
-    return ModelConfig.from_hf(_read_json(path), generation)
+    generation = read_json_object(generation_path) if generation_path.is_file() else None
+    return ModelConfig.from_hf(read_json_object(path), generation)
 
 
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The decoder's parameters in HF's names; a checkpoint tensor named so that the model lacks is refused.
 DECODER_PARAM = re.compile(r"model\..*\.(weight|bias)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
-    return value
 
 
 def _dtype(dtype) -> torch.dtype:
