@@ -7,7 +7,7 @@ import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .reference import RowParams
-from .triton import _int8, _launch_config, _rows, _SplitLaunch, import_kernel
+from .triton import _int8, _launch_config, _rows, _SplitLaunch, chunks_for, import_kernel
 from .verify_reference import VerifyOutput
 
 _kernels = import_kernel("rsd_verify")
@@ -63,7 +63,11 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
         V = proposal_mask.numel()
-        split = _SplitLaunch(config, R, teacher, student, V, fallback_mask.numel(), sides=2, param_div=P)
+        # The split rounds: at least two programs per (row, position) and side, as measured on the card (verify's
+        # B * P rows reach the table's one-program-per-row entry at B = 13 already).
+        chunks = max(2, chunks_for(R, -(-max(teacher.shape[1], student.shape[1]) // config["SEG"]), config))
+        split = _SplitLaunch({**config, "chunks": chunks}, R, teacher, student, V, fallback_mask.numel(), sides=2,
+                             param_div=P)
         split.rounds(teacher, student, proposal_mask, fallback_mask, row_params[4], row_params[:3], row_params[5:8])
         # failed_kernel and residual_kernel: one program per (row, position) and segment. Their programs share
         # nothing (each stores its segment's sums), so the widest split costs no combining: one dependent step
