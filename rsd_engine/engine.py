@@ -12,7 +12,7 @@ from . import randomness
 from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
 from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
-from .runtime import kv_bucket, progress_bar, resolve_device, resolve_dtype
+from .runtime import kv_bucket, progress_bar, resolve_device, resolve_dtype, warn_past_context
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
@@ -50,6 +50,7 @@ class Engine:
         self.student = load_model(self.student_path, dtype=self.dtype, device=self.device)
         for model in (self.teacher, self.student):
             model.pack_head_for_cpu()
+        warn_past_context(max_seq_len, teacher=self.teacher, student=self.student)
         self.teacher_tokenizer = load_tokenizer(self.teacher_path)
         self.tokenizer = load_tokenizer(self.student_path)
         self.space = align_token_spaces(

@@ -27,6 +27,7 @@ from .models import load_model
 from .models.hub import resolve_model
 from .params import SamplingParams
 from .randomness import FALLBACK_DRAW, step_uniforms
+from .runtime import warn_past_context
 from .scheduler import Request
 from .sampling import resolve_backend, sample_tokens
 from .scoring import score_sequences
@@ -53,6 +54,7 @@ class Generator(Engine):
         self.model_path = resolve_model(model, revision)
         self.model = load_model(self.model_path, dtype=self.dtype, device=self.device)
         self.model.pack_head_for_cpu()
+        warn_past_context(max_seq_len, model=self.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.sampler = _sample_backend(sampler, self.device)
         # Ids the tokenizer has (embedding padding rows past it are never drawn).

@@ -1,6 +1,8 @@
 """Small runtime choices shared by the engine's parts: device, dtype, attention-span buckets."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 KV_BUCKET = 128  # CPU attention spans a multiple of this many cache positions, not max_seq_len
@@ -8,6 +10,18 @@ KV_BUCKET = 128  # CPU attention spans a multiple of this many cache positions, 
 
 def kv_bucket(length: int, max_seq_len: int, bucket: int = KV_BUCKET) -> int:
     return min(max_seq_len, -(-length // bucket) * bucket)
+
+
+def warn_past_context(max_seq_len: int, **models) -> None:
+    """Warn where ``max_seq_len`` lets a sequence run past a model's context (``max_position_embeddings``):
+    positions the model was never trained at, whose tokens and log-probs are not the model's behaviour."""
+    for role, model in models.items():
+        context = model.config.max_position_embeddings
+        if max_seq_len > context:
+            warnings.warn(f"max_seq_len = {max_seq_len} is past the {role}'s context ({context} positions, "
+                          f"max_position_embeddings in its config.json): a sequence longer than that runs at "
+                          f"positions the model was never trained at; pass max_seq_len <= {context} "
+                          f"(rsd: --max-seq-len) to end sequences there", stacklevel=3)
 
 
 def resolve_device(device) -> torch.device:

@@ -107,6 +107,21 @@ def test_cache_limit_finishes_with_length(tiny_pair):
     assert r.finish_reason in ("length", "eos") and len(r.prompt_token_ids) + len(r.token_ids) <= 12
 
 
+def test_max_seq_len_past_a_models_context_warns(tiny_pair, recwarn):
+    """The tiny models were trained (configured) for 2048 positions: a cache longer than that lets sequences
+    run where the models' tokens and log-probs mean nothing, which the user should hear about once."""
+    from rsd_engine import Generator
+
+    Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=2048, sampler="reference")
+    Generator(tiny_pair[1], device="cpu", max_batch_size=1, max_seq_len=2048, sampler="reference")
+    assert not [w for w in recwarn if "context" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"max_seq_len = 4096 is past the teacher's context \(2048 positions") as got:
+        Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=4096, sampler="reference")
+    assert any("student's context" in str(w.message) for w in got)
+    with pytest.warns(UserWarning, match=r"past the model's context \(2048 positions.*--max-seq-len"):
+        Generator(tiny_pair[1], device="cpu", max_batch_size=1, max_seq_len=2049, sampler="reference")
+
+
 def test_prompt_longer_than_max_seq_len_is_named(engine):
     with pytest.raises(ValueError, match=r"prompt 1 has 200 tokens .* max_seq_len is 128"):
         engine.generate_batch([[5], [6] * 200], SamplingParams(max_new_tokens=2))
