@@ -451,17 +451,19 @@ class Engine:
         longest = max(len(s) for s in r.params.stop)
         window_start = max(0, r.stop_scan_from - longest + 1)
         hits = [i for s in r.params.stop if (i := text.find(s, window_start)) >= 0]
-        r.stop_scan_from = len(text)
+        # A character whose bytes are still coming decodes as U+FFFD for now: search it again once it is whole.
+        r.stop_scan_from = len(text.rstrip("\ufffd"))
         if hits:
             r.result.text = text[: min(hits)]
+            r.cut_at_stop = True
             return True
         return False
 
     def _finalize(self, r: Request, reason: str):
         res = r.result
         res.finish_reason = reason
-        if reason == "stop" and r.params.stop and res.text:
-            return  # text already cut at the stop string
+        if reason == "stop" and r.cut_at_stop:
+            return  # text already cut at the stop string (empty where the output starts with it)
         ids = res.token_ids[:-1] if reason == "eos" else res.token_ids
         res.text = self.tokenizer.decode(ids, skip_special_tokens=False)
 

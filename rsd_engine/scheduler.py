@@ -22,6 +22,7 @@ class Request:
     next_student_token: int = 0  # fed to the student at the next decode step
     next_teacher_token: int = 0
     stop_scan_from: int = 0  # characters of text already searched for stop strings
+    cut_at_stop: bool = False  # result.text is already the text before a stop string (maybe "")
 
 
 @dataclass

@@ -101,6 +101,27 @@ def test_stops(engine):
     assert by_text.finish_reason == "stop" and by_text.text == text[: text.index(needle)]
 
 
+def test_stop_string_at_the_start_leaves_no_text(engine):
+    base = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=4, **GREEDY, threshold=0.0))[0]
+    first = engine.tokenizer.decode(base.token_ids[:1])
+    cut = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=4, **GREEDY, threshold=0.0,
+                                                             stop=[first]))[0]
+    assert (cut.finish_reason, cut.token_ids, cut.text) == ("stop", base.token_ids[:1], "")
+
+
+@pytest.mark.parametrize("stop,text", [("€", "ab"), ("b€", "a"), ("€c", "ab")])
+def test_stop_string_ending_in_a_character_of_several_tokens(engine, stop, text):
+    """Byte-level tokens spell "€" in three: until its last byte the text ends in U+FFFD, which must not
+    count as searched (the stop string is found once the character is whole)."""
+    ids = engine.tokenizer.encode("ab€cd", add_special_tokens=False)
+    assert len(ids) > 4  # € is split into bytes
+    r = engine._make_requests(["The"], SamplingParams(max_new_tokens=20, stop=[stop]))[0]
+    for token in ids:  # one token per step, as plain decoding commits them
+        if engine._commit([r], [[(token, 1.0, 0.0, 0.0)]]):
+            break
+    assert (r.result.finish_reason, r.result.text) == ("stop", text)
+
+
 def test_cache_limit_finishes_with_length(tiny_pair):
     small = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=12, sampler="reference")
     r = small.generate_batch([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=100, threshold=0.0, **GREEDY))[0]
