@@ -389,11 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _select_parser(sub)
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
-                           description="Join OUT.rank*-of-*.jsonl (and OUT, if it exists) into OUT in id order, each "
-                                       "id once; duplicate ids are reported.")
+                           description="Join OUT.rank*-of-*.jsonl (every set of parts, and OUT, if it exists) into "
+                                       "OUT in id order, each id once; duplicate ids are reported, copies that "
+                                       "differ refused.")
     merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
     merge.add_argument("--force", action="store_true",
-                       help="merge parts made with other settings (default: refuse, naming the differences)")
+                       help="merge parts made with other settings, and records whose copies differ (default: refuse, "
+                            "naming the differences)")
     _demo_parser(sub)
     return parser
 
@@ -423,7 +425,8 @@ def _generate_shortfalls(s: dict) -> list[tuple[int, int | None, str, str]]:
     """rsd generate's (and rsd demo's) shortfalls for _exit_status, from run_generate's summary."""
     n = (s["problems"], "problems")
     return [(len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, "were cut short by --max-seq-len"),
-            (len(s["prompt_too_long"]), *n, "were skipped (prompt longer than --max-seq-len)")]
+            (len(s["prompt_too_long"]), *n, "were skipped (prompt longer than --max-seq-len)"),
+            (1 if s.get("not_merged") else 0, None, "output", "was not merged (said above)")]
 
 
 def _score(args):
@@ -450,7 +453,8 @@ def _eval(args):
     return _exit_status("eval", [
         (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
         (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, "were cut short by --max-seq-len"),
-        (len(t["too_long"]) * args.samples, *n, "were skipped (prompt longer than --max-seq-len)")])
+        (len(t["too_long"]) * args.samples, *n, "were skipped (prompt longer than --max-seq-len)"),
+        (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 
 def _provenance(args):
@@ -458,7 +462,8 @@ def _provenance(args):
 
     t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
     return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses",
-                                        "were skipped (too long for --max-seq-len, unreadable, or no sentence)")])
+                                        "were skipped (too long for --max-seq-len, unreadable, or no sentence)"),
+                                       (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 
 def _provenance_report(args):
@@ -478,7 +483,8 @@ def _select(args):
     # (the summary names it); one left with none because they were skipped is counted through the skips.
     return _exit_status("select", [
         (len(t["skipped"]), None, "candidates",
-         "were skipped (too long for --max-seq-len, unreadable, or no sentence)")])
+         "were skipped (too long for --max-seq-len, unreadable, or no sentence)"),
+        (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 
 def _exit_status(command: str, shortfalls: list[tuple[int, int | None, str, str]]) -> int:
@@ -509,6 +515,9 @@ def _merge(args):
     if report.forced_runs:
         print("note: records in the merged output were appended under --force with other settings (listed in its "
               "manifest): " + " | ".join(report.forced_runs))
+    if report.conflicts:
+        print(f"warning: {len(report.conflicts)} records had copies that differ, merged under --force (the first "
+              f"copy kept): " + ", ".join(key.replace(chr(0), "/") for key in list(report.conflicts)[:5]))
     if report.duplicates:
         print(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
 

@@ -56,6 +56,66 @@ def test_reordered_data_resumes_without_duplicates_or_gaps(pair, tmp_path, capsy
     assert {r["id"]: r["token_ids"] for r in resumed} == {r["id"]: r["token_ids"] for r in clean}
 
 
+def test_sharded_runs_resume_from_every_part_whatever_the_input_order_or_world_size(pair, tmp_path, as_ranks,
+                                                                                   capsys):
+    """Ranks take rows by position, so a row added at the top moves every problem to another rank, and a
+    rerun with another number of ranks (or one process) finds other part names: each run must resume from
+    all of OUT's files, or it writes again what another part holds and the merge keeps two copies."""
+    rows = [{k: p[k] for k in ("id", "question", "answer") if p[k] is not None} for p in PROBLEMS]
+    data, out = write_rows(tmp_path / "p.jsonl", rows[1:]), tmp_path / "out.jsonl"
+    as_ranks(lambda: generate(pair, data, out))
+    write_rows(data, rows)  # a problem added at the top: every other row now goes to the other rank
+    capsys.readouterr()
+    as_ranks(lambda: generate(pair, data, out))
+    said = capsys.readouterr().out
+    assert "[rank 0/2] problems: 2 (1 already in the output, 1 written now)" in said
+    assert "[rank 1/2] problems: 2 (2 already in the output, 0 written now)" in said
+    write_rows(data, [*rows, {"id": "sub", "question": "What is 5-2?", "answer": "3"}])
+    as_ranks(lambda: generate(pair, data, out), world=3)  # resumed with three ranks
+    assert main(["merge", str(out)]) == 0
+    assert f"merged 5 records into {out}" in capsys.readouterr().out  # 5 problems over 5 part files
+    merged = read_records(out)
+    assert sorted(r["id"] for r in merged) == sorted([p["id"] for p in PROBLEMS] + ["sub"])
+    # One process after the merge, beside the parts: nothing is done twice, and the parts are named.
+    records = generate(pair, data, out)
+    said = capsys.readouterr().out
+    assert "problems: 5 (5 already in the output, 0 written now)" in said and "rsd merge" in said
+    assert records == merged
+
+
+def test_problems_changed_since_their_records_are_refused(pair, tmp_path, capsys):
+    """Resume matches records to problems by id: a problem whose question or reference answer changed under
+    the same id (the file edited, or another dataset numbered alike) would keep its old record beside the
+    new problems' records, graded against the old answer."""
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    generate(pair, data, out, "--limit", "2")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1]["answer"] = "8"  # a corrected reference answer
+    write_rows(data, rows)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(pair, data, out))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "1 problems differ (question or reference answer)" in err
+    assert f"their records in {out}: mul;" in err and "--force" in err
+    assert len(read_records(out)) == 2
+    other = write_rows(tmp_path / "other.jsonl", [{"id": "add", "question": "Name a colour.", "answer": "red"}])
+    with pytest.raises(SystemExit):
+        main(argv(pair, other, out))
+    assert "1 problems differ" in capsys.readouterr().err
+    records = generate(pair, data, out, "--force")
+    assert len(records) == 4 and next(r for r in records if r["id"] == "mul")["answer"] == "9"  # kept, as said
+    assert "records of 1 problems changed since kept (mul)" in capsys.readouterr().out
+    # --format sft records name their question in the user turn.
+    sft = tmp_path / "sft.jsonl"
+    generate(pair, data, sft, "--format", "sft", "--limit", "1")
+    rows[0]["question"] = "What is 2+2, again?"
+    write_rows(data, rows)
+    with pytest.raises(SystemExit):
+        main(argv(pair, data, sft, "--format", "sft"))
+    assert "1 problems differ" in capsys.readouterr().err
+
+
 def test_a_second_writer_fails_at_once(tmp_path):
     out = tmp_path / "out.jsonl"
     with RecordWriter(out) as first:

@@ -14,6 +14,7 @@ import pytest
 from rsd_engine.pipeline.manifest import manifest_path, read_manifest
 from rsd_engine.pipeline.records import (
     OutputBusy,
+    RecordConflict,
     RecordWriter,
     SettingsMismatch,
     check_writable,
@@ -22,6 +23,7 @@ from rsd_engine.pipeline.records import (
     merge_parts,
     part_path,
     read_records,
+    same_record,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,13 +112,13 @@ def test_merge_parts_in_id_order_without_duplicates(tmp_path):
     ids_by_rank = {0: ["0", "2", "10", "4"], 1: ["1", "3", "11", "2"]}  # "2" written twice
     for rank, ids in ids_by_rank.items():
         with RecordWriter(part_path(out, rank, 2)) as writer:
-            for i in ids:
-                writer.write({"id": i, "rank": rank})
+            for i in ids:  # the copies of "2" agree but for float rounding (stats of another batch)
+                writer.write({"id": i, "text": f"t{i}", "stats": {"mean": 0.1 + rank * 1e-9}})
     report = merge_parts(out)
     assert (report.records, report.duplicates) == (7, {"2": 2})  # reported, the first copy kept
     merged = read_records(out)
     assert [r["id"] for r in merged] == ["0", "1", "2", "3", "4", "10", "11"]
-    assert [r for r in merged if r["id"] == "2"] == [{"id": "2", "rank": 0}]
+    assert [r for r in merged if r["id"] == "2"] == [{"id": "2", "text": "t2", "stats": {"mean": 0.1}}]
     again = merge_parts(out)  # idempotent: out itself is one of the inputs, and not a source of duplicates
     assert (again.records, again.duplicates) == (7, {"2": 2})
     assert read_records(out) == merged
@@ -125,7 +127,7 @@ def test_merge_parts_in_id_order_without_duplicates(tmp_path):
     ]
 
 
-def test_merge_refuses_incomplete_or_mixed_sets(tmp_path):
+def test_merge_refuses_incomplete_sets(tmp_path):
     out = tmp_path / "out.jsonl"
     with pytest.raises(FileNotFoundError, match="no part files"):
         merge_parts(out)
@@ -133,9 +135,55 @@ def test_merge_refuses_incomplete_or_mixed_sets(tmp_path):
     RecordWriter(part_path(out, 2, 3)).close()
     with pytest.raises(FileNotFoundError, match=r"ranks \[1\] of 3"):
         find_parts(out)
-    RecordWriter(part_path(out, 0, 2)).close()
-    with pytest.raises(ValueError, match="different world sizes"):
+    RecordWriter(part_path(out, 1, 3)).close()
+    RecordWriter(part_path(out, 1, 2)).close()
+    with pytest.raises(FileNotFoundError, match=r"ranks \[0\] of 2"):
         find_parts(out)
+
+
+def test_merge_takes_every_set_of_parts(tmp_path):
+    """A run resumed with another number of ranks leaves a second set of parts beside the first: both are
+    the output's records (the resumed run wrote only what the first had not)."""
+    out = tmp_path / "traces[v2].jsonl"  # glob characters in the name
+    for (rank, world), ids in {(0, 3): ["0", "3"], (1, 3): ["1"], (2, 3): ["2"], (0, 2): ["4"], (1, 2): []}.items():
+        with RecordWriter(part_path(out, rank, world)) as writer:
+            for i in ids:
+                writer.write({"id": i})
+    assert [p.name for p in find_parts(out)] == [f"traces[v2].rank0000{r}-of-0000{w}.jsonl"
+                                                 for w, r in [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]]
+    report = merge_parts(out)
+    assert (report.records, report.parts, report.duplicates) == (5, 5, {})
+    assert [r["id"] for r in read_records(out)] == ["0", "1", "2", "3", "4"]
+
+
+def test_merge_refuses_copies_that_differ(tmp_path):
+    """Copies of one record that say different things (a part edited, or another run's records) are not
+    duplicates to drop quietly: merge names them, and keeps the first only under force."""
+    out = tmp_path / "out.jsonl"
+    for rank, text in enumerate(["old", "new"]):
+        with RecordWriter(part_path(out, rank, 2)) as writer:
+            writer.write({"id": "7", "completion": text})
+            writer.write({"id": str(rank), "completion": "same"})
+    with pytest.raises(RecordConflict, match=r"1 records .* copies that differ \(7: out.rank00000-of-00002.jsonl vs "
+                                             r"out.rank00001-of-00002.jsonl\).*--force"):
+        merge_parts(out)
+    assert read_records(out) == [] and read_manifest(out) is None  # nothing merged
+    report = merge_parts(out, force=True)
+    assert list(report.conflicts) == ["7"] and read_records(out)[2] == {"id": "7", "completion": "old"}
+    # OUT's own copy against a part's: an earlier merge, edited since.
+    records = read_records(out)
+    records[2]["completion"] = "edited"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(RecordConflict, match=r"7: out.jsonl vs out.rank00000-of-00002.jsonl"):
+        merge_parts(out)
+
+
+def test_same_record_allows_float_rounding_only():
+    assert same_record({"a": [1, 0.30000001], "b": "x"}, {"a": [1, 0.3], "b": "x"})
+    assert not same_record({"a": [1, 0.31]}, {"a": [1, 0.3]})
+    assert not same_record({"a": 1}, {"a": True}) and not same_record({"a": 1.0}, {"a": True})
+    assert not same_record({"a": 1}, {"a": 1, "b": None}) and not same_record([1, 2], [1, 2, 3])
+    assert same_record({"a": float("nan")}, {"a": float("nan")}) and not same_record("1", 1)
 
 
 def test_check_writable(tmp_path):

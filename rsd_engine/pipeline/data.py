@@ -206,6 +206,38 @@ def _read_saved_dataset(path: Path) -> list:
     return data.to_list()
 
 
+class ChangedProblems(ValueError):
+    """An output holds records of problems whose question or reference answer has changed since."""
+
+
+def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, data) -> list[str]:
+    """The ids of `problems` whose records in `held` (an output being resumed) were made from another question or
+    reference answer: the data file was edited, or is another file with the same ids. Resuming would keep those
+    records as they are (done), beside records of the problems as they are now; refused (ChangedProblems) unless
+    `force`, which keeps them. A record names its question in "question" (or its user turn, `--format sft`) and
+    its reference answer in "answer"; SFT records have no answer to compare."""
+    now = {p.id: p for p in problems}
+    changed = {}
+    for record in held:
+        problem = now.get(str(record.get("id")))
+        if problem is None:
+            continue
+        question = record.get("question")
+        if question is None and isinstance(record.get("messages"), list):
+            question = next((m.get("content") for m in record["messages"]
+                             if isinstance(m, dict) and m.get("role") == "user"), None)
+        if (question is not None and question != problem.question) or (
+                "answer" in record and record["answer"] != problem.answer):
+            changed[problem.id] = None
+    if changed and not force:
+        shown = ", ".join(list(changed)[:5]) + (f", and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ChangedProblems(
+            f"{data}: {len(changed)} problems differ (question or reference answer) from their records in {out}: "
+            f"{shown}; resuming would keep those records, made from the problems as they were. Give another --out, "
+            f"remove their records, or pass --force to keep them")
+    return list(changed)
+
+
 def shard_problems(problems: list[Problem], rank: int, world_size: int) -> list[Problem]:
     """The problems rank `rank` of `world_size` takes: every world_size-th, starting at rank."""
     if not 0 <= rank < world_size:

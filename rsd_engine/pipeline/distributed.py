@@ -56,23 +56,29 @@ def init_process_group(dist: Dist, log) -> bool:
     return True
 
 
-def barrier_and_merge(dist: Dist, out: Path, log):
+def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
+    """Wait for every rank, then (rank 0) merge the parts into `out`; returns why they were not merged (None when
+    they were, and on the other ranks)."""
     import torch.distributed as td
 
     td.barrier()
     if dist.rank != 0:
-        return
+        return None
     try:
         report = merge_parts(out)
-    except (FileNotFoundError, ValueError, OutputBusy) as err:  # parts on other hosts' disks, or other settings
+    except FileNotFoundError as err:  # parts on other hosts' disks
         log(f"not merged ({err}); once all parts are in one folder: rsd merge {out}")
-        return
+        return str(err)
+    except (ValueError, OutputBusy) as err:  # other settings, copies that differ, a part still written
+        log(f"not merged: {err}")
+        return str(err).splitlines()[0]
     statuses = [r.get("status") for r in read_records(out)]
     counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
     counts = f" ({counts})" if any(statuses) else ""  # only rsd generate records have a status
-    log(f"merged {dist.world_size} parts: {report.records} records{counts} in {out}")
+    log(f"merged {report.parts} parts: {report.records} records{counts} in {out}")
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
+    return None
 
 
 def rank_device(device: str, dist: Dist) -> str:

@@ -22,13 +22,13 @@ from pathlib import Path
 from rsd_engine.params import SamplingParams
 
 from .answers import is_correct
-from .data import load_problems, shard_problems
+from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
-from .manifest import check_settings
-from .records import RecordWriter, check_output_name, check_writable, part_path, read_records
+from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
+                      read_records)
 from .traces import final_answer
 from ..models.loader import check_model_folder
 
@@ -98,28 +98,30 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     settings, about = output_settings(opts, ("model",),
                                       tuple(o for o in RUNTIME_OPTIONS if o != "max_seq_len") + ("samples",))
     settings["--id-field"] = problem_set.id_field
-    merged = read_records(out) if dist.world_size > 1 else []  # a merged output of an earlier run
-    if merged:
-        check_settings(out, settings, has_records=True, force=opts.force, write=False)
+    # Records in OUT's other files (an earlier merge, every part of any world size) are done too.
+    elsewhere = held_elsewhere(out, target, settings, force=opts.force)
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-            held = writer.existing + merged
+            held = writer.existing + [r for records in elsewhere.values() for r in records]
+            changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
             done = {(str(r.get("id")), r.get("sample")) for r in held}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
                      "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine),
                      "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
-                     "failed": 0, "cut_short": 0,
+                     "failed": 0, "cut_short": 0, "changed_kept": changed,
                      "tokens": 0, "seconds": 0.0}
             if todo:
                 tokenizer = load_tokenizer(opts.model)
                 _eval(opts, todo, tokenizer, writer, tally, dist)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
         if group:
-            barrier_and_merge(dist, out, log)
+            tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
+        else:
+            note_unmerged(out, elsewhere, log)
         if dist.rank != 0:
             return tally
         shown = out if (group or dist.world_size == 1) and out.is_file() else target
@@ -237,6 +239,9 @@ def _format_tally(t: dict, target) -> str:
         lines.append(f"failed (error, written with it): {t['failed']} generations")
     if t["cut_short"]:
         lines.append(f"cut short by --max-seq-len (written as they stopped): {t['cut_short']} generations")
+    if t["changed_kept"]:
+        lines.append(f"kept under --force: the records of {len(t['changed_kept'])} problems changed since they were "
+                     f"made ({', '.join(t['changed_kept'][:5])})")
     if t["written"]:
         lines.append(f"tokens: {t['tokens']}  {t['tokens'] / max(t['seconds'], 1e-9):.1f} tokens/s")
     lines.append(f"output: {target}")

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
-from .data import Problem, load_problems, shard_problems
+from .data import Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import check_settings, input_identity, model_fingerprint
-from .progress import ProgressBar, Tally, format_summary
+from .progress import ProgressBar, Tally, format_summary, names
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import RecordWriter, check_output_name, check_writable, duplicate_ids, part_path, read_records
+from .records import (RecordWriter, check_output_name, check_writable, duplicate_ids, held_elsewhere, note_unmerged,
+                      part_path, read_records)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import check_attempt, select_trace, to_sft
@@ -42,7 +43,8 @@ FORMATS = ("jsonl", "sft")
 SELECTIONS = ("shortest", "provenance")
 PROVENANCE_OPTIONS = ("by", "rule", "beta", "margin")
 # Options that choose which problems run, or what they run on; a finished record is the same
-# whatever they are, so the manifest notes them without comparing them (see manifest.py).
+# whatever they are, so the manifest notes them without comparing them (see manifest.py). A resumed
+# record's problem is checked against the data file's (data.check_held), whichever file that is.
 RUNTIME_OPTIONS = ("teacher", "student", "data", "out", "limit", "max_batch_size", "max_seq_len", "device",
                    "dtype", "sampler", "progress", "force")
 
@@ -128,21 +130,20 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     mine = shard_problems(problems, dist.rank, dist.world_size)
     _check_format(target, opts.format)
     settings, about = record_settings(opts, problem_set.id_field)
-    merged = read_records(out) if dist.world_size > 1 else []  # a merged output of an earlier run
-    if merged:
-        _check_format(out, opts.format)
-        check_settings(out, settings, has_records=True, force=opts.force, write=False)
+    # Records in OUT's other files (an earlier merge, every part of any world size) are done too.
+    elsewhere = held_elsewhere(out, target, settings, force=opts.force)
     # --format sft: unfinished records go to their own file (module docstring), checked as OUT is.
     prefixes = unfinished_path(out) if opts.format == "sft" else None
-    prefix_target, merged_prefixes = None, []
+    prefix_target, prefixes_elsewhere = None, {}
     if prefixes is not None:
         prefix_target = part_path(prefixes, dist.rank, dist.world_size) if dist.world_size > 1 else prefixes
         check_writable(prefix_target)
         _check_format(prefix_target, "jsonl")
-        merged_prefixes = read_records(prefixes) if dist.world_size > 1 else []
-        if merged_prefixes:
-            _check_format(prefixes, "jsonl")
-            check_settings(prefixes, settings, has_records=True, force=opts.force, write=False)
+        prefixes_elsewhere = held_elsewhere(prefixes, prefix_target, settings, force=opts.force)
+    for path in elsewhere:
+        _check_format(path, opts.format)
+    for path in prefixes_elsewhere:
+        _check_format(path, "jsonl")
     group = init_process_group(dist, log)
     try:
         with ExitStack() as stack:
@@ -151,20 +152,22 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             if prefix_target is not None:
                 prefix_writer = stack.enter_context(RecordWriter(prefix_target, settings, force=opts.force,
                                                                  about=about))
-            own_prefixes = prefix_writer.existing if prefix_writer else []
-            held = writer.existing + merged + own_prefixes + merged_prefixes
+            files = [writer.existing, *elsewhere.values(), *prefixes_elsewhere.values()]
+            files += [prefix_writer.existing] if prefix_writer else []
+            held = [r for records in files for r in records]
+            changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
             done = {str(r["id"]) for r in held if "id" in r}
             todo = [p for p in mine if p.id not in done]
             # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
             tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
                           problems=len(mine), resumed=len(mine) - len(todo), out=str(target),
                           # the merged output holds the parts' ids again: only copies within one file count
-                          duplicates={**duplicate_ids(merged), **duplicate_ids(writer.existing),
-                                      **duplicate_ids(merged_prefixes), **duplicate_ids(own_prefixes)},
-                          forced=writer.forced)
+                          duplicates={key: n for records in files for key, n in duplicate_ids(records).items()},
+                          forced=writer.forced + ([f"records of {len(changed)} problems changed since kept "
+                                                   f"({names(changed)})"] if changed else []))
             if todo:
                 _generate(opts, todo, writer, prefix_writer, dist, tally, log)
-            held_prefixes = len(own_prefixes) + prefix_writer.written if prefix_writer else 0
+            held_prefixes = len(prefix_writer.existing) + prefix_writer.written if prefix_writer else 0
         summary = {**tally.summary(), "unfinished_out": str(prefix_target) if prefix_target else None}
         report = format_summary(summary)
         if held_prefixes:
@@ -174,12 +177,16 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                        f"answers")
         log("\n".join(dist.tag + line for line in report.splitlines()))
         if group:
-            barrier_and_merge(dist, out, log)
+            summary["not_merged"] = barrier_and_merge(dist, out, log)
             if prefixes:
-                barrier_and_merge(dist, prefixes, log)
+                summary["not_merged"] = barrier_and_merge(dist, prefixes, log) or summary["not_merged"]
         elif dist.world_size > 1:
             also = f" and rsd merge {prefixes}" if prefixes else ""
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}{also}")
+        else:
+            note_unmerged(out, elsewhere, log)
+            if prefixes:
+                note_unmerged(prefixes, prefixes_elsewhere, log)
         return summary
     finally:
         if group:

@@ -23,7 +23,8 @@ from .manifest import input_identity, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
-from .records import RecordWriter, check_output_name, check_writable, part_path, read_records
+from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
+                      read_records)
 from .responses import load_responses
 from .tracing import Tracer
 
@@ -94,7 +95,9 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
             # A torn version is no version: refusing leaves it for the run that traces it again to cut off.
-            newest = _newest(writer.existing + (read_records(out) if dist.world_size > 1 else []))
+            # Lines in OUT's other files (an earlier merge, every part of any world size) count too.
+            elsewhere = held_elsewhere(out, target, settings, force=opts.force)
+            newest = _newest(writer.existing + [r for records in elsewhere.values() for r in records])
             todo, changed = responses_to_trace(mine, {key: text_hash for key, (text_hash, _) in newest.items()})
             if changed and not opts.force:
                 them = "them" if len(changed) > 1 else "it"
@@ -113,9 +116,11 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
                 _trace_all(tracer, usable, writer, tally, opts.progress and dist.rank == 0, dist, numbers)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
         if group:
-            barrier_and_merge(dist, out, log)
+            tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
+        else:
+            note_unmerged(out, elsewhere, log)
         if dist.rank == 0:
             shown = out if (group or dist.world_size == 1) and out.is_file() else target
             report = category_shares(current_sentences(read_records(shown)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import warnings
@@ -29,11 +30,16 @@ from pathlib import Path
 from .manifest import SettingsMismatch, check_settings, differences, read_manifest, write_manifest
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
-           "merge_parts", "part_path", "find_parts", "check_writable"]
+           "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "check_writable",
+           "RecordConflict"]
 
 
 class OutputBusy(RuntimeError):
     """Another process holds the output's lock."""
+
+
+class RecordConflict(ValueError):
+    """Copies of one record (the same record_key) that say different things."""
 
 
 class RecordWriter:
@@ -213,25 +219,64 @@ def _stem(out: Path) -> str:
     return out.name[: -len(out.suffix)] if out.suffix else out.name
 
 
-def find_parts(out) -> list[Path]:
-    """The part files of `out`, by rank; an error when they are not one complete set."""
+def part_files(out) -> dict[tuple[int, int], Path]:
+    """{(rank, world size): path} of every part file of `out` beside it, whatever the world size of the run that
+    wrote it."""
     out = Path(out)
     pattern = re.compile(re.escape(_stem(out)) + r"\.rank(\d{5})-of-(\d{5})" + re.escape(out.suffix) + "$")
     found = {}
-    for path in out.parent.glob(f"{_stem(out)}.rank*-of-*{out.suffix}"):
-        match = pattern.match(path.name)
-        if match:
-            found[(int(match[1]), int(match[2]))] = path
+    if out.parent.is_dir():
+        for path in out.parent.iterdir():  # not a glob: OUT's name may hold glob characters ("traces[v2]")
+            match = pattern.match(path.name)
+            if match:
+                found[(int(match[1]), int(match[2]))] = path
+    return found
+
+
+def find_parts(out) -> list[Path]:
+    """The part files of `out`, by world size and rank: every set a run left (a run resumed with another
+    number of ranks leaves a second set beside the first), each one complete; an error otherwise."""
+    out = Path(out)
+    found = part_files(out)
     if not found:
         raise FileNotFoundError(f"no part files {_stem(out)}.rank*-of-*{out.suffix} beside {out}")
-    sizes = {world for _, world in found}
-    if len(sizes) > 1:
-        raise ValueError(f"parts of {out} come from runs with different world sizes {sorted(sizes)}; merge one set")
-    world = sizes.pop()
-    missing = [rank for rank in range(world) if (rank, world) not in found]
-    if missing:
-        raise FileNotFoundError(f"parts of {out} for ranks {missing} of {world} are missing")
-    return [found[(rank, world)] for rank in range(world)]
+    parts = []
+    for world in sorted({world for _, world in found}):
+        missing = [rank for rank in range(world) if (rank, world) not in found]
+        if missing:
+            raise FileNotFoundError(f"parts of {out} for ranks {missing} of {world} are missing")
+        parts += [found[(rank, world)] for rank in range(world)]
+    return parts
+
+
+def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, list[dict]]:
+    """{path: its records} of OUT's files other than `target`, the file this process appends to: OUT itself
+    (an earlier merge) where `target` is a part, and every part of OUT but `target`, of any world size (another
+    rank's, or those of a run with another number of ranks, merged or not). A record in any of them is done:
+    resuming from `target` alone would write it again (a reordered input moves rows between ranks). Each file
+    that holds records must have been made with `settings` (SettingsMismatch otherwise, unless `force`)."""
+    out, target = Path(out), Path(target)
+    paths = ([out] if target != out else []) + [path for _, path in sorted(part_files(out).items(),
+                                                                           key=lambda item: item[0][::-1])]
+    held = {}
+    for path in paths:
+        if path == target:
+            continue
+        records = read_records(path)
+        if records:
+            check_settings(path, settings, has_records=True, force=force, write=False)
+            held[path] = records
+    return held
+
+
+def note_unmerged(out, elsewhere: dict[Path, list[dict]], log) -> None:
+    """After a run of one process: say where the records resumed from part files are (`held_elsewhere`), which
+    OUT lacks until they are merged."""
+    parts = [path.name for path in elsewhere if path != Path(out)]
+    if parts:
+        shown = ", ".join(parts[:3]) + (f", and {len(parts) - 3} more" if len(parts) > 3 else "")
+        log(f"note: records of this output are also in its part files ({shown}), done and not written again; "
+            f"rsd merge {out} joins them into it")
 
 
 @dataclass
@@ -240,12 +285,15 @@ class MergeReport:
     duplicates: dict = field(default_factory=dict)  # {id: copies seen}; the first copy is kept
     forced: list = field(default_factory=list)  # setting differences between the parts, merged under force
     forced_runs: list = field(default_factory=list)  # runs that appended to a part (or out) under --force
+    conflicts: dict = field(default_factory=dict)  # {key: files whose copies differ}, merged under force
+    parts: int = 0  # part files read
 
 
 def merge_parts(out, *, force: bool = False) -> MergeReport:
-    """Join all parts of `out` (and `out` itself, if it exists) into `out`, in id order, each id
-    once (the first copy seen: out, then the parts by rank); duplicates are reported. Refuses
-    parts still being written, and parts made with other settings unless `force`. The parts are
+    """Join all parts of `out` (every set of them, and `out` itself, if it exists) into `out`, in id order,
+    each id once (the first copy seen: out, then the parts by world size and rank); duplicates are reported.
+    Refuses parts still being written, and, unless `force`, parts made with other settings and copies of a
+    record that differ (beyond float rounding: a file edited, or records of another run). The parts are
     left in place."""
     out = Path(out)
     parts = find_parts(out)
@@ -253,12 +301,26 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         _check_idle(part)
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
         sources = ([out] if guard.existing else []) + parts
-        forced, forced_runs = _merged_manifest(out, sources, force)
-        records, in_parts = {}, []
+        forced, forced_runs, manifest = _merged_manifest(out, sources, force)
+        records, seen_in, in_parts, conflicts = {}, {}, [], {}
         for path in sources:
             for record in guard.existing if path == out else read_records(path):
                 in_parts += [record] if path != out else []
-                records.setdefault(record_key(record), record)
+                key = record_key(record)
+                first = records.setdefault(key, record)
+                seen_in.setdefault(key, path)
+                if first is not record and not same_record(first, record):
+                    conflicts.setdefault(key, [seen_in[key].name]).append(path.name)
+        if conflicts and not force:
+            shown = "; ".join(f"{key.replace(chr(0), '/')}: {' vs '.join(dict.fromkeys(files))}"
+                              for key, files in list(conflicts.items())[:5])
+            more = f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+            raise RecordConflict(
+                f"{len(conflicts)} records of {out} have copies that differ ({shown}{more}): a file was edited, or "
+                f"holds another run's records; keep the right files only, or pass --force to keep the first copy "
+                f"of each ({out.name}, then the parts by world size and rank)")
+        if manifest is not None:
+            write_manifest(out, manifest)
         records = {key: records[key] for key in _newest(records)}
         tmp = out.with_name(f".{out.name}.merging")
         tmp.unlink(missing_ok=True)  # left by a merge that was killed
@@ -268,7 +330,22 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
-                       forced_runs)
+                       forced_runs, conflicts, len(parts))
+
+
+def same_record(a, b) -> bool:
+    """Whether two copies of a record say the same: equal, but for floats equal to rounding (a record's stats
+    are means over float32 log-probs, whose last bits follow the batch it was decoded in)."""
+    if isinstance(a, float) or isinstance(b, float):
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+        if not numbers:
+            return False
+        return a == b or (a != a and b != b) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_record(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_record, a, b))
+    return type(a) is type(b) and a == b
 
 
 def _check_idle(part: Path) -> None:
@@ -281,13 +358,13 @@ def _check_idle(part: Path) -> None:
         os.close(fd)
 
 
-def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[str], list[str]]:
-    """Write out's manifest from its sources' (all must agree, unless `force`): (the differences found, the
-    runs that appended to a source under --force, which the merged manifest keeps listing)."""
+def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[str], list[str], dict | None]:
+    """Out's manifest from its sources' (all must agree, unless `force`): (the differences found, the runs that
+    appended to a source under --force, which the merged manifest keeps listing, the manifest to write)."""
     manifests = [(path, read_manifest(path)) for path in sources]
     known = [(path, m) for path, m in manifests if m is not None]
     if not known:
-        return [], []
+        return [], [], None
     first_path, first = known[0]
     found = [f"{path.name}: no manifest" for path, m in manifests if m is None]
     for path, m in known[1:]:
@@ -303,14 +380,13 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[
     if found:
         history.append({"merged": True, "differences": found})
     merged["forced"] = history
-    write_manifest(out, merged)
     earlier = {}  # each forced run once, named by the first source that lists it
     for path, m in known:
         for entry in m.get("forced", []):
             if not entry.get("merged"):
                 earlier.setdefault(json.dumps(entry, sort_keys=True),
                                    f"{path.name}: {'; '.join(entry.get('differences', []))}")
-    return found, list(earlier.values())
+    return found, list(earlier.values()), merged
 
 
 def _newest(records: dict[str, dict]) -> list[str]:

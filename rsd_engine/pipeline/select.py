@@ -41,7 +41,8 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
-from .records import RecordWriter, check_output_name, check_writable, part_path, read_records
+from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
+                      read_records)
 from .responses import Response, load_responses, row_id
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
@@ -162,7 +163,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             _write_budget(opts, considered, problems, settings, about, tally)
         log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
         if group and opts.budget is None:
-            barrier_and_merge(dist, out, log)
+            tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1 and opts.budget is None:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
         return tally
@@ -176,7 +177,9 @@ def run_select(opts: SelectOptions, log=print) -> dict:
 def _select_per_problem(opts, scorer, problems, every, ids, target, settings, about, tally, dist):
     """`problems`: the candidates that compete; `every`: all rows of each id."""
     with RecordWriter(target, settings, force=opts.force, about=about) as writer:
-        held = writer.existing + (read_records(opts.out) if dist.world_size > 1 else [])
+        # Rows in OUT's other files (an earlier merge, every part of any world size) are done too.
+        elsewhere = held_elsewhere(opts.out, target, settings, force=opts.force)
+        held = writer.existing + [r for records in elsewhere.values() for r in records]
         done = {kept_id(r, opts) for r in held}
         todo = [i for i in ids if i not in done]
         usable, skipped = scorer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
@@ -239,7 +242,8 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
     with RecordWriter(target, score_settings, force=opts.force, about=about) as writer:
         # A score counts for the text it was computed from: a candidate edited, or rows without "sample"
         # reordered within an id (their sample is their place), is scored again.
-        done = {_scored_key(r) for r in writer.existing}
+        elsewhere = held_elsewhere(path, target, score_settings, force=opts.force)
+        done = {_scored_key(r) for r in writer.existing + [r for records in elsewhere.values() for r in records]}
         todo = [r for pid in ids for r in problems[pid] if (*r.key, r.text_hash) not in done]
         usable, skipped = scorer.prepare(todo, opts.max_seq_len)
         tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo),
@@ -257,8 +261,8 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
         if bar is not None:
             bar.close()
     if group:
-        barrier_and_merge(dist, path, log)
-        return dist.rank == 0
+        tally["not_merged"] = barrier_and_merge(dist, path, log)
+        return dist.rank == 0 and not tally["not_merged"]
     if dist.world_size > 1:
         log(f"{dist.tag}scores part written; when every rank is done: rsd merge {path}, then rerun this command "
             f"on one process to write {opts.out}")
@@ -269,7 +273,12 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
 def _write_budget(opts, problems, every, settings, about, tally):
     """--budget, second step: the kept rows, best first, from the complete scores file (`problems`:
     the candidates that compete; `every`: all rows of each id)."""
-    scores = {_scored_key(r): r for r in read_records(scores_path(opts.out))}
+    path = scores_path(opts.out)
+    score_settings = {k: v for k, v in settings.items() if k not in ("--budget", "--budget-unit")}
+    # The scores file, and any of its parts (_score_all resumed from them too).
+    lines = read_records(path) + [r for records in held_elsewhere(path, path, score_settings, force=opts.force).values()
+                                  for r in records]
+    scores = {_scored_key(r): r for r in lines}
     by_problem = {}
     for pid, responses in problems.items():
         scored = [r for r in responses if (*r.key, r.text_hash) in scores]
