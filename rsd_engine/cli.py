@@ -430,12 +430,13 @@ def _generate_shortfalls(s: dict) -> list[tuple[int, int | None, str, str]]:
 
 
 def _score(args):
-    from rsd_engine.pipeline.score import run_score
+    from rsd_engine.pipeline.score import run_score, shortfalls
 
-    run_score(args.data, student=args.student, teacher=args.teacher, out=args.out, plot=args.plot,
-              completion_field=args.completion_field, question_field=args.question_field,
-              system_prompt=args.system_prompt, device=args.device, dtype=args.dtype, sampler=args.sampler,
-              progress=args.progress)
+    reports = run_score(args.data, student=args.student, teacher=args.teacher, out=args.out, plot=args.plot,
+                        completion_field=args.completion_field, question_field=args.question_field,
+                        system_prompt=args.system_prompt, device=args.device, dtype=args.dtype,
+                        sampler=args.sampler, progress=args.progress)
+    return _exit_status("score", shortfalls(reports))
 
 
 def _eval(args):

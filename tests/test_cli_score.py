@@ -71,6 +71,25 @@ def score(tmp_path, student, *data, teacher=None, extra=()):
     return json.loads(report.read_text())["files"]
 
 
+def run(tmp_path, student, *data, teacher=None, **options):
+    """run_score itself (the figures whatever the exit status): the JSON report's files and the lines printed."""
+    from rsd_engine.pipeline.score import run_score
+
+    lines, report = [], tmp_path / "run_report.json"
+    run_score(list(map(str, data)), student=str(student), teacher=teacher and str(teacher), out=str(report),
+              system_prompt="Be brief.", progress=False, log=lines.append, **options)
+    return json.loads(report.read_text(), parse_constant=_no_constant)["files"], "\n".join(lines)
+
+
+def _no_constant(name):
+    raise AssertionError(f"the report holds {name}, which is not JSON")
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.mark.parametrize("with_teacher", [False, True], ids=["student-only", "with-teacher"])
 def test_figures_match_hand_computed_log_softmax(tiny_pair, traces, tmp_path, capsys, with_teacher):
     files, pairs = traces
@@ -187,12 +206,196 @@ def test_traces_past_the_models_context_are_skipped_and_named(tiny_pair, traces,
     config = json.loads((student / "config.json").read_text())
     (student / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 300}))
     # trace "a" is 600 completion tokens after its prompt, "b" 40: only "b" fits 300 positions
-    reports = score(tmp_path, student, files["ids"])
-    out = capsys.readouterr().out
-    assert "skipped 1 rows (first: row 0, " in out and "longer than the models' context (300 positions" in out
-    assert reports[0]["traces"] == 1
+    (report,), out = run(tmp_path, student, files["ids"])
+    assert "skipped 1 rows (first: row 0, " in out and "longer than the student's context (300 positions" in out
+    assert report["traces"] == 1
     only = tmp_path / "only_a.jsonl"
     only.write_text(files["ids"].read_text().splitlines()[0] + "\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["score", "--student", str(student), "--data", str(only), "--no-progress"])
-    assert exit_info.value.code == 2 and "every trace is longer than the models' context" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "none of its 1 traces can be scored (first: row 0, " in err
+    assert "longer than the student's context" in err
+
+
+@pytest.mark.parametrize("with_teacher", [False, True], ids=["student-only", "with-teacher"])
+def test_rows_with_ids_the_models_cannot_read_are_skipped_with_the_reason(tiny_pair, traces, tmp_path, with_teacher):
+    """True is no token id (bool is an int subclass); an id past the student's embedding, or (with a teacher)
+    outside the token space, is a skipped row naming the id, not an error that stops every file."""
+    files, pairs = traces
+    rows = [json.loads(line) for line in files["ids"].read_text().splitlines()][1:]  # "b", 40 tokens
+    prompt = rows[0]["prompt"]
+    bad = [{"id": "bool", "prompt": prompt, "token_ids": [True, 5, 6]},
+           {"id": "big", "prompt": prompt, "token_ids": [5, 99999]},
+           {"id": "padding", "prompt": prompt, "token_ids": [5, 460]}]  # an embedding row past the tokenizer's 455
+    data = write_rows(tmp_path / "bad_ids.jsonl", rows + bad)
+    (report,), out = run(tmp_path, tiny_pair[1], data, teacher=tiny_pair[0] if with_teacher else None)
+    skipped = {1: "'token_ids' item 0 is True (bool), not a token id",
+               2: "completion token 1 (id 99999) is not in the student's vocabulary: ids must be in [0, 512)"}
+    if with_teacher:  # the token space ends where the tokenizer does
+        skipped[3] = "completion token 1 (id 460) has no equivalent in the teacher's token space"
+    assert [s["row"] for s in report["skipped"]] == list(skipped) and report["skipped_rows"] == len(skipped)
+    for got, want in zip(report["skipped"], skipped.values()):
+        assert got["why"].startswith(want)
+    assert [t["id"] for t in report["per_trace"]] == ["b", *([] if with_teacher else ["padding"])]
+    assert report["per_trace"][0]["student"] == pytest.approx(expected(hf_logprobs(tiny_pair[1], pairs["ids"][1:])[0]),
+                                                              rel=1e-4, abs=1e-5)
+    assert f"skipped {len(skipped)} rows (first: row 1, 'token_ids' item 0 is True (bool)" in out
+
+
+def test_inputs_are_read_strictly(tiny_pair, traces, tmp_path, capsys):
+    """A bad line is an error naming it, never a row dropped; the last line of a file a run is still writing (no
+    newline, not JSON) is a skipped row, named, and the exit status says so; a byte-order mark is no part of the
+    first row; a row that is no object is skipped with the reason, in .jsonl as in .json."""
+    files, _ = traces
+    good = files["records"].read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good[0] + "\n" + good[1][:40] + "\n" + good[1] + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--student", str(tiny_pair[1]), "--data", str(bad), "--no-progress"])
+    assert exit_info.value.code == 2 and f"{bad}, line 2: not valid JSON" in capsys.readouterr().err
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(good[0] + "\n" + good[1] + "\n" + good[1][:40])
+    assert main(["score", "--student", str(tiny_pair[1]), "--data", str(torn), "--no-progress"]) == 3
+    said = capsys.readouterr().out
+    assert "skipped 1 rows (first: row 2, the last line is cut short (a run still writing the file" in said
+    assert "rsd score: 1 of 3 rows were skipped" in said and "exit status 3" in said
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text("\ufeff" + good[0] + "\n" + good[1] + "\n", encoding="utf-8")
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(good[0] + "\n[1, 2]\n" + good[1] + "\n")
+    as_json = tmp_path / "listed.json"
+    as_json.write_text("[" + good[0] + ", [1, 2], " + good[1] + "]")
+    reports, _ = run(tmp_path, tiny_pair[1], bom, listed, as_json)
+    list_row = [{"row": 1, "why": "row is a list, not an object"}]
+    assert [(r["rows"], r["skipped"]) for r in reports] == [(2, []), (3, list_row), (3, list_row)]
+    want = score(tmp_path, tiny_pair[1], files["records"])[0]["per_trace"]
+    assert [r["per_trace"] for r in reports] == [want] * 3
+
+
+def nan_student(tiny_pair, folder, token=100):
+    """The tiny student with a NaN embedding row: every trace that reads `token` gets NaN log-probs."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_pair[1], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("with_teacher", [False, True], ids=["student-only", "with-teacher"])
+def test_traces_with_non_finite_log_probs_fail_apart_from_the_figures(tiny_pair, traces, tmp_path, with_teacher):
+    from rsd_engine.pipeline.score import shortfalls
+
+    files, pairs = traces
+    prompt = json.loads(files["ids"].read_text().splitlines()[1])["prompt"]
+    rows = [{"id": "ok", "prompt": prompt, "token_ids": pairs["ids"][1][1]},
+            {"id": "nan", "prompt": prompt, "token_ids": [5, 100, 7, 8]}]
+    data = write_rows(tmp_path / "nan.jsonl", rows)
+    student = nan_student(tiny_pair, tmp_path / "nan-student")
+    reports, out = run(tmp_path, student, data, teacher=tiny_pair[0] if with_teacher else None)
+    (report,) = reports  # the JSON parsed without a NaN (see run)
+    assert report["traces"] == 1 and [t["id"] for t in report["per_trace"]] == ["ok"]
+    (failed,) = report["failed_traces"]
+    assert failed["row"] == 1 and failed["id"] == "nan" and failed["why"].startswith("the student's log-prob of ")
+    want = expected(hf_logprobs(tiny_pair[1], pairs["ids"][1:])[0])
+    assert report["student"] == pytest.approx(want, rel=1e-4, abs=1e-5)  # the failed trace is in no figure
+    assert "nan.jsonl: 1 traces failed, left out of every figure (first: row 1, id nan: the student's" in out
+    assert [count for count, *_ in shortfalls(reports)] == [0, 1]
+
+
+def test_multi_turn_messages_score_the_last_turn_after_every_turn_before_it(tiny_pair, tmp_path):
+    from rsd_engine.pipeline.prompts import render_chat
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair[1]))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "<think>\n</think>4"}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "<think>\nSix.</think>6"}]
+    data = write_rows(tmp_path / "turns.jsonl", [{"id": "m", "messages": messages}])
+    (report,), _ = run(tmp_path, tiny_pair[1], data)
+    text, think_prefix = render_chat(tok, messages[:-1])
+    assert "And 3+3?" in text and think_prefix == "<think>\n"  # the opened block is the prompt's, not scored
+    pair = (tok.encode(text, add_special_tokens=False), tok.encode("Six.</think>6", add_special_tokens=False))
+    assert report["per_trace"][0]["student"] == pytest.approx(expected(hf_logprobs(tiny_pair[1], [pair])[0]),
+                                                              rel=1e-4, abs=1e-5)
+
+
+def test_completion_field_scores_the_opened_think_block_once(tiny_pair, traces, tmp_path):
+    """A dataset's trace that writes out the `<think>\\n` the chat template's prompt already opened scores as the
+    text after it (as the messages form does)."""
+    files, pairs = traces
+    completions = [json.loads(line)["completion"] for line in files["records"].read_text().splitlines()]
+    plain = write_rows(tmp_path / "plain.jsonl", [{"question": q, "trace": "<think>\n" + c}
+                                                   for q, c in zip(QUESTIONS, completions)])
+    (report,), _ = run(tmp_path, tiny_pair[1], plain, completion_field="trace")
+    for got, lp in zip(report["per_trace"], hf_logprobs(tiny_pair[1], pairs["text"])):
+        assert got["student"] == pytest.approx(expected(lp), rel=1e-4, abs=1e-5)
+
+
+def test_an_empty_prompt_is_skipped_and_an_empty_completion_has_no_figures(tiny_pair, traces, tmp_path):
+    files, pairs = traces
+    rows = [json.loads(line) for line in files["records"].read_text().splitlines()]
+    data = write_rows(tmp_path / "empty.jsonl", [rows[0], {"id": "e", "prompt": "", "completion": "hello"},
+                                                 {**rows[1], "id": "none", "completion": ""}])
+    (report,), _ = run(tmp_path, tiny_pair[1], data)
+    assert report["skipped"] == [{"row": 1, "why": "the prompt is empty: scoring needs at least one prompt token "
+                                                   "(the first scored token's context)"}]
+    assert report["per_trace"][1] == {"id": "none", "student": {"tokens": 0, "sub_1pct_share": None,
+                                                               "mean_surprisal": None, "perplexity": None}}
+    assert report["student"] == pytest.approx(expected(hf_logprobs(tiny_pair[1], pairs["text"][:1])[0]),
+                                              rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mapped_pair(tmp_path_factory, tiny_tokenizer_dir):
+    """A teacher on the base tokenizer; a student whose tokenizer adds <extra> (several teacher ids)."""
+    from tiny import build_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("mapped_score")
+    student_tok = build_tokenizer(root / "student_tok", extra_special_tokens=("<extra>",))
+    teacher = build_model(root / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=5)
+    student = build_model(root / "student", "qwen3", tokenizer_dir=student_tok, hidden_size=48, seed=6)
+    return teacher, student
+
+
+def test_lengths_count_mapped_tokens_in_the_teachers_space(mapped_pair, tmp_path):
+    """A student token mapped to several teacher ids lengthens the teacher's sequence: the engine's max_seq_len
+    and the teacher's context are measured there."""
+    import shutil
+
+    from rsd_engine.tokens import align_token_spaces
+
+    teacher, student = mapped_pair
+    stok, ttok = (AutoTokenizer.from_pretrained(str(d)) for d in (student, teacher))
+    extra = stok.convert_tokens_to_ids("<extra>")
+    space = align_token_spaces(ttok, stok, teacher_rows=512, student_rows=512)
+    assert len(space.teacher_pieces[extra]) > 1
+    rows = [{"id": "long", "prompt": "Q: what?", "token_ids": [extra] * 100},
+            {"id": "short", "prompt": "Q: what?", "token_ids": [extra, 5, extra]}]
+    data = write_rows(tmp_path / "mapped.jsonl", rows)
+    (report,), _ = run(tmp_path, student, data, teacher=teacher)
+    hf = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    for row, got in zip(rows, report["per_trace"]):
+        p = stok.encode(row["prompt"], add_special_tokens=False)
+        seq, want = space.to_teacher(p), []
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([space.to_teacher(p + row["token_ids"])])).logits[0], -1)
+        for tok in row["token_ids"]:
+            pieces = space.to_teacher([tok])
+            want.append(sum(lp[len(seq) - 1 + k, t].item() for k, t in enumerate(pieces)))
+            seq = seq + pieces
+        assert got["teacher"] == pytest.approx(expected(want), rel=1e-4, abs=1e-5)
+    # A teacher context the long trace fits in the student's space but not in the teacher's.
+    short_teacher = tmp_path / "teacher-300"
+    shutil.copytree(teacher, short_teacher)
+    config = json.loads((short_teacher / "config.json").read_text())
+    (short_teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 300}))
+    (report,), _ = run(tmp_path, student, data, teacher=short_teacher)
+    length = len(space.to_teacher(stok.encode("Q: what?", add_special_tokens=False) + rows[0]["token_ids"]))
+    assert [t["id"] for t in report["per_trace"]] == ["short"]
+    assert report["skipped"] == [{"row": 0, "why": f"{length} tokens in the teacher's space (106 in the student's), "
+                                                   f"longer than the teacher's context (300 positions, "
+                                                   f"max_position_embeddings)"}]

@@ -151,6 +151,25 @@ def read_rows(path: Path) -> list:
     raise ValueError(f"{path}: unknown dataset format {suffix or '(no extension)'!r}; valid: {FORMATS}")
 
 
+def read_growing_rows(path: Path) -> tuple[list, bool]:
+    """read_rows, for a file a run may still be appending to (an `rsd generate` output read while it runs, or
+    after a kill): (the rows, whether a last line cut short was left out). Only a last line with no newline that
+    is not JSON counts as cut short; a bad line anywhere else is an error, as for read_rows."""
+    try:
+        return read_rows(path), False
+    except ValueError:
+        if path.suffix.lower() != ".jsonl" or not path.is_file():
+            raise
+        text = _read_text(path)
+        head, _, tail = text.rpartition("\n")
+        try:
+            json.loads(tail)
+        except json.JSONDecodeError:
+            if tail.strip() and not text.endswith("\n"):
+                return _read_jsonl(path, head), True
+        raise
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first row

@@ -7,9 +7,16 @@ paper's comparison is two files side by side: raw teacher traces (6.70% of token
 the student) against RSD traces (0.09%).
 
 Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text),
-from chat `messages` records (--format sft), or, with completion_field, from any dataset: the
+from chat `messages` records (--format sft; the last assistant turn is scored after every turn before
+it, rendered as generation renders a chat prompt), or, with completion_field, from any dataset: the
 prompt is then the question through the student's chat template, as `rsd generate` builds it.
 Ids held by more than one record in a file are reported (each copy is scored, as the file is).
+
+Inputs are read strictly (a bad line is an error, never a row dropped), but for a last line cut short
+(no newline, not JSON: a run still writing the file, or killed), skipped and named. A row that is no trace, or a
+trace the models cannot score (an empty prompt, an id outside the vocabulary or the token space, past
+a model's context), is skipped and named; a trace whose log-probs are not finite is failed: named,
+and left out of every figure. A figure of no tokens is null.
 
 The JSON report is written once, at the end, to a temporary name renamed over --out: a kill -9
 leaves the previous report or the new one, whole, never a torn one.
@@ -18,16 +25,17 @@ leaves the previous report or the new one, whole, never a torn one.
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import not_unicode, read_rows
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import check_writable, describe_duplicates, duplicate_ids, read_records
+from .data import not_unicode, read_growing_rows
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
+from .records import check_writable, describe_duplicates, duplicate_ids
 from .score_report import file_report, format_table, plot_histogram
 from ..models.loader import check_model_folder
-
 
 
 @dataclass
@@ -45,17 +53,22 @@ class TraceFile:
     skipped: list[tuple[int, str]] = field(default_factory=list)
     duplicates: dict = field(default_factory=dict)  # {id: records}: an id written more than once
     scores: list[dict] = field(default_factory=list)  # per trace: {"student": [...], "teacher": [...]}
+    failed: list[tuple[Trace, str]] = field(default_factory=list)  # scored, but a log-prob is not finite
+    rows: int = 0
+    models: tuple[str, ...] = ("student",)  # the models that scored it
 
 
 def read_traces(path, tokenizer, *, completion_field=None, question_field="question",
                 system_prompt=DEFAULT_SYSTEM_PROMPT) -> TraceFile:
     """Traces of one file in the student's token space; unusable rows are skipped and listed."""
     path = Path(path)
-    # A trace file still being written (or killed) may end in a torn line: read it as records.
-    rows = read_records(path) if path.suffix == ".jsonl" and path.is_file() else read_rows(path)
-    if not rows:
+    # Strict, as every input (a bad line is an error, never a row dropped), but for the last line of a run that is
+    # still writing the file (or was killed): skipped and named.
+    rows, torn = read_growing_rows(path)
+    if not rows and not torn:
         raise ValueError(f"{path}: the file is empty (no traces)")
-    out = TraceFile(str(path), duplicates=duplicate_ids(r for r in rows if isinstance(r, dict)))
+    out = TraceFile(str(path), duplicates=duplicate_ids(r for r in rows if isinstance(r, dict)),
+                    rows=len(rows) + torn)
     for index, row in enumerate(rows):
         trace, reason = _trace(index, row, tokenizer, completion_field, question_field, system_prompt)
         if trace is not None:
@@ -64,6 +77,8 @@ def read_traces(path, tokenizer, *, completion_field=None, question_field="quest
             out.skipped.append((index, reason))
         else:
             out.traces.append(trace)
+    if torn:
+        out.skipped.append((len(rows), "the last line is cut short (a run still writing the file, or killed)"))
     if not out.traces:
         raise ValueError(f"{path}: none of the {len(rows)} rows is a trace ({out.skipped[0][1]}); expected "
                          f"`rsd generate` records (prompt + completion), chat `messages`, or name the fields "
@@ -84,14 +99,20 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         if not isinstance(question, str) or not isinstance(completion, str):
             return None, f"no {question_field!r} or {completion_field!r} text"
         prompt = build_prompt(tokenizer, question, system_prompt)
-        return Trace(trace_id, encode(prompt.text), encode(completion)), ""
+        return Trace(trace_id, encode(prompt.text), encode(_after_think(completion, prompt.think_prefix))), ""
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         return None, "no 'prompt' text (and no 'messages')"
     ids = row.get("token_ids")
-    if isinstance(ids, list) and all(isinstance(t, int) for t in ids):
+    if ids is not None:
+        if not isinstance(ids, list):
+            return None, f"'token_ids' is a {type(ids).__name__}, not a list of token ids"
+        # bool is an int subclass, but True is no token id
+        bad = next((k for k, t in enumerate(ids) if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
+            return None, f"'token_ids' item {bad} is {ids[bad]!r} ({type(ids[bad]).__name__}), not a token id"
         return Trace(trace_id, encode(prompt), ids), ""
     if isinstance(row.get("completion"), str):
         return Trace(trace_id, encode(prompt), encode(row["completion"])), ""
@@ -99,23 +120,47 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
 
 
 def _chat_trace(trace_id, messages, tokenizer, encode):
+    """The last assistant turn, scored after every turn before it."""
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         return None, "'messages' does not end with an assistant turn"
     if not all(isinstance(m, dict) for m in messages):
         return None, "'messages' holds an item that is not a {role, content} object"
-    system = next((m.get("content") for m in messages if m.get("role") == "system"), None) or ""
-    user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
-    if not isinstance(user, str):
-        return None, "'messages' has no user turn"
-    if not isinstance(system, str):
-        return None, f"'messages' has a system turn whose content is not text ({type(system).__name__})"
     completion = messages[-1].get("content") or ""
     if not isinstance(completion, str):
         return None, f"'messages' ends with an assistant turn whose content is not text ({type(completion).__name__})"
-    prompt = build_prompt(tokenizer, user, system)
-    if prompt.think_prefix and completion.startswith(prompt.think_prefix):
-        completion = completion[len(prompt.think_prefix):]  # the prompt already opened the block
-    return Trace(trace_id, encode(prompt.text), encode(completion)), ""
+    context = messages[:-1]
+    roles = [m.get("role") for m in context]
+    if "user" not in roles:
+        return None, "'messages' has no user turn"
+    if roles in (["user"], ["system", "user"]):
+        # One question: prompted as `rsd generate` prompts it (a template without a system role gets the system
+        # prompt folded into the user turn, and a tokenizer without a template plain text).
+        system = (context[0].get("content") or "") if len(context) == 2 else ""
+        user = context[-1].get("content")
+        if not isinstance(user, str):
+            return None, f"'messages' has a user turn whose content is not text ({type(user).__name__})"
+        if not isinstance(system, str):
+            return None, f"'messages' has a system turn whose content is not text ({type(system).__name__})"
+        prompt = build_prompt(tokenizer, user, system)
+        text, think_prefix = prompt.text, prompt.think_prefix
+    else:
+        bad = next((j for j, m in enumerate(context)
+                    if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)), None)
+        if bad is not None:
+            return None, f"'messages' item {bad} has no text 'role' and 'content'"
+        if not getattr(tokenizer, "chat_template", None):
+            return None, (f"'messages' has {len(context)} turns before the last assistant turn, and the student's "
+                          f"tokenizer has no chat template to render them")
+        try:
+            text, think_prefix = render_chat(tokenizer, context)
+        except Exception as err:  # jinja2's TemplateError: a template that refuses this order of roles
+            return None, f"the student's chat template cannot render the turns before the last one ({err})"
+    return Trace(trace_id, encode(text), encode(_after_think(completion, think_prefix))), ""
+
+
+def _after_think(completion: str, think_prefix: str) -> str:
+    """The completion without the thinking block its prompt already opened (scored once, as part of the prompt)."""
+    return completion[len(think_prefix):] if think_prefix and completion.startswith(think_prefix) else completion
 
 
 SCORE_BATCH = 16  # traces per forward (cache slots)
@@ -125,30 +170,11 @@ GROUP = 8 * SCORE_BATCH  # traces per scoring call: the progress bar moves betwe
 def score_files(files: list[TraceFile], *, student, teacher=None, device="auto", dtype="auto", sampler="auto",
                 progress=False) -> None:
     """Fill each file's per-trace scores: student (and teacher) log-probs of every completion token,
-    SCORE_BATCH traces per forward."""
+    SCORE_BATCH traces per forward. A trace the models cannot score is skipped first, before any weights are read;
+    one whose log-probs are not finite is moved to the file's `failed`."""
+    longest = _set_aside_unscorable(files, student, teacher)
     traces = [t for f in files for t in f.traces]
-    for f in files:
-        for t in f.traces:
-            if not t.prompt_ids:
-                raise ValueError(f"{f.path}: trace {t.id} has an empty prompt; scoring needs at least one prompt token")
-    # A model scores nothing meaningful past its context (its positions were never trained there): such a trace
-    # is skipped and named, as a row that is not a trace.
-    from rsd_engine.models.loader import load_config
-
-    context = min(load_config(m).max_position_embeddings for m in (student, teacher) if m is not None)
-    for f in files:
-        fits = [t for t in f.traces if len(t.prompt_ids) + len(t.completion_ids) <= context]
-        f.skipped.extend((t.row, f"{len(t.prompt_ids) + len(t.completion_ids)} tokens, longer than the models' "
-                                 f"context ({context} positions, max_position_embeddings)")
-                         for t in f.traces if len(t.prompt_ids) + len(t.completion_ids) > context)
-        f.skipped.sort(key=lambda item: item[0])
-        if not fits:
-            raise ValueError(f"{f.path}: every trace is longer than the models' context ({context} positions)")
-        f.traces = fits
-    traces = [t for f in files for t in f.traces]
-    longest = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
-    # Mapped special tokens take several teacher ids: leave room for them.
-    max_seq_len = longest + 64 + longest // 8
+    max_seq_len = max(longest, 2)  # lengths are exact in both spaces (mapped tokens counted as their teacher ids)
     if teacher is None:
         from rsd_engine.models import load_model
         from rsd_engine.runtime import resolve_device, resolve_dtype
@@ -165,8 +191,12 @@ def score_files(files: list[TraceFile], *, student, teacher=None, device="auto",
     else:
         from rsd_engine.engine import Engine
 
-        engine = Engine(teacher, student, device=device, dtype=dtype, max_batch_size=SCORE_BATCH,
-                        max_seq_len=max_seq_len, sampler=sampler)
+        with warnings.catch_warnings():
+            # The engine's caches share one max_seq_len, which may pass the shorter context of the two; each
+            # trace was checked against each model's own context above, so none runs past it.
+            warnings.filterwarnings("ignore", message=r"max_seq_len = \d+ is past the")
+            engine = Engine(teacher, student, device=device, dtype=dtype, max_batch_size=SCORE_BATCH,
+                            max_seq_len=max_seq_len, sampler=sampler)
 
         def score(group):
             scores = engine.score_batch([t.prompt_ids for t in group], [t.completion_ids for t in group])
@@ -182,8 +212,85 @@ def score_files(files: list[TraceFile], *, student, teacher=None, device="auto",
         bar.close()
     at = 0
     for f in files:
-        f.scores.extend(scores[at: at + len(f.traces)])
+        f.models = ("student",) if teacher is None else ("student", "teacher")
+        scored = []
+        for t, s in zip(f.traces, scores[at: at + len(f.traces)]):
+            why = _not_finite(s)
+            if why:
+                f.failed.append((t, why))
+            else:
+                scored.append(t)
+                f.scores.append(s)
         at += len(f.traces)
+        f.traces = scored
+
+
+def _set_aside_unscorable(files, student, teacher) -> int:
+    """Skip (and name) each trace the models cannot score; the longest sequence left, in either token space.
+    An error for a file none of whose traces is left."""
+    from rsd_engine.models.loader import load_config
+
+    student_config = load_config(student)
+    teacher_config = space = None
+    if teacher is not None:
+        from rsd_engine.tokens import align_token_spaces, load_tokenizer
+
+        teacher_config = load_config(teacher)
+        space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
+                                   teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
+    longest = 0
+    for f in files:
+        fits, unscorable = [], []
+        for t in f.traces:
+            length, why = _scorable_length(t, student_config, teacher_config, space)
+            if why:
+                unscorable.append((t.row, why))
+            else:
+                fits.append(t)
+                longest = max(longest, length)
+        if not fits:
+            row, why = unscorable[0]
+            raise ValueError(f"{f.path}: none of its {len(f.traces)} traces can be scored (first: row {row}, {why})")
+        f.skipped = sorted(f.skipped + unscorable, key=lambda item: item[0])
+        f.traces = fits
+    return longest
+
+
+def _scorable_length(trace, student_config, teacher_config, space) -> tuple[int, str]:
+    """(its length in the teacher's token space, else the student's; "") or (0, why the models cannot score it)."""
+    if not trace.prompt_ids:
+        return 0, "the prompt is empty: scoring needs at least one prompt token (the first scored token's context)"
+    vocab = student_config.vocab_size
+    for part, ids in (("prompt", trace.prompt_ids), ("completion", trace.completion_ids)):
+        for k, tok in enumerate(ids):
+            if not 0 <= tok < vocab:
+                return 0, f"{part} token {k} (id {tok}) is not in the student's vocabulary: ids must be in [0, {vocab})"
+            if space is not None and tok not in space.teacher_pieces and not space.is_shared(tok):
+                why = space.unmapped.get(tok, "it is neither shared by both tokenizers nor a mapped student-only token")
+                return 0, f"{part} token {k} (id {tok}) has no equivalent in the teacher's token space: {why}"
+    # A model scores nothing meaningful past its context (its positions were never trained there).
+    length = len(trace.prompt_ids) + len(trace.completion_ids)
+    context = student_config.max_position_embeddings
+    if length > context:
+        return 0, f"{length} tokens, longer than the student's context ({context} positions, max_position_embeddings)"
+    if space is None:
+        return length, ""
+    # A mapped student token is several teacher tokens.
+    teacher_length = sum(len(space.teacher_pieces.get(tok, (tok,))) for tok in trace.prompt_ids + trace.completion_ids)
+    context = teacher_config.max_position_embeddings
+    if teacher_length > context:
+        return 0, (f"{teacher_length} tokens in the teacher's space ({length} in the student's), longer than the "
+                   f"teacher's context ({context} positions, max_position_embeddings)")
+    return teacher_length, ""
+
+
+def _not_finite(scores: dict) -> str:
+    """Why a trace's log-probs cannot enter a figure (a NaN or infinite one), or ''."""
+    for model, logprobs in scores.items():
+        bad = next((k for k, lp in enumerate(logprobs) if not math.isfinite(lp)), None)
+        if bad is not None:
+            return f"the {model}'s log-prob of completion token {bad} is {logprobs[bad]}"
+    return ""
 
 
 def _bar(total, enabled):
@@ -197,7 +304,8 @@ def _bar(total, enabled):
 def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, completion_field=None,
               question_field="question", system_prompt=DEFAULT_SYSTEM_PROMPT, device="auto", dtype="auto",
               sampler="auto", progress=True, log=print) -> list[dict]:
-    """Score every file, print the side-by-side table, write the JSON report and the plot; returns the reports."""
+    """Score every file, print the side-by-side table, write the JSON report and the plot; returns the reports
+    (`shortfalls` of them says what a run that leaves rows out should exit with)."""
     from rsd_engine.tokens import load_tokenizer
 
     for option, path in (("--out", out), ("--plot", plot)):
@@ -224,13 +332,26 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
             log(f"{f.path}: warning: {describe_duplicates(f.duplicates)}; each copy is scored")
         if f.skipped:
             log(f"{f.path}: skipped {len(f.skipped)} rows (first: row {f.skipped[0][0]}, {f.skipped[0][1]})")
+        if f.failed:
+            t, why = f.failed[0]
+            log(f"{f.path}: {len(f.failed)} traces failed, left out of every figure (first: row {t.row}, id {t.id}: "
+                f"{why})")
     if out is not None:
         tmp = Path(out).with_name(f".{Path(out).name}.tmp")
         tmp.write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
-                                   "files": reports}, indent=1) + "\n")
+                                   "files": reports}, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, out)
         log(f"report: {out}")
     if plot is not None:
         plot_histogram(files, plot)
         log(f"histogram: {plot}")
     return reports
+
+
+def shortfalls(reports: list[dict]) -> list[tuple[int, int, str, str]]:
+    """The rows a run left out, as cli._exit_status takes them: skipped (no trace, or one the models cannot
+    score) and failed (log-probs not finite)."""
+    rows = sum(r["rows"] for r in reports)
+    return [(sum(r["skipped_rows"] for r in reports), rows, "rows",
+             "were skipped (not a trace, or one the models cannot score; the summary names the first)"),
+            (sum(len(r["failed_traces"]) for r in reports), rows, "rows", "failed (log-probs not finite)")]

@@ -9,24 +9,31 @@ from .traces import SUB_1PCT_LOGPROB
 
 
 def surprisal_stats(logprobs: list[float]) -> dict:
-    """Share of tokens under 1% probability, mean surprisal (nats), perplexity."""
+    """Share of tokens under 1% probability, mean surprisal (nats), perplexity (finite log-probs: score.py sets
+    the others aside). None where undefined: every figure of no tokens, a perplexity past the largest float."""
     n = len(logprobs)
     if n == 0:
-        return {"tokens": 0, "sub_1pct_share": 0.0, "mean_surprisal": 0.0, "perplexity": 1.0}
+        return {"tokens": 0, "sub_1pct_share": None, "mean_surprisal": None, "perplexity": None}
     mean = -sum(logprobs) / n
     return {"tokens": n, "sub_1pct_share": sum(lp < SUB_1PCT_LOGPROB for lp in logprobs) / n,
-            "mean_surprisal": mean, "perplexity": math.exp(mean)}
+            "mean_surprisal": mean, "perplexity": math.exp(mean) if mean < MAX_LOG_FLOAT else None}
+
+
+MAX_LOG_FLOAT = math.log(1.7976931348623157e308)  # exp of more overflows a float
 
 
 def file_report(f) -> dict:
-    """Figures of a scored TraceFile: overall, pooling every token (as the paper's shares do), and per trace."""
-    models = [m for m in ("student", "teacher") if f.scores and m in f.scores[0]]
+    """Figures of a scored TraceFile: overall, pooling every token (as the paper's shares do), and per trace;
+    the rows left out (skipped, and the traces failed) each with why."""
     return {
         "path": f.path,
+        "rows": f.rows,
         "traces": len(f.traces),
         "skipped_rows": len(f.skipped),
-        **{m: surprisal_stats([lp for s in f.scores for lp in s[m]]) for m in models},
-        "per_trace": [{"id": t.id, **{m: surprisal_stats(s[m]) for m in models}} for t, s in zip(f.traces, f.scores)],
+        **{m: surprisal_stats([lp for s in f.scores for lp in s[m]]) for m in f.models},
+        "per_trace": [{"id": t.id, **{m: surprisal_stats(s[m]) for m in f.models}} for t, s in zip(f.traces, f.scores)],
+        "skipped": [{"row": row, "why": why} for row, why in f.skipped],
+        "failed_traces": [{"row": t.row, "id": t.id, "why": why} for t, why in f.failed],
     }
 
 
@@ -55,9 +62,14 @@ def format_table(reports: list[dict]) -> str:
         line = f"{name:<{name_width}} {r['traces']:>6} {first['tokens']:>8}"
         for m in models:
             s = r[m]
-            line += f" | {s['sub_1pct_share']:>18.2%} {s['mean_surprisal']:>9.3f} {s['perplexity']:>8.2f}"
+            line += (f" | {_figure(s['sub_1pct_share'], '.2%', 18)} {_figure(s['mean_surprisal'], '.3f', 9)} "
+                     f"{_figure(s['perplexity'], '.2f', 8)}")
         lines.append(line)
     return "\n".join(lines)
+
+
+def _figure(value, spec: str, width: int) -> str:
+    return f"{'-' if value is None else format(value, spec):>{width}}"  # None: undefined (no tokens)
 
 
 def plot_histogram(files, path) -> None:
