@@ -128,6 +128,32 @@ def test_select_trace_keeps_shortest_correct_and_prefix_of_first():
     assert (record["status"], record["kept_attempt"], record["token_ids"]) == ("unverified", 3, [10, 11, 12])
 
 
+def test_a_reasoning_block_the_model_opens_is_checked_as_one_the_prompt_opens():
+    """A template that opens no block (thinking=False) still gets <think> from a model trained with one: an
+    answer inside the block is a step of the reasoning, and a block never closed fails the checks."""
+    check = lambda text: check_attempt(0, _result(3, text=text), reference="7", thinking=False,  # noqa: E731
+                                       max_fallback=1.0)
+    unclosed = check(r"<think>maybe \boxed{7} ... still thinking")
+    assert (unclosed.final_answer, unclosed.correct, unclosed.closed, unclosed.valid) == (None, False, False, False)
+    inside = check(r"<think>maybe \boxed{7}</think>The answer is 8.")
+    assert (inside.final_answer, inside.correct, inside.valid) == (None, False, True)
+    after = check(r"<think>so</think>The answer is \boxed{7}.")
+    assert (after.final_answer, after.correct, after.valid) == ("7", True, True)
+    plain = check(r"So \boxed{7}.")  # no block at all: the box anywhere
+    assert (plain.final_answer, plain.correct, plain.valid) == ("7", True, True)
+
+
+def test_unreadable_reference_answers_are_named(pair, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "f", "question": "How many?", "answer": "2^floor(n/2)*floor(n/2)!"}) + "\n"
+                    + json.dumps({"id": "g", "question": "What is 2+2?", "answer": "4"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out",
+                 str(out), "--attempts", "1", "--max-new-tokens", "4", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "warning: 1 reference answers are not math that math-verify reads whole" in said and ": f; write" in said
+
+
 def test_fallback_share_is_over_the_stored_tokens_eos_excluded():
     """--max-fallback judges the trace the record stores (EOS excluded), as its stats describe it."""
     answer = "\\boxed{4}"

@@ -13,52 +13,104 @@ _MATH_DELIMITER = re.compile(r"(?<!\\)(?:\\\\)*\$")
 
 
 def extract_final_answer(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} (nested braces allowed), looked for after the
-    last </think> first, then anywhere; None when there is none."""
+    """Content of the last \\boxed{...} (nested braces allowed), looked for after the last </think> first,
+    then anywhere; None when there is none, or the last one is never closed (a box before it is an answer
+    the model went on from, not its final one). traces.final_answer looks only after a reasoning block."""
     if THINK_END in text:
-        answer = _last_boxed(text[text.rindex(THINK_END) + len(THINK_END) :])
-        if answer is not None:
-            return answer
+        after = text[text.rindex(THINK_END) + len(THINK_END):]
+        if _BOXED.search(after):
+            return _last_boxed(after)
     return _last_boxed(text)
 
 
 def _last_boxed(text: str) -> str | None:
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{" and text[i - 1] != "\\":
-                depth += 1
-            elif text[i] == "}" and text[i - 1] != "\\":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    depth, start = 1, matches[-1].end()
+    for i in range(start, len(text)):
+        if text[i] in "{}" and not _escaped(text, i):
+            depth += 1 if text[i] == "{" else -1
+            if depth == 0:
+                return text[start:i].strip()
     return None
+
+
+def _escaped(text: str, i: int) -> bool:
+    """Whether text[i] follows an odd run of backslashes (\\{ is a brace; \\\\ is a line break, then a brace)."""
+    j = i
+    while j > 0 and text[j - 1] == "\\":
+        j -= 1
+    return (i - j) % 2 == 1
 
 
 def is_correct(predicted: str | None, reference: str | None) -> bool:
     """math-verify equivalence of a predicted final answer (LaTeX, as written inside \\boxed)
-    and a reference answer; any failure to parse or compare is False, never an exception."""
+    and a reference answer; any failure to parse or compare is False, never an exception, and so is
+    either side that math-verify does not read whole (see _read_whole)."""
     if not predicted or not reference:
         return False
     try:
-        from math_verify import parse, verify
+        from math_verify import verify
 
-        # math-verify's timeouts use SIGALRM, which only the main thread may set.
-        timeout = 5 if threading.current_thread() is threading.main_thread() else None
-        # Both sides in $...$: LaTeX such as 2^{n-1} is then read whole, not as its first number.
-        # A reference that is already LaTeX with delimiters or \boxed is parsed as written; an escaped
-        # \$ (LaTeX currency, \$42) is a dollar sign, not a delimiter.
-        delimited = _MATH_DELIMITER.search(reference) or "\\boxed" in reference
-        gold_text = reference if delimited else f"${reference}$"
-        gold = parse(gold_text, parsing_timeout=timeout)
-        if not gold:
-            gold = parse(reference, parsing_timeout=timeout)
-        answer = parse(f"${predicted}$", parsing_timeout=timeout)
-        if not gold or not answer:
+        gold, answer = _parse_reference(reference), _parse(f"${predicted}$")
+        if not gold or not answer or not _read_whole(gold) or not _read_whole(answer):
             return False
-        return bool(verify(gold, answer, timeout_seconds=timeout))
+        return bool(verify(gold, answer, timeout_seconds=_timeout()))
     except Exception:  # sympy and the LaTeX parser fail in many ways on model output
         return False
+
+
+def reference_readable(reference: str) -> bool:
+    """Whether math-verify reads all of a reference answer (is_correct accepts no answer to one it does
+    not: a plain-text formula such as 2^floor(n/2) is read as 2)."""
+    try:
+        gold = _parse_reference(reference)
+    except Exception:
+        return False
+    return bool(gold) and _read_whole(gold)
+
+
+def _timeout() -> int | None:
+    # math-verify's timeouts use SIGALRM, which only the main thread may set.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse(text: str):
+    from math_verify import parse
+
+    return parse(text, parsing_timeout=_timeout())
+
+
+def _parse_reference(reference: str):
+    # In $...$, LaTeX such as 2^{n-1} is read whole, not as its first number. A reference that is already
+    # LaTeX with delimiters or \boxed is parsed as written; an escaped \$ (LaTeX currency, \$42) is a
+    # dollar sign, not a delimiter.
+    delimited = _MATH_DELIMITER.search(reference) or "\\boxed" in reference
+    return _parse(reference if delimited else f"${reference}$") or _parse(reference)
+
+
+# Text that math-verify drops by design (units, labels), and LaTeX commands: letters left in an answer
+# besides these were not read as math.
+_TEXT_GROUP = re.compile(r"\\(?:text|textrm|textbf|mbox|mathrm|mathbf|operatorname)\s*\{[^{}]*\}")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+
+
+def _read_whole(parsed) -> bool:
+    """Whether math-verify read all of an answer. Its LaTeX parser stops at what it does not know and keeps
+    the number before it: plain-text 2^floor(n/2)*floor(n/2)! or sum_(k=1)^n 1/k parse as 2 and 1, and a
+    model answering that number would be judged correct. A bare number parsed from text that holds letters
+    (outside LaTeX commands and text groups) is such a partial read unless the letters only follow a whole
+    leading expression as a remark: "100 (i.e., all values)" is 100."""
+    expr, text = parsed[0], parsed[-1]
+    if not getattr(expr, "is_Number", False) or not isinstance(text, str):
+        return True
+    masked = _COMMAND.sub("\\\\", _TEXT_GROUP.sub("", text))  # a command leaves its backslash, not its letters
+    first = re.search(r"[A-Za-z]", masked)
+    if first is None:
+        return True
+    head = masked[: first.start()].rstrip(" ,;:(")
+    return bool(head) and head[-1] in "0123456789)}]!%"
 
 
 # math-verify logs every unparsable model answer; a long run would drown in them.

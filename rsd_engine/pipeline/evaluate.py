@@ -24,7 +24,8 @@ from rsd_engine.params import SamplingParams
 from .answers import is_correct
 from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .generate import attempt_seed
+from .generate import attempt_seed, unreadable_answers
+from .progress import unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
@@ -110,9 +111,12 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
                      "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine),
                      "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
-                     "failed": 0, "cut_short": 0, "changed_kept": changed,
+                     "failed": 0, "cut_short": 0, "changed_kept": changed, "unreadable_answers": [],
                      "tokens": 0, "seconds": 0.0}
             if todo:
+                tally["unreadable_answers"] = unreadable_answers(list({p.id: p for p, _ in todo}.values()))
+                if tally["unreadable_answers"]:
+                    log(dist.tag + unreadable_warning(tally["unreadable_answers"]))
                 tokenizer = load_tokenizer(opts.model)
                 _eval(opts, todo, tokenizer, writer, tally, dist)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
@@ -203,7 +207,11 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
         return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None, "failed_in_output": failed,
                 "cut_short_in_output": cut_short}
     rng = np.random.default_rng(0)
-    boot = means[rng.integers(0, len(means), size=(BOOTSTRAP_RESAMPLES, len(means)))].mean(axis=1)
+    # The resamples in chunks of about 2**22 draws (the same draws as one call: the generator's stream is
+    # consumed row by row), so memory stays flat however many problems there are.
+    rows = max(1, (1 << 22) // len(means))
+    boot = np.concatenate([means[rng.integers(0, len(means), size=(min(rows, BOOTSTRAP_RESAMPLES - at), len(means)))]
+                           .mean(axis=1) for at in range(0, BOOTSTRAP_RESAMPLES, rows)])
     low, high = np.percentile(boot, [2.5, 97.5])
     counts = sorted({len(v) for v in per_problem.values()})
     return {"problems_graded": len(means), "samples": sum(map(len, per_problem.values())),
@@ -239,6 +247,8 @@ def _format_tally(t: dict, target) -> str:
         lines.append(f"failed (error, written with it): {t['failed']} generations")
     if t["cut_short"]:
         lines.append(f"cut short by --max-seq-len (written as they stopped): {t['cut_short']} generations")
+    if t["unreadable_answers"]:
+        lines.append(unreadable_warning(t["unreadable_answers"]))
     if t["changed_kept"]:
         lines.append(f"kept under --force: the records of {len(t['changed_kept'])} problems changed since they were "
                      f"made ({', '.join(t['changed_kept'][:5])})")

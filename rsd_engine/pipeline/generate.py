@@ -30,7 +30,7 @@ from rsd_engine.params import SamplingParams
 from .data import Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import check_settings, input_identity, model_fingerprint
-from .progress import ProgressBar, Tally, format_summary, names
+from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import (RecordWriter, check_output_name, check_writable, duplicate_ids, held_elsewhere, note_unmerged,
                       part_path, read_records)
@@ -166,6 +166,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                           forced=writer.forced + ([f"records of {len(changed)} problems changed since kept "
                                                    f"({names(changed)})"] if changed else []))
             if todo:
+                tally.unreadable_answers = unreadable_answers(todo)
+                if tally.unreadable_answers:
+                    log(dist.tag + unreadable_warning(tally.unreadable_answers))
                 _generate(opts, todo, writer, prefix_writer, dist, tally, log)
             held_prefixes = len(prefix_writer.existing) + prefix_writer.written if prefix_writer else 0
         summary = {**tally.summary(), "unfinished_out": str(prefix_target) if prefix_target else None}
@@ -193,6 +196,13 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+
+
+def unreadable_answers(problems: list[Problem]) -> list[str]:
+    """Ids of the problems whose reference answer math-verify does not read whole (answers.reference_readable)."""
+    from .answers import reference_readable
+
+    return [p.id for p in problems if p.answer is not None and not reference_readable(p.answer)]
 
 
 def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:

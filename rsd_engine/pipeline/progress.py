@@ -50,6 +50,7 @@ class Tally:
     failed: dict = field(default_factory=dict)  # id -> the engine's error message
     duplicates: dict = field(default_factory=dict)  # ids already in the output more than once
     forced: list = field(default_factory=list)  # setting differences appended under --force
+    unreadable_answers: list = field(default_factory=list)  # ids: math-verify does not read the reference whole
     statuses: dict = field(default_factory=lambda: {"solved": 0, "prefix": 0, "unverified": 0})
     attempts: int = 0
     tokens: int = 0
@@ -92,7 +93,7 @@ class Tally:
             "rows": self.rows, "skipped_rows": len(self.skipped), "skipped_examples": self.skipped[:5],
             "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
             "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
-            "forced": list(self.forced),
+            "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
             "written": self.written, **self.statuses, "attempts": self.attempts, "tokens": self.tokens,
             "acceptance_rate": self.accepted / self.tokens if self.tokens else 0.0,
             "sub_1pct_share": self.sub_1pct / self.tokens if self.tokens else 0.0,
@@ -107,6 +108,12 @@ def names(ids, limit: int = 10) -> str:
     return ", ".join(map(str, ids[:limit])) + more
 
 
+def unreadable_warning(ids) -> str:
+    return (f"warning: {len(ids)} reference answers are not math that math-verify reads whole (a plain-text formula "
+            f"such as 2^floor(n/2) reads as its first number), so no attempt at them is judged correct: "
+            f"{names(ids)}; write them as LaTeX (2^{{\\lfloor n/2 \\rfloor}})")
+
+
 def format_summary(s: dict) -> str:
     lines = [f"problems: {s['problems']} ({s['already_done']} already in the output, {s['written']} written now)"]
     if s["forced"]:
@@ -115,6 +122,8 @@ def format_summary(s: dict) -> str:
         from .records import describe_duplicates
 
         lines.append(f"warning: the output already held duplicates: {describe_duplicates(s['duplicate_ids'])}")
+    if s.get("unreadable_answers"):
+        lines.append(unreadable_warning(s["unreadable_answers"]))
     if s["skipped_rows"]:
         more = f", and {s['skipped_rows'] - 5} more" if s["skipped_rows"] > 5 else ""
         examples = "; ".join(f"row {i}: {why}" for i, why in s["skipped_examples"])

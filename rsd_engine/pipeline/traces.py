@@ -1,7 +1,7 @@
 """From a problem's attempts to its one record: checks, the kept trace, its statistics.
 
 An attempt passes the structural checks when its reasoning block is closed (if the prompt opened
-one), it ended with EOS, and its student-fallback share (over the tokens stored, EOS excluded) is at
+one, or the model did), it ended with EOS, and its student-fallback share (over the tokens stored, EOS excluded) is at
 most max_fallback. It is correct when its final answer (the last \\boxed{} after the reasoning)
 verifies against the reference. Kept: the shortest attempt that is both ("solved"); for a problem
 never solved, the first prefix_tokens tokens of attempt 0 ("prefix", UPFT); for a problem without
@@ -20,7 +20,7 @@ from rsd_engine.results import GenerationResult
 
 from .answers import extract_final_answer, is_correct
 from .data import Problem
-from .prompts import THINK_CLOSE, ChatPrompt
+from .prompts import THINK_CLOSE, THINK_OPEN, ChatPrompt
 
 SUB_1PCT_LOGPROB = math.log(0.01)  # the paper's "student probability under 1%" line
 
@@ -41,7 +41,7 @@ class Attempt:
 def check_attempt(index: int, result: GenerationResult, *, reference: str | None, thinking: bool,
                   max_fallback: float) -> Attempt:
     text, eos = result.text, result.finish_reason == "eos"
-    closed = not thinking or THINK_CLOSE in text
+    closed = not _reasons(text, thinking) or THINK_CLOSE in text
     answer = final_answer(text, thinking)
     token_ids = result.token_ids[:-1] if eos else list(result.token_ids)
     # Over exactly the tokens the record stores (EOS excluded), as its stats are.
@@ -53,11 +53,16 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
 
 
 def final_answer(text: str, thinking: bool) -> str | None:
-    """The last \\boxed{} answer; after the reasoning block when the prompt opened one (an unclosed
-    block has no answer)."""
-    if not thinking:
+    """The last \\boxed{} answer; after the reasoning block when the prompt opened one or the model did (an
+    unclosed block has no answer: a box inside it is a step of the reasoning)."""
+    if not _reasons(text, thinking):
         return extract_final_answer(text)
     return extract_final_answer(text[text.rindex(THINK_CLOSE):]) if THINK_CLOSE in text else None
+
+
+def _reasons(text: str, thinking: bool) -> bool:
+    """Whether the text holds a reasoning block: the prompt opened one, or the model opened its own."""
+    return thinking or THINK_OPEN in text
 
 
 def trace_stats(accepted, teacher_logprobs, student_logprobs) -> dict:
