@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 # The uniforms of one step are laid out as [fallback draw, proposal 0, ..., proposal K-1]; the width
 # is fixed so that a decode step has static shapes whatever the batch asks for.
 MAX_PROPOSAL_TRIALS = 16
+# Temperatures the float32 sampling step can divide by: past these 1/t or t overflows float32 (a subnormal t
+# made every backend emit NaN weights, hence flags or the fallback's token, on finite logits).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,12 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos = {self.ignore_eos!r} must be True or False")
         _check_int("max_new_tokens", self.max_new_tokens, 1, None)
-        _check_float("temperature", self.temperature, 0.0, None, "a finite number >= 0 (0 means argmax)")
+        _check_temperature("temperature", self.temperature, argmax=True)
         _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", open_low=True)
         _check_int("top_k", self.top_k, 0, None, "an integer >= 0 (0 disables top-k)")
         _check_float("threshold", self.threshold, 0.0, 1.0, "in [0, 1]")
-        _check_float("check_temperature", self.check_temperature, 0.0, None, "a finite number > 0", open_low=True)
-        _check_float("student_temperature", self.student_temperature, 0.0, None,
-                     "a finite number >= 0 (0 means argmax)")
+        _check_temperature("check_temperature", self.check_temperature, argmax=False)
+        _check_temperature("student_temperature", self.student_temperature, argmax=True)
         _check_float("student_top_p", self.student_top_p, 0.0, 1.0, "in (0, 1]", open_low=True)
         _check_int("student_top_k", self.student_top_k, 0, None, "an integer >= 0 (0 disables top-k)")
         _check_int("proposal_trials", self.proposal_trials, 1, MAX_PROPOSAL_TRIALS)
@@ -79,6 +81,14 @@ def _check_int(name, value, lo, hi, allowed=None):
     if not ok:
         allowed = allowed or (f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
         raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {allowed}")
+
+
+def _check_temperature(name, value, *, argmax: bool):
+    zero = "0 (argmax) or " if argmax else ""
+    _check_float(name, value, 0.0, None, f"{zero}in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]", open_low=not argmax)
+    if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {zero}in "
+                         f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the float32 sampling step divides by it)")
 
 
 def _check_float(name, value, lo, hi, allowed, open_low=False):
