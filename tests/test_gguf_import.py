@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def add_tensor(writer, name, array, qtype):
         writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
 
 
-def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama"):
+def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", vocab_extra=0):
     tokens, merges, types = train_bpe()
     weights = hf_weights(len(tokens), tied)
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -124,7 +125,7 @@ def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama"):
     writer.add_rope_dimension_count(HEAD_DIM)
     writer.add_rope_freq_base(50000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_vocab_size(len(tokens))
+    writer.add_vocab_size(len(tokens) + vocab_extra)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -259,6 +260,10 @@ def test_refuses_bad_inputs(tmp_path, tiny_gguf):
     write_tiny_gguf(tmp_path / "pre.gguf", pre="made-up")
     with pytest.raises(ValueError, match="pre-tokenizer 'made-up'"):
         convert_gguf(tmp_path / "pre.gguf", tmp_path / "x")
+    # A vocabulary the embedding does not have: converted, the folder failed only when a model was loaded.
+    write_tiny_gguf(tmp_path / "vocab.gguf", vocab_extra=8)
+    with pytest.raises(ValueError, match=r"token_embd.weight has \d+ rows where the metadata's vocabulary has"):
+        convert_gguf(tmp_path / "vocab.gguf", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -287,6 +292,19 @@ def test_real_smollm2_matches_transformers(tmp_path):
     ids = torch.tensor([[1, 4093, 198, 19556, 905, 28, 357, 506, 253, 1028, 30, 2]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, oracle(ids).logits, rtol=0, atol=0)
+
+
+def test_atomic_folder_removes_what_a_killed_conversion_left(tmp_path):
+    """kill -9 skips the cleanup: the temporary folder stayed in the cache for good (up to 270 MB each)."""
+    old, fresh, other = (tmp_path / name for name in (".model.tmp-dead", ".model.tmp-running", ".other.tmp-x"))
+    for folder in (old, fresh, other):
+        folder.mkdir()
+    hours_ago = time.time() - 2 * gguf_import.STALE_TMP_SECONDS
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    with gguf_import.atomic_folder(tmp_path / "model") as tmp:
+        (tmp / "w.txt").write_text("w")
+    assert sorted(os.listdir(tmp_path)) == [".model.tmp-running", ".other.tmp-x", "model"]
 
 
 def test_atomic_folder_keeps_the_folder_another_process_finished(tmp_path):

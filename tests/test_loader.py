@@ -180,6 +180,18 @@ def test_tensors_the_config_does_not_account_for_are_refused(folder, name, shape
         load_model(folder)
 
 
+def test_a_tensor_stored_twice_is_refused(folder):
+    """Two copies of one tensor in two files (a stray shard beside the indexed ones): the last file read won,
+    whichever the index named."""
+    state = load_file(folder / "model.safetensors")
+    name = "model.embed_tokens.weight"
+    save_file({name: torch.zeros_like(state[name])}, folder / "stray.safetensors", metadata={"format": "pt"})
+    (folder / "model.safetensors").rename(folder / "a.safetensors")  # no index: every *.safetensors is read
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} is stored twice, in a.safetensors and "
+                                         rf"stray.safetensors"):
+        load_model(folder)
+
+
 def test_buffers_and_a_tied_head_copy_are_still_skipped(folder):
     """What a checkpoint may hold beside the weights: old rotary buffers, and lm_head.weight next to tied
     embeddings (the head is the embedding: nothing is lost)."""
@@ -220,6 +232,15 @@ CONFIG_DAMAGE = {
                                  r"unsupported architecture: MambaForCausalLM"),
     "generation-config-list": (lambda f: (f / "generation_config.json").write_text("[1]"),
                                r"generation_config.json holds a JSON list, not an object"),
+    # Sizes of the wrong type crashed deep in torch (empty() of None, range() of 2.0, a division by 0 heads).
+    "vocab-size-null": (lambda f: edit_config(f, vocab_size=None),
+                        r"config.json: vocab_size = None, where a positive integer is needed"),
+    "layers-float": (lambda f: edit_config(f, num_hidden_layers=2.0),
+                     r"config.json: num_hidden_layers = 2.0, where a positive integer is needed"),
+    "no-heads": (lambda f: edit_config(f, num_attention_heads=0),
+                 r"config.json: num_attention_heads = 0, where a positive integer is needed"),
+    "eps-text": (lambda f: edit_config(f, rms_norm_eps="1e-6"),
+                 r"config.json: rms_norm_eps = '1e-6', where a positive number is needed"),
     # Was run with SiLU whatever hidden_act said.
     "hidden-act-gelu": (lambda f: edit_config(f, hidden_act="gelu"),
                         r"hidden_act 'gelu' is not supported; the MLP is SwiGLU, so hidden_act must be one of "

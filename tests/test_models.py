@@ -180,6 +180,16 @@ def test_config_reads_old_and_new_rope_formats():
     assert plain.rope_scaling == {} and not torch.equal(rope.inv_freq(new), rope.inv_freq(plain))
     with pytest.raises(ValueError, match="yarn"):
         ModelConfig.from_hf({**CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    # An older rope_scaling's "type" beside a rope_parameters left at default: transformers scales by it, so it
+    # is read (and refused here), not dropped for plain RoPE.
+    with pytest.raises(ValueError, match="unsupported RoPE type 'linear'"):
+        ModelConfig.from_hf({**CONFIG, "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"},
+                             "rope_scaling": {"type": "linear", "factor": 4.0}})
+    assert ModelConfig.from_hf({**CONFIG, "rope_parameters": {"rope_type": "default"},
+                                "rope_scaling": {k: v for k, v in LLAMA3.items() if k != "rope_type"}
+                                | {"type": "llama3"}}).rope_scaling == new.rope_scaling
+    with pytest.raises(ValueError, match="names two RoPE types, 'llama3' in rope_parameters and 'linear'"):
+        ModelConfig.from_hf({**CONFIG, "rope_parameters": LLAMA3, "rope_scaling": {"type": "linear"}})
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         ModelConfig.from_hf({**CONFIG, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
 

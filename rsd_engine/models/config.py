@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the MLP's SiLU(gate) * up; transformers' ACT2FN names SiLU both ways
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ class ModelConfig:
             raise ValueError(f"a quantized checkpoint (quantization_config: {method}) is not supported: its weights "
                              f"need their scales, which rsd-engine does not apply; give the model's float16, "
                              f"bfloat16 or float32 weights")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = config[name] if name in REQUIRED_SIZES else config.get(name)
+            if (value is not None or name in REQUIRED_SIZES) and not (
+                    isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"config.json: {name} = {value!r}, where a positive integer is needed")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = config.get(name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and value > 0):
+                raise ValueError(f"config.json: {name} = {value!r}, where a positive number is needed")
         num_heads = config["num_attention_heads"]
         hidden_size = config["hidden_size"]
         is_llama = architecture == "LlamaForCausalLM"
@@ -105,10 +117,16 @@ def _architecture(config: dict) -> str:
 
 def _rope(config: dict) -> tuple[float, dict]:
     """(theta, scaling) from transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
-    params = dict(config.get("rope_parameters") or {})
-    params.update(config.get("rope_scaling") or {})
+    base, scaling = dict(config.get("rope_parameters") or {}), dict(config.get("rope_scaling") or {})
+    # Each names its type as rope_type or (older configs) type; transformers reads rope_scaling's over a
+    # rope_parameters left at "default".
+    base_type, scaled_type = _rope_type(base), _rope_type(scaling)
+    if base_type not in (None, "default") and scaled_type not in (None, base_type):
+        raise ValueError(f"config.json names two RoPE types, {base_type!r} in rope_parameters and {scaled_type!r} in "
+                         f"rope_scaling; keep one")
+    params = {**base, **scaling}
     theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    rope_type = scaled_type or base_type or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -120,6 +138,13 @@ def _rope(config: dict) -> tuple[float, dict]:
     if missing:
         raise ValueError(f"llama3 RoPE scaling is missing {', '.join(missing)} in config.json")
     return theta, {"rope_type": rope_type, **params}
+
+
+def _rope_type(params: dict) -> str | None:
+    """The RoPE type a rope_parameters / rope_scaling dict names (its keys for it removed)."""
+    named = params.pop("rope_type", None)
+    legacy = params.pop("type", None)
+    return named if named is not None else legacy
 
 
 def _ids(value) -> list[int]:

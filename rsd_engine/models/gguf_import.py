@@ -10,10 +10,12 @@ killed conversion never leaves half a model behind.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ _LLAMA3_SPLIT = (
 )
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _TOKEN_ID_KEYS = {"unk": "unknown", "pad": "padding"}
+STALE_TMP_SECONDS = 3600
 
 
 def convert_gguf(gguf_path, out_dir, *, dtype=torch.bfloat16, overwrite=False) -> Path:
@@ -164,6 +167,11 @@ def llama_weights(tensors: dict, config: dict, dtype) -> dict[str, torch.Tensor]
         raise ValueError(
             f"GGUF tensors do not match a {layers}-layer Llama: missing {missing[:5]}, unsupported {unknown[:5]}"
         )
+    for name in ("token_embd.weight", "output.weight"):
+        rows = int(tensors[name].shape[-1]) if name in tensors else config["vocab_size"]  # GGUF: (cols, rows)
+        if rows != config["vocab_size"]:
+            raise ValueError(f"GGUF tensor {name} has {rows} rows where the metadata's vocabulary has "
+                             f"{config['vocab_size']} tokens; the file is inconsistent")
     weights = {}
     for name, tensor in tensors.items():
         try:
@@ -280,6 +288,12 @@ def atomic_folder(out_dir, *, overwrite=False):
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed mid-conversion (kill -9 skips the cleanup below) left its folder: gone after an hour,
+    # far longer than a conversion takes.
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp

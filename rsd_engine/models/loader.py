@@ -116,10 +116,15 @@ def _build(config: ModelConfig) -> CausalLM:
 
 def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device) -> None:
     expected, merged = _checkpoint_layout(model)
-    state, skipped = {}, []
+    state, skipped, found_in = {}, [], {}
     for path in files:
         # Names not expected are skipped: e.g. lm_head.weight saved next to tied embeddings, or rotary buffers.
         for name, tensor in read_safetensors(path, expected, model=path.parent, skipped=skipped):
+            if name in found_in:  # which copy is the model's? The index names one file; a glob names none
+                raise ValueError(f"tensor {name} is stored twice, in {found_in[name].name} and {path.name}; a "
+                                 f"checkpoint holds each tensor once (remove the stray file, or fix "
+                                 f"model.safetensors.index.json)")
+            found_in[name] = path
             if tensor.shape != expected[name]:
                 raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(expected[name])}")

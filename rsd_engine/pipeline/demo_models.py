@@ -129,12 +129,11 @@ def quantise_rtn(weight: torch.Tensor, *, bits: int = 4, group_size: int = 64) -
 @torch.no_grad()
 def perplexity(model_dir, text: str = ENGLISH_PARAGRAPH) -> float:
     """exp(mean next-token negative log-likelihood) of `text` under the model in `model_dir`."""
-    from transformers import AutoTokenizer
-
     from rsd_engine.models import load_model
+    from rsd_engine.tokens import load_tokenizer  # never a folder's own tokenizer code
 
     model = load_model(model_dir, dtype=torch.float32)
-    ids = AutoTokenizer.from_pretrained(str(model_dir))(text).input_ids
+    ids = load_tokenizer(model_dir)(text).input_ids
     if len(ids) < 2:
         raise ValueError("perplexity needs a text of at least two tokens")
     input_ids = torch.tensor([ids])
