@@ -463,7 +463,7 @@ def _provenance(args):
 
     t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
     return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses",
-                                        "were skipped (too long for --max-seq-len, unreadable, or no sentence)"),
+                                        "were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, or no sentence)"),
                                        (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 
@@ -484,7 +484,7 @@ def _select(args):
     # (the summary names it); one left with none because they were skipped is counted through the skips.
     return _exit_status("select", [
         (len(t["skipped"]), None, "candidates",
-         "were skipped (too long for --max-seq-len, unreadable, or no sentence)"),
+         "were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, or no sentence)"),
         (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 

@@ -13,7 +13,7 @@ from rsd_engine.pipeline.categories import Rule, categorize, check_beta
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from rsd_engine.pipeline.provenance import ProvenanceOptions, complete_keys
 from rsd_engine.pipeline.records import read_records
-from rsd_engine.pipeline.select import Candidate, pick
+from rsd_engine.pipeline.select import Candidate, pick, scores_path
 from rsd_engine.pipeline.sentences import split_sentences
 from tiny import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, build_model, build_tokenizer
 
@@ -160,6 +160,29 @@ def test_tokenizers_differ_but_sentences_agree(models, tmp_path):
     assert [s["p_teacher"] for s in same] == pytest.approx([s["p_teacher"] for s in cross], rel=1e-5)
 
 
+def test_batch_size_changes_probabilities_only_by_float32_rounding(models):
+    """What the README promises of batch size: the same sentences and categories, probabilities equal up
+    to float32 rounding (attention spans and summation order differ), not bit for bit."""
+    from rsd_engine.pipeline.readers import Reader
+    from rsd_engine.pipeline.responses import Response
+    from rsd_engine.pipeline.tracing import Tracer
+
+    responses = [Response(r["id"], 0, r["question"], DEFAULT_SYSTEM_PROMPT, r["response"], {}) for r in RESPONSES]
+
+    def traced(batch_size):
+        tracer = Tracer({role: Reader(role, models[name], device="cpu") for role, name in
+                         (("teacher", "teacher"), ("student", "other"))}, beta=float(TINY_BETA), batch_size=batch_size)
+        usable, _ = tracer.prepare(responses)
+        tracer.load()
+        return [t for k in range(0, len(usable), batch_size) for t in tracer.trace_batch(usable[k: k + batch_size])]
+
+    for alone, together in zip(traced(1), traced(3)):
+        assert [s.text for s in alone.sentences] == [s.text for s in together.sentences]
+        assert alone.categories == together.categories
+        for role in alone.probs:
+            assert alone.probs[role] == pytest.approx(together.probs[role], rel=1e-5, abs=0)
+
+
 def test_chat_records_read_like_question_and_response(models, tmp_path):
     plain = provenance(models, write_rows(tmp_path / "r.jsonl", RESPONSES[:1]), tmp_path / "a.jsonl")
     tok = build_prompt(__import__("transformers").AutoTokenizer.from_pretrained(str(models["student"])),
@@ -257,7 +280,7 @@ def test_bad_rows_are_skipped_and_counted(models, tmp_path, capsys):
                        status=3)
     report = capsys.readouterr().out
     assert report.splitlines()[-1] == ("rsd provenance: 1 of 4 responses were skipped (too long for --max-seq-len, "
-                                       "unreadable, or no sentence): exit status 3")
+                                       "unreadable, non-finite log-probs, or no sentence): exit status 3")
     assert "skipped rows: 2 of 6 (first: row 3, empty response)" in report
     assert "skipped responses: 1 (first: id long sample 0: " in report and "longer than max_seq_len 150" in report
     assert {s["id"] for s in lines} == {"p1", "p2", "p3"}
@@ -295,7 +318,8 @@ def test_select_exits_3_when_candidates_are_skipped(models, tmp_path, capsys):
     assert main(argv) == 3
     assert [r["id"] for r in read_records(tmp_path / "sel.jsonl")] == ["q1"]
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "rsd select: 1 candidates were skipped (too long for --max-seq-len, unreadable, or no sentence): exit status 3")
+        "rsd select: 1 candidates were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, "
+        "or no sentence): exit status 3")
 
 
 def test_select_needs_ids(models, tmp_path, capsys):
@@ -333,6 +357,87 @@ def test_unreadable_text_is_skipped_with_the_reason(models, unk_model, tmp_path,
     assert {s["id"] for s in lines} == {"p3"}
 
 
+@pytest.fixture(scope="module")
+def nan_student(tmp_path_factory, tiny_pair):
+    """The student with a NaN embedding row for the last token of " apples": the log-probs of a response
+    holding it are NaN from there on; other responses read as under the student."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("nan") / "student"
+    shutil.copytree(tiny_pair[1], folder)
+    token = AutoTokenizer.from_pretrained(str(folder))(" apples", add_special_tokens=False)["input_ids"][-1]
+    weights = load_file(folder / "model.safetensors")
+    [name] = [n for n in weights if "embed_tokens" in n]
+    weights[name][token] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+NAN_ROWS = [{"id": "p", "question": "How many does Alice have?",
+             "response": "She has 5 apples. The answer is \\boxed{5}."},
+            {"id": "p", "question": "How many does Alice have?", "response": "The answer is \\boxed{5}."}]
+NOT_FINITE = "log-probs not finite under the student (the model's logits are NaN/inf)"
+
+
+def test_non_finite_log_probs_are_skipped_and_never_written(models, nan_student, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    lines = provenance({**models, "nan": nan_student}, write_rows(tmp_path / "r.jsonl", NAN_ROWS), out,
+                       student="nan", status=3)
+    assert f"skipped responses: 1 (first: id p sample 0: {NOT_FINITE})" in capsys.readouterr().out
+    assert [(s["sample"], s["text"]) for s in lines] == [(1, NAN_ROWS[1]["response"])]
+    assert "NaN" not in out.read_text() and all(math.isfinite(s["p_student"]) for s in lines)
+
+
+@pytest.mark.parametrize("by", ["count", "student-likelihood"])
+@pytest.mark.parametrize("budget", [[], ["--budget", "1"]])
+@pytest.mark.parametrize("order", [1, -1])
+def test_select_skips_non_finite_log_probs_in_any_input_order(models, nan_student, tmp_path, capsys, by, budget,
+                                                               order):
+    data = write_rows(tmp_path / "c.jsonl", NAN_ROWS[::order])
+    out = tmp_path / "sel.jsonl"
+    argv = ["select", "--teacher", str(models["teacher"]), "--student", str(nan_student), "--data", str(data),
+            "--out", str(out), "--by", by, *budget, "--device", "cpu", "--no-progress"]
+    assert main(argv) == 3
+    assert f"skipped candidates: 1 (first: id p candidate {0 if order == 1 else 1}: {NOT_FINITE})" in \
+        capsys.readouterr().out
+    [kept] = read_records(out)
+    assert kept["response"] == NAN_ROWS[1]["response"]
+    assert "NaN" not in out.read_text()
+    if budget:
+        assert "NaN" not in scores_path(out).read_text() and len(read_records(scores_path(out))) == 1
+
+
+@pytest.fixture(scope="module")
+def marker_teacher(tmp_path_factory):
+    """A teacher whose tokenizer has a marker "[S}": in "[S}." the student's token "}." starts inside the marker,
+    so the sentence "." holds no student token and merge_empty leaves no sentence."""
+    root = tmp_path_factory.mktemp("marker")
+    tok = build_tokenizer(root / "tok", extra_special_tokens=("[S}",))
+    return build_model(root / "teacher", "qwen3", tokenizer_dir=tok, hidden_size=64, num_layers=2, seed=5)
+
+
+def test_a_candidate_without_a_sentence_is_skipped_by_select_as_by_provenance(models, marker_teacher, tmp_path,
+                                                                               capsys):
+    rows = [{"id": "p", "question": "What is 2 + 3?", "response": "[S}."},
+            {"id": "p", "question": "What is 2 + 3?", "response": "The answer is \\boxed{5}."}]
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    common = ["--teacher", str(marker_teacher), "--student", str(models["student"]), "--data", str(data),
+              "--device", "cpu", "--no-progress"]
+    why = "id p sample 0: no sentence holds a token under every model"
+    assert main(["provenance", *common, "--out", str(tmp_path / "s.jsonl")]) == 3
+    assert f"skipped responses: 1 (first: {why})" in capsys.readouterr().out
+    for by, budget in (("count", []), ("share", []), ("count", ["--budget", "2"]), ("share", ["--budget", "2"])):
+        out = tmp_path / f"sel-{by}-{len(budget)}.jsonl"
+        assert main(["select", *common, "--by", by, *budget, "--out", str(out)]) == 3
+        assert f"skipped candidates: 1 (first: {why.replace('sample', 'candidate')})" in capsys.readouterr().out
+        assert [(r["response"], r["sentences"]) for r in read_records(out)] == [(rows[1]["response"], 1)]
+        if budget:
+            assert [s["sample"] for s in read_records(scores_path(out))] == [1]
+
+
 def test_generate_select_provenance_keeps_what_rsd_select_keeps(models, tmp_path):
     from rsd_engine import Engine
     from rsd_engine.pipeline.data import Problem
@@ -362,6 +467,41 @@ def test_generate_select_provenance_keeps_what_rsd_select_keeps(models, tmp_path
     assert (record["teacher_sentences"], record["teacher_share"]) == (kept["teacher_sentences"], kept["teacher_share"])
     shortest = min(range(len(rows)), key=lambda k: len(attempts[k].token_ids))
     assert record["kept_attempt"] != shortest  # the rule, not length, decided here
+
+
+def test_generate_select_provenance_breaks_ties_by_the_tokens_rsd_select_counts(models, tmp_path):
+    """Two attempts tied on the score (no teacher sentence at beta 0.1): the one generated as a non-canonical
+    tokenisation has more generated tokens but fewer when tokenised again, which is what rsd select counts."""
+    from rsd_engine import Engine
+    from rsd_engine.pipeline.data import Problem
+    from rsd_engine.pipeline.select import provenance_chooser
+    from rsd_engine.pipeline.traces import Attempt
+    from rsd_engine.results import GenerationResult
+
+    engine = Engine(models["teacher"], models["student"], device="cpu", max_batch_size=1, max_seq_len=256)
+    tok = engine.tokenizer
+    texts = ["The answer is 4.", "Do. Do."]
+    attempts = []
+    for k, text in enumerate(texts):
+        ids = tok.encode(text, add_special_tokens=False)
+        if k == 0:  # sampled character by character
+            ids = [i for ch in text for i in tok.encode(ch, add_special_tokens=False)]
+        assert tok.decode(ids) == text
+        attempts.append(Attempt(k, GenerationResult([1], token_ids=ids, text=text, finish_reason="eos"), ids, "4",
+                                True, True, True, 0.0, True))
+    generated = [len(a.token_ids) for a in attempts]
+    retokenised = [len(tok.encode(t, add_special_tokens=False)) for t in texts]
+    assert generated[0] > generated[1] and retokenised[0] < retokenised[1]
+    problem = Problem("q", "What is 2 + 2?", "4")
+    kept, fields = provenance_chooser(engine, DEFAULT_SYSTEM_PROMPT)(problem, attempts)
+
+    data = write_rows(tmp_path / "c.jsonl", [{"id": "q", "question": problem.question, "response": t} for t in texts])
+    argv = ["select", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data", str(data),
+            "--out", str(tmp_path / "sel.jsonl"), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    [row] = read_records(tmp_path / "sel.jsonl")
+    assert row["teacher_sentences"] == fields["teacher_sentences"] == 0  # tied: the token count decides
+    assert kept.index == 0 and row["response"] == texts[0]
 
 
 def test_rsd_generate_select_provenance(tmp_path_factory, tmp_path, capsys):

@@ -62,6 +62,22 @@ def test_position_curves_and_area_in_two_bins(tmp_path):
     assert r["teacher_area"]["value"] == pytest.approx(((1 - 0) + (0 - 0.5)) / 2)
 
 
+def test_position_bins_are_exact_at_the_bin_edges():
+    """Sentence i of n sits at (2i + 1) / 2n and falls in the half-open bin holding it, computed exactly:
+    in floats, (7 + 0.5) / 11 * 22 is 14.999..., one bin too low."""
+    from fractions import Fraction
+
+    from rsd_engine.pipeline.categories import CATEGORIES
+    from rsd_engine.pipeline.provenance_report import ScoredResponse, position_bin
+
+    for bins in range(1, 31):
+        for n in range(1, 61):
+            assert [position_bin(i, n, bins) for i in range(n)] == [
+                int(Fraction(2 * i + 1, 2 * n) * bins) for i in range(n)], (n, bins)
+    counts = PositionCounts([ScoredResponse("a", 0, ["teacher"] * 11, True, "eos")], 22)
+    assert np.flatnonzero(counts.counts[0, 1, CATEGORIES.index("teacher")]).tolist() == [2 * i + 1 for i in range(11)]
+
+
 def test_deciles_leave_empty_bins_out_of_the_area(tmp_path):
     r = report_of(tmp_path, resamples=10)
     correct, incorrect = r["by_position"]["correct"]["teacher"], r["by_position"]["incorrect"]["teacher"]

@@ -109,6 +109,22 @@ def test_budget_run_resumes_the_writing_and_refuses_another_selection(tmp_path, 
     assert "--budget: 5 in the output, 6 now" in capsys.readouterr().err
 
 
+def test_a_non_finite_score_an_older_rsd_wrote_is_scored_again(tmp_path, capsys):
+    """rsd select used to write a NaN score (a model's non-finite logits) to the scores file; a resumed run must
+    score that candidate again, never rank the NaN (a NaN key sorts by input order)."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    kept = out.read_text()
+    lines = read_records(scores_path(out))
+    lines[0]["random_key"] = float("nan")
+    scores_path(out).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out.unlink()
+    assert main(argv) == 0
+    assert "candidates: 14 already in the scores file, 1 scored now" in capsys.readouterr().out
+    assert out.read_text() == kept
+
+
 def test_student_likelihood_baseline_matches_the_students_log_probabilities(tiny_pair, tmp_path):
     from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
     from rsd_engine.pipeline.readers import Reader

@@ -174,8 +174,8 @@ def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist
         for first in range(0, len(usable), tracer.batch_size):
             batch = tracer.trace_batch(usable[first: first + tracer.batch_size])
             for traced in batch:
-                if not traced.sentences:  # every sentence merged away (merge_empty): no line would mark it done
-                    tally["skipped"].append((traced.response.key, "no sentence holds a token under every model"))
+                if traced.skipped:  # non-finite log-probs, or no sentence left: no line would mark it done
+                    tally["skipped"].append((traced.response.key, traced.skipped))
                     continue
                 lines = traced.records()
                 if traced.response.key in numbers:

@@ -205,6 +205,11 @@ def analyse(responses: list[ScoredResponse], *, bins: int = DEFAULT_BINS, resamp
     return report
 
 
+def position_bin(i: int, n: int, bins: int) -> int:
+    """The bin of sentence i of n: floor((i + 1/2) / n * bins), exactly."""
+    return min((2 * i + 1) * bins // (2 * n), bins - 1)
+
+
 class PositionCounts:
     """Counts per problem, correctness and position bin: what both the estimates and their
     bootstrap replicates are computed from (a replicate weighs each problem by how often it was
@@ -220,7 +225,9 @@ class PositionCounts:
         for r in responses:
             n = len(r.categories)
             for i, c in enumerate(r.categories):
-                b = min(int((i + 0.5) / n * bins), bins - 1)  # a sentence sits at its middle
+                # A sentence sits at its middle, (i + 1/2) / n, in half-open bins [b / bins, (b + 1) / bins);
+                # in integers, as float rounding puts a middle that lands on an edge in the bin below.
+                b = position_bin(i, n, bins)
                 self.counts[place[r.id], int(r.correct), CATEGORIES.index(c), b] += 1
         self.owner = np.array([place[r.id] for r in responses], dtype=int)
         self.share = np.array([r.teacher_share for r in responses])

@@ -7,19 +7,22 @@ budget over a whole dataset: `rsd select` and `rsd generate --select provenance`
     random              a uniform draw fixed by (seed, id, sample)
 
 Larger is better; ties go to the shorter response (student tokens), then to the earlier
-candidate. A Scorer reads only the models its ranking needs.
+candidate. A Scorer reads only the models its ranking needs, and sets aside with the reason, as
+`rsd provenance` does, a response whose log-probs are not finite (a NaN never compares less, so it
+would be kept or not by its place in the input) or, for count and share, one with no sentence left.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 from .categories import Rule
 from .readers import Reader, Unreadable
 from .responses import Response
 from .sentences import sentence_spans
-from .tracing import NO_SENTENCE, Tracer
+from .tracing import NO_SENTENCE, Tracer, not_finite
 
 RANKINGS = ("count", "share", "student-likelihood", "random")
 BUDGET_UNITS = ("responses", "problems")
@@ -154,19 +157,26 @@ class Scorer:
         elif self.by == "student-likelihood":
             self.readers["student"].allocate(self.max_seq_len, self.batch_size)
 
-    def score(self, responses: list[Response]) -> list[Candidate]:
-        """Candidates in the order of `responses` (order = their index there)."""
-        out = []
+    def score(self, responses: list[Response]) -> tuple[list[Candidate], list[tuple[Response, str]]]:
+        """(candidates, in the order of `responses` with order = their index there; the responses set
+        aside, as (response, reason), which have no candidate)."""
+        out, skipped = [], []
         for first in range(0, len(responses), self.batch_size):
             batch = responses[first: first + self.batch_size]
             if self.tracer is not None:
-                out += [Candidate(0, t.teacher_sentences, len(t.sentences), t.tokens)
-                        for t in self.tracer.trace_batch(batch)]
+                scored = [(t.skipped, Candidate(0, t.teacher_sentences, len(t.sentences), t.tokens))
+                          for t in self.tracer.trace_batch(batch)]
             elif self.by == "student-likelihood":
                 reader = self.readers["student"]
                 readings = [reader.read(r.question, r.text, r.system) for r in batch]
-                out += [Candidate(0, tokens=len(lp), student_logprob=sum(lp) / len(lp))
-                        for lp in reader.logprobs(readings)]
+                scored = [(None if all(map(math.isfinite, lp)) else not_finite(["student"]),
+                           Candidate(0, tokens=len(lp), student_logprob=sum(lp) / len(lp)))
+                          for lp in reader.logprobs(readings)]
             else:
-                out += [Candidate(0, random_key=random_key(self.seed, r.id, r.sample)) for r in batch]
-        return [Candidate.from_fields(k, c.fields()) for k, c in enumerate(out)]
+                scored = [(None, Candidate(0, random_key=random_key(self.seed, r.id, r.sample))) for r in batch]
+            for k, (why, c) in enumerate(scored, first):
+                if why:
+                    skipped.append((responses[k], why))
+                else:
+                    out.append(Candidate.from_fields(k, c.fields()))
+        return out, skipped

@@ -9,7 +9,9 @@ Candidates are the rows that share an id; an id whose rows hold different questi
 (naming them), since one of two problems would be dropped. Rows that say they are wrong
 (`"correct": false`, as `rsd eval` writes it) are set aside unless --include-incorrect: teacher-
 guided selection chooses among correct answers. A problem without a candidate left is named and
-written nowhere. Responses cut off by the length limit are set aside as `rsd provenance` does.
+written nowhere. Responses cut off by the length limit are set aside as `rsd provenance` does, and
+candidates it would skip (too long, unreadable, non-finite log-probs, no sentence) are skipped with
+the reason and never compete.
 
 Without `--budget` every problem (id) keeps its best candidate; `--by` defaults to count. A
 problem's row is written (fsynced) once all its candidates are scored, so a rerun resumes after
@@ -31,6 +33,8 @@ each rank takes every world_size-th problem and writes its own part; rank 0 merg
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +45,7 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
-from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
-                      read_records)
+from .records import RecordWriter, check_output_name, check_writable, held_elsewhere, part_path, read_records
 from .responses import Response, load_responses, row_id
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
@@ -52,8 +55,10 @@ def provenance_chooser(engine, system_prompt: str, *, batch_size: int = 4, by: s
                        rule: Rule | None = None, seed: int = 0):
     """`rsd generate --select provenance`: among a problem's correct attempts, the one `pick` keeps,
     scored under the engine's own teacher and student (each through its own chat template, in caches
-    of their own, so the generation in flight is untouched). Falls back to the shortest when no
-    attempt can be read."""
+    of their own, so the generation in flight is untouched). Ties go to the fewer student tokens as
+    `rsd select` counts them, the response text tokenised again (an attempt sampled as a non-canonical
+    tokenisation has more generated tokens than that). Falls back to the shortest generated attempt
+    when no attempt can be read or scored."""
     readers = {"teacher": Reader("teacher", engine.teacher_path, model=engine.teacher,
                                  tokenizer=engine.teacher_tokenizer),
                "student": Reader("student", engine.student_path, model=engine.student, tokenizer=engine.tokenizer)}
@@ -68,9 +73,9 @@ def provenance_chooser(engine, system_prompt: str, *, batch_size: int = 4, by: s
             return min(solved, key=lambda a: (len(a.token_ids), a.index)), {}
         scorer.load()
         by_index = {a.index: a for a in solved}
-        # Rank by the attempts' own token counts, as the shortest rule does.
-        candidates = [Candidate.from_fields(k, {**c.fields(), "tokens": len(by_index[r.sample].token_ids)})
-                      for k, (r, c) in enumerate(zip(usable, scorer.score(usable)))]
+        candidates, _ = scorer.score(usable)  # an attempt set aside (non-finite log-probs) does not compete
+        if not candidates:
+            return min(solved, key=lambda a: (len(a.token_ids), a.index)), {}
         best = pick(candidates, by)
         fields = best.fields()
         fields.pop("tokens", None)
@@ -190,7 +195,8 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
         bar = _bar(len(todo), opts.progress and dist.rank == 0, dist, "problem")
         for pid in todo:
             mine = [r for r in problems[pid] if r.key in usable_keys]
-            candidates = scorer.score(mine)
+            candidates, unscored = scorer.score(mine)
+            tally["skipped"] += [(r.key, why) for r, why in unscored]
             if bar is not None:
                 bar.update(1)
             if not candidates:
@@ -228,6 +234,11 @@ def _scored_key(line: dict) -> tuple:
     return str(line.get("id")), line.get("sample"), line.get("response_hash")
 
 
+def _finite(line: dict) -> bool:
+    """Whether a scores line's numbers are all finite (an older rsd wrote NaN for a model's non-finite logits)."""
+    return all(math.isfinite(v) for v in line.values() if isinstance(v, float))
+
+
 def scores_path(out) -> Path:
     out = Path(out)
     return out.with_name(out.with_suffix("").name + ".scores.jsonl")
@@ -243,7 +254,8 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
         # A score counts for the text it was computed from: a candidate edited, or rows without "sample"
         # reordered within an id (their sample is their place), is scored again.
         elsewhere = held_elsewhere(path, target, score_settings, force=opts.force)
-        done = {_scored_key(r) for r in writer.existing + [r for records in elsewhere.values() for r in records]}
+        done = {_scored_key(r) for r in writer.existing + [r for records in elsewhere.values() for r in records]
+                if _finite(r)}
         todo = [r for pid in ids for r in problems[pid] if (*r.key, r.text_hash) not in done]
         usable, skipped = scorer.prepare(todo, opts.max_seq_len)
         tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo),
@@ -253,9 +265,12 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
         bar = _bar(len(usable), opts.progress and dist.rank == 0, dist, "candidate")
         for first in range(0, len(usable), scorer.batch_size):
             batch = usable[first: first + scorer.batch_size]
-            writer.write_many([{"id": r.id, "sample": r.sample, "response_hash": r.text_hash, **c.fields()}
-                               for r, c in zip(batch, scorer.score(batch))])
-            tally["scored"] += len(batch)
+            candidates, unscored = scorer.score(batch)
+            # One set aside has no line here: it never competes, and a rerun scores it again.
+            writer.write_many([{"id": batch[c.order].id, "sample": batch[c.order].sample,
+                                "response_hash": batch[c.order].text_hash, **c.fields()} for c in candidates])
+            tally["skipped"] += [(r.key, why) for r, why in unscored]
+            tally["scored"] += len(candidates)
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
@@ -278,7 +293,7 @@ def _write_budget(opts, problems, every, settings, about, tally):
     # The scores file, and any of its parts (_score_all resumed from them too).
     lines = read_records(path) + [r for records in held_elsewhere(path, path, score_settings, force=opts.force).values()
                                   for r in records]
-    scores = {_scored_key(r): r for r in lines}
+    scores = {_scored_key(r): r for r in lines if _finite(r)}  # an older rsd wrote NaN scores: scored again
     by_problem = {}
     for pid, responses in problems.items():
         scored = [r for r in responses if (*r.key, r.text_hash) in scores]

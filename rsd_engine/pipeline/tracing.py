@@ -3,7 +3,10 @@
 Each model reads the response in its own context (readers.py); a sentence's probability under a
 model is the geometric mean of its tokens' probabilities, exp(mean log p), over the tokens that
 belong to it (sentences.py); its category follows categories.py. Responses a model cannot read
-(unknown tokens), or longer than max_seq_len under any model, are skipped with the reason.
+(unknown tokens), or longer than max_seq_len under any model, are skipped with the reason before any
+model is loaded; once traced, a response is skipped (Traced.skipped says why) where a model's
+log-probs are not finite (a NaN compares false with every margin, so it would pass as "shared" and
+rank anywhere) or where no sentence holds a token under every model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output)
 # Why a response with no text outside its template markers (say "<think>\n\n</think>") is skipped: it has
 # no sentence to trace or rank, and 0 lines written would never count as done.
 NO_SENTENCE = "no text outside the template markers (no sentence)"
+# Every sentence merged away (merge_empty): its tokens all start in markers under some model.
+NO_TOKEN_SENTENCE = "no sentence holds a token under every model"
+
+
+def not_finite(roles) -> str:
+    return f"log-probs not finite under the {' and '.join(roles)} (the model's logits are NaN/inf)"
 
 
 @dataclass
@@ -32,6 +41,7 @@ class Traced:
     probs: dict[str, list[float]]  # role -> per-sentence probability
     categories: list[str]
     tokens: int  # the response's length in the student's tokens
+    skipped: str | None = None  # why it is not to be written or ranked (then it has no sentences)
 
     @property
     def teacher_sentences(self) -> int:
@@ -115,6 +125,10 @@ class Tracer:
                                 {role: logprobs[role][k] for role in readings}) for k, r in enumerate(responses)]
 
     def _sentences(self, response: Response, readings: dict, logprobs: dict) -> Traced:
+        tokens = len(readings["student"].response_ids)
+        broken = [role for role, lps in logprobs.items() if not all(map(math.isfinite, lps))]
+        if broken:
+            return Traced(response, [], {}, [], tokens, not_finite(broken))
         text = response.text
         spans = sentence_spans(text, self.markers)
         while True:
@@ -128,8 +142,8 @@ class Tracer:
         categories = [self.rule.categorize(probs["teacher"][i], probs["student"][i],
                                            probs["distilled"][i] if "distilled" in probs else None)
                       for i in range(len(spans))]
-        return Traced(response, split_sentences(text, spans), probs, categories,
-                      len(readings["student"].response_ids))
+        return Traced(response, split_sentences(text, spans), probs, categories, tokens,
+                      None if spans else NO_TOKEN_SENTENCE)
 
 
 def _geometric_means(logprobs: list[float], owners: list[int], n: int) -> list[float]:
