@@ -259,8 +259,8 @@ def _provenance_parser(sub):
                                    "token probabilities, each model in its own chat template and tokens) and labels "
                                    "it teacher / student / shared / boosted (DESIGN section 9).",
                        epilog=_exit_codes("response", "some responses were skipped (too long for --max-seq-len, "
-                                                      "unreadable by a model's tokenizer, or no text outside the "
-                                                      "template markers)"))
+                                                      "unreadable by a model's tokenizer, non-finite log-probs, or no "
+                                                      "sentence outside the template markers)"))
     _response_options(p, "responses")
     _model_option(p, "distilled", "distilled student (default: none, and no 'boosted')", required=False)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
@@ -276,8 +276,8 @@ def _select_parser(sub):
                                    "whole dataset are kept, best first. --by random and --by student-likelihood are "
                                    "the baselines at the same budget. Ties go to the shorter.",
                        epilog=_exit_codes("candidate", "some candidates were skipped (too long for --max-seq-len, "
-                                                       "unreadable by a model's tokenizer, or no text outside the "
-                                                       "template markers)"))
+                                                       "unreadable by a model's tokenizer, non-finite log-probs, or no "
+                                                       "sentence outside the template markers)"))
     _response_options(p, "candidates", models_required=False)
     p.add_argument("--by", choices=["count", "share", "student-likelihood", "random"], default=None,
                    help="rank by the count or the share of teacher-originated sentences, the student's mean "
@@ -462,8 +462,8 @@ def _provenance(args):
     from rsd_engine.pipeline.provenance import ProvenanceOptions, run_provenance
 
     t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
-    return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses",
-                                        "were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, or no sentence)"),
+    why = "were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, or no sentence)"
+    return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses", why),
                                        (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 
