@@ -90,6 +90,14 @@ def test_different_or_unparsable_answers_are_false(predicted, reference):
     (r"\log_2 8", "3"),  # letters of LaTeX commands are math
     (r"30^\circ", "30"),
     (r"2^{\lfloor n/2 \rfloor} \lfloor n/2 \rfloor !", r"2^{\lfloor n/2 \rfloor} \lfloor n/2 \rfloor !"),
+    # the number after a relation is the answer (math-verify reads the right-hand side)
+    (r"x \approx 3.14", "3.14"),
+    (r"a \equiv 3 \pmod{5}", "3"),
+    (r"\therefore x = 5", "5"),
+    (r"f_{\max} = 5", "5"),
+    (r"\det A = 5", "5"),
+    (r"x \to 5", "5"),
+    ("3", r"x \equiv 3 \pmod{7}"),
 ])
 def test_answers_read_whole_still_compare(predicted, reference):
     assert is_correct(predicted, reference)

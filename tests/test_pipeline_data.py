@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rsd_engine.pipeline import demo_models
-from rsd_engine.pipeline.data import QUESTION_HASH, Problem, champ_problems, load_problems, question_id, shard_problems
+from rsd_engine.pipeline.data import (QUESTION_HASH, ChangedProblems, Problem, champ_problems, check_held, load_problems,
+                                      question_id, read_growing_rows, read_rows, shard_problems)
 
 ROWS = [
     {"problem": "What is 2+2?", "solution": "4", "uid": "a"},
@@ -242,3 +243,24 @@ def test_missing_answer_column_where_answers_are_needed(tmp_path):
                                                    "solution, uid; name the column of reference answers")) as e:
         load_problems(write(tmp_path / "p.jsonl", "jsonl"), **{**FIELDS, "answer_field": "sol"}, answers_needed=True)
     assert "--answer-field ''" not in str(e.value)
+
+
+def test_check_held_reads_a_question_folded_into_the_sft_user_turn():
+    """A chat template without a system role gets the system prompt in the user turn: still the same problem."""
+    problem = Problem("1", "What is 2+2?", "4")
+    record = {"id": "1", "status": "solved", "messages": [{"role": "user", "content": "Reason.\n\nWhat is 2+2?"},
+                                                          {"role": "assistant", "content": "4"}]}
+    assert check_held([record], [problem], force=False, out="o.jsonl", data="d.jsonl") == []
+    with pytest.raises(ChangedProblems, match="1 problems differ"):
+        check_held([record], [Problem("1", "What is 3+3?", "6")], force=False, out="o.jsonl", data="d.jsonl")
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 raw inside a string; splitting at it broke the row in two."""
+    rows = [{"id": "1", "text": "a\u2028b\u0085c"}, {"id": "2", "text": "π"}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_rows(path) == rows and read_growing_rows(path) == (rows, False)
+    # A run still writing: its last line cut inside the bytes of "π" is left out and said.
+    path.write_bytes(path.read_bytes()[:-3])
+    assert read_growing_rows(path) == (rows[:1], True)

@@ -178,6 +178,18 @@ def test_merge_refuses_copies_that_differ(tmp_path):
         merge_parts(out)
 
 
+def test_merge_keeps_a_finite_copy_over_a_nan_one(tmp_path):
+    """An older rsd wrote NaN scores; a rerun scores the line again into a part. The merge keeps that copy,
+    whichever comes first, and reports no conflict."""
+    out = tmp_path / "sel.scores.jsonl"
+    with RecordWriter(out) as writer:
+        writer.write({"id": "2", "student_logprob": float("nan")})
+    with RecordWriter(part_path(out, 0, 1)) as writer:
+        writer.write({"id": "2", "student_logprob": -1.5})
+    report = merge_parts(out)
+    assert report.conflicts == {} and read_records(out) == [{"id": "2", "student_logprob": -1.5}]
+
+
 def test_same_record_allows_float_rounding_only():
     assert same_record({"a": [1, 0.30000001], "b": "x"}, {"a": [1, 0.3], "b": "x"})
     assert not same_record({"a": [1, 0.31]}, {"a": [1, 0.3]})

@@ -94,6 +94,8 @@ def _parse_reference(reference: str):
 # besides these were not read as math.
 _TEXT_GROUP = re.compile(r"\\(?:text|textrm|textbf|mbox|mathrm|mathbf|operatorname)\s*\{[^{}]*\}")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
+_RELATION = re.compile(r"=|\\(?:approx|equiv|sim|simeq|cong|to|rightarrow|Rightarrow|implies|therefore)(?![A-Za-z])")
+_MODULUS = re.compile(r"\\[pb]mod\s*(?:\{[^{}]*\}|[0-9A-Za-z]+)|\(\s*\\(?:text|mathrm)\{mod\}[^)]*\)")
 
 
 def _read_whole(parsed) -> bool:
@@ -105,7 +107,9 @@ def _read_whole(parsed) -> bool:
     expr, text = parsed[0], parsed[-1]
     if not getattr(expr, "is_Number", False) or not isinstance(text, str):
         return True
-    masked = _COMMAND.sub("\\\\", _TEXT_GROUP.sub("", text))  # a command leaves its backslash, not its letters
+    # The number of "x \\approx 3.14", "f_{\\max} = 5" or "a \\equiv 3 \\pmod{5}" is what follows the last relation.
+    text = _RELATION.split(_TEXT_GROUP.sub("", _MODULUS.sub("", text)))[-1]
+    masked = _COMMAND.sub("\\\\", text)  # a command leaves its backslash, not its letters
     first = re.search(r"[A-Za-z]", masked)
     if first is None:
         return True

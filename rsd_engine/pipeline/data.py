@@ -154,32 +154,38 @@ def read_rows(path: Path) -> list:
 def read_growing_rows(path: Path) -> tuple[list, bool]:
     """read_rows, for a file a run may still be appending to (an `rsd generate` output read while it runs, or
     after a kill): (the rows, whether a last line cut short was left out). Only a last line with no newline that
-    is not JSON counts as cut short; a bad line anywhere else is an error, as for read_rows."""
-    try:
+    is not JSON (maybe cut inside a character's bytes) counts as cut short; a bad line anywhere else is an
+    error, as for read_rows."""
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
         return read_rows(path), False
-    except ValueError:
-        if path.suffix.lower() != ".jsonl" or not path.is_file():
-            raise
-        text = _read_text(path)
-        head, _, tail = text.rpartition("\n")
-        try:
-            json.loads(tail)
-        except json.JSONDecodeError:
-            if tail.strip() and not text.endswith("\n"):
-                return _read_jsonl(path, head), True
-        raise
+    data = path.read_bytes()
+    head, newline, tail = data.rpartition(b"\n")
+    try:
+        json.loads(tail.decode("utf-8"))
+        cut_short = False
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        cut_short = bool(tail.strip())
+    if not cut_short:
+        return read_rows(path), False
+    return _read_jsonl(path, _decode(path, head + newline)), True
 
 
 def _read_text(path: Path) -> str:
+    return _decode(path, path.read_bytes())
+
+
+def _decode(path: Path, data: bytes) -> str:
     try:
-        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first row
+        return data.decode("utf-8-sig")  # a byte-order mark is not part of the first row
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
 
 
 def _read_jsonl(path: Path, text: str | None = None) -> list:
     rows = []
-    for number, line in enumerate((text if text is not None else _read_text(path)).splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 and the other separators that JSON
+    # writers leave raw inside strings (json.dumps with ensure_ascii=False).
+    for number, line in enumerate((text if text is not None else _read_text(path)).split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -242,11 +248,13 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
         if problem is None:
             continue
         question = record.get("question")
+        asked = question is None or question == problem.question
         if question is None and isinstance(record.get("messages"), list):
-            question = next((m.get("content") for m in record["messages"]
-                             if isinstance(m, dict) and m.get("role") == "user"), None)
-        if (question is not None and question != problem.question) or (
-                "answer" in record and record["answer"] != problem.answer):
+            user = next((m.get("content") for m in record["messages"]
+                         if isinstance(m, dict) and m.get("role") == "user"), None)
+            # A template without a system role gets the system prompt in the user turn (prompts.build_prompt).
+            asked = not isinstance(user, str) or user == problem.question or user.endswith("\n\n" + problem.question)
+        if not asked or ("answer" in record and record["answer"] != problem.answer):
             changed[problem.id] = None
     if changed and not force:
         shown = ", ".join(list(changed)[:5]) + (f", and {len(changed) - 5} more" if len(changed) > 5 else "")

@@ -291,7 +291,8 @@ class MergeReport:
 
 def merge_parts(out, *, force: bool = False) -> MergeReport:
     """Join all parts of `out` (every set of them, and `out` itself, if it exists) into `out`, in id order,
-    each id once (the first copy seen: out, then the parts by world size and rank); duplicates are reported.
+    each id once (the first copy seen: out, then the parts by world size and rank, but a copy whose numbers
+    are all finite over one holding a NaN or inf); duplicates are reported.
     Refuses parts still being written, and, unless `force`, parts made with other settings and copies of a
     record that differ (beyond float rounding: a file edited, or records of another run). The parts are
     left in place."""
@@ -309,7 +310,11 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 key = record_key(record)
                 first = records.setdefault(key, record)
                 seen_in.setdefault(key, path)
-                if first is not record and not same_record(first, record):
+                if first is record or same_record(first, record):
+                    continue
+                if _finite(record) and not _finite(first):  # a NaN an older rsd wrote, computed again since
+                    records[key], seen_in[key] = record, path
+                elif _finite(first) == _finite(record):
                     conflicts.setdefault(key, [seen_in[key].name]).append(path.name)
         if conflicts and not force:
             shown = "; ".join(f"{key.replace(chr(0), '/')}: {' vs '.join(dict.fromkeys(files))}"
@@ -331,6 +336,17 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
                        forced_runs, conflicts, len(parts))
+
+
+def _finite(value) -> bool:
+    """Whether every number in a record is finite (older versions wrote NaN for non-finite log-probs)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, list):
+        return all(map(_finite, value))
+    return True
 
 
 def same_record(a, b) -> bool:
