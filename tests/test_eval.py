@@ -132,6 +132,20 @@ def test_ranks_write_parts_that_merge(pair, forced, tmp_path, as_ranks):
     assert accuracy_summary(records)["accuracy"] == pytest.approx(2 / 3)
 
 
+def test_one_process_after_unmerged_parts_grades_them_too(pair, forced, tmp_path, as_ranks, capsys):
+    """The parts' generations are done (not generated again): the accuracy is over them too, not over OUT's
+    records only (here none)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    as_ranks(lambda: run_eval(pair[1], data, out, "--samples", "2"))
+    capsys.readouterr()
+    assert run_eval(pair[1], data, out, "--samples", "2") == []
+    said = capsys.readouterr().out
+    assert "6 samples already in the output, 0 written now" in said and "rsd merge" in said
+    assert "accuracy: 66.67%" in said and "and its part files" in said
+
+
 def test_generations_feed_provenance(pair, tmp_path):
     gens = run_eval(pair[1], write_problems(tmp_path / "p.jsonl"), tmp_path / "gens.jsonl", "--samples", "2")
     argv = ["provenance", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(tmp_path / "gens.jsonl"),

@@ -129,7 +129,12 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         if dist.rank != 0:
             return tally
         shown = out if (group or dist.world_size == 1) and out.is_file() else target
-        summary = accuracy_summary(read_records(shown), opts.params.max_new_tokens)
+        records = {(str(r.get("id")), r.get("sample")): r for r in read_records(shown)}
+        if dist.world_size == 1 and elsewhere:  # the records resumed from unmerged parts count too
+            for r in (r for part in elsewhere.values() for r in part):
+                records.setdefault((str(r.get("id")), r.get("sample")), r)
+            shown = f"{shown} and its part files"
+        summary = accuracy_summary(list(records.values()), opts.params.max_new_tokens)
         log(format_accuracy(summary, shown))
         return {**tally, **summary}
     finally:
