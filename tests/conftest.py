@@ -43,6 +43,16 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
     return teacher, student
 
 
+@pytest.fixture(scope="session")
+def mapped_pair(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+    """A teacher on the base tokenizer; a student whose tokenizer adds <extra> (several teacher ids)."""
+    root = tmp_path_factory.mktemp("mapped_pair")
+    student_tok = build_tokenizer(root / "student_tok", extra_special_tokens=("<extra>",))
+    teacher = build_model(root / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=5)
+    student = build_model(root / "student", "qwen3", tokenizer_dir=student_tok, hidden_size=48, seed=6)
+    return teacher, student
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a busy machine it makes them wait."""

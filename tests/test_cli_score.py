@@ -349,18 +349,6 @@ def test_an_empty_prompt_is_skipped_and_an_empty_completion_has_no_figures(tiny_
                                               rel=1e-4, abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def mapped_pair(tmp_path_factory, tiny_tokenizer_dir):
-    """A teacher on the base tokenizer; a student whose tokenizer adds <extra> (several teacher ids)."""
-    from tiny import build_model, build_tokenizer
-
-    root = tmp_path_factory.mktemp("mapped_score")
-    student_tok = build_tokenizer(root / "student_tok", extra_special_tokens=("<extra>",))
-    teacher = build_model(root / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=5)
-    student = build_model(root / "student", "qwen3", tokenizer_dir=student_tok, hidden_size=48, seed=6)
-    return teacher, student
-
-
 def test_lengths_count_mapped_tokens_in_the_teachers_space(mapped_pair, tmp_path):
     """A student token mapped to several teacher ids lengthens the teacher's sequence: the engine's max_seq_len
     and the teacher's context are measured there."""

@@ -101,18 +101,6 @@ def test_bad_max_batch_is_named(ours):
         score_sequences(*ours, [[1, 2]], [1], max_batch=4)
 
 
-@pytest.fixture(scope="module")
-def mapped_pair(tmp_path_factory, tiny_tokenizer_dir):
-    """A teacher on the base tokenizer; a student whose tokenizer adds <extra> (several teacher ids)."""
-    from tiny import build_tokenizer
-
-    root = tmp_path_factory.mktemp("mapped_scoring")
-    student_tok = build_tokenizer(root / "student_tok", extra_special_tokens=("<extra>",))
-    teacher = build_model(root / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=5)
-    student = build_model(root / "student", "qwen3", tokenizer_dir=student_tok, hidden_size=48, seed=6)
-    return teacher, student
-
-
 def test_engine_score_batch_over_two_tokenizers_equals_hf(mapped_pair, small_chunks):
     """More pairs than slots, a completion over the chunk size, and a student-only token that the teacher
     reads as several ids: its teacher log-prob is the sum over those ids, each given the ones before."""
