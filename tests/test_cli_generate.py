@@ -227,9 +227,14 @@ def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
     assert sorted(dataset["id"]) == sorted(i for i, r in full.items() if not is_unfinished(r))
     prefixes = {r["id"]: r for r in read_records(tmp_path / "sft.unfinished.jsonl")}
     assert prefixes == {i: r for i, r in full.items() if is_unfinished(r)} and len(prefixes) == 2
-    assert "the 2 records that are not finished answers" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "the 2 records that are not finished answers" in said
+    assert f"--format sft: {tmp_path / 'sft.jsonl'} holds 2 SFT records (finished answers)\n" in said
     generate(pair, data, tmp_path / "sft.jsonl", "--format", "sft")  # a rerun redoes neither
     assert "problems: 4 (4 already in the output, 0 written now)" in capsys.readouterr().out
+    # Nothing finished: an empty SFT file, which datasets cannot read, is said to be so.
+    generate(pair, data, tmp_path / "none.jsonl", "--format", "sft", "--max-new-tokens", "1")
+    assert "holds 0 SFT records (finished answers); none yet" in capsys.readouterr().out
     tok = AutoTokenizer.from_pretrained(str(pair[1]))
     for row in dataset:
         record = full[row["id"]]

@@ -171,8 +171,14 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                     log(dist.tag + unreadable_warning(tally.unreadable_answers))
                 _generate(opts, todo, writer, prefix_writer, dist, tally, log)
             held_prefixes = len(prefix_writer.existing) + prefix_writer.written if prefix_writer else 0
+            held_sft = len(writer.existing) + writer.written
         summary = {**tally.summary(), "unfinished_out": str(prefix_target) if prefix_target else None}
         report = format_summary(summary)
+        if opts.format == "sft":
+            # An SFT file of no records is a valid output (nothing solved yet) that readers such as datasets
+            # fail on without saying why: say it here.
+            report += (f"\n--format sft: {target} holds {held_sft} SFT records (finished answers)"
+                       + ("; none yet: no problem has a finished answer" if not held_sft else ""))
         if held_prefixes:
             report += (f"\n--format sft: the {held_prefixes} records that are not finished answers (UPFT prefixes of "
                        f"problems never solved, unverified attempts none of which passed the checks) are in "
