@@ -29,7 +29,7 @@ from rsd_engine.params import SamplingParams
 
 from .data import Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import check_settings, input_identity, model_fingerprint
+from .manifest import input_identity, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import (RecordWriter, check_output_name, check_writable, duplicate_ids, held_elsewhere, note_unmerged,
