@@ -31,7 +31,7 @@ from .manifest import SettingsMismatch, check_settings, differences, read_manife
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
            "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "check_writable",
-           "RecordConflict"]
+           "RecordConflict", "all_finite"]
 
 
 class OutputBusy(RuntimeError):
@@ -312,9 +312,9 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 seen_in.setdefault(key, path)
                 if first is record or same_record(first, record):
                     continue
-                if _finite(record) and not _finite(first):  # a NaN an older rsd wrote, computed again since
+                if all_finite(record) and not all_finite(first):  # a NaN an older rsd wrote, computed again since
                     records[key], seen_in[key] = record, path
-                elif _finite(first) == _finite(record):
+                elif all_finite(first) == all_finite(record):
                     conflicts.setdefault(key, [seen_in[key].name]).append(path.name)
         if conflicts and not force:
             shown = "; ".join(f"{key.replace(chr(0), '/')}: {' vs '.join(dict.fromkeys(files))}"
@@ -338,14 +338,14 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                        forced_runs, conflicts, len(parts))
 
 
-def _finite(value) -> bool:
+def all_finite(value) -> bool:
     """Whether every number in a record is finite (older versions wrote NaN for non-finite log-probs)."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, dict):
-        return all(map(_finite, value.values()))
+        return all(map(all_finite, value.values()))
     if isinstance(value, list):
-        return all(map(_finite, value))
+        return all(map(all_finite, value))
     return True
 
 

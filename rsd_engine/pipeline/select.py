@@ -33,8 +33,6 @@ each rank takes every world_size-th problem and writes its own part; rank 0 merg
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +43,8 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
-from .records import RecordWriter, check_output_name, check_writable, held_elsewhere, part_path, read_records
+from .records import (RecordWriter, all_finite, check_output_name, check_writable, held_elsewhere, part_path,
+                      read_records)
 from .responses import Response, load_responses, row_id
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
@@ -234,9 +233,9 @@ def _scored_key(line: dict) -> tuple:
     return str(line.get("id")), line.get("sample"), line.get("response_hash")
 
 
-def _finite(line: dict) -> bool:
-    """Whether a scores line's numbers are all finite (an older rsd wrote NaN for a model's non-finite logits)."""
-    return all(math.isfinite(v) for v in line.values() if isinstance(v, float))
+def _score_settings(settings: dict) -> dict:
+    """The scores file's settings: the output's, less the budget (scores do not depend on it)."""
+    return {k: v for k, v in settings.items() if k not in ("--budget", "--budget-unit")}
 
 
 def scores_path(out) -> Path:
@@ -249,13 +248,13 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
     torchrun). True when this process goes on to write OUT."""
     path = scores_path(opts.out)
     target = part_path(path, dist.rank, dist.world_size) if dist.world_size > 1 else path
-    score_settings = {k: v for k, v in settings.items() if k not in ("--budget", "--budget-unit")}
+    score_settings = _score_settings(settings)
     with RecordWriter(target, score_settings, force=opts.force, about=about) as writer:
         # A score counts for the text it was computed from: a candidate edited, or rows without "sample"
         # reordered within an id (their sample is their place), is scored again.
         elsewhere = held_elsewhere(path, target, score_settings, force=opts.force)
         done = {_scored_key(r) for r in writer.existing + [r for records in elsewhere.values() for r in records]
-                if _finite(r)}
+                if all_finite(r)}
         todo = [r for pid in ids for r in problems[pid] if (*r.key, r.text_hash) not in done]
         usable, skipped = scorer.prepare(todo, opts.max_seq_len)
         tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo),
@@ -289,11 +288,11 @@ def _write_budget(opts, problems, every, settings, about, tally):
     """--budget, second step: the kept rows, best first, from the complete scores file (`problems`:
     the candidates that compete; `every`: all rows of each id)."""
     path = scores_path(opts.out)
-    score_settings = {k: v for k, v in settings.items() if k not in ("--budget", "--budget-unit")}
+    score_settings = _score_settings(settings)
     # The scores file, and any of its parts (_score_all resumed from them too).
     lines = read_records(path) + [r for records in held_elsewhere(path, path, score_settings, force=opts.force).values()
                                   for r in records]
-    scores = {_scored_key(r): r for r in lines if _finite(r)}  # an older rsd wrote NaN scores: scored again
+    scores = {_scored_key(r): r for r in lines if all_finite(r)}  # an older rsd wrote NaN scores: scored again
     by_problem = {}
     for pid, responses in problems.items():
         scored = [r for r in responses if (*r.key, r.text_hash) in scores]
