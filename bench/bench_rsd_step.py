@@ -187,23 +187,29 @@ def round0_binned_ids(teacher, student, params) -> int:
 
 
 @contextlib.contextmanager
-def forced_chunks(chunks: int | None):
-    """The Triton ops' launch table overridden with ``chunks`` programs per row and side (None: the table)."""
+def forced_config(chunks: int | None = None, num_warps: int | None = None):
+    """The Triton ops' launch configuration overridden: ``chunks`` programs per row and side instead of the
+    launch table's, ``num_warps`` warps a program instead of CUDA_CONFIG's (None: unchanged)."""
     from rsd_engine.sampling import triton as triton_backend
 
-    previous = triton_backend.CUDA_CONFIG["chunks"]
-    triton_backend.CUDA_CONFIG["chunks"] = chunks
+    config = triton_backend.CUDA_CONFIG
+    previous = dict(config)
+    config["chunks"] = chunks
+    if num_warps is not None:
+        config["num_warps"] = num_warps
     try:
         yield
     finally:
-        triton_backend.CUDA_CONFIG["chunks"] = previous
+        config.clear()
+        config.update(previous)
 
 
-def bench_chunks(B, V, dtype, chunks, device, args) -> dict:
-    """The Triton rsd_sample alone with ``chunks`` programs per row and side: the launch table's alternatives."""
+def bench_config(B, V, dtype, chunks, num_warps, device, args) -> dict:
+    """The Triton rsd_sample alone with ``chunks`` programs per row and side or ``num_warps`` warps a program:
+    the launch configuration's alternatives (occupancy against contention and registers)."""
     teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
     fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend="triton")  # noqa: E731
-    with forced_chunks(chunks):
+    with forced_config(chunks, num_warps):
         us = median_graph_us(fused, args.repeats)
         kernels = kernel_breakdown(fused)
     nbytes = 2 * teacher.numel() * teacher.element_size()
@@ -291,6 +297,9 @@ def main(argv=None):
     parser.add_argument("--chunks", type=int, nargs="*", default=[],
                         help="CUDA: then time the Triton op alone with each of these programs per row and side "
                              "(the launch table's alternatives) at the --chunk-batch sizes, first dtype only")
+    parser.add_argument("--warps", type=int, nargs="*", default=[],
+                        help="CUDA: then time the Triton op alone with each of these warps a program (the launch "
+                             "table's chunks) at the --chunk-batch sizes, first dtype only")
     parser.add_argument("--chunk-batch", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--model-rows-batch", type=int, nargs="*", default=[],
                         help="then these batch sizes on model-shaped rows (MODEL_LOGITS), first dtype and vocab only")
@@ -307,16 +316,20 @@ def main(argv=None):
     if device == "cuda":  # last: a run cut short loses the sweep first
         keys += [dict(op="rsd_sample_chunks", B=B, V=args.vocab[0], dtype=args.dtype[0], chunks=c)
                  for B in args.chunk_batch for c in args.chunks]
+        keys += [dict(op="rsd_sample_warps", B=B, V=args.vocab[0], dtype=args.dtype[0], num_warps=w)
+                 for B in args.chunk_batch for w in args.warps]
 
-    def one(op, B, V, dtype, chunks=None, shape="lm"):
-        if op == "rsd_sample_chunks":
-            return bench_chunks(B, V, DTYPES[dtype], chunks, device, args)
+    def one(op, B, V, dtype, chunks=None, shape="lm", num_warps=None):
+        if op in ("rsd_sample_chunks", "rsd_sample_warps"):
+            return bench_config(B, V, DTYPES[dtype], chunks, num_warps, device, args)
         return bench_rsd_sample(B, V, DTYPES[dtype], device, args, shape)
 
     def fmt(r):
-        if r["op"] == "rsd_sample_chunks":
-            return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} with {r['chunks']} chunks per "
-                    f"row and side | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x")
+        if r["op"] in ("rsd_sample_chunks", "rsd_sample_warps"):
+            what = (f"{r['chunks']} chunks per row and side" if r["op"] == "rsd_sample_chunks"
+                    else f"{r['num_warps']} warps a program")
+            return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} with {what} | "
+                    f"{r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x")
         return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} {r['reference_us']:>10.1f} "
                 f"{r['speedup']:>7.1f}x | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "
                 f"{'yes' if r['same_tokens'] else 'no (rounding)'}{' (model-shaped rows)' if 'shape' in r else ''}")

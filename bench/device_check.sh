@@ -26,7 +26,7 @@
 #                     memcpy, launch and blocking-sync counts per step
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, bf16 and fp32,
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
-#                     Triton op with 2/4/8 programs per row and side at B 16/64/256
+#                     Triton op with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
 #   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way
 #   device_check.log  this script's whole output
 # Step exit codes: 0 ok, 124 out of time (partial JSON kept), 125 skipped (budget spent), else the step's own.
@@ -184,9 +184,12 @@ if [ "$mode" = cuda ]; then
   step skinny 60 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
   # Each row records its kernels' µs in launch order (which launch the time goes to); then B 1/16/64/256 on rows
   # shaped as a real model's (few ids near the top: round 0's atomics almost vanish); last, the first dtype at
-  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention).
+  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention),
+  # then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming kernels take 176-254
+  # registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
   step rsd_step 75 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
-    --repeats 10 --chunks 2 4 8 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 --out "$out/rsd_step.json"
+    --repeats 10 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
+    --out "$out/rsd_step.json"
   step rsd_verify 45 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
     --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --out "$out/rsd_verify.json"
 else
@@ -267,8 +270,8 @@ for name in ("rsd_step.json", "rsd_verify.json"):
             if "error" in r:
                 print(f"  {r['op']} B={r['B']} {r['dtype']}: ERROR {r['error'][:160]}")
             else:
-                # chunk-sweep rows time the Triton op alone (no reference); model-shaped rows say so
-                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "shape", "round0_binned_ids") if k in r)
+                # chunk- and warp-sweep rows time the Triton op alone (no reference); model-shaped rows say so
+                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "num_warps", "shape", "round0_binned_ids") if k in r)
                 print(f"  {r['op']} {r['B']} {r.get('G', 0)} {r['V']} {r['dtype']}{extra} | {f(r['fused_us'])} | "
                       f"{f(r.get('reference_us'))} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | "
                       f"{r.get('same_tokens', '-')}")
