@@ -120,6 +120,9 @@ def test_select_trace_keeps_shortest_correct_and_prefix_of_first():
     unsolved = select_trace(Problem("x", "q", "7"), prompt, wrong, prefix_tokens=3, decode=decode)
     assert (unsolved["status"], unsolved["token_ids"], unsolved["completion"]) == ("prefix", [10, 11, 12], "10,11,12")
     assert unsolved["final_answer"] is None and unsolved["stats"]["tokens"] == 3
+    assert unsolved["finish_reason"] == "length"  # cut by --prefix-tokens: not a whole answer, though attempt 0 ended
+    whole = select_trace(Problem("x", "q", "7"), prompt, wrong, prefix_tokens=9, decode=decode)
+    assert (whole["token_ids"], whole["completion"], whole["finish_reason"]) == (list(range(10, 19)), good, "eos")
 
     no_ref = [check_attempt(i, r, reference=None, thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
     record = select_trace(Problem("x", "q", None), prompt, no_ref, prefix_tokens=3, decode=decode)
@@ -193,9 +196,9 @@ def test_prompt_thinking_detection(tiny_tokenizer_dir):
     assert build_prompt(tok, "Q?", "S").text == "S\n\nQ?\n\n"
 
 
-def test_a_template_without_system_role_gets_the_same_messages_in_the_sft_record(tiny_tokenizer_dir):
-    """The system prompt folded into the user turn for generation is folded there in the SFT record too, so
-    the template that rejects a system message renders the record as the student read and wrote it."""
+def test_a_template_without_system_role_gets_the_same_messages(tiny_tokenizer_dir):
+    """The system prompt folded into the user turn for generation is folded there in the messages too, so
+    the template that rejects a system message renders them as the student read and wrote them."""
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     tok.chat_template = ("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
                          "{%- endif %}" + CHAT_TEMPLATE)
@@ -203,9 +206,63 @@ def test_a_template_without_system_role_gets_the_same_messages_in_the_sft_record
     assert prompt.text == "<|im_start|>user\nS\n\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\n"
     messages = prompt.messages("r</think>\\boxed{4}")
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "S\n\nQ?"
-    record = to_sft({"id": "x", "status": "solved", "completion": "r</think>\\boxed{4}"}, prompt)
-    assert tok.apply_chat_template(record["messages"], tokenize=False) == (
-        prompt.text + "r</think>\\boxed{4}<|im_end|>\n")
+    assert tok.apply_chat_template(messages, tokenize=False) == prompt.text + "r</think>\\boxed{4}<|im_end|>\n"
+
+
+# DeepSeek-R1-Distill's way with an assistant turn: the reasoning block is dropped when the turn is rendered.
+DROPS_REASONING = CHAT_TEMPLATE.replace("message['content'] + '<|im_end|>'",
+                                        "message['content'].split('</think>')[-1] + '<|im_end|>'")
+
+
+def test_the_sft_record_is_the_text_the_student_read_and_wrote_whatever_its_template(tiny_tokenizer_dir):
+    """A reasoning template rewrites the assistant turn it renders (R1-Distill's drops the reasoning, Qwen3's
+    re-spaces it), so chat messages would train the student on other text than it wrote. The SFT record is
+    TRL's prompt-completion text: the prompt as the student read it, the trace and its EOS as written."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    assert DROPS_REASONING != CHAT_TEMPLATE
+    tok.chat_template = DROPS_REASONING
+    prompt = build_prompt(tok, "Q?", "S")
+    trace = "two and two</think>\\boxed{4}"
+    assert trace not in tok.apply_chat_template(prompt.messages(trace), tokenize=False)  # messages would lose it
+    record = {"id": "x", "status": "solved", "question": "Q?", "answer": "4", "completion": trace}
+    sft = to_sft(record, prompt, "<|im_end|>")
+    assert sft == {"id": "x", "status": "solved", "question": "Q?", "answer": "4", "prompt": prompt.text,
+                   "completion": trace + "<|im_end|>"}
+    assert sft["prompt"].endswith("<|im_start|>assistant\n<think>\n")  # the block the prompt opened
+
+
+def test_unverified_problems_keep_an_attempt_that_answered():
+    """Without a reference, the shortest valid attempt that gave an answer: a shorter one that closed its
+    reasoning and stopped without any answer is no better a training example for being short."""
+    prompt = ChatPrompt("P<think>\n", "", "q", "<think>\n")
+    attempts = [_result(9, text="long</think>\\boxed{7}"), _result(2, text="Hmm.</think>"),
+                _result(5, text="r</think>\\boxed{7}")]
+    checks = [check_attempt(i, r, reference=None, thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    assert all(c.valid for c in checks) and checks[1].final_answer is None
+    record = select_trace(Problem("x", "q", None), prompt, checks, prefix_tokens=3, decode=str)
+    assert (record["status"], record["kept_attempt"], record["final_answer"]) == ("unverified", 2, "7")
+    record = select_trace(Problem("x", "q", None), prompt, checks[1:2], prefix_tokens=3, decode=str)
+    assert (record["kept_attempt"], record["final_answer"]) == (1, None)  # none answered: the shortest valid
+
+
+def test_a_prefix_cut_inside_a_character_keeps_whole_characters(tiny_tokenizer_dir):
+    """--prefix-tokens cutting the bytes of one character would leave a U+FFFD the model never wrote, and a
+    completion that does not re-encode to the record's tokens: the cut moves back to the character's start."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    text = "We have 2 \u2264 3 and \u20ac5, so</think> \\boxed{no}"
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    decode = lambda i: tok.decode(i, skip_special_tokens=False)  # noqa: E731
+    cuts = [k for k in range(1, len(ids)) if decode(ids[:k]).endswith("\ufffd")]
+    assert cuts, "the tokenizer spells these characters in several byte tokens"
+    n = len(ids)
+    result = GenerationResult([1], ids, text, [True] * n, [-0.1] * n, [-0.1] * n, "eos", seed=1)
+    attempt = check_attempt(0, result, reference="yes", thinking=True, max_fallback=0.5)
+    prompt = ChatPrompt("P<think>\n", "", "q", "<think>\n")
+    for cut in cuts:
+        record = select_trace(Problem("p", "q", "yes"), prompt, [attempt], prefix_tokens=cut, decode=decode)
+        assert record["status"] == "prefix" and record["finish_reason"] == "length"
+        assert "\ufffd" not in record["completion"] and text.startswith(record["completion"])
+        assert decode(record["token_ids"]) == record["completion"] and len(record["token_ids"]) < cut
 
 
 def test_unfinished_records_are_prefixes_and_unverified_attempts_that_never_finished():
@@ -235,15 +292,13 @@ def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
     # Nothing finished: an empty SFT file, which datasets cannot read, is said to be so.
     generate(pair, data, tmp_path / "none.jsonl", "--format", "sft", "--max-new-tokens", "1")
     assert "holds 0 SFT records (finished answers); none yet" in capsys.readouterr().out
-    tok = AutoTokenizer.from_pretrained(str(pair[1]))
+    assert set(dataset.column_names) == {"id", "status", "question", "answer", "prompt", "completion"}
     for row in dataset:
         record = full[row["id"]]
-        roles = [m["role"] for m in row["messages"]]
-        assert roles == ["system", "user", "assistant"] and row["status"] == record["status"]
-        assert row["messages"][1]["content"] == record["question"]
-        # Rendering the chat re-creates exactly what the student read and wrote.
-        rendered = tok.apply_chat_template(row["messages"], tokenize=False)
-        assert rendered == record["prompt"] + record["completion"] + "<|im_end|>\n"
+        assert (row["status"], row["question"], row["answer"]) == (record["status"], record["question"],
+                                                                   record["answer"])
+        # Exactly what the student read, and wrote up to the EOS it ended with.
+        assert row["prompt"] == record["prompt"] and row["completion"] == record["completion"] + "<|im_end|>"
 
 
 def _count_records(path: Path) -> int:
@@ -323,6 +378,20 @@ def test_resuming_into_the_other_format_is_refused(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate(pair, data, tmp_path / "out.jsonl")
     assert "already holds --format sft records" in capsys.readouterr().err
+
+
+def test_resuming_sft_chat_messages_of_an_earlier_version_is_refused(pair, tmp_path, capsys):
+    """SFT files of earlier versions hold chat messages: resuming one would mix two record shapes in one file."""
+    data = write_problems(tmp_path / "p.jsonl")
+    out = tmp_path / "old.jsonl"
+    out.write_text(json.dumps({"id": "add", "status": "solved", "messages": [
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
+    for fmt in ("sft", "jsonl"):
+        with pytest.raises(SystemExit):
+            generate(pair, data, out, "--format", fmt)
+        err = capsys.readouterr().err
+        assert "holds SFT records of an earlier rsd, as chat messages" in err and "another --out" in err
+    assert len(out.read_text().splitlines()) == 1
 
 
 def test_rerun_skips_done_ids(pair, tmp_path, capsys):

@@ -106,10 +106,16 @@ def test_problems_changed_since_their_records_are_refused(pair, tmp_path, capsys
     records = generate(pair, data, out, "--force")
     assert len(records) == 4 and next(r for r in records if r["id"] == "mul")["answer"] == "9"  # kept, as said
     assert "records of 1 problems changed since kept (mul)" in capsys.readouterr().out
-    # --format sft records name their question in the user turn.
+    # --format sft records carry their question and reference answer too.
     sft = tmp_path / "sft.jsonl"
     generate(pair, data, sft, "--format", "sft", "--limit", "1")
-    rows[0]["question"] = "What is 2+2, again?"
+    answer = rows[0]["answer"]
+    rows[0]["answer"] = "5"
+    write_rows(data, rows)
+    with pytest.raises(SystemExit):
+        main(argv(pair, data, sft, "--format", "sft"))
+    assert "1 problems differ" in capsys.readouterr().err
+    rows[0]["answer"], rows[0]["question"] = answer, "What is 2+2, again?"
     write_rows(data, rows)
     with pytest.raises(SystemExit):
         main(argv(pair, data, sft, "--format", "sft"))

@@ -219,6 +219,22 @@ def test_demo_pair_student_is_measurably_weaker(tmp_path, monkeypatch):
     assert 18 < teacher_ppl < 28 and teacher_ppl * 1.1 < student_ppl < 40, (teacher_ppl, student_ppl)
 
 
+def test_float_answers_are_written_as_numbers_are(tmp_path):
+    """A table's integer column with a missing value is read as floats: 10**16 must not become '1e+16' (no model
+    writes that, and math-verify never matches it), nor 12 '12.0'; records an earlier version wrote with those
+    spellings are the same answers on resume."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "question": "q1", "answer": 12.0}\n{"id": "b", "question": "q2", "answer": 1e16}\n'
+                    '{"id": "c", "question": "q3", "answer": 1e-05}\n{"id": "d", "question": "q4", "answer": 2.5}\n'
+                    '{"id": "e", "question": "q5", "answer": 7}\n')
+    assert [p.answer for p in load_problems(path).problems] == ["12", "10000000000000000", "0.00001", "2.5", "7"]
+    problems = load_problems(path).problems
+    held = [{"id": "a", "question": "q1", "answer": "12.0"}, {"id": "b", "question": "q2", "answer": "1e+16"}]
+    assert check_held(held, problems, force=False, out="o", data="d") == []
+    with pytest.raises(ChangedProblems):
+        check_held([{"id": "a", "question": "q1", "answer": "13"}], problems, force=False, out="o", data="d")
+
+
 def test_rows_with_lone_surrogates_are_skipped_and_a_nan_answer_is_missing(tmp_path):
     """No tokenizer or JSON writer takes a lone surrogate (JSON's \\ud800): the row is skipped with the reason.
     Python's json reads NaN, a table's missing value: that answer is missing, not the text 'nan'."""

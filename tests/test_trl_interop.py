@@ -1,5 +1,5 @@
 """`rsd generate --format sft` output is what TRL expects: `datasets` loads it and SFTTrainer trains
-on it (one step of a tiny student, on CPU)."""
+on it (one step of a tiny student, on CPU), on exactly the tokens the student wrote and only those."""
 import pytest
 import torch
 import trl  # in the test extra (pyproject.toml)
@@ -23,7 +23,7 @@ def test_sft_output_trains_one_sftrainer_step(tmp_path_factory, tmp_path):
                  "--system-prompt", SYSTEM, "--attempts", "1", "--max-new-tokens", "40", "--no-progress"]) == 0
 
     dataset = load_dataset("json", data_files=str(out), split="train")
-    assert set(dataset.column_names) == {"id", "status", "messages"}
+    assert set(dataset.column_names) == {"id", "status", "question", "answer", "prompt", "completion"}
     # Finished traces only: the prefixes of never-solved problems, which a chat template would close as
     # finished answers, are in the file beside.
     assert sorted(dataset["status"]) == ["solved", "unverified"]
@@ -33,8 +33,15 @@ def test_sft_output_trains_one_sftrainer_step(tmp_path_factory, tmp_path):
     config = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
                            learning_rate=1e-3, use_cpu=True, report_to="none", save_strategy="no",
                            logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, max_length=128)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset.remove_columns(["id", "status"]),
-                             processing_class=AutoTokenizer.from_pretrained(str(student)))
+    tokenizer = AutoTokenizer.from_pretrained(str(student))
+    trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                             train_dataset=dataset.remove_columns(["id", "status", "question", "answer"]))
+    for row, example in zip(dataset, trainer.train_dataset):
+        # The sequence is prompt + completion; the loss is on the completion alone, which ends with the EOS.
+        ids, labels = example["input_ids"], example["labels"]
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        assert tokenizer.decode(ids) == row["prompt"] + row["completion"] and labels[first:] == ids[first:]
+        assert tokenizer.decode(ids[first:]) == row["completion"] and ids[-1] == tokenizer.eos_token_id
     result = trainer.train()
     assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))  # it learned something

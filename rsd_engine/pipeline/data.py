@@ -11,6 +11,7 @@ that names the command-line option to change.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import hashlib
 import json
@@ -113,8 +114,21 @@ def _problem(row, question_field, answer_field, id_field) -> tuple[Problem | Non
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
         return None, f"{answer_field!r} is a {type(answer).__name__}, not text or a number"
     missing = answer is None or (isinstance(answer, float) and math.isnan(answer))  # NaN: a table's missing value
-    answer = None if missing or str(answer).strip() == "" else str(answer)
+    answer = None if missing or str(answer).strip() == "" else _answer_text(answer)
     return Problem(problem_id, question, answer), ""
+
+
+def _answer_text(answer: str | int | float) -> str:
+    """A reference answer as text. A float is written as a number is: an integral one as an integer (a table's
+    integer column with a missing value is read as floats: 10**16 would be '1e+16', 12 '12.0'), any other
+    without an exponent."""
+    if not isinstance(answer, float):
+        return str(answer)
+    if math.isinf(answer):
+        return str(answer)
+    if answer.is_integer():
+        return str(int(answer))
+    return format(decimal.Decimal(repr(answer)), "f")
 
 
 def not_unicode(value, where: str = "") -> str:
@@ -239,8 +253,8 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
     """The ids of `problems` whose records in `held` (an output being resumed) were made from another question or
     reference answer: the data file was edited, or is another file with the same ids. Resuming would keep those
     records as they are (done), beside records of the problems as they are now; refused (ChangedProblems) unless
-    `force`, which keeps them. A record names its question in "question" (or its user turn, `--format sft`) and
-    its reference answer in "answer"; SFT records have no answer to compare."""
+    `force`, which keeps them. A record names its question in "question" (or its user turn: SFT records of
+    earlier versions, chat messages without the answer) and its reference answer in "answer"."""
     now = {p.id: p for p in problems}
     changed = {}
     for record in held:
@@ -254,7 +268,7 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
                          if isinstance(m, dict) and m.get("role") == "user"), None)
             # A template without a system role gets the system prompt in the user turn (prompts.build_prompt).
             asked = not isinstance(user, str) or user == problem.question or user.endswith("\n\n" + problem.question)
-        if not asked or ("answer" in record and record["answer"] != problem.answer):
+        if not asked or ("answer" in record and not _same_answer(record["answer"], problem.answer)):
             changed[problem.id] = None
     if changed and not force:
         shown = ", ".join(list(changed)[:5]) + (f", and {len(changed) - 5} more" if len(changed) > 5 else "")
@@ -263,6 +277,17 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
             f"{shown}; resuming would keep those records, made from the problems as they were. Give another --out, "
             f"remove their records, or pass --force to keep them")
     return list(changed)
+
+
+def _same_answer(held, now: str | None) -> bool:
+    """Whether a record's reference answer is the problem's: the same text, or the same float written another
+    way (earlier versions wrote a table's float answers as Python prints them: '12.0', '1e+16')."""
+    if held == now:
+        return True
+    try:
+        return isinstance(held, str) and now is not None and float(held) == float(now)
+    except ValueError:
+        return False
 
 
 def shard_problems(problems: list[Problem], rank: int, world_size: int) -> list[Problem]:

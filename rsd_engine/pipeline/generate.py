@@ -11,11 +11,11 @@ settings is refused (records.py, manifest.py). Under torchrun each rank takes it
 problems and writes its own part; rank 0 merges the parts when every rank is done and the parts
 are in one folder (else `rsd merge OUT`).
 
---format sft writes chat messages, which a chat template renders as a finished assistant turn (it
-adds the end of turn). A record that is not a finished answer (a prefix: never solved, the first
---prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts passed the checks)
-goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged as OUT
-is, never into the SFT file.
+--format sft writes TRL's standard prompt-completion records, the text exactly as the student read and
+wrote it, its EOS included (traces.to_sft): a finished answer. A record that is not one (a prefix: never
+solved, the first --prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts passed
+the checks) goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged
+as OUT is, never into the SFT file.
 """
 
 from __future__ import annotations
@@ -182,8 +182,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
         if held_prefixes:
             report += (f"\n--format sft: the {held_prefixes} records that are not finished answers (UPFT prefixes of "
                        f"problems never solved, unverified attempts none of which passed the checks) are in "
-                       f"{prefix_target}, not in the SFT messages, where a chat template would end them as finished "
-                       f"answers")
+                       f"{prefix_target}, not in the SFT file, whose completions end with EOS as finished answers")
         log("\n".join(dist.tag + line for line in report.splitlines()))
         if group:
             summary["not_merged"] = barrier_and_merge(dist, out, log)
@@ -249,8 +248,15 @@ def _flag(name: str) -> str:
 def _check_format(path: Path, fmt: str):
     """Resuming into a file of the other format would mix record shapes in one file (never forced)."""
     records = read_records(path)
-    if records and ("messages" in records[0]) != (fmt == "sft"):
-        held = "sft" if "messages" in records[0] else "jsonl"
+    if not records:
+        return
+    if "messages" in records[0] and "token_ids" not in records[0]:
+        raise ValueError(f"{path} holds SFT records of an earlier rsd, as chat messages, which a reasoning model's "
+                         "chat template renders other than the student wrote them (Qwen3's re-spaces the reasoning "
+                         "block, DeepSeek-R1-Distill's drops it); --format sft now writes prompt-completion records of "
+                         "the exact text: write them to another --out (or convert these by hand)")
+    held = "jsonl" if "token_ids" in records[0] else "sft"
+    if held != fmt:
         raise ValueError(f"{path} already holds --format {held} records; rerun with --format {held} to resume it, "
                          f"or write --format {fmt} to another --out")
 
@@ -305,8 +311,9 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                         writer.write(record)
                     elif is_unfinished(record):  # not an SFT turn (module docstring)
                         prefix_writer.write(record)
-                    else:
-                        writer.write(to_sft(record, prompt))
+                    else:  # a finished answer: its kept attempt ended with EOS
+                        ended = attempts[record["kept_attempt"]].result.token_ids[-1:]
+                        writer.write(to_sft(record, prompt, decode(ended)))
                     tally.add_record(record)
             bar.attempt_done(tally)
     except KeyboardInterrupt:

@@ -28,8 +28,9 @@ class ChatPrompt:
         return bool(self.think_prefix)
 
     def messages(self, completion: str) -> list[dict]:
-        """System / user / assistant chat messages of a finished trace (the SFT form): the assistant
-        turn starts with the thinking block the prompt opened, so the template re-renders the trace."""
+        """System / user / assistant chat messages of a finished trace: the assistant turn starts with the
+        thinking block the prompt opened (a reasoning template may render it otherwise than the student wrote
+        it: the SFT form is traces.to_sft's prompt-completion text)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + [{"role": "user", "content": self.question},
                        {"role": "assistant", "content": self.think_prefix + completion}]
@@ -48,8 +49,7 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
     except Exception:  # templates without a system role raise (jinja2 TemplateError)
         if not system_prompt:
             raise
-        # The system prompt goes into the user turn; the prompt's messages are the ones rendered, so the
-        # SFT record re-renders through the same template too.
+        # The system prompt goes into the user turn; the prompt's messages are the ones rendered.
         system_prompt, question = "", f"{system_prompt}\n\n{question}"
         text, think_prefix = render_chat(tokenizer, [{"role": "user", "content": question}])
     return ChatPrompt(text, system_prompt, question, think_prefix)

@@ -1,5 +1,5 @@
-"""Responses in: rows with a question and a response, or chat `messages` records (`rsd generate
---format sft`), as read by `rsd provenance` and `rsd select`.
+"""Responses in: rows with a question and a response (`rsd generate` records and its --format sft records
+with --response-field completion), or chat `messages` records, as read by `rsd provenance` and `rsd select`.
 
 Every response has a key (id, sample): the id from --id-field when the row has one (else a hash of
 the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the

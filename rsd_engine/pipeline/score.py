@@ -6,9 +6,9 @@ tokens under 1% probability, the mean surprisal (nats) and the perplexity, for e
 paper's comparison is two files side by side: raw teacher traces (6.70% of tokens under 1% for
 the student) against RSD traces (0.09%).
 
-Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text),
-from chat `messages` records (--format sft; the last assistant turn is scored after every turn before
-it, rendered as generation renders a chat prompt), or, with completion_field, from any dataset: the
+Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text: --format
+sft records, their EOS included), from chat `messages` records (the last assistant turn is scored after
+every turn before it, rendered as generation renders a chat prompt), or, with completion_field, from any dataset: the
 prompt is then the question through the student's chat template, as `rsd generate` builds it.
 Ids held by more than one record in a file are reported (each copy is scored, as the file is).
 

@@ -4,11 +4,13 @@ An attempt passes the structural checks when its reasoning block is closed (if t
 one, or the model did), it ended with EOS, and its student-fallback share (over the tokens stored, EOS excluded) is at
 most max_fallback. It is correct when its final answer (the last \\boxed{} after the reasoning)
 verifies against the reference. Kept: the shortest attempt that is both ("solved"); for a problem
-never solved, the first prefix_tokens tokens of attempt 0 ("prefix", UPFT); for a problem without
-reference answer, the shortest structurally valid attempt, else attempt 0 ("unverified").
+never solved, the first prefix_tokens tokens of attempt 0 ("prefix", UPFT: finish_reason "length" where
+the cut shortens it, and cut back to whole characters); for a problem without reference answer, the
+shortest structurally valid attempt that gave an answer, else the shortest valid one, else attempt 0
+("unverified").
 
 Stored traces exclude the final EOS token: `token_ids` decodes to `completion`, and the stats
-are over exactly those tokens (the chat template adds the end of turn back for training).
+are over exactly those tokens (the SFT form, to_sft, adds the EOS text back).
 """
 
 from __future__ import annotations
@@ -91,16 +93,21 @@ def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], 
     valid = [a for a in attempts if a.valid]
     extra = {}
     if problem.answer is None:
-        status, kept = "unverified", min(valid, key=_length) if valid else attempts[0]
+        # An attempt that gave an answer over one that ended without any (a short "...</think>" and EOS).
+        answered = [a for a in valid if a.final_answer is not None]
+        status, kept = "unverified", min(answered or valid, key=_length) if valid else attempts[0]
     elif solved:
         status, kept = "solved", min(solved, key=_length)
         if choose is not None:
             kept, extra = choose(problem, solved)
     else:
         status, kept = "prefix", attempts[0]
-    ids = kept.token_ids[:prefix_tokens] if status == "prefix" else kept.token_ids
-    n, r = len(ids), kept.result
-    completion = decode(ids) if status == "prefix" else r.text
+    r = kept.result
+    ids, completion, finish_reason = kept.token_ids, r.text, r.finish_reason
+    if status == "prefix" and len(ids) > prefix_tokens:
+        ids, completion = _prefix(kept, prefix_tokens, decode)
+        finish_reason = "length"  # cut by --prefix-tokens: not the whole attempt, whatever ended it
+    n = len(ids)
     return {
         "id": problem.id,
         "question": problem.question,
@@ -114,17 +121,34 @@ def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], 
         "num_valid": len(valid),
         "kept_attempt": kept.index,
         "final_answer": None if status == "prefix" else kept.final_answer,
-        "finish_reason": r.finish_reason,
+        "finish_reason": finish_reason,
         "seed": r.seed,
         "stats": trace_stats(r.accepted[:n], r.teacher_logprobs[:n], r.student_logprobs[:n]),
         **extra,
     }
 
 
+def _prefix(attempt: Attempt, prefix_tokens: int, decode) -> tuple[list[int], str]:
+    """The first prefix_tokens tokens of the attempt and their text, fewer where the cut falls inside a
+    character spelled by several byte tokens (its text would end in a U+FFFD the model never wrote)."""
+    ids = attempt.token_ids[:prefix_tokens]
+    text = decode(ids)
+    while ids and text.endswith("\ufffd") and not attempt.result.text.startswith(text):
+        ids = ids[:-1]
+        text = decode(ids)
+    return ids, text
+
+
 def _length(attempt: Attempt) -> tuple[int, int]:
     return len(attempt.token_ids), attempt.index  # ties: the earlier attempt
 
 
-def to_sft(record: dict, prompt: ChatPrompt) -> dict:
-    """The chat-messages form that TRL's SFTTrainer and `datasets` read."""
-    return {"id": record["id"], "status": record["status"], "messages": prompt.messages(record["completion"])}
+def to_sft(record: dict, prompt: ChatPrompt, end: str) -> dict:
+    """The SFT form of a finished record: TRL's standard prompt-completion (`SFTTrainer` trains on the
+    completion, tokenising prompt + completion as one text), the text exactly as the student read and wrote
+    it: `prompt` the text it was given (chat template and opened reasoning block included), `completion` its
+    trace and `end`, the text of the EOS token it ended with. Chat messages would go through the student's
+    template again, and reasoning templates rewrite the assistant turn (Qwen3's re-spaces the reasoning
+    block, DeepSeek-R1-Distill's drops it). The question and reference answer ride along (resumes check them)."""
+    return {"id": record["id"], "status": record["status"], "question": record["question"],
+            "answer": record["answer"], "prompt": prompt.text, "completion": record["completion"] + end}
