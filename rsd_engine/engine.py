@@ -58,6 +58,7 @@ class Engine:
             student_rows=self.student.config.vocab_size, token_map=token_map).to(self.device)
         self.sampler = resolve_backend(sampler, self.device)
         self.eos_token_ids = self._eos_ids()
+        self._check_eos_writable()
 
         # One extra slot is scratch space for padding rows.
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
@@ -308,6 +309,12 @@ class Engine:
                     break
                 res = r.result
                 pieces = self.space.teacher_pieces.get(token)
+                if pieces is not None and r.teacher_len + 1 + len(pieces) > self.max_seq_len:
+                    # Its pieces do not fit the teacher's max_seq_len (the sequence is teacher_len + 1 tokens, the
+                    # next one still to read): the trace ends before it.
+                    self._finalize(r, "length")
+                    finished.append(r)
+                    break
                 res.token_ids.append(token)
                 res.accepted.append(bool(accepted))
                 # A mapped token is several teacher tokens: the step's teacher row scores only the first, and the
@@ -466,6 +473,22 @@ class Engine:
             return  # text already cut at the stop string (empty where the output starts with it)
         ids = res.token_ids[:-1] if reason == "eos" else res.token_ids
         res.text = self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _check_eos_writable(self):
+        """A student none of whose own EOS ids is in the token space it writes from could never end a trace as
+        it was trained to (every one would run to max_new_tokens, or end on a teacher EOS it seldom writes).
+        Refused, with the reason each id was left out (tokens.py)."""
+        own = set(self.student.config.eos_token_ids)  # the student's own, not the teacher's it may share
+        if self.tokenizer.eos_token_id is not None:
+            own.add(self.tokenizer.eos_token_id)
+        writable = self.space.fallback_mask.tolist()  # once, at construction
+        if not own or any(t < len(writable) and writable[t] for t in own):
+            return
+        why = "; ".join(f"id {t}: {self.space.unmapped.get(t, 'outside the token space both models share')}"
+                        for t in sorted(own))
+        raise ValueError(f"the student could never end a trace: none of its EOS ids is a token it may write here "
+                         f"({why}). Give the teacher an embedding row for it, or map it to teacher tokens with "
+                         "token_map")
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set(self.student.config.eos_token_ids)

@@ -116,13 +116,9 @@ def score_rows(engine, rows) -> list[ScoreResult]:
     teacher_seqs, teacher_spans = [], []
     for i, prompt, completion in rows:
         seq = list(engine.space.to_teacher(prompt, what=f"prompt {i}:"))
-        spans = []
-        for tok in completion:
-            pieces = engine.space.to_teacher([tok], what=f"completion {i}:")
-            spans.append(len(pieces))
-            seq.extend(pieces)
+        seq.extend(engine.space.to_teacher(completion, what=f"completion {i}:"))  # (its errors name the position)
         teacher_seqs.append(seq)
-        teacher_spans.append(spans)
+        teacher_spans.append([len(engine.space.teacher_pieces.get(tok, (tok,))) for tok in completion])
     student_seqs = [p + c for _, p, c in rows]
     for (i, _, _), s, t in zip(rows, student_seqs, teacher_seqs):
         if max(len(s), len(t)) > engine.max_seq_len:

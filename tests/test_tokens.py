@@ -1,5 +1,6 @@
 """Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only added tokens."""
 import pytest
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -137,6 +138,60 @@ def test_mapped_token_is_read_by_the_teacher_as_its_pieces(mapped_pair, monkeypa
     # Teacher log-prob of a mapped token is the sum over its pieces; the steps after it read them all.
     for step in (0, 2, 3, 5, 6, 7):
         assert result.teacher_logprobs[step] == pytest.approx(score.teacher_logprobs[step], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["step_by_step", "pipelined", "speculative"])
+def test_a_mapped_token_whose_pieces_do_not_fit_ends_the_trace_before_it(mapped_pair, mode):
+    """A sequence holds at most max_seq_len tokens in either model's space: a mapped token whose teacher pieces
+    would pass it is not kept (the trace ends with "length" before it), so the engine's own score_batch takes
+    every trace it writes."""
+    for max_seq_len in range(20, 34):
+        engine = Engine(*mapped_pair, device="cpu", max_batch_size=1, max_seq_len=max_seq_len, sampler="reference",
+                        draft_tokens=2 if mode == "speculative" else 0)
+        engine.pipelined = mode == "pipelined"
+        extra = engine.tokenizer.convert_tokens_to_ids("<extra>")
+        pieces = len(engine.space.teacher_pieces[extra])
+        real = engine.student.logits
+        engine.student.logits = lambda hidden: real(hidden).index_fill(-1, torch.tensor([extra]), 1e4)
+        params = SamplingParams(max_new_tokens=100, threshold=1.0, temperature=0.0, student_temperature=0.0,
+                                ignore_eos=True)
+        result = engine.generate_batch(["The answer is"], params)[0]
+        engine.student.logits = real
+        teacher_len = len(engine.space.to_teacher(result.prompt_token_ids + result.token_ids))
+        assert result.finish_reason == "length" and set(result.token_ids) == {extra}
+        assert max_seq_len - pieces < teacher_len <= max_seq_len, (max_seq_len, teacher_len, pieces)
+        engine.score_batch([result.prompt_token_ids], [result.token_ids])  # fits, as generated
+
+
+def test_score_batch_names_the_position_of_a_completion_token_outside_the_space(tiny_pair):
+    """An id of the student's vocabulary that the teacher's tokenizer spells otherwise (left out of the space)."""
+    engine = Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=32, sampler="reference")
+    engine.space._shared[300] = False
+    engine.space.unmapped[300] = "the tokenizers spell it differently"
+    with pytest.raises(ValueError, match=r"completion 0: token 4 \(id 300\) has no equivalent .*spell it differently"):
+        engine.score_batch([[3, 4]], [[5, 6, 7, 8, 300]])
+
+
+def test_a_student_that_could_never_write_its_eos_is_refused(tmp_path, tiny_tokenizer_dir):
+    """A ChatML-tuned student's <|eot|> added past the last row of a teacher without padding rows is outside
+    the token space: the student could never end a trace itself, and every one would run to max_new_tokens."""
+    import json
+
+    tokenizer = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|eot|>"])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eot|>",
+                            pad_token="<|endoftext|>").save_pretrained(str(tmp_path / "tok"))
+    teacher = build_model(tmp_path / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48,
+                          vocab_size=len(load_tokenizer(tiny_tokenizer_dir)))
+    student = build_model(tmp_path / "student", "qwen3", tokenizer_dir=tmp_path / "tok", hidden_size=48)
+    eot = load_tokenizer(student).convert_tokens_to_ids("<|eot|>")
+    for name in ("config.json", "generation_config.json"):  # its only EOS
+        config = json.loads((student / name).read_text())
+        (student / name).write_text(json.dumps({**config, "eos_token_id": eot}))
+    with pytest.raises(ValueError, match=rf"the student could never end a trace: none of its EOS ids is a token it "
+                                         rf"may write here \(id {eot}: student id {eot} is past the teacher's last "
+                                         rf"embedding row"):
+        Engine(teacher, student, device="cpu", max_batch_size=1, max_seq_len=32, sampler="reference")
 
 
 def test_tokenizers_too_different(tmp_path, tiny_pair):
