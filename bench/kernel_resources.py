@@ -47,7 +47,8 @@ TARGET = GPUTarget("cuda", CAPABILITY, 32)
 SM_REGISTERS, REGISTER_GRANULE = 65536, 256
 SM_SHARED, BLOCK_SHARED = 228 * 1024, 227 * 1024
 SM_WARPS, SM_BLOCKS = 64, 32
-VOCAB = 151_936
+VOCAB = 151_936  # Qwen3's logit rows
+TOKENS = 151_669  # its tokenizer's ids: the token space of a Qwen3 pair, the engine's masks (padded, tokens.py)
 # (name, hidden, intermediate, heads, kv heads, head_dim) of the pairs the device check builds.
 QWEN3 = (("0.6B", 1024, 3072, 16, 8, 128), ("1.7B", 2048, 6144, 16, 8, 128), ("8B", 4096, 12288, 32, 8, 128))
 
@@ -131,9 +132,12 @@ def _arg_name(kernel, path) -> str:
 
 
 def record_sampler(recorder: Recorder, dtypes=(torch.bfloat16, torch.float32), batches=(1, 64)):
-    """rsd_sample, sample_tokens and rsd_verify as rsd_engine/sampling/triton*.py launch them on CUDA."""
+    """rsd_sample, sample_tokens and rsd_verify as rsd_engine/sampling/triton*.py launch them on CUDA, with the
+    masks the engine passes for a Qwen3 pair (TokenSpace.sampler_masks: a mask's length is specialised)."""
     from bench_rsd_step import make_step
     from bench_rsd_verify import make_round
+
+    from rsd_engine.tokens import TokenSpace
 
     from rsd_engine.sampling import triton as triton_backend
     from rsd_engine.sampling.triton_verify import rsd_verify_triton, sample_tokens_triton
@@ -142,10 +146,12 @@ def record_sampler(recorder: Recorder, dtypes=(torch.bfloat16, torch.float32), b
     triton_backend._launch_config = lambda device: triton_backend.CUDA_CONFIG  # CPU tensors, CUDA's launch shape
     import rsd_engine.sampling.triton_verify as verify_backend
     verify_backend._launch_config = triton_backend._launch_config
+    space = torch.arange(TOKENS) < TOKENS
+    masks = TokenSpace(TOKENS, space, space.clone()).sampler_masks(VOCAB)
     try:
         for dtype in dtypes:
             for B in batches:  # 1: many programs per row and side; 64: one
-                step = make_step(B, VOCAB, "cpu", dtype=dtype)
+                step = (*make_step(B, VOCAB, "cpu", dtype=dtype)[:4], *masks)
                 with recorder.catching(f"rsd_sample B={B}"):
                     triton_backend.rsd_sample_triton(*step)
                 _, logits, uniforms, params, mask, _ = step
@@ -153,7 +159,7 @@ def record_sampler(recorder: Recorder, dtypes=(torch.bfloat16, torch.float32), b
                     sample_tokens_triton(logits, uniforms[:, 0].contiguous(), params.student_temperature,
                                          params.student_top_k, params.student_top_p, mask)
             with recorder.catching("rsd_verify G=4 B=1"):
-                rsd_verify_triton(*make_round(1, 4, VOCAB, "cpu", dtype))
+                rsd_verify_triton(*make_round(1, 4, VOCAB, "cpu", dtype)[:6], *masks)
     finally:
         triton_backend._launch_config = verify_backend._launch_config = original
 
@@ -164,7 +170,7 @@ def record_forward(recorder: Recorder, shapes=QWEN3):
     from rsd_engine.randomness import NUM_DRAWS, uniforms_triton
 
     bf16 = dict(dtype=torch.bfloat16)
-    slots_kv, length = 4, 64
+    slots_kv, length = 4, 4096  # the Engine's default max_seq_len
     for name, hidden, inter, heads, kv_heads, dim in shapes:
         q_size = (heads + 2 * kv_heads) * dim
         norm, q_norm = torch.ones(hidden, **bf16), torch.ones(dim, **bf16)

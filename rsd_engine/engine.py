@@ -56,9 +56,11 @@ class Engine:
         self.space = align_token_spaces(
             self.teacher_tokenizer, self.tokenizer, teacher_rows=self.teacher.config.vocab_size,
             student_rows=self.student.config.vocab_size, token_map=token_map).to(self.device)
+        self.sampler_masks = self.space.sampler_masks(min(self.teacher.config.vocab_size,
+                                                          self.student.config.vocab_size))
         self.sampler = resolve_backend(sampler, self.device)
         self.eos_token_ids = self._eos_ids()
-        self._check_eos_writable()
+        self._eos_unwritable = self._why_eos_unwritable()
 
         # One extra slot is scratch space for padding rows.
         self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
@@ -174,6 +176,8 @@ class Engine:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
+            if self._eos_unwritable and not p.ignore_eos:
+                raise ValueError(f"request {i}: {self._eos_unwritable}")
             ids = self._tokenize(prompt, i)
             teacher_ids = self._teacher_prompt(ids, i)
             if max(len(ids), len(teacher_ids)) >= self.max_seq_len:
@@ -309,9 +313,11 @@ class Engine:
                     break
                 res = r.result
                 pieces = self.space.teacher_pieces.get(token)
-                if pieces is not None and r.teacher_len + 1 + len(pieces) > self.max_seq_len:
+                ends = (token in self.eos_token_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids
+                if pieces is not None and not ends and r.teacher_len + 1 + len(pieces) > self.max_seq_len:
                     # Its pieces do not fit the teacher's max_seq_len (the sequence is teacher_len + 1 tokens, the
-                    # next one still to read): the trace ends before it.
+                    # next one still to read): the trace ends before it. (An EOS or stop token ends the request:
+                    # the teacher never reads its pieces.)
                     self._finalize(r, "length")
                     finished.append(r)
                     break
@@ -429,8 +435,7 @@ class Engine:
         student_logits = self.student.sampler_logits(hidden_s[:, 0])
         uniforms = step_uniforms(inputs["seeds"], inputs["steps"])
         params = RowParams(*(inputs[name] for name in RowParams._fields))
-        return rsd_sample(teacher_logits, student_logits, uniforms, params, self.space.proposal_mask,
-                          self.space.fallback_mask, backend=self.sampler)
+        return rsd_sample(teacher_logits, student_logits, uniforms, params, *self.sampler_masks, backend=self.sampler)
 
     def _fail(self, r: Request, flag: int):
         reason = FLAG_REASONS.get(flag, f"the sampler flagged the row with code {flag}")
@@ -474,21 +479,21 @@ class Engine:
         ids = res.token_ids[:-1] if reason == "eos" else res.token_ids
         res.text = self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _check_eos_writable(self):
-        """A student none of whose own EOS ids is in the token space it writes from could never end a trace as
-        it was trained to (every one would run to max_new_tokens, or end on a teacher EOS it seldom writes).
-        Refused, with the reason each id was left out (tokens.py)."""
+    def _why_eos_unwritable(self) -> str:
+        """Why the student could never end a trace as it was trained to, or "": none of its own EOS ids is in the
+        token space it writes from (every request would run to max_new_tokens, or end on a teacher EOS it seldom
+        writes). Requests that wait for an EOS are refused with this (_make_requests); ignore_eos ones run."""
         own = set(self.student.config.eos_token_ids)  # the student's own, not the teacher's it may share
         if self.tokenizer.eos_token_id is not None:
             own.add(self.tokenizer.eos_token_id)
         writable = self.space.fallback_mask.tolist()  # once, at construction
         if not own or any(t < len(writable) and writable[t] for t in own):
-            return
+            return ""
         why = "; ".join(f"id {t}: {self.space.unmapped.get(t, 'outside the token space both models share')}"
                         for t in sorted(own))
-        raise ValueError(f"the student could never end a trace: none of its EOS ids is a token it may write here "
-                         f"({why}). Give the teacher an embedding row for it, or map it to teacher tokens with "
-                         "token_map")
+        return (f"the student could never end a trace: none of its EOS ids is a token it may write here ({why}). "
+                "Give the teacher an embedding row for it, map it to teacher tokens with token_map, or set "
+                "ignore_eos in SamplingParams")
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set(self.student.config.eos_token_ids)

@@ -143,7 +143,7 @@ class SpeculativeDecoder:
             student_logits.append(logits)
             if i < G:
                 draft = sample_tokens(logits, uniforms[:, i, DRAFT_DRAW].contiguous(), params.student_temperature,
-                                      params.student_top_k, params.student_top_p, e.space.fallback_mask,
+                                      params.student_top_k, params.student_top_p, e.sampler_masks[1],
                                       backend=self.backend)
                 drafts.append(draft)
                 # A flagged row (NaN logits) drafts -1: read token 0 instead; rsd_verify flags the row.
@@ -155,7 +155,7 @@ class SpeculativeDecoder:
         hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
         teacher_logits = e.teacher.sampler_logits(hidden)
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
-                          params, e.space.proposal_mask, e.space.fallback_mask, backend=self.backend)
+                          params, *e.sampler_masks, backend=self.backend)
 
     def _round_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int,
                            out: torch.Tensor | None = None):

@@ -51,6 +51,16 @@ class TokenSpace:
                 raise ValueError(f"{what} token {pos} (id {tok}) has no equivalent in the teacher's token space: {why}")
         return out
 
+    def sampler_masks(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(proposal, fallback) masks for the samplers: padded with absent ids to a multiple of 16, at most
+        `rows` (the narrower logits). The same law for every backend; for the compiled Triton kernels a length
+        they specialise as divisible by 16, so their masked loads of the logits are vector loads (at Qwen3's
+        151,669 ids each one is a scalar load, and the radix rounds take more registers and spill)."""
+        width = min(max(rows, self.size), -(-self.size // 16) * 16)
+        pad = width - self.size
+        return tuple(torch.nn.functional.pad(m, (0, pad)) if pad > 0 else m
+                     for m in (self.proposal_mask, self.fallback_mask))
+
     def to(self, device) -> "TokenSpace":
         self.proposal_mask = self.proposal_mask.to(device)
         self.fallback_mask = self.fallback_mask.to(device)

@@ -233,6 +233,11 @@ def test_float_answers_are_written_as_numbers_are(tmp_path):
     assert check_held(held, problems, force=False, out="o", data="d") == []
     with pytest.raises(ChangedProblems):
         check_held([{"id": "a", "question": "q1", "answer": "13"}], problems, force=False, out="o", data="d")
+    # Only an old float spelling is read as a number: two long integers one float apart still differ.
+    longs = [Problem("x", "q", "123456789012345679")]
+    with pytest.raises(ChangedProblems):
+        check_held([{"id": "x", "question": "q", "answer": "123456789012345678"}], longs, force=False, out="o",
+                   data="d")
 
 
 def test_rows_with_lone_surrogates_are_skipped_and_a_nan_answer_is_missing(tmp_path):

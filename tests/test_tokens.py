@@ -1,4 +1,6 @@
 """Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only added tokens."""
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -172,26 +174,80 @@ def test_score_batch_names_the_position_of_a_completion_token_outside_the_space(
         engine.score_batch([[3, 4]], [[5, 6, 7, 8, 300]])
 
 
-def test_a_student_that_could_never_write_its_eos_is_refused(tmp_path, tiny_tokenizer_dir):
-    """A ChatML-tuned student's <|eot|> added past the last row of a teacher without padding rows is outside
-    the token space: the student could never end a trace itself, and every one would run to max_new_tokens."""
+def _student_with_eos(folder, tokenizer_dir, token: str) -> Path:
+    """A student whose only EOS (config and generation config) is its own added special token `token`."""
     import json
 
-    tokenizer = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
-    tokenizer.add_special_tokens(["<|eot|>"])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eot|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(tmp_path / "tok"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens([token])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=token,
+                            pad_token="<|endoftext|>").save_pretrained(str(folder / "tok"))
+    student = build_model(folder / "student", "qwen3", tokenizer_dir=folder / "tok", hidden_size=48)
+    eos = load_tokenizer(student).convert_tokens_to_ids(token)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((student / name).read_text())
+        (student / name).write_text(json.dumps({**config, "eos_token_id": eos}))
+    return student
+
+
+def test_a_student_that_could_never_write_its_eos_is_refused(tmp_path, tiny_tokenizer_dir):
+    """A ChatML-tuned student's <|eot|> added past the last row of a teacher without padding rows is outside
+    the token space: the student could never end a trace itself, and every request waiting for its EOS would
+    run to max_new_tokens. Such requests are refused; ignore_eos ones (benchmarks) run."""
+    student = _student_with_eos(tmp_path, tiny_tokenizer_dir, "<|eot|>")
     teacher = build_model(tmp_path / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48,
                           vocab_size=len(load_tokenizer(tiny_tokenizer_dir)))
-    student = build_model(tmp_path / "student", "qwen3", tokenizer_dir=tmp_path / "tok", hidden_size=48)
-    eot = load_tokenizer(student).convert_tokens_to_ids("<|eot|>")
-    for name in ("config.json", "generation_config.json"):  # its only EOS
-        config = json.loads((student / name).read_text())
-        (student / name).write_text(json.dumps({**config, "eos_token_id": eot}))
-    with pytest.raises(ValueError, match=rf"the student could never end a trace: none of its EOS ids is a token it "
-                                         rf"may write here \(id {eot}: student id {eot} is past the teacher's last "
-                                         rf"embedding row"):
-        Engine(teacher, student, device="cpu", max_batch_size=1, max_seq_len=32, sampler="reference")
+    engine = Engine(teacher, student, device="cpu", max_batch_size=1, max_seq_len=32, sampler="reference")
+    eot = engine.tokenizer.eos_token_id
+    with pytest.raises(ValueError, match=rf"request 0: the student could never end a trace: none of its EOS ids is a "
+                                         rf"token it may write here \(id {eot}: student id {eot} is past the "
+                                         rf"teacher's last embedding row"):
+        engine.generate_batch(["The answer is"], SamplingParams(max_new_tokens=4))
+    result = engine.generate_batch(["The answer is"], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert len(result.token_ids) == 4
+
+
+def test_a_mapped_eos_at_max_seq_len_still_ends_the_trace(tmp_path, tiny_tokenizer_dir):
+    """An EOS mapped to teacher tokens ends its request: the teacher never reads its pieces, so they need no
+    room, and the trace ends with "eos" however close to max_seq_len."""
+    student = _student_with_eos(tmp_path, tiny_tokenizer_dir, "<extra>")
+    teacher = build_model(tmp_path / "teacher", "qwen2", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=5)
+    for max_seq_len in range(5, 12):
+        engine = Engine(teacher, student, device="cpu", max_batch_size=1, max_seq_len=max_seq_len,
+                        sampler="reference")
+        eos = engine.tokenizer.eos_token_id
+        assert len(engine.space.teacher_pieces[eos]) > 1
+        real = engine.student.logits
+        engine.student.logits = lambda hidden: real(hidden).index_fill(-1, torch.tensor([eos]), 1e4)
+        params = SamplingParams(max_new_tokens=5, threshold=1.0, temperature=0.0, student_temperature=0.0)
+        result = engine.generate_batch(["The answer is"], params)[0]
+        assert (result.finish_reason, result.token_ids) == ("eos", [eos]), max_seq_len
+
+
+def test_the_samplers_masks_are_padded_to_a_multiple_of_16_with_the_same_law(tiny_pair):
+    """Compiled Triton kernels specialise a mask length divisible by 16, and only then load the logits in vectors
+    (Qwen3's 151,669 ids: scalar loads, spills; bench/kernel_resources.py). Padding with absent ids, up to the
+    narrower logits, changes no law: the same tokens and log-probs from every backend."""
+    from rsd_engine.randomness import step_uniforms
+    from rsd_engine.sampling import RowParams, rsd_sample
+    from rsd_engine.tokens import TokenSpace
+
+    space = TokenSpace(151_669, torch.ones(151_669, dtype=torch.bool), torch.ones(151_669, dtype=torch.bool))
+    proposal, fallback = space.sampler_masks(151_936)
+    assert proposal.numel() == fallback.numel() == 151_680 and not proposal[151_669:].any()
+    assert space.sampler_masks(151_670)[0].numel() == 151_670  # never past the logits
+    engine = Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=32, sampler="reference")
+    assert [m.numel() for m in engine.sampler_masks] == [464, 464] and engine.space.size == 455
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = (torch.randn(6, 512, generator=generator) * 3 for _ in range(2))
+    params = RowParams(*(torch.full((6,), v, dtype=torch.int32 if isinstance(v, int) else torch.float32)
+                         for v in (0.7, 0, 0.95, 0.01, 1.0, 0.7, 0, 0.95, 1)))
+    uniforms = step_uniforms(torch.arange(6), torch.zeros(6, dtype=torch.long))
+    for backend in ("reference", "cpp", "triton"):  # (triton: under the interpreter here)
+        unpadded, padded = (rsd_sample(teacher, student, uniforms, params, *masks, backend=backend)
+                            for masks in ((engine.space.proposal_mask, engine.space.fallback_mask),
+                                          engine.sampler_masks))
+        assert all(torch.equal(a, b) for a, b in zip(unpadded, padded)), backend
 
 
 def test_tokenizers_too_different(tmp_path, tiny_pair):

@@ -280,14 +280,15 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
 
 
 def _same_answer(held, now: str | None) -> bool:
-    """Whether a record's reference answer is the problem's: the same text, or the same float written another
-    way (earlier versions wrote a table's float answers as Python prints them: '12.0', '1e+16')."""
+    """Whether a record's reference answer is the problem's: the same text, or the float an earlier version
+    spelled as Python prints it ('12.0', '1e+16') where it now writes _answer_text's spelling ('12',
+    '10000000000000000'). Nothing else is compared as numbers: two long integers that are one float differ."""
     if held == now:
         return True
-    try:
-        return isinstance(held, str) and now is not None and float(held) == float(now)
-    except ValueError:
+    if not isinstance(held, str) or now is None or not re.fullmatch(r"-?\d+(\.\d+)?(e[-+]\d+)?|-?inf", held) \
+            or not re.search(r"[.e]", held):
         return False
+    return _answer_text(float(held)) == now
 
 
 def shard_problems(problems: list[Problem], rank: int, world_size: int) -> list[Problem]:

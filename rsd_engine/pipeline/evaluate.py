@@ -194,12 +194,20 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     """avg@N accuracy (mean over problems of the mean over samples) with a 95% bootstrap interval. A failed
     generation (finish_reason "error": non-finite logits) has no answer to grade: it is counted apart, never
     as a wrong answer; one cut short by --max-seq-len (fewer than max_new_tokens tokens at a length stop) is
-    graded as it stopped and counted."""
+    graded as it stopped and counted. Lines that are no eval record (no id, integer sample and boolean correct:
+    another tool's, appended under --force) are counted apart, not graded. Problems are resampled in id order,
+    so the interval does not depend on the order of the file's lines (one process, merged ranks, a resume); one
+    problem has no interval over problems."""
     import numpy as np
 
     per_problem: dict[str, list[bool]] = {}
-    failed = cut_short = 0
+    failed = cut_short = foreign = 0
     for r in records:
+        sample = r.get("sample")
+        if (r.get("id") is None or isinstance(sample, bool) or not isinstance(sample, int)
+                or not isinstance(r.get("correct"), bool)):
+            foreign += 1
+            continue
         if r.get("finish_reason") == "error":
             failed += 1
             continue
@@ -207,10 +215,10 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
                 and isinstance(r.get("tokens"), int) and r["tokens"] < max_new_tokens):
             cut_short += 1
         per_problem.setdefault(str(r["id"]), []).append(bool(r.get("correct")))
-    means = np.array([sum(v) / len(v) for v in per_problem.values()], dtype=np.float64)
+    means = np.array([sum(v) / len(v) for _, v in sorted(per_problem.items())], dtype=np.float64)
     if len(means) == 0:
         return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None, "failed_in_output": failed,
-                "cut_short_in_output": cut_short}
+                "cut_short_in_output": cut_short, "not_eval_records": foreign}
     rng = np.random.default_rng(0)
     # The resamples in chunks of about 2**22 draws (the same draws as one call: the generator's stream is
     # consumed row by row), so memory stays flat however many problems there are.
@@ -220,8 +228,9 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     low, high = np.percentile(boot, [2.5, 97.5])
     counts = sorted({len(v) for v in per_problem.values()})
     return {"problems_graded": len(means), "samples": sum(map(len, per_problem.values())),
-            "samples_per_problem": counts, "accuracy": float(means.mean()), "interval": [float(low), float(high)],
-            "failed_in_output": failed, "cut_short_in_output": cut_short}
+            "samples_per_problem": counts, "accuracy": float(means.mean()),
+            "interval": [float(low), float(high)] if len(means) > 1 else None,
+            "failed_in_output": failed, "cut_short_in_output": cut_short, "not_eval_records": foreign}
 
 
 def format_accuracy(s: dict, path) -> str:
@@ -229,12 +238,16 @@ def format_accuracy(s: dict, path) -> str:
     not_graded = f"; {failed} failed generations (finish_reason 'error') not graded" if failed else ""
     cut = s.get("cut_short_in_output", 0)
     cut = f"; {cut} cut short by --max-seq-len, graded as they stopped" if cut else ""
+    foreign = s.get("not_eval_records", 0)
+    not_graded += (f"; {foreign} lines that are no eval record (no id, integer sample and true/false correct) not "
+                   f"graded") if foreign else ""
     if s["accuracy"] is None:
         return f"no graded generations in {path}{not_graded}"
     per = s["samples_per_problem"]
     per = str(per[0]) if len(per) == 1 else f"{per[0]}-{per[-1]}"
-    low, high = s["interval"]
-    return (f"accuracy: {s['accuracy']:.2%}  (95% bootstrap interval over problems: {low:.2%} to {high:.2%}; "
+    interval = ("one problem: no interval over problems" if s["interval"] is None else
+                "95% bootstrap interval over problems: {:.2%} to {:.2%}".format(*s["interval"]))
+    return (f"accuracy: {s['accuracy']:.2%}  ({interval}; "
             f"{s['problems_graded']} problems x {per} samples, {path}{not_graded}{cut})")
 
 

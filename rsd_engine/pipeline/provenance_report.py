@@ -217,7 +217,7 @@ class PositionCounts:
 
     def __init__(self, responses: list[ScoredResponse], bins: int):
         self.bins = bins
-        ids = list(dict.fromkeys(r.id for r in responses))
+        ids = sorted({r.id for r in responses})  # id order: replicates do not depend on the order of the input
         self.problems = len(ids)
         place = {pid: k for k, pid in enumerate(ids)}
         # [problem, correct?, category, bin]
