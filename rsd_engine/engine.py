@@ -38,6 +38,8 @@ class Engine:
     (True on CUDA) commits each step while the next one runs (see _decode); the tokens are the same.
     """
 
+    _eos_unwritable = ""  # why requests waiting for an EOS are refused (_why_eos_unwritable); "" if they are not
+
     def __init__(self, teacher, student, *, device="auto", dtype="auto", max_batch_size: int = 32,
                  max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
                  draft_tokens: int = 0, teacher_revision: str | None = None, student_revision: str | None = None):

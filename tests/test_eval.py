@@ -215,6 +215,39 @@ def test_failed_generations_are_counted_apart_never_graded(nan_model, tmp_path, 
     assert report.splitlines()[-1] == "rsd eval: 6 of 6 generations failed (error): exit status 3"
 
 
+def test_the_interval_does_not_depend_on_the_order_of_the_lines():
+    """One process writes records as generations finish, merged ranks in id order, a resume appends: the same
+    records in any order give the same interval (problems are resampled in id order)."""
+    import random
+
+    records = [{"id": f"p{i:02d}", "sample": 0, "correct": (i * 2 + i // 3) % 2 == 0} for i in range(13)]
+    summaries = [accuracy_summary(records), accuracy_summary(records[::-1])]  # (moved a bound a step before)
+    for seed in range(4):
+        shuffled = records[:]
+        random.Random(seed).shuffle(shuffled)
+        summaries.append(accuracy_summary(shuffled))
+    assert all(s == summaries[0] for s in summaries)
+
+
+def test_lines_that_are_no_eval_record_are_not_graded_and_said():
+    """Another tool's lines, appended under --force: counted apart, not graded as wrong answers of made-up
+    problems, and no KeyError after the run for a line without an id."""
+    records = [{"id": "a", "sample": 0, "correct": True}, {"id": "b", "sample": 0, "correct": False},
+               {"id": "x", "text": "from another tool"}, {"note": "no id"}, {"id": "y", "sample": True, "correct": True},
+               {"id": "z", "sample": 0, "correct": "yes"}]
+    summary = accuracy_summary(records)
+    assert (summary["accuracy"], summary["problems_graded"], summary["not_eval_records"]) == (0.5, 2, 4)
+    assert "4 lines that are no eval record (no id, integer sample and true/false correct) not graded" in (
+        evaluate.format_accuracy(summary, "gens.jsonl"))
+
+
+def test_one_problem_has_no_interval_over_problems():
+    summary = accuracy_summary([{"id": "a", "sample": s, "correct": s < 3} for s in range(8)])
+    assert summary["accuracy"] == 3 / 8 and summary["interval"] is None
+    assert evaluate.format_accuracy(summary, "g.jsonl").startswith(
+        "accuracy: 37.50%  (one problem: no interval over problems; 1 problems x 8 samples")
+
+
 def test_accuracy_summary_leaves_failed_generations_out_and_counts_cut_short():
     records = [{"id": "a", "sample": 0, "correct": True, "finish_reason": "eos", "tokens": 5},
                {"id": "a", "sample": 1, "correct": False, "finish_reason": "error", "tokens": 1},

@@ -122,6 +122,17 @@ def test_bootstrap_interval_is_fixed_by_its_seed(tmp_path):
     assert lo <= hi and one["teacher_area"]["resamples"] == 200 == one["teacher_area"]["resamples_drawn"]
 
 
+def test_bootstrap_interval_does_not_depend_on_the_order_of_the_responses(tmp_path):
+    """Problems are resampled in id order: the same sentences in another order (merged ranks, a resume) give the
+    same intervals."""
+    extra = [(f"x{k}", s, s == 0, [T, S, SH][k % 3:] + [T] * s) for k in range(6) for s in range(2)]
+    one = report_of(tmp_path, case=CASE + extra, resamples=200, seed=1)
+    backwards = report_of(tmp_path, case=list(reversed(CASE + extra)), resamples=200, seed=1)
+    for name in ("teacher_area", "correlation"):  # (sums taken in another order: equal to rounding)
+        assert one[name]["interval"] == pytest.approx(backwards[name]["interval"], rel=1e-12, abs=1e-12)
+        assert one[name]["value"] == pytest.approx(backwards[name]["value"], rel=1e-12, abs=1e-12)
+
+
 def test_resamples_without_both_kinds_of_answer_are_left_out_and_counted(tmp_path):
     from rsd_engine.pipeline.provenance_report import format_report
 
