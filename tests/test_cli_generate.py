@@ -18,7 +18,7 @@ from rsd_engine.pipeline.data import Problem
 from rsd_engine.pipeline.generate import attempt_seed, is_unfinished
 from rsd_engine.pipeline.prompts import ChatPrompt, build_prompt
 from rsd_engine.pipeline.records import read_records
-from rsd_engine.pipeline.traces import check_attempt, select_trace, to_sft, trace_stats
+from rsd_engine.pipeline.traces import check_attempt, select_trace, sft_completion, to_sft, trace_stats
 from rsd_engine.results import GenerationResult
 from solver_pair import PROBLEMS, SYSTEM, solver_pair, write_problems
 from tiny import CHAT_TEMPLATE
@@ -225,10 +225,36 @@ def test_the_sft_record_is_the_text_the_student_read_and_wrote_whatever_its_temp
     trace = "two and two</think>\\boxed{4}"
     assert trace not in tok.apply_chat_template(prompt.messages(trace), tokenize=False)  # messages would lose it
     record = {"id": "x", "status": "solved", "question": "Q?", "answer": "4", "completion": trace}
-    sft = to_sft(record, prompt, "<|im_end|>")
+    prompt_ids = tok.encode(prompt.text, add_special_tokens=False)
+    written = tok.encode(trace, add_special_tokens=False) + [tok.eos_token_id]
+    sft = to_sft(record, prompt, sft_completion(tok, prompt_ids, written))
     assert sft == {"id": "x", "status": "solved", "question": "Q?", "answer": "4", "prompt": prompt.text,
                    "completion": trace + "<|im_end|>"}
     assert sft["prompt"].endswith("<|im_start|>assistant\n<think>\n")  # the block the prompt opened
+    # Ended on another of the model's EOS ids: written as the tokenizer's EOS, which TRL's SFTTrainer would add
+    # after any other (two EOS tokens the student never wrote).
+    other = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert sft_completion(tok, prompt_ids, written[:-1] + [other]) == trace + "<|im_end|>"
+
+
+def test_the_sft_completion_continues_the_prompt_as_a_sentencepiece_student_wrote_it():
+    """A sentencepiece decoder drops the space of a text's first token: Llama-2's answer after "[/INST]" is
+    "▁The ...", whose text alone is "The ...". In context it keeps its space, and prompt + completion tokenise
+    back to what the student read and wrote."""
+    from test_tokens import sentencepiece_like
+
+    tok = sentencepiece_like(alphabet="[]/")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                         "{% endif %}{% endfor %}")
+    prompt = build_prompt(tok, "What is two and two?", "")
+    prompt_ids = tok.encode(prompt.text, add_special_tokens=False)
+    full = tok.encode(prompt.text + " The answer is 4.", add_special_tokens=False)
+    assert full[:len(prompt_ids)] == prompt_ids
+    written = full[len(prompt_ids):] + [tok.eos_token_id]
+    assert not tok.decode(written[:-1]).startswith(" ")  # the text alone loses the space
+    completion = sft_completion(tok, prompt_ids, written)
+    assert completion == " The answer is 4.</s>"
+    assert tok.encode(prompt.text + completion, add_special_tokens=False) == prompt_ids + written
 
 
 def test_unverified_problems_keep_an_attempt_that_answered():

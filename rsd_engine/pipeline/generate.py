@@ -11,8 +11,8 @@ settings is refused (records.py, manifest.py). Under torchrun each rank takes it
 problems and writes its own part; rank 0 merges the parts when every rank is done and the parts
 are in one folder (else `rsd merge OUT`).
 
---format sft writes TRL's standard prompt-completion records, the text exactly as the student read and
-wrote it, its EOS included (traces.to_sft): a finished answer. A record that is not one (a prefix: never
+--format sft writes TRL's standard prompt-completion records, the text as the student read and wrote it,
+ended with the tokenizer's EOS token (traces.to_sft, sft_completion): a finished answer. A record that is not one (a prefix: never
 solved, the first --prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts passed
 the checks) goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged
 as OUT is, never into the SFT file.
@@ -36,7 +36,7 @@ from .records import (RecordWriter, check_output_name, check_writable, duplicate
                       part_path, read_records)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
-from .traces import check_attempt, select_trace, to_sft
+from .traces import check_attempt, select_trace, sft_completion, to_sft
 from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
@@ -312,8 +312,9 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                     elif is_unfinished(record):  # not an SFT turn (module docstring)
                         prefix_writer.write(record)
                     else:  # a finished answer: its kept attempt ended with EOS
-                        ended = attempts[record["kept_attempt"]].result.token_ids[-1:]
-                        writer.write(to_sft(record, prompt, decode(ended)))
+                        ended = attempts[record["kept_attempt"]].result.token_ids
+                        writer.write(to_sft(record, prompt, sft_completion(engine.tokenizer, prompt_ids[problem.id],
+                                                                           ended)))
                     tally.add_record(record)
             bar.attempt_done(tally)
     except KeyboardInterrupt:

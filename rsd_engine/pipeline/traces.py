@@ -143,12 +143,24 @@ def _length(attempt: Attempt) -> tuple[int, int]:
     return len(attempt.token_ids), attempt.index  # ties: the earlier attempt
 
 
-def to_sft(record: dict, prompt: ChatPrompt, end: str) -> dict:
+def to_sft(record: dict, prompt: ChatPrompt, completion: str) -> dict:
     """The SFT form of a finished record: TRL's standard prompt-completion (`SFTTrainer` trains on the
-    completion, tokenising prompt + completion as one text), the text exactly as the student read and wrote
-    it: `prompt` the text it was given (chat template and opened reasoning block included), `completion` its
-    trace and `end`, the text of the EOS token it ended with. Chat messages would go through the student's
-    template again, and reasoning templates rewrite the assistant turn (Qwen3's re-spaces the reasoning
-    block, DeepSeek-R1-Distill's drops it). The question and reference answer ride along (resumes check them)."""
+    completion, tokenising prompt + completion as one text), the text as the student read and wrote it:
+    `prompt` the text it was given (chat template and opened reasoning block included), `completion` what
+    it wrote after it (sft_completion). Chat messages would go through the student's template again, and
+    reasoning templates rewrite the assistant turn (Qwen3's re-spaces the reasoning block,
+    DeepSeek-R1-Distill's drops it). The question and reference answer ride along (resumes check them)."""
     return {"id": record["id"], "status": record["status"], "question": record["question"],
-            "answer": record["answer"], "prompt": prompt.text, "completion": record["completion"] + end}
+            "answer": record["answer"], "prompt": prompt.text, "completion": completion}
+
+
+def sft_completion(tokenizer, prompt_ids: list[int], token_ids: list[int]) -> str:
+    """What a finished attempt (`token_ids`, its EOS last) wrote after its prompt, as text that continues the
+    prompt's: decoded in context, since a sentencepiece decoder drops the space of a text's first token
+    (Llama-2's "▁The" after "[/INST]"), then the tokenizer's EOS token, which TRL's SFTTrainer ends a
+    completion with (and adds where it is missing: an attempt that stopped on another of the model's EOS ids,
+    Qwen's <|endoftext|> for <|im_end|>, would end with two)."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    head, whole = decode(list(prompt_ids)), decode(list(prompt_ids) + list(token_ids[:-1]))
+    text = whole[len(head):] if whole.startswith(head) else decode(token_ids[:-1])
+    return text + (tokenizer.eos_token or decode(token_ids[-1:]))
