@@ -127,9 +127,10 @@ def _generate_parser(sub):
     p.add_argument("--prefix-tokens", type=_int(1), default=128,
                    help="tokens kept for never-solved problems (UPFT)")
     p.add_argument("--format", choices=["jsonl", "sft"], default="jsonl",
-                   help="jsonl: full records; sft: prompt-completion records for TRL's SFTTrainer, the exact text "
-                        "the student read and wrote, EOS included (records that are not finished answers, the UPFT "
-                        "prefixes of problems never solved, go as full records to OUT.unfinished.jsonl)")
+                   help="jsonl: full records; sft: prompt-completion records for TRL's SFTTrainer, the text the "
+                        "student read and wrote, ended with its tokenizer's EOS (records that are not finished "
+                        "answers, the UPFT prefixes of problems never solved, go as full records to "
+                        "OUT.unfinished.jsonl)")
     p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
                    help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
                         "sentences as rsd select ranks them (default: %(default)s)")
