@@ -218,6 +218,7 @@ def _engine_on_fake_tensors(engine):
         cache.k, cache.v = [_fake(t) for t in cache.k], [_fake(t) for t in cache.v]
     space = engine.space
     space.proposal_mask, space.fallback_mask = _fake(space.proposal_mask), _fake(space.fallback_mask)
+    engine.sampler_masks = tuple(_fake(m) for m in engine.sampler_masks)
     engine._teacher_next, engine._teacher_advance = _fake(engine._teacher_next), _fake(engine._teacher_advance)
     state = engine._state
     state.buffers = {dtype: _fake(b) for dtype, b in state.buffers.items()}
