@@ -315,14 +315,6 @@ class Engine:
                     break
                 res = r.result
                 pieces = self.space.teacher_pieces.get(token)
-                ends = (token in self.eos_token_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids
-                if pieces is not None and not ends and r.teacher_len + 1 + len(pieces) > self.max_seq_len:
-                    # Its pieces do not fit the teacher's max_seq_len (the sequence is teacher_len + 1 tokens, the
-                    # next one still to read): the trace ends before it. (An EOS or stop token ends the request:
-                    # the teacher never reads its pieces.)
-                    self._finalize(r, "length")
-                    finished.append(r)
-                    break
                 res.token_ids.append(token)
                 res.accepted.append(bool(accepted))
                 # A mapped token is several teacher tokens: the step's teacher row scores only the first, and the
@@ -336,6 +328,12 @@ class Engine:
                     expansions.append((r, pieces))
                 r.next_teacher_token = token if pieces is None else pieces[-1]
                 reason = self._finish_reason(r, extra_teacher=len(pieces) - 1 if pieces else 0)
+                if (reason == "length" and pieces is not None and len(res.token_ids) < r.params.max_new_tokens
+                        and r.teacher_len + len(pieces) > self.max_seq_len):
+                    # Stopped by max_seq_len, on a mapped token whose pieces do not fit it (the sequence is
+                    # teacher_len + 1 tokens, the next one still to read): the trace ends before it. One that ends
+                    # the request otherwise (EOS, a stop, max_new_tokens) is kept: its pieces are never read.
+                    self._unappend(r)
                 if reason:
                     self._finalize(r, reason)
                     finished.append(r)
@@ -349,6 +347,15 @@ class Engine:
             for r, p in live:
                 r.teacher_len += len(p) - 1
         return finished
+
+    @staticmethod
+    def _unappend(r: Request):
+        """Take the last committed token back (_commit appended it)."""
+        res = r.result
+        for values in (res.token_ids, res.accepted, res.teacher_logprobs, res.student_logprobs):
+            values.pop()
+        r.student_len -= 1
+        r.teacher_len -= 1
 
     def _run_decode_step(self, batch: list[Request], step=None, lookahead: int = 1) -> list[list[float]]:
         """One decode step for ``batch``; its packed outputs, one row per request (see _launch)."""

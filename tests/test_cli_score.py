@@ -387,3 +387,29 @@ def test_lengths_count_mapped_tokens_in_the_teachers_space(mapped_pair, tmp_path
     assert report["skipped"] == [{"row": 0, "why": f"{length} tokens in the teacher's space (106 in the student's), "
                                                    f"longer than the teacher's context (300 positions, "
                                                    f"max_position_embeddings)"}]
+
+
+def test_a_completion_is_tokenised_in_context_as_the_student_wrote_it():
+    """A tokenizer whose normalizer starts every text with "▁" (Llama-2's tokenizer.json) reads a completion's
+    leading space as a token of its own when it encodes the completion alone (rsd generate --format sft writes the
+    completion as it continues the prompt): prompt + completion are tokenised as one text, split after the prompt."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rsd_engine.pipeline.score import _in_context
+    from tiny import _corpus_lines
+
+    model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    model.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    model.train_from_iterator([line.replace(" ", "\u2581") for line in _corpus_lines()], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=list("[]/\u2581"),
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt = "[INST] What is two and two? [/INST]"
+    full = encode(prompt + " The answer is 4.</s>")
+    written = full[len(encode(prompt)):]
+    assert encode(" The answer is 4.</s>") != written  # alone, the leading space is a token of its own
+    assert _in_context(encode, prompt, " The answer is 4.</s>") == (encode(prompt), written)

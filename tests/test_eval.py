@@ -1,6 +1,7 @@
 """`rsd eval`: exact accuracy on constructed cases (a model that learned its answers, and generation
 replaced by fixed responses), the bootstrap interval, resume, shards, and bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -239,6 +240,25 @@ def test_lines_that_are_no_eval_record_are_not_graded_and_said():
     assert (summary["accuracy"], summary["problems_graded"], summary["not_eval_records"]) == (0.5, 2, 4)
     assert "4 lines that are no eval record (no id, integer sample and true/false correct) not graded" in (
         evaluate.format_accuracy(summary, "gens.jsonl"))
+
+
+def test_lines_of_another_tool_in_the_output_are_counted_apart_by_rsd_eval(pair, forced, tmp_path, capsys):
+    """In the run itself, not only in accuracy_summary: each such line counted once, and one that carries a problem's
+    id and sample (but no true/false correct) neither replaces that problem's record nor marks its sample done."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    run_eval(pair[1], data, out, "--samples", "1")
+    first = capsys.readouterr().out
+    with out.open("a") as f:
+        for line in ({"note": "from another tool"}, {"note": "and another"}, {"id": "a", "sample": 0, "score": 0.3}):
+            f.write(json.dumps(line) + "\n")
+    run_eval(pair[1], data, out, "--samples", "1", "--force")
+    said = capsys.readouterr().out
+    graded = re.search(r"accuracy: \S+  \(95% bootstrap interval over problems: \S+ to \S+; 3 problems x 1 samples",
+                       first)
+    assert graded and graded.group(0) in said and forced == [3]  # nothing generated again
+    assert "3 lines that are no eval record (no id, integer sample and true/false correct) not graded" in said
 
 
 def test_one_problem_has_no_interval_over_problems():

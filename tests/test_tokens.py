@@ -224,6 +224,22 @@ def test_a_mapped_eos_at_max_seq_len_still_ends_the_trace(tmp_path, tiny_tokeniz
         assert (result.finish_reason, result.token_ids) == ("eos", [eos]), max_seq_len
 
 
+@pytest.mark.parametrize("ending", ["stop_string", "max_new_tokens"])
+def test_a_mapped_token_that_ends_its_request_is_kept_at_max_seq_len(mapped_pair, ending):
+    """A mapped token that ends the request (a stop string, the last of max_new_tokens) is kept however close to
+    max_seq_len: the teacher never reads its pieces."""
+    for max_seq_len in range(6, 10):
+        engine = Engine(*mapped_pair, device="cpu", max_batch_size=1, max_seq_len=max_seq_len, sampler="reference")
+        extra = engine.tokenizer.convert_tokens_to_ids("<extra>")
+        real = engine.student.logits
+        engine.student.logits = lambda hidden: real(hidden).index_fill(-1, torch.tensor([extra]), 1e4)
+        stop = dict(stop=["<extra>"], max_new_tokens=5) if ending == "stop_string" else dict(max_new_tokens=1)
+        params = SamplingParams(threshold=1.0, temperature=0.0, student_temperature=0.0, ignore_eos=True, **stop)
+        result = engine.generate_batch(["The answer is"], params)[0]
+        expected = "stop" if ending == "stop_string" else "length"
+        assert (result.finish_reason, result.token_ids) == (expected, [extra]), max_seq_len
+
+
 def test_the_samplers_masks_are_padded_to_a_multiple_of_16_with_the_same_law(tiny_pair):
     """Compiled Triton kernels specialise a mask length divisible by 16, and only then load the logits in vectors
     (Qwen3's 151,669 ids: scalar loads, spills; bench/kernel_resources.py). Padding with absent ids, up to the

@@ -106,7 +106,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
             held = writer.existing + [r for records in elsewhere.values() for r in records]
             changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
-            done = {(str(r.get("id")), r.get("sample")) for r in held}
+            done = {(str(r["id"]), r["sample"]) for r in held if is_eval_record(r)}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
                      "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine),
@@ -129,12 +129,16 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         if dist.rank != 0:
             return tally
         shown = out if (group or dist.world_size == 1) and out.is_file() else target
-        records = {(str(r.get("id")), r.get("sample")): r for r in read_records(shown)}
+        lines = read_records(shown)
         if dist.world_size == 1 and elsewhere:  # the records resumed from unmerged parts count too
-            for r in (r for part in elsewhere.values() for r in part):
-                records.setdefault((str(r.get("id")), r.get("sample")), r)
+            lines += [r for part in elsewhere.values() for r in part]
             shown = f"{shown} and its part files"
-        summary = accuracy_summary(list(records.values()), opts.params.max_new_tokens)
+        # One record per (id, sample), the first; lines that are no eval record go to the summary as they are.
+        records, others = {}, [r for r in lines if not is_eval_record(r)]
+        for r in lines:
+            if is_eval_record(r):
+                records.setdefault((str(r["id"]), r["sample"]), r)
+        summary = accuracy_summary(list(records.values()) + others, opts.params.max_new_tokens)
         log(format_accuracy(summary, shown))
         return {**tally, **summary}
     finally:
@@ -190,6 +194,13 @@ def _sample_params(base: SamplingParams, seed: int) -> SamplingParams:
                           top_k=base.top_k, seed=seed)
 
 
+def is_eval_record(r: dict) -> bool:
+    """A line rsd eval wrote: an id, an integer sample and a true/false correct."""
+    sample = r.get("sample")
+    return (r.get("id") is not None and not isinstance(sample, bool) and isinstance(sample, int)
+            and isinstance(r.get("correct"), bool))
+
+
 def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> dict:
     """avg@N accuracy (mean over problems of the mean over samples) with a 95% bootstrap interval. A failed
     generation (finish_reason "error": non-finite logits) has no answer to grade: it is counted apart, never
@@ -203,9 +214,7 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     per_problem: dict[str, list[bool]] = {}
     failed = cut_short = foreign = 0
     for r in records:
-        sample = r.get("sample")
-        if (r.get("id") is None or isinstance(sample, bool) or not isinstance(sample, int)
-                or not isinstance(r.get("correct"), bool)):
+        if not is_eval_record(r):
             foreign += 1
             continue
         if r.get("finish_reason") == "error":

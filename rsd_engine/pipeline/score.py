@@ -115,8 +115,19 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
             return None, f"'token_ids' item {bad} is {ids[bad]!r} ({type(ids[bad]).__name__}), not a token id"
         return Trace(trace_id, encode(prompt), ids), ""
     if isinstance(row.get("completion"), str):
-        return Trace(trace_id, encode(prompt), encode(row["completion"])), ""
+        return Trace(trace_id, *_in_context(encode, prompt, row["completion"])), ""
     return None, "no 'token_ids' or 'completion'"
+
+
+def _in_context(encode, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a completion text that continues its prompt's, tokenised as one text and
+    split after the prompt's tokens (as TRL does): a tokenizer whose normalizer starts every text with a space
+    reads a completion's leading space as a token of its own when encoding it alone (Llama-2's
+    "▁", "▁The"). Where the prompt's tokens are no prefix of the whole, each is encoded alone."""
+    head, whole = encode(prompt), encode(prompt + completion)
+    if whole[:len(head)] == head:
+        return head, whole[len(head):]
+    return head, encode(completion)
 
 
 def _chat_trace(trace_id, messages, tokenizer, encode):
