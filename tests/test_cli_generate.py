@@ -420,6 +420,20 @@ def test_resuming_sft_chat_messages_of_an_earlier_version_is_refused(pair, tmp_p
     assert len(out.read_text().splitlines()) == 1
 
 
+def test_a_line_of_another_tool_does_not_make_its_problem_done(pair, tmp_path, capsys):
+    """Appended to the output and kept under --force, a line with a problem's id but no record of rsd generate
+    (no status) leaves the problem to do."""
+    data = write_problems(tmp_path / "p.jsonl")
+    out = tmp_path / "out.jsonl"
+    generate(pair, data, out, "--limit", "1")
+    done = next(iter(read_records(out)))["id"]
+    other = next(p["id"] for p in map(json.loads, data.read_text().splitlines()) if p["id"] != done)
+    with out.open("a") as f:
+        f.write(json.dumps({"id": other, "note": "from another tool"}) + "\n")
+    records = generate(pair, data, out, "--limit", "2", "--force")
+    assert records[other].get("status") in ("solved", "prefix", "unverified")
+
+
 def test_rerun_skips_done_ids(pair, tmp_path, capsys):
     data = write_problems(tmp_path / "p.jsonl")
     generate(pair, data, tmp_path / "out.jsonl", "--limit", "2")

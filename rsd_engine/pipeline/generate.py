@@ -36,7 +36,7 @@ from .records import (RecordWriter, check_output_name, check_writable, duplicate
                       part_path, read_records)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
-from .traces import check_attempt, select_trace, sft_completion, to_sft
+from .traces import STATUSES, check_attempt, select_trace, sft_completion, to_sft
 from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
@@ -156,7 +156,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             files += [prefix_writer.existing] if prefix_writer else []
             held = [r for records in files for r in records]
             changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
-            done = {str(r["id"]) for r in held if "id" in r}
+            # (a line of another tool, kept under --force, does not make its id's problem done)
+            done = {str(r["id"]) for r in held if "id" in r and r.get("status") in STATUSES}
             todo = [p for p in mine if p.id not in done]
             # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
             tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],

@@ -25,6 +25,7 @@ from .data import Problem
 from .prompts import THINK_CLOSE, THINK_OPEN, ChatPrompt
 
 SUB_1PCT_LOGPROB = math.log(0.01)  # the paper's "student probability under 1%" line
+STATUSES = ("solved", "prefix", "unverified")  # a record's status (select_trace)
 
 
 @dataclass(frozen=True)
