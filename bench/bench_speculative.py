@@ -75,7 +75,8 @@ def bench_pair(name: str, teacher_dir, student_dir, args) -> dict:
                 prompts[batch] = (random_prompts(batch, engine.space.size, args.prompt_len) if name == "random"
                                   else demo_prompts(batch, engine.tokenizer))
             params = [SamplingParams(max_new_tokens=args.new_tokens, seed=i, ignore_eos=True) for i in range(batch)]
-            engine.generate_batch(prompts[batch], [SamplingParams(max_new_tokens=4, seed=0, ignore_eos=True)] * batch)  # warm-up
+            warm_up = SamplingParams(max_new_tokens=4, seed=0, ignore_eos=True)
+            engine.generate_batch(prompts[batch], [warm_up] * batch)
             if engine._speculative is not None:
                 engine._speculative.stats = DraftStats()  # α over the timed runs only
             times = []

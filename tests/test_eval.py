@@ -234,8 +234,8 @@ def test_lines_that_are_no_eval_record_are_not_graded_and_said():
     """Another tool's lines, appended under --force: counted apart, not graded as wrong answers of made-up
     problems, and no KeyError after the run for a line without an id."""
     records = [{"id": "a", "sample": 0, "correct": True}, {"id": "b", "sample": 0, "correct": False},
-               {"id": "x", "text": "from another tool"}, {"note": "no id"}, {"id": "y", "sample": True, "correct": True},
-               {"id": "z", "sample": 0, "correct": "yes"}]
+               {"id": "x", "text": "from another tool"}, {"note": "no id"},
+               {"id": "y", "sample": True, "correct": True}, {"id": "z", "sample": 0, "correct": "yes"}]
     summary = accuracy_summary(records)
     assert (summary["accuracy"], summary["problems_graded"], summary["not_eval_records"]) == (0.5, 2, 4)
     assert "4 lines that are no eval record (no id, integer sample and true/false correct) not graded" in (

@@ -12,10 +12,10 @@ problems and writes its own part; rank 0 merges the parts when every rank is don
 are in one folder (else `rsd merge OUT`).
 
 --format sft writes TRL's standard prompt-completion records, the text as the student read and wrote it,
-ended with the tokenizer's EOS token (traces.to_sft, sft_completion): a finished answer. A record that is not one (a prefix: never
-solved, the first --prefix-tokens tokens, for UPFT; or an unverified problem none of whose attempts passed
-the checks) goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path), locked, resumed and merged
-as OUT is, never into the SFT file.
+ended with the tokenizer's EOS token (traces.to_sft, sft_completion): a finished answer. A record that is
+not one (a prefix: never solved, the first --prefix-tokens tokens, for UPFT; or an unverified problem none
+of whose attempts passed the checks) goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path),
+locked, resumed and merged as OUT is, never into the SFT file.
 """
 
 from __future__ import annotations
