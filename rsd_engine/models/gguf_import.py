@@ -3,14 +3,16 @@
 convert_gguf reads a Llama-architecture GGUF with a byte-level BPE ("gpt2") tokenizer,
 dequantises every tensor (Q4_1, Q8_0, F16, F32, or any type `gguf.quants` knows), undoes
 llama.cpp's q/k row permutation and writes config.json (LlamaForCausalLM), model.safetensors
-and the tokenizer files. The folder appears all at once (built beside it, then renamed), so a
-killed conversion never leaves half a model behind.
+and the tokenizer files, with source.json naming the GGUF file it came from (size and SHA-256) and the
+storage dtype (gguf_source), so a cache can tell a folder of another file from its own. The folder appears
+all at once (built beside it, then renamed), so a killed conversion never leaves half a model behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -50,10 +52,22 @@ _LLAMA3_SPLIT = (
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _TOKEN_ID_KEYS = {"unk": "unknown", "pad": "padding"}
 STALE_TMP_SECONDS = 3600
+SOURCE_FILE = "source.json"
+
+
+def gguf_source(gguf_path, dtype=torch.bfloat16) -> dict:
+    """What convert_gguf writes to source.json: the GGUF file's name, size and SHA-256, and the dtype."""
+    gguf_path = Path(gguf_path)
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return {"gguf": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": digest.hexdigest(),
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def convert_gguf(gguf_path, out_dir, *, dtype=torch.bfloat16, overwrite=False) -> Path:
-    """Write `out_dir` (config.json, model.safetensors, tokenizer files) from a GGUF file.
+    """Write `out_dir` (config.json, model.safetensors, tokenizer files, source.json) from a GGUF file.
 
     dtype: storage dtype of the weights (bfloat16 halves the folder; float32 keeps the
     dequantised values exactly). An existing `out_dir` is an error unless overwrite=True.
@@ -74,7 +88,9 @@ def convert_gguf(gguf_path, out_dir, *, dtype=torch.bfloat16, overwrite=False) -
     config = llama_config(meta, tied="output.weight" not in tensors, dtype=dtype)
     weights = llama_weights(tensors, config, dtype)
     tokenizer = build_tokenizer(meta)
+    source = gguf_source(gguf_path, dtype)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})

