@@ -389,14 +389,11 @@ def test_lengths_count_mapped_tokens_in_the_teachers_space(mapped_pair, tmp_path
                                                    f"max_position_embeddings)"}]
 
 
-def test_a_completion_is_tokenised_in_context_as_the_student_wrote_it():
-    """A tokenizer whose normalizer starts every text with "▁" (Llama-2's tokenizer.json) reads a completion's
-    leading space as a token of its own when it encodes the completion alone (rsd generate --format sft writes the
-    completion as it continues the prompt): prompt + completion are tokenised as one text, split after the prompt."""
+def _prepend_space_tokenizer():
+    """A tokenizer whose normalizer starts every text with "▁", as Llama-2's tokenizer.json does; no chat template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from rsd_engine.pipeline.score import _in_context
     from tiny import _corpus_lines
 
     model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -406,10 +403,40 @@ def test_a_completion_is_tokenised_in_context_as_the_student_wrote_it():
     model.train_from_iterator([line.replace(" ", "\u2581") for line in _corpus_lines()], trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=list("[]/\u2581"),
         show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_a_completion_is_tokenised_in_context_as_the_student_wrote_it():
+    """A tokenizer whose normalizer starts every text with "▁" (Llama-2's tokenizer.json) reads a completion's
+    leading space as a token of its own when it encodes the completion alone (rsd generate --format sft writes the
+    completion as it continues the prompt): prompt + completion are tokenised as one text, split after the prompt."""
+    from rsd_engine.pipeline.score import _in_context
+
+    tok = _prepend_space_tokenizer()
     encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     prompt = "[INST] What is two and two? [/INST]"
     full = encode(prompt + " The answer is 4.</s>")
     written = full[len(encode(prompt)):]
     assert encode(" The answer is 4.</s>") != written  # alone, the leading space is a token of its own
     assert _in_context(encode, prompt, " The answer is 4.</s>") == (encode(prompt), written)
+
+
+def test_completion_field_and_chat_rows_are_tokenised_in_context():
+    """--completion-field rows and `messages` rows: the completion continues its rendered prompt, so it is
+    tokenised in context as prompt + completion rows are (alone, this tokenizer read "The" after the prompt's
+    blank line as "▁The", a token the model would never have written there)."""
+    from rsd_engine.pipeline.prompts import build_prompt
+    from rsd_engine.pipeline.score import _trace
+
+    tok = _prepend_space_tokenizer()
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    question, completion = "What is two and two?", "The answer is 4."
+    prompt = build_prompt(tok, question, "").text
+    whole = encode(prompt + completion)
+    assert whole[:len(encode(prompt))] == encode(prompt) and encode(completion) != whole[len(encode(prompt)):]
+    expected = (encode(prompt), whole[len(encode(prompt)):])
+    field_trace, why = _trace(0, {"problem": question, "solution": completion}, tok, "solution", "problem", "")
+    assert why == "" and (field_trace.prompt_ids, field_trace.completion_ids) == expected
+    chat_trace, why = _trace(0, {"messages": [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": completion}]}, tok, None, "question", "")
+    assert why == "" and (chat_trace.prompt_ids, chat_trace.completion_ids) == expected

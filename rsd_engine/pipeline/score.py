@@ -9,7 +9,8 @@ the student) against RSD traces (0.09%).
 Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text: --format
 sft records, their EOS included), from chat `messages` records (the last assistant turn is scored after
 every turn before it, rendered as generation renders a chat prompt), or, with completion_field, from any dataset: the
-prompt is then the question through the student's chat template, as `rsd generate` builds it.
+prompt is then the question through the student's chat template, as `rsd generate` builds it. A completion text is
+tokenised after its prompt, as one text split after the prompt's tokens (_in_context).
 Ids held by more than one record in a file are reported (each copy is scored, as the file is).
 
 Inputs are read strictly (a bad line is an error, never a row dropped), but for a last line cut short
@@ -99,7 +100,7 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         if not isinstance(question, str) or not isinstance(completion, str):
             return None, f"no {question_field!r} or {completion_field!r} text"
         prompt = build_prompt(tokenizer, question, system_prompt)
-        return Trace(trace_id, encode(prompt.text), encode(_after_think(completion, prompt.think_prefix))), ""
+        return Trace(trace_id, *_in_context(encode, prompt.text, _after_think(completion, prompt.think_prefix))), ""
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
     prompt = row.get("prompt")
@@ -166,7 +167,7 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
             text, think_prefix = render_chat(tokenizer, context)
         except Exception as err:  # jinja2's TemplateError: a template that refuses this order of roles
             return None, f"the student's chat template cannot render the turns before the last one ({err})"
-    return Trace(trace_id, encode(text), encode(_after_think(completion, think_prefix))), ""
+    return Trace(trace_id, *_in_context(encode, text, _after_think(completion, think_prefix))), ""
 
 
 def _after_think(completion: str, think_prefix: str) -> str:
