@@ -121,6 +121,26 @@ def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
     assert len(records) == 6 and "3 samples already in the output, 3 written now" in capsys.readouterr().out
 
 
+def test_accuracy_is_of_the_problems_and_samples_this_run_asks_for(pair, forced, tmp_path, capsys):
+    """A rerun with --limit or fewer --samples on an output that holds more grades what it asks for (it graded the
+    whole file: problems past --limit, samples past --samples) and counts the rest apart."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    run_eval(pair[1], data, out, "--samples", "2")
+    capsys.readouterr()
+    run_eval(pair[1], data, out, "--samples", "2", "--limit", "1")
+    report = capsys.readouterr().out
+    assert "accuracy: 50.00%" in report and "1 problems x 2 samples" in report  # a: right, then wrong
+    assert "4 generations of other problems or samples than this run's" in report
+    run_eval(pair[1], data, out, "--samples", "1")
+    report = capsys.readouterr().out
+    assert "accuracy: 100.00%" in report and "3 problems x 1 samples" in report  # every sample 0 is right
+    assert "3 generations of other problems or samples" in report
+    run_eval(pair[1], data, out, "--samples", "2")
+    assert "accuracy: 66.67%" in (report := capsys.readouterr().out) and "other problems" not in report
+
+
 def test_ranks_write_parts_that_merge(pair, forced, tmp_path, as_ranks):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -138,7 +138,12 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         for r in lines:
             if is_eval_record(r):
                 records.setdefault((str(r["id"]), r["sample"]), r)
-        summary = accuracy_summary(list(records.values()) + others, opts.params.max_new_tokens)
+        # The accuracy is of what this run asks for: the first --samples samples of the (--limit) problems of
+        # --data. The file may hold more (an earlier run without --limit, or with more samples): counted apart.
+        wanted = {(p.id, s) for p in graded for s in range(opts.samples)}
+        graded_now = [r for key, r in records.items() if key in wanted]
+        summary = accuracy_summary(graded_now + others, opts.params.max_new_tokens)
+        summary["outside_this_run"] = len(records) - len(graded_now)
         log(format_accuracy(summary, shown))
         return {**tally, **summary}
     finally:
@@ -250,6 +255,9 @@ def format_accuracy(s: dict, path) -> str:
     foreign = s.get("not_eval_records", 0)
     not_graded += (f"; {foreign} lines that are no eval record (no id, integer sample and true/false correct) not "
                    f"graded") if foreign else ""
+    outside = s.get("outside_this_run", 0)
+    not_graded += (f"; {outside} generations of other problems or samples than this run's (--data, --limit, "
+                   f"--samples) not graded") if outside else ""
     if s["accuracy"] is None:
         return f"no graded generations in {path}{not_graded}"
     per = s["samples_per_problem"]
