@@ -17,6 +17,7 @@ A model (T, S, M) is a local folder or a Hugging Face Hub id such as Qwen/Qwen3-
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -68,7 +69,7 @@ MODEL_REVISIONS = {"teacher": "teacher_revision", "student": "student_revision",
 MODEL_HELP = "a folder (config.json, safetensors, tokenizer) or a Hugging Face Hub id such as Qwen/Qwen3-0.6B"
 
 # Exit statuses of the commands that run a dataset (see _exit_status).
-EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 3, 130, 141
 
 
 def _exit_codes(unit: str, incomplete: str) -> str:
@@ -554,6 +555,11 @@ def main(argv=None) -> int:
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPTED, "rsd: interrupted\n")
+    except BrokenPipeError:
+        # stdout's reader went away (`rsd ... | head`): what was written stays (records are flushed line by line);
+        # no traceback, and none at exit from flushing stdout again. 141: as a shell reports SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _resolve_models(args):

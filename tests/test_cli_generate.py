@@ -406,6 +406,27 @@ def test_resuming_into_the_other_format_is_refused(pair, tmp_path, capsys):
     assert "already holds --format sft records" in capsys.readouterr().err
 
 
+def test_an_output_that_is_the_data_or_another_tools_is_refused_as_such(pair, tmp_path, capsys):
+    """--out (or --format sft's file of unfinished records) naming the --data file appended records to the
+    problems, --force or not; an --out of another tool's lines was said to hold --format sft records."""
+    data = write_problems(tmp_path / "x.unfinished.jsonl")
+    before = data.read_bytes()
+    # The last: --format sft writes the unfinished records of x.jsonl to x.unfinished.jsonl, the data here.
+    for out, extra in ((data, ["--force"]), (data, ["--format", "sft", "--force"]),
+                       (tmp_path / "x.jsonl", ["--format", "sft"])):
+        with pytest.raises(SystemExit):
+            generate(pair, data, out, *extra)
+        assert "is also --data: the output would be written into the file it reads" in capsys.readouterr().err
+        assert data.read_bytes() == before and not (tmp_path / "x.jsonl").exists()
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_bytes(before)  # a copy of the problems: no record of rsd generate
+    with pytest.raises(SystemExit):
+        generate(pair, data, foreign)
+    err = capsys.readouterr().err
+    assert "holds lines that are no rsd generate record (the first has 'id', 'question', 'answer'" in err
+    assert "--format sft records" not in err and foreign.read_bytes() == before
+
+
 def test_resuming_sft_chat_messages_of_an_earlier_version_is_refused(pair, tmp_path, capsys):
     """SFT files of earlier versions hold chat messages: resuming one would mix two record shapes in one file."""
     data = write_problems(tmp_path / "p.jsonl")

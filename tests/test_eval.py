@@ -165,6 +165,42 @@ def test_one_process_after_unmerged_parts_grades_them_too(pair, forced, tmp_path
     said = capsys.readouterr().out
     assert "6 samples already in the output, 0 written now" in said and "rsd merge" in said
     assert "accuracy: 66.67%" in said and "and its part files" in said
+    assert main(["merge", str(out)]) == 0
+    capsys.readouterr()
+    run_eval(pair[1], data, out, "--samples", "2")
+    said = capsys.readouterr().out  # merged: the parts stay beside OUT, but nothing is left to merge
+    assert "accuracy: 66.67%" in said and "rsd merge" not in said and "part files" not in said
+
+
+def test_output_named_as_the_data_or_of_another_command_is_refused_as_such(pair, forced, tmp_path, capsys):
+    """--out naming the --data file (it appended its records to the problems, --force or not), or holding
+    another command's records (eval named the settings of rsd generate's manifest 'not set' and asked for a rerun
+    with the same settings), is refused saying so; the file is left as it was. A progress bar is drawn on a
+    terminal only (stderr here is none)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    before = data.read_bytes()
+    for extra in ([], ["--force"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_eval(pair[1], data, data, *extra)
+        assert exit_info.value.code == 2
+        assert f"--out {data} is also --data: the output would be written into the file it reads" in (
+            capsys.readouterr().err)
+    assert data.read_bytes() == before
+    out = tmp_path / "gens.jsonl"
+    assert main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
+                 "--system-prompt", SYSTEM, "--max-new-tokens", "40", "--device", "cpu"]) == 0
+    assert "%|" not in capsys.readouterr().err  # tqdm's bar
+    other = tmp_path / "gens2.jsonl"
+    run_eval(pair[1], data, other)
+    held = other.read_bytes()
+    argv = ["select", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(out), "--out", str(other),
+            "--system-prompt", SYSTEM, "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "holds records another command wrote: its manifest (gens2.jsonl.manifest.json) has none of this " \
+           "command's settings" in capsys.readouterr().err
+    assert other.read_bytes() == held
 
 
 def test_generations_feed_provenance(pair, tmp_path):

@@ -99,6 +99,16 @@ def test_remote_code_is_never_run(folder):
         load_model(folder)
 
 
+def test_custom_code_of_a_built_in_architecture_is_never_run_and_named(folder):
+    """A folder whose config names a built-in architecture and custom code (auto_map) loads with the built-in code;
+    it did so silently: a model whose own code computes something else would have run as the stock one."""
+    edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_my.MyForCausalLM"})
+    (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.warns(UserWarning, match="auto_map .custom modelling code, never run here.: the model is loaded as "
+                                         "the built-in"):
+        load_model(folder)
+
+
 def test_missing_tensors_are_named(folder):
     state = load_file(folder / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"], state["model.norm.weight"]

@@ -76,11 +76,19 @@ def test_sharded_runs_resume_from_every_part_whatever_the_input_order_or_world_s
     assert f"merged 5 records into {out}" in capsys.readouterr().out  # 5 problems over 5 part files
     merged = read_records(out)
     assert sorted(r["id"] for r in merged) == sorted([p["id"] for p in PROBLEMS] + ["sub"])
-    # One process after the merge, beside the parts: nothing is done twice, and the parts are named.
+    # One process after the merge, beside the parts: nothing is done twice, and no merge is asked for (the parts'
+    # records are all in OUT).
     records = generate(pair, data, out)
     said = capsys.readouterr().out
-    assert "problems: 5 (5 already in the output, 0 written now)" in said and "rsd merge" in said
+    assert "problems: 5 (5 already in the output, 0 written now)" in said and "rsd merge" not in said
     assert records == merged
+    # A part holding a record OUT lacks is named again.
+    part = next(p for p in sorted(tmp_path.glob("out.rank*.jsonl")) if read_records(p))
+    extra = {**read_records(part)[0], "id": "only-in-a-part"}
+    with part.open("a") as f:
+        f.write(json.dumps(extra) + "\n")
+    generate(pair, data, out)
+    assert f"also in its part files ({part.name}), done and not written again; rsd merge" in capsys.readouterr().out
 
 
 def test_problems_changed_since_their_records_are_refused(pair, tmp_path, capsys):

@@ -330,3 +330,33 @@ def test_no_complete_response_is_named_as_such(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["provenance-report", str(data), "--include-truncated", "--resamples", "10", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["lines_used"] == 3
+
+
+def test_a_missing_input_or_an_output_over_it_is_refused_as_such(tmp_path, capsys):
+    """A missing sentences file was 'no sentence lines'; --out or --plot naming the input would have renamed the
+    report over the sentences."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance-report", str(tmp_path / "none.jsonl")])
+    assert exit_info.value.code == 2 and "none.jsonl: no such file" in capsys.readouterr().err
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    before = path.read_bytes()
+    for flag in ("--out", "--plot"):
+        with pytest.raises(SystemExit):
+            main(["provenance-report", str(path), flag, str(path)])
+        assert f"{flag} {path} is also the sentences file" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_a_reader_that_goes_away_ends_the_report_without_a_traceback(tmp_path):
+    """`rsd provenance-report ... | head -1`: a BrokenPipeError traceback and exit status 1 before; now 141, as a
+    shell reports SIGPIPE, and nothing on stderr."""
+    import subprocess
+    import sys
+
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from rsd_engine.cli import main; sys.exit(main())",
+                             "provenance-report", str(path), "--resamples", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the report is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -1,6 +1,7 @@
 """ModelConfig: the few fields of an HF config.json that the decoder needs, for Llama / Qwen2 / Qwen3."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -106,6 +107,10 @@ def _architecture(config: dict) -> str:
     archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
+            if config.get("auto_map"):
+                warnings.warn(f"config.json has auto_map (custom modelling code, never run here): the model is loaded "
+                              f"as the built-in {arch}; if its own code computes something else, so will this",
+                              stacklevel=3)
             return arch
     named = ", ".join(archs) if archs else f"none (model_type={config.get('model_type')!r})"
     hint = ""

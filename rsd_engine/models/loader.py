@@ -2,7 +2,8 @@
 The folder may be named by a Hugging Face Hub id (hub.py fetches it into the Hub cache).
 
 Only safetensors are read: pickle checkpoints can run arbitrary code when unpickled, and so can the
-custom modelling code that `auto_map` points to; both are refused.
+custom modelling code that `auto_map` points to. Pickle weights are refused; that code is never run: a config
+whose architecture is not built in is refused, one that is loads with the built-in code, with a warning.
 """
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ from .generate import attempt_seed, unreadable_answers
 from .progress import unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
-from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
-                      read_records)
+from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
+                      part_path, read_records, unmerged_parts)
 from .traces import final_answer
 from ..models.loader import check_model_folder
 
@@ -84,6 +84,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
+    check_not_input({"--data": opts.data}, {"--out": out, "its part": target})
     check_writable(target)
     opts = replace(opts, model=str(check_model_folder(opts.model)))  # a Hub id: its snapshot folder
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field or None,
@@ -130,8 +131,9 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             return tally
         shown = out if (group or dist.world_size == 1) and out.is_file() else target
         lines = read_records(shown)
-        if dist.world_size == 1 and elsewhere:  # the records resumed from unmerged parts count too
-            lines += [r for part in elsewhere.values() for r in part]
+        unmerged = unmerged_parts(out, elsewhere) if dist.world_size == 1 else {}
+        if unmerged:  # the records resumed from unmerged parts count too
+            lines += [r for part in unmerged.values() for r in part]
             shown = f"{shown} and its part files"
         # One record per (id, sample), the first; lines that are no eval record go to the summary as they are.
         records, others = {}, [r for r in lines if not is_eval_record(r)]
@@ -166,7 +168,7 @@ def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
     if opts.progress and dist.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(fits), desc=f"{dist.tag}rsd eval", unit="sample", dynamic_ncols=True)
+        bar = tqdm(total=len(fits), desc=f"{dist.tag}rsd eval", unit="sample", dynamic_ncols=True, disable=None)
     start = time.perf_counter()
     try:
         for index, result in generate_samples(opts, [prompt_ids[p.id] for p, _ in fits], params,

@@ -32,8 +32,8 @@ from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import input_identity, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import (RecordWriter, check_output_name, check_writable, duplicate_ids, held_elsewhere, note_unmerged,
-                      part_path, read_records)
+from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, held_elsewhere,
+                      note_unmerged, part_path, read_records)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import STATUSES, check_attempt, select_trace, sft_completion, to_sft
@@ -121,6 +121,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
+    check_not_input({"--data": opts.data}, {"--out": out, "its part": target})
     check_writable(target)  # before anything slow
     # Hub ids become their snapshot folders here, so the manifest fingerprints the files themselves.
     opts = replace(opts, teacher=str(check_model_folder(opts.teacher)), student=str(check_model_folder(opts.student)))
@@ -138,6 +139,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     if prefixes is not None:
         prefix_target = part_path(prefixes, dist.rank, dist.world_size) if dist.world_size > 1 else prefixes
         check_writable(prefix_target)
+        check_not_input({"--data": opts.data}, {"--format sft's file of unfinished records": prefixes,
+                                                "its part": prefix_target})
         _check_format(prefix_target, "jsonl")
         prefixes_elsewhere = held_elsewhere(prefixes, prefix_target, settings, force=opts.force)
     for path in elsewhere:
@@ -256,7 +259,12 @@ def _check_format(path: Path, fmt: str):
                          "chat template renders other than the student wrote them (Qwen3's re-spaces the reasoning "
                          "block, DeepSeek-R1-Distill's drops it); --format sft now writes prompt-completion records of "
                          "the exact text: write them to another --out (or convert these by hand)")
-    held = "jsonl" if "token_ids" in records[0] else "sft"
+    first = records[0]
+    held = "jsonl" if "token_ids" in first else "sft" if {"prompt", "completion"} <= set(first) else None
+    if held is None:
+        keys = ", ".join(map(repr, list(first)[:6])) if isinstance(first, dict) else type(first).__name__
+        raise ValueError(f"{path} holds lines that are no rsd generate record (the first has {keys}; a record has "
+                         f"'token_ids', or with --format sft 'prompt' and 'completion'): give another --out")
     if held != fmt:
         raise ValueError(f"{path} already holds --format {held} records; rerun with --format {held} to resume it, "
                          f"or write --format {fmt} to another --out")
@@ -320,7 +328,8 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
             bar.attempt_done(tally)
     except KeyboardInterrupt:
         where = f"{writer.path}" + (f" and {prefix_writer.path}" if prefix_writer else "")
-        log(f"{dist.tag}interrupted: {tally.written} records are safely in {where}; rerun to resume")
+        log(f"{dist.tag}interrupted: the {tally.written} records written now are safely in {where}, beside the "
+            f"{tally.resumed} problems done before; rerun to resume")
         raise
     finally:
         tally.stop()

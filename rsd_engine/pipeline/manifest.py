@@ -152,6 +152,13 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
             write_manifest(out, held)
         return []
     if not force:
+        if held is not None:
+            unknown = [k for k in settings if k not in held["settings"] and k not in held.get("about", {})]
+            if 2 * len(unknown) > len(settings):  # not one version's settings beside another's: another command's
+                raise SettingsMismatch(
+                    f"{out} holds records another command wrote: its manifest ({manifest_path(out).name}) has none "
+                    f"of this command's settings {', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}; "
+                    "give another --out (or pass --force to append anyway)")
         raise SettingsMismatch(
             f"{out} holds records made with other settings:\n  " + "\n  ".join(found) +
             "\nRerun with the same settings to resume it, give another --out, or pass --force to append anyway "

@@ -23,8 +23,8 @@ from .manifest import input_identity, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
-from .records import (RecordWriter, check_output_name, check_writable, held_elsewhere, note_unmerged, part_path,
-                      read_records)
+from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
+                      part_path, read_records)
 from .responses import load_responses
 from .tracing import Tracer
 
@@ -81,6 +81,7 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
+    check_not_input({"--data": opts.data}, {"--out": out, "its part": target, "--plot": opts.plot or None})
     check_writable(target)
     if opts.plot:
         check_writable(opts.plot)
@@ -167,7 +168,8 @@ def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(usable), desc=f"{dist.tag}rsd provenance", unit="response", dynamic_ncols=True)
+        bar = tqdm(total=len(usable), desc=f"{dist.tag}rsd provenance", unit="response", dynamic_ncols=True,
+                   disable=None)
     tracer.load()
     start = time.perf_counter()
     try:

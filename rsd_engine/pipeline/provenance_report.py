@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .categories import CATEGORIES, Rule
-from .records import check_writable, read_records
+from .records import check_not_input, check_writable, read_records
 
 SHOWN_RESPONSES = 20  # rows of the printed per-response table
 PLOTTED_RESPONSES = 40
@@ -124,6 +124,9 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
     Refuses lines without the fields the analysis needs."""
     from .provenance import current_sentences
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (give the --out of rsd provenance)" if not Path(path).exists()
+                                else f"{path} is not a file (give the --out of rsd provenance)")
     lines = read_records(path)
     if not lines:
         raise ValueError(f"{path}: no sentence lines (is it the --out of rsd provenance?)")
@@ -297,6 +300,9 @@ def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAUL
                resamples: int = DEFAULT_RESAMPLES, seed: int = 0, include_truncated: bool = False,
                log=print) -> dict:
     """`rsd provenance-report`: read, re-categorise, analyse; write the JSON report and the plot."""
+    check_not_input({"the sentences file": sentences}, {"--out": out, "--plot": plot})
+    if out is not None and plot is not None and Path(out).resolve() == Path(plot).resolve():
+        raise ValueError(f"--out and --plot are the same file ({out}); give each its own name")
     for path in (out, plot):
         if path is not None:
             check_writable(path)

@@ -269,10 +269,20 @@ def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, li
     return held
 
 
+def unmerged_parts(out, elsewhere: dict[Path, list[dict]]) -> dict[Path, list[dict]]:
+    """Of `held_elsewhere`'s files, the parts holding a record OUT lacks (`rsd merge` leaves the parts it joined)."""
+    parts = {path: records for path, records in elsewhere.items() if path != Path(out)}
+    if parts:
+        merged = {json.dumps(r, sort_keys=True) for r in read_records(out)}
+        parts = {path: records for path, records in parts.items()
+                 if any(json.dumps(r, sort_keys=True) not in merged for r in records)}
+    return parts
+
+
 def note_unmerged(out, elsewhere: dict[Path, list[dict]], log) -> None:
     """After a run of one process: say where the records resumed from part files are (`held_elsewhere`), which
-    OUT lacks until they are merged."""
-    parts = [path.name for path in elsewhere if path != Path(out)]
+    OUT lacks until they are merged (none once `rsd merge` has joined them: the parts stay beside OUT)."""
+    parts = [path.name for path in unmerged_parts(out, elsewhere)]
     if parts:
         shown = ", ".join(parts[:3]) + (f", and {len(parts) - 3} more" if len(parts) > 3 else "")
         log(f"note: records of this output are also in its part files ({shown}), done and not written again; "
@@ -465,6 +475,23 @@ def check_output_name(path) -> Path:
         raise ValueError(f"--out {path}: the output is JSON lines, one record each; name it *.jsonl (e.g. "
                          f"{path.with_suffix('.jsonl').name}), the suffix the commands that read it expect")
     return path
+
+
+def check_not_input(inputs: dict, outputs: dict) -> None:
+    """No output of a command is one of its inputs (flag -> path; None: not given): records appended to the data
+    file they are made from, or a report renamed over it, mix or lose the data."""
+    for out_flag, out in outputs.items():
+        for in_flag, source in inputs.items():
+            if out is not None and source is not None and _same_file(out, source):
+                raise ValueError(f"{out_flag} {out} is also {in_flag}: the output would be written into the file it "
+                                 f"reads; give {out_flag} another name")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)  # links and other spellings of one file
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def check_writable(path) -> Path:

@@ -43,8 +43,8 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
-from .records import (RecordWriter, all_finite, check_output_name, check_writable, held_elsewhere, part_path,
-                      read_records)
+from .records import (RecordWriter, all_finite, check_not_input, check_output_name, check_writable, held_elsewhere,
+                      part_path, read_records)
 from .responses import Response, load_responses, row_id
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
@@ -138,6 +138,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
+    check_not_input({"--data": opts.data}, {"--out": out, "its part": target})
     check_writable(target)
     scorer = make_scorer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
@@ -348,7 +349,7 @@ def _bar(total, enabled, dist, unit):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"{dist.tag}rsd select", unit=unit, dynamic_ncols=True)
+    return tqdm(total=total, desc=f"{dist.tag}rsd select", unit=unit, dynamic_ncols=True, disable=None)
 
 
 def _format(t: dict, target) -> str:
