@@ -16,7 +16,8 @@
 # $OUT (default bench/results/device_check) receives exactly these 8 files, the most a lent machine
 # returns; add nothing else to it:
 #   summary.json      environment (versions, card, driver, C++ build), each step's exit status and seconds,
-#                     and the skinny-GEMM microbenchmark (it has no file of its own: 8 files at most)
+#                     the skinny-GEMM microbenchmark (it has no file of its own: 8 files at most), and "targets":
+#                     each target of the open issues 14 and 15 against the row that measures it (met or not)
 #   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the sampler and engine tests, on the card
 #   e2e_8b.json       an 8B-shaped teacher with the 0.6B student, draft_tokens 0 and 4, batch 1 and 16,
 #                     naive HF loop at batch 1 only
@@ -297,6 +298,65 @@ if prof:
           f"{f(prof['syncs_per_step'])} syncs, {f(prof['launches_per_step'])} launches per step; top:")
     for k in prof["top_kernels"][:8]:
         print(f"  {f(k['calls_per_step'])} x {f(k['us_per_step'])} µs  {k['name'][:90]}")
+
+
+# The open issues' targets (14: the sampler ops; 15: the decode step), each against the row that measures it: met,
+# missed, or not measured (a CPU dry run's toy shapes measure none). Kept in summary.json as "targets".
+def op_rows(name, op):
+    ops = load(name) or {"rows": []}
+    return [r for r in ops["rows"] if r.get("op") == op and r.get("V") == 151_936 and "error" not in r
+            and not any(k in r for k in ("chunks", "num_warps", "shape"))]
+
+
+def e2e_rows(name, teacher):
+    runs = (load(name) or {}).get("runs", [])
+    return [r for run in runs if teacher in os.path.basename(run.get("teacher", "")) for r in run.get("rows", [])]
+
+
+targets = []
+
+
+def target(what, rows, value, limit, at_most=True):
+    got = [value(r) for r in rows]
+    got = [g for g in got if g is not None]
+    measured = (max(got) if at_most else min(got)) if got else None
+    met = None if measured is None else (measured <= limit if at_most else measured >= limit)
+    targets.append(dict(target=what, measured=measured, limit=limit, at_most=at_most, met=met))
+
+
+for B, limit in ((1, 25), (16, 35), (64, 60)):
+    target(f"issue 14: rsd_sample fp32 B={B} µs", [r for r in op_rows("rsd_step.json", "rsd_sample")
+                                                   if r["B"] == B and r["dtype"] == "float32"], lambda r: r["fused_us"],
+           limit)
+target("issue 14: rsd_sample fp32 B>=256 over the read-once floor (x)",
+       [r for r in op_rows("rsd_step.json", "rsd_sample") if r["B"] >= 256 and r["dtype"] == "float32"],
+       lambda r: r["over_floor"], 3)
+for B, limit in ((1, 40), (16, 80)):
+    target(f"issue 14: rsd_verify G=4 B={B} µs (every logit dtype)",
+           [r for r in op_rows("rsd_verify.json", "rsd_verify") if r["B"] == B and r.get("G") == 4],
+           lambda r: r["fused_us"], limit)
+target("issue 14: fused / op-by-op reference, every row (x)",
+       [r for name, op in (("rsd_step.json", "rsd_sample"), ("rsd_verify.json", "rsd_verify"),
+                           ("rsd_verify.json", "sample_tokens")) for r in op_rows(name, op) if r.get("reference_us")],
+       lambda r: r["fused_us"] / r["reference_us"], 1)
+plain_1 = [r for r in e2e_rows("e2e.json", "qwen3-1.7b") if r["batch"] == 1 and r["draft_tokens"] == 0]
+target("issue 15: 1.7B/0.6B batch 1 ms per step", plain_1, lambda r: r.get("engine_ms_per_step"), 2.0)
+target("issue 15: 1.7B/0.6B batch 128 tok/s", [r for r in e2e_rows("e2e.json", "qwen3-1.7b") if r["batch"] == 128
+                                               and r["draft_tokens"] == 0], lambda r: r.get("engine_tok_s"), 10_000,
+       at_most=False)
+target("issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)",
+       [r for r in e2e_rows("e2e_8b.json", "qwen3-8b") if r["batch"] == 1 and r["draft_tokens"] == 4],
+       lambda r: r.get("vs_plain"), 2.0, at_most=False)
+profiled = [prof] if prof and prof.get("gpu") else []
+target("issue 15: kernels per step (batch 1)", profiled, lambda r: r.get("kernels_per_step"), 600)
+target("issue 15: memcpys per step (batch 1)", profiled, lambda r: r.get("memcpys_per_step"), 2)
+target("issue 15: blocking syncs per step (batch 1)", profiled, lambda r: r.get("syncs_per_step"), 0)
+print("targets (open issues): measured vs limit")
+for t in targets:
+    verdict = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+    print(f"  {t['target']}: {f(t['measured'], '.2f')} {'<=' if t['at_most'] else '>='} {t['limit']}: {verdict}")
+summary["targets"] = targets
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print(f"results: {out}/" + " ".join(sorted(os.listdir(out))))
 EOF
 failed=$(printf '%s\n' "${steps[@]}" | awk '$2 != 0' | wc -l)

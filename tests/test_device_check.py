@@ -83,3 +83,46 @@ def test_a_spent_budget_skips_steps_and_still_reports(tmp_path):
 def test_refuses_unknown_options():
     done = subprocess.run(["bash", "bench/device_check.sh", "--fast"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "unknown option --fast" in done.stderr
+
+
+def test_the_summary_holds_each_open_issue_target_against_its_row(tmp_path):
+    """The targets of issues 14 and 15, each read from the row that measures it (met, MISSED, not measured):
+    the rows a CUDA run writes, placed in $OUT here and left there by a run of the environment step alone."""
+    def rows(*items):
+        return json.dumps({"rows": list(items)})
+
+    sample = dict(op="rsd_sample", V=151_936, dtype="float32", floor_us=0.6)
+    (tmp_path / "rsd_step.json").write_text(rows(
+        {**sample, "B": 1, "fused_us": 20.0, "reference_us": 100.0, "over_floor": 33},
+        {**sample, "B": 16, "fused_us": 50.0, "reference_us": 40.0, "over_floor": 5},  # missed, and slower than torch
+        {**sample, "B": 1, "fused_us": 90.0, "chunks": 2, "over_floor": 150},  # a sweep row: not the target's
+        {**sample, "B": 256, "fused_us": 200.0, "reference_us": 900.0, "floor_us": 72.0, "over_floor": 2.78}))
+    (tmp_path / "rsd_verify.json").write_text(rows(
+        dict(op="rsd_verify", V=151_936, dtype="bfloat16", B=1, G=4, fused_us=39.0, reference_us=900.0, floor_us=1.4,
+             over_floor=28)))
+    runs = [{"teacher": "/x/qwen3-1.7b-v1", "student": "/x/qwen3-0.6b-v1", "progress": ["done"],
+             "rows": [{"batch": 1, "draft_tokens": 0, "engine_ms_per_step": 2.4, "engine_tok_s": 416.7},
+                      {"batch": 128, "draft_tokens": 0, "engine_ms_per_step": 10.7, "engine_tok_s": 12_000.0}]}]
+    (tmp_path / "e2e.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "profile.json").write_text(json.dumps(dict(gpu="H200", kernels_per_step=350, memcpys_per_step=1,
+                                                           syncs_per_step=1, wall_ms_per_step=2.0,
+                                                           kernel_us_per_step=1.0, launches_per_step=1,
+                                                           top_kernels=[])))
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE_CHECK_ONLY": "environment"}
+    done = subprocess.run(["bash", "bench/device_check.sh", "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:]
+    verdicts = {t["target"]: t for t in json.loads((tmp_path / "summary.json").read_text())["targets"]}
+    said = {k: (v["measured"], v["met"]) for k, v in verdicts.items()}
+    assert said["issue 14: rsd_sample fp32 B=1 µs"] == (20.0, True)
+    assert said["issue 14: rsd_sample fp32 B=16 µs"] == (50.0, False)
+    assert said["issue 14: rsd_sample fp32 B=64 µs"] == (None, None)
+    assert said["issue 14: rsd_sample fp32 B>=256 over the read-once floor (x)"] == (2.78, True)
+    assert said["issue 14: rsd_verify G=4 B=1 µs (every logit dtype)"] == (39.0, True)
+    assert said["issue 14: fused / op-by-op reference, every row (x)"] == (1.25, False)
+    assert said["issue 15: 1.7B/0.6B batch 1 ms per step"] == (2.4, False)
+    assert said["issue 15: 1.7B/0.6B batch 128 tok/s"] == (12_000.0, True)
+    assert said["issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)"] == (None, None)
+    assert said["issue 15: kernels per step (batch 1)"] == (350, True)
+    assert said["issue 15: blocking syncs per step (batch 1)"] == (1, False)
+    assert "issue 14: rsd_sample fp32 B=16 µs: 50.00 <= 35: MISSED" in done.stdout
