@@ -53,6 +53,17 @@ def test_dollar_before_a_number_is_currency_unless_closed_in_its_sentence():
                                                                                       "Done."]
 
 
+def test_a_currency_dollar_does_not_pair_with_a_dollar_that_cannot_close_math():
+    """"$5 for $x$": the `$` before x has a space on its left, so it opens math and cannot close "$5 for $" (as
+    pandoc reads TeX math); pairing them shifted every later `$` by one and swallowed a sentence boundary."""
+    assert [s.text for s in split_sentences("Pay $5 for $x$ items. Then $y$. Done.")] == [
+        "Pay $5 for $x$ items.", "Then $y$.", "Done."]
+    assert [s.text for s in split_sentences("Buy $5 or $6 worth. So $a + b$ is even. Done.")] == [
+        "Buy $5 or $6 worth.", "So $a + b$ is even.", "Done."]
+    assert [s.text for s in split_sentences("We have $5x = 10$. So x = 2. Done.")] == [
+        "We have $5x = 10$.", "So x = 2.", "Done."]
+
+
 def test_template_markers_are_never_sentences():
     text = "Let me add. 2 + 2 = 4.\n</think>\n\nThe answer is 4.<|im_end|>"
     sentences = split_sentences(text, markers=["</think>", "<|im_end|>", "<think>"])
@@ -413,6 +424,38 @@ def test_a_system_turn_that_is_not_text_is_skipped_with_the_reason(tiny_pair, tm
     assert {s["id"] for s in lines} == {"text"}
     assert ("skipped rows: 2 of 3 (first: row 0, 'messages' has a system turn whose content is not text (list))"
             in capsys.readouterr().out)
+
+
+def test_a_response_opening_the_block_its_prompt_opened_is_read_once(tiny_pair, tmp_path):
+    """The tiny templates open "<think>\n" in the prompt: a question/response row whose response opens it again (a
+    record of another tool) was read after "<think>\n<think>\n", the same record as chat messages after one."""
+    question, text = "What is 2 + 2?", "We compute 2 + 2 = 4.</think>The answer is 4."
+    rows = [{"id": "opened", "question": question, "response": "<think>\n" + text},
+            {"id": "chat", "messages": [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": "<think>\n" + text}]},
+            {"id": "plain", "question": question, "response": text}]
+    lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl", "--system-prompt", "")
+    by_id = {}
+    for line in lines:
+        by_id.setdefault(line["id"], []).append((line["text"], line["p_teacher"], line["p_student"]))
+    assert len(by_id["plain"]) == 2
+    for rid in ("opened", "chat"):
+        assert [t for t, _, _ in by_id[rid]] == [t for t, _, _ in by_id["plain"]]
+        for (_, pt, ps), (_, qt, qs) in zip(by_id[rid], by_id["plain"]):
+            assert pt == pytest.approx(qt, rel=1e-5) and ps == pytest.approx(qs, rel=1e-5)
+
+
+def test_a_conversation_of_several_turns_is_skipped_not_read_after_its_first_question(tiny_pair, tmp_path, capsys):
+    """Each model reads one question through its template: the turns between the first question and the last
+    answer were dropped (the answer scored after the first question alone), and select grouped conversations
+    by their first question."""
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4."},
+             {"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": "Doubled, it is 8."}]
+    rows = [{"id": "long", "messages": turns}, {"id": "one", "messages": turns[:2]}]
+    lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
+    assert {s["id"] for s in lines} == {"one"}
+    assert ("skipped rows: 1 of 2 (first: row 0, 'messages' has 3 turns before the last assistant turn (user, "
+            "assistant, user)" in capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------------------------------------- no sentence

@@ -1,5 +1,6 @@
 """Responses in: rows with a question and a response (`rsd generate` records and its --format sft records
-with --response-field completion), or chat `messages` records, as read by `rsd provenance` and `rsd select`.
+with --response-field completion), or chat `messages` records (one question: a user turn, and a system turn
+before it), as read by `rsd provenance` and `rsd select`.
 
 Every response has a key (id, sample): the id from --id-field when the row has one (else a hash of
 the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the
@@ -137,10 +138,19 @@ def _chat(rid, sample, row):
     messages = row["messages"]
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         return None, "'messages' does not end with an assistant turn"
-    user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages[:-1]]
+    if "user" not in roles:
+        return None, "'messages' has no user turn"
+    if roles not in (["user"], ["system", "user"]):
+        # Each model reads the question through its own chat template (build_prompt): one question, and its
+        # system prompt. The turns of a longer conversation would be dropped, not read.
+        return None, (f"'messages' has {len(roles)} turns before the last assistant turn "
+                      f"({', '.join(map(str, roles))}); a response is read after one question (a user turn, a system "
+                      "turn before it)")
+    user = messages[-2].get("content")
     if not isinstance(user, str) or not user.strip():
         return None, "'messages' has no user turn"
-    system = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"), "")
+    system = messages[0].get("content") if roles[0] == "system" else ""
     if system is not None and not isinstance(system, str):
         return None, f"'messages' has a system turn whose content is not text ({type(system).__name__})"
     text = messages[-1].get("content")

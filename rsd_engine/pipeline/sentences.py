@@ -59,14 +59,16 @@ def marker_spans(text: str, markers=()) -> list[Span]:
 
 
 def math_spans(text: str, boundaries: list[int]) -> list[Span]:
-    """Math spans of `text`; a `$` before a number whose closing `$` lies past one of `boundaries`
-    (pysbd's sentence starts) is currency and opens none."""
+    """Math spans of `text`; a `$` before a number is currency and opens none where its closing `$` lies past
+    one of `boundaries` (pysbd's sentence starts) or cannot close math (as pandoc reads TeX math: a space on
+    its left, or a digit on its right: "Pay $5 for $x$ items." pairs `$x$`, not `$5 for $`)."""
     spans = [(m.start(), m.end()) for m in _DELIMITED.finditer(text)]
     dollars = [m.start() for m in _DOLLAR.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
     k = 0
     while k + 1 < len(dollars):
         a, b = dollars[k], dollars[k + 1]
-        if _AMOUNT.match(text, a + 1) and any(a < s <= b for s in boundaries):
+        if _AMOUNT.match(text, a + 1) and (any(a < s <= b for s in boundaries) or text[b - 1].isspace()
+                                            or text[b + 1:b + 2].isdigit()):
             k += 1
             continue
         spans.append((a, b + 1))
