@@ -263,6 +263,27 @@ def test_rerun_without_budget_resumes_a_problem_keyed_by_its_question(tmp_path, 
     assert sorted(r["id"] for r in read_records(out)) == sorted(["q0", question_id(ROWS[3]["question"])])
 
 
+def test_rerun_without_budget_refuses_problems_whose_candidates_changed_since(tmp_path, capsys):
+    """A problem's row was chosen among its candidates as they were: candidates appended since (rsd eval --samples
+    4 after 3, the same file), edited or regraded left the old choice done, silently. Refused, naming the ids;
+    --force keeps the rows and says so."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    selected = out.read_bytes()
+    regraded = [{**r, "correct": True} if r["id"] == "q1" else r for r in ROWS]  # q1's candidates are graded now
+    write_rows(data, [*regraded, {**ROWS[0], "sample": 3, "response": "It is 1, surely."}])  # and q0 has a new one
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert ("the candidates of 2 problems changed (added, removed, edited or regraded) since their rows in "
+            f"{out} were selected: q0, q1" in capsys.readouterr().err)
+    assert out.read_bytes() == selected
+    assert main([*argv, "--force"]) == 0
+    assert "kept under --force: the rows of 2 problems whose candidates changed since they were selected (q0, q1)" \
+        in capsys.readouterr().out
+    assert out.read_bytes() == selected
+
+
 def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, as_ranks):
     rows = [{"pid": r["id"], **{k: v for k, v in r.items() if k != "id"}} for r in ROWS]
     data = write_rows(tmp_path / "c.jsonl", rows)

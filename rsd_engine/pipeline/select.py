@@ -26,13 +26,17 @@ OUT.scores.jsonl (resumable, one line per candidate); once all are scored the ke
 written to OUT best first with their `rank`, so a rerun resumes scoring or the writing.
 
 The kept rows are written as read, plus the score (`teacher_sentences`, `sentences`,
-`teacher_share`; or `student_logprob`; or `random_key`), `tokens` and `candidates`. Under torchrun
+`teacher_share`; or `student_logprob`; or `random_key`), `tokens` and `candidates` (without --budget also
+`candidates_hash`: a rerun whose candidates of a done problem changed since, added, edited or regraded, is
+refused unless --force). Under torchrun
 each rank takes every world_size-th problem and writes its own part; rank 0 merges them (else
 `rsd merge OUT`, or, with --budget, `rsd merge OUT.scores.jsonl` and a rerun on one process).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +190,17 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
         elsewhere = held_elsewhere(opts.out, target, settings, force=opts.force)
         held = writer.existing + [r for records in elsewhere.values() for r in records]
         done = {kept_id(r, opts) for r in held}
+        # A problem's row was chosen from its candidates as they were: rows appended since (rsd eval --samples 8
+        # after 4), edited or regraded would leave it as it was, done.
+        now = {pid: candidates_hash(every[pid]) for pid in ids}
+        changed = sorted({kept_id(r, opts) for r in held if "candidates_hash" in r
+                          and now.get(kept_id(r, opts), r["candidates_hash"]) != r["candidates_hash"]})
+        if changed and not opts.force:
+            shown = ", ".join(changed[:5]) + (f", and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise ValueError(f"{opts.data}: the candidates of {len(changed)} problems changed (added, removed, edited "
+                             f"or regraded) since their rows in {opts.out} were selected: {shown}; resuming would keep "
+                             f"those rows. Give another --out, remove their rows, or pass --force to keep them")
+        tally["changed_kept"] = changed
         todo = [i for i in ids if i not in done]
         usable, skipped = scorer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
         usable_keys = {r.key for r in usable}
@@ -204,11 +219,17 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
                 continue
             best = pick(candidates, opts.by)
             row = with_id(mine[best.order].row, pid)
-            row.update(best.fields(), candidates=len(every[pid]))
+            row.update(best.fields(), candidates=len(every[pid]), candidates_hash=now[pid])
             writer.write(row)
             tally["written"] += 1
         if bar is not None:
             bar.close()
+
+
+def candidates_hash(rows: list[Response]) -> str:
+    """What a problem's selection was made from: each candidate's sample, text hash, correct and finish_reason."""
+    items = sorted((r.sample, r.text_hash, r.row.get("correct"), r.row.get("finish_reason")) for r in rows)
+    return hashlib.blake2b(json.dumps(items).encode(), digest_size=8).hexdigest()
 
 
 def with_id(row: dict, pid: str) -> dict:
@@ -374,6 +395,9 @@ def _format(t: dict, target) -> str:
     if t["skipped"]:
         (rid, sample), why = t["skipped"][0]
         lines.append(f"skipped candidates: {len(t['skipped'])} (first: id {rid} candidate {sample}: {why})")
+    if t.get("changed_kept"):
+        lines.append(f"kept under --force: the rows of {len(t['changed_kept'])} problems whose candidates changed since "
+                     f"they were selected ({', '.join(t['changed_kept'][:5])})")
     if t["no_candidate"]:
         lines.append(f"problems without a usable{'' if t['incorrect'] == 0 else ', correct'} candidate: "
                      f"{len(t['no_candidate'])} (first: {t['no_candidate'][0]})")
