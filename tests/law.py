@@ -21,13 +21,13 @@ def truncate(logits, temperature, top_k=0, top_p=1.0, mask=None):
     else:
         kept[:] = True
     total = p[kept].sum()
-    before = 0.0
+    before, first = 0.0, True
     for i in order:
         if not kept[i]:
             continue
-        if top_p < 1 and before >= top_p * total:
+        if top_p < 1 and before >= top_p * total and not first:  # at least one id
             kept[i] = False
-        before += p[i]
+        before, first = before + p[i], False
     q = np.where(kept, p, 0.0)
     return q / q.sum()
 

@@ -315,6 +315,22 @@ def test_ties_go_to_the_lowest_ids(backend):
     assert (out.token == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_zero_keeps_the_top_id(backend):
+    """Top-p keeps at least one id (DESIGN §2). SamplingParams refuses top_p = 0, the ops do not: the reference kept
+    none there (no proposal, a fallback from nothing) where C++ and Triton keep the most probable id."""
+    use_backend(backend)
+    B, V = 3, 300
+    teacher, student, _, _ = random_rows(B, V, seed=11)
+    mask = torch.ones(V, dtype=torch.bool)
+    params = row_params(B, "default")._replace(top_p=torch.zeros(B), student_top_p=torch.zeros(B))
+    for step in range(3):
+        uniforms = uniforms_for(B, step, step)
+        out, ref = run_both(backend, teacher, student, uniforms, params, mask, mask)
+        assert_matches_reference(out, ref, teacher, student, uniforms, params, mask, mask)
+        assert torch.equal(ref.token, torch.where(ref.accepted, teacher[:, :V].argmax(-1), student[:, :V].argmax(-1)))
+
+
 @pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
 def test_nonfinite_rows_are_flagged_not_sampled(backend):
     use_backend(backend)

@@ -434,6 +434,39 @@ def test_sample_tokens_refuses_bad_input(backend, change, message):
         sample_tokens(**args, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_the_backends_own_entry_points_refuse_what_the_dispatcher_refuses(backend):
+    """sample_tokens_cpp / rsd_verify_cpp (and the Triton twins) are public: called directly, a mask wider than the
+    logits read past them (an AddressSanitizer heap overflow in the C++ kernel), and fewer uniform columns than a
+    round draws read the next position's."""
+    use_backend(backend)
+    if backend == "cpp":
+        from rsd_engine.sampling.cpp_verify import rsd_verify_cpp as verify, sample_tokens_cpp as sample
+    else:
+        from rsd_engine.sampling.triton_verify import rsd_verify_triton as verify, sample_tokens_triton as sample
+    args = dict(logits=torch.randn(2, 12), uniforms=torch.full((2,), 0.5), temperature=torch.ones(2),
+                top_k=torch.zeros(2, dtype=torch.int32), top_p=torch.ones(2), mask=torch.ones(76, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask covers V=76 ids, which must be in \[1, 12\]"):
+        sample(**to_device(args, TRITON_DEVICE) if backend == "triton" else args)
+    bad = good_verify_args()
+    bad["uniforms"] = bad["uniforms"][:, :, :NUM_ROUND_DRAWS - 1]
+    with pytest.raises(ValueError, match=f"D>={NUM_ROUND_DRAWS}"):
+        verify(**to_device(bad, TRITON_DEVICE) if backend == "triton" else bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_int64_top_k_past_int32_keeps_every_id(backend):
+    """The kernels read int32 parameters: a cast wrapped top_k = 2**32 + 1 to 1 (greedy), where every id is kept."""
+    use_backend(backend)
+    B, V = 3, 300
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(3)) * 2
+    args = dict(uniforms=torch.tensor([0.1, 0.5, 0.9]), temperature=torch.ones(B), top_p=torch.ones(B),
+                mask=torch.ones(V, dtype=torch.bool))
+    huge = sample_tokens(logits, top_k=torch.full((B,), 2**32 + 1, dtype=torch.int64), backend=backend, **args)
+    every = sample_tokens(logits, top_k=torch.zeros(B, dtype=torch.int32), backend="reference", **args)
+    assert torch.equal(huge.cpu(), every) and not torch.equal(every, logits.argmax(-1))
+
+
 def test_round_uniforms_are_the_plain_steps_uniforms():
     """Position i of a round is step start + i: a pure function of (seed, position, draw), whose first
     NUM_DRAWS columns are the ones a plain step at that position reads."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import as_int32
 from .reference import RowParams, SampleOutput
 
 LOGIT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -19,8 +20,8 @@ def rsd_sample_cpp(teacher_logits, student_logits, uniforms, params: RowParams, 
                    fallback_mask) -> SampleOutput:
     """Same arguments and result as ``rsd_sample_reference``; logits float32, bfloat16 or float16 on CPU."""
     _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask)
-    row = [getattr(params, name).to(torch.int32 if name in _INT_PARAMS else torch.float32).contiguous()
-           for name in RowParams._fields]
+    row = [(as_int32(getattr(params, name)) if name in _INT_PARAMS else getattr(params, name).to(torch.float32))
+           .contiguous() for name in RowParams._fields]
     out = rsd_sample_op(teacher_logits, student_logits, uniforms.contiguous(), *row, proposal_mask.contiguous(),
                         fallback_mask.contiguous())
     return SampleOutput(*out)

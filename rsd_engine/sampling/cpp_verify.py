@@ -2,14 +2,15 @@
 
 Both are torch custom ops (``rsd_engine::sample_tokens_cpp``, ``rsd_engine::rsd_verify_cpp``) with fake
 (shape-only) implementations, so a draft or verify step that calls them compiles with
-``torch.compile(fullgraph=True)`` on CPU. The dispatcher (``rsd_engine.sampling``) has checked shapes and
-dtypes; the CPU-only and layout rules the raw-pointer kernel needs are checked here.
+``torch.compile(fullgraph=True)`` on CPU. Shapes and dtypes are checked here as the dispatcher
+(``rsd_engine.sampling``) checks them (the raw-pointer kernel reads past a wrong one), with the CPU-only rule.
 """
 from __future__ import annotations
 
 import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
+from .checks import as_int32, check_sample_inputs, check_verify_inputs
 from .cpp import LOGIT_DTYPES, extension
 from .reference import RowParams
 from .verify_reference import VerifyOutput
@@ -28,8 +29,9 @@ def _vocab_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens_cpp(logits, uniforms, temperature, top_k, top_p, mask) -> torch.Tensor:
+    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)  # the kernel reads raw pointers
     _check_cpu(logits=logits, uniforms=uniforms, temperature=temperature, top_k=top_k, top_p=top_p, mask=mask)
-    return sample_tokens_op(logits, uniforms, temperature.to(torch.float32), top_k.to(torch.int32),
+    return sample_tokens_op(logits, uniforms, temperature.to(torch.float32), as_int32(top_k),
                             top_p.to(torch.float32), mask)
 
 
@@ -54,11 +56,13 @@ def _(logits, *rest):
 
 def rsd_verify_cpp(teacher_logits, student_logits, draft, num_draft, uniforms, params: RowParams, proposal_mask,
                    fallback_mask) -> VerifyOutput:
+    check_verify_inputs(teacher_logits, student_logits, draft, num_draft, uniforms, params, proposal_mask,
+                        fallback_mask)  # the kernel reads raw pointers
     _check_cpu(teacher_logits=teacher_logits, student_logits=student_logits, draft=draft, num_draft=num_draft,
                uniforms=uniforms, proposal_mask=proposal_mask, fallback_mask=fallback_mask)
     if proposal_mask.numel() >= 2**31:
         raise ValueError(f"V={proposal_mask.numel()} ids is beyond what the cpp backend indexes (< 2**31)")
-    row = [getattr(params, name).to(torch.int32 if name in _INT_PARAMS else torch.float32)
+    row = [as_int32(getattr(params, name)) if name in _INT_PARAMS else getattr(params, name).to(torch.float32)
            for name in RowParams._fields]
     return VerifyOutput(*rsd_verify_op(teacher_logits, student_logits, draft, num_draft, uniforms, *row,
                                        proposal_mask, fallback_mask))

@@ -103,7 +103,9 @@ def truncated_probs(logits, temperature, top_k, top_p, mask):
     sorted_w = sorted_w * keep
     mass_before = torch.cumsum(sorted_w, dim=-1) - sorted_w
     total = sorted_w.sum(dim=-1, keepdim=True)
-    keep &= (top_p[:, None] >= 1) | (mass_before < top_p.double()[:, None] * total)
+    # At least one id (DESIGN §2): top_p = 0, outside SamplingParams' (0, 1] but not refused by the ops, keeps the
+    # first, as the C++ and Triton ops do.
+    keep &= (top_p[:, None] >= 1) | (mass_before < top_p.double()[:, None] * total) | (rank[None, :] == 0)
     kept = torch.zeros_like(sorted_w).scatter(-1, order, sorted_w * keep)
 
     one_hot = torch.zeros_like(kept).scatter(-1, masked.argmax(dim=-1, keepdim=True), 1.0) * alive

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import as_int32
 from .reference import RowParams, SampleOutput
 
 # Split-row launches (kernels/rsd_split.py). SEG: ids per tile and per segment (a dependent step streams one
@@ -150,8 +151,8 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
     if batch > 0:
         teacher_logits, student_logits, uniforms = (_rows(t) for t in (teacher_logits, student_logits,
                                                                        uniforms.float()))
-        row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
-                      .contiguous() for name in RowParams._fields]
+        row_params = [(getattr(params, name).to(device, torch.float32) if name in _FLOAT_FIELDS
+                       else as_int32(getattr(params, name).to(device))).contiguous() for name in RowParams._fields]
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
         # A plain step is a verify round with no drafts (P = 1, DESIGN.md §8): after the split launches,
         # law_kernel finds both sides' cuts at once (a program per row and side) and pick_kernel draws.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
+from .checks import as_int32, check_sample_inputs, check_verify_inputs
 from .reference import RowParams
 from .triton import _int8, _launch_config, _rows, _SplitLaunch, chunks_for, import_kernel
 from .verify_reference import VerifyOutput
@@ -16,6 +17,7 @@ _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "stud
 
 
 def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask) -> torch.Tensor:
+    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)  # as the dispatcher: kernels read past
     device = logits.device
     config = _launch_config(device)
     B = logits.shape[0]
@@ -23,7 +25,7 @@ def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask) -> t
     if B > 0:
         logits = _rows(logits)
         mask = _int8(mask)
-        law = (temperature.to(device, torch.float32).contiguous(), top_k.to(device, torch.int32).contiguous(),
+        law = (temperature.to(device, torch.float32).contiguous(), as_int32(top_k.to(device)).contiguous(),
                top_p.to(device, torch.float32).contiguous())
         split = _SplitLaunch(config, B, logits, logits, mask.numel(), mask.numel(), sides=1)
         split.rounds(logits, logits, mask, mask, law[0], law, law)
@@ -43,6 +45,8 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
     """kernels/rsd_verify.py: rsd_split's stats and radix rounds over the B * P (row, position) pairs, then the
     cuts, the failed masses and the residual masses per (position, chunk), then one program per row picks the
     emitted prefix: eight launches whatever G."""
+    check_verify_inputs(teacher_logits, student_logits, draft, num_draft, uniforms, params, proposal_mask,
+                        fallback_mask)  # as the dispatcher: kernels read past a wrong shape
     device = teacher_logits.device
     config = _launch_config(device)
     B, P = teacher_logits.shape[:2]
@@ -58,8 +62,8 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         draft = draft.contiguous() if draft.numel() else torch.zeros(B, 1, dtype=torch.int64, device=device)
         num_draft = num_draft.to(device, torch.int32).contiguous()
         # The split launches see B * P independent rows, each (row, position) reading its row's parameters.
-        row_params = [getattr(params, name).to(device, torch.float32 if name in _FLOAT_FIELDS else torch.int32)
-                      .contiguous() for name in RowParams._fields]
+        row_params = [(getattr(params, name).to(device, torch.float32) if name in _FLOAT_FIELDS
+                       else as_int32(getattr(params, name).to(device))).contiguous() for name in RowParams._fields]
         sides = (*row_params[:3], *row_params[5:9])  # teacher's law, student's law, trials
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
         V = proposal_mask.numel()
