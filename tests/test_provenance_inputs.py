@@ -445,6 +445,16 @@ def test_a_response_opening_the_block_its_prompt_opened_is_read_once(tiny_pair, 
             assert pt == pytest.approx(qt, rel=1e-5) and ps == pytest.approx(qs, rel=1e-5)
 
 
+def test_plot_named_as_the_output_is_refused_before_any_tracing(tiny_pair, tmp_path, capsys, monkeypatch):
+    from rsd_engine.pipeline import provenance as provenance_module
+
+    monkeypatch.setattr(provenance_module, "make_tracer", lambda *a, **k: pytest.fail("traced before the check"))
+    out = tmp_path / "s.jsonl"
+    with pytest.raises(SystemExit):
+        main(provenance_argv(tiny_pair, write_rows(tmp_path / "r.jsonl", ROWS), out, "--plot", str(out)))
+    assert "--out and --plot are the same file" in capsys.readouterr().err and not out.exists()
+
+
 def test_a_conversation_of_several_turns_is_skipped_not_read_after_its_first_question(tiny_pair, tmp_path, capsys):
     """Each model reads one question through its template: the turns between the first question and the last
     answer were dropped (the answer scored after the first question alone), and select grouped conversations

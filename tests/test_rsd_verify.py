@@ -456,7 +456,8 @@ def test_the_backends_own_entry_points_refuse_what_the_dispatcher_refuses(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_int64_top_k_past_int32_keeps_every_id(backend):
-    """The kernels read int32 parameters: a cast wrapped top_k = 2**32 + 1 to 1 (greedy), where every id is kept."""
+    """The kernels read int32 parameters: a cast wrapped top_k = 2**32 + 1 to 1 (greedy), where every id is kept;
+    an int16 or uint8 top_k is read as it is (the clamp to int32's range failed in their own dtype)."""
     use_backend(backend)
     B, V = 3, 300
     logits = torch.randn(B, V, generator=torch.Generator().manual_seed(3)) * 2
@@ -465,6 +466,10 @@ def test_an_int64_top_k_past_int32_keeps_every_id(backend):
     huge = sample_tokens(logits, top_k=torch.full((B,), 2**32 + 1, dtype=torch.int64), backend=backend, **args)
     every = sample_tokens(logits, top_k=torch.zeros(B, dtype=torch.int32), backend="reference", **args)
     assert torch.equal(huge.cpu(), every) and not torch.equal(every, logits.argmax(-1))
+    for dtype in (torch.int16, torch.uint8):  # narrower integers are read as they are
+        narrow = sample_tokens(logits, top_k=torch.full((B,), 5, dtype=dtype), backend=backend, **args)
+        five = sample_tokens(logits, top_k=torch.full((B,), 5, dtype=torch.int32), backend="reference", **args)
+        assert torch.equal(narrow.cpu(), five)
 
 
 def test_round_uniforms_are_the_plain_steps_uniforms():

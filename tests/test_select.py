@@ -282,6 +282,13 @@ def test_rerun_without_budget_refuses_problems_whose_candidates_changed_since(tm
     assert "kept under --force: the rows of 2 problems whose candidates changed since they were selected (q0, q1)" \
         in capsys.readouterr().out
     assert out.read_bytes() == selected
+    # The same candidates in another order are no change, also where rows carry no "sample" (their place is it).
+    unnumbered = [{k: v for k, v in r.items() if k != "sample"} for r in ROWS]
+    data2, out2 = write_rows(tmp_path / "u.jsonl", unnumbered), tmp_path / "sel2.jsonl"
+    argv2 = ["select", "--by", "random", "--data", str(data2), "--out", str(out2), "--no-progress"]
+    assert main(argv2) == 0
+    write_rows(data2, unnumbered[::-1])
+    assert main(argv2) == 0
 
 
 def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, as_ranks):

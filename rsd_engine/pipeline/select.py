@@ -227,9 +227,12 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
 
 
 def candidates_hash(rows: list[Response]) -> str:
-    """What a problem's selection was made from: each candidate's sample, text hash, correct and finish_reason."""
-    items = sorted((r.sample, r.text_hash, r.row.get("correct"), r.row.get("finish_reason")) for r in rows)
-    return hashlib.blake2b(json.dumps(items).encode(), digest_size=8).hexdigest()
+    """What a problem's selection was made from: each candidate's text hash, correct, finish_reason and its row's
+    own sample (none where the row has no "sample": its place among its id's rows, which a reorder moves), as a
+    set: the same candidates in another order are the same."""
+    items = sorted(json.dumps([r.row.get("sample"), r.text_hash, r.row.get("correct"), r.row.get("finish_reason")])
+                   for r in rows)
+    return hashlib.blake2b("\n".join(items).encode(), digest_size=8).hexdigest()
 
 
 def with_id(row: dict, pid: str) -> dict:

@@ -10,7 +10,7 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def as_int32(t: torch.Tensor) -> torch.Tensor:
     """An integer parameter (top_k, proposal_trials) as the kernels read it: int32. A wider value is clamped to
     int32's range, which keeps its meaning (past V: every id; <= 0: off), where a cast wraps (2**32 + 1 became 1)."""
-    return t if t.dtype == torch.int32 else t.clamp(-2**31, 2**31 - 1).to(torch.int32)
+    return t if t.dtype == torch.int32 else t.to(torch.int64).clamp(-2**31, 2**31 - 1).to(torch.int32)
 
 
 def _tensor(name, value):
