@@ -299,6 +299,9 @@ class MergeReport:
     parts: int = 0  # part files read
 
 
+MERGE_BLOCK = 4096  # records written (and fsynced) at once by merge_parts
+
+
 def merge_parts(out, *, force: bool = False) -> MergeReport:
     """Join all parts of `out` (every set of them, and `out` itself, if it exists) into `out`, in id order,
     each id once (the first copy seen: out, then the parts by world size and rank, but a copy whose numbers
@@ -339,9 +342,10 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         records = {key: records[key] for key in _newest(records)}
         tmp = out.with_name(f".{out.name}.merging")
         tmp.unlink(missing_ok=True)  # left by a merge that was killed
-        with RecordWriter(tmp) as writer:
-            for key in sorted(records, key=_natural_key):
-                writer.write(records[key])
+        keys = sorted(records, key=_natural_key)
+        with RecordWriter(tmp) as writer:  # a temporary file renamed at the end: an fsync a block, not a record
+            for at in range(0, len(keys), MERGE_BLOCK):
+                writer.write_many([records[key] for key in keys[at:at + MERGE_BLOCK]])
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
