@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -83,11 +84,18 @@ def _parse(text: str):
 
 
 def _parse_reference(reference: str):
+    # A problem's reference is checked against every attempt (16 by default) and first for readability: parsed
+    # once (sympy expressions are immutable; the list is copied).
+    return list(_parsed_reference(reference))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parsed_reference(reference: str) -> tuple:
     # In $...$, LaTeX such as 2^{n-1} is read whole, not as its first number. A reference that is already
     # LaTeX with delimiters or \boxed is parsed as written; an escaped \$ (LaTeX currency, \$42) is a
     # dollar sign, not a delimiter.
     delimited = _MATH_DELIMITER.search(reference) or "\\boxed" in reference
-    return _parse(reference if delimited else f"${reference}$") or _parse(reference)
+    return tuple(_parse(reference if delimited else f"${reference}$") or _parse(reference))
 
 
 # Text that math-verify drops by design (units, labels), and LaTeX commands: letters left in an answer
