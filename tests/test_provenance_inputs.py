@@ -64,6 +64,16 @@ def test_a_currency_dollar_does_not_pair_with_a_dollar_that_cannot_close_math():
         "We have $5x = 10$.", "So x = 2.", "Done."]
 
 
+@pytest.mark.parametrize("text", ["", "   \n", "<think>\n\n</think>", "<think>x</think>", "<|im_end|>", " a ",
+                                  "<think>\n</think>\n\nThe answer.", "$5.", "<think><|im_end|></think>  \n"])
+def test_has_sentence_is_whether_the_text_splits_into_any(text):
+    """Tracer.prepare and select's scorer ask only whether a response has a sentence: answered without pysbd."""
+    from rsd_engine.pipeline.sentences import has_sentence, sentence_spans
+
+    markers = ("<think>", "</think>", "<|im_end|>")
+    assert has_sentence(text, markers) == bool(sentence_spans(text, markers))
+
+
 def test_template_markers_are_never_sentences():
     text = "Let me add. 2 + 2 = 4.\n</think>\n\nThe answer is 4.<|im_end|>"
     sentences = split_sentences(text, markers=["</think>", "<|im_end|>", "<think>"])

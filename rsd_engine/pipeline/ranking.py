@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .categories import Rule
 from .readers import Reader, Unreadable
 from .responses import Response
-from .sentences import sentence_spans
+from .sentences import has_sentence
 from .tracing import NO_SENTENCE, Tracer, not_finite
 
 RANKINGS = ("count", "share", "student-likelihood", "random")
@@ -133,7 +133,7 @@ class Scorer:
             return list(responses), []
         reader, lengths, skipped, usable = self.readers["student"], {}, [], []
         for r in responses:
-            if not sentence_spans(r.text, reader.markers):
+            if not has_sentence(r.text, reader.markers):
                 skipped.append((r, NO_SENTENCE))
                 continue
             try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .categories import DEFAULT_BETA, Rule, check_beta
 from .readers import Reader, Unreadable
 from .responses import Response
-from .sentences import Sentence, merge_empty, sentence_spans, split_sentences, token_sentences
+from .sentences import Sentence, has_sentence, merge_empty, sentence_spans, split_sentences, token_sentences
 
 ROLES = ("teacher", "student", "distilled")
 CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output), for the analysis by correctness
@@ -88,7 +88,7 @@ class Tracer:
         max_seq_len None fits the longest usable response, up to the smallest model context."""
         lengths, skipped = {}, []
         for r in responses:
-            if not sentence_spans(r.text, self.markers):
+            if not has_sentence(r.text, self.markers):
                 skipped.append((r, NO_SENTENCE))
                 continue
             try:
@@ -133,7 +133,7 @@ class Tracer:
         spans = sentence_spans(text, self.markers)
         while True:
             owners = {role: token_sentences(text, r.offsets, spans) for role, r in readings.items()}
-            counts = [[o.count(i) for i in range(len(spans))] for o in owners.values()]
+            counts = [_counts(o, len(spans)) for o in owners.values()]
             merged = merge_empty(spans, counts)
             if merged == spans:
                 break
@@ -144,6 +144,15 @@ class Tracer:
                       for i in range(len(spans))]
         return Traced(response, split_sentences(text, spans), probs, categories, tokens,
                       None if spans else NO_TOKEN_SENTENCE)
+
+
+def _counts(owners: list[int], n: int) -> list[int]:
+    """Tokens per sentence (a marker's, -1, in none): one pass, where a count per sentence took tokens x sentences."""
+    counts = [0] * n
+    for i in owners:
+        if i >= 0:
+            counts[i] += 1
+    return counts
 
 
 def _geometric_means(logprobs: list[float], owners: list[int], n: int) -> list[float]:
