@@ -327,3 +327,21 @@ def test_merge_keeps_each_scored_text_and_the_newest_traced_version(tmp_path):
         writer.write_many(traced("h2", 3))
     merge_parts(lines)
     assert {r["response_hash"] for r in read_records(lines)} == {"h2"}
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b'{"a": 1}\n{"b": 2}\n', b'\n{"a": 1}\n{"b"', b'{"a"', b'{"a": 1}',
+                                     b"[1, 2]\n", b'nope\n{"a": 1}\n'])
+def test_first_record_reads_the_first_as_read_records_does(tmp_path, content):
+    """generate's format check reads an output's first record only (it parsed the whole output a second time)."""
+    from rsd_engine.pipeline.records import first_record
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    try:
+        expected = (read_records(path) or [None])[0]
+    except ValueError as err:
+        with pytest.raises(ValueError, match="line 1: not a JSON object"):
+            first_record(path)
+        assert "line 1" in str(err)
+        return
+    assert first_record(path) == expected

@@ -32,8 +32,8 @@ from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import input_identity, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, held_elsewhere,
-                      note_unmerged, part_path, read_records)
+from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
+                      held_elsewhere, note_unmerged, part_path, read_records)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import STATUSES, check_attempt, select_trace, sft_completion, to_sft
@@ -251,18 +251,17 @@ def _flag(name: str) -> str:
 
 def _check_format(path: Path, fmt: str):
     """Resuming into a file of the other format would mix record shapes in one file (never forced)."""
-    records = read_records(path)
-    if not records:
+    first = first_record(path)
+    if first is None:
         return
-    if "messages" in records[0] and "token_ids" not in records[0]:
+    if "messages" in first and "token_ids" not in first:
         raise ValueError(f"{path} holds SFT records of an earlier rsd, as chat messages, which a reasoning model's "
                          "chat template renders other than the student wrote them (Qwen3's re-spaces the reasoning "
                          "block, DeepSeek-R1-Distill's drops it); --format sft now writes prompt-completion records of "
                          "the exact text: write them to another --out (or convert these by hand)")
-    first = records[0]
     held = "jsonl" if "token_ids" in first else "sft" if {"prompt", "completion"} <= set(first) else None
     if held is None:
-        keys = ", ".join(map(repr, list(first)[:6])) if isinstance(first, dict) else type(first).__name__
+        keys = ", ".join(map(repr, list(first)[:6]))
         raise ValueError(f"{path} holds lines that are no rsd generate record (the first has {keys}; a record has "
                          f"'token_ids', or with --format sft 'prompt' and 'completion'): give another --out")
     if held != fmt:

@@ -168,6 +168,26 @@ def _parse_record(raw: bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def first_record(path) -> dict | None:
+    """The first complete record of `path` as read_records reads it (None for no record), reading no further than
+    the line after it: a format check of a large output need not parse it all."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            record = _parse_record(raw)
+            if record is None:
+                if raw.endswith(b"\n"):  # a whole line, not one a kill cut short
+                    raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something "
+                                     f"else")
+                return None  # a torn last line
+            return record
+    return None
+
+
 def read_records(path) -> list[dict]:
     """All complete records of `path` (none if it does not exist); a torn last line is ignored,
     a bad line elsewhere is an error."""
