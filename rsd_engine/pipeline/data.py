@@ -143,9 +143,10 @@ def not_unicode(value, where: str = "") -> str:
         return ""
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        reason = not_unicode(item, f"{where}[{key!r}]" if where else repr(key))
-        if reason:
-            return reason
+        if isinstance(item, (str, dict, list)):  # not a call per token id of a long token_ids list
+            reason = not_unicode(item, f"{where}[{key!r}]" if where else repr(key))
+            if reason:
+                return reason
     return ""
 
 
