@@ -194,17 +194,17 @@ def read_records(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_bytes().split(b"\n")
     records = []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        record = _parse_record(raw)
-        if record is None:
-            if number == len(lines):
-                break  # torn last line: the record in flight when a run was killed
-            raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something else")
-        records.append(record)
+    with open(path, "rb") as f:  # line by line: the file is never held whole beside its records
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            record = _parse_record(raw)
+            if record is None:
+                if not raw.endswith(b"\n"):
+                    break  # torn last line: the record in flight when a run was killed
+                raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something else")
+            records.append(record)
     return records
 
 
