@@ -81,9 +81,8 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
-    check_not_input({"--data": opts.data}, {"--out": out, "its part": target, "--plot": opts.plot or None})
-    if opts.plot and Path(opts.plot).resolve() in (out.resolve(), target.resolve()):
-        raise ValueError(f"--out and --plot are the same file ({opts.plot}); give each its own name")
+    check_not_input({"--data": opts.data}, {"--out": out, "--plot": opts.plot or None}, apart=("--out", "--plot"))
+    check_not_input({"--data": opts.data}, {"its part": target})
     check_writable(target)
     if opts.plot:
         check_writable(opts.plot)

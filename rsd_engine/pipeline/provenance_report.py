@@ -300,9 +300,7 @@ def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAUL
                resamples: int = DEFAULT_RESAMPLES, seed: int = 0, include_truncated: bool = False,
                log=print) -> dict:
     """`rsd provenance-report`: read, re-categorise, analyse; write the JSON report and the plot."""
-    check_not_input({"the sentences file": sentences}, {"--out": out, "--plot": plot})
-    if out is not None and plot is not None and Path(out).resolve() == Path(plot).resolve():
-        raise ValueError(f"--out and --plot are the same file ({out}); give each its own name")
+    check_not_input({"the sentences file": sentences}, {"--out": out, "--plot": plot}, apart=("--out", "--plot"))
     for path in (out, plot):
         if path is not None:
             check_writable(path)

@@ -169,32 +169,21 @@ def _parse_record(raw: bytes) -> dict | None:
 
 
 def first_record(path) -> dict | None:
-    """The first complete record of `path` as read_records reads it (None for no record), reading no further than
-    the line after it: a format check of a large output need not parse it all."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            record = _parse_record(raw)
-            if record is None:
-                if raw.endswith(b"\n"):  # a whole line, not one a kill cut short
-                    raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something "
-                                     f"else")
-                return None  # a torn last line
-            return record
-    return None
+    """The first complete record of `path` as read_records reads it (None for no record), reading no further: a
+    format check of a large output need not parse it all."""
+    return next(_records(path), None)
 
 
 def read_records(path) -> list[dict]:
     """All complete records of `path` (none if it does not exist); a torn last line is ignored,
     a bad line elsewhere is an error."""
+    return list(_records(path))
+
+
+def _records(path):
     path = Path(path)
     if not path.exists():
-        return []
-    records = []
+        return
     with open(path, "rb") as f:  # line by line: the file is never held whole beside its records
         for number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -202,10 +191,9 @@ def read_records(path) -> list[dict]:
             record = _parse_record(raw)
             if record is None:
                 if not raw.endswith(b"\n"):
-                    break  # torn last line: the record in flight when a run was killed
+                    return  # torn last line: the record in flight when a run was killed
                 raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something else")
-            records.append(record)
-    return records
+            yield record
 
 
 def done_ids(*paths) -> set[str]:
@@ -501,14 +489,20 @@ def check_output_name(path) -> Path:
     return path
 
 
-def check_not_input(inputs: dict, outputs: dict) -> None:
-    """No output of a command is one of its inputs (flag -> path; None: not given): records appended to the data
-    file they are made from, or a report renamed over it, mix or lose the data."""
+def check_not_input(inputs: dict, outputs: dict, apart: tuple[str, str] | None = None) -> None:
+    """No output of a command is one of its inputs (flag -> path, or a list of paths; None: not given): records
+    appended to the data file they are made from, or a report renamed over it, mix or lose the data. `apart`: two
+    output flags (--out, --plot) that must name two files."""
     for out_flag, out in outputs.items():
-        for in_flag, source in inputs.items():
-            if out is not None and source is not None and _same_file(out, source):
-                raise ValueError(f"{out_flag} {out} is also {in_flag}: the output would be written into the file it "
-                                 f"reads; give {out_flag} another name")
+        for in_flag, sources in inputs.items():
+            for source in sources if isinstance(sources, (list, tuple)) else [sources]:
+                if out is not None and source is not None and _same_file(out, source):
+                    raise ValueError(f"{out_flag} {out} is also {in_flag}: the output would be written into the file "
+                                     f"it reads; give {out_flag} another name")
+    if apart is not None:
+        a, b = (outputs.get(flag) for flag in apart)
+        if a is not None and b is not None and _same_file(a, b):
+            raise ValueError(f"{apart[0]} and {apart[1]} are the same file ({a}); give each its own name")
 
 
 def _same_file(a, b) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .data import not_unicode, read_growing_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
-from .records import check_writable, describe_duplicates, duplicate_ids
+from .records import check_not_input, check_writable, describe_duplicates, duplicate_ids
 from .score_report import file_report, format_table, plot_histogram
 from ..models.loader import check_model_folder
 
@@ -320,15 +320,10 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
     (`shortfalls` of them says what a run that leaves rows out should exit with)."""
     from rsd_engine.tokens import load_tokenizer
 
-    for option, path in (("--out", out), ("--plot", plot)):
+    check_not_input({"a --data file": list(data)}, {"--out": out, "--plot": plot}, apart=("--out", "--plot"))
+    for path in (out, plot):
         if path is not None:
-            for source in data:
-                if Path(path).resolve() == Path(source).resolve():
-                    raise ValueError(f"{option} {path} is also a --data file: the report would overwrite the traces; "
-                                     f"give another {option} name")
             check_writable(path)
-    if out is not None and plot is not None and Path(out).resolve() == Path(plot).resolve():
-        raise ValueError(f"--out and --plot are the same file ({out}); give each its own name")
     for model in (student, teacher):
         if model is not None:
             check_model_folder(model)

@@ -51,9 +51,10 @@ def rsd_sample(teacher_logits, student_logits, uniforms, params: RowParams, prop
 
 
 def sample_tokens(logits, uniforms, temperature, top_k, top_p, mask, backend: str = "reference"):
-    """token [B] int64 ~ truncate(softmax(logits / temperature) on mask, top_k, top_p), one uniform per row."""
-    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)
+    """token [B] int64 ~ truncate(softmax(logits / temperature) on mask, top_k, top_p), one uniform per row.
+    Inputs are checked once (check_sample_inputs): here for the reference, by the cpp and Triton ops themselves."""
     if backend == "reference":
+        check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)
         return sample_tokens_reference(logits, uniforms, temperature, top_k, top_p, mask)
     if backend == "cpp":
         from .cpp_verify import sample_tokens_cpp
@@ -70,8 +71,8 @@ def rsd_verify(teacher_logits, student_logits, draft, num_draft, uniforms, param
                fallback_mask, backend: str = "reference") -> VerifyOutput:
     """Verifies a speculative round of G drafts against the RSD law; see verify_reference.py."""
     args = (teacher_logits, student_logits, draft, num_draft, uniforms, params, proposal_mask, fallback_mask)
-    check_verify_inputs(*args)
-    if backend == "reference":
+    if backend == "reference":  # the cpp and Triton ops check their inputs themselves
+        check_verify_inputs(*args)
         return rsd_verify_reference(*args)
     if backend == "cpp":
         from .cpp_verify import rsd_verify_cpp
