@@ -227,14 +227,35 @@ def test_the_sft_record_is_the_text_the_student_read_and_wrote_whatever_its_temp
     record = {"id": "x", "status": "solved", "question": "Q?", "answer": "4", "completion": trace}
     prompt_ids = tok.encode(prompt.text, add_special_tokens=False)
     written = tok.encode(trace, add_special_tokens=False) + [tok.eos_token_id]
-    sft = to_sft(record, prompt, sft_completion(tok, prompt_ids, written))
+    sft = to_sft(record, prompt, tok, prompt_ids, written)
     assert sft == {"id": "x", "status": "solved", "question": "Q?", "answer": "4", "prompt": prompt.text,
-                   "completion": trace + "<|im_end|>"}
+                   "completion": trace + "<|im_end|>", "input_ids": prompt_ids + written,
+                   "completion_mask": [0] * len(prompt_ids) + [1] * len(written)}
     assert sft["prompt"].endswith("<|im_start|>assistant\n<think>\n")  # the block the prompt opened
     # Ended on another of the model's EOS ids: written as the tokenizer's EOS, which TRL's SFTTrainer would add
     # after any other (two EOS tokens the student never wrote).
     other = tok.convert_tokens_to_ids("<|endoftext|>")
     assert sft_completion(tok, prompt_ids, written[:-1] + [other]) == trace + "<|im_end|>"
+    assert to_sft(record, prompt, tok, prompt_ids, written[:-1] + [other])["input_ids"] == prompt_ids + written
+
+
+def test_the_sft_record_keeps_the_tokens_the_student_wrote_where_its_text_tokenises_otherwise(tiny_tokenizer_dir):
+    """RSD mixes the teacher's tokens with the student's: "answer" written in pieces, "</think>" spelled
+    without its special token, a newline that would merge with the prompt's last one. Their text tokenises
+    into other ids (TRL re-tokenising prompt + completion would train on those); input_ids are the ids
+    written, after the prompt's ids as the engine read them."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    prompt = build_prompt(tok, "Q?", "S")
+    prompt_ids = tok.encode(prompt.text, add_special_tokens=False)
+    pieces = [i for ch in "\n the answer</think>\\boxed{4}" for i in tok.encode(ch, add_special_tokens=False)]
+    written = pieces + [tok.eos_token_id]
+    record = {"id": "x", "status": "solved", "question": "Q?", "answer": "4"}
+    sft = to_sft(record, prompt, tok, prompt_ids, written)
+    retokenised = tok.encode(sft["prompt"] + sft["completion"], add_special_tokens=False)
+    assert retokenised != prompt_ids + written  # the text alone would not give them back
+    assert sft["input_ids"] == prompt_ids + written
+    assert sft["completion_mask"] == [0] * len(prompt_ids) + [1] * len(written)
+    assert tok.decode(sft["input_ids"]) == sft["prompt"] + sft["completion"]
 
 
 def test_the_sft_completion_continues_the_prompt_as_a_sentencepiece_student_wrote_it():
@@ -318,13 +339,59 @@ def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
     # Nothing finished: an empty SFT file, which datasets cannot read, is said to be so.
     generate(pair, data, tmp_path / "none.jsonl", "--format", "sft", "--max-new-tokens", "1")
     assert "holds 0 SFT records (finished answers); none yet" in capsys.readouterr().out
-    assert set(dataset.column_names) == {"id", "status", "question", "answer", "prompt", "completion"}
+    assert set(dataset.column_names) == {"id", "status", "question", "answer", "prompt", "completion", "input_ids",
+                                         "completion_mask"}
+    tok = AutoTokenizer.from_pretrained(str(pair[1]))
     for row in dataset:
         record = full[row["id"]]
         assert (row["status"], row["question"], row["answer"]) == (record["status"], record["question"],
                                                                    record["answer"])
-        # Exactly what the student read, and wrote up to the EOS it ended with.
+        # Exactly what the student read, and wrote up to the EOS it ended with: as text and as token ids.
         assert row["prompt"] == record["prompt"] and row["completion"] == record["completion"] + "<|im_end|>"
+        prompt_ids = tok.encode(record["prompt"], add_special_tokens=False)
+        assert row["input_ids"] == prompt_ids + record["token_ids"] + [tok.eos_token_id]
+        assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * (len(record["token_ids"]) + 1)
+
+
+def test_an_sft_file_of_text_only_records_is_not_resumed(pair, tmp_path, capsys):
+    """An SFT file an earlier rsd wrote (text, no input_ids): records of both kinds in one file would be read by
+    TRL as neither (a dataset with input_ids is taken as tokenised, its rows without them break it)."""
+    data = write_problems(tmp_path / "p.jsonl")
+    out = tmp_path / "sft.jsonl"
+    generate(pair, data, out, "--format", "sft")
+    records = read_records(out)
+    assert records and all("input_ids" in r for r in records)
+    old = [{k: v for k, v in r.items() if k not in ("input_ids", "completion_mask")} for r in records[:1]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        main(["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out",
+              str(out), "--format", "sft", "--no-progress"])
+    assert stopped.value.code == 2 and "SFT records of an earlier rsd, text without token ids" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_an_unfinished_record_cut_inside_a_character_keeps_whole_characters(tiny_tokenizer_dir):
+    """An attempt --max-new-tokens cut inside a character's bytes, written whole (a prefix shorter than
+    --prefix-tokens, an unverified problem none of whose attempts finished): its text would end in a U+FFFD
+    the model never wrote. Cut back to the character's start, as a --prefix-tokens cut is."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    decode = lambda i: tok.decode(i, skip_special_tokens=False)  # noqa: E731
+    full = tok.encode("We have 2 \u2264 3 and \u20ac5 so", add_special_tokens=False)
+    cuts = [k for k in range(1, len(full)) if decode(full[:k]).endswith("\ufffd")]
+    assert cuts, "the tokenizer spells these characters in several byte tokens"
+    prompt = ChatPrompt("P<think>\n", "", "q", "<think>\n")
+    for cut in cuts:
+        ids = full[:cut]
+        result = GenerationResult([1], ids, decode(ids), [True] * cut, [-0.1] * cut, [-0.1] * cut, "length", seed=1)
+        attempt = check_attempt(0, result, reference=None, thinking=True, max_fallback=0.5)
+        for reference in ("yes", None):  # a prefix written whole; an unverified problem's unfinished attempt
+            record = select_trace(Problem("p", "q", reference), prompt, [attempt], prefix_tokens=cut + 5,
+                                  decode=decode)
+            assert record["status"] == ("prefix" if reference else "unverified") and record["num_valid"] == 0
+            assert "\ufffd" not in record["completion"] and decode(record["token_ids"]) == record["completion"]
+            assert full[:len(record["token_ids"])] == record["token_ids"] and len(record["token_ids"]) < cut
+            assert record["stats"]["tokens"] == len(record["token_ids"]) and record["finish_reason"] == "length"
 
 
 def _count_records(path: Path) -> int:

@@ -118,6 +118,31 @@ def test_every_input_form_scores_the_same(tiny_pair, traces, tmp_path):
             assert got["student"] == pytest.approx(expected(lp), rel=1e-4, abs=1e-5)
 
 
+def test_trl_tokenised_rows_score_their_ids(tiny_pair, traces, tmp_path):
+    """`rsd generate --format sft` records carry TRL's tokenised form: input_ids split by completion_mask into
+    the prompt and the completion SFTTrainer trains on. Scored as those ids (the text beside them is not read:
+    it may tokenise otherwise), as the records with token_ids are."""
+    from rsd_engine.pipeline.score import read_traces
+    from rsd_engine.tokens import load_tokenizer
+
+    files, pairs = traces
+    rows = [{"id": str(i), "prompt": "not read", "completion": "not read", "input_ids": p + c,
+             "completion_mask": [0] * len(p) + [1] * len(c)} for i, (p, c) in enumerate(pairs["ids"])]
+    (report,) = score(tmp_path, tiny_pair[1], write_rows(tmp_path / "tokenised.jsonl", rows))
+    for got, lp in zip(report["per_trace"], hf_logprobs(tiny_pair[1], pairs["ids"]), strict=True):
+        assert got["student"] == pytest.approx(expected(lp), rel=1e-4, abs=1e-5)
+    bad = [({"input_ids": [1, 2, 3], "completion_mask": [0, 1]}, "3 ids"),
+           ({"input_ids": [1, 2, 3], "completion_mask": [0, 1, 0]}, "0s then 1s"),
+           ({"input_ids": [1, 2, 3], "completion_mask": [0, 2, 1]}, "0s then 1s"),
+           ({"input_ids": "1 2 3", "completion_mask": [0, 1, 1]}, "'input_ids' is a str"),
+           ({"input_ids": [1, True, 3], "completion_mask": [0, 1, 1]}, "'input_ids' item 1 is True")]
+    read = read_traces(write_rows(tmp_path / "bad.jsonl", [rows[1]] + [row for row, _ in bad]),
+                       load_tokenizer(tiny_pair[1]))
+    assert [t.id for t in read.traces] == ["1"] and [line for line, _ in read.skipped] == [1, 2, 3, 4, 5]
+    for (_, why), (_, said) in zip(bad, read.skipped, strict=True):
+        assert why in said
+
+
 def test_files_side_by_side_with_histogram(tiny_pair, traces, tmp_path, capsys):
     import matplotlib.image
 

@@ -12,7 +12,8 @@ problems and writes its own part; rank 0 merges the parts when every rank is don
 are in one folder (else `rsd merge OUT`).
 
 --format sft writes TRL's standard prompt-completion records, the text as the student read and wrote it,
-ended with the tokenizer's EOS token (traces.to_sft, sft_completion): a finished answer. A record that is
+ended with the tokenizer's EOS token, and the same as the exact token ids (`input_ids`, `completion_mask`:
+TRL trains on these, traces.to_sft): a finished answer. A record that is
 not one (a prefix: never solved, the first --prefix-tokens tokens, for UPFT; or an unverified problem none
 of whose attempts passed the checks) goes in full to OUT.unfinished.jsonl beside OUT (unfinished_path),
 locked, resumed and merged as OUT is, never into the SFT file.
@@ -36,7 +37,7 @@ from .records import (RecordWriter, check_not_input, check_output_name, check_wr
                       held_elsewhere, note_unmerged, part_path, read_records)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
-from .traces import STATUSES, check_attempt, select_trace, sft_completion, to_sft
+from .traces import STATUSES, check_attempt, select_trace, to_sft
 from ..models.loader import check_model_folder
 
 FORMATS = ("jsonl", "sft")
@@ -264,6 +265,11 @@ def _check_format(path: Path, fmt: str):
         keys = ", ".join(map(repr, list(first)[:6]))
         raise ValueError(f"{path} holds lines that are no rsd generate record (the first has {keys}; a record has "
                          f"'token_ids', or with --format sft 'prompt' and 'completion'): give another --out")
+    if held == "sft" == fmt and "input_ids" not in first:
+        raise ValueError(f"{path} holds SFT records of an earlier rsd, text without token ids, which TRL tokenises "
+                         "again (not always into the tokens the student wrote: to_sft); records of this rsd carry "
+                         "'input_ids', and one file of both would be read by TRL as neither: write them to another "
+                         "--out")
     if held != fmt:
         raise ValueError(f"{path} already holds --format {held} records; rerun with --format {held} to resume it, "
                          f"or write --format {fmt} to another --out")
@@ -321,8 +327,7 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                         prefix_writer.write(record)
                     else:  # a finished answer: its kept attempt ended with EOS
                         ended = attempts[record["kept_attempt"]].result.token_ids
-                        writer.write(to_sft(record, prompt, sft_completion(engine.tokenizer, prompt_ids[problem.id],
-                                                                           ended)))
+                        writer.write(to_sft(record, prompt, engine.tokenizer, prompt_ids[problem.id], ended))
                     tally.add_record(record)
             bar.attempt_done(tally)
     except KeyboardInterrupt:

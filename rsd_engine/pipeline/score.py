@@ -6,11 +6,12 @@ tokens under 1% probability, the mean surprisal (nats) and the perplexity, for e
 paper's comparison is two files side by side: raw teacher traces (6.70% of tokens under 1% for
 the student) against RSD traces (0.09%).
 
-Traces are read from `rsd generate` records (prompt + token_ids, else prompt + completion text: --format
-sft records, their EOS included), from chat `messages` records (the last assistant turn is scored after
-every turn before it, rendered as generation renders a chat prompt), or, with completion_field, from any dataset: the
-prompt is then the question through the student's chat template, as `rsd generate` builds it. A completion text is
-tokenised after its prompt, as one text split after the prompt's tokens (_in_context).
+Traces are read from `rsd generate` records (prompt + token_ids; --format sft records as TRL reads them,
+input_ids split by completion_mask, their EOS included; else prompt + completion text), from chat `messages`
+records (the last assistant turn is scored after every turn before it, rendered as generation renders a chat
+prompt), or, with completion_field, from any dataset: the prompt is then the question through the student's chat
+template, as `rsd generate` builds it. A completion text is tokenised after its prompt, as one text split after
+the prompt's tokens (_in_context).
 Ids held by more than one record in a file are reported (each copy is scored, as the file is).
 
 Inputs are read strictly (a bad line is an error, never a row dropped), but for a last line cut short
@@ -82,7 +83,8 @@ def read_traces(path, tokenizer, *, completion_field=None, question_field="quest
         out.skipped.append((len(rows), "the last line is cut short (a run still writing the file, or killed)"))
     if not out.traces:
         raise ValueError(f"{path}: none of the {len(rows)} rows is a trace ({out.skipped[0][1]}); expected "
-                         f"`rsd generate` records (prompt + completion), chat `messages`, or name the fields "
+                         f"`rsd generate` records (prompt + completion; or TRL's input_ids + completion_mask), chat "
+                         f"`messages`, or name the fields "
                          f"with --completion-field / --question-field")
     return out
 
@@ -103,21 +105,42 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         return Trace(trace_id, *_in_context(encode, prompt.text, _after_think(completion, prompt.think_prefix))), ""
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
+    if "input_ids" in row and "completion_mask" in row:
+        return _tokenised_trace(trace_id, row["input_ids"], row["completion_mask"])
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
-        return None, "no 'prompt' text (and no 'messages')"
+        return None, "no 'prompt' text (and no 'messages' or 'input_ids')"
     ids = row.get("token_ids")
     if ids is not None:
-        if not isinstance(ids, list):
-            return None, f"'token_ids' is a {type(ids).__name__}, not a list of token ids"
-        # bool is an int subclass, but True is no token id
-        bad = next((k for k, t in enumerate(ids) if not isinstance(t, int) or isinstance(t, bool)), None)
-        if bad is not None:
-            return None, f"'token_ids' item {bad} is {ids[bad]!r} ({type(ids[bad]).__name__}), not a token id"
+        reason = _not_ids("token_ids", ids)
+        if reason:
+            return None, reason
         return Trace(trace_id, encode(prompt), ids), ""
     if isinstance(row.get("completion"), str):
         return Trace(trace_id, *_in_context(encode, prompt, row["completion"])), ""
     return None, "no 'token_ids' or 'completion'"
+
+
+def _not_ids(field: str, ids) -> str:
+    """Why `ids` is no list of token ids ("" if it is one)."""
+    if not isinstance(ids, list):
+        return f"{field!r} is a {type(ids).__name__}, not a list of token ids"
+    # bool is an int subclass, but True is no token id
+    bad = next((k for k, t in enumerate(ids) if not isinstance(t, int) or isinstance(t, bool)), None)
+    return "" if bad is None else f"{field!r} item {bad} is {ids[bad]!r} ({type(ids[bad]).__name__}), not a token id"
+
+
+def _tokenised_trace(trace_id: str, ids, mask):
+    """TRL's tokenised prompt-completion (`rsd generate --format sft` records): the ids where completion_mask is 0
+    are the prompt, those where it is 1 the completion, which is what SFTTrainer trains on."""
+    reason = _not_ids("input_ids", ids) or _not_ids("completion_mask", mask)
+    if reason:
+        return None, reason
+    start = mask.index(1) if 1 in mask else len(mask)
+    if len(mask) != len(ids) or any(m != 0 for m in mask[:start]) or any(m != 1 for m in mask[start:]):
+        return None, ("'completion_mask' is no prompt then completion: 0s then 1s, one per 'input_ids' item "
+                      f"({len(mask)} items for {len(ids)} ids)")
+    return Trace(trace_id, ids[:start], ids[start:]), ""
 
 
 def _in_context(encode, prompt: str, completion: str) -> tuple[list[int], list[int]]:

@@ -5,7 +5,8 @@ one, or the model did), it ended with EOS, and its student-fallback share (over 
 most max_fallback. It is correct when its final answer (the last \\boxed{} after the reasoning)
 verifies against the reference. Kept: the shortest attempt that is both ("solved"); for a problem
 never solved, the first prefix_tokens tokens of attempt 0 ("prefix", UPFT: finish_reason "length" where
-the cut shortens it, and cut back to whole characters); for a problem without reference answer, the
+the cut shortens it, and cut back to whole characters, as is an unfinished record written whole that
+--max-new-tokens cut); for a problem without reference answer, the
 shortest structurally valid attempt that gave an answer, else the shortest valid one, else attempt 0
 ("unverified").
 
@@ -108,6 +109,8 @@ def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], 
     if status == "prefix" and len(ids) > prefix_tokens:
         ids, completion = _prefix(kept, prefix_tokens, decode)
         finish_reason = "length"  # cut by --prefix-tokens: not the whole attempt, whatever ended it
+    elif (status == "prefix" or not kept.valid) and not kept.eos:
+        ids, completion = _whole_characters(ids, completion, decode)  # an unfinished record, written whole
     n = len(ids)
     return {
         "id": problem.id,
@@ -140,19 +143,43 @@ def _prefix(attempt: Attempt, prefix_tokens: int, decode) -> tuple[list[int], st
     return ids, text
 
 
+def _whole_characters(ids: list[int], text: str, decode) -> tuple[list[int], str]:
+    """An attempt cut by --max-new-tokens inside a character spelled by several byte tokens ends in a U+FFFD
+    the model never wrote: its last (at most 3) tokens are dropped down to a whole character. A U+FFFD the
+    model did write as its last character goes too (it cannot be told apart; the record is a prefix)."""
+    for drop in range(1, min(3, len(ids)) + 1) if text.endswith("\ufffd") else ():
+        shorter = decode(ids[:-drop])
+        if not shorter.endswith("\ufffd"):
+            return ids[:-drop], shorter
+    return ids, text
+
+
 def _length(attempt: Attempt) -> tuple[int, int]:
     return len(attempt.token_ids), attempt.index  # ties: the earlier attempt
 
 
-def to_sft(record: dict, prompt: ChatPrompt, completion: str) -> dict:
-    """The SFT form of a finished record: TRL's standard prompt-completion (`SFTTrainer` trains on the
-    completion, tokenising prompt + completion as one text), the text as the student read and wrote it:
-    `prompt` the text it was given (chat template and opened reasoning block included), `completion` what
-    it wrote after it (sft_completion). Chat messages would go through the student's template again, and
-    reasoning templates rewrite the assistant turn (Qwen3's re-spaces the reasoning block,
-    DeepSeek-R1-Distill's drops it). The question and reference answer ride along (resumes check them)."""
+def to_sft(record: dict, prompt: ChatPrompt, tokenizer, prompt_ids: list[int], ended: list[int]) -> dict:
+    """The SFT form of a finished record: TRL's prompt-completion, text and tokens. `prompt` is the text the
+    student was given (chat template and opened reasoning block included), `completion` what it wrote after
+    it (sft_completion). Chat messages would go through the student's template again, and reasoning
+    templates rewrite the assistant turn (Qwen3's re-spaces the reasoning block, DeepSeek-R1-Distill's drops
+    it). The question and reference answer ride along (resumes check them).
+
+    The text alone does not give back the tokens: RSD mixes the teacher's tokens with the student's, and
+    "answer" written as "ans"+"wer", or "</think>" spelled in pieces, tokenises otherwise; a newline after
+    the prompt's last one may merge with it; a tokenizer that adds a BOS adds a second before the template's.
+    So the record also carries the tokens as TRL's tokenised form: `input_ids`, the prompt's ids as the
+    engine read them, the ids the student wrote (`ended`, its EOS last, as the jsonl record's `token_ids`)
+    and the EOS the completion ends with; `completion_mask`, 1 on the completion's ids. TRL's SFTTrainer
+    takes a dataset with `input_ids` as tokenised (it trains on these ids, the loss on the completion) and
+    the text fields stay for other trainers and for reading."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token is not None else ended[-1]
+    completion_ids = list(ended[:-1]) + [eos]
     return {"id": record["id"], "status": record["status"], "question": record["question"],
-            "answer": record["answer"], "prompt": prompt.text, "completion": completion}
+            "answer": record["answer"], "prompt": prompt.text,
+            "completion": sft_completion(tokenizer, prompt_ids, ended),
+            "input_ids": list(prompt_ids) + completion_ids,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
 def sft_completion(tokenizer, prompt_ids: list[int], token_ids: list[int]) -> str:
