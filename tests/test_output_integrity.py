@@ -189,6 +189,38 @@ def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):
     assert read_manifest(out)["settings"]["--seed"] == 0  # what the first records were made with
 
 
+def test_another_model_dtype_is_refused_and_auto_is_compared_as_it_resolves(pair, tmp_path, capsys):
+    """bfloat16 models sample other tokens than float32 ones: a run resumed under another dtype (the same
+    command line moved from a CPU, where auto is float32, to a GPU, where it is bfloat16) mixed two datasets.
+    The dtype the models run in is compared; auto as it resolves on the device."""
+    from rsd_engine.pipeline.manifest import MODEL_DTYPE, differences, write_manifest
+
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    generate(pair, data, out, "--limit", "1")  # auto: float32 on this CPU
+    assert read_manifest(out)["settings"][MODEL_DTYPE] == "float32"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(pair, data, out, "--dtype", "bfloat16"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'model dtype: "float32" in the output, "bfloat16" now' in err
+    assert [r["id"] for r in read_records(out)] == ["add"]
+    assert len(generate(pair, data, out, "--dtype", "float32", "--limit", "2")) == 2  # auto resolved the same
+
+    # An older manifest kept --dtype and --device under "about", unresolved: compared as they resolve.
+    now = {MODEL_DTYPE: "bfloat16"}
+    assert differences({}, now, {"--dtype": "auto", "--device": "cpu"}) == [
+        'model dtype: "float32" in the output, "bfloat16" now']
+    assert differences({}, now, {"--dtype": "float16", "--device": "auto"}) == [
+        'model dtype: "float16" in the output, "bfloat16" now']
+    assert differences({}, now, {"--dtype": "auto", "--device": "cuda:1"}) == []
+    assert differences({}, now, {"--dtype": "auto", "--device": "auto"}) == []  # unknowable: not compared
+    manifest = read_manifest(out)
+    del manifest["settings"][MODEL_DTYPE]
+    manifest["about"].update({"--dtype": "auto", "--device": "auto"})
+    write_manifest(out, manifest)
+    assert len(generate(pair, data, out, "--limit", "3")) == 3  # resumes an older output
+
+
 def test_output_without_manifest_is_refused(pair, tmp_path, capsys):
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
     generate(pair, data, out, "--limit", "1")

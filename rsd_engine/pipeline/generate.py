@@ -30,7 +30,7 @@ from rsd_engine.params import SamplingParams
 
 from .data import Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import input_identity, model_fingerprint
+from .manifest import MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
@@ -227,6 +227,7 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
         elif f.name not in RUNTIME_OPTIONS:
             settings[_flag(f.name)] = getattr(opts, f.name)
     settings["--id-field"] = id_field
+    settings[MODEL_DTYPE] = model_dtype(opts.device, opts.dtype)  # compared (manifest.py)
     about = {_flag(name): getattr(opts, name) for name in RUNTIME_OPTIONS if name not in ("progress", "force")}
     about.update({"--teacher": str(Path(opts.teacher).resolve()), "--student": str(Path(opts.student).resolve()),
                   "--data": input_identity(opts.data)})

@@ -7,9 +7,14 @@ rerun compares: with records in OUT and any difference, it refuses, naming each 
 unless forced (the manifest then keeps a list of the forced runs and their differences).
 
 Settings are what shape a finished record. Options that only choose which problems run
-(--limit), where the output is (--out) or what resources they run on (batch size, device, dtype,
-sampler backend; --max-seq-len where what it cuts off is redone or skipped, never written) are kept
-under "about" for the reader and not compared: a finished record is the same whatever they were.
+(--limit), where the output is (--out) or what resources they run on (batch size, device, sampler
+backend; --max-seq-len where what it cuts off is redone or skipped, never written) are kept under
+"about" for the reader and not compared: a finished record is the same whatever they were, up to float
+rounding. The dtype the models run in is compared ("model dtype", --dtype resolved on the device:
+auto is bfloat16 on CUDA, float32 on CPU): bfloat16 weights are another model to sample from and score
+with, not a rounding, so a run started on a CPU and resumed on a GPU with the same command line is
+refused rather than mixed (an older manifest kept --dtype and --device under "about": the dtype they
+resolve to is compared, and not at all where they say auto for both).
 `rsd eval` and `rsd select` compare --max-seq-len (a generation it cuts short is written as it
 stopped; a candidate it skips does not compete).
 
@@ -110,6 +115,27 @@ def _same_input(held, now) -> bool:
         held["file"] == now["file"] or (held["content"] is not None and held["content"] == now["content"]))
 
 
+MODEL_DTYPE = "model dtype"
+
+
+def model_dtype(device, dtype) -> str:
+    """The dtype the models run in on `device` (--dtype and --device as given; runtime.py's resolution)."""
+    from rsd_engine.runtime import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+
+
+def _held_model_dtype(held_about: dict) -> str | None:
+    """The model dtype of an older manifest, which kept --dtype and --device under "about"; None where they do
+    not say (auto on an unknown device)."""
+    dtype, device = held_about.get("--dtype"), held_about.get("--device")
+    if dtype in ("float32", "bfloat16", "float16"):
+        return dtype
+    if dtype == "auto" and isinstance(device, str) and device.split(":")[0] in ("cpu", "cuda"):
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return None
+
+
 def differences(held: dict, now: dict, held_about: dict | None = None) -> list[str]:
     """One line per setting that differs, in the user's words. Only what is compared now counts: a key the
     held manifest compared but this version keeps under "about" (--out, batch size) is not a difference,
@@ -118,7 +144,13 @@ def differences(held: dict, now: dict, held_about: dict | None = None) -> list[s
     held, now, held_about = plain(held), plain(now), plain(held_about or {})
     lines = []
     for key in now:
-        a, b = held.get(key, held_about.get(key, "(not set)")), now[key]
+        if key == MODEL_DTYPE and key not in held:
+            a = _held_model_dtype(held_about)
+            if a is None:
+                continue
+        else:
+            a = held.get(key, held_about.get(key, "(not set)"))
+        b = now[key]
         if a == b or _same_input(a, b):
             continue
         if isinstance(b, dict) and set(b) == {"file", "content"}:

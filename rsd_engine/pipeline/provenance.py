@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import input_identity, model_fingerprint
+from .manifest import MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
@@ -160,6 +160,8 @@ def output_settings(opts, models, runtime=RUNTIME_OPTIONS) -> tuple[dict, dict]:
                 about[f"--{f.name.replace('_', '-')}"] = value
         else:
             settings[f"--{f.name.replace('_', '-')}"] = value
+    if hasattr(opts, "dtype"):
+        settings[MODEL_DTYPE] = model_dtype(opts.device, opts.dtype)  # compared (manifest.py)
     return settings, about
 
 
