@@ -213,6 +213,26 @@ def test_check_writable(tmp_path):
         check_writable(blocker / "out.jsonl")
 
 
+def test_check_writable_never_removes_the_output(tmp_path, monkeypatch):
+    """Creating a fresh output to test it and removing it again raced with a run that created and locked it in
+    between: that run's records went to a removed file. The test writes a file of its own beside it."""
+    removed = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (removed.append(Path(p)), real_unlink(p, *a, **k))[1])
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (removed.append(self), real_unlink(self))[1])
+    fresh = tmp_path / "out.jsonl"
+    assert check_writable(fresh) == fresh and not fresh.exists()
+    assert fresh not in removed and removed and list(tmp_path.iterdir()) == []  # its own probe, removed
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere
+            with pytest.raises(PermissionError, match="not writable"):
+                check_writable(tmp_path / "ro" / "out.jsonl")
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
+
+
 def test_merge_refuses_a_part_still_being_written(tmp_path):
     out = tmp_path / "out.jsonl"
     RecordWriter(part_path(out, 0, 2)).close()

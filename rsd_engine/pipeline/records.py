@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -518,13 +519,17 @@ def check_writable(path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output path {path} is a directory; give a file name such as {path / 'traces.jsonl'}")
-    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab"):
-            pass
+        if path.exists():
+            with open(path, "ab"):  # never created here, so never removed here
+                pass
+        else:
+            # A file of our own beside it, not `path`: creating `path` and removing it again would remove the
+            # output of a run that created and locked it in between (that run's records then went nowhere).
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise PermissionError(f"output path {path} is not writable: {exc.strerror or exc}") from None
-    if not existed:
-        path.unlink()
     return path
