@@ -189,6 +189,34 @@ def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):
     assert read_manifest(out)["settings"]["--seed"] == 0  # what the first records were made with
 
 
+def test_records_of_no_problem_in_the_data_are_named(pair, tmp_path, capsys):
+    """Without an id column a problem's id is a hash of its question: a question edited since its record was made
+    is another problem, and its old record stayed beside the new one without a word. Records of no problem in the
+    data are named (a problem removed from the data too)."""
+    rows = [{"question": p["question"], "answer": p["answer"]} for p in PROBLEMS if p["answer"]]
+    data, out = write_rows(tmp_path / "p.jsonl", rows), tmp_path / "out.jsonl"
+    generate(pair, data, out)
+    edited = [dict(rows[0], question="What is 2 + 2?"), *rows[1:]]
+    write_rows(data, edited)
+    capsys.readouterr()
+    records = generate(pair, data, out)
+    said = capsys.readouterr().out
+    old_id = next(r["id"] for r in records if r["question"] == "What is 2+2?")
+    assert len(records) == len(rows) + 1
+    assert f"warning: 1 records in the output are of no problem in --data (the data has no id column" in said
+    assert f"remove the old records, or give the data ids): {old_id}\n" in said
+    capsys.readouterr()
+    data_ids, out_ids = write_problems(tmp_path / "ids.jsonl"), tmp_path / "ids_out.jsonl"
+    generate(pair, data_ids, out_ids)
+    write_rows(data_ids, [{k: p[k] for k in ("id", "question", "answer") if p[k] is not None} for p in PROBLEMS[1:]])
+    capsys.readouterr()
+    generate(pair, data_ids, out_ids)
+    assert ("warning: 1 records in the output are of no problem in --data (problems removed from the data, or "
+            "another data file): add") in capsys.readouterr().out
+    generate(pair, data_ids, out_ids, "--limit", "1")  # --limit runs fewer problems: the rest are in the data
+    assert "another data file): add\n" in capsys.readouterr().out
+
+
 def test_another_model_dtype_is_refused_and_auto_is_compared_as_it_resolves(pair, tmp_path, capsys):
     """bfloat16 models sample other tokens than float32 ones: a run resumed under another dtype (the same
     command line moved from a CPU, where auto is float32, to a GPU, where it is bfloat16) mixed two datasets.

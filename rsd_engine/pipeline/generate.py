@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
-from .data import Problem, check_held, load_problems, shard_problems
+from .data import QUESTION_HASH, Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
@@ -170,6 +170,11 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                           duplicates={key: n for records in files for key, n in duplicate_ids(records).items()},
                           forced=writer.forced + ([f"records of {len(changed)} problems changed since kept "
                                                    f"({names(changed)})"] if changed else []))
+            if dist.rank == 0:  # every rank reads every file: rank 0 alone reports them
+                known = {p.id for p in problem_set.problems}
+                tally.not_in_data = list(dict.fromkeys(str(r["id"]) for r in held if "id" in r and
+                                                       r.get("status") in STATUSES and str(r["id"]) not in known))
+                tally.hashed_ids = problem_set.id_field == QUESTION_HASH
             if todo:
                 tally.unreadable_answers = unreadable_answers(todo)
                 if tally.unreadable_answers:

@@ -51,6 +51,8 @@ class Tally:
     duplicates: dict = field(default_factory=dict)  # ids already in the output more than once
     forced: list = field(default_factory=list)  # setting differences appended under --force
     unreadable_answers: list = field(default_factory=list)  # ids: math-verify does not read the reference whole
+    not_in_data: list = field(default_factory=list)  # ids of records in the output that no row of --data has
+    hashed_ids: bool = False  # ids are hashes of the questions (the data has no id column)
     statuses: dict = field(default_factory=lambda: {"solved": 0, "prefix": 0, "unverified": 0})
     attempts: int = 0
     tokens: int = 0
@@ -94,6 +96,7 @@ class Tally:
             "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
             "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
+            "not_in_data": list(self.not_in_data), "hashed_ids": self.hashed_ids,
             "written": self.written, **self.statuses, "attempts": self.attempts, "tokens": self.tokens,
             "acceptance_rate": self.accepted / self.tokens if self.tokens else 0.0,
             "sub_1pct_share": self.sub_1pct / self.tokens if self.tokens else 0.0,
@@ -124,6 +127,13 @@ def format_summary(s: dict) -> str:
         lines.append(f"warning: the output already held duplicates: {describe_duplicates(s['duplicate_ids'])}")
     if s.get("unreadable_answers"):
         lines.append(unreadable_warning(s["unreadable_answers"]))
+    if s.get("not_in_data"):
+        n = len(s["not_in_data"])
+        why = (" (the data has no id column, so an id is a hash of its question: a question edited since its "
+               "record was made is another problem, whose record is written beside the old one; remove the old "
+               "records, or give the data ids)" if s.get("hashed_ids") else
+               " (problems removed from the data, or another data file)")
+        lines.append(f"warning: {n} records in the output are of no problem in --data{why}: {names(s['not_in_data'])}")
     if s["skipped_rows"]:
         more = f", and {s['skipped_rows'] - 5} more" if s["skipped_rows"] > 5 else ""
         examples = "; ".join(f"row {i}: {why}" for i, why in s["skipped_examples"])
