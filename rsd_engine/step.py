@@ -176,6 +176,9 @@ class StepState:
         self.views = {name: self.buffers[fields[name]][i - self.groups[fields[name]][0]]
                       for i, name in enumerate(self.names)}
         self._is_float = [fields[name].is_floating_point for name in self.names]
+        # An int32 field's value as the kernels read it: clamped to int32's range, which keeps its meaning (a top_k
+        # past V: every id), where the device's cast wraps (2**32 + 1 became 1: greedy); checks.as_int32.
+        self._int_range = [(-2**31, 2**31 - 1) if fields[name] == torch.int32 else None for name in self.names]
         self.requests: list = []  # what each row holds, as of the last sync
         self.dirty: set[int] = set()  # id() of requests the host changed outside the device's advance
         self.out = torch.zeros(rows, out_columns, dtype=torch.float64, device=self.device)
@@ -225,7 +228,11 @@ class StepState:
                 continue
             row = self.values(r)
             for f, name in enumerate(self.names):
-                block[(1 + f) * n + b] = _float32_bits(row[name]) if self._is_float[f] else int(row[name])
+                if self._is_float[f]:
+                    block[(1 + f) * n + b] = _float32_bits(row[name])
+                else:
+                    value, bounds = int(row[name]), self._int_range[f]
+                    block[(1 + f) * n + b] = value if bounds is None else min(max(value, bounds[0]), bounds[1])
         patch = torch.tensor(block, dtype=torch.int64)  # the one upload
         if self.device.type == "cuda":
             staged = self.staging[self._patches % 2][: patch.numel()]

@@ -195,6 +195,19 @@ def test_ignore_eos_runs_to_max_new_tokens(engine):
     assert all(len(r.token_ids) == 30 and r.finish_reason == "length" for r in results)
 
 
+def test_a_top_k_past_int32_keeps_every_id(engine):
+    """The step's int32 fields came to the device by a cast that wraps: top_k = 2**32 + 1 (no upper bound in
+    SamplingParams) became 1, greedy. Clamped, as the samplers clamp it: past the vocabulary, every id."""
+    # The teacher's proposals all kept (threshold 0), or all refused and the student's fallback drawn (1).
+    for field, threshold in (("top_k", 0.0), ("student_top_k", 1.0)):
+        base = dict(max_new_tokens=12, threshold=threshold, temperature=3.0, student_temperature=3.0, seed=5)
+        wide = engine.generate_batch(PROMPTS, SamplingParams(**base, **{field: 2**32 + 1}))
+        off = engine.generate_batch(PROMPTS, SamplingParams(**base, **{field: 0}))
+        greedy = engine.generate_batch(PROMPTS, SamplingParams(**base, **{field: 1}))
+        assert [r.token_ids for r in wide] == [r.token_ids for r in off]
+        assert [r.token_ids for r in off] != [r.token_ids for r in greedy]  # the case tells them apart
+
+
 @pytest.mark.parametrize("sampler", ["cpp", "triton"])
 def test_every_backend_gives_the_reference_outputs(tiny_pair, engine, sampler):
     """Greedy and seeded generations are token for token the same on every sampler backend."""

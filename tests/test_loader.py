@@ -318,3 +318,20 @@ def test_non_float_weights_are_refused(folder, dtype):
     with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} in model.safetensors is stored as "
                                          rf"{re.escape(str(dtype))}: quantized or integer weights are not supported"):
         load_model(folder)
+
+
+def test_a_cuda_device_becomes_the_current_device(folder, monkeypatch):
+    """Triton launches on the current CUDA device and CUDA graphs capture the current stream: a model loaded on
+    cuda:1 while the current device was 0 ran its kernels on GPU 0 with GPU 1's pointers. Loading makes the
+    model's device the current one, first of all (set_device stands in for the card here and stops the load)."""
+    class Selected(Exception):
+        pass
+
+    def set_device(device):
+        raise Selected(torch.device(device))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Selected) as selected:
+        load_model(folder, device="cuda:1")
+    assert selected.value.args[0] == torch.device("cuda:1")
+    load_model(folder, device="cpu")  # no CUDA device: nothing to select

@@ -152,6 +152,24 @@ def test_kv_len_out_of_range_is_refused(folders):
         model(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), cache, None, 9)
 
 
+def test_rope_tables_a_longer_cache_replaces_stay_alive(folders):
+    """CUDA graphs read the RoPE tables by address at every replay. `rsd generate --select provenance` builds a
+    longer cache of the engine's models (to score with) after the engine's graphs were captured: the tables it
+    replaced were freed, and the graphs read memory the allocator handed to something else. Replaced tables are
+    kept, unchanged."""
+    import weakref
+
+    model = load_model(folders["qwen3"])
+    cos, sin = model.rope_tables(65)
+    held, kept = weakref.ref(cos), cos.clone()
+    address = cos.data_ptr()
+    del cos, sin
+    longer, _ = model.rope_tables(321)
+    assert longer.shape[0] >= 321 and longer.data_ptr() != address
+    assert held() is not None and held().data_ptr() == address and torch.equal(held(), kept)
+    assert model.rope_tables(100)[0] is longer  # a shorter length reads the longest table
+
+
 def test_padding_past_max_seq_len_goes_to_scratch(folders):
     """A row that ends exactly at max_seq_len, right-padded in a batch with a longer row: its padding
     entry (position 8 == max_seq_len) must not overwrite its real last token (position 7)."""

@@ -24,8 +24,14 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
                revision: str | None = None) -> CausalLM:
     """Load the model in `folder` (or Hub id, at `revision`) in `dtype` (float32, bfloat16 or float16) onto
-    `device`, ready for inference."""
+    `device`, ready for inference. A CUDA device becomes the process's current device: Triton launches its
+    kernels on the current device and stream, and CUDA graphs capture the current stream, whatever device the
+    tensors are on (with cuda:1 and the current device 0, the kernels ran on GPU 0 with GPU 1's pointers, and a
+    capture missed every torch op of the step). The models of one process share a device."""
     dtype = _dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     folder = resolve_model(folder, revision)
     config = load_config(folder)
     files = _weight_files(folder)

@@ -131,6 +131,7 @@ class CausalLM(nn.Module):
         self.skinny_rows: int | None = None
         self.skinny_probe: dict | None = None  # the probe's µs per forward by row count, for benchmarks
         self._rope_tables = None
+        self._retired_rope_tables = []  # replaced by longer ones, kept alive for the graphs that read them
 
     @property
     def dtype(self) -> torch.dtype:
@@ -219,9 +220,14 @@ class CausalLM(nn.Module):
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [>= length, head_dim / 2] float32 on the model's device, built once (grown if a longer
-        cache comes); the Triton forward indexes them by position instead of computing RoPE each step."""
+        cache comes); the Triton forward indexes them by position instead of computing RoPE each step.
+        Tables a longer cache replaces are kept, never freed: CUDA graphs captured with them read them by
+        address at every replay (an engine's graphs, while `rsd generate --select provenance` builds a
+        longer cache of the same models to score with)."""
         tables = self._rope_tables
         if tables is None or tables[0].shape[0] < length or tables[0].device != self.device:
+            if tables is not None:
+                self._retired_rope_tables.append(tables)
             self._rope_tables = tables = rope.tables(self.inv_freq, length, self.device)
         return tables
 
