@@ -252,6 +252,33 @@ def test_resume_after_torn_output(models, tmp_path, capsys):
     assert "1 already in the output, 2 traced now" in report and "cut short by the last run" in report
 
 
+def test_lines_of_anything_else_are_never_cut(models, tmp_path, capsys):
+    """A rerun cuts the sentence lines of a response a kill cut short. It cut every trailing line that was no
+    complete response: lines appended to the output (said to be "sentences ... traced again", and nothing was
+    traced), or, under --force, every record of another command's output named as --out. Those are refused and
+    kept, --force or not."""
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    out = tmp_path / "s.jsonl"
+    provenance(models, data, out, "--limit", "2")
+    appended = [{"id": "p9", "note": "added by hand"}, {"id": "p1", "sample": 0, "response": "x", "correct": True}]
+    with out.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in appended))
+    before = out.read_bytes()
+    for extra in ((), ("--force",)):
+        with pytest.raises(SystemExit) as stopped:
+            main(["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+                  str(data), "--out", str(out), "--device", "cpu", "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "holds lines that are no rsd provenance sentence lines" in err
+        assert out.read_bytes() == before
+    other = write_rows(tmp_path / "eval.jsonl", [dict(r, sample=0, correct=True) for r in RESPONSES])
+    kept = other.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+              str(data), "--out", str(other), "--device", "cpu", "--no-progress", "--force"])
+    assert "no rsd provenance sentence lines" in capsys.readouterr().err and other.read_bytes() == kept
+
+
 def test_ranks_write_parts_that_merge_to_the_single_run(models, tmp_path, as_ranks):
     data = write_rows(tmp_path / "r.jsonl", RESPONSES)
     whole = provenance(models, data, tmp_path / "whole.jsonl")

@@ -288,16 +288,37 @@ def describe_changed(changed: list) -> str:
     return f"{len(keys)} response{'s' * (len(keys) != 1)} changed ({shown}{', ...' if len(keys) > 3 else ''})"
 
 
+def is_sentence_line(line) -> bool:
+    """Whether `line` is a sentence line of rsd provenance (tracing.Traced.records): its response's id, its index
+    among the response's sentences and their number."""
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return (isinstance(line, dict) and count(line.get("index")) and count(line.get("sentences"))
+            and 0 <= line["index"] < line["sentences"] and "id" in line)
+
+
 def drop_incomplete(writer: RecordWriter) -> int:
-    """Cut off the lines of a response cut short by a kill (only the last group written can be);
-    returns how many lines went."""
+    """Cut off the lines of a response cut short by a kill (only the last group written can be: sentence lines
+    of one response); returns how many lines went. Lines of anything else are never cut: an output that ends
+    with them (another command's records, lines appended by hand) is refused, --force or not."""
     done = _complete(writer.existing)
     torn = 0
     for line in reversed(writer.existing):
-        if _version(line) in done:
+        if is_sentence_line(line) and _version(line) in done:
             break
         torn += 1
-    if any(_version(line) not in done for line in writer.existing[:-torn or None]):
+    tail = writer.existing[len(writer.existing) - torn:]
+    foreign = next((k for k, line in enumerate(tail) if not is_sentence_line(line)), None)
+    if foreign is not None:
+        line = tail[foreign]
+        keys = ", ".join(map(repr, list(line)[:5])) if isinstance(line, dict) else type(line).__name__
+        raise ValueError(f"{writer.path} holds lines that are no rsd provenance sentence lines (line "
+                         f"{len(writer.existing) - torn + foreign}: {keys}): another command's output, or lines "
+                         f"added to it; rsd provenance cuts only its own sentences of a response a kill cut short, "
+                         f"and leaves these alone: give another --out")
+    if len({_version(line) for line in tail}) > 1 or any(_version(line) not in done
+                                                          for line in writer.existing[:-torn or None]):
         raise ValueError(f"{writer.path} has incomplete responses before its last one: the file was changed by "
                          f"something else; give another --out")
     writer.drop_last(torn)
