@@ -196,11 +196,12 @@ def test_output_named_as_the_data_or_of_another_command_is_refused_as_such(pair,
     held = other.read_bytes()
     argv = ["select", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(out), "--out", str(other),
             "--system-prompt", SYSTEM, "--device", "cpu", "--no-progress"]
-    with pytest.raises(SystemExit):
-        main(argv)
-    assert "holds records another command wrote: its manifest (gens2.jsonl.manifest.json) has none of this " \
-           "command's settings" in capsys.readouterr().err
-    assert other.read_bytes() == held
+    for extra in ([], ["--force"]):  # never forced: a file of both is neither command's output
+        with pytest.raises(SystemExit):
+            main(argv + extra)
+        assert "gens2.jsonl holds records of rsd eval, not of rsd select (its manifest, gens2.jsonl.manifest.json, " \
+               "says so): give another --out" in capsys.readouterr().err
+        assert other.read_bytes() == held
 
 
 def test_generations_feed_provenance(pair, tmp_path):

@@ -255,6 +255,34 @@ def test_merge_checks_the_parts_settings(tmp_path):
     assert read_manifest(out)["settings"] == {"--seed": 0, "--attempts": 4} and read_manifest(out)["forced"]
 
 
+def test_records_of_two_commands_never_share_a_file(tmp_path):
+    """A manifest names the command whose records it describes: another command's output, or parts of two
+    commands, are refused as such, --force or not (forced, eval records went into a generate output, and a merge
+    joined generate and eval parts). Manifests of older rsd, which do not say, are compared as before."""
+    from rsd_engine.pipeline.manifest import COMMAND
+
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(out, {COMMAND: "generate", "--seed": 0}) as writer:
+        writer.write({"id": "0"})
+    for force in (False, True):
+        with pytest.raises(SettingsMismatch, match="holds records of rsd generate, not of rsd eval"):
+            RecordWriter(out, {COMMAND: "eval", "--seed": 0}, force=force)
+    assert read_records(out) == [{"id": "0"}] and read_manifest(out)["settings"][COMMAND] == "generate"
+    old = tmp_path / "old.jsonl"
+    with RecordWriter(old, {"--seed": 0}) as writer:  # an older rsd's manifest: no command
+        writer.write({"id": "0"})
+    with RecordWriter(old, {COMMAND: "generate", "--seed": 0}) as writer:
+        assert writer.forced == [] and len(writer.existing) == 1
+    parts = tmp_path / "parts.jsonl"
+    for rank, command in enumerate(["generate", "eval"]):
+        with RecordWriter(part_path(parts, rank, 2), {COMMAND: command, "--seed": 0}) as writer:
+            writer.write({"id": str(rank)})
+    for force in (False, True):
+        with pytest.raises(SettingsMismatch, match="holds records of rsd eval, .* of rsd generate: not parts of one"):
+            merge_parts(parts, force=force)
+    assert not parts.exists() or read_records(parts) == []
+
+
 def test_writer_settings_and_a_corrupt_manifest(tmp_path):
     out = tmp_path / "out.jsonl"
     with RecordWriter(out, {"--seed": 0}) as writer:

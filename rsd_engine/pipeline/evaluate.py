@@ -98,7 +98,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     # --samples only says how many records to make; sample k's record is the same whatever it is. --max-seq-len
     # cuts a generation short where it is shorter than prompt + --max-new-tokens: a setting of the records.
     settings, about = output_settings(opts, ("model",),
-                                      tuple(o for o in RUNTIME_OPTIONS if o != "max_seq_len") + ("samples",))
+                                      tuple(o for o in RUNTIME_OPTIONS if o != "max_seq_len") + ("samples",),
+                                      command="eval")
     settings["--id-field"] = problem_set.id_field
     # Records in OUT's other files (an earlier merge, every part of any world size) are done too.
     elsewhere = held_elsewhere(out, target, settings, force=opts.force)

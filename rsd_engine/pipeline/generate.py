@@ -30,7 +30,7 @@ from rsd_engine.params import SamplingParams
 
 from .data import QUESTION_HASH, Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
+from .manifest import COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
@@ -222,7 +222,8 @@ def unreadable_answers(problems: list[Problem]) -> list[str]:
 
 def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
     """(settings that shape the records, other options for the reader): the output's manifest."""
-    settings = {"teacher model": model_fingerprint(opts.teacher), "student model": model_fingerprint(opts.student)}
+    settings = {COMMAND: "generate", "teacher model": model_fingerprint(opts.teacher),
+                "student model": model_fingerprint(opts.student)}
     for f in fields(opts):
         if f.name == "params":
             settings.update({_flag(p.name): getattr(opts.params, p.name) for p in fields(opts.params)

@@ -116,6 +116,13 @@ def _same_input(held, now) -> bool:
 
 
 MODEL_DTYPE = "model dtype"
+COMMAND = "rsd command"  # the command whose records these are: never two commands' records in one file
+
+
+def other_command(held: dict, now: dict) -> str | None:
+    """The command a manifest's records are of, where it is not `now`'s (manifests of older rsd do not say)."""
+    a, b = held.get(COMMAND), now.get(COMMAND)
+    return a if a and b and a != b else None
 
 
 def model_dtype(device, dtype) -> str:
@@ -144,6 +151,8 @@ def differences(held: dict, now: dict, held_about: dict | None = None) -> list[s
     held, now, held_about = plain(held), plain(now), plain(held_about or {})
     lines = []
     for key in now:
+        if key == COMMAND and key not in held:  # an older manifest: other_command cannot tell
+            continue
         if key == MODEL_DTYPE and key not in held:
             a = _held_model_dtype(held_about)
             if a is None:
@@ -176,6 +185,11 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
             write_manifest(out, new_manifest(settings, about))
         return []
     held = read_manifest(out)
+    if held is not None and other_command(held["settings"], settings):
+        raise SettingsMismatch(
+            f"{out} holds records of rsd {held['settings'][COMMAND]}, not of rsd {settings[COMMAND]} (its manifest, "
+            f"{manifest_path(out).name}, says so): give another --out (never forced: a file of both is neither "
+            f"command's output)")
     found = (differences(held["settings"], settings, held.get("about")) if held is not None
              else [f"no {manifest_path(out).name} beside it: its records were made by an older rsd or another tool"])
     if not found:

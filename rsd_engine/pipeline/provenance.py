@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
+from .manifest import COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
@@ -92,7 +92,7 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
                           include_truncated=opts.include_truncated)
     responses = data.responses[: opts.limit] if opts.limit else data.responses
     mine = responses[dist.rank:: dist.world_size]
-    settings, about = output_settings(opts, ("teacher", "student", "distilled"))
+    settings, about = output_settings(opts, ("teacher", "student", "distilled"), command="provenance")
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
@@ -140,11 +140,11 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def output_settings(opts, models, runtime=RUNTIME_OPTIONS) -> tuple[dict, dict]:
+def output_settings(opts, models, runtime=RUNTIME_OPTIONS, *, command: str) -> tuple[dict, dict]:
     """(settings that shape the records, other options for the reader): the output's manifest
     (manifest.py). Models count by content, the input by content or resolved path; options in
-    `runtime` do not change a record."""
-    settings, about = {}, {}
+    `runtime` do not change a record; `command` names whose records they are."""
+    settings, about = {COMMAND: command}, {}
     for f in fields(opts):
         value = getattr(opts, f.name)
         if f.name in models:

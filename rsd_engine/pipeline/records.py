@@ -28,7 +28,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import SettingsMismatch, check_settings, differences, read_manifest, write_manifest
+from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, other_command, read_manifest,
+                       write_manifest)
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
            "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "check_writable",
@@ -405,6 +406,11 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[
     if not known:
         return [], [], None
     first_path, first = known[0]
+    for path, m in known[1:]:
+        if other_command(m["settings"], first["settings"]):
+            raise SettingsMismatch(f"{path.name} holds records of rsd {m['settings'][COMMAND]}, {first_path.name} "
+                                   f"of rsd {first['settings'][COMMAND]}: not parts of one output (never merged, "
+                                   f"--force or not)")
     found = [f"{path.name}: no manifest" for path, m in manifests if m is None]
     for path, m in known[1:]:
         found += [f"{path.name} vs {first_path.name}: {line}"

@@ -157,7 +157,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
     # Which candidates compete shapes the row kept: --include-truncated and --max-seq-len (a candidate longer
     # is skipped, and the best of the others kept for good) are compared here.
     runtime = tuple(o for o in RUNTIME_OPTIONS if o not in ("include_truncated", "max_seq_len"))
-    settings, about = output_settings(opts, ("teacher", "student"), runtime)
+    settings, about = output_settings(opts, ("teacher", "student"), runtime, command="select")
     group = init_process_group(dist, log)
     try:
         tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
