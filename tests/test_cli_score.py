@@ -126,8 +126,8 @@ def test_trl_tokenised_rows_score_their_ids(tiny_pair, traces, tmp_path):
     from rsd_engine.tokens import load_tokenizer
 
     files, pairs = traces
-    rows = [{"id": str(i), "prompt": "not read", "completion": "not read", "input_ids": p + c,
-             "completion_mask": [0] * len(p) + [1] * len(c)} for i, (p, c) in enumerate(pairs["ids"])]
+    rows = [{"id": str(i), "input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
+            for i, (p, c) in enumerate(pairs["ids"])]
     (report,) = score(tmp_path, tiny_pair[1], write_rows(tmp_path / "tokenised.jsonl", rows))
     for got, lp in zip(report["per_trace"], hf_logprobs(tiny_pair[1], pairs["ids"]), strict=True):
         assert got["student"] == pytest.approx(expected(lp), rel=1e-4, abs=1e-5)
@@ -141,6 +141,34 @@ def test_trl_tokenised_rows_score_their_ids(tiny_pair, traces, tmp_path):
     assert [t.id for t in read.traces] == ["1"] and [line for line, _ in read.skipped] == [1, 2, 3, 4, 5]
     for (_, why), (_, said) in zip(bad, read.skipped, strict=True):
         assert why in said
+
+
+def test_ids_another_tokenizer_wrote_are_not_scored(tiny_pair, tmp_path):
+    """A record's token ids are scored as they are, so ids another tokenizer wrote (traces scored under another
+    student than the one that generated them) were scored as other tokens without a word: where the record has
+    its text, the ids must spell it under this student's tokenizer, else the row is skipped, named."""
+    from rsd_engine.pipeline.score import read_traces
+    from rsd_engine.pipeline.traces import sft_completion
+    from rsd_engine.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_pair[1])
+    prompt = build_prompt(tokenizer, QUESTIONS[0], "Be brief.").text
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    text = "Then x = 4.</think> The answer is \\boxed{4}."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    written = ids + [tokenizer.eos_token_id]
+    shifted = [(t + 7) % 400 for t in ids]  # another tokenizer's numbering of the same text
+    rows = [{"id": "ok", "prompt": prompt, "completion": text, "token_ids": ids},
+            {"id": "other", "prompt": prompt, "completion": text, "token_ids": shifted},
+            {"id": "sft", "prompt": prompt, "completion": sft_completion(tokenizer, prompt_ids, written),
+             "input_ids": prompt_ids + written, "completion_mask": [0] * len(prompt_ids) + [1] * len(written)},
+            {"id": "sft-other", "prompt": prompt, "completion": sft_completion(tokenizer, prompt_ids, written),
+             "input_ids": prompt_ids + shifted + [tokenizer.eos_token_id],
+             "completion_mask": [0] * len(prompt_ids) + [1] * (len(shifted) + 1)}]
+    read = read_traces(write_rows(tmp_path / "t.jsonl", rows), tokenizer)
+    assert [t.id for t in read.traces] == ["ok", "sft"]
+    assert [line for line, _ in read.skipped] == [1, 3]
+    assert all("do not decode to its 'completion' under the student's tokenizer" in why for _, why in read.skipped)
 
 
 def test_files_side_by_side_with_histogram(tiny_pair, traces, tmp_path, capsys):

@@ -36,6 +36,7 @@ from pathlib import Path
 from .data import not_unicode, read_growing_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
 from .records import check_not_input, check_writable, describe_duplicates, duplicate_ids
+from .traces import sft_completion
 from .score_report import file_report, format_table, plot_histogram
 from ..models.loader import check_model_folder
 
@@ -106,7 +107,12 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
     if "input_ids" in row and "completion_mask" in row:
-        return _tokenised_trace(trace_id, row["input_ids"], row["completion_mask"])
+        trace, reason = _tokenised_trace(trace_id, row["input_ids"], row["completion_mask"])
+        if trace is not None and trace.completion_ids and isinstance(row.get("completion"), str) \
+                and _ids_in_range(tokenizer, trace.prompt_ids + trace.completion_ids) \
+                and sft_completion(tokenizer, trace.prompt_ids, trace.completion_ids) != row["completion"]:
+            return None, _OTHER_TOKENIZER.format(field="input_ids")
+        return trace, reason
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         return None, "no 'prompt' text (and no 'messages' or 'input_ids')"
@@ -115,10 +121,23 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         reason = _not_ids("token_ids", ids)
         if reason:
             return None, reason
+        if isinstance(row.get("completion"), str) and _ids_in_range(tokenizer, ids) \
+                and tokenizer.decode(ids, skip_special_tokens=False) != row["completion"]:
+            return None, _OTHER_TOKENIZER.format(field="token_ids")
         return Trace(trace_id, encode(prompt), ids), ""
     if isinstance(row.get("completion"), str):
         return Trace(trace_id, *_in_context(encode, prompt, row["completion"])), ""
     return None, "no 'token_ids' or 'completion'"
+
+
+_OTHER_TOKENIZER = ("its {field!r} do not decode to its 'completion' under the student's tokenizer: ids of "
+                    "another tokenizer (score traces with the student whose tokenizer wrote them)")
+
+
+def _ids_in_range(tokenizer, ids) -> bool:
+    """Whether every id is one the tokenizer can decode (an id past it is named later, as unscorable; its text is
+    not compared)."""
+    return all(0 <= t < len(tokenizer) for t in ids)
 
 
 def _not_ids(field: str, ids) -> str:
