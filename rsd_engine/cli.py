@@ -310,9 +310,10 @@ def _report_parser(sub):
     p.add_argument("--out", default=None, help="JSON report (default: print only)")
     p.add_argument("--plot", default=None, help="PNG: teacher share by position, correct vs incorrect, and per "
                                                 "response (default: none)")
-    p.add_argument("--bins", type=_int(1), default=DEFAULT_BINS, help="position bins (default: %(default)s, deciles)")
-    p.add_argument("--resamples", type=_int(1), default=DEFAULT_RESAMPLES,
-                   help="bootstrap resamples of the problems (default: %(default)s)")
+    p.add_argument("--bins", type=_int(1, 1000), default=DEFAULT_BINS,
+                   help="position bins, at most 1000 (default: %(default)s, deciles)")
+    p.add_argument("--resamples", type=_int(1, 100_000), default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the problems, at most 100000 (default: %(default)s)")
     p.add_argument("--seed", type=_int(0), default=0, help="seed of the bootstrap (default: %(default)s)")
     p.add_argument("--include-truncated", action="store_true",
                    help="analyse responses cut off by the length limit too (default: leave them out)")
@@ -332,7 +333,8 @@ def _eval_parser(sub):
     _model_option(p, "model", "the model")
     p.add_argument("--data", required=True, help="problems with reference answers (.jsonl, .json, .parquet, folder)")
     p.add_argument("--out", required=True, help="output JSONL, one line per generation (rerunning resumes it)")
-    p.add_argument("--samples", type=_int(1), default=1, help="samples per problem (default: %(default)s)")
+    p.add_argument("--samples", type=_int(1, 10_000), default=1,
+                   help="samples per problem, at most 10000 (default: %(default)s)")
     p.add_argument("--question-field", default="question", help="(default: %(default)s)")
     p.add_argument("--answer-field", default="answer", help="(default: %(default)s; problems without one are skipped)")
     p.add_argument("--id-field", default=None,
@@ -553,6 +555,9 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, OutputBusy) as err:
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
+    except MemoryError as err:  # a KV cache, a work list: sized by the options
+        parser.exit(EXIT_USAGE, f"rsd {args.command}: error: out of memory: {err or 'no detail'}; lower "
+                                f"--max-batch-size, --max-seq-len or --max-new-tokens\n")
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPTED, "rsd: interrupted\n")
     except BrokenPipeError:
@@ -560,6 +565,15 @@ def main(argv=None) -> int:
         # no traceback, and none at exit from flushing stdout again. 141: as a shell reports SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as err:  # a path the system refuses (a name too long, a full disk): its own words, no traceback
+        parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
+    except RuntimeError as err:
+        if type(err).__name__ == "OutOfMemoryError":  # torch's, of a CUDA device
+            parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {str(err).splitlines()[0]}; lower --max-batch-size, "
+                                    f"--max-seq-len or --max-new-tokens\n")
+        if not str(err).startswith("Symlink loop"):  # pathlib's resolve() of a link to itself
+            raise
+        parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
 
 
 def _resolve_models(args):

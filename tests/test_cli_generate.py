@@ -634,3 +634,25 @@ def test_an_output_not_named_jsonl_is_refused_before_any_work(tiny_pair, tmp_pat
         main([command, *models, "--data", str(tmp_path / "d.jsonl"), "--out", str(out)])
     assert exit_info.value.code == 2
     assert f"--out {out}: the output is JSON lines" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:max_seq_len = .* is past the:UserWarning")
+def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, capsys):
+    """A KV cache too large to reserve (a huge --max-new-tokens), a file name too long, a symlink loop: one line
+    that names the problem, exit status 2, never a traceback."""
+    data = write_problems(tmp_path / "p.jsonl")
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    cases = [(["--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", str(10**12)], "out of memory"),
+             (["--out", str(tmp_path / ("a" * 300 + ".jsonl"))], "File name too long"),
+             (["--out", str(tmp_path / "loop.jsonl")], "Symlink loop")]
+    for extra, said in cases:
+        with pytest.raises(SystemExit) as stopped:
+            main(["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data),
+                  "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and said in err and "Traceback" not in err and len(err.splitlines()) == 1
+    for command, option, value in (("eval", "--samples", "10001"), ("provenance-report", "--bins", "1001"),
+                                   ("provenance-report", "--resamples", "100001")):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, option, value])
+        assert stopped.value.code == 2 and f"{option}: must be an integer in [1, " in capsys.readouterr().err
