@@ -210,7 +210,7 @@ def test_report_over_a_data_file_is_refused(tiny_pair, traces, tmp_path, capsys,
 
 def test_out_and_plot_on_one_file_is_refused(tiny_pair, traces, tmp_path, capsys):
     files, _ = traces
-    report = tmp_path / "report"
+    report = tmp_path / "report.png"  # (a --plot without extension is written with ".png": another file)
     with pytest.raises(SystemExit) as exit_info:
         main(["score", "--student", str(tiny_pair[1]), "--data", str(files["records"]), "--out", str(report),
               "--plot", str(report), "--no-progress"])

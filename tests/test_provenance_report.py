@@ -235,12 +235,28 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     assert "point-biserial r" in printed
 
 
+def test_plot_names_the_file_it_writes_and_refuses_a_format_before_any_work(tmp_path, capsys, monkeypatch):
+    """matplotlib adds ".png" to a name without an extension (the plot was said to be at the name given, which
+    held nothing), and fails on an extension it cannot write, after all the work, in its own words."""
+    from rsd_engine.pipeline import provenance_report
+
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    assert main(["provenance-report", str(path), "--plot", str(tmp_path / "noext"), "--resamples", "20"]) == 0
+    assert f"plot: {tmp_path / 'noext.png'}\n" in capsys.readouterr().out
+    assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(provenance_report, "analyse", lambda *a, **k: pytest.fail("analysed before the check"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["provenance-report", str(path), "--plot", str(tmp_path / "p.txt")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "--plot" in err and "not .txt; give one of these extensions" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rule", "sum"], "argument --rule: invalid choice: 'sum'"),
     (["--rule", "ratio", "--margin", "-0.5"], "--margin: must be a finite number > 0, got '-0.5'"),
     (["--beta", "1.5"], "--beta: must be a number in (0, 1), got '1.5'"),
     (["--rule", "ratio", "--beta", "0.2"], "--beta = 0.2 is the difference rule's margin"),
-    (["--bins", "0"], "--bins: must be an integer >= 1, got '0'"),
+    (["--bins", "0"], "--bins: must be an integer in [1, 1000], got '0'"),
 ])
 def test_cli_refuses_bad_options(tmp_path, capsys, argv, message):
     path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))

@@ -14,7 +14,7 @@ and writes its own part; rank 0 merges the parts (else `rsd merge OUT`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .categories import DEFAULT_RULE, options_rule
@@ -24,7 +24,7 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
-                      part_path, read_records)
+                      check_plot_format, part_path, plot_path, read_records)
 from .responses import load_responses
 from .tracing import Tracer
 
@@ -81,7 +81,10 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
-    check_not_input({"--data": opts.data}, {"--out": out, "--plot": opts.plot or None}, apart=("--out", "--plot"))
+    plot = plot_path(opts.plot)
+    opts = replace(opts, plot=str(plot) if plot else None)
+    check_not_input({"--data": opts.data}, {"--out": out, "--plot": opts.plot}, apart=("--out", "--plot"))
+    check_plot_format(opts.plot)
     check_not_input({"--data": opts.data}, {"its part": target})
     check_writable(target)
     if opts.plot:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .categories import CATEGORIES, Rule
-from .records import check_not_input, check_writable, read_records
+from .records import check_not_input, check_plot_format, check_writable, plot_path, read_records
 
 SHOWN_RESPONSES = 20  # rows of the printed per-response table
 PLOTTED_RESPONSES = 40
@@ -300,7 +300,9 @@ def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAUL
                resamples: int = DEFAULT_RESAMPLES, seed: int = 0, include_truncated: bool = False,
                log=print) -> dict:
     """`rsd provenance-report`: read, re-categorise, analyse; write the JSON report and the plot."""
+    plot = plot_path(plot)
     check_not_input({"the sentences file": sentences}, {"--out": out, "--plot": plot}, apart=("--out", "--plot"))
+    check_plot_format(plot)
     for path in (out, plot):
         if path is not None:
             check_writable(path)

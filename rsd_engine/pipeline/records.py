@@ -519,6 +519,29 @@ def _same_file(a, b) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
+def plot_path(plot) -> Path | None:
+    """The file a --plot option writes: matplotlib adds ".png" to a name without an extension (so that is the
+    file to check and to name back)."""
+    if not plot:
+        return None
+    path = Path(plot)
+    return path.with_name(path.name + ".png") if not path.suffix else path
+
+
+def check_plot_format(path) -> None:
+    """Before any work: an extension matplotlib cannot write is an error naming --plot (it failed after all the
+    models' work, in matplotlib's words)."""
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix
+    if suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {path}: matplotlib writes {', '.join('.' + f for f in sorted(formats))} files, "
+                         f"not {suffix}; give one of these extensions")
+
+
 def check_writable(path) -> Path:
     """Fail before any generation if `path` cannot be written; creates missing parent folders
     but leaves no file behind."""

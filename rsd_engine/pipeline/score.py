@@ -35,7 +35,8 @@ from pathlib import Path
 
 from .data import not_unicode, read_growing_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
-from .records import check_not_input, check_writable, describe_duplicates, duplicate_ids
+from .records import (check_not_input, check_plot_format, check_writable, describe_duplicates, duplicate_ids,
+                      plot_path)
 from .traces import sft_completion
 from .score_report import file_report, format_table, plot_histogram
 from ..models.loader import check_model_folder
@@ -362,7 +363,9 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
     (`shortfalls` of them says what a run that leaves rows out should exit with)."""
     from rsd_engine.tokens import load_tokenizer
 
+    plot = plot_path(plot)
     check_not_input({"a --data file": list(data)}, {"--out": out, "--plot": plot}, apart=("--out", "--plot"))
+    check_plot_format(plot)
     for path in (out, plot):
         if path is not None:
             check_writable(path)
