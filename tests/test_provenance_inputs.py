@@ -523,3 +523,15 @@ def test_merge_keeps_a_complete_version_over_a_torn_newer_one(tmp_path):
             writer.write_many(records)
     merge_parts(out)
     assert [s["text"] for s in current_sentences(read_records(out))] == ["a", "o0", "o1"]
+
+
+def test_an_id_field_in_no_row_is_refused(tmp_path):
+    """--id-field names a column: one in no row was taken silently for question hashes (select refused it)."""
+    from rsd_engine.pipeline.responses import load_responses
+
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"question": "q", "response": "r", "pid": 3}) + "\n")
+    with pytest.raises(ValueError, match="--id-field 'nope' is in no row; fields: question, response, pid"):
+        load_responses(data, id_field="nope")
+    assert load_responses(data, id_field="pid").responses[0].id == "3"
+    assert not load_responses(data).has_ids  # the default: a hash of the question

@@ -68,6 +68,10 @@ def load_responses(path, *, question_field="question", response_field="response"
         raise ValueError(f"{path}: the file is empty (no responses)")
     responses, skipped, truncated, seen, per_id = [], [], [], {}, {}
     has_ids = any(isinstance(r, dict) and r.get(id_field) is not None for r in rows)
+    if not has_ids and id_field != "id":  # named, not the default: a column that is not there is a typo
+        columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+        raise ValueError(f"{path}: --id-field {id_field!r} is in no row; fields: {', '.join(columns) or '(none)'} "
+                         f"(without --id-field, rows with no 'id' are known by a hash of their question)")
     for number, row in enumerate(rows):
         response, reason = _response(number, row, question_field, response_field, id_field, system_prompt)
         if response is None:
