@@ -285,3 +285,22 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     # A run still writing: its last line cut inside the bytes of "π" is left out and said.
     path.write_bytes(path.read_bytes()[:-3])
     assert read_growing_rows(path) == (rows[:1], True)
+
+
+@pytest.mark.parametrize("lines, kinds", [("[1, 2]\n[3]\n", "lists"), ('"a"\n"b"\n', "strings"),
+                                          ('[1]\n"a"\n', "lists and strings")])
+def test_rows_that_are_no_objects_are_named_as_such(tmp_path, lines, kinds):
+    """Rows that are lists or strings have no fields: said so, where "--question-field 'question' is not a column;
+    columns are (none)" sent the user looking for a column name."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(lines)
+    with pytest.raises(ValueError, match=f"its rows are {kinds}, not objects with fields"):
+        load_problems(path)
+
+
+def test_an_empty_out_is_named():
+    from rsd_engine.pipeline.records import check_output_name
+
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="--out is empty: give the output's file name"):
+            check_output_name(empty)

@@ -59,6 +59,12 @@ def load_problems(path, *, question_field="question", answer_field="answer", id_
     if not rows:
         raise ValueError(f"{path}: the dataset is empty (no rows)")
     columns = _columns(rows)
+    if not columns:  # no row is an object with fields
+        names = {"list": "lists", "str": "strings", "int": "numbers", "float": "numbers", "bool": "true/false",
+                 "NoneType": "nulls"}
+        kinds = sorted({names.get(type(r).__name__, type(r).__name__) for r in rows})
+        raise ValueError(f"{path}: its rows are {' and '.join(kinds)}, not objects with fields; a problem is an object "
+                         f"such as {{\"question\": ..., \"answer\": ...}}")
     if id_field is None and "id" in columns:
         id_field = "id"
     for option, name in (("--question-field", question_field), ("--answer-field", answer_field),

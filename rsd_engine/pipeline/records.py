@@ -489,6 +489,8 @@ def _natural_key(key: str):
 def check_output_name(path) -> Path:
     """An output of JSON lines is named *.jsonl: the readers of every command (score, provenance, select)
     know a file's format by its suffix."""
+    if not str(path).strip():
+        raise ValueError("--out is empty: give the output's file name, such as traces.jsonl")
     path = Path(path)
     if path.suffix != ".jsonl":
         raise ValueError(f"--out {path}: the output is JSON lines, one record each; name it *.jsonl (e.g. "
