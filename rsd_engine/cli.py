@@ -511,10 +511,12 @@ def _fields(args, options) -> dict:
 
 
 def _merge(args):
-    from rsd_engine.pipeline.records import describe_duplicates, merge_parts
+    from rsd_engine.pipeline.records import describe_duplicates, describe_unfinished, merge_parts
 
     report = merge_parts(args.out, force=args.force)
     print(f"merged {report.records} records into {args.out}")
+    if report.unfinished:
+        print(describe_unfinished(report.unfinished))
     if report.forced:
         print("merged under --force despite other settings: " + "; ".join(report.forced))
     if report.forced_runs:

@@ -223,7 +223,7 @@ def test_bad_input(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
               "--samples", "0"])
-    assert "--samples: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert "--samples: must be an integer in [1, 10000], got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(tmp_path / "g.jsonl"),
               "--top-p", "1.5"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rsd_engine.cli import main
 from rsd_engine.pipeline.manifest import manifest_path, read_manifest
 from rsd_engine.pipeline.records import (
     OutputBusy,
@@ -281,6 +282,31 @@ def test_records_of_two_commands_never_share_a_file(tmp_path):
         with pytest.raises(SettingsMismatch, match="holds records of rsd eval, .* of rsd generate: not parts of one"):
             merge_parts(parts, force=force)
     assert not parts.exists() or read_records(parts) == []
+
+
+def test_merge_says_when_a_part_s_run_was_stopped(tmp_path, capsys):
+    """A part whose run was killed midway merged as if its work were done ("merged 19 records", exit 0): a run's
+    manifest says whether it reached its end, and a merge names the parts whose run did not."""
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(part_path(out, 0, 2), {"--seed": 0}) as writer:
+        writer.write({"id": "0"})
+    assert read_manifest(part_path(out, 0, 2))["finished"] is True
+    stopped = RecordWriter(part_path(out, 1, 2), {"--seed": 0})  # a run killed before its end: never left
+    stopped.write({"id": "1"})
+    stopped.close()
+    assert read_manifest(part_path(out, 1, 2))["finished"] is False
+    with pytest.raises(RuntimeError):  # a run that failed did not finish either
+        with RecordWriter(tmp_path / "failed.jsonl", {"--seed": 0}):
+            raise RuntimeError("failed")
+    assert read_manifest(tmp_path / "failed.jsonl")["finished"] is False
+    report = merge_parts(out)
+    assert report.records == 2 and report.unfinished == [part_path(out, 1, 2).name]
+    assert read_manifest(out)["finished"] is False
+    assert main(["merge", str(out)]) in (0, None)
+    assert "were stopped before their end (out.rank00001-of-00002.jsonl)" in capsys.readouterr().out
+    with RecordWriter(part_path(out, 1, 2), {"--seed": 0}):  # rerun to its end
+        pass
+    assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
 
 
 def test_writer_settings_and_a_corrupt_manifest(tmp_path):

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import OutputBusy, describe_duplicates, merge_parts, read_records
+from .records import OutputBusy, describe_duplicates, describe_unfinished, merge_parts, read_records
 
 
 @dataclass
@@ -76,6 +76,8 @@ def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
     counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
     counts = f" ({counts})" if any(statuses) else ""  # only rsd generate records have a status
     log(f"merged {report.parts} parts: {report.records} records{counts} in {out}")
+    if report.unfinished:
+        log(describe_unfinished(report.unfinished))
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     return None

@@ -62,6 +62,9 @@ class RecordWriter:
             self.existing = read_records(self.path)
             self.forced = [] if settings is None else check_settings(
                 self.path, settings, has_records=bool(self.existing), force=force, about=about)
+            self._run = settings is not None  # a command's run: its manifest says whether it finished
+            if self._run:
+                _mark_finished(self.path, False)
         except BaseException:
             self.close()
             raise
@@ -100,8 +103,21 @@ class RecordWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        """Leaving the block without an exception is the run's end: its manifest says "finished" (a part whose run
+        was stopped says it did not, which `rsd merge` reports)."""
+        try:
+            if exc_type is None and self._fd is not None and self._run:
+                _mark_finished(self.path, True)
+        finally:
+            self.close()
+
+
+def _mark_finished(path: Path, finished: bool) -> None:
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("finished") != finished:
+        manifest["finished"] = finished
+        write_manifest(path, manifest)
 
 
 def _open_locked(path: Path) -> int:
@@ -307,6 +323,7 @@ class MergeReport:
     forced_runs: list = field(default_factory=list)  # runs that appended to a part (or out) under --force
     conflicts: dict = field(default_factory=dict)  # {key: files whose copies differ}, merged under force
     parts: int = 0  # part files read
+    unfinished: list = field(default_factory=list)  # parts whose run was stopped before its end (their manifests)
 
 
 MERGE_BLOCK = 4096  # records written (and fsynced) at once by merge_parts
@@ -347,7 +364,9 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 f"{len(conflicts)} records of {out} have copies that differ ({shown}{more}): a file was edited, or "
                 f"holds another run's records; keep the right files only, or pass --force to keep the first copy "
                 f"of each ({out.name}, then the parts by world size and rank)")
+        unfinished = [path.name for path in parts if (read_manifest(path) or {}).get("finished") is False]
         if manifest is not None:
+            manifest["finished"] = not unfinished
             write_manifest(out, manifest)
         records = {key: records[key] for key in _newest(records)}
         tmp = out.with_name(f".{out.name}.merging")
@@ -359,7 +378,13 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
-                       forced_runs, conflicts, len(parts))
+                       forced_runs, conflicts, len(parts), unfinished)
+
+
+def describe_unfinished(parts: list[str]) -> str:
+    return (f"warning: the runs that wrote {len(parts)} of the parts were stopped before their end ({', '.join(parts[:4])}"
+            f"{', ...' if len(parts) > 4 else ''}): the merged output lacks what they had still to do; rerun the "
+            f"command (it resumes), then merge again")
 
 
 def all_finite(value) -> bool:
