@@ -535,3 +535,20 @@ def test_an_id_field_in_no_row_is_refused(tmp_path):
         load_responses(data, id_field="nope")
     assert load_responses(data, id_field="pid").responses[0].id == "3"
     assert not load_responses(data).has_ids  # the default: a hash of the question
+
+
+def test_responses_of_killed_ranks_at_the_end_of_a_merge_are_cut(tmp_path):
+    """A merge of two parts whose ranks were killed mid-response can end with two torn responses: both are cut
+    (as before the check that refuses lines of anything else), and a complete one before them is kept."""
+    from rsd_engine.pipeline.provenance import drop_incomplete
+    from rsd_engine.pipeline.records import RecordWriter
+
+    def lines(rid, n, upto=None):
+        return [{"id": rid, "sample": 0, "response_hash": rid, "index": i, "sentences": n, "category": "shared"}
+                for i in range(n)][:upto]
+
+    out = tmp_path / "s.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines("a", 2) + lines("b", 3, 1) + lines("c", 2, 1)))
+    with RecordWriter(out) as writer:
+        assert drop_incomplete(writer) == 2
+    assert [r["id"] for r in read_records(out)] == ["a", "a"]

@@ -309,6 +309,41 @@ def test_merge_says_when_a_part_s_run_was_stopped(tmp_path, capsys):
     assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
 
 
+def test_the_finished_mark_follows_the_work_not_the_last_attempt(tmp_path):
+    """A part's run killed, then the work done by a resume elsewhere: on one process (on OUT, which did every
+    part's work too) or under another number of ranks (all of whose runs finished). Neither leaves a warning. A
+    rerun refused before it wrote anything leaves the mark as it was."""
+    out = tmp_path / "out.jsonl"
+    settings = {"--seed": 0}
+    for rank in (0, 1):
+        with RecordWriter(part_path(out, rank, 2), settings) as writer:
+            writer.write({"id": str(rank)})
+    killed = RecordWriter(part_path(out, 2, 3), settings)  # a later run of 3 ranks: rank 2 killed
+    killed.write({"id": "2"})
+    killed.close()
+    for rank in (0, 1):
+        with RecordWriter(part_path(out, rank, 3), settings):
+            pass
+    # The 2-rank set finished, but before the 3-rank run came for more: rank 2's are not done.
+    assert merge_parts(out).unfinished == [part_path(out, 2, 3).name]
+    for rank in (0, 1):  # a 2-rank run again, after it: every problem left is done
+        with RecordWriter(part_path(out, rank, 2), settings):
+            pass
+    assert merge_parts(out).unfinished == []
+    killed = RecordWriter(part_path(out, 1, 3), settings)  # killed again, after every finished set
+    killed.write({"id": "3"})
+    killed.close()
+    assert merge_parts(out).unfinished == [part_path(out, 1, 3).name]
+    with pytest.raises(ValueError):  # refused before writing: the mark stays as it was
+        with RecordWriter(part_path(out, 0, 2), settings):
+            raise ValueError("refused")
+    assert read_manifest(part_path(out, 0, 2))["finished"] is True
+    with RecordWriter(out, settings):  # one process on OUT: does what any part had left
+        pass
+    assert read_manifest(part_path(out, 1, 3))["finished"] is True
+    assert merge_parts(out).unfinished == []
+
+
 def test_writer_settings_and_a_corrupt_manifest(tmp_path):
     out = tmp_path / "out.jsonl"
     with RecordWriter(out, {"--seed": 0}) as writer:

@@ -61,7 +61,7 @@ def load_problems(path, *, question_field="question", answer_field="answer", id_
     columns = _columns(rows)
     if not columns:  # no row is an object with fields
         names = {"list": "lists", "str": "strings", "int": "numbers", "float": "numbers", "bool": "true/false",
-                 "NoneType": "nulls"}
+                 "NoneType": "nulls", "dict": "empty objects"}
         kinds = sorted({names.get(type(r).__name__, type(r).__name__) for r in rows})
         raise ValueError(f"{path}: its rows are {' and '.join(kinds)}, not objects with fields; a problem is an object "
                          f"such as {{\"question\": ..., \"answer\": ...}}")

@@ -302,8 +302,8 @@ def is_sentence_line(line) -> bool:
 
 
 def drop_incomplete(writer: RecordWriter) -> int:
-    """Cut off the lines of a response cut short by a kill (only the last group written can be: sentence lines
-    of one response); returns how many lines went. Lines of anything else are never cut: an output that ends
+    """Cut off the lines of responses cut short by a kill (only the last group written can be, or the last groups
+    of a merge of parts killed so: sentence lines); returns how many lines went. Lines of anything else are never cut: an output that ends
     with them (another command's records, lines appended by hand) is refused, --force or not."""
     done = _complete(writer.existing)
     torn = 0
@@ -320,8 +320,7 @@ def drop_incomplete(writer: RecordWriter) -> int:
                          f"{len(writer.existing) - torn + foreign}: {keys}): another command's output, or lines "
                          f"added to it; rsd provenance cuts only its own sentences of a response a kill cut short, "
                          f"and leaves these alone: give another --out")
-    if len({_version(line) for line in tail}) > 1 or any(_version(line) not in done
-                                                          for line in writer.existing[:-torn or None]):
+    if any(_version(line) not in done for line in writer.existing[:-torn or None]):
         raise ValueError(f"{writer.path} has incomplete responses before its last one: the file was changed by "
                          f"something else; give another --out")
     writer.drop_last(torn)

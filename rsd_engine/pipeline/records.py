@@ -23,6 +23,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,14 +58,20 @@ class RecordWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = _open_locked(self.path)
         self.written = 0
+        self._changed = False  # records written or cut by this run
         try:
             _repair_tail(self.path)
             self.existing = read_records(self.path)
             self.forced = [] if settings is None else check_settings(
                 self.path, settings, has_records=bool(self.existing), force=force, about=about)
-            self._run = settings is not None  # a command's run: its manifest says whether it finished
+            # A command's run: its manifest says whether the run reached its end ("finished"; False from here
+            # until then). A run refused before it wrote anything leaves the mark as it was (_restore).
+            self._run = settings is not None
+            held = (read_manifest(self.path) or {}) if self._run else {}
+            self._was = {key: held.get(key) for key in ("finished", "run_started")}
+            self._started = time.time()
             if self._run:
-                _mark_finished(self.path, False)
+                _mark_finished(self.path, False, self._started)
         except BaseException:
             self.close()
             raise
@@ -80,6 +87,7 @@ class RecordWriter:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
         self.written += len(records)
+        self._changed = True
 
     def drop_last(self, count: int) -> None:
         """Cut the last `count` records off the file: a group of records that a kill cut short
@@ -93,6 +101,7 @@ class RecordWriter:
             cut = data.rfind(b"\n", 0, cut)
         os.ftruncate(self._fd, cut + 1)
         os.fsync(self._fd)
+        self._changed = True
         self.existing = self.existing[:-count]
 
     def close(self) -> None:
@@ -105,19 +114,52 @@ class RecordWriter:
 
     def __exit__(self, exc_type, *exc):
         """Leaving the block without an exception is the run's end: its manifest says "finished" (a part whose run
-        was stopped says it did not, which `rsd merge` reports)."""
+        was stopped says it did not, which `rsd merge` reports). A run on OUT itself (one process) has done the
+        work of every part beside it too: their marks say so. A refusal (a ValueError) before anything was written
+        leaves the mark as it was."""
         try:
-            if exc_type is None and self._fd is not None and self._run:
-                _mark_finished(self.path, True)
+            if self._fd is not None and self._run:
+                if exc_type is None:
+                    _mark_finished(self.path, True, self._started)
+                    if not _is_part(self.path):
+                        _mark_idle_parts_finished(self.path, self._started)
+                elif issubclass(exc_type, ValueError) and not self._changed:
+                    _mark_finished(self.path, self._was["finished"], self._was["run_started"])
         finally:
             self.close()
 
 
-def _mark_finished(path: Path, finished: bool) -> None:
+def _mark_finished(path: Path, finished: bool | None, started: float | None) -> None:
+    """Set the manifest's marks of the last run (None: remove): whether it reached its end, and when it started."""
     manifest = read_manifest(path)
-    if manifest is not None and manifest.get("finished") != finished:
-        manifest["finished"] = finished
-        write_manifest(path, manifest)
+    if manifest is None:
+        return
+    marks = {"finished": finished, "run_started": started}
+    if all(manifest.get(key) == value for key, value in marks.items()):
+        return
+    for key, value in marks.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    write_manifest(path, manifest)
+
+
+def _is_part(path: Path) -> bool:
+    return re.search(r"\.rank\d{5}-of-\d{5}\.[^.]+$", Path(path).name) is not None
+
+
+def _mark_idle_parts_finished(out: Path, started: float) -> None:
+    """A run on OUT that reached its end did what every part's earlier run had left: marked finished."""
+    for part in part_files(out).values():
+        held = read_manifest(part) or {}
+        if held.get("finished") is not False or (held.get("run_started") or 0) > started:
+            continue
+        try:
+            _check_idle(part)
+        except (OutputBusy, OSError):
+            continue  # a rank still writing it says so itself when it ends
+        _mark_finished(part, True, held.get("run_started"))
 
 
 def _open_locked(path: Path) -> int:
@@ -364,7 +406,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 f"{len(conflicts)} records of {out} have copies that differ ({shown}{more}): a file was edited, or "
                 f"holds another run's records; keep the right files only, or pass --force to keep the first copy "
                 f"of each ({out.name}, then the parts by world size and rank)")
-        unfinished = [path.name for path in parts if (read_manifest(path) or {}).get("finished") is False]
+        unfinished = _unfinished(parts)
         if manifest is not None:
             manifest["finished"] = not unfinished
             write_manifest(out, manifest)
@@ -379,6 +421,20 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
                        forced_runs, conflicts, len(parts), unfinished)
+
+
+def _unfinished(parts: list[Path]) -> list[str]:
+    """The parts whose last run was stopped before its end, unless the runs of every rank of some world size
+    started after it and reached theirs (between them they did every problem left, that part's too)."""
+    marks = {path: read_manifest(path) or {} for path in parts}
+    worlds = {}
+    for path in parts:
+        match = re.search(r"\.rank(\d{5})-of-(\d{5})\.[^.]+$", path.name)
+        worlds.setdefault(int(match[2]) if match else 0, []).append(marks[path])
+    done_sets = [min(m.get("run_started") or 0 for m in ms) for world, ms in worlds.items()
+                 if world and len(ms) == world and all(m.get("finished") is True for m in ms)]
+    return [path.name for path in parts if marks[path].get("finished") is False
+            and not any(start > (marks[path].get("run_started") or 0) for start in done_sets)]
 
 
 def describe_unfinished(parts: list[str]) -> str:
@@ -583,7 +639,7 @@ def check_writable(path) -> Path:
         else:
             # A file of our own beside it, not `path`: creating `path` and removing it again would remove the
             # output of a run that created and locked it in between (that run's records then went nowhere).
-            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+            fd, probe = tempfile.mkstemp(prefix=".rsd", dir=path.parent)  # short: any legal name of path fits
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
