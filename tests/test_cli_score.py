@@ -493,3 +493,23 @@ def test_completion_field_and_chat_rows_are_tokenised_in_context():
     chat_trace, why = _trace(0, {"messages": [{"role": "user", "content": question},
                                               {"role": "assistant", "content": completion}]}, tok, None, "question", "")
     assert why == "" and (chat_trace.prompt_ids, chat_trace.completion_ids) == expected
+
+
+def test_ids_other_writers_decoded_their_way_are_scored(tiny_pair, tmp_path):
+    """The check that ids spell the completion accepts the ways other writers decode the student's own ids: the
+    EOS they stopped on left out of the text (vLLM), special tokens skipped, and TRL's own tokenised rows, whose
+    completion_mask starts inside the prompt where a token merged across the boundary."""
+    from rsd_engine.pipeline.score import read_traces
+    from rsd_engine.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_pair[1])
+    prompt = build_prompt(tokenizer, QUESTIONS[0], "Be brief.").text
+    text = "Then x = 4.</think> The answer is \\boxed{4}."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    whole = tokenizer.encode(prompt + text, add_special_tokens=False)
+    start = len(tokenizer.encode(prompt, add_special_tokens=False)) - 1  # as if the last prompt token merged
+    rows = [{"id": "eos", "prompt": prompt, "completion": text, "token_ids": ids + [tokenizer.eos_token_id]},
+            {"id": "trl", "prompt": prompt, "completion": text, "input_ids": whole,
+             "completion_mask": [0] * start + [1] * (len(whole) - start)}]
+    read = read_traces(write_rows(tmp_path / "t.jsonl", rows), tokenizer)
+    assert [t.id for t in read.traces] == ["eos", "trl"] and read.skipped == []

@@ -109,9 +109,8 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
     if "input_ids" in row and "completion_mask" in row:
         trace, reason = _tokenised_trace(trace_id, row["input_ids"], row["completion_mask"])
-        if trace is not None and trace.completion_ids and isinstance(row.get("completion"), str) \
-                and _ids_in_range(tokenizer, trace.prompt_ids + trace.completion_ids) \
-                and sft_completion(tokenizer, trace.prompt_ids, trace.completion_ids) != row["completion"]:
+        if trace is not None and isinstance(row.get("completion"), str) and not _spelled(
+                tokenizer, trace.prompt_ids, trace.completion_ids, row.get("prompt"), row["completion"]):
             return None, _OTHER_TOKENIZER.format(field="input_ids")
         return trace, reason
     prompt = row.get("prompt")
@@ -122,8 +121,7 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         reason = _not_ids("token_ids", ids)
         if reason:
             return None, reason
-        if isinstance(row.get("completion"), str) and _ids_in_range(tokenizer, ids) \
-                and tokenizer.decode(ids, skip_special_tokens=False) != row["completion"]:
+        if isinstance(row.get("completion"), str) and not _spelled(tokenizer, [], ids, None, row["completion"]):
             return None, _OTHER_TOKENIZER.format(field="token_ids")
         return Trace(trace_id, encode(prompt), ids), ""
     if isinstance(row.get("completion"), str):
@@ -131,14 +129,25 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
     return None, "no 'token_ids' or 'completion'"
 
 
-_OTHER_TOKENIZER = ("its {field!r} do not decode to its 'completion' under the student's tokenizer: ids of "
-                    "another tokenizer (score traces with the student whose tokenizer wrote them)")
+_OTHER_TOKENIZER = ("its {field!r} do not decode to its 'completion' under the student's tokenizer: ids of another "
+                    "tokenizer? (score traces with the student whose tokenizer wrote them, or without the ids, as "
+                    "text)")
 
 
-def _ids_in_range(tokenizer, ids) -> bool:
-    """Whether every id is one the tokenizer can decode (an id past it is named later, as unscorable; its text is
-    not compared)."""
-    return all(0 <= t < len(tokenizer) for t in ids)
+def _spelled(tokenizer, prompt_ids: list[int], ids: list[int], prompt: str | None, completion: str) -> bool:
+    """Whether token ids spell a row's completion text under the student's tokenizer, as any writer would have
+    decoded them: rsd's records (decode(ids); --format sft: sft_completion after the prompt's ids), others'
+    (without special tokens, vLLM's default; the EOS they stopped on not in the text; TRL's own tokenised rows,
+    whose completion_mask may start inside the prompt, where prompt + completion is the whole). Ids past the
+    tokenizer are not compared (they are named later, as unscorable); nor are rows without completion ids."""
+    if not ids or not all(0 <= t < len(tokenizer) for t in [*prompt_ids, *ids]):
+        return True
+    decode = lambda ids, skip=False: tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
+    if completion in (decode(ids), decode(ids, True), decode(ids[:-1])):
+        return True
+    if prompt_ids and sft_completion(tokenizer, prompt_ids, ids) == completion:
+        return True
+    return isinstance(prompt, str) and prompt_ids and decode(prompt_ids + ids) == prompt + completion
 
 
 def _not_ids(field: str, ids) -> str:
