@@ -19,11 +19,14 @@ pysbd are quadratic; each is replaced here by one that returns the same result:
   passes matched it again after the "\\r" the last one wrote).
 - ``Segmenter.sentences_with_char_spans`` finds each sentence in the original text by scanning from
   its start for the first of the sentence's non-overlapping occurrences (each taking the whitespace
-  after it) that ends past the previous sentence's end: k sentences cost k scans of the text. Where a
-  sentence cannot overlap itself (no proper prefix equal to a suffix) and does not begin with
-  whitespace, its occurrences never overlap, so they are all in that scan's sequence, and an
+  after it) that ends past the previous sentence's end: k sentences cost k scans of the text. An
   occurrence starting before ``j - len(sentence)`` (j: where the whitespace just before the previous
-  end begins) ends before j: the search starts there. Other sentences are scanned as pysbd does.
+  end begins) ends before j, so the first occurrence at or after that point is the first candidate.
+  Where no occurrence overlaps that one from the left and the sentence does not begin with
+  whitespace, the scan from the start takes it too (the scan's previous match ends before it: it
+  starts at least a sentence's length earlier and its whitespace stops at the sentence's first
+  character), and the scan continues from there as pysbd's. Otherwise pysbd's scan runs as it is
+  (occurrences overlapping from the left: "aa" in "aaa").
 
 Only pysbd 0.3.4's code was read for this (tests/test_pysbd_linear.py compares both on generated
 texts and on champ's maths text; bench/bench_sentences.py times both); another version is used as it is.
@@ -103,17 +106,22 @@ def _iterate_alphabet_array(self, regex, parens=False, roman_numeral=False):
     return self.text
 
 
-def _overlaps_itself(text: str) -> bool:
-    """Whether a proper prefix of `text` equals its suffix (the last value of the KMP prefix function)."""
-    border = [0] * len(text)
-    k = 0
-    for i in range(1, len(text)):
-        while k and text[i] != text[k]:
-            k = border[k - 1]
-        if text[i] == text[k]:
-            k += 1
-        border[i] = k
-    return bool(text) and border[-1] > 0
+def _first_span_after(text: str, sent: str, prior_end: int):
+    """pysbd's match for `sent`: of the non-overlapping matches of `sent` and the whitespace after it, scanned from
+    the text's start, the first that ends past prior_end (None if none). Found from near prior_end where that is
+    provably the same match (module docstring), else by pysbd's scan."""
+    pattern = re.compile(re.escape(sent) + r"\s*")
+    if sent and not sent[0].isspace():
+        j = prior_end
+        while j > 0 and text[j - 1].isspace():
+            j -= 1
+        at = text.find(sent, max(0, j - len(sent)))
+        if at < 0:
+            return None
+        left = text.find(sent, max(0, at - len(sent) + 1), at - 1 + len(sent))
+        if left < 0 or left >= at:  # no occurrence overlaps it from the left: the scan from the start takes it
+            return next((m for m in pattern.finditer(text, at) if m.end() > prior_end), None)
+    return next((m for m in pattern.finditer(text) if m.end() > prior_end), None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,20 +143,7 @@ def segmenter_class():
             text = self.original_text
             spans, prior_end = [], 0
             for sent in sentences:
-                pattern = re.compile(re.escape(sent) + r"\s*")
-                if not sent or sent[0].isspace() or _overlaps_itself(sent):
-                    found = next((m for m in pattern.finditer(text) if m.end() > prior_end), None)
-                else:
-                    j = prior_end
-                    while j > 0 and text[j - 1].isspace():
-                        j -= 1
-                    found, at = None, text.find(sent, max(0, j - len(sent)))
-                    while at >= 0:
-                        match = pattern.match(text, at)
-                        if match.end() > prior_end:
-                            found = match
-                            break
-                        at = text.find(sent, at + len(sent))
+                found = _first_span_after(text, sent, prior_end)
                 if found is not None:
                     spans.append(TextSpan(found.group(), found.start(), found.end()))
                     prior_end = found.end()
