@@ -21,6 +21,7 @@ from rsd_engine.pipeline.records import (
     check_writable,
     done_ids,
     find_parts,
+    held_elsewhere,
     merge_parts,
     part_path,
     read_records,
@@ -342,6 +343,24 @@ def test_the_finished_mark_follows_the_work_not_the_last_attempt(tmp_path):
         pass
     assert read_manifest(part_path(out, 1, 3))["finished"] is True
     assert merge_parts(out).unfinished == []
+
+
+def test_a_run_on_an_output_refuses_while_another_run_writes_another_of_its_files(tmp_path):
+    """A one-process run on OUT and a run of ranks on its parts at once each locked only its own file: both did
+    the same problems. A run refuses while another run writes OUT or a part of another number of ranks; the
+    sibling ranks of its own run write their parts beside it."""
+    out = tmp_path / "out.jsonl"
+    settings = {"--seed": 0}
+    with RecordWriter(out, settings):  # a one-process run writing OUT
+        with pytest.raises(OutputBusy, match="is being written by another run"):
+            held_elsewhere(out, part_path(out, 0, 2), settings, force=False)
+    with RecordWriter(part_path(out, 1, 2), settings) as sibling:  # a rank of a 2-rank run
+        sibling.write({"id": "1"})
+        assert list(held_elsewhere(out, part_path(out, 0, 2), settings, force=False)) == [part_path(out, 1, 2)]
+        for target in (out, part_path(out, 0, 3)):  # one process, or another number of ranks
+            with pytest.raises(OutputBusy, match=r"rank00001-of-00002.jsonl is being written by another run"):
+                held_elsewhere(out, target, settings, force=False)
+    assert list(held_elsewhere(out, out, settings, force=False)) == [part_path(out, 1, 2)]  # idle: read
 
 
 def test_writer_settings_and_a_corrupt_manifest(tmp_path):

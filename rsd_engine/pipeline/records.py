@@ -145,8 +145,14 @@ def _mark_finished(path: Path, finished: bool | None, started: float | None) -> 
     write_manifest(path, manifest)
 
 
+def _part_world(path: Path) -> int | None:
+    """The world size of the run that writes a part file (None for a file that is no part)."""
+    match = re.search(r"\.rank\d{5}-of-(\d{5})\.[^.]+$", Path(path).name)
+    return int(match[1]) if match else None
+
+
 def _is_part(path: Path) -> bool:
-    return re.search(r"\.rank\d{5}-of-\d{5}\.[^.]+$", Path(path).name) is not None
+    return _part_world(path) is not None
 
 
 def _mark_idle_parts_finished(out: Path, started: float) -> None:
@@ -324,17 +330,31 @@ def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, li
     resuming from `target` alone would write it again (a reordered input moves rows between ranks). Each file
     that holds records must have been made with `settings` (SettingsMismatch otherwise, unless `force`)."""
     out, target = Path(out), Path(target)
-    paths = ([out] if target != out else []) + [path for _, path in sorted(part_files(out).items(),
-                                                                           key=lambda item: item[0][::-1])]
+    parts = part_files(out)
+    paths = ([out] if target != out else []) + [path for _, path in sorted(parts.items(), key=lambda item: item[0][::-1])]
     held = {}
     for path in paths:
         if path == target:
             continue
+        if target == out or _part_world(path) != _part_world(target):  # a sibling rank writes its own part
+            _refuse_if_busy(path)
         records = read_records(path)
         if records:
             check_settings(path, settings, has_records=True, force=force, write=False)
             held[path] = records
     return held
+
+
+def _refuse_if_busy(path: Path) -> None:
+    """Another run writing another file of this output (a run on one process and a run of ranks at once, or runs
+    of two numbers of ranks) would do the same problems twice: one run at a time."""
+    try:
+        _check_idle(path)
+    except FileNotFoundError:
+        return  # no such file (yet): nobody writes it
+    except OutputBusy:
+        raise OutputBusy(f"{path} is being written by another run{_holder(path)}: one run at a time on an output and "
+                         f"its parts; wait for it to end, or give another --out") from None
 
 
 def unmerged_parts(out, elsewhere: dict[Path, list[dict]]) -> dict[Path, list[dict]]:
