@@ -105,3 +105,14 @@ def test_models_take_hub_ids_and_revisions(capsys, command, options):
         assert "branch, tag or commit of a Hub id" in entries[option]
     model = options[0].removesuffix("-revision") if options[0] != "--revision" else "--model"
     assert "Hugging Face Hub id such as Qwen/Qwen3-0.6B" in entries[model]
+
+
+def test_demo_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    """rsd demo writes a folder: a file named as --out said "not writable: File exists"."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--out", str(afile)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"--out {afile} is a file: rsd demo writes a folder" in err
+    assert afile.read_text() == "kept\n"

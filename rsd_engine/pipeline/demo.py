@@ -31,6 +31,9 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
     from .demo_models import STUDENT_BITS, STUDENT_GROUP_SIZE, demo_student_dir, demo_teacher_dir  # torch: lazily
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: rsd demo writes a folder (problems.jsonl, traces.jsonl and "
+                         f"their manifests); give a folder's name")
     traces = out_dir / "traces.jsonl"
     check_writable(traces)
     params = SamplingParams(max_new_tokens=max_new_tokens)  # otherwise the paper's defaults
