@@ -65,7 +65,7 @@ class RecordWriter:
             self.forced = [] if settings is None else check_settings(
                 self.path, settings, has_records=bool(self.existing), force=force, about=about)
             # A command's run: its manifest says whether the run reached its end ("finished"; False from here
-            # until then). A run refused before it wrote anything leaves the mark as it was (_restore).
+            # until then). A run refused before it wrote anything leaves the mark as it was (__exit__).
             self._run = settings is not None
             held = (read_manifest(self.path) or {}) if self._run else {}
             self._was = {key: held.get(key) for key in ("finished", "run_started")}
