@@ -656,3 +656,28 @@ def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, 
         with pytest.raises(SystemExit) as stopped:
             main([command, option, value])
         assert stopped.value.code == 2 and f"{option}: must be an integer in [1, " in capsys.readouterr().err
+
+
+def test_cuda_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
+    """torch's OutOfMemoryError (a RuntimeError) of a too large batch on a card: one line naming the options that
+    size memory, exit 2; any other RuntimeError is still raised as it is."""
+    from rsd_engine import cli
+
+    class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError's name, without a card
+        pass
+
+    for error, caught in ((OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\ndetails"), True),
+                          (RuntimeError("a bug"), False)):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setitem(cli.COMMANDS, "merge", fail)
+        if caught:
+            with pytest.raises(SystemExit) as stopped:
+                main(["merge", "x.jsonl"])
+            err = capsys.readouterr().err
+            assert stopped.value.code == 2 and err == ("rsd merge: error: CUDA out of memory. Tried to allocate 2.00 "
+                                                       "GiB; lower --max-batch-size, --max-seq-len or --max-new-tokens\n")
+        else:
+            with pytest.raises(RuntimeError, match="a bug"):
+                main(["merge", "x.jsonl"])

@@ -288,7 +288,7 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
 
 
 @pytest.mark.parametrize("lines, kinds", [("[1, 2]\n[3]\n", "lists"), ('"a"\n"b"\n', "strings"),
-                                          ('[1]\n"a"\n', "lists and strings")])
+                                          ('[1]\n"a"\n', "lists and strings"), ("{}\n{}\n", "empty objects")])
 def test_rows_that_are_no_objects_are_named_as_such(tmp_path, lines, kinds):
     """Rows that are lists or strings have no fields: said so, where "--question-field 'question' is not a column;
     columns are (none)" sent the user looking for a column name."""

@@ -449,8 +449,7 @@ def _unfinished(parts: list[Path]) -> list[str]:
     marks = {path: read_manifest(path) or {} for path in parts}
     worlds = {}
     for path in parts:
-        match = re.search(r"\.rank(\d{5})-of-(\d{5})\.[^.]+$", path.name)
-        worlds.setdefault(int(match[2]) if match else 0, []).append(marks[path])
+        worlds.setdefault(_part_world(path) or 0, []).append(marks[path])
     done_sets = [min(m.get("run_started") or 0 for m in ms) for world, ms in worlds.items()
                  if world and len(ms) == world and all(m.get("finished") is True for m in ms)]
     return [path.name for path in parts if marks[path].get("finished") is False

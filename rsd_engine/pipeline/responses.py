@@ -21,7 +21,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import not_unicode, question_id, read_rows
+from .data import _columns, not_unicode, question_id, read_rows
 from .readers import strip_think_open
 
 
@@ -69,7 +69,7 @@ def load_responses(path, *, question_field="question", response_field="response"
     responses, skipped, truncated, seen, per_id = [], [], [], {}, {}
     has_ids = any(isinstance(r, dict) and r.get(id_field) is not None for r in rows)
     if not has_ids and id_field != "id":  # named, not the default: a column that is not there is a typo
-        columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+        columns = _columns(rows)
         raise ValueError(f"{path}: --id-field {id_field!r} is in no row; fields: {', '.join(columns) or '(none)'} "
                          f"(without --id-field, rows with no 'id' are known by a hash of their question)")
     for number, row in enumerate(rows):
