@@ -681,3 +681,56 @@ def test_cuda_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
         else:
             with pytest.raises(RuntimeError, match="a bug"):
                 main(["merge", "x.jsonl"])
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_two_runs_started_at_once_cannot_both_write_one_output(pair, tmp_path, capsys, monkeypatch, command):
+    """A run checked that no other run wrote another file of its output, then locked its own: a run of ranks that
+    locked its part in between (both started in the same instant) went on beside it, and both did the same
+    problems. The check is made under the run's own lock now, and the refused run's manifest stays as it was."""
+    from rsd_engine.pipeline import records
+
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    other, real = [], records._open_locked
+
+    def open_locked(path):
+        if Path(path) == out and not other:  # the other run's rank locks its part just before this run locks OUT
+            other.append(records.RecordWriter(records.part_path(out, 0, 2)))
+        return real(path)
+
+    monkeypatch.setattr(records, "_open_locked", open_locked)
+    models = (["--teacher", str(pair[0]), "--student", str(pair[1])] if command == "generate" else
+              ["--model", str(pair[1])])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *models, "--data", str(data), "--out", str(out), "--id-field", "id", "--system-prompt",
+                  SYSTEM, "--max-new-tokens", "40", "--no-progress"])
+        assert exit_info.value.code == 2
+    finally:
+        for writer in other:
+            writer.close()
+    assert "out.rank00000-of-00002.jsonl is being written by another run" in capsys.readouterr().err
+    assert read_records(out) == [] and (records.read_manifest(out) or {}).get("finished") is None
+
+
+def test_records_a_run_wrote_while_this_one_started_are_read_again(pair, tmp_path, capsys, monkeypatch):
+    """A run of ranks that wrote its part between this run's reading of OUT's other files and its lock: its
+    problems were done again into OUT (the same problem twice in the merged dataset). Read again under the lock."""
+    from rsd_engine.pipeline import records
+
+    data, out, done = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl", tmp_path / "done" / "out.jsonl"
+    generate(pair, data, done)
+    capsys.readouterr()
+    real = records._open_locked
+
+    def open_locked(path):
+        part = records.part_path(out, 0, 2)
+        if Path(path) == out and not part.exists():  # the other run ends just before this one locks OUT
+            part.write_bytes(done.read_bytes())
+            Path(f"{part}.manifest.json").write_bytes(Path(f"{done}.manifest.json").read_bytes())
+        return real(path)
+
+    monkeypatch.setattr(records, "_open_locked", open_locked)
+    generate(pair, data, out)
+    assert "problems: 4 (4 already in the output, 0 written now)" in capsys.readouterr().out
+    assert read_records(out) == []

@@ -29,7 +29,7 @@ from .progress import unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
-                      part_path, read_records, unmerged_parts)
+                      others_state, part_path, read_records, recheck_elsewhere, unmerged_parts)
 from .traces import final_answer
 from ..models.loader import check_model_folder
 
@@ -101,11 +101,14 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                                       tuple(o for o in RUNTIME_OPTIONS if o != "max_seq_len") + ("samples",),
                                       command="eval")
     settings["--id-field"] = problem_set.id_field
-    # Records in OUT's other files (an earlier merge, every part of any world size) are done too.
+    # Records in OUT's other files (an earlier merge, every part of any world size) are done too: read here to refuse
+    # other settings before any file of ours is made, checked again under our lock (recheck_elsewhere).
+    state = others_state(out, target)
     elsewhere = held_elsewhere(out, target, settings, force=opts.force)
     group = init_process_group(dist, log)
     try:
         with RecordWriter(target, settings, force=opts.force, about=about) as writer:
+            elsewhere = recheck_elsewhere(out, target, settings, force=opts.force, held=elsewhere, state=state)
             held = writer.existing + [r for records in elsewhere.values() for r in records]
             changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
             done = {(str(r["id"]), r["sample"]) for r in held if is_eval_record(r)}

@@ -34,7 +34,7 @@ from .manifest import COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_f
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
-                      held_elsewhere, note_unmerged, part_path, read_records)
+                      held_elsewhere, note_unmerged, others_state, part_path, read_records, recheck_elsewhere)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import STATUSES, check_attempt, select_trace, to_sft
@@ -132,17 +132,20 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     mine = shard_problems(problems, dist.rank, dist.world_size)
     _check_format(target, opts.format)
     settings, about = record_settings(opts, problem_set.id_field)
-    # Records in OUT's other files (an earlier merge, every part of any world size) are done too.
+    # Records in OUT's other files (an earlier merge, every part of any world size) are done too: read here to refuse
+    # other settings before any file of ours is made, checked again under our lock (recheck_elsewhere).
+    state = others_state(out, target)
     elsewhere = held_elsewhere(out, target, settings, force=opts.force)
     # --format sft: unfinished records go to their own file (module docstring), checked as OUT is.
     prefixes = unfinished_path(out) if opts.format == "sft" else None
-    prefix_target, prefixes_elsewhere = None, {}
+    prefix_target, prefixes_elsewhere, prefixes_state = None, {}, {}
     if prefixes is not None:
         prefix_target = part_path(prefixes, dist.rank, dist.world_size) if dist.world_size > 1 else prefixes
         check_writable(prefix_target)
         check_not_input({"--data": opts.data}, {"--format sft's file of unfinished records": prefixes,
                                                 "its part": prefix_target})
         _check_format(prefix_target, "jsonl")
+        prefixes_state = others_state(prefixes, prefix_target)
         prefixes_elsewhere = held_elsewhere(prefixes, prefix_target, settings, force=opts.force)
     for path in elsewhere:
         _check_format(path, opts.format)
@@ -156,6 +159,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             if prefix_target is not None:
                 prefix_writer = stack.enter_context(RecordWriter(prefix_target, settings, force=opts.force,
                                                                  about=about))
+                prefixes_elsewhere = recheck_elsewhere(prefixes, prefix_target, settings, force=opts.force,
+                                                       held=prefixes_elsewhere, state=prefixes_state)
+            elsewhere = recheck_elsewhere(out, target, settings, force=opts.force, held=elsewhere, state=state)
             files = [writer.existing, *elsewhere.values(), *prefixes_elsewhere.values()]
             files += [prefix_writer.existing] if prefix_writer else []
             held = [r for records in files for r in records]

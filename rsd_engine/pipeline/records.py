@@ -33,7 +33,8 @@ from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, o
                        write_manifest)
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
-           "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "check_writable",
+           "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "others_state",
+           "recheck_elsewhere", "check_writable",
            "RecordConflict", "all_finite"]
 
 
@@ -115,15 +116,15 @@ class RecordWriter:
     def __exit__(self, exc_type, *exc):
         """Leaving the block without an exception is the run's end: its manifest says "finished" (a part whose run
         was stopped says it did not, which `rsd merge` reports). A run on OUT itself (one process) has done the
-        work of every part beside it too: their marks say so. A refusal (a ValueError) before anything was written
-        leaves the mark as it was."""
+        work of every part beside it too: their marks say so. A refusal (a ValueError, or another run found busy)
+        before anything was written leaves the mark as it was."""
         try:
             if self._fd is not None and self._run:
                 if exc_type is None:
                     _mark_finished(self.path, True, self._started)
                     if not _is_part(self.path):
                         _mark_idle_parts_finished(self.path, self._started)
-                elif issubclass(exc_type, ValueError) and not self._changed:
+                elif issubclass(exc_type, (ValueError, OutputBusy)) and not self._changed:
                     _mark_finished(self.path, self._was["finished"], self._was["run_started"])
         finally:
             self.close()
@@ -343,6 +344,34 @@ def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, li
             check_settings(path, settings, has_records=True, force=force, write=False)
             held[path] = records
     return held
+
+
+def others_state(out, target) -> dict[Path, tuple[int, int, int]]:
+    """(inode, size, mtime) of each of OUT's files that `held_elsewhere` reads: taken before it reads them, it tells
+    `recheck_elsewhere` whether another run wrote them since."""
+    out, target = Path(out), Path(target)
+    state = {}
+    for path in ([out] if target != out else []) + list(part_files(out).values()):
+        if path != target:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            state[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return state
+
+
+def recheck_elsewhere(out, target, settings: dict, *, force: bool, held: dict[Path, list[dict]],
+                      state: dict) -> dict[Path, list[dict]]:
+    """`held_elsewhere` again, once this process holds `target`'s lock: two runs started at once could both pass its
+    busy check before either locked, and a run that ended in between wrote records that `held` lacks. Refuses while
+    another run writes another file of OUT; reads them again only if they changed since `state` (others_state)."""
+    if others_state(out, target) == state:
+        for path in state:
+            if Path(target) == Path(out) or _part_world(path) != _part_world(target):
+                _refuse_if_busy(path)
+        return held
+    return held_elsewhere(out, target, settings, force=force)
 
 
 def _refuse_if_busy(path: Path) -> None:
