@@ -555,7 +555,8 @@ def main(argv=None) -> int:
     try:
         _resolve_models(args)
         return COMMANDS[args.command](args) or 0
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, OutputBusy) as err:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, OutputBusy,
+            ImportError) as err:  # ImportError: an optional package a command needs, named with its install
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
     except MemoryError as err:  # a KV cache, a work list: sized by the options
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: out of memory: {err or 'no detail'}; lower "

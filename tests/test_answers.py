@@ -30,6 +30,12 @@ from rsd_engine.pipeline.answers import extract_final_answer, is_correct, refere
         ("no box here", None),
         (r"\boxed{unclosed", None),
         ("", None),
+        # several boxes of one answer, joined by commas, "and" or "x =" on one line, are its values
+        (r"So the solutions are $x = \boxed{16}$ and $x = \boxed{81}$.", "16, 81"),
+        (r"\boxed{1}, \boxed{4} and \boxed{9}", "1, 4, 9"),
+        ("\\boxed{3}\n\\boxed{5}", "5"),  # a line apart: the later one is final
+        (r"\boxed{\boxed{3}}", "3"),
+        (r"I had \boxed{16} and then \boxed{81", None),
     ],
 )
 def test_extract_final_answer(text, expected):
@@ -120,3 +126,96 @@ def test_works_off_the_main_thread():
     thread.start()
     thread.join()
     assert results == [(True, False)]
+
+
+@pytest.mark.parametrize("predicted, reference", [
+    # math-verify reads the last number of an answer with a remark: the answer's own value is its head
+    ("15 (for n = 3)", "3"),
+    ("5 (i.e., not 7)", "7"),
+    ("0 (when x = 2)", "2"),
+    ("3 (or 4)", "4"),  # math-verify reads "or" as a comma: "3 (, 4)"
+    (r"6 \text{ (mod } 7)", "7"),
+    # LaTeX spacing as a thousands separator is no product: 10\,000 is not 10*0
+    (r"10\,000", "0"),
+    ("0", r"10\,000"),
+    # a reference in words is not its first number (nor a product of letters that an answer 0 matches)
+    ("20", "Always greater than 20"),
+    ("1", "At least 1 number"),
+    ("1", "0 is the only possible value"),
+    ("3", "-3 is the only possible value"),
+    ("81", "x=16 and x=81"),
+    (r"\text{No}", "Yes"),
+    ("n", "n times"),
+])
+def test_answers_that_a_partial_reading_took_for_right_are_wrong(predicted, reference):
+    assert is_correct(predicted, reference) is False
+
+
+@pytest.mark.parametrize("predicted, reference", [
+    # references in words, as champ writes 119 of its 270: the value they state
+    ("3", "3 is the only possible value"),
+    ("-3", "-3 is the only possible value"),
+    ("0", "0 is the only possible value"),
+    ("98", "98 values"),
+    (r"98 \text{ values}", "98 values"),
+    ("2", "The limit exists and is equal to 2"),
+    (r"\frac{a+3b}{2}", "The limit exists and is equal to (a+3b)/2"),
+    ("8", "The function is periodic, with a period of 8"),
+    ("999", "999 (i.e., all except for one value)"),
+    # either form of "A, or equivalently B"
+    ("252", "C(10, 5), or equivalently 252"),
+    (r"\frac{5}{14}", "5/14, or approximately 35.7%"),
+    (r"\frac{n(n+1)(2n+1)}{6}", "sum_(i=1)^n i^2, or equivalently n(n+1)(2n+1)/6"),
+    # words only: the same words
+    (r"\text{Yes}", "Yes"),
+    (r"\text{No integer solutions.}", "No integer solutions"),
+    # thousands separators, boxed answers of several values
+    (r"10\,000", "10000"),
+    ("10000", r"10\,000"),
+    (r"1{,}000", "1000"),
+    ("16, 81", "x=16 and x=81"),
+    ("376, 625", "376 and 625"),
+    # a remark whose number is the answer's own
+    ("100 (i.e., all values)", "100"),
+    (r"\frac{1}{2} \text{ hours}", "1/2"),
+    (r"\text{Answer: } 42", "42"),
+])
+def test_answers_in_the_forms_references_and_models_write_them(predicted, reference):
+    assert is_correct(predicted, reference)
+
+
+def test_champ_references_in_words_are_read_or_named_unreadable():
+    from rsd_engine.pipeline.answers import _reference_readings
+    from rsd_engine.pipeline.data import champ_problems
+
+    readings = {p.answer: _reference_readings(p.answer) for p in champ_problems()}
+    # no reading of a reference is a product of its letters (what wrapping "98 values" in $...$ made of it)
+    for answer, forms in readings.items():
+        for form in forms:
+            if not isinstance(form, str):
+                assert not {"E", "a", "l", "s", "u", "v"} <= {str(x) for x in getattr(form[0], "free_symbols", ())}, answer
+    assert [str(form[0]) for form in readings["The limit exists and is equal to 2/3"]] == ["2/3"]
+    assert readings["Always greater than 20"] == () and readings["No such values"] == ("no such values",)
+
+
+def test_without_math_verify_answers_are_not_all_wrong_but_refused(monkeypatch, tmp_path, capsys):
+    """Without math-verify (an optional extra) every answer read as wrong, silently (0% accuracy, exit 0): checking
+    an answer says what to install instead, and generate and eval stop before any model loads."""
+    import sys
+
+    from rsd_engine.cli import main
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ImportError, match=r"pip install 'rsd-engine\[pipeline\]'"):
+        is_correct("4", "4")
+    with pytest.raises(ImportError, match="needs math-verify"):
+        reference_readable("4")
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"question": "2+2?", "answer": "4"}\n')
+    missing = tmp_path / "models-without-weights"  # loading them would fail: the refusal comes first
+    missing.mkdir()
+    for argv in (["generate", "--teacher", str(missing), "--student", str(missing)], ["eval", "--model", str(missing)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--data", str(data), "--out", str(tmp_path / "out.jsonl")])
+        assert exit_info.value.code == 2
+        assert "checking answers needs math-verify" in capsys.readouterr().err

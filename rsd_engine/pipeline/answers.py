@@ -14,26 +14,46 @@ _MATH_DELIMITER = re.compile(r"(?<!\\)(?:\\\\)*\$")
 
 
 def extract_final_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), looked for after the last </think> first,
-    then anywhere; None when there is none, or the last one is never closed (a box before it is an answer
-    the model went on from, not its final one). traces.final_answer looks only after a reasoning block."""
+    """The final answer: the content of the last \\boxed{...} (nested braces allowed), looked for after the last
+    </think> first, then anywhere; None when there is none, or the last one is never closed (a box before it is an
+    answer the model went on from, not its final one). Boxes the last one continues, joined only by commas, "and" or
+    "x =" ("$x = \\boxed{16}$ and $x = \\boxed{81}$"), are one answer of several values: "16, 81". traces.final_answer
+    looks only after a reasoning block."""
     if THINK_END in text:
         after = text[text.rindex(THINK_END) + len(THINK_END):]
         if _BOXED.search(after):
-            return _last_boxed(after)
-    return _last_boxed(text)
+            return _final_boxes(after)
+    return _final_boxes(text)
 
 
-def _last_boxed(text: str) -> str | None:
-    matches = list(_BOXED.finditer(text))
-    if not matches:
-        return None
-    depth, start = 1, matches[-1].end()
+# What may stand between two boxes of one answer, on one line: math delimiters, commas, "and", spacing, a variable
+# and "=".
+_BOX_GAP = re.compile(r"(?:[ \t]|\$|,|;|&|\band\b|\\[,;: ]|\\q?quad\b|\\text\s*\{\s*(?:and|,)\s*\}"
+                      r"|[A-Za-z](?:_\{?\w+\}?)?[ \t]*=)*")
+
+
+def _final_boxes(text: str) -> str | None:
+    values, next_start = [], None
+    for match in reversed(list(_BOXED.finditer(text))):
+        end = _closing_brace(text, match.end())
+        if end is None:  # never closed: the last box is no answer; an earlier one ends the run
+            if not values:
+                return None
+            break
+        if next_start is not None and (end >= next_start or not _BOX_GAP.fullmatch(text[end + 1 : next_start])):
+            break  # a box inside the next one, or words between them: the later box alone is the answer
+        values.append(text[match.end() : end].strip())
+        next_start = match.start()
+    return ", ".join(reversed(values)) if values else None
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    depth = 1
     for i in range(start, len(text)):
         if text[i] in "{}" and not _escaped(text, i):
             depth += 1 if text[i] == "{" else -1
             if depth == 0:
-                return text[start:i].strip()
+                return i
     return None
 
 
@@ -46,30 +66,54 @@ def _escaped(text: str, i: int) -> bool:
 
 
 def is_correct(predicted: str | None, reference: str | None) -> bool:
-    """math-verify equivalence of a predicted final answer (LaTeX, as written inside \\boxed)
-    and a reference answer; any failure to parse or compare is False, never an exception, and so is
-    either side that math-verify does not read whole (see _read_whole)."""
+    """math-verify equivalence of a predicted final answer (LaTeX, as written inside \\boxed) and a reference
+    answer (one of its readings, _reference_readings); any failure to parse or compare is False, never an
+    exception, and so is an answer that math-verify does not read whole (see _read_whole)."""
     if not predicted or not reference:
         return False
+    verify = _math_verify().verify
     try:
-        from math_verify import verify
-
-        gold, answer = _parse_reference(reference), _parse(f"${predicted}$")
-        if not gold or not answer or not _read_whole(gold) or not _read_whole(answer):
-            return False
-        return bool(verify(gold, answer, timeout_seconds=_timeout()))
+        readings = _reference_readings(reference)
+        predicted = _THOUSANDS.sub("", predicted)
+        answer = None
+        for gold in readings:
+            if isinstance(gold, str):  # a reference in words: the same words
+                if _words(predicted) == gold:
+                    return True
+                continue
+            if answer is None:
+                answer = _parse(f"${predicted}$")
+                answer = answer if answer and _read_whole(answer, predicted) else []
+            if answer and verify(gold, answer, timeout_seconds=_timeout()):
+                return True
+        return False
     except Exception:  # sympy and the LaTeX parser fail in many ways on model output
         return False
 
 
 def reference_readable(reference: str) -> bool:
-    """Whether math-verify reads all of a reference answer (is_correct accepts no answer to one it does
-    not: a plain-text formula such as 2^floor(n/2) is read as 2)."""
+    """Whether math-verify reads a reference answer whole, or it is one in words (is_correct accepts no answer to
+    one it does not: a plain-text formula such as 2^floor(n/2) is read as 2)."""
+    _math_verify()
     try:
-        gold = _parse_reference(reference)
+        return bool(_reference_readings(reference))
     except Exception:
         return False
-    return bool(gold) and _read_whole(gold)
+
+
+def check_available() -> None:
+    """ImportError naming the install when math-verify, which checks every answer, is missing (else each answer
+    would be judged wrong, silently)."""
+    _math_verify()
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        raise ImportError("checking answers needs math-verify: pip install 'rsd-engine[pipeline]' (or pip install "
+                          "math-verify)") from None
+    return math_verify
 
 
 def _timeout() -> int | None:
@@ -78,24 +122,91 @@ def _timeout() -> int | None:
 
 
 def _parse(text: str):
-    from math_verify import parse
-
-    return parse(text, parsing_timeout=_timeout())
+    return _math_verify().parse(text, parsing_timeout=_timeout())
 
 
-def _parse_reference(reference: str):
-    # A problem's reference is checked against every attempt (16 by default) and first for readability: parsed
-    # once (sympy expressions are immutable; the list is copied).
-    return list(_parsed_reference(reference))
+# A thousands separator written as LaTeX spacing (10\,000, 1\;000, 10{,}000): math-verify reads 10\,000 as 10*0.
+_THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;:! ]|\{,\})[ \t]*(?=\d{3}(?!\d))")
+# Words of English (two letters or more, not a LaTeX command's), but the few that plain-text maths uses.
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+_MATH_WORDS = frozenset({"and", "sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "infty", "inf"})
+# champ's way of giving one answer in two forms: "C(10, 5), or equivalently 252".
+_ALTERNATIVES = re.compile(r",?\s+or\s+(?:equivalently|approximately|an\s+equivalent\s+form\s+such\s+as)\s+")
+# A reference in words that ends in its value: "The limit exists and is equal to 2", "... with a period of 8".
+_STATED_VALUE = re.compile(r"\b(?:is\s+equal\s+to|equal\s+to|equals|is|of)\s+([^,;]+?)\.?\s*$")
+
+
+def _reference_readings(reference: str) -> tuple:
+    # A problem's reference is checked against every attempt (16 by default) and first for readability: read
+    # once (sympy expressions are immutable; the lists are copied).
+    return tuple(list(r) if isinstance(r, tuple) else r for r in _read_reference(reference))
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _parsed_reference(reference: str) -> tuple:
+def _read_reference(reference: str) -> tuple:
+    """The readings of a reference that an answer may match: math-verify's parses read whole (as tuples), or the
+    words of a reference in words (a string, compared as _words). Empty when none reads whole."""
+    reference = _THOUSANDS.sub("", reference)
     # In $...$, LaTeX such as 2^{n-1} is read whole, not as its first number. A reference that is already
     # LaTeX with delimiters or \boxed is parsed as written; an escaped \$ (LaTeX currency, \$42) is a
     # dollar sign, not a delimiter.
-    delimited = _MATH_DELIMITER.search(reference) or "\\boxed" in reference
-    return tuple(_parse(reference if delimited else f"${reference}$") or _parse(reference))
+    if _MATH_DELIMITER.search(reference) or "\\boxed" in reference:
+        return _whole(_parse(reference))
+    readings = ()
+    for form in _ALTERNATIVES.split(reference.strip()):
+        readings += _read_plain(form)
+    return readings
+
+
+def _read_plain(form: str) -> tuple:
+    """A plain-text reference (or one form of it): maths, maths with a remark in words ("3 is the only possible
+    value", "100 (i.e., all values)", "98 values"), words that end in the value ("... is equal to 2"), or words
+    only ("No integer solutions"). Anything else in words is no reading: "Always greater than 20" is not 20."""
+    masked = _TEXT_GROUP.sub(lambda m: " " * len(m[0]), form)  # \text{...}: math-verify's units and labels
+    words = [m for m in _WORD.finditer(masked) if m[0].lower() not in _MATH_WORDS]
+    if not words:
+        return _whole(_parse(f"${form}$") or _parse(form), form)
+    head = _math_head(form, masked)
+    if head is not None:
+        return _whole(_parse(f"${head}$"), head)
+    if not re.search(r"[0-9=<>^/*+()\[\]{}]", masked):
+        return (_words(form),)
+    stated = _STATED_VALUE.search(form)
+    if stated and not [m for m in _WORD.finditer(stated[1]) if m[0].lower() not in _MATH_WORDS]:
+        return _whole(_parse(f"${stated[1]}$"), stated[1])
+    return ()
+
+
+def _math_head(text: str, masked: str) -> str | None:
+    """The maths a text opens with, when the rest is a remark: the text up to the first word (of _WORD, outside
+    brackets) or bracketed group holding one, if what is before it is a whole expression; None otherwise."""
+    depth, group_start = 0, None
+    words = {m.start() for m in _WORD.finditer(masked) if m[0].lower() not in _MATH_WORDS}
+    cut = None
+    for i, ch in enumerate(masked):
+        if ch in "([{":
+            if depth == 0:
+                group_start = i
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif i in words:
+            cut = i if depth == 0 else group_start
+            break
+    if cut is None:
+        return None
+    head = text[:cut].rstrip(" \t,;:")
+    return head if head and head[-1] in "0123456789)}]!%" else None
+
+
+def _whole(parsed, source: str | None = None) -> tuple:
+    return (tuple(parsed),) if parsed and _read_whole(parsed, source) else ()
+
+
+def _words(text: str) -> str:
+    """A text answer as compared: \\text{...} unwrapped, lower case, punctuation and spacing dropped."""
+    text = re.sub(r"\\(?:text|textrm|textbf|mbox|mathrm)\s*\{([^{}]*)\}", r"\1", text)
+    return " ".join(re.sub(r"[$.,;:!?'\"()\\~]", " ", text).lower().split())
 
 
 # Text that math-verify drops by design (units, labels), and LaTeX commands: letters left in an answer
@@ -106,23 +217,45 @@ _RELATION = re.compile(r"=|\\(?:approx|equiv|sim|simeq|cong|to|rightarrow|Righta
 _MODULUS = re.compile(r"\\[pb]mod\s*(?:\{[^{}]*\}|[0-9A-Za-z]+)|\(\s*\\(?:text|mathrm)\{mod\}[^)]*\)")
 
 
-def _read_whole(parsed) -> bool:
+def _read_whole(parsed, source: str | None = None) -> bool:
     """Whether math-verify read all of an answer. Its LaTeX parser stops at what it does not know and keeps
-    the number before it: plain-text 2^floor(n/2)*floor(n/2)! or sum_(k=1)^n 1/k parse as 2 and 1, and a
-    model answering that number would be judged correct. A bare number parsed from text that holds letters
-    (outside LaTeX commands and text groups) is such a partial read unless the letters only follow a whole
-    leading expression as a remark: "100 (i.e., all values)" is 100."""
-    expr, text = parsed[0], parsed[-1]
+    the number before it, or takes the last one: plain-text 2^floor(n/2)*floor(n/2)! or sum_(k=1)^n 1/k parse as 2
+    and 1, and "15 (for n = 3)" as 3; a model answering that number would be judged correct. A bare number parsed
+    from text that holds letters (outside LaTeX commands) counts only where the letters are a remark after a whole
+    leading expression that is that number: "100 (i.e., all values)" is 100, "98 \\text{ values}" is 98. `source`: the
+    text that was parsed, where it is all maths (math-verify's own copy drops words: "3 (or 4)" becomes "3 (, 4)");
+    otherwise the part math-verify took from it."""
+    expr, text = parsed[0], parsed[-1] if source is None else source
     if not getattr(expr, "is_Number", False) or not isinstance(text, str):
         return True
-    # The number of "x \\approx 3.14", "f_{\\max} = 5" or "a \\equiv 3 \\pmod{5}" is what follows the last relation.
-    text = _RELATION.split(_TEXT_GROUP.sub("", _MODULUS.sub("", text)))[-1]
-    masked = _COMMAND.sub("\\\\", text)  # a command leaves its backslash, not its letters
+    text = _MODULUS.sub("", text)
+    # The number of "x \\approx 3.14", "f_{\\max} = 5" or "a \\equiv 3 \\pmod{5}" is what follows the last relation
+    # outside brackets ("15 (for n = 3)" is no "n = 3").
+    text = text[_last_relation_end(text):]
+    # A leading label (\text{Answer: }) is dropped; any other text group is words. A command leaves its backslash.
+    text = re.sub(r"^\s*" + _TEXT_GROUP.pattern, "", text)
+    masked = _COMMAND.sub(lambda m: "\\" + " " * (len(m[0]) - 1), _TEXT_GROUP.sub(lambda m: "T" * len(m[0]), text))
     first = re.search(r"[A-Za-z]", masked)
     if first is None:
         return True
-    head = masked[: first.start()].rstrip(" ,;:(")
-    return bool(head) and head[-1] in "0123456789)}]!%"
+    head = text[: first.start()].rstrip(" \t,;:(")
+    if not head or head[-1] not in "0123456789)}]!%":
+        return False
+    read = _parse(f"${head}$")
+    return bool(read) and read[0] == expr
+
+
+def _last_relation_end(text: str) -> int:
+    depth, end = 0, 0
+    for match in re.finditer(r"[([{]|[)\]}]|" + _RELATION.pattern, text):
+        token = match[0]
+        if token in "([{":
+            depth += 1
+        elif token in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            end = match.end()
+    return end
 
 
 # math-verify logs every unparsable model answer; a long run would drown in them.

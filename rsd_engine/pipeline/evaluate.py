@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
-from .answers import is_correct
+from .answers import check_available, is_correct
 from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
@@ -94,6 +94,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     if not graded:
         raise ValueError(f"{opts.data}: none of the {len(problems)} problems has a reference answer "
                          f"(field {opts.answer_field!r}); rsd eval needs answers to check against")
+    check_available()  # math-verify: else every answer would read as wrong, silently
     mine = shard_problems(graded, dist.rank, dist.world_size)
     # --samples only says how many records to make; sample k's record is the same whatever it is. --max-seq-len
     # cuts a generation short where it is shorter than prompt + --max-new-tokens: a setting of the records.

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
+from .answers import check_available
 from .data import QUESTION_HASH, Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
@@ -129,6 +130,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
+    if any(p.answer is not None for p in problems):
+        check_available()  # math-verify: else every attempt would read as wrong, silently
     mine = shard_problems(problems, dist.rank, dist.world_size)
     _check_format(target, opts.format)
     settings, about = record_settings(opts, problem_set.id_field)
