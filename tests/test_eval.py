@@ -337,7 +337,8 @@ def test_accuracy_summary_leaves_failed_generations_out_and_counts_cut_short():
     assert (summary["failed_in_output"], summary["cut_short_in_output"]) == (2, 1)  # b/0: 3 of 8 tokens
     line = evaluate.format_accuracy(summary, "gens.jsonl")
     assert line.endswith("gens.jsonl; 2 failed generations (finish_reason 'error') not graded; 1 cut short by "
-                         "--max-seq-len, graded as they stopped)")
+                         "--max-seq-len, graded as they stopped; 1 of 3 graded generations stopped at "
+                         "--max-new-tokens, graded as they stopped)")  # b/1: 8 of 8
     assert accuracy_summary(records)["cut_short_in_output"] == 0  # without max_new_tokens nothing is known
 
 
@@ -423,3 +424,22 @@ def test_rerun_resumes_whatever_names_the_output_and_runs_it(pair, forced, tmp_p
     capsys.readouterr()
     run_eval(pair[1], data, out, "--samples", "2")
     assert "6 samples already in the output, 0 written now" in capsys.readouterr().out
+
+
+def test_generations_stopped_at_max_new_tokens_are_graded_and_named(pair, forced, tmp_path, capsys, monkeypatch):
+    """Generations --max-new-tokens stopped (mostly without an answer) were graded wrong and never mentioned: a budget
+    too small for the model's reasoning read as a weak model. They are graded as they stopped, and counted."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    forced_samples = evaluate.generate_samples
+
+    def at_limit(opts, prompts, params, device, max_seq_len):
+        for index, result in forced_samples(opts, prompts, params, device, max_seq_len):
+            if index < 2:
+                result.finish_reason, result.token_ids = "length", list(range(opts.params.max_new_tokens))
+            yield index, result
+
+    monkeypatch.setattr(evaluate, "generate_samples", at_limit)
+    records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
+    assert accuracy_summary(records, 40)["at_max_new_tokens_in_output"] == 2
+    assert "2 of 6 graded generations stopped at --max-new-tokens, graded as they stopped" in capsys.readouterr().out

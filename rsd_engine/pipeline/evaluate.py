@@ -217,14 +217,15 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     """avg@N accuracy (mean over problems of the mean over samples) with a 95% bootstrap interval. A failed
     generation (finish_reason "error": non-finite logits) has no answer to grade: it is counted apart, never
     as a wrong answer; one cut short by --max-seq-len (fewer than max_new_tokens tokens at a length stop) is
-    graded as it stopped and counted. Lines that are no eval record (no id, integer sample and boolean correct:
+    graded as it stopped and counted, as is one that --max-new-tokens stopped (a budget too small for the model's
+    reasoning reads as a weak model otherwise). Lines that are no eval record (no id, integer sample and boolean correct:
     another tool's, appended under --force) are counted apart, not graded. Problems are resampled in id order,
     so the interval does not depend on the order of the file's lines (one process, merged ranks, a resume); one
     problem has no interval over problems."""
     import numpy as np
 
     per_problem: dict[str, list[bool]] = {}
-    failed = cut_short = foreign = 0
+    failed = cut_short = at_limit = foreign = 0
     for r in records:
         if not is_eval_record(r):
             foreign += 1
@@ -233,13 +234,16 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
             failed += 1
             continue
         if (max_new_tokens is not None and r.get("finish_reason") == "length"
-                and isinstance(r.get("tokens"), int) and r["tokens"] < max_new_tokens):
-            cut_short += 1
+                and isinstance(r.get("tokens"), int)):
+            if r["tokens"] < max_new_tokens:
+                cut_short += 1
+            else:
+                at_limit += 1
         per_problem.setdefault(str(r["id"]), []).append(bool(r.get("correct")))
     means = np.array([sum(v) / len(v) for _, v in sorted(per_problem.items())], dtype=np.float64)
     if len(means) == 0:
         return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None, "failed_in_output": failed,
-                "cut_short_in_output": cut_short, "not_eval_records": foreign}
+                "cut_short_in_output": cut_short, "at_max_new_tokens_in_output": at_limit, "not_eval_records": foreign}
     rng = np.random.default_rng(0)
     # The resamples in chunks of about 2**22 draws (the same draws as one call: the generator's stream is
     # consumed row by row), so memory stays flat however many problems there are.
@@ -251,7 +255,8 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     return {"problems_graded": len(means), "samples": sum(map(len, per_problem.values())),
             "samples_per_problem": counts, "accuracy": float(means.mean()),
             "interval": [float(low), float(high)] if len(means) > 1 else None,
-            "failed_in_output": failed, "cut_short_in_output": cut_short, "not_eval_records": foreign}
+            "failed_in_output": failed, "cut_short_in_output": cut_short, "at_max_new_tokens_in_output": at_limit,
+            "not_eval_records": foreign}
 
 
 def format_accuracy(s: dict, path) -> str:
@@ -259,6 +264,10 @@ def format_accuracy(s: dict, path) -> str:
     not_graded = f"; {failed} failed generations (finish_reason 'error') not graded" if failed else ""
     cut = s.get("cut_short_in_output", 0)
     cut = f"; {cut} cut short by --max-seq-len, graded as they stopped" if cut else ""
+    limit = s.get("at_max_new_tokens_in_output", 0)
+    if limit:  # graded as they stopped (most without an answer): a budget too small reads as a weak model
+        cut += (f"; {limit} of {s['samples']} graded generations stopped at --max-new-tokens, graded as they stopped"
+                if s["accuracy"] is not None else f"; {limit} stopped at --max-new-tokens")
     foreign = s.get("not_eval_records", 0)
     not_graded += (f"; {foreign} lines that are no eval record (no id, integer sample and true/false correct) not "
                    f"graded") if foreign else ""
