@@ -443,3 +443,31 @@ def test_generations_stopped_at_max_new_tokens_are_graded_and_named(pair, forced
     records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
     assert accuracy_summary(records, 40)["at_max_new_tokens_in_output"] == 2
     assert "2 of 6 graded generations stopped at --max-new-tokens, graded as they stopped" in capsys.readouterr().out
+
+
+def test_an_answer_math_verify_cannot_compare_in_time_is_marked_and_counted(pair, forced, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A comparison that ran out of time (5 s: a tower of powers) was a wrong answer like any other, with the warning
+    hidden: it is graded wrong, marked, and counted in the summary."""
+    import math_verify.errors
+
+    from rsd_engine.pipeline import answers
+
+    real = answers._math_verify
+
+    class SlowVerify:
+        errors = math_verify.errors
+        parse = staticmethod(real().parse)
+
+        @staticmethod
+        def verify(gold, answer, **kwargs):
+            raise math_verify.errors.TimeoutException("Timeout during comparison")
+
+    monkeypatch.setattr(answers, "_math_verify", lambda: SlowVerify)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
+    assert all(r["correct"] is False and r["grading"] == "timed out" for r in records)
+    assert 'answers math-verify could not compare in time ("grading": "timed out"), graded wrong' in \
+        capsys.readouterr().out
+    assert answers.check_answer("4", "4") is None and answers.is_correct("4", "4") is False

@@ -69,9 +69,16 @@ def is_correct(predicted: str | None, reference: str | None) -> bool:
     """math-verify equivalence of a predicted final answer (LaTeX, as written inside \\boxed) and a reference
     answer (one of its readings, _reference_readings); any failure to parse or compare is False, never an
     exception, and so is an answer that math-verify does not read whole (see _read_whole)."""
+    return bool(check_answer(predicted, reference))
+
+
+def check_answer(predicted: str | None, reference: str | None) -> bool | None:
+    """is_correct, and None where no reading matched and math-verify ran out of time comparing one (5 s on the main
+    thread; a tower of powers can take longer): not known to be wrong."""
     if not predicted or not reference:
         return False
-    verify = _math_verify().verify
+    math_verify = _math_verify()
+    timed_out = False
     try:
         readings = _reference_readings(reference)
         predicted = _THOUSANDS.sub("", predicted)
@@ -84,10 +91,17 @@ def is_correct(predicted: str | None, reference: str | None) -> bool:
             if answer is None:
                 answer = _parse(f"${predicted}$")
                 answer = answer if answer and _read_whole(answer, predicted) else []
-            if answer and verify(gold, answer, timeout_seconds=_timeout()):
-                return True
-        return False
-    except Exception:  # sympy and the LaTeX parser fail in many ways on model output
+            if not answer:
+                continue
+            try:
+                if math_verify.verify(gold, answer, timeout_seconds=_timeout(), raise_on_error=True):
+                    return True
+            except math_verify.errors.TimeoutException:
+                timed_out = True
+            except Exception:  # sympy fails in many ways on model output
+                pass
+        return None if timed_out else False
+    except Exception:  # and so does the LaTeX parser
         return False
 
 
@@ -110,6 +124,7 @@ def check_available() -> None:
 def _math_verify():
     try:
         import math_verify
+        import math_verify.errors
     except ImportError:
         raise ImportError("checking answers needs math-verify: pip install 'rsd-engine[pipeline]' (or pip install "
                           "math-verify)") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
-from .answers import check_available, is_correct
+from .answers import check_answer, check_available
 from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
@@ -180,9 +180,12 @@ def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
                                               rank_device(opts.device, dist), max_seq_len):
             problem, sample = fits[index]
             answer = final_answer(result.text, prompts[problem.id].thinking)
+            verdict = check_answer(answer, problem.answer)
             record = {"id": problem.id, "sample": sample, "question": problem.question, "answer": problem.answer,
-                      "response": result.text, "final_answer": answer, "correct": is_correct(answer, problem.answer),
+                      "response": result.text, "final_answer": answer, "correct": bool(verdict),
                       "finish_reason": result.finish_reason, "tokens": len(result.token_ids), "seed": result.seed}
+            if verdict is None:  # graded wrong, and said so: math-verify did not finish comparing
+                record["grading"] = "timed out"
             if getattr(result, "error", None):
                 record["error"] = result.error
             writer.write(record)
@@ -225,7 +228,7 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     import numpy as np
 
     per_problem: dict[str, list[bool]] = {}
-    failed = cut_short = at_limit = foreign = 0
+    failed = cut_short = at_limit = timed_out = foreign = 0
     for r in records:
         if not is_eval_record(r):
             foreign += 1
@@ -239,11 +242,13 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
                 cut_short += 1
             else:
                 at_limit += 1
+        timed_out += r.get("grading") == "timed out"
         per_problem.setdefault(str(r["id"]), []).append(bool(r.get("correct")))
     means = np.array([sum(v) / len(v) for _, v in sorted(per_problem.items())], dtype=np.float64)
     if len(means) == 0:
         return {"problems_graded": 0, "samples": 0, "accuracy": None, "interval": None, "failed_in_output": failed,
-                "cut_short_in_output": cut_short, "at_max_new_tokens_in_output": at_limit, "not_eval_records": foreign}
+                "cut_short_in_output": cut_short, "at_max_new_tokens_in_output": at_limit,
+                "grading_timed_out_in_output": timed_out, "not_eval_records": foreign}
     rng = np.random.default_rng(0)
     # The resamples in chunks of about 2**22 draws (the same draws as one call: the generator's stream is
     # consumed row by row), so memory stays flat however many problems there are.
@@ -256,7 +261,7 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
             "samples_per_problem": counts, "accuracy": float(means.mean()),
             "interval": [float(low), float(high)] if len(means) > 1 else None,
             "failed_in_output": failed, "cut_short_in_output": cut_short, "at_max_new_tokens_in_output": at_limit,
-            "not_eval_records": foreign}
+            "grading_timed_out_in_output": timed_out, "not_eval_records": foreign}
 
 
 def format_accuracy(s: dict, path) -> str:
@@ -264,6 +269,9 @@ def format_accuracy(s: dict, path) -> str:
     not_graded = f"; {failed} failed generations (finish_reason 'error') not graded" if failed else ""
     cut = s.get("cut_short_in_output", 0)
     cut = f"; {cut} cut short by --max-seq-len, graded as they stopped" if cut else ""
+    timed_out = s.get("grading_timed_out_in_output", 0)
+    if timed_out:
+        cut += f"; {timed_out} answers math-verify could not compare in time (\"grading\": \"timed out\"), graded wrong"
     limit = s.get("at_max_new_tokens_in_output", 0)
     if limit:  # graded as they stopped (most without an answer): a budget too small reads as a weak model
         cut += (f"; {limit} of {s['samples']} graded generations stopped at --max-new-tokens, graded as they stopped"
