@@ -734,3 +734,28 @@ def test_records_a_run_wrote_while_this_one_started_are_read_again(pair, tmp_pat
     generate(pair, data, out)
     assert "problems: 4 (4 already in the output, 0 written now)" in capsys.readouterr().out
     assert read_records(out) == []
+
+
+def test_attempts_math_verify_cannot_compare_in_time_are_named(pair, tmp_path, capsys, monkeypatch):
+    """A comparison that ran out of time (5 s) made a solved problem a prefix, silently (math-verify's warning is
+    hidden): its record counts such attempts and the summary names the problem."""
+    import math_verify.errors
+
+    from rsd_engine.pipeline import answers
+
+    real = answers._math_verify()
+
+    class SlowVerify:
+        errors = math_verify.errors
+        parse = staticmethod(real.parse)
+
+        @staticmethod
+        def verify(gold, answer, **kwargs):
+            raise math_verify.errors.TimeoutException("Timeout during comparison")
+
+    monkeypatch.setattr(answers, "_math_verify", lambda: SlowVerify)
+    records = generate(pair, write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl")
+    assert records["add"]["status"] == "prefix" and records["add"]["grading_timed_out"] == 2
+    assert "grading_timed_out" not in records["open"]  # no reference: nothing compared
+    said = capsys.readouterr().out
+    assert "warning: math-verify could not compare an answer in time (5 s) for 2 problems" in said  # add, mul

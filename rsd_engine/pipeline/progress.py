@@ -52,6 +52,7 @@ class Tally:
     forced: list = field(default_factory=list)  # setting differences appended under --force
     unreadable_answers: list = field(default_factory=list)  # ids: math-verify does not read the reference whole
     not_in_data: list = field(default_factory=list)  # ids of records in the output that no row of --data has
+    grading_timed_out: list = field(default_factory=list)  # ids: math-verify ran out of time comparing an answer
     hashed_ids: bool = False  # ids are hashes of the questions (the data has no id column)
     statuses: dict = field(default_factory=lambda: {"solved": 0, "prefix": 0, "unverified": 0})
     attempts: int = 0
@@ -84,6 +85,8 @@ class Tally:
 
     def add_record(self, record: dict):
         self.statuses[record["status"]] += 1
+        if record.get("grading_timed_out"):
+            self.grading_timed_out.append(record["id"])
 
     def postfix(self) -> dict:
         return {"written": self.written, "solved": self.statuses["solved"],
@@ -97,6 +100,7 @@ class Tally:
             "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
             "not_in_data": list(self.not_in_data), "hashed_ids": self.hashed_ids,
+            "grading_timed_out": list(self.grading_timed_out),
             "written": self.written, **self.statuses, "attempts": self.attempts, "tokens": self.tokens,
             "acceptance_rate": self.accepted / self.tokens if self.tokens else 0.0,
             "sub_1pct_share": self.sub_1pct / self.tokens if self.tokens else 0.0,
@@ -113,8 +117,9 @@ def names(ids, limit: int = 10) -> str:
 
 def unreadable_warning(ids) -> str:
     return (f"warning: {len(ids)} reference answers are not math that math-verify reads whole (a plain-text formula "
-            f"such as 2^floor(n/2) reads as its first number), so no attempt at them is judged correct: "
-            f"{names(ids)}; write them as LaTeX (2^{{\\lfloor n/2 \\rfloor}})")
+            f"such as 2^floor(n/2) reads as its first number) nor words that state one value (\"Always greater than "
+            f"20\" is not 20), so no attempt at them is judged correct: {names(ids)}; write them as LaTeX "
+            f"(2^{{\\lfloor n/2 \\rfloor}}) or as the value")
 
 
 def format_summary(s: dict) -> str:
@@ -150,6 +155,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"failed, not written: {len(s['failed'])} ({shown}{more}); a rerun retries them")
     if s["written"]:
         lines.append(f"solved: {s['solved']}  prefix: {s['prefix']}  unverified: {s['unverified']}")
+    if s.get("grading_timed_out"):
+        lines.append(f"warning: math-verify could not compare an answer in time (5 s) for {len(s['grading_timed_out'])} "
+                     f"problems, whose attempts count as not correct (records say \"grading_timed_out\"): "
+                     f"{names(s['grading_timed_out'])}")
     if s["attempts"]:
         lines.append(f"attempts: {s['attempts']}  tokens: {s['tokens']}  {s['tokens_per_second']:.1f} tokens/s  "
                      f"acceptance: {s['acceptance_rate']:.1%}  student prob < 1%: {s['sub_1pct_share']:.2%}")

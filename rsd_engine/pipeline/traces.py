@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from rsd_engine.results import GenerationResult
 
-from .answers import extract_final_answer, is_correct
+from .answers import check_answer, extract_final_answer
 from .data import Problem
 from .prompts import THINK_CLOSE, THINK_OPEN, ChatPrompt
 
@@ -40,6 +40,7 @@ class Attempt:
     eos: bool
     fallback_share: float
     valid: bool  # closed, eos and fallback_share <= max_fallback
+    timed_out: bool = False  # math-verify did not finish comparing the answer in time: not correct, not known wrong
 
 
 def check_attempt(index: int, result: GenerationResult, *, reference: str | None, thinking: bool,
@@ -51,9 +52,10 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
     # Over exactly the tokens the record stores (EOS excluded), as its stats are.
     kept = result.accepted[:len(token_ids)]
     fallback_share = 1.0 - sum(kept) / len(kept) if kept else 0.0
-    correct = reference is not None and is_correct(answer, reference)
+    verdict = reference is not None and check_answer(answer, reference)
     valid = closed and eos and fallback_share <= max_fallback
-    return Attempt(index, result, token_ids, answer, correct, closed, eos, fallback_share, valid)
+    return Attempt(index, result, token_ids, answer, bool(verdict), closed, eos, fallback_share, valid,
+                   timed_out=verdict is None)
 
 
 def final_answer(text: str, thinking: bool) -> str | None:
@@ -128,6 +130,7 @@ def select_trace(problem: Problem, prompt: ChatPrompt, attempts: list[Attempt], 
         "finish_reason": finish_reason,
         "seed": r.seed,
         "stats": trace_stats(r.accepted[:n], r.teacher_logprobs[:n], r.student_logprobs[:n]),
+        **({"grading_timed_out": timed_out} if (timed_out := sum(a.timed_out for a in attempts)) else {}),
         **extra,
     }
 
