@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     while argv[:1] == ["--run-only"]:
         run_only.append(argv[1])
         argv = argv[2:]
-    sys.path.insert(0, str(ROOT))  # as `python -m pytest` from the root: rsd_engine, bench.pytest_outcomes
+    sys.path.insert(0, str(ROOT))  # as `python -m pytest` from the root puts it: rsd_engine
     sys.meta_path.insert(0, BareBoxGuard())
     import pytest
 

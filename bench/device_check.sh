@@ -150,9 +150,12 @@ fi
 # DEVICE_CHECK_ONLY="rsd_step e2e" (the steps to run), DEVICE_CHECK_DTYPES="bfloat16" (the op benchmarks' logits).
 [ -n "${DEVICE_CHECK_TESTS:-}" ] && read -r -a tests <<< "$DEVICE_CHECK_TESTS"
 test_limit=${DEVICE_CHECK_TEST_LIMIT:-$test_limit}
+# The plugin is found on PYTHONPATH as pytest_outcomes, not as bench.pytest_outcomes: bench/ is no package, and
+# a distribution named bench would shadow it.
 step cuda_tests $test_limit bash -c 'exec "$@" > "$0" 2>&1' "$work/pytest.log" \
-  "${pytest[@]}" -v -p no:cacheprovider -rfEs --continue-on-collection-errors -p bench.pytest_outcomes \
-  --outcomes "$work/outcomes.jsonl" -k "(cuda or triton) and not without_a_gpu" "${tests[@]}"
+  env PYTHONPATH="$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" "${pytest[@]}" -v -p no:cacheprovider -rfEs \
+  --continue-on-collection-errors -p pytest_outcomes --outcomes "$work/outcomes.jsonl" \
+  -k "(cuda or triton) and not without_a_gpu" "${tests[@]}"
 tail -n 25 "$work/pytest.log" 2>/dev/null
 $py bench/pytest_outcomes.py "$work/outcomes.jsonl" "$work/pytest.log" "$out/cuda_tests.json" "${steps[-1]}"
 

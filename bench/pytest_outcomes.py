@@ -1,6 +1,6 @@
 """The CUDA tests' outcomes for bench/device_check.sh, exactly and as they happen.
 
-A pytest plugin (``python -m pytest -p bench.pytest_outcomes --outcomes FILE ...``) appends one JSON line
+A pytest plugin (``PYTHONPATH=bench python -m pytest -p pytest_outcomes --outcomes FILE ...``) appends one JSON line
 per event to FILE and flushes it: what was selected (after -k), each collection error, each test's start
 and outcome. A run killed by its time limit keeps every line written before the kill, so the tests it
 finished are known, and the one it was in. Reading the log instead breaks on test ids with spaces and on
@@ -113,7 +113,7 @@ def read(path: str) -> dict:
 
 
 def main(outcomes: str, log: str, out: str, step: str):
-    from atomic_json import dump  # bench/, beside this file: run as a script only
+    from atomic_json import dump  # beside this file (bench/), which runs as a script here
 
     _, rc, seconds, _ = step.split()
     report = dict(exit=int(rc), seconds=int(seconds), timed_out=int(rc) in (124, 137), **read(outcomes))
