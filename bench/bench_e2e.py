@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import rsd_engine  # noqa: E402  before torch: rsd_engine asks OpenMP for passive waiting (threads.py)
 import torch  # noqa: E402
 
+from atomic_json import dump  # noqa: E402
 from random_pair import SHAPES, build_random_pair, weight_bytes  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
 
@@ -256,9 +257,7 @@ def run_worker(argv: list[str], pair: str, threads: str, policy: str) -> dict:
 
 
 def write_report(report: dict, path: str):
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    dump(report, path)  # whole or not at all: a run killed while writing keeps its previous rows
 
 
 def busy_loops(n: int) -> list[subprocess.Popen]:

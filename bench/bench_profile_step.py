@@ -1,15 +1,19 @@
 """One decode step under torch.profiler: the top kernels by GPU time, and kernels, memcpys, launches and
-blocking host syncs per step.
+blocking host waits per step.
 
 The engine is driven through its public API only (``Engine.generate_batch``), so the figures hold
 whatever the step looks like inside: after a warm-up (graph capture, compiles), two generations of the
 same prompts are profiled, one of --tokens new tokens and one of --tokens + --steps; the difference of
 the two, name by name, divided by --steps is one decode step (prefill, admission and set-up cancel out).
 CUDA: kernels, memcpys and memsets as CUPTI reports them (kernels replayed inside a CUDA graph count one
-by one); host syncs are the blocking runtime calls (cudaStreamSynchronize, cudaDeviceSynchronize,
-cudaEventSynchronize, cudaMemcpy); launches are kernel and graph launch calls made by the host. The
-wall time per step is measured the same way without the profiler. CPU (dry runs of the plumbing): aten
-ops stand in for kernels. Prints the table and writes JSON (bench/results/profile_step.json by default).
+by one); the blocking host calls in three groups: stream and device synchronizations
+(cudaStreamSynchronize, cudaDeviceSynchronize: "syncs", issue 15's target is none), event waits
+(cudaEventSynchronize: the engine's pipelined read of a step's outputs waits on one event by design, one
+asynchronous copy and an event) and synchronous copies (cudaMemcpy); launches are kernel and graph launch
+calls made by the host. The wall time per step is measured the same way without the profiler, and
+written at once (the profile, which is slower, rewrites the file when it is done): a run cut short keeps
+the wall time. CPU (dry runs of the plumbing): aten ops stand in for kernels. Prints the table and writes
+JSON whole (bench/atomic_json.py; bench/results/profile_step.json by default).
 """
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rsd_engine  # noqa: E402,F401  before torch: passive OpenMP waiting (rsd_engine/threads.py)
 import torch  # noqa: E402
 
+from atomic_json import dump  # noqa: E402
 from bench_e2e import random_prompts  # noqa: E402
 from random_pair import SHAPES, build_random_pair, weight_bytes  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cuMemcpyDtoH_v2", "cuMemcpyHtoD_v2")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cuStreamSynchronize", "cuCtxSynchronize")
+EVENT_WAIT_CALLS = ("cudaEventSynchronize", "cuEventSynchronize")
+BLOCKING_COPY_CALLS = ("cudaMemcpy", "cuMemcpyDtoH_v2", "cuMemcpyHtoD_v2")
 LAUNCH_PREFIXES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch",
                    "cudaLaunchCooperativeKernel")
 
@@ -133,6 +139,18 @@ def main(argv=None):
     generate(long_tokens)  # warm-up: graph capture and compiles for this span and batch
     warmup_s = time.perf_counter() - start
     walls = [(wall(long_tokens) - wall(args.tokens)) / args.steps for _ in range(3)]
+    report = dict(
+        device=device, gpu=torch.cuda.get_device_name() if device == "cuda" else None, torch=torch.__version__,
+        teacher=args.teacher_shape, student=args.student_shape, batch=args.batch, draft_tokens=args.draft_tokens,
+        dtype=str(engine.dtype).removeprefix("torch."), prompt_len=args.prompt_len, steps=args.steps,
+        method=f"generate({long_tokens}) minus generate({args.tokens}) new tokens, per step",
+        warmup_s=warmup_s, wall_ms_per_step=1e3 * statistics.median(walls),
+        profile="not yet: the run was cut short before the profiler's figures")
+    if device == "cuda":
+        streamed = weight_bytes(teacher_dir) + weight_bytes(student_dir)
+        report.update(weight_bytes=streamed, floor_ms_per_step=streamed / (args.floor_tb_s * 1e12) * 1e3)
+    dump(report, args.out)
+    print(f"wall: {report['wall_ms_per_step']:.2f} ms per step (written to {args.out}); profiling", flush=True)
 
     with tempfile.TemporaryDirectory() as folder:
         short = profiled(lambda: generate(args.tokens), device, Path(folder), "short")
@@ -142,34 +160,31 @@ def main(argv=None):
     memcpys = per_step(short, long, "memcpy", steps)
     memsets = per_step(short, long, "memset", steps)
     api = per_step(short, long, "api", steps)
-    syncs = {name: calls for name, (calls, _) in api.items() if name in SYNC_CALLS}
+    syncs, event_waits, blocking_copies = ({name: calls for name, (calls, _) in api.items() if name in group}
+                                           for group in (SYNC_CALLS, EVENT_WAIT_CALLS, BLOCKING_COPY_CALLS))
     launches = {name: calls for name, (calls, _) in api.items() if name.startswith(LAUNCH_PREFIXES)}
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]
     gpu_us = sum(us for _, us in kernels.values())
-    report = dict(
-        device=device, gpu=torch.cuda.get_device_name() if device == "cuda" else None, torch=torch.__version__,
-        teacher=args.teacher_shape, student=args.student_shape, batch=args.batch, draft_tokens=args.draft_tokens,
-        dtype=str(engine.dtype).removeprefix("torch."), prompt_len=args.prompt_len, steps=steps,
-        method=f"profiled generate({long_tokens}) minus generate({args.tokens}) new tokens, per step",
-        warmup_s=warmup_s, wall_ms_per_step=1e3 * statistics.median(walls),
+    del report["profile"]
+    report.update(
         kernel_kind="CUDA kernels (CUPTI)" if device == "cuda" else "aten ops (CPU dry run)",
         kernels_per_step=sum(c for c, _ in kernels.values()), kernel_us_per_step=gpu_us,
         memcpys_per_step=sum(c for c, _ in memcpys.values()), memsets_per_step=sum(c for c, _ in memsets.values()),
-        syncs_per_step=sum(syncs.values()), syncs=syncs, launches_per_step=sum(launches.values()), launches=launches,
+        syncs_per_step=sum(syncs.values()), syncs=syncs, event_waits_per_step=sum(event_waits.values()),
+        event_waits=event_waits, blocking_copies_per_step=sum(blocking_copies.values()),
+        blocking_copies=blocking_copies, launches_per_step=sum(launches.values()), launches=launches,
         memcpys={name: calls for name, (calls, _) in memcpys.items()},
         top_kernels=[dict(name=name[:160], calls_per_step=calls, us_per_step=us, share=us / gpu_us if gpu_us else 0.0)
                      for name, (calls, us) in top],
         trace_categories=dict(long["categories"]))
-    if device == "cuda":
-        streamed = weight_bytes(teacher_dir) + weight_bytes(student_dir)
-        report.update(weight_bytes=streamed, floor_ms_per_step=streamed / (args.floor_tb_s * 1e12) * 1e3)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    dump(report, args.out)
 
     print(f"one decode step ({args.teacher_shape} + {args.student_shape}, batch {args.batch}, "
           f"draft_tokens {args.draft_tokens}) on {device}: {report['wall_ms_per_step']:.2f} ms wall, "
           f"{report['kernels_per_step']:.0f} {report['kernel_kind']} ({gpu_us / 1e3:.2f} ms), "
-          f"{report['memcpys_per_step']:.1f} memcpy, {report['syncs_per_step']:.1f} blocking syncs, "
+          f"{report['memcpys_per_step']:.1f} memcpy, {report['syncs_per_step']:.1f} stream/device syncs, "
+          f"{report['event_waits_per_step']:.1f} event waits, {report['blocking_copies_per_step']:.1f} blocking "
+          f"copies, "
           f"{report['launches_per_step']:.1f} host launches per step"
           + (f"; floor {report['floor_ms_per_step']:.3f} ms" if "floor_ms_per_step" in report else ""))
     print(f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel")

@@ -4,7 +4,8 @@
 from the student's rows with ``sample_tokens`` (as the engine drafts), every row verifying all G.
 ``sample_tokens``: one draft draw from [B, V] student rows. Rows are (op, B, G, V, logit dtype); timing,
 floor and JSON as in bench_rsd_step.py (CUDA: Triton vs reference, CUDA-graph replays, the floor at
---floor-tb-s; CPU: C++ vs reference, wall clock, the floor measured). Also the mean tokens a verify row
+--floor-tb-s; CPU: C++ vs reference, wall clock, the floor measured; the reference against itself where
+the C++ extension is not built). Also the mean tokens a verify row
 emits. Prints one table and writes JSON after every row (bench/results/rsd_verify.json by default).
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_rsd_step import (DTYPES, MODEL_LOGITS, VOCAB, add_common_arguments, common_meta, make_step,  # noqa: E402
-                            resolve, run_rows, time_pair)
+from bench_rsd_step import (DTYPES, MODEL_LOGITS, VOCAB, add_common_arguments, common_meta,  # noqa: E402
+                            fused_backend, make_step, resolve, run_rows, time_pair)
 from rsd_engine.randomness import DRAFT_DRAW, round_uniforms  # noqa: E402
 from rsd_engine.sampling import rsd_verify, rsd_verify_reference, sample_tokens  # noqa: E402
 
@@ -38,7 +39,7 @@ def make_round(B, G, V, device, dtype, shape="lm"):
 
 
 def bench_verify(B, G, V, dtype, device, args, shape="lm") -> dict:
-    backend = "triton" if device == "cuda" else "cpp"
+    backend = fused_backend(device)
     inputs = make_round(B, G, V, device, dtype, shape)
     fused = lambda: rsd_verify(*inputs, backend=backend)  # noqa: E731
     reference = lambda: rsd_verify_reference(*inputs)  # noqa: E731
@@ -50,7 +51,7 @@ def bench_verify(B, G, V, dtype, device, args, shape="lm") -> dict:
 
 
 def bench_sample_tokens(B, V, dtype, device, args) -> dict:
-    backend = "triton" if device == "cuda" else "cpp"
+    backend = fused_backend(device)
     _, logits, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
     draws = uniforms[:, 0].contiguous()
     call = (logits, draws, params.student_temperature, params.student_top_k, params.student_top_p, mask)
@@ -75,8 +76,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = resolve(args)
     meta = dict(common_meta(device, args), logits=LOGITS, model_logits=MODEL_LOGITS)
-    print(f"rsd_verify and sample_tokens on {device} ({meta.get('gpu') or meta.get('isa')}), fused vs PyTorch "
-          f"reference, µs per call")
+    print(f"rsd_verify and sample_tokens on {device} ({meta.get('gpu') or meta.get('isa') or meta['note']}), "
+          f"fused vs PyTorch reference, µs per call")
     header = (f"{'op':>13} {'B':>4} {'G':>2} {'V':>7} {'dtype':>8} | {'fused µs':>10} {'torch µs':>10} "
               f"{'speedup':>8} | {'floor µs':>9} {'fused/floor':>11} | {'emitted':>7} | same")
     keys = [dict(op="rsd_verify", B=B, G=G, V=V, dtype=d) for d in args.dtype for V in args.vocab

@@ -2,33 +2,37 @@
 # The prepared check for a lent CUDA machine (DESIGN.md §6): one run on a bare box, from a plain source
 # checkout, with no network and no install: torch, triton, transformers, safetensors, numpy and pytest are
 # all it uses (the C++ sampler is built only where a compiler and pybind11 are; the demo pair is skipped).
-# Run it from the checkout's root, with about 8 minutes of wall time (device tool: command
-# "bash bench/device_check.sh", timeout_s 480, which leaves a 15-minute lease room for a shorter rerun; the
-# machine sets $OUT):
+# Run it from the checkout's root, with about 6 minutes of wall time (device tool: command
+# "bash bench/device_check.sh", timeout_s 480: the budget below, the C++ build's last 20 s and the summary,
+# with room for a slow start; a 15-minute lease then leaves time for a shorter rerun; the machine sets $OUT):
 #
 #   bash bench/device_check.sh                 # on the CUDA machine: results under $OUT
 #   bash bench/device_check.sh --cpu-dry-run   # the same steps on CPU at toy sizes (tests/test_device_check.py)
 #
-# The steps share a budget of DEVICE_CHECK_BUDGET seconds (default 420, i.e. about 7.5 minutes with the
-# summary), spent in the order listed below, the most wanted figures first; each step also has its own time
-# limit. A step that runs out of time is killed with everything it started, and its JSON keeps the rows
-# measured so far (the benchmarks rewrite it after every row); a step the budget cannot reach is skipped.
+# The steps share a budget of DEVICE_CHECK_BUDGET seconds (default 360, the 6 minutes issue 15 allows on
+# the card; the steps' own limits add up to it), spent in this order, the most wanted and cheapest figures
+# first: environment 20 s, cuda_tests 40, rsd_step 60, rsd_verify 40 (issue 14's op targets, float32 rows
+# first), e2e 70 (the 1.7B/0.6B pair), profile 35, e2e_8b 70 (the 16 GB pair: the likeliest to be cut),
+# skinny 25. A step that runs out of time is killed with everything it started, and its JSON keeps the rows
+# measured so far (the benchmarks rewrite it whole after every row: bench/atomic_json.py); a step the
+# budget cannot reach is skipped.
 # $OUT (default bench/results/device_check) receives exactly these 8 files, the most a lent machine
 # returns; add nothing else to it:
 #   summary.json      environment (versions, card, driver, C++ build), each step's exit status and seconds,
 #                     the skinny-GEMM microbenchmark (it has no file of its own: 8 files at most), and "targets":
 #                     each target of the open issues 14 and 15 against the row that measures it (met or not)
-#   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the sampler and engine tests, on the card
-#   e2e_8b.json       an 8B-shaped teacher with the 0.6B student, draft_tokens 0 and 4, batch 1 and 16,
-#                     naive HF loop at batch 1 only
-#   e2e.json          Engine on a random Qwen3-1.7B/0.6B-shaped pair made on the card, batch 1/16/128, against
-#                     the naive HF loop (16 new tokens, so it fits) and the weight-streaming floor
-#   profile.json      torch.profiler of one decode step at batch 1 on that pair: top kernels, kernel,
-#                     memcpy, launch and blocking-sync counts per step
-#   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, bf16 and fp32,
+#   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the sampler and engine tests, on the card: each
+#                     test's outcome as pytest reported it (bench/pytest_outcomes.py), and any collection error
+#   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, fp32 then bf16,
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
 #                     Triton op with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
 #   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way
+#   e2e.json          Engine on a random Qwen3-1.7B/0.6B-shaped pair made on the card, batch 1/16/128, against
+#                     the naive HF loop (16 new tokens, so it fits) and the weight-streaming floor
+#   profile.json      torch.profiler of one decode step at batch 1 on that pair: its wall time (written first),
+#                     top kernels, kernel, memcpy, launch, stream/device sync and event-wait counts per step
+#   e2e_8b.json       an 8B-shaped teacher with the 0.6B student, draft_tokens 0 and 4, batch 1 and 16,
+#                     naive HF loop at batch 1 only
 #   device_check.log  this script's whole output
 # Step exit codes: 0 ok, 124 out of time (partial JSON kept), 125 skipped (budget spent), else the step's own.
 # The script exits 0 only if every step did.
@@ -47,8 +51,10 @@ mkdir -p "$out" && out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")  # model folders, traces, the C++ build: not in $OUT
 trap 'rm -rf "$work"' EXIT
 exec > >(tee "$out/device_check.log") 2>&1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-budget=${DEVICE_CHECK_BUDGET:-420}
+# USE_HUB_KERNELS=0: transformers 5.x (integrations/hub_kernels.py) may otherwise reach for the Hub's `kernels`
+# package in from_pretrained; off, the naive baseline stays plain PyTorch and nothing looks for the network.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false USE_HUB_KERNELS=0
+budget=${DEVICE_CHECK_BUDGET:-360}
 t0=$(date +%s)
 steps=()
 
@@ -71,6 +77,7 @@ step() {  # step NAME SECONDS COMMAND...: COMMAND under min(SECONDS, budget left
   start=$(date +%s)
   timeout -k 10 "$limit" "$@"
   rc=$?
+  rm -f "$out"/.*.tmp  # a JSON write the kill cut short (bench/atomic_json.py): the file before it stands
   steps+=("$name $rc $(( $(date +%s) - start )) $limit")
   echo "== $name: exit $rc after $(( $(date +%s) - start ))s"
 }
@@ -100,7 +107,7 @@ else
   cpp_pid=$!
 fi
 
-step environment 30 $py - "$work/environment.json" "$mode" <<'EOF'
+step environment 20 $py - "$work/environment.json" "$mode" <<'EOF'
 import json, os, platform, shutil, subprocess, sys
 import rsd_engine  # noqa: F401  (before torch: its OpenMP settings)
 import torch
@@ -120,81 +127,67 @@ if torch.cuda.is_available():
     try:
         env["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as err:
         env["nvidia_smi"] = f"not run: {err}"
 open(sys.argv[1], "w").write(json.dumps(env, indent=2))
 print(json.dumps(env))
 EOF
 
-# -v lines are parsed as they come, so a run cut short still reports every test it finished; the engine's
-# Triton cases (three) come before the sampler sweeps (a few hundred), should the time run out.
+# Each test's outcome is written as it comes (bench/pytest_outcomes.py), so a run cut short still reports every
+# test it finished; the engine's Triton cases (three) come before the sampler sweeps (a few hundred), should the
+# time run out. A test file that fails to import costs its own tests only (--continue-on-collection-errors), and
+# cuda_tests.json names it. The dry run collects the same list as the box would import it (bench/bare_box.py: a
+# module the box lacks fails to import) and runs tests/test_cuda.py's selected cases of it (they skip on CPU).
 tests=(tests/test_cuda.py tests/test_generator.py tests/test_engine.py tests/test_speculative.py
        tests/test_rsd_verify.py tests/test_rsd_sample.py)
-if [ "$mode" = cuda ]; then test_limit=50; else test_limit=60; tests=(tests/test_cuda.py); fi
+if [ "$mode" = cuda ]; then
+  test_limit=40; pytest=($py -m pytest)
+else
+  test_limit=60; pytest=($py bench/bare_box.py --run-only tests/test_cuda.py)
+fi
 # A shorter check (a second run in one lease): DEVICE_CHECK_TESTS="tests/a.py tests/b.py", DEVICE_CHECK_TEST_LIMIT=S,
 # DEVICE_CHECK_ONLY="rsd_step e2e" (the steps to run), DEVICE_CHECK_DTYPES="bfloat16" (the op benchmarks' logits).
 [ -n "${DEVICE_CHECK_TESTS:-}" ] && read -r -a tests <<< "$DEVICE_CHECK_TESTS"
 test_limit=${DEVICE_CHECK_TEST_LIMIT:-$test_limit}
+# The plugin is found on PYTHONPATH as pytest_outcomes, not as bench.pytest_outcomes: bench/ is no package, and
+# a distribution named bench would shadow it.
 step cuda_tests $test_limit bash -c 'exec "$@" > "$0" 2>&1' "$work/pytest.log" \
-  $py -m pytest -v -p no:cacheprovider -rfEs -k "(cuda or triton) and not without_a_gpu" "${tests[@]}"
+  env PYTHONPATH="$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" "${pytest[@]}" -v -p no:cacheprovider -rfEs \
+  --continue-on-collection-errors -p pytest_outcomes --outcomes "$work/outcomes.jsonl" \
+  -k "(cuda or triton) and not without_a_gpu" "${tests[@]}"
 tail -n 25 "$work/pytest.log" 2>/dev/null
-test_rc=${steps[-1]}
-$py - "$work/pytest.log" "$out/cuda_tests.json" "$test_rc" <<'EOF'
-import json, os, re, sys
-log = open(sys.argv[1], errors="replace").read() if os.path.exists(sys.argv[1]) else ""
-name, rc, seconds, limit = sys.argv[3].split()
-line = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", re.M)
-outcomes = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped", "XFAIL": "skipped",
-            "XPASS": "passed"}
-tests = {}
-for m in line.finditer(log):
-    tests.setdefault(m.group(1), dict(name=m.group(1), outcome=outcomes[m.group(2)], message=""))
-    if m.group(2) == "ERROR":
-        tests[m.group(1)]["outcome"] = "error"
-for m in re.finditer(r"^(?:FAILED|ERROR) (tests/\S+::\S+)(?: - (.*))?$", log, re.M):
-    if m.group(1) in tests:
-        tests[m.group(1)]["message"] = (m.group(2) or "")[:500]
-collected = re.search(r"collected (\d+) items(?: / (\d+) deselected)?", log)
-selected = int(collected.group(1)) - int(collected.group(2) or 0) if collected else None
-counts = {k: sum(t["outcome"] == k for t in tests.values()) for k in ("passed", "failed", "skipped", "error")}
-counts["not_run"] = selected - len(tests) if selected is not None else None
-report = dict(exit=int(rc), seconds=int(seconds), timed_out=int(rc) in (124, 137), selected=selected, counts=counts,
-              tests=list(tests.values()), log_tail=log[-4000:])
-open(sys.argv[2], "w").write(json.dumps(report, indent=2))
-print("cuda_tests:", counts)
-EOF
+$py bench/pytest_outcomes.py "$work/outcomes.jsonl" "$work/pytest.log" "$out/cuda_tests.json" "${steps[-1]}"
 
+pairs=$work/pairs
 if [ "$mode" = cuda ]; then
-  pairs=$work/pairs
-  dtypes=(${DEVICE_CHECK_DTYPES:-bfloat16 float32})
-  # Most wanted first (a step cut short keeps its rows): speculative decoding on the 8B-shaped teacher (never
-  # measured since the verify op was rewritten), the engine, its profile, then the op microbenchmarks.
-  step e2e_8b 100 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-8b \
-    --student-shape qwen3-0.6b --draft-tokens 0 4 --batches 1 16 --max-batch-size 16 --max-seq-len 512 \
-    --prompt-len 64 --new-tokens 32 --repeats 2 --naive-batches 1 --naive-new-tokens 16 --naive-repeats 1 \
-    --no-one-by-one --cache "$pairs" --out "$out/e2e_8b.json"
-  rm -rf "$pairs"/qwen3-8b-*  # 16 GB of the disk, not needed again
-  step e2e 80 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-1.7b \
-    --student-shape qwen3-0.6b --batches 1 16 128 --max-batch-size 128 --max-seq-len 512 --prompt-len 64 \
-    --new-tokens 32 --repeats 2 --naive-new-tokens 16 --naive-repeats 1 --no-one-by-one --cache "$pairs" \
-    --out "$out/e2e.json"
-  step profile 40 $py bench/bench_profile_step.py --device cuda --teacher-shape qwen3-1.7b \
-    --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --cache "$pairs" --out "$out/profile.json"
-  # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
-  step skinny 60 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
+  dtypes=(${DEVICE_CHECK_DTYPES:-float32 bfloat16})
   # Each row records its kernels' µs in launch order (which launch the time goes to); then B 1/16/64/256 on rows
   # shaped as a real model's (few ids near the top: round 0's atomics almost vanish); last, the first dtype at
   # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention),
   # then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming kernels take 176-254
   # registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
-  step rsd_step 75 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
+  step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
     --repeats 10 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
     --out "$out/rsd_step.json"
-  step rsd_verify 45 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
+  step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
     --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --out "$out/rsd_verify.json"
+  step e2e 70 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-1.7b \
+    --student-shape qwen3-0.6b --batches 1 16 128 --max-batch-size 128 --max-seq-len 512 --prompt-len 64 \
+    --new-tokens 32 --repeats 2 --naive-new-tokens 16 --naive-repeats 1 --no-one-by-one --cache "$pairs" \
+    --out "$out/e2e.json"
+  step profile 35 $py bench/bench_profile_step.py --device cuda --teacher-shape qwen3-1.7b \
+    --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --cache "$pairs" --out "$out/profile.json"
+  # Speculative decoding on the 8B-shaped teacher (never measured since the verify op was rewritten): the 16 GB
+  # pair is built on the card first, so it comes after the cheaper figures.
+  step e2e_8b 70 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-8b \
+    --student-shape qwen3-0.6b --draft-tokens 0 4 --batches 1 16 --max-batch-size 16 --max-seq-len 512 \
+    --prompt-len 64 --new-tokens 32 --repeats 2 --naive-batches 1 --naive-new-tokens 16 --naive-repeats 1 \
+    --no-one-by-one --cache "$pairs" --out "$out/e2e_8b.json"
+  rm -rf "$pairs"/qwen3-8b-*  # 16 GB of the disk, not needed again
+  # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
+  step skinny 25 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
 else
-  pairs=$work/pairs
   step rsd_step 60 $py bench/bench_rsd_step.py --device cpu --batch 1 2 --vocab 1000 --dtype float32 bfloat16 \
     --model-rows-batch 2 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_step.json"
   step rsd_verify 60 $py bench/bench_rsd_verify.py --device cpu --batch 1 2 --gammas 2 --sample-batch 2 \
@@ -237,7 +230,15 @@ except Exception as err:  # noqa: BLE001
 rows = [dict(step=n, exit=int(rc), seconds=int(s), limit=int(lim)) for n, rc, s, lim in (x.split() for x in steps)]
 summary = dict(mode=mode, ok=all(r["exit"] == 0 for r in rows), total_seconds=int(total), steps=rows,
                environment=env, skinny_linear=skinny)
-json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+
+
+def save():  # whole or not at all, as the steps' JSON (bench/atomic_json.py)
+    tmp = os.path.join(out, ".summary.json.tmp")
+    json.dump(summary, open(tmp, "w"), indent=2)
+    os.replace(tmp, os.path.join(out, "summary.json"))
+
+
+save()
 
 
 def load(name):
@@ -257,7 +258,10 @@ print(f"{env.get('gpu') or 'cpu'} | torch {env.get('torch')} | triton {env.get('
 print("steps: " + ", ".join(f"{r['step']}={r['exit']} ({r['seconds']}s)" for r in rows))
 tests = load("cuda_tests.json")
 if tests:
-    print(f"cuda_tests: {tests['counts']}" + (" TIMED OUT" if tests["timed_out"] else ""))
+    print(f"cuda_tests: {tests['counts']}" + (" TIMED OUT" if tests["timed_out"] else "")
+          + (f", cut in {tests['cut_at']}" if tests.get("cut_at") else ""))
+    for e in tests.get("collection_errors", []):  # a file that did not import: none of its tests ran
+        print(f"  COLLECTION ERROR {e['name']}: {(e['message'].strip().splitlines() or [''])[-1][:160]}")
     bad = [t for t in tests["tests"] if t["outcome"] in ("failed", "error")]
     for t in bad[:10]:  # the coordinator sees the last 12,000 characters: the rest are in cuda_tests.json
         print(f"  {t['outcome'].upper()} {t['name'][:120]}: {t['message'][:160]}")
@@ -293,10 +297,13 @@ for name in ("e2e.json", "e2e_8b.json"):
                       f"{f(r.get('vs_plain'), '.2f')}")
 prof = load("profile.json")
 if prof:
-    print(f"profile.json: {f(prof['wall_ms_per_step'], '.2f')} ms/step wall, {f(prof['kernels_per_step'], '.0f')} "
-          f"kernels ({f(prof['kernel_us_per_step'] / 1e3, '.2f')} ms), {f(prof['memcpys_per_step'])} memcpy, "
-          f"{f(prof['syncs_per_step'])} syncs, {f(prof['launches_per_step'])} launches per step; top:")
-    for k in prof["top_kernels"][:8]:
+    kernel_us = prof.get("kernel_us_per_step")
+    print(f"profile.json: {f(prof.get('wall_ms_per_step'), '.2f')} ms/step wall, "
+          f"{f(prof.get('kernels_per_step'), '.0f')} kernels ({f(kernel_us and kernel_us / 1e3, '.2f')} ms), "
+          f"{f(prof.get('memcpys_per_step'))} memcpy, {f(prof.get('syncs_per_step'))} stream/device syncs, "
+          f"{f(prof.get('event_waits_per_step'))} event waits, {f(prof.get('launches_per_step'))} launches per step"
+          + (f" ({prof['profile']})" if "profile" in prof else "; top:"))
+    for k in prof.get("top_kernels", [])[:8]:
         print(f"  {f(k['calls_per_step'])} x {f(k['us_per_step'])} µs  {k['name'][:90]}")
 
 
@@ -316,12 +323,17 @@ def e2e_rows(name, teacher):
 targets = []
 
 
-def target(what, rows, value, limit, at_most=True):
+def target(what, rows, value, limit, at_most=True, strict=False, source=None, label=None, beside=None):
+    """The worst of the rows' values against the limit (at most, below it when strict, or at least); source says
+    which figure it is, label qualifies the verdict, beside holds figures to read with it."""
     got = [value(r) for r in rows]
     got = [g for g in got if g is not None]
     measured = (max(got) if at_most else min(got)) if got else None
-    met = None if measured is None else (measured <= limit if at_most else measured >= limit)
-    targets.append(dict(target=what, measured=measured, limit=limit, at_most=at_most, met=met))
+    met = None if measured is None else (measured < limit if strict else measured <= limit) if at_most \
+        else measured >= limit
+    t = dict(target=what, measured=measured, limit=limit, at_most=at_most, strict=strict, met=met)
+    t.update({k: v for k, v in dict(source=source, label=label, beside=beside).items() if v})
+    targets.append(t)
 
 
 for B, limit in ((1, 25), (16, 35), (64, 60)):
@@ -338,25 +350,46 @@ for B, limit in ((1, 40), (16, 80)):
 target("issue 14: fused / op-by-op reference, every row (x)",
        [r for name, op in (("rsd_step.json", "rsd_sample"), ("rsd_verify.json", "rsd_verify"),
                            ("rsd_verify.json", "sample_tokens")) for r in op_rows(name, op) if r.get("reference_us")],
-       lambda r: r["fused_us"] / r["reference_us"], 1)
+       lambda r: r["fused_us"] / r["reference_us"], 1, strict=True)  # faster: below 1, not equal
+# The e2e figure is a generate_batch's wall time over its new tokens (prefill and set-up in it); the profile's is
+# the difference of two runs per extra step, a decode step alone: the target's figure where the profile ran.
 plain_1 = [r for r in e2e_rows("e2e.json", "qwen3-1.7b") if r["batch"] == 1 and r["draft_tokens"] == 0]
-target("issue 15: 1.7B/0.6B batch 1 ms per step", plain_1, lambda r: r.get("engine_ms_per_step"), 2.0)
+e2e_ms = max((r["engine_ms_per_step"] for r in plain_1 if r.get("engine_ms_per_step") is not None), default=None)
+clean = [prof] if prof and prof.get("gpu") and prof.get("teacher") == "qwen3-1.7b" and prof.get("batch") == 1 \
+    and prof.get("draft_tokens") == 0 and prof.get("wall_ms_per_step") is not None else []
+if clean:
+    target("issue 15: 1.7B/0.6B batch 1 ms per step", clean, lambda r: r["wall_ms_per_step"], 2.0,
+           source="profile.json: one decode step (two runs' difference)",
+           beside={"e2e.json ms per step (prefill and set-up included)": e2e_ms})
+else:
+    target("issue 15: 1.7B/0.6B batch 1 ms per step", plain_1, lambda r: r.get("engine_ms_per_step"), 2.0,
+           source="e2e.json (no profile.json): wall time over new tokens, prefill and set-up included")
 target("issue 15: 1.7B/0.6B batch 128 tok/s", [r for r in e2e_rows("e2e.json", "qwen3-1.7b") if r["batch"] == 128
                                                and r["draft_tokens"] == 0], lambda r: r.get("engine_tok_s"), 10_000,
        at_most=False)
-target("issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)",
-       [r for r in e2e_rows("e2e_8b.json", "qwen3-8b") if r["batch"] == 1 and r["draft_tokens"] == 4],
-       lambda r: r.get("vs_plain"), 2.0, at_most=False)
+# Random logits are nearly flat, so the student's probabilities (~1/V) all pass the threshold test: every draft is
+# accepted and the ratio is the most speculation can give, not what a trained pair would.
+spec_1 = [r for r in e2e_rows("e2e_8b.json", "qwen3-8b") if r["batch"] == 1 and r["draft_tokens"] == 4]
+target("issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)", spec_1, lambda r: r.get("vs_plain"), 2.0,
+       at_most=False, label="random weights: upper bound" if spec_1 and all(r.get("pair") == "random" for r in spec_1)
+       else None, beside={"acceptance_rate": spec_1[0].get("acceptance_rate")} if spec_1 else None)
 profiled = [prof] if prof and prof.get("gpu") else []
 target("issue 15: kernels per step (batch 1)", profiled, lambda r: r.get("kernels_per_step"), 600)
 target("issue 15: memcpys per step (batch 1)", profiled, lambda r: r.get("memcpys_per_step"), 2)
-target("issue 15: blocking syncs per step (batch 1)", profiled, lambda r: r.get("syncs_per_step"), 0)
+# The pipelined read of a step's outputs waits on its event by design (one asynchronous copy and an event, issue
+# 15): event waits are shown beside the target, which counts stream and device synchronizations.
+target("issue 15: blocking stream/device syncs per step (batch 1)", profiled, lambda r: r.get("syncs_per_step"), 0,
+       beside={k: prof.get(k) for k in ("event_waits_per_step", "blocking_copies_per_step")} if profiled else None)
 print("targets (open issues): measured vs limit")
 for t in targets:
     verdict = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
-    print(f"  {t['target']}: {f(t['measured'], '.2f')} {'<=' if t['at_most'] else '>='} {t['limit']}: {verdict}")
+    sign = ("<" if t["strict"] else "<=") if t["at_most"] else ">="
+    notes = [t[k] for k in ("source", "label") if k in t and t["met"] is not None]
+    notes += [f"{k} {f(v, '.2f')}" for k, v in t.get("beside", {}).items() if t["met"] is not None]
+    print(f"  {t['target']}: {f(t['measured'], '.2f')} {sign} {t['limit']}: {verdict}"
+          + (f" ({'; '.join(notes)})" if notes else ""))
 summary["targets"] = targets
-json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+save()
 print(f"results: {out}/" + " ".join(sorted(os.listdir(out))))
 EOF
 failed=$(printf '%s\n' "${steps[@]}" | awk '$2 != 0' | wc -l)

@@ -1,6 +1,9 @@
-"""The analytic RSD law of DESIGN.md §2 in float64 numpy, written independently of every backend."""
+"""The analytic RSD law of DESIGN.md §2 in float64 numpy, written independently of every backend.
+
+numpy and torch only: the CUDA tests import this file on a bare GPU box where scipy is not installed
+(bench/device_check.sh); tests/test_law.py checks the p-value against scipy's where scipy is."""
 import numpy as np
-from scipy import stats
+import torch
 
 
 def truncate(logits, temperature, top_k=0, top_p=1.0, mask=None):
@@ -71,7 +74,14 @@ def chi_square_pvalue(samples, law):
     exp = list(expected[big]) + ([expected[~big].sum()] if (~big).any() and expected[~big].sum() > 0 else [])
     if len(obs) < 2:
         return 1.0
-    return stats.chisquare(obs, exp).pvalue
+    obs, exp = np.asarray(obs), np.asarray(exp)
+    return chi_square_sf(float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1)
+
+
+def chi_square_sf(statistic: float, df: int) -> float:
+    """P(X >= statistic) for X ~ chi-square(df): the regularised upper incomplete gamma Q(df/2, statistic/2)."""
+    a, x = torch.tensor(df / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(a, x))
 
 
 def accept_rate_matches(accepted, accept_rate, *, z=3.3) -> bool:

@@ -1,15 +1,21 @@
 """bench/device_check.sh's plumbing on CPU: --cpu-dry-run runs every step of the CUDA check (environment,
 the CUDA tests, the op benchmarks, both end-to-end runs, the profiler table) at toy sizes and writes the
 same 8 files a lent CUDA machine would return; a spent time budget skips steps with their own exit code
-and still writes every summary."""
+and still writes every summary. Its parts: the test outcomes (bench/pytest_outcomes.py), the bare box's
+imports (bench/bare_box.py), JSON written whole (bench/atomic_json.py), the targets block."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # noqa: E402  the check's own modules
+from atomic_json import dump  # noqa: E402
+from pytest_outcomes import read  # noqa: E402
 FILES = ["cuda_tests.json", "device_check.log", "e2e.json", "e2e_8b.json", "profile.json", "rsd_step.json",
          "rsd_verify.json", "summary.json"]
 STEPS = ["environment", "cuda_tests", "rsd_step", "rsd_verify", "e2e", "profile", "e2e_8b"]
@@ -35,11 +41,14 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     cuda_tests = json.loads((tmp_path / "cuda_tests.json").read_text())
     assert cuda_tests["counts"]["failed"] == 0 and len(cuda_tests["tests"]) >= 3
     assert cuda_tests["counts"]["not_run"] == 0 and not cuda_tests["timed_out"]
+    assert cuda_tests["selected"] == len(cuda_tests["tests"])
+    # the CUDA run's whole list collected as the bare box imports it (the sampler sweeps deselected on CPU)
+    assert cuda_tests["collection_errors"] == [] and cuda_tests["deselected"] > 100
     if not torch.cuda.is_available():
         assert cuda_tests["counts"]["skipped"] == len(cuda_tests["tests"])
 
     step = json.loads((tmp_path / "rsd_step.json").read_text())
-    assert step["meta"]["device"] == "cpu"
+    assert step["meta"]["device"] == "cpu" and step["meta"]["fused_backend"] in ("cpp", "reference")
     assert [(r["op"], r["B"], r["V"], r["dtype"], r.get("shape", "lm")) for r in step["rows"]] == [
         ("rsd_sample", B, 1000, dtype, "lm") for dtype in ("float32", "bfloat16") for B in (1, 2)] + [
         ("rsd_sample", 2, 1000, "float32", "model")]  # rows shaped as a real model's logits
@@ -67,6 +76,7 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     profile = json.loads((tmp_path / "profile.json").read_text())
     assert profile["steps"] == 3 and profile["kernels_per_step"] > 0 and profile["wall_ms_per_step"] > 0
     assert profile["top_kernels"] and all(k["calls_per_step"] > 0 for k in profile["top_kernels"])
+    assert {"syncs_per_step", "event_waits_per_step", "blocking_copies_per_step"} <= set(profile)
 
 
 def test_a_spent_budget_skips_steps_and_still_reports(tmp_path):
@@ -85,44 +95,226 @@ def test_refuses_unknown_options():
     assert done.returncode == 2 and "unknown option --fast" in done.stderr
 
 
-def test_the_summary_holds_each_open_issue_target_against_its_row(tmp_path):
-    """The targets of issues 14 and 15, each read from the row that measures it (met, MISSED, not measured):
-    the rows a CUDA run writes, placed in $OUT here and left there by a run of the environment step alone."""
-    def rows(*items):
-        return json.dumps({"rows": list(items)})
-
-    sample = dict(op="rsd_sample", V=151_936, dtype="float32", floor_us=0.6)
-    (tmp_path / "rsd_step.json").write_text(rows(
-        {**sample, "B": 1, "fused_us": 20.0, "reference_us": 100.0, "over_floor": 33},
-        {**sample, "B": 16, "fused_us": 50.0, "reference_us": 40.0, "over_floor": 5},  # missed, and slower than torch
-        {**sample, "B": 1, "fused_us": 90.0, "chunks": 2, "over_floor": 150},  # a sweep row: not the target's
-        {**sample, "B": 256, "fused_us": 200.0, "reference_us": 900.0, "floor_us": 72.0, "over_floor": 2.78}))
-    (tmp_path / "rsd_verify.json").write_text(rows(
-        dict(op="rsd_verify", V=151_936, dtype="bfloat16", B=1, G=4, fused_us=39.0, reference_us=900.0, floor_us=1.4,
-             over_floor=28)))
-    runs = [{"teacher": "/x/qwen3-1.7b-v1", "student": "/x/qwen3-0.6b-v1", "progress": ["done"],
-             "rows": [{"batch": 1, "draft_tokens": 0, "engine_ms_per_step": 2.4, "engine_tok_s": 416.7},
-                      {"batch": 128, "draft_tokens": 0, "engine_ms_per_step": 10.7, "engine_tok_s": 12_000.0}]}]
-    (tmp_path / "e2e.json").write_text(json.dumps({"runs": runs}))
-    (tmp_path / "profile.json").write_text(json.dumps(dict(gpu="H200", kernels_per_step=350, memcpys_per_step=1,
-                                                           syncs_per_step=1, wall_ms_per_step=2.0,
-                                                           kernel_us_per_step=1.0, launches_per_step=1,
-                                                           top_kernels=[])))
-    env = {**os.environ, "OUT": str(tmp_path), "DEVICE_CHECK_ONLY": "environment"}
+def targets_of(folder: Path, files: dict):
+    """The summary's targets read from these result files, placed in $OUT and left there by a run of the
+    environment step alone: {target: (measured, met)}, the targets, and the run's output."""
+    for name, data in files.items():
+        (folder / name).write_text(json.dumps(data))
+    env = {**os.environ, "OUT": str(folder), "DEVICE_CHECK_ONLY": "environment"}
     done = subprocess.run(["bash", "bench/device_check.sh", "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:]
-    verdicts = {t["target"]: t for t in json.loads((tmp_path / "summary.json").read_text())["targets"]}
-    said = {k: (v["measured"], v["met"]) for k, v in verdicts.items()}
+    verdicts = {t["target"]: t for t in json.loads((folder / "summary.json").read_text())["targets"]}
+    return {k: (v["measured"], v["met"]) for k, v in verdicts.items()}, verdicts, done.stdout
+
+
+def test_the_summary_holds_each_open_issue_target_against_its_row(tmp_path):
+    """The targets of issues 14 and 15, each read from the row that measures it (met, MISSED, not measured):
+    the rows a CUDA run writes."""
+    sample = dict(op="rsd_sample", V=151_936, dtype="float32", floor_us=0.6)
+    runs = [{"teacher": "/x/qwen3-1.7b-v1", "student": "/x/qwen3-0.6b-v1", "progress": ["done"],
+             "rows": [{"batch": 1, "draft_tokens": 0, "engine_ms_per_step": 2.4, "engine_tok_s": 416.7},
+                      {"batch": 128, "draft_tokens": 0, "engine_ms_per_step": 10.7, "engine_tok_s": 12_000.0}]}]
+    runs_8b = [{"teacher": "/x/qwen3-8b-v1", "student": "/x/qwen3-0.6b-v1", "progress": ["done"],
+                "rows": [{"pair": "random", "batch": 1, "draft_tokens": 0, "engine_ms_per_step": 7.7,
+                          "engine_tok_s": 130.0, "vs_plain": 1.0, "acceptance_rate": 0.0},
+                         {"pair": "random", "batch": 1, "draft_tokens": 4, "engine_ms_per_step": 3.0,
+                          "engine_tok_s": 333.0, "vs_plain": 2.56, "acceptance_rate": 1.0}]}]
+    said, verdicts, stdout = targets_of(tmp_path, {
+        "rsd_step.json": {"rows": [
+            {**sample, "B": 1, "fused_us": 20.0, "reference_us": 100.0, "over_floor": 33},
+            {**sample, "B": 16, "fused_us": 50.0, "reference_us": 40.0, "over_floor": 5},  # missed, slower than torch
+            {**sample, "B": 1, "fused_us": 90.0, "chunks": 2, "over_floor": 150},  # a sweep row: not the target's
+            {**sample, "B": 256, "fused_us": 200.0, "reference_us": 900.0, "floor_us": 72.0, "over_floor": 2.78}]},
+        "rsd_verify.json": {"rows": [
+            dict(op="rsd_verify", V=151_936, dtype="bfloat16", B=1, G=4, fused_us=39.0, reference_us=900.0,
+                 floor_us=1.4, over_floor=28)]},
+        "e2e.json": {"runs": runs},
+        "e2e_8b.json": {"runs": runs_8b},
+        "profile.json": dict(gpu="H200", teacher="qwen3-1.7b", batch=1, draft_tokens=0, kernels_per_step=350,
+                             memcpys_per_step=1, syncs_per_step=0, event_waits_per_step=1,
+                             blocking_copies_per_step=0, wall_ms_per_step=1.9, kernel_us_per_step=1.0,
+                             launches_per_step=1, top_kernels=[])})
     assert said["issue 14: rsd_sample fp32 B=1 µs"] == (20.0, True)
     assert said["issue 14: rsd_sample fp32 B=16 µs"] == (50.0, False)
     assert said["issue 14: rsd_sample fp32 B=64 µs"] == (None, None)
     assert said["issue 14: rsd_sample fp32 B>=256 over the read-once floor (x)"] == (2.78, True)
     assert said["issue 14: rsd_verify G=4 B=1 µs (every logit dtype)"] == (39.0, True)
     assert said["issue 14: fused / op-by-op reference, every row (x)"] == (1.25, False)
-    assert said["issue 15: 1.7B/0.6B batch 1 ms per step"] == (2.4, False)
+    # a decode step alone (the profile's two-run difference), the e2e wall figure beside it
+    ms = verdicts["issue 15: 1.7B/0.6B batch 1 ms per step"]
+    assert (ms["measured"], ms["met"]) == (1.9, True) and list(ms["beside"].values()) == [2.4]
     assert said["issue 15: 1.7B/0.6B batch 128 tok/s"] == (12_000.0, True)
-    assert said["issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)"] == (None, None)
+    speculative = verdicts["issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)"]
+    assert (speculative["measured"], speculative["met"]) == (2.56, True)
+    assert speculative["label"] == "random weights: upper bound" and speculative["beside"] == {"acceptance_rate": 1.0}
     assert said["issue 15: kernels per step (batch 1)"] == (350, True)
-    assert said["issue 15: blocking syncs per step (batch 1)"] == (1, False)
-    assert "issue 14: rsd_sample fp32 B=16 µs: 50.00 <= 35: MISSED" in done.stdout
+    # the pipelined read's event wait is by design: beside the target, not in it
+    syncs = verdicts["issue 15: blocking stream/device syncs per step (batch 1)"]
+    assert (syncs["measured"], syncs["met"]) == (0, True) and syncs["beside"]["event_waits_per_step"] == 1
+    assert "issue 14: rsd_sample fp32 B=16 µs: 50.00 <= 35: MISSED" in stdout
+    assert "random weights: upper bound; acceptance_rate 1.00" in stdout
+
+
+def test_the_targets_where_the_profile_was_cut_short(tmp_path):
+    """A profile.json with its wall time only (the profiler's run killed): the batch-1 step is read from it and the
+    profiler's targets are not measured; a fused op as fast as the reference is not faster (strictly below 1)."""
+    runs = [{"teacher": "/x/qwen3-1.7b-v1", "progress": ["done"],
+             "rows": [{"batch": 1, "draft_tokens": 0, "engine_ms_per_step": 4.2, "engine_tok_s": 238.0}]}]
+    said, verdicts, stdout = targets_of(tmp_path, {
+        "rsd_step.json": {"rows": [dict(op="rsd_sample", V=151_936, dtype="float32", B=1, fused_us=30.0,
+                                        reference_us=30.0, floor_us=0.6, over_floor=50)]},
+        "e2e.json": {"runs": runs},
+        "profile.json": dict(gpu="H200", teacher="qwen3-1.7b", batch=1, draft_tokens=0, wall_ms_per_step=3.4,
+                             profile="not yet: the run was cut short before the profiler's figures")})
+    assert said["issue 14: fused / op-by-op reference, every row (x)"] == (1.0, False)
+    assert "issue 14: fused / op-by-op reference, every row (x): 1.00 < 1: MISSED" in stdout
+    assert said["issue 15: 1.7B/0.6B batch 1 ms per step"] == (3.4, False)
+    assert said["issue 15: kernels per step (batch 1)"] == (None, None)
+    assert said["issue 15: blocking stream/device syncs per step (batch 1)"] == (None, None)
+    assert "3.40 ms/step wall" in stdout and "cut short" in stdout
+    # without a profile the e2e figure stands in, and says what it includes
+    (tmp_path / "profile.json").unlink()
+    said, verdicts, _ = targets_of(tmp_path, {})
+    assert said["issue 15: 1.7B/0.6B batch 1 ms per step"] == (4.2, False)
+    assert "prefill" in verdicts["issue 15: 1.7B/0.6B batch 1 ms per step"]["source"]
+
+
+SPACED_TESTS = """
+import pytest
+
+
+@pytest.mark.parametrize("x", [1, 2, 3], ids=["a b", "c d e", "f"])
+def test_cuda_spaced(x):
+    assert x != 2, "two is wrong"
+
+
+@pytest.mark.skip(reason="no card")
+def test_cuda_skipped():
+    pass
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("set-up broke")
+
+
+def test_cuda_broken_setup(broken):
+    pass
+
+
+@pytest.mark.xfail(reason="known")
+def test_cuda_expected_to_fail():
+    assert False
+
+
+def test_other():  # deselected by -k
+    pass
+"""
+
+
+def test_outcomes_of_ids_with_spaces_and_a_file_that_does_not_import(tmp_path):
+    """Every test's outcome exactly as pytest reports it, ids with spaces included, the deselected apart, and a
+    test file that fails to import named as a collection error (the other files' tests still run)."""
+    (tmp_path / "test_spaced.py").write_text(SPACED_TESTS)
+    (tmp_path / "test_broken.py").write_text("import no_such_module_on_the_box\n")
+    outcomes, log, out = tmp_path / "outcomes.jsonl", tmp_path / "pytest.log", tmp_path / "cuda_tests.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--rootdir",
+                               str(tmp_path), "--continue-on-collection-errors", "-p", "pytest_outcomes",
+                               "--outcomes", str(outcomes), "-k", "cuda", str(tmp_path)], cwd=ROOT, env=env, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 1, log.read_text()[-3000:]
+    subprocess.run([sys.executable, "bench/pytest_outcomes.py", str(outcomes), str(log), str(out),
+                    f"cuda_tests {done.returncode} 3 40"], cwd=ROOT, check=True, timeout=60)
+    report = json.loads(out.read_text())
+    assert report["exit"] == 1 and report["selected"] == 6 and report["deselected"] == 1
+    assert report["counts"] == dict(passed=2, failed=1, skipped=2, error=1, not_run=0, collection_errors=1)
+    tests = {t["name"]: t for t in report["tests"]}
+    assert tests["test_spaced.py::test_cuda_spaced[c d e]"]["outcome"] == "failed"
+    assert "two is wrong" in tests["test_spaced.py::test_cuda_spaced[c d e]"]["message"]
+    assert tests["test_spaced.py::test_cuda_spaced[a b]"]["outcome"] == "passed"
+    assert tests["test_spaced.py::test_cuda_broken_setup"]["outcome"] == "error"
+    assert "set-up broke" in tests["test_spaced.py::test_cuda_broken_setup"]["message"]
+    assert "no card" in tests["test_spaced.py::test_cuda_skipped"]["message"]
+    [error] = report["collection_errors"]
+    assert error["name"] == "test_broken.py" and "no_such_module_on_the_box" in error["message"]
+    assert report["cut_at"] is None and "test_cuda_spaced" in report["log_tail"]
+
+
+def test_outcomes_of_a_run_killed_mid_test(tmp_path):
+    """The kill leaves the tests finished before it, the one it was in, and perhaps half a line."""
+    outcomes = tmp_path / "outcomes.jsonl"
+    lines = [dict(event="selected", count=3, deselected=0), dict(event="start", name="t.py::a[x y]"),
+             dict(event="test", name="t.py::a[x y]", when="call", outcome="passed", message="", seconds=1.0),
+             dict(event="start", name="t.py::b[slow one]")]
+    outcomes.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "te')
+    report = read(str(outcomes))
+    assert report["counts"] == dict(passed=1, failed=0, skipped=0, error=0, not_run=2, collection_errors=0)
+    assert report["cut_at"] == "t.py::b[slow one]" and report["pytest_exit"] is None
+    assert read(str(tmp_path / "missing.jsonl"))["selected"] is None  # the step never ran
+
+
+GUARDED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from bare_box import BareBoxGuard
+sys.meta_path.insert(0, BareBoxGuard(roots=[sys.argv[2]]))
+sys.path.insert(0, sys.argv[2])
+import uses_the_box  # numpy, the standard library and a module beside it
+try:
+    import uses_scipy
+except ModuleNotFoundError as err:
+    print("refused:", err)
+import scipy  # this file is not in the guarded folder: its imports are its own
+print("scipy from outside:", scipy.__name__)
+"""
+
+
+def test_the_bare_box_guard_refuses_what_the_box_lacks(tmp_path):
+    """The dry run's stand-in for the GPU box: a guarded file's import of a module the box does not have (scipy,
+    installed here by the test extra) fails as it would there; the box's packages and the folder's own modules
+    import."""
+    pytest.importorskip("scipy")
+    (tmp_path / "uses_the_box.py").write_text("import json\nimport numpy\nimport torch\nimport beside\n")
+    (tmp_path / "beside.py").write_text("")
+    (tmp_path / "uses_scipy.py").write_text("from scipy import stats\n")
+    done = subprocess.run([sys.executable, "-c", GUARDED, str(ROOT / "bench"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: No module named 'scipy' on the bare GPU box" in done.stdout
+    assert "scipy from outside: scipy" in done.stdout
+
+
+WITHOUT_CPP = """
+import runpy, sys
+sys.modules["rsd_engine._C"] = None  # as a plain checkout, where the C++ extension was never built
+sys.path.insert(0, "bench")
+script, *sys.argv[1:] = sys.argv[1:]
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["bench/bench_rsd_step.py", "bench/bench_rsd_verify.py"])
+def test_the_op_benchmarks_run_where_the_cpp_extension_is_not_built(tmp_path, script):
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "-c", WITHOUT_CPP, script, "--device", "cpu", "--batch", "1", "--vocab",
+                           "300", "--dtype", "float32", "--warmup", "1", "--repeats", "3", "--budget", "1", "--out",
+                           str(out)] + (["--gammas", "2", "--sample-batch", "1"] if "verify" in script else []),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["fused_backend"] == "reference" and "not built" in report["meta"]["note"]
+    assert report["rows"] and all("error" not in r and r["same_tokens"] for r in report["rows"])
+    assert os.listdir(tmp_path) == ["rows.json"]
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path):
+    """A write that fails (here: a value JSON cannot hold) leaves the previous rows, and no temporary file."""
+    path = tmp_path / "rows.json"
+    dump({"rows": [1]}, path)
+    with pytest.raises(TypeError):
+        dump({"rows": [1, object()]}, path)
+    assert json.loads(path.read_text()) == {"rows": [1]} and os.listdir(tmp_path) == ["rows.json"]
