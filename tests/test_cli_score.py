@@ -273,8 +273,9 @@ def test_traces_past_the_models_context_are_skipped_and_named(tiny_pair, traces,
 
 @pytest.mark.parametrize("with_teacher", [False, True], ids=["student-only", "with-teacher"])
 def test_rows_with_ids_the_models_cannot_read_are_skipped_with_the_reason(tiny_pair, traces, tmp_path, with_teacher):
-    """True is no token id (bool is an int subclass); an id past the student's embedding, or (with a teacher)
-    outside the token space, is a skipped row naming the id, not an error that stops every file."""
+    """True is no token id (bool is an int subclass); an id past the student's embedding, or past its tokenizer (a
+    padding row of the embedding, which student-only scoring used to score: Qwen3's </think> under a Qwen2.5
+    student), is a skipped row naming the id, not an error that stops every file."""
     files, pairs = traces
     rows = [json.loads(line) for line in files["ids"].read_text().splitlines()][1:]  # "b", 40 tokens
     prompt = rows[0]["prompt"]
@@ -284,13 +285,12 @@ def test_rows_with_ids_the_models_cannot_read_are_skipped_with_the_reason(tiny_p
     data = write_rows(tmp_path / "bad_ids.jsonl", rows + bad)
     (report,), out = run(tmp_path, tiny_pair[1], data, teacher=tiny_pair[0] if with_teacher else None)
     skipped = {1: "'token_ids' item 0 is True (bool), not a token id",
-               2: "completion token 1 (id 99999) is not in the student's vocabulary: ids must be in [0, 512)"}
-    if with_teacher:  # the token space ends where the tokenizer does
-        skipped[3] = "completion token 1 (id 460) has no equivalent in the teacher's token space"
+               2: "completion token 1 (id 99999) is not a token of the student's tokenizer: ids must be in [0, 455)",
+               3: "completion token 1 (id 460) is not a token of the student's tokenizer: ids must be in [0, 455)"}
     assert [s["row"] for s in report["skipped"]] == list(skipped) and report["skipped_rows"] == len(skipped)
     for got, want in zip(report["skipped"], skipped.values()):
         assert got["why"].startswith(want)
-    assert [t["id"] for t in report["per_trace"]] == ["b", *([] if with_teacher else ["padding"])]
+    assert [t["id"] for t in report["per_trace"]] == ["b"]
     assert report["per_trace"][0]["student"] == pytest.approx(expected(hf_logprobs(tiny_pair[1], pairs["ids"][1:])[0]),
                                                               rel=1e-4, abs=1e-5)
     assert f"skipped {len(skipped)} rows (first: row 1, 'token_ids' item 0 is True (bool)" in out
@@ -513,3 +513,17 @@ def test_ids_other_writers_decoded_their_way_are_scored(tiny_pair, tmp_path):
              "completion_mask": [0] * start + [1] * (len(whole) - start)}]
     read = read_traces(write_rows(tmp_path / "t.jsonl", rows), tokenizer)
     assert [t.id for t in read.traces] == ["eos", "trl"] and read.skipped == []
+
+
+def test_ids_past_the_student_tokenizer_spell_no_completion(tiny_pair, traces, tmp_path):
+    """A row whose ids hold one past the student's tokenizer (another tokenizer's added token, on a padding row of
+    the student's embedding) was taken as spelling its completion, and scored: it is skipped as another
+    tokenizer's ids."""
+    files, _ = traces
+    row = json.loads(files["ids"].read_text().splitlines()[1])
+    completion = AutoTokenizer.from_pretrained(str(tiny_pair[1])).decode(row["token_ids"])
+    row.update(id="other", completion=completion, token_ids=row["token_ids"][:3] + [460] + row["token_ids"][3:])
+    data = write_rows(tmp_path / "other.jsonl", [json.loads(files["ids"].read_text().splitlines()[1]), row])
+    (report,), _ = run(tmp_path, tiny_pair[1], data)
+    assert [t["id"] for t in report["per_trace"]] == ["b"]
+    assert report["skipped"][0]["why"].startswith("its 'token_ids' do not decode to its 'completion'")

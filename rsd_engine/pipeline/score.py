@@ -139,9 +139,12 @@ def _spelled(tokenizer, prompt_ids: list[int], ids: list[int], prompt: str | Non
     decoded them: rsd's records (decode(ids); --format sft: sft_completion after the prompt's ids), others'
     (without special tokens, vLLM's default; the EOS they stopped on not in the text; TRL's own tokenised rows,
     whose completion_mask may start inside the prompt, where prompt + completion is the whole). Ids past the
-    tokenizer are not compared (they are named later, as unscorable); nor are rows without completion ids."""
-    if not ids or not all(0 <= t < len(tokenizer) for t in [*prompt_ids, *ids]):
+    tokenizer spell nothing (a padding row of the student's embedding: Qwen3's </think> under a Qwen2.5 student);
+    rows without completion ids are not compared."""
+    if not ids:
         return True
+    if not all(0 <= t < len(tokenizer) for t in [*prompt_ids, *ids]):
+        return False
     decode = lambda ids, skip=False: tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
     if completion in (decode(ids), decode(ids, True), decode(ids[:-1])):
         return True
@@ -293,12 +296,12 @@ def _set_aside_unscorable(files, student, teacher) -> int:
     """Skip (and name) each trace the models cannot score; the longest sequence left, in either token space.
     An error for a file none of whose traces is left."""
     from rsd_engine.models.loader import load_config
+    from rsd_engine.tokens import align_token_spaces, load_tokenizer
 
     student_config = load_config(student)
+    student_tokens = len(load_tokenizer(student))
     teacher_config = space = None
     if teacher is not None:
-        from rsd_engine.tokens import align_token_spaces, load_tokenizer
-
         teacher_config = load_config(teacher)
         space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
                                    teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
@@ -306,7 +309,7 @@ def _set_aside_unscorable(files, student, teacher) -> int:
     for f in files:
         fits, unscorable = [], []
         for t in f.traces:
-            length, why = _scorable_length(t, student_config, teacher_config, space)
+            length, why = _scorable_length(t, student_config, teacher_config, space, student_tokens)
             if why:
                 unscorable.append((t.row, why))
             else:
@@ -320,15 +323,17 @@ def _set_aside_unscorable(files, student, teacher) -> int:
     return longest
 
 
-def _scorable_length(trace, student_config, teacher_config, space) -> tuple[int, str]:
-    """(its length in the teacher's token space, else the student's; "") or (0, why the models cannot score it)."""
+def _scorable_length(trace, student_config, teacher_config, space, student_tokens: int) -> tuple[int, str]:
+    """(its length in the teacher's token space, else the student's; "") or (0, why the models cannot score it).
+    `student_tokens`: the student tokenizer's size (ids past it, below the embedding's rows, are padding rows)."""
     if not trace.prompt_ids:
         return 0, "the prompt is empty: scoring needs at least one prompt token (the first scored token's context)"
-    vocab = student_config.vocab_size
+    vocab = min(student_config.vocab_size, student_tokens)
     for part, ids in (("prompt", trace.prompt_ids), ("completion", trace.completion_ids)):
         for k, tok in enumerate(ids):
             if not 0 <= tok < vocab:
-                return 0, f"{part} token {k} (id {tok}) is not in the student's vocabulary: ids must be in [0, {vocab})"
+                return 0, (f"{part} token {k} (id {tok}) is not a token of the student's tokenizer: ids must be in "
+                           f"[0, {vocab}) (ids of another tokenizer? a padding row of the embedding scores nothing)")
             if space is not None and tok not in space.teacher_pieces and not space.is_shared(tok):
                 why = space.unmapped.get(tok, "it is neither shared by both tokenizers nor a mapped student-only token")
                 return 0, f"{part} token {k} (id {tok}) has no equivalent in the teacher's token space: {why}"
