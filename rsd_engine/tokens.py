@@ -15,6 +15,7 @@ teacher's last row cannot be written; ``TokenSpace.unmapped`` says why each unma
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ class TokenSpace:
     fallback_mask: torch.Tensor  # [V] bool: ids the student may write
     teacher_pieces: dict[int, tuple[int, ...]] = field(default_factory=dict)  # mapped student id -> teacher ids
     num_shared: int = 0
-    unmapped: dict[int, str] = field(default_factory=dict)  # student-only added token id -> why it is not mapped
+    unmapped: dict[int, str] = field(default_factory=dict)  # student id outside the space -> why
 
     def __post_init__(self):
         # The host's copy of the proposal mask: prompts are translated id by id, and reading a mask that
@@ -134,6 +135,19 @@ def align_token_spaces(teacher_tokenizer, student_tokenizer, *, teacher_rows: in
             unmapped[i] = f"student-only token {tok!r} is not mapped: {why}"
             continue
         teacher_pieces[i] = pieces
+
+    # Ordinary (not added) tokens at an id where the teacher has another token: only added tokens are mapped, so
+    # the student can never write these (a prompt or completion holding one is refused). Said once, not silently.
+    differing = [i for i in range(size) if not shared[i] and student_table[i] is not None and i not in teacher_pieces
+                 and i not in unmapped]
+    for i in differing:
+        unmapped[i] = (f"the student's token {student_table[i]!r} is at an id where the teacher has "
+                       f"{teacher_table[i] if i < len(teacher_table) else None!r}; only added tokens are mapped")
+    if differing:
+        first = "; ".join(_mismatch(i, teacher_table, student_table, teacher_rows, student_rows) for i in differing[:3])
+        warnings.warn(f"{len(differing)} of the student's ordinary tokens sit at ids where the teacher has other "
+                      f"tokens ({first}): the student can never write them, and prompts holding them are refused; "
+                      f"tokenizers that differ only in added tokens avoid this", stacklevel=2)
 
     proposal_mask = torch.tensor(shared, dtype=torch.bool)
     fallback_mask = proposal_mask.clone()
