@@ -525,7 +525,15 @@ class Engine:
             raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions: they must pair up")
         rows = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            rows.append((i, self._tokenize(prompt, i), self._completion_ids(completion, i)))
+            prompt_ids, completion_ids = self._tokenize(prompt, i), self._completion_ids(completion, i)
+            if isinstance(completion, str):
+                # A text that continues its prompt, tokenised with it and split after the prompt's tokens (as
+                # `rsd score` and TRL do): a sentencepiece tokenizer reads a text's leading space otherwise alone.
+                whole = self.tokenizer.encode(self.tokenizer.decode(prompt_ids) + completion, add_special_tokens=False)
+                if whole[:len(prompt_ids)] == prompt_ids and whole[len(prompt_ids):] != completion_ids:
+                    completion_ids = whole[len(prompt_ids):]
+                    self._check_ids(completion_ids, f"completion {i}")
+            rows.append((i, prompt_ids, completion_ids))
         try:
             return score_rows(self, rows)
         finally:

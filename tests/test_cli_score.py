@@ -527,3 +527,23 @@ def test_ids_past_the_student_tokenizer_spell_no_completion(tiny_pair, traces, t
     (report,), _ = run(tmp_path, tiny_pair[1], data)
     assert [t["id"] for t in report["per_trace"]] == ["b"]
     assert report["skipped"][0]["why"].startswith("its 'token_ids' do not decode to its 'completion'")
+
+
+def test_engine_score_batch_tokenises_a_text_completion_in_context(tmp_path):
+    """Engine.score_batch encoded a text completion alone, where `rsd score` tokenises it after its prompt: under a
+    tokenizer that starts every text with "▁" (Llama-2) its leading space became a token of its own, one the model
+    would not have written there (found by the scoring review)."""
+    from rsd_engine import Engine
+    from tiny import build_model
+
+    tok = _prepend_space_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    model = build_model(tmp_path / "model", "llama", tokenizer_dir=tmp_path / "tok")
+    engine = Engine(model, model, device="cpu", max_batch_size=2, max_seq_len=128)
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt, completion = "[INST] What is two and two? [/INST]", " The answer is 4."
+    written = encode(prompt + completion)[len(encode(prompt)):]
+    assert encode(completion) != written
+    as_text, as_ids = engine.score_batch([prompt, prompt], [completion, written])
+    assert len(as_text.student_logprobs) == len(written)
+    assert as_text.student_logprobs == pytest.approx(as_ids.student_logprobs, abs=1e-6)
