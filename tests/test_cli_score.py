@@ -547,3 +547,12 @@ def test_engine_score_batch_tokenises_a_text_completion_in_context(tmp_path):
     as_text, as_ids = engine.score_batch([prompt, prompt], [completion, written])
     assert len(as_text.student_logprobs) == len(written)
     assert as_text.student_logprobs == pytest.approx(as_ids.student_logprobs, abs=1e-6)
+
+
+def test_the_report_says_the_precision_its_figures_were_computed_in(tiny_pair, traces, tmp_path):
+    """--dtype auto is bfloat16 on a GPU and float32 on a CPU (up to a few tenths of a nat a token apart on a small
+    model): the report names the device and dtype it ran in."""
+    files, _ = traces
+    run(tmp_path, tiny_pair[1], files["ids"], dtype="float32")
+    report = json.loads((tmp_path / "run_report.json").read_text())
+    assert (report["device"], report["dtype"]) == ("cpu", "float32")

@@ -404,8 +404,14 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
                 f"{why})")
     if out is not None:
         tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        from rsd_engine.runtime import resolve_device, resolve_dtype
+
+        # The precision the figures were computed in (--dtype auto is bfloat16 on a GPU, float32 on a CPU: up to a few
+        # tenths of a nat a token apart on a small model).
+        resolved = resolve_device(device)
         tmp.write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
-                                   "files": reports}, indent=1, allow_nan=False) + "\n")
+                                   "device": str(resolved), "dtype": str(resolve_dtype(dtype, resolved)).replace(
+                                       "torch.", ""), "files": reports}, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, out)
         log(f"report: {out}")
     if plot is not None:
