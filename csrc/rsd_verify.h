@@ -126,7 +126,8 @@ static Emitted verify_draft(const VerifyBatch& b, int64_t r, const RowView& teac
         out.token = STUDENT_NONFINITE;
         return out;
     }
-    const int64_t trials = std::max<int64_t>(0, b.proposal_trials[r]);
+    // K as the bonus position's plain step takes it, at most num_draws - 1: one law for a whole round.
+    const int64_t trials = std::max<int64_t>(0, std::min<int64_t>(b.proposal_trials[r], b.num_draws - 1));
     Stats proposals = t;
     if (trials == 0) proposals.max_masked = -__builtin_inff();  // no proposal at all: an empty qT, r = 1
     double t_full = 0;

@@ -111,6 +111,9 @@ def _keep_state(failed_ptr, at_ptr, rp, n_seg, t_live, trials, x, n_vocab, u_kee
     return r_k, c, kept, tp_x, q_x, t_den, s_den
 
 
+# The most proposal trials a position takes: the plain step's (rsd_engine.params.MAX_PROPOSAL_TRIALS, its
+# NUM_DRAWS - 1), at the drafts as at the bonus position, so that a round has one law.
+MAX_TRIALS = tl.constexpr(16)
 KEEP_SLOTS = tl.constexpr(8)  # keep_ptr's row: kept (0 / 1), r^K, c, qT(x)·ok(x)·c, Q(x), the two kept masses
 
 
@@ -213,7 +216,7 @@ def _position(walk_ptr, rp, num_positions, num_draft_ptr, temperature_ptr, top_k
     n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
     temperature = tl.load(temperature_ptr + row)
     student_temperature = tl.load(student_temperature_ptr + row)
-    trials = tl.load(proposal_trials_ptr + row)
+    trials = tl.minimum(tl.load(proposal_trials_ptr + row), MAX_TRIALS)
     t_bad, _tm, t_lmax, t_argmax, _tt, _tk, t_mode = _side(walk_ptr, rp * 2, temperature, tl.load(top_k_ptr + row),
                                                              tl.load(top_p_ptr + row))
     s_bad, s_m, s_lmax, s_argmax, _st, s_check, s_mode = _side(
@@ -385,7 +388,7 @@ def pick_kernel(
         student_temperature = tl.load(student_temperature_ptr + row)
         check_temperature = tl.load(check_temperature_ptr + row)
         threshold = tl.load(threshold_ptr + row)
-        trials = tl.load(proposal_trials_ptr + row)
+        trials = tl.minimum(tl.load(proposal_trials_ptr + row), MAX_TRIALS)
         t_bad, t_m, t_lmax, t_argmax, t_total, _tk, t_mode = _side(walk_ptr, rt, temperature, tl.load(top_k_ptr + row),
                                                                    tl.load(top_p_ptr + row))
         s_bad, s_m, s_lmax, s_argmax, s_total, s_check, s_mode = _side(

@@ -6,8 +6,10 @@ engine does, so that the token at position 1 really depends on position 0. The e
 pairs must follow plain RSD's joint law: at position 0, and at position 1 given the most frequent first
 token. Backends are compared with the reference token for token under shared uniforms.
 """
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,6 +187,33 @@ def test_verify_same_tokens_as_reference(backend, B, G, V, family):
         assert out.accepted[live].all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_proposal_trials_than_draws_are_the_most_draws_at_every_position(backend):
+    """The bonus position (rsd_sample) takes at most NUM_DRAWS - 1 proposal trials; the drafts took K itself, so a
+    round with K > 16 had two laws (the Engine caps K at 16; the op's callers did not; found by the speculative
+    review). Every position takes min(K, NUM_DRAWS - 1) now: the same round as with K = 16."""
+    use_backend(backend)
+    B, G, V = (16 if backend == "triton" and INTERPRETED else 64), 3, 40
+    # A teacher proposal passes the check with probability 0.1 (only id 0 is >= 5% under the student), so r^16 (0.19)
+    # and r^40 (0.015) differ: the drafts' keep test depends on K.
+    teacher = torch.full((B, G + 1, V), math.log(0.9 / (V - 1)))
+    teacher[..., 0] = math.log(0.1)
+    student = torch.full((B, G + 1, V), math.log(0.5 / (V - 1)))
+    student[..., 0] = math.log(0.5)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = round_uniforms(torch.arange(B) + 3, torch.zeros(B, dtype=torch.long), G + 1)
+    outs = []
+    for trials in (NUM_DRAWS - 1, 40):
+        params = row_params(B, temperature=1.0, student_temperature=1.0, top_p=1.0, student_top_p=1.0, threshold=0.05,
+                            proposal_trials=trials)
+        draft = torch.stack([sample_tokens(student[:, i], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
+                                           params.student_top_k, params.student_top_p, mask) for i in range(G)], 1)
+        outs.append(rsd_verify(teacher, student, draft, torch.full((B,), G, dtype=torch.int32), uniforms, params, mask,
+                               mask, backend=backend))
+    for name in ("tokens", "num_emitted", "accepted"):
+        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", AGREEMENT_FAMILIES)
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
@@ -229,6 +258,71 @@ def test_tokens_and_flags_follow_plain_rsd_law(backend, case):
     given = tokens[:, 0] == first
     law1 = rsd_joint_law(model.teacher[first].numpy(), model.student[first].numpy(), **lk)
     assert joint_pvalue(tokens[given, 1], accepted[given, 1], law1) > ALPHA
+
+
+class ConstantModel:
+    """Logits that do not depend on the previous token: under the RSD law the stream is i.i.d. The student is
+    near the teacher, so the teacher is accepted often but not always and drafts are both kept and rejected."""
+
+    def __init__(self, V, seed):
+        gen = torch.Generator().manual_seed(seed)
+        teacher = torch.randn(V + 2, generator=gen) * 1.5
+        student = 0.5 * teacher[: V + 1] + torch.randn(V + 1, generator=gen)
+        self.teacher, self.student = teacher.expand(V, -1).clone(), student.expand(V, -1).clone()
+        self.proposal_mask = torch.ones(V, dtype=torch.bool)
+        self.fallback_mask = torch.ones(V, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or not INTERPRETED])
+def test_every_position_of_a_round_follows_the_law(backend):
+    """Each stream position 0..G (drafts kept, the residual after a rejection, the bonus) against the law, where the
+    first-two-token test sees positions 0 and 1 only: a residual draw that shared the keep test's uniform, or the
+    uniforms of position 1 read again at positions 2 and on, passed it (found by the speculative review)."""
+    use_backend(backend)
+    G, N = 4, DRAWS[backend]
+    model = ConstantModel(12, seed=3)
+    params = row_params(N, threshold=0.05, top_p=1.0, student_top_p=1.0)
+    seeds = torch.arange(N) * 7 + 1
+    tokens = torch.full((N, G + 1), -1)
+    accepted = torch.zeros(N, G + 1, dtype=torch.bool)
+    count = torch.zeros(N, dtype=torch.long)
+    rejected = 0
+    while (count < G + 1).any():
+        out, _ = speculative_round(model, torch.zeros(N, dtype=torch.long), count, seeds, G, params, backend)
+        for j in range(G + 1):
+            rows = torch.nonzero((count + j < G + 1) & (j < out.num_emitted)).flatten()
+            tokens[rows, count[rows] + j] = out.tokens[rows, j]
+            accepted[rows, count[rows] + j] = out.accepted[rows, j]
+        rejected += int(((out.num_emitted > 0) & (out.num_emitted <= G)).sum())
+        count = torch.clamp(count + out.num_emitted.long(), max=G + 1)
+    assert rejected > N // 10  # rounds that end in a rejection: the residual draw is exercised
+    law = rsd_joint_law(model.teacher[0].numpy(), model.student[0].numpy(),
+                        **law_kwargs(params, model.proposal_mask, model.fallback_mask))
+    for k in range(G + 1):
+        assert joint_pvalue(tokens[:, k], accepted[:, k], law) > ALPHA, f"stream position {k}"
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or not INTERPRETED])
+def test_the_first_two_tokens_follow_the_law_jointly_where_the_teacher_is_rejected_half_the_time(backend):
+    """(token 0, token 1) against law0 x law1(. | token 0), from a previous token whose teacher is accepted about
+    half the time: from token 0 of the model above every draft is kept, and a round that went on after a rejection
+    (an off-by-one in the accepted prefix) passed the first-two-token test."""
+    use_backend(backend)
+    G, N = 4, DRAWS[backend]
+    model = TableModel(16, seed=31)
+    order = list(range(16))
+    order[0], order[4] = 4, 0  # row 4 of the table first: P(accepted) about 0.53 there
+    model.teacher, model.student = model.teacher[order], model.student[order]
+    params = row_params(N)
+    tokens, accepted = first_two_tokens(model, torch.arange(N) * 13 + 5, G, params, backend)
+    lk = law_kwargs(params, model.proposal_mask, model.fallback_mask)
+    law0 = rsd_joint_law(model.teacher[0].numpy(), model.student[0].numpy(), **lk)
+    assert 0.2 < law0[1].sum() < 0.8
+    V = law0.shape[1]
+    pair = np.stack([law0[:, t][:, None, None] * rsd_joint_law(model.teacher[t].numpy(), model.student[t].numpy(),
+                                                               **lk)[None] for t in range(V)], axis=1)
+    cells = ((accepted[:, 0].long() * V + tokens[:, 0]) * 2 + accepted[:, 1].long()) * V + tokens[:, 1]
+    assert chi_square_pvalue(cells.numpy(), pair.reshape(-1)) > ALPHA
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -72,7 +72,8 @@ def position_laws(teacher_logits, student_logits, params: RowParams, proposal_ma
     ok = check_probs(student_logits, params.check_temperature)[:, :V] >= params.threshold.double()[:, None]
     has_teacher = q_teacher.sum(dim=-1) > 0
     r = torch.where(has_teacher, (q_teacher * ~ok).sum(dim=-1), 1.0)
-    trials = params.proposal_trials.to(torch.float64)
+    # K as the bonus position's rsd_sample takes it, at most NUM_DRAWS - 1: one law for a whole round
+    trials = params.proposal_trials.clamp(max=NUM_DRAWS - 1).to(torch.float64)
     r_k = r ** trials
     c = torch.where(r < 1, (1 - r_k) / (1 - r).clamp_min(1e-300), trials)  # 1 + r + ... + r^(K-1)
     teacher_part = q_teacher * ok * c[:, None]
