@@ -146,6 +146,7 @@ def test_works_off_the_main_thread():
     ("81", "x=16 and x=81"),
     (r"\text{No}", "Yes"),
     ("n", "n times"),
+    ("0", "f(x)=0 or f(x)=1"),  # a remark with maths of its own is no remark: both functions are the answer
 ])
 def test_answers_that_a_partial_reading_took_for_right_are_wrong(predicted, reference):
     assert is_correct(predicted, reference) is False
@@ -179,6 +180,9 @@ def test_answers_that_a_partial_reading_took_for_right_are_wrong(predicted, refe
     ("100 (i.e., all values)", "100"),
     (r"\frac{1}{2} \text{ hours}", "1/2"),
     (r"\text{Answer: } 42", "42"),
+    # the reference's own words, copied
+    (r"\text{3 is the only possible value.}", "3 is the only possible value"),
+    (r"(x+y+z)(x^2+y^2+z^2-xy-yz-xz)", "(x+y+z)(x^2+y^2+z^2-xy-yz-xz)"),  # xy: a product, not a word
 ])
 def test_answers_in_the_forms_references_and_models_write_them(predicted, reference):
     assert is_correct(predicted, reference)

@@ -79,6 +79,8 @@ def check_answer(predicted: str | None, reference: str | None) -> bool | None:
         return False
     math_verify = _math_verify()
     timed_out = False
+    if _verbatim(predicted) == _verbatim(reference):  # the reference's own text, "3 is the only possible value"
+        return True
     try:
         readings = _reference_readings(reference)
         predicted = _THOUSANDS.sub("", predicted)
@@ -143,8 +145,10 @@ def _parse(text: str):
 # A thousands separator written as LaTeX spacing (10\,000, 1\;000, 10{,}000): math-verify reads 10\,000 as 10*0.
 _THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;:! ]|\{,\})[ \t]*(?=\d{3}(?!\d))")
 # Words of English (two letters or more, not a LaTeX command's), but the few that plain-text maths uses.
-_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
+_WORD = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]{3,}|(?:is|of|or|to|no|at|an|as|if|in|on|be|by|it|so)(?![A-Za-z]))")
 _MATH_WORDS = frozenset({"and", "sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "infty", "inf"})
+# Maths in a remark: digits, operators, a lone letter (a variable; "i.e.", "e.g." and the words "a" and "I" are not).
+_MATH_IN_REMARK = re.compile(r"[0-9=<>^/*+\\≤≥]|(?<![A-Za-z.])[B-HJ-Zb-z](?![A-Za-z.])")
 # champ's way of giving one answer in two forms: "C(10, 5), or equivalently 252".
 _ALTERNATIVES = re.compile(r",?\s+or\s+(?:equivalently|approximately|an\s+equivalent\s+form\s+such\s+as)\s+")
 # A reference in words that ends in its value: "The limit exists and is equal to 2", "... with a period of 8".
@@ -175,19 +179,21 @@ def _read_reference(reference: str) -> tuple:
 
 def _read_plain(form: str) -> tuple:
     """A plain-text reference (or one form of it): maths, maths with a remark in words ("3 is the only possible
-    value", "100 (i.e., all values)", "98 values"), words that end in the value ("... is equal to 2"), or words
-    only ("No integer solutions"). Anything else in words is no reading: "Always greater than 20" is not 20."""
+    value", "100 (i.e., all values)", "98 values": a remark without maths of its own), words that end in the value
+    ("... is equal to 2"), or words only ("No integer solutions"). Anything else in words is no reading: "Always
+    greater than 20" is not 20, "f(x)=0 or f(x)=1" not f(x)=0."""
     masked = _TEXT_GROUP.sub(lambda m: " " * len(m[0]), form)  # \text{...}: math-verify's units and labels
     words = [m for m in _WORD.finditer(masked) if m[0].lower() not in _MATH_WORDS]
     if not words:
         return _whole(_parse(f"${form}$") or _parse(form), form)
     head = _math_head(form, masked)
-    if head is not None:
+    if head is not None and not _MATH_IN_REMARK.search(masked[len(head):]):
         return _whole(_parse(f"${head}$"), head)
     if not re.search(r"[0-9=<>^/*+()\[\]{}]", masked):
         return (_words(form),)
     stated = _STATED_VALUE.search(form)
-    if stated and not [m for m in _WORD.finditer(stated[1]) if m[0].lower() not in _MATH_WORDS]:
+    if stated and not _MATH_IN_REMARK.search(masked[: stated.start(1)]) and \
+            not [m for m in _WORD.finditer(stated[1]) if m[0].lower() not in _MATH_WORDS]:
         return _whole(_parse(f"${stated[1]}$"), stated[1])
     return ()
 
@@ -216,6 +222,12 @@ def _math_head(text: str, masked: str) -> str | None:
 
 def _whole(parsed, source: str | None = None) -> tuple:
     return (tuple(parsed),) if parsed and _read_whole(parsed, source) else ()
+
+
+def _verbatim(text: str) -> str:
+    """A text as written, but for \\text{...} wrappers, $ signs, case, spacing and a final full stop."""
+    text = re.sub(r"\\(?:text|textrm|textbf|mbox|mathrm)\s*\{([^{}]*)\}", r"\1", text).replace("$", "")
+    return " ".join(text.lower().split()).rstrip(".")
 
 
 def _words(text: str) -> str:
