@@ -754,6 +754,7 @@ def test_attempts_math_verify_cannot_compare_in_time_are_named(pair, tmp_path, c
             raise math_verify.errors.TimeoutException("Timeout during comparison")
 
     monkeypatch.setattr(answers, "_math_verify", lambda: SlowVerify)
+    monkeypatch.setattr(answers, "_verbatim", lambda text: object())  # no answer taken as the reference's own text
     records = generate(pair, write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl")
     assert records["add"]["status"] == "prefix" and records["add"]["grading_timed_out"] == 2
     assert "grading_timed_out" not in records["open"]  # no reference: nothing compared

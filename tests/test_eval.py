@@ -464,6 +464,7 @@ def test_an_answer_math_verify_cannot_compare_in_time_is_marked_and_counted(pair
             raise math_verify.errors.TimeoutException("Timeout during comparison")
 
     monkeypatch.setattr(answers, "_math_verify", lambda: SlowVerify)
+    monkeypatch.setattr(answers, "_verbatim", lambda text: object())  # no answer taken as the reference's own text
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
