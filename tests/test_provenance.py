@@ -146,6 +146,14 @@ def test_categories_rule():
     assert categorize(0.5, 0.45, 0.7, beta=0.3) == "shared"
 
 
+def test_an_ellipsis_ends_its_sentence_and_is_none_of_its_own():
+    """pysbd cuts "x = 3... Wait" as "x = 3..", ".", "Wait": a one-character sentence with a category of its own,
+    counted in every share (found by the provenance review). Punctuation alone joins the sentence before it."""
+    texts = [s.text for s in split_sentences("So x = 3... Wait, no. We get 12... Then 13.")]
+    assert [t.strip() for t in texts] == ["So x = 3...", "Wait, no.", "We get 12...", "Then 13."]
+    assert [s.text for s in split_sentences("... Then 13.")] == ["... Then 13."]
+
+
 def test_tokenizers_differ_but_sentences_agree(models, tmp_path):
     from transformers import AutoTokenizer
 

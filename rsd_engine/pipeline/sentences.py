@@ -88,6 +88,12 @@ def _segment_starts(text: str) -> list[int]:
         at = text.find(piece, cursor)
         if at < 0:  # pysbd normalised something: fall back to where the last piece ended
             at = cursor
+        # A piece of punctuation alone is no sentence: pysbd cuts "x = 3... Wait" as "x = 3..", ".", "Wait"
+        # (a sentence of one character, with a category of its own); it ends the sentence before it (or, first,
+        # opens the one after it).
+        if not any(ch.isalnum() for ch in piece):
+            cursor = at + len(piece)
+            continue
         starts.append(at)
         cursor = at + len(piece)
     inside = math_spans(text, starts)
