@@ -97,18 +97,27 @@ def test_correlation_is_the_point_biserial_r(tmp_path):
 
 
 def test_bootstrap_replicate_is_the_estimate_on_the_resampled_problems(tmp_path):
-    """Weights (2, 0, 1) over problems (a, b, c) give what the plain estimate gives on a, a, c."""
+    """Weights (2, 1, 1) over problems (a, b, c) give what the plain estimate gives on a, a, b, c; weights (2, 0, 1)
+    the correlation on a, a, c, and an area only if a, a, c fill every bin the whole data compares (a replicate is the
+    same mean over the same bins: over fewer it was another quantity, found by the provenance review)."""
     extra = [("c", 0, True, [S, T, T]), ("c", 1, False, [T, SH, S, S, T])]
     responses, _ = read_sentences(write_lines(tmp_path / "s.jsonl", sentence_lines(CASE + extra)), Rule())
     counts = PositionCounts(responses, 10)
     a = [r for r in responses if r.id == "a"]
     a_again = [type(r)("a'", r.sample, r.categories, r.correct, r.finish_reason) for r in a]
-    resampled = a + a_again + [r for r in responses if r.id == "c"]
+    resampled = a + a_again + [r for r in responses if r.id in ("b", "c")]
     direct = PositionCounts(resampled, 10)
-    weights = np.array([[2.0, 0.0, 1.0]])
     ones = np.ones((1, direct.problems))
-    assert counts.area(weights)[0] == pytest.approx(direct.area(ones)[0])
-    assert counts.correlation(weights)[0] == pytest.approx(direct.correlation(ones)[0])
+    assert direct.compared() == counts.compared()
+    assert counts.area(np.array([[2.0, 1.0, 1.0]]))[0] == pytest.approx(direct.area(ones)[0])
+    assert counts.correlation(np.array([[2.0, 1.0, 1.0]]))[0] == pytest.approx(direct.correlation(ones)[0])
+    without_b = PositionCounts([r for r in resampled if r.id != "b"], 10)
+    weights = np.array([[2.0, 0.0, 1.0]])
+    assert counts.correlation(weights)[0] == pytest.approx(without_b.correlation(np.ones((1, without_b.problems)))[0])
+    if without_b.compared() < counts.compared():
+        assert np.isnan(counts.area(weights)[0])
+    else:
+        assert counts.area(weights)[0] == pytest.approx(without_b.area(np.ones((1, without_b.problems)))[0])
 
 
 def test_bootstrap_interval_is_fixed_by_its_seed(tmp_path):
@@ -119,7 +128,7 @@ def test_bootstrap_interval_is_fixed_by_its_seed(tmp_path):
     assert one["teacher_area"] == again["teacher_area"] and one["correlation"] == again["correlation"]
     assert one["teacher_area"]["interval"] != other["teacher_area"]["interval"]
     lo, hi = one["teacher_area"]["interval"]
-    assert lo <= hi and one["teacher_area"]["resamples"] == 200 == one["teacher_area"]["resamples_drawn"]
+    assert lo <= hi and 0 < one["teacher_area"]["resamples"] <= 200 == one["teacher_area"]["resamples_drawn"]
 
 
 def test_bootstrap_interval_does_not_depend_on_the_order_of_the_responses(tmp_path):
@@ -139,8 +148,9 @@ def test_resamples_without_both_kinds_of_answer_are_left_out_and_counted(tmp_pat
     case = [("a", 0, True, [T, SH]), ("b", 0, False, [S, SH]), ("c", 0, True, [T]), ("c", 1, False, [SH])]
     r = report_of(tmp_path, case=case, resamples=300, seed=0)
     used = r["teacher_area"]["resamples"]
-    # Without c, a resample of three problems is all a or all b (one kind of answer) with chance 2 / 27.
-    assert 5 < 300 - used < 50 and r["teacher_area"]["resamples_drawn"] == 300
+    # Without c, a resample of three problems is all a or all b (one kind of answer) with chance 2 / 27; others
+    # lack a sentence of one kind in a bin the whole data compares.
+    assert 5 < 300 - used < 300 and r["teacher_area"]["resamples_drawn"] == 300
     shown = format_report({"source": "s", "rule": {"rule": "difference", "beta": 0.1}, "recategorised": 0, **r})
     assert f"; {used} of 300 resamples have a value" in shown
 
@@ -227,7 +237,8 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["rule"] == {"rule": "ratio", "margin": 0.2}
     assert report["recategorised"] == 6  # stored "shared", re-categorised to teacher / student
-    assert report["teacher_area"]["resamples"] == 50  # both problems hold correct and incorrect answers
+    # both problems hold correct and incorrect answers; a resample of one problem twice may leave a bin without one
+    assert 0 < report["teacher_area"]["resamples"] <= 50 == report["teacher_area"]["resamples_drawn"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "+0.250, 95% bootstrap interval over problems [" in printed
@@ -376,3 +387,18 @@ def test_a_reader_that_goes_away_ends_the_report_without_a_traceback(tmp_path):
     proc.stdout.close()  # the reader is gone before the report is printed
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_the_area_interval_is_of_the_same_bins_as_the_area():
+    """A correct answer of one teacher sentence (problem A, in bin 5 only) beside one of ten non-teacher sentences
+    (B): the area over the ten bins is 0.05, but a resample without B averaged bin 5 alone (1.0) and the interval
+    read [0, 1] (found by the provenance review). Every replicate is the mean over the same ten bins, or none."""
+    import tempfile
+    from pathlib import Path
+
+    case = [("A", 0, True, [T]), ("B", 0, True, [S] * 10)] + [(f"w{k}", 0, False, [S] * 10) for k in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        r = report_of(Path(tmp), case=case, resamples=1000, seed=0)
+    area = r["teacher_area"]
+    assert area["value"] == pytest.approx(0.05) and area["deciles_compared"] == 10
+    assert area["interval"][1] < 0.2 and area["resamples"] < 1000

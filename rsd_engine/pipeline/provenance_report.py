@@ -253,19 +253,25 @@ class PositionCounts:
                 out[name][c] = [float(x / t) if t else None for x, t in zip(counts, totals[g])]
         return out
 
-    def compared(self) -> int:
+    def _compared(self) -> np.ndarray:
         totals = self.counts.sum(axis=(0, 2))
-        return int(((totals[0] > 0) & (totals[1] > 0)).sum())
+        return (totals[0] > 0) & (totals[1] > 0)
+
+    def compared(self) -> int:
+        return int(self._compared().sum())
 
     def area(self, weights) -> np.ndarray:
         """Per replicate: the signed area between the correct and the incorrect teacher-share curves
         over relative position [0, 1], i.e. the mean over bins of (correct - incorrect), taken over
-        the bins both groups have sentences in. NaN when there are none."""
+        the bins both groups have sentences in in the whole data (all of [0, 1] only when every bin is compared).
+        The same bins in every replicate: one missing a sentence of either group in one of them is NaN (not
+        defined), never a mean over fewer bins, which would be another quantity. NaN when no bin is compared."""
+        compared = self._compared()
+        if not compared.any():
+            return np.full(len(weights), np.nan)
         curves = self._curves(weights)
-        gap = curves[:, 1, :] - curves[:, 0, :]
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(gap, axis=1) if gap.size else np.full(len(weights), np.nan)
+        gap = curves[:, 1, compared] - curves[:, 0, compared]
+        return gap.mean(axis=1)
 
     def correlation(self, weights) -> np.ndarray:
         """Per replicate: Pearson's r between a response's teacher share and its correctness (0/1),
@@ -346,7 +352,11 @@ def format_report(report: dict, *, distilled: bool = False) -> str:
     for name in ("correct", "incorrect"):
         values = " ".join("   -  " if v is None else f"{v:6.1%}" for v in pos[name]["teacher"])
         lines.append(f"  {name:<9} {values}")
-    lines.append(_estimate_line("area between the curves (correct - incorrect)", report["teacher_area"]))
+    area = report["teacher_area"]
+    compared = area.get("deciles_compared", area.get("bins_compared"))
+    over = (f", over the {compared} of {pos['bins']} bins both have sentences in" if compared is not None
+            and compared < pos["bins"] else "")
+    lines.append(_estimate_line(f"area between the curves (correct - incorrect{over})", area))
     lines.append(_estimate_line("correlation of teacher share with correctness (point-biserial r)",
                                 report["correlation"]))
     return "\n".join(lines)
