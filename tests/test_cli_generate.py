@@ -760,3 +760,30 @@ def test_attempts_math_verify_cannot_compare_in_time_are_named(pair, tmp_path, c
     assert "grading_timed_out" not in records["open"]  # no reference: nothing compared
     said = capsys.readouterr().out
     assert "warning: math-verify could not compare an answer in time (5 s) for 2 problems" in said  # add, mul
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_records_judged_by_older_answer_rules_are_not_resumed_beside_new_ones(pair, tmp_path, capsys, command):
+    """The rules that judge answers changed (references in words, remarks, thousands separators): an output whose
+    records an older rsd judged is refused rather than extended with records judged otherwise (--force mixes them,
+    as for any setting)."""
+    import json as json_
+
+    from rsd_engine.pipeline import answers
+
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    models = (["--teacher", str(pair[0]), "--student", str(pair[1])] if command == "generate" else
+              ["--model", str(pair[1])])
+    argv = [command, *models, "--data", str(data), "--out", str(out), "--id-field", "id", "--system-prompt", SYSTEM,
+            "--max-new-tokens", "40", "--no-progress", "--limit", "2"]
+    assert main(argv) == 0
+    manifest = Path(f"{out}.manifest.json")
+    held = json_.loads(manifest.read_text())
+    assert held["settings"]["answer check"] == answers.ANSWER_CHECK
+    del held["settings"]["answer check"]  # as an older rsd wrote it
+    manifest.write_text(json_.dumps(held))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv[:-2])
+    assert exit_info.value.code == 2
+    assert f'answer check: 1 in the output, {answers.ANSWER_CHECK} now' in capsys.readouterr().err

@@ -8,6 +8,10 @@ import re
 import threading
 
 THINK_END = "</think>"
+# The rules that judge an answer, as outputs record them ("answer check" in a manifest): bump when a verdict can
+# change, so records judged one way are not resumed beside records judged another (1: before references in words,
+# remarks, thousands separators and joined boxes were read as they are now).
+ANSWER_CHECK = 2
 _BOXED = re.compile(r"\\boxed\s*\{")
 # A math delimiter: a $ not escaped by a backslash (\$ is LaTeX for a dollar sign, as in \$42).
 _MATH_DELIMITER = re.compile(r"(?<!\\)(?:\\\\)*\$")

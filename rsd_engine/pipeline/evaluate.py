@@ -21,10 +21,12 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
+from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
 from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
+from .manifest import ANSWER_CHECK
 from .progress import unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .provenance import RUNTIME_OPTIONS, output_settings
@@ -102,6 +104,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                                       tuple(o for o in RUNTIME_OPTIONS if o != "max_seq_len") + ("samples",),
                                       command="eval")
     settings["--id-field"] = problem_set.id_field
+    settings[ANSWER_CHECK] = ANSWER_CHECK_VERSION  # "correct" is a verdict of these rules
     # Records in OUT's other files (an earlier merge, every part of any world size) are done too: read here to refuse
     # other settings before any file of ours is made, checked again under our lock (recheck_elsewhere).
     state = others_state(out, target)

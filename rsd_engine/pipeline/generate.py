@@ -28,10 +28,11 @@ from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 
+from . import answers
 from .answers import check_available
 from .data import QUESTION_HASH, Problem, check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
+from .manifest import ANSWER_CHECK, COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
@@ -135,6 +136,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     mine = shard_problems(problems, dist.rank, dist.world_size)
     _check_format(target, opts.format)
     settings, about = record_settings(opts, problem_set.id_field)
+    if all(p.answer is None for p in problem_set.problems):
+        del settings[ANSWER_CHECK]  # nothing is judged: outputs of any version resume
     # Records in OUT's other files (an earlier merge, every part of any world size) are done too: read here to refuse
     # other settings before any file of ours is made, checked again under our lock (recheck_elsewhere).
     state = others_state(out, target)
@@ -243,6 +246,7 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
             settings[_flag(f.name)] = getattr(opts, f.name)
     settings["--id-field"] = id_field
     settings[MODEL_DTYPE] = model_dtype(opts.device, opts.dtype)  # compared (manifest.py)
+    settings[ANSWER_CHECK] = answers.ANSWER_CHECK  # the statuses are verdicts of these rules
     about = {_flag(name): getattr(opts, name) for name in RUNTIME_OPTIONS if name not in ("progress", "force")}
     about.update({"--teacher": str(Path(opts.teacher).resolve()), "--student": str(Path(opts.student).resolve()),
                   "--data": input_identity(opts.data)})

@@ -116,6 +116,7 @@ def _same_input(held, now) -> bool:
 
 
 MODEL_DTYPE = "model dtype"
+ANSWER_CHECK = "answer check"  # the version of the rules that judged the answers (answers.ANSWER_CHECK)
 COMMAND = "rsd command"  # the command whose records these are: never two commands' records in one file
 
 
@@ -157,6 +158,8 @@ def differences(held: dict, now: dict, held_about: dict | None = None) -> list[s
             a = _held_model_dtype(held_about)
             if a is None:
                 continue
+        elif key == ANSWER_CHECK and key not in held:
+            a = 1  # an older rsd's rules
         else:
             a = held.get(key, held_about.get(key, "(not set)"))
         b = now[key]
