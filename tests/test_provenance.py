@@ -626,3 +626,21 @@ def test_a_response_is_read_after_its_prompt_as_one_text(tmp_path):
     spans = [response[a:b] for a, b in reading.offsets]
     assert "".join(spans).replace(" ", "") == response.replace(" ", "") and all(0 <= a <= b <= len(response)
                                                                                 for a, b in reading.offsets)
+
+
+def test_sentences_an_older_rsd_made_are_not_resumed_beside_new_ones(models, tmp_path, capsys):
+    """Sentences are cut and read otherwise now (punctuation alone, responses read after their prompts): an output an
+    older rsd wrote is refused rather than extended with sentences made another way (--force mixes them)."""
+    data = write_rows(tmp_path / "r.jsonl", RESPONSES)
+    out = tmp_path / "s.jsonl"
+    provenance(models, data, out, "--limit", "1")
+    manifest = Path(f"{out}.manifest.json")
+    held = json.loads(manifest.read_text())
+    assert held["settings"]["sentence reading"] == 2
+    del held["settings"]["sentence reading"]  # as an older rsd wrote it
+    manifest.write_text(json.dumps(held))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
+              str(data), "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert stopped.value.code == 2 and "sentence reading: 1 in the output, 2 now" in capsys.readouterr().err

@@ -117,6 +117,9 @@ def _same_input(held, now) -> bool:
 
 MODEL_DTYPE = "model dtype"
 ANSWER_CHECK = "answer check"  # the version of the rules that judged the answers (answers.ANSWER_CHECK)
+SENTENCE_READING = "sentence reading"  # the version of how sentences are cut and read (sentences.READING)
+# Versions of rules an older manifest did not record: what it held was version 1.
+_VERSIONED = (ANSWER_CHECK, SENTENCE_READING)
 COMMAND = "rsd command"  # the command whose records these are: never two commands' records in one file
 
 
@@ -158,7 +161,7 @@ def differences(held: dict, now: dict, held_about: dict | None = None) -> list[s
             a = _held_model_dtype(held_about)
             if a is None:
                 continue
-        elif key == ANSWER_CHECK and key not in held:
+        elif key in _VERSIONED and key not in held:
             a = 1  # an older rsd's rules
         else:
             a = held.get(key, held_about.get(key, "(not set)"))

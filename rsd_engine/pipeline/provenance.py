@@ -19,13 +19,14 @@ from pathlib import Path
 
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
+from .manifest import COMMAND, MODEL_DTYPE, SENTENCE_READING, input_identity, model_dtype, model_fingerprint
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
                       check_plot_format, part_path, plot_path, read_records)
 from .responses import load_responses
+from .sentences import READING
 from .tracing import Tracer
 
 # Options that choose what runs or where, not what a record says: kept in the manifest, not compared.
@@ -165,6 +166,8 @@ def output_settings(opts, models, runtime=RUNTIME_OPTIONS, *, command: str) -> t
             settings[f"--{f.name.replace('_', '-')}"] = value
     if hasattr(opts, "dtype"):
         settings[MODEL_DTYPE] = model_dtype(opts.device, opts.dtype)  # compared (manifest.py)
+    if command in ("provenance", "select"):
+        settings[SENTENCE_READING] = READING  # their sentences and probabilities are made these ways
     return settings, about
 
 
