@@ -75,7 +75,8 @@ EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 3, 130, 141
 def _exit_codes(unit: str, incomplete: str) -> str:
     return (f"Exit status: 0 every {unit} done; {EXIT_USAGE} bad usage or input (the message says which); "
             f"{EXIT_INCOMPLETE} {incomplete}, said on the last line (the records already written stay; a rerun "
-            f"resumes); {EXIT_INTERRUPTED} interrupted (Ctrl-C; the records already written stay).")
+            f"resumes); {EXIT_INTERRUPTED} interrupted (Ctrl-C; the records already written stay); "
+            f"{EXIT_BROKEN_PIPE} when what reads the output stops first (a pipe into head).")
 
 
 def _model_option(p, role: str, help: str, *, required: bool = True):
@@ -173,7 +174,11 @@ def _score_parser(sub):
                        formatter_class=_Help,
                        description="Per trace and per file: share of tokens under 1% probability, mean surprisal, "
                                    "perplexity. Several files are compared side by side; ids held by more than one "
-                                   "record are reported.")
+                                   "record are reported.",
+                       epilog=f"Exit status: 0 every row scored; {EXIT_USAGE} bad usage or input (the message says "
+                              f"which); {EXIT_INCOMPLETE} some rows were skipped or failed (named; a torn last line "
+                              f"of a file still being written is one); {EXIT_INTERRUPTED} interrupted; "
+                              f"{EXIT_BROKEN_PIPE} when what reads the output stops first.")
     _model_option(p, "student", "student model")
     _model_option(p, "teacher", "also score under this teacher model (default: student only)", required=False)
     p.add_argument("--data", required=True, nargs="+", help="trace files (rsd generate output, chat messages, ...)")
@@ -210,7 +215,7 @@ def _margin(text):
 def _rule_options(p, default="difference"):
     from rsd_engine.pipeline.categories import DEFAULT_BETA, DEFAULT_MARGIN, DEFAULT_RULE, RULES
 
-    g = p.add_argument_group("sentence categories (DESIGN section 9: what 'pT >> pS' means)")
+    g = p.add_argument_group("sentence categories (what arXiv 2512.20908's 'pT >> pS' means here)")
     g.add_argument("--rule", choices=RULES, default=default,
                    help="difference: pT - pS > --beta; ratio: log pT - log pS > --margin, which also flags "
                         f"sentences both models find unlikely (default: {DEFAULT_RULE})")
@@ -259,7 +264,7 @@ def _provenance_parser(sub):
                        formatter_class=_Help,
                        description="Scores every sentence of every response under each model (geometric mean of its "
                                    "token probabilities, each model in its own chat template and tokens) and labels "
-                                   "it teacher / student / shared / boosted (DESIGN section 9).",
+                                   "it teacher / student / shared / boosted (arXiv 2512.20908's categories).",
                        epilog=_exit_codes("response", "some responses were skipped (too long for --max-seq-len, "
                                                       "unreadable by a model's tokenizer, non-finite log-probs, or no "
                                                       "sentence outside the template markers)"))
