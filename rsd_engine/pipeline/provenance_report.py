@@ -354,7 +354,7 @@ def format_report(report: dict, *, distilled: bool = False) -> str:
         lines.append(f"  {name:<9} {values}")
     area = report["teacher_area"]
     compared = area.get("deciles_compared", area.get("bins_compared"))
-    over = (f", over the {compared} of {pos['bins']} bins both have sentences in" if compared is not None
+    over = (f", over the {compared} of {pos['bins']} bins both have sentences in" if compared
             and compared < pos["bins"] else "")
     lines.append(_estimate_line(f"area between the curves (correct - incorrect{over})", area))
     lines.append(_estimate_line("correlation of teacher share with correctness (point-biserial r)",
