@@ -36,6 +36,7 @@ from rsd_engine.pipeline.answers import extract_final_answer, is_correct, refere
         ("\\boxed{3}\n\\boxed{5}", "5"),  # a line apart: the later one is final
         (r"\boxed{\boxed{3}}", "3"),
         (r"I had \boxed{16} and then \boxed{81", None),
+        (r"k = \boxed{3}; n = \boxed{4}", "4"),  # values of two names: the last box
     ],
 )
 def test_extract_final_answer(text, expected):
@@ -146,7 +147,12 @@ def test_works_off_the_main_thread():
     ("81", "x=16 and x=81"),
     (r"\text{No}", "Yes"),
     ("n", "n times"),
-    ("0", "f(x)=0 or f(x)=1"),  # a remark with maths of its own is no remark: both functions are the answer
+    ("0", "f(x)=0 or f(x)=1"),  # both functions are the answer
+    # found by the diff review: "abc" is a product, not a word; a remark outside brackets that takes the value back
+    ("a^3+b^3+c^3-3", "a^3+b^3+c^3-3abc"),
+    ("2", "2xyz"),
+    ("3", "3 is not possible"),
+    ("on", "No"),
 ])
 def test_answers_that_a_partial_reading_took_for_right_are_wrong(predicted, reference):
     assert is_correct(predicted, reference) is False
@@ -183,6 +189,12 @@ def test_answers_that_a_partial_reading_took_for_right_are_wrong(predicted, refe
     # the reference's own words, copied
     (r"\text{3 is the only possible value.}", "3 is the only possible value"),
     (r"(x+y+z)(x^2+y^2+z^2-xy-yz-xz)", "(x+y+z)(x^2+y^2+z^2-xy-yz-xz)"),  # xy: a product, not a word
+    ("(a+b+c)(a^2+b^2+c^2-ab-bc-ca)", "a^3+b^3+c^3-3abc"),
+    ("zyx", "xyz"),
+    ("2, 3", "2 or 3"),  # "or" joins values as "and" does
+    ("1, 2", "x = 1 or 2"),
+    ("infinity", r"\infty"),
+    ("0", "0 (i.e., no such values)"),  # a remark in brackets explains the value
 ])
 def test_answers_in_the_forms_references_and_models_write_them(predicted, reference):
     assert is_correct(predicted, reference)

@@ -604,33 +604,9 @@ def test_rows_without_ids_are_keyed_by_their_question_not_their_row_number(tmp_p
     assert set(keyed(forward)) == set(keyed(backward))
 
 
-def test_a_response_is_read_after_its_prompt_as_one_text(tmp_path):
-    """The response was tokenised alone: under a tokenizer that starts every text with "▁" (Llama-2's) its first
-    sentence was read with a space the model never saw after the prompt (0.6-1.7 nats a token on the first
-    sentence; found by the provenance review). It is tokenised with the prompt and split after the prompt's tokens;
-    the offsets stay the response's characters."""
-    from rsd_engine.pipeline.readers import Reader
-    from test_cli_score import _prepend_space_tokenizer
-    from tiny import build_model
-
-    tok = _prepend_space_tokenizer()
-    tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    tok.save_pretrained(tmp_path / "tok")
-    reader = Reader("student", build_model(tmp_path / "model", "llama", tokenizer_dir=tmp_path / "tok"))
-    question, response = "What is two and two?", "The sum is 4. So the answer is 4."
-    reading = reader.read(question, response, "")
-    prompt = tok.encode("[INST] What is two and two? [/INST]", add_special_tokens=False)
-    whole = tok.encode("[INST] What is two and two? [/INST]" + response, add_special_tokens=False)
-    assert reading.prompt_ids == prompt and reading.response_ids == whole[len(prompt):]
-    assert reading.response_ids != tok.encode(response, add_special_tokens=False)  # alone: another first token
-    spans = [response[a:b] for a, b in reading.offsets]
-    assert "".join(spans).replace(" ", "") == response.replace(" ", "") and all(0 <= a <= b <= len(response)
-                                                                                for a, b in reading.offsets)
-
-
 def test_sentences_an_older_rsd_made_are_not_resumed_beside_new_ones(models, tmp_path, capsys):
-    """Sentences are cut and read otherwise now (punctuation alone, responses read after their prompts): an output an
-    older rsd wrote is refused rather than extended with sentences made another way (--force mixes them)."""
+    """Sentences are cut otherwise now (punctuation alone joins the sentence before it): an output an older rsd
+    wrote is refused rather than extended with sentences made another way (--force mixes them)."""
     data = write_rows(tmp_path / "r.jsonl", RESPONSES)
     out = tmp_path / "s.jsonl"
     provenance(models, data, out, "--limit", "1")

@@ -689,3 +689,12 @@ def test_verify_low_precision_logits(backend):
         return rsd_verify(args[0].float(), args[1].float(), *args[2:4], uniforms, *args[5:])
 
     matches_with_nudged_uniforms(out, reference, args[4], ("tokens", "num_emitted", "accepted"))
+
+
+def test_the_kernels_trial_limit_is_the_plain_steps():
+    """kernels/ cannot import rsd_engine: its MAX_TRIALS is written out, and must be NUM_DRAWS - 1 (one law a round)."""
+    pytest.importorskip("triton")
+    from rsd_engine.sampling.triton import import_kernel
+
+    limit = import_kernel("rsd_verify").MAX_TRIALS
+    assert getattr(limit, "value", limit) == NUM_DRAWS - 1

@@ -304,33 +304,6 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_a_plain_prompt_starts_with_the_bos_a_base_model_reads(tiny_tokenizer_dir):
-    """Without a chat template the prompt was plain text, read with add_special_tokens=False: a Llama-3 base model,
-    whose tokenizer puts a BOS before every text, read every prompt without it (found by the scoring review). Where
-    the BOS written out encodes as the tokenizer does (byte-level BPE), the prompt starts with it."""
-    from tokenizers import AddedToken, Tokenizer, processors
-
-    from rsd_engine.pipeline.prompts import build_prompt
-
-    tokenizer = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
-    tokenizer.add_special_tokens([AddedToken("<|begin_of_text|>", special=True, normalized=False)])
-    bos_id = tokenizer.token_to_id("<|begin_of_text|>")
-    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>")
-    assert build_prompt(plain, "What is 2+2?", "").text == "What is 2+2?\n\n"  # no BOS added: none written
-    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                             special_tokens=[("<|begin_of_text|>", bos_id)])
-    base = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>")
-    base.chat_template = None
-    prompt = build_prompt(base, "What is 2+2?", "Be brief.")
-    assert prompt.text == "<|begin_of_text|>Be brief.\n\nWhat is 2+2?\n\n"
-    assert base.encode(prompt.text, add_special_tokens=False) == base.encode("Be brief.\n\nWhat is 2+2?\n\n")
-    # a sentencepiece tokenizer's first piece changes after a written-out BOS: left as it was
-    spm = sentencepiece_like()
-    spm._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", spm.convert_tokens_to_ids("<s>"))])
-    assert build_prompt(spm, "What is 2+2?", "").text == "What is 2+2?\n\n"
-
-
 def test_ordinary_student_tokens_the_teacher_has_elsewhere_are_named(tmp_path, tiny_tokenizer_dir):
     """A teacher tokenizer with fewer merges shares 98% of the student's ids: the student's other ordinary tokens
     were left out of its fallback silently (only added tokens are mapped). They are named, once, and each says why."""

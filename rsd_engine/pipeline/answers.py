@@ -44,11 +44,22 @@ def _final_boxes(text: str) -> str | None:
             if not values:
                 return None
             break
-        if next_start is not None and (end >= next_start or not _BOX_GAP.fullmatch(text[end + 1 : next_start])):
-            break  # a box inside the next one, or words between them: the later box alone is the answer
+        if next_start is not None and (end >= next_start or not _BOX_GAP.fullmatch(text[end + 1 : next_start])
+                                       or _named(text, match.start()) != _named(text, next_start)):
+            break  # a box inside the next one, words between them, or values of two names: the later box alone
         values.append(text[match.end() : end].strip())
         next_start = match.start()
     return ", ".join(reversed(values)) if values else None
+
+
+_NAMED = re.compile(r"([A-Za-z](?:_\{?\w+\}?)?)[ \t]*=[ \t$]*$")
+
+
+def _named(text: str, box_start: int) -> str | None:
+    """The name a box is the value of ("x" in "x = \\boxed{16}"), None if it follows no "name =": the values of
+    "x = \\boxed{16} and x = \\boxed{81}" are one answer, those of "k = \\boxed{3}; n = \\boxed{4}" two."""
+    match = _NAMED.search(text[max(0, box_start - 24) : box_start])
+    return match[1] if match else None
 
 
 def _closing_brace(text: str, start: int) -> int | None:
@@ -104,8 +115,12 @@ def check_answer(predicted: str | None, reference: str | None) -> bool | None:
                     return True
             except math_verify.errors.TimeoutException:
                 timed_out = True
-            except Exception:  # sympy fails in many ways on model output
-                pass
+            except Exception:  # one pair sympy fails on: the others are still compared, as verify does by default
+                try:
+                    if math_verify.verify(gold, answer, timeout_seconds=_timeout()):
+                        return True
+                except Exception:
+                    pass
         return None if timed_out else False
     except Exception:  # and so does the LaTeX parser
         return False
@@ -149,8 +164,13 @@ def _parse(text: str):
 # A thousands separator written as LaTeX spacing (10\,000, 1\;000, 10{,}000): math-verify reads 10\,000 as 10*0.
 _THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;:! ]|\{,\})[ \t]*(?=\d{3}(?!\d))")
 # Words of English (two letters or more, not a LaTeX command's), but the few that plain-text maths uses.
-_WORD = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]{3,}|(?:is|of|or|to|no|at|an|as|if|in|on|be|by|it|so)(?![A-Za-z]))")
-_MATH_WORDS = frozenset({"and", "sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "infty", "inf"})
+# Short words are English only from a list: "abc", "xyz" and "2xyz" are products.
+_SHORT_WORDS = ("is|of|to|no|at|an|as|if|in|on|be|by|it|so|yes|the|all|for|not|are|any|one|two|odd|but|has|can|its|"
+                "was|per|set|way|non|nor|few|new|only|none")
+_WORD = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]{4,}|(?:" + _SHORT_WORDS + r")(?![A-Za-z]))", re.IGNORECASE)
+_MATH_WORDS = frozenset({"and", "or", "sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "infty", "inf"})
+# A remark outside brackets that takes its value back: "3 is not possible" is not 3.
+_NEGATION = re.compile(r"\b(?:not|no|none|never|except|impossible|cannot|nor)\b", re.IGNORECASE)
 # Maths in a remark: digits, operators, a lone letter (a variable; "i.e.", "e.g." and the words "a" and "I" are not).
 _MATH_IN_REMARK = re.compile(r"[0-9=<>^/*+\\≤≥]|(?<![A-Za-z.])[B-HJ-Zb-z](?![A-Za-z.])")
 # champ's way of giving one answer in two forms: "C(10, 5), or equivalently 252".
@@ -191,7 +211,10 @@ def _read_plain(form: str) -> tuple:
     if not words:
         return _whole(_parse(f"${form}$") or _parse(form), form)
     head = _math_head(form, masked)
-    if head is not None and not _MATH_IN_REMARK.search(masked[len(head):]):
+    remark = masked[len(head):] if head is not None else ""
+    # (a remark in brackets explains the value, "0 (i.e., no such values)"; one outside states something of it)
+    if head is not None and not _MATH_IN_REMARK.search(remark) and \
+            not _NEGATION.search(re.sub(r"\([^()]*\)|\[[^\[\]]*\]", " ", remark)):
         return _whole(_parse(f"${head}$"), head)
     if not re.search(r"[0-9=<>^/*+()\[\]{}]", masked):
         return (_words(form),)
@@ -257,8 +280,8 @@ def _read_whole(parsed, source: str | None = None) -> bool:
     text that was parsed, where it is all maths (math-verify's own copy drops words: "3 (or 4)" becomes "3 (, 4)");
     otherwise the part math-verify took from it."""
     expr, text = parsed[0], parsed[-1] if source is None else source
-    if not getattr(expr, "is_Number", False) or not isinstance(text, str):
-        return True
+    if not getattr(expr, "is_Number", False) or not isinstance(text, str) or getattr(expr, "is_infinite", False):
+        return True  # (infinity: math-verify read a word for it, "infinity", "\\infty")
     text = _MODULUS.sub("", text)
     # The number of "x \\approx 3.14", "f_{\\max} = 5" or "a \\equiv 3 \\pmod{5}" is what follows the last relation
     # outside brackets ("15 (for n = 3)" is no "n = 3").

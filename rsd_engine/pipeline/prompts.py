@@ -5,8 +5,7 @@ Thinking detection. A template "has a thinking block" when its Jinja source ment
 ``add_generation_prompt=True``; when it already opens a block (``<think>`` with no ``</think>``
 after it, as DeepSeek-R1 distills do) nothing is added; when it opens and closes an empty block
 (Qwen3 with thinking switched off) thinking is off; otherwise ``<think>\\n`` is appended, which is
-what such a model writes first. A tokenizer without a chat template gets plain text, after the BOS token where the
-tokenizer puts one before every text (as a base model was trained to read) and it can be written out.
+what such a model writes first. A tokenizer without a chat template gets plain text.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
     """The prompt for `question` in `tokenizer`'s chat format (see the module docstring)."""
     if not getattr(tokenizer, "chat_template", None):
         text = f"{system_prompt}\n\n{question}\n\n" if system_prompt else f"{question}\n\n"
-        return ChatPrompt(_bos(tokenizer, text) + text, system_prompt, question)
+        return ChatPrompt(text, system_prompt, question)
     messages = [{"role": "user", "content": question}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -54,23 +53,6 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
         system_prompt, question = "", f"{system_prompt}\n\n{question}"
         text, think_prefix = render_chat(tokenizer, [{"role": "user", "content": question}])
     return ChatPrompt(text, system_prompt, question, think_prefix)
-
-
-def _bos(tokenizer, text: str) -> str:
-    """The BOS token where the tokenizer puts one before every text it encodes (Llama base models) and writing it out
-    encodes as the tokenizer would (a byte-level BPE): prompts are read with add_special_tokens=False, so a plain
-    prompt writes it, as chat templates do. (A sentencepiece tokenizer's first piece changes after a written-out BOS:
-    no BOS is written there.)"""
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos is None or getattr(tokenizer, "bos_token_id", None) is None:
-        return ""
-    try:
-        own = tokenizer(text)["input_ids"]
-        if own and own[0] == tokenizer.bos_token_id and tokenizer.encode(bos + text, add_special_tokens=False) == own:
-            return bos
-    except Exception:  # a tokenizer that cannot say: as before
-        pass
-    return ""
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:

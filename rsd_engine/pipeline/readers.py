@@ -68,31 +68,25 @@ class Reader:
         except UnicodeEncodeError as err:  # the tokenizer would raise a bare TypeError
             raise Unreadable(f"the response is not valid Unicode: {response[err.start]!r} at character {err.start} "
                              f"is a lone surrogate") from None
-        prompt_ids, opened, prompt_text = self._prompt(question, system)
+        prompt_ids, opened = self._prompt(question, system)
         # A response that opens the thinking block this model's prompt already opened (a record of other
         # tools: rsd's own records start after it) is read after it, not as a second one; its offsets stay
         # the response's (the marker is no sentence).
         skip = len(response) - len(strip_think_open(response)) if opened else 0
-        # The response continues the prompt: tokenised with it and split after the prompt's tokens (as rsd score and
-        # TRL do); alone, a tokenizer that starts every text with a space (Llama-2's) read a space the model never
-        # saw. Where the prompt's tokens are no prefix of the whole, the response is tokenised alone.
-        enc = self.tokenizer(prompt_text + response[skip:], add_special_tokens=False, return_offsets_mapping=True)
-        ids, at = list(enc["input_ids"]), len(prompt_text)
-        if ids[: len(prompt_ids)] == prompt_ids:
-            ids, offsets = ids[len(prompt_ids):], enc["offset_mapping"][len(prompt_ids):]
-            offsets = [(max(a - at, 0) + skip, max(b - at, 0) + skip) for a, b in offsets]
-        else:
-            enc = self.tokenizer(response[skip:], add_special_tokens=False, return_offsets_mapping=True)
-            ids, offsets = list(enc["input_ids"]), [(a + skip, b + skip) for a, b in enc["offset_mapping"]]
+        # Tokenised alone, as rsd generate and eval decode what a model wrote (alone). For a tokenizer that starts
+        # every text with a space (Llama-2's) that is the model's own first token after a chat template's [/INST]
+        # ("▁The"), but not after a plain prompt's blank line ("The"); the text alone cannot say which it was.
+        enc = self.tokenizer(response[skip:], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [(a + skip, b + skip) for a, b in enc["offset_mapping"]]
         self._check_ids(ids, offsets, response, "response")
         return Reading(prompt_ids, ids, offsets)
 
-    def _prompt_ids(self, question: str, system: str) -> tuple[list[int], bool, str]:
-        """The prompt's ids, whether it ends with an opened thinking block, and its text."""
+    def _prompt_ids(self, question: str, system: str) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether it ends with an opened thinking block."""
         prompt = build_prompt(self.tokenizer, question, system)
         enc = self.tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
         self._check_ids(list(enc["input_ids"]), enc["offset_mapping"], prompt.text, "question in its chat template")
-        return list(enc["input_ids"]), prompt.thinking, prompt.text
+        return list(enc["input_ids"]), prompt.thinking
 
     def _check_ids(self, ids, offsets, text, what):
         unk = self.tokenizer.unk_token_id

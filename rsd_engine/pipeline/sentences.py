@@ -30,7 +30,7 @@ from . import pysbd_linear
 
 # How responses are cut into sentences and read, as outputs record it ("sentence reading" in a manifest): bump when a
 # sentence or its probabilities can change, so an output is not extended with sentences made another way
-# (1: before punctuation alone joined the sentence before it and responses were read after their prompts).
+# (1: before punctuation alone joined the sentence before it).
 READING = 2
 
 _DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|\\\[.+?\\\]|\\\(.+?\\\)", re.DOTALL)
