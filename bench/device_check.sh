@@ -257,7 +257,9 @@ print(f"{env.get('gpu') or 'cpu'} | torch {env.get('torch')} | triton {env.get('
       f"transformers {env.get('transformers')} | C++: {cpp} | {total}s")
 print("steps: " + ", ".join(f"{r['step']}={r['exit']} ({r['seconds']}s)" for r in rows))
 tests = load("cuda_tests.json")
-if tests:
+if tests and tests.get("not_run"):
+    print("cuda_tests: not run (step skipped)")
+elif tests:
     print(f"cuda_tests: {tests['counts']}" + (" TIMED OUT" if tests["timed_out"] else "")
           + (f", cut in {tests['cut_at']}" if tests.get("cut_at") else ""))
     for e in tests.get("collection_errors", []):  # a file that did not import: none of its tests ran

@@ -116,9 +116,14 @@ def main(outcomes: str, log: str, out: str, step: str):
     from atomic_json import dump  # beside this file (bench/), which runs as a script here
 
     _, rc, seconds, _ = step.split()
-    report = dict(exit=int(rc), seconds=int(seconds), timed_out=int(rc) in (124, 137), **read(outcomes))
+    # 125: the step never ran (the budget was spent, or DEVICE_CHECK_ONLY left it out): no counts to read as zeros
+    report = dict(exit=int(rc), seconds=int(seconds), timed_out=int(rc) in (124, 137), not_run=int(rc) == 125,
+                  **read(outcomes))
     report["log_tail"] = open(log, errors="replace").read()[-4000:] if os.path.exists(log) else ""
     dump(report, out)
+    if report["not_run"]:
+        print("cuda_tests: not run (step skipped)")
+        return
     print("cuda_tests:", report["counts"] | ({"cut_at": report["cut_at"]} if report["cut_at"] else {}))
     for e in report["collection_errors"]:
         print(f"  COLLECTION ERROR {e['name']}: {e['message'].strip().splitlines()[-1][:200] if e['message'] else ''}")

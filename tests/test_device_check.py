@@ -243,6 +243,15 @@ def test_outcomes_of_ids_with_spaces_and_a_file_that_does_not_import(tmp_path):
     assert report["cut_at"] is None and "test_cuda_spaced" in report["log_tail"]
 
 
+def test_outcomes_of_a_step_that_never_ran_are_no_zeros(tmp_path):
+    """A test step the budget or DEVICE_CHECK_ONLY skipped (exit 125) wrote all-zero counts, read as "0 failed"."""
+    out = tmp_path / "cuda_tests.json"
+    done = subprocess.run([sys.executable, "bench/pytest_outcomes.py", str(tmp_path / "none.jsonl"),
+                           str(tmp_path / "none.log"), str(out), "cuda_tests 125 0 40"], cwd=ROOT, check=True,
+                          timeout=60, capture_output=True, text=True)
+    assert json.loads(out.read_text())["not_run"] is True and "not run (step skipped)" in done.stdout
+
+
 def test_outcomes_of_a_run_killed_mid_test(tmp_path):
     """The kill leaves the tests finished before it, the one it was in, and perhaps half a line."""
     outcomes = tmp_path / "outcomes.jsonl"

@@ -168,6 +168,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                 prefixes_elsewhere = recheck_elsewhere(prefixes, prefix_target, settings, force=opts.force,
                                                        held=prefixes_elsewhere, state=prefixes_state)
             elsewhere = recheck_elsewhere(out, target, settings, force=opts.force, held=elsewhere, state=state)
+            for path in [*elsewhere, *prefixes_elsewhere]:  # (files another run made in between are checked too)
+                _check_format(path, opts.format if path in elsewhere else "jsonl")
             files = [writer.existing, *elsewhere.values(), *prefixes_elsewhere.values()]
             files += [prefix_writer.existing] if prefix_writer else []
             held = [r for records in files for r in records]
