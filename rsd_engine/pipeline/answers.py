@@ -251,16 +251,18 @@ def _whole(parsed, source: str | None = None) -> tuple:
     return (tuple(parsed),) if parsed and _read_whole(parsed, source) else ()
 
 
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textbf|mbox|mathrm)\s*\{([^{}]*)\}")
+
+
 def _verbatim(text: str) -> str:
-    """A text as written, but for \\text{...} wrappers, $ signs, case, spacing and a final full stop."""
-    text = re.sub(r"\\(?:text|textrm|textbf|mbox|mathrm)\s*\{([^{}]*)\}", r"\1", text).replace("$", "")
-    return " ".join(text.lower().split()).rstrip(".")
+    """A text as written, but for \\text{...} wrappers, $ signs, case, spacing and a final full stop (brackets and
+    commas kept: "(1, 2)" is not "[1, 2]")."""
+    return " ".join(_TEXT_WRAPPER.sub(r"\1", text).replace("$", "").lower().split()).rstrip(".")
 
 
 def _words(text: str) -> str:
     """A text answer as compared: \\text{...} unwrapped, lower case, punctuation and spacing dropped."""
-    text = re.sub(r"\\(?:text|textrm|textbf|mbox|mathrm)\s*\{([^{}]*)\}", r"\1", text)
-    return " ".join(re.sub(r"[$.,;:!?'\"()\\~]", " ", text).lower().split())
+    return " ".join(re.sub(r"[$.,;:!?'\"()\\~]", " ", _TEXT_WRAPPER.sub(r"\1", text)).lower().split())
 
 
 # Text that math-verify drops by design (units, labels), and LaTeX commands: letters left in an answer
