@@ -204,6 +204,27 @@ def test_failed_generations_are_skipped_and_named(tiny_pair, tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("sample", "x", "\"sample\": 'x' is no sample number; it must be an integer >= 0"),
+    ("sample", -1, "\"sample\": -1 is no sample number"),
+    ("sample", 1.5, "\"sample\": 1.5 is no sample number"),
+    ("sample", True, "\"sample\": True is no sample number"),
+    ("correct", "yes", "\"correct\": 'yes'; it must be true or false"),
+    ("correct", "false", "\"correct\": 'false'; it must be true or false"),
+    ("finish_reason", 5, "\"finish_reason\": 5; it must be a string"),
+])
+def test_a_malformed_eval_field_is_refused_not_renumbered_or_carried(tiny_pair, tmp_path, capsys, field, value, said):
+    # Renumbered, "x", -1 and 1.5 became samples 0, 1, 2 (three candidates out of whatever the file meant); a
+    # "correct" of "yes" was carried into the sentences and read by provenance-report as ungraded.
+    rows = [ROWS[0], {**ROWS[1], field: value}]
+    out = tmp_path / "s.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main(provenance_argv(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), out))
+    assert exit_info.value.code == 2
+    assert f"row 1, id 'b', has {said}" in capsys.readouterr().err
+    assert not out.exists() or not read_records(out)
+
+
 def test_all_truncated_is_an_error_naming_the_option(tiny_pair, tmp_path, capsys):
     data = write_rows(tmp_path / "r.jsonl", [eval_rows()[1]])
     with pytest.raises(SystemExit):
@@ -342,7 +363,7 @@ def test_select_refuses_a_correct_field_that_is_not_true_or_false(tiny_pair, tmp
     rows = [{**CANDIDATES[0], "correct": "yes"}]
     with pytest.raises(SystemExit):
         main(select_argv(tiny_pair, write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"))
-    assert "id 'q1' sample 0 has \"correct\": 'yes'; it must be true or false" in capsys.readouterr().err
+    assert "row 0, id 'q1', has \"correct\": 'yes'; it must be true or false" in capsys.readouterr().err
 
 
 def test_select_sets_truncated_candidates_aside_unless_included(tiny_pair, tmp_path, capsys):

@@ -7,9 +7,10 @@ the question text, as `rsd generate` does: a reordered file resumes correctly), 
 row's `sample` field (`rsd eval` output), else the count of earlier rows with the same id, so
 several candidates per problem stay apart. Unusable rows (missing fields, empty responses, text that
 is not valid Unicode such as a lone surrogate, generations that failed: `finish_reason` "error")
-are skipped and listed; no usable row at all is an error. A response cut off by the length limit
-(`finish_reason` "length", as `rsd eval` writes it) is not a whole answer: it is set apart and
-counted unless include_truncated, and then kept with the mark.
+are skipped and listed; a `sample` that is no integer >= 0, a `correct` that is not true or false and
+a `finish_reason` that is not a string are errors (_malformed); no usable row at all is an error. A
+response cut off by the length limit (`finish_reason` "length", as `rsd eval` writes it) is not a
+whole answer: it is set apart and counted unless include_truncated, and then kept with the mark.
 
 A response's text has a hash (text_hash): outputs keep it with their records, so a rerun sees a
 response whose text changed since it was traced.
@@ -73,6 +74,9 @@ def load_responses(path, *, question_field="question", response_field="response"
         raise ValueError(f"{path}: --id-field {id_field!r} is in no row; fields: {', '.join(columns) or '(none)'} "
                          f"(without --id-field, rows with no 'id' are known by a hash of their question)")
     for number, row in enumerate(rows):
+        malformed = _malformed(row)
+        if malformed:
+            raise ValueError(f"{path}: row {number}, id {row.get(id_field)!r}, has {malformed}")
         response, reason = _response(number, row, question_field, response_field, id_field, system_prompt)
         if response is None:
             skipped.append((number, reason))
@@ -108,6 +112,23 @@ def row_id(row, *, question_field="question", response_field="response", id_fiel
     return None if response is None else response.id
 
 
+def _malformed(row) -> str | None:
+    """What is wrong with a row's `sample`, `correct` or `finish_reason` (rsd eval's fields), if anything. They
+    are read as keys and carried into the outputs for the analyses by correctness: renumbering a bad sample
+    could make two candidates one, and a "correct" of "yes" would be carried as it is and read as ungraded,
+    so a file holding them is refused, not read otherwise than it says."""
+    if not isinstance(row, dict):
+        return None
+    sample, correct, finish = row.get("sample"), row.get("correct"), row.get("finish_reason")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 0):
+        return f"\"sample\": {sample!r} is no sample number; it must be an integer >= 0 (or absent)"
+    if correct is not None and not isinstance(correct, bool):
+        return f"\"correct\": {correct!r}; it must be true or false (or absent when ungraded)"
+    if finish is not None and not isinstance(finish, str):
+        return f"\"finish_reason\": {finish!r}; it must be a string such as \"stop\" or \"length\" (or absent)"
+    return None
+
+
 def _response(number, row, question_field, response_field, id_field, system_prompt):
     if not isinstance(row, dict):
         return None, f"row is a {type(row).__name__}, not an object"
@@ -116,7 +137,7 @@ def _response(number, row, question_field, response_field, id_field, system_prom
         return None, f"{id_field!r} is a {type(rid).__name__}, not an id"
     rid = None if rid is None else str(rid)
     sample = row.get("sample")
-    sample = sample if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else -1
+    sample = -1 if sample is None else sample  # -1: numbered by its place among the id's rows
     reason = not_unicode(row)
     if reason:
         return None, reason

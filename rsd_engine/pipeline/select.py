@@ -152,7 +152,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
         raise ValueError(f"{opts.data}: no row has an {opts.id_field!r} field; rsd select keeps one candidate per "
                          f"id, so candidates of one problem must share an id (name it with --id-field)")
     problems = group_candidates(data.responses, opts.data)
-    incorrect = {pid: [r for r in rows if said_correct(r, opts.data) is False] for pid, rows in problems.items()}
+    incorrect = {pid: [r for r in rows if said_correct(r) is False] for pid, rows in problems.items()}
     ids = list(problems)[dist.rank:: dist.world_size]
     # Which candidates compete shapes the row kept: --include-truncated and --max-seq-len (a candidate longer
     # is skipped, and the best of the others kept for good) are compared here.
@@ -164,7 +164,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
                  "truncated": data.truncated if dist.rank == 0 else [],
                  "incorrect": 0 if opts.include_incorrect else sum(len(incorrect[i]) for i in ids),
                  "problems": len(ids), "skipped": [], "written": 0, "no_candidate": []}
-        considered = {pid: [r for r in rows if opts.include_incorrect or said_correct(r, opts.data) is not False]
+        considered = {pid: [r for r in rows if opts.include_incorrect or said_correct(r) is not False]
                       for pid, rows in problems.items()}
         if opts.budget is None:
             _select_per_problem(opts, scorer, considered, problems, ids, target, settings, about, tally, dist)
@@ -359,13 +359,9 @@ def group_candidates(responses: list[Response], source) -> dict[str, list[Respon
     return problems
 
 
-def said_correct(response: Response, source) -> bool | None:
-    """The row's `correct` (true / false), or None when the row does not say."""
-    value = response.row.get("correct")
-    if value is None or isinstance(value, bool):
-        return value
-    raise ValueError(f"{source}: id {response.id!r} sample {response.sample} has \"correct\": {value!r}; it must be "
-                     f"true or false (or absent when ungraded)")
+def said_correct(response: Response) -> bool | None:
+    """The row's `correct` (true / false), or None when the row does not say (load_responses refuses others)."""
+    return response.row.get("correct")
 
 
 def _bar(total, enabled, dist, unit):
