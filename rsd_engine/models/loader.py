@@ -128,28 +128,30 @@ def _load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device
         # Names not expected are skipped: e.g. lm_head.weight saved next to tied embeddings, or rotary buffers.
         for name, tensor in read_safetensors(path, expected, model=path.parent, skipped=skipped):
             if name in found_in:  # which copy is the model's? The index names one file; a glob names none
-                raise ValueError(f"tensor {name} is stored twice, in {found_in[name].name} and {path.name}; a "
+                raise ValueError(f"{path.parent}: tensor {name} is stored twice, in {found_in[name].name} and {path.name}; a "
                                  f"checkpoint holds each tensor once (remove the stray file, or fix "
                                  f"model.safetensors.index.json)")
             found_in[name] = path
             if tensor.shape != expected[name]:
-                raise ValueError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                raise ValueError(f"{path.parent}: tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(expected[name])}")
             if tensor.dtype not in FLOAT_WEIGHTS:
-                raise ValueError(f"tensor {name} in {path.name} is stored as {tensor.dtype}: quantized or integer "
+                raise ValueError(f"{path.parent}: tensor {name} in {path.name} is stored as {tensor.dtype}: quantized or integer "
                                  f"weights are not supported (their scales would be dropped); give the model's "
                                  f"float16, bfloat16 or float32 weights")
             state[name] = tensor.to(device=device, dtype=dtype)
     missing = [name for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+        raise ValueError(f"{files[0].parent}: the checkpoint is missing {len(missing)} tensors: "
+                         f"{', '.join(missing[:5])}{more}")
     # But a decoder weight or bias the config does not account for (a bias without attention_bias, a layer past
     # num_hidden_layers) would change the model's outputs if dropped: refused, not skipped.
     unused = sorted(name for name in skipped if DECODER_PARAM.fullmatch(name))
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-        raise ValueError(f"checkpoint has {len(unused)} tensor(s) that config.json does not account for: "
+        raise ValueError(f"{files[0].parent}: the checkpoint has {len(unused)} tensor(s) that config.json does not "
+                         f"account for: "
                          f"{', '.join(unused[:5])}{more}; they are not dropped silently, as that would change the "
                          f"model (check attention_bias, mlp_bias, num_hidden_layers, architectures)")
     for name, parts in merged.items():
