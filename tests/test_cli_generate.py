@@ -1,6 +1,7 @@
 """`rsd generate` end to end on a tiny pair that learned its answers (solver_pair.py), plus prompts,
 trace selection, SFT export, resume after kill -9, bad input, and the demo's plumbing."""
 import json
+import shutil
 import os
 import re
 import signal
@@ -41,6 +42,26 @@ def generate(pair, data, out, *extra, status=0):
             "--max-batch-size", "4", "--no-progress", *extra]
     assert main(argv) == status
     return {r["id"]: r for r in read_records(out)}
+
+
+def test_a_student_without_a_chat_template_is_named_once(pair, tmp_path, capsys):
+    # Its prompts are plain text: a chat model whose folder lost its template read them silently.
+    student = tmp_path / "student"
+    shutil.copytree(pair[1], student)
+    (student / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_problems(tmp_path / "p.jsonl")
+    generate((pair[0], student), data, tmp_path / "plain.jsonl", "--attempts", "1", "--max-new-tokens", "4")
+    assert capsys.readouterr().out.count("note: the student's tokenizer has no chat template, so prompts are plain "
+                                         "text") == 1
+    generate(pair, data, tmp_path / "chat.jsonl", "--attempts", "1", "--max-new-tokens", "4")
+    assert "no chat template" not in capsys.readouterr().out
+    argv = ["eval", "--model", str(student), "--data", str(data), "--out", str(tmp_path / "e.jsonl"),
+            "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == 0
+    assert "note: the model's tokenizer has no chat template" in capsys.readouterr().out
 
 
 def test_records_statuses_and_stats(pair, tmp_path, capsys):

@@ -28,7 +28,7 @@ from .distributed import Dist, barrier_and_merge, init_process_group, rank_devic
 from .generate import attempt_seed, unreadable_answers
 from .manifest import ANSWER_CHECK
 from .progress import unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
                       others_state, part_path, read_records, recheck_elsewhere, unmerged_parts)
@@ -127,6 +127,9 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                 if tally["unreadable_answers"]:
                     log(dist.tag + unreadable_warning(tally["unreadable_answers"]))
                 tokenizer = load_tokenizer(opts.model)
+                note = plain_prompt_note(tokenizer, "model")
+                if note:
+                    log(dist.tag + note)
                 _eval(opts, todo, tokenizer, writer, tally, dist)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
         if group:

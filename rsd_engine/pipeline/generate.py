@@ -34,7 +34,7 @@ from .data import QUESTION_HASH, Problem, check_held, load_problems, shard_probl
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import ANSWER_CHECK, COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
                       held_elsewhere, note_unmerged, others_state, part_path, read_records, recheck_elsewhere)
 from .categories import DEFAULT_RULE, options_rule
@@ -300,6 +300,9 @@ def _check_format(path: Path, fmt: str):
 def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, prefix_writer: RecordWriter | None,
               dist: Dist, tally: Tally, log):
     engine, prompts, prompt_ids = _prepare(opts, todo, dist)
+    note = plain_prompt_note(engine.tokenizer)
+    if note:
+        log(dist.tag + note)
     fits = {p.id: _fits(engine, prompt_ids[p.id], p.id) for p in todo}
     tally.too_long.extend(pid for pid, ok in fits.items() if not ok)
     todo = [p for p in todo if fits[p.id]]

@@ -55,6 +55,16 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
     return ChatPrompt(text, system_prompt, question, think_prefix)
 
 
+def plain_prompt_note(tokenizer, role: str = "student") -> str | None:
+    """A line for the run's log when ``tokenizer`` has no chat template (its prompts are plain text), else None:
+    a chat model whose tokenizer_config.json lost its template would otherwise read prompts it was not trained on,
+    silently."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return (f"note: the {role}'s tokenizer has no chat template, so prompts are plain text (the system prompt, a "
+            f"blank line, the question, a blank line); a chat model wants its template in tokenizer_config.json")
+
+
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
     """(text, think_prefix): ``messages`` through the chat template with the generation prompt, the
     thinking block opened as the module docstring says; think_prefix is the opened block ("" if none)."""
