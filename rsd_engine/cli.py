@@ -53,6 +53,16 @@ def _int(lo, hi=None):
     return parse
 
 
+def _threads(text):
+    from rsd_engine.threads import usable_cpus
+
+    cpus = usable_cpus()
+    value = _int(1)(text)
+    if value > cpus:  # more threads than CPUs only take turns (10,000 ran 400x slower), never faster
+        raise argparse.ArgumentTypeError(f"{value} threads, but this process may use {cpus} CPUs: pass at most {cpus}")
+    return value
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -94,7 +104,7 @@ def _runtime_options(p):
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--sampler", default="auto", choices=["auto", "reference", "cpp", "triton"],
                    help="RSD-sample backend (auto: C++ on CPU, Triton on CUDA)")
-    p.add_argument("--threads", type=_int(1), default=None,
+    p.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for torch and OpenMP (default: one per physical core this process may "
                         "use; waiting threads sleep, so a shared machine slows it down rather than stalling it)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
