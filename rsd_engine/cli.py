@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 
 from rsd_engine.params import MAX_PROPOSAL_TRIALS, SamplingParams
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
@@ -561,6 +562,7 @@ COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance":
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _one_line_warnings(args.command)
     if hasattr(args, "threads"):
         from rsd_engine.threads import set_threads
 
@@ -592,6 +594,15 @@ def main(argv=None) -> int:
         if not str(err).startswith("Symlink loop"):  # pathlib's resolve() of a link to itself
             raise
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
+
+
+def _one_line_warnings(command: str) -> None:
+    """Warnings as the command's own lines on stderr ("rsd eval: warning: ..."), not Python's file:line and
+    source line: a researcher reads them as the command's words (a --max-seq-len past a model's context)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"rsd {command}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def _resolve_models(args):

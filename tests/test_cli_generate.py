@@ -808,3 +808,14 @@ def test_records_judged_by_older_answer_rules_are_not_resumed_beside_new_ones(pa
         main(argv[:-2])
     assert exit_info.value.code == 2
     assert f'answer check: 1 in the output, {answers.ANSWER_CHECK} now' in capsys.readouterr().err
+
+
+def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
+    # A --max-seq-len past the model's context was a Python warning: file, line number and source line.
+    context = json.loads((pair[1] / "config.json").read_text())["max_position_embeddings"]
+    argv = ["eval", "--model", str(pair[1]), "--data", str(write_problems(tmp_path / "p.jsonl")), "--out",
+            str(tmp_path / "e.jsonl"), "--max-new-tokens", "2", "--max-seq-len", str(context + 1), "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"rsd eval: warning: max_seq_len = {context + 1} is past the model's context ({context} positions" in err
+    assert "warnings.warn" not in err and "UserWarning" not in err
