@@ -172,6 +172,10 @@ class Engine:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        if not isinstance(params, (list, tuple)):  # a dict of settings iterated as its keys: "params[0] is a str"
+            raise TypeError(f"params must be a SamplingParams or a list of them (one per prompt), got "
+                            f"{type(params).__name__}" + (": e.g. SamplingParams(**settings)" if isinstance(params, dict)
+                                                          else ""))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
         requests = []

@@ -238,6 +238,10 @@ def test_bad_engine_arguments_are_named(tiny_pair, kwargs, message):
 def test_bad_params_and_score_pairs_are_named(engine):
     with pytest.raises(TypeError, match=r"params\[1\] is a dict, not a SamplingParams"):
         engine.generate_batch(PROMPTS[:2], [SamplingParams(), {"temperature": 0}])
+    # One dict of settings was iterated as its keys: "params[0] is a str".
+    with pytest.raises(TypeError, match=r"params must be a SamplingParams or a list of them .one per prompt., got "
+                                        r"dict: e.g. SamplingParams\(\*\*settings\)"):
+        engine.generate_batch(PROMPTS[:1], {"max_new_tokens": 3})
     with pytest.raises(ValueError, match="2 prompts and 1 completions"):
         engine.score_batch(PROMPTS[:2], ["x"])
     with pytest.raises(TypeError, match="prompt 0 must be a string, a list of token ids or a list of chat messages"):
