@@ -228,6 +228,7 @@ BAD_CHAT_ROWS = [
      "'messages'[0]['content'] is not valid Unicode: '\\ud800' at character 2 is a lone surrogate"),
     ({"id": "s", "prompt": "hi", "completion": "\ud800 x"},
      "'completion' is not valid Unicode: '\\ud800' at character 0 is a lone surrogate"),
+    ({"id": "t", "messages": "hi"}, "'messages' is a str, not a list of chat messages"),  # was: "no 'messages'"
 ]
 
 

@@ -107,6 +107,8 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         return Trace(trace_id, *_in_context(encode, prompt.text, _after_think(completion, prompt.think_prefix))), ""
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
+    if row.get("messages") is not None and not isinstance(row.get("prompt"), str):
+        return None, f"'messages' is a {type(row['messages']).__name__}, not a list of chat messages"
     if "input_ids" in row and "completion_mask" in row:
         trace, reason = _tokenised_trace(trace_id, row["input_ids"], row["completion_mask"])
         if trace is not None and isinstance(row.get("completion"), str) and not _spelled(
