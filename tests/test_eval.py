@@ -386,7 +386,7 @@ def test_rows_with_lone_surrogates_are_skipped(pair, forced, tmp_path, capsys):
     records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2")
     assert {(r["id"], r["sample"]): r["correct"] for r in records} == CORRECT
     report = capsys.readouterr().out
-    assert "skipped rows: 1 of 4 (first: row 3, 'question' is not valid Unicode: '\\ud800' at character 8 is a lone " \
+    assert "skipped rows: 1 of 4 (row 3: 'question' is not valid Unicode: '\\ud800' at character 8 is a lone " \
            "surrogate)" in report
 
 

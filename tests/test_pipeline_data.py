@@ -345,3 +345,14 @@ def test_runs_that_find_a_stale_demo_cache_convert_it_once(tmp_path, monkeypatch
         run.join()
     assert conversions == [torch.float16]  # once, and in float16 (bfloat16 moved log-probs by up to 1.5 nats)
     assert returned == [folder.stat().st_ino] * 2  # both found the one folder, which stayed
+
+
+def test_skipped_rows_are_described_by_reason_every_reason_named():
+    from rsd_engine.pipeline.progress import describe_skipped
+
+    # Six rows of one reason and one of another: the first five rows alone hid the seventh's reason.
+    skipped = [(i, "no 'problem' text") for i in range(6)] + [(6, "no 'pid' id")]
+    assert describe_skipped(skipped, 12) == ("skipped rows: 7 of 12 (rows 0, 1, 2, 3, 4 and 1 more: no 'problem' text; "
+                                             "row 6: no 'pid' id)")
+    many = [(i, f"reason {i}") for i in range(8)]
+    assert describe_skipped(many, 8).endswith("row 5: reason 5; 2 more rows for 2 other reasons)")

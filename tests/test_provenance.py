@@ -316,7 +316,8 @@ def test_bad_rows_are_skipped_and_counted(models, tmp_path, capsys):
     report = capsys.readouterr().out
     assert report.splitlines()[-1] == ("rsd provenance: 1 of 4 responses were skipped (too long for --max-seq-len, "
                                        "unreadable, non-finite log-probs, or no sentence): exit status 3")
-    assert "skipped rows: 2 of 6 (first: row 3, empty response)" in report
+    # Every reason is named (the first alone was before: row 4's missing question was nowhere).
+    assert "skipped rows: 2 of 6 (row 3: empty response; row 4: no 'question' text)" in report
     assert "skipped responses: 1 (first: id long sample 0: " in report and "longer than max_seq_len 150" in report
     assert {s["id"] for s in lines} == {"p1", "p2", "p3"}
 

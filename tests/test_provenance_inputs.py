@@ -166,7 +166,7 @@ def test_unencodable_response_is_skipped_counted_and_named(tiny_pair, tmp_path, 
     write_rows(path, [ROWS[0], {"id": "bad", "question": "Q?", "response": "The answer is 5 \ud800 ok."}, ROWS[1]])
     lines = provenance(tiny_pair, path, tmp_path / "s.jsonl")
     report = capsys.readouterr().out
-    assert ("skipped rows: 1 of 3 (first: row 1, 'response' is not valid Unicode: '\\ud800' at character 16 is a "
+    assert ("skipped rows: 1 of 3 (row 1: 'response' is not valid Unicode: '\\ud800' at character 16 is a "
             "lone surrogate)") in report
     assert {s["id"] for s in lines} == {"a", "b"}
 
@@ -200,7 +200,7 @@ def test_failed_generations_are_skipped_and_named(tiny_pair, tmp_path, capsys):
     rows = [{**ROWS[0], "finish_reason": "error", "error": "non-finite logits"}, ROWS[1]]
     lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
     assert {s["id"] for s in lines} == {"b"}
-    assert ("skipped rows: 1 of 2 (first: row 0, the generation failed (finish_reason 'error': non-finite logits))"
+    assert ("skipped rows: 1 of 2 (row 0: the generation failed (finish_reason 'error': non-finite logits))"
             in capsys.readouterr().out)
 
 
@@ -453,8 +453,8 @@ def test_a_system_turn_that_is_not_text_is_skipped_with_the_reason(tiny_pair, tm
     rows = [chat("parts", [{"type": "text", "text": "Be brief."}]), chat("number", 7), chat("text", "Be brief.")]
     lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
     assert {s["id"] for s in lines} == {"text"}
-    assert ("skipped rows: 2 of 3 (first: row 0, 'messages' has a system turn whose content is not text (list))"
-            in capsys.readouterr().out)
+    assert ("skipped rows: 2 of 3 (row 0: 'messages' has a system turn whose content is not text (list); row 1: "
+            "'messages' has a system turn whose content is not text (int))" in capsys.readouterr().out)
 
 
 def test_a_response_opening_the_block_its_prompt_opened_is_read_once(tiny_pair, tmp_path):
@@ -495,7 +495,7 @@ def test_a_conversation_of_several_turns_is_skipped_not_read_after_its_first_que
     rows = [{"id": "long", "messages": turns}, {"id": "one", "messages": turns[:2]}]
     lines = provenance(tiny_pair, write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl")
     assert {s["id"] for s in lines} == {"one"}
-    assert ("skipped rows: 1 of 2 (first: row 0, 'messages' has 3 turns before the last assistant turn (user, "
+    assert ("skipped rows: 1 of 2 (row 0: 'messages' has 3 turns before the last assistant turn (user, "
             "assistant, user)" in capsys.readouterr().out)
 
 

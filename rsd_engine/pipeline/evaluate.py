@@ -27,7 +27,7 @@ from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
 from .manifest import ANSWER_CHECK
-from .progress import unreadable_warning
+from .progress import describe_skipped, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
@@ -302,8 +302,7 @@ def _format_tally(t: dict, target) -> str:
     lines = [f"problems: {t['problems']} ({t['already_done']} samples already in the output, {t['written']} "
              f"written now)"]
     if t["skipped_rows"]:
-        number, why = t["skipped_rows"][0]
-        lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+        lines.append(describe_skipped(t["skipped_rows"], t["rows"]))
     if t["no_answer"]:
         lines.append(f"skipped problems without a reference answer: {t['no_answer']}")
     if t["too_long"]:

@@ -95,7 +95,7 @@ class Tally:
 
     def summary(self) -> dict:
         return {
-            "rows": self.rows, "skipped_rows": len(self.skipped), "skipped_examples": self.skipped[:5],
+            "rows": self.rows, "skipped_rows": len(self.skipped), "skipped": list(self.skipped),
             "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
             "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
@@ -113,6 +113,23 @@ def names(ids, limit: int = 10) -> str:
     ids = list(ids)
     more = f", and {len(ids) - limit} more" if len(ids) > limit else ""
     return ", ".join(map(str, ids[:limit])) + more
+
+
+def describe_skipped(skipped, rows: int, row_limit: int = 5, reason_limit: int = 6) -> str:
+    """"skipped rows: N of M (rows 1, 4: no 'question' text; row 6: no 'id' id)": the skipped rows grouped by
+    reason, every reason named up to reason_limit (the first five rows alone hid a sixth row's reason)."""
+    groups: dict[str, list[int]] = {}
+    for number, why in skipped:
+        groups.setdefault(why, []).append(number)
+    parts = []
+    for why, numbers in list(groups.items())[:reason_limit]:
+        shown = ", ".join(map(str, numbers[:row_limit]))
+        more = f" and {len(numbers) - row_limit} more" if len(numbers) > row_limit else ""
+        parts.append(f"{'row' if len(numbers) == 1 else 'rows'} {shown}{more}: {why}")
+    others = list(groups.values())[reason_limit:]
+    if others:
+        parts.append(f"{sum(map(len, others))} more rows for {len(others)} other reasons")
+    return f"skipped rows: {len(skipped)} of {rows} ({'; '.join(parts)})"
 
 
 def unreadable_warning(ids) -> str:
@@ -140,9 +157,7 @@ def format_summary(s: dict) -> str:
                " (problems removed from the data, or another data file)")
         lines.append(f"warning: {n} records in the output are of no problem in --data{why}: {names(s['not_in_data'])}")
     if s["skipped_rows"]:
-        more = f", and {s['skipped_rows'] - 5} more" if s["skipped_rows"] > 5 else ""
-        examples = "; ".join(f"row {i}: {why}" for i, why in s["skipped_examples"])
-        lines.append(f"skipped rows: {s['skipped_rows']} of {s['rows']} ({examples}{more})")
+        lines.append(describe_skipped(s["skipped"], s["rows"]))
     if s["prompt_too_long"]:
         lines.append(f"skipped (prompt longer than --max-seq-len): {len(s['prompt_too_long'])} "
                      f"({names(s['prompt_too_long'])})")

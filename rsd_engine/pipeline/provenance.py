@@ -20,6 +20,7 @@ from pathlib import Path
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .manifest import COMMAND, MODEL_DTYPE, SENTENCE_READING, input_identity, model_dtype, model_fingerprint
+from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
@@ -208,8 +209,7 @@ def _trace_all(tracer: Tracer, usable, writer, tally, progress: bool, dist: Dist
 def _format_tally(t: dict, target) -> str:
     lines = [f"responses: {t['responses']} ({t['already_done']} already in the output, {t['traced']} traced now)"]
     if t["skipped_rows"]:
-        number, why = t["skipped_rows"][0]
-        lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+        lines.append(describe_skipped(t["skipped_rows"], t["rows"]))
     if t["skipped"]:
         (rid, sample), why = t["skipped"][0]
         lines.append(f"skipped responses: {len(t['skipped'])} (first: id {rid} sample {sample}: {why})")

@@ -43,6 +43,7 @@ from pathlib import Path
 from .categories import DEFAULT_RULE, Rule, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .manifest import plain
+from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
@@ -383,8 +384,7 @@ def _format(t: dict, target) -> str:
         lines = [f"problems: {t['problems']} ({t['already_done']} already in the output, {t['written']} written "
                  f"now)"]
     if t["skipped_rows"]:
-        number, why = t["skipped_rows"][0]
-        lines.append(f"skipped rows: {len(t['skipped_rows'])} of {t['rows']} (first: row {number}, {why})")
+        lines.append(describe_skipped(t["skipped_rows"], t["rows"]))
     if t["truncated"]:
         rid, sample = t["truncated"][0]
         lines.append(f"cut off by the length limit, set aside: {len(t['truncated'])} (first: id {rid} candidate "
