@@ -579,7 +579,10 @@ def main(argv=None) -> int:
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: out of memory: {err or 'no detail'}; lower "
                                 f"--max-batch-size, --max-seq-len or --max-new-tokens\n")
     except KeyboardInterrupt:
-        parser.exit(EXIT_INTERRUPTED, "rsd: interrupted\n")
+        out = getattr(args, "out", None) if args.command in RESUMABLE else None
+        parser.exit(EXIT_INTERRUPTED, f"rsd {args.command}: interrupted" + (
+            f"; what it wrote stays in {out} (and the files beside it), and the same command resumes it\n" if out
+            else "\n"))
     except BrokenPipeError:
         # stdout's reader went away (`rsd ... | head`): what was written stays (records are flushed line by line);
         # no traceback, and none at exit from flushing stdout again. 141: as a shell reports SIGPIPE.
@@ -594,6 +597,9 @@ def main(argv=None) -> int:
         if not str(err).startswith("Symlink loop"):  # pathlib's resolve() of a link to itself
             raise
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
+
+
+RESUMABLE = ("generate", "eval", "provenance", "select", "demo")  # write records as they go; a rerun resumes
 
 
 def _one_line_warnings(command: str) -> None:

@@ -116,3 +116,19 @@ def test_demo_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and f"--out {afile} is a file: rsd demo writes a folder" in err
     assert afile.read_text() == "kept\n"
+
+
+def test_an_interrupted_resumable_command_says_where_its_output_stays(monkeypatch, capsys):
+    # rsd eval printed "rsd: interrupted" alone where generate named its output and the rerun.
+    import rsd_engine.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", interrupted)
+    monkeypatch.setattr(cli, "_resolve_models", lambda args: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--model", "m", "--data", "d.jsonl", "--out", "o.jsonl"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("rsd eval: interrupted; what it wrote stays in o.jsonl (and the files beside "
+                                       "it), and the same command resumes it\n")
