@@ -70,6 +70,9 @@ def test_records_statuses_and_stats(pair, tmp_path, capsys):
     report = capsys.readouterr().out
     assert "skipped rows: 1 of 5 (row 4: no 'question' text)" in report
     assert "solved: 1  prefix: 2  unverified: 1" in report
+    # The problem without a reference answer is named (its trace is kept on the format checks alone).
+    assert ("problems without a reference answer: 1 (open): their traces are kept on the format checks alone "
+            "(status \"unverified\"; --format sft puts a boxed one beside the solved ones)") in report
     assert {i: r["status"] for i, r in records.items()} == EXPECTED
 
     engine = Engine(*pair, device="cpu", max_batch_size=4, max_seq_len=128)

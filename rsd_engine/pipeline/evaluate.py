@@ -27,7 +27,7 @@ from .data import check_held, load_problems, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
 from .manifest import ANSWER_CHECK
-from .progress import describe_skipped, unreadable_warning
+from .progress import describe_skipped, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
@@ -118,7 +118,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             done = {(str(r["id"]), r["sample"]) for r in held if is_eval_record(r)}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
-                     "no_answer": len(problems) - len(graded) if dist.rank == 0 else 0, "problems": len(mine),
+                     "no_answer": [p.id for p in problems if p.answer is None] if dist.rank == 0 else [],
+                     "problems": len(mine),
                      "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
                      "failed": 0, "cut_short": 0, "changed_kept": changed, "unreadable_answers": [],
                      "tokens": 0, "seconds": 0.0}
@@ -304,7 +305,7 @@ def _format_tally(t: dict, target) -> str:
     if t["skipped_rows"]:
         lines.append(describe_skipped(t["skipped_rows"], t["rows"]))
     if t["no_answer"]:
-        lines.append(f"skipped problems without a reference answer: {t['no_answer']}")
+        lines.append(f"skipped problems without a reference answer: {len(t['no_answer'])} ({names(t['no_answer'])})")
     if t["too_long"]:
         lines.append(f"skipped (prompt longer than --max-seq-len): {len(t['too_long'])} problems")
     if t["failed"]:

@@ -190,6 +190,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                                                        r.get("status") in STATUSES and str(r["id"]) not in known))
                 tally.hashed_ids = problem_set.id_field == QUESTION_HASH
             if todo:
+                tally.no_answer = [p.id for p in todo if p.answer is None]
                 tally.unreadable_answers = unreadable_answers(todo)
                 if tally.unreadable_answers:
                     log(dist.tag + unreadable_warning(tally.unreadable_answers))

@@ -53,6 +53,7 @@ class Tally:
     unreadable_answers: list = field(default_factory=list)  # ids: math-verify does not read the reference whole
     not_in_data: list = field(default_factory=list)  # ids of records in the output that no row of --data has
     grading_timed_out: list = field(default_factory=list)  # ids: math-verify ran out of time comparing an answer
+    no_answer: list = field(default_factory=list)  # ids of the problems run without a reference answer
     hashed_ids: bool = False  # ids are hashes of the questions (the data has no id column)
     statuses: dict = field(default_factory=lambda: {"solved": 0, "prefix": 0, "unverified": 0})
     attempts: int = 0
@@ -100,7 +101,7 @@ class Tally:
             "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
             "not_in_data": list(self.not_in_data), "hashed_ids": self.hashed_ids,
-            "grading_timed_out": list(self.grading_timed_out),
+            "grading_timed_out": list(self.grading_timed_out), "no_answer": list(self.no_answer),
             "written": self.written, **self.statuses, "attempts": self.attempts, "tokens": self.tokens,
             "acceptance_rate": self.accepted / self.tokens if self.tokens else 0.0,
             "sub_1pct_share": self.sub_1pct / self.tokens if self.tokens else 0.0,
@@ -170,6 +171,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"failed, not written: {len(s['failed'])} ({shown}{more}); a rerun retries them")
     if s["written"]:
         lines.append(f"solved: {s['solved']}  prefix: {s['prefix']}  unverified: {s['unverified']}")
+    if s.get("no_answer"):
+        lines.append(f"problems without a reference answer: {len(s['no_answer'])} ({names(s['no_answer'])}): their "
+                     f"traces are kept on the format checks alone (status \"unverified\"; --format sft puts a boxed one "
+                     f"beside the solved ones)")
     if s.get("grading_timed_out"):
         lines.append(f"warning: math-verify could not compare an answer in time (5 s) for {len(s['grading_timed_out'])} "
                      f"problems, whose attempts count as not correct (records say \"grading_timed_out\"): "
