@@ -822,3 +822,15 @@ def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"rsd eval: warning: max_seq_len = {context + 1} is past the model's context ({context} positions" in err
     assert "warnings.warn" not in err and "UserWarning" not in err
+
+
+def test_a_question_repeated_under_another_id_is_named(pair, tmp_path, capsys):
+    # Two ids, one question: both were generated and written (trained twice) without a word; question hashes make
+    # them one problem, the data's own ids keep both, and now say so.
+    data = write_problems(tmp_path / "p.jsonl", [{"id": "add-again", "question": PROBLEMS[0]["question"], "answer": "4"}])
+    records = generate(pair, data, tmp_path / "out.jsonl", "--attempts", "1", "--max-new-tokens", "4")
+    assert {"add", "add-again"} <= set(records)
+    assert ("warning: problems asking an earlier problem's question under another id: 1 (add-again = add); each is "
+            "run and written, so that question counts (and trains) more than once") in capsys.readouterr().out
+    generate(pair, data, tmp_path / "two.jsonl", "--attempts", "1", "--max-new-tokens", "4", "--limit", "2")
+    assert "an earlier problem's question" not in capsys.readouterr().out  # the repeat is past --limit

@@ -38,6 +38,7 @@ class ProblemSet:
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason)
     num_rows: int = 0
     id_field: str = QUESTION_HASH  # where the ids came from
+    repeated: list[tuple[str, str]] = field(default_factory=list)  # (id, earlier id): the same question, two ids
 
     @property
     def num_without_answer(self) -> int:
@@ -76,7 +77,7 @@ def load_problems(path, *, question_field="question", answer_field="answer", id_
                         else "; --answer-field '' for problems without reference answers")
             raise ValueError(f"{path}: {option} {name!r} is not a column; columns are {', '.join(columns) or '(none)'}"
                              f"{hint}")
-    problems, skipped, seen = [], [], {}
+    problems, skipped, seen, asked, repeated = [], [], {}, {}, []
     for index, row in enumerate(rows):
         problem, reason = _problem(row, question_field, answer_field, id_field)
         if problem is not None and problem.id in seen:
@@ -88,11 +89,21 @@ def load_problems(path, *, question_field="question", answer_field="answer", id_
             skipped.append((index, reason))
             continue
         seen[problem.id] = index
+        if problem.question in asked:  # ids of the data's own: kept, and named (question hashes make them one)
+            repeated.append((problem.id, asked[problem.question]))
+        asked.setdefault(problem.question, problem.id)
         problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: none of the {len(rows)} rows is usable ({skipped[0][1]}); columns: "
                          f"{', '.join(columns)}. Name the fields with --question-field / --answer-field / --id-field.")
-    return ProblemSet(problems, skipped, len(rows), id_field or QUESTION_HASH)
+    return ProblemSet(problems, skipped, len(rows), id_field or QUESTION_HASH, repeated)
+
+
+def repeated_warning(repeated) -> str:
+    shown = ", ".join(f"{pid} = {first}" for pid, first in repeated[:5])
+    more = f", and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+    return (f"warning: problems asking an earlier problem's question under another id: {len(repeated)} ({shown}{more}); "
+            f"each is run and written, so that question counts (and trains) more than once")
 
 
 def _columns(rows) -> list[str]:

@@ -23,7 +23,7 @@ from rsd_engine.params import SamplingParams
 
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
-from .data import check_held, load_problems, shard_problems
+from .data import check_held, load_problems, repeated_warning, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
 from .manifest import ANSWER_CHECK
@@ -92,6 +92,9 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field or None,
                                 id_field=opts.id_field, answers_needed=True)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
+    repeated = [pair for pair in problem_set.repeated if pair[0] in {p.id for p in problems}]
+    if repeated and dist.rank == 0:
+        log(repeated_warning(repeated))
     graded = [p for p in problems if p.answer is not None]
     if not graded:
         raise ValueError(f"{opts.data}: none of the {len(problems)} problems has a reference answer "

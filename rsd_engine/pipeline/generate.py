@@ -30,7 +30,7 @@ from rsd_engine.params import SamplingParams
 
 from . import answers
 from .answers import check_available
-from .data import QUESTION_HASH, Problem, check_held, load_problems, shard_problems
+from .data import QUESTION_HASH, Problem, check_held, load_problems, repeated_warning, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import ANSWER_CHECK, COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
@@ -131,6 +131,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
+    repeated = [pair for pair in problem_set.repeated if pair[0] in {p.id for p in problems}]
+    if repeated and dist.rank == 0:
+        log(repeated_warning(repeated))
     if any(p.answer is not None for p in problems):
         check_available()  # math-verify: else every attempt would read as wrong, silently
     mine = shard_problems(problems, dist.rank, dist.world_size)
