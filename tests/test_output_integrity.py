@@ -188,6 +188,16 @@ def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):
     assert len(forced) == 1 and forced[0]["settings"]["--seed"] == 3
     assert read_manifest(out)["settings"]["--seed"] == 0  # what the first records were made with
 
+    # Later runs say the output is mixed: resumed with the first settings (which matched silently), refused with the
+    # forced ones (which said only "0 in the output", though the file holds both).
+    generate(pair, data, out, "--limit", "1")
+    assert (f"warning: {out} mixes settings: 1 run appended records under --force with other settings [--temperature: "
+            f"0.7 in the output, 0.5 now; --seed: 0 in the output, 3 now] (all in out.jsonl.manifest.json, 'forced'); its "
+            f"records do not say which settings made them") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(argv(pair, data, out, "--seed", "3", "--temperature", "0.5"))
+    assert f"(and {out} mixes settings: 1 run appended records under --force" in capsys.readouterr().err
+
 
 def test_records_of_no_problem_in_the_data_are_named(pair, tmp_path, capsys):
     """Without an id column a problem's id is a hash of its question: a question edited since its record was made

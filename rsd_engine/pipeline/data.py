@@ -102,8 +102,8 @@ def load_problems(path, *, question_field="question", answer_field="answer", id_
 def repeated_warning(repeated) -> str:
     shown = ", ".join(f"{pid} = {first}" for pid, first in repeated[:5])
     more = f", and {len(repeated) - 5} more" if len(repeated) > 5 else ""
-    return (f"warning: problems asking an earlier problem's question under another id: {len(repeated)} ({shown}{more}); "
-            f"each is run and written, so that question counts (and trains) more than once")
+    return (f"warning: problems asking an earlier problem's question under another id: {len(repeated)} "
+            f"({shown}{more}); each is run and written, so that question counts (and trains) more than once")
 
 
 def _columns(rows) -> list[str]:

@@ -26,7 +26,7 @@ from .answers import check_answer, check_available
 from .data import check_held, load_problems, repeated_warning, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
-from .manifest import ANSWER_CHECK
+from .manifest import ANSWER_CHECK, forced_runs_note
 from .progress import describe_skipped, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
@@ -136,6 +136,9 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                     log(dist.tag + note)
                 _eval(opts, todo, tokenizer, writer, tally, dist)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
+        mixed = forced_runs_note(target)
+        if mixed:
+            log(dist.tag + mixed)
         if group:
             tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1:

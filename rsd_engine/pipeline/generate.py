@@ -32,7 +32,8 @@ from . import answers
 from .answers import check_available
 from .data import QUESTION_HASH, Problem, check_held, load_problems, repeated_warning, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import ANSWER_CHECK, COMMAND, MODEL_DTYPE, input_identity, model_dtype, model_fingerprint
+from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, forced_runs_note, input_identity, model_dtype,
+                       model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
@@ -212,6 +213,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                        f"problems never solved, unverified attempts none of which passed the checks) are in "
                        f"{prefix_target}, not in the SFT file, whose completions end with EOS as finished answers")
         log("\n".join(dist.tag + line for line in report.splitlines()))
+        mixed = forced_runs_note(target)
+        if mixed:
+            log(dist.tag + mixed)
         if group:
             summary["not_merged"] = barrier_and_merge(dist, out, log)
             if prefixes:

@@ -180,6 +180,19 @@ def differences(held: dict, now: dict, held_about: dict | None = None) -> list[s
     return lines
 
 
+def forced_runs_note(out) -> str | None:
+    """A warning line when OUT's manifest lists runs that appended under --force with other settings (its records
+    do not say which settings made them), else None."""
+    held = read_manifest(out)
+    runs = [r for r in (held or {}).get("forced", []) if isinstance(r, dict)]
+    if not runs:
+        return None
+    shown = " | ".join("; ".join(map(str, r.get("differences", [])[:3])) for r in runs[-2:])
+    return (f"warning: {out} mixes settings: {len(runs)} run{'s' if len(runs) > 1 else ''} appended records under "
+            f"--force with other settings [{shown}] (all in {manifest_path(out).name}, 'forced'); its records do not "
+            f"say which settings made them")
+
+
 def check_settings(out, settings: dict, *, has_records: bool, force: bool, about: dict | None = None,
                    write: bool = True) -> list[str]:
     """Compare `settings` with OUT's manifest and (re)write it (unless not `write`); returns the
@@ -211,8 +224,10 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
                     f"{out} holds records another command wrote: its manifest ({manifest_path(out).name}) has none "
                     f"of this command's settings {', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}; "
                     "give another --out (or pass --force to append anyway)")
+        mixed = forced_runs_note(out)
         raise SettingsMismatch(
             f"{out} holds records made with other settings:\n  " + "\n  ".join(found) +
+            (f"\n(and {mixed.removeprefix('warning: ')})" if mixed else "") +
             "\nRerun with the same settings to resume it, give another --out, or pass --force to append anyway "
             "(the manifest then lists the mixed settings)")
     if write:

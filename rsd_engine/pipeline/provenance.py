@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import COMMAND, MODEL_DTYPE, SENTENCE_READING, input_identity, model_dtype, model_fingerprint
+from .manifest import (COMMAND, MODEL_DTYPE, SENTENCE_READING, forced_runs_note, input_identity, model_dtype,
+                       model_fingerprint)
 from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
@@ -122,6 +123,9 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
                 numbers = {r.key: newest[r.key][1] + 1 for r in changed}
                 _trace_all(tracer, usable, writer, tally, opts.progress and dist.rank == 0, dist, numbers)
         log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
+        mixed = forced_runs_note(target)
+        if mixed:
+            log(dist.tag + mixed)
         if group:
             tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1:

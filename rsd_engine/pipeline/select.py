@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .categories import DEFAULT_RULE, Rule, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import plain
+from .manifest import forced_runs_note, plain
 from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
@@ -172,6 +172,9 @@ def run_select(opts: SelectOptions, log=print) -> dict:
         elif _score_all(opts, scorer, considered, ids, settings, about, tally, dist, group, log):
             _write_budget(opts, considered, problems, settings, about, tally)
         log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
+        mixed = forced_runs_note(target)
+        if mixed:
+            log(dist.tag + mixed)
         if group and opts.budget is None:
             tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1 and opts.budget is None:
