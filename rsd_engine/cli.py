@@ -576,8 +576,9 @@ def main(argv=None) -> int:
             ImportError) as err:  # ImportError: an optional package a command needs, named with its install
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
     except MemoryError as err:  # a KV cache, a work list: sized by the options
-        parser.exit(EXIT_USAGE, f"rsd {args.command}: error: out of memory: {err or 'no detail'}; lower "
-                                f"--max-batch-size, --max-seq-len or --max-new-tokens\n")
+        said = str(err) or "no detail"
+        parser.exit(EXIT_USAGE, f"rsd {args.command}: error: out of memory: "
+                                f"{said.split(': lower ')[0]}{_sizes(args)}\n")  # the options' names, not the API's
     except KeyboardInterrupt:
         out = getattr(args, "out", None) if args.command in RESUMABLE else None
         parser.exit(EXIT_INTERRUPTED, f"rsd {args.command}: interrupted" + (
@@ -592,11 +593,18 @@ def main(argv=None) -> int:
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
     except RuntimeError as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch's, of a CUDA device
-            parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {str(err).splitlines()[0]}; lower --max-batch-size, "
-                                    f"--max-seq-len or --max-new-tokens\n")
+            parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {str(err).splitlines()[0]}{_sizes(args)}\n")
         if not str(err).startswith("Symlink loop"):  # pathlib's resolve() of a link to itself
             raise
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
+
+
+def _sizes(args) -> str:
+    """"; lower --max-batch-size or --max-seq-len": the options of this command that size its memory."""
+    options = [f"--{name.replace('_', '-')}" for name in ("max_batch_size", "batch_size", "max_seq_len", "max_new_tokens")
+               if hasattr(args, name)]
+    return f"; lower {', '.join(options[:-1])} or {options[-1]}" if len(options) > 1 else (
+        f"; lower {options[0]}" if options else "")
 
 
 RESUMABLE = ("generate", "eval", "provenance", "select", "demo")  # write records as they go; a rerun resumes

@@ -675,6 +675,7 @@ def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, 
                   "--no-progress", *extra])
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and said in err and "Traceback" not in err and len(err.splitlines()) == 1
+        assert err.count("lower") <= 1  # the advice once, in the options' names (it came twice)
     for command, option, value in (("eval", "--samples", "10001"), ("provenance-report", "--bins", "1001"),
                                    ("provenance-report", "--resamples", "100001")):
         with pytest.raises(SystemExit) as stopped:
@@ -696,12 +697,20 @@ def test_cuda_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
             raise error
 
         monkeypatch.setitem(cli.COMMANDS, "merge", fail)
+        monkeypatch.setitem(cli.COMMANDS, "provenance", fail)
+        monkeypatch.setitem(cli.COMMANDS, "generate", fail)
+        monkeypatch.setattr(cli, "_resolve_models", lambda args: None)
         if caught:
-            with pytest.raises(SystemExit) as stopped:
-                main(["merge", "x.jsonl"])
-            err = capsys.readouterr().err
-            assert stopped.value.code == 2 and err == ("rsd merge: error: CUDA out of memory. Tried to allocate 2.00 "
-                                                       "GiB; lower --max-batch-size, --max-seq-len or --max-new-tokens\n")
+            # The options named are the command's own (provenance has no --max-new-tokens; merge sizes nothing).
+            models = ["--teacher", "T", "--student", "S", "--data", "d.jsonl", "--out", "o.jsonl"]
+            for argv, advice in ((["generate", *models], "; lower --max-batch-size, --max-seq-len or --max-new-tokens"),
+                                 (["provenance", *models], "; lower --batch-size or --max-seq-len"),
+                                 (["merge", "x.jsonl"], "")):
+                with pytest.raises(SystemExit) as stopped:
+                    main(argv)
+                err = capsys.readouterr().err
+                assert stopped.value.code == 2 and err == (f"rsd {argv[0]}: error: CUDA out of memory. Tried to "
+                                                           f"allocate 2.00 GiB{advice}\n")
         else:
             with pytest.raises(RuntimeError, match="a bug"):
                 main(["merge", "x.jsonl"])
