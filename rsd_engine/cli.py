@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
                            description="Join OUT.rank*-of-*.jsonl (every set of parts, and OUT, if it exists) into "
                                        "OUT in id order, each id once; duplicate ids are reported, copies that "
-                                       "differ refused.")
+                                       "differ refused, and so is a line that is no record (no id), naming it, "
+                                       "--force or not.")
     merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
     merge.add_argument("--force", action="store_true",
                        help="merge parts made with other settings, and records whose copies differ (default: refuse, "

@@ -495,6 +495,29 @@ def test_read_records_reads_line_by_line_as_it_read_the_whole_file(tmp_path, con
         assert read_records(path) == expected
 
 
+@pytest.mark.parametrize("where", ["out", "part"])
+def test_merge_refuses_a_line_that_is_no_record(tmp_path, where):
+    """A line of OUT or of a part without an id ({"x": 1}) was carried into the merged file as if it were a record
+    (and every such line folded into one). Refused now, naming the file and line, --force or not; nothing changes."""
+    from rsd_engine.pipeline.manifest import COMMAND
+
+    out = tmp_path / "out.jsonl"
+    for rank in range(2):
+        with RecordWriter(part_path(out, rank, 2), {COMMAND: "generate"}) as writer:
+            writer.write({"id": str(rank)})
+    merge_parts(out)
+    bad = out if where == "out" else part_path(out, 1, 2)
+    bad.write_text(bad.read_text() + '{"x": 1}\n')
+    line = len(bad.read_text().splitlines())
+    files = sorted(tmp_path.iterdir())
+    before = [p.read_bytes() for p in files]
+    for force in (False, True):
+        with pytest.raises(ValueError, match=rf"{bad.name}, line {line}: not a record of rsd generate \(no string or "
+                                             r"number 'id'"):
+            merge_parts(out, force=force)
+        assert sorted(tmp_path.iterdir()) == files and [p.read_bytes() for p in files] == before
+
+
 def test_a_run_that_fails_before_its_first_record_leaves_no_file_it_created(tmp_path):
     """An option refused once the output was open (a --draft-tokens the engine refuses) left an empty OUT and its
     manifest behind, read as an output begun. The writer removes what it created; an OUT that was there stays."""

@@ -282,6 +282,11 @@ def read_records(path) -> list[dict]:
 
 
 def _records(path):
+    return (record for _, record in _numbered_records(path))
+
+
+def _numbered_records(path):
+    """(line number, record) of each complete record of `path`, as read_records reads them."""
     path = Path(path)
     if not path.exists():
         return
@@ -294,7 +299,7 @@ def _records(path):
                 if not raw.endswith(b"\n"):
                     return  # torn last line: the record in flight when a run was killed
                 raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something else")
-            yield record
+            yield number, record
 
 
 def done_ids(*paths) -> set[str]:
@@ -458,9 +463,9 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     """Join all parts of `out` (every set of them, and `out` itself, if it exists) into `out`, in id order,
     each id once (the first copy seen: out, then the parts by world size and rank, but a copy whose numbers
     are all finite over one holding a NaN or inf); duplicates are reported.
-    Refuses parts still being written, and, unless `force`, parts made with other settings and copies of a
-    record that differ (beyond float rounding: a file edited, or records of another run). The parts are
-    left in place."""
+    Refuses parts still being written and lines that are no record (no id: _check_identified), and, unless
+    `force`, parts made with other settings and copies of a record that differ (beyond float rounding: a file
+    edited, or records of another run). The parts are left in place."""
     out = Path(out)
     parts = find_parts(out)
     for part in parts:
@@ -468,9 +473,11 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
         sources = ([out] if guard.existing else []) + parts
         forced, forced_runs, manifest = _merged_manifest(out, sources, force)
+        command = ((manifest or {}).get("settings") or {}).get(COMMAND)
         records, seen_in, in_parts, conflicts = {}, {}, [], {}
         for path in sources:
-            for record in guard.existing if path == out else read_records(path):
+            for number, record in _numbered_records(path):  # numbered to name a bad line (OUT's: guard.existing)
+                _check_identified(record, path, number, command)
                 in_parts += [record] if path != out else []
                 key = record_key(record)
                 first = records.setdefault(key, record)
@@ -504,6 +511,17 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
                        forced_runs, conflicts, len(parts), unfinished)
+
+
+def _check_identified(record: dict, path: Path, number: int, command: str | None) -> None:
+    """A record is identified by its id (record_key): a line without one (`{"x": 1}`, pasted in or left by another
+    tool) would be carried into the merged file as if it were a record, and every such line folded into one.
+    Refused before anything is written, --force or not."""
+    rid = record.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
+        whose = f"rsd {command}" if command else "this output"
+        raise ValueError(f"{path}, line {number}: not a record of {whose} (no string or number 'id', which identifies "
+                         f"every record); remove or move that line, then merge again (nothing was changed)")
 
 
 def _unfinished(parts: list[Path]) -> list[str]:
