@@ -382,7 +382,9 @@ def _demo_parser(sub):
                                    "--force.",
                        epilog=_exit_codes("problem", "some problems failed (error), were cut short by "
                                                      "--max-seq-len or had prompts longer than it, as rsd generate"))
-    p.add_argument("--out", default="rsd-demo", help="output folder")
+    p.add_argument("--out", default="rsd-demo",
+                   help="output folder; a problems.jsonl there is written over only where it is one a demo wrote, "
+                        "else refused, as is a traces.jsonl rsd generate would refuse, before anything is written")
     p.add_argument("--force", action="store_true",
                    help="append to an OUT/traces.jsonl made with other settings (default: refuse, naming the "
                         "differences)")

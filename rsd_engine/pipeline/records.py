@@ -36,7 +36,7 @@ from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, m
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
            "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "others_state",
-           "recheck_elsewhere", "check_writable",
+           "recheck_elsewhere", "refuse_if_busy", "check_writable",
            "RecordConflict", "all_finite"]
 
 
@@ -377,7 +377,7 @@ def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, li
         if path == target:
             continue
         if target == out or _part_world(path) != _part_world(target):  # a sibling rank writes its own part
-            _refuse_if_busy(path)
+            refuse_if_busy(path)
         records = read_records(path)
         if records:
             check_settings(path, settings, has_records=True, force=force, write=False)
@@ -408,12 +408,12 @@ def recheck_elsewhere(out, target, settings: dict, *, force: bool, held: dict[Pa
     if others_state(out, target) == state:
         for path in state:
             if Path(target) == Path(out) or _part_world(path) != _part_world(target):
-                _refuse_if_busy(path)
+                refuse_if_busy(path)
         return held
     return held_elsewhere(out, target, settings, force=force)
 
 
-def _refuse_if_busy(path: Path) -> None:
+def refuse_if_busy(path: Path) -> None:
     """Another run writing another file of this output (a run on one process and a run of ranks at once, or runs
     of two numbers of ranks) would do the same problems twice: one run at a time."""
     try:
