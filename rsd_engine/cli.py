@@ -193,9 +193,13 @@ def _score_parser(sub):
     _model_option(p, "student", "student model")
     _model_option(p, "teacher", "also score under this teacher model (default: student only)", required=False)
     p.add_argument("--data", required=True, nargs="+", help="trace files (rsd generate output, chat messages, ...)")
-    p.add_argument("--out", default=None, help="JSON report, per file and per trace (default: none)")
+    p.add_argument("--out", default=None,
+                   help="JSON report, per file and per trace; an existing file is replaced only where it is an earlier "
+                        "report of rsd score, else refused (default: none)")
     p.add_argument("--plot", default=None,
-                   help="PNG histogram of student surprisal, one series per file (default: none)")
+                   help="PNG histogram of student surprisal, one series per file; an existing file is replaced only "
+                        "where it is an earlier plot of rsd score (PNG, PDF, SVG), else refused, and so is a folder "
+                        "(default: none)")
     p.add_argument("--completion-field", default=None,
                    help="score this field of any dataset, prompted with --question-field through the chat template "
                         "(default: rsd generate records or chat messages)")
@@ -282,7 +286,10 @@ def _provenance_parser(sub):
     _response_options(p, "responses")
     _model_option(p, "distilled", "distilled student (default: none, and no 'boosted')", required=False)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
-    p.add_argument("--plot", default=None, help="PNG: stacked bars of category shares per response (default: none)")
+    p.add_argument("--plot", default=None,
+                   help="PNG: stacked bars of category shares per response; an existing file is replaced only where it "
+                        "is an earlier plot of rsd provenance (PNG, PDF, SVG), else refused, and so is a folder "
+                        "(default: none)")
     _runtime_options(p)
 
 
@@ -323,9 +330,13 @@ def _report_parser(sub):
                                    "answers, the area between those curves and the correlation of a response's "
                                    "teacher share with its correctness, with bootstrap intervals over problems.")
     p.add_argument("sentences", metavar="SENTENCES", help="the --out of rsd provenance (one line per sentence)")
-    p.add_argument("--out", default=None, help="JSON report (default: print only)")
-    p.add_argument("--plot", default=None, help="PNG: teacher share by position, correct vs incorrect, and per "
-                                                "response (default: none)")
+    p.add_argument("--out", default=None,
+                   help="JSON report; an existing file is replaced only where it is an earlier report of rsd "
+                        "provenance-report, else refused (default: print only)")
+    p.add_argument("--plot", default=None,
+                   help="PNG: teacher share by position, correct vs incorrect, and per response; an existing file is "
+                        "replaced only where it is an earlier plot of rsd provenance-report (PNG, PDF, SVG), else "
+                        "refused, and so is a folder (default: none)")
     p.add_argument("--bins", type=_int(1, 1000), default=DEFAULT_BINS,
                    help="position bins, at most 1000 (default: %(default)s, deciles)")
     p.add_argument("--resamples", type=_int(1, 100_000), default=DEFAULT_RESAMPLES,
@@ -382,7 +393,9 @@ def _demo_parser(sub):
                                    "--force.",
                        epilog=_exit_codes("problem", "some problems failed (error), were cut short by "
                                                      "--max-seq-len or had prompts longer than it, as rsd generate"))
-    p.add_argument("--out", default="rsd-demo", help="output folder")
+    p.add_argument("--out", default="rsd-demo",
+                   help="output folder; a problems.jsonl there is written over only where it is one a demo wrote, "
+                        "else refused, as is a traces.jsonl rsd generate would refuse, before anything is written")
     p.add_argument("--force", action="store_true",
                    help="append to an OUT/traces.jsonl made with other settings (default: refuse, naming the "
                         "differences)")
@@ -411,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
                            description="Join OUT.rank*-of-*.jsonl (every set of parts, and OUT, if it exists) into "
                                        "OUT in id order, each id once; duplicate ids are reported, copies that "
-                                       "differ refused.")
+                                       "differ refused, and so is a line that is no record (no id), naming it, "
+                                       "--force or not.")
     merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
     merge.add_argument("--force", action="store_true",
                        help="merge parts made with other settings, and records whose copies differ (default: refuse, "

@@ -633,6 +633,34 @@ def test_demo_exits_as_generate_does_and_takes_force(tiny_pair, tmp_path, monkey
     assert len(read_records(tmp_path / "demo" / "traces.jsonl")) == 2
 
 
+def test_demo_writes_only_its_own_problems_file_and_checks_the_traces_first(tiny_pair, tmp_path, monkeypatch,
+                                                                             capsys):
+    """rsd demo wrote OUT/problems.jsonl before anything else: over a file of the user's, and even when it then
+    refused OUT/traces.jsonl (another tool's lines). Now traces.jsonl is checked first, and problems.jsonl is written
+    over only where a demo wrote it (for any --problems)."""
+    from rsd_engine.pipeline import demo_models
+
+    monkeypatch.setattr(demo_models, "demo_teacher_dir", lambda: tiny_pair[0])
+    monkeypatch.setattr(demo_models, "demo_student_dir", lambda: tiny_pair[1])
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    problems, traces = folder / "problems.jsonl", folder / "traces.jsonl"
+    traces.write_text('{"x": 1}\n')
+    argv = ["demo", "--out", str(folder), "--attempts", "1", "--max-new-tokens", "6", "--no-progress"]
+    for mine in ('{"id": "mine", "question": "My own question?", "answer": "1"}\n', None):
+        problems.write_text(mine) if mine else problems.unlink()
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--problems", "2"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+        assert f"{problems} is not the problems file rsd demo writes" in err if mine else "no rsd generate record" in err
+        assert (problems.read_text() if mine else problems.exists()) == (mine or False)
+        assert traces.read_text() == '{"x": 1}\n'
+    traces.unlink()
+    assert main([*argv, "--problems", "2"]) == 0 and len(problems.read_text().splitlines()) == 2
+    assert main([*argv, "--problems", "3"]) == 0 and len(problems.read_text().splitlines()) == 3  # its own file
+
+
 def test_rows_with_lone_surrogates_are_skipped(pair, tmp_path, capsys):
     """A lone surrogate (JSON's \\ud800) in a question or answer: the row is skipped and named, the others run."""
     data = tmp_path / "p.jsonl"

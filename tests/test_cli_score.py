@@ -218,6 +218,29 @@ def test_out_and_plot_on_one_file_is_refused(tiny_pair, traces, tmp_path, capsys
     assert not report.exists()
 
 
+def test_out_and_plot_replace_only_rsd_score_s_own_report_and_plot(tiny_pair, traces, tmp_path, capsys):
+    """--out over a generate output (records and manifest) made it an indented JSON report, and a --plot folder got
+    FOLDER.png beside it. Now only an earlier report or plot of rsd score is replaced (a rerun), before any work."""
+    files, _ = traces
+    plot = tmp_path / "hist.png"
+    for _ in range(2):
+        score(tmp_path, tiny_pair[1], files["records"], extra=["--plot", str(plot)])
+    assert json.loads((tmp_path / "report.json").read_text())["rsd command"] == "score"
+    output = tmp_path / "traces.jsonl"
+    output.write_bytes(files["records"].read_bytes())
+    manifest = tmp_path / "traces.jsonl.manifest.json"
+    manifest.write_text(json.dumps({"settings": {"rsd command": "generate"}}))
+    before = output.read_bytes(), manifest.read_bytes()
+    (tmp_path / "plots").mkdir()
+    for flag, path, message in [("--out", output, f"--out {output} exists and is no report of rsd score"),
+                                ("--plot", tmp_path / "plots", f"--plot {tmp_path / 'plots'} is a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "--student", str(tiny_pair[1]), "--data", str(files["ids"]), flag, str(path),
+                  "--no-progress"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (output.read_bytes(), manifest.read_bytes()) == before and not (tmp_path / "plots.png").exists()
+
+
 BAD_CHAT_ROWS = [
     ({"id": "m", "messages": ["hello", {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
      "'messages' holds an item that is not a {role, content} object"),

@@ -230,6 +230,15 @@ def test_bad_input(pair, tmp_path, capsys):
     assert "--top-p" in capsys.readouterr().err
 
 
+def test_a_run_that_fails_before_its_first_generation_leaves_no_output(pair, tmp_path, capsys):
+    """A --max-seq-len no KV cache can hold failed once OUT was open, and left it empty beside its manifest."""
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "gens.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval(pair[1], data, out, "--max-seq-len", str(10**12))
+    assert exit_info.value.code == 2 and "out of memory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
 def test_rerun_with_other_sampling_is_refused(pair, forced, tmp_path, capsys):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -271,6 +271,24 @@ def test_output_without_manifest_is_refused(pair, tmp_path, capsys):
     assert len(generate(pair, data, out)) == 4
 
 
+def test_a_run_refused_before_its_first_record_leaves_no_output_behind(pair, tmp_path, capsys):
+    """A --draft-tokens the engine refuses (a round longer than --max-seq-len) failed once OUT was open: an empty OUT
+    and its manifest stayed, an output begun. Now a run that wrote nothing removes what it created; a resumed OUT
+    is left as it was, and resumes."""
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    refused = ["--draft-tokens", "100", "--max-seq-len", "64"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(pair, data, out, *refused))
+    assert exit_info.value.code == 2 and "draft_tokens = 100" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+    generate(pair, data, out, "--limit", "1")
+    before = out.read_bytes(), read_manifest(out)
+    with pytest.raises(SystemExit):
+        main(argv(pair, data, out, *refused))
+    assert (out.read_bytes(), read_manifest(out)) == before
+    assert len(generate(pair, data, out)) == 4
+
+
 def test_model_fingerprint_follows_content_not_path(tiny_pair, tmp_path):
     copy = shutil.copytree(tiny_pair[1], tmp_path / "copy")
     assert model_fingerprint(copy) == model_fingerprint(tiny_pair[1])

@@ -402,3 +402,42 @@ def test_the_area_interval_is_of_the_same_bins_as_the_area():
     area = r["teacher_area"]
     assert area["value"] == pytest.approx(0.05) and area["deciles_compared"] == 10
     assert area["interval"][1] < 0.2 and area["resamples"] < 1000
+
+
+def test_out_and_plot_replace_only_the_report_and_plot_this_command_wrote(tmp_path, capsys):
+    """--out and --plot were written over whatever was there: a generate output, another command's report, a
+    picture, and a --plot folder got FOLDER.png beside it. Now a rerun replaces its own report and plot only; any
+    other file is refused, named, before any work, and left as it was."""
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    out, plot = tmp_path / "report.json", tmp_path / "report.png"
+    argv = ["provenance-report", str(path), "--resamples", "10"]
+    for _ in range(2):  # the rerun replaces what the first run wrote
+        assert main([*argv, "--out", str(out), "--plot", str(plot)]) == 0
+    assert json.loads(out.read_text())["rsd command"] == "provenance-report"
+    older = tmp_path / "older.json"  # a report of an rsd before the mark: known by its fields
+    older.write_text(json.dumps({k: v for k, v in json.loads(out.read_text()).items() if k != "rsd command"},
+                                indent=1) + "\n")
+    assert main([*argv, "--out", str(older)]) == 0 and json.loads(older.read_text())["rsd command"]
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text('{"id": "a", "token_ids": [1, 2]}\n')
+    score = tmp_path / "score.json"
+    score.write_text(json.dumps({"rsd command": "score", "files": []}, indent=1) + "\n")
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n not ours")
+    for flag, foreign in [("--out", traces), ("--out", score), ("--plot", picture), ("--plot", tmp_path / "noext")]:
+        if foreign.name == "noext":
+            (tmp_path / "noext.png").write_bytes(picture.read_bytes())  # what --plot noext writes
+        before = foreign.with_suffix(foreign.suffix or ".png").read_bytes()
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, flag, str(foreign)])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "is no" in err and "not written over" in err and len(err.splitlines()) == 1
+        assert foreign.with_suffix(foreign.suffix or ".png").read_bytes() == before
+
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--plot", str(folder)])
+    assert stopped.value.code == 2 and f"--plot {folder} is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "plots.png").exists() and not any(folder.iterdir())

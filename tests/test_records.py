@@ -297,7 +297,8 @@ def test_merge_says_when_a_part_s_run_was_stopped(tmp_path, capsys):
     stopped.close()
     assert read_manifest(part_path(out, 1, 2))["finished"] is False
     with pytest.raises(RuntimeError):  # a run that failed did not finish either
-        with RecordWriter(tmp_path / "failed.jsonl", {"--seed": 0}):
+        with RecordWriter(tmp_path / "failed.jsonl", {"--seed": 0}) as writer:
+            writer.write({"id": "0"})  # (one that failed before its first record leaves no file it made)
             raise RuntimeError("failed")
     assert read_manifest(tmp_path / "failed.jsonl")["finished"] is False
     report = merge_parts(out)
@@ -492,3 +493,47 @@ def test_read_records_reads_line_by_line_as_it_read_the_whole_file(tmp_path, con
             read_records(path)
     else:
         assert read_records(path) == expected
+
+
+@pytest.mark.parametrize("where", ["out", "part"])
+def test_merge_refuses_a_line_that_is_no_record(tmp_path, where):
+    """A line of OUT or of a part without an id ({"x": 1}) was carried into the merged file as if it were a record
+    (and every such line folded into one). Refused now, naming the file and line, --force or not; nothing changes."""
+    from rsd_engine.pipeline.manifest import COMMAND
+
+    out = tmp_path / "out.jsonl"
+    for rank in range(2):
+        with RecordWriter(part_path(out, rank, 2), {COMMAND: "generate"}) as writer:
+            writer.write({"id": str(rank)})
+    merge_parts(out)
+    bad = out if where == "out" else part_path(out, 1, 2)
+    bad.write_text(bad.read_text() + '{"x": 1}\n')
+    line = len(bad.read_text().splitlines())
+    files = sorted(tmp_path.iterdir())
+    before = [p.read_bytes() for p in files]
+    for force in (False, True):
+        with pytest.raises(ValueError, match=rf"{bad.name}, line {line}: not a record of rsd generate \(no string or "
+                                             r"number 'id'"):
+            merge_parts(out, force=force)
+        assert sorted(tmp_path.iterdir()) == files and [p.read_bytes() for p in files] == before
+
+
+def test_a_run_that_fails_before_its_first_record_leaves_no_file_it_created(tmp_path):
+    """An option refused once the output was open (a --draft-tokens the engine refuses) left an empty OUT and its
+    manifest behind, read as an output begun. The writer removes what it created; an OUT that was there stays."""
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="refused"):
+        with RecordWriter(out, {"--seed": 0}):
+            raise ValueError("refused")
+    assert sorted(tmp_path.iterdir()) == []
+    with RecordWriter(out, {"--seed": 0}):
+        pass  # a run that reached its end with nothing to write keeps its (empty) output
+    with pytest.raises(KeyboardInterrupt):
+        with RecordWriter(out, {"--seed": 0}):
+            raise KeyboardInterrupt
+    assert out.read_bytes() == b"" and json.loads(manifest_path(out).read_bytes())["settings"] == {"--seed": 0}
+    with pytest.raises(ValueError, match="refused"):
+        with RecordWriter(tmp_path / "written.jsonl") as writer:
+            writer.write({"id": "0"})
+            raise ValueError("refused")
+    assert read_records(tmp_path / "written.jsonl") == [{"id": "0"}]

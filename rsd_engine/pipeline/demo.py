@@ -5,6 +5,10 @@ importer). Student: the same model with its projections re-quantised to 4 bits, 
 a real small model over the same tokenizer. Problems: champ-dataset problems with one-number
 answers. A 135M model rarely solves competition problems, so most records are `prefix` (UPFT)
 records: that is the honest outcome, and the pipeline's path for unsolved problems.
+
+Nothing in OUT is written before everything that would refuse OUT/traces.jsonl has been asked
+(generate.check_output), and OUT/problems.jsonl is written over only where a demo wrote it
+(check_problems_file): a file of the user's there is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 from rsd_engine.params import SamplingParams
 
 from .data import champ_problems
-from .generate import GenerateOptions, run_generate
+from .generate import GenerateOptions, check_output, run_generate
 from .records import check_writable, read_records
 from .score import run_score
 
@@ -34,8 +38,10 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file: rsd demo writes a folder (problems.jsonl, traces.jsonl and "
                          f"their manifests); give a folder's name")
-    traces = out_dir / "traces.jsonl"
+    traces, data = out_dir / "traces.jsonl", out_dir / "problems.jsonl"
     check_writable(traces)
+    chosen = champ_problems(problems, numeric_only=True)
+    check_problems_file(data)
     params = SamplingParams(max_new_tokens=max_new_tokens)  # otherwise the paper's defaults
     started = time.perf_counter()
     log("rsd demo: Reverse Speculative Decoding on the embedded model pair")
@@ -44,18 +50,15 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
     log(f"  student: the same model, linear layers re-quantised to {STUDENT_BITS} bits (round to nearest, groups "
         f"of {STUDENT_GROUP_SIZE}) ({student})\n"
         f"           a stand-in for a real small model: weaker, over the same tokenizer")
-    chosen = champ_problems(problems, numeric_only=True)
-    data = out_dir / "problems.jsonl"
-    data.write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n"
-                            for p in chosen), encoding="utf-8")
-    log(f"  problems: {len(chosen)} champ-dataset problems with a one-number answer ({data})")
-    log(f"  {attempts} attempts each, up to {max_new_tokens} new tokens, temperature {params.temperature}, "
-        f"top-p {params.top_p}, threshold {params.threshold:.0%}\n")
-
     opts = GenerateOptions(teacher=str(teacher), student=str(student), data=str(data), out=str(traces),
                            params=params, id_field="id", attempts=attempts, seed=seed, device=device, dtype=dtype,
                            sampler=sampler, progress=progress, force=force,
                            max_batch_size=max(1, min(32, len(chosen) * attempts)))
+    check_output(opts, chosen)  # whatever would refuse traces.jsonl does so before problems.jsonl is written
+    data.write_text(problems_text(chosen), encoding="utf-8")
+    log(f"  problems: {len(chosen)} champ-dataset problems with a one-number answer ({data})")
+    log(f"  {attempts} attempts each, up to {max_new_tokens} new tokens, temperature {params.temperature}, "
+        f"top-p {params.top_p}, threshold {params.threshold:.0%}\n")
     summary = run_generate(opts, log=lambda line: log(_indent(line)))
     records = read_records(traces)
     if records:
@@ -71,6 +74,28 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
     log(f"\ndone in {minutes:.1f} min. Traces: {traces}. Next: rsd generate --teacher DIR --student DIR "
         f"--data problems.jsonl --out traces.jsonl (your own models and problems)")
     return {"generate": summary, "score": reports, "minutes": minutes}
+
+
+def problems_text(chosen) -> str:
+    """OUT/problems.jsonl as the demo writes it."""
+    return "".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n" for p in chosen)
+
+
+def check_problems_file(path: Path) -> None:
+    """The demo writes OUT/problems.jsonl over a missing or empty file, or over the file a demo wrote (the first N
+    champ problems it draws from, as problems_text writes them, for any --problems N), and over nothing else: a
+    file of your own there is refused, naming it."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; rsd demo writes its problems there: give another --out")
+    if not path.is_file() or not path.stat().st_size:
+        return
+    with open(path, "rb") as f:
+        lines = sum(1 for _ in f)
+    pool = champ_problems(numeric_only=True)
+    if lines <= len(pool) and path.read_bytes() == problems_text(pool[:lines]).encode("utf-8"):
+        return
+    raise FileExistsError(f"{path} is not the problems file rsd demo writes (champ problems), so it is not written "
+                          f"over; give another --out, or remove it first")
 
 
 def _indent(text: str) -> str:

@@ -32,12 +32,13 @@ from . import answers
 from .answers import check_available
 from .data import QUESTION_HASH, Problem, check_held, load_problems, repeated_warning, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, forced_runs_note, input_identity, model_dtype,
-                       model_fingerprint)
+from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, forced_runs_note, input_identity,
+                       model_dtype, model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
-                      held_elsewhere, note_unmerged, others_state, part_path, read_records, recheck_elsewhere)
+                      held_elsewhere, note_unmerged, others_state, part_path, read_records, recheck_elsewhere,
+                      refuse_if_busy)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import STATUSES, check_attempt, select_trace, to_sft
@@ -233,6 +234,26 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+
+
+def check_output(opts: GenerateOptions, problems: list[Problem], id_field: str = "id") -> None:
+    """What run_generate would refuse OUT for, found without writing a file (`rsd demo` asks before it writes the
+    problems file it runs): lines that are no rsd generate record, another run writing OUT or a file of it, records
+    made with other settings or from other problems (each unless --force). One process."""
+    out = Path(opts.out)
+    check_output_name(out)
+    check_writable(out)
+    refuse_if_busy(out)
+    settings, _ = record_settings(opts, id_field)
+    if all(p.answer is None for p in problems):
+        del settings[ANSWER_CHECK]  # as run_generate: nothing is judged
+    held = {out: read_records(out), **held_elsewhere(out, out, settings, force=opts.force)}
+    for path in held:
+        _check_format(path, opts.format)
+    if held[out]:
+        check_settings(out, settings, has_records=True, force=opts.force, write=False)
+    check_held([r for records in held.values() for r in records], problems, force=opts.force, out=out,
+               data=opts.data)
 
 
 def unreadable_answers(problems: list[Problem]) -> list[str]:

@@ -26,7 +26,8 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
-                      check_plot_format, part_path, plot_path, read_records)
+                      check_plot_format, part_path, read_records)
+from .reports import check_plot_out, plot_file
 from .responses import load_responses
 from .sentences import READING
 from .tracing import Tracer
@@ -84,14 +85,13 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     out = Path(opts.out)
     target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
     check_output_name(out)
-    plot = plot_path(opts.plot)
+    plot = plot_file(opts.plot)
     opts = replace(opts, plot=str(plot) if plot else None)
     check_not_input({"--data": opts.data}, {"--out": out, "--plot": opts.plot}, apart=("--out", "--plot"))
     check_plot_format(opts.plot)
     check_not_input({"--data": opts.data}, {"its part": target})
     check_writable(target)
-    if opts.plot:
-        check_writable(opts.plot)
+    check_plot_out(opts.plot, "provenance")
     tracer = make_tracer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
                           id_field=opts.id_field, system_prompt=opts.system_prompt,

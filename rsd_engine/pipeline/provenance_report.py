@@ -20,7 +20,6 @@ sample); responses cut off by the length limit left out unless asked for):
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .categories import CATEGORIES, Rule
-from .records import check_not_input, check_plot_format, check_writable, plot_path, read_records
+from .records import check_not_input, check_plot_format, read_records
+from .reports import check_plot_out, check_report_out, plot_file, save_plot, write_report
 
 SHOWN_RESPONSES = 20  # rows of the printed per-response table
 PLOTTED_RESPONSES = 40
@@ -94,7 +94,7 @@ def plot_shares(report: dict, path, *, distilled: bool) -> None:
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, "provenance")
     plt.close(fig)
 
 
@@ -306,12 +306,11 @@ def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAUL
                resamples: int = DEFAULT_RESAMPLES, seed: int = 0, include_truncated: bool = False,
                log=print) -> dict:
     """`rsd provenance-report`: read, re-categorise, analyse; write the JSON report and the plot."""
-    plot = plot_path(plot)
+    plot = plot_file(plot)
     check_not_input({"the sentences file": sentences}, {"--out": out, "--plot": plot}, apart=("--out", "--plot"))
     check_plot_format(plot)
-    for path in (out, plot):
-        if path is not None:
-            check_writable(path)
+    check_report_out(out, "provenance-report")
+    check_plot_out(plot, "provenance-report")
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
         raise ValueError(f"--bins = {bins!r}: must be an integer >= 1")
     if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
@@ -322,7 +321,7 @@ def run_report(sentences, *, rule: Rule, out=None, plot=None, bins: int = DEFAUL
     distilled = any(r.get("boosted") for r in report["per_response"])
     log(format_report(report, distilled=distilled))
     if out is not None:
-        Path(out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_report(out, "provenance-report", report, ensure_ascii=False)
         log(f"report: {out}")
     if plot is not None:
         plot_report(report, plot)
@@ -407,5 +406,5 @@ def plot_report(report: dict, path) -> None:
     r = report["correlation"]
     right.set_title("per response" + (f": r = {r['value']:+.2f}" if r["value"] is not None else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, "provenance-report")
     plt.close(fig)

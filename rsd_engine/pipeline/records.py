@@ -8,7 +8,9 @@ writing every id again; the kernel drops the lock when its holder dies, so a kil
 stale lock. Beside the file, OUT.manifest.json (manifest.py) holds the settings that made its
 records, and a writer given other settings refuses to append. Under torchrun every rank writes
 its own part (out.rank00003-of-00004.jsonl); merge_parts joins them into a file beside OUT and
-renames it over OUT, so a merge killed midway leaves OUT as it was and the parts untouched.
+renames it over OUT, so a merge killed midway leaves OUT as it was and the parts untouched. A writer
+that created OUT and leaves by an exception before its first record removes OUT and the manifest it
+made: a run that failed (an option refused once the output was open) leaves no output begun.
 
 Writers of other commands use the same small API: RecordWriter(path, settings, force=...) checks
 and locks, .existing holds the records already there, .write(record) / .write_many(records)
@@ -29,12 +31,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, other_command, read_manifest,
-                       write_manifest)
+from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, manifest_path, other_command,
+                       read_manifest, write_manifest)
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
            "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "others_state",
-           "recheck_elsewhere", "check_writable",
+           "recheck_elsewhere", "refuse_if_busy", "check_writable",
            "RecordConflict", "all_finite"]
 
 
@@ -57,7 +59,8 @@ class RecordWriter:
     def __init__(self, path, settings: dict | None = None, *, force: bool = False, about: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = _open_locked(self.path)
+        self._fd, self._created = _open_locked(self.path)
+        self._had_manifest = manifest_path(self.path).exists()  # (before check_settings writes one)
         self.written = 0
         self._changed = False  # records written or cut by this run
         try:
@@ -74,6 +77,7 @@ class RecordWriter:
             if self._run:
                 _mark_finished(self.path, False, self._started)
         except BaseException:
+            self._remove_if_unused()
             self.close()
             raise
 
@@ -117,8 +121,11 @@ class RecordWriter:
         """Leaving the block without an exception is the run's end: its manifest says "finished" (a part whose run
         was stopped says it did not, which `rsd merge` reports). A run on OUT itself (one process) has done the
         work of every part beside it too: their marks say so. A refusal (a ValueError, or another run found busy)
-        before anything was written leaves the mark as it was."""
+        before anything was written leaves the mark as it was, and one that failed before its first record leaves
+        no file it created (_remove_if_unused)."""
         try:
+            if exc_type is not None and self._remove_if_unused():
+                return
             if self._fd is not None and self._run:
                 if exc_type is None:
                     _mark_finished(self.path, True, self._started)
@@ -128,6 +135,23 @@ class RecordWriter:
                     _mark_finished(self.path, self._was["finished"], self._was["run_started"])
         finally:
             self.close()
+
+    def _remove_if_unused(self) -> bool:
+        """Remove OUT (and its manifest) where this writer created them and wrote nothing: a run that fails before its
+        first record (an option the engine refuses, a model that does not load) leaves no empty output behind that
+        reads as one begun. Under the lock, the manifest first: no other run can have made either yet."""
+        if self._fd is None or not self._created or self._changed:
+            return False
+        try:
+            held = os.fstat(self._fd)
+            if held.st_size or not os.path.samestat(held, os.stat(self.path)):
+                return False
+            if not self._had_manifest:
+                manifest_path(self.path).unlink(missing_ok=True)
+            self.path.unlink()
+        except OSError:
+            return False
+        return True
 
 
 def _mark_finished(path: Path, finished: bool | None, started: float | None) -> None:
@@ -169,11 +193,11 @@ def _mark_idle_parts_finished(out: Path, started: float) -> None:
         _mark_finished(part, True, held.get("run_started"))
 
 
-def _open_locked(path: Path) -> int:
-    """`path` opened for appending (created if missing) under an exclusive flock; fails at once when
-    another process holds it."""
+def _open_locked(path: Path) -> tuple[int, bool]:
+    """(fd, whether this call created the file): `path` opened for appending (created if missing) under an
+    exclusive flock; fails at once when another process holds it."""
     while True:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd, created = _open_or_create(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,15 +207,25 @@ def _open_locked(path: Path) -> int:
         except OSError as err:  # a filesystem without locks (some network mounts): say so, go on
             warnings.warn(f"cannot lock {path} ({err.strerror or err}); make sure no other run writes to it",
                           stacklevel=3)
-            return fd
+            return fd, created
         # Between open and lock the previous holder may have replaced (rsd merge) or removed the
         # file: the lock is only worth anything on the file the path names now.
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return fd
+                return fd, created
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _open_or_create(path: Path) -> tuple[int, bool]:
+    """(fd, created): O_EXCL tells whether this process made the file (a link to a missing file is created through,
+    and counts as not made here: never removed here)."""
+    flags = os.O_WRONLY | os.O_APPEND
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        return os.open(path, flags | os.O_CREAT, 0o644), False
 
 
 def _holder(path: Path) -> str:
@@ -248,6 +282,11 @@ def read_records(path) -> list[dict]:
 
 
 def _records(path):
+    return (record for _, record in _numbered_records(path))
+
+
+def _numbered_records(path):
+    """(line number, record) of each complete record of `path`, as read_records reads them."""
     path = Path(path)
     if not path.exists():
         return
@@ -260,7 +299,7 @@ def _records(path):
                 if not raw.endswith(b"\n"):
                     return  # torn last line: the record in flight when a run was killed
                 raise ValueError(f"{path}, line {number}: not a JSON object; the file was changed by something else")
-            yield record
+            yield number, record
 
 
 def done_ids(*paths) -> set[str]:
@@ -338,7 +377,7 @@ def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, li
         if path == target:
             continue
         if target == out or _part_world(path) != _part_world(target):  # a sibling rank writes its own part
-            _refuse_if_busy(path)
+            refuse_if_busy(path)
         records = read_records(path)
         if records:
             check_settings(path, settings, has_records=True, force=force, write=False)
@@ -369,12 +408,12 @@ def recheck_elsewhere(out, target, settings: dict, *, force: bool, held: dict[Pa
     if others_state(out, target) == state:
         for path in state:
             if Path(target) == Path(out) or _part_world(path) != _part_world(target):
-                _refuse_if_busy(path)
+                refuse_if_busy(path)
         return held
     return held_elsewhere(out, target, settings, force=force)
 
 
-def _refuse_if_busy(path: Path) -> None:
+def refuse_if_busy(path: Path) -> None:
     """Another run writing another file of this output (a run on one process and a run of ranks at once, or runs
     of two numbers of ranks) would do the same problems twice: one run at a time."""
     try:
@@ -424,9 +463,9 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     """Join all parts of `out` (every set of them, and `out` itself, if it exists) into `out`, in id order,
     each id once (the first copy seen: out, then the parts by world size and rank, but a copy whose numbers
     are all finite over one holding a NaN or inf); duplicates are reported.
-    Refuses parts still being written, and, unless `force`, parts made with other settings and copies of a
-    record that differ (beyond float rounding: a file edited, or records of another run). The parts are
-    left in place."""
+    Refuses parts still being written and lines that are no record (no id: _check_identified), and, unless
+    `force`, parts made with other settings and copies of a record that differ (beyond float rounding: a file
+    edited, or records of another run). The parts are left in place."""
     out = Path(out)
     parts = find_parts(out)
     for part in parts:
@@ -434,9 +473,11 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
         sources = ([out] if guard.existing else []) + parts
         forced, forced_runs, manifest = _merged_manifest(out, sources, force)
+        command = ((manifest or {}).get("settings") or {}).get(COMMAND)
         records, seen_in, in_parts, conflicts = {}, {}, [], {}
         for path in sources:
-            for record in guard.existing if path == out else read_records(path):
+            for number, record in _numbered_records(path):  # numbered to name a bad line (OUT's: guard.existing)
+                _check_identified(record, path, number, command)
                 in_parts += [record] if path != out else []
                 key = record_key(record)
                 first = records.setdefault(key, record)
@@ -470,6 +511,17 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
                        forced_runs, conflicts, len(parts), unfinished)
+
+
+def _check_identified(record: dict, path: Path, number: int, command: str | None) -> None:
+    """A record is identified by its id (record_key): a line without one (`{"x": 1}`, pasted in or left by another
+    tool) would be carried into the merged file as if it were a record, and every such line folded into one.
+    Refused before anything is written, --force or not."""
+    rid = record.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
+        whose = f"rsd {command}" if command else "this output"
+        raise ValueError(f"{path}, line {number}: not a record of {whose} (no string or number 'id', which identifies "
+                         f"every record); remove or move that line, then merge again (nothing was changed)")
 
 
 def _unfinished(parts: list[Path]) -> list[str]:

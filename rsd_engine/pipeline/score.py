@@ -21,22 +21,21 @@ a model's context), is skipped and named; a trace whose log-probs are not finite
 and left out of every figure. A figure of no tokens is null.
 
 The JSON report is written once, at the end, to a temporary name renamed over --out: a kill -9
-leaves the previous report or the new one, whole, never a torn one.
+leaves the previous report or the new one, whole, never a torn one. A file at --out or --plot that is not
+this command's own earlier report or plot is refused before any work (reports.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import not_unicode, read_growing_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
-from .records import (check_not_input, check_plot_format, check_writable, describe_duplicates, duplicate_ids,
-                      plot_path)
+from .records import check_not_input, check_plot_format, describe_duplicates, duplicate_ids
+from .reports import check_plot_out, check_report_out, plot_file, write_report
 from .traces import sft_completion
 from .score_report import file_report, format_table, plot_histogram
 from ..models.loader import check_model_folder
@@ -379,12 +378,11 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
     (`shortfalls` of them says what a run that leaves rows out should exit with)."""
     from rsd_engine.tokens import load_tokenizer
 
-    plot = plot_path(plot)
+    plot = plot_file(plot)
     check_not_input({"a --data file": list(data)}, {"--out": out, "--plot": plot}, apart=("--out", "--plot"))
     check_plot_format(plot)
-    for path in (out, plot):
-        if path is not None:
-            check_writable(path)
+    check_report_out(out, "score")
+    check_plot_out(plot, "score")
     for model in (student, teacher):
         if model is not None:
             check_model_folder(model)
@@ -405,16 +403,14 @@ def run_score(data: list[str], *, student, teacher=None, out=None, plot=None, co
             log(f"{f.path}: {len(f.failed)} traces failed, left out of every figure (first: row {t.row}, id {t.id}: "
                 f"{why})")
     if out is not None:
-        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
         from rsd_engine.runtime import resolve_device, resolve_dtype
 
         # The precision the figures were computed in (--dtype auto is bfloat16 on a GPU, float32 on a CPU: up to a few
         # tenths of a nat a token apart on a small model).
         resolved = resolve_device(device)
-        tmp.write_text(json.dumps({"student": str(student), "teacher": teacher and str(teacher),
-                                   "device": str(resolved), "dtype": str(resolve_dtype(dtype, resolved)).replace(
-                                       "torch.", ""), "files": reports}, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, out)
+        write_report(out, "score", {"student": str(student), "teacher": teacher and str(teacher),
+                                    "device": str(resolved), "dtype": str(resolve_dtype(dtype, resolved)).replace(
+                                        "torch.", ""), "files": reports}, allow_nan=False)
         log(f"report: {out}")
     if plot is not None:
         plot_histogram(files, plot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .reports import save_plot
 from .traces import SUB_1PCT_LOGPROB
 
 
@@ -92,5 +93,5 @@ def plot_histogram(files, path) -> None:
     ax.set_ylabel("density")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, "score")
     plt.close(fig)
