@@ -659,6 +659,14 @@ def test_demo_writes_only_its_own_problems_file_and_checks_the_traces_first(tiny
     traces.unlink()
     assert main([*argv, "--problems", "2"]) == 0 and len(problems.read_text().splitlines()) == 2
     assert main([*argv, "--problems", "3"]) == 0 and len(problems.read_text().splitlines()) == 3  # its own file
+    # Fewer problems after more: the file stays whole and the run takes its first 2; the third's traces are still of a
+    # problem in --data (a file cut to 2 made them "records of no problem in --data", as if the user had removed it).
+    capsys.readouterr()
+    assert main([*argv, "--problems", "2"]) == 0 and len(problems.read_text().splitlines()) == 3
+    out = capsys.readouterr().out
+    assert "problems: 2 (2 already in the output, 0 written now)" in out and "of no problem in --data" not in out
+    assert f"problems: 2 champ-dataset problems with a one-number answer ({problems}, the first 2 of its 3)" in out
+    assert len(read_records(traces)) == 3
 
 
 def test_rows_with_lone_surrogates_are_skipped(pair, tmp_path, capsys):

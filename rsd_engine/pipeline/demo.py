@@ -40,8 +40,9 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
                          f"their manifests); give a folder's name")
     traces, data = out_dir / "traces.jsonl", out_dir / "problems.jsonl"
     check_writable(traces)
-    chosen = champ_problems(problems, numeric_only=True)
-    check_problems_file(data)
+    # An earlier demo's longer problems file stays whole, the run limited to the first `problems` of it: its traces of
+    # the others stay problems of --data (a shorter file made them "of no problem in --data", as if removed).
+    chosen = champ_problems(max(problems, check_problems_file(data)), numeric_only=True)
     params = SamplingParams(max_new_tokens=max_new_tokens)  # otherwise the paper's defaults
     started = time.perf_counter()
     log("rsd demo: Reverse Speculative Decoding on the embedded model pair")
@@ -52,11 +53,12 @@ def run_demo(out_dir="rsd-demo", *, problems=DEMO_PROBLEMS, attempts=DEMO_ATTEMP
         f"           a stand-in for a real small model: weaker, over the same tokenizer")
     opts = GenerateOptions(teacher=str(teacher), student=str(student), data=str(data), out=str(traces),
                            params=params, id_field="id", attempts=attempts, seed=seed, device=device, dtype=dtype,
-                           sampler=sampler, progress=progress, force=force,
-                           max_batch_size=max(1, min(32, len(chosen) * attempts)))
+                           sampler=sampler, progress=progress, force=force, limit=problems,
+                           max_batch_size=max(1, min(32, problems * attempts)))
     check_output(opts, chosen)  # whatever would refuse traces.jsonl does so before problems.jsonl is written
     data.write_text(problems_text(chosen), encoding="utf-8")
-    log(f"  problems: {len(chosen)} champ-dataset problems with a one-number answer ({data})")
+    log(f"  problems: {problems} champ-dataset problems with a one-number answer ({data}"
+        + (f", the first {problems} of its {len(chosen)})" if len(chosen) > problems else ")"))
     log(f"  {attempts} attempts each, up to {max_new_tokens} new tokens, temperature {params.temperature}, "
         f"top-p {params.top_p}, threshold {params.threshold:.0%}\n")
     summary = run_generate(opts, log=lambda line: log(_indent(line)))
@@ -81,19 +83,19 @@ def problems_text(chosen) -> str:
     return "".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n" for p in chosen)
 
 
-def check_problems_file(path: Path) -> None:
+def check_problems_file(path: Path) -> int:
     """The demo writes OUT/problems.jsonl over a missing or empty file, or over the file a demo wrote (the first N
     champ problems it draws from, as problems_text writes them, for any --problems N), and over nothing else: a
-    file of your own there is refused, naming it."""
+    file of your own there is refused, naming it. Returns N (0: no file, or an empty one)."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; rsd demo writes its problems there: give another --out")
     if not path.is_file() or not path.stat().st_size:
-        return
+        return 0
     with open(path, "rb") as f:
         lines = sum(1 for _ in f)
     pool = champ_problems(numeric_only=True)
     if lines <= len(pool) and path.read_bytes() == problems_text(pool[:lines]).encode("utf-8"):
-        return
+        return lines
     raise FileExistsError(f"{path} is not the problems file rsd demo writes (champ problems), so it is not written "
                           f"over; give another --out, or remove it first")
 
