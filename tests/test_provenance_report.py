@@ -435,6 +435,27 @@ def test_out_and_plot_replace_only_the_report_and_plot_this_command_wrote(tmp_pa
         assert stopped.value.code == 2 and "is no" in err and "not written over" in err and len(err.splitlines()) == 1
         assert foreign.with_suffix(foreign.suffix or ".png").read_bytes() == before
 
+    # Plots of an older rsd (matplotlib's, untitled) are replaced; a titled picture of matplotlib's is not; a format
+    # that carries no title (.jpg) is refused at the first run (it was written once, then refused by every rerun).
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure = plt.figure()
+    for suffix in (".png", ".pdf", ".svg"):
+        old, titled = tmp_path / f"old{suffix}", tmp_path / f"titled{suffix}"
+        figure.savefig(old)
+        figure.savefig(titled, metadata={"Title": "my figure"})
+        assert main([*argv, "--plot", str(old)]) == 0 and old.read_bytes() != b""
+        before = titled.read_bytes()
+        with pytest.raises(SystemExit):
+            main([*argv, "--plot", str(titled)])
+        assert "not written over" in capsys.readouterr().err and titled.read_bytes() == before
+    plt.close(figure)
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--plot", str(tmp_path / "p.jpg")])
+    assert stopped.value.code == 2 and "rsd writes .png, .pdf or .svg plots" in capsys.readouterr().err
+    assert not (tmp_path / "p.jpg").exists()
+
     folder = tmp_path / "plots"
     folder.mkdir()
     with pytest.raises(SystemExit) as stopped:

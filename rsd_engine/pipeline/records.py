@@ -723,6 +723,11 @@ def check_plot_format(path) -> None:
     if suffix[1:].lower() not in formats:
         raise ValueError(f"--plot {path}: matplotlib writes {', '.join('.' + f for f in sorted(formats))} files, "
                          f"not {suffix}; give one of these extensions")
+    if suffix and suffix.lower() not in (".png", ".pdf", ".svg"):
+        # Only these carry the title by which a rerun knows its own plot (reports.py): a .jpg was written once and
+        # then refused by every rerun, a resume of rsd provenance included.
+        raise ValueError(f"--plot {path}: rsd writes .png, .pdf or .svg plots (they carry the title a rerun knows "
+                         f"its own plot by), not {suffix}")
 
 
 def check_writable(path) -> Path:

@@ -2,12 +2,12 @@
 the plot (`--plot` of those and of `rsd provenance`).
 
 A rerun replaces the command's own earlier file, and nothing else: a report names its command in its first field
-("rsd command": "score"), a plot in its title metadata (PNG, PDF and SVG carry one; other formats carry none, so an
-existing one is never replaced), and any other file at that name (a dataset, another command's output, a picture
-of yours) is refused before any work, naming it. An empty file holds nothing and is written over; a report of an
-older rsd, which had no mark, is known by its fields. A folder is refused (a --plot without extension gained
-".png" and went beside it). A report is written to a temporary name renamed over --out: a kill -9 leaves the old
-report or the new one, whole.
+("rsd command": "score"), a plot in its title metadata (so --plot is a .png, .pdf or .svg, the formats that carry
+one; an untitled matplotlib plot of one, as older rsd wrote them, is replaced too), and any other file at that name
+(a dataset, another command's output, a picture of yours) is refused before any work, naming it. An empty file holds
+nothing and is written over; a report of an older rsd, which had no mark, is known by its fields. A folder is
+refused (a --plot without extension gained ".png" and went beside it). A report is written to a temporary name
+renamed over --out: a kill -9 leaves the old report or the new one, whole.
 """
 
 from __future__ import annotations
@@ -109,5 +109,11 @@ def _own_plot(path: Path, command: str) -> bool:
             data += f.read()
     title = plot_title(command).encode()
     # As PNG (a tEXt chunk), PDF (the info dictionary) and SVG (<title>) write it.
-    return any(form in data for form in (b"tEXtTitle\0" + title, b"/Title (" + title + b")",
-                                         b"<title>" + title + b"</title>"))
+    if any(form in data for form in (b"tEXtTitle\0" + title, b"/Title (" + title + b")",
+                                     b"<title>" + title + b"</title>")):
+        return True
+    # A plot of an older rsd: made by matplotlib and untitled (matplotlib's own name where the title would be). A
+    # titled picture of yours is not.
+    made = (b"tEXtSoftware\0Matplotlib", b"/Creator (Matplotlib", b"<dc:title>Matplotlib v")
+    titled = (b"tEXtTitle\0", b"/Title (", b"<title>")
+    return any(form in data for form in made) and not any(form in data for form in titled)
