@@ -576,7 +576,12 @@ COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "provenance":
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _one_line_warnings(args.command)
+    with warnings.catch_warnings():  # the command's way of showing warnings, for its run only
+        _one_line_warnings(args.command)
+        return _run(parser, args)
+
+
+def _run(parser, args) -> int:
     if hasattr(args, "threads"):
         from rsd_engine.threads import set_threads
 
@@ -625,10 +630,17 @@ RESUMABLE = ("generate", "eval", "provenance", "select", "demo")  # write record
 
 
 def _one_line_warnings(command: str) -> None:
-    """Warnings as the command's own lines on stderr ("rsd eval: warning: ..."), not Python's file:line and
-    source line: a researcher reads them as the command's words (a --max-seq-len past a model's context)."""
+    """rsd's own warnings as the command's lines on stderr ("rsd eval: warning: ..."), not Python's file:line and
+    source line: a researcher reads them as the command's words (a --max-seq-len past a model's context). Others'
+    (torch's, transformers') are shown as Python shows them. Set inside main's catch_warnings: undone after."""
+    shown = warnings.showwarning
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"rsd {command}: warning: {message}", file=file or sys.stderr)
+        if os.path.abspath(filename).startswith(package):
+            print(f"rsd {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -859,6 +860,7 @@ def test_records_judged_by_older_answer_rules_are_not_resumed_beside_new_ones(pa
 
 
 def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
+    shown_before = warnings.showwarning
     # A --max-seq-len past the model's context was a Python warning: file, line number and source line.
     context = json.loads((pair[1] / "config.json").read_text())["max_position_embeddings"]
     argv = ["eval", "--model", str(pair[1]), "--data", str(write_problems(tmp_path / "p.jsonl")), "--out",
@@ -867,6 +869,23 @@ def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"rsd eval: warning: max_seq_len = {context + 1} is past the model's context ({context} positions" in err
     assert "warnings.warn" not in err and "UserWarning" not in err
+    assert warnings.showwarning is shown_before  # the command's way, for its run only (it leaked into the caller's)
+
+
+def test_warnings_of_other_packages_are_shown_as_python_shows_them(monkeypatch, capsys, recwarn):
+    from rsd_engine import cli
+
+    def warns(args):
+        warnings.warn_explicit("a library's warning", UserWarning, "/elsewhere/library.py", 7)
+        warnings.warn_explicit("rsd's own", UserWarning, cli.__file__, 1)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "merge", warns)
+    assert main(["merge", "x.jsonl"]) == 0
+    err = capsys.readouterr().err
+    assert "rsd merge: warning: rsd's own" in err and "a library's warning" not in err
+    # Python's way (here pytest's recorder, which Python's way hands it to); rsd's own went to stderr instead.
+    assert [str(w.message) for w in recwarn] == ["a library's warning"]
 
 
 def test_a_question_repeated_under_another_id_is_named(pair, tmp_path, capsys):

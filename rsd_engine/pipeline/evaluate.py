@@ -92,7 +92,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field or None,
                                 id_field=opts.id_field, answers_needed=True)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
-    repeated = [pair for pair in problem_set.repeated if pair[0] in {p.id for p in problems}]
+    kept = {p.id for p in problems}
+    repeated = [pair for pair in problem_set.repeated if pair[0] in kept]
     if repeated and dist.rank == 0:
         log(repeated_warning(repeated))
     graded = [p for p in problems if p.answer is not None]

@@ -133,7 +133,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
                                 id_field=opts.id_field)
     problems = problem_set.problems[: opts.limit] if opts.limit else problem_set.problems
-    repeated = [pair for pair in problem_set.repeated if pair[0] in {p.id for p in problems}]
+    kept = {p.id for p in problems}
+    repeated = [pair for pair in problem_set.repeated if pair[0] in kept]
     if repeated and dist.rank == 0:
         log(repeated_warning(repeated))
     if any(p.answer is not None for p in problems):
