@@ -255,6 +255,21 @@ BAD_CHAT_ROWS = [
 ]
 
 
+def test_token_ids_are_read_whatever_messages_holds(tiny_pair, traces, tmp_path):
+    # A tokenised row whose 'messages' is a JSON string (as parquet files often store it) was skipped once the
+    # string was named: its ids are what is scored.
+    from rsd_engine.pipeline.score import read_traces
+    from rsd_engine.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_pair[1])
+    ids = tokenizer.encode("What is 2 + 2? The answer is 4.", add_special_tokens=False)
+    row = {"id": "t", "input_ids": ids, "completion_mask": [0] * 5 + [1] * (len(ids) - 5)}
+    data = tmp_path / "ids.jsonl"
+    data.write_text(json.dumps({**row, "messages": json.dumps([{"role": "user", "content": "q"}])}) + "\n")
+    read = read_traces(data, tokenizer)
+    assert [t.id for t in read.traces] == ["t"] and not read.skipped
+
+
 def test_bad_chat_rows_are_skipped_with_the_reason(tiny_pair, traces, tmp_path, capsys):
     from rsd_engine.pipeline.score import read_traces
     from rsd_engine.tokens import load_tokenizer

@@ -106,8 +106,6 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         return Trace(trace_id, *_in_context(encode, prompt.text, _after_think(completion, prompt.think_prefix))), ""
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
-    if row.get("messages") is not None and not isinstance(row.get("prompt"), str):
-        return None, f"'messages' is a {type(row['messages']).__name__}, not a list of chat messages"
     if "input_ids" in row and "completion_mask" in row:
         trace, reason = _tokenised_trace(trace_id, row["input_ids"], row["completion_mask"])
         if trace is not None and isinstance(row.get("completion"), str) and not _spelled(
@@ -116,6 +114,8 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         return trace, reason
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
+        if row.get("messages") is not None:  # (token ids, where a row has them, are read above whatever this is)
+            return None, f"'messages' is a {type(row['messages']).__name__}, not a list of chat messages"
         return None, "no 'prompt' text (and no 'messages' or 'input_ids')"
     ids = row.get("token_ids")
     if ids is not None:
