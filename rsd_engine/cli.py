@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from rsd_engine.params import MAX_PROPOSAL_TRIALS, SamplingParams
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
@@ -600,9 +601,10 @@ def _run(parser, args) -> int:
                                 f"{said.split(': lower ')[0]}{_sizes(args)}\n")  # the options' names, not the API's
     except KeyboardInterrupt:
         out = getattr(args, "out", None) if args.command in RESUMABLE else None
+        kept = out and Path(out, "traces.jsonl" if args.command == "demo" else "").exists()
         parser.exit(EXIT_INTERRUPTED, f"rsd {args.command}: interrupted" + (
-            f"; what it wrote stays in {out} (and the files beside it), and the same command resumes it\n" if out
-            else "\n"))
+            f"; what it wrote stays in {out} (and the files beside it), and the same command resumes it\n" if kept
+            else "; nothing was written\n" if out else "\n"))
     except BrokenPipeError:
         # stdout's reader went away (`rsd ... | head`): what was written stays (records are flushed line by line);
         # no traceback, and none at exit from flushing stdout again. 141: as a shell reports SIGPIPE.

@@ -118,8 +118,9 @@ def test_demo_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
     assert afile.read_text() == "kept\n"
 
 
-def test_an_interrupted_resumable_command_says_where_its_output_stays(monkeypatch, capsys):
-    # rsd eval printed "rsd: interrupted" alone where generate named its output and the rerun.
+def test_an_interrupted_resumable_command_says_where_its_output_stays(monkeypatch, capsys, tmp_path):
+    # rsd eval printed "rsd: interrupted" alone where generate named its output and the rerun; where the run was
+    # stopped before its first record, its output is removed (records.RecordWriter): nothing is left to resume.
     import rsd_engine.cli as cli
 
     def interrupted(args):
@@ -127,8 +128,10 @@ def test_an_interrupted_resumable_command_says_where_its_output_stays(monkeypatc
 
     monkeypatch.setitem(cli.COMMANDS, "eval", interrupted)
     monkeypatch.setattr(cli, "_resolve_models", lambda args: None)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "--model", "m", "--data", "d.jsonl", "--out", "o.jsonl"])
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err == ("rsd eval: interrupted; what it wrote stays in o.jsonl (and the files beside "
-                                       "it), and the same command resumes it\n")
+    out = tmp_path / "o.jsonl"
+    for said in ("; nothing was written\n", f"; what it wrote stays in {out} (and the files beside it), and the same "
+                                           "command resumes it\n"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["eval", "--model", "m", "--data", "d.jsonl", "--out", str(out)])
+        assert exit_info.value.code == 130 and capsys.readouterr().err == "rsd eval: interrupted" + said
+        out.write_text('{"id": "a", "sample": 0}\n')

@@ -386,9 +386,10 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                     tally.add_record(record)
             bar.attempt_done(tally)
     except KeyboardInterrupt:
-        where = f"{writer.path}" + (f" and {prefix_writer.path}" if prefix_writer else "")
-        log(f"{dist.tag}interrupted: the {tally.written} records written now are safely in {where}, beside the "
-            f"{tally.resumed} problems done before; rerun to resume")
+        if tally.written:  # (none: the CLI says what is left; an output begun by this run is removed)
+            where = f"{writer.path}" + (f" and {prefix_writer.path}" if prefix_writer else "")
+            log(f"{dist.tag}interrupted: the {tally.written} records written now are safely in {where}, beside the "
+                f"{tally.resumed} problems done before; rerun to resume")
         raise
     finally:
         tally.stop()
