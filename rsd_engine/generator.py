@@ -127,7 +127,7 @@ class Generator(Engine):
         logits = self.model.logits(hidden[:, 0])
         uniforms = step_uniforms(inputs["seeds"], inputs["steps"], num_draws=FALLBACK_DRAW + 1)[:, FALLBACK_DRAW]
         token = sample_tokens(logits, uniforms, inputs["temperature"], inputs["top_k"], inputs["top_p"], self.mask,
-                              backend=self.sampler)
+                              backend=self.sampler, check_values=False)  # SamplingParams checked the rows
         picked = logits.gather(-1, token.clamp(min=0)[:, None])[:, 0]
         return token, picked - torch.logsumexp(logits, dim=-1)
 

@@ -13,6 +13,47 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values one sampling parameter may take: ``lo`` to ``hi`` (``lo`` excluded if ``open_low``; no upper
+    bound if ``hi`` is None), or exactly ``also``; ``allowed`` says so in words for messages. SamplingParams
+    checks Python numbers with ``contains``; the sampler ops check the same rule on tensors (sampling/checks.py)."""
+
+    lo: float
+    hi: float | None
+    allowed: str
+    open_low: bool = False
+    also: float | None = None
+    integer: bool = False
+
+    def contains(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not self.integer and not math.isfinite(value):
+            return False
+        if self.also is not None and value == self.also:
+            return True
+        return (value > self.lo if self.open_low else value >= self.lo) and (self.hi is None or value <= self.hi)
+
+
+_TEMPERATURES = f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+_ARGMAX_TEMPERATURE = Range(MIN_TEMPERATURE, MAX_TEMPERATURE, f"0 (argmax) or in {_TEMPERATURES}", also=0.0)
+_TOP_P = Range(0.0, 1.0, "in (0, 1]", open_low=True)
+_TOP_K = Range(0, None, "an integer >= 0 (0 disables top-k)", integer=True)
+# The legal values of every per-row parameter (the fields of sampling.RowParams), for SamplingParams and the ops.
+RANGES: dict[str, Range] = {
+    "temperature": _ARGMAX_TEMPERATURE,
+    "top_k": _TOP_K,
+    "top_p": _TOP_P,
+    "threshold": Range(0.0, 1.0, "in [0, 1]"),
+    "check_temperature": Range(MIN_TEMPERATURE, MAX_TEMPERATURE, f"in {_TEMPERATURES}"),
+    "student_temperature": _ARGMAX_TEMPERATURE,
+    "student_top_k": _TOP_K,
+    "student_top_p": _TOP_P,
+    "proposal_trials": Range(1, MAX_PROPOSAL_TRIALS, f"an integer in [1, {MAX_PROPOSAL_TRIALS}]", integer=True),
+}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. Defaults are the paper's (arXiv 2509.22230).
 
@@ -43,15 +84,12 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos = {self.ignore_eos!r} must be True or False")
         _check_int("max_new_tokens", self.max_new_tokens, 1, None)
-        _check_temperature("temperature", self.temperature, argmax=True)
-        _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", open_low=True)
-        _check_int("top_k", self.top_k, 0, None, "an integer >= 0 (0 disables top-k)")
-        _check_float("threshold", self.threshold, 0.0, 1.0, "in [0, 1]")
-        _check_temperature("check_temperature", self.check_temperature, argmax=False)
-        _check_temperature("student_temperature", self.student_temperature, argmax=True)
-        _check_float("student_top_p", self.student_top_p, 0.0, 1.0, "in (0, 1]", open_low=True)
-        _check_int("student_top_k", self.student_top_k, 0, None, "an integer >= 0 (0 disables top-k)")
-        _check_int("proposal_trials", self.proposal_trials, 1, MAX_PROPOSAL_TRIALS)
+        for name, rule in RANGES.items():
+            value = getattr(self, name)
+            if not rule.contains(value):
+                why = (" (the float32 sampling step divides by it)" if "temperature" in name
+                       and isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else "")
+                raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {rule.allowed}{why}")
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         for i, tok in enumerate(self.stop_token_ids):
@@ -80,20 +118,4 @@ def _check_int(name, value, lo, hi, allowed=None):
     ok = ok and value >= lo and (hi is None or value <= hi)
     if not ok:
         allowed = allowed or (f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
-        raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {allowed}")
-
-
-def _check_temperature(name, value, *, argmax: bool):
-    zero = "0 (argmax) or " if argmax else ""
-    _check_float(name, value, 0.0, None, f"{zero}in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]", open_low=not argmax)
-    if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
-        raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {zero}in "
-                         f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the float32 sampling step divides by it)")
-
-
-def _check_float(name, value, lo, hi, allowed, open_low=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if open_low else value >= lo) and (hi is None or value <= hi)
-    if not ok:
         raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {allowed}")

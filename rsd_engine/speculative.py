@@ -144,7 +144,7 @@ class SpeculativeDecoder:
             if i < G:
                 draft = sample_tokens(logits, uniforms[:, i, DRAFT_DRAW].contiguous(), params.student_temperature,
                                       params.student_top_k, params.student_top_p, e.sampler_masks[1],
-                                      backend=self.backend)
+                                      backend=self.backend, check_values=False)  # SamplingParams checked them
                 drafts.append(draft)
                 # A flagged row (NaN logits) drafts -1: read token 0 instead; rsd_verify flags the row.
                 token = draft.clamp_min(0)
@@ -155,7 +155,7 @@ class SpeculativeDecoder:
         hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
         teacher_logits = e.teacher.sampler_logits(hidden)
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
-                          params, *e.sampler_masks, backend=self.backend)
+                          params, *e.sampler_masks, backend=self.backend, check_values=False)
 
     def _round_and_advance(self, inputs: dict[str, torch.Tensor], *, teacher_kv: int, student_kv: int,
                            out: torch.Tensor | None = None):

@@ -269,7 +269,8 @@ def test_cuda_step_traces_under_fake_tensors(tiny_pair, monkeypatch):
     monkeypatch.setattr(triton_sampler, "_launch_config", lambda device: triton_sampler.CUDA_CONFIG)
     calls = []
     real_sample = triton_sampler.rsd_sample_triton
-    monkeypatch.setattr(triton_sampler, "rsd_sample_triton", lambda *a: calls.append(1) or real_sample(*a))
+    monkeypatch.setattr(triton_sampler, "rsd_sample_triton",
+                        lambda *a, **k: calls.append(1) or real_sample(*a, **k))
     with FakeTensorMode(allow_non_fake_inputs=False), torch.inference_mode():
         _engine_on_fake_tensors(engine)
         engine._capture(128)

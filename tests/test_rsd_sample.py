@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from law import accept_rate_matches, chi_square_pvalue, rsd_law  # noqa: E402
 
-from triton_device import TRITON_DEVICE, on_triton_device  # noqa: E402
+from triton_device import TRITON_DEVICE, on_triton_device, to_device  # noqa: E402
 
 from rsd_engine import sampling  # noqa: E402
 from rsd_engine.randomness import NUM_DRAWS, step_uniforms  # noqa: E402
@@ -316,14 +316,14 @@ def test_ties_go_to_the_lowest_ids(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_top_p_zero_keeps_the_top_id(backend):
-    """Top-p keeps at least one id (DESIGN §2). SamplingParams refuses top_p = 0, the ops do not: the reference kept
-    none there (no proposal, a fallback from nothing) where C++ and Triton keep the most probable id."""
+def test_tiny_top_p_keeps_the_top_id(backend):
+    """Top-p keeps at least one id (DESIGN §2): the smallest top_p SamplingParams allows keeps the most probable id.
+    (top_p = 0 is out of its (0, 1], and the ops refuse it too: test_out_of_range_values_are_refused.)"""
     use_backend(backend)
     B, V = 3, 300
     teacher, student, _, _ = random_rows(B, V, seed=11)
     mask = torch.ones(V, dtype=torch.bool)
-    params = row_params(B, "default")._replace(top_p=torch.zeros(B), student_top_p=torch.zeros(B))
+    params = row_params(B, "default")._replace(top_p=torch.full((B,), 1e-30), student_top_p=torch.full((B,), 1e-30))
     for step in range(3):
         uniforms = uniforms_for(B, step, step)
         out, ref = run_both(backend, teacher, student, uniforms, params, mask, mask)
@@ -672,25 +672,137 @@ def test_cpp_strided_rows_and_expanded_params():
     assert torch.equal(out.token, ref.token)
 
 
+# ---- bad input: every backend refuses it with the same message (checks.py) ----
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
 @pytest.mark.parametrize("change,message", [
     (lambda a: a.update(teacher=a["teacher"].double()), "dtype"),
     (lambda a: a.update(student=a["student"][:2]), "rows"),
     (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms"),
     (lambda a: a.update(proposal_mask=a["proposal_mask"].int()), "bool"),
     (lambda a: a.update(fallback_mask=a["fallback_mask"][:-1]), "fallback_mask"),
+    (lambda a: a.update(proposal_mask=a["proposal_mask"][:-5]), "fallback_mask has 64 entries but proposal_mask "
+                                                                 "has 59"),
     (lambda a: a.update(proposal_mask=torch.ones(500, dtype=torch.bool),
                         fallback_mask=torch.ones(500, dtype=torch.bool)), "min"),
     (lambda a: a.update(params=a["params"]._replace(top_k=torch.zeros(3, dtype=torch.int32))), "top_k"),
+    (lambda a: a.update(params=a["params"]._replace(top_k=torch.zeros(4))), "params.top_k must be an integer"),
     (lambda a: a.update(params=tuple(a["params"])), "RowParams"),
 ])
-def test_cpp_refuses_bad_input_with_a_message(change, message):
+def test_refuses_bad_input_with_a_message(backend, change, message):
+    """The reference raised torch's own errors here (an IndexError on a batch mismatch, masked_fill_ on an int
+    mask, an AttributeError on a tuple) and took masks of different lengths, as Triton did (padding the shorter)."""
+    use_backend(backend)
     teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
     args = dict(teacher=teacher, student=student, uniforms=uniforms, params=params, proposal_mask=proposal_mask,
                 fallback_mask=fallback_mask)
     change(args)
     with pytest.raises(ValueError, match=message):
         rsd_sample(args["teacher"], args["student"], args["uniforms"], args["params"], args["proposal_mask"],
-                   args["fallback_mask"], backend="cpp")
+                   args["fallback_mask"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_empty_vocabulary_is_refused(backend):
+    """V = 0: the Triton kernels crashed the process (exit 139), C++ and the reference said other things."""
+    use_backend(backend)
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    with pytest.raises(ValueError, match=r"teacher_logits has an empty vocabulary \(shape \(4, 0\)\)"):
+        rsd_sample(teacher[:, :0], student[:, :0], uniforms, params, proposal_mask[:0], fallback_mask[:0],
+                   backend=backend)
+    with pytest.raises(ValueError, match=r"proposal_mask covers V=0 ids, which must be in \[1, 67\]"):
+        rsd_sample(teacher, student, uniforms, params, proposal_mask[:0], fallback_mask[:0], backend=backend)
+
+
+OUT_OF_RANGE = [  # (field, value, what the message says is allowed): SamplingParams' ranges (params.RANGES)
+    ("temperature", -1.0, r"0 \(argmax\) or in \[1e-30, 1e\+30\]"),
+    ("temperature", float("nan"), r"0 \(argmax\) or in"),
+    ("temperature", float("inf"), r"0 \(argmax\) or in"),
+    ("temperature", 1e-35, r"0 \(argmax\) or in"),
+    ("student_temperature", -1.0, r"0 \(argmax\) or in"),
+    ("check_temperature", 0.0, r"in \[1e-30, 1e\+30\]"),
+    ("top_p", 0.0, r"in \(0, 1\]"),
+    ("top_p", 1.5, r"in \(0, 1\]"),
+    ("student_top_p", float("nan"), r"in \(0, 1\]"),
+    ("top_k", -1, r"an integer >= 0"),
+    ("student_top_k", -3, r"an integer >= 0"),
+    ("threshold", 1.5, r"in \[0, 1\]"),
+    ("threshold", float("nan"), r"in \[0, 1\]"),
+    ("threshold", -0.5, r"in \[0, 1\]"),
+    ("proposal_trials", 0, r"an integer in \[1, 16\]"),
+    ("proposal_trials", -5, r"an integer in \[1, 16\]"),
+    ("proposal_trials", 17, r"an integer in \[1, 16\]"),
+]
+
+
+def _triton_args(backend, *tensors):
+    """The call's tensors on the Triton device, except the row parameters (last), which stay on the CPU: a CUDA
+    call checks the values of exactly those (checks.py)."""
+    if backend != "triton":
+        return tensors
+    return (*to_device(tensors[:-1], TRITON_DEVICE), tensors[-1])
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("field,value,allowed", OUT_OF_RANGE, ids=[f"{f}={v}" for f, v, _ in OUT_OF_RANGE])
+def test_out_of_range_values_are_refused(backend, field, value, allowed):
+    """Values SamplingParams refuses are refused by the op too, naming the entry: the backends returned tokens for
+    them, and different ones (top_p = 0, NaN temperature: the reference and C++ one token, Triton a flag)."""
+    use_backend(backend)
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    row = getattr(params, field).clone()
+    row[2] = value
+    params = params._replace(**{field: row})
+    teacher, student, uniforms, proposal_mask, fallback_mask, params = _triton_args(
+        backend, teacher, student, uniforms, proposal_mask, fallback_mask, params)
+    with pytest.raises(ValueError, match=rf"params\.{field}\[2\] = \S+ is out of range: must be {allowed}"):
+        sampling.rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), -0.25, 1.5, float("inf")])
+def test_uniforms_outside_the_unit_interval_are_refused(backend, value):
+    """NaN uniforms: the reference flagged the rows (-3), C++ and Triton drew tokens. Checked on CPU only (on CUDA
+    the uniforms are not read: a host sync)."""
+    use_backend(backend)
+    if backend == "triton" and TRITON_DEVICE.type == "cuda":
+        pytest.skip("CUDA uniforms are never read back")
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    uniforms[1, 3] = value
+    with pytest.raises(ValueError, match=r"uniforms\[1, 3\] = \S+ is out of range: must be in \[0, 1\]"):
+        rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_the_edges_of_every_range_are_accepted(backend):
+    """temperature 0 (argmax), top_k 0 (off) and past V, top_p 1, threshold 0 and 1, 16 trials, the extreme
+    temperatures, uniforms 0 and 1: legal values sample as before."""
+    use_backend(backend)
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    edges = dict(temperature=[0.0, 1e-30, 1e30, 0.7], top_k=[0, 10**12, 1, 0], top_p=[1.0, 1e-30, 0.5, 1.0],
+                 threshold=[0.0, 1.0, 0.0, 1.0], check_temperature=[1e-30, 1e30, 1.0, 1.0],
+                 student_temperature=[0.0, 1e30, 1e-30, 0.7], student_top_k=[0, 1, 10**12, 0],
+                 student_top_p=[1e-30, 1.0, 1.0, 0.5], proposal_trials=[16, 1, 5, 16])
+    params = RowParams(**{k: torch.tensor(v, dtype=getattr(params, k).dtype if k not in ("top_k", "student_top_k")
+                                          else torch.int64) for k, v in edges.items()})
+    uniforms[:, 0], uniforms[0, 1:], uniforms[1, 1:] = 1.0, 0.0, 1.0
+    out = rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+    assert (out.token >= 0).all()
+
+
+def test_a_cuda_call_reads_only_its_cpu_row_parameters():
+    """The value checks never read a tensor off the CPU (a host sync inside a CUDA graph): here "meta" tensors,
+    which have no values to read, stand for CUDA ones. Row parameters on the CPU are still checked."""
+    from rsd_engine.sampling.checks import check_rsd_sample_inputs
+
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    on_meta = [t.to("meta") for t in (teacher, student, uniforms, proposal_mask, fallback_mask)]
+    check_rsd_sample_inputs(*on_meta[:3], to_device(params, "meta"), *on_meta[3:])
+    check_rsd_sample_inputs(*on_meta[:3], params, *on_meta[3:])
+    bad = params._replace(threshold=torch.full((4,), float("nan")))
+    with pytest.raises(ValueError, match=r"params\.threshold\[0\] = nan"):
+        check_rsd_sample_inputs(*on_meta[:3], bad, *on_meta[3:])
+    check_rsd_sample_inputs(*on_meta[:3], bad, *on_meta[3:], values=False)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, raised while inductor imports

@@ -191,7 +191,9 @@ def test_verify_same_tokens_as_reference(backend, B, G, V, family):
 def test_more_proposal_trials_than_draws_are_the_most_draws_at_every_position(backend):
     """The bonus position (rsd_sample) takes at most NUM_DRAWS - 1 proposal trials; the drafts took K itself, so a
     round with K > 16 had two laws (the Engine caps K at 16; the op's callers did not; found by the speculative
-    review). Every position takes min(K, NUM_DRAWS - 1) now: the same round as with K = 16."""
+    review). Every position takes min(K, NUM_DRAWS - 1) now: the same round as with K = 16. K = 40 is out of
+    SamplingParams' range, which the op refuses where it can read the values; unread (a CUDA tensor, here
+    check_values=False) it still means 16."""
     use_backend(backend)
     B, G, V = (16 if backend == "triton" and INTERPRETED else 64), 3, 40
     # A teacher proposal passes the check with probability 0.1 (only id 0 is >= 5% under the student), so r^16 (0.19)
@@ -208,8 +210,11 @@ def test_more_proposal_trials_than_draws_are_the_most_draws_at_every_position(ba
                             proposal_trials=trials)
         draft = torch.stack([sample_tokens(student[:, i], uniforms[:, i, DRAFT_DRAW], params.student_temperature,
                                            params.student_top_k, params.student_top_p, mask) for i in range(G)], 1)
-        outs.append(rsd_verify(teacher, student, draft, torch.full((B,), G, dtype=torch.int32), uniforms, params, mask,
-                               mask, backend=backend))
+        args = (teacher, student, draft, torch.full((B,), G, dtype=torch.int32), uniforms, params, mask, mask)
+        outs.append(rsd_verify(*args, backend=backend, check_values=False))
+    if backend != "triton" or INTERPRETED:  # CPU tensors: read and refused
+        with pytest.raises(ValueError, match=r"params\.proposal_trials\[0\] = 40 is out of range: must be an integer"):
+            rsd_verify(*args, backend=backend)
     for name in ("tokens", "num_emitted", "accepted"):
         assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
 
@@ -526,6 +531,67 @@ def test_sample_tokens_refuses_bad_input(backend, change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         sample_tokens(**args, backend=backend)
+
+
+def good_sample_args(B=3, V=12):
+    return dict(logits=torch.randn(B, V, generator=torch.Generator().manual_seed(2)), uniforms=torch.full((B,), 0.5),
+                temperature=torch.ones(B), top_k=torch.zeros(B, dtype=torch.int32), top_p=torch.ones(B),
+                mask=torch.ones(V - 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_vocabulary_is_refused(backend):
+    """V = 0 gets one clear message from every backend, for both ops."""
+    use_backend(backend)
+    args = good_sample_args()
+    args.update(logits=args["logits"][:, :0], mask=args["mask"][:0])
+    with pytest.raises(ValueError, match=r"logits has an empty vocabulary \(shape \(3, 0\)\)"):
+        sample_tokens(**args, backend=backend)
+    args = good_verify_args()
+    args.update(teacher_logits=args["teacher_logits"][..., :0], student_logits=args["student_logits"][..., :0],
+                proposal_mask=args["proposal_mask"][:0], fallback_mask=args["fallback_mask"][:0])
+    with pytest.raises(ValueError, match=r"teacher_logits has an empty vocabulary \(shape \(2, 3, 0\)\)"):
+        rsd_verify(**args, backend=backend)
+
+
+SAMPLE_OUT_OF_RANGE = [("temperature", float("nan")), ("temperature", -1.0), ("temperature", float("inf")),
+                       ("top_p", 0.0), ("top_p", 2.0), ("top_k", -1), ("uniforms", float("nan")), ("uniforms", 5.0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,value", SAMPLE_OUT_OF_RANGE, ids=[f"{n}={v}" for n, v in SAMPLE_OUT_OF_RANGE])
+def test_sample_tokens_refuses_out_of_range_values(backend, name, value):
+    """As SamplingParams would (params.RANGES); the backends returned tokens for each of these."""
+    use_backend(backend)
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("on CUDA only CPU tensors are read (test_rsd_sample checks CPU row parameters)")
+    args = good_sample_args()
+    args[name] = args[name].clone()
+    args[name][1] = value
+    with pytest.raises(ValueError, match=rf"^{name}\[1\] = \S+ is out of range: must be"):
+        sample_tokens(**args, backend=backend)
+
+
+VERIFY_OUT_OF_RANGE = [("temperature", float("nan")), ("top_p", 0.0), ("student_top_p", 0.0), ("threshold", 1.5),
+                       ("check_temperature", 0.0), ("proposal_trials", 0), ("student_top_k", -1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("field,value", VERIFY_OUT_OF_RANGE, ids=[f"{n}={v}" for n, v in VERIFY_OUT_OF_RANGE])
+def test_verify_refuses_out_of_range_values(backend, field, value):
+    use_backend(backend)
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("on CUDA only CPU tensors are read (test_rsd_sample checks CPU row parameters)")
+    args = good_verify_args()
+    row = getattr(args["params"], field).clone()
+    row[1] = value
+    args["params"] = args["params"]._replace(**{field: row})
+    with pytest.raises(ValueError, match=rf"^params\.{field}\[1\] = \S+ is out of range: must be"):
+        rsd_verify(**args, backend=backend)
+    args = good_verify_args()
+    args["uniforms"][0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^uniforms\[0, 2, 5\] = nan is out of range: must be in \[0, 1\]"):
+        rsd_verify(**args, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

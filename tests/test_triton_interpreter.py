@@ -96,7 +96,7 @@ def test_bad_inputs_name_the_problem():
         rsd_sample_triton(t, s, u, row_params([{}] * 2), torch.ones(11, dtype=torch.bool), mask)
     with pytest.raises(ValueError, match="teacher_logits"):
         rsd_sample_triton(t.long(), s, u, row_params([{}] * 2), mask, mask)
-    with pytest.raises(ValueError, match=r"params.temperature must have shape \[2\]"):
+    with pytest.raises(ValueError, match=r"params.temperature must have shape \[B=2\]"):
         rsd_sample_triton(t, s, u, row_params([{}] * 3), mask, mask)
 
 

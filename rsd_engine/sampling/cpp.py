@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from .checks import as_int32
+from .checks import as_int32, check_rsd_sample_inputs
 from .reference import RowParams, SampleOutput
 
 LOGIT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT_PARAMS = frozenset({"top_k", "student_top_k", "proposal_trials"})
 
 
-def rsd_sample_cpp(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
-                   fallback_mask) -> SampleOutput:
+def rsd_sample_cpp(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask, fallback_mask, *,
+                   check_values: bool = True) -> SampleOutput:
     """Same arguments and result as ``rsd_sample_reference``; logits float32, bfloat16 or float16 on CPU."""
-    _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask)
+    check_rsd_sample_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask,
+                            values=check_values)  # the kernel reads raw pointers
+    _check_cpu(teacher_logits=teacher_logits, student_logits=student_logits, uniforms=uniforms,
+               proposal_mask=proposal_mask, fallback_mask=fallback_mask,
+               **{f"params.{name}": getattr(params, name) for name in RowParams._fields})
+    if proposal_mask.numel() >= 2**31:
+        raise ValueError(f"V={proposal_mask.numel()} ids is beyond what the cpp sampler indexes (< 2**31)")
     row = [(as_int32(getattr(params, name)) if name in _INT_PARAMS else getattr(params, name).to(torch.float32))
            .contiguous() for name in RowParams._fields]
     out = rsd_sample_op(teacher_logits, student_logits, uniforms.contiguous(), *row, proposal_mask.contiguous(),
@@ -84,45 +90,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask):
-    for name, logits in (("teacher_logits", teacher_logits), ("student_logits", student_logits)):
-        _check_cpu_tensor(name, logits)
-        if logits.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [B, vocab], got shape {tuple(logits.shape)}")
-        if logits.dtype not in LOGIT_DTYPES:
-            raise ValueError(f"{name} has dtype {logits.dtype}; the cpp sampler takes float32, bfloat16 or float16")
-    B, Vt = teacher_logits.shape
-    Vs = student_logits.shape[1]
-    if student_logits.shape[0] != B:
-        raise ValueError(f"student_logits has {student_logits.shape[0]} rows but teacher_logits has {B}")
-    _check_cpu_tensor("uniforms", uniforms)
-    if uniforms.dim() != 2 or uniforms.shape[0] != B or uniforms.shape[1] < 1 or uniforms.dtype != torch.float32:
-        raise ValueError(f"uniforms must be float32 [B={B}, 1 + max proposals] (see randomness.step_uniforms), got "
-                         f"{uniforms.dtype} of shape {tuple(uniforms.shape)}")
-    for name, mask in (("proposal_mask", proposal_mask), ("fallback_mask", fallback_mask)):
-        _check_cpu_tensor(name, mask)
-        if mask.dim() != 1 or mask.dtype != torch.bool:
-            raise ValueError(f"{name} must be a 1-D bool tensor [V], got {mask.dtype} of shape {tuple(mask.shape)}")
-    V = proposal_mask.numel()
-    if fallback_mask.numel() != V:
-        raise ValueError(f"fallback_mask has {fallback_mask.numel()} entries but proposal_mask has {V}")
-    if not 1 <= V <= min(Vt, Vs):
-        raise ValueError(f"the masks cover V={V} ids, which must be in [1, min(teacher vocab {Vt}, "
-                         f"student vocab {Vs})]")
-    if V >= 2**31:
-        raise ValueError(f"V={V} ids is beyond what the cpp sampler indexes (< 2**31)")
-    fields = getattr(params, "_fields", None)
-    if fields != RowParams._fields:
-        raise ValueError(f"params must be a RowParams, got {type(params).__name__}")
-    for name in fields:
-        value = getattr(params, name)
-        _check_cpu_tensor(f"params.{name}", value)
-        if tuple(value.shape) != (B,):
-            raise ValueError(f"params.{name} must have shape [B={B}], got {tuple(value.shape)}")
-
-
-def _check_cpu_tensor(name, value):
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.device.type != "cpu":
-        raise ValueError(f"{name} is on {value.device}; the cpp sampler runs on CPU (use sampler='triton' on CUDA)")
+def _check_cpu(**tensors):
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}; the cpp backend runs on CPU (use backend='triton' on CUDA)")

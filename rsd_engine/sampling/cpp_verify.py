@@ -11,25 +11,21 @@ import torch
 
 from ..randomness import FLAG_DRAW, KEEP_DRAW, NUM_DRAWS, RESIDUAL_DRAW
 from .checks import as_int32, check_sample_inputs, check_verify_inputs
-from .cpp import LOGIT_DTYPES, extension
+from .cpp import LOGIT_DTYPES, _check_cpu, extension
 from .reference import RowParams
 from .verify_reference import VerifyOutput
 
 _INT_PARAMS = frozenset({"top_k", "student_top_k", "proposal_trials"})
 
 
-def _check_cpu(**tensors):
-    for name, t in tensors.items():
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}; the cpp backend runs on CPU (use backend='triton' on CUDA)")
-
-
 def _vocab_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def sample_tokens_cpp(logits, uniforms, temperature, top_k, top_p, mask) -> torch.Tensor:
-    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)  # the kernel reads raw pointers
+def sample_tokens_cpp(logits, uniforms, temperature, top_k, top_p, mask, *,
+                      check_values: bool = True) -> torch.Tensor:
+    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask,
+                        values=check_values)  # the kernel reads raw pointers
     _check_cpu(logits=logits, uniforms=uniforms, temperature=temperature, top_k=top_k, top_p=top_p, mask=mask)
     return sample_tokens_op(logits, uniforms, temperature.to(torch.float32), as_int32(top_k),
                             top_p.to(torch.float32), mask)
@@ -55,9 +51,9 @@ def _(logits, *rest):
 
 
 def rsd_verify_cpp(teacher_logits, student_logits, draft, num_draft, uniforms, params: RowParams, proposal_mask,
-                   fallback_mask) -> VerifyOutput:
+                   fallback_mask, *, check_values: bool = True) -> VerifyOutput:
     check_verify_inputs(teacher_logits, student_logits, draft, num_draft, uniforms, params, proposal_mask,
-                        fallback_mask)  # the kernel reads raw pointers
+                        fallback_mask, values=check_values)  # the kernel reads raw pointers
     _check_cpu(teacher_logits=teacher_logits, student_logits=student_logits, draft=draft, num_draft=num_draft,
                uniforms=uniforms, proposal_mask=proposal_mask, fallback_mask=fallback_mask)
     if proposal_mask.numel() >= 2**31:

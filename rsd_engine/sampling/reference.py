@@ -103,8 +103,8 @@ def truncated_probs(logits, temperature, top_k, top_p, mask):
     sorted_w = sorted_w * keep
     mass_before = torch.cumsum(sorted_w, dim=-1) - sorted_w
     total = sorted_w.sum(dim=-1, keepdim=True)
-    # At least one id (DESIGN §2): top_p = 0, outside SamplingParams' (0, 1] but not refused by the ops, keeps the
-    # first, as the C++ and Triton ops do.
+    # At least one id (DESIGN §2). top_p = 0 is out of range (checks.py refuses it where it can read it; a CUDA tensor
+    # goes unread): it keeps the first, as the C++ op does.
     keep &= (top_p[:, None] >= 1) | (mass_before < top_p.double()[:, None] * total) | (rank[None, :] == 0)
     kept = torch.zeros_like(sorted_w).scatter(-1, order, sorted_w * keep)
 

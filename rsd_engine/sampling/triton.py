@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import as_int32
+from .checks import as_int32, check_rsd_sample_inputs
 from .reference import RowParams, SampleOutput
 
 # Split-row launches (kernels/rsd_split.py). SEG: ids per tile and per segment (a dependent step streams one
@@ -30,7 +30,6 @@ CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8
 INTERPRETER_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=1024, NUM_PIVOTS=256, chunks=None)
 CHUNKS_BY_BATCH = ((1, 66), (2, 33), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1))  # (B at least, chunks)
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
 
 
@@ -138,9 +137,10 @@ if is_interpreted():
     _fast_interpreter_reductions()
 
 
-def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask,
-                      fallback_mask) -> SampleOutput:
-    _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask)
+def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParams, proposal_mask, fallback_mask, *,
+                      check_values: bool = True) -> SampleOutput:
+    check_rsd_sample_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask,
+                            values=check_values)  # the kernels read past a wrong shape (V = 0 crashed them)
     device = teacher_logits.device
     config = _launch_config(device)
     batch = teacher_logits.shape[0]
@@ -156,11 +156,7 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
         proposal_mask, fallback_mask = _int8(proposal_mask), _int8(fallback_mask)
         # A plain step is a verify round with no drafts (P = 1, DESIGN.md §8): after the split launches,
         # law_kernel finds both sides' cuts at once (a program per row and side) and pick_kernel draws.
-        # The verify kernels read both masks over one length: the shorter is padded with absent ids (never
-        # in the engine, whose masks span its token space).
-        V = max(proposal_mask.numel(), fallback_mask.numel())
-        proposal_mask, fallback_mask = (torch.nn.functional.pad(m, (0, V - m.numel())) if m.numel() < V else m
-                                        for m in (proposal_mask, fallback_mask))
+        V = proposal_mask.numel()  # the fallback mask's length too (checks.py)
         split = _SplitLaunch(config, batch, teacher_logits, student_logits, V, fallback_mask.numel(), sides=2)
         split.rounds(teacher_logits, student_logits, proposal_mask, fallback_mask, row_params[4], row_params[:3],
                      row_params[5:8])
@@ -269,27 +265,3 @@ def _rows(t):
 
 def _int8(mask):
     return (mask.view(torch.int8) if mask.dtype in (torch.bool, torch.uint8) else mask).contiguous()
-
-
-def _check_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask):
-    for name, t in (("teacher_logits", teacher_logits), ("student_logits", student_logits)):
-        if t.dim() != 2 or t.dtype not in LOGIT_DTYPES:
-            raise ValueError(f"{name} must be a [B, V] float32, bfloat16 or float16 tensor, "
-                             f"got {tuple(t.shape)} {t.dtype}")
-    batch = teacher_logits.shape[0]
-    if student_logits.shape[0] != batch:
-        raise ValueError(f"student_logits has {student_logits.shape[0]} rows, teacher_logits {batch}")
-    if uniforms.dim() != 2 or uniforms.shape[0] != batch or uniforms.shape[1] < 1:
-        raise ValueError(f"uniforms must be [B={batch}, 1 + max proposals] (fallback draw, then proposals; see "
-                         f"randomness.step_uniforms), got {tuple(uniforms.shape)}")
-    for name in RowParams._fields:
-        if tuple(getattr(params, name).shape) != (batch,):
-            raise ValueError(f"params.{name} must have shape [{batch}], got {tuple(getattr(params, name).shape)}")
-    limit = min(teacher_logits.shape[1], student_logits.shape[1])
-    for name, m in (("proposal_mask", proposal_mask), ("fallback_mask", fallback_mask)):
-        if m.dim() != 1 or m.numel() > limit or m.dtype not in (torch.bool, torch.int8, torch.uint8):
-            raise ValueError(f"{name} must be a bool [V] tensor with V <= min(Vt, Vs) = {limit}, "
-                             f"got {tuple(m.shape)} {m.dtype}")
-    devices = {t.device for t in (teacher_logits, student_logits, uniforms, proposal_mask, fallback_mask)}
-    if len(devices) > 1:
-        raise ValueError(f"the triton sampler needs all tensors on one device, got {sorted(map(str, devices))}")

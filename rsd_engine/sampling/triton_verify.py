@@ -16,8 +16,10 @@ _split = import_kernel("rsd_split")
 _FLOAT_FIELDS = ("temperature", "top_p", "threshold", "check_temperature", "student_temperature", "student_top_p")
 
 
-def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask) -> torch.Tensor:
-    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask)  # as the dispatcher: kernels read past
+def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask, *,
+                         check_values: bool = True) -> torch.Tensor:
+    check_sample_inputs(logits, uniforms, temperature, top_k, top_p, mask,
+                        values=check_values)  # as the dispatcher: kernels read past a wrong shape
     device = logits.device
     config = _launch_config(device)
     B = logits.shape[0]
@@ -41,12 +43,12 @@ def _last_contiguous(t):
 
 
 def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms, params: RowParams, proposal_mask,
-                      fallback_mask) -> VerifyOutput:
+                      fallback_mask, *, check_values: bool = True) -> VerifyOutput:
     """kernels/rsd_verify.py: rsd_split's stats and radix rounds over the B * P (row, position) pairs, then the
     cuts, the failed masses and the residual masses per (position, chunk), then one program per row picks the
     emitted prefix: eight launches whatever G."""
     check_verify_inputs(teacher_logits, student_logits, draft, num_draft, uniforms, params, proposal_mask,
-                        fallback_mask)  # as the dispatcher: kernels read past a wrong shape
+                        fallback_mask, values=check_values)  # as the dispatcher: kernels read past a wrong shape
     device = teacher_logits.device
     config = _launch_config(device)
     B, P = teacher_logits.shape[:2]
