@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rsd_engine.params import MAX_PROPOSAL_TRIALS, SamplingParams
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+from rsd_engine.sizes import MAX_SIZE
 
 PAPER = SamplingParams()
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "threshold", "check_temperature",
@@ -134,7 +135,8 @@ def _generate_parser(sub):
     p.add_argument("--id-field", default=None,
                    help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
                         "the question text)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt, '' for none (default: %(default)r)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="system prompt, '' for none (default: %(default)r)")
     p.add_argument("--attempts", type=_int(1), default=16, help="tries per problem")
     p.add_argument("--max-fallback", type=_fraction, default=0.5,
                    help="reject traces with a larger share of student-written tokens")
@@ -153,8 +155,8 @@ def _generate_parser(sub):
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     p.add_argument("--limit", type=_int(1), default=None,
                    help="only the first N problems of the dataset (default: all)")
-    p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together")
-    p.add_argument("--max-seq-len", type=_int(2), default=None,
+    p.add_argument("--max-batch-size", type=_int(1, MAX_SIZE), default=32, help="sequences decoded together")
+    p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
                    help="KV-cache length per sequence; problems cut short by it are not written (default: "
                         "longest prompt + --max-new-tokens)")
     p.add_argument("--draft-tokens", type=_int(0), default=0,
@@ -162,7 +164,8 @@ def _generate_parser(sub):
                         "one pass; same law of traces, fewer teacher passes (0: plain RSD; default: %(default)s)")
     _rule_options(p, default=None)
     s = p.add_argument_group("sampling (defaults: the paper's)")
-    s.add_argument("--max-new-tokens", type=_int(1), default=4096, help="tokens generated per attempt at most")
+    s.add_argument("--max-new-tokens", type=_int(1, MAX_SIZE), default=4096,
+                   help="tokens generated per attempt at most")
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="teacher proposal temperature")
     s.add_argument("--top-p", type=float, default=PAPER.top_p, help="teacher proposal nucleus")
     s.add_argument("--top-k", type=_int(0), default=PAPER.top_k, help="teacher proposal top-k, 0: off")
@@ -255,9 +258,10 @@ def _response_options(p, what, models_required=True):
                    help="column holding the problem id (default: %(default)s; a hash of the question when rows have none)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
-    p.add_argument("--max-seq-len", type=_int(2), default=None,
+    p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
-    p.add_argument("--batch-size", type=_int(1), default=8, help="responses scored per forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int(1, MAX_SIZE), default=8,
+                   help="responses scored per forward (default: %(default)s)")
     p.add_argument("--include-truncated", action="store_true",
                    help="keep responses cut off by the length limit (finish_reason 'length'; default: skip and count "
                         "them)")
@@ -368,16 +372,17 @@ def _eval_parser(sub):
     p.add_argument("--id-field", default=None,
                    help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
                         "the question text)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none (default: %(default)r)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="'' for none (default: %(default)r)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
     _force_option(p)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset (default: all)")
-    p.add_argument("--max-batch-size", type=_int(1), default=32, help="sequences decoded together (default: "
-                                                                      "%(default)s)")
-    p.add_argument("--max-seq-len", type=_int(2), default=None,
+    p.add_argument("--max-batch-size", type=_int(1, MAX_SIZE), default=32,
+                   help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
                    help="KV-cache length per sequence (default: longest prompt + --max-new-tokens)")
     s = p.add_argument_group("sampling (defaults: the paper's)")
-    s.add_argument("--max-new-tokens", type=_int(1), default=4096, help="(default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=_int(1, MAX_SIZE), default=4096, help="(default: %(default)s)")
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="(default: %(default)s)")
     s.add_argument("--top-p", type=float, default=PAPER.top_p, help="(default: %(default)s)")
     s.add_argument("--top-k", type=_int(0), default=PAPER.top_k, help="0: off (default: %(default)s)")
@@ -402,7 +407,7 @@ def _demo_parser(sub):
                         "differences)")
     p.add_argument("--problems", type=_int(1, 79), default=DEMO_PROBLEMS, help="champ problems to run")
     p.add_argument("--attempts", type=_int(1), default=DEMO_ATTEMPTS, help="tries per problem")
-    p.add_argument("--max-new-tokens", type=_int(1), default=DEMO_MAX_NEW_TOKENS,
+    p.add_argument("--max-new-tokens", type=_int(1, MAX_SIZE), default=DEMO_MAX_NEW_TOKENS,
                    help="tokens generated per attempt at most")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")
     _runtime_options(p)

@@ -13,6 +13,7 @@ from .randomness import step_uniforms
 from .results import GenerationResult, ScoreResult
 from .sampling import FLAG_REASONS, RowParams, resolve_backend, rsd_sample
 from .runtime import kv_bucket, progress_bar, resolve_device, resolve_dtype, warn_past_context
+from .sizes import check_size
 from .scheduler import Request, Scheduler
 from .scoring import score_rows
 from .speculative import SpeculativeDecoder, check_draft_tokens
@@ -78,10 +79,8 @@ class Engine:
         self._state = self._speculative.state() if draft_tokens else self._step_state(STEP_INPUTS, out_columns=4)
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
-        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 2")
+        check_size("max_batch_size", max_batch_size, 1)
+        check_size("max_seq_len", max_seq_len, 2)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size

@@ -703,7 +703,8 @@ def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, 
     that names the problem, exit status 2, never a traceback."""
     data = write_problems(tmp_path / "p.jsonl")
     (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
-    cases = [(["--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", str(10**12)], "out of memory"),
+    cases = [(["--out", str(tmp_path / "o.jsonl"), "--max-batch-size", str(2**31 - 1), "--max-new-tokens",
+               str(2**31 - 1)], "out of memory"),
              (["--out", str(tmp_path / ("a" * 300 + ".jsonl"))], "File name too long"),
              (["--out", str(tmp_path / "loop.jsonl")], "Symlink loop")]
     for extra, said in cases:
@@ -718,6 +719,42 @@ def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, 
         with pytest.raises(SystemExit) as stopped:
             main([command, option, value])
         assert stopped.value.code == 2 and f"{option}: must be an integer in [1, " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,option", [
+    ("generate", "--max-seq-len"), ("generate", "--max-new-tokens"), ("generate", "--max-batch-size"),
+    ("eval", "--max-seq-len"), ("eval", "--max-new-tokens"), ("eval", "--max-batch-size"),
+    ("provenance", "--batch-size"), ("provenance", "--max-seq-len"), ("select", "--batch-size"),
+    ("demo", "--max-new-tokens")])
+def test_sizes_past_the_range_name_the_option(tmp_path, capsys, command, option):
+    """1e19 overflowed mmap's size (an OverflowError traceback from kv_cache.py): now argparse names the option
+    and its range."""
+    with pytest.raises(SystemExit) as stopped:
+        main([command, option, str(10**19)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    assert f"argument {option}: must be an integer in [" in err and ", 2147483647], got '10000000000000000000'" in err
+
+
+def test_option_objects_refuse_sizes_past_the_range():
+    """The pipelines' options, for callers that skip the command line: a ValueError naming the option."""
+    from rsd_engine.pipeline.evaluate import EvalOptions
+    from rsd_engine.pipeline.generate import GenerateOptions
+    from rsd_engine.pipeline.provenance import ProvenanceOptions
+    from rsd_engine.pipeline.select import SelectOptions
+
+    huge = 10**19
+    cases = [(GenerateOptions, dict(teacher="t", student="s", data="d", out="o", max_seq_len=huge), "--max-seq-len"),
+             (GenerateOptions, dict(teacher="t", student="s", data="d", out="o", max_batch_size=huge),
+              "--max-batch-size"),
+             (EvalOptions, dict(model="m", data="d", out="o", max_batch_size=huge), "--max-batch-size"),
+             (EvalOptions, dict(model="m", data="d", out="o", max_seq_len=huge), "--max-seq-len"),
+             (ProvenanceOptions, dict(teacher="t", student="s", data="d", out="o", max_seq_len=huge), "--max-seq-len"),
+             (ProvenanceOptions, dict(teacher="t", student="s", data="d", out="o", batch_size=huge), "--batch-size"),
+             (SelectOptions, dict(teacher="t", student="s", data="d", out="o", batch_size=huge), "--batch-size")]
+    for options, kwargs, option in cases:
+        with pytest.raises(ValueError, match=rf"^{option} = {huge}: must be an integer in \[\d, 2147483647\]$"):
+            options(**kwargs)
 
 
 def test_cuda_out_of_memory_is_a_one_line_error(monkeypatch, capsys):

@@ -226,6 +226,8 @@ def test_every_backend_gives_the_reference_outputs(tiny_pair, engine, sampler):
     (dict(max_batch_size=0), "max_batch_size = 0"),
     (dict(max_batch_size=True), "max_batch_size = True"),
     (dict(max_seq_len=1), "max_seq_len = 1"),
+    (dict(max_seq_len=10**19), "max_seq_len = 10000000000000000000: must be an integer in [2, 2147483647]"),
+    (dict(max_batch_size=10**19), "max_batch_size = 10000000000000000000: must be an integer in [1, 2147483647]"),
     (dict(device="tpu:0"), "device='tpu:0'"),
     (dict(dtype="int8"), "dtype='int8' is not supported"),
     (dict(sampler="fast"), "sampler='fast' is not a backend"),

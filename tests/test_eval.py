@@ -234,7 +234,7 @@ def test_a_run_that_fails_before_its_first_generation_leaves_no_output(pair, tmp
     """A --max-seq-len no KV cache can hold failed once OUT was open, and left it empty beside its manifest."""
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "gens.jsonl"
     with pytest.raises(SystemExit) as exit_info:
-        run_eval(pair[1], data, out, "--max-seq-len", str(10**12))
+        run_eval(pair[1], data, out, "--max-seq-len", str(2**31 - 1), "--max-batch-size", str(2**31 - 1))
     assert exit_info.value.code == 2 and "out of memory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 

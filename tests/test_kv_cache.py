@@ -39,6 +39,14 @@ def write(cache, slot, start, n):
         cache.update(layer, kv, kv.clone(), torch.tensor([slot]), torch.arange(start, start + n)[None], 1)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_cache_past_what_int64_sizes_is_out_of_memory(device):
+    """2**31 slots x 2**31 positions: mmap raised an OverflowError (its size is a C ssize_t); now the MemoryError
+    that a cache too large to reserve gives ("meta" stands for CUDA: torch's sizes are int64 there too)."""
+    with pytest.raises(MemoryError, match=r"a KV cache of 2147483648 slots x 2147483647 positions would need"):
+        KVCache(2, 2**31, 2**31 - 1, 2, 64, dtype=torch.float32, device=device)
+
+
 @linux_only
 def test_memory_follows_positions_written_and_release_gives_it_back():
     cache = KVCache(4, 8, 4096, 2, 64, dtype=torch.float32, device="cpu")

@@ -46,6 +46,10 @@ class KVCache:
         self.device = torch.device(device)
         self._args = (num_layers, num_slots, max_seq_len, num_kv_heads, head_dim, dtype)
         shape = (num_slots, max_seq_len + 1, num_kv_heads, head_dim)
+        nbytes = 2 * num_layers * num_slots * (max_seq_len + 1) * num_kv_heads * head_dim * dtype.itemsize
+        if nbytes > sys.maxsize:  # mmap and torch take sizes as int64: past it an OverflowError, not a clear no
+            raise MemoryError(f"a KV cache of {num_slots} slots x {max_seq_len} positions would need {nbytes:.3g} "
+                              f"bytes: lower max_batch_size or max_seq_len")
         self._map = None
         if self.device.type == "cpu":
             self.k, self.v = self._mapped_views(num_layers, shape, dtype)

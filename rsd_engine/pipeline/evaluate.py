@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rsd_engine.params import SamplingParams
+from rsd_engine.sizes import MAX_SIZE, check_size
 
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
@@ -64,7 +65,9 @@ class EvalOptions:
             value = getattr(self, name)
             if value is None and name in ("limit", "max_seq_len"):
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            if name in ("max_batch_size", "max_seq_len"):
+                check_size(f"--{name.replace('_', '-')}", value, lo)
+            elif not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= {lo}")
 
 
@@ -177,7 +180,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
 def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
     prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p, _ in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
-    max_seq_len = opts.max_seq_len or max(map(len, prompt_ids.values())) + opts.params.max_new_tokens
+    longest = max(map(len, prompt_ids.values()))
+    max_seq_len = opts.max_seq_len or min(MAX_SIZE, longest + opts.params.max_new_tokens)
     fits = [(p, s) for p, s in todo if len(prompt_ids[p.id]) < max_seq_len]
     tally["too_long"] = sorted({p.id for p, s in todo if len(prompt_ids[p.id]) >= max_seq_len})
     if not fits:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from rsd_engine.params import SamplingParams
+from rsd_engine.sizes import MAX_SIZE, check_size
 
 from . import answers
 from .answers import check_available
@@ -88,10 +89,10 @@ class GenerateOptions:
     def __post_init__(self):
         _check("attempts", self.attempts, 1)
         _check("prefix_tokens", self.prefix_tokens, 1)
-        _check("max_batch_size", self.max_batch_size, 1)
+        check_size("--max-batch-size", self.max_batch_size, 1)
         _check("draft_tokens", self.draft_tokens, 0)
         if self.max_seq_len is not None:
-            _check("max_seq_len", self.max_seq_len, 2)
+            check_size("--max-seq-len", self.max_seq_len, 2)
         if self.limit is not None:
             _check("limit", self.limit, 1)
         if not 0.0 <= self.max_fallback <= 1.0:
@@ -407,7 +408,8 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
     prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     # Mapped special tokens can make a prompt a little longer in the teacher's space: leave room.
-    max_seq_len = opts.max_seq_len or max(map(len, prompt_ids.values())) + opts.params.max_new_tokens + 16
+    longest = max(map(len, prompt_ids.values()))
+    max_seq_len = opts.max_seq_len or min(MAX_SIZE, longest + opts.params.max_new_tokens + 16)
     device = opts.device
     if device == "auto" and dist.world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"

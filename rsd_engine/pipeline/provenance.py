@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from rsd_engine.sizes import check_size
+
 from .categories import DEFAULT_RULE, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .manifest import (COMMAND, MODEL_DTYPE, SENTENCE_READING, forced_runs_note, input_identity, model_dtype,
@@ -65,12 +67,12 @@ class ProvenanceOptions:
 
     def __post_init__(self):
         self.category_rule = options_rule(self)
-        for name in ("max_seq_len", "limit"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2 - (
-                    name == "limit")):
-                raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= "
-                                 f"{2 if name == 'max_seq_len' else 1}")
+        check_size("--batch-size", self.batch_size, 1)
+        if self.max_seq_len is not None:
+            check_size("--max-seq-len", self.max_seq_len, 2)
+        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
+                                       or self.limit < 1):
+            raise ValueError(f"--limit = {self.limit!r}: must be an integer >= 1")
 
 
 def make_tracer(opts, dist: Dist, roles=("teacher", "student", "distilled")) -> Tracer:

@@ -18,6 +18,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from rsd_engine.sizes import check_size
+
 from .categories import Rule
 from .readers import Reader, Unreadable
 from .responses import Response
@@ -120,7 +122,7 @@ class Scorer:
 
     def __init__(self, by: str, readers: dict[str, Reader], *, rule: Rule | None = None, batch_size: int = 8,
                  seed: int = 0):
-        self.by, self.seed, self.batch_size = check_by(by), seed, batch_size
+        self.by, self.seed, self.batch_size = check_by(by), seed, check_size("--batch-size", batch_size, 1)
         self.readers = readers
         self.tracer = Tracer(readers, rule=rule, batch_size=batch_size) if by in ("count", "share") else None
         self.max_seq_len = None

@@ -40,6 +40,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rsd_engine.sizes import check_size
+
 from .categories import DEFAULT_RULE, Rule, options_rule
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .manifest import forced_runs_note, plain
@@ -122,6 +124,9 @@ class SelectOptions:
         if self.by is None:
             self.by = "count" if self.budget is None else "share"
         check_by(self.by)
+        check_size("--batch-size", self.batch_size, 1)
+        if self.max_seq_len is not None:
+            check_size("--max-seq-len", self.max_seq_len, 2)
         self.category_rule = options_rule(self)
         needed = {"count": ("teacher", "student"), "share": ("teacher", "student"),
                   "student-likelihood": ("student",), "random": ()}[self.by]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rsd_engine.sizes import check_size
+
 from .categories import DEFAULT_BETA, Rule, check_beta
 from .readers import Reader, Unreadable
 from .responses import Response
@@ -75,8 +77,7 @@ class Tracer:
                  batch_size: int = 8):
         if set(readers) - set(ROLES) or not {"teacher", "student"} <= set(readers):
             raise ValueError(f"readers must be teacher, student and optionally distilled, got {sorted(readers)}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"--batch-size = {batch_size!r}: must be an integer >= 1")
+        check_size("--batch-size", batch_size, 1)
         self.readers, self.batch_size = readers, batch_size
         self.rule = rule if rule is not None else Rule("difference", check_beta(beta))
         self.max_seq_len = None
