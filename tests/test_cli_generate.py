@@ -757,6 +757,23 @@ def test_option_objects_refuse_sizes_past_the_range():
             options(**kwargs)
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])
+def test_a_line_nested_too_deeply_is_named_by_every_command(pair, tmp_path, capsys, command):
+    """A JSON line ~1,200 levels deep: a RecursionError traceback from every command's reader; now that file's bad
+    line, as any malformed line."""
+    data = tmp_path / "deep.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "Q?", "response": "A.", "answer": "1"}) + "\n" +
+                    '{"id": "b", "x": ' + "[" * 1200 + "]" * 1200 + "}\n")
+    models = {"eval": ["--model", str(pair[1])], "score": ["--student", str(pair[1])]}.get(
+        command, ["--teacher", str(pair[0]), "--student", str(pair[1])])
+    out = [] if command == "score" else ["--out", str(tmp_path / "out.jsonl")]
+    with pytest.raises(SystemExit) as stopped:
+        main([command, *models, "--data", str(data), *out, "--no-progress"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert f"{data}, line 2: not valid JSON (nested too deeply to read)" in err
+
+
 def test_cuda_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
     """torch's OutOfMemoryError (a RuntimeError) of a too large batch on a card: one line naming the options that
     size memory, exit 2; any other RuntimeError is still raised as it is."""

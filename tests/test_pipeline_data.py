@@ -287,6 +287,20 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     assert read_growing_rows(path) == (rows[:1], True)
 
 
+DEEP = '{"id": "2", "question": "Q?", "x": ' + "[" * 1200 + "]" * 1200 + "}"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_line_nested_too_deeply_is_a_bad_line(tmp_path, suffix):
+    """~1,200 levels: Python's parser raised a RecursionError through every command's reader."""
+    path = tmp_path / f"p{suffix}"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + DEEP + "\n")
+    message = rf"{re.escape(str(path))}, line 2: not valid JSON \(nested too deeply to read\)"
+    for read in (read_rows, read_growing_rows, load_problems):
+        with pytest.raises(ValueError, match=message):
+            read(path)
+
+
 @pytest.mark.parametrize("lines, kinds", [("[1, 2]\n[3]\n", "lists"), ('"a"\n"b"\n', "strings"),
                                           ('[1]\n"a"\n', "lists and strings"), ("{}\n{}\n", "empty objects")])
 def test_rows_that_are_no_objects_are_named_as_such(tmp_path, lines, kinds):

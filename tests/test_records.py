@@ -478,6 +478,7 @@ def test_first_record_reads_the_first_as_read_records_does(tmp_path, content):
 
 @pytest.mark.parametrize("content, expected", [
     (b'{"a": 1}\n\n{"b": 2}\n', [{"a": 1}, {"b": 2}]),
+    (b'{"a": 1}\n{"b": ' + b"[" * 1200 + b"]" * 1200 + b'}\n', ValueError),  # nested past Python's parser
     (b'{"a": 1}\n{"b": 2}', [{"a": 1}, {"b": 2}]),  # a whole last record without its newline
     (b'{"a": 1}\n{"b": ', [{"a": 1}]),  # torn: the record in flight when a run was killed
     (b'{"a": 1}\n[2]\n', ValueError),  # a whole line that is no record

@@ -193,13 +193,22 @@ def read_growing_rows(path: Path) -> tuple[list, bool]:
     data = path.read_bytes()
     head, newline, tail = data.rpartition(b"\n")
     try:
-        json.loads(tail.decode("utf-8"))
+        parse_json(tail.decode("utf-8"))
         cut_short = False
     except (UnicodeDecodeError, json.JSONDecodeError):
         cut_short = bool(tail.strip())
     if not cut_short:
         return read_rows(path), False
     return _read_jsonl(path, _decode(path, head + newline)), True
+
+
+def parse_json(text):
+    """json.loads, where a value nested deeper than Python's parser recurses (a RecursionError at about a thousand
+    levels) is invalid JSON like any other: a JSONDecodeError, which every reader reports as the file's bad line."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to read", text if isinstance(text, str) else "", 0) from None
 
 
 def _read_text(path: Path) -> str:
@@ -220,7 +229,7 @@ def _read_jsonl(path: Path, text: str | None = None) -> list:
     for number, line in enumerate((text if text is not None else _read_text(path)).split("\n"), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(parse_json(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
     return rows
@@ -229,7 +238,7 @@ def _read_jsonl(path: Path, text: str | None = None) -> list:
 def _read_json(path: Path) -> list:
     text = _read_text(path)
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError:
         return _read_jsonl(path, text)  # JSON Lines saved under a .json name
     if isinstance(data, dict) and isinstance(data.get("data"), list):

@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import parse_json
 from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, manifest_path, other_command,
                        read_manifest, write_manifest)
 
@@ -263,7 +264,7 @@ def _repair_tail(path: Path) -> None:
 
 def _parse_record(raw: bytes) -> dict | None:
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) else None
