@@ -66,6 +66,16 @@ def _threads(text):
     return value
 
 
+def _text(text):
+    """Text for a model: a byte that is not UTF-8 (the shell's $'\\xff') reaches Python as a lone surrogate, which no
+    tokenizer or JSON writer takes."""
+    from rsd_engine.pipeline.data import not_unicode
+
+    if reason := not_unicode(text):
+        raise argparse.ArgumentTypeError(f"{reason} (a byte that is not UTF-8): pass UTF-8 text")
+    return text
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -135,7 +145,7 @@ def _generate_parser(sub):
     p.add_argument("--id-field", default=None,
                    help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
                         "the question text)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+    p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt, '' for none (default: %(default)r)")
     p.add_argument("--attempts", type=_int(1), default=16, help="tries per problem")
     p.add_argument("--max-fallback", type=_fraction, default=0.5,
@@ -208,7 +218,7 @@ def _score_parser(sub):
                    help="score this field of any dataset, prompted with --question-field through the chat template "
                         "(default: rsd generate records or chat messages)")
     p.add_argument("--question-field", default="question", help="column holding the question text")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+    p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt of --completion-field prompts, '' for none (default: %(default)r)")
     _runtime_options(p)
 
@@ -256,7 +266,7 @@ def _response_options(p, what, models_required=True):
     p.add_argument("--response-field", default="response", help="column holding the response (default: %(default)s)")
     p.add_argument("--id-field", default="id",
                    help="column holding the problem id (default: %(default)s; a hash of the question when rows have none)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+    p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
     p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
@@ -372,7 +382,7 @@ def _eval_parser(sub):
     p.add_argument("--id-field", default=None,
                    help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
                         "the question text)")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+    p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
                    help="'' for none (default: %(default)r)")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
     _force_option(p)

@@ -20,6 +20,7 @@ from .speculative import SpeculativeDecoder, check_draft_tokens
 from .cuda_graph import SelfFeedingGraphs
 from .step import (GRAPH_BUCKETS, PADDING_PARAMS, STEP_INPUTS, StepState, advance_and_pack, pack_outputs, row_values,
                    step_inputs)
+from .pipeline.data import not_unicode
 from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
@@ -197,6 +198,8 @@ class Engine:
         return self.space.to_teacher(ids, what=f"prompt {index}:")
 
     def _tokenize(self, prompt, index) -> list[int]:
+        if reason := not_unicode(prompt, f"prompt {index}"):  # the tokenizer's own error named no prompt
+            raise ValueError(reason)
         if is_chat(prompt):  # chat messages: the student's chat template, as `rsd generate` renders them
             prompt = chat_prompt_text(self.tokenizer, prompt, what=f"prompt {index}")
         if isinstance(prompt, str):
@@ -232,6 +235,8 @@ class Engine:
     def _completion_ids(self, completion, index) -> list[int]:
         """A completion to score: text (the student's tokens) or a list of token ids."""
         if isinstance(completion, str):
+            if reason := not_unicode(completion, f"completion {index}"):
+                raise ValueError(reason)
             return self.tokenizer.encode(completion, add_special_tokens=False)
         if not isinstance(completion, (list, tuple)):
             raise TypeError(f"completion {index} must be a string or a list of token ids, got "

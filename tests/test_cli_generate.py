@@ -774,6 +774,18 @@ def test_a_line_nested_too_deeply_is_named_by_every_command(pair, tmp_path, caps
     assert f"{data}, line 2: not valid JSON (nested too deeply to read)" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])
+def test_a_system_prompt_that_is_not_unicode_is_named(tmp_path, capsys, command):
+    """$'\\xff' from the shell reaches Python as the lone surrogate '\\udcff': rsd score showed a traceback from
+    transformers, the others "'utf-8' codec can't encode character" without naming the option."""
+    with pytest.raises(SystemExit) as stopped:
+        main([command, "--system-prompt", "Think \udcff"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    assert ("argument --system-prompt: text is not valid Unicode: '\\udcff' at character 6 is a lone surrogate "
+            "(a byte that is not UTF-8)") in err
+
+
 def test_cuda_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
     """torch's OutOfMemoryError (a RuntimeError) of a too large batch on a card: one line naming the options that
     size memory, exit 2; any other RuntimeError is still raised as it is."""

@@ -260,6 +260,19 @@ def test_bad_params_and_score_pairs_are_named(engine):
             engine.score_batch(PROMPTS[:2], ["x", completion])
 
 
+def test_text_that_is_not_unicode_is_named(engine):
+    """A lone surrogate (a JSON escape, a non-UTF-8 byte from the shell): the tokenizer raised a TypeError naming
+    no prompt."""
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^prompt 1 is not valid Unicode: '\\ud800' at character 4 is a lone"):
+        engine.generate_batch(["fine", "bad \ud800"], params)
+    chat = [{"role": "user", "content": "hi \udcff"}]
+    with pytest.raises(ValueError, match=r"^prompt 0\[0\]\['content'\] is not valid Unicode: '\\udcff'"):
+        engine.generate_batch([chat], params)
+    with pytest.raises(ValueError, match=r"^completion 1 is not valid Unicode: '\\udfff' at character 0"):
+        engine.score_batch(PROMPTS[:2], ["x", "\udfff"])
+
+
 CHAT = [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "What is 1 + 1?"}]
 
 
