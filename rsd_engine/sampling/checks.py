@@ -41,7 +41,7 @@ def _logits(name, logits, shape):
 
 def _row_vector(name, value, B, floating):
     _tensor(name, value)
-    if tuple(value.shape) != (B,):
+    if value.shape != (B,):
         raise ValueError(f"{name} must have shape [B={B}], got {tuple(value.shape)}")
     if floating and not value.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
@@ -54,8 +54,8 @@ def _row_params(params, B):
 
     if getattr(params, "_fields", None) != RowParams._fields:
         raise ValueError(f"params must be a RowParams, got {type(params).__name__}")
-    for name in RowParams._fields:
-        _row_vector(f"params.{name}", getattr(params, name), B, not RANGES[name].integer)
+    for name, value in zip(RowParams._fields, params):
+        _row_vector(f"params.{name}", value, B, not RANGES[name].integer)
 
 
 def _mask(name, mask, limit, vocabulary="the logits' vocabulary"):
@@ -130,11 +130,11 @@ def check_rsd_sample_inputs(teacher_logits, student_logits, uniforms, params, pr
     _masks(proposal_mask, fallback_mask, Vt, student_logits.shape[1])
     _same_device(teacher_logits=teacher_logits, student_logits=student_logits, uniforms=uniforms,
                  proposal_mask=proposal_mask, fallback_mask=fallback_mask)
-    for name in RowParams._fields:
-        p = getattr(params, name)
-        if p.device not in (teacher_logits.device, torch.device("cpu")):
+    device = teacher_logits.device
+    for name, p in zip(RowParams._fields, params):
+        if p.device != device and p.device.type != "cpu":
             raise ValueError(f"params.{name} is on {p.device}: row parameters must be on the logits' device "
-                             f"({teacher_logits.device}) or on the CPU")
+                             f"({device}) or on the CPU")
     if values:
         _check_values(uniforms, **{f"params.{name}": getattr(params, name) for name in RowParams._fields})
 

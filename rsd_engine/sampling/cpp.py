@@ -21,9 +21,7 @@ def rsd_sample_cpp(teacher_logits, student_logits, uniforms, params: RowParams, 
     """Same arguments and result as ``rsd_sample_reference``; logits float32, bfloat16 or float16 on CPU."""
     check_rsd_sample_inputs(teacher_logits, student_logits, uniforms, params, proposal_mask, fallback_mask,
                             values=check_values)  # the kernel reads raw pointers
-    _check_cpu(teacher_logits=teacher_logits, student_logits=student_logits, uniforms=uniforms,
-               proposal_mask=proposal_mask, fallback_mask=fallback_mask,
-               **{f"params.{name}": getattr(params, name) for name in RowParams._fields})
+    _check_cpu(teacher_logits=teacher_logits)  # the checks put every other tensor on its device or the CPU
     if proposal_mask.numel() >= 2**31:
         raise ValueError(f"V={proposal_mask.numel()} ids is beyond what the cpp sampler indexes (< 2**31)")
     row = [(as_int32(getattr(params, name)) if name in _INT_PARAMS else getattr(params, name).to(torch.float32))
