@@ -377,9 +377,21 @@ def test_writer_settings_and_a_corrupt_manifest(tmp_path):
         RecordWriter(out, {"--seed": 2})
     with RecordWriter(out, {"--seed": 2}, force=True) as writer:
         assert writer.forced == ["--seed: 1 in the output, 2 now"] and [r["id"] for r in writer.existing] == ["a"]
-    manifest_path(out).write_text("{torn")
-    with pytest.raises(ValueError, match="is not a JSON manifest"):
-        RecordWriter(out, {"--seed": 1})
+    for corrupt in ("{torn", '{"settings": ' + "[" * 1200 + "]" * 1200 + "}"):  # nested past Python's parser too
+        manifest_path(out).write_text(corrupt)
+        with pytest.raises(ValueError, match="is not a JSON manifest"):
+            RecordWriter(out, {"--seed": 1})
+
+
+def test_an_out_nested_too_deeply_is_no_report(tmp_path):
+    """--out over a file that opens as an unmarked rsd score report but nests past Python's parser: a RecursionError,
+    now no report of rsd score, as any other file that does not parse."""
+    from rsd_engine.pipeline.reports import check_report_out
+
+    out = tmp_path / "report.json"
+    out.write_text('{\n "student": ' + "[" * 1200 + "]" * 1200 + "}")
+    with pytest.raises(FileExistsError, match="exists and is no report of rsd score"):
+        check_report_out(out, "score")
 
 
 def test_a_filesystem_without_locks_warns_and_writes(tmp_path, monkeypatch):

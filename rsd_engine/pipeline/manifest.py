@@ -38,6 +38,8 @@ import json
 import os
 from pathlib import Path
 
+from .data import parse_json
+
 MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.txt")
 WHOLE_HASH_BYTES = 4 << 20
 WINDOWS, WINDOW_BYTES = 16, 64 << 10
@@ -57,7 +59,7 @@ def read_manifest(out) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = parse_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"{path} is not a JSON manifest; it was changed by something else. Remove it and "
                          f"rerun with --force to adopt the records in {Path(out).name}") from None

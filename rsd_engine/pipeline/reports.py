@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from .data import parse_json
 from .manifest import COMMAND
 from .records import check_writable, plot_path
 
@@ -56,7 +57,7 @@ def _own_report(path: Path, command: str) -> bool:
     if not fields or not head.startswith(f'{{\n "{fields[0]}": '.encode()):
         return False
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = parse_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(report, dict) and all(name in report for name in fields)
