@@ -77,3 +77,14 @@ def as_ranks(monkeypatch):
                 results.append(call())
         return results
     return run
+
+
+@pytest.fixture
+def python_recursion_limit():
+    """Python's default recursion limit (1000) for a test of JSON nested past it (~1,200 levels): torch.compile's
+    Inductor raises the limit for the rest of the process, after which such a line parses and the suite's order,
+    not the code, decided those tests."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(before)

@@ -757,6 +757,7 @@ def test_option_objects_refuse_sizes_past_the_range():
             options(**kwargs)
 
 
+@pytest.mark.usefixtures("python_recursion_limit")
 @pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])
 def test_a_line_nested_too_deeply_is_named_by_every_command(pair, tmp_path, capsys, command):
     """A JSON line ~1,200 levels deep: a RecursionError traceback from every command's reader; now that file's bad

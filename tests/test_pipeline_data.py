@@ -290,6 +290,7 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
 DEEP = '{"id": "2", "question": "Q?", "x": ' + "[" * 1200 + "]" * 1200 + "}"
 
 
+@pytest.mark.usefixtures("python_recursion_limit")
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_line_nested_too_deeply_is_a_bad_line(tmp_path, suffix):
     """~1,200 levels: Python's parser raised a RecursionError through every command's reader."""

@@ -364,6 +364,7 @@ def test_a_run_on_an_output_refuses_while_another_run_writes_another_of_its_file
     assert list(held_elsewhere(out, out, settings, force=False)) == [part_path(out, 1, 2)]  # idle: read
 
 
+@pytest.mark.usefixtures("python_recursion_limit")
 def test_writer_settings_and_a_corrupt_manifest(tmp_path):
     out = tmp_path / "out.jsonl"
     with RecordWriter(out, {"--seed": 0}) as writer:
@@ -383,6 +384,7 @@ def test_writer_settings_and_a_corrupt_manifest(tmp_path):
             RecordWriter(out, {"--seed": 1})
 
 
+@pytest.mark.usefixtures("python_recursion_limit")
 def test_an_out_nested_too_deeply_is_no_report(tmp_path):
     """--out over a file that opens as an unmarked rsd score report but nests past Python's parser: a RecursionError,
     now no report of rsd score, as any other file that does not parse."""
@@ -496,6 +498,7 @@ def test_first_record_reads_the_first_as_read_records_does(tmp_path, content):
     (b'{"a": 1}\n[2]\n', ValueError),  # a whole line that is no record
     (b'{"a": 1}\n{"b": \n\n', ValueError),  # cut, then written past: not a kill's tear
 ])
+@pytest.mark.usefixtures("python_recursion_limit")
 def test_read_records_reads_line_by_line_as_it_read_the_whole_file(tmp_path, content, expected):
     """read_records streams its file (it held the bytes, and their lines, beside the records: 420 -> 315 MB peak
     reading a 113 MB output of 45k records); what it accepts and refuses is unchanged."""
