@@ -1,6 +1,7 @@
 """The reference RSD sampler's fixed points, and the uniforms of DESIGN.md §3. (Its law is tested with
 every backend's in test_rsd_sample.py.)"""
 import numpy as np
+import pytest
 import torch
 
 from rsd_engine.randomness import NUM_DRAWS, step_uniforms
@@ -67,3 +68,13 @@ def test_uniforms_are_uniform():
     # Neighbouring steps of one seed are uncorrelated.
     v = step_uniforms(torch.zeros(n, dtype=torch.long), torch.arange(n))[:, 1].numpy()
     assert abs(np.corrcoef(v[:-1], v[1:])[0, 1]) < 0.03
+
+
+def test_a_value_out_of_range_only_as_the_ops_read_it_says_so():
+    # top_p 1e-46 is in (0, 1] as a float64, and 0 as the float32 the kernels read: "1e-46 is out of range" alone
+    # contradicted itself.
+    from rsd_engine.sampling import sample_tokens
+
+    with pytest.raises(ValueError, match=r"^top_p\[1\] = 1e-46 \(0 in float32, as the ops read it\) is out of range"):
+        sample_tokens(torch.randn(2, 8), torch.rand(2), torch.ones(2), torch.zeros(2, dtype=torch.int32),
+                      torch.tensor([0.9, 1e-46], dtype=torch.float64), torch.ones(8, dtype=torch.bool), "reference")

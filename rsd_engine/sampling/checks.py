@@ -8,6 +8,8 @@ captured as a CUDA graph must not). ``values=False`` skips them: the engine's ro
 which checked the same ranges, and its step must not read back what it decodes (tests/test_host_syncs.py)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
@@ -97,8 +99,10 @@ def _in_range(name, t, rule):
         ok |= x == rule.also
     if not bool(ok.all()):
         where = (~ok).nonzero()[0].tolist()
-        value = t[tuple(where)].item()
+        value, read = t[tuple(where)].item(), x[tuple(where)].item()
         shown = f"{value:g}" if isinstance(value, float) else str(value)
+        if read != value and math.isfinite(value):  # e.g. top_p 1e-46 in float64: 0 as the kernels read it
+            shown += f" ({read:g} in float32, as the ops read it)"
         raise ValueError(f"{name}[{', '.join(map(str, where))}] = {shown} is out of range: must be {rule.allowed}")
 
 
