@@ -56,6 +56,18 @@ def _int(lo, hi=None):
     return parse
 
 
+def _report_option(p, command: str, what: str, default: str) -> None:
+    p.add_argument("--out", default=None,
+                   help=f"{what}; an existing file is replaced only where it is an earlier report of rsd {command}, "
+                        f"else refused (default: {default})")
+
+
+def _plot_option(p, command: str, what: str) -> None:
+    p.add_argument("--plot", default=None,
+                   help=f"{what} (.png, .pdf or .svg); an existing file is replaced only where it is an earlier "
+                        f"plot of rsd {command}, else refused, and so is a folder (default: none)")
+
+
 def _threads(text):
     from rsd_engine.threads import usable_cpus
 
@@ -207,13 +219,8 @@ def _score_parser(sub):
     _model_option(p, "student", "student model")
     _model_option(p, "teacher", "also score under this teacher model (default: student only)", required=False)
     p.add_argument("--data", required=True, nargs="+", help="trace files (rsd generate output, chat messages, ...)")
-    p.add_argument("--out", default=None,
-                   help="JSON report, per file and per trace; an existing file is replaced only where it is an earlier "
-                        "report of rsd score, else refused (default: none)")
-    p.add_argument("--plot", default=None,
-                   help="PNG histogram of student surprisal, one series per file; an existing file is replaced only "
-                        "where it is an earlier plot of rsd score (PNG, PDF, SVG), else refused, and so is a folder "
-                        "(default: none)")
+    _report_option(p, "score", "JSON report, per file and per trace", "none")
+    _plot_option(p, "score", "PNG histogram of student surprisal, one series per file")
     p.add_argument("--completion-field", default=None,
                    help="score this field of any dataset, prompted with --question-field through the chat template "
                         "(default: rsd generate records or chat messages)")
@@ -301,10 +308,7 @@ def _provenance_parser(sub):
     _response_options(p, "responses")
     _model_option(p, "distilled", "distilled student (default: none, and no 'boosted')", required=False)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N responses (default: all)")
-    p.add_argument("--plot", default=None,
-                   help="PNG: stacked bars of category shares per response; an existing file is replaced only where it "
-                        "is an earlier plot of rsd provenance (PNG, PDF, SVG), else refused, and so is a folder "
-                        "(default: none)")
+    _plot_option(p, "provenance", "PNG: stacked bars of category shares per response")
     _runtime_options(p)
 
 
@@ -345,13 +349,8 @@ def _report_parser(sub):
                                    "answers, the area between those curves and the correlation of a response's "
                                    "teacher share with its correctness, with bootstrap intervals over problems.")
     p.add_argument("sentences", metavar="SENTENCES", help="the --out of rsd provenance (one line per sentence)")
-    p.add_argument("--out", default=None,
-                   help="JSON report; an existing file is replaced only where it is an earlier report of rsd "
-                        "provenance-report, else refused (default: print only)")
-    p.add_argument("--plot", default=None,
-                   help="PNG: teacher share by position, correct vs incorrect, and per response; an existing file is "
-                        "replaced only where it is an earlier plot of rsd provenance-report (PNG, PDF, SVG), else "
-                        "refused, and so is a folder (default: none)")
+    _report_option(p, "provenance-report", "JSON report", "print only")
+    _plot_option(p, "provenance-report", "PNG: teacher share by position, correct vs incorrect, and per response")
     p.add_argument("--bins", type=_int(1, 1000), default=DEFAULT_BINS,
                    help="position bins, at most 1000 (default: %(default)s, deciles)")
     p.add_argument("--resamples", type=_int(1, 100_000), default=DEFAULT_RESAMPLES,
@@ -637,8 +636,8 @@ def _run(parser, args) -> int:
 
 def _sizes(args) -> str:
     """"; lower --max-batch-size or --max-seq-len": the options of this command that size its memory."""
-    options = [f"--{name.replace('_', '-')}" for name in ("max_batch_size", "batch_size", "max_seq_len", "max_new_tokens")
-               if hasattr(args, name)]
+    sizes = ("max_batch_size", "batch_size", "max_seq_len", "max_new_tokens")
+    options = [f"--{name.replace('_', '-')}" for name in sizes if hasattr(args, name)]
     return f"; lower {', '.join(options[:-1])} or {options[-1]}" if len(options) > 1 else (
         f"; lower {options[0]}" if options else "")
 

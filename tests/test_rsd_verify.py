@@ -8,6 +8,7 @@ token. Backends are compared with the reference token for token under shared uni
 """
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -562,14 +563,10 @@ SAMPLE_OUT_OF_RANGE = [("temperature", float("nan")), ("temperature", -1.0), ("t
 @pytest.mark.parametrize("name,value", SAMPLE_OUT_OF_RANGE, ids=[f"{n}={v}" for n, v in SAMPLE_OUT_OF_RANGE])
 def test_sample_tokens_refuses_out_of_range_values(backend, name, value):
     """As SamplingParams would (params.RANGES); the backends returned tokens for each of these."""
-    use_backend(backend)
-    if backend == "triton" and not INTERPRETED:
-        pytest.skip("on CUDA only CPU tensors are read (test_rsd_sample checks CPU row parameters)")
     args = good_sample_args()
     args[name] = args[name].clone()
     args[name][1] = value
-    with pytest.raises(ValueError, match=rf"^{name}\[1\] = \S+ is out of range: must be"):
-        sample_tokens(**args, backend=backend)
+    _refused(backend, sample_tokens, args, name)
 
 
 VERIFY_OUT_OF_RANGE = [("temperature", float("nan")), ("top_p", 0.0), ("student_top_p", 0.0), ("threshold", 1.5),
@@ -579,15 +576,21 @@ VERIFY_OUT_OF_RANGE = [("temperature", float("nan")), ("top_p", 0.0), ("student_
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("field,value", VERIFY_OUT_OF_RANGE, ids=[f"{n}={v}" for n, v in VERIFY_OUT_OF_RANGE])
 def test_verify_refuses_out_of_range_values(backend, field, value):
-    use_backend(backend)
-    if backend == "triton" and not INTERPRETED:
-        pytest.skip("on CUDA only CPU tensors are read (test_rsd_sample checks CPU row parameters)")
     args = good_verify_args()
     row = getattr(args["params"], field).clone()
     row[1] = value
     args["params"] = args["params"]._replace(**{field: row})
-    with pytest.raises(ValueError, match=rf"^params\.{field}\[1\] = \S+ is out of range: must be"):
-        rsd_verify(**args, backend=backend)
+    _refused(backend, rsd_verify, args, f"params.{field}")
+
+
+def _refused(backend, op, args, name):
+    """`op` refuses row 1's value of `name`, naming it (on CUDA only CPU tensors are read: test_rsd_sample checks
+    CPU row parameters there)."""
+    use_backend(backend)
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("on CUDA only CPU tensors are read")
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\[1\] = \S+ is out of range: must be"):
+        op(**args, backend=backend)
     args = good_verify_args()
     args["uniforms"][0, 2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"^uniforms\[0, 2, 5\] = nan is out of range: must be in \[0, 1\]"):
