@@ -6,8 +6,8 @@
     token per sequence to two engines, with no batching across sequences).
 
 All three run in one process on the same models, the same prompts and the same number of new tokens;
-the figure to quote is the ratio. On CPU each (pair, thread count, OpenMP wait policy) runs in a fresh
-worker process, so that its thread settings are its own (OpenMP reads its wait policy once, at load) and
+the figure to quote is the ratio. On CPU each (pair, thread count, OpenMP wait policy, float32 GEMM: oneDNN
+or MKL, --cpu-gemms) runs in a fresh worker process, so that its thread settings are its own (OpenMP reads its wait policy once, at load) and
 its peak RSS is the engine's: the Engine is made as the README makes it (max_batch_size 32, max_seq_len
 4096 unless told otherwise) and peak RSS is read after its runs, before the HF baselines load.
 ``--busy N`` runs N busy-loop processes beside the measurements: a machine shared with other work.
@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from atomic_json import dump  # noqa: E402
 from random_pair import SHAPES, build_random_pair, weight_bytes  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
+from rsd_engine.models.cpu_gemm import CHOICES as CPU_GEMMS, ENV as CPU_GEMM_ENV, uses_onednn  # noqa: E402
 
 TEMPERATURE, TOP_P, THRESHOLD = 0.7, 0.95, 0.01
 
@@ -212,7 +213,9 @@ def worker(args, run: dict, save=lambda: None) -> dict:
                 plain_rate[batch] = rate
             row = dict(pair=name, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                        threads=threads, requested_threads=requested,
-                       wait_policy=os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"), batch=batch,
+                       wait_policy=os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
+                       cpu_gemm=("onednn" if uses_onednn() else "mkl") if engine.device.type == "cpu" else None,
+                       batch=batch,
                        draft_tokens=draft_tokens, new_tokens=args.new_tokens,
                        prompt_tokens=sum(map(len, prompts)) // len(prompts), engine_load_s=load_s,
                        engine_warmup_s=warmup_s, acceptance_rate=sum(accepted) / len(accepted),
@@ -278,8 +281,8 @@ def worker(args, run: dict, save=lambda: None) -> dict:
     return run
 
 
-def run_worker(argv: list[str], pair: str, threads: str, policy: str) -> dict:
-    env = {**os.environ, "OMP_WAIT_POLICY": policy}
+def run_worker(argv: list[str], pair: str, threads: str, policy: str, gemm: str) -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": policy, CPU_GEMM_ENV: gemm}
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, *argv, "--worker", "--pairs", pair, "--threads", threads,
                "--worker-out", out.name]
@@ -321,6 +324,9 @@ def main(argv=None):
                         help="thread counts to compare, 'default' = rsd's default (default: %(default)s)")
     parser.add_argument("--wait-policies", nargs="+", default=["PASSIVE"], choices=["PASSIVE", "ACTIVE"],
                         help="OMP_WAIT_POLICY values to compare (default: rsd's, %(default)s)")
+    parser.add_argument("--cpu-gemms", nargs="+", default=["onednn"], choices=list(CPU_GEMMS),
+                        help="float32 CPU GEMMs to compare, RSD_CPU_GEMM (rsd_engine/models/cpu_gemm.py; default: "
+                             "%(default)s)")
     parser.add_argument("--busy", type=int, default=0, help="busy-loop processes beside the runs (default: 0)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="time the engine only (no HF loops)")
@@ -360,6 +366,7 @@ def main(argv=None):
                                f"tokens at batches {naive['naive_batches']} only; its tok/s is of its own run")
     if args.in_process or torch.device(args.device).type == "cuda":
         # In this process (thread settings do not matter on CUDA), the JSON kept after every row.
+        os.environ[CPU_GEMM_ENV] = args.cpu_gemms[0]
         for pair in args.pairs:
             run = dict(rows=[])
             report["runs"].append(run)
@@ -372,7 +379,8 @@ def main(argv=None):
             for pair in args.pairs:
                 for policy in args.wait_policies:
                     for threads in args.threads:
-                        report["runs"].append(run_worker(passthrough, pair, threads, policy))
+                        for gemm in args.cpu_gemms:
+                            report["runs"].append(run_worker(passthrough, pair, threads, policy, gemm))
         finally:
             for p in busy:
                 p.kill()
@@ -388,7 +396,7 @@ def print_table(report, args):
     print()
     print(f"machine: {report['cpus']} CPUs, {args.busy} busy-loop processes beside, load average "
           f"{report['load_average_before'][0]:.1f} before / {report['load_average_after'][0]:.1f} after")
-    print(f"{'pair':>6} {'thr':>7} {'wait':>7} {'G':>2} {'batch':>5} {'accept':>7} {'engine tok/s':>13} {'vs 1st':>7} "
+    print(f"{'pair':>6} {'thr':>7} {'wait':>7} {'gemm':>6} {'G':>2} {'batch':>5} {'accept':>7} {'engine tok/s':>13} {'vs 1st':>7} "
           f"{'ms/step':>8} {'floor ms':>9} {'/floor':>7} {'peak RSS GB':>11} {'naive HF':>9} {'1-by-1':>8} "
           f"{'vs naive':>9} {'vs 1-by-1':>10}")
     first = {}
@@ -400,7 +408,8 @@ def print_table(report, args):
         naive += f"{r['one_by_one_tok_s']:>8.1f} " if "one_by_one_tok_s" in r else f"{'-':>8} "
         naive += f"{r['vs_naive_hf']:>8.2f}x " if "vs_naive_hf" in r else f"{'-':>9} "
         naive += f"{r['vs_one_by_one']:>9.2f}x" if "vs_one_by_one" in r else f"{'-':>10}"
-        print(f"{r['pair']:>6} {r['requested_threads']:>7} {r['wait_policy'][:7]:>7} {r['draft_tokens']:>2} "
+        print(f"{r['pair']:>6} {r['requested_threads']:>7} {r['wait_policy'][:7]:>7} {r.get('cpu_gemm') or '-':>6} "
+              f"{r['draft_tokens']:>2} "
               f"{r['batch']:>5} {r['acceptance_rate']:>7.3f} {r['engine_tok_s']:>13.1f} "
               f"{r['engine_tok_s'] / base:>6.2f}x {r['engine_ms_per_step']:>8.2f} {floor} "
               f"{r['engine_peak_rss_gb']:>11.2f} {naive}")

@@ -52,8 +52,6 @@ class Engine:
 
         self.teacher = load_model(self.teacher_path, dtype=self.dtype, device=self.device)
         self.student = load_model(self.student_path, dtype=self.dtype, device=self.device)
-        for model in (self.teacher, self.student):
-            model.pack_head_for_cpu()
         warn_past_context(max_seq_len, teacher=self.teacher, student=self.student)
         self.teacher_tokenizer = load_tokenizer(self.teacher_path)
         self.tokenizer = load_tokenizer(self.student_path)

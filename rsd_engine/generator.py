@@ -53,7 +53,6 @@ class Generator(Engine):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
         self.model_path = resolve_model(model, revision)
         self.model = load_model(self.model_path, dtype=self.dtype, device=self.device)
-        self.model.pack_head_for_cpu()
         warn_past_context(max_seq_len, model=self.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.sampler = _sample_backend(sampler, self.device)

@@ -213,7 +213,7 @@ def _engine_on_fake_tensors(engine):
                         group[name] = _fake(t)
             for name, value in vars(module).items():
                 if isinstance(value, torch.Tensor):
-                    setattr(module, name, None if name == "_packed_head" else _fake(value))
+                    setattr(module, name, _fake(value))
     for cache in engine._caches():
         cache.k, cache.v = [_fake(t) for t in cache.k], [_fake(t) for t in cache.v]
     space = engine.space

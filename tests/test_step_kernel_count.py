@@ -83,7 +83,7 @@ def count_step(engine, monkeypatch, rows: int) -> tuple[StepKernels, dict]:
 def test_decode_step_kernels(tiny_pair, monkeypatch):
     engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=2, max_seq_len=64, sampler="triton")
     for model in (engine.teacher, engine.student):
-        model.use_triton, model._packed_head = True, None  # the CUDA forward and the CUDA logits (one GEMM)
+        model.use_triton = True  # the CUDA forward
         model.skinny_rows = 16  # the fused skinny GEMMs, where the probe finds them faster than cuBLAS
     monkeypatch.setattr(randomness, "KERNEL_ON_CPU", True)
     monkeypatch.setattr(triton_ops, "_splits", lambda programs, device: 4)  # CUDA's small batch: split attention
@@ -114,7 +114,7 @@ def test_speculative_round_kernels(tiny_pair, monkeypatch):
     engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=2, max_seq_len=64, sampler="triton",
                     draft_tokens=4)
     for model in (engine.teacher, engine.student):
-        model.use_triton, model._packed_head = True, None
+        model.use_triton = True
         model.skinny_rows = 16
     monkeypatch.setattr(randomness, "KERNEL_ON_CPU", True)
     monkeypatch.setattr(triton_ops, "_splits", lambda programs, device: 4)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import cpu_gemm
 from .config import ModelConfig
 from .hub import index_shards, read_json_object, resolve_model
 from .transformer import MERGED, CausalLM
@@ -30,6 +31,8 @@ def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torc
     capture missed every torch op of the step). The models of one process share a device."""
     dtype = _dtype(dtype)
     device = torch.device(device)
+    if device.type == "cpu":
+        cpu_gemm.uses_onednn()  # an RSD_CPU_GEMM that names no choice is refused here, not at the first token
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     folder = resolve_model(folder, revision)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rope
+from .cpu_gemm import Linear, linear
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -18,9 +19,6 @@ from .kv_cache import KVCache
 # Merged projections -> the HF checkpoint tensors they concatenate, in order (loader.py splits names this way).
 MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-# The packed head wins at decode batch sizes; over hundreds of rows (scoring, prefill) MKL's GEMM is faster.
-PACKED_HEAD_ROWS = 32
 
 
 class RMSNorm(nn.Module):
@@ -41,8 +39,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
         # q, k and v heads in one GEMM; the loader concatenates HF's q_proj, k_proj, v_proj (MERGED).
-        self.qkv_proj = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.qkv_proj = Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -68,8 +66,8 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         # gate and up in one GEMM (the loader concatenates HF's gate_proj and up_proj, gate first).
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -119,11 +117,10 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Decoder(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # Explicit CPU so that building under torch.device("meta") still yields real frequencies.
         with torch.device("cpu"):
             self.register_buffer("inv_freq", rope.inv_freq(config), persistent=False)
-        self._packed_head = None  # see pack_head_for_cpu
         # The Triton forward (_forward_triton): None = on CUDA tensors; True also runs it on CPU (interpreted, tests).
         self.use_triton: bool | None = None
         # The Triton forward's fused skinny-GEMM path runs for B*T <= skinny_rows; None = not chosen yet
@@ -233,12 +230,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden_size] -> float32 logits [..., vocab_size] (every embedding row)."""
-        if (self._packed_head is not None and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
-                and hidden.numel() <= PACKED_HEAD_ROWS * hidden.shape[-1]):
-            flat = hidden.reshape(-1, hidden.shape[-1]).contiguous().to_mkldnn()
-            out = torch._C._nn.mkldnn_linear(flat, self._packed_head, None).to_dense()
-            return out.view(*hidden.shape[:-1], -1)
-        return F.linear(hidden, self.head_weight).float()
+        return linear(hidden, self.head_weight).float()
 
     def sampler_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for the samplers, which read float32, bf16 and fp16 as they are: the model dtype on CUDA
@@ -250,14 +242,3 @@ class CausalLM(nn.Module):
     @property
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-
-    def pack_head_for_cpu(self) -> bool:
-        """Keep a oneDNN-blocked copy of the vocabulary projection for float32 CPU decoding.
-
-        MKL's float32 GEMM is compute-bound at 1-32 rows over a [vocab, hidden] matrix (about 8 GB/s
-        for a 49k vocabulary on two cores); oneDNN's blocked layout runs the same product about twice
-        as fast. Costs one more copy of that matrix; compiled graphs keep using the plain weight."""
-        if self.dtype != torch.float32 or self.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return False
-        self._packed_head = self.head_weight.detach().to_mkldnn()
-        return True

@@ -106,7 +106,6 @@ class Reader:
         if self._model is None:
             device = resolve_device(self.device)
             self._model = load_model(self.folder, dtype=resolve_dtype(self.dtype, device), device=device)
-            self._model.pack_head_for_cpu()
         if self._cache is None or (self.max_seq_len, self._cache.num_slots) != (max_seq_len, slots):
             self._cache = None  # free the old one first
             self._cache = self._model.new_cache(slots, max_seq_len)

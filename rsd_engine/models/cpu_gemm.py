@@ -1,0 +1,51 @@
+"""Float32 linear layers on CPU through oneDNN's matmul, reading the model's own weights.
+
+``F.linear`` on a float32 CPU tensor is MKL's SGEMM, which on AMD processors takes a generic code path:
+on the two-core AMD EPYC (AVX-512) this project is developed on it reads a decoder's weights at 5-8 GB/s
+for 2-32 rows, where oneDNN's matmul over the same plain [out, in] tensor reads them at 12-22 GB/s, and it
+is 1.2-1.5x faster at 256-2,048 rows too (bench/bench_e2e.py --cpu-gemms compares the two end to end).
+The weights stay as they are: nothing is copied or re-laid out, so a model costs no more memory.
+
+RSD_CPU_GEMM=mkl takes ``F.linear`` again (for comparisons, or a machine where MKL is faster). Other
+dtypes, other devices, autograd and code that torch.compile traces keep ``F.linear``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV = "RSD_CPU_GEMM"
+CHOICES = ("onednn", "mkl")
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn(choice: str) -> bool:
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r} is not a CPU GEMM choice: use one of {', '.join(CHOICES)}")
+    return (choice == "onednn" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def uses_onednn() -> bool:
+    """Whether float32 CPU linears take oneDNN now (RSD_CPU_GEMM, default onednn, where torch has it)."""
+    return _onednn(os.environ.get(ENV, "onednn"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on float32 CPU tensors through oneDNN (see the module's note)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) and uses_onednn()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (the same parameters and checkpoint names) whose product is ``linear`` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
