@@ -5,11 +5,12 @@
 (b) the authors' style: the same loop one sequence at a time (their generator sends one request per
     token per sequence to two engines, with no batching across sequences).
 
-All three run in one process on the same models, the same prompts and the same number of new tokens;
-the figure to quote is the ratio. On CPU each (pair, thread count, OpenMP wait policy, float32 GEMM: oneDNN
-or MKL, --cpu-gemms) runs in a fresh worker process, so that its thread settings are its own (OpenMP reads its wait policy once, at load) and
-its peak RSS is the engine's: the Engine is made as the README makes it (max_batch_size 32, max_seq_len
-4096 unless told otherwise) and peak RSS is read after its runs, before the HF baselines load.
+All three run in one process on the same models, the same prompts and the same number of new tokens; the
+figure to quote is the ratio. On CPU each (pair, thread count, OpenMP wait policy, float32 GEMM: oneDNN or
+torch's BLAS, --cpu-gemms) runs in a fresh worker process, so that its thread settings are its own (OpenMP
+reads its wait policy once, at load) and its peak RSS is the engine's: the Engine is made as the README makes
+it (max_batch_size 32, max_seq_len 4096 unless told otherwise) and peak RSS is read after its runs, before the
+HF baselines load.
 ``--busy N`` runs N busy-loop processes beside the measurements: a machine shared with other work.
 
 On CUDA (bench/device_check.sh), or with --in-process, the run is in this process and the JSON is
@@ -42,7 +43,8 @@ import torch  # noqa: E402
 from atomic_json import dump  # noqa: E402
 from random_pair import SHAPES, build_random_pair, weight_bytes  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
-from rsd_engine.models.cpu_gemm import CHOICES as CPU_GEMMS, ENV as CPU_GEMM_ENV, uses_onednn  # noqa: E402
+from rsd_engine.models.cpu_gemm import (CHOICES as CPU_GEMMS, DEFAULT as CPU_GEMM_DEFAULT, ENV as CPU_GEMM_ENV,  # noqa: E402
+                                       uses_onednn)
 
 TEMPERATURE, TOP_P, THRESHOLD = 0.7, 0.95, 0.01
 
@@ -214,7 +216,7 @@ def worker(args, run: dict, save=lambda: None) -> dict:
             row = dict(pair=name, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                        threads=threads, requested_threads=requested,
                        wait_policy=os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
-                       cpu_gemm=("onednn" if uses_onednn() else "mkl") if engine.device.type == "cpu" else None,
+                       cpu_gemm=("onednn" if uses_onednn() else "blas") if engine.device.type == "cpu" else None,
                        batch=batch,
                        draft_tokens=draft_tokens, new_tokens=args.new_tokens,
                        prompt_tokens=sum(map(len, prompts)) // len(prompts), engine_load_s=load_s,
@@ -324,9 +326,9 @@ def main(argv=None):
                         help="thread counts to compare, 'default' = rsd's default (default: %(default)s)")
     parser.add_argument("--wait-policies", nargs="+", default=["PASSIVE"], choices=["PASSIVE", "ACTIVE"],
                         help="OMP_WAIT_POLICY values to compare (default: rsd's, %(default)s)")
-    parser.add_argument("--cpu-gemms", nargs="+", default=["onednn"], choices=list(CPU_GEMMS),
+    parser.add_argument("--cpu-gemms", nargs="+", default=None, choices=list(CPU_GEMMS),
                         help="float32 CPU GEMMs to compare, RSD_CPU_GEMM (rsd_engine/models/cpu_gemm.py; default: "
-                             "%(default)s)")
+                             f"rsd's, {CPU_GEMM_DEFAULT})")
     parser.add_argument("--busy", type=int, default=0, help="busy-loop processes beside the runs (default: 0)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="time the engine only (no HF loops)")
@@ -341,6 +343,7 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.cpu_gemms = args.cpu_gemms or [CPU_GEMM_DEFAULT]
     if max(args.batches) > args.max_batch_size:
         parser.error(f"--batches up to {max(args.batches)} need --max-batch-size >= that")
     if not set(args.naive_batches or []) <= set(args.batches):

@@ -10,6 +10,14 @@ from rsd_engine.models import cpu_gemm, load_model
 pytestmark = pytest.mark.skipif(not cpu_gemm._onednn("onednn"), reason="this torch has no oneDNN matmul")
 
 
+@pytest.fixture(autouse=True)
+def onednn_for_every_size(monkeypatch):
+    """The tests' matrices are small: take oneDNN for them as for a real model's (and the default choice)."""
+    monkeypatch.setattr(cpu_gemm, "MIN_WEIGHT_ELEMENTS", 0)
+    monkeypatch.delenv(cpu_gemm.ENV, raising=False)
+    monkeypatch.setattr(cpu_gemm, "DEFAULT", "onednn")
+
+
 class Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -39,14 +47,22 @@ def test_same_products_as_f_linear(rows, bias):
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_mkl_choice_and_other_dtypes_keep_f_linear(monkeypatch):
+def test_blas_choice_and_other_dtypes_keep_f_linear(monkeypatch):
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    monkeypatch.setenv(cpu_gemm.ENV, "mkl")
+    monkeypatch.setenv(cpu_gemm.ENV, "blas")
     assert "mkldnn::_linear_pointwise" not in ops_of(cpu_gemm.linear, x, w)[1]
     monkeypatch.delenv(cpu_gemm.ENV)
     assert "mkldnn::_linear_pointwise" in ops_of(cpu_gemm.linear, x, w)[1]
     for dtype in (torch.bfloat16, torch.float16):
         assert "mkldnn::_linear_pointwise" not in ops_of(cpu_gemm.linear, x.to(dtype), w.to(dtype))[1]
+
+
+def test_small_matrices_keep_blas(monkeypatch):
+    """Below MIN_WEIGHT_ELEMENTS oneDNN's fixed cost per call is more than BLAS's whole product."""
+    monkeypatch.setattr(cpu_gemm, "MIN_WEIGHT_ELEMENTS", 1 << 18)
+    x = torch.randn(2, 256)
+    assert "mkldnn::_linear_pointwise" not in ops_of(cpu_gemm.linear, x, torch.randn(1023, 256))[1]
+    assert "mkldnn::_linear_pointwise" in ops_of(cpu_gemm.linear, x, torch.randn(1024, 256))[1]
 
 
 def test_weights_that_train_keep_autograd():
@@ -57,11 +73,11 @@ def test_weights_that_train_keep_autograd():
 
 def test_unknown_choice_is_refused_when_a_model_loads(monkeypatch, tiny_pair):
     monkeypatch.setenv(cpu_gemm.ENV, "openblas")
-    with pytest.raises(ValueError, match=r"RSD_CPU_GEMM='openblas' is not a CPU GEMM choice: use one of onednn, mkl"):
+    with pytest.raises(ValueError, match=r"RSD_CPU_GEMM='openblas' is not a CPU GEMM choice: use one of onednn, blas"):
         load_model(tiny_pair[1])
 
 
-def test_a_models_forward_takes_onednn_and_matches_mkl(monkeypatch, tiny_pair):
+def test_a_models_forward_takes_onednn_and_matches_blas(monkeypatch, tiny_pair):
     """Every layer's projections and the vocabulary head, on the weights as loaded (no copy)."""
     model = load_model(tiny_pair[1])
     ids = torch.tensor([[1, 5, 9, 2]])
@@ -73,9 +89,9 @@ def test_a_models_forward_takes_onednn_and_matches_mkl(monkeypatch, tiny_pair):
 
     with torch.inference_mode():
         onednn, names = ops_of(forward)
-        monkeypatch.setenv(cpu_gemm.ENV, "mkl")
-        mkl, mkl_names = ops_of(forward)
+        monkeypatch.setenv(cpu_gemm.ENV, "blas")
+        blas, blas_names = ops_of(forward)
     layers = model.config.num_layers
     assert names.count("mkldnn::_linear_pointwise") == 4 * layers + 1  # qkv, o, gate_up, down; the head
-    assert "mkldnn::_linear_pointwise" not in mkl_names
-    torch.testing.assert_close(onednn, mkl, rtol=1e-4, atol=1e-4)
+    assert "mkldnn::_linear_pointwise" not in blas_names
+    torch.testing.assert_close(onednn, blas, rtol=1e-4, atol=1e-4)

@@ -6,20 +6,27 @@ for 2-32 rows, where oneDNN's matmul over the same plain [out, in] tensor reads 
 is 1.2-1.5x faster at 256-2,048 rows too (bench/bench_e2e.py --cpu-gemms compares the two end to end).
 The weights stay as they are: nothing is copied or re-laid out, so a model costs no more memory.
 
-RSD_CPU_GEMM=mkl takes ``F.linear`` again (for comparisons, or a machine where MKL is faster). Other
-dtypes, other devices, autograd and code that torch.compile traces keep ``F.linear``.
+RSD_CPU_GEMM=blas takes ``F.linear``, torch's own BLAS (MKL in x86-64 builds), again: for comparisons, or a
+machine where it is faster. oneDNN is the default on x86-64 processors only, where it was measured; elsewhere
+(ARM builds, whose BLAS is another library) ``blas`` is. Other dtypes, other devices, autograd and code that
+torch.compile traces keep ``F.linear``.
 """
 from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ENV = "RSD_CPU_GEMM"
-CHOICES = ("onednn", "mkl")
+CHOICES = ("onednn", "blas")
+DEFAULT = "onednn" if platform.machine().lower() in ("x86_64", "amd64") else "blas"
+# oneDNN costs about 25 µs a call whatever the size (its primitive lookup): below about 1 MB of weights
+# (a 288 x 96 matrix: 7 µs in BLAS, 30 in oneDNN; 1,024 x 256: 33 and 27) BLAS is the faster.
+MIN_WEIGHT_ELEMENTS = 1 << 18
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,14 +38,14 @@ def _onednn(choice: str) -> bool:
 
 
 def uses_onednn() -> bool:
-    """Whether float32 CPU linears take oneDNN now (RSD_CPU_GEMM, default onednn, where torch has it)."""
-    return _onednn(os.environ.get(ENV, "onednn"))
+    """Whether float32 CPU linears take oneDNN now (RSD_CPU_GEMM, else DEFAULT; where torch has it)."""
+    return _onednn(os.environ.get(ENV, DEFAULT))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; on float32 CPU tensors through oneDNN (see the module's note)."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.compiler.is_compiling()
+            and weight.numel() >= MIN_WEIGHT_ELEMENTS and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) and uses_onednn()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
