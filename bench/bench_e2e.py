@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from atomic_json import dump  # noqa: E402
 from random_pair import SHAPES, build_random_pair, weight_bytes  # noqa: E402
 from rsd_engine import Engine, SamplingParams  # noqa: E402
-from rsd_engine.models.cpu_gemm import (CHOICES as CPU_GEMMS, DEFAULT as CPU_GEMM_DEFAULT, ENV as CPU_GEMM_ENV,  # noqa: E402
-                                       uses_onednn)
+from rsd_engine.models import cpu_gemm  # noqa: E402
+from rsd_engine.models.cpu_gemm import CHOICES as CPU_GEMMS, ENV as CPU_GEMM_ENV, uses_onednn  # noqa: E402
 
 TEMPERATURE, TOP_P, THRESHOLD = 0.7, 0.95, 0.01
 
@@ -216,7 +216,9 @@ def worker(args, run: dict, save=lambda: None) -> dict:
             row = dict(pair=name, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                        threads=threads, requested_threads=requested,
                        wait_policy=os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
+                       # oneDNN takes the matrices of MIN_WEIGHT_ELEMENTS or more; smaller ones stay on BLAS
                        cpu_gemm=("onednn" if uses_onednn() else "blas") if engine.device.type == "cpu" else None,
+                       cpu_gemm_min_elements=cpu_gemm.MIN_WEIGHT_ELEMENTS,
                        batch=batch,
                        draft_tokens=draft_tokens, new_tokens=args.new_tokens,
                        prompt_tokens=sum(map(len, prompts)) // len(prompts), engine_load_s=load_s,
@@ -328,7 +330,7 @@ def main(argv=None):
                         help="OMP_WAIT_POLICY values to compare (default: rsd's, %(default)s)")
     parser.add_argument("--cpu-gemms", nargs="+", default=None, choices=list(CPU_GEMMS),
                         help="float32 CPU GEMMs to compare, RSD_CPU_GEMM (rsd_engine/models/cpu_gemm.py; default: "
-                             f"rsd's, {CPU_GEMM_DEFAULT})")
+                             "RSD_CPU_GEMM if set, else rsd's default)")
     parser.add_argument("--busy", type=int, default=0, help="busy-loop processes beside the runs (default: 0)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="time the engine only (no HF loops)")
@@ -343,7 +345,12 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.cpu_gemms = args.cpu_gemms or [CPU_GEMM_DEFAULT]
+    try:
+        args.cpu_gemms = args.cpu_gemms or [cpu_gemm.choice()]
+    except ValueError as err:
+        parser.error(str(err))
+    if len(args.cpu_gemms) > 1 and (args.in_process or torch.device(args.device).type == "cuda"):
+        parser.error("--cpu-gemms compares choices in worker processes: give one with --in-process or on CUDA")
     if max(args.batches) > args.max_batch_size:
         parser.error(f"--batches up to {max(args.batches)} need --max-batch-size >= that")
     if not set(args.naive_batches or []) <= set(args.batches):

@@ -69,6 +69,27 @@ def test_weights_that_train_keep_autograd():
     w = torch.randn(4, 8, requires_grad=True)
     cpu_gemm.linear(torch.randn(2, 8), w).sum().backward()
     assert w.grad is not None
+    b = torch.randn(4, requires_grad=True)  # a bias that trains beside a frozen weight
+    cpu_gemm.linear(torch.randn(2, 8), w.detach(), b).sum().backward()
+    assert b.grad is not None
+
+
+def test_strided_bias_and_autocast_keep_f_linear():
+    """oneDNN reads a bias as contiguous whatever its strides (a wrong product, silently); CPU autocast
+    expects bf16 out of a linear."""
+    x, w = torch.randn(3, 8), torch.randn(48, 8)
+    for bias in (torch.randn(96)[::2], torch.randn(48, 2)[:, 0], torch.tensor(1.5).expand(48)):
+        out, names = ops_of(cpu_gemm.linear, x, w, bias)
+        assert "mkldnn::_linear_pointwise" not in names
+        torch.testing.assert_close(out, F.linear(x, w, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_gemm.linear(x, w).dtype == F.linear(x, w).dtype == torch.bfloat16
+
+
+def test_choice_reads_any_case_and_empty_as_default(monkeypatch):
+    for value, onednn in (("ONEDNN", True), (" Blas ", False), ("", True)):
+        monkeypatch.setenv(cpu_gemm.ENV, value)
+        assert cpu_gemm.uses_onednn() is onednn
 
 
 def test_unknown_choice_is_refused_when_a_model_loads(monkeypatch, tiny_pair):

@@ -9,7 +9,7 @@ The weights stay as they are: nothing is copied or re-laid out, so a model costs
 RSD_CPU_GEMM=blas takes ``F.linear``, torch's own BLAS (MKL in x86-64 builds), again: for comparisons, or a
 machine where it is faster. oneDNN is the default on x86-64 processors only, where it was measured; elsewhere
 (ARM builds, whose BLAS is another library) ``blas`` is. Other dtypes, other devices, autograd and code that
-torch.compile traces keep ``F.linear``.
+torch.compile traces, CPU autocast and a strided bias keep ``F.linear``.
 """
 from __future__ import annotations
 
@@ -37,16 +37,27 @@ def _onednn(choice: str) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def choice() -> str:
+    """RSD_CPU_GEMM as given (any case; unset or empty: DEFAULT), refused if it names no choice."""
+    value = os.environ.get(ENV, "").strip().lower() or DEFAULT
+    _onednn(value)
+    return value
+
+
 def uses_onednn() -> bool:
-    """Whether float32 CPU linears take oneDNN now (RSD_CPU_GEMM, else DEFAULT; where torch has it)."""
-    return _onednn(os.environ.get(ENV, DEFAULT))
+    """Whether float32 CPU linears of MIN_WEIGHT_ELEMENTS or more take oneDNN now (where torch has it)."""
+    return _onednn(choice())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on float32 CPU tensors through oneDNN (see the module's note)."""
+    """``F.linear(x, weight, bias)``; on float32 CPU tensors through oneDNN (see the module's note). oneDNN reads
+    the bias as contiguous whatever its strides: a strided bias keeps F.linear."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.numel() >= MIN_WEIGHT_ELEMENTS and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) and uses_onednn()):
+            and weight.numel() >= MIN_WEIGHT_ELEMENTS and (bias is None or bias.is_contiguous())
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and uses_onednn()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
