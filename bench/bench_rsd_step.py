@@ -189,9 +189,10 @@ def round0_binned_ids(teacher, student, params) -> int:
 
 
 @contextlib.contextmanager
-def forced_config(chunks: int | None = None, num_warps: int | None = None):
+def forced_config(chunks: int | None = None, num_warps: int | None = None, tile: int | None = None):
     """The Triton ops' launch configuration overridden: ``chunks`` programs per row and side instead of the
-    launch table's, ``num_warps`` warps a program instead of CUDA_CONFIG's (None: unchanged)."""
+    launch table's, ``num_warps`` warps a program and ``tile`` ids a tile of rsd_verify's failed, residual and
+    pick kernels instead of CUDA_CONFIG's (None: unchanged)."""
     from rsd_engine.sampling import triton as triton_backend
 
     config = triton_backend.CUDA_CONFIG
@@ -199,6 +200,8 @@ def forced_config(chunks: int | None = None, num_warps: int | None = None):
     config["chunks"] = chunks
     if num_warps is not None:
         config["num_warps"] = num_warps
+    if tile is not None:
+        config["TILE"] = tile
     try:
         yield
     finally:

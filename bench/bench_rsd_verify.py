@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_rsd_step import (DTYPES, MODEL_LOGITS, VOCAB, add_common_arguments, common_meta,  # noqa: E402
-                            fused_backend, make_step, resolve, run_rows, time_pair)
+                            forced_config, fused_backend, kernel_breakdown, make_step, median_graph_us, resolve,
+                            run_rows, time_pair)
 from rsd_engine.randomness import DRAFT_DRAW, round_uniforms  # noqa: E402
 from rsd_engine.sampling import rsd_verify, rsd_verify_reference, sample_tokens  # noqa: E402
 
@@ -50,6 +51,21 @@ def bench_verify(B, G, V, dtype, device, args, shape="lm") -> dict:
     return row
 
 
+def bench_tile(B, G, V, dtype, tile, device, args) -> dict:
+    """The Triton rsd_verify alone with its failed, residual and pick kernels taking ``tile`` ids at a time:
+    CUDA_CONFIG's TILE against its alternatives (registers and spills against a draw's dependent tiles)."""
+    inputs = make_round(B, G, V, device, dtype)
+    fused = lambda: rsd_verify(*inputs, backend="triton", check_values=False)  # noqa: E731
+    with forced_config(tile=tile):
+        us = median_graph_us(fused, args.repeats)
+        kernels = kernel_breakdown(fused)
+        out = fused()
+    nbytes = sum(t.numel() * t.element_size() for t in inputs[:2])  # as time_pair's floor
+    floor = nbytes / (args.floor_tb_s * 1e12) * 1e6
+    return dict(fused_us=us, fused_kernels=kernels, floor_us=floor, over_floor=us / floor,
+                same_tokens=bool(torch.equal(out.tokens, rsd_verify_reference(*inputs).tokens)))
+
+
 def bench_sample_tokens(B, V, dtype, device, args) -> dict:
     backend = fused_backend(device)
     _, logits, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
@@ -72,6 +88,11 @@ def main(argv=None):
     parser.add_argument("--model-rows-batch", type=int, nargs="*", default=[],
                         help="then rsd_verify at these batch sizes on model-shaped rows (MODEL_LOGITS), first dtype, "
                              "G and vocab only")
+    parser.add_argument("--tiles", type=int, nargs="*", default=[],
+                        help="CUDA: then time the Triton rsd_verify alone with each of these ids a tile (divisors "
+                             "of CUDA_CONFIG's SEG; its TILE the default) at the --tile-batch sizes, first G, dtype "
+                             "and vocab only")
+    parser.add_argument("--tile-batch", type=int, nargs="+", default=[1, 16])
     add_common_arguments(parser, "rsd_verify.json")
     args = parser.parse_args(argv)
     device = resolve(args)
@@ -86,13 +107,22 @@ def main(argv=None):
              for B in args.sample_batch]
     keys += [dict(op="rsd_verify", B=B, G=args.gammas[0], V=args.vocab[0], dtype=args.dtype[0], shape="model")
              for B in args.model_rows_batch]
+    if device == "cuda":  # last: a run cut short loses the sweep first
+        keys += [dict(op="rsd_verify_tile", B=B, G=args.gammas[0], V=args.vocab[0], dtype=args.dtype[0], tile=t)
+                 for B in args.tile_batch for t in args.tiles]
 
-    def one(op, B, G, V, dtype, shape="lm"):
+    def one(op, B, G, V, dtype, shape="lm", tile=None):
         if op == "rsd_verify":
             return bench_verify(B, G, V, DTYPES[dtype], device, args, shape)
+        if op == "rsd_verify_tile":
+            return bench_tile(B, G, V, DTYPES[dtype], tile, device, args)
         return bench_sample_tokens(B, V, DTYPES[dtype], device, args)
 
     def fmt(r):
+        if r["op"] == "rsd_verify_tile":
+            return (f"{'rsd_verify':>13} {r['B']:>4} {r['G']:>2} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} "
+                    f"with tiles of {r['tile']} ids | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "
+                    f"{'yes' if r['same_tokens'] else 'no (rounding)'}")
         emitted = f"{r['mean_emitted']:>7.2f}" if "mean_emitted" in r else f"{'-':>7}"
         return (f"{r['op']:>13} {r['B']:>4} {r['G']:>2} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} "
                 f"{r['reference_us']:>10.1f} {r['speedup']:>7.1f}x | {r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x | "

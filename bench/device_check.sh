@@ -26,7 +26,8 @@
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, fp32 then bf16,
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
 #                     Triton op with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
-#   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way
+#   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way;
+#                     then the Triton rsd_verify with tiles of 4096/2048/1024 ids (CUDA_CONFIG's TILE) at B 1/16
 #   e2e.json          Engine on a random Qwen3-1.7B/0.6B-shaped pair made on the card, batch 1/16/128, against
 #                     the naive HF loop (16 new tokens, so it fits) and the weight-streaming floor
 #   profile.json      torch.profiler of one decode step at batch 1 on that pair: its wall time (written first),
@@ -171,7 +172,8 @@ if [ "$mode" = cuda ]; then
     --repeats 10 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
     --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
-    --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --out "$out/rsd_verify.json"
+    --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --tiles 4096 2048 1024 --tile-batch 1 16 \
+    --out "$out/rsd_verify.json"
   step e2e 70 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-1.7b \
     --student-shape qwen3-0.6b --batches 1 16 128 --max-batch-size 128 --max-seq-len 512 --prompt-len 64 \
     --new-tokens 32 --repeats 2 --naive-new-tokens 16 --naive-repeats 1 --no-one-by-one --cache "$pairs" \

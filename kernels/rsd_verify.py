@@ -15,8 +15,11 @@ parallel. Then, with rp = row * P + position and the position's side rs = rp * 2
      segment's mass of max(0, Q - qS) and of Q, Q = qT * ok * c + r^K * qS.
   8. pick_kernel (row): walks the positions up to the first rejection or flag, reading only what the
      launches before stored: a kept draft costs a few scalar loads; a rejected one a draw from the residual
-     (the segment holding the target mass from the segments' masses, then one scan of that segment); the
-     bonus position a plain RSD step (rsd_split's draws) from its [fallback, proposals] columns.
+     (the segment holding the target mass from the segments' masses, then that segment's tiles in order up
+     to the one that reaches it); the bonus position a plain RSD step (rsd_split's draws) from its
+     [fallback, proposals] columns.
+Kernels 6-8 take a segment TILE ids at a time (a divisor of SEG), their sums kept per lane and reduced once a
+segment: both sides' fp64 laws over a whole segment of 4096 held more than an sm_90 thread's 255 registers.
 Q arithmetic runs in fp64 from the fp32 weights, as the reference's: qT = w / (kept mass), the kept mass the
 fp64 sum of the kept weights (segments in id order), not rsd_split's fixed-point mass (exact for the cut and
 the draws, but each weight rounded to 2**-40). No spin waits, no autotune.
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .rsd_sample import I32_MAX, _order_key, _row_stats, _scaled_exp, _truncate
-from .rsd_split import ALL_TIES, BOTH, GREEDY, _add2, _add3, _first_last, _keep_ties, _law, _load_row, _load_side, \
+from .rsd_split import ALL_TIES, BOTH, GREEDY, _add2, _add3, _first_last, _law, _load_row, _load_side, \
     _mode, _sample_side, _ukey
 
 # Flags, as rsd_sample's: NaN/+inf in the teacher's row, in the student's; no finite logit the student may write.
@@ -50,11 +53,12 @@ def _side(walk_ptr, rs, temperature, top_k, top_p):
 
 
 @triton.jit
-def _segment_law(row_ptr, mask_ptr, n_mask, seg, mode, live, lmax, temperature, cut, fine, den, argmax, kept_ties,
-                 SEG: tl.constexpr):
-    """One segment of a side's truncated law, fp64: (ids, logits, probabilities). A tie at the cut is kept
-    while its rank among the segment's ties is below the segment's kept ties."""
-    idx = seg * SEG + tl.arange(0, SEG)
+def _tile_law(row_ptr, mask_ptr, n_mask, lo, mode, live, lmax, temperature, cut, fine, den, argmax, kept_ties,
+              ties_before, TILE: tl.constexpr):
+    """TILE ids from lo (a tile of a segment) of a side's truncated law, fp64: (ids, logits, probabilities,
+    ties_before). A tie at the cut is kept while its rank among the segment's ties, ties_before of them in the
+    segment's earlier tiles, is below the segment's kept ties."""
+    idx = lo + tl.arange(0, TILE)
     x, present = _load_row(row_ptr, mask_ptr, n_mask, idx)
     present = tl.where(live, present, 0) != 0  # (`present & live` trips the interpreter on a scalar bool)
     key = _ukey(x)
@@ -62,27 +66,49 @@ def _segment_law(row_ptr, mask_ptr, n_mask, seg, mode, live, lmax, temperature, 
     okey = _order_key(x).to(tl.int64)
     tie = present & tl.where(both, okey == cut, ((key >> 8) == cut) & ((key & 255) == fine))
     above = present & tl.where(both, okey > cut, ((key >> 8) > cut) | (((key >> 8) == cut) & ((key & 255) > fine)))
-    keep = above | _keep_ties(tie, kept_ties)
+    kept, ties_before = _keep_ties_after(tie, kept_ties, ties_before)
+    keep = above | kept
     t = tl.where(temperature != 0.0, temperature, 1.0)
     w = tl.where(keep, _scaled_exp(x, lmax, t), 0.0).to(tl.float64) / den
     one_hot = tl.where(present & (idx == argmax), 1.0, 0.0).to(tl.float64)
-    return idx, x, tl.where(mode == GREEDY, one_hot, w)
+    return idx, x, tl.where(mode == GREEDY, one_hot, w), ties_before
 
 
 @triton.jit
-def _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg, rp, n_seg,
-                  cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax, temperature, t_argmax,
-                  s_mode, s_live, s_lmax, student_temperature, s_argmax, SEG: tl.constexpr):
-    """(ids, qT, qS, student logits) of one segment of a position; t_den = s_den = 1 gives the weights."""
+def _keep_ties_after(tie, n_tie, before):
+    """rsd_split._keep_ties for a tile that follows `before` of the segment's ties: (kept, before + the tile's
+    ties). The count is only needed, and only taken, where the cut splits the segment's ties."""
+    if (n_tie > 0) & (n_tie < ALL_TIES):
+        tie_i = tie.to(tl.int32)
+        keep = tie & (before + tl.cumsum(tie_i, 0) - tie_i < n_tie)
+        before += tl.sum(tie_i, 0)
+    else:
+        keep = tie & (n_tie > 0)
+    return keep, before
+
+
+@triton.jit
+def _segment_cuts(cut_ptr, fine_ptr, kt_ptr, rp, n_seg, seg):
+    """Both sides' cut (prefix or tau), fine digit (or n_tie) and the segment's kept ties at the cut, loaded
+    once for all the tiles of a segment."""
     rt = rp * 2
     rs = rt + 1
-    idx, _lt, qt = _segment_law(teacher_row, proposal_mask_ptr, n_vocab, seg, t_mode, t_live, t_lmax, temperature,
-                                tl.load(cut_ptr + rt), tl.load(fine_ptr + rt), t_den, t_argmax,
-                                tl.load(kt_ptr + rt * n_seg + seg), SEG)
-    _idx, ls, qs = _segment_law(student_row, fallback_mask_ptr, n_vocab, seg, s_mode, s_live, s_lmax,
-                                student_temperature, tl.load(cut_ptr + rs), tl.load(fine_ptr + rs),
-                                s_den, s_argmax, tl.load(kt_ptr + rs * n_seg + seg), SEG)
-    return idx, qt, qs, ls
+    return (tl.load(cut_ptr + rt), tl.load(fine_ptr + rt), tl.load(kt_ptr + rt * n_seg + seg), tl.load(cut_ptr + rs),
+            tl.load(fine_ptr + rs), tl.load(kt_ptr + rs * n_seg + seg))
+
+
+@triton.jit
+def _tile_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, lo, cuts, t_den, s_den,
+               t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax,
+               t_before, s_before, TILE: tl.constexpr):
+    """(ids, qT, qS, student logits, t_before, s_before) of one tile of a position (cuts: _segment_cuts of its
+    segment); t_den = s_den = 1 gives the weights."""
+    t_cut, t_fine, t_kt, s_cut, s_fine, s_kt = cuts
+    idx, _lt, qt, t_before = _tile_law(teacher_row, proposal_mask_ptr, n_vocab, lo, t_mode, t_live, t_lmax,
+                                       temperature, t_cut, t_fine, t_den, t_argmax, t_kt, t_before, TILE)
+    _idx, ls, qs, s_before = _tile_law(student_row, fallback_mask_ptr, n_vocab, lo, s_mode, s_live, s_lmax,
+                                       student_temperature, s_cut, s_fine, s_den, s_argmax, s_kt, s_before, TILE)
+    return idx, qt, qs, ls, t_before, s_before
 
 
 @triton.jit
@@ -239,7 +265,7 @@ def failed_kernel(
     failed_ptr,  # [B * P, 3, n_seg] fp64 out: per segment, sum of wT(z) * (1 - ok(z)), of wT, of wS (kept weights)
     at_ptr,  # [B * P, 3] fp64 out: wT(x), wS(x), ok(x) at the draft x
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, spc, n_seg,
-    SEG: tl.constexpr,
+    SEG: tl.constexpr, TILE: tl.constexpr,
 ):
     rp = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -254,22 +280,33 @@ def failed_kernel(
         student_row = student_ptr + rp * student_stride
         seg_lo = chunk * spc
         for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
-            idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab,
-                                            s, rp, n_seg, cut_ptr, fine_ptr, 1.0, 1.0, kt_ptr, t_mode, t_live, t_lmax,
-                                            temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature,
-                                            s_argmax, SEG)
-            ok = _check_ok(ls, s_m, check_temperature, s_check, threshold)
-            seg_failed, seg_t, seg_s = tl.reduce((tl.where(ok, 0.0, qt), qt, qs), 0, _add3)
+            cuts = _segment_cuts(cut_ptr, fine_ptr, kt_ptr, rp, n_seg, s)
+            t_before = tl.full((), 0, tl.int32)
+            s_before = tl.full((), 0, tl.int32)
+            failed_v = tl.zeros((TILE,), tl.float64)  # per-lane sums over the segment's tiles, reduced once
+            t_v = tl.zeros((TILE,), tl.float64)
+            s_v = tl.zeros((TILE,), tl.float64)
+            for j in tl.static_range(SEG // TILE):
+                lo = s * SEG + j * TILE
+                idx, qt, qs, ls, t_before, s_before = _tile_laws(
+                    teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, lo, cuts, 1.0, 1.0,
+                    t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature,
+                    s_argmax, t_before, s_before, TILE)
+                ok = _check_ok(ls, s_m, check_temperature, s_check, threshold)
+                failed_v += tl.where(ok, 0.0, qt)
+                t_v += qt
+                s_v += qs
+                if (x >= lo) & (x < lo + TILE):
+                    at_x = idx == x  # one lane: its sums are its values
+                    qt_x, qs_x, ok_x = tl.reduce((tl.where(at_x, qt, 0.0), tl.where(at_x, qs, 0.0),
+                                                  tl.where(at_x & ok, 1.0, 0.0).to(tl.float64)), 0, _add3)
+                    tl.store(at_ptr + rp * 3 + 0, qt_x)
+                    tl.store(at_ptr + rp * 3 + 1, qs_x)
+                    tl.store(at_ptr + rp * 3 + 2, ok_x)
+            seg_failed, seg_t, seg_s = tl.reduce((failed_v, t_v, s_v), 0, _add3)
             tl.store(failed_ptr + rp * 3 * n_seg + s, seg_failed)
             tl.store(failed_ptr + (rp * 3 + 1) * n_seg + s, seg_t)
             tl.store(failed_ptr + (rp * 3 + 2) * n_seg + s, seg_s)
-            if (x >= s * SEG) & (x < s * SEG + SEG):
-                at_x = idx == x  # one lane: its sums are its values
-                qt_x, qs_x, ok_x = tl.reduce((tl.where(at_x, qt, 0.0), tl.where(at_x, qs, 0.0),
-                                              tl.where(at_x & ok, 1.0, 0.0).to(tl.float64)), 0, _add3)
-                tl.store(at_ptr + rp * 3 + 0, qt_x)
-                tl.store(at_ptr + rp * 3 + 1, qs_x)
-                tl.store(at_ptr + rp * 3 + 2, ok_x)
 
 
 @triton.jit
@@ -282,7 +319,7 @@ def residual_kernel(
     res_ptr, qm_ptr,  # [B * P, n_seg] fp64 out: each segment's mass of max(0, Q - qS) and of Q (rejected x)
     keep_ptr,  # [B * P, KEEP_SLOTS] fp64 out (chunk 0, draft positions): the keep test's state (_store_keep)
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, spc, n_seg,
-    SEG: tl.constexpr, NSP2: tl.constexpr,
+    SEG: tl.constexpr, TILE: tl.constexpr, NSP2: tl.constexpr,
 ):
     rp = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -303,23 +340,42 @@ def residual_kernel(
             student_row = student_ptr + rp * student_stride
             seg_lo = chunk * spc
             for s in range(seg_lo, tl.minimum(seg_lo + spc, n_seg)):
-                _idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr,
-                                                 n_vocab, s, rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode,
-                                                 t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
-                                                 student_temperature, s_argmax, SEG)
-                tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
-                seg_res, seg_q = tl.reduce((tl.maximum(tp - (1.0 - r_k) * qs, 0.0), tp + r_k * qs), 0, _add2)
+                cuts = _segment_cuts(cut_ptr, fine_ptr, kt_ptr, rp, n_seg, s)
+                t_before = tl.full((), 0, tl.int32)
+                s_before = tl.full((), 0, tl.int32)
+                res_v = tl.zeros((TILE,), tl.float64)  # per-lane sums over the segment's tiles, reduced once
+                q_v = tl.zeros((TILE,), tl.float64)
+                for j in tl.static_range(SEG // TILE):
+                    _idx, qt, qs, ls, t_before, s_before = _tile_laws(
+                        teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, s * SEG + j * TILE,
+                        cuts, t_den, s_den, t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
+                        student_temperature, s_argmax, t_before, s_before, TILE)
+                    tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
+                    res_v += tl.maximum(tp - (1.0 - r_k) * qs, 0.0)
+                    q_v += tp + r_k * qs
+                seg_res, seg_q = tl.reduce((res_v, q_v), 0, _add2)
                 tl.store(res_ptr + rp * n_seg + s, seg_res)
                 tl.store(qm_ptr + rp * n_seg + s, seg_q)
+
+
+@triton.jit
+def _hit_last_end(k0, tk0, qk0, l0, tl0, ql0, e0, k1, tk1, qk1, l1, tl1, ql1, e1):
+    # One exchange of a draw's tile: the lowest id reaching the target and the highest live id, each with its
+    # (qT·ok·c, Q), and the tile's running mass at its end (the highest of a non-decreasing run).
+    lo = k1 < k0
+    hi = l1 > l0
+    return (tl.where(lo, k1, k0), tl.where(lo, tk1, tk0), tl.where(lo, qk1, qk0), tl.where(hi, l1, l0),
+            tl.where(hi, tl1, tl0), tl.where(hi, ql1, ql0), tl.maximum(e0, e1))
 
 
 @triton.jit
 def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, rp, n_seg, cut_ptr,
                    fine_ptr, t_den, s_den, kt_ptr, res_ptr, qm_ptr, u, r_k, c, threshold, t_mode, t_live, t_lmax,
                    temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax, s_m, s_check,
-                   check_temperature, SEG: tl.constexpr, NSP2: tl.constexpr):
+                   check_temperature, SEG: tl.constexpr, NSP2: tl.constexpr, TILE: tl.constexpr):
     """y ~ norm(max(0, Q - qS)) (from Q where rounding leaves that no mass) by inverse CDF in id order: the
-    segment holding the target from the segments' masses, then one scan of it. (y, qT(y)·ok(y)·c, Q(y))."""
+    segment holding the target from the segments' masses, then its tiles in order until one reaches the target
+    (the running mass carried from tile to tile). (y, qT(y)·ok(y)·c, Q(y)); y = -1 where no id has mass."""
     s = tl.arange(0, NSP2)
     in_seg = s < n_seg
     res = tl.load(res_ptr + rp * n_seg + s, mask=in_seg, other=0.0)
@@ -336,18 +392,30 @@ def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_pt
         (tl.where(live & (cum >= target), s, NSP2), cum - mass, tl.where(live, s, -1), cum - mass), 0, _first_last)
     seg = tl.where(first < NSP2, first, tl.maximum(last, 0))
     carry = tl.where(first < NSP2, carry_first, tl.where(last >= 0, carry_last, 0.0))
-    idx, qt, qs, ls = _segment_laws(teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg,
-                                    rp, n_seg, cut_ptr, fine_ptr, t_den, s_den, kt_ptr, t_mode, t_live, t_lmax,
-                                    temperature, t_argmax, s_mode, s_live, s_lmax, student_temperature, s_argmax,
-                                    SEG)
-    tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
-    q = tp + r_k * qs
-    w = tl.where(use_q, q, tl.maximum(tp - (1.0 - r_k) * qs, 0.0))
-    run = carry + tl.cumsum(w, 0)
-    hit, _h, last_id, _l = tl.reduce((tl.where((w > 0.0) & (run >= target), idx, I32_MAX), idx,
-                                      tl.where(w > 0.0, idx, -1), idx), 0, _first_last)
-    y = tl.where(hit < I32_MAX, hit, last_id)
-    tp_y, q_y = tl.reduce((tl.where(idx == y, tp, 0.0), tl.where(idx == y, q, 0.0)), 0, _add2)
+    cuts = _segment_cuts(cut_ptr, fine_ptr, kt_ptr, rp, n_seg, seg)
+    t_before = tl.full((), 0, tl.int32)
+    s_before = tl.full((), 0, tl.int32)
+    y = tl.full((), -1, tl.int32)
+    tp_y = tl.full((), 0.0, tl.float64)
+    q_y = tl.full((), 0.0, tl.float64)
+    found = tl.full((), 0, tl.int32)
+    for j in tl.static_range(SEG // TILE):
+        if found == 0:
+            idx, qt, qs, ls, t_before, s_before = _tile_laws(
+                teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg * SEG + j * TILE, cuts,
+                t_den, s_den, t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
+                student_temperature, s_argmax, t_before, s_before, TILE)
+            tp = tl.where(_check_ok(ls, s_m, check_temperature, s_check, threshold), qt * c, 0.0)
+            q = tp + r_k * qs
+            w = tl.where(use_q, q, tl.maximum(tp - (1.0 - r_k) * qs, 0.0))
+            run = carry + tl.cumsum(w, 0)
+            hit, tp_hit, q_hit, last_id, tp_last, q_last, carry = tl.reduce(
+                (tl.where((w > 0.0) & (run >= target), idx, I32_MAX), tp, q, tl.where(w > 0.0, idx, -1), tp, q, run),
+                0, _hit_last_end)
+            if hit < I32_MAX:
+                y, tp_y, q_y, found = hit, tp_hit, q_hit, 1
+            elif last_id >= 0:  # rounding may leave the target past the segment's sum: its last live id
+                y, tp_y, q_y = last_id, tp_last, q_last
     return y, tp_y, q_y
 
 
@@ -365,7 +433,7 @@ def pick_kernel(
     teacher_logprob_ptr, student_logprob_ptr,  # [B, P] fp32 out
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, num_draws,
     residual_draw, flag_draw, n_seg,
-    SEG: tl.constexpr, NSP2: tl.constexpr,
+    SEG: tl.constexpr, TILE: tl.constexpr, NSP2: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
@@ -433,7 +501,7 @@ def pick_kernel(
                         teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, rp, n_seg, cut_ptr,
                         fine_ptr, t_den, s_den, kt_ptr, res_ptr, qm_ptr, tl.load(uniforms_row + residual_draw), r_k, c,
                         threshold, t_mode, t_live, t_lmax, temperature, t_argmax, s_mode, s_live, s_lmax,
-                        student_temperature, s_argmax, s_m, s_check, check_temperature, SEG, NSP2)
+                        student_temperature, s_argmax, s_m, s_check, check_temperature, SEG, NSP2, TILE)
                 accepted = ((tp_y > 0.0) & (tl.load(uniforms_row + flag_draw).to(tl.float64) * q_y <= tp_y)).to(
                     tl.int32)
             token = tl.where(~s_live | (token < 0), NO_ALLOWED_TOKEN, token)

@@ -701,9 +701,9 @@ types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i3
          "proposal_mask_ptr": "*i8", "fallback_mask_ptr": "*i8", "tokens_ptr": "*i64", "num_emitted_ptr": "*i32",
          "accepted_ptr": "*i8"}
 cases = [(rsd_verify.law_kernel, dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)),
-         (rsd_verify.failed_kernel, dict(SEG=4096)),
-         (rsd_verify.residual_kernel, dict(SEG=4096, NSP2=64)),
-         (rsd_verify.pick_kernel, dict(SEG=4096, NSP2=64))]
+         (rsd_verify.failed_kernel, dict(SEG=4096, TILE=2048)),
+         (rsd_verify.residual_kernel, dict(SEG=4096, TILE=2048, NSP2=64)),
+         (rsd_verify.pick_kernel, dict(SEG=4096, TILE=2048, NSP2=64))]
 for kernel, constexprs in cases:
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") if name.endswith("_ptr")
                  else "i32" for name in kernel.arg_names}

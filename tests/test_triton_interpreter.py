@@ -297,14 +297,18 @@ from rsd_engine.sampling.triton_verify import rsd_verify_triton  # noqa: E402
 from rsd_engine.sampling.verify_reference import rsd_verify_reference  # noqa: E402
 
 
-@pytest.mark.parametrize("case", ["ties_across_chunks", "ties_top_k_and_top_p", "kept_set_of_one", "masked_rows",
-                                  "flagged_rows", "cut_over_the_guard"])
-def test_split_verify_on_the_edge_rows(case, monkeypatch):
+@pytest.mark.parametrize("case, tile", [(case, 16) for case in ("ties_across_chunks", "ties_top_k_and_top_p",
+                                                                  "kept_set_of_one", "masked_rows", "flagged_rows",
+                                                                  "cut_over_the_guard")]
+                         + [(case, 4) for case in ("ties_across_chunks", "ties_top_k_and_top_p", "kept_set_of_one",
+                                                   "cut_over_the_guard")])
+def test_split_verify_on_the_edge_rows(case, tile, monkeypatch):
     """Every position's cuts, failed and residual masses cross segments and chunks (segments of 16 ids, 4
-    chunks): the round's tokens, flags, lengths and log-probs equal the reference's under the same uniforms.
-    Drafts are the student's own draws (mostly kept) except one id per row that the teacher never proposes
-    at ties (mostly rejected: the residual is drawn there)."""
-    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", SPLIT_TILES)
+    chunks), and with tiles of 4 the tiles of a segment (the ties kept at a cut are ranked across them, the
+    residual draw carries its running mass from tile to tile): the round's tokens, flags, lengths and log-probs
+    equal the reference's under the same uniforms. Drafts are the student's own draws (mostly kept) except one
+    id per row that the teacher never proposes at ties (mostly rejected: the residual is drawn there)."""
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", {**SPLIT_TILES, "TILE": tile})
     B, G, V = 4, 2, 200
     P = G + 1
     gen = torch.Generator().manual_seed(len(case))

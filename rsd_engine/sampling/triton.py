@@ -25,7 +25,10 @@ from .reference import RowParams, SampleOutput
 # SG: segments per step when the law (rsd_verify's law_kernel, sample_final_kernel) sums the per-segment
 # histograms. SEARCH_BLOCK, NUM_PIVOTS:
 # the [NUM_PIVOTS, SEARCH_BLOCK] tiles of the one-program pivot search (rows with top-k and top-p both on).
-CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None)
+# TILE: ids at a time in rsd_verify's failed, residual and pick kernels, a divisor of SEG (SEG where absent):
+# their fp64 laws of both sides over a whole segment of 4096 took 255 registers a thread and spilled 124-372
+# bytes on sm_90 (bench/kernel_resources.py); tiles of 2048 take 230-252 and spill nothing.
+CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None, TILE=2048)
 # The interpreter pays per operation, not per element: wide tiles and many pivots keep it fast.
 INTERPRETER_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=1024, NUM_PIVOTS=256, chunks=None)
 CHUNKS_BY_BATCH = ((1, 66), (2, 33), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1))  # (B at least, chunks)
@@ -110,6 +113,9 @@ def _fast_interpreter_reductions():
             k, p, l, q = data
             i, j = int(np.argmin(k)), int(np.argmax(l))
             out = [k[i], p[i], l[j], q[j]]
+        elif self.combine_fn is _verify._hit_last_end and all(d.ndim == 1 for d in data):
+            i, j = int(np.argmin(data[0])), int(np.argmax(data[3]))
+            out = [data[0][i], data[1][i], data[2][i], data[3][j], data[4][j], data[5][j], np.max(data[6])]
         elif self.combine_fn is _split._argmax_carry and all(d.ndim == 1 for d in data):
             i = int(np.argmax(data[0]))
             out = [d[i] for d in data]
@@ -181,7 +187,7 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
             split.walk, *split.kept, *law, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
             teacher_logprob.view(batch, 1), student_logprob.view(batch, 1), V, 1, teacher_logits.stride(0),
             student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, split.n_seg, **pick,
-            enable_fp_fusion=False)
+            TILE=split.tile, enable_fp_fusion=False)
     return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
 
 
@@ -202,6 +208,10 @@ class _SplitLaunch:
         seg = config["SEG"]
         device = first.device
         self.seg = seg
+        # rsd_verify's failed, residual and pick kernels take a segment TILE ids at a time (their fp64 laws of
+        # both sides over a whole segment held 255 registers a thread and spilled on sm_90).
+        self.tile = min(config.get("TILE", seg), seg)
+        assert seg % self.tile == 0, (seg, self.tile)  # a segment is whole tiles: no id of it is skipped
         self.batch, self.sides = batch, sides
         n_logits = max(first.shape[1], second.shape[1])
         self.n_seg = triton.cdiv(max(n_first_mask, n_second_mask, 1), seg)

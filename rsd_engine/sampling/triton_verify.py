@@ -94,14 +94,15 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
             **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")}, enable_fp_fusion=False)
         _kernels.failed_kernel[(R, chunks)](
             teacher, student, draft, num_draft, *row_params, proposal_mask, fallback_mask, split.walk, split.kept[1],
-            *cut, failed, at, *shape, 1, n_seg, SEG=split.seg, **split.warps, enable_fp_fusion=False)
+            *cut, failed, at, *shape, 1, n_seg, SEG=split.seg, TILE=split.tile, **split.warps,
+            enable_fp_fusion=False)
         _kernels.residual_kernel[(R, chunks)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
             split.kept[1], *cut, failed, at, residual, q_mass, keep, *shape, uniforms.stride(0), KEEP_DRAW, 1, n_seg,
-            **pick, enable_fp_fusion=False)
+            **pick, TILE=split.tile, enable_fp_fusion=False)
         _kernels.pick_kernel[(B,)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
             *split.kept, *cut, total, residual, q_mass, keep, tokens, num_emitted, accepted, teacher_logprob,
             student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, RESIDUAL_DRAW, FLAG_DRAW, n_seg, **pick,
-            enable_fp_fusion=False)
+            TILE=split.tile, enable_fp_fusion=False)
     return VerifyOutput(tokens, num_emitted, accepted.view(torch.bool), teacher_logprob, student_logprob)
