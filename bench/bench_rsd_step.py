@@ -189,10 +189,12 @@ def round0_binned_ids(teacher, student, params) -> int:
 
 
 @contextlib.contextmanager
-def forced_config(chunks: int | None = None, num_warps: int | None = None, tile: int | None = None):
+def forced_config(chunks: int | None = None, num_warps: int | None = None, tile: int | None = None,
+                  spread: int | None = None):
     """The Triton ops' launch configuration overridden: ``chunks`` programs per row and side instead of the
-    launch table's, ``num_warps`` warps a program and ``tile`` ids a tile of rsd_verify's failed, residual and
-    pick kernels instead of CUDA_CONFIG's (None: unchanged)."""
+    launch table's, ``num_warps`` warps a program, ``tile`` ids a tile of rsd_verify's failed, residual and
+    pick kernels and ``spread`` the level-0 histograms' layout (1: bins in order) instead of CUDA_CONFIG's
+    (None: unchanged)."""
     from rsd_engine.sampling import triton as triton_backend
 
     config = triton_backend.CUDA_CONFIG
@@ -202,6 +204,8 @@ def forced_config(chunks: int | None = None, num_warps: int | None = None, tile:
         config["num_warps"] = num_warps
     if tile is not None:
         config["TILE"] = tile
+    if spread is not None:
+        config["SPREAD"] = spread
     try:
         yield
     finally:
@@ -209,13 +213,14 @@ def forced_config(chunks: int | None = None, num_warps: int | None = None, tile:
         config.update(previous)
 
 
-def bench_config(B, V, dtype, chunks, num_warps, device, args) -> dict:
-    """The Triton rsd_sample alone with ``chunks`` programs per row and side or ``num_warps`` warps a program:
-    the launch configuration's alternatives (occupancy against contention and registers)."""
+def bench_config(B, V, dtype, chunks, num_warps, device, args, spread=None) -> dict:
+    """The Triton rsd_sample alone with ``chunks`` programs per row and side, ``num_warps`` warps a program or
+    the level-0 histograms' bins ``spread`` over their cache lines (1: in order): the launch configuration's
+    alternatives (occupancy against contention and registers; round 0's atomics on a few lines or many)."""
     teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
     fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend="triton",  # noqa: E731
                                check_values=False)
-    with forced_config(chunks, num_warps):
+    with forced_config(chunks, num_warps, spread=spread):
         us = median_graph_us(fused, args.repeats)
         kernels = kernel_breakdown(fused)
     nbytes = 2 * teacher.numel() * teacher.element_size()
@@ -318,6 +323,11 @@ def main(argv=None):
                         help="CUDA: then time the Triton op alone with each of these warps a program (the launch "
                              "table's chunks) at the --chunk-batch sizes, first dtype only")
     parser.add_argument("--chunk-batch", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--spreads", type=int, nargs="*", default=[],
+                        help="CUDA: first of the sweeps, time the Triton op alone with the level-0 histograms' bins "
+                             "spread this many ways (1: in order; CUDA_CONFIG's SPREAD the default) at the "
+                             "--spread-batch sizes, first dtype and vocab only")
+    parser.add_argument("--spread-batch", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--model-rows-batch", type=int, nargs="*", default=[],
                         help="then these batch sizes on model-shaped rows (MODEL_LOGITS), first dtype and vocab only")
     add_common_arguments(parser, "rsd_step.json")
@@ -331,21 +341,24 @@ def main(argv=None):
     keys = [dict(op="rsd_sample", B=B, V=V, dtype=d) for d in args.dtype for V in args.vocab for B in args.batch]
     keys += [dict(op="rsd_sample", B=B, V=args.vocab[0], dtype=args.dtype[0], shape="model")
              for B in args.model_rows_batch]
-    if device == "cuda":  # last: a run cut short loses the sweep first
+    if device == "cuda":  # last: a run cut short loses the sweeps first
+        keys += [dict(op="rsd_sample_spread", B=B, V=args.vocab[0], dtype=args.dtype[0], spread=w)
+                 for B in args.spread_batch for w in args.spreads]
         keys += [dict(op="rsd_sample_chunks", B=B, V=args.vocab[0], dtype=args.dtype[0], chunks=c)
                  for B in args.chunk_batch for c in args.chunks]
         keys += [dict(op="rsd_sample_warps", B=B, V=args.vocab[0], dtype=args.dtype[0], num_warps=w)
                  for B in args.chunk_batch for w in args.warps]
 
-    def one(op, B, V, dtype, chunks=None, shape="lm", num_warps=None):
-        if op in ("rsd_sample_chunks", "rsd_sample_warps"):
-            return bench_config(B, V, DTYPES[dtype], chunks, num_warps, device, args)
+    def one(op, B, V, dtype, chunks=None, shape="lm", num_warps=None, spread=None):
+        if op in ("rsd_sample_chunks", "rsd_sample_warps", "rsd_sample_spread"):
+            return bench_config(B, V, DTYPES[dtype], chunks, num_warps, device, args, spread)
         return bench_rsd_sample(B, V, DTYPES[dtype], device, args, shape)
 
     def fmt(r):
-        if r["op"] in ("rsd_sample_chunks", "rsd_sample_warps"):
-            what = (f"{r['chunks']} chunks per row and side" if r["op"] == "rsd_sample_chunks"
-                    else f"{r['num_warps']} warps a program")
+        if r["op"] in ("rsd_sample_chunks", "rsd_sample_warps", "rsd_sample_spread"):
+            what = {"rsd_sample_chunks": f"{r.get('chunks')} chunks per row and side",
+                    "rsd_sample_warps": f"{r.get('num_warps')} warps a program",
+                    "rsd_sample_spread": f"level-0 bins spread {r.get('spread')} ways"}[r["op"]]
             return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} with {what} | "
                     f"{r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x")
         return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} {r['reference_us']:>10.1f} "

@@ -25,7 +25,8 @@
 #                     test's outcome as pytest reported it (bench/pytest_outcomes.py), and any collection error
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, fp32 then bf16,
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
-#                     Triton op with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
+#                     Triton op with its level-0 bins in order and spread 16 ways (SPREAD) at B 1/16/64/256,
+#                     with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
 #   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way;
 #                     then the Triton rsd_verify with tiles of 4096/2048/1024 ids (CUDA_CONFIG's TILE) at B 1/16
 #   e2e.json          Engine on a random Qwen3-1.7B/0.6B-shaped pair made on the card, batch 1/16/128, against
@@ -169,7 +170,7 @@ if [ "$mode" = cuda ]; then
   # then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming kernels take 176-254
   # registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
   step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
-    --repeats 10 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
+    --repeats 10 --spreads 1 16 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
     --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
     --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --tiles 4096 2048 1024 --tile-batch 1 16 \
@@ -279,8 +280,9 @@ for name in ("rsd_step.json", "rsd_verify.json"):
             if "error" in r:
                 print(f"  {r['op']} B={r['B']} {r['dtype']}: ERROR {r['error'][:160]}")
             else:
-                # chunk- and warp-sweep rows time the Triton op alone (no reference); model-shaped rows say so
-                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "num_warps", "shape", "round0_binned_ids") if k in r)
+                # the sweeps' rows time the Triton op alone (no reference); model-shaped rows say so
+                extra = "".join(f" {k}={r[k]}" for k in ("chunks", "num_warps", "spread", "tile", "shape",
+                                                         "round0_binned_ids") if k in r)
                 print(f"  {r['op']} {r['B']} {r.get('G', 0)} {r['V']} {r['dtype']}{extra} | {f(r['fused_us'])} | "
                       f"{f(r.get('reference_us'))} | {f(r['floor_us'], '.2f')} | {f(r['over_floor'])}x | "
                       f"{r.get('same_tokens', '-')}")

@@ -104,6 +104,14 @@ def _ukey(x):
 
 
 @triton.jit
+def _slot0(b, SPREAD: tl.constexpr):
+    """Where bin b of a level-0 histogram is kept: bins b and b + 1 SPREAD-th of the histogram apart, so that
+    the few neighbouring bins a flat row's ids crowd into (a bin spans 1/8 of an octave of logits) are atomic
+    targets on different cache lines, not on one or two (an L2 slice serialises the atomics of a line)."""
+    return (b % SPREAD) * (NB0 // SPREAD) + b // SPREAD
+
+
+@triton.jit
 def _fixed(x, lmax, temperature):
     return (_scaled_exp(x, lmax, temperature).to(tl.float64) * FIXED_ONE).to(tl.int64)
 
@@ -160,7 +168,8 @@ def stats_kernel(
     check_temperature_ptr,  # [B / param_div] fp32: row r reads entry r // param_div (rsd_verify: P positions a row)
     stf_ptr,  # [B, 2, C, 4] fp32 out: m, total, check, lmax
     sti_ptr,  # [B, 2, C, 2] int32 out: bad, argmax
-    h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,  # [B, 2, NB0 / NB1] int32 / int64, zeroed here
+    h0c_ptr, h0m_ptr, h1c_ptr, h1m_ptr,  # [B, 2, NB0 / NB1] int32 / int64, zeroed here (level 0: bin b in slot
+    # _slot0(b, SPREAD) of round_kernel's launches)
     sc_ptr, sm_ptr,  # [B, 2, n_seg, NB2] int32 / int64, zeroed here
     walk_ptr,  # [B, 2, 3, 6] int64: the row's size (round 0 adds it up, _row_size) zeroed here
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
@@ -251,12 +260,12 @@ def _top_bin(bins, reach, target, c, m, c_at_or_above, m_at_or_above):
 
 
 @triton.jit
-def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m):
+def _walk(hc_ptr, hm_ptr, NB: tl.constexpr, by_mass, target, above_c, above_m, SPREAD: tl.constexpr = 1):
     """The highest bin b with above + (count or mass of bins >= b) >= target, and above moved past the
-    bins > b: (b, above_c, above_m, count of b, mass of b)."""
+    bins > b: (b, above_c, above_m, count of b, mass of b). SPREAD > 1: a level-0 histogram (_slot0)."""
     bins = tl.arange(0, NB)
-    c = tl.load(hc_ptr + bins)
-    m = tl.load(hm_ptr + bins)
+    c = tl.load(hc_ptr + _slot0(bins, SPREAD))  # (SPREAD 1: slot b, bin b)
+    m = tl.load(hm_ptr + _slot0(bins, SPREAD))
     c_at_or_above, m_at_or_above = tl.associative_scan((c, m), 0, _add2, reverse=True)
     reach = tl.where(by_mass, (above_m + m_at_or_above).to(tl.float64), (above_c + c_at_or_above).to(tl.float64))
     b, bin_c, bin_m, c_from, m_from = _top_bin(bins, reach, target, c, m, c_at_or_above, m_at_or_above)
@@ -290,7 +299,7 @@ def _row_size(walk_ptr, rs):
 
 
 @triton.jit
-def _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs):
+def _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs, SPREAD: tl.constexpr):
     """Walk the level-0 histogram of one (row, side): (mode, prefix, target, above_c, above_m). A top-k as
     large as the present ids cuts nothing (mode FULL)."""
     size = tl.load(_row_size(walk_ptr, rs))  # present ids (top-k) or total mass (top-p)
@@ -299,7 +308,7 @@ def _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs):
     by_mass = mode == BY_MASS
     target = tl.where(by_mass, top_p.to(tl.float64) * total.to(tl.float64), top_k.to(tl.float64))
     b0, above_c, above_m, _c, _m = _walk(h0c, h0m, NB0, by_mass, target, tl.full((), 0, tl.int32),
-                                         tl.full((), 0, tl.int64))
+                                         tl.full((), 0, tl.int64), SPREAD)
     return mode, b0.to(tl.int64), target, above_c, above_m
 
 
@@ -355,7 +364,7 @@ def _load_side(walk_ptr, rs):
 @triton.jit
 def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temperature, stf_ptr, sti_ptr, rs,
                 n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc_ptr, sm_ptr, sa_ptr, cand_ptr, ncand_ptr, walk_ptr, n_seg,
-                ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr):
+                ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr, SPREAD: tl.constexpr):
     if ROUND == 0:
         bad, m, t_c, k_c, m_c, lmax, argmax = _side_stats(stf_ptr, sti_ptr, rs, n_chunks, CP2)
         if chunk == 0:
@@ -376,7 +385,7 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temp
             for s in range(seg_lo, tl.minimum(seg_lo + spc, tl.cdiv(n_mask, SEG))):
                 x, present = _load_row(row_ptr, mask_ptr, n_mask, s * SEG + offs)
                 d = (_ukey(x) >> 20).to(tl.int32)
-                tl.atomic_add(h0c + d, tl.full((SEG,), 1, tl.int32), mask=present, sem="relaxed")
+                tl.atomic_add(h0c + _slot0(d, SPREAD), tl.full((SEG,), 1, tl.int32), mask=present, sem="relaxed")
                 n_v += present.to(tl.int32)
             tl.atomic_add(_row_size(walk_ptr, rs), tl.sum(n_v, 0).to(tl.int64), sem="relaxed")
         elif mode == BY_MASS:
@@ -388,16 +397,18 @@ def _round_side(row_ptr, mask_ptr, n_mask, temperature, top_k, top_p, check_temp
                 wf = _fixed(x, lmax, t)
                 d = (_ukey(x) >> 20).to(tl.int32)
                 live = present & (wf > 0)
-                tl.atomic_add(h0m + d, wf, mask=live & (d >= guard), sem="relaxed")
+                tl.atomic_add(h0m + _slot0(d, SPREAD), wf, mask=live & (d >= guard), sem="relaxed")
                 below += tl.where(live & (d < guard), wf, 0)
                 binned += tl.where(live & (d >= guard), wf, 0)
             below_sum, binned_sum = tl.reduce((below, binned), 0, _add2)
             if below_sum > 0:
-                tl.atomic_add(h0m, below_sum, sem="relaxed")  # bin 0: below the guard, as every id summed here
+                tl.atomic_add(h0m, below_sum, sem="relaxed")  # bin 0 (slot 0): below the guard, as every id
+                # summed here
             tl.atomic_add(_row_size(walk_ptr, rs), below_sum + binned_sum, sem="relaxed")
     elif ROUND == 1:
         if (mode == BY_COUNT) | (mode == BY_MASS):
-            mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs)
+            mode, prefix, target, above_c, above_m = _search_state(h0c, h0m, mode, top_k, top_p, walk_ptr, rs,
+                                                                   SPREAD)
             if chunk == 0:
                 _store_walk(walk_ptr, rs, 0, mode, prefix, target, above_c, above_m)
             if mode != FULL:
@@ -464,7 +475,7 @@ def round_kernel(
     walk_ptr,  # [B, 2, 3, 6] int64 out: ROUND 0 the sides' statistics (_store_side), ROUND 1 and 2 the walks of
     # levels 0 and 1 (_store_walk)
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
-    ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr,
+    ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr, SPREAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
@@ -479,12 +490,13 @@ def round_kernel(
         _round_side(teacher_ptr + row * teacher_stride, proposal_mask_ptr, n_proposal, tl.load(temperature_ptr + prow),
                     tl.load(top_k_ptr + prow), tl.load(top_p_ptr + prow), tl.load(check_temperature_ptr + prow),
                     stf_ptr, sti_ptr, rs, n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr,
-                    n_seg, ROUND, SEG, CP2)
+                    n_seg, ROUND, SEG, CP2, SPREAD)
     else:
         _round_side(student_ptr + row * student_stride, fallback_mask_ptr, n_fallback,
                     tl.load(student_temperature_ptr + prow), tl.load(student_top_k_ptr + prow),
                     tl.load(student_top_p_ptr + prow), tl.load(check_temperature_ptr + prow), stf_ptr, sti_ptr, rs,
-                    n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2)
+                    n_chunks, chunk, spc, h0c, h0m, h1c, h1m, sc, sm, sa, cand, ncand, walk_ptr, n_seg, ROUND, SEG, CP2,
+                    SPREAD)
 
 
 @triton.jit

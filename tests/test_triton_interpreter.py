@@ -165,7 +165,8 @@ def test_cut_search_has_a_pass_limit():
 
 # ---- the split-row kernels at segments of 16 ids, 4 chunks per row: every cut crosses segments and chunks ----
 
-SPLIT_TILES = dict(SEG=16, SG=4, SEARCH_BLOCK=1024, NUM_PIVOTS=64, chunks=4)
+SPLIT_TILES = dict(SEG=16, SG=4, SEARCH_BLOCK=1024, NUM_PIVOTS=64, chunks=4, SPREAD=16)  # level-0 bins spread
+# over the histogram as on CUDA (rsd_split._slot0); the other tests keep them in order (SPREAD 1)
 from rsd_engine.sampling import sample_tokens_reference  # noqa: E402
 from rsd_engine.sampling.triton_verify import sample_tokens_triton  # noqa: E402
 
@@ -281,7 +282,8 @@ def test_round_zero_bins_only_above_the_mass_guard(monkeypatch):
             digit = ((np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2 ** 31) >> 20).astype(np.int64)
             exact = np.zeros(4096, dtype=np.int64)
             np.add.at(exact, digit, fixed)
-            got = h0m[r, side].numpy()
+            bins = np.arange(4096)
+            got = h0m[r, side].numpy()[(bins % 16) * 256 + bins // 16]  # bin b's slot (SPREAD 16): in bin order
             guard = int(np.flatnonzero(got[1:])[0]) + 1  # the lowest bin above 0 that holds anything
             assert (got[guard:] == exact[guard:]).all()
             assert got[0] == exact[:guard].sum() and got.sum() == fixed.sum()
@@ -367,7 +369,7 @@ types = {"sti_ptr": "*i32", "h0c_ptr": "*i32", "h1c_ptr": "*i32", "sc_ptr": "*i3
          "fallback_mask_ptr": "*i8", "mask_ptr": "*i8", "token_ptr": "*i64", "accepted_ptr": "*i8"}
 final = dict(SEG=4096, NSP2=64, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16)
 cases = [(split.stats_kernel, dict(SEG=4096))] + [
-    (split.round_kernel, dict(ROUND=r, SEG=4096, CP2=64)) for r in range(3)] + [
+    (split.round_kernel, dict(ROUND=r, SEG=4096, CP2=64, SPREAD=16)) for r in range(3)] + [
     (split.sample_final_kernel, final)]
 for kernel, constexprs in cases:
     signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") if n.endswith("_ptr") else "i32"

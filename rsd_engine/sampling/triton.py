@@ -28,7 +28,9 @@ from .reference import RowParams, SampleOutput
 # TILE: ids at a time in rsd_verify's failed, residual and pick kernels, a divisor of SEG (SEG where absent):
 # their fp64 laws of both sides over a whole segment of 4096 took 255 registers a thread and spilled 124-372
 # bytes on sm_90 (bench/kernel_resources.py); tiles of 2048 take 230-252 and spill nothing.
-CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None, TILE=2048)
+# SPREAD: the level-0 histograms' bins b and b + 1 are kept 4096 / SPREAD slots apart (rsd_split._slot0; 1: in
+# order), so that a flat row's crowded neighbouring bins are atomic targets on different cache lines.
+CUDA_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=256, NUM_PIVOTS=16, num_warps=8, chunks=None, TILE=2048, SPREAD=16)
 # The interpreter pays per operation, not per element: wide tiles and many pivots keep it fast.
 INTERPRETER_CONFIG = dict(SEG=4096, SG=16, SEARCH_BLOCK=1024, NUM_PIVOTS=256, chunks=None)
 CHUNKS_BY_BATCH = ((1, 66), (2, 33), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1))  # (B at least, chunks)
@@ -115,7 +117,8 @@ def _fast_interpreter_reductions():
             out = [k[i], p[i], l[j], q[j]]
         elif self.combine_fn is _verify._hit_last_end and all(d.ndim == 1 for d in data):
             i, j = int(np.argmin(data[0])), int(np.argmax(data[3]))
-            out = [data[0][i], data[1][i], data[2][i], data[3][j], data[4][j], data[5][j], np.max(data[6])]
+            # (tl.maximum's max ignores NaN, as np.fmax does; the running masses hold none)
+            out = [data[0][i], data[1][i], data[2][i], data[3][j], data[4][j], data[5][j], np.fmax.reduce(data[6])]
         elif self.combine_fn is _split._argmax_carry and all(d.ndim == 1 for d in data):
             i = int(np.argmax(data[0]))
             out = [d[i] for d in data]
@@ -220,7 +223,7 @@ class _SplitLaunch:
         self.warps = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
         cp2 = triton.next_power_of_2(self.chunks)
         self.constexprs = dict(SEG=seg, **self.warps)
-        self.round_constexprs = dict(SEG=seg, CP2=cp2, **self.warps)
+        self.round_constexprs = dict(SEG=seg, CP2=cp2, SPREAD=config.get("SPREAD", 1), **self.warps)
         self.final_constexprs = dict(SEG=seg, CP2=cp2, NSP2=triton.next_power_of_2(self.n_seg), SG=config["SG"],
                                      SEARCH_BLOCK=config["SEARCH_BLOCK"], NUM_PIVOTS=config["NUM_PIVOTS"],
                                      **self.warps)
