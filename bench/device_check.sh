@@ -20,7 +20,9 @@
 # returns; add nothing else to it:
 #   summary.json      environment (versions, card, driver, C++ build), each step's exit status and seconds,
 #                     the skinny-GEMM microbenchmark (it has no file of its own: 8 files at most), and "targets":
-#                     each target of the open issues 14 and 15 against the row that measures it (met or not)
+#                     each target of the open issues 14 and 15 against the row that measures it (met or not),
+#                     and "sweeps": each launch-configuration sweep's µs per setting and batch size beside the op
+#                     as launched
 #   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the sampler and engine tests, on the card: each
 #                     test's outcome as pytest reported it (bench/pytest_outcomes.py), and any collection error
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, fp32 then bf16,
@@ -395,6 +397,29 @@ for t in targets:
     print(f"  {t['target']}: {f(t['measured'], '.2f')} {sign} {t['limit']}: {verdict}"
           + (f" ({'; '.join(notes)})" if notes else ""))
 summary["targets"] = targets
+# The launch configuration's sweeps side by side: µs per call of each setting at each batch size, beside the op as
+# launched (CUDA_CONFIG and the chunk table), so that the next change to the configuration reads its evidence here.
+sweeps = []
+for name, op, key, base_op in (("rsd_step.json", "rsd_sample_spread", "spread", "rsd_sample"),
+                               ("rsd_step.json", "rsd_sample_chunks", "chunks", "rsd_sample"),
+                               ("rsd_step.json", "rsd_sample_warps", "num_warps", "rsd_sample"),
+                               ("rsd_verify.json", "rsd_verify_tile", "tile", "rsd_verify")):
+    swept = [r for r in (load(name) or {"rows": []})["rows"] if r.get("op") == op and "error" not in r
+             and r.get("fused_us") is not None]
+    for B in sorted({r["B"] for r in swept}):
+        at = [r for r in swept if r["B"] == B]
+        us = {str(r[key]): r["fused_us"] for r in at}
+        launched = [r["fused_us"] for r in op_rows(name, base_op) if r["B"] == B and r["dtype"] == at[0]["dtype"]
+                    and r.get("G") == at[0].get("G")]
+        sweeps.append(dict(op=base_op, B=B, dtype=at[0]["dtype"], setting=key, us=us,
+                           as_launched_us=launched[0] if launched else None, fastest=min(us, key=us.get)))
+if sweeps:
+    print("sweeps (µs per call of the Triton op alone; as launched: the op's own row)")
+for w in sweeps:
+    print(f"  {w['op']} B={w['B']} {w['dtype']} by {w['setting']}: "
+          + ", ".join(f"{k} {f(v)}" for k, v in w["us"].items())
+          + f" | as launched {f(w['as_launched_us'])} | fastest {w['setting']} {w['fastest']}")
+summary["sweeps"] = sweeps
 save()
 print(f"results: {out}/" + " ".join(sorted(os.listdir(out))))
 EOF

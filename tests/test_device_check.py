@@ -156,6 +156,32 @@ def test_the_summary_holds_each_open_issue_target_against_its_row(tmp_path):
     assert "random weights: upper bound; acceptance_rate 1.00" in stdout
 
 
+def test_the_summary_sets_each_sweep_beside_the_op_as_launched(tmp_path):
+    """The launch configuration's sweeps (level-0 layouts, chunks, warps, verify tiles) per batch size, with the
+    op's own row at that size: the evidence a change of CUDA_CONFIG reads."""
+    sample = dict(op="rsd_sample", V=151_936, dtype="float32", floor_us=0.6, over_floor=1.0)
+    verify = dict(op="rsd_verify", V=151_936, dtype="bfloat16", G=4, floor_us=1.4, over_floor=1.0)
+    targets_of(tmp_path, {
+        "rsd_step.json": {"rows": [
+            {**sample, "B": 1, "fused_us": 30.0, "reference_us": 100.0},
+            {**sample, "B": 1, "fused_us": 31.0, "reference_us": 100.0, "shape": "model"},  # not the op as launched
+            {**sample, "op": "rsd_sample_spread", "B": 1, "spread": 1, "fused_us": 45.0},
+            {**sample, "op": "rsd_sample_spread", "B": 1, "spread": 16, "fused_us": 29.5},
+            {**sample, "op": "rsd_sample_spread", "B": 16, "spread": 1, "fused_us": 60.0},
+            {**sample, "op": "rsd_sample_spread", "B": 16, "spread": 16, "error": "killed"},
+            {**sample, "op": "rsd_sample_chunks", "B": 16, "chunks": 8, "fused_us": 50.0}]},
+        "rsd_verify.json": {"rows": [
+            {**verify, "B": 1, "fused_us": 41.0, "reference_us": 900.0},
+            {**verify, "op": "rsd_verify_tile", "B": 1, "tile": 4096, "fused_us": 44.0},
+            {**verify, "op": "rsd_verify_tile", "B": 1, "tile": 2048, "fused_us": 40.0}]}})
+    sweeps = json.loads((tmp_path / "summary.json").read_text())["sweeps"]
+    assert [(w["op"], w["B"], w["setting"], w["us"], w["as_launched_us"], w["fastest"]) for w in sweeps] == [
+        ("rsd_sample", 1, "spread", {"1": 45.0, "16": 29.5}, 30.0, "16"),
+        ("rsd_sample", 16, "spread", {"1": 60.0}, None, "1"),  # the killed row is left out
+        ("rsd_sample", 16, "chunks", {"8": 50.0}, None, "8"),
+        ("rsd_verify", 1, "tile", {"4096": 44.0, "2048": 40.0}, 41.0, "2048")]
+
+
 def test_the_targets_where_the_profile_was_cut_short(tmp_path):
     """A profile.json with its wall time only (the profiler's run killed): the batch-1 step is read from it and the
     profiler's targets are not measured; a fused op as fast as the reference is not faster (strictly below 1)."""
