@@ -26,7 +26,7 @@ from .reference import RowParams, SampleOutput
 # histograms. SEARCH_BLOCK, NUM_PIVOTS:
 # the [NUM_PIVOTS, SEARCH_BLOCK] tiles of the one-program pivot search (rows with top-k and top-p both on).
 # TILE: ids at a time in rsd_verify's failed, residual and pick kernels, a divisor of SEG (SEG where absent):
-# their fp64 laws of both sides over a whole segment of 4096 took 255 registers a thread and spilled 124-372
+# their fp64 laws of both sides over a whole segment of 4096 took 255 registers a thread and spilled 124-416
 # bytes on sm_90 (bench/kernel_resources.py); tiles of 2048 take 230-252 and spill nothing.
 # SPREAD: the level-0 histograms' bins b and b + 1 are kept 4096 / SPREAD slots apart (rsd_split._slot0; 1: in
 # order), so that a flat row's crowded neighbouring bins are atomic targets on different cache lines.
