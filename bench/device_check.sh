@@ -26,7 +26,8 @@
 #   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the sampler and engine tests, on the card: each
 #                     test's outcome as pytest reported it (bench/pytest_outcomes.py), and any collection error
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, fp32 then bf16,
-#                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; then the
+#                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; the same on
+#                     model-shaped rows at B 1/16/64/256; then the
 #                     Triton op with its level-0 bins in order and spread 16 ways (SPREAD) at B 1/16/64/256,
 #                     with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
 #   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way;
@@ -168,9 +169,12 @@ if [ "$mode" = cuda ]; then
   dtypes=(${DEVICE_CHECK_DTYPES:-float32 bfloat16})
   # Each row records its kernels' µs in launch order (which launch the time goes to); then B 1/16/64/256 on rows
   # shaped as a real model's (few ids near the top: round 0's atomics almost vanish); last, the first dtype at
-  # B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy vs contention),
-  # then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming kernels take 176-254
-  # registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
+  # B 1/16/64/256 with the level-0 histograms' bins in order (SPREAD 1) and spread (16: round 0's atomics on many
+  # cache lines), at B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy
+  # vs contention), then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming
+  # kernels take 176-254 registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
+  # rsd_verify last times its failed, residual and pick kernels at tiles of 4096 (the whole segment: they spill on
+  # sm_90), 2048 (CUDA_CONFIG's) and 1024 ids.
   step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
     --repeats 10 --spreads 1 16 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
     --out "$out/rsd_step.json"
@@ -397,28 +401,32 @@ for t in targets:
     print(f"  {t['target']}: {f(t['measured'], '.2f')} {sign} {t['limit']}: {verdict}"
           + (f" ({'; '.join(notes)})" if notes else ""))
 summary["targets"] = targets
+save()  # the targets first: nothing below can lose them
 # The launch configuration's sweeps side by side: µs per call of each setting at each batch size, beside the op as
-# launched (CUDA_CONFIG and the chunk table), so that the next change to the configuration reads its evidence here.
+# launched (CUDA_CONFIG and the chunk table, on the same rows), so that the next change to the configuration reads
+# its evidence here; "fastest" is a setting or "as launched".
 sweeps = []
 for name, op, key, base_op in (("rsd_step.json", "rsd_sample_spread", "spread", "rsd_sample"),
                                ("rsd_step.json", "rsd_sample_chunks", "chunks", "rsd_sample"),
                                ("rsd_step.json", "rsd_sample_warps", "num_warps", "rsd_sample"),
                                ("rsd_verify.json", "rsd_verify_tile", "tile", "rsd_verify")):
     swept = [r for r in (load(name) or {"rows": []})["rows"] if r.get("op") == op and "error" not in r
-             and r.get("fused_us") is not None]
+             and r.get("fused_us") is not None and r.get("V") == 151_936]
     for B in sorted({r["B"] for r in swept}):
         at = [r for r in swept if r["B"] == B]
         us = {str(r[key]): r["fused_us"] for r in at}
         launched = [r["fused_us"] for r in op_rows(name, base_op) if r["B"] == B and r["dtype"] == at[0]["dtype"]
                     and r.get("G") == at[0].get("G")]
+        ranked = {**us, **({"as launched": launched[0]} if launched else {})}
         sweeps.append(dict(op=base_op, B=B, dtype=at[0]["dtype"], setting=key, us=us,
-                           as_launched_us=launched[0] if launched else None, fastest=min(us, key=us.get)))
+                           as_launched_us=launched[0] if launched else None, fastest=min(ranked, key=ranked.get)))
 if sweeps:
     print("sweeps (µs per call of the Triton op alone; as launched: the op's own row)")
 for w in sweeps:
     print(f"  {w['op']} B={w['B']} {w['dtype']} by {w['setting']}: "
           + ", ".join(f"{k} {f(v)}" for k, v in w["us"].items())
-          + f" | as launched {f(w['as_launched_us'])} | fastest {w['setting']} {w['fastest']}")
+          + f" | as launched {f(w['as_launched_us'])} | fastest: "
+          + (w["fastest"] if w["fastest"] == "as launched" else f"{w['setting']} {w['fastest']}"))
 summary["sweeps"] = sweeps
 save()
 print(f"results: {out}/" + " ".join(sorted(os.listdir(out))))

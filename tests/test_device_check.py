@@ -161,15 +161,18 @@ def test_the_summary_sets_each_sweep_beside_the_op_as_launched(tmp_path):
     op's own row at that size: the evidence a change of CUDA_CONFIG reads."""
     sample = dict(op="rsd_sample", V=151_936, dtype="float32", floor_us=0.6, over_floor=1.0)
     verify = dict(op="rsd_verify", V=151_936, dtype="bfloat16", G=4, floor_us=1.4, over_floor=1.0)
-    targets_of(tmp_path, {
+    _said, _verdicts, stdout = targets_of(tmp_path, {
         "rsd_step.json": {"rows": [
-            {**sample, "B": 1, "fused_us": 30.0, "reference_us": 100.0},
             {**sample, "B": 1, "fused_us": 31.0, "reference_us": 100.0, "shape": "model"},  # not the op as launched
+            {**sample, "B": 1, "fused_us": 30.0, "reference_us": 100.0},
+            {**sample, "B": 64, "fused_us": 40.0, "reference_us": 100.0},
             {**sample, "op": "rsd_sample_spread", "B": 1, "spread": 1, "fused_us": 45.0},
             {**sample, "op": "rsd_sample_spread", "B": 1, "spread": 16, "fused_us": 29.5},
+            {**sample, "op": "rsd_sample_spread", "B": 1, "spread": 1, "V": 1000, "fused_us": 1.0},  # another V
             {**sample, "op": "rsd_sample_spread", "B": 16, "spread": 1, "fused_us": 60.0},
             {**sample, "op": "rsd_sample_spread", "B": 16, "spread": 16, "error": "killed"},
-            {**sample, "op": "rsd_sample_chunks", "B": 16, "chunks": 8, "fused_us": 50.0}]},
+            {**sample, "op": "rsd_sample_chunks", "B": 16, "chunks": 8, "fused_us": 50.0},
+            {**sample, "op": "rsd_sample_warps", "B": 64, "num_warps": 16, "fused_us": 45.0}]},
         "rsd_verify.json": {"rows": [
             {**verify, "B": 1, "fused_us": 41.0, "reference_us": 900.0},
             {**verify, "op": "rsd_verify_tile", "B": 1, "tile": 4096, "fused_us": 44.0},
@@ -179,7 +182,9 @@ def test_the_summary_sets_each_sweep_beside_the_op_as_launched(tmp_path):
         ("rsd_sample", 1, "spread", {"1": 45.0, "16": 29.5}, 30.0, "16"),
         ("rsd_sample", 16, "spread", {"1": 60.0}, None, "1"),  # the killed row is left out
         ("rsd_sample", 16, "chunks", {"8": 50.0}, None, "8"),
+        ("rsd_sample", 64, "num_warps", {"16": 45.0}, 40.0, "as launched"),  # 16 warps were slower
         ("rsd_verify", 1, "tile", {"4096": 44.0, "2048": 40.0}, 41.0, "2048")]
+    assert "rsd_sample B=64 float32 by num_warps: 16 45.0 | as launched 40.0 | fastest: as launched" in stdout
 
 
 def test_the_targets_where_the_profile_was_cut_short(tmp_path):
