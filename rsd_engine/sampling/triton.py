@@ -223,7 +223,9 @@ class _SplitLaunch:
         self.warps = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
         cp2 = triton.next_power_of_2(self.chunks)
         self.constexprs = dict(SEG=seg, **self.warps)
-        self.round_constexprs = dict(SEG=seg, CP2=cp2, SPREAD=config.get("SPREAD", 1), **self.warps)
+        spread = config.get("SPREAD", 1)
+        assert spread > 0 and 4096 % spread == 0, spread  # _slot0 is a permutation of the 4096 level-0 bins
+        self.round_constexprs = dict(SEG=seg, CP2=cp2, SPREAD=spread, **self.warps)
         self.final_constexprs = dict(SEG=seg, CP2=cp2, NSP2=triton.next_power_of_2(self.n_seg), SG=config["SG"],
                                      SEARCH_BLOCK=config["SEARCH_BLOCK"], NUM_PIVOTS=config["NUM_PIVOTS"],
                                      **self.warps)
