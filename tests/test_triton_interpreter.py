@@ -346,6 +346,16 @@ def test_split_verify_on_the_edge_rows(case, tile, monkeypatch):
         assert len(emitted) > 1  # rounds ended at different positions: kept drafts and residual draws both ran
 
 
+@pytest.mark.parametrize("bad", [dict(TILE=24), dict(SPREAD=3), dict(SPREAD=0)])
+def test_a_tile_or_spread_that_would_skip_or_merge_ids_is_refused(bad):
+    """TILE must divide SEG (the verify kernels' tiles would skip a segment's last ids) and SPREAD the 4096
+    level-0 bins (_slot0 would put two bins in one slot): wrong masses, silently, were either let through."""
+    x = torch.randn(1, 300)
+    with pytest.raises(AssertionError):
+        triton_backend._SplitLaunch({**SPLIT_TILES, "SEG": 32, **bad}, 1, x, x, 300, 300, sides=2)
+    triton_backend._SplitLaunch({**SPLIT_TILES, "SEG": 32, "TILE": 8, "SPREAD": 64}, 1, x, x, 300, 300, sides=2)
+
+
 def test_chunk_table_covers_every_batch():
     """One entry per batch size, fewer chunks as the batch grows, never more chunks than segments."""
     config = triton_backend.CUDA_CONFIG
