@@ -399,7 +399,7 @@ def _residual_draw(teacher_row, student_row, proposal_mask_ptr, fallback_mask_pt
     tp_y = tl.full((), 0.0, tl.float64)
     q_y = tl.full((), 0.0, tl.float64)
     found = tl.full((), 0, tl.int32)
-    for j in tl.static_range(SEG // TILE):
+    for j in range(0, SEG // TILE):
         if found == 0:
             idx, qt, qs, ls, t_before, s_before = _tile_laws(
                 teacher_row, student_row, proposal_mask_ptr, fallback_mask_ptr, n_vocab, seg * SEG + j * TILE, cuts,
