@@ -18,7 +18,9 @@ JSON whole (bench/atomic_json.py; bench/results/profile_step.json by default).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -114,6 +116,10 @@ def main(argv=None):
     parser.add_argument("--floor-tb-s", type=float, default=4.3)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rsd-engine" / "bench"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profile_step.json")
+    parser.add_argument("--pdl", action="store_true",
+                        help="CUDA, compute capability 9.0 on: last, the step's wall time again on an engine whose "
+                             "decoder kernels launch with programmatic dependent launch (RSD_PDL=on), beside this "
+                             "run's (off), and whether its tokens are the same")
     args = parser.parse_args(argv)
     device = args.device
 
@@ -125,9 +131,10 @@ def main(argv=None):
 
     def generate(new_tokens):
         params = [SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True) for i in range(args.batch)]
-        engine.generate_batch(prompts, params)
+        results = engine.generate_batch(prompts, params)
         if device == "cuda":
             torch.cuda.synchronize()
+        return [r.token_ids for r in results]
 
     def wall(new_tokens):
         start = time.perf_counter()
@@ -136,7 +143,7 @@ def main(argv=None):
 
     long_tokens = args.tokens + args.steps
     start = time.perf_counter()
-    generate(long_tokens)  # warm-up: graph capture and compiles for this span and batch
+    tokens = generate(long_tokens)  # warm-up: graph capture and compiles for this span and batch
     warmup_s = time.perf_counter() - start
     walls = [(wall(long_tokens) - wall(args.tokens)) / args.steps for _ in range(3)]
     report = dict(
@@ -190,6 +197,26 @@ def main(argv=None):
     print(f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel")
     for row in report["top_kernels"]:
         print(f"{row['calls_per_step']:>10.1f} {row['us_per_step']:>9.1f} {row['share']:>6.1%}  {row['name'][:100]}")
+
+    if args.pdl:
+        if device != "cuda" or torch.cuda.get_device_capability() < (9, 0):
+            report["pdl"] = dict(note="not measured: programmatic dependent launch needs a CUDA card of compute "
+                                      "capability 9.0 or later")
+        else:
+            # A second engine (its own graphs, captured with PDL launches); the first one's memory is freed first.
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+            os.environ["RSD_PDL"] = "on"
+            engine = Engine(teacher_dir, student_dir, device=device, max_batch_size=args.batch,
+                            max_seq_len=args.max_seq_len, draft_tokens=args.draft_tokens)
+            pdl_tokens = generate(long_tokens)  # warm-up: its compiles and captures
+            pdl_walls = [(wall(long_tokens) - wall(args.tokens)) / args.steps for _ in range(3)]
+            on_ms = 1e3 * statistics.median(pdl_walls)
+            report["pdl"] = dict(wall_ms_per_step=on_ms, wall_ms_per_step_off=report["wall_ms_per_step"],
+                                 speedup=report["wall_ms_per_step"] / on_ms, same_tokens=pdl_tokens == tokens)
+        print(f"PDL: {report['pdl']}")
+    dump(report, args.out)
     print(f"wrote {args.out}")
 
 

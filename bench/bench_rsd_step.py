@@ -190,15 +190,16 @@ def round0_binned_ids(teacher, student, params) -> int:
 
 @contextlib.contextmanager
 def forced_config(chunks: int | None = None, num_warps: int | None = None, tile: int | None = None,
-                  spread: int | None = None):
+                  spread: int | None = None, pdl: bool | None = None):
     """The Triton ops' launch configuration overridden: ``chunks`` programs per row and side instead of the
     launch table's, ``num_warps`` warps a program, ``tile`` ids a tile of rsd_verify's failed, residual and
-    pick kernels and ``spread`` the level-0 histograms' layout (1: bins in order) instead of CUDA_CONFIG's
-    (None: unchanged)."""
+    pick kernels and ``spread`` the level-0 histograms' layout (1: bins in order) instead of CUDA_CONFIG's,
+    ``pdl`` RSD_PDL on or off (programmatic dependent launch, kernels/pdl.py) (None: unchanged)."""
     from rsd_engine.sampling import triton as triton_backend
 
     config = triton_backend.CUDA_CONFIG
     previous = dict(config)
+    previous_pdl = os.environ.get("RSD_PDL")
     config["chunks"] = chunks
     if num_warps is not None:
         config["num_warps"] = num_warps
@@ -206,21 +207,35 @@ def forced_config(chunks: int | None = None, num_warps: int | None = None, tile:
         config["TILE"] = tile
     if spread is not None:
         config["SPREAD"] = spread
+    if pdl is not None:
+        os.environ["RSD_PDL"] = "on" if pdl else "off"
     try:
         yield
     finally:
         config.clear()
         config.update(previous)
+        if previous_pdl is None:
+            os.environ.pop("RSD_PDL", None)
+        else:
+            os.environ["RSD_PDL"] = previous_pdl
 
 
-def bench_config(B, V, dtype, chunks, num_warps, device, args, spread=None) -> dict:
-    """The Triton rsd_sample alone with ``chunks`` programs per row and side, ``num_warps`` warps a program or
-    the level-0 histograms' bins ``spread`` over their cache lines (1: in order): the launch configuration's
-    alternatives (occupancy against contention and registers; round 0's atomics on a few lines or many)."""
+def bench_config(B, V, dtype, chunks, num_warps, device, args, spread=None, pdl=None) -> dict:
+    """The Triton rsd_sample alone with ``chunks`` programs per row and side, ``num_warps`` warps a program,
+    the level-0 histograms' bins ``spread`` over their cache lines (1: in order) or its launches with
+    programmatic dependent launch (``pdl``): the launch configuration's alternatives (occupancy against
+    contention and registers; round 0's atomics on a few lines or many; the gaps between the six launches).
+    PDL changes no arithmetic: its outputs must be the op's as launched bit for bit, else the row is an error (a
+    race), not a time. (The other settings may round the statistics' sums in another order.)"""
     teacher, student, uniforms, params, mask, _ = make_step(B, V, device, dtype=dtype)
     fused = lambda: rsd_sample(teacher, student, uniforms, params, mask, mask, backend="triton",  # noqa: E731
                                check_values=False)
-    with forced_config(chunks, num_warps, spread=spread):
+    launched = fused() if pdl is not None else None
+    with forced_config(chunks, num_warps, spread=spread, pdl=pdl):
+        if launched is not None:
+            forced = fused()
+            if not all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(launched, forced)):
+                raise RuntimeError("RSD_PDL changed the op's outputs (tokens, flags or log-probs)")
         us = median_graph_us(fused, args.repeats)
         kernels = kernel_breakdown(fused)
     nbytes = 2 * teacher.numel() * teacher.element_size()
@@ -328,6 +343,10 @@ def main(argv=None):
                              "spread this many ways (1: in order; CUDA_CONFIG's SPREAD the default) at the "
                              "--spread-batch sizes, first dtype and vocab only")
     parser.add_argument("--spread-batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--pdl-batch", type=int, nargs="*", default=[],
+                        help="CUDA, compute capability 9.0 on: after the spreads, time the Triton op alone with its "
+                             "launches' programmatic dependent launch on (RSD_PDL=on) at these batch sizes, first "
+                             "dtype and vocab only")
     parser.add_argument("--model-rows-batch", type=int, nargs="*", default=[],
                         help="then these batch sizes on model-shaped rows (MODEL_LOGITS), first dtype and vocab only")
     add_common_arguments(parser, "rsd_step.json")
@@ -344,21 +363,28 @@ def main(argv=None):
     if device == "cuda":  # last: a run cut short loses the sweeps first
         keys += [dict(op="rsd_sample_spread", B=B, V=args.vocab[0], dtype=args.dtype[0], spread=w)
                  for B in args.spread_batch for w in args.spreads]
+        if args.pdl_batch and torch.cuda.get_device_capability() >= (9, 0):
+            keys += [dict(op="rsd_sample_pdl", B=B, V=args.vocab[0], dtype=args.dtype[0], pdl="on")
+                     for B in args.pdl_batch]
         keys += [dict(op="rsd_sample_chunks", B=B, V=args.vocab[0], dtype=args.dtype[0], chunks=c)
                  for B in args.chunk_batch for c in args.chunks]
         keys += [dict(op="rsd_sample_warps", B=B, V=args.vocab[0], dtype=args.dtype[0], num_warps=w)
                  for B in args.chunk_batch for w in args.warps]
 
-    def one(op, B, V, dtype, chunks=None, shape="lm", num_warps=None, spread=None):
-        if op in ("rsd_sample_chunks", "rsd_sample_warps", "rsd_sample_spread"):
-            return bench_config(B, V, DTYPES[dtype], chunks, num_warps, device, args, spread)
+    sweeps = ("rsd_sample_chunks", "rsd_sample_warps", "rsd_sample_spread", "rsd_sample_pdl")
+
+    def one(op, B, V, dtype, chunks=None, shape="lm", num_warps=None, spread=None, pdl=None):
+        if op in sweeps:
+            return bench_config(B, V, DTYPES[dtype], chunks, num_warps, device, args, spread,
+                                None if pdl is None else pdl == "on")
         return bench_rsd_sample(B, V, DTYPES[dtype], device, args, shape)
 
     def fmt(r):
-        if r["op"] in ("rsd_sample_chunks", "rsd_sample_warps", "rsd_sample_spread"):
+        if r["op"] in sweeps:
             what = {"rsd_sample_chunks": f"{r.get('chunks')} chunks per row and side",
                     "rsd_sample_warps": f"{r.get('num_warps')} warps a program",
-                    "rsd_sample_spread": f"level-0 bins spread {r.get('spread')} ways"}[r["op"]]
+                    "rsd_sample_spread": f"level-0 bins spread {r.get('spread')} ways",
+                    "rsd_sample_pdl": f"programmatic dependent launch {r.get('pdl')}"}[r["op"]]
             return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} with {what} | "
                     f"{r['floor_us']:>9.2f} {r['over_floor']:>10.1f}x")
         return (f"{r['B']:>4} {r['V']:>7} {r['dtype']:>8} | {r['fused_us']:>10.1f} {r['reference_us']:>10.1f} "

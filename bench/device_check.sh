@@ -12,8 +12,8 @@
 # The steps share a budget of DEVICE_CHECK_BUDGET seconds (default 360, the 6 minutes issue 15 allows on
 # the card; the steps' own limits add up to it), spent in this order, the most wanted and cheapest figures
 # first: environment 20 s, cuda_tests 40, rsd_step 60, rsd_verify 40 (issue 14's op targets, float32 rows
-# first), e2e 70 (the 1.7B/0.6B pair), profile 35, e2e_8b 70 (the 16 GB pair: the likeliest to be cut),
-# skinny 25. A step that runs out of time is killed with everything it started, and its JSON keeps the rows
+# first), e2e 70 (the 1.7B/0.6B pair), profile 45, e2e_8b 70 (the 16 GB pair: the likeliest to be cut),
+# skinny 15. A step that runs out of time is killed with everything it started, and its JSON keeps the rows
 # measured so far (the benchmarks rewrite it whole after every row: bench/atomic_json.py); a step the
 # budget cannot reach is skipped.
 # $OUT (default bench/results/device_check) receives exactly these 8 files, the most a lent machine
@@ -29,13 +29,15 @@
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; the same on
 #                     model-shaped rows at B 1/16/64/256; then the
 #                     Triton op with its level-0 bins in order and spread 16 ways (SPREAD) at B 1/16/64/256,
+#                     with programmatic dependent launch (RSD_PDL=on) at B 1/16,
 #                     with 2/4/8 programs per row and side, then with 16 warps, at B 16/64/256
 #   rsd_verify.json   rsd_verify (G = 4, B 1/16; model-shaped rows too) and sample_tokens (B 1/16/64), the same way;
 #                     then the Triton rsd_verify with tiles of 4096/2048/1024 ids (CUDA_CONFIG's TILE) at B 1/16
 #   e2e.json          Engine on a random Qwen3-1.7B/0.6B-shaped pair made on the card, batch 1/16/128, against
 #                     the naive HF loop (16 new tokens, so it fits) and the weight-streaming floor
 #   profile.json      torch.profiler of one decode step at batch 1 on that pair: its wall time (written first),
-#                     top kernels, kernel, memcpy, launch, stream/device sync and event-wait counts per step
+#                     top kernels, kernel, memcpy, launch, stream/device sync and event-wait counts per step;
+#                     then its wall time with RSD_PDL=on (programmatic dependent launch) and whether the tokens match
 #   e2e_8b.json       an 8B-shaped teacher with the 0.6B student, draft_tokens 0 and 4, batch 1 and 16,
 #                     naive HF loop at batch 1 only
 #   device_check.log  this script's whole output
@@ -145,7 +147,7 @@ EOF
 # cuda_tests.json names it. The dry run collects the same list as the box would import it (bench/bare_box.py: a
 # module the box lacks fails to import) and runs tests/test_cuda.py's selected cases of it (they skip on CPU).
 tests=(tests/test_cuda.py tests/test_generator.py tests/test_engine.py tests/test_speculative.py
-       tests/test_rsd_verify.py tests/test_rsd_sample.py)
+       tests/test_rsd_verify.py tests/test_rsd_sample.py tests/test_cuda_pdl.py)
 if [ "$mode" = cuda ]; then
   test_limit=40; pytest=($py -m pytest)
 else
@@ -170,13 +172,15 @@ if [ "$mode" = cuda ]; then
   # Each row records its kernels' µs in launch order (which launch the time goes to); then B 1/16/64/256 on rows
   # shaped as a real model's (few ids near the top: round 0's atomics almost vanish); last, the first dtype at
   # B 1/16/64/256 with the level-0 histograms' bins in order (SPREAD 1) and spread (16: round 0's atomics on many
-  # cache lines), at B 16/64/256 with 2, 4 and 8 programs per row and side instead of the launch table's (occupancy
-  # vs contention), then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming
+  # cache lines), at B 1/16 with its six launches' programmatic dependent launch on (RSD_PDL=on; a row whose
+  # outputs differ from the op's is an error), at B 16/64/256 with 2, 4 and 8 programs per row and side instead of
+  # the launch table's (occupancy vs contention), then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming
   # kernels take 176-254 registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
   # rsd_verify last times its failed, residual and pick kernels at tiles of 4096 (the whole segment: they spill on
   # sm_90), 2048 (CUDA_CONFIG's) and 1024 ids.
   step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \
-    --repeats 10 --spreads 1 16 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 --model-rows-batch 1 16 64 256 \
+    --repeats 10 --spreads 1 16 --pdl-batch 1 16 --chunks 2 4 8 --warps 16 --chunk-batch 16 64 256 \
+    --model-rows-batch 1 16 64 256 \
     --out "$out/rsd_step.json"
   step rsd_verify 40 $py bench/bench_rsd_verify.py --device cuda --batch 1 16 --gammas 4 --sample-batch 1 16 64 \
     --dtype "${dtypes[@]}" --repeats 10 --model-rows-batch 1 16 --tiles 4096 2048 1024 --tile-batch 1 16 \
@@ -185,8 +189,10 @@ if [ "$mode" = cuda ]; then
     --student-shape qwen3-0.6b --batches 1 16 128 --max-batch-size 128 --max-seq-len 512 --prompt-len 64 \
     --new-tokens 32 --repeats 2 --naive-new-tokens 16 --naive-repeats 1 --no-one-by-one --cache "$pairs" \
     --out "$out/e2e.json"
-  step profile 35 $py bench/bench_profile_step.py --device cuda --teacher-shape qwen3-1.7b \
-    --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --cache "$pairs" --out "$out/profile.json"
+  # Last in it (--pdl), the step's wall time again with the decoder's kernels launched with programmatic dependent
+  # launch (RSD_PDL=on, off by default until measured), with whether the tokens are the same.
+  step profile 45 $py bench/bench_profile_step.py --device cuda --teacher-shape qwen3-1.7b \
+    --student-shape qwen3-0.6b --batch 1 --tokens 8 --steps 16 --pdl --cache "$pairs" --out "$out/profile.json"
   # Speculative decoding on the 8B-shaped teacher (never measured since the verify op was rewritten): the 16 GB
   # pair is built on the card first, so it comes after the cheaper figures.
   step e2e_8b 70 $py bench/bench_e2e.py --device cuda --pairs random --teacher-shape qwen3-8b \
@@ -195,7 +201,7 @@ if [ "$mode" = cuda ]; then
     --no-one-by-one --cache "$pairs" --out "$out/e2e_8b.json"
   rm -rf "$pairs"/qwen3-8b-*  # 16 GB of the disk, not needed again
   # The skinny GEMMs against cuBLAS at the layer shapes; its JSON goes into summary.json (8 files at most).
-  step skinny 25 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
+  step skinny 15 $py bench/bench_skinny_linear.py --device cuda --quick --json "$work/skinny_linear.json"
 else
   step rsd_step 60 $py bench/bench_rsd_step.py --device cpu --batch 1 2 --vocab 1000 --dtype float32 bfloat16 \
     --model-rows-batch 2 --warmup 1 --repeats 3 --budget 1 --out "$out/rsd_step.json"
@@ -205,7 +211,7 @@ else
     --new-tokens 4 --repeats 1 --max-seq-len 256 --naive-new-tokens 3 --in-process --cache "$pairs" \
     --out "$out/e2e.json"
   step profile 60 $py bench/bench_profile_step.py --device cpu --teacher-shape teacher-tiny \
-    --student-shape student-tiny --vocab 1000 --tokens 2 --steps 3 --max-seq-len 256 --cache "$pairs" \
+    --student-shape student-tiny --vocab 1000 --tokens 2 --steps 3 --max-seq-len 256 --pdl --cache "$pairs" \
     --out "$out/profile.json"
   step e2e_8b 120 $py bench/bench_e2e.py --device cpu --pairs random --tiny --vocab 1000 --draft-tokens 0 2 \
     --batches 1 2 --new-tokens 4 --repeats 1 --max-seq-len 256 --naive-batches 1 --naive-new-tokens 3 \
@@ -317,6 +323,11 @@ if prof:
           + (f" ({prof['profile']})" if "profile" in prof else "; top:"))
     for k in prof.get("top_kernels", [])[:8]:
         print(f"  {f(k['calls_per_step'])} x {f(k['us_per_step'])} µs  {k['name'][:90]}")
+    pdl = prof.get("pdl")
+    if pdl:
+        print("  programmatic dependent launch (RSD_PDL=on): " + (pdl["note"] if "note" in pdl else
+              f"{f(pdl['wall_ms_per_step'], '.2f')} ms/step against {f(pdl['wall_ms_per_step_off'], '.2f')} off "
+              f"({f(pdl['speedup'], '.2f')}x), same tokens: {pdl['same_tokens']}"))
 
 
 # The open issues' targets (14: the sampler ops; 15: the decode step), each against the row that measures it: met,
@@ -407,6 +418,7 @@ save()  # the targets first: nothing below can lose them
 # its evidence here; "fastest" is a setting or "as launched".
 sweeps = []
 for name, op, key, base_op in (("rsd_step.json", "rsd_sample_spread", "spread", "rsd_sample"),
+                               ("rsd_step.json", "rsd_sample_pdl", "pdl", "rsd_sample"),
                                ("rsd_step.json", "rsd_sample_chunks", "chunks", "rsd_sample"),
                                ("rsd_step.json", "rsd_sample_warps", "num_warps", "rsd_sample"),
                                ("rsd_verify.json", "rsd_verify_tile", "tile", "rsd_verify")):
@@ -420,9 +432,23 @@ for name, op, key, base_op in (("rsd_step.json", "rsd_sample_spread", "spread", 
         ranked = {**us, **({"as launched": launched[0]} if launched else {})}
         sweeps.append(dict(op=base_op, B=B, dtype=at[0]["dtype"], setting=key, us=us,
                            as_launched_us=launched[0] if launched else None, fastest=min(ranked, key=ranked.get)))
+# The decoder's kernels with programmatic dependent launch (off by default until this says it pays and keeps the
+# tokens): the batch-1 step's wall time both ways, from the profile's run.
+if prof and prof.get("pdl") and "note" not in prof["pdl"]:
+    pdl = prof["pdl"]
+    sweeps.append(dict(op="decode step", B=prof.get("batch"), dtype=prof.get("dtype"), setting="RSD_PDL",
+                       ms={"off": pdl["wall_ms_per_step_off"], "on": pdl["wall_ms_per_step"]},
+                       same_tokens=pdl["same_tokens"],
+                       fastest=("on" if pdl["wall_ms_per_step"] < pdl["wall_ms_per_step_off"] and pdl["same_tokens"]
+                                else "off")))
 if sweeps:
     print("sweeps (µs per call of the Triton op alone; as launched: the op's own row)")
 for w in sweeps:
+    if "ms" in w:
+        print(f"  {w['op']} B={w['B']} {w['dtype']} by {w['setting']}: "
+              + ", ".join(f"{k} {f(v, '.3f')} ms" for k, v in w["ms"].items())
+              + f" | same tokens: {w['same_tokens']} | fastest: {w['fastest']}")
+        continue
     print(f"  {w['op']} B={w['B']} {w['dtype']} by {w['setting']}: "
           + ", ".join(f"{k} {f(v)}" for k, v in w["us"].items())
           + f" | as launched {f(w['as_launched_us'])} | fastest: "

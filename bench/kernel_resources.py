@@ -131,9 +131,12 @@ def _arg_name(kernel, path) -> str:
     return kernel.arg_names[path[0]]
 
 
-def record_sampler(recorder: Recorder, dtypes=(torch.bfloat16, torch.float32), batches=(1, 64)):
+def record_sampler(recorder: Recorder, dtypes=(torch.bfloat16, torch.float32), batches=(1, 64), pdl: bool = False):
     """rsd_sample, sample_tokens and rsd_verify as rsd_engine/sampling/triton*.py launch them on CUDA, with the
-    masks the engine passes for a Qwen3 pair (TokenSpace.sampler_masks: a mask's length is specialised)."""
+    masks the engine passes for a Qwen3 pair (TokenSpace.sampler_masks: a mask's length is specialised); pdl: as
+    launched with RSD_PDL=on."""
+    if pdl:
+        _force_pdl()
     from bench_rsd_step import make_step
     from bench_rsd_verify import make_round
 
@@ -164,10 +167,21 @@ def record_sampler(recorder: Recorder, dtypes=(torch.bfloat16, torch.float32), b
         triton_backend._launch_config = verify_backend._launch_config = original
 
 
-def record_forward(recorder: Recorder, shapes=QWEN3):
-    """The decoder's kernels (rsd_engine/models/triton_ops.py) at Qwen3 layer shapes, bf16; the uniforms."""
+def _force_pdl():
+    """CPU tensors here: every launch as an sm_90 card gets it with RSD_PDL=on (kernels/pdl.py)."""
+    from rsd_engine.sampling import triton as triton_backend
+
+    triton_backend.uses_pdl = lambda device: True
+
+
+def record_forward(recorder: Recorder, shapes=QWEN3, pdl: bool = False):
+    """The decoder's kernels (rsd_engine/models/triton_ops.py) at Qwen3 layer shapes, bf16; the uniforms.
+    pdl: as launched with RSD_PDL=on on an sm_90 card (kernels/pdl.py)."""
     from rsd_engine.models import triton_ops as ops
     from rsd_engine.randomness import NUM_DRAWS, uniforms_triton
+
+    if pdl:
+        _force_pdl()
 
     bf16 = dict(dtype=torch.bfloat16)
     slots_kv, length = 4, 4096  # the Engine's default max_seq_len
@@ -220,6 +234,7 @@ def resources(launch: Launch) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed on {launch.name}: {done.stderr[-2000:]}")
     registers = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
+    pdl = any(_arg_name(launch.kernel, path) == "PDL" and value is True for path, value in launch.constexprs.items())
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
     shared = compiled.metadata.shared
     threads = 32 * launch.num_warps
@@ -234,16 +249,32 @@ def resources(launch: Launch) -> dict:
                 registers=registers, threads=threads, spill_stores=int(spill.group(1)) if spill else 0,
                 spill_loads=int(spill.group(2)) if spill else 0, shared=shared,
                 launchable=registers * threads <= SM_REGISTERS and shared <= BLOCK_SHARED,
-                programs_per_sm=resident, warps_per_sm=resident * launch.num_warps)
+                programs_per_sm=resident, warps_per_sm=resident * launch.num_warps,
+                **(dict(pdl_wait_first=wait_comes_first(compiled.asm["ptx"])) if pdl else {}))
 
 
-def record(only: str | None = None, quick: bool = False) -> list[Launch]:
-    """Every distinct compiled form the launchers produce; quick: bf16 logits at B = 1 and the 0.6B shapes."""
+# Instructions of a PTX listing that touch global memory: loads, stores, atomics and reductions, async copies.
+GLOBAL_ACCESS = re.compile(r"\b(?:ld|st|atom|red|ldu)\.global\b|\bcp\.async\b|\bcp\.reduce\.async\b")
+
+
+def wait_comes_first(ptx: str) -> bool:
+    """Whether a kernel launched with PDL waits for the kernel before it (griddepcontrol.wait) before its first
+    access to global memory, as kernels/pdl.py requires: a load above the wait could read what the previous
+    kernel has not written yet, a store above it could overwrite what that kernel still reads."""
+    wait = ptx.find("griddepcontrol.wait")
+    first = GLOBAL_ACCESS.search(ptx)
+    return wait >= 0 and (first is None or wait < first.start())
+
+
+def record(only: str | None = None, quick: bool = False, pdl: bool = False) -> list[Launch]:
+    """Every distinct compiled form the launchers produce; quick: bf16 logits at B = 1 and the 0.6B shapes;
+    pdl: as launched with RSD_PDL=on."""
     recorder = Recorder()
     if only in (None, "sampler"):
-        record_sampler(recorder, *(((torch.bfloat16,), (1,)) if quick else ()))
+        record_sampler(recorder, *(((torch.bfloat16,), (1,)) if quick else ((torch.bfloat16, torch.float32), (1, 64))),
+                       pdl=pdl)
     if only in (None, "forward"):
-        record_forward(recorder, *((QWEN3[:1],) if quick else ()))
+        record_forward(recorder, QWEN3[:1] if quick else QWEN3, pdl=pdl)
     return recorder.launches
 
 
@@ -253,11 +284,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernel_resources.json")
     parser.add_argument("--only", choices=("sampler", "forward"), help="one family of kernels")
     parser.add_argument("--quick", action="store_true", help="bf16 logits at B = 1 and the 0.6B shapes only")
+    parser.add_argument("--pdl", action="store_true", help="every kernel as launched with RSD_PDL=on (programmatic "
+                        "dependent launch): each must wait before its first global access")
     args = parser.parse_args(argv)
     rows = []
     print(f"{'kernel':26} {'warps':>5} {'stages':>6} {'regs':>5} {'spill st/ld (B)':>15} {'shared':>7} "
           f"{'progs/SM':>8}  first launched by")
-    for launch in record(args.only, args.quick):
+    for launch in record(args.only, args.quick, args.pdl):
         row = resources(launch)
         rows.append(row)
         print(f"{row['kernel']:26} {row['num_warps']:5d} {row['num_stages']:6d} {row['registers']:5d} "
@@ -265,7 +298,10 @@ def main(argv=None) -> int:
               f"{row['use']}", flush=True)
     spilling = sum(bool(r["spill_stores"] or r["spill_loads"]) for r in rows)
     print(f"{len(rows)} compiled forms for sm_{CAPABILITY}: {spilling} spill registers, "
-          f"{sum(not r['launchable'] for r in rows)} cannot launch")
+          f"{sum(not r['launchable'] for r in rows)} cannot launch"
+          + (f", {sum(not r['pdl_wait_first'] for r in rows if 'pdl_wait_first' in r)} of "
+             f"{sum('pdl_wait_first' in r for r in rows)} PDL launches touch memory before their wait" if args.pdl
+             else ""))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(dict(capability=CAPABILITY, triton=triton.__version__, rows=rows), indent=1))
     return 0

@@ -9,6 +9,8 @@ bf16/fp16 operands, so one final rounding gives HF's product.
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
+
 
 @triton.jit
 def add_rms_norm_kernel(
@@ -18,7 +20,9 @@ def add_rms_norm_kernel(
     out_ptr,  # [M, N] model dtype
     N, eps,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)  # M x N may pass 2**31 in a long prefill
     cols = tl.arange(0, BLOCK)
     ok = cols < N

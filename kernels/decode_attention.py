@@ -19,6 +19,8 @@ Nobody waits for anybody (no spin: CUDA-graph capturable, and the interpreter ru
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
+
 
 @triton.jit
 def decode_attention_kernel(
@@ -36,7 +38,9 @@ def decode_attention_kernel(
     stride_cs, stride_cl, stride_ch,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     b = (tl.program_id(0) // num_kv_heads).to(tl.int64)
     kv_head = tl.program_id(0) % num_kv_heads
     split = tl.program_id(2)

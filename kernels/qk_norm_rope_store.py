@@ -11,6 +11,8 @@ One program per (token, head) over the H + 2 Hkv heads. RoPE is the rotate-half 
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
+
 
 @triton.jit
 def qk_norm_rope_store_kernel(
@@ -27,7 +29,9 @@ def qk_norm_rope_store_kernel(
     T, max_pos, stride_qkv, stride_cs, stride_cl, stride_ch, eps,
     H: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
     HAS_QK_NORM: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     m = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2

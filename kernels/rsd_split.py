@@ -33,6 +33,7 @@ No spin waits and no autotune: each launch depends only on the ones before it (C
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
 from .rsd_sample import I32_MAX, _inverse_cdf, _order_key, _row_stats, _scaled_exp, _truncate
 
 FIXED_ONE = tl.constexpr(1099511627776.0)  # 2**40: V * 2**40 < 2**63 for V < 2**23
@@ -174,7 +175,9 @@ def stats_kernel(
     walk_ptr,  # [B, 2, 3, 6] int64: the row's size (round 0 adds it up, _row_size) zeroed here
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     SEG: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -476,7 +479,9 @@ def round_kernel(
     # levels 0 and 1 (_store_walk)
     n_teacher, n_student, n_proposal, n_fallback, teacher_stride, student_stride, n_chunks, spc, n_seg, param_div,
     ROUND: tl.constexpr, SEG: tl.constexpr, CP2: tl.constexpr, SPREAD: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -641,7 +646,9 @@ def sample_final_kernel(
     n_logits, n_mask, stride, n_seg,
     SEG: tl.constexpr, NSP2: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride
     temperature = tl.load(temperature_ptr + row)

@@ -27,6 +27,7 @@ the draws, but each weight rounded to 2**-40). No spin waits, no autotune.
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
 from .rsd_sample import I32_MAX, _order_key, _row_stats, _scaled_exp, _truncate
 from .rsd_split import ALL_TIES, BOTH, GREEDY, _add2, _add3, _first_last, _law, _load_row, _load_side, \
     _mode, _sample_side, _ukey
@@ -211,7 +212,9 @@ def law_kernel(
     at_ptr,  # [B * P, 3] fp64 out: zeroed here (failed_kernel writes qT(x), qS(x), ok(x))
     n_teacher, n_student, n_vocab, num_positions, teacher_stride, student_stride, n_seg,
     SEG: tl.constexpr, SG: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     rp = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
     rs = rp * 2 + side
@@ -266,7 +269,9 @@ def failed_kernel(
     at_ptr,  # [B * P, 3] fp64 out: wT(x), wS(x), ok(x) at the draft x
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, spc, n_seg,
     SEG: tl.constexpr, TILE: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     rp = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     (draft, _trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live, s_lmax,
@@ -320,7 +325,9 @@ def residual_kernel(
     keep_ptr,  # [B * P, KEEP_SLOTS] fp64 out (chunk 0, draft positions): the keep test's state (_store_keep)
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, keep_draw, spc, n_seg,
     SEG: tl.constexpr, TILE: tl.constexpr, NSP2: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     rp = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     (draft, trials, temperature, t_mode, t_live, t_lmax, t_argmax, student_temperature, s_mode, s_live, s_lmax,
@@ -434,7 +441,9 @@ def pick_kernel(
     n_vocab, num_positions, teacher_stride, student_stride, draft_stride, uniforms_stride, num_draws,
     residual_draw, flag_draw, n_seg,
     SEG: tl.constexpr, TILE: tl.constexpr, NSP2: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.maximum(tl.load(num_draft_ptr + row), 0), num_positions - 1)
     out = row * num_positions

@@ -4,6 +4,8 @@ silu runs in fp32 and is rounded to the model dtype before the product, as F.sil
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
+
 
 @triton.jit
 def silu_mul_kernel(
@@ -11,7 +13,9 @@ def silu_mul_kernel(
     out_ptr,  # [M, I] model dtype
     I,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)  # M x 2I passes 2**31 in long prefills of large models
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I

@@ -22,6 +22,8 @@ sum order is fixed and runs reproduce. Two forms of the product, by ROWS = next_
 import triton
 import triton.language as tl
 
+from .pdl import wait_then_release
+
 
 @triton.jit(do_not_specialize=["M"])  # one compile serves every row count of a decode or verification step
 def skinny_linear_kernel(
@@ -36,7 +38,9 @@ def skinny_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (tests), else the tensor cores' "tf32" (unused)
     DOT_IN_FP32: tl.constexpr,  # the interpreter has no bf16 dot: operands upcast on CPU
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, ROWS)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * (2 * K if SILU_MUL else K)  # [ROWS, 1]

@@ -120,7 +120,7 @@ def test_qk_norm_rope_store_matches_pytorch(qk_norm):
 
 
 COMPILE = """
-import importlib.util, sys
+import importlib, sys, types
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -152,12 +152,17 @@ KERNELS = {  # file: (kernel, constexprs, pointer types other than the model dty
           "teacher_logprob_ptr": "*fp32", "student_logprob_ptr": "*fp32", "out_ptr": "*fp64"})
         for slots in (True, False)],
 }
+# kernels/ as a package of its own name (its modules import each other relatively, e.g. kernels/pdl.py), not as
+# "kernels": the Hugging Face distribution of that name would shadow it.
+package = types.ModuleType("rsd_kernels_under_test")
+package.__path__ = [sys.argv[1]]
+sys.modules[package.__name__] = package
 for name, kernels in KERNELS.items():
-    spec = importlib.util.spec_from_file_location(name, f"{sys.argv[1]}/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"{package.__name__}.{name}")
     for kernel_name, constexprs, pointers in kernels:
         kernel = getattr(module, kernel_name)
+        if "PDL" in kernel.arg_names:  # as launched without programmatic dependent launch (sm_80 has none)
+            constexprs = {**constexprs, "PDL": False}
         signature = {n: "constexpr" if n in constexprs else pointers.get(n, "*bf16") if n.endswith("_ptr")
                      else "fp32" if n in ("eps", "scale") else "i32" for n in kernel.arg_names}
         source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})

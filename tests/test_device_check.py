@@ -77,6 +77,7 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     assert profile["steps"] == 3 and profile["kernels_per_step"] > 0 and profile["wall_ms_per_step"] > 0
     assert profile["top_kernels"] and all(k["calls_per_step"] > 0 for k in profile["top_kernels"])
     assert {"syncs_per_step", "event_waits_per_step", "blocking_copies_per_step"} <= set(profile)
+    assert "compute capability 9.0" in profile["pdl"]["note"]  # --pdl on CPU: said, not measured
 
 
 def test_a_spent_budget_skips_steps_and_still_reports(tmp_path):
@@ -157,8 +158,8 @@ def test_the_summary_holds_each_open_issue_target_against_its_row(tmp_path):
 
 
 def test_the_summary_sets_each_sweep_beside_the_op_as_launched(tmp_path):
-    """The launch configuration's sweeps (level-0 layouts, chunks, warps, verify tiles) per batch size, with the
-    op's own row at that size: the evidence a change of CUDA_CONFIG reads."""
+    """The launch configuration's sweeps (level-0 layouts, PDL, chunks, warps, verify tiles) per batch size, with
+    the op's own row at that size: the evidence a change of CUDA_CONFIG (or of RSD_PDL's default) reads."""
     sample = dict(op="rsd_sample", V=151_936, dtype="float32", floor_us=0.6, over_floor=1.0)
     verify = dict(op="rsd_verify", V=151_936, dtype="bfloat16", G=4, floor_us=1.4, over_floor=1.0)
     _said, _verdicts, stdout = targets_of(tmp_path, {
@@ -171,6 +172,8 @@ def test_the_summary_sets_each_sweep_beside_the_op_as_launched(tmp_path):
             {**sample, "op": "rsd_sample_spread", "B": 1, "spread": 1, "V": 1000, "fused_us": 1.0},  # another V
             {**sample, "op": "rsd_sample_spread", "B": 16, "spread": 1, "fused_us": 60.0},
             {**sample, "op": "rsd_sample_spread", "B": 16, "spread": 16, "error": "killed"},
+            {**sample, "op": "rsd_sample_pdl", "B": 1, "pdl": "on", "fused_us": 27.0},
+            {**sample, "op": "rsd_sample_pdl", "B": 16, "pdl": "on", "error": "RuntimeError: RSD_PDL changed"},
             {**sample, "op": "rsd_sample_chunks", "B": 16, "chunks": 8, "fused_us": 50.0},
             {**sample, "op": "rsd_sample_warps", "B": 64, "num_warps": 16, "fused_us": 45.0}]},
         "rsd_verify.json": {"rows": [
@@ -181,10 +184,26 @@ def test_the_summary_sets_each_sweep_beside_the_op_as_launched(tmp_path):
     assert [(w["op"], w["B"], w["setting"], w["us"], w["as_launched_us"], w["fastest"]) for w in sweeps] == [
         ("rsd_sample", 1, "spread", {"1": 45.0, "16": 29.5}, 30.0, "16"),
         ("rsd_sample", 16, "spread", {"1": 60.0}, None, "1"),  # the killed row is left out
+        ("rsd_sample", 1, "pdl", {"on": 27.0}, 30.0, "on"),  # (B = 16's outputs differed: an error, left out)
         ("rsd_sample", 16, "chunks", {"8": 50.0}, None, "8"),
         ("rsd_sample", 64, "num_warps", {"16": 45.0}, 40.0, "as launched"),  # 16 warps were slower
         ("rsd_verify", 1, "tile", {"4096": 44.0, "2048": 40.0}, 41.0, "2048")]
     assert "rsd_sample B=64 float32 by num_warps: 16 45.0 | as launched 40.0 | fastest: as launched" in stdout
+
+
+@pytest.mark.parametrize("on_ms, same, fastest", [(3.0, True, "on"), (3.6, True, "off"), (3.0, False, "off")])
+def test_the_summary_reads_the_pdl_step_times(tmp_path, on_ms, same, fastest):
+    """The profile's batch-1 step with RSD_PDL on beside off: on is the fastest only if faster with the same
+    tokens (a faster step with other tokens is a race, not a speed-up)."""
+    profile = dict(gpu="H200", teacher="qwen3-1.7b", batch=1, draft_tokens=0, dtype="bfloat16", wall_ms_per_step=3.4,
+                   kernels_per_step=350, pdl=dict(wall_ms_per_step=on_ms, wall_ms_per_step_off=3.4,
+                                                  speedup=3.4 / on_ms, same_tokens=same))
+    _said, _verdicts, stdout = targets_of(tmp_path, {"profile.json": profile})
+    sweeps = json.loads((tmp_path / "summary.json").read_text())["sweeps"]
+    assert sweeps == [dict(op="decode step", B=1, dtype="bfloat16", setting="RSD_PDL", ms={"off": 3.4, "on": on_ms},
+                           same_tokens=same, fastest=fastest)]
+    assert f"programmatic dependent launch (RSD_PDL=on): {on_ms:.2f} ms/step against 3.40 off" in stdout
+    assert f"decode step B=1 bfloat16 by RSD_PDL: off 3.400 ms, on {on_ms:.3f} ms | same tokens: {same}" in stdout
 
 
 def test_the_targets_where_the_profile_was_cut_short(tmp_path):

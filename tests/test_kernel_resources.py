@@ -111,3 +111,69 @@ def test_spills_are_measured(tmp_path):
     big, small = ([int(v) for v in line.split()] for line in out[:2])
     assert big[0] == 1 << 14 and big[2] > 1000 and big[3] > 1000  # (ptxas gives up on registers there)
     assert small[0] == 64 and 0 < small[1] < 64 and small[2] == small[3] == 0
+
+
+def test_every_pdl_launch_waits_before_touching_memory(tmp_path):
+    """With RSD_PDL=on (kernels/pdl.py) a kernel may be scheduled while the one before it still runs: each of the
+    decoder's and the sampler's kernels, compiled as launched that way, must wait (griddepcontrol.wait) before its
+    first load or store of global memory, whatever the compiler hoists. (Launched without PDL, the kernels are
+    unchanged.) The sampler's forms still spill nothing."""
+    out = tmp_path / "pdl.json"
+    _run([str(TOOL), "--quick", "--pdl", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    pdl = [r for r in rows if "pdl_wait_first" in r]
+    assert {r["kernel"] for r in pdl} == {"add_rms_norm_kernel", "skinny_linear_kernel", "qk_norm_rope_store_kernel",
+                                           "decode_attention_kernel", "silu_mul_kernel", "stats_kernel",
+                                           "round_kernel", "law_kernel", "pick_kernel", "sample_final_kernel",
+                                           "failed_kernel", "residual_kernel"}
+    assert all(r["constexprs"]["PDL"] is True for r in pdl)
+    assert [(r["kernel"], r["use"]) for r in pdl if not r["pdl_wait_first"]] == []
+    assert [r for r in rows if not r["launchable"]] == []
+    sampler = [r for r in rows if r["use"].startswith(("rsd_sample", "sample_tokens", "rsd_verify"))]
+    assert sampler and [(r["kernel"], r["use"]) for r in sampler if r["spill_stores"] or r["spill_loads"]] == []
+
+
+WAIT_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+import kernel_resources as kr
+import torch
+import probe
+recorder = kr.Recorder()
+x = torch.zeros(64)
+with recorder.catching("probe"):
+    probe.copy_late[(1,)](x, x, BLOCK=64, PDL=True)
+    probe.copy_early[(1,)](x, x, BLOCK=64, PDL=True)
+for launch in recorder.launches:
+    print(launch.name, kr.resources(launch)["pdl_wait_first"])
+"""
+WAIT_PROBE = """
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+
+@triton.jit
+def copy_late(x_ptr, out_ptr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs) + 1)
+
+
+@triton.jit
+def copy_early(x_ptr, out_ptr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x + 1)
+    if PDL:
+        gdc_wait()
+    tl.store(out_ptr + offs, x + 2)
+"""
+
+
+def test_a_load_before_the_wait_is_caught(tmp_path):
+    (tmp_path / "probe.py").write_text(textwrap.dedent(WAIT_PROBE))
+    out = _run(["-c", WAIT_CHECK, str(ROOT / "bench"), str(tmp_path)], timeout=300).split("\n")
+    assert out[:2] == ["copy_late True", "copy_early False"]

@@ -187,24 +187,28 @@ def test_benchmark_runs_and_both_paths_agree(tmp_path):
 
 
 COMPILE = """
-import importlib.util, sys
+import importlib, sys, types
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-spec = importlib.util.spec_from_file_location("skinny_linear", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-kernel = module.skinny_linear_kernel
+# kernels/ as a package of its own name (skinny_linear.py imports pdl.py relatively; "kernels" itself would be the
+# Hugging Face distribution of that name where it is installed)
+package = types.ModuleType("rsd_kernels_under_test")
+package.__path__ = [sys.argv[1]]
+sys.modules[package.__name__] = package
+kernel = importlib.import_module(package.__name__ + ".skinny_linear").skinny_linear_kernel
 VARIANTS = [dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=True, ADD_RESIDUAL=False),  # qkv (Qwen2's bias)
             dict(RMS_NORM=False, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=True),  # o_proj
             dict(RMS_NORM=True, SILU_MUL=False, HAS_BIAS=False, ADD_RESIDUAL=False),  # gate_up
             dict(RMS_NORM=False, SILU_MUL=True, HAS_BIAS=False, ADD_RESIDUAL=True)]  # down
 CONFIGS = [(1, 4, 1024, 4, "bf16"), (1, 16, 256, 4, "bf16"), (2, 16, 512, 3, "bf16"), (16, 64, 128, 4, "bf16"),
            (4, 16, 256, 3, "fp32")]  # ROWS, BLOCK_N, BLOCK_K, STAGES
+# Each as launched plainly, and the decode forms (one row, 16) also as launched with RSD_PDL=on (kernels/pdl.py).
 for variant in VARIANTS:
-    for rows, block_n, block_k, stages, dtype in CONFIGS:
+    for (rows, block_n, block_k, stages, dtype), pdl in [(c, False) for c in CONFIGS] + [(CONFIGS[0], True),
+                                                                                         (CONFIGS[3], True)]:
         constexprs = dict(variant, ROWS=rows, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_IN_FP32=False)
+                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_IN_FP32=False, PDL=pdl)
         signature = {n: "constexpr" if n in constexprs else f"*{dtype}" if n.endswith("_ptr") else "fp32" if n == "eps"
                      else "i32" for n in kernel.arg_names}
         # As a launch specialises them: pointers and N, K divisible by 16 (M is not specialised).
@@ -221,8 +225,8 @@ for variant in VARIANTS:
 
 def test_compiles_for_sm90_and_pipelines_without_a_gpu():
     pytest.importorskip("triton.backends.nvidia.compiler")
-    path = Path(__file__).resolve().parents[1] / "kernels" / "skinny_linear.py"
+    path = Path(__file__).resolve().parents[1] / "kernels"
     done = subprocess.run([sys.executable, "-c", COMPILE, str(path)], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True"] * 20
+    assert done.stdout.split() == ["True"] * 28

@@ -33,8 +33,12 @@ def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torc
     device = torch.device(device)
     if device.type == "cpu":
         cpu_gemm.uses_onednn()  # an RSD_CPU_GEMM that names no choice is refused here, not at the first token
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        from . import triton_ops
+
+        triton_ops.pdl_requested()  # an RSD_PDL that names no choice is refused here, not at the first launch
+        if device.index is not None:
+            torch.cuda.set_device(device)
     folder = resolve_model(folder, revision)
     config = load_config(folder)
     files = _weight_files(folder)

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..sampling.triton import import_kernel
+from ..sampling.triton import import_kernel, pdl_options, pdl_requested, uses_pdl  # noqa: F401
 
 _attention = import_kernel("decode_attention")
 _norm = import_kernel("add_rms_norm")
@@ -28,6 +28,8 @@ SKINNY_BLOCK_M = 16  # rows of skinny_linear's dot tile: the most rows its fused
 def _launch(kernel, grid, *args, **kwargs):
     if any(isinstance(a, FakeTensor) for a in args):
         return  # traced under FakeTensorMode: the launchers allocated every output already; nothing to compute
+    # every launcher's first argument is a tensor on the step's device
+    kwargs.update(pdl_options(args[0].device))
     kernel[grid](*args, **kwargs)
 
 

@@ -69,10 +69,46 @@ def import_kernel(name: str):
 # Before anything here imports triton: the interpreter is switched on first where there is no CUDA device.
 _split = import_kernel("rsd_split")
 _verify = import_kernel("rsd_verify")
+_pdl = import_kernel("pdl")
+
+import functools  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+PDL_ENV = "RSD_PDL"
+PDL_MODES = {"off": False, "0": False, "on": True, "1": True}
+
+
+def pdl_requested() -> bool:
+    """RSD_PDL=on|off (1|0; default off): whether the CUDA path's Triton kernels (the decoder's and the sampler's)
+    launch with programmatic dependent launch on cards that have it (kernels/pdl.py). Off until a card has
+    measured it (the device check times both); refused, naming the choices, if RSD_PDL names none."""
+    value = os.environ.get(PDL_ENV, "").strip().lower() or "off"
+    if value not in PDL_MODES:
+        raise ValueError(f"{PDL_ENV}={value!r} is not a choice: use on or off (1 or 0)")
+    if PDL_MODES[value] and not _pdl.AVAILABLE:
+        raise ValueError(f"{PDL_ENV}={value} needs Triton 3.4 or later (grid dependency control); this is Triton "
+                         f"{triton.__version__}: upgrade it, or set {PDL_ENV}=off")
+    return PDL_MODES[value]
+
+
+def uses_pdl(device: torch.device) -> bool:
+    """Whether a launch on ``device`` takes PDL now: requested, and a CUDA card of compute capability 9.0 or more
+    (Hopper on; older cards have no griddepcontrol)."""
+    return (pdl_requested() and device.type == "cuda" and torch.cuda.is_available()
+            and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0))
+
+
+def pdl_options(device: torch.device) -> dict:
+    """The launch options of a kernel that takes kernels/pdl.py's PDL constexpr: none, or PDL on."""
+    return dict(PDL=True, launch_pdl=True) if uses_pdl(device) else {}
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def is_interpreted() -> bool:
@@ -184,13 +220,13 @@ def rsd_sample_triton(teacher_logits, student_logits, uniforms, params: RowParam
             teacher_logits, student_logits, num_draft, *sides, proposal_mask, fallback_mask, *split.scratch, *law,
             at, teacher_logits.shape[1], student_logits.shape[1], V, 1, teacher_logits.stride(0),
             student_logits.stride(0), split.n_seg, **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")},
-            enable_fp_fusion=False)
+            **split.pdl, enable_fp_fusion=False)
         _verify.pick_kernel[(batch,)](
             teacher_logits, student_logits, no_draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask,
             split.walk, *split.kept, *law, at, at, at, token.view(batch, 1), num_draft, accepted.view(batch, 1),
             teacher_logprob.view(batch, 1), student_logprob.view(batch, 1), V, 1, teacher_logits.stride(0),
             student_logits.stride(0), 1, uniforms.stride(0), uniforms.shape[1], 0, 0, split.n_seg, **pick,
-            TILE=split.tile, enable_fp_fusion=False)
+            TILE=split.tile, **split.pdl, enable_fp_fusion=False)
     return SampleOutput(token, accepted.view(torch.bool), teacher_logprob, student_logprob)
 
 
@@ -221,6 +257,7 @@ class _SplitLaunch:
         self.chunks = chunks_for(batch, triton.cdiv(n_logits, seg), config)
         self.spc = triton.cdiv(triton.cdiv(n_logits, seg), self.chunks)
         self.warps = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
+        self.pdl = pdl_options(device)  # every launch of the call, the law and the draws' too
         cp2 = triton.next_power_of_2(self.chunks)
         self.constexprs = dict(SEG=seg, **self.warps)
         spread = config.get("SPREAD", 1)
@@ -251,11 +288,12 @@ class _SplitLaunch:
     def rounds(self, first, second, first_mask, second_mask, check_temperature, first_params, second_params):
         grid = (self.batch, self.sides, self.chunks)
         _split.stats_kernel[grid](first, second, first_mask, second_mask, check_temperature, *self.stats,
-                                  *self.hists, self.walk, *self.shape, **self.constexprs, enable_fp_fusion=False)
+                                  *self.hists, self.walk, *self.shape, **self.constexprs, **self.pdl,
+                                  enable_fp_fusion=False)
         for r in range(3):
             _split.round_kernel[grid](first, second, first_mask, second_mask, *first_params, *second_params,
                                       check_temperature, *self.stats, *self.hists, self.above, *self.candidates,
-                                      self.walk, *self.shape, ROUND=r, **self.round_constexprs,
+                                      self.walk, *self.shape, ROUND=r, **self.round_constexprs, **self.pdl,
                                       enable_fp_fusion=False)
 
 

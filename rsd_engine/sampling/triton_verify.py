@@ -34,7 +34,7 @@ def sample_tokens_triton(logits, uniforms, temperature, top_k, top_p, mask, *,
         _split.sample_final_kernel[(B,)](
             logits, uniforms.float().contiguous(), *law, mask, *split.scratch, token, logits.shape[1], mask.numel(),
             logits.stride(0), split.n_seg, **{k: v for k, v in split.final_constexprs.items() if k != "CP2"},
-            enable_fp_fusion=False)
+            **split.pdl, enable_fp_fusion=False)
     return token
 
 
@@ -91,18 +91,18 @@ def rsd_verify_triton(teacher_logits, student_logits, draft, num_draft, uniforms
         _kernels.law_kernel[(R, 2)](
             teacher, student, num_draft, *sides, proposal_mask, fallback_mask, *split.scratch, *cut, total, at,
             teacher.shape[1], student.shape[1], V, P, teacher.stride(0), student.stride(0), n_seg,
-            **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")}, enable_fp_fusion=False)
+            **{k: v for k, v in constexprs.items() if k not in ("NSP2", "CP2")}, **split.pdl, enable_fp_fusion=False)
         _kernels.failed_kernel[(R, chunks)](
             teacher, student, draft, num_draft, *row_params, proposal_mask, fallback_mask, split.walk, split.kept[1],
-            *cut, failed, at, *shape, 1, n_seg, SEG=split.seg, TILE=split.tile, **split.warps,
+            *cut, failed, at, *shape, 1, n_seg, SEG=split.seg, TILE=split.tile, **split.warps, **split.pdl,
             enable_fp_fusion=False)
         _kernels.residual_kernel[(R, chunks)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
             split.kept[1], *cut, failed, at, residual, q_mass, keep, *shape, uniforms.stride(0), KEEP_DRAW, 1, n_seg,
-            **pick, TILE=split.tile, enable_fp_fusion=False)
+            **pick, TILE=split.tile, **split.pdl, enable_fp_fusion=False)
         _kernels.pick_kernel[(B,)](
             teacher, student, draft, num_draft, uniforms, *row_params, proposal_mask, fallback_mask, split.walk,
             *split.kept, *cut, total, residual, q_mass, keep, tokens, num_emitted, accepted, teacher_logprob,
             student_logprob, *shape, uniforms.stride(0), NUM_DRAWS, RESIDUAL_DRAW, FLAG_DRAW, n_seg, **pick,
-            TILE=split.tile, enable_fp_fusion=False)
+            TILE=split.tile, **split.pdl, enable_fp_fusion=False)
     return VerifyOutput(tokens, num_emitted, accepted.view(torch.bool), teacher_logprob, student_logprob)
