@@ -23,8 +23,9 @@
 #                     each target of the open issues 14 and 15 against the row that measures it (met or not),
 #                     and "sweeps": each launch-configuration sweep's µs per setting and batch size beside the op
 #                     as launched
-#   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the sampler and engine tests, on the card: each
-#                     test's outcome as pytest reported it (bench/pytest_outcomes.py), and any collection error
+#   cuda_tests.json   tests/test_cuda.py, then the Triton cases of the engine tests, tests/test_cuda_pdl.py and the
+#                     sampler's, on the card: each test's outcome as pytest reported it (bench/pytest_outcomes.py),
+#                     and any collection error
 #   rsd_step.json     rsd_sample: Triton vs op-by-op PyTorch, µs per call, B 1/16/64/256, fp32 then bf16,
 #                     V 151,936, against the read-once floor at 4.3 TB/s, with each launch's µs; the same on
 #                     model-shaped rows at B 1/16/64/256; then the
@@ -74,7 +75,7 @@ step() {  # step NAME SECONDS COMMAND...: COMMAND under min(SECONDS, budget left
     return
   fi
   left=$(( budget - ($(date +%s) - t0) ))
-  if (( left < 20 )); then
+  if (( left < (limit < 20 ? limit : 20) )); then  # too little left for the step (or 20 s, if it takes more)
     echo "== $name: skipped, ${left}s of the budget left"
     steps+=("$name 125 0 $limit")
     return
@@ -142,12 +143,13 @@ print(json.dumps(env))
 EOF
 
 # Each test's outcome is written as it comes (bench/pytest_outcomes.py), so a run cut short still reports every
-# test it finished; the engine's Triton cases (three) come before the sampler sweeps (a few hundred), should the
-# time run out. A test file that fails to import costs its own tests only (--continue-on-collection-errors), and
+# test it finished; the engine's Triton cases (three) and the PDL traces (tests/test_cuda_pdl.py, one) come before
+# the sampler sweeps (a few hundred, whose rows the op benchmarks also compare with the reference), should the time
+# run out. A test file that fails to import costs its own tests only (--continue-on-collection-errors), and
 # cuda_tests.json names it. The dry run collects the same list as the box would import it (bench/bare_box.py: a
 # module the box lacks fails to import) and runs tests/test_cuda.py's selected cases of it (they skip on CPU).
 tests=(tests/test_cuda.py tests/test_generator.py tests/test_engine.py tests/test_speculative.py
-       tests/test_rsd_verify.py tests/test_rsd_sample.py tests/test_cuda_pdl.py)
+       tests/test_cuda_pdl.py tests/test_rsd_verify.py tests/test_rsd_sample.py)
 if [ "$mode" = cuda ]; then
   test_limit=40; pytest=($py -m pytest)
 else
@@ -174,8 +176,9 @@ if [ "$mode" = cuda ]; then
   # B 1/16/64/256 with the level-0 histograms' bins in order (SPREAD 1) and spread (16: round 0's atomics on many
   # cache lines), at B 1/16 with its six launches' programmatic dependent launch on (RSD_PDL=on; a row whose
   # outputs differ from the op's is an error), at B 16/64/256 with 2, 4 and 8 programs per row and side instead of
-  # the launch table's (occupancy vs contention), then with 16 warps a program instead of 8 (bench/kernel_resources.py: at 8 the streaming
-  # kernels take 176-254 registers a thread, one program an SM; at 16, 98-128 and twice the warps an SM holds).
+  # the launch table's (occupancy vs contention), then with 16 warps a program instead of 8
+  # (bench/kernel_resources.py: at 8 the streaming kernels take 176-254 registers a thread, one program an SM; at 16,
+  # 98-128 and twice the warps an SM holds).
   # rsd_verify last times its failed, residual and pick kernels at tiles of 4096 (the whole segment: they spill on
   # sm_90), 2048 (CUDA_CONFIG's) and 1024 ids.
   step rsd_step 60 $py bench/bench_rsd_step.py --device cuda --batch 1 16 64 256 --dtype "${dtypes[@]}" \

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the decoder's kernels.
+"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the CUDA path's Triton kernels (the
+decoder's and the sampler's; the switch is RSD_PDL, rsd_engine/sampling/triton.py).
 
 A decode step is a chain of a few hundred small kernels, one after another on one stream: between two of them
 the card finishes the first, flushes it, then launches and schedules the second, about a microsecond or two in

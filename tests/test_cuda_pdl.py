@@ -1,10 +1,11 @@
 """On a card of compute capability 9.0 or later (Hopper): RSD_PDL=on gives the traces of plain launches, bit for
-bit. Its own file, last in bench/device_check.sh's list: it compiles every forward kernel again (with PDL), which
-should not hold up the sampler's checks on the card. Skipped without such a card."""
+bit. Its own file, in bench/device_check.sh's list before the sampler's sweeps of cases (it compiles every kernel
+again, with PDL). Skipped without such a card."""
 import pytest
 import torch
 
 from rsd_engine import Engine, SamplingParams
+from rsd_engine.sampling.triton import uses_pdl
 
 from test_cuda import PROMPTS
 
@@ -20,6 +21,7 @@ def test_pdl_launches_give_the_same_traces(tiny_pair, monkeypatch):
     runs = {}
     for pdl in ("off", "on"):
         monkeypatch.setenv("RSD_PDL", pdl)
+        assert uses_pdl(torch.device("cuda")) is (pdl == "on")  # the comparison is of two different launches
         for draft in (0, 2):
             engine = Engine(*tiny_pair, device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=128,
                             draft_tokens=draft)

@@ -1,7 +1,7 @@
-"""Programmatic dependent launch for the decoder's kernels (kernels/pdl.py, RSD_PDL): the switch and what the
-launcher passes, checked without a GPU. That every kernel so launched waits before touching memory is
-tests/test_kernel_resources.py's (compiled for sm_90); that a CUDA graph of a forward launched this way gives the
-same logits bit for bit is tests/test_cuda.py's (on a card)."""
+"""Programmatic dependent launch for the CUDA path's Triton kernels (kernels/pdl.py, RSD_PDL): the switch and what
+the launcher passes, checked without a GPU. That every kernel so launched waits before touching memory is
+tests/test_kernel_resources.py's (compiled for sm_90); that an engine launched this way (eager prefill, captured
+decode graphs, draft rounds) gives the same traces bit for bit is tests/test_cuda_pdl.py's (on a card)."""
 import pytest
 import torch
 

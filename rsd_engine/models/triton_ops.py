@@ -153,7 +153,8 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """The attention's arrival counters: zeroed once here, and every launch leaves them at zero (its last
     arrival resets its own), so one buffer serves every layer and every replay of a graph without a kernel
     to clear it. Kept for good, never replaced: a captured graph holds its address. Launches that share it
-    must not overlap, which holds on one stream. First allocated in a graph's warm-up, outside the capture."""
+    must not overlap, which holds on one stream (with PDL too: a launch waits for the kernel before it before touching
+    memory, kernels/pdl.py). First allocated in a graph's warm-up, outside the capture."""
     size = triton.next_power_of_2(n)
     key = (device, size)
     if key not in _counters:
