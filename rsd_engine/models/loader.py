@@ -7,6 +7,7 @@ whose architecture is not built in is refused, one that is loads with the built-
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -34,9 +35,10 @@ def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torc
     if device.type == "cpu":
         cpu_gemm.uses_onednn()  # an RSD_CPU_GEMM that names no choice is refused here, not at the first token
     if device.type == "cuda":
-        from . import triton_ops
+        if os.environ.get("RSD_PDL", "").strip():  # one that names no choice is refused here, not at the first launch
+            from ..sampling.triton import pdl_requested
 
-        triton_ops.pdl_requested()  # an RSD_PDL that names no choice is refused here, not at the first launch
+            pdl_requested()
         if device.index is not None:
             torch.cuda.set_device(device)
     folder = resolve_model(folder, revision)
