@@ -98,7 +98,7 @@ def uses_pdl(device: torch.device) -> bool:
     """Whether a launch on ``device`` takes PDL now: requested, compiled kernels (not Triton's interpreter, which
     has no grid dependency control), and a CUDA card of compute capability 9.0 or more (Hopper on; older cards
     have no griddepcontrol)."""
-    return (pdl_requested() and device.type == "cuda" and torch.cuda.is_available() and not is_interpreted()
+    return (device.type == "cuda" and torch.cuda.is_available() and not is_interpreted() and pdl_requested()
             and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0))
 
 
