@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # noqa: E402  the check's own modules
 from atomic_json import dump  # noqa: E402
 from pytest_outcomes import read  # noqa: E402
+from device_card import ISSUE_TB_S, card_limit, card_rate_limit, floor_tb_s  # noqa: E402
 FILES = ["cuda_tests.json", "device_check.log", "e2e.json", "e2e_8b.json", "profile.json", "rsd_step.json",
          "rsd_verify.json", "summary.json"]
 STEPS = ["environment", "cuda_tests", "rsd_step", "rsd_verify", "e2e", "profile", "e2e_8b"]
@@ -96,12 +97,16 @@ def test_refuses_unknown_options():
     assert done.returncode == 2 and "unknown option --fast" in done.stderr
 
 
-def targets_of(folder: Path, files: dict):
+def targets_of(folder: Path, files: dict, read_tb_s: float | None = None):
     """The summary's targets read from these result files, placed in $OUT and left there by a run of the
-    environment step alone: {target: (measured, met)}, the targets, and the run's output."""
+    environment step alone (with the card's read rate read_tb_s, where given): {target: (measured, met)}, the
+    targets, and the run's output."""
     for name, data in files.items():
         (folder / name).write_text(json.dumps(data))
     env = {**os.environ, "OUT": str(folder), "DEVICE_CHECK_ONLY": "environment"}
+    env.pop("DEVICE_CHECK_READ_TB_S", None)
+    if read_tb_s is not None:
+        env["DEVICE_CHECK_READ_TB_S"] = str(read_tb_s)
     done = subprocess.run(["bash", "bench/device_check.sh", "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:]
@@ -228,6 +233,54 @@ def test_the_targets_where_the_profile_was_cut_short(tmp_path):
     said, verdicts, _ = targets_of(tmp_path, {})
     assert said["issue 15: 1.7B/0.6B batch 1 ms per step"] == (4.2, False)
     assert "prefill" in verdicts["issue 15: 1.7B/0.6B batch 1 ms per step"]["source"]
+
+
+def test_the_floors_and_time_targets_follow_the_cards_read_rate():
+    """The issues' floors and time targets are an H200's (4.3 TB/s): on a card that reads slower the floors are at
+    its rate and a time target moves by the two floors' difference; an H200, or no measured rate, keeps them."""
+    h100 = dict(gpu="NVIDIA H100 80GB HBM3", read_tb_s=3.0)
+    assert floor_tb_s(h100) == 3.0
+    assert floor_tb_s(dict(gpu="NVIDIA H200", read_tb_s=4.6)) == ISSUE_TB_S  # the issues' own card and figure
+    assert floor_tb_s({}) == floor_tb_s(dict(read_tb_s=None)) == floor_tb_s(dict(read_tb_s=0)) == ISSUE_TB_S
+    # 4.6 GB of weights: 1.533 ms at 3.0 TB/s, 1.070 ms at 4.3; the 2.0 ms target keeps its 0.93 ms above the floor
+    floor = 4.6e9 / 3.0e12 * 1e3
+    assert card_limit(2.0, floor, h100) == pytest.approx(2.0 + floor - 4.6e9 / 4.3e12 * 1e3)
+    assert card_limit(2.0, None, h100) == 2.0 and card_limit(2.0, floor, {}) == 2.0
+    # 10,000 tok/s at batch 128 is a 12.8 ms step: 13.26 ms on the slower card
+    assert 128 / card_rate_limit(10_000, 128, floor, h100) * 1e3 == pytest.approx(12.8 + 0.4636, abs=1e-3)
+    assert card_rate_limit(10_000, 128, floor, dict(gpu="H200", read_tb_s=3.0)) == pytest.approx(10_000)
+
+
+def test_the_summary_moves_time_targets_to_the_cards_rate(tmp_path):
+    """On a card read at 3.0 TB/s (DEVICE_CHECK_READ_TB_S stands in for the measurement) each time target is
+    judged against its limit on this card, with the issue's own verdict (an H200's) kept as "as_written"; counts
+    and ratios do not move."""
+    sample = dict(op="rsd_sample", V=151_936, dtype="float32")
+    floor_ms = 4.6e9 / 3.0e12 * 1e3
+    said, verdicts, stdout = targets_of(tmp_path, {
+        "rsd_step.json": {"rows": [
+            {**sample, "B": 64, "fused_us": 62.0, "reference_us": 900.0, "floor_us": 26.0, "over_floor": 2.4}]},
+        "e2e.json": {"runs": [{"teacher": "/x/qwen3-1.7b-v1", "progress": ["done"], "rows": [
+            {"batch": 128, "draft_tokens": 0, "engine_tok_s": 9_800.0, "engine_ms_per_step": 13.06,
+             "floor_ms_per_step": floor_ms}]}]},
+        "profile.json": dict(gpu="H100", teacher="qwen3-1.7b", batch=1, draft_tokens=0, kernels_per_step=350,
+                             wall_ms_per_step=2.3, floor_ms_per_step=floor_ms, top_kernels=[])}, read_tb_s=3.0)
+    assert "reads 3.00 TB/s (DEVICE_CHECK_READ_TB_S); floors at 3 TB/s; the issues' time targets" in stdout
+    step = verdicts["issue 15: 1.7B/0.6B batch 1 ms per step"]
+    assert step["limit"] == pytest.approx(card_limit(2.0, floor_ms, dict(read_tb_s=3.0))) and step["met"]
+    assert step["as_written"] == dict(measured=2.3, limit=2.0, met=False)
+    assert "2.30 <= 2.46: met (this card's limit; the issue's 2.0 on an H200: 2.30 MISSED" in stdout
+    tok_s = verdicts["issue 15: 1.7B/0.6B batch 128 tok/s"]
+    assert tok_s["met"] and tok_s["limit"] < 10_000 and not tok_s["as_written"]["met"]
+    sampled = verdicts["issue 14: rsd_sample fp32 B=64 µs"]  # 60 µs + 26 * (1 - 3 / 4.3)
+    assert sampled["limit"] == pytest.approx(60 + 26 * (1 - 3 / 4.3)) and sampled["met"]
+    assert said["issue 15: kernels per step (batch 1)"] == (350, True)
+    assert "as_written" not in verdicts["issue 15: kernels per step (batch 1)"]
+    # the same files without a measured rate (a CPU dry run): the issues' figures as written
+    said, verdicts, stdout = targets_of(tmp_path, {})
+    assert said["issue 15: 1.7B/0.6B batch 1 ms per step"] == (2.3, False)
+    assert "as_written" not in verdicts["issue 15: 1.7B/0.6B batch 1 ms per step"]
+    assert "TB/s (" not in stdout.split("device_check summary")[1]  # no "reads R TB/s (how)" line
 
 
 SPACED_TESTS = """
