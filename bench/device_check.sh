@@ -433,8 +433,9 @@ target("issue 15: 1.7B/0.6B batch 128 tok/s", [r for r in e2e_rows("e2e.json", "
                                                and r["draft_tokens"] == 0], lambda r: r.get("engine_tok_s"), 10_000,
        at_most=False,
        on_card=lambda r: card_rate_limit(10_000, r["batch"], r.get("floor_ms_per_step"), env))
-# Random logits are nearly flat, so the student's probabilities (~1/V) all pass the threshold test: every draft is
-# accepted and the ratio is the most speculation can give, not what a trained pair would.
+# Random logits are nearly flat, so no teacher proposal passes the threshold test (the student's probabilities are
+# ~1/V): the law is the student's own (DESIGN.md §8, r = 1), every draft is accepted, and the ratio is the most
+# speculation can give, not what a trained pair would.
 spec_1 = [r for r in e2e_rows("e2e_8b.json", "qwen3-8b") if r["batch"] == 1 and r["draft_tokens"] == 4]
 target("issue 15: 8B/0.6B batch 1 draft_tokens=4 vs plain (x)", spec_1, lambda r: r.get("vs_plain"), 2.0,
        at_most=False, label="random weights: upper bound" if spec_1 and all(r.get("pair") == "random" for r in spec_1)
