@@ -303,6 +303,31 @@ def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, as_ranks):
     assert sorted(map(json.dumps, merged)) == sorted(map(json.dumps, read_records(tmp_path / "whole.jsonl")))
 
 
+@pytest.mark.parametrize("own_id", ["gsm8k", {"source": "gsm8k"}])
+def test_ranks_whose_rows_have_an_id_of_their_own_merge_by_the_id_field(tmp_path, as_ranks, capsys, own_id):
+    """--id-field names the problem column and every row also has an "id" that names no problem (its source, as
+    "gsm8k"): the kept rows keep that id as the input has it, and `rsd merge`, with --force or not, keeps the
+    problems apart by the id the run read them by (not one record of "gsm8k" kept, the others refused or dropped;
+    an "id" that is no string, not refused as a line that is no record)."""
+    rows = [{**r, "id": own_id, "pid": r["id"]} for r in ROWS]
+    data = write_rows(tmp_path / "c.jsonl", rows)
+    argv = ["select", "--by", "random", "--id-field", "pid", "--data", str(data), "--no-progress", "--out"]
+    assert main(argv + [str(tmp_path / "whole.jsonl")]) == 0
+    whole = read_records(tmp_path / "whole.jsonl")
+    assert sorted(r["pid"] for r in whole) == [f"q{i}" for i in range(5)] and all(r["id"] == own_id for r in whole)
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
+    capsys.readouterr()
+    for force in (["--force"], []):  # the parts alone, then the parts and the merged file
+        assert main(["merge", *force, str(tmp_path / "sel.jsonl")]) == 0
+        assert capsys.readouterr().out.strip() == f"merged 5 records into {tmp_path / 'sel.jsonl'}"
+        merged = read_records(tmp_path / "sel.jsonl")
+        assert sorted(map(json.dumps, merged)) == sorted(map(json.dumps, whole))
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]  # resumed: nothing to do
+    said = capsys.readouterr().out
+    assert "problems: 3 (3 already in the output, 0 written now)" in said
+    assert "problems: 2 (2 already in the output, 0 written now)" in said
+
+
 def test_budget_scores_follow_the_text_not_the_row_place(tiny_pair, tmp_path):
     """A scores file from before the candidates were reordered (rows without "sample": their place is
     their sample) or edited: each kept row's score is its own text's, as a fresh run gives."""

@@ -311,7 +311,11 @@ def done_ids(*paths) -> set[str]:
 def duplicate_ids(records) -> dict[str, int]:
     """{key: number of records} for every record key (record_key: the id, with its sample and index
     where records have them) held by more than one record."""
-    counts = Counter(record_key(r) for r in records if isinstance(r, dict) and "id" in r)
+    return _repeated(record_key(r) for r in records if isinstance(r, dict) and "id" in r)
+
+
+def _repeated(keys) -> dict[str, int]:
+    counts = Counter(keys)
     return {key: n for key, n in counts.items() if n > 1}
 
 
@@ -462,8 +466,9 @@ MERGE_BLOCK = 4096  # records written (and fsynced) at once by merge_parts
 
 def merge_parts(out, *, force: bool = False) -> MergeReport:
     """Join all parts of `out` (every set of them, and `out` itself, if it exists) into `out`, in id order,
-    each id once (the first copy seen: out, then the parts by world size and rank, but a copy whose numbers
-    are all finite over one holding a NaN or inf); duplicates are reported.
+    each record once (record_key; a kept row of `rsd select` by its problem id: record_id_reader): the first copy
+    seen (out, then the parts by world size and rank), but a copy whose numbers are all finite over one holding a
+    NaN or inf; duplicates are reported.
     Refuses parts still being written and lines that are no record (no id: _check_identified), and, unless
     `force`, parts made with other settings and copies of a record that differ (beyond float rounding: a file
     edited, or records of another run). The parts are left in place."""
@@ -475,12 +480,16 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         sources = ([out] if guard.existing else []) + parts
         forced, forced_runs, manifest = _merged_manifest(out, sources, force)
         command = ((manifest or {}).get("settings") or {}).get(COMMAND)
-        records, seen_in, in_parts, conflicts = {}, {}, [], {}
+        records, seen_in, keys_in, conflicts = {}, {}, {"out": [], "parts": []}, {}
         for path in sources:
+            # Each file's records are known as the run that made them knew its problems (its manifest's settings;
+            # the merged manifest's for a file without one).
+            problem_id = record_id_reader(((read_manifest(path) or manifest or {}).get("settings")))
             for number, record in _numbered_records(path):  # numbered to name a bad line (OUT's: guard.existing)
-                _check_identified(record, path, number, command)
-                in_parts += [record] if path != out else []
-                key = record_key(record)
+                pid = problem_id(record)
+                _check_identified(record, path, number, command, pid)
+                key = record_key(record, pid)
+                keys_in["out" if path == out else "parts"].append(key)
                 first = records.setdefault(key, record)
                 seen_in.setdefault(key, path)
                 if first is record or same_record(first, record):
@@ -510,15 +519,19 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 writer.write_many([records[key] for key in keys[at:at + MERGE_BLOCK]])
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
-    return MergeReport(len(records), {**duplicate_ids(guard.existing), **duplicate_ids(in_parts)}, forced,
+    return MergeReport(len(records), {**_repeated(keys_in["out"]), **_repeated(keys_in["parts"])}, forced,
                        forced_runs, conflicts, len(parts), unfinished)
 
 
-def _check_identified(record: dict, path: Path, number: int, command: str | None) -> None:
+def _check_identified(record: dict, path: Path, number: int, command: str | None,
+                      problem_id: str | None = None) -> None:
     """A record is identified by its id (record_key): a line without one (`{"x": 1}`, pasted in or left by another
     tool) would be carried into the merged file as if it were a record, and every such line folded into one.
-    Refused before anything is written, --force or not."""
+    Refused before anything is written, --force or not. A kept row of `rsd select` is identified by its problem id
+    (record_id_reader), whatever its own "id" holds (the input row's, as {"source": "gsm8k"}); it always has one."""
     rid = record.get("id")
+    if problem_id is not None and rid is not None:
+        return
     if isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
         whose = f"rsd {command}" if command else "this output"
         raise ValueError(f"{path}, line {number}: not a record of {whose} (no string or number 'id', which identifies "
@@ -646,15 +659,37 @@ def _newest(records: dict[str, dict]) -> list[str]:
             newest[(str(r.get("id")), r.get("sample"))] == (r.get("version", 1), r["response_hash"])]
 
 
-def record_key(record: dict) -> str:
-    """What identifies a record: its id, then its sample (`rsd eval`: several generations per id),
-    the hash of its response's text, its version and its index (`rsd provenance`: several versions
-    of a response, several sentences each), when it has them."""
-    key = str(record.get("id"))
+def record_key(record: dict, problem_id: str | None = None) -> str:
+    """What identifies a record: its id (`problem_id` where given: record_id_reader), then its sample (`rsd eval`:
+    several generations per id), the hash of its response's text, its version and its index (`rsd provenance`:
+    several versions of a response, several sentences each), when it has them."""
+    key = str(record.get("id")) if problem_id is None else problem_id
     for name in ("sample", "response_hash", "version", "index"):
         if name in record:
             key += f"\0{record[name]}"
     return key
+
+
+def record_id_reader(settings: dict | None):
+    """record -> the id of its problem (None: its own "id" says it), for the records of an output made with
+    `settings` (its manifest's). Every command writes the problem's id as a record's "id" but `rsd select`, whose
+    kept rows are the input rows plus a few fields: a row keeps the "id" it has (the problem id is added only where
+    it has none), and where --id-field names another column that "id" is the user's, such as a source name
+    ("gsm8k") shared by many problems. A kept row is known by the problem id its run read it by, as a rerun reads
+    it (select.kept_id: by the --id-field, question, response and system prompt its settings name); a line that
+    reads as no response (a --budget scores line: its "id" is the problem id) by its own "id"."""
+    if not isinstance(settings, dict) or settings.get(COMMAND) != "select":
+        return lambda record: None
+    from .prompts import DEFAULT_SYSTEM_PROMPT
+    from .responses import row_id
+
+    fields = {"id_field": settings.get("--id-field", "id"),
+              "question_field": settings.get("--question-field", "question"),
+              "response_field": settings.get("--response-field", "response"),
+              "system_prompt": settings.get("--system-prompt", DEFAULT_SYSTEM_PROMPT)}
+    if not all(isinstance(value, str) for value in fields.values()):
+        return lambda record: None
+    return lambda record: row_id(record, **fields)
 
 
 def _natural_key(key: str):

@@ -246,7 +246,9 @@ def candidates_hash(rows: list[Response]) -> str:
 
 def with_id(row: dict, pid: str) -> dict:
     """The kept row: the input row, with its problem id as "id" where it has none (--id-field names another
-    column, or the id is the question's hash), so `rsd merge` keeps each problem apart."""
+    column, or the id is the question's hash). An "id" of the row's own is kept as it is (it may name no problem,
+    as a source name "gsm8k" shared by many): `rsd merge` knows a kept row by its problem id, read as kept_id
+    reads it (records.record_id_reader, from the settings in the manifest), so each problem stays apart."""
     row = dict(row)
     if row.get("id") is None:
         row["id"] = pid
