@@ -121,8 +121,17 @@ def row_id(row, *, question_field="question", response_field="response", id_fiel
            system_prompt: str = "") -> str | None:
     """The id load_responses gives `row` (its --id-field value, else its question's hash); None for a row
     it would skip."""
-    response, _ = _response(0, row, question_field, response_field, id_field, system_prompt)
+    response = row_response(row, question_field=question_field, response_field=response_field, id_field=id_field,
+                            system_prompt=system_prompt)
     return None if response is None else response.id
+
+
+def row_response(row, *, question_field="question", response_field="response", id_field="id",
+                 system_prompt: str = "") -> Response | None:
+    """`row` read alone as load_responses reads it (its question, system turn and text; a row without "sample"
+    has sample -1, its place among its id's rows being unknown); None for a row it would skip."""
+    response, _ = _response(0, row, question_field, response_field, id_field, system_prompt)
+    return response
 
 
 def _malformed(row) -> str | None:
