@@ -263,6 +263,68 @@ def test_changed_response_is_named_refused_and_traced_again_under_force(tiny_pai
     assert "(2 already in the output, 0 traced now)" in capsys.readouterr().out
 
 
+def test_a_row_edited_around_its_response_is_named_refused_and_traced_again_under_force(tiny_pair, tmp_path, capsys):
+    """A rerun knew a response as done by its id, sample and text alone: a row regraded (`correct`), its question
+    or its system turn edited in place, the text left as it was, kept the old labels and the probabilities read
+    under the old question, silently (exit 0). Such rows are named and refused as an edited text is; --force
+    traces them again."""
+    from rsd_engine.pipeline.provenance import current_sentences
+
+    chat = {"id": "c", "correct": True, "messages": [
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "One and one make two. The answer is \\boxed{2}."}]}
+    rows = [{**ROWS[0], "correct": True}, {**ROWS[1], "correct": True}, chat]
+    data, out = write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl"
+    first = provenance(tiny_pair, data, out)
+    edited = [{**rows[0], "correct": False},  # regraded
+              {**rows[1], "question": "What is 10 - 4?"},  # the same response under another question
+              {**chat, "messages": [{"role": "system", "content": "Answer at length."}, *chat["messages"][1:]]}]
+    write_rows(data, edited)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(provenance_argv(tiny_pair, data, out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "3 responses changed (id a sample 0, id b sample 0, id c sample 0) since" in err and "--force" in err
+    assert read_records(out) == first  # nothing written
+
+    provenance(tiny_pair, data, out, "--force")
+    report = capsys.readouterr().out
+    assert "(0 already in the output, 3 traced now)" in report and "3 responses changed (id a sample 0" in report
+    fresh = provenance(tiny_pair, data, tmp_path / "fresh.jsonl")
+    assert current_sentences(read_records(out)) == [{**s, "version": 2} for s in fresh]
+    assert {s["correct"] for s in current_sentences(read_records(out)) if s["id"] == "a"} == {False}
+    assert [s["p_teacher"] for s in fresh if s["id"] == "b"] != [s["p_teacher"] for s in first if s["id"] == "b"]
+    provenance(tiny_pair, data, out)  # a rerun is a no-op: the newest versions match the input
+    assert "(3 already in the output, 0 traced now)" in capsys.readouterr().out
+
+
+def test_lines_without_a_row_hash_are_resumed_unchecked(tiny_pair, tmp_path, capsys):
+    """Lines an older rsd wrote hold no row hash: their row is not compared (their text still is)."""
+    rows = [{**r, "correct": True} for r in ROWS]
+    data, out = write_rows(tmp_path / "r.jsonl", rows), tmp_path / "s.jsonl"
+    first = provenance(tiny_pair, data, out)
+    write_rows(out, [{k: v for k, v in s.items() if k != "row_hash"} for s in first])
+    write_rows(data, [{**rows[0], "correct": False}, rows[1]])
+    provenance(tiny_pair, data, out)
+    assert "(2 already in the output, 0 traced now)" in capsys.readouterr().out
+
+
+def test_the_row_hash_covers_the_question_system_turn_text_and_carried_fields():
+    from rsd_engine.pipeline.responses import Response
+
+    def response(question="Q?", system="S", text="A.", **row):
+        return Response("a", 0, question, system, text, {"note": "x", **row})
+
+    base = response(correct=True, finish_reason="stop")
+    assert response(correct=True, finish_reason="stop", note="y").row_hash == base.row_hash  # not read: not covered
+    for other in (response("Q2?", correct=True, finish_reason="stop"), response(system="S2", correct=True,
+                  finish_reason="stop"), response(text="B.", correct=True, finish_reason="stop"),
+                  response(correct=False, finish_reason="stop"), response(correct=True, finish_reason="length"),
+                  response(finish_reason="stop"), response(correct=None, finish_reason="stop")):
+        assert other.row_hash != base.row_hash
+
+
 def test_merge_keeps_the_newest_version_of_a_response(tmp_path):
     from rsd_engine.pipeline.records import RecordWriter, merge_parts, part_path
 

@@ -275,8 +275,8 @@ def test_rerun_without_budget_refuses_problems_whose_candidates_changed_since(tm
     write_rows(data, [*regraded, {**ROWS[0], "sample": 3, "response": "It is 1, surely."}])  # and q0 has a new one
     with pytest.raises(SystemExit):
         main(argv)
-    assert ("the candidates of 2 problems changed (added, removed, edited or regraded) since their rows in "
-            f"{out} were selected: q0, q1" in capsys.readouterr().err)
+    assert ("the candidates of 2 problems changed (added, removed, edited or regraded, or their question or system "
+            f"turn edited) since their rows in {out} were selected: q0, q1" in capsys.readouterr().err)
     assert out.read_bytes() == selected
     assert main([*argv, "--force"]) == 0
     assert "kept under --force: the rows of 2 problems whose candidates changed since they were selected (q0, q1)" \
@@ -289,6 +289,65 @@ def test_rerun_without_budget_refuses_problems_whose_candidates_changed_since(tm
     assert main(argv2) == 0
     write_rows(data2, unnumbered[::-1])
     assert main(argv2) == 0
+
+
+def test_rerun_without_budget_refuses_problems_whose_question_or_system_turn_changed_since(tmp_path, capsys):
+    """The candidates' hash covered their texts and grades, not what they answer: a question edited in place (the
+    responses left as they were) kept the row selected under the old question, silently (and under --by count,
+    share or student-likelihood its score was read after the old question). So did a chat row's system turn.
+    Refused as changed candidates; --force keeps the rows."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    selected = out.read_bytes()
+    write_rows(data, [{**r, "question": "What is 0 plus 1?"} if r["id"] == "q0" else r for r in ROWS])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "the candidates of 1 problem changed" in err and f"since their rows in {out} were selected: q0;" in err
+    assert out.read_bytes() == selected
+    assert main([*argv, "--force"]) == 0
+    assert "whose candidates changed since they were selected (q0)" in capsys.readouterr().out
+    assert out.read_bytes() == selected
+
+    def chat(row, system):
+        return {"id": row["id"], "sample": row["sample"], "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": row["response"]}]}
+
+    data2, out2 = write_rows(tmp_path / "m.jsonl", [chat(r, "Be brief.") for r in ROWS]), tmp_path / "sel2.jsonl"
+    argv2 = ["select", "--by", "random", "--data", str(data2), "--out", str(out2), "--no-progress"]
+    assert main(argv2) == 0
+    write_rows(data2, [chat(r, "Be thorough." if r["id"] == "q3" else "Be brief.") for r in ROWS])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(argv2)
+    assert "were selected: q3;" in capsys.readouterr().err
+
+
+def test_rows_an_older_rsd_selected_resume_and_their_question_is_still_compared(tmp_path, capsys):
+    """Rows an older rsd wrote hold a candidates hash of the texts and grades alone: they resume as they are,
+    and their question (the kept row's own) is compared with the problem's now."""
+    import hashlib
+
+    def old_hash(rows):  # the hash an older rsd wrote: sample, text hash, correct, finish_reason
+        items = sorted(json.dumps([r.get("sample"), hashlib.blake2b(r["response"].encode(), digest_size=8).hexdigest(),
+                                   r.get("correct"), r.get("finish_reason")]) for r in rows)
+        return hashlib.blake2b("\n".join(items).encode(), digest_size=8).hexdigest()
+
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    write_rows(out, [{**r, "candidates_hash": old_hash([c for c in ROWS if c["id"] == r["id"]])}
+                     for r in read_records(out)])
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "problems: 5 (5 already in the output, 0 written now)" in capsys.readouterr().out
+    write_rows(data, [{**r, "question": "What is 0 plus 1?"} if r["id"] == "q0" else r for r in ROWS])
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "were selected: q0;" in capsys.readouterr().err
 
 
 def test_ranks_with_another_id_field_merge_to_every_problem(tmp_path, as_ranks):

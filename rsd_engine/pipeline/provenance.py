@@ -4,10 +4,12 @@ boosted by distillation (DESIGN §9; rules in categories.py).
 Output is one JSON line per sentence; a response's lines are written together and fsynced, and
 each line names how many sentences its response has, so a response cut short by a kill -9 is
 recognised and dropped when the run resumes (rerun the same command to continue). Each line also
-holds the hash of its response's text: a response whose text changed in the input since it was
-traced is named and the run refused, and under --force traced again, its new lines appended with
-the next version number; every reader of the output (current_sentences, rsd merge) takes the
-newest complete version of a response. Under torchrun each rank takes every world_size-th response
+holds the hash of its response's text and the hash of its row (responses.Response.row_hash: the question
+and system turn, the text, `correct` and `finish_reason`): a response whose text or row changed in the
+input since it was traced (regraded, its question edited) is named and the run refused, and under --force
+traced again, its new lines appended with the next version number; every reader of the output
+(current_sentences, rsd merge) takes the newest complete version of a response. Lines of an older rsd
+without a row hash are compared by their text alone (their row is left unchecked). Under torchrun each rank takes every world_size-th response
 and writes its own part; rank 0 merges the parts (else `rsd merge OUT`).
 """
 
@@ -107,13 +109,15 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
             # A torn version is no version: refusing leaves it for the run that traces it again to cut off.
             # Lines in OUT's other files (an earlier merge, every part of any world size) count too.
             elsewhere = held_elsewhere(out, target, settings, force=opts.force)
-            newest = _newest(writer.existing + [r for records in elsewhere.values() for r in records])
-            todo, changed = responses_to_trace(mine, {key: text_hash for key, (text_hash, _) in newest.items()})
+            lines = writer.existing + [r for records in elsewhere.values() for r in records]
+            newest = _newest(lines)
+            todo, changed = responses_to_trace(mine, held_versions(lines))
             if changed and not opts.force:
                 them = "them" if len(changed) > 1 else "it"
-                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced {them}; rerun "
-                                       f"with --force to trace {them} again (readers take a response's newest "
-                                       f"lines), or give another --out")
+                raise ChangedResponses(f"{opts.data}: {describe_changed(changed)} since {target} traced {them} (the "
+                                       f"response's text, its question or system turn, its \"correct\" or "
+                                       f"\"finish_reason\"); rerun with --force to trace {them} again (readers take a "
+                                       f"response's newest lines), or give another --out")
             dropped = drop_incomplete(writer)
             usable, skipped = tracer.prepare(todo, opts.max_seq_len)
             tally = {"rows": data.num_rows, "skipped_rows": data.skipped if dist.rank == 0 else [],
@@ -281,15 +285,31 @@ def current_sentences(lines: list[dict]) -> list[dict]:
     return [line for line in lines if newest.get(_version(line)[:2]) == _version(line)[2:]]
 
 
+def held_versions(lines: list[dict]) -> dict[tuple[str, int], tuple[str | None, frozenset[str]]]:
+    """{(id, sample): (text hash, row hashes) of its newest complete version}: the row hashes its lines hold
+    (Response.row_hash; none on lines of an older rsd, which wrote none)."""
+    newest = _newest(lines)
+    rows: dict[tuple[str, int], set[str]] = {}
+    for line in lines:
+        version = _version(line)
+        if newest.get(version[:2]) == version[2:] and line.get("row_hash") is not None:
+            rows.setdefault(version[:2], set()).add(line["row_hash"])
+    return {key: (text_hash, frozenset(rows.get(key, ()))) for key, (text_hash, _) in newest.items()}
+
+
 def responses_to_trace(responses, held: dict) -> tuple[list, list]:
-    """(what to trace: responses not in the output, then those whose text changed since; the changed
-    ones), `held` being complete_versions of the output. Lines of an older rsd (no hash) count as
-    the response's."""
+    """(what to trace: responses not in the output, then those changed since; the changed ones), `held` being
+    held_versions of the output. A response changed when its text hash or its row hash (the question, system
+    turn, text, correct and finish_reason: Response.row_hash) differs from its newest version's. Lines of an
+    older rsd are compared as far as they can be: without a row hash by their text alone (a row regraded or a
+    question edited since goes unnoticed), without a text hash not at all (they count as the response's)."""
     todo, changed = [], []
     for r in responses:
         if r.key not in held:
             todo.append(r)
-        elif held[r.key] is not None and held[r.key] != r.text_hash:
+            continue
+        text, rows = held[r.key]
+        if (text is not None and text != r.text_hash) or any(h != r.row_hash for h in rows):
             changed.append(r)
     return todo + changed, changed
 

@@ -13,17 +13,22 @@ response cut off by the length limit (`finish_reason` "length", as `rsd eval` wr
 whole answer: it is set apart and counted unless include_truncated, and then kept with the mark.
 
 A response's text has a hash (text_hash): outputs keep it with their records, so a rerun sees a
-response whose text changed since it was traced.
+response whose text changed since it was traced. Its row has one too (row_hash): the question and system
+turn the response is read after, its text, and the fields carried into the outputs (CARRIED), so a rerun also
+sees a row regraded, or its question or system turn edited, around a response left as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import _columns, not_unicode, question_id, read_rows
 from .readers import strip_think_open
+
+CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output), for the analysis by correctness
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,14 @@ class Response:
     @property
     def text_hash(self) -> str:
         return text_hash(self.text)
+
+    @property
+    def row_hash(self) -> str:
+        """A hash of what a record of this response is made from: the question and system turn it is read after,
+        its text, and the row's CARRIED fields (a field absent and one set to null differ: the records carry it
+        as it is). Other fields of the row are not read and not covered."""
+        carried = {name: self.row[name] for name in CARRIED if name in self.row}
+        return text_hash(json.dumps([self.question, self.system, self.text, carried], sort_keys=True))
 
     @property
     def truncated(self) -> bool:
@@ -108,8 +121,17 @@ def row_id(row, *, question_field="question", response_field="response", id_fiel
            system_prompt: str = "") -> str | None:
     """The id load_responses gives `row` (its --id-field value, else its question's hash); None for a row
     it would skip."""
-    response, _ = _response(0, row, question_field, response_field, id_field, system_prompt)
+    response = row_response(row, question_field=question_field, response_field=response_field, id_field=id_field,
+                            system_prompt=system_prompt)
     return None if response is None else response.id
+
+
+def row_response(row, *, question_field="question", response_field="response", id_field="id",
+                 system_prompt: str = "") -> Response | None:
+    """`row` read alone as load_responses reads it (its question, system turn and text; a row without "sample"
+    has sample -1, its place among its id's rows being unknown); None for a row it would skip."""
+    response, _ = _response(0, row, question_field, response_field, id_field, system_prompt)
+    return response
 
 
 def _malformed(row) -> str | None:

@@ -27,8 +27,10 @@ written to OUT best first with their `rank`, so a rerun resumes scoring or the w
 
 The kept rows are written as read, plus the score (`teacher_sentences`, `sentences`,
 `teacher_share`; or `student_logprob`; or `random_key`), `tokens` and `candidates` (without --budget also
-`candidates_hash`: a rerun whose candidates of a done problem changed since, added, edited or regraded, is
-refused unless --force). Under torchrun
+`candidates_hash`: a rerun whose candidates of a done problem changed since, added, edited or regraded, or
+their question or system turn edited, is refused unless --force; a row an older rsd wrote, whose hash covers
+the candidates' texts and grades alone, is compared that way, and its question and system turn as the kept row
+holds them). Under torchrun
 each rank takes every world_size-th problem and writes its own part; rank 0 merges them (else
 `rsd merge OUT`, or, with --budget, `rsd merge OUT.scores.jsonl` and a rerun on one process).
 """
@@ -52,7 +54,7 @@ from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, ch
 from .readers import Reader
 from .records import (RecordWriter, all_finite, check_not_input, check_output_name, check_writable, held_elsewhere,
                       part_path, read_records)
-from .responses import Response, load_responses, row_id
+from .responses import Response, load_responses, row_id, row_response
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
            "select_budget", "provenance_chooser", "run_select", "scores_path"]
@@ -201,14 +203,16 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
         done = {kept_id(r, opts) for r in held}
         # A problem's row was chosen from its candidates as they were: rows appended since (rsd eval --samples 8
         # after 4), edited or regraded would leave it as it was, done.
+        # So would a question or system turn edited around them (the scores are read after them).
         now = {pid: candidates_hash(every[pid]) for pid in ids}
-        changed = sorted({kept_id(r, opts) for r in held if "candidates_hash" in r
-                          and now.get(kept_id(r, opts), r["candidates_hash"]) != r["candidates_hash"]})
+        changed = sorted({pid for r in held if "candidates_hash" in r
+                          for pid in [kept_id(r, opts)] if pid in now and changed_since(r, every[pid], now[pid], opts)})
         if changed and not opts.force:
             shown = ", ".join(changed[:5]) + (f", and {len(changed) - 5} more" if len(changed) > 5 else "")
-            raise ValueError(f"{opts.data}: the candidates of {len(changed)} problems changed (added, removed, edited "
-                             f"or regraded) since their rows in {opts.out} were selected: {shown}; resuming would keep "
-                             f"those rows. Give another --out, remove their rows, or pass --force to keep them")
+            raise ValueError(f"{opts.data}: the candidates of {len(changed)} problem{'s' * (len(changed) != 1)} changed "
+                             f"(added, removed, edited or regraded, or their question or system turn edited) since "
+                             f"their rows in {opts.out} were selected: {shown}; resuming would keep those rows. Give "
+                             f"another --out, remove their rows, or pass --force to keep them")
         tally["changed_kept"] = changed
         todo = [i for i in ids if i not in done]
         usable, skipped = scorer.prepare([r for i in todo for r in problems[i]], opts.max_seq_len)
@@ -236,12 +240,37 @@ def _select_per_problem(opts, scorer, problems, every, ids, target, settings, ab
 
 
 def candidates_hash(rows: list[Response]) -> str:
-    """What a problem's selection was made from: each candidate's text hash, correct, finish_reason and its row's
-    own sample (none where the row has no "sample": its place among its id's rows, which a reorder moves), as a
-    set: the same candidates in another order are the same."""
-    items = sorted(json.dumps([r.row.get("sample"), r.text_hash, r.row.get("correct"), r.row.get("finish_reason")])
-                   for r in rows)
+    """What a problem's selection was made from: each candidate's question and system turn (what its score is read
+    after), text hash, correct, finish_reason and its row's own sample (none where the row has no "sample": its
+    place among its id's rows, which a reorder moves), as a set: the same candidates in another order are the
+    same."""
+    return _set_hash([r.question, r.system, r.row.get("sample"), r.text_hash, r.row.get("correct"),
+                      r.row.get("finish_reason")] for r in rows)
+
+
+def older_candidates_hash(rows: list[Response]) -> str:
+    """The candidates_hash an older rsd wrote: without the question and system turn."""
+    return _set_hash([r.row.get("sample"), r.text_hash, r.row.get("correct"), r.row.get("finish_reason")]
+                     for r in rows)
+
+
+def _set_hash(items) -> str:
+    items = sorted(json.dumps(item) for item in items)
     return hashlib.blake2b("\n".join(items).encode(), digest_size=8).hexdigest()
+
+
+def changed_since(kept: dict, rows: list[Response], now: str, opts) -> bool:
+    """Whether the candidates of a problem whose row `kept` is in the output changed since it was selected (`now`:
+    candidates_hash(rows)). A row an older rsd wrote holds older_candidates_hash: compared with it, and the
+    question and system turn the kept row holds (it is the input row it was chosen as) with its candidates'
+    now (the two hashes of the same candidates differ, so which one a row holds says which rsd wrote it)."""
+    if kept["candidates_hash"] == now:
+        return False
+    if kept["candidates_hash"] != older_candidates_hash(rows):
+        return True
+    read = row_response(kept, question_field=opts.question_field, response_field=opts.response_field,
+                        id_field=opts.id_field, system_prompt=opts.system_prompt)
+    return read is None or (read.question, read.system) not in {(r.question, r.system) for r in rows}
 
 
 def with_id(row: dict, pid: str) -> dict:
@@ -405,7 +434,8 @@ def _format(t: dict, target) -> str:
         (rid, sample), why = t["skipped"][0]
         lines.append(f"skipped candidates: {len(t['skipped'])} (first: id {rid} candidate {sample}: {why})")
     if t.get("changed_kept"):
-        lines.append(f"kept under --force: the rows of {len(t['changed_kept'])} problems whose candidates changed since "
+        n = len(t["changed_kept"])
+        lines.append(f"kept under --force: the rows of {n} problem{'s' * (n != 1)} whose candidates changed since "
                      f"they were selected ({', '.join(t['changed_kept'][:5])})")
     if t["no_candidate"]:
         lines.append(f"problems without a usable{'' if t['incorrect'] == 0 else ', correct'} candidate: "

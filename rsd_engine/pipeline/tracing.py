@@ -18,11 +18,10 @@ from rsd_engine.sizes import check_size
 
 from .categories import DEFAULT_BETA, Rule, check_beta
 from .readers import Reader, Unreadable
-from .responses import Response
+from .responses import CARRIED, Response
 from .sentences import Sentence, has_sentence, merge_empty, sentence_spans, split_sentences, token_sentences
 
 ROLES = ("teacher", "student", "distilled")
-CARRIED = ("correct", "finish_reason")  # from the input row (`rsd eval` output), for the analysis by correctness
 
 
 # Why a response with no text outside its template markers (say "<think>\n\n</think>") is skipped: it has
@@ -54,12 +53,13 @@ class Traced:
         return self.teacher_sentences / len(self.sentences)
 
     def records(self) -> list[dict]:
-        """One JSON line per sentence."""
+        """One JSON line per sentence, each with its response's text hash and row hash (Response.row_hash: a
+        rerun compares both with the input's, provenance.responses_to_trace)."""
         r, n = self.response, len(self.sentences)
         out = []
         for i, (sentence, category) in enumerate(zip(self.sentences, self.categories)):
-            line = {"id": r.id, "sample": r.sample, "response_hash": r.text_hash, "index": i, "sentences": n,
-                    "text": sentence.text}
+            line = {"id": r.id, "sample": r.sample, "response_hash": r.text_hash, "row_hash": r.row_hash, "index": i,
+                    "sentences": n, "text": sentence.text}
             line.update({name: r.row[name] for name in CARRIED if name in r.row})
             if r.truncated:
                 line["truncated"] = True
