@@ -121,6 +121,30 @@ def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
     assert len(records) == 6 and "3 samples already in the output, 3 written now" in capsys.readouterr().out
 
 
+def test_records_under_an_earlier_float_spelling_of_an_id_resume_as_its_problem(tiny_pair, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A table's integer id column with a missing value is read as floats, which an earlier version wrote as '1.0':
+    once the column is filled (ids 1, 2) those records are problems 1 and 2's samples, not other problems whose
+    samples were all generated again and graded apart."""
+    def generate_samples(opts, prompts, params, device, max_seq_len):
+        for index, p in enumerate(params):
+            yield index, GenerationResult(prompts[index], token_ids=[1, 2], text="Work.</think>\nSo \\boxed{4}.",
+                                          finish_reason="eos", seed=p.seed)
+
+    monkeypatch.setattr(evaluate, "generate_samples", generate_samples)
+    rows = [{"question": "1+3?", "answer": "4"}, {"question": "2*3?", "answer": "6"}]
+    data, out = tmp_path / "p.jsonl", tmp_path / "gens.jsonl"
+    data.write_text("".join(json.dumps({"id": f"{i}.0", **r}) + "\n" for i, r in enumerate(rows, 1)))
+    run_eval(tiny_pair[1], data, out, "--samples", "1")  # the records an earlier version wrote from 1.0 and 2.0
+    data.write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in enumerate(rows, 1)))  # the gap filled
+    capsys.readouterr()
+    records = run_eval(tiny_pair[1], data, out, "--samples", "2")
+    report = capsys.readouterr().out
+    assert sorted((r["id"], r["sample"]) for r in records) == [("1", 1), ("1.0", 0), ("2", 1), ("2.0", 0)]
+    assert "2 samples already in the output, 2 written now" in report
+    assert "accuracy: 50.00%" in report and "2 problems x 2 samples" in report and "other problems" not in report
+
+
 def test_accuracy_is_of_the_problems_and_samples_this_run_asks_for(pair, forced, tmp_path, capsys):
     """A rerun with --limit or fewer --samples on an output that holds more grades what it asks for (it graded the
     whole file: problems past --limit, samples past --samples) and counts the rest apart."""

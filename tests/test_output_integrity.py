@@ -227,6 +227,43 @@ def test_records_of_no_problem_in_the_data_are_named(pair, tmp_path, capsys):
     assert "another data file): add\n" in capsys.readouterr().out
 
 
+def test_float_ids_of_a_table_resume_as_the_integers_they_are(tiny_pair, tmp_path, capsys):
+    """A table's integer id column with a missing value is read as floats: its ids 1.0, 2.0 were other problems than
+    the 1, 2 of the same column filled, and every problem was generated again beside its old record (exit 0, a
+    warning). Records an earlier version wrote under '1.0' resume as problem 1's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    questions = ["What is 2+2?", "What is 3*3?", "Name a prime."]
+    gap, filled = tmp_path / "gap.parquet", tmp_path / "filled.parquet"
+    answers = ["4", "9", "7"]
+    pq.write_table(pa.table({"id": pa.array([1.0, 2.0, None], pa.float64()), "question": questions,
+                             "answer": answers}), gap)
+    pq.write_table(pa.table({"id": [1, 2, 3], "question": questions, "answer": answers}), filled)
+    out, short = tmp_path / "out.jsonl", ("--attempts", "1", "--max-new-tokens", "4")
+    assert [r["id"] for r in generate(tiny_pair, gap, out, *short)] == ["1", "2"]
+    assert "skipped rows: 1 of 3 (row 2: no 'id' id)" in capsys.readouterr().out
+    assert [r["id"] for r in generate(tiny_pair, filled, out, *short)] == ["1", "2", "3"]
+    said = capsys.readouterr().out
+    assert "problems: 3 (2 already in the output, 1 written now)" in said and "no problem in --data" not in said
+    # An output an earlier version wrote from the gap's floats holds '1.0' and '2.0': the same problems.
+    old = write_rows(tmp_path / "old.jsonl", [{"id": f"{i + 1}.0", "question": questions[i], "answer": answers[i]}
+                                              for i in range(2)])
+    earlier = tmp_path / "earlier.jsonl"
+    generate(tiny_pair, old, earlier, *short)
+    capsys.readouterr()
+    assert [r["id"] for r in generate(tiny_pair, filled, earlier, *short)] == ["1.0", "2.0", "3"]
+    said = capsys.readouterr().out
+    assert "problems: 3 (2 already in the output, 1 written now)" in said and "no problem in --data" not in said
+    # An output the earlier version extended with each problem again (ids 1, 2 beside 1.0, 2.0) says so.
+    with earlier.open("a") as f:
+        f.writelines(line for line in out.read_text().splitlines(keepends=True) if '"id": "3"' not in line)
+    generate(tiny_pair, filled, earlier, *short)
+    said = capsys.readouterr().out
+    assert "problems: 3 (3 already in the output, 0 written now)" in said
+    assert "warning: the output already held duplicates: 2 ids occur more than once (1 ×2, 2 ×2)" in said
+
+
 def test_another_model_dtype_is_refused_and_auto_is_compared_as_it_resolves(pair, tmp_path, capsys):
     """bfloat16 models sample other tokens than float32 ones: a run resumed under another dtype (the same
     command line moved from a CPU, where auto is float32, to a GPU, where it is bfloat16) mixed two datasets.

@@ -240,6 +240,36 @@ def test_float_answers_are_written_as_numbers_are(tmp_path):
                    data="d")
 
 
+def test_float_ids_are_written_as_integers_and_resume_their_old_records(tmp_path):
+    """A table's integer id column with a missing value is read as floats: the ids 1.0, 2.0 were other problems than
+    1, 2 once the gap was filled, and every problem was generated again beside its old record. An integral float id
+    is the integer's; a NaN id is a missing one. Records an earlier version wrote under the float spelling ('1.0',
+    '1e+16') are those problems' on resume; a string id stays as it is."""
+    from rsd_engine.pipeline.data import id_spellings, record_id
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": 1.0, "question": "q1"}\n{"id": 2, "question": "q2"}\n{"id": NaN, "question": "q3"}\n'
+                    '{"id": 1e16, "question": "q4"}\n{"id": 2.5, "question": "q5"}\n{"id": "3.0", "question": "q6"}\n'
+                    '{"id": true, "question": "q7"}\n')
+    loaded = load_problems(path, answer_field=None)
+    assert [p.id for p in loaded.problems] == ["1", "2", "10000000000000000", "2.5", "3.0", "True"]
+    assert loaded.skipped == [(2, "no 'id' id")]
+    problems = loaded.problems
+    held = [{"id": "1.0", "question": "q1", "status": "prefix"}, {"id": "2.0", "question": "q2", "status": "prefix"},
+            {"id": "1e+16", "question": "q4", "status": "prefix"}, {"id": "3", "question": "q6", "status": "prefix"}]
+    spellings = id_spellings(problems)
+    assert [record_id(r, spellings) for r in held] == ["1", "2", "10000000000000000", "3"]  # "3.0" was a string
+    assert check_held(held, problems, force=False, out="o", data="d") == []
+    with pytest.raises(ChangedProblems, match="1 problems differ.*: 1;"):
+        check_held([{"id": "1.0", "question": "another question"}], problems, force=False, out="o", data="d")
+    # The data's own id wins over another problem's old spelling; an old spelling two ids share is neither's.
+    both = [Problem("1.0", "a", None), Problem("1", "b", None, float_id="1.0"),
+            Problem("12345678901234567", "c", None, float_id="1.2345678901234568e+16"),
+            Problem("12345678901234568", "d", None, float_id="1.2345678901234568e+16")]
+    assert id_spellings(both) == {"1.0": "1.0", "1": "1", "12345678901234567": "12345678901234567",
+                                  "12345678901234568": "12345678901234568"}
+
+
 def test_rows_with_lone_surrogates_are_skipped_and_a_nan_answer_is_missing(tmp_path):
     """No tokenizer or JSON writer takes a lone surrogate (JSON's \\ud800): the row is skipped with the reason.
     Python's json reads NaN, a table's missing value: that answer is missing, not the text 'nan'."""

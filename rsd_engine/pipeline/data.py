@@ -2,11 +2,14 @@
 
 Ids must survive a reordered or extended data file, since resuming skips the ids already
 written: they come from the id field (`id` by default, when the rows have one), else from a
-hash of the question text; never from the row number. Rows without a usable question (or id)
-are skipped and reported, not fatal; so is a repeated question when ids are question hashes. A
-row without an answer becomes a problem with answer None (its trace is 'unverified'). An
-unreadable file, a field that is no column, or a dataset with no usable row is a clear error
-that names the command-line option to change.
+hash of the question text; never from the row number. A number id is spelled as the number is, an
+integral float as an integer (a table's integer column with a missing value is read as floats: its
+1.0 is the 1 of the column once filled), and records that an earlier version wrote under the float's
+spelling ('1.0') are that problem's (id_spellings); text ids stay as they are. Rows without a usable
+question (or id: none, or NaN, a table's missing value) are skipped and reported, not fatal; so is
+a repeated question when ids are question hashes. A row without an answer becomes a problem with
+answer None (its trace is 'unverified'). An unreadable file, a field that is no column, or a dataset
+with no usable row is a clear error that names the command-line option to change.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class Problem:
     id: str
     question: str
     answer: str | None
+    # A numeric id as an earlier version spelled it read as a float ('1.0', '1e+16'), where that is not `id`: records
+    # under it are this problem's on resume (id_spellings). Not part of the problem's identity.
+    float_id: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -121,18 +127,41 @@ def _problem(row, question_field, answer_field, id_field) -> tuple[Problem | Non
     question = row.get(question_field)
     if not isinstance(question, str) or not question.strip():
         return None, f"no {question_field!r} text"
+    float_id = None
     if id_field is None:
         problem_id = question_id(question)
-    elif row.get(id_field) is None or isinstance(row[id_field], (dict, list)):
+    elif _missing_id(row.get(id_field)):
         return None, f"no {id_field!r} id"
     else:
-        problem_id = str(row[id_field])
+        problem_id, float_id = _id_text(row[id_field])
     answer = row.get(answer_field) if answer_field is not None else None
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
         return None, f"{answer_field!r} is a {type(answer).__name__}, not text or a number"
     missing = answer is None or (isinstance(answer, float) and math.isnan(answer))  # NaN: a table's missing value
     answer = None if missing or str(answer).strip() == "" else _answer_text(answer)
-    return Problem(problem_id, question, answer), ""
+    return Problem(problem_id, question, answer, float_id), ""
+
+
+def _missing_id(value) -> bool:
+    """No id: none, an object or list, or NaN (a table's missing value, as for answers)."""
+    return value is None or isinstance(value, (dict, list)) or (isinstance(value, float) and math.isnan(value))
+
+
+def _id_text(value) -> tuple[str, str | None]:
+    """(a row's id as text, the float spelling an earlier version wrote for it where that differs). A table's integer
+    id column with a missing value is read as floats: the id 1.0 is the integer 1's, as a filled column reads it
+    (Python's '1.0', '1e+16' made them other problems). Text stays as it is ("1.0" is not 1); so does a float that is
+    no integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value), None
+    if isinstance(value, float) and not value.is_integer():  # (inf and a non-integer float: Python's spelling)
+        return str(value), None
+    text = str(int(value))
+    try:
+        old = str(float(value))  # what an earlier version wrote for this id read as a float
+    except OverflowError:  # an integer no float holds: never read as one
+        return text, None
+    return text, (old if old != text else None)
 
 
 def _answer_text(answer: str | int | float) -> str:
@@ -283,9 +312,10 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
     `force`, which keeps them. A record names its question in "question" (or its user turn: SFT records of
     earlier versions, chat messages without the answer) and its reference answer in "answer"."""
     now = {p.id: p for p in problems}
+    spellings = id_spellings(problems)
     changed = {}
     for record in held:
-        problem = now.get(str(record.get("id")))
+        problem = now.get(record_id(record, spellings))
         if problem is None:
             continue
         question = record.get("question")
@@ -304,6 +334,26 @@ def check_held(held: list[dict], problems: list[Problem], *, force: bool, out, d
             f"{shown}; resuming would keep those records, made from the problems as they were. Give another --out, "
             f"remove their records, or pass --force to keep them")
     return list(changed)
+
+
+def id_spellings(problems: list[Problem]) -> dict[str, str]:
+    """{an id as a held record may spell it: the problem's id}: each problem's id, and its float_id (the spelling an
+    earlier version wrote for a numeric id read as a float: '1.0' for 1), unless that is another problem's id or the
+    float_id of another problem too (two integers past 2**53 that are one float): then it is no problem's."""
+    old: dict[str, str | None] = {}
+    for p in problems:
+        if p.float_id is not None:
+            old[p.float_id] = p.id if p.float_id not in old else None
+    spellings = {spelling: pid for spelling, pid in old.items() if pid is not None}
+    spellings.update((p.id, p.id) for p in problems)
+    return spellings
+
+
+def record_id(record: dict, spellings: dict[str, str]) -> str:
+    """The id of the problem a held record is of (id_spellings): its "id" as text, or the problem's id where the
+    record spells it as an earlier version did."""
+    held = str(record.get("id"))
+    return spellings.get(held, held)
 
 
 def _same_answer(held, now: str | None) -> bool:

@@ -24,7 +24,7 @@ from rsd_engine.sizes import MAX_SIZE, check_size
 
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
-from .data import check_held, load_problems, repeated_warning, shard_problems
+from .data import check_held, id_spellings, load_problems, record_id, repeated_warning, shard_problems
 from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
 from .generate import attempt_seed, unreadable_answers
 from .manifest import ANSWER_CHECK, forced_runs_note
@@ -122,7 +122,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             elsewhere = recheck_elsewhere(out, target, settings, force=opts.force, held=elsewhere, state=state)
             held = writer.existing + [r for records in elsewhere.values() for r in records]
             changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
-            done = {(str(r["id"]), r["sample"]) for r in held if is_eval_record(r)}
+            spellings = id_spellings(problem_set.problems)  # '1.0' of an earlier version is problem 1's
+            done = {(record_id(r, spellings), r["sample"]) for r in held if is_eval_record(r)}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
                      "no_answer": [p.id for p in problems if p.answer is None] if dist.rank == 0 else [],
@@ -161,11 +162,12 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         records, others = {}, [r for r in lines if not is_eval_record(r)]
         for r in lines:
             if is_eval_record(r):
-                records.setdefault((str(r["id"]), r["sample"]), r)
+                records.setdefault((record_id(r, spellings), r["sample"]), r)
         # The accuracy is of what this run asks for: the first --samples samples of the (--limit) problems of
         # --data. The file may hold more (an earlier run without --limit, or with more samples): counted apart.
+        # (Each graded as its problem's, under the id the data gives it now.)
         wanted = {(p.id, s) for p in graded for s in range(opts.samples)}
-        graded_now = [r for key, r in records.items() if key in wanted]
+        graded_now = [{**r, "id": key[0]} for key, r in records.items() if key in wanted]
         summary = accuracy_summary(graded_now + others, opts.params.max_new_tokens)
         summary["outside_this_run"] = len(records) - len(graded_now)
         log(format_accuracy(summary, shown))

@@ -31,7 +31,8 @@ from rsd_engine.sizes import MAX_SIZE, check_size
 
 from . import answers
 from .answers import check_available
-from .data import QUESTION_HASH, Problem, check_held, load_problems, repeated_warning, shard_problems
+from .data import (QUESTION_HASH, Problem, check_held, id_spellings, load_problems, record_id, repeated_warning,
+                   shard_problems)
 from .distributed import Dist, barrier_and_merge, init_process_group
 from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, forced_runs_note, input_identity,
                        model_dtype, model_fingerprint)
@@ -144,7 +145,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     _check_format(target, opts.format)
     settings, about = record_settings(opts, problem_set.id_field)
     if all(p.answer is None for p in problem_set.problems):
-        del settings[ANSWER_CHECK]  # nothing is judged: outputs of any version resume
+        settings[ANSWER_CHECK] = None  # nothing is judged: outputs of any version resume, and extend (manifest.py)
     # Records in OUT's other files (an earlier merge, every part of any world size) are done too: read here to refuse
     # other settings before any file of ours is made, checked again under our lock (recheck_elsewhere).
     state = others_state(out, target)
@@ -181,20 +182,25 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             files += [prefix_writer.existing] if prefix_writer else []
             held = [r for records in files for r in records]
             changed = check_held(held, problems, force=opts.force, out=out, data=opts.data)
-            # (a line of another tool, kept under --force, does not make its id's problem done)
-            done = {str(r["id"]) for r in held if "id" in r and r.get("status") in STATUSES}
+            # (a line of another tool, kept under --force, does not make its id's problem done; a record under the
+            # float spelling an earlier version gave a numeric id, '1.0', is the problem's: data.id_spellings)
+            spellings = id_spellings(problem_set.problems)
+            done = {record_id(r, spellings) for r in held if "id" in r and r.get("status") in STATUSES}
             todo = [p for p in mine if p.id not in done]
             # Every rank reads the whole dataset: rank 0 alone reports its skipped rows.
             tally = Tally(rows=problem_set.num_rows, skipped=problem_set.skipped if dist.rank == 0 else [],
                           problems=len(mine), resumed=len(mine) - len(todo), out=str(target),
                           # the merged output holds the parts' ids again: only copies within one file count
-                          duplicates={key: n for records in files for key, n in duplicate_ids(records).items()},
+                          # ('1.0' beside '1': an earlier version's record of the problem beside this version's)
+                          duplicates={key: n for records in files
+                                      for key, n in duplicate_ids(_as_problems(records, spellings)).items()},
                           forced=writer.forced + ([f"records of {len(changed)} problems changed since kept "
                                                    f"({names(changed)})"] if changed else []))
             if dist.rank == 0:  # every rank reads every file: rank 0 alone reports them
                 known = {p.id for p in problem_set.problems}
                 tally.not_in_data = list(dict.fromkeys(str(r["id"]) for r in held if "id" in r and
-                                                       r.get("status") in STATUSES and str(r["id"]) not in known))
+                                                       r.get("status") in STATUSES and
+                                                       record_id(r, spellings) not in known))
                 tally.hashed_ids = problem_set.id_field == QUESTION_HASH
             if todo:
                 tally.no_answer = [p.id for p in todo if p.answer is None]
@@ -238,6 +244,11 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def _as_problems(records: list, spellings: dict[str, str]) -> list:
+    """`records` under the ids of the problems they are of (data.record_id), to count copies of one problem."""
+    return [{**r, "id": record_id(r, spellings)} if isinstance(r, dict) and "id" in r else r for r in records]
+
+
 def check_output(opts: GenerateOptions, problems: list[Problem], id_field: str = "id") -> None:
     """What run_generate would refuse OUT for, found without writing a file (`rsd demo` asks before it writes the
     problems file it runs): lines that are no rsd generate record, another run writing OUT or a file of it, records
@@ -248,12 +259,12 @@ def check_output(opts: GenerateOptions, problems: list[Problem], id_field: str =
     refuse_if_busy(out)
     settings, _ = record_settings(opts, id_field)
     if all(p.answer is None for p in problems):
-        del settings[ANSWER_CHECK]  # as run_generate: nothing is judged
+        settings[ANSWER_CHECK] = None  # as run_generate: nothing is judged
     held = {out: read_records(out), **held_elsewhere(out, out, settings, force=opts.force)}
     for path in held:
         _check_format(path, opts.format)
     if held[out]:
-        check_settings(out, settings, has_records=True, force=opts.force, write=False)
+        check_settings(out, settings, has_records=True, force=opts.force, write=False, records=held[out])
     check_held([r for records in held.values() for r in records], problems, force=opts.force, out=out,
                data=opts.data)
 
