@@ -9,8 +9,9 @@ and system turn, the text, `correct` and `finish_reason`): a response whose text
 input since it was traced (regraded, its question edited) is named and the run refused, and under --force
 traced again, its new lines appended with the next version number; every reader of the output
 (current_sentences, rsd merge) takes the newest complete version of a response. Lines of an older rsd
-without a row hash are compared by their text alone (their row is left unchecked). Under torchrun each rank takes every world_size-th response
-and writes its own part; rank 0 merges the parts (else `rsd merge OUT`).
+without a row hash are compared by their text alone (their row is left unchecked). Under torchrun each
+rank takes every world_size-th response and writes its own part; rank 0 merges the parts (else `rsd merge
+OUT`).
 """
 
 from __future__ import annotations
@@ -332,8 +333,9 @@ def is_sentence_line(line) -> bool:
 
 def drop_incomplete(writer: RecordWriter) -> int:
     """Cut off the lines of responses cut short by a kill (only the last group written can be, or the last groups
-    of a merge of parts killed so: sentence lines); returns how many lines went. Lines of anything else are never cut: an output that ends
-    with them (another command's records, lines appended by hand) is refused, --force or not."""
+    of a merge of parts killed so: sentence lines); returns how many lines went. Lines of anything else are never
+    cut: an output that ends with them (another command's records, lines appended by hand) is refused, --force or
+    not."""
     done = _complete(writer.existing)
     torn = 0
     for line in reversed(writer.existing):
