@@ -926,39 +926,6 @@ def test_records_judged_by_older_answer_rules_are_not_resumed_beside_new_ones(pa
     assert f'answer check: 1 in the output, {answers.ANSWER_CHECK} now' in capsys.readouterr().err
 
 
-def test_a_data_file_without_answers_extended_with_answered_rows_resumes(pair, tmp_path, capsys):
-    """A data file of problems without reference answers, copied and extended with answered rows, resumes (README):
-    it was refused as another rule version, the manifest of records no rules judged being read as version 1's. The
-    manifest says so ("answer check": null); one written before (the key left out) resumes where no held record has
-    a reference answer; a run that judges nothing keeps the version that judged the records it extends."""
-    from rsd_engine.pipeline import answers
-
-    rows = [{"id": p["id"], "question": p["question"], "answer": None} for p in PROBLEMS[:2]]
-    answered = {k: PROBLEMS[2][k] for k in ("id", "question")} | {"answer": "7"}
-    data, extended = tmp_path / "p.jsonl", tmp_path / "extended.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extended.write_text("".join(json.dumps(r) + "\n" for r in [*rows, answered]))
-    for name, earlier in (("earlier.jsonl", True), ("out.jsonl", False)):
-        out = tmp_path / name
-        generate(pair, data, out)
-        manifest = Path(f"{out}.manifest.json")
-        held = json.loads(manifest.read_text())
-        if earlier:  # as this version wrote it before: the key left out where no problem had an answer
-            held["settings"].pop("answer check", None)
-            manifest.write_text(json.dumps(held))
-        else:
-            assert held["settings"]["answer check"] is None
-        capsys.readouterr()
-        assert sorted(generate(pair, extended, out)) == ["add", "mul", "open"]
-        assert "problems: 3 (2 already in the output, 1 written now)" in capsys.readouterr().out
-        assert json.loads(manifest.read_text())["settings"]["answer check"] == answers.ANSWER_CHECK
-    # Records judged by these rules: a run over problems without answers extends them, and the version stays.
-    other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"id": "new", "question": "What is 1+1?", "answer": None}) + "\n")
-    generate(pair, other, out)
-    assert json.loads(manifest.read_text())["settings"]["answer check"] == answers.ANSWER_CHECK
-
-
 def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
     shown_before = warnings.showwarning
     # A --max-seq-len past the model's context was a Python warning: file, line number and source line.

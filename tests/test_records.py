@@ -257,24 +257,6 @@ def test_merge_checks_the_parts_settings(tmp_path):
     assert read_manifest(out)["settings"] == {"--seed": 0, "--attempts": 4} and read_manifest(out)["forced"]
 
 
-def test_parts_whose_records_no_rules_judged_merge_with_any_version(tmp_path):
-    """rsd generate over problems without reference answers judges nothing ("answer check": null): a part of such a
-    run merges with a part whose records were judged, and the merged output keeps the version that judged them; two
-    parts judged by two versions are refused, whichever part judged nothing."""
-    out = tmp_path / "out.jsonl"
-    for rank, version in enumerate([None, 2]):
-        with RecordWriter(part_path(out, rank, 2), {"--seed": 0, "answer check": version}) as writer:
-            writer.write({"id": str(rank), "answer": None if version is None else "4"})
-    assert merge_parts(out).forced == []
-    assert read_manifest(out)["settings"] == {"--seed": 0, "answer check": 2}
-    out = tmp_path / "three.jsonl"
-    for rank, version in enumerate([None, 2, 3]):
-        with RecordWriter(part_path(out, rank, 3), {"--seed": 0, "answer check": version}) as writer:
-            writer.write({"id": str(rank), "answer": None if version is None else "4"})
-    with pytest.raises(SettingsMismatch, match=r"rank00002-of-00003.jsonl vs .*: answer check: 2 in the output, 3 now"):
-        merge_parts(out)
-
-
 def test_records_of_two_commands_never_share_a_file(tmp_path):
     """A manifest names the command whose records it describes: another command's output, or parts of two
     commands, are refused as such, --force or not (forced, eval records went into a generate output, and a merge

@@ -145,7 +145,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     _check_format(target, opts.format)
     settings, about = record_settings(opts, problem_set.id_field)
     if all(p.answer is None for p in problem_set.problems):
-        settings[ANSWER_CHECK] = None  # nothing is judged: outputs of any version resume, and extend (manifest.py)
+        del settings[ANSWER_CHECK]  # nothing is judged: outputs of any version resume
     # Records in OUT's other files (an earlier merge, every part of any world size) are done too: read here to refuse
     # other settings before any file of ours is made, checked again under our lock (recheck_elsewhere).
     state = others_state(out, target)
@@ -259,12 +259,12 @@ def check_output(opts: GenerateOptions, problems: list[Problem], id_field: str =
     refuse_if_busy(out)
     settings, _ = record_settings(opts, id_field)
     if all(p.answer is None for p in problems):
-        settings[ANSWER_CHECK] = None  # as run_generate: nothing is judged
+        del settings[ANSWER_CHECK]  # as run_generate: nothing is judged
     held = {out: read_records(out), **held_elsewhere(out, out, settings, force=opts.force)}
     for path in held:
         _check_format(path, opts.format)
     if held[out]:
-        check_settings(out, settings, has_records=True, force=opts.force, write=False, records=held[out])
+        check_settings(out, settings, has_records=True, force=opts.force, write=False)
     check_held([r for records in held.values() for r in records], problems, force=opts.force, out=out,
                data=opts.data)
 

@@ -120,61 +120,9 @@ def _same_input(held, now) -> bool:
 MODEL_DTYPE = "model dtype"
 ANSWER_CHECK = "answer check"  # the version of the rules that judged the answers (answers.ANSWER_CHECK)
 SENTENCE_READING = "sentence reading"  # the version of how sentences are cut and read (sentences.READING)
-# Versions of rules an older manifest did not record: what it held was version 1. A version None: the records
-# were judged by no rules (rsd generate over problems without reference answers), so any version extends them
-# and a run that judges nothing extends any (see _no_verdicts).
+# Versions of rules an older manifest did not record: what it held was version 1.
 _VERSIONED = (ANSWER_CHECK, SENTENCE_READING)
 COMMAND = "rsd command"  # the command whose records these are: never two commands' records in one file
-
-
-def answers_judged(records) -> bool:
-    """Whether an output's records may hold verdicts of the answer-checking rules: unless every one is a record of a
-    problem without a reference answer ("answer": null), which no rules judged. A line that does not say (no
-    "answer": another tool's, or an older format) may have been."""
-    return any(not isinstance(r, dict) or r.get("answer", True) is not None for r in records)
-
-
-def _judged_by_none(key: str, held: dict, judged: bool) -> bool:
-    """Whether the held records were judged by no version of the rules `key` names: the manifest says None, or it
-    has no such key (an older rsd's, read as version 1, or one rsd generate wrote before None was, leaving the key
-    out where no problem had a reference answer) and no held record has a reference answer (`judged` False:
-    answers_judged)."""
-    if key in held:
-        return held[key] is None
-    return key == ANSWER_CHECK and not judged
-
-
-def _no_verdicts(key: str, held: dict, now: dict, judged: bool) -> bool:
-    """Whether the versions of the rules `key` names need not agree: the run now judges nothing by them (None), or
-    the held records were judged by none."""
-    return now[key] is None or _judged_by_none(key, held, judged)
-
-
-def kept_settings(held: dict, now: dict) -> dict:
-    """The settings a manifest keeps once a run with `now` extended records made with `held`: `now` (whose version
-    of rules judged the records it added, where the held ones were judged by none), but where the run judged
-    nothing (None) the version that judged the held records stays (one an older manifest left out stays out: read
-    as version 1)."""
-    kept = plain(now)
-    for key in _VERSIONED:
-        if key not in kept:
-            continue
-        if kept[key] is None and key in held:
-            kept[key] = held[key]
-        elif kept[key] is None:
-            del kept[key]
-    return kept
-
-
-def judged_settings(first: dict, others: list[dict]) -> dict:
-    """`first` (the settings of one part of an output), but where its records were judged by no version of rules
-    (None) and another part's were, that part's version: the parts are compared with it (two parts judged by two
-    versions differ, whichever judged nothing) and the merged output keeps it."""
-    settings = dict(first)
-    for key in _VERSIONED:
-        if key in settings and settings[key] is None:
-            settings[key] = next((o[key] for o in others if o.get(key) is not None), None)
-    return settings
 
 
 def other_command(held: dict, now: dict) -> str | None:
@@ -201,18 +149,15 @@ def _held_model_dtype(held_about: dict) -> str | None:
     return None
 
 
-def differences(held: dict, now: dict, held_about: dict | None = None, *, judged: bool = True) -> list[str]:
+def differences(held: dict, now: dict, held_about: dict | None = None) -> list[str]:
     """One line per setting that differs, in the user's words. Only what is compared now counts: a key the
     held manifest compared but this version keeps under "about" (--out, batch size) is not a difference,
     and a key this version compares that an older manifest kept under "about" (--max-seq-len of rsd eval
-    and rsd select) is compared with the value held there. A version of rules is compared only where both
-    sides' records carry its verdicts (_no_verdicts; `judged`: whether the held records may, answers_judged)."""
+    and rsd select) is compared with the value held there."""
     held, now, held_about = plain(held), plain(now), plain(held_about or {})
     lines = []
     for key in now:
         if key == COMMAND and key not in held:  # an older manifest: other_command cannot tell
-            continue
-        if key in _VERSIONED and _no_verdicts(key, held, now, judged):
             continue
         if key == MODEL_DTYPE and key not in held:
             a = _held_model_dtype(held_about)
@@ -251,13 +196,11 @@ def forced_runs_note(out) -> str | None:
 
 
 def check_settings(out, settings: dict, *, has_records: bool, force: bool, about: dict | None = None,
-                   write: bool = True, records: list | None = None) -> list[str]:
+                   write: bool = True) -> list[str]:
     """Compare `settings` with OUT's manifest and (re)write it (unless not `write`); returns the
     differences accepted under `force`. Refuses (SettingsMismatch) when OUT has records made
-    otherwise and not `force`. `records`: OUT's, where the caller has read them (whether any may hold a verdict of
-    the answer-checking rules, answers_judged; taken as judged where not given)."""
+    otherwise and not `force`."""
     out = Path(out)
-    judged = records is None or answers_judged(records)
     if not has_records:  # a new output, or one killed before its first record
         if write:
             write_manifest(out, new_manifest(settings, about))
@@ -268,12 +211,11 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
             f"{out} holds records of rsd {held['settings'][COMMAND]}, not of rsd {settings[COMMAND]} (its manifest, "
             f"{manifest_path(out).name}, says so): give another --out (never forced: a file of both is neither "
             f"command's output)")
-    found = (differences(held["settings"], settings, held.get("about"), judged=judged) if held is not None
+    found = (differences(held["settings"], settings, held.get("about")) if held is not None
              else [f"no {manifest_path(out).name} beside it: its records were made by an older rsd or another tool"])
     if not found:
-        kept = kept_settings(held["settings"], settings) if held is not None else None
-        if write and held is not None and held["settings"] != kept:
-            held["settings"] = kept  # the same input under another name, or edited: as it is now
+        if write and held is not None and held["settings"] != plain(settings):
+            held["settings"] = plain(settings)  # the same input under another name, or edited: as it is now
             write_manifest(out, held)
         return []
     if not force:
@@ -292,9 +234,6 @@ def check_settings(out, settings: dict, *, has_records: bool, force: bool, about
             "(the manifest then lists the mixed settings)")
     if write:
         manifest = held or new_manifest(settings, about)  # adopting an output that had none
-        for key in _VERSIONED:  # records judged now where the held ones were judged by no rules: these rules'
-            if settings.get(key) is not None and _judged_by_none(key, manifest["settings"], judged):
-                manifest["settings"][key] = settings[key]
         manifest.setdefault("forced", []).append({"at": _now(), "differences": found, "settings": plain(settings)})
         write_manifest(out, manifest)
     return found

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import parse_json
-from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, judged_settings, manifest_path,
-                       other_command, read_manifest, write_manifest)
+from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, manifest_path, other_command,
+                       read_manifest, write_manifest)
 
 __all__ = ["RecordWriter", "OutputBusy", "SettingsMismatch", "read_records", "duplicate_ids", "done_ids",
            "merge_parts", "part_path", "part_files", "find_parts", "held_elsewhere", "others_state",
@@ -68,7 +68,7 @@ class RecordWriter:
             _repair_tail(self.path)
             self.existing = read_records(self.path)
             self.forced = [] if settings is None else check_settings(
-                self.path, settings, has_records=bool(self.existing), force=force, about=about, records=self.existing)
+                self.path, settings, has_records=bool(self.existing), force=force, about=about)
             # A command's run: its manifest says whether the run reached its end ("finished"; False from here
             # until then). A run refused before it wrote anything leaves the mark as it was (__exit__).
             self._run = settings is not None
@@ -385,7 +385,7 @@ def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, li
             refuse_if_busy(path)
         records = read_records(path)
         if records:
-            check_settings(path, settings, has_records=True, force=force, write=False, records=records)
+            check_settings(path, settings, has_records=True, force=force, write=False)
             held[path] = records
     return held
 
@@ -607,14 +607,13 @@ def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[
                                    f"of rsd {first['settings'][COMMAND]}: not parts of one output (never merged, "
                                    f"--force or not)")
     found = [f"{path.name}: no manifest" for path, m in manifests if m is None]
-    settings = judged_settings(first["settings"], [m["settings"] for _, m in known])
     for path, m in known[1:]:
         found += [f"{path.name} vs {first_path.name}: {line}"
-                  for line in differences(settings, m["settings"], first.get("about"))]
+                  for line in differences(first["settings"], m["settings"], first.get("about"))]
     if found and not force:
         raise SettingsMismatch(f"the parts of {out} were made with different settings:\n  " + "\n  ".join(found) +
                                "\nmerge only parts of one run, or pass --force to merge anyway")
-    merged = {**first, "settings": settings}
+    merged = dict(first)
     # Every source's own forced runs (records a part appended under other settings) stay on record.
     history = list({json.dumps(entry, sort_keys=True): entry
                     for _, m in known for entry in m.get("forced", [])}.values())
