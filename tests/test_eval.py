@@ -125,7 +125,8 @@ def test_records_under_an_earlier_float_spelling_of_an_id_resume_as_its_problem(
                                                                               monkeypatch):
     """A table's integer id column with a missing value is read as floats, which an earlier version wrote as '1.0':
     once the column is filled (ids 1, 2) those records are problems 1 and 2's samples, not other problems whose
-    samples were all generated again and graded apart."""
+    samples were all generated again and graded apart; their new samples are written under the id the file already
+    gives them (rsd select and rsd provenance group a problem's samples by it)."""
     def generate_samples(opts, prompts, params, device, max_seq_len):
         for index, p in enumerate(params):
             yield index, GenerationResult(prompts[index], token_ids=[1, 2], text="Work.</think>\nSo \\boxed{4}.",
@@ -140,7 +141,7 @@ def test_records_under_an_earlier_float_spelling_of_an_id_resume_as_its_problem(
     capsys.readouterr()
     records = run_eval(tiny_pair[1], data, out, "--samples", "2")
     report = capsys.readouterr().out
-    assert sorted((r["id"], r["sample"]) for r in records) == [("1", 1), ("1.0", 0), ("2", 1), ("2.0", 0)]
+    assert sorted((r["id"], r["sample"]) for r in records) == [("1.0", 0), ("1.0", 1), ("2.0", 0), ("2.0", 1)]
     assert "2 samples already in the output, 2 written now" in report
     assert "accuracy: 50.00%" in report and "2 problems x 2 samples" in report and "other problems" not in report
 

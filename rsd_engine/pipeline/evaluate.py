@@ -125,6 +125,10 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             spellings = id_spellings(problem_set.problems)  # '1.0' of an earlier version is problem 1's
             done = {(record_id(r, spellings), r["sample"]) for r in held if is_eval_record(r)}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
+            # A problem an earlier version wrote under the float spelling ('1.0') gets its new samples under that id
+            # too: one id per problem in the file, as rsd select and rsd provenance group it.
+            written_as = {record_id(r, spellings): str(r["id"]) for r in held if is_eval_record(r)}
+            todo = [(replace(p, id=written_as[p.id]) if written_as.get(p.id, p.id) != p.id else p, s) for p, s in todo]
             tally = {"rows": problem_set.num_rows, "skipped_rows": problem_set.skipped if dist.rank == 0 else [],
                      "no_answer": [p.id for p in problems if p.answer is None] if dist.rank == 0 else [],
                      "problems": len(mine),
