@@ -775,6 +775,31 @@ def test_a_line_nested_too_deeply_is_named_by_every_command(pair, tmp_path, caps
     assert f"{data}, line 2: not valid JSON (nested too deeply to read)" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance"])
+def test_a_device_that_is_not_cpu_or_cuda_is_refused_by_every_model_command(pair, tmp_path, capsys, command):
+    """--device mps / meta / xpu / xla: torch names them, and every model command failed deep inside torch ("not
+    linked with support for mps devices", "Cannot copy out of meta tensor", an AssertionError); now one line naming
+    the valid devices, exit 2."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "Q?", "response": "A.", "answer": "1"}) + "\n")
+    models = {"eval": ["--model", str(pair[1])], "score": ["--student", str(pair[1])]}.get(
+        command, ["--teacher", str(pair[0]), "--student", str(pair[1])])
+    out = ["--completion-field", "response"] if command == "score" else ["--out", str(tmp_path / "out.jsonl")]
+    for device in ("mps", "meta", "xpu", "xla"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, *models, "--data", str(data), *out, "--device", device, "--no-progress"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert f"device={device!r} is not supported: rsd runs on CPU or CUDA devices; use 'auto', 'cpu'" in err
+
+
+def test_the_engine_refuses_a_device_that_is_not_cpu_or_cuda(pair):
+    for device in ("meta", "mps", "xpu", "cuda:99"):
+        with pytest.raises(ValueError, match=r"^device='(meta|mps|xpu)' is not supported: rsd runs on CPU or CUDA "
+                                             r"devices|^device='cuda:99': |but no CUDA device is available"):
+            Engine(*pair, device=device)
+
+
 @pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])
 def test_a_system_prompt_that_is_not_unicode_is_named(tmp_path, capsys, command):
     """$'\\xff' from the shell reaches Python as the lone surrogate '\\udcff': rsd score showed a traceback from
