@@ -714,8 +714,10 @@ def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, 
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and said in err and "Traceback" not in err and len(err.splitlines()) == 1
         assert err.count("lower") <= 1  # the advice once, in the options' names (it came twice)
+    # --attempts 1e20 built its work list for minutes, to 15 GB, before failing (generate and demo alike).
     for command, option, value in (("eval", "--samples", "10001"), ("provenance-report", "--bins", "1001"),
-                                   ("provenance-report", "--resamples", "100001")):
+                                   ("provenance-report", "--resamples", "100001"), ("generate", "--attempts", "10001"),
+                                   ("generate", "--attempts", str(10**20)), ("demo", "--attempts", "10001")):
         with pytest.raises(SystemExit) as stopped:
             main([command, option, value])
         assert stopped.value.code == 2 and f"{option}: must be an integer in [1, " in capsys.readouterr().err
@@ -754,6 +756,12 @@ def test_option_objects_refuse_sizes_past_the_range():
              (SelectOptions, dict(teacher="t", student="s", data="d", out="o", batch_size=huge), "--batch-size")]
     for options, kwargs, option in cases:
         with pytest.raises(ValueError, match=rf"^{option} = {huge}: must be an integer in \[\d, 2147483647\]$"):
+            options(**kwargs)
+    # Attempts and samples per problem: each a request made up front.
+    for options, kwargs, option in [(GenerateOptions, dict(teacher="t", student="s", data="d", out="o",
+                                                           attempts=huge), "--attempts"),
+                                    (EvalOptions, dict(model="m", data="d", out="o", samples=huge), "--samples")]:
+        with pytest.raises(ValueError, match=rf"^{option} = {huge}: must be an integer in \[1, 10000\]$"):
             options(**kwargs)
 
 
