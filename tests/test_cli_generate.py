@@ -556,7 +556,7 @@ def test_rerun_skips_done_ids(pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--attempts", "0", "argument --attempts: must be an integer >= 1, got '0'"),
+    ("--attempts", "0", "argument --attempts: must be an integer in [1, 10000], got '0'"),
     ("--max-fallback", "2", "argument --max-fallback: must be a number in [0, 1], got '2'"),
     ("--threshold", "-0.1", "argument --threshold: must be a number in [0, 1]"),
     ("--format", "csv", "argument --format: invalid choice"),
