@@ -808,6 +808,19 @@ def test_the_engine_refuses_a_device_that_is_not_cpu_or_cuda(pair):
             Engine(*pair, device=device)
 
 
+def test_a_cuda_index_past_the_machines_devices_is_named(monkeypatch):
+    import torch
+
+    from rsd_engine.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^device='cuda:2': there is no CUDA device 2 \(this machine has 2: 'cuda:0' "
+                                         r"to 'cuda:1'\)$"):
+        resolve_device("cuda:2")
+
+
 @pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])
 def test_a_system_prompt_that_is_not_unicode_is_named(tmp_path, capsys, command):
     """$'\\xff' from the shell reaches Python as the lone surrogate '\\udcff': rsd score showed a traceback from
