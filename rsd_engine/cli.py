@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rsd_engine.params import MAX_PROPOSAL_TRIALS, SamplingParams
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
-from rsd_engine.sizes import MAX_SIZE
+from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE
 
 PAPER = SamplingParams()
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "threshold", "check_temperature",
@@ -159,7 +159,8 @@ def _generate_parser(sub):
                         "the question text)")
     p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt, '' for none (default: %(default)r)")
-    p.add_argument("--attempts", type=_int(1), default=16, help="tries per problem")
+    p.add_argument("--attempts", type=_int(1, MAX_SAMPLES), default=16,
+                   help=f"tries per problem, at most {MAX_SAMPLES} (default: %(default)s)")
     p.add_argument("--max-fallback", type=_fraction, default=0.5,
                    help="reject traces with a larger share of student-written tokens")
     p.add_argument("--prefix-tokens", type=_int(1), default=128,
@@ -374,8 +375,8 @@ def _eval_parser(sub):
     _model_option(p, "model", "the model")
     p.add_argument("--data", required=True, help="problems with reference answers (.jsonl, .json, .parquet, folder)")
     p.add_argument("--out", required=True, help="output JSONL, one line per generation (rerunning resumes it)")
-    p.add_argument("--samples", type=_int(1, 10_000), default=1,
-                   help="samples per problem, at most 10000 (default: %(default)s)")
+    p.add_argument("--samples", type=_int(1, MAX_SAMPLES), default=1,
+                   help=f"samples per problem, at most {MAX_SAMPLES} (default: %(default)s)")
     p.add_argument("--question-field", default="question", help="(default: %(default)s)")
     p.add_argument("--answer-field", default="answer", help="(default: %(default)s; problems without one are skipped)")
     p.add_argument("--id-field", default=None,
@@ -415,7 +416,8 @@ def _demo_parser(sub):
                    help="append to an OUT/traces.jsonl made with other settings (default: refuse, naming the "
                         "differences)")
     p.add_argument("--problems", type=_int(1, 79), default=DEMO_PROBLEMS, help="champ problems to run")
-    p.add_argument("--attempts", type=_int(1), default=DEMO_ATTEMPTS, help="tries per problem")
+    p.add_argument("--attempts", type=_int(1, MAX_SAMPLES), default=DEMO_ATTEMPTS,
+                   help=f"tries per problem, at most {MAX_SAMPLES} (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=_int(1, MAX_SIZE), default=DEMO_MAX_NEW_TOKENS,
                    help="tokens generated per attempt at most")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the attempt")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 
 # The uniforms of one step are laid out as [fallback draw, proposal 0, ..., proposal K-1]; the width
@@ -16,7 +18,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30
 class Range:
     """The values one sampling parameter may take: ``lo`` to ``hi`` (``lo`` excluded if ``open_low``; no upper
     bound if ``hi`` is None), or exactly ``also``; ``allowed`` says so in words for messages. SamplingParams
-    checks Python numbers with ``contains``; the sampler ops check the same rule on tensors (sampling/checks.py)."""
+    checks numbers with ``contains`` (any numbers.Integral for an integer rule, numbers.Real else, as numpy's are;
+    never a bool); the sampler ops check the same rule on tensors (sampling/checks.py)."""
 
     lo: float
     hi: float | None
@@ -26,7 +29,7 @@ class Range:
     integer: bool = False
 
     def contains(self, value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+        if not _is_number(value, self.integer):
             return False
         if not self.integer and not math.isfinite(value):
             return False
@@ -83,15 +86,16 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids, int))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos = {self.ignore_eos!r} must be True or False")
-        _check_int("max_new_tokens", self.max_new_tokens, 1, None)
+        _check_int(self, "max_new_tokens", 1, None)
         for name, rule in RANGES.items():
             value = getattr(self, name)
             if not rule.contains(value):
                 why = (" (the float32 sampling step divides by it)" if "temperature" in name
-                       and isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else "")
+                       and _is_number(value) and math.isfinite(value) and value > 0 else "")
                 raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {rule.allowed}{why}")
+            object.__setattr__(self, name, _plain(value, rule.integer))
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, 2**63 - 1)
+            _check_int(self, "seed", 0, 2**63 - 1)
         for i, tok in enumerate(self.stop_token_ids):
             if tok < 0:
                 raise ValueError(f"SamplingParams.stop_token_ids[{i}] = {tok}: token ids must be >= 0")
@@ -100,22 +104,36 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.stop[{i}] is empty: stop strings must be non-empty")
 
 
+def _is_number(value, integer: bool = False) -> bool:
+    """An integer (any numbers.Integral, numpy's int64 included) or, unless `integer`, any real number (numbers.Real,
+    numpy's float32 included); never a bool (Python's is an int subclass; numpy's bool_ is neither)."""
+    return isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value, integer: bool):
+    """A checked number as Python's int or float (numpy's scalars are stored, hashed and written as plain ones)."""
+    if integer:
+        return operator.index(value)
+    return value if type(value) in (int, float) else float(value)
+
+
 def _as_tuple(name, value, kind):
-    if isinstance(value, (str, int)):
+    if isinstance(value, (str, numbers.Integral)):
         value = (value,)
     try:
         out = tuple(value)
     except TypeError:
         raise ValueError(f"SamplingParams.{name} must be a sequence of {kind.__name__}, got {value!r}") from None
     for v in out:
-        if not isinstance(v, kind) or isinstance(v, bool):
+        if not (_is_number(v, integer=True) if kind is int else isinstance(v, kind)):
             raise ValueError(f"SamplingParams.{name} must hold {kind.__name__} values, got {v!r}")
-    return out
+    return tuple(operator.index(v) for v in out) if kind is int else out
 
 
-def _check_int(name, value, lo, hi, allowed=None):
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok and value >= lo and (hi is None or value <= hi)
+def _check_int(params, name, lo, hi, allowed=None):
+    value = getattr(params, name)
+    ok = _is_number(value, integer=True) and value >= lo and (hi is None or value <= hi)
     if not ok:
         allowed = allowed or (f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
         raise ValueError(f"SamplingParams.{name} = {value!r} is out of range: must be {allowed}")
+    object.__setattr__(params, name, operator.index(value))

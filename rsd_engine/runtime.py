@@ -28,12 +28,20 @@ def resolve_device(device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type not in ("cpu", "cuda"):
+        # torch names more device types (mps, meta, xla, xpu, ...); the engine's kernels and caches are CPU and CUDA
+        # ones, and the others failed deep inside torch (not linked, no data on meta, an assertion).
+        raise ValueError(f"device={device!r} is not supported: rsd runs on CPU or CUDA devices; use 'auto', 'cpu', "
+                         f"'cuda' or 'cuda:N'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA device is available: use device='cpu' or 'auto'")
-    return device
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: there is no CUDA device {resolved.index} (this machine has "
+                         f"{torch.cuda.device_count()}: 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}')")
+    return resolved
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -5,6 +5,9 @@ from __future__ import annotations
 # Past any memory already, and small enough that what is computed from a size (prompt + max_new_tokens, a KV
 # cache's bytes) stays an integer that torch and mmap take: 1e19 positions made mmap raise an OverflowError.
 MAX_SIZE = 2**31 - 1
+# Attempts (rsd generate, rsd demo) or samples (rsd eval) per problem: each is a request made up front, so a
+# count past any use (1e20) grew a list for minutes, to gigabytes, before failing.
+MAX_SAMPLES = 10_000
 
 
 def check_size(name: str, value, lo: int) -> int:

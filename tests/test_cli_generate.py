@@ -556,7 +556,7 @@ def test_rerun_skips_done_ids(pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--attempts", "0", "argument --attempts: must be an integer >= 1, got '0'"),
+    ("--attempts", "0", "argument --attempts: must be an integer in [1, 10000], got '0'"),
     ("--max-fallback", "2", "argument --max-fallback: must be a number in [0, 1], got '2'"),
     ("--threshold", "-0.1", "argument --threshold: must be a number in [0, 1]"),
     ("--format", "csv", "argument --format: invalid choice"),
@@ -714,8 +714,10 @@ def test_sizes_and_paths_the_system_refuses_are_one_line_errors(pair, tmp_path, 
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and said in err and "Traceback" not in err and len(err.splitlines()) == 1
         assert err.count("lower") <= 1  # the advice once, in the options' names (it came twice)
+    # --attempts 1e20 built its work list for minutes, to 15 GB, before failing (generate and demo alike).
     for command, option, value in (("eval", "--samples", "10001"), ("provenance-report", "--bins", "1001"),
-                                   ("provenance-report", "--resamples", "100001")):
+                                   ("provenance-report", "--resamples", "100001"), ("generate", "--attempts", "10001"),
+                                   ("generate", "--attempts", str(10**20)), ("demo", "--attempts", "10001")):
         with pytest.raises(SystemExit) as stopped:
             main([command, option, value])
         assert stopped.value.code == 2 and f"{option}: must be an integer in [1, " in capsys.readouterr().err
@@ -755,6 +757,12 @@ def test_option_objects_refuse_sizes_past_the_range():
     for options, kwargs, option in cases:
         with pytest.raises(ValueError, match=rf"^{option} = {huge}: must be an integer in \[\d, 2147483647\]$"):
             options(**kwargs)
+    # Attempts and samples per problem: each a request made up front.
+    for options, kwargs, option in [(GenerateOptions, dict(teacher="t", student="s", data="d", out="o",
+                                                           attempts=huge), "--attempts"),
+                                    (EvalOptions, dict(model="m", data="d", out="o", samples=huge), "--samples")]:
+        with pytest.raises(ValueError, match=rf"^{option} = {huge}: must be an integer in \[1, 10000\]$"):
+            options(**kwargs)
 
 
 @pytest.mark.usefixtures("python_recursion_limit")
@@ -773,6 +781,44 @@ def test_a_line_nested_too_deeply_is_named_by_every_command(pair, tmp_path, caps
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
     assert f"{data}, line 2: not valid JSON (nested too deeply to read)" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance"])
+def test_a_device_that_is_not_cpu_or_cuda_is_refused_by_every_model_command(pair, tmp_path, capsys, command):
+    """--device mps / meta / xpu / xla: torch names them, and every model command failed deep inside torch ("not
+    linked with support for mps devices", "Cannot copy out of meta tensor", an AssertionError); now one line naming
+    the valid devices, exit 2."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "Q?", "response": "A.", "answer": "1"}) + "\n")
+    models = {"eval": ["--model", str(pair[1])], "score": ["--student", str(pair[1])]}.get(
+        command, ["--teacher", str(pair[0]), "--student", str(pair[1])])
+    out = ["--completion-field", "response"] if command == "score" else ["--out", str(tmp_path / "out.jsonl")]
+    for device in ("mps", "meta", "xpu", "xla"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, *models, "--data", str(data), *out, "--device", device, "--no-progress"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert f"device={device!r} is not supported: rsd runs on CPU or CUDA devices; use 'auto', 'cpu'" in err
+
+
+def test_the_engine_refuses_a_device_that_is_not_cpu_or_cuda(pair):
+    for device in ("meta", "mps", "xpu", "cuda:99"):
+        with pytest.raises(ValueError, match=r"^device='(meta|mps|xpu)' is not supported: rsd runs on CPU or CUDA "
+                                             r"devices|^device='cuda:99': |but no CUDA device is available"):
+            Engine(*pair, device=device)
+
+
+def test_a_cuda_index_past_the_machines_devices_is_named(monkeypatch):
+    import torch
+
+    from rsd_engine.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^device='cuda:2': there is no CUDA device 2 \(this machine has 2: 'cuda:0' "
+                                         r"to 'cuda:1'\)$"):
+        resolve_device("cuda:2")
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])

@@ -252,7 +252,45 @@ BAD_CHAT_ROWS = [
     ({"id": "s", "prompt": "hi", "completion": "\ud800 x"},
      "'completion' is not valid Unicode: '\\ud800' at character 0 is a lone surrogate"),
     ({"id": "t", "messages": "hi"}, "'messages' is a str, not a list of chat messages"),  # was: "no 'messages'"
+    # An assistant turn of null content, or none, was scored as an empty completion (0 tokens, exit 0); 0 and false
+    # too, and a system turn of 0 was no system prompt.
+    ({"id": "n", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+     "'messages' ends with an assistant turn with no content (null): nothing to score"),
+    ({"id": "k", "messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]},
+     "'messages' ends with an assistant turn with no content (no 'content' key): nothing to score"),
+    ({"id": "z", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 0}]},
+     "'messages' ends with an assistant turn whose content is not text (int)"),
+    ({"id": "f", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": False}]},
+     "'messages' ends with an assistant turn whose content is not text (bool)"),
+    ({"id": "y", "messages": [{"role": "system", "content": 0}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}]},
+     "'messages' has a system turn whose content is not text (int)"),
 ]
+
+
+def test_a_system_turn_of_null_content_is_no_system_prompt(tiny_pair, tmp_path):
+    """As responses.py reads one; an empty assistant turn ("") is an empty completion, scored as one."""
+    from rsd_engine.pipeline.score import read_traces
+    from rsd_engine.tokens import load_tokenizer
+
+    user, assistant = {"role": "user", "content": "q"}, {"role": "assistant", "content": ""}
+    data = write_rows(tmp_path / "system.jsonl", [{"id": "a", "messages": [user, assistant]},
+                                                  {"id": "b", "messages": [{"role": "system", "content": None}, user,
+                                                                           assistant]}])
+    read = read_traces(data, load_tokenizer(tiny_pair[1]))
+    assert not read.skipped and read.traces[0].prompt_ids == read.traces[1].prompt_ids
+    assert read.traces[0].completion_ids == read.traces[1].completion_ids == []
+
+
+def test_a_chat_row_with_no_assistant_content_is_skipped_and_the_run_falls_short(tiny_pair, traces, tmp_path,
+                                                                                  capsys):
+    files, _ = traces
+    good = json.loads(files["messages"].read_text().splitlines()[0])
+    data = write_rows(tmp_path / "null.jsonl", [good, BAD_CHAT_ROWS[-5][0]])
+    assert main(["score", "--student", str(tiny_pair[1]), "--data", str(data), "--no-progress"]) == 3
+    out = capsys.readouterr()
+    assert "skipped 1 rows (first: row 1, 'messages' ends with an assistant turn with " \
+        "no content (null)" in out.out + out.err
 
 
 def test_token_ids_are_read_whatever_messages_holds(tiny_pair, traces, tmp_path):

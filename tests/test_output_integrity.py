@@ -415,3 +415,25 @@ def test_a_request_the_engine_fails_is_named_and_the_run_goes_on(pair, tmp_path,
     report = capsys.readouterr().out
     assert sorted(r["id"] for r in records) == ["add", "mul", "unclosed"]
     assert "failed, not written: 1 (open: attempt " in report and "the teacher's logits" in report
+
+
+def test_an_output_that_is_no_regular_file_is_refused(pair, tmp_path, capsys):
+    """--out a link to /dev/full or /dev/zero was read back as an endless file until memory ran out (then "out of
+    memory ... lower --max-batch-size"), and a FIFO blocked; a report over /dev/null, as root, would replace the
+    device. Refused before any work, naming what the path is. (/dev/null stands in for the endless devices: it reads
+    empty, so this test cannot run away where the check is missing.)"""
+    data = write_problems(tmp_path / "p.jsonl")
+    null, fifo, report = tmp_path / "null.jsonl", tmp_path / "fifo.jsonl", tmp_path / "report.json"
+    null.symlink_to(os.devnull)
+    report.symlink_to(os.devnull)
+    os.mkfifo(fifo)
+    runs = [(argv(pair, data, null), f"output path {null} is a character device ({os.devnull}), not a regular file"),
+            (argv(pair, data, fifo), f"output path {fifo} is a FIFO (a named pipe), not a regular file"),
+            (["score", "--student", str(pair[1]), "--data", str(data), "--out", str(report), "--no-progress"],
+             f"output path {report} is a character device ({os.devnull}), not a regular file")]
+    for command, said in runs:
+        with pytest.raises(SystemExit) as stopped:
+            main(command)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and said in err and len(err.splitlines()) == 1, err
+    assert null.is_symlink() and report.is_symlink() and not manifest_path(null).exists()

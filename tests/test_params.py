@@ -50,3 +50,30 @@ def test_sequences_become_tuples():
     p = SamplingParams(stop=["\n\n", "END"], stop_token_ids=[5], seed=3)
     assert p.stop == ("\n\n", "END") and p.stop_token_ids == (5,) and hash(p)
     assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_numpy_numbers_are_numbers():
+    """np.int64(5) was refused as top_k ("must be an integer >= 0") while np.float64 was taken: any
+    numbers.Integral is an integer, any numbers.Real a number, stored as Python's own; a bool is neither."""
+    np = pytest.importorskip("numpy")
+    p = SamplingParams(top_k=np.int64(5), student_top_k=np.int32(3), proposal_trials=np.uint8(2),
+                       max_new_tokens=np.int64(64), seed=np.int64(7), temperature=np.float32(0.5),
+                       top_p=np.float64(0.9), threshold=np.float16(0.25), stop_token_ids=[np.int64(3)])
+    assert (p.top_k, p.student_top_k, p.proposal_trials, p.max_new_tokens, p.seed) == (5, 3, 2, 64, 7)
+    assert (p.temperature, p.top_p, p.threshold, p.stop_token_ids) == (0.5, 0.9, 0.25, (3,))
+    for value in (p.top_k, p.student_top_k, p.proposal_trials, p.max_new_tokens, p.seed, *p.stop_token_ids):
+        assert type(value) is int
+    for value in (p.temperature, p.top_p, p.threshold):
+        assert type(value) is float
+    assert SamplingParams(stop_token_ids=np.int64(4)).stop_token_ids == (4,) and hash(p)
+    assert SamplingParams(temperature=1).temperature == 1  # Python's numbers as given
+    for field, value, allowed in [("top_k", np.int64(-1), ">= 0"), ("top_k", np.float64(5.0), "integer >= 0"),
+                                  ("top_k", np.bool_(True), "integer >= 0"),
+                                  ("temperature", np.bool_(True), "0 (argmax)"), ("temperature", True, "0 (argmax)"),
+                                  ("max_new_tokens", np.float64(8), "integer >= 1"),
+                                  ("proposal_trials", np.int64(17), "[1, 16]"), ("seed", np.int64(-1), "integer")]:
+        with pytest.raises(ValueError) as err:
+            SamplingParams(**{field: value})
+        assert field in str(err.value) and allowed in str(err.value)
+    with pytest.raises(ValueError, match="stop_token_ids must hold int values"):
+        SamplingParams(stop_token_ids=[np.float64(3)])

@@ -145,6 +145,31 @@ def test_unreadable_paths(tmp_path):
         load_problems(tmp_path / "latin1.jsonl")
 
 
+def test_a_dataset_that_is_a_device_is_refused_and_a_pipe_is_read(tmp_path):
+    """--data a link to /dev/zero was read as an endless file until memory ran out (then a misleading "out of
+    memory"); a device is refused, naming it (/dev/null stands in: it reads empty, so this test cannot run away where
+    the check is missing). A named pipe is read to its end, as it was."""
+    import os
+    import threading
+
+    from rsd_engine.pipeline.data import read_growing_rows
+
+    (tmp_path / "null.jsonl").symlink_to(os.devnull)
+    said = rf"dataset {tmp_path / 'null.jsonl'} is a character device \({os.devnull}\), not a file: valid: \.jsonl"
+    with pytest.raises(ValueError, match=said):
+        load_problems(tmp_path / "null.jsonl")
+    with pytest.raises(ValueError, match=said):  # rsd score's reader
+        read_growing_rows(tmp_path / "null.jsonl")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=('{"question": "1+1?", "answer": "2"}\n',))
+    writer.start()
+    try:
+        assert [p.question for p in load_problems(fifo).problems] == ["1+1?"]
+    finally:
+        writer.join(timeout=10)
+
+
 def test_dataset_dict_folders(tmp_path):
     from datasets import Dataset, DatasetDict
 

@@ -19,7 +19,9 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -196,10 +198,31 @@ def not_unicode(value, where: str = "") -> str:
     return ""
 
 
+_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_file(path) -> str:
+    """What an existing `path` is (through its links) where it is neither a regular file nor a folder: "a character
+    device (/dev/zero)", "a FIFO (a named pipe)"...; "" for a file, a folder or nothing there. A device reads without
+    end (/dev/zero, /dev/full) or never (a terminal): read as a dataset or an earlier output, it grew until memory
+    ran out."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # nothing there, a link loop (named where the path is used), a NUL in the name
+        return ""
+    what = next((what for test, what in _SPECIAL_FILES if test(mode)), "")
+    real = os.path.realpath(path)
+    return f"{what} ({real})" if what and real != os.path.abspath(path) else what
+
+
 def read_rows(path: Path) -> list:
-    """All rows of the dataset at `path` as Python objects (dicts for well-formed data)."""
+    """All rows of the dataset at `path` as Python objects (dicts for well-formed data). A pipe is read to its end
+    (a named FIFO whose writer ends); a device or a socket is refused (special_file)."""
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
+    if (kind := special_file(path)) and not kind.startswith("a FIFO"):
+        raise ValueError(f"dataset {path} is {kind}, not a file: valid: {FORMATS}")
     if path.is_dir():
         return _read_saved_dataset(path)
     suffix = path.suffix.lower()

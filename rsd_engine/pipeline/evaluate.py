@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rsd_engine.params import SamplingParams
-from rsd_engine.sizes import MAX_SIZE, check_size
+from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
 
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
@@ -69,6 +69,8 @@ class EvalOptions:
                 check_size(f"--{name.replace('_', '-')}", value, lo)
             elif not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= {lo}")
+            elif name == "samples" and value > MAX_SAMPLES:  # each a request made up front
+                raise ValueError(f"--samples = {value!r}: must be an integer in [1, {MAX_SAMPLES}]")
 
 
 def generate_samples(opts: EvalOptions, prompts: list[list[int]], params: list[SamplingParams], device,

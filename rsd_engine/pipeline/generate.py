@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from rsd_engine.params import SamplingParams
-from rsd_engine.sizes import MAX_SIZE, check_size
+from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
 
 from . import answers
 from .answers import check_available
@@ -88,7 +88,7 @@ class GenerateOptions:
     force: bool = False  # append to an output made with other settings
 
     def __post_init__(self):
-        _check("attempts", self.attempts, 1)
+        _check("attempts", self.attempts, 1, MAX_SAMPLES)
         _check("prefix_tokens", self.prefix_tokens, 1)
         check_size("--max-batch-size", self.max_batch_size, 1)
         _check("draft_tokens", self.draft_tokens, 0)
@@ -112,9 +112,10 @@ class GenerateOptions:
             raise ValueError(f"--format = {self.format!r}: must be one of {', '.join(FORMATS)}")
 
 
-def _check(name, value, lo):
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= {lo}")
+def _check(name, value, lo, hi=None):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        allowed = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer {allowed}")
 
 
 def attempt_seed(seed: int, problem_id: str, attempt: int) -> int:

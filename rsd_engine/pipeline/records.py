@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import parse_json
+from .data import parse_json, special_file
 from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, manifest_path, other_command,
                        read_manifest, write_manifest)
 
@@ -768,10 +768,15 @@ def check_plot_format(path) -> None:
 
 def check_writable(path) -> Path:
     """Fail before any generation if `path` cannot be written; creates missing parent folders
-    but leaves no file behind."""
+    but leaves no file behind. An existing path that is no regular file (a device such as /dev/full, a FIFO) is
+    refused: an output is read back (to resume it, or to know it for this command's own), and a device reads without
+    end."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output path {path} is a directory; give a file name such as {path / 'traces.jsonl'}")
+    if kind := special_file(path):
+        raise ValueError(f"output path {path} is {kind}, not a regular file: rsd reads an existing output back (to "
+                         f"resume it, or to know it for its own) before writing it; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():

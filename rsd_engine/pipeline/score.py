@@ -193,7 +193,12 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
         return None, "'messages' does not end with an assistant turn"
     if not all(isinstance(m, dict) for m in messages):
         return None, "'messages' holds an item that is not a {role, content} object"
-    completion = messages[-1].get("content") or ""
+    # Only "" is an empty completion: null, or no 'content' at all, is a turn not written (a row cut short, a failed
+    # call), not one that wrote nothing.
+    if messages[-1].get("content") is None:
+        return None, ("'messages' ends with an assistant turn with no content ("
+                      + ("null" if "content" in messages[-1] else "no 'content' key") + "): nothing to score")
+    completion = messages[-1]["content"]
     if not isinstance(completion, str):
         return None, f"'messages' ends with an assistant turn whose content is not text ({type(completion).__name__})"
     context = messages[:-1]
@@ -203,7 +208,9 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
     if roles in (["user"], ["system", "user"]):
         # One question: prompted as `rsd generate` prompts it (a template without a system role gets the system
         # prompt folded into the user turn, and a tokenizer without a template plain text).
-        system = (context[0].get("content") or "") if len(context) == 2 else ""
+        # A system turn of null content is no system prompt (as responses.py reads one); 0 or false is no text.
+        system = context[0].get("content") if len(context) == 2 else ""
+        system = "" if system is None else system
         user = context[-1].get("content")
         if not isinstance(user, str):
             return None, f"'messages' has a user turn whose content is not text ({type(user).__name__})"
