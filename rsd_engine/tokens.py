@@ -239,7 +239,7 @@ def load_tokenizer(folder, revision: str | None = None):
 
         load_config(folder)  # a broken or unsupported config.json: our one-line error, not transformers' traceback
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except ValueError as err:
         if "trust_remote_code" in str(err) or "remote code" in str(err):  # a tokenizer that needs the folder's code
             raise ValueError(f"cannot load the tokenizer in {folder} without running the folder's own code, "
@@ -248,3 +248,13 @@ def load_tokenizer(folder, revision: str | None = None):
     except (OSError, KeyError, TypeError, AttributeError) as err:  # a tokenizer file transformers cannot read
         raise ValueError(f"cannot load the tokenizer in {folder} ({type(err).__name__}: {err}); its tokenizer.json "
                          f"or tokenizer_config.json is damaged or not a Hugging Face tokenizer") from None
+    except _StrictDataclassError as err:  # transformers' config refuses a config.json field ours does not read
+        raise ValueError(f"{folder / 'config.json'}: {' '.join(str(err).split())}") from None
+    return tokenizer
+
+
+try:  # transformers 5's configs are huggingface_hub strict dataclasses: a field of the wrong type raises this (an
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError  # Exception, not a ValueError)
+except ImportError:  # an older huggingface_hub, without them: nothing to catch
+    _StrictDataclassError = ()
+
