@@ -225,7 +225,9 @@ class _TeacherReader:
 
 def load_tokenizer(folder, revision: str | None = None):
     """The HF tokenizer saved in a model folder (or the Hub snapshot an id names, see models/hub.py);
-    read from disk, never running the folder's code."""
+    read from disk, never running the folder's code. A tokenizer_config.json that names such code (auto_map,
+    or a tokenizer_class transformers lacks) gets the built-in tokenizer its files describe, with a warning,
+    as config.json's auto_map does (models/config.py)."""
     from transformers import AutoTokenizer
 
     from .models.hub import resolve_model
@@ -238,8 +240,9 @@ def load_tokenizer(folder, revision: str | None = None):
         from .models.loader import load_config
 
         load_config(folder)  # a broken or unsupported config.json: our one-line error, not transformers' traceback
+    custom = _custom_tokenizer_code(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except ValueError as err:
         if "trust_remote_code" in str(err) or "remote code" in str(err):  # a tokenizer that needs the folder's code
             raise ValueError(f"cannot load the tokenizer in {folder} without running the folder's own code, "
@@ -248,3 +251,42 @@ def load_tokenizer(folder, revision: str | None = None):
     except (OSError, KeyError, TypeError, AttributeError) as err:  # a tokenizer file transformers cannot read
         raise ValueError(f"cannot load the tokenizer in {folder} ({type(err).__name__}: {err}); its tokenizer.json "
                          f"or tokenizer_config.json is damaged or not a Hugging Face tokenizer") from None
+    except _StrictDataclassError as err:  # transformers' config refuses a config.json field ours does not read
+        raise ValueError(f"{folder / 'config.json'}: {' '.join(str(err).split())}") from None
+    if custom:
+        source = "from tokenizer.json as is" if (folder / "tokenizer.json").is_file() else "from its files"
+        warnings.warn(f"{folder / 'tokenizer_config.json'} has {custom} (custom tokenizer code, never run here): the "
+                      f"tokenizer is read {source}, by the built-in {type(tokenizer).__name__}; if its own code "
+                      f"tokenizes otherwise, so will this")  # here, not the caller: said once a folder
+    return tokenizer
+
+
+try:  # transformers 5's configs are huggingface_hub strict dataclasses: a field of the wrong type raises this (an
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError  # Exception, not a ValueError)
+except ImportError:  # an older huggingface_hub, without them: nothing to catch
+    _StrictDataclassError = ()
+
+
+def _custom_tokenizer_code(folder) -> str:
+    """What the folder's tokenizer_config.json names of its own code, read as transformers reads it (an auto_map
+    AutoTokenizer entry, or the older list form; a tokenizer_class transformers does not provide), or ""."""
+    from .models.hub import read_json_object
+
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return ""
+    config = read_json_object(path)
+    auto_map = config.get("auto_map")
+    entry = auto_map if isinstance(auto_map, (list, tuple)) else (
+        auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None)
+    entry = [name for name in entry if name] if isinstance(entry, (list, tuple)) else [entry] if entry else []
+    named = [f"auto_map (AutoTokenizer: {', '.join(map(str, entry))})"] if entry else []
+    declared = config.get("tokenizer_class")
+    if isinstance(declared, str) and declared:
+        try:
+            from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+        except ImportError:  # another transformers: only auto_map is named
+            tokenizer_class_from_name = None
+        if tokenizer_class_from_name is not None and tokenizer_class_from_name(declared) is None:
+            named.append(f"tokenizer_class {declared!r}, which transformers does not provide")
+    return " and ".join(named)

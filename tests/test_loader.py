@@ -253,7 +253,32 @@ CONFIG_DAMAGE = {
     "no-heads": (lambda f: edit_config(f, num_attention_heads=0),
                  r"config.json: num_attention_heads = 0, where a positive integer is needed"),
     "eps-text": (lambda f: edit_config(f, rms_norm_eps="1e-6"),
-                 r"config.json: rms_norm_eps = '1e-6', where a positive number is needed"),
+                 r"config.json: rms_norm_eps = '1e-6', where a finite positive number is needed"),
+    # Each of these names the folder's file. "no" was read as true (bool("no")) and the checkpoint's lm_head dropped
+    # silently; the others reached transformers' strict config (a StrictDataclassFieldValidationError traceback).
+    "tie-embeddings-text": (lambda f: edit_config(f, tie_word_embeddings="no"),
+                            r"/m/config.json: tie_word_embeddings = 'no', where true or false is needed"),
+    "attention-bias-text": (lambda f: edit_config(f, attention_bias="false"),
+                            r"/m/config.json: attention_bias = 'false', where true or false is needed"),
+    "pad-id-text": (lambda f: edit_config(f, pad_token_id="x"),
+                    r"/m/config.json: pad_token_id = 'x', where an integer token id \(or null\) is needed"),
+    "bos-id-float": (lambda f: edit_config(f, bos_token_id=1.5),
+                     r"/m/config.json: bos_token_id = 1.5, where an integer token id \(or null\) is needed"),
+    # int("x") failed naming neither the file nor the field.
+    "eos-id-text": (lambda f: edit_config(f, eos_token_id="x"),
+                    r"/m/config.json: eos_token_id = 'x', where a token id \(an integer >= 0\) or a list of them"),
+    "generation-eos-text": (lambda f: (f / "generation_config.json").write_text('{"eos_token_id": "x"}'),
+                            r"/m/generation_config.json: eos_token_id = 'x', where a token id \(an integer >= 0\)"),
+    # factor 0 loaded and every generation failed on NaN logits; an infinite theta loaded.
+    "rope-factor-zero": (lambda f: edit_config(f, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 1e4, "factor": 0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+                         r"/m/config.json: rope_parameters.factor = 0, where a number >= 1 is needed"),
+    "rope-theta-infinite": (lambda f: edit_config(f, rope_parameters={"rope_type": "default",
+                                                                      "rope_theta": float("inf")}),
+                            r"/m/config.json: rope_parameters.rope_theta = inf, where a finite positive number"),
+    "unsupported-architecture-named": (lambda f: edit_config(f, architectures=["MambaForCausalLM"]),
+                                       r"/m/config.json: unsupported architecture: MambaForCausalLM"),
     # Was run with SiLU whatever hidden_act said.
     "hidden-act-gelu": (lambda f: edit_config(f, hidden_act="gelu"),
                         r"hidden_act 'gelu' is not supported; the MLP is SwiGLU, so hidden_act must be one of "
@@ -289,6 +314,20 @@ def test_damaged_config_is_a_one_line_error(folder, tmp_path, capsys, damage):
             load(folder)
     err = eval_error(folder, tmp_path, capsys)
     assert re.search(message, err)
+
+
+def test_a_field_transformers_refuses_is_a_one_line_error(folder, tmp_path, capsys):
+    """transformers reads config.json to pick the tokenizer and refuses a field of the wrong type with a
+    StrictDataclassFieldValidationError, a plain Exception: it was a traceback and exit 1 from load_tokenizer. A
+    ValueError naming the file and the field now (exit 2). rsd-engine does not read use_cache itself."""
+    from rsd_engine.tokens import load_tokenizer
+
+    edit_config(folder, use_cache="yes")
+    message = (rf"^{re.escape(str(folder))}/config.json: Validation error for field 'use_cache': TypeError: Field "
+               rf"'use_cache' expected bool, got str \(value: 'yes'\)")
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(folder)
+    assert re.search(message[1:], eval_error(folder, tmp_path, capsys))
 
 
 def test_unreadable_tokenizer_is_a_one_line_error(folder, tmp_path, capsys):

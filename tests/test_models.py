@@ -212,6 +212,71 @@ def test_config_reads_old_and_new_rope_formats():
         ModelConfig.from_hf({**CONFIG, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
 
 
+BAD_LLAMA3 = {  # each was accepted (a negative or "8" factor generated; 0 gave NaN logits) or crashed in the loader
+    "factor-negative": ({"factor": -8}, r"rope_parameters.factor = -8, where a number >= 1 is needed"),
+    "factor-zero": ({"factor": 0}, r"rope_parameters.factor = 0, where a number >= 1 is needed"),
+    "factor-text": ({"factor": "8"}, r"rope_parameters.factor = '8', where a number >= 1 is needed"),
+    "factor-infinite": ({"factor": float("inf")}, r"rope_parameters.factor = inf, where a number >= 1 is needed"),
+    "low-zero": ({"low_freq_factor": 0}, r"rope_parameters.low_freq_factor = 0, where a number > 0 is needed"),
+    "high-null": ({"high_freq_factor": None}, r"rope_parameters.high_freq_factor = None, where a number > 0 is needed"),
+    "high-not-above-low": ({"low_freq_factor": 4.0}, r"llama3 RoPE needs high_freq_factor > low_freq_factor in "
+                                                     r"rope_parameters, got 4.0 and 4.0"),
+    "old-len-text": ({"original_max_position_embeddings": "64"},
+                     r"rope_parameters.original_max_position_embeddings = '64', where a positive integer is needed"),
+    "old-len-null": ({"original_max_position_embeddings": None},
+                     r"rope_parameters.original_max_position_embeddings = None, where a positive integer is needed"),
+    "theta-infinite": ({"rope_theta": float("inf")}, r"rope_parameters.rope_theta = inf, where a finite positive "
+                                                     r"number is needed"),
+    "theta-negative": ({"rope_theta": -1.0}, r"rope_parameters.rope_theta = -1.0, where a finite positive number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_LLAMA3))
+def test_config_refuses_bad_llama3_rope(name):
+    """Each llama3 setting is checked at load, naming the field and its valid range (transformers only warns)."""
+    change, message = BAD_LLAMA3[name]
+    with pytest.raises(ValueError, match=rf"^config.json: {message}"):
+        ModelConfig.from_hf({**CONFIG, "rope_parameters": {**LLAMA3, **change}})
+    scaling = {k: v for k, v in {**LLAMA3, **change}.items() if k != "rope_theta"}  # the older format names its own
+    if "rope_theta" not in change:
+        with pytest.raises(ValueError, match=rf"^config.json: {message.replace('rope_parameters', 'rope_scaling')}"):
+            ModelConfig.from_hf({**CONFIG, "rope_scaling": scaling})
+
+
+def test_config_refuses_infinite_theta_and_eps():
+    for name in ("rope_theta", "rms_norm_eps"):
+        for value in (float("inf"), float("nan"), 0, True):
+            with pytest.raises(ValueError, match=rf"^config.json: {name} = {value!r}, where a finite positive number "
+                                                 rf"is needed$"):
+                ModelConfig.from_hf({**CONFIG, name: value})
+    for params in ("x", ["ab"], 5):  # dict("x") raised an unnamed ValueError, dict(["ab"]) read {"a": "b"}
+        with pytest.raises(ValueError, match=rf"^config.json: rope_parameters = {re.escape(repr(params))}, where an "
+                                             rf"object \(or null\) is needed$"):
+            ModelConfig.from_hf({**CONFIG, "rope_parameters": params})
+
+
+def test_config_reads_booleans_and_token_ids_strictly():
+    """tie_word_embeddings "no" was read as true (bool("no")), dropping the checkpoint's lm_head; token ids of the
+    wrong type were int()-ed or failed with no file or field named."""
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        assert ModelConfig.from_hf({**CONFIG, name: None}) == ModelConfig.from_hf(CONFIG)
+        for value in ("no", "false", 0, 1):
+            with pytest.raises(ValueError, match=rf"^config.json: {name} = {value!r}, where true or false is needed$"):
+                ModelConfig.from_hf({**CONFIG, name: value})
+    for name in ("pad_token_id", "bos_token_id"):
+        assert ModelConfig.from_hf({**CONFIG, name: -1}) == ModelConfig.from_hf({**CONFIG, name: None})
+        for value in ("x", 1.5, 2.0, True):
+            with pytest.raises(ValueError, match=rf"^config.json: {name} = {value!r}, where an integer token id "
+                                                 rf"\(or null\) is needed$"):
+                ModelConfig.from_hf({**CONFIG, name: value})
+    for value in ("x", 1.5, 3.0, True, -1, [3, "x"], {"a": 1}):
+        why = rf"eos_token_id = {re.escape(repr(value))}, where a token id \(an integer >= 0\) or a list of them"
+        with pytest.raises(ValueError, match=rf"^config.json: {why}"):
+            ModelConfig.from_hf({**CONFIG, "eos_token_id": value})
+        with pytest.raises(ValueError, match=rf"^generation_config.json: {why}"):
+            ModelConfig.from_hf(CONFIG, {"eos_token_id": value})
+
+
 def test_config_biases_follow_transformers():
     """attention_bias: q, k, v and o_proj biases for Llama and Qwen3 (a Qwen3 checkpoint with them was read as
     if it had none: its biases dropped, logits 15.9 off HF's); Qwen2's q, k, v biases are always there, o_proj

@@ -1,4 +1,8 @@
 """Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only added tokens."""
+import json
+import re
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -314,3 +318,48 @@ def test_ordinary_student_tokens_the_teacher_has_elsewhere_are_named(tmp_path, t
         space = align_token_spaces(teacher, student, teacher_rows=512, student_rows=512)
     assert not space.fallback_mask[445:450].any()
     assert "only added tokens are mapped" in space.unmapped[445]
+
+
+@pytest.mark.parametrize("declares, named", [
+    ({"auto_map": {"AutoTokenizer": ["tok.MyTok", None]}, "tokenizer_class": "MyTok"},
+     r"auto_map \(AutoTokenizer: tok.MyTok\) and tokenizer_class 'MyTok', which transformers does not provide"),
+    ({"auto_map": ["tok.MyTok", None]}, r"auto_map \(AutoTokenizer: tok.MyTok\)"),  # the older list form
+    ({"tokenizer_class": "MyTok"}, r"tokenizer_class 'MyTok', which transformers does not provide"),
+])
+def test_custom_tokenizer_code_is_never_run_and_named(tmp_path, tiny_pair, tiny_tokenizer_dir, declares, named):
+    """A model folder whose tokenizer_config.json names its own tokenizer code (auto_map, or a class transformers
+    lacks) was loaded silently as a generic tokenizer, which may split text otherwise than that code: a warning now,
+    as config.json's auto_map gets one (models/config.py). The code itself is still never run."""
+    folder = shutil.copytree(tiny_pair[1], tmp_path / "tok")
+    ran = tmp_path / "ran"
+    (folder / "tok.py").write_text(f"open({str(ran)!r}, 'w').write('x')\n"
+                                   "from transformers import PreTrainedTokenizerFast\n"
+                                   "class MyTok(PreTrainedTokenizerFast): pass\n")
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **declares}))
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(path))} has {named} \(custom tokenizer code, never run "
+                                         rf"here\): the tokenizer is read from tokenizer.json as is, by the built-in "
+                                         rf"TokenizersBackend; if its own code tokenizes otherwise, so will this$"):
+        tok = load_tokenizer(folder)
+    assert not ran.exists()
+    text = "The answer is \\boxed{42}."
+    assert tok.encode(text) == load_tokenizer(tiny_tokenizer_dir).encode(text)
+
+
+def test_built_in_tokenizer_classes_are_not_named(tiny_tokenizer_dir):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*custom tokenizer code")
+        load_tokenizer(tiny_tokenizer_dir)
+
+
+def test_custom_tokenizer_code_transformers_needs_is_refused(tmp_path, tiny_tokenizer_dir):
+    """Without a config.json to read the model type from, transformers wants the folder's code: refused, never run."""
+    folder = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok")
+    ran = tmp_path / "ran"
+    (folder / "tok.py").write_text(f"open({str(ran)!r}, 'w').write('x')\n")
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "MyTok",
+                                "auto_map": {"AutoTokenizer": ["tok.MyTok", None]}}))
+    with pytest.raises(ValueError, match=r"without running the folder's own code, which rsd-engine never does"):
+        load_tokenizer(folder)
+    assert not ran.exists()

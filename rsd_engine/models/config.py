@@ -1,6 +1,7 @@
 """ModelConfig: the few fields of an HF config.json that the decoder needs, for Llama / Qwen2 / Qwen3."""
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -59,9 +60,17 @@ class ModelConfig:
                 raise ValueError(f"config.json: {name} = {value!r}, where a positive integer is needed")
         for name in ("rms_norm_eps", "rope_theta"):
             value = config.get(name)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and value > 0):
-                raise ValueError(f"config.json: {name} = {value!r}, where a positive number is needed")
+            if value is not None and not _number(value) > 0:
+                raise ValueError(f"config.json: {name} = {value!r}, where a finite positive number is needed")
+        # Read as given, not by truth value: bool("no") is True (a tie that dropped the checkpoint's lm_head).
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            value = config.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"config.json: {name} = {value!r}, where true or false is needed")
+        for name in ("pad_token_id", "bos_token_id"):  # not read here, but transformers refuses them at the tokenizer
+            value = config.get(name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"config.json: {name} = {value!r}, where an integer token id (or null) is needed")
         num_heads = config["num_attention_heads"]
         hidden_size = config["hidden_size"]
         is_llama = architecture == "LlamaForCausalLM"
@@ -75,9 +84,9 @@ class ModelConfig:
             raise ValueError(f"{architecture} with use_sliding_window=true is not supported; "
                              "only full attention in every layer is")
         rope_theta, rope_scaling = _rope(config)
-        eos = _ids(config.get("eos_token_id"))
+        eos = _ids(config.get("eos_token_id"), "config.json")
         if generation_config:
-            eos += [i for i in _ids(generation_config.get("eos_token_id")) if i not in eos]
+            eos += [i for i in _ids(generation_config.get("eos_token_id"), "generation_config.json") if i not in eos]
         return cls(
             architecture=architecture,
             vocab_size=config["vocab_size"],
@@ -121,7 +130,12 @@ def _architecture(config: dict) -> str:
 
 
 def _rope(config: dict) -> tuple[float, dict]:
-    """(theta, scaling) from transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    """(theta, scaling) from transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`. Each
+    setting is checked here, naming its field and range (transformers only warns of a llama3 factor < 1; a factor
+    of 0 gave NaN logits at every step, a low_freq_factor of 0 a ZeroDivisionError)."""
+    for name in ("rope_parameters", "rope_scaling"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise ValueError(f"config.json: {name} = {config[name]!r}, where an object (or null) is needed")
     base, scaling = dict(config.get("rope_parameters") or {}), dict(config.get("rope_scaling") or {})
     # Each names its type as rope_type or (older configs) type; transformers reads rope_scaling's over a
     # rope_parameters left at "default".
@@ -130,7 +144,15 @@ def _rope(config: dict) -> tuple[float, dict]:
         raise ValueError(f"config.json names two RoPE types, {base_type!r} in rope_parameters and {scaled_type!r} in "
                          f"rope_scaling; keep one")
     params = {**base, **scaling}
-    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+
+    def field(key: str) -> str:  # the name of the field `key` of params was read from
+        return f"{'rope_scaling' if key in scaling else 'rope_parameters'}.{key}"
+
+    theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
+    if not _number(theta) > 0:
+        name = field("rope_theta") if "rope_theta" in base or "rope_theta" in scaling else "rope_theta"
+        raise ValueError(f"config.json: {name} = {theta!r}, where a finite positive number is needed")
+    theta = float(theta)
     rope_type = scaled_type or base_type or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -138,10 +160,23 @@ def _rope(config: dict) -> tuple[float, dict]:
         raise ValueError("partial_rotary_factor != 1 is not supported; RoPE must rotate the whole head")
     if rope_type == "default":
         return theta, {}
-    params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 4096))
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
     if missing:
         raise ValueError(f"llama3 RoPE scaling is missing {', '.join(missing)} in config.json")
+    for key, least, valid in (("factor", 1, "a number >= 1"), ("low_freq_factor", 0, "a number > 0"),
+                              ("high_freq_factor", 0, "a number > 0")):
+        value = _number(params[key])
+        if not (value >= least if key == "factor" else value > least):
+            raise ValueError(f"config.json: {field(key)} = {params[key]!r}, where {valid} is needed")
+        params[key] = value
+    if not params["high_freq_factor"] > params["low_freq_factor"]:
+        where = "rope_scaling" if "high_freq_factor" in scaling else "rope_parameters"
+        raise ValueError(f"config.json: llama3 RoPE needs high_freq_factor > low_freq_factor in {where}, got "
+                         f"{params['high_freq_factor']!r} and {params['low_freq_factor']!r}")
+    old_len = params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings") or 4096)
+    if not (isinstance(old_len, int) and not isinstance(old_len, bool) and old_len > 0):
+        raise ValueError(f"config.json: {field('original_max_position_embeddings')} = {old_len!r}, where a positive "
+                         f"integer is needed")
     return theta, {"rope_type": rope_type, **params}
 
 
@@ -152,7 +187,24 @@ def _rope_type(params: dict) -> str | None:
     return named if named is not None else legacy
 
 
-def _ids(value) -> list[int]:
+def _number(value) -> float:
+    """`value` as a float where it is a finite number (not a bool, a string or JSON's Infinity); NaN otherwise,
+    which every comparison refuses."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def _ids(value, where: str) -> list[int]:
+    """The EOS ids of `where`'s eos_token_id: one id, a list of them, or null."""
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{where}: eos_token_id = {value!r}, where a token id (an integer >= 0) or a list of them "
+                         f"(or null) is needed")
+    return ids

@@ -87,7 +87,15 @@ def load_config(folder) -> ModelConfig:
         raise FileNotFoundError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
     generation_path = folder / "generation_config.json"
     generation = read_json_object(generation_path) if generation_path.is_file() else None
-    return ModelConfig.from_hf(read_json_object(path), generation)
+    config = read_json_object(path)
+    try:
+        return ModelConfig.from_hf(config, generation)
+    except ValueError as err:  # named by the folder's file: of a teacher and a student, which one
+        message = str(err)
+        for name in ("generation_config.json", "config.json"):
+            if message.startswith(name):
+                raise ValueError(f"{folder / name}{message[len(name):]}") from None
+        raise ValueError(f"{path}: {message}") from None
 
 
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
