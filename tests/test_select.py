@@ -411,6 +411,137 @@ def test_budget_scores_follow_the_text_not_the_row_place(tiny_pair, tmp_path):
     assert sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, fresh))
 
 
+def chat_row(pid, sample, question, system, response):
+    return {"id": pid, "sample": sample, "messages": [{"role": "system", "content": system},
+                                                      {"role": "user", "content": question},
+                                                      {"role": "assistant", "content": response}]}
+
+
+@pytest.mark.parametrize("edit", ["question", "system"])
+def test_budget_scores_are_read_again_after_their_question_or_system_turn_changed(tiny_pair, tmp_path, capsys, edit):
+    """A score is read after the candidate's question and system turn, but the scores file knew a score by the
+    candidate's (id, sample, text hash): a run killed after scoring, resumed after the question (or a chat row's
+    system turn) was edited in place, wrote the new question with the scores read after the old one, silently.
+    The candidates whose question or system turn changed are scored again, and the report says why."""
+    texts = ["It is 4.", "Let me think step by step. We compute 2 + 2 = 4. The answer is 4."]
+    before = [chat_row("p1", k, "What is 2 + 2?", "Be brief.", t) for k, t in enumerate(texts)]
+    before.append(chat_row("p2", 0, "What is 3 + 3?", "Be brief.", "It is 6."))
+    after = [chat_row("p1", k, "What is 2 + 2? Explain." if edit == "question" else "What is 2 + 2?",
+                      "Show your work." if edit == "system" else "Be brief.", t) for k, t in enumerate(texts)]
+    after.append(before[2])
+    data, out = write_rows(tmp_path / "c.jsonl", before), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "student-likelihood", "--student", str(tiny_pair[1]), "--budget", "3", "--data",
+            str(data), "--device", "cpu", "--no-progress", "--out"]
+    assert main(argv + [str(out)]) == 0
+    old = {r["sample"]: r["student_logprob"] for r in read_records(out) if r["id"] == "p1"}
+    for stale in (out, tmp_path / "sel.jsonl.manifest.json"):  # as if killed after scoring, before writing
+        stale.unlink()
+    write_rows(data, after)
+    capsys.readouterr()
+    assert main(argv + [str(out)]) == 0
+    report = capsys.readouterr().out
+    assert main(argv + [str(tmp_path / "fresh.jsonl")]) == 0
+    resumed, fresh = read_records(out), read_records(tmp_path / "fresh.jsonl")
+    assert [(r["id"], r["sample"], r["messages"]) for r in resumed] == [(r["id"], r["sample"], r["messages"])
+                                                                      for r in fresh]
+    assert [r["student_logprob"] for r in resumed] == pytest.approx([r["student_logprob"] for r in fresh], abs=1e-5)
+    new = {r["sample"]: r["student_logprob"] for r in resumed if r["id"] == "p1"}
+    assert all(abs(new[k] - old[k]) > 1e-3 for k in old)  # the old scores were another question's
+    assert "candidates: 1 already in the scores file, 2 scored now" in report
+    assert ("scored again: 2 whose question or system turn changed since they were scored (first: id p1 candidate 0)"
+            in report)
+
+
+def test_budget_rerun_names_kept_rows_whose_question_changed_since(tmp_path, capsys):
+    """A finished budget run, rerun after a kept row's question was edited (its response left as it was), was
+    refused as holding 'another selection ... the scores changed?': the scores had not changed, the question had.
+    The refusal names the problems whose kept rows changed and how, --force or not (a selection is one ranking:
+    rows of two would mix); the output is left as it was. A question edited outside the selection changes
+    nothing: the rerun writes nothing."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    selected = out.read_bytes()
+    kept = {r["id"] for r in read_records(out)}
+    first, outside = read_records(out)[0]["id"], next(r["id"] for r in ROWS if r["id"] not in kept)
+    write_rows(data, [{**r, "question": "What is one more?"} if r["id"] == outside else r for r in ROWS])
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "kept: 4 of 15 scored candidates (4 already in the output, 0 written now)" in capsys.readouterr().out
+    assert out.read_bytes() == selected
+    write_rows(data, [{**r, "question": "What is one more?"} if r["id"] in (outside, first) else r for r in ROWS])
+    for force in ([], ["--force"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + force)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "scores" not in err.split("error:")[1].split(";")[0]  # not blamed on the scores
+        assert (f"{out} holds a selection made before --data changed: the kept rows of 1 problem changed since they "
+                f"were selected: {first} (question or system turn edited)") in err
+        assert (f"give another --out, or remove {out} (and {out.name}.manifest.json) to write the selection "
+                "again") in err
+        assert out.read_bytes() == selected
+
+
+def test_budget_rerun_names_a_candidate_that_enters_the_selection(tmp_path, capsys):
+    """A candidate added since (its score computed now) that ranks among the kept: named as the row it would be."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    selected = out.read_bytes()
+    best = read_records(out)[0]["random_key"]
+    sample = next(s for s in range(3, 1000) if random_key(0, "q4", s) < best)
+    write_rows(data, [*ROWS, {"id": "q4", "sample": sample, "question": "What is 4 + 1?", "response": "Five."}])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert (f"{out} holds a selection made before --data changed: its row 0 would now be id q4 candidate {sample}, "
+            f"scored in this run (a candidate added, edited or regraded since") in err
+    assert out.read_bytes() == selected
+
+
+def test_budget_scores_an_older_rsd_wrote_are_scored_again(tmp_path, capsys):
+    """Scores lines of an older rsd record the text they were read from, not its question or system turn: what
+    they were read after cannot be told, so they are scored again (once), never trusted; the report says so."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    kept = out.read_bytes()
+    lines = read_records(scores_path(out))
+    assert all("context_hash" in line for line in lines)
+    write_rows(scores_path(out), [{k: v for k, v in line.items() if k != "context_hash"} for line in lines])
+    out.unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "candidates: 0 already in the scores file, 15 scored now" in report
+    assert ("scored again: 15 whose scores an older rsd wrote, without the question and system turn they were read "
+            "after (first: id q0 candidate 0)") in report
+    assert out.read_bytes() == kept
+    capsys.readouterr()
+    assert main(argv) == 0  # resumed from the new lines
+    assert "candidates: 15 already in the scores file, 0 scored now" in capsys.readouterr().out
+
+
+def test_budget_scores_of_an_edited_question_merge_beside_the_old_ones(tmp_path, as_ranks):
+    """Ranks resumed after a question was edited append the candidates' new scores beside their old lines; rsd
+    merge keeps both (a reader matches the question), as it keeps an edited text's, and the selection written
+    from the merged scores is the one a fresh run on the edited data makes."""
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    argv = ["select", "--by", "random", "--budget", "7", "--data", str(data), "--no-progress", "--out"]
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
+    assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
+    write_rows(data, [{**r, "question": "What is one more?"} if r["id"] == "q2" else r for r in ROWS])
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
+    assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
+    merged = read_records(scores_path(tmp_path / "sel.jsonl"))
+    assert len(merged) == len(ROWS) + 3 and len({r["context_hash"] for r in merged if r["id"] == "q2"}) == 2
+    assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
+    assert main(argv + [str(tmp_path / "fresh.jsonl")]) == 0
+    assert read_records(tmp_path / "sel.jsonl") == read_records(tmp_path / "fresh.jsonl")
+
+
 def test_max_seq_len_is_a_setting_of_the_selection(tiny_pair, tmp_path, capsys):
     rows = [{"id": "a", "sample": 0, "question": "What is 2 + 2?", "response": "It is 4. I think it is 4."},
             {"id": "a", "sample": 1, "question": "What is 2 + 2?", "response": "The answer is 4. " * 4}]

@@ -634,7 +634,7 @@ def _newest(records: dict[str, dict]) -> list[str]:
     text since changed: the newest has the highest "version", absent for the first; of equal numbers the last
     seen). The newest *complete* version wins (every one of its "sentences" lines present): a rank killed while
     it traced a changed text leaves a torn newer version, which must not replace the whole one before it.
-    Other records with a text hash (`rsd select`'s scores lines) are all kept: a reader matches the hash."""
+    Other records with a text hash (`rsd select`'s scores lines) are all kept: a reader matches the hashes."""
     def traced(r):
         return "response_hash" in r and "index" in r
 
@@ -661,10 +661,12 @@ def _newest(records: dict[str, dict]) -> list[str]:
 
 def record_key(record: dict, problem_id: str | None = None) -> str:
     """What identifies a record: its id (`problem_id` where given: record_id_reader), then its sample (`rsd eval`:
-    several generations per id), the hash of its response's text, its version and its index (`rsd provenance`:
-    several versions of a response, several sentences each), when it has them."""
+    several generations per id), the hash of its response's text, the hash of what it was read after (`rsd select
+    --budget`'s scores lines: a score of a response under its old and its edited question are two records), its
+    version and its index (`rsd provenance`: several versions of a response, several sentences each), when it has
+    them."""
     key = str(record.get("id")) if problem_id is None else problem_id
-    for name in ("sample", "response_hash", "version", "index"):
+    for name in ("sample", "response_hash", "context_hash", "version", "index"):
         if name in record:
             key += f"\0{record[name]}"
     return key

@@ -15,7 +15,10 @@ whole answer: it is set apart and counted unless include_truncated, and then kep
 A response's text has a hash (text_hash): outputs keep it with their records, so a rerun sees a
 response whose text changed since it was traced. Its row has one too (row_hash): the question and system
 turn the response is read after, its text, and the fields carried into the outputs (CARRIED), so a rerun also
-sees a row regraded, or its question or system turn edited, around a response left as it was.
+sees a row regraded, or its question or system turn edited, around a response left as it was. What a response
+is read after, its question and system turn, has a hash of its own (context_hash): a score of the response (`rsd
+select --budget`'s scores file) is kept with its text hash and this one, and counts for that reading only (a
+regrade changes no score, so it is not covered).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class Response:
         as it is). Other fields of the row are not read and not covered."""
         carried = {name: self.row[name] for name in CARRIED if name in self.row}
         return text_hash(json.dumps([self.question, self.system, self.text, carried], sort_keys=True))
+
+    @property
+    def context_hash(self) -> str:
+        """A hash of what the response is read after: its question and system turn (each model reads them through
+        its own chat template). With text_hash, it says what a score of the response was read from."""
+        return text_hash(json.dumps([self.question, self.system]))
 
     @property
     def truncated(self) -> bool:

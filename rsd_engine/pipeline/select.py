@@ -22,8 +22,14 @@ responses`, the default: a problem may give several) or N problems, each with it
 (`--budget-unit problems`); `--by` defaults to share, since a count favours long responses when
 problems are compared with each other. The same N under `--by random` or `--by
 student-likelihood` is the baseline to train against. Every candidate's score goes first to
-OUT.scores.jsonl (resumable, one line per candidate); once all are scored the kept rows are
-written to OUT best first with their `rank`, so a rerun resumes scoring or the writing.
+OUT.scores.jsonl (resumable, one line per candidate, with the hash of its text and the hash of the question and
+system turn it was read after); once all are scored the kept rows are written to OUT best first with their `rank`,
+so a rerun resumes scoring or the writing. The scores file is a cache: a line counts for the text, question and
+system turn it was read from, and a candidate of which one changed is scored again (a line an older rsd wrote, with
+the text's hash alone, says nothing of what it was read after: scored again too, once). An OUT already written
+that is not the selection the candidates now make (a kept row's question, system turn, text or grade edited, or a
+candidate added, edited or regraded that ranks among the kept) is refused, naming what changed, --force or not:
+rows of two selections would mix.
 
 The kept rows are written as read, plus the score (`teacher_sentences`, `sentences`,
 `teacher_share`; or `student_logprob`; or `random_key`), `tokens` and `candidates` (without --budget also
@@ -293,9 +299,14 @@ def kept_id(row: dict, opts) -> str:
 
 
 def _scored_key(line: dict) -> tuple:
-    """(id, sample, hash of the text scored) of a scores line; lines of an older rsd have no hash and match
-    no candidate, so it is scored again."""
-    return str(line.get("id")), line.get("sample"), line.get("response_hash")
+    """(id, sample, hash of the text scored, hash of the question and system turn it was read after) of a scores
+    line: a candidate's score is the line of its _candidate_key. Lines an older rsd wrote lack a hash (the context's,
+    or both) and match no candidate: it is scored again (what they were read after cannot be told)."""
+    return str(line.get("id")), line.get("sample"), line.get("response_hash"), line.get("context_hash")
+
+
+def _candidate_key(r: Response) -> tuple:
+    return (*r.key, r.text_hash, r.context_hash)
 
 
 def _score_settings(settings: dict) -> dict:
@@ -315,15 +326,28 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
     target = part_path(path, dist.rank, dist.world_size) if dist.world_size > 1 else path
     score_settings = _score_settings(settings)
     with RecordWriter(target, score_settings, force=opts.force, about=about) as writer:
-        # A score counts for the text it was computed from: a candidate edited, or rows without "sample"
-        # reordered within an id (their sample is their place), is scored again.
+        # A score counts for the text it was computed from and the question and system turn it was read after: a
+        # candidate edited, or its question or system turn, or rows without "sample" reordered within an id (their
+        # sample is their place), is scored again.
         elsewhere = held_elsewhere(path, target, score_settings, force=opts.force)
-        done = {_scored_key(r) for r in writer.existing + [r for records in elsewhere.values() for r in records]
-                if all_finite(r)}
-        todo = [r for pid in ids for r in problems[pid] if (*r.key, r.text_hash) not in done]
+        lines = [r for r in writer.existing + [r for records in elsewhere.values() for r in records] if all_finite(r)]
+        done = {_scored_key(r) for r in lines}
+        todo = [r for pid in ids for r in problems[pid] if _candidate_key(r) not in done]
+        # Why a candidate with a line for its text is scored again: read after another question or system turn,
+        # or by an older rsd, which did not record them.
+        contexts = {}
+        for line in lines:
+            contexts.setdefault(_scored_key(line)[:3], set()).add(line.get("context_hash"))
+        again = {"context": [], "older": []}
+        for r in todo:
+            seen = contexts.get((*r.key, r.text_hash), set())
+            if seen - {None}:
+                again["context"].append(r.key)
+            elif seen:
+                again["older"].append(r.key)
         usable, skipped = scorer.prepare(todo, opts.max_seq_len)
         tally.update(already_done=sum(len(problems[pid]) for pid in ids) - len(todo),
-                     skipped=[(r.key, why) for r, why in skipped], scored=0)
+                     skipped=[(r.key, why) for r, why in skipped], scored=0, scored_again=again, scored_now=[])
         if usable:
             scorer.load()
         bar = _bar(len(usable), opts.progress and dist.rank == 0, dist, "candidate")
@@ -331,10 +355,12 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
             batch = usable[first: first + scorer.batch_size]
             candidates, unscored = scorer.score(batch)
             # One set aside has no line here: it never competes, and a rerun scores it again.
-            writer.write_many([{"id": batch[c.order].id, "sample": batch[c.order].sample,
-                                "response_hash": batch[c.order].text_hash, **c.fields()} for c in candidates])
+            writer.write_many([{"id": r.id, "sample": r.sample, "response_hash": r.text_hash,
+                                "context_hash": r.context_hash, **c.fields()}
+                               for c in candidates for r in [batch[c.order]]])
             tally["skipped"] += [(r.key, why) for r, why in unscored]
             tally["scored"] += len(candidates)
+            tally["scored_now"] += [batch[c.order].key for c in candidates]
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
@@ -360,26 +386,86 @@ def _write_budget(opts, problems, every, settings, about, tally):
     scores = {_scored_key(r): r for r in lines if all_finite(r)}  # an older rsd wrote NaN scores: scored again
     by_problem = {}
     for pid, responses in problems.items():
-        scored = [r for r in responses if (*r.key, r.text_hash) in scores]
-        by_problem[pid] = [Candidate.from_fields(k, scores[(*r.key, r.text_hash)]) for k, r in enumerate(scored)]
+        scored = [r for r in responses if _candidate_key(r) in scores]
+        by_problem[pid] = [Candidate.from_fields(k, scores[_candidate_key(r)]) for k, r in enumerate(scored)]
         problems[pid] = scored
         if not scored:
             tally["no_candidate"].append(pid)
     kept = select_budget(by_problem, opts.budget, opts.budget_unit, opts.by)
-    rows = []
+    rows, keys = [], [problems[pid][c.order].key for pid, c in kept]
     for rank, (pid, c) in enumerate(kept, 1):
         row = with_id(problems[pid][c.order].row, pid)
         row.update(c.fields(), candidates=len(every[pid]), rank=rank)
         rows.append(row)
     with RecordWriter(opts.out, settings, force=opts.force, about=about) as writer:
         held = writer.existing
-        for k, row in enumerate(held):
-            if k >= len(rows) or row != plain(rows[k]):
-                raise ValueError(f"{opts.out} holds another selection (its row {k} is not this selection's; the "
-                                 f"scores in {scores_path(opts.out).name} changed?); give another --out")
+        other = next((k for k, row in enumerate(held) if k >= len(rows) or row != plain(rows[k])), None)
+        if other is not None:
+            # Appending would mix two rankings (a row twice, or one of the N best missing): refused, --force or not.
+            raise ValueError(_another_selection(opts, held, keys, other, every, set(tally.get("scored_now", []))))
         writer.write_many(rows[len(held):])
     tally.update(written=len(rows) - len(held), kept=len(rows), candidates=sum(map(len, by_problem.values())),
                  already_written=len(held))
+
+
+# What a kept row of a --budget selection is given beside its input row's fields (Candidate.fields, with_id).
+KEPT_FIELDS = ("teacher_sentences", "sentences", "teacher_share", "student_logprob", "random_key", "tokens",
+               "candidates", "rank", "id")
+
+
+def _another_selection(opts, held, keys, k, every, scored_now) -> str:
+    """Why OUT (its rows `held`) is not this run's selection (the (id, sample) of its candidates: `keys`), whose
+    first row that differs is `k`: the problems whose kept rows changed in --data since (question or system turn,
+    text, or the row itself, as a regrade), else the candidate scored now that takes row k, else what is left
+    (candidates regraded, added or removed, or the scores file edited); and what to do."""
+    out = Path(opts.out)
+    changed = {}
+    for row in held:
+        pid = kept_id(row, opts)
+        how = _kept_row_change(row, every.get(pid, []), opts)
+        if how:
+            changed.setdefault(pid, how)
+    now = (f"would now be id {keys[k][0]} candidate {keys[k][1]}" if k < len(keys)
+           else f"is past the end of this selection (of {len(keys)} rows)")
+    was = f"id {kept_id(held[k], opts)} candidate {held[k].get('sample', '(no sample)')}"
+    if changed:
+        shown = ", ".join(f"{pid} ({how})" for pid, how in list(changed.items())[:5])
+        more = f", and {len(changed) - 5} more" if len(changed) > 5 else ""
+        why = (f"{out} holds a selection made before --data changed: the kept rows of {len(changed)} "
+               f"problem{'s' * (len(changed) != 1)} changed since they were selected: {shown}{more}")
+    elif k < len(keys) and keys[k] in scored_now:
+        why = (f"{out} holds a selection made before --data changed: its row {k} {now}, scored in this "
+               f"run (a candidate added, edited or regraded since, or its question or system turn edited), not {was}")
+    else:
+        why = (f"{out} holds another selection: its row {k} ({was}) {now} (candidates of --data "
+               f"regraded, added or removed since it was written, or the scores in {scores_path(out).name} edited)")
+    return (f"{why}; writing this selection after its rows would mix two selections, so {out.name} is left as it "
+            f"is (--force or not): give another --out, or remove {out} (and {out.name}.manifest.json) to write the "
+            f"selection again (the scores in {scores_path(out).name} are reused)")
+
+
+def _kept_row_change(row: dict, candidates: list[Response], opts) -> str | None:
+    """How the input row a kept row was written from changed since, as far as `candidates` (its problem's rows now)
+    say: None when one of them is that row as it was."""
+    read = row_response(row, question_field=opts.question_field, response_field=opts.response_field,
+                        id_field=opts.id_field, system_prompt=opts.system_prompt)
+    if read is None:
+        return "no longer read as a candidate"
+    if not candidates:
+        return ("removed from --data" if row.get(opts.id_field) is not None
+                else "not in --data now: removed, or its question, which is its id, edited")
+    same = [r for r in candidates if r.text == read.text and (read.sample < 0 or r.sample == read.sample)]
+    if not same:
+        return "response edited or removed"
+    same = [r for r in same if (r.question, r.system) == (read.question, read.system)]
+    if not same:
+        return "question or system turn edited"
+    def own(fields: dict) -> dict:  # the input row's fields, less those the kept row is given
+        return {name: value for name, value in fields.items() if name not in KEPT_FIELDS}
+
+    if any(own(row) == own(plain(r.row)) for r in same):
+        return None
+    return "row edited or regraded"
 
 
 def group_candidates(responses: list[Response], source) -> dict[str, list[Response]]:
@@ -416,6 +502,13 @@ def _format(t: dict, target) -> str:
     if "scored" in t:  # --budget
         lines = [f"problems: {t['problems']}; candidates: {t['already_done']} already in the scores file, "
                  f"{t['scored']} scored now"]
+        again = t.get("scored_again", {})
+        for kind, why in (("context", "whose question or system turn changed since they were scored"),
+                          ("older", "whose scores an older rsd wrote, without the question and system turn they "
+                                    "were read after")):
+            if again.get(kind):
+                rid, sample = again[kind][0]
+                lines.append(f"scored again: {len(again[kind])} {why} (first: id {rid} candidate {sample})")
         if "kept" in t:
             lines.append(f"kept: {t['kept']} of {t['candidates']} scored candidates ({t['already_written']} already "
                          f"in the output, {t['written']} written now)")
