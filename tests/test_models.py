@@ -249,7 +249,8 @@ def test_config_refuses_infinite_theta_and_eps():
             with pytest.raises(ValueError, match=rf"^config.json: {name} = {value!r}, where a finite positive number "
                                                  rf"is needed$"):
                 ModelConfig.from_hf({**CONFIG, name: value})
-    for params in ("x", ["ab"], 5):  # dict("x") raised an unnamed ValueError, dict(["ab"]) read {"a": "b"}
+    # dict("x") raised an unnamed ValueError, dict(["ab"]) read {"a": "b"}; [], "", 0 and false read as no scaling
+    for params in ("x", ["ab"], 5, [], "", 0, False):
         with pytest.raises(ValueError, match=rf"^config.json: rope_parameters = {re.escape(repr(params))}, where an "
                                              rf"object \(or null\) is needed$"):
             ModelConfig.from_hf({**CONFIG, "rope_parameters": params})

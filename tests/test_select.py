@@ -2,6 +2,7 @@
 student-likelihood baselines at the same budget, resume, and bad options refused."""
 import json
 import math
+import os
 
 import pytest
 
@@ -82,6 +83,25 @@ def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
     assert len({r["id"] for r in kept}) == 3
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_scores_file_that_is_no_regular_file_is_refused(tmp_path, capsys, kind):
+    """The scores file --budget writes beside OUT is read back as OUT is: a FIFO there blocked the run for good, a
+    link to a device (/dev/null stands in for /dev/zero, which reads without end) was read until memory ran out.
+    Refused, naming it, before anything is scored or written."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    scores = scores_path(out)
+    if kind == "fifo":
+        os.mkfifo(scores)
+    else:
+        scores.symlink_to("/dev/null")
+    with pytest.raises(SystemExit) as stopped:
+        main(["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out), "--no-progress"])
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err
+    assert f"{scores} is a {'FIFO' if kind == 'fifo' else 'character device'}" in said and "not a regular file" in said
+    assert not out.exists()
+
+
 def test_budget_keeps_only_correct_candidates_unless_asked(tmp_path, capsys):
     rows = [{**r, "correct": r["sample"] == 0} for r in ROWS]
     data, out = write_rows(tmp_path / "c.jsonl", rows), tmp_path / "sel.jsonl"
@@ -107,6 +127,26 @@ def test_budget_run_resumes_the_writing_and_refuses_another_selection(tmp_path, 
     with pytest.raises(SystemExit):
         main([("6" if a == "5" else a) for a in argv])
     assert "--budget: 5 in the output, 6 now" in capsys.readouterr().err
+
+
+def test_a_candidate_added_to_a_kept_problem_but_not_kept_is_named(tmp_path, capsys):
+    """A candidate added to the problem of a kept row that does not rank among the kept still changes that row
+    (its `candidates` count): refused, naming the row and the field, not as a row taken by another candidate."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    argv = ["select", "--by", "random", "--budget", "4", "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    kept = read_records(out)
+    worst = max(r["random_key"] for r in kept)
+    pid = kept[0]["id"]
+    sample = next(s for s in range(10, 1000) if random_key(0, pid, s) > worst)  # ranks below every kept row
+    write_rows(data, ROWS + [{**next(r for r in ROWS if r["id"] == pid), "sample": sample, "response": "Other."}])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err
+    assert f"its row 0 (id {pid} candidate {kept[0]['sample']}) is this run's too, but with candidates 3 -> 4 (a " \
+           f"candidate of its problem added or removed since)" in said
 
 
 def test_a_non_finite_score_an_older_rsd_wrote_is_scored_again(tmp_path, capsys):

@@ -134,7 +134,7 @@ def _rope(config: dict) -> tuple[float, dict]:
     setting is checked here, naming its field and range (transformers only warns of a llama3 factor < 1; a factor
     of 0 gave NaN logits at every step, a low_freq_factor of 0 a ZeroDivisionError)."""
     for name in ("rope_parameters", "rope_scaling"):
-        if not isinstance(config.get(name) or {}, dict):
+        if config.get(name) is not None and not isinstance(config[name], dict):  # ([], "", 0 or false too)
             raise ValueError(f"config.json: {name} = {config[name]!r}, where an object (or null) is needed")
     base, scaling = dict(config.get("rope_parameters") or {}), dict(config.get("rope_scaling") or {})
     # Each names its type as rope_type or (older configs) type; transformers reads rope_scaling's over a

@@ -59,6 +59,7 @@ class RecordWriter:
 
     def __init__(self, path, settings: dict | None = None, *, force: bool = False, about: dict | None = None):
         self.path = Path(path)
+        _refuse_special(self.path, fifo=True)  # every file a run appends to (OUT, a part, select's scores)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd, self._created = _open_locked(self.path)
         self._had_manifest = manifest_path(self.path).exists()  # (before check_settings writes one)
@@ -291,6 +292,7 @@ def _numbered_records(path):
     path = Path(path)
     if not path.exists():
         return
+    _refuse_special(path, fifo=False)  # a pipe given as input is read to its end; a device never ends
     with open(path, "rb") as f:  # line by line: the file is never held whole beside its records
         for number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -766,6 +768,14 @@ def check_plot_format(path) -> None:
         # then refused by every rerun, a resume of rsd provenance included.
         raise ValueError(f"--plot {path}: rsd writes .png, .pdf or .svg plots (they carry the title a rerun knows "
                          f"its own plot by), not {suffix}")
+
+
+def _refuse_special(path: Path, *, fifo: bool) -> None:
+    """Refuse `path` where it is a device or a socket (read back, /dev/zero or /dev/full never ends), or, with
+    `fifo`, a FIFO (an output is appended to and read back: a pipe with no writer blocks the run)."""
+    kind = special_file(path)
+    if kind and (fifo or not kind.startswith("a FIFO")):
+        raise ValueError(f"{path} is {kind}, not a regular file: rsd reads its records back; give a file name")
 
 
 def check_writable(path) -> Path:

@@ -402,7 +402,8 @@ def _write_budget(opts, problems, every, settings, about, tally):
         other = next((k for k, row in enumerate(held) if k >= len(rows) or row != plain(rows[k])), None)
         if other is not None:
             # Appending would mix two rankings (a row twice, or one of the N best missing): refused, --force or not.
-            raise ValueError(_another_selection(opts, held, keys, other, every, set(tally.get("scored_now", []))))
+            raise ValueError(_another_selection(opts, held, keys, other, every, set(tally.get("scored_now", [])),
+                                                plain(rows[other]) if other < len(rows) else None))
         writer.write_many(rows[len(held):])
     tally.update(written=len(rows) - len(held), kept=len(rows), candidates=sum(map(len, by_problem.values())),
                  already_written=len(held))
@@ -413,11 +414,13 @@ KEPT_FIELDS = ("teacher_sentences", "sentences", "teacher_share", "student_logpr
                "candidates", "rank", "id")
 
 
-def _another_selection(opts, held, keys, k, every, scored_now) -> str:
+def _another_selection(opts, held, keys, k, every, scored_now, row_now=None) -> str:
     """Why OUT (its rows `held`) is not this run's selection (the (id, sample) of its candidates: `keys`), whose
-    first row that differs is `k`: the problems whose kept rows changed in --data since (question or system turn,
-    text, or the row itself, as a regrade), else the candidate scored now that takes row k, else what is left
-    (candidates regraded, added or removed, or the scores file edited); and what to do."""
+    first row that differs is `k` (`row_now`: this run's row k): the problems whose kept rows changed in --data
+    since (question or system turn, text, or the row itself, as a regrade), else the candidate scored now that
+    takes row k, else, where row k is the same candidate, the fields of it that differ (its count of candidates,
+    when one was added or removed), else what is left (candidates regraded, added or removed, or the scores file
+    edited); and what to do."""
     out = Path(opts.out)
     changed = {}
     for row in held:
@@ -436,6 +439,12 @@ def _another_selection(opts, held, keys, k, every, scored_now) -> str:
     elif k < len(keys) and keys[k] in scored_now:
         why = (f"{out} holds a selection made before --data changed: its row {k} {now}, scored in this "
                f"run (a candidate added, edited or regraded since, or its question or system turn edited), not {was}")
+    elif row_now is not None and (kept_id(held[k], opts), held[k].get("sample")) == tuple(keys[k]):
+        fields = [name for name in dict.fromkeys([*held[k], *row_now]) if held[k].get(name) != row_now.get(name)]
+        shown = ", ".join(f"{name} {held[k].get(name)!r} -> {row_now.get(name)!r}" for name in fields[:4])
+        why = (f"{out} holds a selection made before --data changed: its row {k} ({was}) is this run's too, but "
+               f"with {shown}" + (" (a candidate of its problem added or removed since)" if "candidates" in fields
+                                  else ""))
     else:
         why = (f"{out} holds another selection: its row {k} ({was}) {now} (candidates of --data "
                f"regraded, added or removed since it was written, or the scores in {scores_path(out).name} edited)")
