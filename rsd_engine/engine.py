@@ -1,6 +1,8 @@
 """The two-model RSD engine: a teacher and a student decoding side by side over static KV caches."""
 from __future__ import annotations
 
+import numbers
+import operator
 import random
 
 import torch
@@ -25,6 +27,11 @@ from .pipeline.prompts import chat_prompt_text, is_chat
 from .tokens import align_token_spaces, load_tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per row per forward
+
+
+def _is_token_id(t) -> bool:
+    """A token id as a prompt or completion may give it: any integer (numpy's too), never a bool."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 
@@ -202,11 +209,14 @@ class Engine:
             prompt = chat_prompt_text(self.tokenizer, prompt, what=f"prompt {index}")
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(map(_is_token_id, prompt)):
+            ids = [operator.index(t) for t in prompt]  # numpy's integers as Python's
         else:
+            odd = next((t for t in prompt if not _is_token_id(t)), None) if isinstance(prompt, (list, tuple)) else None
+            got = (f"a list holding a {type(odd).__name__} ({odd!r})" if odd is not None and not isinstance(odd, dict)
+                   else type(prompt).__name__)
             raise TypeError(f"prompt {index} must be a string, a list of token ids or a list of chat messages "
-                            f"({{'role', 'content'}} dicts), got {type(prompt).__name__}")
+                            f"({{'role', 'content'}} dicts), got {got}")
         if not ids:
             raise ValueError(f"prompt {index} is empty: every prompt needs at least one token")
         self._check_ids(ids, f"prompt {index}")
@@ -239,12 +249,13 @@ class Engine:
         if not isinstance(completion, (list, tuple)):
             raise TypeError(f"completion {index} must be a string or a list of token ids, got "
                             f"{type(completion).__name__}")
-        odd = next((t for t in completion if not isinstance(t, int) or isinstance(t, bool)), None)
+        odd = next((t for t in completion if not _is_token_id(t)), None)
         if odd is not None:
             raise TypeError(f"completion {index} must be a string or a list of token ids, got a list holding a "
                             f"{type(odd).__name__} ({odd!r})")
+        completion = [operator.index(t) for t in completion]  # numpy's integers as Python's
         self._check_ids(completion, f"completion {index}")
-        return list(completion)
+        return completion
 
     def _prefill(self, requests: list[Request]):
         """Fill both caches with each prompt but its last token, which the first decode step reads."""

@@ -1,4 +1,5 @@
 """Engine.generate_batch / score_batch against HF transformers, and the scheduling contract."""
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -59,6 +60,21 @@ def test_generation_logprobs_match_teacher_forcing(engine):
     score = engine.score_batch([result.prompt_token_ids], [result.token_ids])[0]
     assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)
     assert result.student_logprobs == pytest.approx(score.student_logprobs, abs=1e-4)
+
+
+def test_numpy_token_ids_are_token_ids(engine):
+    """Token ids from numpy (an array's elements, as a tokenizer's return_tensors="np" gives them) are ids: the same
+    trace and scores as Python's ints (SamplingParams takes numpy's numbers too); a float among them is named."""
+    params = SamplingParams(max_new_tokens=8, seed=3)
+    result = engine.generate_batch([PROMPTS[0]], params)[0]
+    prompt, completion = result.prompt_token_ids, result.token_ids
+    again = engine.generate_batch([list(np.asarray(prompt, dtype=np.int64))], params)[0]
+    assert again.token_ids == completion and type(again.prompt_token_ids[0]) is int
+    scored = engine.score_batch([prompt], [completion])[0]
+    from_numpy = engine.score_batch([tuple(np.asarray(prompt, dtype=np.int32))], [list(np.asarray(completion))])[0]
+    assert from_numpy.teacher_logprobs == scored.teacher_logprobs
+    with pytest.raises(TypeError, match=r"prompt 0 must be .*, got a list holding a float64 \(np.float64\(1.0\)\)"):
+        engine.generate_batch([[np.float64(1.0)]], params)
 
 
 def test_seeded_output_independent_of_batch(tiny_pair, engine):
