@@ -73,7 +73,7 @@ def test_records_statuses_and_stats(pair, tmp_path, capsys):
     assert "solved: 1  prefix: 2  unverified: 1" in report
     # The problem without a reference answer is named (its trace is kept on the format checks alone).
     assert ("problems without a reference answer: 1 (open): their traces are kept on the format checks alone "
-            "(status \"unverified\"; --format sft puts a boxed one beside the solved ones)") in report
+            "(status \"unverified\"; --format sft puts one that passed them beside the solved ones)") in report
     assert {i: r["status"] for i, r in records.items()} == EXPECTED
 
     engine = Engine(*pair, device="cpu", max_batch_size=4, max_seq_len=128)
@@ -195,6 +195,21 @@ def test_fallback_share_is_over_the_stored_tokens_eos_excluded():
     most = check_attempt(0, _result(3, text=answer, accepted=[True, False, False, True]), reference="4",
                          thinking=False, max_fallback=0.5)
     assert most.fallback_share == pytest.approx(2 / 3) and not most.valid
+
+
+@pytest.mark.parametrize("limit, student, tokens", [(0.05, 1, 20), (0.15, 3, 20), (0.3, 3, 10), (0.5, 5, 10),
+                                                     (0.7, 7, 10)])
+def test_a_share_exactly_at_max_fallback_passes(limit, student, tokens):
+    """A trace is rejected only when MORE than --max-fallback of it is the student's: exactly at the limit passes
+    (computed as 1 - 7/10 in floats, 0.30000000000000004, the share failed --max-fallback 0.3), one more fails."""
+    def attempt(students):
+        accepted = [False] * students + [True] * (tokens - students) + [True]  # + the EOS, not stored
+        return check_attempt(0, _result(tokens, text="\\boxed{4}", accepted=accepted), reference="4",
+                             thinking=False, max_fallback=limit)
+
+    at = attempt(student)
+    assert at.valid and at.fallback_share == limit
+    assert not attempt(student + 1).valid
 
 
 def test_prompt_thinking_detection(tiny_tokenizer_dir):

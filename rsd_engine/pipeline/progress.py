@@ -173,8 +173,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"solved: {s['solved']}  prefix: {s['prefix']}  unverified: {s['unverified']}")
     if s.get("no_answer"):
         lines.append(f"problems without a reference answer: {len(s['no_answer'])} ({names(s['no_answer'])}): their "
-                     f"traces are kept on the format checks alone (status \"unverified\"; --format sft puts a boxed "
-                     f"one beside the solved ones)")
+                     f"traces are kept on the format checks alone (status \"unverified\"; --format sft puts one that "
+                     f"passed them beside the solved ones)")
     if s.get("grading_timed_out"):
         lines.append(f"warning: math-verify could not compare an answer in time (5 s) for {len(s['grading_timed_out'])} "
                      f"problems, whose attempts count as not correct (records say \"grading_timed_out\"): "

@@ -17,6 +17,7 @@ are over exactly those tokens (the SFT form, to_sft, adds the EOS text back).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 from rsd_engine.results import GenerationResult
@@ -51,9 +52,12 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
     token_ids = result.token_ids[:-1] if eos else list(result.token_ids)
     # Over exactly the tokens the record stores (EOS excluded), as its stats are.
     kept = result.accepted[:len(token_ids)]
-    fallback_share = 1.0 - sum(kept) / len(kept) if kept else 0.0
+    student = len(kept) - sum(kept)
+    fallback_share = student / len(kept) if kept else 0.0
     verdict = reference is not None and check_answer(answer, reference)
-    valid = closed and eos and fallback_share <= max_fallback
+    # Exactly "at most": the share as a fraction against the limit as written (1 - 7/10 in floats is
+    # 0.30000000000000004, which failed --max-fallback 0.3 with 3 student tokens of 10).
+    valid = closed and eos and (not kept or Fraction(student, len(kept)) <= Fraction(repr(max_fallback)))
     return Attempt(index, result, token_ids, answer, bool(verdict), closed, eos, fallback_share, valid,
                    timed_out=verdict is None)
 
