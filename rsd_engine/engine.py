@@ -34,7 +34,6 @@ def _is_token_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-
 class Engine:
     """Batched Reverse Speculative Decoding.
 

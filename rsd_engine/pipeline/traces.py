@@ -55,9 +55,10 @@ def check_attempt(index: int, result: GenerationResult, *, reference: str | None
     student = len(kept) - sum(kept)
     fallback_share = student / len(kept) if kept else 0.0
     verdict = reference is not None and check_answer(answer, reference)
-    # Exactly "at most": the share as a fraction against the limit as written (1 - 7/10 in floats is
-    # 0.30000000000000004, which failed --max-fallback 0.3 with 3 student tokens of 10).
-    valid = closed and eos and (not kept or Fraction(student, len(kept)) <= Fraction(repr(max_fallback)))
+    # Exactly "at most": the share as a fraction against the limit as written (the float's shortest spelling; a
+    # numpy float's too). 1 - 7/10 in floats is 0.30000000000000004, which failed --max-fallback 0.3 with 3 student
+    # tokens of 10.
+    valid = closed and eos and (not kept or Fraction(student, len(kept)) <= Fraction(str(float(max_fallback))))
     return Attempt(index, result, token_ids, answer, bool(verdict), closed, eos, fallback_share, valid,
                    timed_out=verdict is None)
 
