@@ -469,6 +469,7 @@ def _kept_row_change(row: dict, candidates: list[Response], opts) -> str | None:
     same = [r for r in same if (r.question, r.system) == (read.question, read.system)]
     if not same:
         return "question or system turn edited"
+
     def own(fields: dict) -> dict:  # the input row's fields, less those the kept row is given
         return {name: value for name, value in fields.items() if name not in KEPT_FIELDS}
 
