@@ -52,7 +52,7 @@ class Engine:
                  max_seq_len: int = 4096, sampler: str = "auto", token_map: dict[str, str] | None = None,
                  draft_tokens: int = 0, teacher_revision: str | None = None, student_revision: str | None = None):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
-        self.draft_tokens = check_draft_tokens(draft_tokens, max_seq_len)
+        self.draft_tokens = check_draft_tokens(draft_tokens, self.max_seq_len)
         self.teacher_path = resolve_model(teacher, teacher_revision)
         self.student_path = resolve_model(student, student_revision)
 
@@ -80,12 +80,12 @@ class Engine:
         for token, pieces in self.space.teacher_pieces.items():
             teacher_next[token], teacher_advance[token] = pieces[-1], len(pieces)
         self._teacher_next, self._teacher_advance = teacher_next.to(self.device), teacher_advance.to(self.device)
-        self._speculative = SpeculativeDecoder(self, draft_tokens) if draft_tokens else None
-        self._state = self._speculative.state() if draft_tokens else self._step_state(STEP_INPUTS, out_columns=4)
+        self._speculative = SpeculativeDecoder(self, self.draft_tokens) if self.draft_tokens else None
+        self._state = self._speculative.state() if self.draft_tokens else self._step_state(STEP_INPUTS, out_columns=4)
 
     def _setup_runtime(self, device, dtype, max_batch_size, max_seq_len):
-        check_size("max_batch_size", max_batch_size, 1)
-        check_size("max_seq_len", max_seq_len, 2)
+        max_batch_size = check_size("max_batch_size", max_batch_size, 1)
+        max_seq_len = check_size("max_seq_len", max_seq_len, 2)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size

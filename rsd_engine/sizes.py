@@ -2,6 +2,8 @@
 uses it too)."""
 from __future__ import annotations
 
+import numbers
+
 # Past any memory already, and small enough that what is computed from a size (prompt + max_new_tokens, a KV
 # cache's bytes) stays an integer that torch and mmap take: 1e19 positions made mmap raise an OverflowError.
 MAX_SIZE = 2**31 - 1
@@ -11,7 +13,8 @@ MAX_SAMPLES = 10_000
 
 
 def check_size(name: str, value, lo: int) -> int:
-    """``value`` if it is an integer in [lo, MAX_SIZE], else a ValueError naming ``name`` and the range."""
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= MAX_SIZE:
+    """``value`` as a Python int if it is an integer (numpy's too) in [lo, MAX_SIZE], else a ValueError naming
+    ``name`` and the range."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= value <= MAX_SIZE:
         raise ValueError(f"{name} = {value!r}: must be an integer in [{lo}, {MAX_SIZE}]")
-    return value
+    return int(value)

@@ -25,6 +25,7 @@ Randomness: the round starting at generation step t reads positions t .. t+G of 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +40,14 @@ ROUND_INPUTS = {**STEP_INPUTS, "num_draft": torch.int32, "max_new_tokens": torch
 
 
 def check_draft_tokens(draft_tokens, max_seq_len: int) -> int:
-    if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 0:
+    if not isinstance(draft_tokens, numbers.Integral) or isinstance(draft_tokens, bool) or draft_tokens < 0:
         raise ValueError(f"draft_tokens = {draft_tokens!r}: must be an integer >= 0 (0 = plain RSD, one teacher "
                          f"pass per token)")
     # The shortest request (a one-token prompt) must fit a whole round: its prompt plus G+1 tokens.
     if draft_tokens + 2 > max_seq_len:
         raise ValueError(f"draft_tokens = {draft_tokens}: a round of {draft_tokens + 1} tokens after a one-token "
                          f"prompt cannot fit max_seq_len = {max_seq_len}; use draft_tokens <= {max_seq_len - 2}")
-    return draft_tokens
+    return int(draft_tokens)
 
 
 @dataclass

@@ -77,6 +77,18 @@ def test_numpy_token_ids_are_token_ids(engine):
         engine.generate_batch([[np.float64(1.0)]], params)
 
 
+def test_numpy_sizes_are_sizes(tiny_pair):
+    """max_batch_size, max_seq_len and draft_tokens from numpy (a sweep's np.arange, a config read with numpy) are
+    sizes, kept as Python ints; they were refused as "must be an integer". numpy's bool is still not a size."""
+    engine = Engine(*tiny_pair, device="cpu", dtype="float32", max_batch_size=np.int64(2), max_seq_len=np.int32(64),
+                    draft_tokens=np.int64(2), sampler="reference")
+    assert (engine.max_batch_size, engine.max_seq_len, engine.draft_tokens) == (2, 64, 2)
+    assert all(type(v) is int for v in (engine.max_batch_size, engine.max_seq_len, engine.draft_tokens))
+    assert len(engine.generate_batch(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].token_ids) == 4
+    with pytest.raises(ValueError, match=r"max_batch_size = np.True_: must be an integer in \[1, "):
+        Engine(*tiny_pair, device="cpu", max_batch_size=np.bool_(True))
+
+
 def test_seeded_output_independent_of_batch(tiny_pair, engine):
     prompts = PROMPTS + ["Alice has 5 apples", "The derivative of x^3 is"]
     params = [SamplingParams(max_new_tokens=10 + i, threshold=0.003, seed=100 + i) for i in range(len(prompts))]

@@ -105,8 +105,18 @@ def test_custom_code_of_a_built_in_architecture_is_never_run_and_named(folder):
     edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_my.MyForCausalLM"})
     (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.warns(UserWarning, match="auto_map .custom modelling code, never run here.: the model is loaded as "
-                                         "the built-in"):
+                                         "the built-in") as warned:
         load_model(folder)
+    # Named by its folder's file (of a teacher and a student, which one), as config.json's errors are.
+    assert [str(w.message) for w in warned if "auto_map" in str(w.message)][0].startswith(f"{folder / 'config.json'} has")
+
+
+def test_load_model_refuses_a_device_rsd_does_not_run_on(folder):
+    """load_model(device=...) took any device torch names (mps, meta: a failure deep inside torch, or a model of
+    meta tensors); it is refused as the Engine and the CLI refuse it."""
+    for device in ("meta", "mps"):
+        with pytest.raises(ValueError, match=f"device='{device}' is not supported: rsd runs on CPU or CUDA devices"):
+            load_model(folder, device=device)
 
 
 def test_missing_tensors_are_named(folder):
@@ -373,6 +383,8 @@ def test_a_cuda_device_becomes_the_current_device(folder, monkeypatch):
         raise Selected(torch.device(device))
 
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two cards, as far as the device check knows
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(Selected) as selected:
         load_model(folder, device="cuda:1")
     assert selected.value.args[0] == torch.device("cuda:1")

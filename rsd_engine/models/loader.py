@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from . import cpu_gemm
 from .config import ModelConfig
 from .hub import index_shards, read_json_object, resolve_model
 from .transformer import MERGED, CausalLM
+from ..runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -31,7 +33,7 @@ def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torc
     tensors are on (with cuda:1 and the current device 0, the kernels ran on GPU 0 with GPU 1's pointers, and a
     capture missed every torch op of the step). The models of one process share a device."""
     dtype = _dtype(dtype)
-    device = torch.device(device)
+    device = resolve_device(device)  # a device rsd does not run on (mps, meta, a CUDA index past the cards) named here
     if device.type == "cpu":
         cpu_gemm.uses_onednn()  # an RSD_CPU_GEMM that names no choice is refused here, not at the first token
     if device.type == "cuda":
@@ -89,7 +91,15 @@ def load_config(folder) -> ModelConfig:
     generation = read_json_object(generation_path) if generation_path.is_file() else None
     config = read_json_object(path)
     try:
-        return ModelConfig.from_hf(config, generation)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model_config = ModelConfig.from_hf(config, generation)
+        for warning in caught:  # named by the folder's file, as the errors below: of a teacher and a student, which one
+            message = str(warning.message)
+            if message.startswith("config.json"):
+                message = f"{path}{message[len('config.json'):]}"
+            warnings.warn(message, warning.category, stacklevel=2)
+        return model_config
     except ValueError as err:  # named by the folder's file: of a teacher and a student, which one
         message = str(err)
         for name in ("generation_config.json", "config.json"):
