@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import OutputBusy, describe_duplicates, describe_unfinished, merge_parts, read_records
+from .manifest import forced_runs_note
+from .records import (OutputBusy, check_not_input, check_output_name, check_writable, describe_duplicates,
+                      describe_unfinished, merge_parts, note_unmerged, part_path, read_records)
 
 
 @dataclass
@@ -37,6 +39,21 @@ class Dist:
     @property
     def tag(self) -> str:
         return f"[rank {self.rank}/{self.world_size}] " if self.world_size > 1 else ""
+
+
+def rank_target(out: Path, dist: Dist) -> Path:
+    """The file this rank writes for `out`: its part under torchrun, else `out` itself."""
+    return part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+
+
+def output_target(out: str, data: str, dist: Dist) -> tuple[Path, Path]:
+    """--out as a path and the file this rank writes for it, both checked against --data and for writing."""
+    out = Path(out)
+    target = rank_target(out, dist)
+    check_output_name(out)
+    check_not_input({"--data": data}, {"--out": out, "its part": target})
+    check_writable(target)
+    return out, target
 
 
 def init_process_group(dist: Dist, log) -> bool:
@@ -81,6 +98,27 @@ def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     return None
+
+
+def log_report(dist: Dist, report: str, target: Path, log) -> None:
+    """A run's report, each line under this rank's tag, then the warning of runs `target` took under --force."""
+    log("\n".join(dist.tag + line for line in report.splitlines()))
+    mixed = forced_runs_note(target)
+    if mixed:
+        log(dist.tag + mixed)
+
+
+def merge_or_note(dist: Dist, group: bool, outputs: dict[Path, dict], summary: dict, log) -> None:
+    """After a run, for each output (mapped to its records held in part files, `held_elsewhere`): merge the parts
+    (a process group; `summary["not_merged"]` says why not), say how to (ranks without one), or name the parts left."""
+    if group:
+        reasons = [barrier_and_merge(dist, out, log) for out in outputs]
+        summary["not_merged"] = next((why for why in reversed(reasons) if why), reasons[0])  # the last one given
+    elif dist.world_size > 1:
+        log(f"{dist.tag}part written; when every rank is done: " + " and ".join(f"rsd merge {out}" for out in outputs))
+    else:
+        for out, elsewhere in outputs.items():
+            note_unmerged(out, elsewhere, log)
 
 
 def rank_device(device: str, dist: Dist) -> str:

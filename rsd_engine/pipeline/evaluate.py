@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from rsd_engine.params import SamplingParams
 from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
@@ -25,14 +24,13 @@ from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
 from .data import check_held, id_spellings, load_problems, record_id, repeated_warning, shard_problems
-from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
+from .distributed import Dist, init_process_group, log_report, merge_or_note, output_target, rank_device
 from .generate import attempt_seed, unreadable_answers
-from .manifest import ANSWER_CHECK, forced_runs_note
+from .manifest import ANSWER_CHECK
 from .progress import describe_skipped, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
-from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
-                      others_state, part_path, read_records, recheck_elsewhere, unmerged_parts)
+from .records import RecordWriter, held_elsewhere, others_state, read_records, recheck_elsewhere, unmerged_parts
 from .traces import final_answer
 from ..models.loader import check_model_folder
 
@@ -88,11 +86,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
     from rsd_engine.tokens import load_tokenizer
 
     dist = Dist.from_env()
-    out = Path(opts.out)
-    target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
-    check_output_name(out)
-    check_not_input({"--data": opts.data}, {"--out": out, "its part": target})
-    check_writable(target)
+    out, target = output_target(opts.out, opts.data, dist)
     opts = replace(opts, model=str(check_model_folder(opts.model)))  # a Hub id: its snapshot folder
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field or None,
                                 id_field=opts.id_field, answers_needed=True)
@@ -146,16 +140,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                 if note:
                     log(dist.tag + note)
                 _eval(opts, todo, tokenizer, writer, tally, dist)
-        log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
-        mixed = forced_runs_note(target)
-        if mixed:
-            log(dist.tag + mixed)
-        if group:
-            tally["not_merged"] = barrier_and_merge(dist, out, log)
-        elif dist.world_size > 1:
-            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
-        else:
-            note_unmerged(out, elsewhere, log)
+        log_report(dist, _format_tally(tally, target), target, log)
+        merge_or_note(dist, group, {out: elsewhere}, tally, log)
         if dist.rank != 0:
             return tally
         shown = out if (group or dist.world_size == 1) and out.is_file() else target

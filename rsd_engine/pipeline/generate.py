@@ -33,14 +33,13 @@ from . import answers
 from .answers import check_available
 from .data import (QUESTION_HASH, Problem, check_held, id_spellings, load_problems, record_id, repeated_warning,
                    shard_problems)
-from .distributed import Dist, barrier_and_merge, init_process_group
-from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, forced_runs_note, input_identity,
-                       model_dtype, model_fingerprint)
+from .distributed import Dist, init_process_group, log_report, merge_or_note, output_target, rank_target
+from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, input_identity, model_dtype,
+                       model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
-                      held_elsewhere, note_unmerged, others_state, part_path, read_records, recheck_elsewhere,
-                      refuse_if_busy)
+                      held_elsewhere, others_state, read_records, recheck_elsewhere, refuse_if_busy)
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import STATUSES, check_attempt, select_trace, to_sft
@@ -126,11 +125,7 @@ def attempt_seed(seed: int, problem_id: str, attempt: int) -> int:
 def run_generate(opts: GenerateOptions, log=print) -> dict:
     """Generate the traces `opts` asks for; returns the run's summary (see Tally.summary)."""
     dist = Dist.from_env()
-    out = Path(opts.out)
-    target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
-    check_output_name(out)
-    check_not_input({"--data": opts.data}, {"--out": out, "its part": target})
-    check_writable(target)  # before anything slow
+    out, target = output_target(opts.out, opts.data, dist)  # before anything slow
     # Hub ids become their snapshot folders here, so the manifest fingerprints the files themselves.
     opts = replace(opts, teacher=str(check_model_folder(opts.teacher)), student=str(check_model_folder(opts.student)))
     problem_set = load_problems(opts.data, question_field=opts.question_field, answer_field=opts.answer_field,
@@ -155,7 +150,7 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
     prefixes = unfinished_path(out) if opts.format == "sft" else None
     prefix_target, prefixes_elsewhere, prefixes_state = None, {}, {}
     if prefixes is not None:
-        prefix_target = part_path(prefixes, dist.rank, dist.world_size) if dist.world_size > 1 else prefixes
+        prefix_target = rank_target(prefixes, dist)
         check_writable(prefix_target)
         check_not_input({"--data": opts.data}, {"--format sft's file of unfinished records": prefixes,
                                                 "its part": prefix_target})
@@ -222,21 +217,9 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
             report += (f"\n--format sft: the {held_prefixes} records that are not finished answers (UPFT prefixes of "
                        f"problems never solved, unverified attempts none of which passed the checks) are in "
                        f"{prefix_target}, not in the SFT file, whose completions end with EOS as finished answers")
-        log("\n".join(dist.tag + line for line in report.splitlines()))
-        mixed = forced_runs_note(target)
-        if mixed:
-            log(dist.tag + mixed)
-        if group:
-            summary["not_merged"] = barrier_and_merge(dist, out, log)
-            if prefixes:
-                summary["not_merged"] = barrier_and_merge(dist, prefixes, log) or summary["not_merged"]
-        elif dist.world_size > 1:
-            also = f" and rsd merge {prefixes}" if prefixes else ""
-            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}{also}")
-        else:
-            note_unmerged(out, elsewhere, log)
-            if prefixes:
-                note_unmerged(prefixes, prefixes_elsewhere, log)
+        log_report(dist, report, target, log)
+        outputs = {out: elsewhere, prefixes: prefixes_elsewhere} if prefixes else {out: elsewhere}
+        merge_or_note(dist, group, outputs, summary, log)
         return summary
     finally:
         if group:

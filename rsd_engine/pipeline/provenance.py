@@ -23,15 +23,14 @@ from pathlib import Path
 from rsd_engine.sizes import check_size
 
 from .categories import DEFAULT_RULE, options_rule
-from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import (COMMAND, MODEL_DTYPE, SENTENCE_READING, forced_runs_note, input_identity, model_dtype,
-                       model_fingerprint)
+from .distributed import Dist, init_process_group, log_report, merge_or_note, rank_device, rank_target
+from .manifest import COMMAND, MODEL_DTYPE, SENTENCE_READING, input_identity, model_dtype, model_fingerprint
 from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader
-from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere, note_unmerged,
-                      check_plot_format, part_path, read_records)
+from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere,
+                      check_plot_format, read_records)
 from .reports import check_plot_out, plot_file
 from .responses import load_responses
 from .sentences import READING
@@ -88,7 +87,7 @@ def make_tracer(opts, dist: Dist, roles=("teacher", "student", "distilled")) -> 
 def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     dist = Dist.from_env()
     out = Path(opts.out)
-    target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
+    target = rank_target(out, dist)
     check_output_name(out)
     plot = plot_file(opts.plot)
     opts = replace(opts, plot=str(plot) if plot else None)
@@ -129,16 +128,8 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
             if usable:
                 numbers = {r.key: newest[r.key][1] + 1 for r in changed}
                 _trace_all(tracer, usable, writer, tally, opts.progress and dist.rank == 0, dist, numbers)
-        log("\n".join(dist.tag + line for line in _format_tally(tally, target).splitlines()))
-        mixed = forced_runs_note(target)
-        if mixed:
-            log(dist.tag + mixed)
-        if group:
-            tally["not_merged"] = barrier_and_merge(dist, out, log)
-        elif dist.world_size > 1:
-            log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
-        else:
-            note_unmerged(out, elsewhere, log)
+        log_report(dist, _format_tally(tally, target), target, log)
+        merge_or_note(dist, group, {out: elsewhere}, tally, log)
         if dist.rank == 0:
             shown = out if (group or dist.world_size == 1) and out.is_file() else target
             report = category_shares(current_sentences(read_records(shown)))

@@ -51,15 +51,15 @@ from pathlib import Path
 from rsd_engine.sizes import check_size
 
 from .categories import DEFAULT_RULE, Rule, options_rule
-from .distributed import Dist, barrier_and_merge, init_process_group, rank_device
-from .manifest import forced_runs_note, plain
+from .distributed import (Dist, barrier_and_merge, init_process_group, log_report, output_target, rank_device,
+                          rank_target)
+from .manifest import plain
 from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader
-from .records import (RecordWriter, all_finite, check_not_input, check_output_name, check_writable, held_elsewhere,
-                      part_path, read_records)
+from .records import RecordWriter, all_finite, held_elsewhere, read_records
 from .responses import Response, load_responses, row_id, row_response
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
@@ -153,11 +153,7 @@ def make_scorer(opts: SelectOptions, dist: Dist) -> Scorer:
 
 def run_select(opts: SelectOptions, log=print) -> dict:
     dist = Dist.from_env()
-    out = Path(opts.out)
-    target = part_path(out, dist.rank, dist.world_size) if dist.world_size > 1 else out
-    check_output_name(out)
-    check_not_input({"--data": opts.data}, {"--out": out, "its part": target})
-    check_writable(target)
+    out, target = output_target(opts.out, opts.data, dist)
     scorer = make_scorer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
                           id_field=opts.id_field, system_prompt=opts.system_prompt,
@@ -184,10 +180,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             _select_per_problem(opts, scorer, considered, problems, ids, target, settings, about, tally, dist)
         elif _score_all(opts, scorer, considered, ids, settings, about, tally, dist, group, log):
             _write_budget(opts, considered, problems, settings, about, tally)
-        log("\n".join(dist.tag + line for line in _format(tally, target).splitlines()))
-        mixed = forced_runs_note(target)
-        if mixed:
-            log(dist.tag + mixed)
+        log_report(dist, _format(tally, target), target, log)
         if group and opts.budget is None:
             tally["not_merged"] = barrier_and_merge(dist, out, log)
         elif dist.world_size > 1 and opts.budget is None:
@@ -323,7 +316,7 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
     """--budget, first step: every candidate's score into OUT.scores.jsonl (this rank's part under
     torchrun). True when this process goes on to write OUT."""
     path = scores_path(opts.out)
-    target = part_path(path, dist.rank, dist.world_size) if dist.world_size > 1 else path
+    target = rank_target(path, dist)
     score_settings = _score_settings(settings)
     with RecordWriter(target, score_settings, force=opts.force, about=about) as writer:
         # A score counts for the text it was computed from and the question and system turn it was read after: a
