@@ -235,3 +235,32 @@ def test_without_math_verify_answers_are_not_all_wrong_but_refused(monkeypatch, 
             main([*argv, "--data", str(data), "--out", str(tmp_path / "out.jsonl")])
         assert exit_info.value.code == 2
         assert "checking answers needs math-verify" in capsys.readouterr().err
+
+
+def test_a_text_math_verify_cannot_read_in_time_is_not_graded_wrong(monkeypatch):
+    """math-verify's parse returns no reading when it runs out of time (5 s), which read as unreadable: the
+    answer was graded wrong without the "timed out" mark, and a reference's empty reading stayed cached, so the
+    rest of the run graded every answer to it wrong and named it unreadable. Both are "not known" now (None), and
+    nothing that timed out is cached."""
+    import math_verify.errors
+    import math_verify.parser
+
+    from rsd_engine.pipeline import answers
+
+    real = math_verify.parser.extract_target_from_pred
+    slow = {"77"}
+
+    def extract(pred, *args, **kwargs):
+        if any(s in pred for s in slow):
+            raise math_verify.errors.TimeoutException("parsing ran out of time")
+        return real(pred, *args, **kwargs)
+
+    monkeypatch.setattr(math_verify.parser, "extract_target_from_pred", extract)
+    answers._read_reference.cache_clear()
+    assert answers.check_answer("77", "4") is None  # the answer's reading timed out
+    assert answers.check_answer("4", "77") is None and answers.reference_readable("77")  # the reference's
+    assert answers.check_answer("5", "4") is False
+    slow.clear()  # in time now: read, and nothing of the timed-out reading was kept
+    assert answers.check_answer("77.0", "77") is True and answers.check_answer("4", "77") is False
+    assert answers.reference_readable("77")
+    answers._read_reference.cache_clear()

@@ -121,6 +121,38 @@ def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
     assert len(records) == 6 and "3 samples already in the output, 3 written now" in capsys.readouterr().out
 
 
+def test_a_rerun_with_nothing_to_sample_still_names_unreadable_references(pair, forced, tmp_path, capsys):
+    """A reference math-verify does not read whole (2^floor(n/2): no answer to it is judged correct) was named only
+    while its problem had samples to make: a rerun printed the same accuracy, that problem's zeros included, without
+    the warning."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2] + [{**ROWS[2], "answer": "2^floor(n/2)"}]))
+    out = tmp_path / "gens.jsonl"
+    warning = "no attempt at them is judged correct: c"
+    run_eval(pair[1], data, out, "--samples", "2")
+    assert warning in capsys.readouterr().out
+    run_eval(pair[1], data, out, "--samples", "2")
+    report = capsys.readouterr().out
+    assert forced == [6] and "6 samples already in the output, 0 written now" in report and warning in report
+
+
+def test_other_records_of_one_sample_are_named_not_graded(pair, forced, tmp_path, capsys):
+    """Two different records of one (id, sample) (files joined by hand) were read as one, the first, silently; the
+    summary names the others. An exact copy is no other record (rsd merge leaves the parts it joined)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "gens.jsonl"
+    records = run_eval(pair[1], data, out, "--samples", "2")
+    other = {**records[0], "response": "Other.", "correct": not records[0]["correct"]}
+    with open(out, "a") as f:
+        f.write(json.dumps(records[1]) + "\n" + json.dumps(other) + "\n")
+    capsys.readouterr()
+    run_eval(pair[1], data, out, "--samples", "2")
+    report = capsys.readouterr().out
+    assert "accuracy: 66.67%" in report
+    assert "; 1 other records of an (id, sample) already read not graded (its first record counts)" in report
+
+
 def test_records_under_an_earlier_float_spelling_of_an_id_resume_as_its_problem(tiny_pair, tmp_path, capsys,
                                                                               monkeypatch):
     """A table's integer id column with a missing value is read as floats, which an earlier version wrote as '1.0':

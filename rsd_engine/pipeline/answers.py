@@ -88,8 +88,8 @@ def is_correct(predicted: str | None, reference: str | None) -> bool:
 
 
 def check_answer(predicted: str | None, reference: str | None) -> bool | None:
-    """is_correct, and None where no reading matched and math-verify ran out of time comparing one (5 s on the main
-    thread; a tower of powers can take longer): not known to be wrong."""
+    """is_correct, and None where no reading matched and math-verify ran out of time reading the answer or the
+    reference or comparing them (5 s on the main thread; a tower of powers can take longer): not known to be wrong."""
     if not predicted or not reference:
         return False
     math_verify = _math_verify()
@@ -122,6 +122,8 @@ def check_answer(predicted: str | None, reference: str | None) -> bool | None:
                 except Exception:
                     pass
         return None if timed_out else False
+    except ParseTimedOut:
+        return None
     except Exception:  # and so does the LaTeX parser
         return False
 
@@ -132,6 +134,8 @@ def reference_readable(reference: str) -> bool:
     _math_verify()
     try:
         return bool(_reference_readings(reference))
+    except ParseTimedOut:  # not known to be unreadable: each answer's check says "timed out" instead
+        return True
     except Exception:
         return False
 
@@ -157,8 +161,19 @@ def _timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+class ParseTimedOut(Exception):
+    """math-verify ran out of time reading a text: neither unreadable nor read (math-verify itself returns no
+    reading, which graded the answer wrong as unreadable, and kept a reference unreadable for the whole run)."""
+
+
 def _parse(text: str):
-    return _math_verify().parse(text, parsing_timeout=_timeout())
+    math_verify = _math_verify()
+    try:
+        return math_verify.parse(text, parsing_timeout=_timeout(), raise_on_error=True)
+    except math_verify.errors.TimeoutException:  # a BaseException: raised through _read_reference's cache
+        raise ParseTimedOut(text) from None
+    except Exception:  # no reading, as math-verify gives without raise_on_error
+        return []
 
 
 # A thousands separator written as LaTeX spacing (10\,000, 1\;000, 10{,}000): math-verify reads 10\,000 as 10*0.

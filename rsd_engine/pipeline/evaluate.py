@@ -129,11 +129,12 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                      "no_answer": [p.id for p in problems if p.answer is None] if dist.rank == 0 else [],
                      "problems": len(mine),
                      "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
-                     "failed": 0, "cut_short": 0, "changed_kept": changed, "unreadable_answers": [],
-                     "tokens": 0, "seconds": 0.0}
+                     "failed": 0, "cut_short": 0, "changed_kept": changed,
+                     # Of every problem the accuracy counts, not only those sampled now: a resumed run's accuracy
+                     # held them too, without the warning.
+                     "unreadable_answers": unreadable_answers(mine), "tokens": 0, "seconds": 0.0}
             if todo:
-                tally["unreadable_answers"] = unreadable_answers(list({p.id: p for p, _ in todo}.values()))
-                if tally["unreadable_answers"]:
+                if tally["unreadable_answers"]:  # before the long part; the report says it again
                     log(dist.tag + unreadable_warning(tally["unreadable_answers"]))
                 tokenizer = load_tokenizer(opts.model)
                 note = plain_prompt_note(tokenizer, "model")
@@ -151,10 +152,12 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             lines += [r for part in unmerged.values() for r in part]
             shown = f"{shown} and its part files"
         # One record per (id, sample), the first; lines that are no eval record go to the summary as they are.
-        records, others = {}, [r for r in lines if not is_eval_record(r)]
+        records, others, repeated = {}, [r for r in lines if not is_eval_record(r)], 0
         for r in lines:
             if is_eval_record(r):
-                records.setdefault((record_id(r, spellings), r["sample"]), r)
+                key = (record_id(r, spellings), r["sample"])
+                repeated += key in records and records[key] != r  # a copy (a part rsd merge left) is no other
+                records.setdefault(key, r)
         # The accuracy is of what this run asks for: the first --samples samples of the (--limit) problems of
         # --data. The file may hold more (an earlier run without --limit, or with more samples): counted apart.
         # (Each graded as its problem's, under the id the data gives it now.)
@@ -162,6 +165,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
         graded_now = [{**r, "id": key[0]} for key, r in records.items() if key in wanted]
         summary = accuracy_summary(graded_now + others, opts.params.max_new_tokens)
         summary["outside_this_run"] = len(records) - len(graded_now)
+        summary["repeated_in_output"] = repeated  # by hand or another tool: rsd eval writes an (id, sample) once
         log(format_accuracy(summary, shown))
         return {**tally, **summary}
     finally:
@@ -291,6 +295,9 @@ def format_accuracy(s: dict, path) -> str:
     foreign = s.get("not_eval_records", 0)
     not_graded += (f"; {foreign} lines that are no eval record (no id, integer sample and true/false correct) not "
                    f"graded") if foreign else ""
+    repeated = s.get("repeated_in_output", 0)
+    not_graded += (f"; {repeated} other records of an (id, sample) already read not graded (its first record "
+                   f"counts)") if repeated else ""
     outside = s.get("outside_this_run", 0)
     not_graded += (f"; {outside} generations of other problems or samples than this run's (--data, --limit, "
                    f"--samples) not graded") if outside else ""
