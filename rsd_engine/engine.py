@@ -333,9 +333,9 @@ class Engine:
                 pieces = self.space.teacher_pieces.get(token)
                 res.token_ids.append(token)
                 res.accepted.append(bool(accepted))
-                # A mapped token is several teacher tokens: the step's teacher row scores only the first, and the
-                # sampler read the row at the student's id. Not measured here (score_batch sums its pieces).
-                res.teacher_logprobs.append(float("nan") if pieces is not None else teacher_lp)
+                # A token mapped to several teacher tokens: the step's teacher row scores only the first. Not
+                # measured here (score_batch sums its pieces). One mapped to one teacher token is scored as that.
+                res.teacher_logprobs.append(float("nan") if pieces is not None and len(pieces) > 1 else teacher_lp)
                 res.student_logprobs.append(student_lp)
                 r.student_len += 1
                 r.teacher_len += 1
@@ -456,7 +456,7 @@ class Engine:
                                 self.teacher_cache, slots, teacher_kv)
         hidden_s = self.student(inputs["student_tokens"][:, None], inputs["student_pos"][:, None],
                                 self.student_cache, slots, student_kv)
-        teacher_logits = self.teacher.sampler_logits(hidden_t[:, 0])
+        teacher_logits = self.space.align_teacher(self.teacher.sampler_logits(hidden_t[:, 0]))
         student_logits = self.student.sampler_logits(hidden_s[:, 0])
         uniforms = step_uniforms(inputs["seeds"], inputs["steps"])
         params = RowParams(*(inputs[name] for name in RowParams._fields))
@@ -518,9 +518,11 @@ class Engine:
             return ""
         why = "; ".join(f"id {t}: {self.space.unmapped.get(t, 'outside the token space both models share')}"
                         for t in sorted(own))
+        # token_map cannot reach past the teacher's rows: the space ends there.
+        fix = ("give the teacher embedding rows up to it" if any(t >= self.space.size for t in own) else
+               "map it to text the teacher reads with token_map")
         return (f"the student could never end a trace: none of its EOS ids is a token it may write here ({why}). "
-                "Give the teacher an embedding row for it, map it to teacher tokens with token_map, or set "
-                "ignore_eos in SamplingParams")
+                f"To write it, {fix}; or set ignore_eos in SamplingParams")
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set(self.student.config.eos_token_ids)
@@ -528,6 +530,7 @@ class Engine:
             ids.add(self.tokenizer.eos_token_id)
         # The teacher's EOS stops too where the student's space has it.
         ids.update(t for t in self.teacher.config.eos_token_ids if self.space.is_shared(t))
+        ids.update(s for s, t in self.space.teacher_columns.items() if t in self.teacher.config.eos_token_ids)
         return frozenset(ids)
 
     # ------------------------------------------------------------------ scoring

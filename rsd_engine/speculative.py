@@ -86,7 +86,9 @@ class SpeculativeDecoder:
         """The engine's step state for rounds: packed outputs are [num_emitted, tokens, accepted, teacher
         log-probs, student log-probs], each but the first G+1 wide."""
         def values(r):
-            return {**row_values(r), "num_draft": self._num_draft(r), "max_new_tokens": r.params.max_new_tokens}
+            # (past max_seq_len a budget is the same: 2**63 and more would not fit the device's int64)
+            return {**row_values(r), "num_draft": self._num_draft(r),
+                    "max_new_tokens": min(r.params.max_new_tokens, self.engine.max_seq_len)}
 
         return self.engine._step_state(ROUND_INPUTS, out_columns=1 + 4 * (self.draft_tokens + 1), values=values)
 
@@ -154,7 +156,7 @@ class SpeculativeDecoder:
         teacher_tokens = torch.cat([inputs["teacher_tokens"][:, None], self.teacher_ids[draft.clamp_min(0)]], dim=1)
         teacher_pos = inputs["teacher_pos"][:, None] + torch.arange(G + 1, device=teacher_tokens.device)
         hidden = e.teacher(teacher_tokens, teacher_pos, e.teacher_cache, slots, teacher_kv)
-        teacher_logits = e.teacher.sampler_logits(hidden)
+        teacher_logits = e.space.align_teacher(e.teacher.sampler_logits(hidden))
         return rsd_verify(teacher_logits, torch.stack(student_logits, dim=1), draft, inputs["num_draft"], uniforms,
                           params, *e.sampler_masks, backend=self.backend, check_values=False)
 

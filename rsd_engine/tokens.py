@@ -4,8 +4,10 @@ Traces live in the student's token space. An id is *shared* when both tokenizers
 token string and both models have an embedding row for it; only shared ids may be proposed by the
 teacher. A student-only added token (Qwen3's ``<think>`` against a Qwen2.5-based teacher, say, which
 Qwen3's tokenizer marks ``special: false``) is *mapped* to the teacher's own tokenisation of its text,
-which the teacher consumes as several tokens; the student may write shared and mapped ids. Every other
-id is excluded.
+which the teacher consumes as several tokens; the student may write shared and mapped ids. A mapped token
+the teacher reads as one token of its own at another id (R1-Distill-Qwen's ``<think>`` against Qwen3's) is that
+token: the teacher proposes it too, its logits read in the student's ids (``TokenSpace.align_teacher``). Every
+other id is excluded, and the tokens either side cannot use are named in a warning.
 
 A mapping is kept only when the teacher reads exactly the token's text: no unknown-token piece, and
 the pieces decode, after other text, to that text (a sentencepiece teacher's dummy-prefix space is
@@ -24,16 +26,31 @@ import torch
 @dataclass
 class TokenSpace:
     size: int  # V: candidate ids are 0 .. V-1
-    proposal_mask: torch.Tensor  # [V] bool: ids the teacher may propose
+    proposal_mask: torch.Tensor  # [V] bool: ids the teacher may propose (shared, and mapped to one teacher token)
     fallback_mask: torch.Tensor  # [V] bool: ids the student may write
     teacher_pieces: dict[int, tuple[int, ...]] = field(default_factory=dict)  # mapped student id -> teacher ids
     num_shared: int = 0
     unmapped: dict[int, str] = field(default_factory=dict)  # student id outside the space -> why
+    # A mapped token the teacher reads as one token of its own is that token at another id (R1-Distill-Qwen's
+    # <think> is its id 151648, Qwen3's 151667): the teacher proposes it, with that token's logit (align_teacher).
+    teacher_columns: dict[int, int] = field(default_factory=dict)  # such a student id -> its teacher id
 
     def __post_init__(self):
-        # The host's copy of the proposal mask: prompts are translated id by id, and reading a mask that
-        # lives on the GPU one id at a time is a blocking sync per prompt token.
+        # The host's copy of the shared ids: prompts are translated id by id, and reading a mask that lives on
+        # the GPU one id at a time is a blocking sync per prompt token. A mapped id is not shared.
         self._shared = self.proposal_mask.tolist()
+        for i in self.teacher_pieces:
+            self._shared[i] = False
+        dst, src = _column_permutation(self.teacher_columns)
+        self._columns = (torch.tensor(dst), torch.tensor(src)) if dst else None
+
+    def align_teacher(self, logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits [..., Vt] read in the student's ids, in place: a token mapped to one teacher token
+        takes that token's logit (the columns are permuted, so every softmax over the row is unchanged)."""
+        if self._columns is not None:
+            dst, src = self._columns
+            logits[..., dst] = logits[..., src]  # (the right side is gathered first)
+        return logits
 
     def is_shared(self, tok: int) -> bool:
         """Whether student id ``tok`` means the same token to the teacher (a host lookup, no device read)."""
@@ -65,7 +82,31 @@ class TokenSpace:
     def to(self, device) -> "TokenSpace":
         self.proposal_mask = self.proposal_mask.to(device)
         self.fallback_mask = self.fallback_mask.to(device)
+        if self._columns is not None:
+            self._columns = tuple(c.to(device) for c in self._columns)
         return self
+
+
+def _teacher_columns(teacher_pieces: dict[int, tuple[int, ...]], shared: list[bool]) -> dict[int, int]:
+    """The mapped student ids the teacher reads as one token of its own, each to that teacher id. A teacher id
+    already shared (the student has its token twice) or read by an earlier student id keeps its column."""
+    columns: dict[int, int] = {}
+    for s, pieces in sorted(teacher_pieces.items()):
+        t = pieces[0]
+        if len(pieces) == 1 and not (t < len(shared) and shared[t]) and t not in columns.values():
+            columns[s] = t
+    return columns
+
+
+def _column_permutation(columns: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(dst, src) with aligned[dst] = logits[src]: column s takes columns[s], and the columns left behind take the
+    displaced ones in id order, so a row's values are only permuted."""
+    taken = {s: t for s, t in columns.items() if s != t}
+    moved = sorted(set(taken) | set(taken.values()))
+    # The ids that take a column no mapped id takes, and the columns no mapped id takes, paired in order.
+    rest = iter(sorted(set(moved) - set(taken.values())))
+    source = {i: taken[i] if i in taken else next(rest) for i in moved}
+    return moved, [source[i] for i in moved]
 
 
 def id_to_token_table(tokenizer) -> list[str | None]:
@@ -148,12 +189,44 @@ def align_token_spaces(teacher_tokenizer, student_tokenizer, *, teacher_rows: in
         warnings.warn(f"{len(differing)} of the student's ordinary tokens sit at ids where the teacher has other "
                       f"tokens ({first}): the student can never write them, and prompts holding them are refused; "
                       f"tokenizers that differ only in added tokens avoid this", stacklevel=2)
+    # Past the space (the teacher's last row), ordinary tokens the same; and added tokens not mapped, said too.
+    added_set = set(added)
+    for i in range(size, len(student_table)):
+        if student_table[i] is not None and i not in unmapped and i not in added_set:
+            unmapped[i] = _past_rows(i, teacher_rows, student_rows, len(student_table))
+    outside = sorted(i for i in unmapped if i not in differing)
+    if outside:
+        named = ", ".join(f"{student_table[i]!r} (id {i})" for i in outside[:5]) + (", ..." if len(outside) > 5 else "")
+        warnings.warn(f"{len(outside)} of the student's tokens are outside the token space both models share, so the "
+                      f"student can never write them and prompts holding them are refused: {named} (id {outside[0]}: "
+                      f"{unmapped[outside[0]]})", stacklevel=2)
 
+    fallback_mask = torch.tensor(shared, dtype=torch.bool)
+    fallback_mask[list(teacher_pieces)] = True
+    # The teacher proposes a mapped token it reads as one token of its own (TokenSpace.align_teacher).
+    columns = _teacher_columns(teacher_pieces, shared)
+    _warn_teacher_only(teacher_tokenizer, teacher_table, min(teacher_rows, len(teacher_table)), shared, columns)
     proposal_mask = torch.tensor(shared, dtype=torch.bool)
-    fallback_mask = proposal_mask.clone()
-    for i in teacher_pieces:
-        fallback_mask[i] = True
-    return TokenSpace(size, proposal_mask, fallback_mask, teacher_pieces, num_shared, unmapped)
+    proposal_mask[list(columns)] = True
+    return TokenSpace(size, proposal_mask, fallback_mask, teacher_pieces, num_shared, unmapped, columns)
+
+
+def _warn_teacher_only(teacher_tokenizer, teacher_table, rows: int, shared: list[bool], columns: dict[int, int]):
+    """Name the teacher's tokens outside the space (Qwen3's <think> against a Qwen2.5 student, an R1 distill's
+    EOS): the teacher can never propose them, and its probability on them goes to the tokens it can propose."""
+    reached = set(columns.values())
+    only = [t for t in range(rows) if teacher_table[t] is not None and not (t < len(shared) and shared[t])
+            and t not in reached]
+    if not only:
+        return
+    eos = teacher_tokenizer.eos_token_id
+    ending = (f"; its EOS token {teacher_table[eos]!r} is one of them: the teacher never proposes to end a trace, "
+              f"the student ends it" if eos in only else "")
+    first = ", ".join(f"{teacher_table[t]!r} (id {t})" for t in (([eos] if eos in only else []) +
+                                                                [t for t in only if t != eos])[:5])
+    warnings.warn(f"{len(only)} of the teacher's tokens are outside the token space both models share ({first}"
+                  f"{', ...' if len(only) > 5 else ''}): the teacher can never propose them, and its probability "
+                  f"on them goes to the tokens it can propose{ending}", stacklevel=3)
 
 
 def _past_rows(i: int, teacher_rows: int, student_rows: int, student_len: int) -> str:

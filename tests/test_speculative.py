@@ -134,6 +134,14 @@ def test_cache_limit_inside_a_round(tiny_pair):
     assert len(g.token_ids) + 5 <= 13
 
 
+def test_a_budget_past_any_cache_runs_to_the_cache_limit(tiny_pair):
+    """max_new_tokens = 2**63 (SamplingParams sets no upper bound) crashed speculative decoding in torch.tensor (the
+    device's int64 budget); plain decoding ran to max_seq_len. Both do now, the same tokens."""
+    params = SamplingParams(max_new_tokens=2**63, threshold=1.0, ignore_eos=True, **GREEDY)
+    w, g = (engine_for(tiny_pair, G, max_seq_len=13).generate_batch([[5, 6, 7, 8, 9]], params)[0] for G in (0, 4))
+    assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason == "length"
+
+
 @pytest.mark.parametrize("sampler", ["cpp", "triton"])
 def test_every_backend_gives_the_reference_outputs(tiny_pair, spec4, sampler):
     """Seeded speculative generations are token for token the same on every backend that has the ops."""

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rsd_engine import Engine, SamplingParams
 from rsd_engine.tokens import align_token_spaces, load_tokenizer
-from tiny import _corpus_lines, build_model, build_tokenizer
+from tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, _corpus_lines, build_model, build_tokenizer
 
 
 def with_added(tokenizer_dir, *tokens, special=False):
@@ -117,6 +117,63 @@ def test_mapped_pieces_must_read_the_token_text():
         assert think in ids and teacher.decode(space.to_teacher(ids)) == text
 
 
+@pytest.fixture(scope="module")
+def permuted_pair(tmp_path_factory, tiny_tokenizer_dir):
+    """A teacher whose tokenizer holds <think> and </think> at each other's ids (as R1-Distill-Qwen holds them at
+    151648/9 where Qwen3 has 151667/8): each is one teacher token, at another id."""
+    root = tmp_path_factory.mktemp("permuted")
+    data = json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text())
+    data["added_tokens"] = []
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if "think" not in t] + ["</think>", "<think>"])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            chat_template=CHAT_TEMPLATE).save_pretrained(str(root / "teacher_tok"))
+    teacher = build_model(root / "teacher", "qwen2", tokenizer_dir=root / "teacher_tok", hidden_size=48, seed=5)
+    student = build_model(root / "student", "qwen3", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, seed=6)
+    return teacher, student
+
+
+def test_a_token_the_teacher_has_at_another_id_is_proposed_as_that_token(permuted_pair):
+    """A mapped token the teacher reads as one token of its own was never proposed (the teacher's mass on it was
+    dropped: a teacher about to close its reasoning proposed something else) and had NaN teacher log-probs. The
+    teacher's logits are now read in the student's ids (its columns permuted: every softmax the same)."""
+    teacher_tok, student_tok = load_tokenizer(permuted_pair[0]), load_tokenizer(permuted_pair[1])
+    think, close = student_tok.convert_tokens_to_ids(["<think>", "</think>"])
+    space = align_token_spaces(teacher_tok, student_tok, teacher_rows=512, student_rows=512)
+    assert space.teacher_columns == {think: close, close: think} and space.proposal_mask[[think, close]].all()
+    assert not space.is_shared(think) and space.to_teacher([think, close]) == [close, think]
+    logits = torch.randn(3, 2, 512)
+    aligned = space.align_teacher(logits.clone())
+    assert torch.equal(aligned[..., [think, close]], logits[..., [close, think]])
+    assert torch.equal(aligned.sort(-1).values, logits.sort(-1).values)  # a permutation of each row
+
+    for sampler, draft_tokens in (("reference", 0), ("cpp", 0), ("reference", 2)):
+        engine = Engine(*permuted_pair, device="cpu", max_batch_size=1, max_seq_len=64, sampler=sampler,
+                        draft_tokens=draft_tokens)
+        real_teacher, real_student = engine.teacher.logits, engine.student.logits
+        # The teacher wants its own </think> (its id `think`), the student finds it likely: the teacher proposes it.
+        engine.teacher.logits = lambda hidden: real_teacher(hidden).index_fill(-1, torch.tensor([think]), 30.0)
+        engine.student.logits = lambda hidden: real_student(hidden).index_fill(-1, torch.tensor([close]), 30.0)
+        params = SamplingParams(max_new_tokens=5, temperature=0.0, student_temperature=0.0, ignore_eos=True)
+        result = engine.generate_batch(["The answer is"], params)[0]
+        score = engine.score_batch([result.prompt_token_ids], [result.token_ids])[0]  # teacher forcing, same logits
+        engine.teacher.logits, engine.student.logits = real_teacher, real_student
+        assert result.token_ids == [close] * 5 and all(result.accepted), (sampler, draft_tokens)
+        assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)  # not NaN
+
+
+def test_the_aligned_step_compiles_fullgraph(permuted_pair):
+    """The decode step with the teacher's columns moved still compiles whole (no graph break, no host sync)."""
+    from test_compile import assert_same, decode_batch
+
+    torch._dynamo.reset()
+    engine = Engine(*permuted_pair, device="cpu", max_batch_size=3, max_seq_len=64, sampler="reference")
+    inputs = engine._step_inputs(decode_batch(engine), with_slots=True)
+    eager = engine.decode_step(inputs, teacher_kv=16, student_kv=16)
+    step = torch.compile(engine.decode_step, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert_same(eager, step(inputs, teacher_kv=16, student_kv=16))
+
+
 @pytest.mark.parametrize("pipelined", [False, True], ids=["step_by_step", "pipelined"])
 def test_mapped_token_is_read_by_the_teacher_as_its_pieces(mapped_pair, monkeypatch, pipelined):
     """Force the student to write <extra>; the teacher's later log-probs must equal teacher forcing. Pipelined
@@ -205,7 +262,8 @@ def test_a_student_that_could_never_write_its_eos_is_refused(tmp_path, tiny_toke
     eot = engine.tokenizer.eos_token_id
     with pytest.raises(ValueError, match=rf"request 0: the student could never end a trace: none of its EOS ids is a "
                                          rf"token it may write here \(id {eot}: student id {eot} is past the "
-                                         rf"teacher's last embedding row"):
+                                         rf"teacher's last embedding row.*\)\. To write it, give the teacher "
+                                         rf"embedding rows up to it; or set ignore_eos"):  # (token_map cannot)
         engine.generate_batch(["The answer is"], SamplingParams(max_new_tokens=4))
     result = engine.generate_batch(["The answer is"], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
     assert len(result.token_ids) == 4
@@ -318,6 +376,35 @@ def test_ordinary_student_tokens_the_teacher_has_elsewhere_are_named(tmp_path, t
         space = align_token_spaces(teacher, student, teacher_rows=512, student_rows=512)
     assert not space.fallback_mask[445:450].any()
     assert "only added tokens are mapped" in space.unmapped[445]
+
+
+def test_teacher_tokens_outside_the_space_are_named(tiny_tokenizer_dir):
+    """A teacher token the student lacks (Qwen3's <think> against a Qwen2.5 student; an R1 distill's EOS against
+    Qwen3) can never be proposed: its probability went to the other tokens silently. Named, its EOS first."""
+    student = load_tokenizer(tiny_tokenizer_dir)
+    teacher = with_added(tiny_tokenizer_dir, "<extra>", "<stop>", special=True)
+    teacher.eos_token = "<stop>"
+    with pytest.warns(UserWarning, match=r"^2 of the teacher's tokens are outside the token space both models share "
+                                         r"\('<stop>' \(id 456\), '<extra>' \(id 455\)\): the teacher can never "
+                                         r"propose them, .*its EOS token '<stop>' is one of them"):
+        align_token_spaces(teacher, student, teacher_rows=512, student_rows=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a teacher whose tokens the student all has: nothing to say
+        align_token_spaces(student, teacher, teacher_rows=512, student_rows=512)
+
+
+def test_student_tokens_outside_the_space_are_named():
+    """A student-only added token the teacher cannot read (an unknown-token piece) and ordinary tokens past the
+    teacher's last row were left out of the fallback silently (the latter with no reason either): named."""
+    teacher, student = sentencepiece_like(), sentencepiece_like("<think>")
+    with pytest.warns(UserWarning, match=r"^1 of the student's tokens are outside the token space both models share, "
+                                         r"so the student can never write them .*: '<think>' \(id 400\) \(id "
+                                         r"400: student-only token '<think>' is not mapped: .*unknown token"):
+        align_token_spaces(teacher, student, teacher_rows=448, student_rows=448)
+    with pytest.warns(UserWarning, match=r"^40 of the student's tokens are outside .*: '.*' \(id 360\), .*, \.\.\. "
+                                         r"\(id 360: student id 360 is past the teacher's last embedding row"):
+        space = align_token_spaces(teacher, teacher, teacher_rows=360, student_rows=448)
+    assert "past the teacher's last embedding row" in space.unmapped[399]
 
 
 @pytest.mark.parametrize("declares, named", [
