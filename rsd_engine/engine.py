@@ -58,7 +58,7 @@ class Engine:
 
         self.teacher = load_model(self.teacher_path, dtype=self.dtype, device=self.device)
         self.student = load_model(self.student_path, dtype=self.dtype, device=self.device)
-        warn_past_context(max_seq_len, teacher=self.teacher, student=self.student)
+        warn_past_context(self.max_seq_len, teacher=self.teacher, student=self.student)
         self.teacher_tokenizer = load_tokenizer(self.teacher_path)
         self.tokenizer = load_tokenizer(self.student_path)
         self.space = align_token_spaces(
@@ -71,8 +71,8 @@ class Engine:
         self._eos_unwritable = self._why_eos_unwritable()
 
         # One extra slot is scratch space for padding rows.
-        self.teacher_cache = self.teacher.new_cache(max_batch_size + 1, max_seq_len)
-        self.student_cache = self.student.new_cache(max_batch_size + 1, max_seq_len)
+        self.teacher_cache = self.teacher.new_cache(self.max_batch_size + 1, self.max_seq_len)
+        self.student_cache = self.student.new_cache(self.max_batch_size + 1, self.max_seq_len)
         self._graphs = {}  # CUDA: the SelfFeedingGraphs, under the attention span they pass (max_seq_len)
         # How a committed student token moves the teacher on (a mapped token: all its pieces, see _commit).
         teacher_next = torch.arange(self.space.size)
@@ -334,8 +334,10 @@ class Engine:
                 res.token_ids.append(token)
                 res.accepted.append(bool(accepted))
                 # A token mapped to several teacher tokens: the step's teacher row scores only the first. Not
-                # measured here (score_batch sums its pieces). One mapped to one teacher token is scored as that.
-                res.teacher_logprobs.append(float("nan") if pieces is not None and len(pieces) > 1 else teacher_lp)
+                # measured here (score_batch sums its pieces). One the teacher proposes as its own token is scored
+                # as that (TokenSpace.teacher_columns); others read a column of another token.
+                res.teacher_logprobs.append(teacher_lp if pieces is None or token in self.space.teacher_columns
+                                            else float("nan"))
                 res.student_logprobs.append(student_lp)
                 r.student_len += 1
                 r.teacher_len += 1

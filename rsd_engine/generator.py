@@ -53,7 +53,7 @@ class Generator(Engine):
         self._setup_runtime(device, dtype, max_batch_size, max_seq_len)
         self.model_path = resolve_model(model, revision)
         self.model = load_model(self.model_path, dtype=self.dtype, device=self.device)
-        warn_past_context(max_seq_len, model=self.model)
+        warn_past_context(self.max_seq_len, model=self.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.sampler = _sample_backend(sampler, self.device)
         # Ids the tokenizer has (embedding padding rows past it are never drawn).
@@ -62,7 +62,7 @@ class Generator(Engine):
         self.mask = torch.tensor([i < len(table) and table[i] is not None for i in range(vocab)], device=self.device)
         self.eos_token_ids = self._eos_ids()
         # One extra slot is scratch space for padding rows.
-        self.cache = self.model.new_cache(max_batch_size + 1, max_seq_len)
+        self.cache = self.model.new_cache(self.max_batch_size + 1, self.max_seq_len)
         self._graphs = {}
         self._state = self._step_state(STEP_INPUTS, out_columns=2)
         self._speculative = None

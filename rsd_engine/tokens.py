@@ -194,7 +194,8 @@ def align_token_spaces(teacher_tokenizer, student_tokenizer, *, teacher_rows: in
     for i in range(size, len(student_table)):
         if student_table[i] is not None and i not in unmapped and i not in added_set:
             unmapped[i] = _past_rows(i, teacher_rows, student_rows, len(student_table))
-    outside = sorted(i for i in unmapped if i not in differing)
+    said = set(differing)
+    outside = sorted(i for i in unmapped if i not in said)
     if outside:
         named = ", ".join(f"{student_table[i]!r} (id {i})" for i in outside[:5]) + (", ..." if len(outside) > 5 else "")
         warnings.warn(f"{len(outside)} of the student's tokens are outside the token space both models share, so the "

@@ -260,7 +260,9 @@ def test_a_text_math_verify_cannot_read_in_time_is_not_graded_wrong(monkeypatch)
     assert answers.check_answer("77", "4") is None  # the answer's reading timed out
     assert answers.check_answer("4", "77") is None and answers.reference_readable("77")  # the reference's
     assert answers.check_answer("5", "4") is False
-    slow.clear()  # in time now: read, and nothing of the timed-out reading was kept
+    slow.clear()  # a reference that timed out stays so (not read again at every attempt), an answer does not
+    assert answers.check_answer("4", "77") is None and answers.check_answer("77.0", "4") is False
+    answers._TIMED_OUT_REFERENCES.clear()  # (a new process): read, and nothing of the timed-out reading was kept
     assert answers.check_answer("77.0", "77") is True and answers.check_answer("4", "77") is False
     assert answers.reference_readable("77")
     answers._read_reference.cache_clear()

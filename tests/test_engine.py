@@ -84,9 +84,27 @@ def test_numpy_sizes_are_sizes(tiny_pair):
                     draft_tokens=np.int64(2), sampler="reference")
     assert (engine.max_batch_size, engine.max_seq_len, engine.draft_tokens) == (2, 64, 2)
     assert all(type(v) is int for v in (engine.max_batch_size, engine.max_seq_len, engine.draft_tokens))
+    assert type(engine.teacher_cache.max_seq_len) is int and type(engine.student_cache.num_slots) is int
     assert len(engine.generate_batch(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].token_ids) == 4
     with pytest.raises(ValueError, match=r"max_batch_size = np.True_: must be an integer in \[1, "):
         Engine(*tiny_pair, device="cpu", max_batch_size=np.bool_(True))
+
+
+def test_numpy_sizes_in_the_pipelines_options_are_kept_as_ints():
+    """The options take numpy sizes too, kept as Python ints: kept as numpy, they reached the run's manifest and
+    json.dumps failed (TypeError: Object of type int64 is not JSON serializable)."""
+    from rsd_engine.pipeline.evaluate import EvalOptions
+    from rsd_engine.pipeline.generate import GenerateOptions
+    from rsd_engine.pipeline.provenance import ProvenanceOptions
+    from rsd_engine.pipeline.select import SelectOptions
+
+    pair = dict(teacher="t", student="s", data="d", out="o")
+    for options, field in ((GenerateOptions(**pair, max_batch_size=np.int64(4)), "max_batch_size"),
+                           (GenerateOptions(**pair, max_seq_len=np.int32(64)), "max_seq_len"),
+                           (EvalOptions(model="m", data="d", out="o", max_batch_size=np.int64(4)), "max_batch_size"),
+                           (ProvenanceOptions(**pair, batch_size=np.int64(4)), "batch_size"),
+                           (SelectOptions(**pair, batch_size=np.int64(4), max_seq_len=np.int64(64)), "max_seq_len")):
+        assert type(getattr(options, field)) is int, (type(options).__name__, field)
 
 
 def test_seeded_output_independent_of_batch(tiny_pair, engine):

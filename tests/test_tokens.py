@@ -162,6 +162,27 @@ def test_a_token_the_teacher_has_at_another_id_is_proposed_as_that_token(permute
         assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)  # not NaN
 
 
+@pytest.mark.parametrize("draft_tokens", [0, 2])
+def test_a_token_mapped_to_a_shared_teacher_token_is_not_scored_by_another_tokens_column(mapped_pair, draft_tokens):
+    """token_map={"<extra>": "<think>"}: one teacher token, but a shared one (its column stays the student's
+    <think>'s), so the teacher does not propose <extra> and its step log-prob would be read at <extra>'s own id (a
+    padding row of the teacher): NaN, as for any token the step does not score (score_batch does)."""
+    engine = Engine(*mapped_pair, device="cpu", max_batch_size=1, max_seq_len=64, sampler="reference",
+                    token_map={"<extra>": "<think>"}, draft_tokens=draft_tokens)
+    extra = engine.tokenizer.convert_tokens_to_ids("<extra>")
+    assert engine.space.teacher_pieces[extra] == (engine.tokenizer.convert_tokens_to_ids("<think>"),)
+    assert extra not in engine.space.teacher_columns and not engine.space.proposal_mask[extra]
+    real = engine.student.logits
+    engine.student.logits = lambda hidden: real(hidden).index_fill(-1, torch.tensor([extra]), 1e4)
+    params = SamplingParams(max_new_tokens=3, threshold=1.0, temperature=0.0, student_temperature=0.0,
+                            ignore_eos=True)
+    result = engine.generate_batch(["The answer is"], params)[0]
+    score = engine.score_batch([result.prompt_token_ids], [result.token_ids])[0]
+    engine.student.logits = real
+    assert result.token_ids == [extra] * 3 and all(lp != lp for lp in result.teacher_logprobs)  # NaN
+    assert all(lp == lp for lp in score.teacher_logprobs)
+
+
 def test_the_aligned_step_compiles_fullgraph(permuted_pair):
     """The decode step with the teacher's columns moved still compiles whole (no graph break, no host sync)."""
     from test_compile import assert_same, decode_batch

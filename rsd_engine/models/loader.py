@@ -90,22 +90,23 @@ def load_config(folder) -> ModelConfig:
     generation_path = folder / "generation_config.json"
     generation = read_json_object(generation_path) if generation_path.is_file() else None
     config = read_json_object(path)
+    caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model_config = ModelConfig.from_hf(config, generation)
-        for warning in caught:  # named by the folder's file, as the errors below: of a teacher and a student, which one
-            message = str(warning.message)
-            if message.startswith("config.json"):
-                message = f"{path}{message[len('config.json'):]}"
-            warnings.warn(message, warning.category, stacklevel=2)
-        return model_config
+            return ModelConfig.from_hf(config, generation)
     except ValueError as err:  # named by the folder's file: of a teacher and a student, which one
         message = str(err)
         for name in ("generation_config.json", "config.json"):
             if message.startswith(name):
                 raise ValueError(f"{folder / name}{message[len(name):]}") from None
         raise ValueError(f"{path}: {message}") from None
+    finally:
+        for warning in caught:  # said before an error too, each named by the folder's file as the errors are
+            message = str(warning.message)
+            if message.startswith("config.json"):
+                message = f"{path}{message[len('config.json'):]}"
+            warnings.warn(message, warning.category, stacklevel=2)
 
 
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -196,8 +196,18 @@ _STATED_VALUE = re.compile(r"\b(?:is\s+equal\s+to|equal\s+to|equals|is|of)\s+([^
 
 def _reference_readings(reference: str) -> tuple:
     # A problem's reference is checked against every attempt (16 by default) and first for readability: read
-    # once (sympy expressions are immutable; the lists are copied).
-    return tuple(list(r) if isinstance(r, tuple) else r for r in _read_reference(reference))
+    # once (sympy expressions are immutable; the lists are copied). One math-verify ran out of time reading stays
+    # timed out (not cached as unreadable, and not read again for 5 s at every attempt).
+    if reference in _TIMED_OUT_REFERENCES:
+        raise ParseTimedOut(reference)
+    try:
+        return tuple(list(r) if isinstance(r, tuple) else r for r in _read_reference(reference))
+    except ParseTimedOut:
+        _TIMED_OUT_REFERENCES.add(reference)
+        raise
+
+
+_TIMED_OUT_REFERENCES: set[str] = set()
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -64,7 +64,7 @@ class EvalOptions:
             if value is None and name in ("limit", "max_seq_len"):
                 continue
             if name in ("max_batch_size", "max_seq_len"):
-                check_size(f"--{name.replace('_', '-')}", value, lo)
+                setattr(self, name, check_size(f"--{name.replace('_', '-')}", value, lo))
             elif not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"--{name.replace('_', '-')} = {value!r}: must be an integer >= {lo}")
             elif name == "samples" and value > MAX_SAMPLES:  # each a request made up front

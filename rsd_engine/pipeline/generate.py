@@ -89,10 +89,10 @@ class GenerateOptions:
     def __post_init__(self):
         _check("attempts", self.attempts, 1, MAX_SAMPLES)
         _check("prefix_tokens", self.prefix_tokens, 1)
-        check_size("--max-batch-size", self.max_batch_size, 1)
+        self.max_batch_size = check_size("--max-batch-size", self.max_batch_size, 1)
         _check("draft_tokens", self.draft_tokens, 0)
         if self.max_seq_len is not None:
-            check_size("--max-seq-len", self.max_seq_len, 2)
+            self.max_seq_len = check_size("--max-seq-len", self.max_seq_len, 2)
         if self.limit is not None:
             _check("limit", self.limit, 1)
         if not 0.0 <= self.max_fallback <= 1.0:

@@ -1,11 +1,14 @@
 """Prompts: a question through the student's chat template, with the thinking block opened.
 
-Thinking detection. A template "has a thinking block" when its Jinja source mentions ``<think>``
-(Qwen3, DeepSeek-R1 distills, s1.1). The generation prompt is what rendering adds for
-``add_generation_prompt=True``; when it already opens a block (``<think>`` with no ``</think>``
-after it, as DeepSeek-R1 distills do) nothing is added; when it opens and closes an empty block
-(Qwen3 with thinking switched off) thinking is off; otherwise ``<think>\\n`` is appended, which is
-what such a model writes first. A tokenizer without a chat template gets plain text.
+Thinking detection. The generation prompt is what rendering adds for ``add_generation_prompt=True``;
+when it opens a block (``<think>`` with no ``</think>`` after it, as DeepSeek-R1 distills, QwQ and
+Qwen3-Thinking-2507 do) the prompt is thinking; when it opens and closes an empty block (Qwen3 with
+thinking switched off) thinking is off. A hybrid template (one with an ``enable_thinking`` switch, as
+Qwen3's) whose generation prompt opens nothing gets ``<think>\\n`` appended, which is what such a model
+writes first. Any other template is left as it renders: one that mentions ``<think>`` only to handle
+earlier assistant turns (Qwen3-Instruct-2507, a model that never thinks) gets no block opened for it
+(a model that opens one itself is read as having done so: traces.py). A tokenizer without a chat template
+gets plain text, after the BOS where its tokenizer adds one to a text it encodes.
 """
 
 from __future__ import annotations
@@ -71,10 +74,10 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
     text = _render(tokenizer, messages, True)
     before = _render(tokenizer, messages, False)
     generation_prompt = text[len(before):] if text.startswith(before) else text
-    if THINK_OPEN not in _template_source(tokenizer):
-        return text, ""
     if THINK_OPEN not in generation_prompt:
-        return text + THINK_OPEN + "\n", THINK_OPEN + "\n"
+        if "enable_thinking" in _template_source(tokenizer):  # a hybrid, thinking on: it writes <think> first
+            return text + THINK_OPEN + "\n", THINK_OPEN + "\n"
+        return text, ""
     opened_at = generation_prompt.rindex(THINK_OPEN)
     if THINK_CLOSE in generation_prompt[opened_at:]:
         return text, ""  # an empty, closed block: thinking switched off

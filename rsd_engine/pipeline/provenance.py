@@ -69,9 +69,9 @@ class ProvenanceOptions:
 
     def __post_init__(self):
         self.category_rule = options_rule(self)
-        check_size("--batch-size", self.batch_size, 1)
+        self.batch_size = check_size("--batch-size", self.batch_size, 1)
         if self.max_seq_len is not None:
-            check_size("--max-seq-len", self.max_seq_len, 2)
+            self.max_seq_len = check_size("--max-seq-len", self.max_seq_len, 2)
         if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
                                        or self.limit < 1):
             raise ValueError(f"--limit = {self.limit!r}: must be an integer >= 1")

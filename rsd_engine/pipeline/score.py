@@ -311,8 +311,10 @@ def _set_aside_unscorable(files, student, teacher) -> int:
     teacher_config = space = None
     if teacher is not None:
         teacher_config = load_config(teacher)
-        space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
-                                   teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
+        with warnings.catch_warnings():  # what the space lacks is said once, by the engine that scores
+            warnings.simplefilter("ignore")
+            space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
+                                       teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
     longest = 0
     for f in files:
         fits, unscorable = [], []

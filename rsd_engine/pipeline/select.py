@@ -132,9 +132,9 @@ class SelectOptions:
         if self.by is None:
             self.by = "count" if self.budget is None else "share"
         check_by(self.by)
-        check_size("--batch-size", self.batch_size, 1)
+        self.batch_size = check_size("--batch-size", self.batch_size, 1)
         if self.max_seq_len is not None:
-            check_size("--max-seq-len", self.max_seq_len, 2)
+            self.max_seq_len = check_size("--max-seq-len", self.max_seq_len, 2)
         self.category_rule = options_rule(self)
         needed = {"count": ("teacher", "student"), "share": ("teacher", "student"),
                   "student-likelihood": ("student",), "random": ()}[self.by]

@@ -77,7 +77,7 @@ class Tracer:
                  batch_size: int = 8):
         if set(readers) - set(ROLES) or not {"teacher", "student"} <= set(readers):
             raise ValueError(f"readers must be teacher, student and optionally distilled, got {sorted(readers)}")
-        check_size("--batch-size", batch_size, 1)
+        batch_size = check_size("--batch-size", batch_size, 1)
         self.readers, self.batch_size = readers, batch_size
         self.rule = rule if rule is not None else Rule("difference", check_beta(beta))
         self.max_seq_len = None
