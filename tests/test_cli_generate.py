@@ -219,15 +219,15 @@ def test_prompt_thinking_detection(tiny_tokenizer_dir):
                            "<|im_start|>assistant\n<think>\n")
     assert opened.think_prefix == "<think>\n"
 
-    hybrid = CHAT_TEMPLATE.replace("<think>\\n", "{% if enable_thinking is defined and not enable_thinking %}"
-                                                  "<think>\\n\\n</think>\\n\\n{% endif %}")
+    hybrid = CHAT_TEMPLATE.replace("<think>\\n' }}", "' }}{%- if enable_thinking is defined and not enable_thinking %}"
+                                                    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
     tok.chat_template = hybrid
     appended = build_prompt(tok, "Q?", "S")  # Qwen3's hybrid: thinking on, the generation prompt opens nothing
     assert appended.text == opened.text and appended.think_prefix == "<think>\n"
 
     # Qwen3-Instruct-2507: <think> only in how earlier assistant turns render; the model never thinks. A block was
     # opened for it (and every plain answer read as an unclosed reasoning block: no answer, no valid attempt).
-    tok.chat_template = CHAT_TEMPLATE.replace("<think>\\n", "") + "{# earlier turns: split at </think> #}<think>"
+    tok.chat_template = CHAT_TEMPLATE.replace("<think>\\n", "") + "{# earlier turns: split at <think> and </think> #}"
     instruct = build_prompt(tok, "Q?", "S")
     assert not instruct.thinking and instruct.text.endswith("<|im_start|>assistant\n")
 
