@@ -257,6 +257,31 @@ def test_a_template_without_system_role_gets_the_same_messages(tiny_tokenizer_di
     assert tok.apply_chat_template(messages, tokenize=False) == prompt.text + "r</think>\\boxed{4}<|im_end|>\n"
 
 
+def test_a_template_that_skips_the_system_role_silently_gets_it_in_the_user_turn(tiny_tokenizer_dir):
+    """A template that renders only the roles it knows (no error for a system message) lost the system prompt
+    silently, while the prompt said it was rendered: it goes into the user turn, as for a template that raises."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.chat_template = CHAT_TEMPLATE.replace("{%- for message in messages %}",
+                                              "{%- for message in messages if message['role'] != 'system' %}")
+    prompt = build_prompt(tok, "Q?", "S")
+    assert prompt.text == "<|im_start|>user\nS\n\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert prompt.system == "" and prompt.question == "S\n\nQ?"
+
+
+def test_the_plain_prompt_note_says_the_bos_is_not_read():
+    """A tokenizer without a chat template that adds a BOS to what it encodes (Llama-2, Mistral): its plain prompt is
+    read without it (prompt strings are read as is), which the run's log now says."""
+    from rsd_engine.pipeline.prompts import plain_prompt_note
+    from test_tokens import sentencepiece_like
+
+    tok = sentencepiece_like()
+    tok.chat_template = None
+    assert plain_prompt_note(tok).endswith("a blank line); a chat model wants its template in tokenizer_config.json")
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert ", read without the <s> its tokenizer adds to a text it encodes)" in plain_prompt_note(tok)
+
+
 # DeepSeek-R1-Distill's way with an assistant turn: the reasoning block is dropped when the turn is rendered.
 DROPS_REASONING = CHAT_TEMPLATE.replace("message['content'] + '<|im_end|>'",
                                         "message['content'].split('</think>')[-1] + '<|im_end|>'")

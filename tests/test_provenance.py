@@ -14,7 +14,7 @@ from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 from rsd_engine.pipeline.provenance import ProvenanceOptions, complete_keys
 from rsd_engine.pipeline.records import read_records
 from rsd_engine.pipeline.select import Candidate, pick, scores_path
-from rsd_engine.pipeline.sentences import split_sentences
+from rsd_engine.pipeline.sentences import READING, split_sentences
 from tiny import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, build_model, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,6 +120,24 @@ def test_split_keeps_latex_and_numbered_steps():
     sentences = split_sentences("  Leading space. Two.  ")
     assert (sentences[0].start, sentences[-1].end) == (0, len("  Leading space. Two.  "))
     assert split_sentences(" \n ") == []
+
+
+@pytest.mark.parametrize("text, sentences", [
+    ("We get 3. Then we get 4. So the sum is 7.", ["We get 3.", "Then we get 4.", "So the sum is 7."]),
+    ("So x = a. Then y = b. Done here.", ["So x = a.", "Then y = b.", "Done here."]),
+    ("Try n = 1. Then n = 2. Then n = 3. Done.", ["Try n = 1.", "Then n = 2.", "Then n = 3.", "Done."]),
+    ("We get x = 7. Therefore, x = 8. Hmm.", ["We get x = 7.", "Therefore, x = 8.", "Hmm."]),
+    ("Step 2. Multiply by 3. Step 3. Add.", ["Step 2.", "Multiply by 3.", "Step 3.", "Add."]),
+    ("Steps:\n1. Add them.\n2. Multiply them.\nDone.", ["Steps:", "1. Add them.", "2. Multiply them.", "Done."]),
+    ("We have 1.5. Then stop. See p. 5 for it.", ["We have 1.5.", "Then stop.", "See p. 5 for it."]),
+    # A LaTeX line break's spacing is no display math: its sentences are two, as after a plain \\.
+    ("So $a &= 1 \\\\[2pt] b = 2$. Then x. Done.", ["So $a &= 1 \\\\[2pt] b = 2$.", "Then x.", "Done."]),
+    ("So a = 1 \\\\[2pt] b = 2. Then x \\] y. Done.", ["So a = 1 \\\\[2pt] b = 2.", "Then x \\] y.", "Done."]),
+])
+def test_a_number_or_letter_ending_a_sentence_ends_it(text, sentences):
+    """pysbd read a number or letter that ends a sentence inside a line as a list item: "We get 3. Then we get 4."
+    was "We get" | "3. Then we get" | "4. ...", and "Try n = 1. Then n = 2." one sentence (found by an audit)."""
+    assert [s.text for s in split_sentences(text)] == sentences
 
 
 def test_distilled_copy_of_teacher_boosts_nothing(models, tmp_path):
@@ -613,11 +631,11 @@ def test_sentences_an_older_rsd_made_are_not_resumed_beside_new_ones(models, tmp
     provenance(models, data, out, "--limit", "1")
     manifest = Path(f"{out}.manifest.json")
     held = json.loads(manifest.read_text())
-    assert held["settings"]["sentence reading"] == 2
+    assert held["settings"]["sentence reading"] == READING
     del held["settings"]["sentence reading"]  # as an older rsd wrote it
     manifest.write_text(json.dumps(held))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         main(["provenance", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--data",
               str(data), "--out", str(out), "--device", "cpu", "--no-progress"])
-    assert stopped.value.code == 2 and "sentence reading: 1 in the output, 2 now" in capsys.readouterr().err
+    assert stopped.value.code == 2 and f"sentence reading: 1 in the output, {READING} now" in capsys.readouterr().err

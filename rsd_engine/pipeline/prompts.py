@@ -8,7 +8,9 @@ Qwen3's) whose generation prompt opens nothing gets ``<think>\\n`` appended, whi
 writes first. Any other template is left as it renders: one that mentions ``<think>`` only to handle
 earlier assistant turns (Qwen3-Instruct-2507, a model that never thinks) gets no block opened for it
 (a model that opens one itself is read as having done so: traces.py). A tokenizer without a chat template
-gets plain text, after the BOS where its tokenizer adds one to a text it encodes.
+gets plain text (read without a BOS, as every prompt string is: the run's log says so where the tokenizer adds
+one). A template that skips the system role without raising gets the system prompt in the user turn, as one that
+raises does.
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
         messages.insert(0, {"role": "system", "content": system_prompt})
     try:
         text, think_prefix = render_chat(tokenizer, messages)
+        # A template may skip a role it does not know instead of raising: the system prompt is then lost, silently.
+        rendered = not system_prompt or system_prompt.strip() in text
     except Exception:  # templates without a system role raise (jinja2 TemplateError)
         if not system_prompt:
             raise
+        rendered = False
+    if not rendered:
         # The system prompt goes into the user turn; the prompt's messages are the ones rendered.
         system_prompt, question = "", f"{system_prompt}\n\n{question}"
         text, think_prefix = render_chat(tokenizer, [{"role": "user", "content": question}])
@@ -64,8 +70,14 @@ def plain_prompt_note(tokenizer, role: str = "student") -> str | None:
     silently."""
     if getattr(tokenizer, "chat_template", None):
         return None
+    bos = ""
+    try:  # a tokenizer that adds a BOS to what it encodes (Llama-2, Mistral): the plain prompt is read without it
+        if tokenizer.bos_token and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            bos = f", read without the {tokenizer.bos_token} its tokenizer adds to a text it encodes"
+    except Exception:  # (a tokenizer that cannot say: nothing to add)
+        pass
     return (f"note: the {role}'s tokenizer has no chat template, so prompts are plain text (the system prompt, a "
-            f"blank line, the question, a blank line); a chat model wants its template in tokenizer_config.json")
+            f"blank line, the question, a blank line{bos}); a chat model wants its template in tokenizer_config.json")
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:

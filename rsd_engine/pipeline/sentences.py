@@ -30,10 +30,17 @@ from . import pysbd_linear
 
 # How responses are cut into sentences and read, as outputs record it ("sentence reading" in a manifest): bump when a
 # sentence or its probabilities can change, so an output is not extended with sentences made another way
-# (1: before punctuation alone joined the sentence before it).
-READING = 2
+# (1: before punctuation alone joined the sentence before it; 2: before "We get 3. Then" was read as a list item and
+# a LaTeX line break "\\[2pt]" as display math).
+READING = 3
 
-_DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|\\\[.+?\\\]|\\\(.+?\\\)", re.DOTALL)
+# (A \[ or \( after a backslash is a line break's spacing, "\\[2pt]", or an escaped bracket: no math.)
+_DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<!\\)\\\[.+?\\\]|(?<!\\)\\\(.+?\\\)", re.DOTALL)
+# pysbd reads a number or a lone lowercase letter ending a sentence inside a line as a list item: "We get 3. Then we
+# get 4." was "We get" | "3. Then we get" | "4.", and "Try n = 1. Then n = 2." one sentence. Such a number or letter
+# (after a word on its line that ends no sentence, before ". " and a capital or the end) is masked for pysbd,
+# offsets unchanged; a list item that opens a line or follows a sentence ("... $a^2$. 2. Second step.") is as before.
+_INLINE_ENUMERATOR = re.compile(r"(?<=[^\s.!?:;] )(\d+|[a-z])(?=\.(?:\s+[A-Z]|\s*$))")
 _DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)")  # a lone, unescaped `$`
 _AMOUNT = re.compile(r"\s?\.?\d")  # what follows a currency `$`: "$5", "$ 5", "$.50"
 
@@ -86,13 +93,15 @@ def math_spans(text: str, boundaries: list[int]) -> list[Span]:
 def _segment_starts(text: str) -> list[int]:
     """Sentence starts within one marker-free piece of text: pysbd's, less those inside math."""
     starts, cursor = [], 0
-    for piece in _segmenter().segment(text):
+    masked = _INLINE_ENUMERATOR.sub(lambda m: "#" * len(m[0]), text)
+    for piece in _segmenter().segment(masked):
         piece = piece.strip()
         if not piece:
             continue
-        at = text.find(piece, cursor)
+        at = masked.find(piece, cursor)
         if at < 0:  # pysbd normalised something: fall back to where the last piece ended
             at = cursor
+        piece = text[at:at + len(piece)]
         # A piece of punctuation alone is no sentence: pysbd cuts "x = 3... Wait" as "x = 3..", ".", "Wait"
         # (a sentence of one character, with a category of its own); it ends the sentence before it (or, first,
         # opens the one after it).
