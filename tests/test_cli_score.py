@@ -458,11 +458,13 @@ def test_completion_field_scores_the_opened_think_block_once(tiny_pair, traces, 
     text after it (as the messages form does)."""
     files, pairs = traces
     completions = [json.loads(line)["completion"] for line in files["records"].read_text().splitlines()]
-    plain = write_rows(tmp_path / "plain.jsonl", [{"question": q, "trace": "<think>\n" + c}
-                                                   for q, c in zip(QUESTIONS, completions)])
-    (report,), _ = run(tmp_path, tiny_pair[1], plain, completion_field="trace")
-    for got, lp in zip(report["per_trace"], hf_logprobs(tiny_pair[1], pairs["text"])):
-        assert got["student"] == pytest.approx(expected(lp), rel=1e-4, abs=1e-5)
+    # "<think>" without its newline too, as rsd provenance reads it (it was scored after the prompt's "<think>\n")
+    for opened in ("<think>\n", "<think>"):
+        plain = write_rows(tmp_path / "plain.jsonl", [{"question": q, "trace": opened + c}
+                                                       for q, c in zip(QUESTIONS, completions)])
+        (report,), _ = run(tmp_path, tiny_pair[1], plain, completion_field="trace")
+        for got, lp in zip(report["per_trace"], hf_logprobs(tiny_pair[1], pairs["text"])):
+            assert got["student"] == pytest.approx(expected(lp), rel=1e-4, abs=1e-5)
 
 
 def test_an_empty_prompt_is_skipped_and_an_empty_completion_has_no_figures(tiny_pair, traces, tmp_path):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .data import not_unicode, read_growing_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
+from .readers import strip_think_open
 from .records import check_not_input, check_plot_format, describe_duplicates, duplicate_ids
 from .reports import check_plot_out, check_report_out, plot_file, write_report
 from .traces import sft_completion
@@ -234,8 +235,12 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
 
 
 def _after_think(completion: str, think_prefix: str) -> str:
-    """The completion without the thinking block its prompt already opened (scored once, as part of the prompt)."""
-    return completion[len(think_prefix):] if think_prefix and completion.startswith(think_prefix) else completion
+    """The completion without the thinking block its prompt already opened (scored once, as part of the prompt):
+    as the prompt spelled it, or "<think>" with or without its newline (as rsd provenance reads it; a completion
+    "<think>Okay" was scored after the prompt's "<think>\\n", with a second "<think>")."""
+    if not think_prefix:
+        return completion
+    return completion[len(think_prefix):] if completion.startswith(think_prefix) else strip_think_open(completion)
 
 
 SCORE_BATCH = 16  # traces per forward (cache slots)
