@@ -23,6 +23,8 @@ def test_the_switch_reads_on_and_off(monkeypatch, value, on):
 
 def test_an_unknown_value_is_refused_when_a_model_loads_on_cuda(monkeypatch, tiny_pair):
     monkeypatch.setenv("RSD_PDL", "yes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a card, as far as load_model's device check knows
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"RSD_PDL='yes' is not a choice: use on or off \(1 or 0\)"):
         load_model(tiny_pair[0], device="cuda")  # refused before anything asks for a card
 
