@@ -140,6 +140,23 @@ def test_a_number_or_letter_ending_a_sentence_ends_it(text, sentences):
     assert [s.text for s in split_sentences(text)] == sentences
 
 
+def test_responses_written_after_another_prompt_are_named(models, tmp_path, capsys):
+    """A generate output made under another --system-prompt (its records hold the prompt they were written after)
+    was read after the prompt provenance and select build, silently: the problems are named (rank 0, once)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(models["student"]))
+    rows = [{**r, "prompt": build_prompt(tok, r["question"], DEFAULT_SYSTEM_PROMPT).text} for r in RESPONSES]
+    rows[1]["prompt"] = build_prompt(tok, rows[1]["question"], "Answer briefly.").text
+    data = write_rows(tmp_path / "r.jsonl", rows)
+    provenance(models, data, tmp_path / "s.jsonl", "--limit", "2")
+    assert ("warning: 1 problems' responses were written after another prompt than the student reads them after here "
+            "(their \"prompt\" field; another --system-prompt or chat template?): p2;") in capsys.readouterr().out
+    data = write_rows(tmp_path / "same.jsonl", rows[:1] + rows[2:])
+    provenance(models, data, tmp_path / "same_s.jsonl", "--limit", "2")
+    assert "written after another prompt" not in capsys.readouterr().out
+
+
 def test_distilled_copy_of_teacher_boosts_nothing(models, tmp_path):
     data = write_rows(tmp_path / "r.jsonl", RESPONSES)
     lines = provenance(models, data, tmp_path / "s.jsonl", "--distilled", str(models["teacher"]), "--beta", TINY_BETA)

@@ -28,7 +28,7 @@ from .manifest import COMMAND, MODEL_DTYPE, SENTENCE_READING, input_identity, mo
 from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
-from .readers import Reader
+from .readers import Reader, other_prompts, other_prompts_warning
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere,
                       check_plot_format, read_records)
 from .reports import check_plot_out, plot_file
@@ -102,6 +102,9 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
                           include_truncated=opts.include_truncated)
     responses = data.responses[: opts.limit] if opts.limit else data.responses
     mine = responses[dist.rank:: dist.world_size]
+    moved = other_prompts(responses, tracer.readers["student"]) if dist.rank == 0 else []
+    if moved:
+        log(other_prompts_warning(moved))
     settings, about = output_settings(opts, ("teacher", "student", "distilled"), command="provenance")
     group = init_process_group(dist, log)
     try:

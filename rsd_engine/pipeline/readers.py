@@ -130,3 +130,26 @@ def strip_think_open(text: str) -> str:
         text = text[len(THINK_OPEN):]
         return text[1:] if text.startswith("\n") else text
     return text
+
+
+def other_prompts(responses, reader: Reader) -> list[str]:
+    """Ids of the responses whose row holds the prompt they were written after (a "prompt" field, as rsd generate
+    writes it) where that is not the prompt `reader` (the student's) reads them after here: another --system-prompt
+    or chat template than the run that wrote them, or an older rsd's prompt rules."""
+    ids, built = [], {}
+    for r in responses:
+        held = r.row.get("prompt")
+        if not isinstance(held, str):
+            continue
+        if (r.question, r.system) not in built:  # a problem's candidates share it
+            built[r.question, r.system] = build_prompt(reader.tokenizer, r.question, r.system).text
+        if held != built[r.question, r.system]:
+            ids.append(r.id)
+    return list(dict.fromkeys(ids))
+
+
+def other_prompts_warning(ids: list[str]) -> str:
+    shown = ", ".join(ids[:5]) + (f", and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return (f"warning: {len(ids)} problems' responses were written after another prompt than the student reads them "
+            f"after here (their \"prompt\" field; another --system-prompt or chat template?): {shown}; they are "
+            f"scored after the prompt built now")

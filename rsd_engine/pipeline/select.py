@@ -58,7 +58,7 @@ from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
-from .readers import Reader
+from .readers import Reader, other_prompts, other_prompts_warning
 from .records import RecordWriter, all_finite, held_elsewhere, read_records
 from .responses import Response, load_responses, row_id, row_response
 
@@ -162,6 +162,10 @@ def run_select(opts: SelectOptions, log=print) -> dict:
         raise ValueError(f"{opts.data}: no row has an {opts.id_field!r} field; rsd select keeps one candidate per "
                          f"id, so candidates of one problem must share an id (name it with --id-field)")
     problems = group_candidates(data.responses, opts.data)
+    student = scorer.readers.get("student")  # (--by random reads no model)
+    moved = other_prompts(data.responses, student) if dist.rank == 0 and student is not None else []
+    if moved:
+        log(other_prompts_warning(moved))
     incorrect = {pid: [r for r in rows if said_correct(r) is False] for pid, rows in problems.items()}
     ids = list(problems)[dist.rank:: dist.world_size]
     # Which candidates compete shapes the row kept: --include-truncated and --max-seq-len (a candidate longer
