@@ -268,6 +268,15 @@ def test_a_template_that_skips_the_system_role_silently_gets_it_in_the_user_turn
     assert prompt.system == "" and prompt.question == "S\n\nQ?"
 
 
+def test_a_template_that_dates_its_prompt_gets_one_date_every_day(tiny_tokenizer_dir):
+    """Llama 3.x templates write today's date (strftime_now) unless given date_string: the same problem's prompt
+    changed from day to day (a resumed run, rsd score and rsd provenance read records after another prompt)."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                         "{%- endif %}{{- 'Today Date: ' + date_string + '\\n' }}" + CHAT_TEMPLATE)
+    assert build_prompt(tok, "Q?", "S").text.startswith("Today Date: 26 Jul 2024\n<|im_start|>system\nS")
+
+
 def test_the_plain_prompt_note_says_the_bos_is_not_read():
     """A tokenizer without a chat template that adds a BOS to what it encodes (Llama-2, Mistral): its plain prompt is
     read without it (prompt strings are read as is), which the run's log now says."""

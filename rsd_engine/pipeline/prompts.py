@@ -117,8 +117,15 @@ def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
     return render_chat(tokenizer, list(messages))[0]
 
 
+# Llama 3.x templates write today's date into the system turn unless given one (strftime_now): a prompt would then
+# change from day to day, and a resumed run, rsd score or rsd provenance read records after another prompt than the
+# one they were written after. Their own fallback date, always.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         date_string=TEMPLATE_DATE)
 
 
 def _template_source(tokenizer) -> str:
