@@ -164,6 +164,24 @@ def test_two_concurrent_generate_runs(pair, tmp_path, capsys):
     assert len(ids) == len(set(ids))
 
 
+def test_records_written_after_another_prompt_are_refused(pair, tmp_path, capsys):
+    """An output an earlier rsd wrote under other prompt rules (a reasoning block opened, a system turn folded, a
+    date), with the same question, system prompt and tokenizer: extending it mixed two prompts, silently."""
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    records = generate(pair, data, out, "--limit", "2")
+    records[1]["prompt"] = records[1]["prompt"].removesuffix("<think>\n")  # as a rule that opened no block wrote it
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(pair, data, out))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{out}: the records of 1 problems were written after another prompt" in err
+    assert f"({records[1]['id']}): an earlier rsd's prompt rules" in err and len(read_records(out)) == 2
+    assert len(generate(pair, data, out, "--force")) == len(PROBLEMS)
+    assert f"records of 1 problems written after another prompt ({records[1]['id']})" in capsys.readouterr().out
+    assert len(generate(pair, data, out)) == len(PROBLEMS)  # nothing left to write: nothing to mix
+
+
 def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):
     data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
     generate(pair, data, out, "--limit", "1")

@@ -130,9 +130,13 @@ def test_split_keeps_latex_and_numbered_steps():
     ("Step 2. Multiply by 3. Step 3. Add.", ["Step 2.", "Multiply by 3.", "Step 3.", "Add."]),
     ("Steps:\n1. Add them.\n2. Multiply them.\nDone.", ["Steps:", "1. Add them.", "2. Multiply them.", "Done."]),
     ("We have 1.5. Then stop. See p. 5 for it.", ["We have 1.5.", "Then stop.", "See p. 5 for it."]),
+    # An inline list: its items stay pysbd's.
+    ("The plan is 1. Compute X. 2. Compute Y.", ["The plan is", "1. Compute X.", "2. Compute Y."]),
+    ("Then we have a. The first case. b. The second.", ["Then we have", "a. The first case.", "b. The second."]),
     # A LaTeX line break's spacing is no display math: its sentences are two, as after a plain \\.
     ("So $a &= 1 \\\\[2pt] b = 2$. Then x. Done.", ["So $a &= 1 \\\\[2pt] b = 2$.", "Then x.", "Done."]),
     ("So a = 1 \\\\[2pt] b = 2. Then x \\] y. Done.", ["So a = 1 \\\\[2pt] b = 2.", "Then x \\] y.", "Done."]),
+    ("A break \\\\\\[x = 1. y\\] then. Next.", ["A break \\\\\\[x = 1. y\\] then.", "Next."]),  # \\ then \[ math
 ])
 def test_a_number_or_letter_ending_a_sentence_ends_it(text, sentences):
     """pysbd read a number or letter that ends a sentence inside a line as a list item: "We get 3. Then we get 4."
@@ -151,9 +155,16 @@ def test_responses_written_after_another_prompt_are_named(models, tmp_path, caps
     data = write_rows(tmp_path / "r.jsonl", rows)
     provenance(models, data, tmp_path / "s.jsonl", "--limit", "2")
     assert ("warning: 1 problems' responses were written after another prompt than the student reads them after here "
-            "(their \"prompt\" field; another --system-prompt or chat template?): p2;") in capsys.readouterr().out
+            "(their \"prompt\" field; another --system-prompt or chat template, or one that dates its prompt?): p2;"
+            ) in capsys.readouterr().out
     data = write_rows(tmp_path / "same.jsonl", rows[:1] + rows[2:])
     provenance(models, data, tmp_path / "same_s.jsonl", "--limit", "2")
+    assert "written after another prompt" not in capsys.readouterr().out
+    # TRL's prompt-completion rows read with --question-field prompt: the prompt is the question, no other prompt.
+    data = write_rows(tmp_path / "trl.jsonl", [{"id": r["id"], "prompt": r["question"], "completion": r["response"]}
+                                               for r in RESPONSES])
+    provenance(models, data, tmp_path / "trl_s.jsonl", "--limit", "1", "--question-field", "prompt",
+               "--response-field", "completion")
     assert "written after another prompt" not in capsys.readouterr().out
 
 

@@ -31,8 +31,8 @@ from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
 
 from . import answers
 from .answers import check_available
-from .data import (QUESTION_HASH, Problem, check_held, id_spellings, load_problems, record_id, repeated_warning,
-                   shard_problems)
+from .data import (QUESTION_HASH, ChangedProblems, Problem, check_held, id_spellings, load_problems, record_id,
+                   repeated_warning, shard_problems)
 from .distributed import Dist, init_process_group, log_report, merge_or_note, output_target, rank_target
 from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, input_identity, model_dtype,
                        model_fingerprint)
@@ -199,6 +199,16 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                                                        record_id(r, spellings) not in known))
                 tally.hashed_ids = problem_set.id_field == QUESTION_HASH
             if todo:
+                moved = changed_prompts(held, problem_set.problems, opts, spellings, set(changed))
+                if moved and not opts.force:
+                    raise ChangedProblems(
+                        f"{out}: the records of {len(moved)} problems were written after another prompt than this run "
+                        f"builds for them ({names(moved)}): an earlier rsd's prompt rules (the reasoning block, a "
+                        f"template's system turn or date); resuming would mix the two. Give another --out, or pass "
+                        f"--force to keep them")
+                if moved:
+                    tally.forced.append(f"records of {len(moved)} problems written after another prompt "
+                                        f"({names(moved)})")
                 tally.no_answer = [p.id for p in todo if p.answer is None]
                 tally.unreadable_answers = unreadable_answers(todo)
                 if tally.unreadable_answers:
@@ -390,6 +400,25 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
     finally:
         tally.stop()
         bar.close()
+
+
+def changed_prompts(held: list[dict], problems: list[Problem], opts: GenerateOptions, spellings: dict,
+                    changed: set[str]) -> list[str]:
+    """Ids of the problems whose held records hold another prompt than this run builds for them (with the same
+    question, system prompt and tokenizer files, which the manifest and check_held compare: an earlier rsd's rules)."""
+    from rsd_engine.tokens import load_tokenizer
+
+    by_id = {p.id: p for p in problems}
+    prompts = {}
+    for r in held:
+        pid = record_id(r, spellings) if "id" in r else None
+        if pid in by_id and pid not in changed and isinstance(r.get("prompt"), str) and pid not in prompts:
+            prompts[pid] = r["prompt"]
+    if not prompts:
+        return []
+    tokenizer = load_tokenizer(opts.student)
+    return [pid for pid, held_prompt in prompts.items()
+            if held_prompt != build_prompt(tokenizer, by_id[pid].question, opts.system_prompt).text]
 
 
 def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):

@@ -52,7 +52,7 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
     try:
         text, think_prefix = render_chat(tokenizer, messages)
         # A template may skip a role it does not know instead of raising: the system prompt is then lost, silently.
-        rendered = not system_prompt or system_prompt.strip() in text
+        rendered = not system_prompt or _renders_system(tokenizer)
     except Exception:  # templates without a system role raise (jinja2 TemplateError)
         if not system_prompt:
             raise
@@ -62,6 +62,23 @@ def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_P
         system_prompt, question = "", f"{system_prompt}\n\n{question}"
         text, think_prefix = render_chat(tokenizer, [{"role": "user", "content": question}])
     return ChatPrompt(text, system_prompt, question, think_prefix)
+
+
+_SYSTEM_PROBE = "rsd-system-turn-probe"  # a text no template rewrites (SmolLM3's drops /think from its system turn)
+_renders_system_cache: dict[str, bool] = {}
+
+
+def _renders_system(tokenizer) -> bool:
+    """Whether the chat template renders a system turn it is given (probed once a template)."""
+    source = _template_source(tokenizer)
+    if source not in _renders_system_cache:
+        try:
+            text = _render(tokenizer, [{"role": "system", "content": _SYSTEM_PROBE},
+                                       {"role": "user", "content": "?"}], True)
+            _renders_system_cache[source] = _SYSTEM_PROBE in text
+        except Exception:  # (one that raises is told apart by its caller)
+            return True
+    return _renders_system_cache[source]
 
 
 def plain_prompt_note(tokenizer, role: str = "student") -> str | None:

@@ -139,7 +139,7 @@ def other_prompts(responses, reader: Reader) -> list[str]:
     ids, built = [], {}
     for r in responses:
         held = r.row.get("prompt")
-        if not isinstance(held, str):
+        if not isinstance(held, str) or held == r.question:  # (TRL rows read with --question-field prompt)
             continue
         if (r.question, r.system) not in built:  # a problem's candidates share it
             built[r.question, r.system] = build_prompt(reader.tokenizer, r.question, r.system).text
@@ -151,5 +151,5 @@ def other_prompts(responses, reader: Reader) -> list[str]:
 def other_prompts_warning(ids: list[str]) -> str:
     shown = ", ".join(ids[:5]) + (f", and {len(ids) - 5} more" if len(ids) > 5 else "")
     return (f"warning: {len(ids)} problems' responses were written after another prompt than the student reads them "
-            f"after here (their \"prompt\" field; another --system-prompt or chat template?): {shown}; they are "
-            f"scored after the prompt built now")
+            f"after here (their \"prompt\" field; another --system-prompt or chat template, or one that dates its "
+            f"prompt?): {shown}; they are scored after the prompt built now")

@@ -34,13 +34,27 @@ from . import pysbd_linear
 # a LaTeX line break "\\[2pt]" as display math).
 READING = 3
 
-# (A \[ or \( after a backslash is a line break's spacing, "\\[2pt]", or an escaped bracket: no math.)
-_DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<!\\)\\\[.+?\\\]|(?<!\\)\\\(.+?\\\)", re.DOTALL)
+# (A \[ or \( after an odd number of backslashes is a line break's spacing, "\\[2pt]", or an escaped bracket: no
+# math; "\\\[" is a line break, then display math.)
+_DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<!\\)(?:\\\\)*\\\[.+?\\\]|(?<!\\)(?:\\\\)*\\\(.+?\\\)",
+                        re.DOTALL)
 # pysbd reads a number or a lone lowercase letter ending a sentence inside a line as a list item: "We get 3. Then we
 # get 4." was "We get" | "3. Then we get" | "4.", and "Try n = 1. Then n = 2." one sentence. Such a number or letter
 # (after a word on its line that ends no sentence, before ". " and a capital or the end) is masked for pysbd,
-# offsets unchanged; a list item that opens a line or follows a sentence ("... $a^2$. 2. Second step.") is as before.
+# offsets unchanged, unless its successor opens a sentence later ("The plan is 1. Add. 2. Check.": a list, as
+# pysbd reads it); a list item that opens a line or follows a sentence ("... $a^2$. 2. Second step.") is pysbd's.
 _INLINE_ENUMERATOR = re.compile(r"(?<=[^\s.!?:;] )(\d+|[a-z])(?=\.(?:\s+[A-Z]|\s*$))")
+
+
+def _mask_enumerators(text: str) -> str:
+    def mask(m: re.Match) -> str:
+        item = m[1]
+        following = str(int(item) + 1) if item.isdigit() else chr(ord(item) + 1)
+        if re.search(r"[.!?]\s+" + re.escape(following) + r"\.\s", text[m.end():]):
+            return item  # a list's item
+        return "#" * len(item)
+
+    return _INLINE_ENUMERATOR.sub(mask, text)
 _DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)")  # a lone, unescaped `$`
 _AMOUNT = re.compile(r"\s?\.?\d")  # what follows a currency `$`: "$5", "$ 5", "$.50"
 
@@ -93,7 +107,7 @@ def math_spans(text: str, boundaries: list[int]) -> list[Span]:
 def _segment_starts(text: str) -> list[int]:
     """Sentence starts within one marker-free piece of text: pysbd's, less those inside math."""
     starts, cursor = [], 0
-    masked = _INLINE_ENUMERATOR.sub(lambda m: "#" * len(m[0]), text)
+    masked = _mask_enumerators(text)
     for piece in _segmenter().segment(masked):
         piece = piece.strip()
         if not piece:
