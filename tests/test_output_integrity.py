@@ -180,6 +180,12 @@ def test_records_written_after_another_prompt_are_refused(pair, tmp_path, capsys
     assert len(generate(pair, data, out, "--force")) == len(PROBLEMS)
     assert f"records of 1 problems written after another prompt ({records[1]['id']})" in capsys.readouterr().out
     assert len(generate(pair, data, out)) == len(PROBLEMS)  # nothing left to write: nothing to mix
+    # Records written after the prompt built now resume, in either format (an SFT record's prompt is that text).
+    for extra in ((), ("--format", "sft")):
+        resumed = tmp_path / f"resumed{len(extra)}.jsonl"
+        generate(pair, data, resumed, "--limit", "2", *extra)
+        generate(pair, data, resumed, *extra)
+        assert "written after another prompt" not in capsys.readouterr().out
 
 
 def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):
