@@ -266,6 +266,10 @@ def test_a_template_that_skips_the_system_role_silently_gets_it_in_the_user_turn
     prompt = build_prompt(tok, "Q?", "S")
     assert prompt.text == "<|im_start|>user\nS\n\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\n"
     assert prompt.system == "" and prompt.question == "S\n\nQ?"
+    # The Engine's chat prompts too.
+    from rsd_engine.pipeline.prompts import chat_prompt_text
+
+    assert chat_prompt_text(tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}]) == prompt.text
     # One that renders the system turn but rewrites it (SmolLM3 drops its /think switches) keeps it there.
     tok.chat_template = CHAT_TEMPLATE.replace("message['content']", "message['content'].replace(' /no_think', '')")
     prompt = build_prompt(tok, "Q?", "S /no_think")

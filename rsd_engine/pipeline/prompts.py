@@ -131,7 +131,11 @@ def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{what} is chat messages but the student's tokenizer has no chat template: pass "
                          f"the prompt as a plain string")
-    return render_chat(tokenizer, list(messages))[0]
+    messages = list(messages)
+    if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user" and (
+            not _renders_system(tokenizer)):  # a template that skips the role: the system turn goes first in the user's
+        messages[:2] = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+    return render_chat(tokenizer, messages)[0]
 
 
 # Llama 3.x templates write today's date into the system turn unless given one (strftime_now): a prompt would then
