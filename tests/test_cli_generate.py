@@ -283,6 +283,11 @@ def test_a_template_that_dates_its_prompt_gets_one_date_every_day(tiny_tokenizer
     tok.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
                          "{%- endif %}{{- 'Today Date: ' + date_string + '\\n' }}" + CHAT_TEMPLATE)
     assert build_prompt(tok, "Q?", "S").text.startswith("Today Date: 26 Jul 2024\n<|im_start|>system\nS")
+    from rsd_engine.pipeline.prompts import dated_template
+
+    assert not dated_template(tok)  # its date is fixed: prompts compare across days (resume, provenance)
+    tok.chat_template = "{{- 'Today Date: ' + strftime_now('%d %B %Y') + '\\n' }}" + CHAT_TEMPLATE  # SmolLM3's way
+    assert dated_template(tok)  # today's, whatever it is given: no telling another prompt from another day
 
 
 def test_the_plain_prompt_note_says_the_bos_is_not_read():

@@ -186,6 +186,15 @@ def test_records_written_after_another_prompt_are_refused(pair, tmp_path, capsys
         generate(pair, data, resumed, "--limit", "2", *extra)
         generate(pair, data, resumed, *extra)
         assert "written after another prompt" not in capsys.readouterr().out
+    # A question edited beyond --limit is no prompt rule: the record's own question is the one its prompt is built
+    # from (it was the data's, and the run refused a problem it does not even resume).
+    full = tmp_path / "full.jsonl"
+    records = generate(pair, data, full)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    full.write_text("".join(json.dumps(r) + "\n" for r in records if r["id"] != rows[1]["id"]))  # one left to do
+    rows[-1]["question"] = "An edited question?"
+    write_rows(data, rows)
+    assert len(generate(pair, data, full, "--limit", "2")) == len(PROBLEMS)
 
 
 def test_changed_settings_are_refused_and_force_appends(pair, tmp_path, capsys):

@@ -133,6 +133,10 @@ def test_split_keeps_latex_and_numbered_steps():
     # An inline list: its items stay pysbd's.
     ("The plan is 1. Compute X. 2. Compute Y.", ["The plan is", "1. Compute X.", "2. Compute Y."]),
     ("Then we have a. The first case. b. The second.", ["Then we have", "a. The first case.", "b. The second."]),
+    # ... only where its next item follows on its line (a numbered list further down is no reason).
+    ("We get 3. Then we get 5.\nSteps:\n1. Add.\n2. Check.\n3. Redo.\n4. Done.",
+     ["We get 3.", "Then we get 5.", "Steps:", "1. Add.", "2. Check.", "3. Redo.", "4. Done."]),
+    ("The plan is 1. Compute X.\n2. Compute Y.", ["The plan is 1.", "Compute X.", "2. Compute Y."]),
     # A LaTeX line break's spacing is no display math: its sentences are two, as after a plain \\.
     ("So $a &= 1 \\\\[2pt] b = 2$. Then x. Done.", ["So $a &= 1 \\\\[2pt] b = 2$.", "Then x.", "Done."]),
     ("So a = 1 \\\\[2pt] b = 2. Then x \\] y. Done.", ["So a = 1 \\\\[2pt] b = 2.", "Then x \\] y.", "Done."]),
@@ -155,8 +159,7 @@ def test_responses_written_after_another_prompt_are_named(models, tmp_path, caps
     data = write_rows(tmp_path / "r.jsonl", rows)
     provenance(models, data, tmp_path / "s.jsonl", "--limit", "2")
     assert ("warning: 1 problems' responses were written after another prompt than the student reads them after here "
-            "(their \"prompt\" field; another --system-prompt or chat template, or one that dates its prompt?): p2;"
-            ) in capsys.readouterr().out
+            "(their \"prompt\" field; another --system-prompt or chat template?): p2;") in capsys.readouterr().out
     data = write_rows(tmp_path / "same.jsonl", rows[:1] + rows[2:])
     provenance(models, data, tmp_path / "same_s.jsonl", "--limit", "2")
     assert "written after another prompt" not in capsys.readouterr().out

@@ -37,7 +37,7 @@ from .distributed import Dist, init_process_group, log_report, merge_or_note, ou
 from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, input_identity, model_dtype,
                        model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, dated_template, plain_prompt_note
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
                       held_elsewhere, others_state, read_records, recheck_elsewhere, refuse_if_busy)
 from .categories import DEFAULT_RULE, options_rule
@@ -198,17 +198,18 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                                                        r.get("status") in STATUSES and
                                                        record_id(r, spellings) not in known))
                 tally.hashed_ids = problem_set.id_field == QUESTION_HASH
+            # Every rank decides alike (a rank whose shard is done would wait for the others at the barrier).
+            moved = changed_prompts(held, opts) if any(p.id not in done for p in problems) else []
+            if moved and not opts.force:
+                raise ChangedProblems(
+                    f"{out}: the records of {len(moved)} problems were written after another prompt than this run "
+                    f"builds for them ({names(moved)}): an earlier rsd's prompt rules (the reasoning block, a "
+                    f"template's system turn or date); resuming would mix the two. Give another --out, or pass "
+                    f"--force to keep them")
+            if moved:
+                tally.forced.append(f"records of {len(moved)} problems written after another prompt "
+                                    f"({names(moved)})")
             if todo:
-                moved = changed_prompts(held, problem_set.problems, opts, spellings, set(changed))
-                if moved and not opts.force:
-                    raise ChangedProblems(
-                        f"{out}: the records of {len(moved)} problems were written after another prompt than this run "
-                        f"builds for them ({names(moved)}): an earlier rsd's prompt rules (the reasoning block, a "
-                        f"template's system turn or date); resuming would mix the two. Give another --out, or pass "
-                        f"--force to keep them")
-                if moved:
-                    tally.forced.append(f"records of {len(moved)} problems written after another prompt "
-                                        f"({names(moved)})")
                 tally.no_answer = [p.id for p in todo if p.answer is None]
                 tally.unreadable_answers = unreadable_answers(todo)
                 if tally.unreadable_answers:
@@ -402,23 +403,27 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
         bar.close()
 
 
-def changed_prompts(held: list[dict], problems: list[Problem], opts: GenerateOptions, spellings: dict,
-                    changed: set[str]) -> list[str]:
-    """Ids of the problems whose held records hold another prompt than this run builds for them (with the same
-    question, system prompt and tokenizer files, which the manifest and check_held compare: an earlier rsd's rules)."""
+def changed_prompts(held: list[dict], opts: GenerateOptions) -> list[str]:
+    """Ids of the held records' problems whose record holds another prompt than this run builds for its question
+    (with the same system prompt and tokenizer files, which the manifest compares: an earlier rsd's rules). None
+    where the student's template writes today's date (SmolLM3's: its prompts differ from day to day whatever rsd
+    does; a template that takes date_string, as Llama 3.x's, gets a fixed one: prompts.TEMPLATE_DATE)."""
     from rsd_engine.tokens import load_tokenizer
 
-    by_id = {p.id: p for p in problems}
-    prompts = {}
+    held_prompts = {}
     for r in held:
-        pid = record_id(r, spellings) if "id" in r else None
-        if pid in by_id and pid not in changed and isinstance(r.get("prompt"), str) and pid not in prompts:
-            prompts[pid] = r["prompt"]
-    if not prompts:
+        if isinstance(r.get("prompt"), str) and isinstance(r.get("question"), str) and "id" in r:
+            held_prompts.setdefault(str(r["id"]), (r["question"], r["prompt"]))
+    if not held_prompts:
         return []
     tokenizer = load_tokenizer(opts.student)
-    return [pid for pid, held_prompt in prompts.items()
-            if held_prompt != build_prompt(tokenizer, by_id[pid].question, opts.system_prompt).text]
+    if dated_template(tokenizer):
+        return []
+    built = {}
+    for question, _ in held_prompts.values():
+        if question not in built:
+            built[question] = build_prompt(tokenizer, question, opts.system_prompt).text
+    return [pid for pid, (question, prompt) in held_prompts.items() if prompt != built[question]]
 
 
 def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):

@@ -144,6 +144,15 @@ def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
 TEMPLATE_DATE = "26 Jul 2024"
 
 
+def dated_template(tokenizer) -> bool:
+    """Whether the chat template writes today's date whatever it is given (strftime_now without date_string, as
+    SmolLM3's): its prompts differ from day to day."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    source = _template_source(tokenizer)
+    return "strftime_now" in source and "date_string" not in source
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          date_string=TEMPLATE_DATE)

@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompts import THINK_CLOSE, THINK_OPEN, build_prompt
+from .prompts import THINK_CLOSE, THINK_OPEN, build_prompt, dated_template
 
 
 class Unreadable(ValueError):
@@ -136,6 +136,8 @@ def other_prompts(responses, reader: Reader) -> list[str]:
     """Ids of the responses whose row holds the prompt they were written after (a "prompt" field, as rsd generate
     writes it) where that is not the prompt `reader` (the student's) reads them after here: another --system-prompt
     or chat template than the run that wrote them, or an older rsd's prompt rules."""
+    if dated_template(reader.tokenizer):  # (today's date in every prompt: no telling another prompt from another day)
+        return []
     ids, built = [], {}
     for r in responses:
         held = r.row.get("prompt")
@@ -151,5 +153,5 @@ def other_prompts(responses, reader: Reader) -> list[str]:
 def other_prompts_warning(ids: list[str]) -> str:
     shown = ", ".join(ids[:5]) + (f", and {len(ids) - 5} more" if len(ids) > 5 else "")
     return (f"warning: {len(ids)} problems' responses were written after another prompt than the student reads them "
-            f"after here (their \"prompt\" field; another --system-prompt or chat template, or one that dates its "
-            f"prompt?): {shown}; they are scored after the prompt built now")
+            f"after here (their \"prompt\" field; another --system-prompt or chat template?): {shown}; they are "
+            f"scored after the prompt built now")

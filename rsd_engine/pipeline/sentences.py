@@ -41,18 +41,29 @@ _DELIMITED = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<!\\)(?:\\\\)*\\\[.+?\\\]|
 # pysbd reads a number or a lone lowercase letter ending a sentence inside a line as a list item: "We get 3. Then we
 # get 4." was "We get" | "3. Then we get" | "4.", and "Try n = 1. Then n = 2." one sentence. Such a number or letter
 # (after a word on its line that ends no sentence, before ". " and a capital or the end) is masked for pysbd,
-# offsets unchanged, unless its successor opens a sentence later ("The plan is 1. Add. 2. Check.": a list, as
-# pysbd reads it); a list item that opens a line or follows a sentence ("... $a^2$. 2. Second step.") is pysbd's.
+# offsets unchanged, unless its successor opens a sentence later on its line ("The plan is 1. Add. 2. Check.": a
+# list, as pysbd reads it); a list item that opens a line or follows a sentence ("... $a^2$. 2. Second.") is pysbd's.
 _INLINE_ENUMERATOR = re.compile(r"(?<=[^\s.!?:;] )(\d+|[a-z])(?=\.(?:\s+[A-Z]|\s*$))")
 
 
+# An inline list's item: a number or letter right after a sentence's end, then ". ".
+_LIST_ITEM = re.compile(r"(?<=[.!?])[ \t]+(\d+|[a-z])\.(?=\s|$)")
+
+
 def _mask_enumerators(text: str) -> str:
+    items: dict[str, list[int]] = {}
+    for m in _LIST_ITEM.finditer(text):
+        items.setdefault(m[1], []).append(m.start(1))
+
     def mask(m: re.Match) -> str:
         item = m[1]
         following = str(int(item) + 1) if item.isdigit() else chr(ord(item) + 1)
-        if re.search(r"[.!?]\s+" + re.escape(following) + r"\.\s", text[m.end():]):
-            return item  # a list's item
-        return "#" * len(item)
+        line_end = text.find("\n", m.end())
+        line_end = len(text) if line_end < 0 else line_end
+        later = items.get(following, ())
+        i = bisect.bisect_right(later, m.end())
+        in_a_list = i < len(later) and later[i] < line_end  # the next item follows on its line
+        return item if in_a_list else "#" * len(item)
 
     return _INLINE_ENUMERATOR.sub(mask, text)
 _DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)")  # a lone, unescaped `$`
