@@ -109,6 +109,27 @@ def _column_permutation(columns: dict[int, int]) -> tuple[list[int], list[int]]:
     return moved, [source[i] for i in moved]
 
 
+# Which ids the teacher proposes, as outputs record it where the rule matters for a pair (2: a mapped token it reads
+# as one token of its own at another id, from TokenSpace.teacher_columns; 1 before, never such a token).
+PROPOSAL_RULES = 2
+
+
+def proposal_rules(teacher, student) -> int | None:
+    """PROPOSAL_RULES for a teacher and student folder whose token space has teacher columns (the rule changed
+    their law), else None: read from the tokenizers and configs, before any weights."""
+    from .models.loader import load_config
+
+    try:
+        teacher_config, student_config = load_config(teacher), load_config(student)
+        with warnings.catch_warnings():  # what the space lacks is said by the engine that samples
+            warnings.simplefilter("ignore")
+            space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
+                                       teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
+    except (OSError, ValueError):  # no such pair: the engine that loads it says why
+        return None
+    return PROPOSAL_RULES if space.teacher_columns else None
+
+
 def id_to_token_table(tokenizer) -> list[str | None]:
     """``table[i]`` is the token string of id i (None for ids without one)."""
     vocab = tokenizer.get_vocab()

@@ -183,6 +183,43 @@ def test_a_token_mapped_to_a_shared_teacher_token_is_not_scored_by_another_token
     assert all(lp == lp for lp in score.teacher_logprobs)
 
 
+def test_an_output_of_the_earlier_proposal_rule_is_not_extended(permuted_pair, tiny_pair, tmp_path, capsys):
+    """For a pair whose student maps a token to one teacher token at another id, the teacher now proposes it: an
+    output an earlier rsd wrote for it (never proposed) would get traces of another law beside its own. Its manifest
+    records the rule ("token space"); one without it is refused, unless --force. A pair over one tokenizer records
+    nothing: its outputs resume as they did."""
+    import json as _json
+
+    from rsd_engine.cli import main
+    from rsd_engine.pipeline.records import read_records
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(_json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(3)))
+
+    def generate(pair, out, *extra):
+        return main(["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out",
+                     str(out), "--attempts", "1", "--max-new-tokens", "4", "--device", "cpu", "--no-progress", *extra])
+
+    out = tmp_path / "out.jsonl"
+    assert generate(permuted_pair, out, "--limit", "1") == 0
+    manifest = tmp_path / "out.jsonl.manifest.json"
+    held = _json.loads(manifest.read_text())
+    assert held["settings"]["token space"] == 2
+    del held["settings"]["token space"]  # as an earlier rsd wrote it
+    manifest.write_text(_json.dumps(held))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        generate(permuted_pair, out)
+    assert stopped.value.code == 2 and "token space: 1 in the output, 2 now" in capsys.readouterr().err
+    assert len(read_records(out)) == 1
+    assert generate(permuted_pair, out, "--force") == 0 and len(read_records(out)) == 3
+
+    same = tmp_path / "same.jsonl"
+    assert generate(tiny_pair, same, "--limit", "1") == 0
+    assert "token space" not in _json.loads((tmp_path / "same.jsonl.manifest.json").read_text())["settings"]
+
+
 def test_the_aligned_step_compiles_fullgraph(permuted_pair):
     """The decode step with the teacher's columns moved still compiles whole (no graph break, no host sync)."""
     from test_compile import assert_same, decode_batch

@@ -34,7 +34,7 @@ from .answers import check_available
 from .data import (QUESTION_HASH, ChangedProblems, Problem, check_held, id_spellings, load_problems, record_id,
                    repeated_warning, shard_problems)
 from .distributed import Dist, init_process_group, log_report, merge_or_note, output_target, rank_target
-from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, check_settings, input_identity, model_dtype,
+from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, TOKEN_SPACE, check_settings, input_identity, model_dtype,
                        model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, dated_template, plain_prompt_note
@@ -286,6 +286,11 @@ def record_settings(opts: GenerateOptions, id_field: str) -> tuple[dict, dict]:
     settings["--id-field"] = id_field
     settings[MODEL_DTYPE] = model_dtype(opts.device, opts.dtype)  # compared (manifest.py)
     settings[ANSWER_CHECK] = answers.ANSWER_CHECK  # the statuses are verdicts of these rules
+    from rsd_engine.tokens import proposal_rules
+
+    rules = proposal_rules(opts.teacher, opts.student)
+    if rules is not None:  # a pair whose traces' law the rule changed (tokens.PROPOSAL_RULES): never two in one file
+        settings[TOKEN_SPACE] = rules
     about = {_flag(name): getattr(opts, name) for name in RUNTIME_OPTIONS if name not in ("progress", "force")}
     about.update({"--teacher": str(Path(opts.teacher).resolve()), "--student": str(Path(opts.student).resolve()),
                   "--data": input_identity(opts.data)})

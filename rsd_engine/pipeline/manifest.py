@@ -120,8 +120,10 @@ def _same_input(held, now) -> bool:
 MODEL_DTYPE = "model dtype"
 ANSWER_CHECK = "answer check"  # the version of the rules that judged the answers (answers.ANSWER_CHECK)
 SENTENCE_READING = "sentence reading"  # the version of how sentences are cut and read (sentences.READING)
+# The version of which ids the teacher proposes (tokens.PROPOSAL_RULES), recorded for a pair where it matters.
+TOKEN_SPACE = "token space"
 # Versions of rules an older manifest did not record: what it held was version 1.
-_VERSIONED = (ANSWER_CHECK, SENTENCE_READING)
+_VERSIONED = (ANSWER_CHECK, SENTENCE_READING, TOKEN_SPACE)
 COMMAND = "rsd command"  # the command whose records these are: never two commands' records in one file
 
 
