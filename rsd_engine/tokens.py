@@ -119,14 +119,11 @@ def proposal_rules(teacher, student) -> int | None:
     their law), else None: read from the tokenizers and configs, before any weights."""
     from .models.loader import load_config
 
-    try:
+    with warnings.catch_warnings():  # what the folders or the space lack is said by the engine that samples
+        warnings.simplefilter("ignore")
         teacher_config, student_config = load_config(teacher), load_config(student)
-        with warnings.catch_warnings():  # what the space lacks is said by the engine that samples
-            warnings.simplefilter("ignore")
-            space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
-                                       teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
-    except (OSError, ValueError):  # no such pair: the engine that loads it says why
-        return None
+        space = align_token_spaces(load_tokenizer(teacher), load_tokenizer(student),
+                                   teacher_rows=teacher_config.vocab_size, student_rows=student_config.vocab_size)
     return PROPOSAL_RULES if space.teacher_columns else None
 
 

@@ -207,12 +207,13 @@ def test_options_default_by_follows_the_budget():
         SelectOptions("t", "s", "d", "o", budget=0)
 
 
-def test_generate_takes_the_selection_options_only_with_select_provenance(tmp_path):
+def test_generate_takes_the_selection_options_only_with_select_provenance(tmp_path, tiny_pair):
     from rsd_engine.pipeline.generate import GenerateOptions, record_settings
 
-    plain = GenerateOptions("t", "s", "d", "o")
+    t, s = map(str, tiny_pair)
+    plain = GenerateOptions(t, s, "d", "o")
     assert not {"--by", "--rule", "--beta", "--margin"} & set(record_settings(plain, "id")[0])  # resumes as before
-    chosen = GenerateOptions("t", "s", "d", "o", select="provenance", by="share", rule="ratio", margin=1.0)
+    chosen = GenerateOptions(t, s, "d", "o", select="provenance", by="share", rule="ratio", margin=1.0)
     assert chosen.category_rule.name == "ratio" and chosen.category_rule.margin == 1.0
     settings = record_settings(chosen, "id")[0]
     assert (settings["--by"], settings["--rule"], settings["--margin"], settings["--beta"]) == ("share", "ratio", 1.0,

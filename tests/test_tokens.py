@@ -218,6 +218,12 @@ def test_an_output_of_the_earlier_proposal_rule_is_not_extended(permuted_pair, t
     same = tmp_path / "same.jsonl"
     assert generate(tiny_pair, same, "--limit", "1") == 0
     assert "token space" not in _json.loads((tmp_path / "same.jsonl.manifest.json").read_text())["settings"]
+    # Either side of a comparison (rsd merge compares its files with the first one, in any order).
+    from rsd_engine.pipeline.manifest import differences
+
+    assert differences({"token space": 2}, {}) == ["token space: 2 in the output, 1 now"]
+    assert differences({}, {"token space": 2}) == ["token space: 1 in the output, 2 now"]
+    assert differences({"token space": 2}, {"token space": 2}) == [] == differences({}, {})
 
 
 def test_the_aligned_step_compiles_fullgraph(permuted_pair):

@@ -181,6 +181,10 @@ def differences(held: dict, now: dict, held_about: dict | None = None) -> list[s
             lines.append(f"{key}: {', '.join(changed)} differ")
         else:
             lines.append(f"{key}: {json.dumps(a)} in the output, {json.dumps(b)} now")
+    # A rule recorded only where it matters (a pair's token space) is version 1 where not recorded, either side:
+    # so an older file is told apart whichever of two files (rsd merge's) comes first.
+    if TOKEN_SPACE in held and TOKEN_SPACE not in now and held[TOKEN_SPACE] != 1:
+        lines.append(f"{TOKEN_SPACE}: {json.dumps(held[TOKEN_SPACE])} in the output, 1 now")
     return lines
 
 
