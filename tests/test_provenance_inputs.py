@@ -43,6 +43,16 @@ def select_argv(tiny_pair, data, out, *extra):
 
 # ---------------------------------------------------------------------------------------------- sentences
 
+def rerun_refused(tiny_pair, data, out, capsys) -> str:
+    """A rerun of rsd provenance over `data` into `out`, refused (exit 2) with nothing written: its error."""
+    before = read_records(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(provenance_argv(tiny_pair, data, out))
+    assert exit_info.value.code == 2 and read_records(out) == before
+    return capsys.readouterr().err
+
+
 def test_dollar_before_a_number_is_currency_unless_closed_in_its_sentence():
     assert [s.text for s in split_sentences("It costs $5. Then $3. Then $2. Total $10.")] == [
         "It costs $5.", "Then $3.", "Then $2.", "Total $10."]
@@ -242,13 +252,8 @@ def test_changed_response_is_named_refused_and_traced_again_under_force(tiny_pai
     first = provenance(tiny_pair, write_rows(data, ROWS), out)
     changed = [ROWS[0], {**ROWS[1], "response": "Three and three make six. So six. The answer is \\boxed{6}."}]
     write_rows(data, changed)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(provenance_argv(tiny_pair, data, out))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = rerun_refused(tiny_pair, data, out, capsys)
     assert "1 response changed (id b sample 0) since" in err and "--force" in err
-    assert read_records(out) == first  # nothing written
 
     provenance(tiny_pair, data, out, "--force")
     report = capsys.readouterr().out
@@ -280,13 +285,8 @@ def test_a_row_edited_around_its_response_is_named_refused_and_traced_again_unde
               {**rows[1], "question": "What is 10 - 4?"},  # the same response under another question
               {**chat, "messages": [{"role": "system", "content": "Answer at length."}, *chat["messages"][1:]]}]
     write_rows(data, edited)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(provenance_argv(tiny_pair, data, out))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = rerun_refused(tiny_pair, data, out, capsys)
     assert "3 responses changed (id a sample 0, id b sample 0, id c sample 0) since" in err and "--force" in err
-    assert read_records(out) == first  # nothing written
 
     provenance(tiny_pair, data, out, "--force")
     report = capsys.readouterr().out
