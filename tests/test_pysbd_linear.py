@@ -81,6 +81,24 @@ def test_same_sentences_on_edge_texts(text):
     assert linear_segment(text) == reference_segment(text)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_span_finder_is_pysbds_scan(seed):
+    """_first_span_after (str.find, no pattern compiled per sentence) against pysbd's own scan: the first of the
+    non-overlapping matches of re.escape(sent) + r"\\s*" from the text's start that ends past prior_end, on texts of
+    a tiny alphabet (occurrences overlap: "aa" in "aaa") with Unicode whitespace and regex metacharacters."""
+    import re
+    rng = random.Random(seed)
+    alphabet = ["a", "a", "b", ".", " ", "\n", "\u2003", "\x1c", "*", "("]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        start = rng.randint(0, len(text))
+        sent = text[start:start + rng.randint(0, 5)] if rng.random() < 0.8 else rng.choice(["a", "ab", " a", "x"])
+        prior_end = rng.randint(0, len(text))
+        pattern = re.compile(re.escape(sent) + r"\s*")
+        expected = next(((m.start(), m.end()) for m in pattern.finditer(text) if m.end() > prior_end), None)
+        assert pysbd_linear._first_span_after(text, sent, prior_end) == expected, (text, sent, prior_end)
+
+
 def test_list_items_are_marked_in_one_pass():
     """A text of many numbered items: the marks are pysbd's, with one rewrite of the text (pysbd made one per
     marked item)."""
