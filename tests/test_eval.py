@@ -121,6 +121,39 @@ def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
     assert len(records) == 6 and "3 samples already in the output, 3 written now" in capsys.readouterr().out
 
 
+def test_samples_written_after_another_prompt_are_refused(pair, forced, tmp_path, capsys):
+    """Each record keeps the prompt it was written after; a rerun that would add samples of a problem whose records
+    hold another prompt than it builds (another template's rules, an earlier rsd's) is refused: eval's records held
+    no prompt, so such an output was extended silently, its accuracy over two prompts."""
+    from rsd_engine.pipeline.prompts import build_prompt
+    from rsd_engine.tokens import load_tokenizer
+
+    data, out = tmp_path / "p.jsonl", tmp_path / "gens.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    records = run_eval(pair[1], data, out, "--samples", "1")
+    tokenizer = load_tokenizer(pair[1])
+    assert [r["prompt"] for r in records] == [build_prompt(tokenizer, r["question"], SYSTEM).text for r in records]
+    changed = next(r for r in records if r["id"] == "b")
+    built = changed["prompt"]
+    changed["prompt"] = built.removesuffix("<think>\n")  # as a rule that opened no block wrote it
+    assert changed["prompt"] != built
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
+              "--system-prompt", SYSTEM, "--max-new-tokens", "40", "--device", "cpu", "--no-progress",
+              "--samples", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{out}: the samples of 1 problems were written after another prompt" in err
+    assert "(b)" in err and len(read_records(out)) == 3 and forced == [3]
+    assert len(run_eval(pair[1], data, out, "--samples", "2", "--force")) == 6
+    assert "kept under --force: the samples of 1 problems written after another prompt (b)" in capsys.readouterr().out
+    assert len(run_eval(pair[1], data, out, "--samples", "2")) == 6  # nothing left to sample: nothing to mix
+    resumed = tmp_path / "resumed.jsonl"  # records written after the prompt built now resume
+    run_eval(pair[1], data, resumed, "--samples", "1")
+    assert len(run_eval(pair[1], data, resumed, "--samples", "2")) == 6
+
+
 def test_a_rerun_with_nothing_to_sample_still_names_unreadable_references(pair, forced, tmp_path, capsys):
     """A reference math-verify does not read whole (2^floor(n/2): no answer to it is judged correct) was named only
     while its problem had samples to make: a rerun printed the same accuracy, that problem's zeros included, without

@@ -23,12 +23,12 @@ from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
 
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
-from .data import check_held, id_spellings, load_problems, record_id, repeated_warning, shard_problems
+from .data import ChangedProblems, check_held, id_spellings, load_problems, record_id, repeated_warning, shard_problems
 from .distributed import Dist, init_process_group, log_report, merge_or_note, output_target, rank_device
 from .generate import attempt_seed, unreadable_answers
 from .manifest import ANSWER_CHECK
 from .progress import describe_skipped, names, unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, plain_prompt_note
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import RecordWriter, held_elsewhere, others_state, read_records, recheck_elsewhere, unmerged_parts
 from .traces import final_answer
@@ -121,6 +121,15 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
             spellings = id_spellings(problem_set.problems)  # '1.0' of an earlier version is problem 1's
             done = {(record_id(r, spellings), r["sample"]) for r in held if is_eval_record(r)}
             todo = [(p, s) for p in mine for s in range(opts.samples) if (p.id, s) not in done]
+            # Every rank decides alike (a rank whose shard is done would wait for the others at the barrier).
+            moved = (changed_prompts(held, opts.model, opts.system_prompt)
+                     if any((p.id, s) not in done for p in graded for s in range(opts.samples)) else [])
+            if moved and not opts.force:
+                raise ChangedProblems(
+                    f"{out}: the samples of {len(moved)} problems were written after another prompt than this run "
+                    f"builds for them ({names(moved)}): another chat template or an earlier rsd's prompt rules (the "
+                    f"reasoning block, a template's system turn or date); resuming would mix the two. Give another "
+                    f"--out, or pass --force to keep them")
             # A problem an earlier version wrote under the float spelling ('1.0') gets its new samples under that id
             # too: one id per problem in the file, as rsd select and rsd provenance group it.
             written_as = {record_id(r, spellings): str(r["id"]) for r in held if is_eval_record(r)}
@@ -129,7 +138,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                      "no_answer": [p.id for p in problems if p.answer is None] if dist.rank == 0 else [],
                      "problems": len(mine),
                      "already_done": len(mine) * opts.samples - len(todo), "written": 0, "too_long": [],
-                     "failed": 0, "cut_short": 0, "changed_kept": changed,
+                     "failed": 0, "cut_short": 0, "changed_kept": changed, "prompt_changed_kept": moved,
                      # Of every problem the accuracy counts, not only those sampled now: a resumed run's accuracy
                      # held them too, without the warning.
                      "unreadable_answers": unreadable_answers(mine), "tokens": 0, "seconds": 0.0}
@@ -197,7 +206,8 @@ def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
             problem, sample = fits[index]
             answer = final_answer(result.text, prompts[problem.id].thinking)
             verdict = check_answer(answer, problem.answer)
-            record = {"id": problem.id, "sample": sample, "question": problem.question, "answer": problem.answer,
+            record = {"id": problem.id, "sample": sample, "question": problem.question,
+                      "prompt": prompts[problem.id].text, "answer": problem.answer,
                       "response": result.text, "final_answer": answer, "correct": bool(verdict),
                       "finish_reason": result.finish_reason, "tokens": len(result.token_ids), "seed": result.seed}
             if verdict is None:  # graded wrong, and said so: math-verify did not finish comparing
@@ -329,6 +339,9 @@ def _format_tally(t: dict, target) -> str:
     if t["changed_kept"]:
         lines.append(f"kept under --force: the records of {len(t['changed_kept'])} problems changed since they were "
                      f"made ({', '.join(t['changed_kept'][:5])})")
+    if t["prompt_changed_kept"]:
+        lines.append(f"kept under --force: the samples of {len(t['prompt_changed_kept'])} problems written after "
+                     f"another prompt ({names(t['prompt_changed_kept'])})")
     if t["written"]:
         lines.append(f"tokens: {t['tokens']}  {t['tokens'] / max(t['seconds'], 1e-9):.1f} tokens/s")
     lines.append(f"output: {target}")

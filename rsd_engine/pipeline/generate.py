@@ -37,7 +37,7 @@ from .distributed import Dist, init_process_group, log_report, merge_or_note, ou
 from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, TOKEN_SPACE, check_settings, input_identity, model_dtype,
                        model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, dated_template, plain_prompt_note
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
 from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
                       held_elsewhere, others_state, read_records, recheck_elsewhere, refuse_if_busy)
 from .categories import DEFAULT_RULE, options_rule
@@ -199,7 +199,8 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
                                                        record_id(r, spellings) not in known))
                 tally.hashed_ids = problem_set.id_field == QUESTION_HASH
             # Every rank decides alike (a rank whose shard is done would wait for the others at the barrier).
-            moved = changed_prompts(held, opts) if any(p.id not in done for p in problems) else []
+            moved = (changed_prompts(held, opts.student, opts.system_prompt)
+                     if any(p.id not in done for p in problems) else [])
             if moved and not opts.force:
                 raise ChangedProblems(
                     f"{out}: the records of {len(moved)} problems were written after another prompt than this run "
@@ -406,29 +407,6 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
     finally:
         tally.stop()
         bar.close()
-
-
-def changed_prompts(held: list[dict], opts: GenerateOptions) -> list[str]:
-    """Ids of the held records' problems whose record holds another prompt than this run builds for its question
-    (with the same system prompt and tokenizer files, which the manifest compares: an earlier rsd's rules). None
-    where the student's template writes today's date (SmolLM3's: its prompts differ from day to day whatever rsd
-    does; a template that takes date_string, as Llama 3.x's, gets a fixed one: prompts.TEMPLATE_DATE)."""
-    from rsd_engine.tokens import load_tokenizer
-
-    held_prompts = {}
-    for r in held:
-        if isinstance(r.get("prompt"), str) and isinstance(r.get("question"), str) and "id" in r:
-            held_prompts.setdefault(str(r["id"]), (r["question"], r["prompt"]))
-    if not held_prompts:
-        return []
-    tokenizer = load_tokenizer(opts.student)
-    if dated_template(tokenizer):
-        return []
-    built = {}
-    for question, _ in held_prompts.values():
-        if question not in built:
-            built[question] = build_prompt(tokenizer, question, opts.system_prompt).text
-    return [pid for pid, (question, prompt) in held_prompts.items() if prompt != built[question]]
 
 
 def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):

@@ -153,6 +153,30 @@ def dated_template(tokenizer) -> bool:
     return "strftime_now" in source and "date_string" not in source
 
 
+def changed_prompts(held: list[dict], folder, system_prompt: str) -> list[str]:
+    """Ids of the held records' problems whose record holds another prompt than a run builds now for its question
+    with the tokenizer of `folder` and `system_prompt` (the same files and system prompt, which the manifest
+    compares: an earlier rsd's rules). None where the template writes today's date (SmolLM3's: its prompts differ
+    from day to day whatever rsd does; a template that takes date_string, as Llama 3.x's, gets TEMPLATE_DATE).
+    Records without a "prompt" (written by an rsd eval before it kept one) cannot be told apart."""
+    from rsd_engine.tokens import load_tokenizer
+
+    held_prompts = {}
+    for r in held:
+        if isinstance(r.get("prompt"), str) and isinstance(r.get("question"), str) and "id" in r:
+            held_prompts.setdefault(str(r["id"]), (r["question"], r["prompt"]))
+    if not held_prompts:
+        return []
+    tokenizer = load_tokenizer(folder)
+    if dated_template(tokenizer):
+        return []
+    built = {}
+    for question, _ in held_prompts.values():
+        if question not in built:
+            built[question] = build_prompt(tokenizer, question, system_prompt).text
+    return [pid for pid, (question, prompt) in held_prompts.items() if prompt != built[question]]
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          date_string=TEMPLATE_DATE)
