@@ -88,6 +88,24 @@ def test_matches_reference_token_for_token(kind, V, tiles, monkeypatch):
     assert_same(rsd_sample_triton(*args), rsd_sample_reference(*args))
 
 
+@pytest.mark.parametrize("B, kind", [(1, "plain"), (2, "bf16_values")])
+def test_the_cards_tiles_at_a_real_vocabulary(B, kind, monkeypatch):
+    """The launch a card runs: CUDA_CONFIG's tiles over V = 151,936 (37 full segments of 4096 and a partial one),
+    every chunk the batch's table entry gives (B = 2: 33 chunks, 14 of them without a segment), against the
+    reference. The other cases cross segments only with tiny ones, or keep V inside one segment."""
+    cuda_tiles = {k: v for k, v in triton_backend.CUDA_CONFIG.items() if k != "num_warps"}
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG", cuda_tiles)
+    V = 151_936
+    assert triton_backend.chunks_for(B, -(-V // cuda_tiles["SEG"]), cuda_tiles) == (38 if B == 1 else 33)
+    gen = torch.Generator().manual_seed(B)
+    teacher, student = logits(gen, B, V, kind), logits(gen, B, V, kind)
+    proposal_mask, fallback_mask = torch.rand(V, generator=gen) > 0.05, torch.rand(V, generator=gen) > 0.05
+    proposal_mask[0] = fallback_mask[0] = True
+    uniforms = step_uniforms(torch.arange(B) + 10 * B, torch.full((B,), 7))
+    args = (teacher, student, uniforms, row_params(FAMILIES[:B]), proposal_mask, fallback_mask)
+    assert_same(rsd_sample_triton(*args), rsd_sample_reference(*args))
+
+
 def test_bad_inputs_name_the_problem():
     t, s = torch.randn(2, 10), torch.randn(2, 10)
     u = step_uniforms(torch.arange(2), torch.zeros(2, dtype=torch.long))
@@ -344,6 +362,22 @@ def test_split_verify_on_the_edge_rows(case, tile, monkeypatch):
         assert out.tokens[1, 0].item() == -3 and not out.accepted[1].any()
     if case.startswith("ties"):
         assert len(emitted) > 1  # rounds ended at different positions: kept drafts and residual draws both ran
+
+
+def test_split_verify_with_the_cards_tiles_at_a_real_vocabulary(monkeypatch):
+    """rsd_verify as a card launches it (segments of 4096, tiles of 2048, V = 151,936, G = 4) against the reference:
+    the other verify cases cross segments and tiles only with tiny ones."""
+    from test_rsd_verify import random_round
+
+    monkeypatch.setattr(triton_backend, "INTERPRETER_CONFIG",
+                        {k: v for k, v in triton_backend.CUDA_CONFIG.items() if k != "num_warps"})
+    V = 151_936
+    args = random_round(1, 4, V, seed=V % 97 + 5, family="top_p")
+    out, ref = rsd_verify_triton(*args), rsd_verify_reference(*args)
+    assert out.num_emitted.tolist() == ref.num_emitted.tolist()
+    assert out.tokens.tolist() == ref.tokens.tolist() and out.accepted.tolist() == ref.accepted.tolist()
+    for got, want in ((out.teacher_logprob, ref.teacher_logprob), (out.student_logprob, ref.student_logprob)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("bad", [dict(TILE=24), dict(SPREAD=3), dict(SPREAD=0)])
