@@ -60,6 +60,26 @@ def test_attention_matches_sdpa(T, G, splits):
     assert all(not c.any() for c in ops._counters.values())
 
 
+@pytest.mark.parametrize("D, G, kv_heads, T, splits", [(64, 7, 2, 1, 4), (64, 7, 2, 5, 2), (128, 4, 8, 1, 8),
+                                                    (96, 3, 2, 5, 4), (128, 8, 1, 3, 32)])
+def test_attention_at_real_head_sizes(D, G, kv_heads, T, splits):
+    """The heads of real models (head_dim 64 with 7 query heads a KV head, Qwen2.5-0.5B's; 128 with 4 and 8,
+    Qwen3's and Llama's; 96, no power of two: padded tiles) against SDPA, NaN past each row's span: the other cases
+    use head_dim 16."""
+    g = torch.Generator().manual_seed(D + G)
+    L = 150
+    k_cache, v_cache = (torch.randn(4, L + 1, kv_heads, D, generator=g) for _ in range(2))
+    slots = torch.tensor([2, 0, 3])
+    positions = torch.tensor([[0], [70], [L - 2]]) + torch.arange(T)
+    for b, slot in enumerate(slots.tolist()):
+        last = min(int(positions[b, -1]), L)
+        k_cache[slot, last + 1:] = float("nan")
+        v_cache[slot, last + 1:] = float("nan")
+    q = torch.randn(3, T, kv_heads * G, D, generator=g)
+    torch.testing.assert_close(ops.decode_attention(q, k_cache, v_cache, slots, positions, splits=splits),
+                               sdpa_reference(q, k_cache, v_cache, slots, positions), atol=2e-5, rtol=2e-5)
+
+
 def test_attention_splits_one_launch_whatever_the_split_count(monkeypatch):
     """Splitting a row's keys costs no second launch: the last arrival merges."""
     launches = []
