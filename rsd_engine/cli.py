@@ -442,11 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Join OUT.rank*-of-*.jsonl (every set of parts, and OUT, if it exists) into "
                                        "OUT in id order, each id once; duplicate ids are reported, copies that "
                                        "differ refused, and so is a line that is no record (no id), naming it, "
-                                       "--force or not.")
+                                       "--force or not. Exit status: 0 merged; 2 refused (the message says why); "
+                                       "3 merged, but the output lacks records: parts whose run was stopped before "
+                                       "its end, or parts missing under --force (said on the last line).")
     merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
     merge.add_argument("--force", action="store_true",
-                       help="merge parts made with other settings, and records whose copies differ (default: refuse, "
-                            "naming the differences)")
+                       help="merge parts made with other settings, records whose copies differ, and a set of parts "
+                            "some ranks' parts are missing from (default: refuse, naming the differences)")
     _demo_parser(sub)
     return parser
 
@@ -562,6 +564,10 @@ def _merge(args):
 
     report = merge_parts(args.out, force=args.force)
     print(f"merged {report.records} records into {args.out}")
+    if report.missing:
+        print(f"warning: merged under --force without the parts {', '.join(report.missing[:4])}"
+              f"{', ...' if len(report.missing) > 4 else ''}: the output lacks whatever they would hold (the ranks "
+              f"that write them resume when run again; then merge again)")
     if report.unfinished:
         print(describe_unfinished(report.unfinished))
     if report.forced:
@@ -574,6 +580,9 @@ def _merge(args):
               f"copy kept): " + ", ".join(key.replace(chr(0), "/") for key in list(report.conflicts)[:5]))
     if report.duplicates:
         print(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
+    # A merged output that lacks records is a shortfall, as a run that fell short is: scripts can tell.
+    return _exit_status("merge", [(len(report.unfinished), report.parts, "parts", "from runs stopped before their end"),
+                                  (len(report.missing), None, "parts", "missing")])
 
 
 def _demo(args):
@@ -617,7 +626,7 @@ def _run(parser, args) -> int:
                                 f"{said.split(': lower ')[0]}{_sizes(args)}\n")  # the options' names, not the API's
     except KeyboardInterrupt:
         out = getattr(args, "out", None) if args.command in RESUMABLE else None
-        kept = out and Path(out, "traces.jsonl" if args.command == "demo" else "").exists()
+        kept = out and (Path(out, "traces.jsonl" if args.command == "demo" else "").exists() or _rank_part(out))
         parser.exit(EXIT_INTERRUPTED, f"rsd {args.command}: interrupted" + (
             f"; what it wrote stays in {out} (and the files beside it), and the same command resumes it\n" if kept
             else "; nothing was written\n" if out else "\n"))
@@ -634,6 +643,19 @@ def _run(parser, args) -> int:
         if not str(err).startswith("Symlink loop"):  # pathlib's resolve() of a link to itself
             raise
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
+
+
+def _rank_part(out) -> bool:
+    """Whether this process is a rank (RANK/WORLD_SIZE) whose part of `out` holds something: what an interrupted rank
+    wrote (its part, not `out`)."""
+    from rsd_engine.pipeline.distributed import Dist, rank_target
+
+    try:
+        dist = Dist.from_env()
+    except ValueError:
+        return False
+    part = rank_target(Path(out), dist)
+    return dist.world_size > 1 and part.is_file() and part.stat().st_size > 0
 
 
 def _sizes(args) -> str:

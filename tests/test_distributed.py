@@ -67,3 +67,20 @@ def test_rerun_of_a_merged_run_resumes_without_false_duplicates(tmp_path_factory
     assert main(options) == 0  # rank 1 again: its part and the merged output hold its ids
     report = capsys.readouterr().out
     assert "problems: 2 (2 already in the output, 0 written now)" in report and "duplicate" not in report
+
+
+def test_a_rank_gone_at_the_barrier_is_not_merged_said(tmp_path, monkeypatch):
+    """A rank killed before the end broke the final barrier: rank 0 exited 1 with gloo's traceback. Now the run ends
+    as any unmerged one (its part kept; why, and how to merge, said)."""
+    import torch.distributed as td
+
+    from rsd_engine.pipeline.distributed import Dist, barrier_and_merge
+
+    def gone():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr(td, "barrier", gone)
+    said = []
+    out = tmp_path / "out.jsonl"
+    assert barrier_and_merge(Dist(0, 2, 0), out, said.append) == "a rank left before the end"
+    assert len(said) == 1 and "not merged: a rank left before the end (" in said[0] and f"rsd merge {out}" in said[0]

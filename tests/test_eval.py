@@ -1,6 +1,7 @@
 """`rsd eval`: exact accuracy on constructed cases (a model that learned its answers, and generation
 replaced by fixed responses), the bootstrap interval, resume, shards, and bad input."""
 import json
+import os
 import re
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from rsd_engine.cli import main
 from rsd_engine.pipeline import evaluate
 from rsd_engine.pipeline.evaluate import accuracy_summary
-from rsd_engine.pipeline.records import read_records
+from rsd_engine.pipeline.records import part_path, read_records
 from rsd_engine.results import GenerationResult
 from solver_pair import PROBLEMS, SYSTEM, solver_pair, write_problems
 
@@ -241,6 +242,37 @@ def test_ranks_write_parts_that_merge(pair, forced, tmp_path, as_ranks):
     records = read_records(out)
     assert [(r["id"], r["sample"]) for r in records] == sorted(CORRECT)
     assert accuracy_summary(records)["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_a_rank_stopped_before_its_first_sample_leaves_a_part_that_merges(pair, tmp_path, as_ranks, monkeypatch,
+                                                                           capsys):
+    """Ctrl-C on a rank before its first record removed its (empty) part: rsd merge joins only whole sets, so the
+    other rank's part could never be merged again, --force or not. A rank stopped after its first record says its
+    records stay (it said "nothing was written": it looked for OUT, not its part)."""
+    data, out = tmp_path / "p.jsonl", tmp_path / "gens.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    stop_after = {"0": 1, "1": 0}  # rank 0 writes one sample, rank 1 none
+
+    def generate_samples(opts, prompts, params, device, max_seq_len):
+        for index in range(stop_after[os.environ["RANK"]]):
+            yield index, GenerationResult(prompts[index], token_ids=[1], text="\\boxed{4}", finish_reason="eos",
+                                          seed=params[index].seed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "generate_samples", generate_samples)
+
+    def rank():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", str(pair[1]), "--data", str(data), "--out", str(out), "--id-field", "id",
+                  "--samples", "2", "--no-progress"])
+        return exit_info.value.code, capsys.readouterr().err
+
+    (code0, err0), (code1, err1) = as_ranks(rank)
+    assert code0 == code1 == 130
+    assert f"what it wrote stays in {out}" in err0 and "nothing was written" in err1
+    assert part_path(out, 1, 2).exists() and read_records(part_path(out, 1, 2)) == []
+    assert main(["merge", str(out)]) == 3  # merged; rank 1's run stopped before its end: said, exit 3
+    assert len(read_records(out)) == 1
 
 
 def test_one_process_after_unmerged_parts_grades_them_too(pair, forced, tmp_path, as_ranks, capsys):

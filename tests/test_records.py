@@ -304,11 +304,44 @@ def test_merge_says_when_a_part_s_run_was_stopped(tmp_path, capsys):
     report = merge_parts(out)
     assert report.records == 2 and report.unfinished == [part_path(out, 1, 2).name]
     assert read_manifest(out)["finished"] is False
-    assert main(["merge", str(out)]) in (0, None)
-    assert "were stopped before their end (out.rank00001-of-00002.jsonl)" in capsys.readouterr().out
+    assert main(["merge", str(out)]) == 3  # merged, but short of records: a script can tell (it was 0)
+    said = capsys.readouterr().out
+    assert "were stopped before their end (out.rank00001-of-00002.jsonl)" in said
+    assert said.splitlines()[-1] == "rsd merge: 1 of 2 parts from runs stopped before their end: exit status 3"
     with RecordWriter(part_path(out, 1, 2), {"--seed": 0}):  # rerun to its end
         pass
     assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
+
+
+def test_a_set_without_some_ranks_merges_only_under_force(tmp_path, capsys):
+    """A rank that never started (or a part on another host) leaves a set without its part: refused, saying how to
+    get it; under --force the parts there are merge, the missing ones named and the exit status 3 (nothing could
+    bring such records into OUT before: not a rerun on one process, not --force)."""
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(part_path(out, 0, 3), {"--seed": 0}) as writer:
+        writer.write({"id": "0"})
+    with RecordWriter(part_path(out, 2, 3), {"--seed": 0}) as writer:
+        writer.write({"id": "2"})
+    with pytest.raises(FileNotFoundError, match=r"ranks \[1\] of 3 are missing .*RANK=r WORLD_SIZE=3.*--force"):
+        merge_parts(out)
+    assert not out.exists()
+    assert main(["merge", str(out), "--force"]) == 3
+    said = capsys.readouterr().out
+    assert "without the parts out.rank00001-of-00003.jsonl" in said and said.splitlines()[-1] == (
+        "rsd merge: 1 parts missing: exit status 3")
+    assert [r["id"] for r in read_records(out)] == ["0", "2"]
+
+
+def test_a_part_that_got_no_record_stays(tmp_path):
+    """A rank stopped (or failed) before its first record keeps its empty part and manifest, so its set stays whole;
+    OUT of one process that got none is removed as before."""
+    out = tmp_path / "out.jsonl"
+    for path in (part_path(out, 1, 2), out):
+        with pytest.raises(KeyboardInterrupt):
+            with RecordWriter(path, {"--seed": 0}):
+                raise KeyboardInterrupt
+    assert part_path(out, 1, 2).exists() and read_manifest(part_path(out, 1, 2)) is not None
+    assert not out.exists() and not manifest_path(out).exists()
 
 
 def test_the_finished_mark_follows_the_work_not_the_last_attempt(tmp_path):

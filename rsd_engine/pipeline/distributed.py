@@ -78,7 +78,12 @@ def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
     they were, and on the other ranks)."""
     import torch.distributed as td
 
-    td.barrier()
+    try:
+        td.barrier()
+    except RuntimeError as err:  # a rank gone (killed, its host down): its part stays as it left it
+        log(f"{dist.tag}not merged: a rank left before the end ({str(err).splitlines()[0][:200]}); rerun that rank "
+            f"(it resumes), then: rsd merge {out}")
+        return "a rank left before the end"
     if dist.rank != 0:
         return None
     try:

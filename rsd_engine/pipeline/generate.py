@@ -400,7 +400,7 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
             bar.attempt_done(tally)
     except KeyboardInterrupt:
         if tally.written:  # (none: the CLI says what is left; an output begun by this run is removed)
-            where = f"{writer.path}" + (f" and {prefix_writer.path}" if prefix_writer else "")
+            where = " and ".join(str(w.path) for w in (writer, prefix_writer) if w is not None and w.written)
             log(f"{dist.tag}interrupted: the {tally.written} records written now are safely in {where}, beside the "
                 f"{tally.resumed} problems done before; rerun to resume")
         raise

@@ -141,8 +141,9 @@ class RecordWriter:
     def _remove_if_unused(self) -> bool:
         """Remove OUT (and its manifest) where this writer created them and wrote nothing: a run that fails before its
         first record (an option the engine refuses, a model that does not load) leaves no empty output behind that
-        reads as one begun. Under the lock, the manifest first: no other run can have made either yet."""
-        if self._fd is None or not self._created or self._changed:
+        reads as one begun. Under the lock, the manifest first: no other run can have made either yet. A rank's part
+        stays, empty: `rsd merge` joins only whole sets of parts, and a set without it could never be merged."""
+        if self._fd is None or not self._created or self._changed or _is_part(self.path):
             return False
         try:
             held = os.fstat(self._fd)
@@ -354,19 +355,26 @@ def part_files(out) -> dict[tuple[int, int], Path]:
     return found
 
 
-def find_parts(out) -> list[Path]:
+def find_parts(out, *, missing: list[str] | None = None) -> list[Path]:
     """The part files of `out`, by world size and rank: every set a run left (a run resumed with another
-    number of ranks leaves a second set beside the first), each one complete; an error otherwise."""
+    number of ranks leaves a second set beside the first), each one complete; an error otherwise. Given a list as
+    `missing` (rsd merge --force), a set without some ranks is taken as it is and the missing parts' names are
+    appended to that list."""
     out = Path(out)
     found = part_files(out)
     if not found:
         raise FileNotFoundError(f"no part files {_stem(out)}.rank*-of-*{out.suffix} beside {out}")
     parts = []
     for world in sorted({world for _, world in found}):
-        missing = [rank for rank in range(world) if (rank, world) not in found]
-        if missing:
-            raise FileNotFoundError(f"parts of {out} for ranks {missing} of {world} are missing")
-        parts += [found[(rank, world)] for rank in range(world)]
+        absent = [rank for rank in range(world) if (rank, world) not in found]
+        if absent and missing is None:
+            raise FileNotFoundError(
+                f"parts of {out} for ranks {absent} of {world} are missing (on another host's disk? a rank that never "
+                f"started?): bring them here, or run those ranks again (RANK=r WORLD_SIZE={world}: each resumes and "
+                f"leaves its part), or pass --force to merge the parts there are")
+        if absent:
+            missing += [part_path(out, rank, world).name for rank in absent]
+        parts += [found[(rank, world)] for rank in range(world) if (rank, world) in found]
     return parts
 
 
@@ -461,6 +469,7 @@ class MergeReport:
     conflicts: dict = field(default_factory=dict)  # {key: files whose copies differ}, merged under force
     parts: int = 0  # part files read
     unfinished: list = field(default_factory=list)  # parts whose run was stopped before its end (their manifests)
+    missing: list = field(default_factory=list)  # parts of a set that were not there (merged without, under force)
 
 
 MERGE_BLOCK = 4096  # records written (and fsynced) at once by merge_parts
@@ -475,7 +484,8 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
     `force`, parts made with other settings and copies of a record that differ (beyond float rounding: a file
     edited, or records of another run). The parts are left in place."""
     out = Path(out)
-    parts = find_parts(out)
+    missing = [] if force else None
+    parts = find_parts(out, missing=missing)
     for part in parts:
         _check_idle(part)
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
@@ -522,7 +532,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**_repeated(keys_in["out"]), **_repeated(keys_in["parts"])}, forced,
-                       forced_runs, conflicts, len(parts), unfinished)
+                       forced_runs, conflicts, len(parts), unfinished, missing or [])
 
 
 def _check_identified(record: dict, path: Path, number: int, command: str | None,
