@@ -626,7 +626,8 @@ def _run(parser, args) -> int:
                                 f"{said.split(': lower ')[0]}{_sizes(args)}\n")  # the options' names, not the API's
     except KeyboardInterrupt:
         out = getattr(args, "out", None) if args.command in RESUMABLE else None
-        kept = out and (Path(out, "traces.jsonl" if args.command == "demo" else "").exists() or _rank_part(out))
+        kept = out and (Path(out, "traces.jsonl" if args.command == "demo" else "").exists()
+                        or _wrote_beside(args.command, Path(out)))
         parser.exit(EXIT_INTERRUPTED, f"rsd {args.command}: interrupted" + (
             f"; what it wrote stays in {out} (and the files beside it), and the same command resumes it\n" if kept
             else "; nothing was written\n" if out else "\n"))
@@ -645,17 +646,21 @@ def _run(parser, args) -> int:
         parser.exit(EXIT_USAGE, f"rsd {args.command}: error: {err}\n")
 
 
-def _rank_part(out) -> bool:
-    """Whether this process is a rank (RANK/WORLD_SIZE) whose part of `out` holds something: what an interrupted rank
-    wrote (its part, not `out`)."""
+def _wrote_beside(command: str, out: Path) -> bool:
+    """Whether a file this run writes for `out` other than OUT itself holds something: its part (a rank, under
+    RANK/WORLD_SIZE), the unfinished records of `rsd generate --format sft`, the scores of `rsd select --budget`
+    (or their parts): what an interrupted run wrote there stays."""
     from rsd_engine.pipeline.distributed import Dist, rank_target
+    from rsd_engine.pipeline.generate import unfinished_path
+    from rsd_engine.pipeline.select import scores_path
 
     try:
         dist = Dist.from_env()
     except ValueError:
         return False
-    part = rank_target(Path(out), dist)
-    return dist.world_size > 1 and part.is_file() and part.stat().st_size > 0
+    files = {out, unfinished_path(out)} if command == "generate" else {out, scores_path(out)} if command == "select" \
+        else {out}
+    return any(t.is_file() and t.stat().st_size > 0 for t in {rank_target(f, dist) for f in files} - {out})
 
 
 def _sizes(args) -> str:

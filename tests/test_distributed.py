@@ -84,3 +84,25 @@ def test_a_rank_gone_at_the_barrier_is_not_merged_said(tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     assert barrier_and_merge(Dist(0, 2, 0), out, said.append) == "a rank left before the end"
     assert len(said) == 1 and "not merged: a rank left before the end (" in said[0] and f"rsd merge {out}" in said[0]
+
+
+def test_an_interrupted_run_names_what_it_wrote_beside_out(tmp_path, monkeypatch):
+    """Ctrl-C said "nothing was written" when the run had written only beside OUT: a rank's part, the unfinished
+    records of --format sft, rsd select --budget's scores (or a rank's part of either)."""
+    from rsd_engine.cli import _wrote_beside
+
+    out = tmp_path / "t.jsonl"
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not _wrote_beside("generate", out)
+    (tmp_path / "t.unfinished.jsonl").write_text('{"id": 1}\n')
+    assert _wrote_beside("generate", out) and not _wrote_beside("eval", out)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not _wrote_beside("generate", out)  # a rank writes its own parts, not the files of one process
+    part_path(tmp_path / "t.scores.jsonl", 1, 2).write_text('{"id": 1}\n')
+    assert _wrote_beside("select", out) and not _wrote_beside("generate", out)
+    part_path(out, 1, 2).write_text("")
+    assert not _wrote_beside("eval", out)  # an empty part holds nothing
+    part_path(out, 1, 2).write_text('{"id": 1}\n')
+    assert _wrote_beside("eval", out)

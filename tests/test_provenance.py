@@ -169,6 +169,12 @@ def test_responses_written_after_another_prompt_are_named(models, tmp_path, caps
     provenance(models, data, tmp_path / "trl_s.jsonl", "--limit", "1", "--question-field", "prompt",
                "--response-field", "completion")
     assert "written after another prompt" not in capsys.readouterr().out
+    # rsd eval records hold the prompt of the model eval ran (a teacher's, a distilled model's own template): no
+    # prompt the student read, never named.
+    evals = [{**r, "prompt": "<another model's template>" + r["question"], "sample": 0, "correct": False}
+             for r in RESPONSES]
+    provenance(models, write_rows(tmp_path / "gens.jsonl", evals), tmp_path / "gens_s.jsonl", "--limit", "2")
+    assert "written after another prompt" not in capsys.readouterr().out
 
 
 def test_distilled_copy_of_teacher_boosts_nothing(models, tmp_path):

@@ -332,6 +332,29 @@ def test_a_set_without_some_ranks_merges_only_under_force(tmp_path, capsys):
     assert [r["id"] for r in read_records(out)] == ["0", "2"]
 
 
+def test_empty_parts_count_for_their_set_not_for_its_settings(tmp_path, monkeypatch):
+    """Empty parts a stopped run of other settings left (2 ranks, --max-new-tokens 40) beside a whole later set that
+    wrote every record (3 ranks, 30): the merge takes the settings of the records (it refused them as different, and
+    under --force wrote the empty parts' settings into OUT's manifest). A set with a rank missing whose work a later
+    whole set did is no missing part: merged without --force, exit 0 (it said the output lacked records)."""
+    out = tmp_path / "out.jsonl"
+    clock = iter(range(1_000, 2_000))
+    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
+    for rank in (0, 1):
+        with pytest.raises(KeyboardInterrupt):
+            with RecordWriter(part_path(out, rank, 2), {"--max-new-tokens": 40}):
+                raise KeyboardInterrupt
+    with RecordWriter(part_path(out, 0, 4), {"--max-new-tokens": 30}) as writer:  # rank 1 of 4 never started
+        writer.write({"id": "x"})
+    for rank in range(3):
+        with RecordWriter(part_path(out, rank, 3), {"--max-new-tokens": 30}) as writer:
+            writer.write({"id": str(rank)})
+    report = merge_parts(out)
+    assert report.records == 4 and report.missing == [] and report.unfinished == []
+    assert read_manifest(out)["settings"] == {"--max-new-tokens": 30} and read_manifest(out)["finished"] is True
+    assert main(["merge", str(out)]) == 0
+
+
 def test_a_part_that_got_no_record_stays(tmp_path):
     """A rank stopped (or failed) before its first record keeps its empty part and manifest, so its set stays whole;
     OUT of one process that got none is removed as before."""

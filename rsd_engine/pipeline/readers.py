@@ -136,12 +136,16 @@ def other_prompts(responses, reader: Reader) -> list[str]:
     """Ids of the responses whose row holds the prompt they were written after (a "prompt" field, as rsd generate
     writes it) where that is not the prompt `reader` (the student's) reads them after here: another --system-prompt
     or chat template than the run that wrote them, or an older rsd's prompt rules."""
+    from .evaluate import is_eval_record
+
     if dated_template(reader.tokenizer):  # (today's date in every prompt: no telling another prompt from another day)
         return []
     ids, built = [], {}
     for r in responses:
         held = r.row.get("prompt")
         if not isinstance(held, str) or held == r.question:  # (TRL rows read with --question-field prompt)
+            continue
+        if is_eval_record(r.row):  # the prompt of the model rsd eval ran (a teacher's, a distilled model's template)
             continue
         if (r.question, r.system) not in built:  # a problem's candidates share it
             built[r.question, r.system] = build_prompt(reader.tokenizer, r.question, r.system).text

@@ -367,15 +367,35 @@ def find_parts(out, *, missing: list[str] | None = None) -> list[Path]:
     parts = []
     for world in sorted({world for _, world in found}):
         absent = [rank for rank in range(world) if (rank, world) not in found]
-        if absent and missing is None:
-            raise FileNotFoundError(
-                f"parts of {out} for ranks {absent} of {world} are missing (on another host's disk? a rank that never "
-                f"started?): bring them here, or run those ranks again (RANK=r WORLD_SIZE={world}: each resumes and "
-                f"leaves its part), or pass --force to merge the parts there are")
-        if absent:
+        if absent and not _superseded(out, world, found):
+            if missing is None:
+                raise FileNotFoundError(
+                    f"parts of {out} for ranks {absent} of {world} are missing (on another host's disk? a rank that "
+                    f"never started?): bring them here, or run those ranks again (RANK=r WORLD_SIZE={world}: each "
+                    f"resumes and leaves its part), or run `rsd merge --force {out}` to merge the parts there are")
             missing += [part_path(out, rank, world).name for rank in absent]
         parts += [found[(rank, world)] for rank in range(world) if (rank, world) in found]
     return parts
+
+
+def _superseded(out: Path, world: int, found: dict) -> bool:
+    """Whether a run that reached its end after every run of this world size's parts did the rest of the work: one
+    process on OUT, or every rank of another world size (each such run reads every file there and does every
+    problem none holds, so the missing parts' problems too). Their manifests say when they started, and whether
+    they reached their end."""
+    def marks(path):
+        m = read_manifest(path) or {}
+        return m.get("finished") is True, m.get("run_started") or 0
+
+    since = max((marks(path)[1] for (_, w), path in found.items() if w == world), default=0)
+    finished, started = marks(out) if out.exists() else (False, 0)
+    if finished and started > since:
+        return True
+    for other in {w for _, w in found} - {world}:
+        ranks = [found.get((rank, other)) for rank in range(other)]
+        if all(ranks) and all(marks(p)[0] for p in ranks) and min(marks(p)[1] for p in ranks) > since:
+            return True
+    return False
 
 
 def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, list[dict]]:
@@ -490,7 +510,10 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         _check_idle(part)
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
         sources = ([out] if guard.existing else []) + parts
-        forced, forced_runs, manifest = _merged_manifest(out, sources, force)
+        # A part with nothing in it (a rank stopped before its first record) counts only for its set being whole: the
+        # settings it was begun with are no records' (a later run with other settings must not be refused for it).
+        forced, forced_runs, manifest = _merged_manifest(
+            out, [p for p in sources if p == out or p.stat().st_size] or sources, force)
         command = ((manifest or {}).get("settings") or {}).get(COMMAND)
         records, seen_in, keys_in, conflicts = {}, {}, {"out": [], "parts": []}, {}
         for path in sources:
@@ -520,7 +543,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 f"of each ({out.name}, then the parts by world size and rank)")
         unfinished = _unfinished(parts)
         if manifest is not None:
-            manifest["finished"] = not unfinished
+            manifest["finished"] = not unfinished and not missing
             write_manifest(out, manifest)
         records = {key: records[key] for key in _newest(records)}
         tmp = out.with_name(f".{out.name}.merging")
