@@ -332,32 +332,36 @@ def test_a_set_without_some_ranks_merges_only_under_force(tmp_path, capsys):
     assert [r["id"] for r in read_records(out)] == ["0", "2"]
 
 
-def test_empty_parts_count_for_their_set_not_for_its_settings(tmp_path, monkeypatch):
-    """Empty parts a stopped run of other settings left (2 ranks, --max-new-tokens 40) beside a whole later set that
-    wrote every record (3 ranks, 30): the merge takes the settings of the records (it refused them as different, and
-    under --force wrote the empty parts' settings into OUT's manifest). A set with a rank missing whose work a later
-    whole set did is no missing part: merged without --force, exit 0 (it said the output lacked records)."""
+def test_parts_without_a_record_count_for_their_set_not_for_its_settings(tmp_path):
+    """Parts a stopped run of other settings left without a record (2 ranks, --max-new-tokens 40: one interrupted
+    before its first record, one killed while writing it) beside a whole later set that wrote every record (3 ranks,
+    30): the merge takes the settings of the records (it refused them as different, and under --force wrote the
+    empty parts' settings into OUT's manifest). A set with a rank missing stays refused whatever ran after it (a
+    finished run that read the part before it went missing did not redo its work)."""
     out = tmp_path / "out.jsonl"
-    clock = iter(range(1_000, 2_000))
-    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
-    for rank in (0, 1):
-        with pytest.raises(KeyboardInterrupt):
-            with RecordWriter(part_path(out, rank, 2), {"--max-new-tokens": 40}):
-                raise KeyboardInterrupt
-    with RecordWriter(part_path(out, 0, 4), {"--max-new-tokens": 30}) as writer:  # rank 1 of 4 never started
-        writer.write({"id": "x"})
+    with pytest.raises(KeyboardInterrupt):
+        with RecordWriter(part_path(out, 0, 2), {"--max-new-tokens": 40}):
+            raise KeyboardInterrupt
+    killed = RecordWriter(part_path(out, 1, 2), {"--max-new-tokens": 40})
+    os.write(killed._fd, b'{"id": "')  # a torn first line
+    killed.close()
     for rank in range(3):
         with RecordWriter(part_path(out, rank, 3), {"--max-new-tokens": 30}) as writer:
             writer.write({"id": str(rank)})
     report = merge_parts(out)
-    assert report.records == 4 and report.missing == [] and report.unfinished == []
-    assert read_manifest(out)["settings"] == {"--max-new-tokens": 30} and read_manifest(out)["finished"] is True
-    assert main(["merge", str(out)]) == 0
+    assert report.records == 3 and report.missing == [] and report.unfinished == []  # (the later set did their work)
+    assert read_manifest(out)["settings"] == {"--max-new-tokens": 30}
+    part_path(out, 2, 3).unlink()  # lost after the merge
+    with RecordWriter(out, {"--max-new-tokens": 30}) as writer:  # a finished one-process run: still refused
+        writer.write({"id": "3"})
+    with pytest.raises(FileNotFoundError, match=r"ranks \[2\] of 3 are missing"):
+        merge_parts(out)
 
 
 def test_a_part_that_got_no_record_stays(tmp_path):
-    """A rank stopped (or failed) before its first record keeps its empty part and manifest, so its set stays whole;
-    OUT of one process that got none is removed as before."""
+    """A rank interrupted before its first record keeps its empty part and manifest, so its set stays whole (as a
+    killed rank's); OUT of one process that got none is removed as before, and so is a part whose run failed (an
+    option refused, a model that does not load)."""
     out = tmp_path / "out.jsonl"
     for path in (part_path(out, 1, 2), out):
         with pytest.raises(KeyboardInterrupt):
@@ -365,6 +369,10 @@ def test_a_part_that_got_no_record_stays(tmp_path):
                 raise KeyboardInterrupt
     assert part_path(out, 1, 2).exists() and read_manifest(part_path(out, 1, 2)) is not None
     assert not out.exists() and not manifest_path(out).exists()
+    with pytest.raises(ValueError):
+        with RecordWriter(part_path(out, 0, 2), {"--seed": 0}):
+            raise ValueError("refused")
+    assert not part_path(out, 0, 2).exists() and not manifest_path(part_path(out, 0, 2)).exists()
 
 
 def test_the_finished_mark_follows_the_work_not_the_last_attempt(tmp_path):

@@ -78,8 +78,8 @@ class RecordWriter:
             self._started = time.time()
             if self._run:
                 _mark_finished(self.path, False, self._started)
-        except BaseException:
-            self._remove_if_unused()
+        except BaseException as err:
+            self._remove_if_unused(type(err))
             self.close()
             raise
 
@@ -126,7 +126,7 @@ class RecordWriter:
         before anything was written leaves the mark as it was, and one that failed before its first record leaves
         no file it created (_remove_if_unused)."""
         try:
-            if exc_type is not None and self._remove_if_unused():
+            if exc_type is not None and self._remove_if_unused(exc_type):
                 return
             if self._fd is not None and self._run:
                 if exc_type is None:
@@ -138,12 +138,15 @@ class RecordWriter:
         finally:
             self.close()
 
-    def _remove_if_unused(self) -> bool:
+    def _remove_if_unused(self, exc_type) -> bool:
         """Remove OUT (and its manifest) where this writer created them and wrote nothing: a run that fails before its
         first record (an option the engine refuses, a model that does not load) leaves no empty output behind that
         reads as one begun. Under the lock, the manifest first: no other run can have made either yet. A rank's part
-        stays, empty: `rsd merge` joins only whole sets of parts, and a set without it could never be merged."""
-        if self._fd is None or not self._created or self._changed or _is_part(self.path):
+        whose run was interrupted (Ctrl-C) stays, empty, as a killed rank's does: `rsd merge` joins whole sets of
+        parts, and a run begun with valid settings was one of them."""
+        if self._fd is None or not self._created or self._changed:
+            return False
+        if _is_part(self.path) and issubclass(exc_type, KeyboardInterrupt):
             return False
         try:
             held = os.fstat(self._fd)
@@ -367,35 +370,15 @@ def find_parts(out, *, missing: list[str] | None = None) -> list[Path]:
     parts = []
     for world in sorted({world for _, world in found}):
         absent = [rank for rank in range(world) if (rank, world) not in found]
-        if absent and not _superseded(out, world, found):
-            if missing is None:
-                raise FileNotFoundError(
-                    f"parts of {out} for ranks {absent} of {world} are missing (on another host's disk? a rank that "
-                    f"never started?): bring them here, or run those ranks again (RANK=r WORLD_SIZE={world}: each "
-                    f"resumes and leaves its part), or run `rsd merge --force {out}` to merge the parts there are")
+        if absent and missing is None:
+            raise FileNotFoundError(
+                f"parts of {out} for ranks {absent} of {world} are missing (on another host's disk? a rank that never "
+                f"started?): bring them here, or run those ranks again (RANK=r WORLD_SIZE={world}: each resumes and "
+                f"leaves its part), or run `rsd merge --force {out}` to merge the parts there are")
+        if absent:
             missing += [part_path(out, rank, world).name for rank in absent]
         parts += [found[(rank, world)] for rank in range(world) if (rank, world) in found]
     return parts
-
-
-def _superseded(out: Path, world: int, found: dict) -> bool:
-    """Whether a run that reached its end after every run of this world size's parts did the rest of the work: one
-    process on OUT, or every rank of another world size (each such run reads every file there and does every
-    problem none holds, so the missing parts' problems too). Their manifests say when they started, and whether
-    they reached their end."""
-    def marks(path):
-        m = read_manifest(path) or {}
-        return m.get("finished") is True, m.get("run_started") or 0
-
-    since = max((marks(path)[1] for (_, w), path in found.items() if w == world), default=0)
-    finished, started = marks(out) if out.exists() else (False, 0)
-    if finished and started > since:
-        return True
-    for other in {w for _, w in found} - {world}:
-        ranks = [found.get((rank, other)) for rank in range(other)]
-        if all(ranks) and all(marks(p)[0] for p in ranks) and min(marks(p)[1] for p in ranks) > since:
-            return True
-    return False
 
 
 def held_elsewhere(out, target, settings: dict, *, force: bool) -> dict[Path, list[dict]]:
@@ -510,10 +493,10 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         _check_idle(part)
     with RecordWriter(out) as guard:  # holds out's lock while it is rebuilt
         sources = ([out] if guard.existing else []) + parts
-        # A part with nothing in it (a rank stopped before its first record) counts only for its set being whole: the
-        # settings it was begun with are no records' (a later run with other settings must not be refused for it).
+        # A part without a record (a rank stopped before its first, or killed in writing it) counts only for its set
+        # being whole: the settings it was begun with are no records' (a later run's must not be refused for them).
         forced, forced_runs, manifest = _merged_manifest(
-            out, [p for p in sources if p == out or p.stat().st_size] or sources, force)
+            out, [p for p in sources if p == out or first_record(p) is not None] or sources, force)
         command = ((manifest or {}).get("settings") or {}).get(COMMAND)
         records, seen_in, keys_in, conflicts = {}, {}, {"out": [], "parts": []}, {}
         for path in sources:
