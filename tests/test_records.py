@@ -373,6 +373,16 @@ def test_a_part_that_got_no_record_stays(tmp_path):
         with RecordWriter(part_path(out, 0, 2), {"--seed": 0}):
             raise ValueError("refused")
     assert not part_path(out, 0, 2).exists() and not manifest_path(part_path(out, 0, 2)).exists()
+    # A Ctrl-C after the part was made and before its run was marked begun: no end mark, no record; a stopped run.
+    with RecordWriter(part_path(out, 0, 2), {"--seed": 0}) as writer:
+        writer.write({"id": "0"})
+    manifest = read_manifest(part_path(out, 1, 2))
+    del manifest["finished"], manifest["run_started"]
+    manifest_path(part_path(out, 1, 2)).write_text(json.dumps(manifest))
+    assert merge_parts(out).unfinished == [part_path(out, 1, 2).name]
+    with RecordWriter(out, {"--seed": 0}):  # a one-process run to its end did that part's work
+        pass
+    assert merge_parts(out).unfinished == []
 
 
 def test_the_finished_mark_follows_the_work_not_the_last_attempt(tmp_path):
