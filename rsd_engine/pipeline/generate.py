@@ -399,7 +399,7 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
                     tally.add_record(record)
             bar.attempt_done(tally)
     except KeyboardInterrupt:
-        if tally.written:  # (none: the CLI says what is left; an output begun by this run is removed)
+        if tally.written:  # (none: the CLI says what is left; an OUT begun by this run is removed, a rank's part kept)
             where = " and ".join(str(w.path) for w in (writer, prefix_writer) if w is not None and w.written)
             log(f"{dist.tag}interrupted: the {tally.written} records written now are safely in {where}, beside the "
                 f"{tally.resumed} problems done before; rerun to resume")
