@@ -190,14 +190,20 @@ def _mark_idle_parts_finished(out: Path, started: float) -> None:
     """A run on OUT that reached its end did what every part's earlier run had left: marked finished."""
     for part in part_files(out).values():
         held = read_manifest(part) or {}
-        stopped = held.get("finished") is False or (held.get("finished") is not True and first_record(part) is None)
-        if not held or not stopped or (held.get("run_started") or 0) > started:  # (_unfinished's stopped parts)
+        if not held or not _stopped(part, held) or (held.get("run_started") or 0) > started:
             continue
         try:
             _check_idle(part)
         except (OutputBusy, OSError):
             continue  # a rank still writing it says so itself when it ends
         _mark_finished(part, True, held.get("run_started"))
+
+
+def _stopped(part: Path, manifest: dict) -> bool:
+    """Whether a part's last run was stopped before its end: its manifest says so, or it holds no record and no end
+    mark (Ctrl-C between making the part and marking its run begun: its problems are still to do)."""
+    finished = manifest.get("finished")
+    return finished is False or (finished is not True and first_record(part) is None)
 
 
 def _open_locked(path: Path) -> tuple[int, bool]:
@@ -566,12 +572,8 @@ def _unfinished(parts: list[Path]) -> list[str]:
         worlds.setdefault(_part_world(path) or 0, []).append(marks[path])
     done_sets = [min(m.get("run_started") or 0 for m in ms) for world, ms in worlds.items()
                  if world and len(ms) == world and all(m.get("finished") is True for m in ms)]
-    # A part without a record whose run left no end mark (Ctrl-C between making the part and marking its run begun)
-    # is a stopped run too: its problems are still to do.
-    stopped = [path for path in parts if marks[path].get("finished") is False
-               or (marks[path].get("finished") is not True and first_record(path) is None)]
-    return [path.name for path in stopped
-            if not any(start > (marks[path].get("run_started") or 0) for start in done_sets)]
+    return [path.name for path in parts if _stopped(path, marks[path])
+            and not any(start > (marks[path].get("run_started") or 0) for start in done_sets)]
 
 
 def describe_unfinished(parts: list[str]) -> str:
