@@ -560,7 +560,8 @@ def _fields(args, options) -> dict:
 
 
 def _merge(args):
-    from rsd_engine.pipeline.records import describe_duplicates, describe_unfinished, merge_parts
+    from rsd_engine.pipeline.records import describe_duplicates
+    from rsd_engine.pipeline.parts import describe_unfinished, merge_parts
 
     report = merge_parts(args.out, force=args.force)
     print(f"merged {report.records} records into {args.out}")

@@ -369,7 +369,7 @@ def test_rows_that_are_no_objects_are_named_as_such(tmp_path, lines, kinds):
 
 
 def test_an_empty_out_is_named():
-    from rsd_engine.pipeline.records import check_output_name
+    from rsd_engine.pipeline.output_paths import check_output_name
 
     for empty in ("", "  "):
         with pytest.raises(ValueError, match="--out is empty: give the output's file name"):

@@ -326,7 +326,8 @@ def test_the_row_hash_covers_the_question_system_turn_text_and_carried_fields():
 
 
 def test_merge_keeps_the_newest_version_of_a_response(tmp_path):
-    from rsd_engine.pipeline.records import RecordWriter, merge_parts, part_path
+    from rsd_engine.pipeline.records import RecordWriter, part_path
+    from rsd_engine.pipeline.parts import merge_parts
 
     old = [{"id": "b", "sample": 0, "response_hash": "old", "index": i, "sentences": 3, "text": f"o{i}"}
            for i in range(3)]
@@ -593,7 +594,8 @@ def test_select_never_keeps_a_candidate_of_template_markers_only(tiny_pair, tmp_
 
 def test_merge_keeps_a_complete_version_over_a_torn_newer_one(tmp_path):
     from rsd_engine.pipeline.provenance import current_sentences
-    from rsd_engine.pipeline.records import RecordWriter, merge_parts, part_path
+    from rsd_engine.pipeline.records import RecordWriter, part_path
+    from rsd_engine.pipeline.parts import merge_parts
 
     old = [{"id": "b", "sample": 0, "response_hash": "old", "index": i, "sentences": 2, "text": f"o{i}"}
            for i in range(2)]

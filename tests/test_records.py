@@ -13,20 +13,10 @@ import pytest
 
 from rsd_engine.cli import main
 from rsd_engine.pipeline.manifest import manifest_path, read_manifest
-from rsd_engine.pipeline.records import (
-    OutputBusy,
-    RecordConflict,
-    RecordWriter,
-    SettingsMismatch,
-    check_writable,
-    done_ids,
-    find_parts,
-    held_elsewhere,
-    merge_parts,
-    part_path,
-    read_records,
-    same_record,
-)
+from rsd_engine.pipeline.records import (OutputBusy, RecordConflict, RecordWriter, SettingsMismatch, done_ids,
+                                         part_path, read_records, same_record)
+from rsd_engine.pipeline.parts import find_parts, held_elsewhere, merge_parts
+from rsd_engine.pipeline.output_paths import check_writable
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ from rsd_engine.params import SamplingParams
 
 from .data import champ_problems
 from .generate import GenerateOptions, check_output, run_generate
-from .records import check_writable, read_records
+from .records import read_records
+from .output_paths import check_writable
 from .score import run_score
 
 DEMO_PROBLEMS, DEMO_ATTEMPTS, DEMO_MAX_NEW_TOKENS = 8, 2, 256

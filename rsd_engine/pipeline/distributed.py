@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .manifest import forced_runs_note
-from .records import (OutputBusy, check_not_input, check_output_name, check_writable, describe_duplicates,
-                      describe_unfinished, merge_parts, note_unmerged, part_path, read_records)
+from .records import OutputBusy, describe_duplicates, part_path, read_records
+from .parts import describe_unfinished, merge_parts, note_unmerged
+from .output_paths import check_not_input, check_output_name, check_writable
 
 
 @dataclass

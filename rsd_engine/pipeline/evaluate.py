@@ -30,7 +30,8 @@ from .manifest import ANSWER_CHECK
 from .progress import describe_skipped, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
-from .records import RecordWriter, held_elsewhere, others_state, read_records, recheck_elsewhere, unmerged_parts
+from .records import RecordWriter, read_records
+from .parts import held_elsewhere, others_state, recheck_elsewhere, unmerged_parts
 from .traces import final_answer
 from ..models.loader import check_model_folder
 

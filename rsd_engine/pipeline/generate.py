@@ -9,7 +9,7 @@ attempt index), and ids do not depend on row order (data.py): reruns, resumes an
 ranks give the same traces. The output is locked while a run writes it, and a rerun under other
 settings is refused (records.py, manifest.py). Under torchrun each rank takes its shard of the
 problems and writes its own part; rank 0 merges the parts when every rank is done and the parts
-are in one folder (else `rsd merge OUT`).
+are in one folder (parts.py; else `rsd merge OUT`).
 
 --format sft writes TRL's standard prompt-completion records, the text as the student read and wrote it,
 ended with the tokenizer's EOS token, and the same as the exact token ids (`input_ids`, `completion_mask`:
@@ -38,8 +38,9 @@ from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, TOKEN_SPACE, check_se
                        model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
-from .records import (RecordWriter, check_not_input, check_output_name, check_writable, duplicate_ids, first_record,
-                      held_elsewhere, others_state, read_records, recheck_elsewhere, refuse_if_busy)
+from .records import RecordWriter, duplicate_ids, first_record, read_records
+from .parts import held_elsewhere, others_state, recheck_elsewhere, refuse_if_busy
+from .output_paths import check_not_input, check_output_name, check_writable
 from .categories import DEFAULT_RULE, options_rule
 from .ranking import check_by
 from .traces import STATUSES, check_attempt, select_trace, to_sft

@@ -29,8 +29,9 @@ from .progress import describe_skipped
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance_report import category_shares, format_shares, plot_shares
 from .readers import Reader, other_prompts, other_prompts_warning
-from .records import (RecordWriter, check_not_input, check_output_name, check_writable, held_elsewhere,
-                      check_plot_format, read_records)
+from .records import RecordWriter, read_records
+from .parts import held_elsewhere
+from .output_paths import check_not_input, check_output_name, check_writable, check_plot_format
 from .reports import check_plot_out, plot_file
 from .responses import load_responses
 from .sentences import READING

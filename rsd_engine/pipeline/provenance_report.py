@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .categories import CATEGORIES, Rule
-from .records import check_not_input, check_plot_format, read_records
+from .records import read_records
+from .output_paths import check_not_input, check_plot_format
 from .reports import check_plot_out, check_report_out, plot_file, save_plot, write_report
 
 SHOWN_RESPONSES = 20  # rows of the printed per-response table

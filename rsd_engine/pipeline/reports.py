@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .data import parse_json
 from .manifest import COMMAND
-from .records import check_writable, plot_path
+from .output_paths import check_writable, plot_path
 
 # The fields a report of an older rsd (no mark) opened with, and those it always held.
 UNMARKED_REPORTS = {"score": ("student", "teacher", "files"),
@@ -64,7 +64,7 @@ def _own_report(path: Path, command: str) -> bool:
 
 
 def plot_file(plot) -> Path | None:
-    """The file --plot writes (records.plot_path: matplotlib adds ".png" to a name without an extension); a folder
+    """The file --plot writes (output_paths.plot_path: matplotlib adds ".png" to a name without an extension); a folder
     is refused, not written beside as FOLDER.png."""
     if not plot:
         return None

@@ -35,7 +35,8 @@ from pathlib import Path
 from .data import not_unicode, read_growing_rows
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_chat
 from .readers import strip_think_open
-from .records import check_not_input, check_plot_format, describe_duplicates, duplicate_ids
+from .records import describe_duplicates, duplicate_ids
+from .output_paths import check_not_input, check_plot_format
 from .reports import check_plot_out, check_report_out, plot_file, write_report
 from .traces import sft_completion
 from .score_report import file_report, format_table, plot_histogram

@@ -59,7 +59,8 @@ from .prompts import DEFAULT_SYSTEM_PROMPT
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader, other_prompts, other_prompts_warning
-from .records import RecordWriter, all_finite, held_elsewhere, read_records
+from .records import RecordWriter, all_finite, read_records
+from .parts import held_elsewhere
 from .responses import Response, load_responses, row_id, row_response
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
