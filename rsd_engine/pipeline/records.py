@@ -62,13 +62,13 @@ class RecordWriter:
         try:
             _repair_tail(self.path)
             self.existing = read_records(self.path)
-            # A command's run: its manifest says whether the run reached its end ("finished"; False from here
-            # until then). A run refused before it wrote anything leaves the manifest as it was (__exit__): its
-            # settings too, which check_settings rewrites where the file holds no record yet.
-            self._run = settings is not None
-            self._manifest_was = read_manifest(self.path) if self._run else None
             self.forced = [] if settings is None else check_settings(
                 self.path, settings, has_records=bool(self.existing), force=force, about=about)
+            # A command's run: its manifest says whether the run reached its end ("finished"; False from here
+            # until then). A run refused before it wrote anything leaves the mark as it was (__exit__).
+            self._run = settings is not None
+            held = (read_manifest(self.path) or {}) if self._run else {}
+            self._was = {key: held.get(key) for key in ("finished", "run_started")}
             self._started = time.time()
             if self._run:
                 _mark_finished(self.path, False, self._started)
@@ -117,7 +117,7 @@ class RecordWriter:
         """Leaving the block without an exception is the run's end: its manifest says "finished" (a part whose run
         was stopped says it did not, which `rsd merge` reports). A run on OUT itself (one process) has done the
         work of every part beside it too: their marks say so. A refusal (a ValueError, or another run found busy)
-        before anything was written leaves the manifest as it was, and one that failed before its first record leaves
+        before anything was written leaves the mark as it was, and one that failed before its first record leaves
         no file it created (_remove_if_unused)."""
         try:
             if exc_type is not None and self._remove_if_unused(exc_type):
@@ -128,18 +128,9 @@ class RecordWriter:
                     if not _is_part(self.path):
                         _mark_idle_parts_finished(self.path, self._started)
                 elif issubclass(exc_type, (ValueError, OutputBusy)) and not self._changed:
-                    self._restore_manifest()
+                    _mark_finished(self.path, self._was["finished"], self._was["run_started"])
         finally:
             self.close()
-
-    def _restore_manifest(self) -> None:
-        """The manifest as this writer found it: a run refused before it wrote anything (another file of the command
-        refused, as --format sft's file of unfinished records under other settings) changed no file."""
-        if self._manifest_was is not None:
-            if read_manifest(self.path) != self._manifest_was:
-                write_manifest(self.path, self._manifest_was)
-        else:
-            manifest_path(self.path).unlink(missing_ok=True)
 
     def _remove_if_unused(self, exc_type) -> bool:
         """Remove OUT (and its manifest) where this writer created them and wrote nothing: a run that fails before its
