@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from rsd_engine import Engine, SamplingParams
 from rsd_engine.cli import main
 from rsd_engine.pipeline.data import Problem
-from rsd_engine.pipeline.generate import attempt_seed, is_unfinished
+from rsd_engine.pipeline.generate import attempt_seed, is_unfinished, unfinished_path
+from rsd_engine.pipeline.manifest import manifest_path
 from rsd_engine.pipeline.prompts import ChatPrompt, build_prompt
 from rsd_engine.pipeline.records import read_records
 from rsd_engine.pipeline.traces import check_attempt, select_trace, sft_completion, to_sft, trace_stats
@@ -446,6 +447,27 @@ def test_sft_export_reads_with_datasets(pair, tmp_path, capsys):
         prompt_ids = tok.encode(record["prompt"], add_special_tokens=False)
         assert row["input_ids"] == prompt_ids + record["token_ids"] + [tok.eos_token_id]
         assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * (len(record["token_ids"]) + 1)
+
+
+def test_a_refused_sft_rerun_leaves_both_manifests_as_they_were(pair, tmp_path, capsys):
+    """--format sft opens OUT, then its file of unfinished records: where OUT held no record yet, a rerun under other
+    settings wrote them into OUT's manifest before the other file refused it, and the two manifests of one output
+    disagreed."""
+    data = write_problems(tmp_path / "p.jsonl")
+    out = tmp_path / "sft.jsonl"
+    generate(pair, data, out, "--format", "sft", "--max-new-tokens", "1")  # nothing finished: OUT holds no record
+    assert not read_records(out) and read_records(unfinished_path(out))
+    manifests = [manifest_path(out), manifest_path(unfinished_path(out))]
+    before = [m.read_bytes() for m in manifests]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        generate(pair, data, out, "--format", "sft", "--max-new-tokens", "1", "--seed", "5")
+    assert stopped.value.code == 2 and "holds records made with other settings" in capsys.readouterr().err
+    assert [m.read_bytes() for m in manifests] == before
+    out.unlink()  # OUT gone, its manifest left: refused as well, the manifest as it was
+    with pytest.raises(SystemExit) as stopped:
+        generate(pair, data, out, "--format", "sft", "--max-new-tokens", "1", "--seed", "5")
+    assert stopped.value.code == 2 and not out.exists() and [m.read_bytes() for m in manifests] == before
 
 
 def test_an_sft_file_of_text_only_records_is_not_resumed(pair, tmp_path, capsys):

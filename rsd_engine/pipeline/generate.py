@@ -162,6 +162,12 @@ def run_generate(opts: GenerateOptions, log=print) -> dict:
         _check_format(path, opts.format)
     for path in prefixes_elsewhere:
         _check_format(path, "jsonl")
+    if prefix_target is not None:
+        # Two files, each with its writer: both are checked before either opens (a writer rewrites the manifest of a
+        # file without records), so that a rerun one of them refuses leaves the other's manifest as it was.
+        for path in (target, prefix_target):
+            check_settings(path, settings, has_records=first_record(path) is not None, force=opts.force, about=about,
+                           write=False)
     group = init_process_group(dist, log)
     try:
         with ExitStack() as stack:
