@@ -83,6 +83,23 @@ def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
     assert len({r["id"] for r in kept}) == 3
 
 
+@pytest.mark.parametrize("data_name, extra", [("sel.scores.jsonl", ["--budget", "4", "--force"]),
+                                             ("sel.jsonl.manifest.json", []),
+                                             ("sel.scores.jsonl.manifest.json", ["--budget", "4"])])
+def test_data_named_as_a_file_written_beside_out_is_refused(tmp_path, capsys, data_name, extra):
+    """The files written beside OUT (its manifest, --budget's scores file and that file's manifest) were not checked
+    against --data as OUT is: a dataset named sel.jsonl.manifest.json (JSON, a format --data reads) was written over
+    by the manifest, and --budget --force appended score lines to a dataset named sel.scores.jsonl."""
+    rows = json.dumps(ROWS) if data_name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in ROWS)
+    data, out = tmp_path / data_name, tmp_path / "sel.jsonl"
+    data.write_text(rows)
+    with pytest.raises(SystemExit) as stopped:
+        main(["select", "--by", "random", "--data", str(data), "--out", str(out), "--no-progress", *extra])
+    said = capsys.readouterr().err
+    assert stopped.value.code == 2 and str(data) in said and "give --out another name" in said
+    assert data.read_text() == rows and not out.exists()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_scores_file_that_is_no_regular_file_is_refused(tmp_path, capsys, kind):
     """The scores file --budget writes beside OUT is read back as OUT is: a FIFO there blocked the run for good, a

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .data import special_file
+from .manifest import manifest_path
 
 __all__ = ["check_output_name", "check_not_input", "check_writable", "check_plot_format", "plot_path"]
 
@@ -27,13 +28,23 @@ def check_output_name(path) -> Path:
 def check_not_input(inputs: dict, outputs: dict, apart: tuple[str, str] | None = None) -> None:
     """No output of a command is one of its inputs (flag -> path, or a list of paths; None: not given): records
     appended to the data file they are made from, or a report renamed over it, mix or lose the data. `apart`: two
-    output flags (--out, --plot) that must name two files."""
-    for out_flag, out in outputs.items():
-        for in_flag, sources in inputs.items():
-            for source in sources if isinstance(sources, (list, tuple)) else [sources]:
-                if out is not None and source is not None and _same_file(out, source):
+    output flags (--out, --plot) that must name two files. An output of records (*.jsonl) brings its manifest, written
+    beside it (a dataset named traces.jsonl.manifest.json was written over by --out traces.jsonl's)."""
+    def given(sources):
+        return [x for x in (sources if isinstance(sources, (list, tuple)) else [sources]) if x is not None]
+
+    for in_flag, sources in inputs.items():
+        for source in given(sources):
+            for out_flag, out in outputs.items():
+                if out is None:
+                    continue
+                named = out_flag if out_flag.startswith("--") and " " not in out_flag else "--out"  # (a file beside)
+                if _same_file(out, source):
                     raise ValueError(f"{out_flag} {out} is also {in_flag}: the output would be written into the file "
-                                     f"it reads; give {out_flag} another name")
+                                     f"it reads; give {named} another name")
+                if Path(out).suffix == ".jsonl" and _same_file(manifest_path(out), source):
+                    raise ValueError(f"{in_flag} {source} is the manifest written beside {out_flag} {out}: it would "
+                                     f"be written over; rename that file, or give {named} another name")
     if apart is not None:
         a, b = (outputs.get(flag) for flag in apart)
         if a is not None and b is not None and _same_file(a, b):

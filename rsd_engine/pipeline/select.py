@@ -60,6 +60,7 @@ from .provenance import RUNTIME_OPTIONS, output_settings
 from .ranking import BUDGET_UNITS, RANKINGS, Candidate, Scorer, check_budget, check_by, pick, random_key, select_budget
 from .readers import Reader, other_prompts, other_prompts_warning
 from .records import RecordWriter, all_finite, read_records
+from .output_paths import check_not_input
 from .parts import held_elsewhere
 from .responses import Response, load_responses, row_id, row_response
 
@@ -155,6 +156,9 @@ def make_scorer(opts: SelectOptions, dist: Dist) -> Scorer:
 def run_select(opts: SelectOptions, log=print) -> dict:
     dist = Dist.from_env()
     out, target = output_target(opts.out, opts.data, dist)
+    if opts.budget is not None:
+        check_not_input({"--data": opts.data}, {"--budget's scores file": scores_path(out),
+                                                "its part": rank_target(scores_path(out), dist)})
     scorer = make_scorer(opts, dist)
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
                           id_field=opts.id_field, system_prompt=opts.system_prompt,
