@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rsd_engine.params import MAX_PROPOSAL_TRIALS, SamplingParams
 from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+from rsd_engine.pipeline.progress import context_limit
 from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE
 
 PAPER = SamplingParams()
@@ -181,7 +182,7 @@ def _generate_parser(sub):
     p.add_argument("--max-batch-size", type=_int(1, MAX_SIZE), default=32, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
                    help="KV-cache length per sequence; problems cut short by it are not written (default: "
-                        "longest prompt + --max-new-tokens)")
+                        "longest prompt + --max-new-tokens, up to the models' context)")
     p.add_argument("--draft-tokens", type=_int(0), default=0,
                    help="exact speculative RSD: the student drafts this many tokens, the teacher verifies them in "
                         "one pass; same law of traces, fewer teacher passes (0: plain RSD; default: %(default)s)")
@@ -390,7 +391,8 @@ def _eval_parser(sub):
     p.add_argument("--max-batch-size", type=_int(1, MAX_SIZE), default=32,
                    help="sequences decoded together (default: %(default)s)")
     p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
-                   help="KV-cache length per sequence (default: longest prompt + --max-new-tokens)")
+                   help="KV-cache length per sequence (default: longest prompt + --max-new-tokens, up to the "
+                        "model's context)")
     s = p.add_argument_group("sampling (defaults: the paper's)")
     s.add_argument("--max-new-tokens", type=_int(1, MAX_SIZE), default=4096, help="(default: %(default)s)")
     s.add_argument("--temperature", type=float, default=PAPER.temperature, help="(default: %(default)s)")
@@ -476,9 +478,9 @@ def _generate(args):
 
 def _generate_shortfalls(s: dict) -> list[tuple[int, int | None, str, str]]:
     """rsd generate's (and rsd demo's) shortfalls for _exit_status, from run_generate's summary."""
-    n = (s["problems"], "problems")
-    return [(len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, "were cut short by --max-seq-len"),
-            (len(s["prompt_too_long"]), *n, "were skipped (prompt longer than --max-seq-len)"),
+    n, limit = (s["problems"], "problems"), context_limit(s.get("context"))
+    return [(len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, f"were cut short by {limit}"),
+            (len(s["prompt_too_long"]), *n, f"were skipped (prompt longer than {limit})"),
             (1 if s.get("not_merged") else 0, None, "output", "was not merged (said above)")]
 
 
@@ -504,10 +506,11 @@ def _eval(args):
     # The output's own counts where this rank read it (a rerun that generates nothing still holds them), out of
     # the records it holds (under torchrun or --limit it may hold more than this run's share).
     n = (max(t["problems"] * args.samples, t.get("samples", 0) + t.get("failed_in_output", 0)), "generations")
+    limit = context_limit(t.get("context"))
     return _exit_status("eval", [
         (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
-        (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, "were cut short by --max-seq-len"),
-        (len(t["too_long"]) * args.samples, *n, "were skipped (prompt longer than --max-seq-len)"),
+        (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, f"were cut short by {limit}"),
+        (len(t["too_long"]) * args.samples, *n, f"were skipped (prompt longer than {limit})"),
         (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
 
 

@@ -1077,6 +1077,32 @@ def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
     assert warnings.showwarning is shown_before  # the command's way, for its run only (it leaked into the caller's)
 
 
+def test_the_default_max_seq_len_stops_at_the_models_context(pair, tmp_path, capsys):
+    """--max-seq-len's default (the longest prompt and --max-new-tokens) ran past the models' context with a
+    warning: a prompt longer than the context was generated from, at positions the models were never trained at,
+    and written (a 1.8M-token row ran for minutes). It stops at the context: such a prompt is skipped and named."""
+    short = []
+    for model in pair:
+        folder = shutil.copytree(model, tmp_path / model.name)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
+        short.append(folder)
+    long_question = {"id": "long", "question": "What is " + " + ".join(["1"] * 200) + "?", "answer": "200"}
+    data = write_problems(tmp_path / "p.jsonl", [long_question])
+    for command in ("generate", "eval"):
+        models = ["--teacher", str(short[0]), "--student", str(short[1])] if command == "generate" else [
+            "--model", str(short[1])]
+        out = tmp_path / f"{command}.jsonl"
+        status = main([command, *models, "--data", str(data), "--out", str(out), "--id-field", "id",
+                       "--system-prompt", SYSTEM, "--max-new-tokens", "4", "--no-progress"])
+        said = capsys.readouterr()
+        assert status == 3 and "past the" not in said.err
+        assert "skipped (prompt longer than the models' context (160 positions, --max-seq-len's default)): 1" in said.out
+        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt longer than the models' context", said.out)
+        graded = [p for p in PROBLEMS if command == "generate" or p["answer"] is not None]
+        assert {r["id"] for r in read_records(out)} == {p["id"] for p in graded}
+
+
 def test_warnings_of_other_packages_are_shown_as_python_shows_them(monkeypatch, capsys, recwarn):
     from rsd_engine import cli
 

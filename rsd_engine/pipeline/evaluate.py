@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass, field, replace
 
 from rsd_engine.params import SamplingParams
-from rsd_engine.sizes import MAX_SAMPLES, MAX_SIZE, check_size
+from rsd_engine.sizes import MAX_SAMPLES, check_size
 
 from .answers import ANSWER_CHECK as ANSWER_CHECK_VERSION
 from .answers import check_answer, check_available
 from .data import ChangedProblems, check_held, id_spellings, load_problems, record_id, repeated_warning, shard_problems
 from .distributed import Dist, init_process_group, log_report, merge_or_note, output_target, rank_device
-from .generate import attempt_seed, unreadable_answers
+from .generate import attempt_seed, default_max_seq_len, unreadable_answers
 from .manifest import ANSWER_CHECK
-from .progress import describe_skipped, names, unreadable_warning
+from .progress import context_limit, describe_skipped, names, unreadable_warning
 from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import RecordWriter, read_records
@@ -189,7 +189,8 @@ def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
     prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p, _ in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     longest = max(map(len, prompt_ids.values()))
-    max_seq_len = opts.max_seq_len or min(MAX_SIZE, longest + opts.params.max_new_tokens)
+    max_seq_len, tally["context"] = default_max_seq_len(opts.max_seq_len, longest + opts.params.max_new_tokens,
+                                                        opts.model)
     fits = [(p, s) for p, s in todo if len(prompt_ids[p.id]) < max_seq_len]
     tally["too_long"] = sorted({p.id for p, s in todo if len(prompt_ids[p.id]) >= max_seq_len})
     if not fits:
@@ -330,11 +331,12 @@ def _format_tally(t: dict, target) -> str:
     if t["no_answer"]:
         lines.append(f"skipped problems without a reference answer: {len(t['no_answer'])} ({names(t['no_answer'])})")
     if t["too_long"]:
-        lines.append(f"skipped (prompt longer than --max-seq-len): {len(t['too_long'])} problems")
+        lines.append(f"skipped (prompt longer than {context_limit(t.get('context'))}): {len(t['too_long'])} problems")
     if t["failed"]:
         lines.append(f"failed (error, written with it): {t['failed']} generations")
     if t["cut_short"]:
-        lines.append(f"cut short by --max-seq-len (written as they stopped): {t['cut_short']} generations")
+        lines.append(f"cut short by {context_limit(t.get('context'))} (written as they stopped): {t['cut_short']} "
+                     f"generations")
     if t["unreadable_answers"]:
         lines.append(unreadable_warning(t["unreadable_answers"]))
     if t["changed_kept"]:

@@ -22,6 +22,7 @@ locked, resumed and merged as OUT is, never into the SFT file.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -349,7 +350,7 @@ def _check_format(path: Path, fmt: str):
 
 def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, prefix_writer: RecordWriter | None,
               dist: Dist, tally: Tally, log):
-    engine, prompts, prompt_ids = _prepare(opts, todo, dist)
+    engine, prompts, prompt_ids, tally.context = _prepare(opts, todo, dist)
     note = plain_prompt_note(engine.tokenizer)
     if note:
         log(dist.tag + note)
@@ -428,14 +429,29 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     # Mapped special tokens can make a prompt a little longer in the teacher's space: leave room.
     longest = max(map(len, prompt_ids.values()))
-    max_seq_len = opts.max_seq_len or min(MAX_SIZE, longest + opts.params.max_new_tokens + 16)
+    max_seq_len, context = default_max_seq_len(opts.max_seq_len, longest + opts.params.max_new_tokens + 16,
+                                               opts.teacher, opts.student)
     device = opts.device
     if device == "auto" and dist.world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     engine = Engine(opts.teacher, opts.student, device=device, dtype=opts.dtype, max_batch_size=opts.max_batch_size,
                     max_seq_len=max_seq_len, sampler=opts.sampler, draft_tokens=opts.draft_tokens)
-    return engine, prompts, prompt_ids
+    return engine, prompts, prompt_ids, context
+
+
+def default_max_seq_len(given: int | None, needed: int, *models) -> tuple[int, int | None]:
+    """(max_seq_len, the models' context where it set it): --max-seq-len where given (past a model's context the
+    engine warns), else `needed`, up to the smaller context of `models` (max_position_embeddings): a default past it
+    ran a long prompt at positions the model was never trained at, and wrote what came of it."""
+    from rsd_engine.models.loader import load_config
+
+    if given:
+        return given, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a config's warnings: said when the engine loads it
+        context = min(load_config(model).max_position_embeddings for model in models)
+    return (context, context) if needed > context else (min(MAX_SIZE, needed), None)
 
 
 def _fits(engine, ids: list[int], problem_id: str) -> bool:

@@ -47,6 +47,7 @@ class Tally:
     out: str
     too_long: list = field(default_factory=list)
     cut_short: list = field(default_factory=list)  # ids: an attempt hit --max-seq-len
+    context: int | None = None  # the models' context, where it set --max-seq-len (its default stops there)
     failed: dict = field(default_factory=dict)  # id -> the engine's error message
     duplicates: dict = field(default_factory=dict)  # ids already in the output more than once
     forced: list = field(default_factory=list)  # setting differences appended under --force
@@ -98,7 +99,7 @@ class Tally:
         return {
             "rows": self.rows, "skipped_rows": len(self.skipped), "skipped": list(self.skipped),
             "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
-            "cut_short": list(self.cut_short), "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
+            "cut_short": list(self.cut_short), "context": self.context, "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
             "not_in_data": list(self.not_in_data), "hashed_ids": self.hashed_ids,
             "grading_timed_out": list(self.grading_timed_out), "no_answer": list(self.no_answer),
@@ -140,6 +141,11 @@ def unreadable_warning(ids) -> str:
             f"(2^{{\\lfloor n/2 \\rfloor}}) or as the value")
 
 
+def context_limit(context: int | None) -> str:
+    """What stopped a sequence: --max-seq-len, or the models' context where that set its default."""
+    return (f"the models' context ({context} positions, --max-seq-len's default)" if context else "--max-seq-len")
+
+
 def format_summary(s: dict) -> str:
     lines = [f"problems: {s['problems']} ({s['already_done']} already in the output, {s['written']} written now)"]
     if s["forced"]:
@@ -159,12 +165,14 @@ def format_summary(s: dict) -> str:
         lines.append(f"warning: {n} records in the output are of no problem in --data{why}: {names(s['not_in_data'])}")
     if s["skipped_rows"]:
         lines.append(describe_skipped(s["skipped"], s["rows"]))
+    limit = context_limit(s.get("context"))
     if s["prompt_too_long"]:
-        lines.append(f"skipped (prompt longer than --max-seq-len): {len(s['prompt_too_long'])} "
+        lines.append(f"skipped (prompt longer than {limit}): {len(s['prompt_too_long'])} "
                      f"({names(s['prompt_too_long'])})")
     if s["cut_short"]:
-        lines.append(f"not written, cut short by --max-seq-len: {len(s['cut_short'])} ({names(s['cut_short'])}); "
-                     f"raise --max-seq-len and rerun to redo them")
+        redo = ("a --max-seq-len past it runs them on, at positions the models were never trained at" if s.get("context")
+                else "raise --max-seq-len and rerun to redo them")
+        lines.append(f"not written, cut short by {limit}: {len(s['cut_short'])} ({names(s['cut_short'])}); {redo}")
     if s["failed"]:
         shown = "; ".join(f"{pid}: {why}" for pid, why in list(s["failed"].items())[:5])
         more = f"; and {len(s['failed']) - 5} more" if len(s["failed"]) > 5 else ""
