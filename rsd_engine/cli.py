@@ -506,7 +506,7 @@ def _eval(args):
     # The output's own counts where this rank read it (a rerun that generates nothing still holds them), out of
     # the records it holds (under torchrun or --limit it may hold more than this run's share).
     n = (max(t["problems"] * args.samples, t.get("samples", 0) + t.get("failed_in_output", 0)), "generations")
-    limit = context_limit(t.get("context"))
+    limit = context_limit(t.get("context"), "the model's")
     return _exit_status("eval", [
         (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
         (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, f"were cut short by {limit}"),

@@ -1097,8 +1097,10 @@ def test_the_default_max_seq_len_stops_at_the_models_context(pair, tmp_path, cap
                        "--system-prompt", SYSTEM, "--max-new-tokens", "4", "--no-progress"])
         said = capsys.readouterr()
         assert status == 3 and "past the" not in said.err
-        assert "skipped (prompt longer than the models' context (160 positions, --max-seq-len's default)): 1" in said.out
-        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt longer than the models' context", said.out)
+        whose = "models'" if command == "generate" else "model's"
+        assert f"skipped (prompt longer than the {whose} context (160 positions, --max-seq-len's default)): 1" in said.out
+        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt longer than the {whose} context",
+                         said.out)
         graded = [p for p in PROBLEMS if command == "generate" or p["answer"] is not None]
         assert {r["id"] for r in read_records(out)} == {p["id"] for p in graded}
 

@@ -330,12 +330,13 @@ def _format_tally(t: dict, target) -> str:
         lines.append(describe_skipped(t["skipped_rows"], t["rows"]))
     if t["no_answer"]:
         lines.append(f"skipped problems without a reference answer: {len(t['no_answer'])} ({names(t['no_answer'])})")
+    limit = context_limit(t.get("context"), "the model's")
     if t["too_long"]:
-        lines.append(f"skipped (prompt longer than {context_limit(t.get('context'))}): {len(t['too_long'])} problems")
+        lines.append(f"skipped (prompt longer than {limit}): {len(t['too_long'])} problems")
     if t["failed"]:
         lines.append(f"failed (error, written with it): {t['failed']} generations")
     if t["cut_short"]:
-        lines.append(f"cut short by {context_limit(t.get('context'))} (written as they stopped): {t['cut_short']} "
+        lines.append(f"cut short by {limit} (written as they stopped): {t['cut_short']} "
                      f"generations")
     if t["unreadable_answers"]:
         lines.append(unreadable_warning(t["unreadable_answers"]))

@@ -141,9 +141,9 @@ def unreadable_warning(ids) -> str:
             f"(2^{{\\lfloor n/2 \\rfloor}}) or as the value")
 
 
-def context_limit(context: int | None) -> str:
+def context_limit(context: int | None, whose: str = "the models'") -> str:
     """What stopped a sequence: --max-seq-len, or the models' context where that set its default."""
-    return (f"the models' context ({context} positions, --max-seq-len's default)" if context else "--max-seq-len")
+    return f"{whose} context ({context} positions, --max-seq-len's default)" if context else "--max-seq-len"
 
 
 def format_summary(s: dict) -> str:
