@@ -243,6 +243,23 @@ def test_all_truncated_is_an_error_naming_the_option(tiny_pair, tmp_path, capsys
     assert "all 1 usable responses were cut off by the length limit" in err and "--include-truncated" in err
 
 
+@pytest.mark.parametrize("ids", [(1, "1"), ("a", "a")])
+def test_an_id_holding_different_questions_is_refused_as_select_refuses_it(tiny_pair, tmp_path, capsys, ids):
+    # They were traced as samples 0 and 1 of one problem, which provenance-report then resampled as one.
+    out = tmp_path / "s.jsonl"
+    mixed = [{**ROWS[0], "id": ids[0]}, {**ROWS[1], "id": ids[1]}]
+    with pytest.raises(SystemExit) as exit_info:
+        main(provenance_argv(tiny_pair, write_rows(tmp_path / "mixed.jsonl", mixed), out))
+    assert exit_info.value.code == 2
+    assert (f"id '{ids[1]}' holds 2 different questions: 'What is 2 + 2?'; 'What is 3 + 3?'. rsd provenance reads "
+            f"an id's rows as samples of one problem") in capsys.readouterr().err
+    assert not out.exists()
+    # Samples of one question (rsd eval writes several per problem) are one problem's responses.
+    samples = [{**ROWS[0], "id": ids[0]}, {**ROWS[0], "id": ids[1], "response": "Four. The answer is \\boxed{4}."}]
+    lines = provenance(tiny_pair, write_rows(tmp_path / "samples.jsonl", samples), out)
+    assert {(s["id"], s["sample"]) for s in lines} == {(str(ids[1]), 0), (str(ids[1]), 1)}
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 def test_changed_response_is_named_refused_and_traced_again_under_force(tiny_pair, tmp_path, capsys):

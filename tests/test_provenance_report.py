@@ -359,6 +359,43 @@ def test_no_complete_response_is_named_as_such(tmp_path, capsys):
     assert json.loads(out.read_text())["lines_used"] == 3
 
 
+def test_ids_written_two_ways_that_read_as_one_are_refused(tmp_path, capsys):
+    """Lines of ids 1 and "1" of one sample were read as two versions of one response: the one written first
+    vanished ("lines 5 used 3"), without a word."""
+    one = sentence_lines([("1", 0, True, [T, S])], response_hash="h1")
+    other = sentence_lines([("1", 0, False, [S, SH, T])], response_hash="h2")
+    for line in one:
+        line["id"] = 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance-report", str(write_lines(tmp_path / "s.jsonl", one + other))])
+    assert exit_info.value.code == 2
+    assert "lines 1 and 3 give id 1 and '1', which read as one id" in capsys.readouterr().err
+
+
+def test_a_copy_of_a_line_that_differs_is_refused_and_an_identical_one_read_once(tmp_path, capsys):
+    """A duplicated sentence line with other numbers replaced the original: the figures changed, without a word."""
+    lines = sentence_lines(CASE, response_hash="h")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["provenance-report", str(write_lines(tmp_path / "s.jsonl", lines + [{**lines[0], "p_student": 0.95}]))])
+    assert exit_info.value.code == 2
+    assert ("lines 1 and 10 are both sentence 0 of id a sample 0 (one version of its text) but differ in p_student"
+            in capsys.readouterr().err)
+    responses, read = read_sentences(write_lines(tmp_path / "t.jsonl", lines + [lines[0]]), Rule())
+    assert [len(r.categories) for r in responses] == [2, 2, 4, 1] and read["lines_used"] == 9
+
+
+def test_responses_missing_a_line_are_left_out_counted_and_named(tmp_path, capsys):
+    """A response missing one of its sentence lines dropped out of every figure; only lines_used told."""
+    lines = [line for line in sentence_lines(CASE, response_hash="h") if (line["id"], line["index"]) != ("b", 2)]
+    out = tmp_path / "r.json"
+    assert main(["provenance-report", str(write_lines(tmp_path / "s.jsonl", lines)), "--resamples", "10",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ": 3 responses, 5 sentences" in printed
+    assert "left out, some of their sentence lines missing: 1 responses (b/0); a run cut short" in printed
+    assert json.loads(out.read_text())["incomplete"] == {"count": 1, "first": ["b/0"]}
+
+
 def test_a_missing_input_or_an_output_over_it_is_refused_as_such(tmp_path, capsys):
     """A missing sentences file was 'no sentence lines'; --out or --plot naming the input would have renamed the
     report over the sentences."""

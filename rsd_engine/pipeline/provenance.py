@@ -33,7 +33,7 @@ from .records import RecordWriter, read_records
 from .parts import held_elsewhere
 from .output_paths import check_not_input, check_output_name, check_writable, check_plot_format
 from .reports import check_plot_out, plot_file
-from .responses import load_responses
+from .responses import check_one_question_per_id, load_responses
 from .sentences import READING
 from .tracing import Tracer
 
@@ -101,6 +101,9 @@ def run_provenance(opts: ProvenanceOptions, log=print) -> dict:
     data = load_responses(opts.data, question_field=opts.question_field, response_field=opts.response_field,
                           id_field=opts.id_field, system_prompt=opts.system_prompt,
                           include_truncated=opts.include_truncated)
+    check_one_question_per_id(data.responses, opts.data, "rsd provenance reads an id's rows as samples of one "
+                                                         "problem (rsd provenance-report resamples problems by id), "
+                                                         "so these problems would be mixed")
     responses = data.responses[: opts.limit] if opts.limit else data.responses
     mine = responses[dist.rank:: dist.world_size]
     moved = other_prompts(responses, tracer.readers["student"]) if dist.rank == 0 else []

@@ -3,7 +3,8 @@ and `rsd provenance-report`: the analysis the papers draw, from the stored sente
 under any category rule, without running a model.
 
 The analysis, over the responses of a `rsd provenance` output (the newest lines of each (id,
-sample); responses cut off by the length limit left out unless asked for):
+sample); responses cut off by the length limit left out unless asked for, responses missing a sentence line
+left out and named):
 - category shares over all sentences, over the sentences of correct and of incorrect answers, and
   per response;
 - shares by relative position: sentence i of n sits at (i + 0.5) / n and falls in one of `bins`
@@ -32,6 +33,7 @@ from .output_paths import check_not_input, check_plot_format
 from .reports import check_plot_out, check_report_out, plot_file, save_plot, write_report
 
 SHOWN_RESPONSES = 20  # rows of the printed per-response table
+SHOWN_INCOMPLETE = 5  # responses named as left out for missing sentence lines
 PLOTTED_RESPONSES = 40
 COLOURS = {"teacher": "#d62728", "student": "#1f77b4", "shared": "#bbbbbb", "boosted": "#2ca02c"}
 
@@ -121,8 +123,9 @@ class ScoredResponse:
 def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
     """The responses of a `rsd provenance` output, re-categorised under `rule` from their stored
     probabilities: of each (id, sample) the newest complete version (provenance.current_sentences:
-    a response traced again after its text changed is appended later; a torn one is left out).
-    Refuses lines without the fields the analysis needs."""
+    a response traced again after its text changed is appended later; a torn one is left out, and a response
+    without a complete version is counted and named in "incomplete"). Refuses lines without the fields the analysis
+    needs, ids written two ways that read as one (1 and "1"), and two copies of a line of one version that differ."""
     from .provenance import current_sentences
 
     if not Path(path).is_file():
@@ -133,10 +136,21 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
         raise ValueError(f"{path}: no sentence lines (is it the --out of rsd provenance?)")
     for number, line in enumerate(lines, 1):
         _check_line(path, number, line)
-    current = current_sentences(lines)
+    _check_ids(path, lines)
+    numbers = {id(line): number for number, line in enumerate(lines, 1)}  # current_sentences keeps the lines
     by_index: dict[tuple[str, int], dict[int, dict]] = {}
-    for line in current:  # wherever its lines lie; the same version written again later replaces the earlier copy
-        by_index.setdefault((str(line["id"]), line.get("sample", 0)), {})[line["index"]] = line
+    for line in current_sentences(lines):  # wherever its lines lie
+        held = by_index.setdefault((str(line["id"]), line.get("sample", 0)), {})
+        earlier = held.get(line["index"])
+        # A version's line is written once: a copy is the same line, one that differs is not. Lines of an older
+        # rsd without a text hash cannot tell versions apart; there the later copy replaces the earlier.
+        if earlier is not None and earlier != line and line.get("response_hash") is not None:
+            differ = ", ".join(name for name in dict.fromkeys([*earlier, *line]) if earlier.get(name) != line.get(name))
+            raise ValueError(f"{path}: lines {numbers[id(earlier)]} and {numbers[id(line)]} are both sentence "
+                             f"{line['index']} of id {line['id']} sample {line.get('sample', 0)} (one version of its "
+                             f"text) but differ in {differ}: the file was edited or joined from other runs; keep one "
+                             f"of the two, or trace the responses again into another --out")
+        held[line["index"]] = line
     groups = {key: [lines_[i] for i in sorted(lines_)] for key, lines_ in by_index.items()}
     if not groups:
         raise ValueError(f"{path}: no response has all of its sentence lines (the {len(lines)} lines belong to "
@@ -149,7 +163,23 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
         correct = first.get("correct")
         finish = "length" if first.get("truncated") else first.get("finish_reason")
         responses.append(ScoredResponse(rid, sample, cats, correct if isinstance(correct, bool) else None, finish))
-    return responses, {"lines": len(lines), "lines_used": sum(map(len, groups.values())), "recategorised": changed}
+    incomplete = [f"{rid}/{sample}" for rid, sample in dict.fromkeys((str(line["id"]), line.get("sample", 0))
+                                                                      for line in lines) if (rid, sample) not in groups]
+    return responses, {"lines": len(lines), "lines_used": sum(map(len, groups.values())), "recategorised": changed,
+                       "incomplete": {"count": len(incomplete), "first": incomplete[:SHOWN_INCOMPLETE]}}
+
+
+def _check_ids(path, lines):
+    """Refuses ids written two ways that read as one (1 and "1"): rsd provenance writes every id as text, so these
+    are lines of two problems that would be taken as one's (of one sample, as one response's)."""
+    first: dict[str, tuple[int, object]] = {}
+    for number, line in enumerate(lines, 1):
+        rid = line["id"]
+        first_number, first_id = first.setdefault(str(rid), (number, rid))
+        if type(first_id) is not type(rid):
+            raise ValueError(f"{path}: lines {first_number} and {number} give id {first_id!r} and {rid!r}, which read "
+                             f"as one id: the lines of two problems would be mixed; rsd provenance writes every id as "
+                             f"text, so the file was made or joined elsewhere: give each problem its own id")
 
 
 def _check_line(path, number, line):
@@ -340,6 +370,12 @@ def format_report(report: dict, *, distilled: bool = False) -> str:
     if t["count"]:
         lines.append(f"cut off by the length limit: {t['count']} responses "
                      f"({'included' if t['included'] else 'left out; --include-truncated to keep them'})")
+    gone = report.get("incomplete")  # read_sentences says it; a report analysed from other responses may not
+    if gone and gone["count"]:
+        more = ", ..." if gone["count"] > len(gone["first"]) else ""
+        lines.append(f"left out, some of their sentence lines missing: {gone['count']} responses "
+                     f"({', '.join(gone['first'])}{more}); a run cut short: rerun rsd provenance with the same --out "
+                     f"to finish them")
     if report["unjudged"]:
         lines.append(f"without a 'correct' field: {report['unjudged']} responses (left out of the split by "
                      f"correctness)")

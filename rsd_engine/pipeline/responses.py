@@ -5,8 +5,9 @@ before it), as read by `rsd provenance` and `rsd select`.
 Every response has a key (id, sample): the id from --id-field when the row has one (else a hash of
 the question text, as `rsd generate` does: a reordered file resumes correctly), the sample from the
 row's `sample` field (`rsd eval` output), else the count of earlier rows with the same id, so
-several candidates per problem stay apart. Unusable rows (missing fields, empty responses, text that
-is not valid Unicode such as a lone surrogate, generations that failed: `finish_reason` "error")
+several candidates per problem stay apart; an id names one problem, so one whose rows hold different
+questions is refused by both commands (check_one_question_per_id). Unusable rows (missing fields, empty
+responses, text that is not valid Unicode such as a lone surrogate, generations that failed: `finish_reason` "error")
 are skipped and listed; a `sample` that is no integer >= 0, a `correct` that is not true or false and
 a `finish_reason` that is not a string are errors (_malformed); no usable row at all is an error. A
 response cut off by the length limit (`finish_reason` "length", as `rsd eval` writes it) is not a
@@ -124,6 +125,24 @@ def load_responses(path, *, question_field="question", response_field="response"
                          f"the first row: {first}. Expected --question-field {question_field!r} and --response-field "
                          f"{response_field!r}, or chat 'messages'.")
     return ResponseSet(responses, skipped, len(rows), has_ids, truncated)
+
+
+def check_one_question_per_id(responses: list[Response], source, why: str) -> None:
+    """Refuses an id whose responses hold different questions (ids 1 and "1" are one id, "1"): an id names one
+    problem, whose rows are its samples or candidates, so two problems under one id would be read as one. `why`:
+    what the command would do with them."""
+    questions: dict[str, list[str]] = {}
+    for r in responses:
+        questions.setdefault(r.id, [])
+        if r.question not in questions[r.id]:
+            questions[r.id].append(r.question)
+    mixed = {pid: held for pid, held in questions.items() if len(held) > 1}
+    if mixed:
+        pid, held = next(iter(mixed.items()))
+        shown = "; ".join(repr(q if len(q) <= 80 else q[:77] + "...") for q in held[:3])
+        more = f" ({len(mixed) - 1} more ids like it)" if len(mixed) > 1 else ""
+        raise ValueError(f"{source}: id {pid!r} holds {len(held)} different questions: {shown}{more}. {why}; give "
+                         f"each problem its own id (or name another column with --id-field)")
 
 
 def row_id(row, *, question_field="question", response_field="response", id_field="id",

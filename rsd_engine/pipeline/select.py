@@ -62,7 +62,7 @@ from .readers import Reader, other_prompts, other_prompts_warning
 from .records import RecordWriter, all_finite, read_records
 from .output_paths import check_not_input
 from .parts import held_elsewhere
-from .responses import Response, load_responses, row_id, row_response
+from .responses import Response, check_one_question_per_id, load_responses, row_id, row_response
 
 __all__ = ["RANKINGS", "BUDGET_UNITS", "Candidate", "Scorer", "SelectOptions", "check_by", "pick", "random_key",
            "select_budget", "provenance_chooser", "run_select", "scores_path"]
@@ -482,18 +482,11 @@ def _kept_row_change(row: dict, candidates: list[Response], opts) -> str | None:
 
 def group_candidates(responses: list[Response], source) -> dict[str, list[Response]]:
     """{id: its candidates, in input order}; refuses an id whose rows hold different questions."""
+    check_one_question_per_id(responses, source, "rsd select keeps one candidate per id, so one of these problems "
+                                                 "would be lost")
     problems: dict[str, list[Response]] = {}
     for r in responses:
         problems.setdefault(r.id, []).append(r)
-    mixed = {pid: list(dict.fromkeys(r.question for r in rows)) for pid, rows in problems.items()}
-    mixed = {pid: questions for pid, questions in mixed.items() if len(questions) > 1}
-    if mixed:
-        pid, questions = next(iter(mixed.items()))
-        shown = "; ".join(repr(q if len(q) <= 80 else q[:77] + "...") for q in questions[:3])
-        more = f" ({len(mixed) - 1} more ids like it)" if len(mixed) > 1 else ""
-        raise ValueError(f"{source}: id {pid!r} holds {len(questions)} different questions: {shown}{more}. rsd select "
-                         f"keeps one candidate per id, so one of these problems would be lost; give each problem its "
-                         f"own id (or name another column with --id-field)")
     return problems
 
 
