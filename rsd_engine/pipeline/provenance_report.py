@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .categories import CATEGORIES, Rule
-from .records import read_records
+from .records import read_records, same_record
 from .output_paths import check_not_input, check_plot_format
 from .reports import check_plot_out, check_report_out, plot_file, save_plot, write_report
 
@@ -142,9 +142,10 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
     for line in current_sentences(lines):  # wherever its lines lie
         held = by_index.setdefault((str(line["id"]), line.get("sample", 0)), {})
         earlier = held.get(line["index"])
-        # A version's line is written once: a copy is the same line, one that differs is not. Lines of an older
-        # rsd without a text hash cannot tell versions apart; there the later copy replaces the earlier.
-        if earlier is not None and earlier != line and line.get("response_hash") is not None:
+        # A version's line is written once: a copy is the same line (to float rounding), one that differs is not.
+        # Lines of an older rsd without a text hash cannot tell versions apart; there the later copy replaces the
+        # earlier.
+        if earlier is not None and not same_record(earlier, line) and line.get("response_hash") is not None:
             differ = ", ".join(name for name in dict.fromkeys([*earlier, *line]) if earlier.get(name) != line.get(name))
             raise ValueError(f"{path}: lines {numbers[id(earlier)]} and {numbers[id(line)]} are both sentence "
                              f"{line['index']} of id {line['id']} sample {line.get('sample', 0)} (one version of its "
