@@ -37,7 +37,8 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"device={device!r} is not supported: rsd runs on CPU or CUDA devices; use 'auto', 'cpu', "
                          f"'cuda' or 'cuda:N'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA device is available: use device='cpu' or 'auto'")
+        raise ValueError(f"device={device!r} was asked for but no CUDA device is available: use device='cpu' or "
+                         f"'auto'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device={device!r}: there is no CUDA device {resolved.index} (this machine has "
                          f"{torch.cuda.device_count()}: 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}')")

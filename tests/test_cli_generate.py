@@ -911,6 +911,9 @@ def test_a_cuda_index_past_the_machines_devices_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"^device='cuda:2': there is no CUDA device 2 \(this machine has 2: 'cuda:0' "
                                          r"to 'cuda:1'\)$"):
         resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the device asked for, as it was spelled
+    with pytest.raises(ValueError, match=r"^device='cuda:7' was asked for but no CUDA device is available"):
+        resolve_device("cuda:7")
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "score", "provenance", "select"])

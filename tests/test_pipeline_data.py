@@ -275,10 +275,11 @@ def test_float_ids_are_written_as_integers_and_resume_their_old_records(tmp_path
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": 1.0, "question": "q1"}\n{"id": 2, "question": "q2"}\n{"id": NaN, "question": "q3"}\n'
                     '{"id": 1e16, "question": "q4"}\n{"id": 2.5, "question": "q5"}\n{"id": "3.0", "question": "q6"}\n'
-                    '{"id": true, "question": "q7"}\n')
+                    '{"id": true, "question": "q7"}\n{"id": Infinity, "question": "q8"}\n{"id": -1e400, "question": "q9"}\n')
     loaded = load_problems(path, answer_field=None)
     assert [p.id for p in loaded.problems] == ["1", "2", "10000000000000000", "2.5", "3.0", "True"]
-    assert loaded.skipped == [(2, "no 'id' id")]
+    # An infinite id (1e400 reads as one) was the text "inf", one id for every such row.
+    assert loaded.skipped == [(2, "no 'id' id"), (7, "'id' is inf, not an id"), (8, "'id' is -inf, not an id")]
     problems = loaded.problems
     held = [{"id": "1.0", "question": "q1", "status": "prefix"}, {"id": "2.0", "question": "q2", "status": "prefix"},
             {"id": "1e+16", "question": "q4", "status": "prefix"}, {"id": "3", "question": "q6", "status": "prefix"}]

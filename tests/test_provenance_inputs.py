@@ -513,6 +513,19 @@ def test_a_malformed_last_line_is_an_error_naming_it(tmp_path, capsys):
     assert not (tmp_path / "sel.jsonl").exists()
 
 
+def test_a_response_whose_id_is_no_finite_number_is_skipped(tmp_path):
+    """A NaN id (a table's missing value) or an infinite one (1e400 reads as one) was the text "nan" or "inf": the
+    rows of every such problem under one id."""
+    from rsd_engine.pipeline.responses import load_responses
+
+    data = tmp_path / "c.jsonl"
+    data.write_text('{"id": NaN, "question": "q1", "response": "r1"}\n{"id": 1e400, "question": "q2", "response": '
+                    '"r2"}\n{"id": 3, "question": "q3", "response": "r3"}\n')
+    loaded = load_responses(data)
+    assert [r.id for r in loaded.responses] == ["3"]
+    assert [why for _, why in loaded.skipped] == ["'id' is nan, not an id", "'id' is inf, not an id"]
+
+
 def test_an_input_with_a_byte_order_mark_is_read(tmp_path, capsys):
     from rsd_engine.pipeline.responses import load_responses
 

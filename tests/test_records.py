@@ -54,6 +54,19 @@ def test_complete_record_without_newline_is_kept(tmp_path):
     assert [r["id"] for r in read_records(out)] == ["a", "b", "c"]
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """A file saved by an editor that adds a byte order mark (rsd provenance-report's sentences, a merged output) read
+    as "line 1: not a JSON object; the file was changed by something else", and the mark before a last line without
+    its newline made the writer cut that record away."""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'\xef\xbb\xbf{"id": "a"}\n{"id": "b"}\n')
+    assert [r["id"] for r in read_records(out)] == ["a", "b"]
+    out.write_bytes(b'\xef\xbb\xbf{"id": "a"}')
+    with RecordWriter(out) as writer:
+        writer.write({"id": "c"})
+    assert [r["id"] for r in read_records(out)] == ["a", "c"]
+
+
 def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')

@@ -134,6 +134,8 @@ def _problem(row, question_field, answer_field, id_field) -> tuple[Problem | Non
         problem_id = question_id(question)
     elif _missing_id(row.get(id_field)):
         return None, f"no {id_field!r} id"
+    elif isinstance(row[id_field], float) and math.isinf(row[id_field]):  # (1e400 reads as inf): every one "inf"
+        return None, f"{id_field!r} is {row[id_field]}, not an id"
     else:
         problem_id, float_id = _id_text(row[id_field])
     answer = row.get(answer_field) if answer_field is not None else None

@@ -269,8 +269,8 @@ def _repair_tail(path: Path) -> None:
 
 
 def _parse_record(raw: bytes) -> dict | None:
-    try:
-        record = parse_json(raw.decode("utf-8"))
+    try:  # (after a byte order mark, an editor's save, as --data is read)
+        record = parse_json(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) else None

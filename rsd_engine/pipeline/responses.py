@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def _response(number, row, question_field, response_field, id_field, system_prom
     rid = row.get(id_field)
     if isinstance(rid, (dict, list)):
         return None, f"{id_field!r} is a {type(rid).__name__}, not an id"
+    if isinstance(rid, float) and not math.isfinite(rid):  # (NaN: a table's missing value; every one would be "nan")
+        return None, f"{id_field!r} is {rid}, not an id"
     rid = None if rid is None else str(rid)
     sample = row.get("sample")
     sample = -1 if sample is None else sample  # -1: numbered by its place among the id's rows
