@@ -28,7 +28,8 @@ from .distributed import Dist, init_process_group, log_report, merge_or_note, ou
 from .generate import attempt_seed, default_max_seq_len, unreadable_answers
 from .manifest import ANSWER_CHECK
 from .progress import context_limit, describe_skipped, names, unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
+from .prompts import (DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, control_text, control_text_warning,
+                      plain_prompt_note)
 from .provenance import RUNTIME_OPTIONS, output_settings
 from .records import RecordWriter, read_records
 from .parts import held_elsewhere, others_state, recheck_elsewhere, unmerged_parts
@@ -150,6 +151,9 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
                 note = plain_prompt_note(tokenizer, "model")
                 if note:
                     log(dist.tag + note)
+                spelled = control_text(tokenizer, {p.id: p.question for p, _ in todo})
+                if spelled:
+                    log(dist.tag + control_text_warning(spelled, "model"))
                 _eval(opts, todo, tokenizer, writer, tally, dist)
         log_report(dist, _format_tally(tally, target), target, log)
         merge_or_note(dist, group, {out: elsewhere}, tally, log)

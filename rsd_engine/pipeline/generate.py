@@ -38,7 +38,8 @@ from .distributed import Dist, init_process_group, log_report, merge_or_note, ou
 from .manifest import (ANSWER_CHECK, COMMAND, MODEL_DTYPE, TOKEN_SPACE, check_settings, input_identity, model_dtype,
                        model_fingerprint)
 from .progress import ProgressBar, Tally, format_summary, names, unreadable_warning
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, plain_prompt_note
+from .prompts import (DEFAULT_SYSTEM_PROMPT, build_prompt, changed_prompts, control_text, control_text_warning,
+                      plain_prompt_note)
 from .records import RecordWriter, duplicate_ids, first_record, read_records
 from .parts import held_elsewhere, others_state, recheck_elsewhere, refuse_if_busy
 from .output_paths import check_not_input, check_output_name, check_writable
@@ -354,6 +355,9 @@ def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, 
     note = plain_prompt_note(engine.tokenizer)
     if note:
         log(dist.tag + note)
+    spelled = control_text(engine.tokenizer, {p.id: p.question for p in todo})
+    if spelled:
+        log(dist.tag + control_text_warning(spelled))
     fits = {p.id: _fits(engine, prompt_ids[p.id], p.id) for p in todo}
     tally.too_long.extend(pid for pid, ok in fits.items() if not ok)
     todo = [p for p in todo if fits[p.id]]

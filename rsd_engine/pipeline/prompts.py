@@ -15,6 +15,7 @@ raises does.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -95,6 +96,28 @@ def plain_prompt_note(tokenizer, role: str = "student") -> str | None:
         pass
     return (f"note: the {role}'s tokenizer has no chat template, so prompts are plain text (the system prompt, a "
             f"blank line, the question, a blank line{bos}); a chat model wants its template in tokenizer_config.json")
+
+
+def control_text(tokenizer, texts: dict[str, str]) -> dict[str, list[str]]:
+    """{id: the added tokens (<|im_end|>, <think>) spelled in its text} for the texts that spell one: the tokenizer
+    reads such text as those tokens, so a question holding "<|im_end|>" ends its own turn (as apply_chat_template
+    and a fine-tuning on the traces read it too)."""
+    pieces = sorted({t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content.strip()},
+                    key=len, reverse=True)
+    if not pieces:
+        return {}
+    pattern = re.compile("|".join(map(re.escape, pieces)))
+    found = {key: list(dict.fromkeys(pattern.findall(text))) for key, text in texts.items()}
+    return {key: spelled for key, spelled in found.items() if spelled}
+
+
+def control_text_warning(found: dict[str, list[str]], role: str = "student") -> str:
+    from .progress import names
+
+    spelled = list(dict.fromkeys(piece for pieces in found.values() for piece in pieces))
+    return (f"warning: the questions of {len(found)} problems spell the {role}'s control tokens "
+            f"({', '.join(spelled[:4])}{', ...' if len(spelled) > 4 else ''}), which its tokenizer reads as those tokens "
+            f"(a turn ended, a block opened), not as text: {names(list(found))}")
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
