@@ -187,6 +187,20 @@ def test_an_empty_index_or_one_not_an_object_is_named(sharded_source, tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_a_shard_outside_the_folder_is_refused(sharded_source, tmp_path, where):
+    """An index naming ../outside.safetensors (or an absolute path) loaded that file's weights, silently."""
+    folder = shutil.copytree(sharded_source, tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    outside = shard.rename(tmp_path / "outside.safetensors")
+    name = "../outside.safetensors" if where == "relative" else str(outside)
+    index = _spoil_index(folder, lambda i: {**i, "weight_map": {
+        tensor: name if file == shard.name else file for tensor, file in i["weight_map"].items()}})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(index))}: weight_map names {re.escape(repr(name))} "
+                                         r"for .*weight, a file outside the model folder"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize("name, shape", [("model.layers.0.self_attn.o_proj.bias", (64,)),
                                          ("model.layers.1.self_attn.q_proj.bias", (64,)),
                                          ("model.layers.0.mlp.down_proj.bias", (64,)),
