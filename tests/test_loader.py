@@ -303,6 +303,15 @@ CONFIG_DAMAGE = {
                             r"/m/config.json: rope_parameters.rope_theta = inf, where a finite positive number"),
     "unsupported-architecture-named": (lambda f: edit_config(f, architectures=["MambaForCausalLM"]),
                                        r"/m/config.json: unsupported architecture: MambaForCausalLM"),
+    # Sizes past any real model's were a RuntimeError (or TypeError) from deep inside torch when it was built.
+    "hidden-size-past-2**31": (lambda f: edit_config(f, hidden_size=2**31, head_dim=2**29),
+                               r"/m/config.json: hidden_size = 2147483648, where a positive integer is needed "
+                               r"\(at most 2\*\*31 - 1 = 2147483647\)"),
+    "intermediate-size-2**62": (lambda f: edit_config(f, intermediate_size=2**62),
+                                r"/m/config.json: intermediate_size = 4611686018427387904, where a positive integer"),
+    "weight-past-2**61-elements": (lambda f: edit_config(f, hidden_size=2**30, intermediate_size=2**31 - 1),
+                                   r"/m/config.json: 2 \* intermediate_size x hidden_size \(gate and up_proj\) = "
+                                   r"4294967294 x 1073741824 = \d+ elements in one weight, where at most 2\*\*61"),
     # Was run with SiLU whatever hidden_act said.
     "hidden-act-gelu": (lambda f: edit_config(f, hidden_act="gelu"),
                         r"hidden_act 'gelu' is not supported; the MLP is SwiGLU, so hidden_act must be one of "
