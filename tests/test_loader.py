@@ -303,6 +303,13 @@ CONFIG_DAMAGE = {
                             r"/m/config.json: rope_parameters.rope_theta = inf, where a finite positive number"),
     "unsupported-architecture-named": (lambda f: edit_config(f, architectures=["MambaForCausalLM"]),
                                        r"/m/config.json: unsupported architecture: MambaForCausalLM"),
+    # A supported architecture named after another model's model_type: transformers printed its config (40 lines)
+    # and the error blamed the tokenizer.
+    "model-type-of-another-architecture": (
+        lambda f: edit_config(f, model_type="mamba", architectures=["MambaForCausalLM", "Qwen3ForCausalLM"]),
+        r"/m/config.json: model_type = 'mamba' with architectures = \['MambaForCausalLM', 'Qwen3ForCausalLM'\]: "
+        r"Qwen3ForCausalLM is model_type 'qwen3', .*Supported: LlamaForCausalLM \(model_type 'llama'\), "
+        r"Qwen2ForCausalLM \(model_type 'qwen2'\), Qwen3ForCausalLM \(model_type 'qwen3'\)"),
     # Sizes past any real model's were a RuntimeError (or TypeError) from deep inside torch when it was built.
     "hidden-size-past-2**31": (lambda f: edit_config(f, hidden_size=2**31, head_dim=2**29),
                                r"/m/config.json: hidden_size = 2147483648, where a positive integer is needed "

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the MLP's SiLU(gate) * up; transformers' ACT2FN names SiLU both ways
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -121,6 +122,14 @@ def _architecture(config: dict) -> str:
     archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
+            # transformers reads the config (and picks the tokenizer) by model_type, this loader by architecture:
+            # another model's type was a transformers config dump, then an error that blamed the tokenizer.
+            model_type = config.get("model_type", MODEL_TYPES[arch])
+            if model_type != MODEL_TYPES[arch]:
+                supported = ", ".join(f"{a} (model_type {t!r})" for a, t in MODEL_TYPES.items())
+                raise ValueError(f"config.json: model_type = {model_type!r} with architectures = {archs}: "
+                                 f"{arch} is model_type {MODEL_TYPES[arch]!r}, so the two name different models. "
+                                 f"Supported: {supported}")
             if config.get("auto_map"):
                 warnings.warn(f"config.json has auto_map (custom modelling code, never run here): the model is loaded "
                               f"as the built-in {arch}; if its own code computes something else, so will this",
