@@ -291,6 +291,64 @@ def test_a_template_that_dates_its_prompt_gets_one_date_every_day(tiny_tokenizer
     assert dated_template(tok)  # today's, whatever it is given: no telling another prompt from another day
 
 
+RAISES_ON_A_ROW = ("{% for m in messages %}{% if 'boom' in m.content %}{{ raise_exception('bad content') }}{% endif %}"
+                   "{% endfor %}" + CHAT_TEMPLATE)
+TEMPLATE_FAILURES = {  # a template, and the error that names it
+    "does-not-compile": ("{% for m in messages %}{{ m.content }", r"does not compile: unexpected '}' at line 1 "),
+    "undefined-name": ("{{ foo.bar }}" + CHAT_TEMPLATE, r"fails on the prompt of id 'a': 'foo' is undefined$"),
+    "raises-on-a-row": (RAISES_ON_A_ROW, r"fails on the prompt of id 'c': bad content$"),
+}
+
+
+def _student_with_template(student, folder, template):
+    shutil.copytree(student, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _template_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("failure", list(TEMPLATE_FAILURES))
+def test_a_chat_template_that_fails_is_a_one_line_error(tiny_pair, tmp_path, capsys, failure):
+    """A template that does not compile, names an undefined variable or raises on one row's content was a jinja2
+    traceback (exit 1); now exit 2 naming the template's folder, the row where one fails, and jinja's message."""
+    template, message = TEMPLATE_FAILURES[failure]
+    student = _student_with_template(tiny_pair[1], tmp_path / "student", template)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": q, "answer": "4"}) + "\n" for i, q in
+                            (("a", "What is 2+2?"), ("c", "boom"))))
+    err = _template_error(["eval", "--model", str(student), "--data", str(data), "--out", str(tmp_path / "e.jsonl"),
+                           "--max-new-tokens", "2", "--device", "cpu", "--no-progress"], capsys)
+    assert re.search(rf"^rsd eval: error: the chat template of {re.escape(str(student))} {message}", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "student"]  # nothing written
+
+
+@pytest.mark.parametrize("command", ["generate", "score", "provenance", "select"])
+def test_every_command_that_builds_prompts_names_the_row_the_chat_template_fails_on(tiny_pair, tmp_path, capsys,
+                                                                                     command):
+    student = _student_with_template(tiny_pair[1], tmp_path / "student", RAISES_ON_A_ROW)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "sample": 0, "question": q, "answer": "4", "correct": True,
+                                        "response": "Two and two.</think> It is \\boxed{4}.", "finish_reason": "stop"})
+                            + "\n" for i, q in (("a", "What is 2+2?"), ("c", "boom"))))
+    models = ["--student", str(student)] + ([] if command == "score" else ["--teacher", str(tiny_pair[0])])
+    extra = {"generate": ["--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2", "--attempts", "1"],
+             "score": ["--completion-field", "response"], "provenance": ["--out", str(tmp_path / "o.jsonl")],
+             "select": ["--out", str(tmp_path / "o.jsonl")]}[command]
+    err = _template_error([command, *models, "--data", str(data), *extra, "--device", "cpu", "--no-progress"], capsys)
+    assert err == f"rsd {command}: error: the chat template of {student} fails on the prompt of id 'c': bad content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "student"]
+
+
 def test_the_plain_prompt_note_says_the_bos_is_not_read():
     """A tokenizer without a chat template that adds a BOS to what it encodes (Llama-2, Mistral): its plain prompt is
     read without it (prompt strings are read as is), which the run's log now says."""

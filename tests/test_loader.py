@@ -187,6 +187,20 @@ def test_an_empty_index_or_one_not_an_object_is_named(sharded_source, tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_a_shard_outside_the_folder_is_refused(sharded_source, tmp_path, where):
+    """An index naming ../outside.safetensors (or an absolute path) loaded that file's weights, silently."""
+    folder = shutil.copytree(sharded_source, tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    outside = shard.rename(tmp_path / "outside.safetensors")
+    name = "../outside.safetensors" if where == "relative" else str(outside)
+    index = _spoil_index(folder, lambda i: {**i, "weight_map": {
+        tensor: name if file == shard.name else file for tensor, file in i["weight_map"].items()}})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(index))}: weight_map names {re.escape(repr(name))} "
+                                         r"for .*weight, a file outside the model folder"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize("name, shape", [("model.layers.0.self_attn.o_proj.bias", (64,)),
                                          ("model.layers.1.self_attn.q_proj.bias", (64,)),
                                          ("model.layers.0.mlp.down_proj.bias", (64,)),
@@ -289,6 +303,22 @@ CONFIG_DAMAGE = {
                             r"/m/config.json: rope_parameters.rope_theta = inf, where a finite positive number"),
     "unsupported-architecture-named": (lambda f: edit_config(f, architectures=["MambaForCausalLM"]),
                                        r"/m/config.json: unsupported architecture: MambaForCausalLM"),
+    # A supported architecture named after another model's model_type: transformers printed its config (40 lines)
+    # and the error blamed the tokenizer.
+    "model-type-of-another-architecture": (
+        lambda f: edit_config(f, model_type="mamba", architectures=["MambaForCausalLM", "Qwen3ForCausalLM"]),
+        r"/m/config.json: model_type = 'mamba' with architectures = \['MambaForCausalLM', 'Qwen3ForCausalLM'\]: "
+        r"Qwen3ForCausalLM is model_type 'qwen3', .*Supported: LlamaForCausalLM \(model_type 'llama'\), "
+        r"Qwen2ForCausalLM \(model_type 'qwen2'\), Qwen3ForCausalLM \(model_type 'qwen3'\)"),
+    # Sizes past any real model's were a RuntimeError (or TypeError) from deep inside torch when it was built.
+    "hidden-size-past-2**31": (lambda f: edit_config(f, hidden_size=2**31, head_dim=2**29),
+                               r"/m/config.json: hidden_size = 2147483648, where a positive integer is needed "
+                               r"\(at most 2\*\*31 - 1 = 2147483647\)"),
+    "intermediate-size-2**62": (lambda f: edit_config(f, intermediate_size=2**62),
+                                r"/m/config.json: intermediate_size = 4611686018427387904, where a positive integer"),
+    "weight-past-2**61-elements": (lambda f: edit_config(f, hidden_size=2**30, intermediate_size=2**31 - 1),
+                                   r"/m/config.json: 2 \* intermediate_size x hidden_size \(gate and up_proj\) = "
+                                   r"4294967294 x 1073741824 = \d+ elements in one weight, where at most 2\*\*61"),
     # Was run with SiLU whatever hidden_act said.
     "hidden-act-gelu": (lambda f: edit_config(f, hidden_act="gelu"),
                         r"hidden_act 'gelu' is not supported; the MLP is SwiGLU, so hidden_act must be one of "

@@ -6,9 +6,12 @@ import warnings
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the MLP's SiLU(gate) * up; transformers' ACT2FN names SiLU both ways
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+MAX_SIZE = 2**31 - 1  # of each size field: far above any real model's (theirs are below 10**8)
+MAX_WEIGHT_ELEMENTS = 2**61  # of one weight: its float32 bytes must fit in the int64 torch counts storage in
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class ModelConfig:
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = config[name] if name in REQUIRED_SIZES else config.get(name)
             if (value is not None or name in REQUIRED_SIZES) and not (
-                    isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"config.json: {name} = {value!r}, where a positive integer is needed")
+                    isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE):
+                raise ValueError(f"config.json: {name} = {value!r}, where a positive integer is needed "
+                                 f"(at most 2**31 - 1 = {MAX_SIZE})")
         for name in ("rms_norm_eps", "rope_theta"):
             value = config.get(name)
             if value is not None and not _number(value) > 0:
@@ -87,7 +91,7 @@ class ModelConfig:
         eos = _ids(config.get("eos_token_id"), "config.json")
         if generation_config:
             eos += [i for i in _ids(generation_config.get("eos_token_id"), "generation_config.json") if i not in eos]
-        return cls(
+        model_config = cls(
             architecture=architecture,
             vocab_size=config["vocab_size"],
             hidden_size=hidden_size,
@@ -107,6 +111,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             eos_token_ids=tuple(eos),
         )
+        _check_weight_sizes(model_config)
+        return model_config
 
 
 def _architecture(config: dict) -> str:
@@ -116,6 +122,14 @@ def _architecture(config: dict) -> str:
     archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
+            # transformers reads the config (and picks the tokenizer) by model_type, this loader by architecture:
+            # another model's type was a transformers config dump, then an error that blamed the tokenizer.
+            model_type = config.get("model_type", MODEL_TYPES[arch])
+            if model_type != MODEL_TYPES[arch]:
+                supported = ", ".join(f"{a} (model_type {t!r})" for a, t in MODEL_TYPES.items())
+                raise ValueError(f"config.json: model_type = {model_type!r} with architectures = {archs}: "
+                                 f"{arch} is model_type {MODEL_TYPES[arch]!r}, so the two name different models. "
+                                 f"Supported: {supported}")
             if config.get("auto_map"):
                 warnings.warn(f"config.json has auto_map (custom modelling code, never run here): the model is loaded "
                               f"as the built-in {arch}; if its own code computes something else, so will this",
@@ -127,6 +141,20 @@ def _architecture(config: dict) -> str:
         hint = (" The config has auto_map (custom modelling code); remote code is never run, "
                 "so such models cannot be loaded.")
     raise ValueError(f"unsupported architecture: {named}. Supported: {', '.join(SUPPORTED_ARCHITECTURES)}.{hint}")
+
+
+def _check_weight_sizes(c: ModelConfig) -> None:
+    """Sizes that each pass can still multiply into a weight torch cannot size (a RuntimeError from deep inside
+    torch when the model is built): each weight's element count is refused past MAX_WEIGHT_ELEMENTS, naming the
+    fields it is made of. The merged projections are the largest (o_proj's and down_proj's are no larger)."""
+    for fields, rows, cols in (
+            ("vocab_size x hidden_size (embed_tokens, lm_head)", c.vocab_size, c.hidden_size),
+            ("(num_attention_heads + 2 * num_key_value_heads) * head_dim x hidden_size (q, k and v_proj)",
+             (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size),
+            ("2 * intermediate_size x hidden_size (gate and up_proj)", 2 * c.intermediate_size, c.hidden_size)):
+        if rows * cols > MAX_WEIGHT_ELEMENTS:
+            raise ValueError(f"config.json: {fields} = {rows} x {cols} = {rows * cols} elements in one weight, "
+                             f"where at most 2**61 are possible (its float32 bytes must fit in a 64-bit size)")
 
 
 def _rope(config: dict) -> tuple[float, dict]:

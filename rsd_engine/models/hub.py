@@ -100,12 +100,18 @@ def read_json_object(path: Path) -> dict:
 def index_shards(index: Path) -> list[str]:
     """The shard file names a model.safetensors.index.json lists, sorted, each once. An index that is not
     JSON, not an object, or whose weight_map is not a non-empty map of tensor names to file names is a
-    ValueError that names it."""
+    ValueError that names it; so is a file named outside the index's folder (``../x.safetensors``, an absolute
+    path), which would load another folder's weights."""
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) and name for name in weight_map.values()):
         raise ValueError(f"{index}: weight_map must map tensor names to file names")
     if not weight_map:
         raise ValueError(f"{index} has an empty weight_map")
+    for tensor, name in weight_map.items():  # read by name, not resolved: a Hub snapshot's shards link out to blobs
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{index}: weight_map names {name!r} for {tensor}, a file outside the model folder; "
+                             f"a shard is named relative to the folder, inside it (e.g. "
+                             f"model-00001-of-00002.safetensors)")
     return sorted(set(weight_map.values()))
 
 

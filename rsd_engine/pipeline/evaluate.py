@@ -190,7 +190,7 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
 
 
 def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
-    prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p, _ in todo}
+    prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt, row=p.id) for p, _ in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     longest = max(map(len, prompt_ids.values()))
     max_seq_len, tally["context"] = default_max_seq_len(opts.max_seq_len, longest + opts.params.max_new_tokens,

@@ -429,7 +429,7 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
     from rsd_engine.tokens import load_tokenizer
 
     tokenizer = load_tokenizer(opts.student)
-    prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt) for p in todo}
+    prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt, row=p.id) for p in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     # Mapped special tokens can make a prompt a little longer in the teacher's space: leave room.
     longest = max(map(len, prompt_ids.values()))

@@ -10,7 +10,8 @@ earlier assistant turns (Qwen3-Instruct-2507, a model that never thinks) gets no
 (a model that opens one itself is read as having done so: traces.py). A tokenizer without a chat template
 gets plain text (read without a BOS, as every prompt string is: the run's log says so where the tokenizer adds
 one). A template that skips the system role without raising gets the system prompt in the user turn, as one that
-raises does.
+raises does. A template that does not compile, or fails to render a prompt (an undefined name, raise_exception), is a
+ChatTemplateError naming the tokenizer's folder, the row where one is given, and jinja's own message.
 """
 
 from __future__ import annotations
@@ -20,6 +21,25 @@ from dataclasses import dataclass
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ChatTemplateError(ValueError):
+    """The chat template of the tokenizer in `folder` does not compile, or fails to render a prompt (of the row
+    with id `row`, where given); `reason` is jinja's message."""
+
+    def __init__(self, folder, reason: str, compiles: bool = True, row=None):
+        self.folder, self.reason, self.compiles = folder, reason, compiles
+        if not compiles:
+            super().__init__(f"the chat template of {folder} does not compile: {reason} (chat_template.jinja, or "
+                             f"chat_template in tokenizer_config.json)")
+        else:
+            super().__init__(f"the chat template of {folder} fails"
+                             f"{'' if row is None else f' on the prompt of id {row!r}'}: {reason}")
+
+    def of_row(self, row) -> "ChatTemplateError":
+        """This failure, named by the row it failed on, if any (one that does not compile fails on every row
+        alike)."""
+        return ChatTemplateError(self.folder, self.reason, row=row) if self.compiles else self
 
 
 @dataclass(frozen=True)
@@ -42,8 +62,16 @@ class ChatPrompt:
                        {"role": "assistant", "content": self.think_prefix + completion}]
 
 
-def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> ChatPrompt:
-    """The prompt for `question` in `tokenizer`'s chat format (see the module docstring)."""
+def build_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT, row=None) -> ChatPrompt:
+    """The prompt for `question` in `tokenizer`'s chat format (see the module docstring); `row`, the id of the
+    question's row, is named where the template fails on it."""
+    try:
+        return _build_prompt(tokenizer, question, system_prompt)
+    except ChatTemplateError as err:
+        raise err.of_row(row) from None
+
+
+def _build_prompt(tokenizer, question: str, system_prompt: str) -> ChatPrompt:
     if not getattr(tokenizer, "chat_template", None):
         text = f"{system_prompt}\n\n{question}\n\n" if system_prompt else f"{question}\n\n"
         return ChatPrompt(text, system_prompt, question)
@@ -194,15 +222,22 @@ def changed_prompts(held: list[dict], folder, system_prompt: str) -> list[str]:
     if dated_template(tokenizer):
         return []
     built = {}
-    for question, _ in held_prompts.values():
+    for pid, (question, _) in held_prompts.items():
         if question not in built:
-            built[question] = build_prompt(tokenizer, question, system_prompt).text
+            built[question] = build_prompt(tokenizer, question, system_prompt, row=pid).text
     return [pid for pid, (question, prompt) in held_prompts.items() if prompt != built[question]]
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         date_string=TEMPLATE_DATE)
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             date_string=TEMPLATE_DATE)
+    except jinja2.TemplateSyntaxError as err:
+        raise ChatTemplateError(tokenizer.name_or_path, f"{err.message} at line {err.lineno}", compiles=False) from None
+    except jinja2.TemplateError as err:  # an undefined name, raise_exception(...)
+        raise ChatTemplateError(tokenizer.name_or_path, str(err)) from None
 
 
 def _template_source(tokenizer) -> str:

@@ -139,7 +139,7 @@ class Scorer:
                 skipped.append((r, NO_SENTENCE))
                 continue
             try:
-                lengths[r.key] = len(reader.read(r.question, r.text, r.system))
+                lengths[r.key] = len(reader.read(r.question, r.text, r.system, r.id))
             except Unreadable as err:
                 skipped.append((r, str(err)))
         if max_seq_len is None:
@@ -170,7 +170,7 @@ class Scorer:
                           for t in self.tracer.trace_batch(batch)]
             elif self.by == "student-likelihood":
                 reader = self.readers["student"]
-                readings = [reader.read(r.question, r.text, r.system) for r in batch]
+                readings = [reader.read(r.question, r.text, r.system, r.id) for r in batch]
                 scored = [(None if all(map(math.isfinite, lp)) else not_finite(["student"]),
                            Candidate(0, tokens=len(lp), student_logprob=sum(lp) / len(lp)))
                           for lp in reader.logprobs(readings)]

@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompts import THINK_CLOSE, THINK_OPEN, build_prompt, dated_template
+from .prompts import THINK_CLOSE, THINK_OPEN, ChatTemplateError, build_prompt, dated_template
 
 
 class Unreadable(ValueError):
@@ -60,15 +60,18 @@ class Reader:
     def context(self) -> int:
         return self.config.max_position_embeddings
 
-    def read(self, question: str, response: str, system: str) -> Reading:
+    def read(self, question: str, response: str, system: str, row=None) -> Reading:
         """Token ids and offsets of the prompt and response; Unreadable when the tokenizer cannot
-        represent the text."""
+        represent the text. A chat template that fails on the question names `row`, the id of its row."""
         try:
             response.encode("utf-8")
         except UnicodeEncodeError as err:  # the tokenizer would raise a bare TypeError
             raise Unreadable(f"the response is not valid Unicode: {response[err.start]!r} at character {err.start} "
                              f"is a lone surrogate") from None
-        prompt_ids, opened = self._prompt(question, system)
+        try:
+            prompt_ids, opened = self._prompt(question, system)
+        except ChatTemplateError as err:
+            raise err.of_row(row) from None
         # A response that opens the thinking block this model's prompt already opened (a record of other
         # tools: rsd's own records start after it) is read after it, not as a second one; its offsets stay
         # the response's (the marker is no sentence).
@@ -148,7 +151,7 @@ def other_prompts(responses, reader: Reader) -> list[str]:
         if is_eval_record(r.row):  # the prompt of the model rsd eval ran (a teacher's, a distilled model's template)
             continue
         if (r.question, r.system) not in built:  # a problem's candidates share it
-            built[r.question, r.system] = build_prompt(reader.tokenizer, r.question, r.system).text
+            built[r.question, r.system] = build_prompt(reader.tokenizer, r.question, r.system, row=r.id).text
         if held != built[r.question, r.system]:
             ids.append(r.id)
     return list(dict.fromkeys(ids))

@@ -104,7 +104,7 @@ def _trace(index, row, tokenizer, completion_field, question_field, system_promp
         question, completion = row.get(question_field), row.get(completion_field)
         if not isinstance(question, str) or not isinstance(completion, str):
             return None, f"no {question_field!r} or {completion_field!r} text"
-        prompt = build_prompt(tokenizer, question, system_prompt)
+        prompt = build_prompt(tokenizer, question, system_prompt, row=trace_id)
         return Trace(trace_id, *_in_context(encode, prompt.text, _after_think(completion, prompt.think_prefix))), ""
     if isinstance(row.get("messages"), list):
         return _chat_trace(trace_id, row["messages"], tokenizer, encode)
@@ -218,7 +218,7 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
             return None, f"'messages' has a user turn whose content is not text ({type(user).__name__})"
         if not isinstance(system, str):
             return None, f"'messages' has a system turn whose content is not text ({type(system).__name__})"
-        prompt = build_prompt(tokenizer, user, system)
+        prompt = build_prompt(tokenizer, user, system, row=trace_id)
         text, think_prefix = prompt.text, prompt.think_prefix
     else:
         bad = next((j for j, m in enumerate(context)

@@ -93,7 +93,7 @@ class Tracer:
                 skipped.append((r, NO_SENTENCE))
                 continue
             try:
-                lengths[r.key] = max(len(reader.read(r.question, r.text, r.system)) for reader in
+                lengths[r.key] = max(len(reader.read(r.question, r.text, r.system, r.id)) for reader in
                                      self.readers.values())
             except Unreadable as err:
                 skipped.append((r, str(err)))
@@ -119,7 +119,7 @@ class Tracer:
 
     def trace_batch(self, responses: list[Response]) -> list[Traced]:
         """Responses scored together (up to batch_size sequences per forward under each model)."""
-        readings = {role: [reader.read(r.question, r.text, r.system) for r in responses]
+        readings = {role: [reader.read(r.question, r.text, r.system, r.id) for r in responses]
                     for role, reader in self.readers.items()}
         logprobs = {role: self.readers[role].logprobs(readings[role]) for role in readings}
         return [self._sentences(r, {role: readings[role][k] for role in readings},
