@@ -1180,6 +1180,37 @@ def test_a_question_spelling_control_tokens_is_named(pair, tmp_path, capsys):
     assert "spell the model's control tokens (<|im_end|>, <|im_start|>)" in capsys.readouterr().out
 
 
+def test_the_default_max_seq_len_is_sized_by_the_prompts_that_fit(pair, tmp_path):
+    """A prompt past the context is skipped: it must not size every row's cache to the whole context (an 8B
+    teacher's 40,960 positions x 33 slots, out of memory on the card before anything was named). A config without
+    max_position_embeddings sets no cap (rsd's own 4096 is not the model's)."""
+    from rsd_engine.pipeline.generate import default_max_seq_len
+
+    short, bare = [], []
+    for model in pair:
+        config = json.loads((model / "config.json").read_text())
+        short.append(shutil.copytree(model, tmp_path / "short" / model.name))
+        (short[-1] / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
+        bare.append(shutil.copytree(model, tmp_path / "bare" / model.name))
+        (bare[-1] / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                          if k != "max_position_embeddings"}))
+    assert default_max_seq_len(None, [30, 40], 20, *short) == (60, None)
+    assert default_max_seq_len(None, [30, 5000], 20, *short) == (50, 160)  # (160: why 5000 is skipped)
+    assert default_max_seq_len(None, [30, 150], 20, *short) == (160, 160)
+    assert default_max_seq_len(None, [5000], 20, *short) == (21, 160)  # nothing fits: every prompt is skipped
+    assert default_max_seq_len(None, [30, 5000], 20, *bare) == (5020, None)
+    assert default_max_seq_len(7000, [30, 5000], 20, *short) == (7000, None)
+
+
+def test_only_control_tokens_are_named_not_added_plain_text(pair):
+    from rsd_engine.pipeline.prompts import control_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pair[1]))
+    tokenizer.add_tokens(["÷", "<mark>"])  # a vocabulary may ship plain characters as added tokens
+    texts = {"a": "Compute 12 ÷ 4.", "b": "x <mark> y", "c": "2 + 2<|im_end|>", "d": "a < b > c"}
+    assert control_text(tokenizer, texts) == {"b": ["<mark>"], "c": ["<|im_end|>"]}
+
+
 def test_warnings_of_other_packages_are_shown_as_python_shows_them(monkeypatch, capsys, recwarn):
     from rsd_engine import cli
 

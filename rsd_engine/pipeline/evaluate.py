@@ -192,9 +192,8 @@ def run_eval(opts: EvalOptions, log=print) -> dict:
 def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
     prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt, row=p.id) for p, _ in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
-    longest = max(map(len, prompt_ids.values()))
-    max_seq_len, tally["context"] = default_max_seq_len(opts.max_seq_len, longest + opts.params.max_new_tokens,
-                                                        opts.model)
+    max_seq_len, tally["context"] = default_max_seq_len(opts.max_seq_len, [len(ids) for ids in prompt_ids.values()],
+                                                        opts.params.max_new_tokens, opts.model)
     fits = [(p, s) for p, s in todo if len(prompt_ids[p.id]) < max_seq_len]
     tally["too_long"] = sorted({p.id for p, s in todo if len(prompt_ids[p.id]) >= max_seq_len})
     if not fits:

@@ -432,9 +432,8 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
     prompts = {p.id: build_prompt(tokenizer, p.question, opts.system_prompt, row=p.id) for p in todo}
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     # Mapped special tokens can make a prompt a little longer in the teacher's space: leave room.
-    longest = max(map(len, prompt_ids.values()))
-    max_seq_len, context = default_max_seq_len(opts.max_seq_len, longest + opts.params.max_new_tokens + 16,
-                                               opts.teacher, opts.student)
+    max_seq_len, context = default_max_seq_len(opts.max_seq_len, [len(ids) for ids in prompt_ids.values()],
+                                               opts.params.max_new_tokens + 16, opts.teacher, opts.student)
     device = opts.device
     if device == "auto" and dist.world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank % torch.cuda.device_count()}"
@@ -444,18 +443,30 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
     return engine, prompts, prompt_ids, context
 
 
-def default_max_seq_len(given: int | None, needed: int, *models) -> tuple[int, int | None]:
-    """(max_seq_len, the models' context where it set it): --max-seq-len where given (past a model's context the
-    engine warns), else `needed`, up to the smaller context of `models` (max_position_embeddings): a default past it
-    ran a long prompt at positions the model was never trained at, and wrote what came of it."""
+def default_max_seq_len(given: int | None, prompts: list[int], extra: int, *models) -> tuple[int, int | None]:
+    """(max_seq_len, the models' context where it limited it or left a prompt out): --max-seq-len where given (past a model's context the
+    engine warns), else the longest of the `prompts` (lengths) that fit the smaller context of `models`
+    (max_position_embeddings, where their config.json gives one) plus `extra` (--max-new-tokens), up to that
+    context. A default past it ran a longer prompt at positions the models were never trained at and wrote what
+    came of it; a prompt that does not fit is skipped, and does not size every row's cache to the whole context."""
+    from rsd_engine.models.hub import read_json_object, resolve_model
     from rsd_engine.models.loader import load_config
 
     if given:
         return given, None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a config's warnings: said when the engine loads it
-        context = min(load_config(model).max_position_embeddings for model in models)
-    return (context, context) if needed > context else (min(MAX_SIZE, needed), None)
+    contexts = []
+    for model in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a config's warnings: said when the engine loads it
+            config = load_config(model)  # (a config refused names its field here as the engine would)
+        if "max_position_embeddings" in read_json_object(resolve_model(model) / "config.json"):
+            contexts.append(config.max_position_embeddings)  # (absent: a value of rsd's own, not the model's)
+    context = min(contexts, default=None)
+    fitting = [n for n in prompts if context is None or n < context]
+    needed = min(MAX_SIZE, max(fitting, default=1) + extra)
+    if context is None or (needed <= context and len(fitting) == len(prompts)):
+        return needed, None
+    return min(needed, context), context
 
 
 def _fits(engine, ids: list[int], problem_id: str) -> bool:

@@ -127,11 +127,16 @@ def plain_prompt_note(tokenizer, role: str = "student") -> str | None:
 
 
 def control_text(tokenizer, texts: dict[str, str]) -> dict[str, list[str]]:
-    """{id: the added tokens (<|im_end|>, <think>) spelled in its text} for the texts that spell one: the tokenizer
+    """{id: the control tokens (<|im_end|>, <think>) spelled in its text} for the texts that spell one: the tokenizer
     reads such text as those tokens, so a question holding "<|im_end|>" ends its own turn (as apply_chat_template
-    and a fine-tuning on the traces read it too)."""
-    pieces = sorted({t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content.strip()},
-                    key=len, reverse=True)
+    and a fine-tuning on the traces read it too). Control tokens: the added tokens marked special, and those
+    written as markup (<think> is not marked special in Qwen3's); an added token of plain text ("÷") is no marker."""
+    def control(token) -> bool:
+        text = token.content
+        return token.special or (len(text) > 2 and text.startswith("<") and text.endswith(">"))
+
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    pieces = sorted({t.content for t in added if t.content.strip() and control(t)}, key=len, reverse=True)
     if not pieces:
         return {}
     pattern = re.compile("|".join(map(re.escape, pieces)))
