@@ -1192,8 +1192,9 @@ def test_the_default_max_seq_len_is_sized_by_the_prompts_that_fit(pair, tmp_path
         short.append(shutil.copytree(model, tmp_path / "short" / model.name))
         (short[-1] / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
         bare.append(shutil.copytree(model, tmp_path / "bare" / model.name))
-        (bare[-1] / "config.json").write_text(json.dumps({k: v for k, v in config.items()
-                                                          if k != "max_position_embeddings"}))
+        (bare[-1] / "config.json").write_text(json.dumps({**{k: v for k, v in config.items()
+                                                             if k != "max_position_embeddings"},
+                                                          **({"max_position_embeddings": None} if bare[1:] else {})}))
     assert default_max_seq_len(None, [30, 40], 20, *short) == (60, None)
     assert default_max_seq_len(None, [30, 5000], 20, *short) == (50, 160)  # (160: why 5000 is skipped)
     assert default_max_seq_len(None, [30, 150], 20, *short) == (160, 160)

@@ -459,8 +459,8 @@ def default_max_seq_len(given: int | None, prompts: list[int], extra: int, *mode
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a config's warnings: said when the engine loads it
             config = load_config(model)  # (a config refused names its field here as the engine would)
-        if "max_position_embeddings" in read_json_object(resolve_model(model) / "config.json"):
-            contexts.append(config.max_position_embeddings)  # (absent: a value of rsd's own, not the model's)
+        if read_json_object(resolve_model(model) / "config.json").get("max_position_embeddings") is not None:
+            contexts.append(config.max_position_embeddings)  # (absent or null: a value of rsd's own, not the model's)
     context = min(contexts, default=None)
     fitting = [n for n in prompts if context is None or n < context]
     needed = min(MAX_SIZE, max(fitting, default=1) + extra)
