@@ -34,6 +34,17 @@ def test_loads_and_reports_config(folder):
     assert model.config.vocab_size == 512 and not any(p.requires_grad for p in model.parameters())
 
 
+def test_a_null_context_reads_as_an_absent_one(folder):
+    """max_position_embeddings: null was taken as the context itself: the engine's check of max_seq_len against it
+    failed with a TypeError deep inside."""
+    from rsd_engine.runtime import warn_past_context
+
+    edit_config(folder, max_position_embeddings=None)
+    model = load_model(folder)
+    assert model.config.max_position_embeddings == 4096
+    warn_past_context(64, student=model)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         load_model(tmp_path / "nope")

@@ -101,7 +101,7 @@ class ModelConfig:
             num_kv_heads=config.get("num_key_value_heads") or num_heads,
             head_dim=config.get("head_dim") or hidden_size // num_heads,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            max_position_embeddings=config.get("max_position_embeddings") or 4096,  # (null: as absent)
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
             o_bias=attention_bias,
