@@ -216,6 +216,21 @@ def test_only_the_newest_complete_version_counts(tmp_path):
     assert read["lines"] == 7 and read["lines_used"] == 3
 
 
+def test_a_response_read_from_an_older_version_is_named(tmp_path, capsys):
+    """A response traced again after its text changed (version 2) whose new lines were cut short is read from its
+    older version: the figures were over a text the data no longer holds, without a word."""
+    old = sentence_lines([("a", 0, True, [S, S])], response_hash="h1")
+    torn = sentence_lines([("a", 0, True, [T, SH, T])], response_hash="h2", version=2)[:2]
+    other = sentence_lines([("b", 0, False, [S])], response_hash="h3")
+    path = write_lines(tmp_path / "s.jsonl", old + other + torn)
+    responses, read = read_sentences(path, Rule())
+    assert [(r.id, r.categories) for r in responses] == [("a", ["student", "student"]), ("b", ["student"])]
+    assert read["older_version"] == {"count": 1, "first": ["a/0"]} and read["incomplete"]["count"] == 0
+    assert main(["provenance-report", str(path), "--resamples", "5"]) == 0
+    assert ("read from an older version, the newest one's sentence lines incomplete: 1 responses (a/0)"
+            in capsys.readouterr().out)
+
+
 def test_truncated_responses_are_left_out_unless_asked(tmp_path):
     lines = sentence_lines(CASE)
     for line in lines:

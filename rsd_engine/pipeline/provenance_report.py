@@ -124,7 +124,8 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
     """The responses of a `rsd provenance` output, re-categorised under `rule` from their stored
     probabilities: of each (id, sample) the newest complete version (provenance.current_sentences:
     a response traced again after its text changed is appended later; a torn one is left out, and a response
-    without a complete version is counted and named in "incomplete"). Refuses lines without the fields the analysis
+    without a complete version is counted and named in "incomplete", one read from an older version in
+    "older_version"). Refuses lines without the fields the analysis
     needs, ids written two ways that read as one (1 and "1"), and two copies of a line of one version that differ."""
     from .provenance import current_sentences
 
@@ -166,8 +167,16 @@ def read_sentences(path, rule: Rule) -> tuple[list[ScoredResponse], dict]:
         responses.append(ScoredResponse(rid, sample, cats, correct if isinstance(correct, bool) else None, finish))
     incomplete = [f"{rid}/{sample}" for rid, sample in dict.fromkeys((str(line["id"]), line.get("sample", 0))
                                                                       for line in lines) if (rid, sample) not in groups]
+    # A response traced again (its text changed) whose newer version was cut short is read from its older one.
+    newest: dict[tuple[str, int], int] = {}
+    for line in lines:
+        key = (str(line["id"]), line.get("sample", 0))
+        newest[key] = max(newest.get(key, 1), line.get("version", 1))
+    older = [f"{rid}/{sample}" for (rid, sample), group in groups.items()
+             if newest[rid, sample] > group[0].get("version", 1)]
     return responses, {"lines": len(lines), "lines_used": sum(map(len, groups.values())), "recategorised": changed,
-                       "incomplete": {"count": len(incomplete), "first": incomplete[:SHOWN_INCOMPLETE]}}
+                       "incomplete": {"count": len(incomplete), "first": incomplete[:SHOWN_INCOMPLETE]},
+                       "older_version": {"count": len(older), "first": older[:SHOWN_INCOMPLETE]}}
 
 
 def _check_ids(path, lines):
@@ -377,6 +386,12 @@ def format_report(report: dict, *, distilled: bool = False) -> str:
         lines.append(f"left out, some of their sentence lines missing: {gone['count']} responses "
                      f"({', '.join(gone['first'])}{more}); a run cut short: rerun rsd provenance with the same --out "
                      f"to finish them")
+    older = report.get("older_version")
+    if older and older["count"]:
+        more = ", ..." if older["count"] > len(older["first"]) else ""
+        lines.append(f"read from an older version, the newest one's sentence lines incomplete: {older['count']} "
+                     f"responses ({', '.join(older['first'])}{more}); their texts changed since: rerun rsd "
+                     f"provenance with the same --out to trace them as they are now")
     if report["unjudged"]:
         lines.append(f"without a 'correct' field: {report['unjudged']} responses (left out of the split by "
                      f"correctness)")
