@@ -261,6 +261,33 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
     assert "point-biserial r" in printed
 
 
+@pytest.mark.parametrize("suffix", [".pdf", ".png", ".svg"])
+def test_a_plot_write_cut_short_leaves_the_old_plot(tmp_path, capsys, monkeypatch, suffix):
+    """A plot was written straight over --plot: a kill in the write left it torn, the old one gone, and a PDF
+    without its title yet (written last), which every rerun then refused as no plot of rsd's."""
+    from matplotlib.figure import Figure
+
+    path = write_lines(tmp_path / "s.jsonl", sentence_lines(CASE))
+    plot = tmp_path / f"p{suffix}"
+    argv = ["provenance-report", str(path), "--plot", str(plot), "--resamples", "20"]
+    assert main(argv) == 0
+    before = plot.read_bytes()
+    real = Figure.savefig
+
+    def cut_short(self, fname, **kw):
+        real(self, fname, **kw)
+        with open(fname, "r+b") as f:
+            f.truncate(200)  # the first bytes on disk, as a kill leaves them
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(SystemExit) as stopped:  # (Ctrl-C: exit status 130)
+        main(argv)
+    assert stopped.value.code == 130 and plot.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [plot.name, "s.jsonl"]
+    monkeypatch.setattr(Figure, "savefig", real)
+    assert main(argv) == 0 and plot.read_bytes()[:4] == before[:4]
+
+
 def test_plot_names_the_file_it_writes_and_refuses_a_format_before_any_work(tmp_path, capsys, monkeypatch):
     """matplotlib adds ".png" to a name without an extension (the plot was said to be at the name given, which
     held nothing), and fails on an extension it cannot write, after all the work, in its own words."""

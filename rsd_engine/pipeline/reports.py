@@ -96,7 +96,16 @@ def save_plot(fig, path, command: str) -> None:
     """fig into --plot (checked again), its title metadata naming `command` where the format carries one."""
     path = check_plot_out(path, command)
     marked = path.suffix.lower() in MARKED_FORMATS
-    fig.savefig(path, dpi=120, metadata={"Title": plot_title(command)} if marked else None)
+    # Into a file beside it, renamed over --plot once whole: a kill in the write left a torn plot in place of the
+    # old one, without its title yet (written last in a PDF), so every rerun refused it as no plot of rsd's.
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format=path.suffix[1:].lower(), dpi=120,
+                    metadata={"Title": plot_title(command)} if marked else None)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _own_plot(path: Path, command: str) -> bool:
