@@ -444,11 +444,12 @@ def _prepare(opts: GenerateOptions, todo: list[Problem], dist: Dist):
 
 
 def default_max_seq_len(given: int | None, prompts: list[int], extra: int, *models) -> tuple[int, int | None]:
-    """(max_seq_len, the models' context where it limited it or left a prompt out): --max-seq-len where given (past a model's context the
-    engine warns), else the longest of the `prompts` (lengths) that fit the smaller context of `models`
-    (max_position_embeddings, where their config.json gives one) plus `extra` (--max-new-tokens), up to that
-    context. A default past it ran a longer prompt at positions the models were never trained at and wrote what
-    came of it; a prompt that does not fit is skipped, and does not size every row's cache to the whole context."""
+    """(max_seq_len, the models' context where it limited it or left a prompt out): --max-seq-len where given (past
+    a model's context the engine warns), else the longest of the `prompts` (lengths) that fit the smaller context of
+    `models` (max_position_embeddings, where their config.json gives one) plus `extra` (--max-new-tokens), up to
+    that context. A default past it ran a longer prompt at positions the models were never trained at and wrote
+    what came of it; a prompt that does not fit is skipped, and does not size every row's cache to the whole
+    context."""
     from rsd_engine.models.hub import read_json_object, resolve_model
     from rsd_engine.models.loader import load_config
 

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import COMMAND, SettingsMismatch, check_settings, differences, other_command, read_manifest, write_manifest
+from .manifest import (COMMAND, SettingsMismatch, check_settings, differences, other_command, read_manifest,
+                       write_manifest)
 from .records import (OutputBusy, RecordConflict, RecordWriter, _check_idle, _holder, _numbered_records, _part_world,
                       _repeated, _stem, _stopped, all_finite, first_record, part_files, part_path, read_records,
                       record_id_reader, record_key, same_record)

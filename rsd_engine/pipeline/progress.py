@@ -99,7 +99,8 @@ class Tally:
         return {
             "rows": self.rows, "skipped_rows": len(self.skipped), "skipped": list(self.skipped),
             "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
-            "cut_short": list(self.cut_short), "context": self.context, "failed": dict(self.failed), "duplicate_ids": dict(self.duplicates),
+            "cut_short": list(self.cut_short), "context": self.context, "failed": dict(self.failed),
+            "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
             "not_in_data": list(self.not_in_data), "hashed_ids": self.hashed_ids,
             "grading_timed_out": list(self.grading_timed_out), "no_answer": list(self.no_answer),
@@ -170,8 +171,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"skipped (prompt longer than {limit}): {len(s['prompt_too_long'])} "
                      f"({names(s['prompt_too_long'])})")
     if s["cut_short"]:
-        redo = ("a --max-seq-len past it runs them on, at positions the models were never trained at" if s.get("context")
-                else "raise --max-seq-len and rerun to redo them")
+        redo = ("a --max-seq-len past it runs them on, at positions the models were never trained at"
+                if s.get("context") else "raise --max-seq-len and rerun to redo them")
         lines.append(f"not written, cut short by {limit}: {len(s['cut_short'])} ({names(s['cut_short'])}); {redo}")
     if s["failed"]:
         shown = "; ".join(f"{pid}: {why}" for pid, why in list(s["failed"].items())[:5])

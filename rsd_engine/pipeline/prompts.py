@@ -149,8 +149,8 @@ def control_text_warning(found: dict[str, list[str]], role: str = "student") -> 
 
     spelled = list(dict.fromkeys(piece for pieces in found.values() for piece in pieces))
     return (f"warning: the questions of {len(found)} problems spell the {role}'s control tokens "
-            f"({', '.join(spelled[:4])}{', ...' if len(spelled) > 4 else ''}), which its tokenizer reads as those tokens "
-            f"(a turn ended, a block opened), not as text: {names(list(found))}")
+            f"({', '.join(spelled[:4])}{', ...' if len(spelled) > 4 else ''}), which its tokenizer reads as those "
+            f"tokens (a turn ended, a block opened), not as text: {names(list(found))}")
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
