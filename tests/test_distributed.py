@@ -106,3 +106,18 @@ def test_an_interrupted_run_names_what_it_wrote_beside_out(tmp_path, monkeypatch
     assert not _wrote_beside("eval", out)  # an empty part holds nothing
     part_path(out, 1, 2).write_text('{"id": 1}\n')
     assert _wrote_beside("eval", out)
+
+
+def test_budget_under_torchrun_names_the_selection_rank_0_wrote(tmp_path):
+    """Rank 0 merges --budget's scores and writes OUT itself, but its last line named its own part of OUT
+    (sel.rank00000-of-00002.jsonl), a file no rank writes."""
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "sample": s, "question": f"What is {i} + 1?",
+                                        "response": f"It is {i + s}."}) + "\n" for i in range(3) for s in range(2)))
+    out = tmp_path / "sel.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+                          "-m", "rsd_engine.cli", "select", "--by", "random", "--budget", "3", "--data", str(data),
+                          "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"[rank 0/{WORLD}] output: {out}\n" in run.stdout and len(read_records(out)) == 3

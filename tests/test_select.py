@@ -7,7 +7,7 @@ import os
 import pytest
 
 from rsd_engine.cli import main
-from rsd_engine.pipeline.records import read_records
+from rsd_engine.pipeline.records import part_path, read_records
 from rsd_engine.pipeline.select import Candidate, SelectOptions, pick, random_key, scores_path, select_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -286,6 +286,17 @@ def test_budget_under_ranks_gives_the_single_runs_selection(tmp_path, as_ranks, 
     assert main(["merge", str(scores_path(tmp_path / "sel.jsonl"))]) == 0
     assert main(argv + [str(tmp_path / "sel.jsonl")]) == 0
     assert read_records(tmp_path / "sel.jsonl") == read_records(tmp_path / "whole.jsonl")
+
+
+def test_budget_ranks_name_the_files_they_wrote(tmp_path, as_ranks, capsys):
+    """Each rank's last line named sel.rankN-of-2.scores.jsonl, a file no rank writes: the parts are the scores
+    file's, sel.scores.rankN-of-2.jsonl, the names `rsd merge sel.scores.jsonl` joins."""
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    argv = ["select", "--by", "random", "--budget", "7", "--data", str(data), "--no-progress", "--out"]
+    assert as_ranks(lambda: main(argv + [str(tmp_path / "sel.jsonl")])) == [0, 0]
+    named = [line.split("scores: ", 1)[1] for line in capsys.readouterr().out.splitlines() if "scores: " in line]
+    assert named == [str(part_path(scores_path(tmp_path / "sel.jsonl"), rank, 2)) for rank in range(2)]
+    assert all(os.path.exists(name) for name in named)
 
 
 # ------------------------------------------------------------------------------ resume, merge, stale scores

@@ -189,6 +189,8 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             _select_per_problem(opts, scorer, considered, problems, ids, target, settings, about, tally, dist)
         elif _score_all(opts, scorer, considered, ids, settings, about, tally, dist, group, log):
             _write_budget(opts, considered, problems, settings, about, tally)
+        if opts.budget is not None:  # --budget writes OUT whole (one process, or rank 0 after the merge), else a part
+            target = out if "kept" in tally else rank_target(scores_path(out), dist)  # of the scores file
         log_report(dist, _format(tally, target), target, log)
         if group and opts.budget is None:
             tally["not_merged"] = barrier_and_merge(dist, out, log)
@@ -538,5 +540,5 @@ def _format(t: dict, target) -> str:
     if t["no_candidate"]:
         lines.append(f"problems without a usable{'' if t['incorrect'] == 0 else ', correct'} candidate: "
                      f"{len(t['no_candidate'])} (first: {t['no_candidate'][0]})")
-    lines.append(f"output: {target}" if "scored" not in t or "kept" in t else f"scores: {scores_path(target)}")
+    lines.append(f"output: {target}" if "scored" not in t or "kept" in t else f"scores: {target}")
     return "\n".join(lines)
