@@ -273,8 +273,10 @@ def _response_options(p, what, models_required=True):
     p.add_argument("--out", required=True, help="output JSONL (rerunning resumes it)")
     p.add_argument("--question-field", default="question", help="column holding the question (default: %(default)s)")
     p.add_argument("--response-field", default="response", help="column holding the response (default: %(default)s)")
-    p.add_argument("--id-field", default="id",
-                   help="column holding the problem id (default: %(default)s; a hash of the question when rows have none)")
+    # rsd select refuses data in which no row has an id (run_select); provenance hashes the question instead.
+    none = ("a hash of the question when rows have none" if what == "responses"
+            else "data where no row has one is refused")
+    p.add_argument("--id-field", default="id", help=f"column holding the problem id (default: %(default)s; {none})")
     p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
                    help="system prompt each model reads the question with ('' for none; chat records use their own)")
     p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,

@@ -135,3 +135,11 @@ def test_an_interrupted_resumable_command_says_where_its_output_stays(monkeypatc
             cli.main(["eval", "--model", "m", "--data", "d.jsonl", "--out", str(out)])
         assert exit_info.value.code == 130 and capsys.readouterr().err == "rsd eval: interrupted" + said
         out.write_text('{"id": "a", "sample": 0}\n')
+
+
+def test_select_help_says_rows_without_ids_are_refused(capsys):
+    """select's --id-field help said rows without one get a hash of their question, as provenance's does; select
+    refuses such data (test_provenance.py::test_select_needs_ids)."""
+    assert option_entries(help_text(capsys, "select"))["--id-field"].endswith("data where no row has one is refused)")
+    assert option_entries(help_text(capsys, "provenance"))["--id-field"].endswith(
+        "a hash of the question when rows have none)")
