@@ -169,8 +169,8 @@ def _generate_parser(sub):
     p.add_argument("--format", choices=["jsonl", "sft"], default="jsonl",
                    help="jsonl: full records; sft: prompt-completion records for TRL's SFTTrainer, the text the "
                         "student read and wrote, ended with its tokenizer's EOS (records that are not finished "
-                        "answers, the UPFT prefixes of problems never solved, go as full records to "
-                        "OUT.unfinished.jsonl)")
+                        "answers, the UPFT prefixes of problems never solved, go as full records beside OUT: "
+                        "traces.unfinished.jsonl for traces.jsonl)")
     p.add_argument("--select", choices=["shortest", "provenance"], default="shortest",
                    help="which correct attempt to keep: the shortest, or the one with the most teacher-originated "
                         "sentences as rsd select ranks them (default: %(default)s)")
@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _select_parser(sub)
     merge = sub.add_parser("merge", help="join the per-rank parts of OUT into OUT", formatter_class=_Help,
-                           description="Join OUT.rank*-of-*.jsonl (every set of parts, and OUT, if it exists) into "
+                           description="Join the parts of OUT (traces.rank*-of-*.jsonl for traces.jsonl: every set of "
+                                       "parts, and OUT, if it exists) into "
                                        "OUT in id order, each id once; duplicate ids are reported, copies that "
                                        "differ refused, and so is a line that is no record (no id), naming it, "
                                        "--force or not. Exit status: 0 merged; 2 refused (the message says why); "

@@ -143,3 +143,19 @@ def test_select_help_says_rows_without_ids_are_refused(capsys):
     assert option_entries(help_text(capsys, "select"))["--id-field"].endswith("data where no row has one is refused)")
     assert option_entries(help_text(capsys, "provenance"))["--id-field"].endswith(
         "a hash of the question when rows have none)")
+
+
+def test_help_names_the_files_beside_out_as_they_are_written(capsys):
+    """generate's --format and merge's description named OUT.unfinished.jsonl and OUT.rank*-of-*.jsonl, read as
+    traces.jsonl.unfinished.jsonl beside OUT.manifest.json's traces.jsonl.manifest.json; the files are named after
+    OUT's stem (unfinished_path, part_path), as the README says."""
+    from pathlib import Path
+
+    from rsd_engine.pipeline.generate import unfinished_path
+    from rsd_engine.pipeline.records import part_path
+
+    out = Path("traces.jsonl")
+    fmt = option_entries(help_text(capsys, "generate"))["--format"]
+    assert f"beside OUT: {unfinished_path(out).name} for {out}" in fmt
+    parts = re.sub(r"\d+", "*", part_path(out, 0, 2).name)  # traces.rank*-of-*.jsonl
+    assert f"Join the parts of OUT ({parts} for {out}:" in " ".join(help_text(capsys, "merge").split())
