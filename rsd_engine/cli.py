@@ -445,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "OUT in id order, each id once; duplicate ids are reported, copies that "
                                        "differ refused, and so is a line that is no record (no id), naming it, "
                                        "--force or not. Exit status: 0 merged; 2 refused (the message says why); "
-                                       "3 merged, but the output lacks records: parts whose run was stopped before "
-                                       "its end, or parts missing under --force (said on the last line).")
+                                       "3 merged, but the output lacks records: parts (or OUT) whose run was "
+                                       "stopped before its end, or parts missing under --force (said on the last "
+                                       "line).")
     merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
     merge.add_argument("--force", action="store_true",
                        help="merge parts made with other settings, records whose copies differ, and a set of parts "
@@ -573,7 +574,7 @@ def _merge(args):
               f"{', ...' if len(report.missing) > 4 else ''}: the output lacks whatever they would hold (the ranks "
               f"that write them resume when run again; then merge again)")
     if report.unfinished:
-        print(describe_unfinished(report.unfinished))
+        print(describe_unfinished(report))
     if report.forced:
         print("merged under --force despite other settings: " + "; ".join(report.forced))
     if report.forced_runs:
@@ -585,7 +586,10 @@ def _merge(args):
     if report.duplicates:
         print(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     # A merged output that lacks records is a shortfall, as a run that fell short is: scripts can tell.
-    return _exit_status("merge", [(len(report.unfinished), report.parts, "parts", "from runs stopped before their end"),
+    return _exit_status("merge", [(1 if report.out_unfinished else 0, None, "output",
+                                   f"({Path(args.out).name}) was last written by a run stopped before its end"),
+                                  (len(report.unfinished) - report.out_unfinished, report.parts, "parts",
+                                   "from runs stopped before their end"),
                                   (len(report.missing), None, "parts", "missing")])
 
 

@@ -100,7 +100,7 @@ def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
     counts = f" ({counts})" if any(statuses) else ""  # only rsd generate records have a status
     log(f"merged {report.parts} parts: {report.records} records{counts} in {out}")
     if report.unfinished:
-        log(describe_unfinished(report.unfinished))
+        log(describe_unfinished(report))
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     return None
