@@ -191,7 +191,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             _write_budget(opts, considered, problems, settings, about, tally)
         log_report(dist, _format(tally, target), target, log)
         if group and opts.budget is None:
-            tally["not_merged"] = barrier_and_merge(dist, out, log)
+            tally["not_merged"] = barrier_and_merge(dist, out, log, tally.setdefault("merge_reports", []))
         elif dist.world_size > 1 and opts.budget is None:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
         return tally
@@ -368,7 +368,7 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
         if bar is not None:
             bar.close()
     if group:
-        tally["not_merged"] = barrier_and_merge(dist, path, log)
+        tally["not_merged"] = barrier_and_merge(dist, path, log, tally.setdefault("merge_reports", []))
         return dist.rank == 0 and not tally["not_merged"]
     if dist.world_size > 1:
         log(f"{dist.tag}scores part written; when every rank is done: rsd merge {path}, then rerun this command "
