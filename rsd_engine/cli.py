@@ -448,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "OUT in id order, each id once; duplicate ids are reported, copies that "
                                        "differ refused, and so is a line that is no record (no id), naming it, "
                                        "--force or not. Exit status: 0 merged; 2 refused (the message says why); "
-                                       "3 merged, but the output lacks records: parts whose run was stopped before "
-                                       "its end, or parts missing under --force (said on the last line).")
+                                       "3 merged, but the output lacks records: parts (or OUT) whose run was "
+                                       "stopped before its end, or parts missing under --force (said on the last "
+                                       "line).")
     merge.add_argument("out", metavar="OUT", help="the --out of the run whose parts to join")
     merge.add_argument("--force", action="store_true",
                        help="merge parts made with other settings, records whose copies differ, and a set of parts "
@@ -484,7 +485,7 @@ def _generate_shortfalls(s: dict) -> list[tuple[int, int | None, str, str]]:
     n, limit = (s["problems"], "problems"), context_limit(s.get("context"))
     return [(len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, f"were cut short by {limit}"),
             (len(s["prompt_too_long"]), *n, f"were skipped (prompt longer than {limit})"),
-            (1 if s.get("not_merged") else 0, None, "output", "was not merged (said above)")]
+            *_rank0_merge(s)]
 
 
 def _score(args):
@@ -514,7 +515,7 @@ def _eval(args):
         (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
         (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, f"were cut short by {limit}"),
         (len(t["too_long"]) * args.samples, *n, f"were skipped (prompt longer than {limit})"),
-        (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
+        *_rank0_merge(t)])
 
 
 def _provenance(args):
@@ -523,7 +524,7 @@ def _provenance(args):
     t = run_provenance(ProvenanceOptions(**_fields(args, ProvenanceOptions)))
     why = "were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, or no sentence)"
     return _exit_status("provenance", [(len(t["skipped"]), t["responses"], "responses", why),
-                                       (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
+                                       *_rank0_merge(t)])
 
 
 def _provenance_report(args):
@@ -544,7 +545,7 @@ def _select(args):
     return _exit_status("select", [
         (len(t["skipped"]), None, "candidates",
          "were skipped (too long for --max-seq-len, unreadable, non-finite log-probs, or no sentence)"),
-        (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")])
+        *_rank0_merge(t)])
 
 
 def _exit_status(command: str, shortfalls: list[tuple[int, int | None, str, str]]) -> int:
@@ -576,7 +577,7 @@ def _merge(args):
               f"{', ...' if len(report.missing) > 4 else ''}: the output lacks whatever they would hold (the ranks "
               f"that write them resume when run again; then merge again)")
     if report.unfinished:
-        print(describe_unfinished(report.unfinished))
+        print(describe_unfinished(report))
     if report.forced:
         print("merged under --force despite other settings: " + "; ".join(report.forced))
     if report.forced_runs:
@@ -588,8 +589,21 @@ def _merge(args):
     if report.duplicates:
         print(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     # A merged output that lacks records is a shortfall, as a run that fell short is: scripts can tell.
-    return _exit_status("merge", [(len(report.unfinished), report.parts, "parts", "from runs stopped before their end"),
-                                  (len(report.missing), None, "parts", "missing")])
+    return _exit_status("merge", [*_merged_shortfalls([report]), (len(report.missing), None, "parts", "missing")])
+
+
+def _merged_shortfalls(reports: list) -> list[tuple[int, int | None, str, str]]:
+    """The files of runs stopped before their end that merges joined (their MergeReports), for _exit_status."""
+    own = [r.unfinished[0] for r in reports if r.out_unfinished]
+    return [(len(own), None, "output", f"({', '.join(own)}) was last written by a run stopped before its end"),
+            (sum(len(r.unfinished) for r in reports) - len(own), sum(r.parts for r in reports), "parts",
+             "from runs stopped before their end")]
+
+
+def _rank0_merge(t: dict) -> list[tuple[int, int | None, str, str]]:
+    """Rank 0's merge under torchrun (a command's tally): said as `rsd merge` says the same files, or not made."""
+    return [*_merged_shortfalls(t.get("merge_reports", [])),
+            (1 if t.get("not_merged") else 0, None, "output", "was not merged (said above)")]
 
 
 def _demo(args):

@@ -121,3 +121,42 @@ def test_budget_under_torchrun_names_the_selection_rank_0_wrote(tmp_path):
                           "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"[rank 0/{WORLD}] output: {out}\n" in run.stdout and len(read_records(out)) == 3
+
+
+def test_rank_0_s_merge_of_a_stopped_run_s_part_exits_as_rsd_merge_does(tmp_path_factory, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Rank 0's merge at the end of a run under torchrun warned of a part whose run was stopped before its end and
+    exited 0; `rsd merge` of the same files exits 3. Both now say it alike: the warning, then the exit status 3."""
+    import torch.distributed as td
+
+    from rsd_engine.pipeline import generate
+    from rsd_engine.pipeline.manifest import read_manifest
+    from rsd_engine.pipeline.records import RecordWriter
+
+    pair = solver_pair(tmp_path_factory.getbasetemp() / "solver_pair")
+    data, out = write_problems(tmp_path / "p.jsonl"), tmp_path / "out.jsonl"
+    options = ["generate", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(data), "--out", str(out),
+               "--system-prompt", SYSTEM, "--attempts", "1", "--max-new-tokens", "24", "--no-progress"]
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(WORLD))
+    monkeypatch.setenv("RANK", "1")
+    assert main(options) == 0  # rank 1 of 2 writes its part
+    settings = read_manifest(part_path(out, 1, WORLD))["settings"]
+    for rank in range(2):  # then a run of 3 ranks, whose rank 2 was killed before its end (never left its writer)
+        with RecordWriter(part_path(out, rank, 3), settings):
+            pass
+    RecordWriter(part_path(out, 2, 3), settings).close()
+    # Rank 0 of 2 in a process group (one process here): the barrier passes, then it merges.
+    monkeypatch.setattr(generate, "init_process_group", lambda dist, log: True)
+    monkeypatch.setattr(td, "barrier", lambda: None)
+    monkeypatch.setattr(td, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("RANK", "0")
+    capsys.readouterr()
+    code = main(options)
+    said = capsys.readouterr().out.splitlines()
+    warning = next(line for line in said if "were stopped before their end" in line)
+    assert "(out.rank00002-of-00003.jsonl)" in warning and "merged 5 parts: 4 records" in "\n".join(said)
+    assert (code, said[-1]) == (3, "rsd generate: 1 of 5 parts from runs stopped before their end: exit status 3")
+    assert main(["merge", str(out)]) == 3  # by hand, the same files
+    said = capsys.readouterr().out.splitlines()
+    assert warning in said and said[-1] == "rsd merge: 1 of 5 parts from runs stopped before their end: exit status 3"

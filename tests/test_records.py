@@ -316,6 +316,40 @@ def test_merge_says_when_a_part_s_run_was_stopped(tmp_path, capsys):
     assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
 
 
+def test_merge_says_when_out_s_own_run_was_stopped(tmp_path, capsys):
+    """OUT's own run stopped before its end (a run on one process, resumed after a merge of ranks when the data
+    gained rows, then killed): a merge into it said "finished" and exited 0 from the parts' marks alone. OUT's mark
+    counts as a part's: named, exit 3, "finished" false, merge after merge; unless the runs of every rank of some
+    world size started after it and reached their end, or a run on OUT reaches its own."""
+    out, settings = tmp_path / "out.jsonl", {"--seed": 0}
+    for rank in range(2):
+        with RecordWriter(part_path(out, rank, 2), settings) as writer:
+            writer.write({"id": str(rank)})
+    assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
+    killed = RecordWriter(out, settings)  # a run on OUT killed before its end: never left
+    killed.write({"id": "2"})
+    killed.close()
+    assert read_manifest(out)["finished"] is False
+    for _ in range(2):  # the mark stays OUT's run's in the merged manifest: a second merge says it again
+        assert main(["merge", str(out)]) == 3
+        said = capsys.readouterr().out
+        assert "the run that last wrote out.jsonl was stopped before its end" in said
+        assert said.splitlines()[-1] == (
+            "rsd merge: 1 output (out.jsonl) was last written by a run stopped before its end: exit status 3")
+        assert read_manifest(out)["finished"] is False and [r["id"] for r in read_records(out)] == ["0", "1", "2"]
+    for rank in range(3):  # every rank of a run of 3 started after it and reached its end: they did what it left
+        with RecordWriter(part_path(out, rank, 3), settings):
+            pass
+    report = merge_parts(out)
+    assert report.unfinished == [] and read_manifest(out)["finished"] is True
+    killed = RecordWriter(out, settings)  # killed again, after every finished set
+    killed.close()
+    assert merge_parts(out).unfinished == [out.name] and read_manifest(out)["finished"] is False
+    with RecordWriter(out, settings):  # a run on OUT to its end
+        pass
+    assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
+
+
 def test_a_set_without_some_ranks_merges_only_under_force(tmp_path, capsys):
     """A rank that never started (or a part on another host) leaves a set without its part: refused, saying how to
     get it; under --force the parts there are merge, the missing ones named and the exit status 3 (nothing could

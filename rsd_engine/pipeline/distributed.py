@@ -74,9 +74,10 @@ def init_process_group(dist: Dist, log) -> bool:
     return True
 
 
-def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
+def barrier_and_merge(dist: Dist, out: Path, log, reports: list | None = None) -> str | None:
     """Wait for every rank, then (rank 0) merge the parts into `out`; returns why they were not merged (None when
-    they were, and on the other ranks)."""
+    they were, and on the other ranks). The merge's report is appended to `reports`: the command's exit status
+    counts the files of stopped runs it joined, as `rsd merge`'s does (cli._merged_shortfalls)."""
     import torch.distributed as td
 
     try:
@@ -99,8 +100,10 @@ def barrier_and_merge(dist: Dist, out: Path, log) -> str | None:
     counts = ", ".join(f"{k}: {statuses.count(k)}" for k in ("solved", "prefix", "unverified"))
     counts = f" ({counts})" if any(statuses) else ""  # only rsd generate records have a status
     log(f"merged {report.parts} parts: {report.records} records{counts} in {out}")
+    if reports is not None:
+        reports.append(report)
     if report.unfinished:
-        log(describe_unfinished(report.unfinished))
+        log(describe_unfinished(report))
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     return None
@@ -116,9 +119,11 @@ def log_report(dist: Dist, report: str, target: Path, log) -> None:
 
 def merge_or_note(dist: Dist, group: bool, outputs: dict[Path, dict], summary: dict, log) -> None:
     """After a run, for each output (mapped to its records held in part files, `held_elsewhere`): merge the parts
-    (a process group; `summary["not_merged"]` says why not), say how to (ranks without one), or name the parts left."""
+    (a process group; `summary["not_merged"]` says why not, `summary["merge_reports"]` what was merged), say how to
+    (ranks without one), or name the parts left."""
     if group:
-        reasons = [barrier_and_merge(dist, out, log) for out in outputs]
+        reports = summary.setdefault("merge_reports", [])
+        reasons = [barrier_and_merge(dist, out, log, reports) for out in outputs]
         summary["not_merged"] = next((why for why in reversed(reasons) if why), reasons[0])  # the last one given
     elif dist.world_size > 1:
         log(f"{dist.tag}part written; when every rank is done: " + " and ".join(f"rsd merge {out}" for out in outputs))

@@ -4,7 +4,8 @@ Under torchrun every rank appends to its own part (out.rank00003-of-00004.jsonl)
 OUT (OUT itself and every part of any world size: held_elsewhere), so a reordered input or another number of ranks
 never writes a record twice. merge_parts joins every part into a file beside OUT and renames it over OUT, so a merge
 killed midway leaves OUT as it was and the parts untouched; a set with a rank's part missing, parts of other settings
-and copies of a record that differ are refused unless --force, and parts whose run was stopped are reported.
+and copies of a record that differ are refused unless --force, and parts whose run was stopped are reported, as is
+OUT where its own last run was (a merge's manifest says which of its marks are a run's: MERGED).
 """
 
 from __future__ import annotations
@@ -140,9 +141,13 @@ class MergeReport:
     parts: int = 0  # part files read
     unfinished: list = field(default_factory=list)  # parts whose run was stopped before its end (their manifests)
     missing: list = field(default_factory=list)  # parts of a set that were not there (merged without, under force)
+    out_unfinished: bool = False  # OUT's own last run was stopped before its end too (its name first in unfinished)
 
 
 MERGE_BLOCK = 4096  # records written (and fsynced) at once by merge_parts
+# In a merged manifest, the "run_started" it was written with: its "finished" is then the merge's verdict on the files
+# it joined, not how a run on OUT ended (a run on OUT since gave it another "run_started").
+MERGED = "merged_marks"
 
 
 def merge_parts(out, *, force: bool = False) -> MergeReport:
@@ -191,9 +196,16 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
                 f"{len(conflicts)} records of {out} have copies that differ ({shown}{more}): a file was edited, or "
                 f"holds another run's records; keep the right files only, or pass --force to keep the first copy "
                 f"of each ({out.name}, then the parts by world size and rank)")
-        unfinished = _unfinished(parts)
+        own = None if guard._created else _run_marks(out)  # (read before this merge writes OUT's manifest)
+        unfinished = _unfinished(parts, (out, own) if own is not None else None)
+        out_unfinished = out.name in unfinished
         if manifest is not None:
             manifest["finished"] = not unfinished and not missing
+            if out_unfinished:  # stays OUT's stopped run's mark, for the next merge to weigh again
+                manifest["run_started"] = own.get("run_started")
+                manifest.pop(MERGED, None)
+            else:
+                manifest[MERGED] = manifest.get("run_started")
             write_manifest(out, manifest)
         records = {key: records[key] for key in _newest(records)}
         tmp = out.with_name(f".{out.name}.merging")
@@ -205,7 +217,7 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         os.replace(tmp, out)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**_repeated(keys_in["out"]), **_repeated(keys_in["parts"])}, forced,
-                       forced_runs, conflicts, len(parts), unfinished, missing or [])
+                       forced_runs, conflicts, len(parts), unfinished, missing or [], out_unfinished)
 
 
 def _check_identified(record: dict, path: Path, number: int, command: str | None,
@@ -223,23 +235,42 @@ def _check_identified(record: dict, path: Path, number: int, command: str | None
                          f"every record); remove or move that line, then merge again (nothing was changed)")
 
 
-def _unfinished(parts: list[Path]) -> list[str]:
-    """The parts whose last run was stopped before its end, unless the runs of every rank of some world size
-    started after it and reached theirs (between them they did every problem left, that part's too)."""
+def _unfinished(parts: list[Path], out: tuple[Path, dict] | None = None) -> list[str]:
+    """The parts whose last run was stopped before its end, and OUT where its own was (`out`: its path and the marks
+    of its last run, _run_marks), unless the runs of every rank of some world size started after it and reached
+    theirs (between them they did every problem left, that file's too)."""
     marks = {path: read_manifest(path) or {} for path in parts}
     worlds = {}
     for path in parts:
         worlds.setdefault(_part_world(path) or 0, []).append(marks[path])
     done_sets = [min(m.get("run_started") or 0 for m in ms) for world, ms in worlds.items()
                  if world and len(ms) == world and all(m.get("finished") is True for m in ms)]
-    return [path.name for path in parts if _stopped(path, marks[path])
+    if out is not None:
+        marks = {out[0]: out[1], **marks}
+    return [path.name for path in marks if _stopped(path, marks[path])
             and not any(start > (marks[path].get("run_started") or 0) for start in done_sets)]
 
 
-def describe_unfinished(parts: list[str]) -> str:
-    return (f"warning: the runs that wrote {len(parts)} of the parts were stopped before their end ({', '.join(parts[:4])}"
-            f"{', ...' if len(parts) > 4 else ''}): the merged output lacks what they had still to do; rerun the "
-            f"command (it resumes), then merge again")
+def _run_marks(out: Path) -> dict | None:
+    """OUT's manifest where its marks ("finished", "run_started") are those of the last run on OUT; None where it has
+    no manifest, or where a merge wrote them (MERGED) and no run on OUT came since."""
+    held = read_manifest(out)
+    if held is None or (MERGED in held and held[MERGED] == held.get("run_started")):
+        return None
+    return held
+
+
+def describe_unfinished(report: MergeReport) -> str:
+    """The warning of a merge that joined files whose run was stopped before its end (report.unfinished)."""
+    names = report.unfinished
+    parts = names[1:] if report.out_unfinished else names
+    said = [f"the run that last wrote {names[0]} was stopped before its end"] if report.out_unfinished else []
+    if parts:
+        said.append(f"the runs that wrote {len(parts)} of the parts were stopped before their end "
+                    f"({', '.join(parts[:4])}{', ...' if len(parts) > 4 else ''})")
+    they = "it" if report.out_unfinished and not parts else "they"
+    return (f"warning: {'; '.join(said)}: the merged output lacks what {they} had still to do; rerun the command "
+            f"(it resumes), then merge again")
 
 
 def _merged_manifest(out: Path, sources: list[Path], force: bool) -> tuple[list[str], list[str], dict | None]:

@@ -193,7 +193,7 @@ def run_select(opts: SelectOptions, log=print) -> dict:
             target = out if "kept" in tally else rank_target(scores_path(out), dist)  # of the scores file
         log_report(dist, _format(tally, target), target, log)
         if group and opts.budget is None:
-            tally["not_merged"] = barrier_and_merge(dist, out, log)
+            tally["not_merged"] = barrier_and_merge(dist, out, log, tally.setdefault("merge_reports", []))
         elif dist.world_size > 1 and opts.budget is None:
             log(f"{dist.tag}part written; when every rank is done: rsd merge {out}")
         return tally
@@ -370,7 +370,7 @@ def _score_all(opts, scorer, problems, ids, settings, about, tally, dist, group,
         if bar is not None:
             bar.close()
     if group:
-        tally["not_merged"] = barrier_and_merge(dist, path, log)
+        tally["not_merged"] = barrier_and_merge(dist, path, log, tally.setdefault("merge_reports", []))
         return dist.rank == 0 and not tally["not_merged"]
     if dist.world_size > 1:
         log(f"{dist.tag}scores part written; when every rank is done: rsd merge {path}, then rerun this command "
