@@ -608,9 +608,32 @@ def test_too_long_prompts_are_skipped_and_counted(pair, tmp_path, capsys):
     records = generate(pair, data, tmp_path / "out.jsonl", "--max-seq-len", "90", status=3)
     assert sorted(records) == sorted(EXPECTED)
     report = capsys.readouterr().out
-    assert "skipped (prompt longer than --max-seq-len): 1" in report
-    assert report.splitlines()[-1] == ("rsd generate: 1 of 5 problems were skipped (prompt longer than --max-seq-len): "
-                                       "exit status 3")
+    assert "skipped (prompt leaves no room for a new token within --max-seq-len): 1" in report
+    assert report.splitlines()[-1] == ("rsd generate: 1 of 5 problems were skipped (prompt leaves no room for a new "
+                                       "token within --max-seq-len): exit status 3")
+
+
+def test_a_prompt_as_long_as_max_seq_len_is_not_said_to_be_longer(pair, tmp_path, capsys):
+    """A prompt is skipped where it leaves no room for a new token: its length is at least --max-seq-len (or the
+    context). One of exactly that length was said to be "longer than" it; one a token shorter runs."""
+    tokenizer = AutoTokenizer.from_pretrained(str(pair[1]))
+    add = next(p for p in PROBLEMS if p["id"] == "add")
+    length = len(tokenizer.encode(build_prompt(tokenizer, add["question"], SYSTEM).text, add_special_tokens=False))
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({k: add[k] for k in ("id", "question", "answer")}) + "\n")
+    common = ["--data", str(data), "--id-field", "id", "--system-prompt", SYSTEM, "--max-new-tokens", "1",
+              "--no-progress"]
+    for command, models in (("generate", ["--teacher", str(pair[0]), "--student", str(pair[1])]),
+                            ("eval", ["--model", str(pair[1])])):
+        out = tmp_path / f"{command}.jsonl"
+        assert main([command, *models, *common, "--out", str(out), "--max-seq-len", str(length)]) == 3
+        said = capsys.readouterr().out
+        assert "longer than" not in said
+        assert "skipped (prompt leaves no room for a new token within --max-seq-len): 1" in said
+        assert said.splitlines()[-1].endswith("were skipped (prompt leaves no room for a new token within "
+                                              "--max-seq-len): exit status 3")
+        assert main([command, *models, *common, "--out", str(out), "--max-seq-len", str(length + 1)]) == 0
+        assert [r["id"] for r in read_records(out)] == ["add"]
 
 
 def test_failed_and_cut_short_problems_exit_3_and_say_so_last(pair, tmp_path, capsys, monkeypatch):
@@ -1162,8 +1185,9 @@ def test_the_default_max_seq_len_stops_at_the_models_context(pair, tmp_path, cap
         # (the default is below the context, which the long prompt does not fit: the label names the default)
         limit = (rf"--max-seq-len's default \(\d+ positions, sized by the prompts that fit the {whose} context "
                  rf"\(160\) and --max-new-tokens\)")
-        assert re.search(rf"skipped \(prompt longer than {limit}\): 1\b", said.out)
-        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt longer than {limit}\)", said.out)
+        assert re.search(rf"skipped \(prompt leaves no room for a new token within {limit}\): 1\b", said.out)
+        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt leaves no room for a new token "
+                         rf"within {limit}\)", said.out)
         graded = [p for p in PROBLEMS if command == "generate" or p["answer"] is not None]
         assert {r["id"] for r in read_records(out)} == {p["id"] for p in graded}
 
@@ -1232,8 +1256,8 @@ def test_a_cut_below_the_models_context_is_not_said_to_be_the_context(mapped_pai
     assert default < 160
     assert f"not written, cut short by {str(default).join(limit)}: 1 (mapped); raise --max-seq-len" in said
     assert said.splitlines()[-1] == (f"rsd generate: 1 of 2 problems were cut short by {str(default).join(limit)}; "
-                                     f"1 of 2 problems were skipped (prompt longer than {str(default).join(limit)}): "
-                                     f"exit status 3")
+                                     f"1 of 2 problems were skipped (prompt leaves no room for a new token within "
+                                     f"{str(default).join(limit)}): exit status 3")
 
 
 def test_only_control_tokens_are_named_not_added_plain_text(pair):

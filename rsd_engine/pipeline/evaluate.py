@@ -336,7 +336,7 @@ def _format_tally(t: dict, target) -> str:
         lines.append(f"skipped problems without a reference answer: {len(t['no_answer'])} ({names(t['no_answer'])})")
     limit = context_limit(t.get("context"), t.get("default_max_seq_len"), "the model's")
     if t["too_long"]:
-        lines.append(f"skipped (prompt longer than {limit}): {len(t['too_long'])} problems")
+        lines.append(f"skipped (prompt leaves no room for a new token within {limit}): {len(t['too_long'])} problems")
     if t["failed"]:
         lines.append(f"failed (error, written with it): {t['failed']} generations")
     if t["cut_short"]:

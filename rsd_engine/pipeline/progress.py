@@ -177,7 +177,7 @@ def format_summary(s: dict) -> str:
         lines.append(describe_skipped(s["skipped"], s["rows"]))
     limit = context_limit(s.get("context"), s.get("default_max_seq_len"))
     if s["prompt_too_long"]:
-        lines.append(f"skipped (prompt longer than {limit}): {len(s['prompt_too_long'])} "
+        lines.append(f"skipped (prompt leaves no room for a new token within {limit}): {len(s['prompt_too_long'])} "
                      f"({names(s['prompt_too_long'])})")
     if s["cut_short"]:
         redo = ("a --max-seq-len past it runs them on, at positions the models were never trained at"
