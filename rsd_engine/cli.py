@@ -412,7 +412,8 @@ def _demo_parser(sub):
                                    "as rsd generate's --out is; a rerun under other settings is refused unless "
                                    "--force.",
                        epilog=_exit_codes("problem", "some problems failed (error), were cut short by "
-                                                     "--max-seq-len or had prompts longer than it, as rsd generate"))
+                                                     "--max-seq-len or had prompts that left no room within it, as "
+                                                     "rsd generate"))
     p.add_argument("--out", default="rsd-demo",
                    help="output folder; a problems.jsonl there is written over only where it is one a demo wrote, "
                         "else refused, as is a traces.jsonl rsd generate would refuse, before anything is written")
@@ -482,9 +483,9 @@ def _generate(args):
 
 def _generate_shortfalls(s: dict) -> list[tuple[int, int | None, str, str]]:
     """rsd generate's (and rsd demo's) shortfalls for _exit_status, from run_generate's summary."""
-    n, limit = (s["problems"], "problems"), context_limit(s.get("context"))
+    n, limit = (s["problems"], "problems"), context_limit(s.get("context"), s.get("default_max_seq_len"))
     return [(len(s["failed"]), *n, "failed (error)"), (len(s["cut_short"]), *n, f"were cut short by {limit}"),
-            (len(s["prompt_too_long"]), *n, f"were skipped (prompt longer than {limit})"),
+            (len(s["prompt_too_long"]), *n, f"were skipped (prompt leaves no room for a new token within {limit})"),
             *_rank0_merge(s)]
 
 
@@ -510,11 +511,11 @@ def _eval(args):
     # The output's own counts where this rank read it (a rerun that generates nothing still holds them), out of
     # the records it holds (under torchrun or --limit it may hold more than this run's share).
     n = (max(t["problems"] * args.samples, t.get("samples", 0) + t.get("failed_in_output", 0)), "generations")
-    limit = context_limit(t.get("context"), "the model's")
+    limit = context_limit(t.get("context"), t.get("default_max_seq_len"), "the model's")
     return _exit_status("eval", [
         (max(t["failed"], t.get("failed_in_output", 0)), *n, "failed (error)"),
         (max(t["cut_short"], t.get("cut_short_in_output", 0)), *n, f"were cut short by {limit}"),
-        (len(t["too_long"]) * args.samples, *n, f"were skipped (prompt longer than {limit})"),
+        (len(t["too_long"]) * args.samples, *n, f"were skipped (prompt leaves no room for a new token within {limit})"),
         *_rank0_merge(t)])
 
 

@@ -608,9 +608,32 @@ def test_too_long_prompts_are_skipped_and_counted(pair, tmp_path, capsys):
     records = generate(pair, data, tmp_path / "out.jsonl", "--max-seq-len", "90", status=3)
     assert sorted(records) == sorted(EXPECTED)
     report = capsys.readouterr().out
-    assert "skipped (prompt longer than --max-seq-len): 1" in report
-    assert report.splitlines()[-1] == ("rsd generate: 1 of 5 problems were skipped (prompt longer than --max-seq-len): "
-                                       "exit status 3")
+    assert "skipped (prompt leaves no room for a new token within --max-seq-len): 1" in report
+    assert report.splitlines()[-1] == ("rsd generate: 1 of 5 problems were skipped (prompt leaves no room for a new "
+                                       "token within --max-seq-len): exit status 3")
+
+
+def test_a_prompt_as_long_as_max_seq_len_is_not_said_to_be_longer(pair, tmp_path, capsys):
+    """A prompt is skipped where it leaves no room for a new token: its length is at least --max-seq-len (or the
+    context). One of exactly that length was said to be "longer than" it; one a token shorter runs."""
+    tokenizer = AutoTokenizer.from_pretrained(str(pair[1]))
+    add = next(p for p in PROBLEMS if p["id"] == "add")
+    length = len(tokenizer.encode(build_prompt(tokenizer, add["question"], SYSTEM).text, add_special_tokens=False))
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({k: add[k] for k in ("id", "question", "answer")}) + "\n")
+    common = ["--data", str(data), "--id-field", "id", "--system-prompt", SYSTEM, "--max-new-tokens", "1",
+              "--no-progress"]
+    for command, models in (("generate", ["--teacher", str(pair[0]), "--student", str(pair[1])]),
+                            ("eval", ["--model", str(pair[1])])):
+        out = tmp_path / f"{command}.jsonl"
+        assert main([command, *models, *common, "--out", str(out), "--max-seq-len", str(length)]) == 3
+        said = capsys.readouterr().out
+        assert "longer than" not in said
+        assert "skipped (prompt leaves no room for a new token within --max-seq-len): 1" in said
+        assert said.splitlines()[-1].endswith("were skipped (prompt leaves no room for a new token within "
+                                              "--max-seq-len): exit status 3")
+        assert main([command, *models, *common, "--out", str(out), "--max-seq-len", str(length + 1)]) == 0
+        assert [r["id"] for r in read_records(out)] == ["add"]
 
 
 def test_failed_and_cut_short_problems_exit_3_and_say_so_last(pair, tmp_path, capsys, monkeypatch):
@@ -1159,9 +1182,12 @@ def test_the_default_max_seq_len_stops_at_the_models_context(pair, tmp_path, cap
         said = capsys.readouterr()
         assert status == 3 and "past the" not in said.err
         whose = "models'" if command == "generate" else "model's"
-        assert f"skipped (prompt longer than the {whose} context (160 positions, --max-seq-len's default)): 1" in said.out
-        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt longer than the {whose} context",
-                         said.out)
+        # (the default is below the context, which the long prompt does not fit: the label names the default)
+        limit = (rf"--max-seq-len's default \(\d+ positions, sized by the prompts that fit the {whose} context "
+                 rf"\(160\) and --max-new-tokens\)")
+        assert re.search(rf"skipped \(prompt leaves no room for a new token within {limit}\): 1\b", said.out)
+        assert re.search(rf"rsd {command}: 1 of \d+ \w+ were skipped \(prompt leaves no room for a new token "
+                         rf"within {limit}\)", said.out)
         graded = [p for p in PROBLEMS if command == "generate" or p["answer"] is not None]
         assert {r["id"] for r in read_records(out)} == {p["id"] for p in graded}
 
@@ -1201,6 +1227,37 @@ def test_the_default_max_seq_len_is_sized_by_the_prompts_that_fit(pair, tmp_path
     assert default_max_seq_len(None, [5000], 20, *short) == (21, 160)  # nothing fits: every prompt is skipped
     assert default_max_seq_len(None, [30, 5000], 20, *bare) == (5020, None)
     assert default_max_seq_len(7000, [30, 5000], 20, *short) == (7000, None)
+
+
+def test_a_cut_below_the_models_context_is_not_said_to_be_the_context(mapped_pair, tmp_path, capsys):
+    """--max-seq-len's default is the longest prompt that fits the context and --max-new-tokens: below the context
+    where a longer prompt is skipped. A sequence cut there (a prompt much longer in the teacher's space, whose mapped
+    tokens the default's room does not cover) was said to be cut by "the models' context (160 positions,
+    --max-seq-len's default)", with advice about running past the context: it names the default and its value."""
+    short = []
+    for model in mapped_pair:
+        folder = shutil.copytree(model, tmp_path / model.name)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
+        short.append(folder)
+    data = tmp_path / "p.jsonl"
+    # <extra> is one student token and 7 teacher tokens: the prompt is 48 longer in the teacher's space
+    rows = [{"id": "mapped", "question": "What is 2+2? " + "<extra>" * 8, "answer": "4"},
+            {"id": "long", "question": "What is " + " + ".join(["1"] * 200) + "?", "answer": "200"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status = main(["generate", "--teacher", str(short[0]), "--student", str(short[1]), "--data", str(data), "--out",
+                   str(tmp_path / "out.jsonl"), "--id-field", "id", "--attempts", "1", "--max-new-tokens", "36",
+                   "--no-progress"])
+    said = capsys.readouterr().out
+    assert status == 3 and "the models' context (160 positions" not in said
+    limit = ("--max-seq-len's default (", " positions, sized by the prompts that fit the models' context (160) "
+             "and --max-new-tokens)")
+    default = int(re.search(r"not written, cut short by --max-seq-len's default \((\d+) positions", said)[1])
+    assert default < 160
+    assert f"not written, cut short by {str(default).join(limit)}: 1 (mapped); raise --max-seq-len" in said
+    assert said.splitlines()[-1] == (f"rsd generate: 1 of 2 problems were cut short by {str(default).join(limit)}; "
+                                     f"1 of 2 problems were skipped (prompt leaves no room for a new token within "
+                                     f"{str(default).join(limit)}): exit status 3")
 
 
 def test_only_control_tokens_are_named_not_added_plain_text(pair):

@@ -1,4 +1,6 @@
 """Engine.generate_batch / score_batch against HF transformers, and the scheduling contract."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -351,6 +353,22 @@ def test_chat_prompt_without_a_chat_template_is_refused(engine, monkeypatch):
     monkeypatch.setattr(engine.tokenizer, "chat_template", None)
     with pytest.raises(ValueError, match="prompt 0 is chat messages but the student's tokenizer has no chat template"):
         engine.generate_batch([CHAT], SamplingParams(max_new_tokens=2))
+
+
+def test_a_chat_template_that_fails_names_the_prompt(engine, monkeypatch):
+    """A template that raises on one prompt's messages said not which of the batch's prompts it was (the commands
+    name the row's id): the prompt's index is named, by generate_batch and score_batch alike."""
+    from rsd_engine.pipeline.prompts import ChatTemplateError
+
+    template = ("{% for m in messages %}{% if 'boom' in m.content %}{{ raise_exception('bad content') }}{% endif %}"
+                "{% endfor %}" + engine.tokenizer.chat_template)
+    monkeypatch.setattr(engine.tokenizer, "chat_template", template)
+    boom = [{"role": "user", "content": "boom"}]
+    message = rf"^the chat template of {re.escape(str(engine.tokenizer.name_or_path))} fails on prompt 1: bad content$"
+    with pytest.raises(ChatTemplateError, match=message):
+        engine.generate_batch([CHAT, boom], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ChatTemplateError, match=message):
+        engine.score_batch([CHAT, boom], [" 2", " 2"])
 
 
 @pytest.mark.parametrize("kind", ["engine", "generator"])

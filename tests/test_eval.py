@@ -99,8 +99,9 @@ def test_failed_and_cut_short_generations_exit_3_and_say_so_last(pair, forced, t
     records = run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2", status=3)
     assert len(records) == 6 and sum("error" in r for r in records) == 1
     report = capsys.readouterr().out.splitlines()
-    assert report[-1] == ("rsd eval: 1 of 6 generations failed (error); 1 of 6 generations were cut short by "
-                          "--max-seq-len: exit status 3")
+    assert re.fullmatch(r"rsd eval: 1 of 6 generations failed \(error\); 1 of 6 generations were cut short by "
+                        r"--max-seq-len's default \(\d+ positions, sized by the longest prompt and --max-new-tokens\): "
+                        r"exit status 3", report[-1])  # (no --max-seq-len given: its default, named with its value)
     assert "failed (error, written with it): 1 generations" in report
 
 

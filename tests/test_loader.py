@@ -140,6 +140,28 @@ def test_missing_tensors_are_named(folder):
         load_model(folder)
 
 
+@pytest.mark.parametrize("layers", [3, 10**6])
+def test_more_layers_than_the_checkpoint_holds_are_refused_before_any_is_built(folder, layers, monkeypatch):
+    """num_hidden_layers = 10**6 (under the size fields' cap) built that many empty layers before the missing
+    tensors were named: minutes and gigabytes (20,000 took 23 s and 1.1 GiB). The safetensors headers say how many
+    layers the checkpoint holds; past that, the config is refused before anything is built."""
+    from rsd_engine.models import loader
+
+    def build(config):
+        raise AssertionError(f"built {config.num_layers} layers")
+
+    monkeypatch.setattr(loader, "_build", build)
+    edit_config(folder, num_hidden_layers=layers)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / 'config.json'))}: num_hidden_layers = {layers}, "
+                                         rf"where at most 2 can load: the checkpoint holds the tensors of 2 layers"):
+        load_model(folder)
+    state = load_file(folder / "model.safetensors")  # no layer at all: what it holds is named
+    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.")}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"at most 0 can load: the checkpoint holds no layer's tensors "
+                                         r"\(model.layers.N.\*; it holds "):
+        load_model(folder)
+
+
 def test_shape_mismatch_is_named(folder):
     edit_config(folder, intermediate_size=96)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))}: tensor model.layers.0.mlp.down_proj.weight "

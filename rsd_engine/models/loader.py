@@ -46,6 +46,7 @@ def load_model(folder, *, dtype: torch.dtype | str = torch.float32, device: torc
     folder = resolve_model(folder, revision)
     config = load_config(folder)
     files = _weight_files(folder)
+    _check_layers(config, files)
     model = _build(config)
     _load_weights(model, files, dtype, device)
     return model.to(device).eval().requires_grad_(False)
@@ -69,8 +70,22 @@ def read_safetensors(path: Path, names=None, *, model=None, skipped: list | None
                 elif skipped is not None:
                     skipped.append(name)
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} (model {model or path.parent}) is not a readable safetensors file, maybe "
-                         f"truncated or corrupt ({err}). {_rebuild_hint(path.parent)}") from None
+        raise _unreadable(path, model, err) from None
+
+
+def tensor_names(path: Path, *, model=None) -> list[str]:
+    """The names of the tensors of one safetensors file, from its header alone (no tensor is read); a file that is
+    not valid safetensors is the ValueError read_safetensors raises."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, model, err) from None
+
+
+def _unreadable(path: Path, model, err) -> ValueError:
+    return ValueError(f"{path} (model {model or path.parent}) is not a readable safetensors file, maybe "
+                      f"truncated or corrupt ({err}). {_rebuild_hint(path.parent)}")
 
 
 def _rebuild_hint(folder: Path) -> str:
@@ -112,6 +127,7 @@ def load_config(folder) -> ModelConfig:
 FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The decoder's parameters in HF's names; a checkpoint tensor named so that the model lacks is refused.
 DECODER_PARAM = re.compile(r"model\..*\.(weight|bias)")
+LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")  # a tensor of layer N, in HF's names
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -142,6 +158,19 @@ def _weight_files(folder: Path) -> list[Path]:
             "loading them can run arbitrary code. Convert them to safetensors (model.safetensors) first.")
     raise FileNotFoundError(f"{folder} has no safetensors weights (model.safetensors or a sharded "
                             "model.safetensors.index.json)")
+
+
+def _check_layers(config: ModelConfig, files: list[Path]) -> None:
+    """num_hidden_layers past the layers the checkpoint holds fails at the missing tensors, but only once that many
+    layers are built: 10**6 (a size field's cap is 2**31 - 1) built for minutes, to gigabytes, first. The headers
+    name the layers held; a config naming fewer is refused later, naming the tensors it does not account for."""
+    names = [name for path in files for name in tensor_names(path, model=path.parent)]
+    held = {int(m[1]) for name in names if (m := LAYER_TENSOR.match(name))}
+    if config.num_layers > len(held):
+        found = (f"the tensors of {len(held)} layers" if held else
+                 f"no layer's tensors (model.layers.N.*; it holds {', '.join(names[:3]) or 'no tensor'})")
+        raise ValueError(f"{files[0].parent / 'config.json'}: num_hidden_layers = {config.num_layers}, where at most "
+                         f"{len(held)} can load: the checkpoint holds {found} (is config.json this checkpoint's?)")
 
 
 def _build(config: ModelConfig) -> CausalLM:

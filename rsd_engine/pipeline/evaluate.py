@@ -194,6 +194,7 @@ def _eval(opts: EvalOptions, todo, tokenizer, writer, tally, dist):
     prompt_ids = {pid: tokenizer.encode(c.text, add_special_tokens=False) for pid, c in prompts.items()}
     max_seq_len, tally["context"] = default_max_seq_len(opts.max_seq_len, [len(ids) for ids in prompt_ids.values()],
                                                         opts.params.max_new_tokens, opts.model)
+    tally["default_max_seq_len"] = None if opts.max_seq_len else max_seq_len  # what cut a sequence (progress)
     fits = [(p, s) for p, s in todo if len(prompt_ids[p.id]) < max_seq_len]
     tally["too_long"] = sorted({p.id for p, s in todo if len(prompt_ids[p.id]) >= max_seq_len})
     if not fits:
@@ -333,9 +334,9 @@ def _format_tally(t: dict, target) -> str:
         lines.append(describe_skipped(t["skipped_rows"], t["rows"]))
     if t["no_answer"]:
         lines.append(f"skipped problems without a reference answer: {len(t['no_answer'])} ({names(t['no_answer'])})")
-    limit = context_limit(t.get("context"), "the model's")
+    limit = context_limit(t.get("context"), t.get("default_max_seq_len"), "the model's")
     if t["too_long"]:
-        lines.append(f"skipped (prompt longer than {limit}): {len(t['too_long'])} problems")
+        lines.append(f"skipped (prompt leaves no room for a new token within {limit}): {len(t['too_long'])} problems")
     if t["failed"]:
         lines.append(f"failed (error, written with it): {t['failed']} generations")
     if t["cut_short"]:

@@ -352,6 +352,7 @@ def _check_format(path: Path, fmt: str):
 def _generate(opts: GenerateOptions, todo: list[Problem], writer: RecordWriter, prefix_writer: RecordWriter | None,
               dist: Dist, tally: Tally, log):
     engine, prompts, prompt_ids, tally.context = _prepare(opts, todo, dist)
+    tally.default_max_seq_len = None if opts.max_seq_len else engine.max_seq_len  # what cut a sequence (progress)
     note = plain_prompt_note(engine.tokenizer)
     if note:
         log(dist.tag + note)

@@ -47,7 +47,8 @@ class Tally:
     out: str
     too_long: list = field(default_factory=list)
     cut_short: list = field(default_factory=list)  # ids: an attempt hit --max-seq-len
-    context: int | None = None  # the models' context, where it set --max-seq-len (its default stops there)
+    context: int | None = None  # the models' context, where it capped --max-seq-len's default or left a prompt out
+    default_max_seq_len: int | None = None  # --max-seq-len's default, where it was not given
     failed: dict = field(default_factory=dict)  # id -> the engine's error message
     duplicates: dict = field(default_factory=dict)  # ids already in the output more than once
     forced: list = field(default_factory=list)  # setting differences appended under --force
@@ -99,7 +100,8 @@ class Tally:
         return {
             "rows": self.rows, "skipped_rows": len(self.skipped), "skipped": list(self.skipped),
             "problems": self.problems, "already_done": self.resumed, "prompt_too_long": list(self.too_long),
-            "cut_short": list(self.cut_short), "context": self.context, "failed": dict(self.failed),
+            "cut_short": list(self.cut_short), "context": self.context,
+            "default_max_seq_len": self.default_max_seq_len, "failed": dict(self.failed),
             "duplicate_ids": dict(self.duplicates),
             "forced": list(self.forced), "unreadable_answers": list(self.unreadable_answers),
             "not_in_data": list(self.not_in_data), "hashed_ids": self.hashed_ids,
@@ -142,9 +144,16 @@ def unreadable_warning(ids) -> str:
             f"(2^{{\\lfloor n/2 \\rfloor}}) or as the value")
 
 
-def context_limit(context: int | None, whose: str = "the models'") -> str:
-    """What stopped a sequence: --max-seq-len, or the models' context where that set its default."""
-    return f"{whose} context ({context} positions, --max-seq-len's default)" if context else "--max-seq-len"
+def context_limit(context: int | None, default: int | None = None, whose: str = "the models'") -> str:
+    """What stopped a sequence: --max-seq-len where given, else its `default` (generate.default_max_seq_len), which
+    is the models' `context` only where it reached it: below it (a longer prompt skipped, or none needing it), a
+    sequence cut there was not cut by the context."""
+    if default is None:
+        return "--max-seq-len"
+    if default == context:
+        return f"{whose} context ({context} positions, --max-seq-len's default)"
+    prompts = f"the prompts that fit {whose} context ({context})" if context else "the longest prompt"
+    return f"--max-seq-len's default ({default} positions, sized by {prompts} and --max-new-tokens)"
 
 
 def format_summary(s: dict) -> str:
@@ -166,13 +175,14 @@ def format_summary(s: dict) -> str:
         lines.append(f"warning: {n} records in the output are of no problem in --data{why}: {names(s['not_in_data'])}")
     if s["skipped_rows"]:
         lines.append(describe_skipped(s["skipped"], s["rows"]))
-    limit = context_limit(s.get("context"))
+    limit = context_limit(s.get("context"), s.get("default_max_seq_len"))
     if s["prompt_too_long"]:
-        lines.append(f"skipped (prompt longer than {limit}): {len(s['prompt_too_long'])} "
+        lines.append(f"skipped (prompt leaves no room for a new token within {limit}): {len(s['prompt_too_long'])} "
                      f"({names(s['prompt_too_long'])})")
     if s["cut_short"]:
         redo = ("a --max-seq-len past it runs them on, at positions the models were never trained at"
-                if s.get("context") else "raise --max-seq-len and rerun to redo them")
+                if s.get("context") and s.get("context") == s.get("default_max_seq_len") else
+                "raise --max-seq-len and rerun to redo them")
         lines.append(f"not written, cut short by {limit}: {len(s['cut_short'])} ({names(s['cut_short'])}); {redo}")
     if s["failed"]:
         shown = "; ".join(f"{pid}: {why}" for pid, why in list(s["failed"].items())[:5])

@@ -11,7 +11,8 @@ earlier assistant turns (Qwen3-Instruct-2507, a model that never thinks) gets no
 gets plain text (read without a BOS, as every prompt string is: the run's log says so where the tokenizer adds
 one). A template that skips the system role without raising gets the system prompt in the user turn, as one that
 raises does. A template that does not compile, or fails to render a prompt (an undefined name, raise_exception), is a
-ChatTemplateError naming the tokenizer's folder, the row where one is given, and jinja's own message.
+ChatTemplateError naming the tokenizer's folder, the row (a command's id, the Python API's prompt index) where one
+is given, and jinja's own message.
 """
 
 from __future__ import annotations
@@ -25,21 +26,22 @@ DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer w
 
 class ChatTemplateError(ValueError):
     """The chat template of the tokenizer in `folder` does not compile, or fails to render a prompt (of the row
-    with id `row`, where given); `reason` is jinja's message."""
+    with id `row`, or the prompt `what` names, such as the Python API's "prompt 3", where given); `reason` is
+    jinja's message."""
 
-    def __init__(self, folder, reason: str, compiles: bool = True, row=None):
+    def __init__(self, folder, reason: str, compiles: bool = True, row=None, what: str | None = None):
         self.folder, self.reason, self.compiles = folder, reason, compiles
         if not compiles:
             super().__init__(f"the chat template of {folder} does not compile: {reason} (chat_template.jinja, or "
                              f"chat_template in tokenizer_config.json)")
         else:
-            super().__init__(f"the chat template of {folder} fails"
-                             f"{'' if row is None else f' on the prompt of id {row!r}'}: {reason}")
+            where = f" on {what}" if what else "" if row is None else f" on the prompt of id {row!r}"
+            super().__init__(f"the chat template of {folder} fails{where}: {reason}")
 
-    def of_row(self, row) -> "ChatTemplateError":
-        """This failure, named by the row it failed on, if any (one that does not compile fails on every row
-        alike)."""
-        return ChatTemplateError(self.folder, self.reason, row=row) if self.compiles else self
+    def of_row(self, row=None, what: str | None = None) -> "ChatTemplateError":
+        """This failure, named by the row (`row`, its id) or prompt (`what`) it failed on, if any (one that does not
+        compile fails on every row alike)."""
+        return ChatTemplateError(self.folder, self.reason, row=row, what=what) if self.compiles else self
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,10 @@ def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
     if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user" and (
             not _renders_system(tokenizer)):  # a template that skips the role: the system turn goes first in the user's
         messages[:2] = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
-    return render_chat(tokenizer, messages)[0]
+    try:
+        return render_chat(tokenizer, messages)[0]
+    except ChatTemplateError as err:  # which of a batch's prompts, as a command names the row
+        raise err.of_row(what=what) from None
 
 
 # Llama 3.x templates write today's date into the system turn unless given one (strftime_now): a prompt would then
