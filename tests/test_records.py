@@ -316,6 +316,37 @@ def test_merge_says_when_a_part_s_run_was_stopped(tmp_path, capsys):
     assert merge_parts(out).unfinished == [] and read_manifest(out)["finished"] is True
 
 
+KILLED_MERGE_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from rsd_engine.pipeline.parts import merge_parts
+real_replace = os.replace
+def replace(src, dst):
+    if Path(src).name.endswith(".merging"):
+        os.kill(os.getpid(), signal.SIGKILL)  # killed just before the merged records are renamed over OUT
+    real_replace(src, dst)
+os.replace = replace
+merge_parts(sys.argv[1])
+"""
+
+
+def test_a_merge_killed_before_its_rename_leaves_out_said_unfinished(tmp_path):
+    """A merge wrote OUT's new manifest ("finished": true) before renaming the merged records over OUT: killed in
+    between, OUT (without the parts' records) sat beside a manifest saying the output was whole. It says
+    unfinished until the records are in place, and the next merge makes it whole."""
+    out = tmp_path / "out.jsonl"
+    for rank in range(2):
+        with RecordWriter(part_path(out, rank, 2), {"--seed": 0}) as writer:
+            writer.write({"id": str(rank)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", KILLED_MERGE_SCRIPT, str(out)], env=env, capture_output=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
+    assert read_records(out) == [] and read_manifest(out)["finished"] is False
+    report = merge_parts(out)
+    assert report.unfinished == [] and not report.out_unfinished
+    assert [r["id"] for r in read_records(out)] == ["0", "1"] and read_manifest(out)["finished"] is True
+
+
 def test_merge_says_when_out_s_own_run_was_stopped(tmp_path, capsys):
     """OUT's own run stopped before its end (a run on one process, resumed after a merge of ranks when the data
     gained rows, then killed): a merge into it said "finished" and exited 0 from the parts' marks alone. OUT's mark

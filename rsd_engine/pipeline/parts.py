@@ -3,7 +3,8 @@
 Under torchrun every rank appends to its own part (out.rank00003-of-00004.jsonl). A run resumes from every file of
 OUT (OUT itself and every part of any world size: held_elsewhere), so a reordered input or another number of ranks
 never writes a record twice. merge_parts joins every part into a file beside OUT and renames it over OUT, so a merge
-killed midway leaves OUT as it was and the parts untouched; a set with a rank's part missing, parts of other settings
+killed midway leaves OUT's records as they were and the parts untouched (its manifest says unfinished until the
+merged records are in place); a set with a rank's part missing, parts of other settings
 and copies of a record that differ are refused unless --force, and parts whose run was stopped are reported, as is
 OUT where its own last run was (a merge's manifest says which of its marks are a run's: MERGED).
 """
@@ -199,8 +200,11 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
         own = None if guard._created else _run_marks(out)  # (read before this merge writes OUT's manifest)
         unfinished = _unfinished(parts, (out, own) if own is not None else None)
         out_unfinished = out.name in unfinished
+        finished = not unfinished and not missing
         if manifest is not None:
-            manifest["finished"] = not unfinished and not missing
+            # Until the merged records are renamed over OUT its manifest says unfinished: a merge killed in between
+            # leaves OUT's old records beside it, which lack what the parts hold (the next merge weighs it again).
+            manifest["finished"] = False
             if out_unfinished:  # stays OUT's stopped run's mark, for the next merge to weigh again
                 manifest["run_started"] = own.get("run_started")
                 manifest.pop(MERGED, None)
@@ -215,6 +219,9 @@ def merge_parts(out, *, force: bool = False) -> MergeReport:
             for at in range(0, len(keys), MERGE_BLOCK):
                 writer.write_many([records[key] for key in keys[at:at + MERGE_BLOCK]])
         os.replace(tmp, out)
+        if manifest is not None and finished:
+            manifest["finished"] = True
+            write_manifest(out, manifest)
     # out is usually an earlier merge of these same parts: its copies of their ids are expected.
     return MergeReport(len(records), {**_repeated(keys_in["out"]), **_repeated(keys_in["parts"])}, forced,
                        forced_runs, conflicts, len(parts), unfinished, missing or [], out_unfinished)
