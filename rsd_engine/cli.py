@@ -569,7 +569,7 @@ def _fields(args, options) -> dict:
 
 def _merge(args):
     from rsd_engine.pipeline.records import describe_duplicates
-    from rsd_engine.pipeline.parts import describe_unfinished, merge_parts
+    from rsd_engine.pipeline.parts import describe_forced_runs, describe_unfinished, merge_parts
 
     report = merge_parts(args.out, force=args.force)
     print(f"merged {report.records} records into {args.out}")
@@ -582,8 +582,7 @@ def _merge(args):
     if report.forced:
         print("merged under --force despite other settings: " + "; ".join(report.forced))
     if report.forced_runs:
-        print("note: records in the merged output were appended under --force with other settings (listed in its "
-              "manifest): " + " | ".join(report.forced_runs))
+        print(describe_forced_runs(report))
     if report.conflicts:
         print(f"warning: {len(report.conflicts)} records had copies that differ, merged under --force (the first "
               f"copy kept): " + ", ".join(key.replace(chr(0), "/") for key in list(report.conflicts)[:5]))

@@ -160,3 +160,24 @@ def test_rank_0_s_merge_of_a_stopped_run_s_part_exits_as_rsd_merge_does(tmp_path
     assert main(["merge", str(out)]) == 3  # by hand, the same files
     said = capsys.readouterr().out.splitlines()
     assert warning in said and said[-1] == "rsd merge: 1 of 5 parts from runs stopped before their end: exit status 3"
+
+
+def test_rank_0_s_merge_notes_runs_appended_under_force_as_rsd_merge_does(tmp_path, monkeypatch):
+    """rsd merge notes records an earlier run appended to a part under --force with other settings; rank 0's
+    merge at the end of a run under torchrun joined the same files without a word."""
+    import torch.distributed as td
+
+    from rsd_engine.pipeline.distributed import Dist, barrier_and_merge
+    from rsd_engine.pipeline.records import RecordWriter
+
+    out = tmp_path / "out.jsonl"
+    for rank in range(WORLD):
+        with RecordWriter(part_path(out, rank, WORLD), {"--seed": 0}) as writer:
+            writer.write({"id": str(rank)})
+    with RecordWriter(part_path(out, 1, WORLD), {"--seed": 1}, force=True) as writer:
+        writer.write({"id": "3"})
+    monkeypatch.setattr(td, "barrier", lambda: None)
+    said = []
+    assert barrier_and_merge(Dist(0, WORLD, 0), out, said.append) is None
+    assert ("note: records in the merged output were appended under --force with other settings (listed in its "
+            "manifest): out.rank00001-of-00002.jsonl: --seed: 0 in the output, 1 now") in said

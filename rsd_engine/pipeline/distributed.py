@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .manifest import forced_runs_note
 from .records import OutputBusy, describe_duplicates, part_path, read_records
-from .parts import describe_unfinished, merge_parts, note_unmerged
+from .parts import describe_forced_runs, describe_unfinished, merge_parts, note_unmerged
 from .output_paths import check_not_input, check_output_name, check_writable
 
 
@@ -104,6 +104,8 @@ def barrier_and_merge(dist: Dist, out: Path, log, reports: list | None = None) -
         reports.append(report)
     if report.unfinished:
         log(describe_unfinished(report))
+    if report.forced_runs:  # earlier runs' (this one's each rank noted itself), as rsd merge notes them
+        log(describe_forced_runs(report))
     if report.duplicates:
         log(f"warning: {describe_duplicates(report.duplicates)}; kept the first copy of each")
     return None

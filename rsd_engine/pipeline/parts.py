@@ -24,7 +24,7 @@ from .records import (OutputBusy, RecordConflict, RecordWriter, _check_idle, _ho
                       record_id_reader, record_key, same_record)
 
 __all__ = ["MergeReport", "merge_parts", "find_parts", "held_elsewhere", "others_state", "recheck_elsewhere",
-           "refuse_if_busy", "unmerged_parts", "note_unmerged", "describe_unfinished"]
+           "refuse_if_busy", "unmerged_parts", "note_unmerged", "describe_unfinished", "describe_forced_runs"]
 
 
 def find_parts(out, *, missing: list[str] | None = None) -> list[Path]:
@@ -265,6 +265,12 @@ def _run_marks(out: Path) -> dict | None:
     if held is None or (MERGED in held and held[MERGED] == held.get("run_started")):
         return None
     return held
+
+
+def describe_forced_runs(report: MergeReport) -> str:
+    """The note of a merge that joined records appended under --force with other settings (report.forced_runs)."""
+    return ("note: records in the merged output were appended under --force with other settings (listed in its "
+            "manifest): " + " | ".join(report.forced_runs))
 
 
 def describe_unfinished(report: MergeReport) -> str:
