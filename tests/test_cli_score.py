@@ -635,3 +635,25 @@ def test_the_report_says_the_precision_its_figures_were_computed_in(tiny_pair, t
     run(tmp_path, tiny_pair[1], files["ids"], dtype="float32")
     report = json.loads((tmp_path / "run_report.json").read_text())
     assert (report["device"], report["dtype"]) == ("cpu", "float32")
+
+
+def test_multi_turn_messages_under_a_template_that_skips_the_system_role_keep_the_system_turn(tiny_pair):
+    """A chat template that skips a system turn without raising: `rsd generate` (chat_prompt_text) puts the system
+    turn first in the user turn, and so does `rsd score` for a one-question row; a multi-turn row dropped it, so its
+    last turn was scored after another prompt than generation read."""
+    from rsd_engine.pipeline.prompts import chat_prompt_text
+    from rsd_engine.pipeline.score import _trace
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair[1]))
+    tok.chat_template = ("{%- for message in messages %}{%- if message['role'] != 'system' %}"
+                         "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                         "{%- endif %}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "It is 6."}]
+    for turns in (messages, messages[:2] + messages[-1:]):
+        trace, why = _trace(0, {"messages": turns}, tok, None, "question", "")
+        prompt = chat_prompt_text(tok, turns[:-1])
+        assert why == "" and "Be brief." in prompt
+        assert trace.prompt_ids == tok.encode(prompt, add_special_tokens=False)

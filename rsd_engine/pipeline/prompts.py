@@ -189,14 +189,20 @@ def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{what} is chat messages but the student's tokenizer has no chat template: pass "
                          f"the prompt as a plain string")
-    messages = list(messages)
-    if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user" and (
-            not _renders_system(tokenizer)):  # a template that skips the role: the system turn goes first in the user's
-        messages[:2] = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
     try:
-        return render_chat(tokenizer, messages)[0]
+        return render_chat(tokenizer, fold_system(tokenizer, messages))[0]
     except ChatTemplateError as err:  # which of a batch's prompts, as a command names the row
         raise err.of_row(what=what) from None
+
+
+def fold_system(tokenizer, messages: list[dict]) -> list[dict]:
+    """`messages` as a chat prompt renders them: where the template skips a system turn it is given (without
+    raising), a leading system turn goes first in the user turn after it, as build_prompt folds a system prompt."""
+    messages = list(messages)
+    if len(messages) > 1 and messages[0].get("role") == "system" and messages[1].get("role") == "user" and (
+            not _renders_system(tokenizer)):
+        messages[:2] = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+    return messages
 
 
 # Llama 3.x templates write today's date into the system turn unless given one (strftime_now): a prompt would then
