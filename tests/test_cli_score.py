@@ -657,3 +657,29 @@ def test_multi_turn_messages_under_a_template_that_skips_the_system_role_keep_th
         prompt = chat_prompt_text(tok, turns[:-1])
         assert why == "" and "Be brief." in prompt
         assert trace.prompt_ids == tok.encode(prompt, add_special_tokens=False)
+
+
+def test_chat_turns_under_a_template_that_refuses_the_system_role_fold_it_as_generate_does(tiny_pair):
+    """A chat template that raises on a system turn (as Gemma 2's does): `rsd generate` puts its system prompt first
+    in the user turn (build_prompt), but chat messages with a system turn failed in the Python API, and `rsd score`
+    skipped every multi-turn row that had one. Both now fold it the same way; the prompt equals build_prompt's."""
+    from rsd_engine.pipeline.prompts import build_prompt, chat_prompt_text
+    from rsd_engine.pipeline.score import _trace
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair[1]))
+    tok.chat_template = ("{%- for message in messages %}{%- if message['role'] == 'system' %}"
+                         "{{- raise_exception('System role not supported') }}{%- endif %}"
+                         "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                         "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    assert chat_prompt_text(tok, first) == build_prompt(tok, "What is 2+2?", "Be brief.").text
+    messages = [*first, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "It is 6."}]
+    trace, why = _trace(0, {"messages": messages}, tok, None, "question", "")
+    prompt = chat_prompt_text(tok, messages[:-1])
+    assert why == "" and prompt.startswith("<|im_start|>user\nBe brief.\n\nWhat is 2+2?")
+    assert trace.prompt_ids == tok.encode(prompt, add_special_tokens=False)
+    tok.chat_template = tok.chat_template.replace("message['role'] == 'system'", "message['content'] == 'boom'"
+                                                  ).replace("System role not supported", "boom")
+    with pytest.raises(ValueError, match="fails on prompt: boom"):  # renders a system turn: not folded, its failure
+        chat_prompt_text(tok, [{"role": "system", "content": "x"}, {"role": "user", "content": "boom"}])

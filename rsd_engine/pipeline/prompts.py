@@ -10,7 +10,8 @@ earlier assistant turns (Qwen3-Instruct-2507, a model that never thinks) gets no
 (a model that opens one itself is read as having done so: traces.py). A tokenizer without a chat template
 gets plain text (read without a BOS, as every prompt string is: the run's log says so where the tokenizer adds
 one). A template that skips the system role without raising gets the system prompt in the user turn, as one that
-raises does. A template that does not compile, or fails to render a prompt (an undefined name, raise_exception), is a
+raises does; so does a leading system turn of chat messages (the Python API's prompts, `rsd score`'s turns:
+render_folded). A template that does not compile, or fails to render a prompt (an undefined name, raise_exception), is a
 ChatTemplateError naming the tokenizer's folder, the row (a command's id, the Python API's prompt index) where one
 is given, and jinja's own message.
 """
@@ -100,15 +101,20 @@ _renders_system_cache: dict[str, bool] = {}
 
 
 def _renders_system(tokenizer) -> bool:
-    """Whether the chat template renders a system turn it is given (probed once a template)."""
+    """Whether the chat template renders a system turn it is given (probed once a template): False where it skips
+    the turn, or raises on it but renders the user turn alone."""
     source = _template_source(tokenizer)
     if source not in _renders_system_cache:
         try:
             text = _render(tokenizer, [{"role": "system", "content": _SYSTEM_PROBE},
                                        {"role": "user", "content": "?"}], True)
             _renders_system_cache[source] = _SYSTEM_PROBE in text
-        except Exception:  # (one that raises is told apart by its caller)
-            return True
+        except Exception:
+            try:
+                _render(tokenizer, [{"role": "user", "content": "?"}], True)
+            except Exception:  # a template that fails whatever it is given: its caller says so
+                return True
+            _renders_system_cache[source] = False
     return _renders_system_cache[source]
 
 
@@ -190,19 +196,20 @@ def chat_prompt_text(tokenizer, messages, what: str = "prompt") -> str:
         raise ValueError(f"{what} is chat messages but the student's tokenizer has no chat template: pass "
                          f"the prompt as a plain string")
     try:
-        return render_chat(tokenizer, fold_system(tokenizer, messages))[0]
+        return render_folded(tokenizer, messages)[0]
     except ChatTemplateError as err:  # which of a batch's prompts, as a command names the row
         raise err.of_row(what=what) from None
 
 
-def fold_system(tokenizer, messages: list[dict]) -> list[dict]:
-    """`messages` as a chat prompt renders them: where the template skips a system turn it is given (without
-    raising), a leading system turn goes first in the user turn after it, as build_prompt folds a system prompt."""
-    messages = list(messages)
+def render_folded(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """render_chat of `messages` as a chat prompt renders them: where the template skips a system turn (without
+    raising) or refuses one (raising: _renders_system), a leading system turn goes first in the user turn after it,
+    as build_prompt does with a system prompt."""
     if len(messages) > 1 and messages[0].get("role") == "system" and messages[1].get("role") == "user" and (
             not _renders_system(tokenizer)):
-        messages[:2] = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
-    return messages
+        messages = [{**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"},
+                    *messages[2:]]
+    return render_chat(tokenizer, messages)
 
 
 # Llama 3.x templates write today's date into the system turn unless given one (strftime_now): a prompt would then

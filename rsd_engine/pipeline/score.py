@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import not_unicode, read_growing_rows
-from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, fold_system, render_chat
+from .prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, render_folded
 from .readers import strip_think_open
 from .records import describe_duplicates, duplicate_ids
 from .output_paths import check_not_input, check_plot_format
@@ -229,8 +229,9 @@ def _chat_trace(trace_id, messages, tokenizer, encode):
             return None, (f"'messages' has {len(context)} turns before the last assistant turn, and the student's "
                           f"tokenizer has no chat template to render them")
         try:
-            # (a template that skips the system role gets it in the first user turn, as `rsd generate` renders chat)
-            text, think_prefix = render_chat(tokenizer, fold_system(tokenizer, context))
+            # (a template that skips or refuses the system role gets it in the first user turn, as `rsd generate`
+            # renders chat)
+            text, think_prefix = render_folded(tokenizer, context)
         except Exception as err:  # jinja2's TemplateError: a template that refuses this order of roles
             return None, f"the student's chat template cannot render the turns before the last one ({err})"
     return Trace(trace_id, *_in_context(encode, text, _after_think(completion, think_prefix))), ""
