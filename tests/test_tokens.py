@@ -117,6 +117,44 @@ def test_mapped_pieces_must_read_the_token_text():
         assert think in ids and teacher.decode(space.to_teacher(ids)) == text
 
 
+# Texts of every kind (multi-byte UTF-8: CJK, emoji with ZWJ and skin tones, combining marks, RTL, maths; whitespace
+# runs; special and added tokens, and their spellings in pieces) and id runs that split a character across byte tokens.
+_TEXT_POOLS = (
+    [chr(c) for c in range(32, 127)], list("思考中文日本語한국어"), ["🙂", "👍🏽", "👩\u200d💻", "👨\u200d👩\u200d👧", "🇫🇷"],
+    ["e\u0301", "a\u0308", "\u0301"], list("مرحبا שלום") + ["\u200f", "\u202e"], list("∑∫√∞≤≠±×÷π½²°"),
+    [" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000"],
+    ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<extra>", "<reason>", "思考", "👩\u200d💻", " <x>", "<", "think>"],
+)
+
+
+def test_mapped_ids_read_the_same_text_in_the_teachers_space(mapped_pair, tiny_tokenizer_dir):
+    """DESIGN.md §4: the teacher ids a student sequence maps to (shared ids as they are, a mapped token as its pieces)
+    spell exactly the text the student ids spell: nothing lost, doubled or reordered, whatever the text, and for
+    any run of writable ids (a character split across byte-level tokens, a mapped token between its bytes)."""
+    import random
+
+    teacher_tok = load_tokenizer(tiny_tokenizer_dir)
+    students = [load_tokenizer(mapped_pair[1]),
+                with_added(tiny_tokenizer_dir, "<reason>", "思考", "👩\u200d💻", " <x>", "\n\n\n")]
+    rng = random.Random(0)
+    for student_tok in students:
+        space = align_token_spaces(teacher_tok, student_tok, teacher_rows=512, student_rows=512)
+        assert space.teacher_pieces
+        writable = space.fallback_mask.nonzero()[:, 0].tolist()
+
+        def read(tokenizer, ids):
+            return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        for _ in range(150):
+            pools = rng.sample(_TEXT_POOLS, rng.randint(1, 3))
+            text = "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 20)))
+            ids = student_tok.encode(text, add_special_tokens=False)
+            runs = [ids, [rng.choice(writable) for _ in range(rng.randint(1, 12))]]
+            runs.append([*ids[:len(ids) // 2], rng.choice(list(space.teacher_pieces)), *ids[len(ids) // 2:]])
+            for run in runs:
+                assert read(teacher_tok, space.to_teacher(run)) == read(student_tok, run), (text, run)
+
+
 @pytest.fixture(scope="module")
 def permuted_pair(tmp_path_factory, tiny_tokenizer_dir):
     """A teacher whose tokenizer holds <think> and </think> at each other's ids (as R1-Distill-Qwen holds them at
