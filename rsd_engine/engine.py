@@ -539,7 +539,8 @@ class Engine:
 
     def score_batch(self, prompts, completions) -> list[ScoreResult]:
         """Teacher-forced log-probs of each completion token given the prompt and the tokens before it,
-        under both models; every cache slot scores a sequence per forward (see scoring.py).
+        under both models; every cache slot scores a sequence per forward (see scoring.py). A trace the engine
+        wrote always fits: the teacher log-prob of a last token whose teacher pieces pass max_seq_len is NaN.
         It overwrites the caches: refused while a generate_iter of this engine is paused."""
         self._claim_caches("score_batch")
         if isinstance(prompts, (str, bytes)) or isinstance(completions, (str, bytes)):

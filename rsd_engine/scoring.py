@@ -120,14 +120,25 @@ def score_rows(engine, rows) -> list[ScoreResult]:
         teacher_seqs.append(seq)
         teacher_spans.append([len(engine.space.teacher_pieces.get(tok, (tok,))) for tok in completion])
     student_seqs = [p + c for _, p, c in rows]
-    for (i, _, _), s, t in zip(rows, student_seqs, teacher_seqs):
-        if max(len(s), len(t)) > engine.max_seq_len:
+    unread = []  # rows whose last token the teacher cannot read within max_seq_len (its log-prob: NaN)
+    for k, ((i, _, completion), s, t) in enumerate(zip(rows, student_seqs, teacher_seqs)):
+        # The engine keeps a mapped token that ends its request though its teacher pieces pass max_seq_len (the
+        # teacher never reads them; the step's teacher log-prob is NaN): its trace is scored so too.
+        last = teacher_spans[k][-1] if completion else 0
+        if len(s) <= engine.max_seq_len < len(t) and last > 1 and len(t) - last <= engine.max_seq_len:
+            del t[len(t) - last:]
+            teacher_spans[k][-1] = 0
+            unread.append(k)
+        elif max(len(s), len(t)) > engine.max_seq_len:
             raise ValueError(f"prompt {i} with its completion has {len(s)} tokens ({len(t)} in the teacher's "
                              f"space), more than max_seq_len {engine.max_seq_len}")
     student_lp = score_sequences(engine.student, engine.student_cache, student_seqs, [len(p) for _, p, _ in rows])
     teacher_flat = score_sequences(engine.teacher, engine.teacher_cache, teacher_seqs,
                                    [len(t) - sum(n) for t, n in zip(teacher_seqs, teacher_spans)])
-    return [ScoreResult(_sum_spans(flat, spans), s) for flat, spans, s in zip(teacher_flat, teacher_spans, student_lp)]
+    teacher_lp = [_sum_spans(flat, spans) for flat, spans in zip(teacher_flat, teacher_spans)]
+    for k in unread:
+        teacher_lp[k][-1] = float("nan")
+    return [ScoreResult(t, s) for t, s in zip(teacher_lp, student_lp)]
 
 
 def _sum_spans(flat: list[float], spans: list[int]) -> list[float]:

@@ -1,5 +1,6 @@
 """Token-space alignment (DESIGN.md §4): shared ids, padding rows, mapped student-only added tokens."""
 import json
+import math
 import re
 import shutil
 import warnings
@@ -386,6 +387,7 @@ def test_a_mapped_eos_at_max_seq_len_still_ends_the_trace(tmp_path, tiny_tokeniz
         params = SamplingParams(max_new_tokens=5, threshold=1.0, temperature=0.0, student_temperature=0.0)
         result = engine.generate_batch(["The answer is"], params)[0]
         assert (result.finish_reason, result.token_ids) == ("eos", [eos]), max_seq_len
+        _scored_as_generated(engine, result)
 
 
 @pytest.mark.parametrize("ending", ["stop_string", "max_new_tokens"])
@@ -402,6 +404,21 @@ def test_a_mapped_token_that_ends_its_request_is_kept_at_max_seq_len(mapped_pair
         result = engine.generate_batch(["The answer is"], params)[0]
         expected = "stop" if ending == "stop_string" else "length"
         assert (result.finish_reason, result.token_ids) == (expected, [extra]), max_seq_len
+        _scored_as_generated(engine, result)
+
+
+def _scored_as_generated(engine, result):
+    """The engine's own score_batch takes the trace it wrote (it refused one whose last token's teacher pieces
+    pass max_seq_len): that token, which the teacher never read, has a NaN teacher log-prob, and every log-prob
+    the steps gave is the score's."""
+    (scored,) = engine.score_batch([result.prompt_token_ids], [result.token_ids])
+    teacher_len = len(engine.space.to_teacher(result.prompt_token_ids + result.token_ids))
+    assert math.isnan(scored.teacher_logprobs[-1]) == (teacher_len > engine.max_seq_len)
+    assert not any(math.isnan(x) for x in scored.teacher_logprobs[:-1] + scored.student_logprobs)
+    for step, score in ((result.teacher_logprobs, scored.teacher_logprobs),
+                        (result.student_logprobs, scored.student_logprobs)):
+        given = [j for j, x in enumerate(step) if not math.isnan(x)]
+        assert [step[j] for j in given] == pytest.approx([score[j] for j in given], abs=1e-4)
 
 
 def test_the_samplers_masks_are_padded_to_a_multiple_of_16_with_the_same_law(tiny_pair):
