@@ -6,6 +6,7 @@ Same uniforms in, same token out: a backend may differ from the reference only o
 replay of the reference's decisions shows one of them within float rounding of its boundary.
 """
 import os
+import re
 import zlib
 
 import numpy as np
@@ -756,6 +757,26 @@ def test_out_of_range_values_are_refused(backend, field, value, allowed):
     teacher, student, uniforms, proposal_mask, fallback_mask, params = _triton_args(
         backend, teacher, student, uniforms, proposal_mask, fallback_mask, params)
     with pytest.raises(ValueError, match=rf"params\.{field}\[2\] = \S+ is out of range: must be {allowed}"):
+        sampling.rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+
+
+NEAR_A_BOUND = [("top_p", 1.0000001, "1.0000001"), ("student_top_p", 1.0000001, "1.0000001"),
+                ("threshold", 1.0000001, "1.0000001"), ("threshold", -1e-7, "-1e-07")]
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("field,value,shown", NEAR_A_BOUND, ids=[f"{f}={v!r}" for f, v, _ in NEAR_A_BOUND])
+def test_a_value_just_past_a_bound_is_shown_as_it_is(backend, field, value, shown):
+    """The message shows the refused value with the digits that make it out of range: top_p = float32(1.0000001) was
+    refused as "top_p[2] = 1 is out of range: must be in (0, 1]" (found by the differential fuzzer)."""
+    use_backend(backend)
+    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
+    row = getattr(params, field).clone()
+    row[2] = value
+    params = params._replace(**{field: row})
+    teacher, student, uniforms, proposal_mask, fallback_mask, params = _triton_args(
+        backend, teacher, student, uniforms, proposal_mask, fallback_mask, params)
+    with pytest.raises(ValueError, match=rf"^params\.{field}\[2\] = {re.escape(shown)} is out of range"):
         sampling.rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
 
 

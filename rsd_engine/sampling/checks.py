@@ -100,10 +100,22 @@ def _in_range(name, t, rule):
     if not bool(ok.all()):
         where = (~ok).nonzero()[0].tolist()
         value, read = t[tuple(where)].item(), x[tuple(where)].item()
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        shown = _shown(value, t.dtype)
         if read != value and math.isfinite(value):  # e.g. top_p 1e-46 in float64: 0 as the kernels read it
             shown += f" ({read:g} in float32, as the ops read it)"
         raise ValueError(f"{name}[{', '.join(map(str, where))}] = {shown} is out of range: must be {rule.allowed}")
+
+
+def _shown(value, dtype) -> str:
+    """``value`` (an entry of a ``dtype`` tensor) in the fewest significant digits, 6 at least, that give it back in
+    ``dtype``: "{:g}" alone showed float32(1.0000001), an out-of-range top_p, as "1"."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    for digits in range(6, 18):
+        shown = f"{value:.{digits}g}"
+        if torch.tensor(float(shown), dtype=dtype).item() == value:
+            return shown
+    return repr(value)
 
 
 def _check_values(uniforms, **params):
