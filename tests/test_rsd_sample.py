@@ -749,6 +749,11 @@ def _triton_args(backend, *tensors):
 def test_out_of_range_values_are_refused(backend, field, value, allowed):
     """Values SamplingParams refuses are refused by the op too, naming the entry: the backends returned tokens for
     them, and different ones (top_p = 0, NaN temperature: the reference and C++ one token, Triton a flag)."""
+    _refused_with(backend, field, value, rf"params\.{field}\[2\] = \S+ is out of range: must be {allowed}")
+
+
+def _refused_with(backend, field, value, message):
+    """rsd_sample on small_batch with row 2's `field` set to `value` raises a ValueError matching `message`."""
     use_backend(backend)
     teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
     row = getattr(params, field).clone()
@@ -756,7 +761,7 @@ def test_out_of_range_values_are_refused(backend, field, value, allowed):
     params = params._replace(**{field: row})
     teacher, student, uniforms, proposal_mask, fallback_mask, params = _triton_args(
         backend, teacher, student, uniforms, proposal_mask, fallback_mask, params)
-    with pytest.raises(ValueError, match=rf"params\.{field}\[2\] = \S+ is out of range: must be {allowed}"):
+    with pytest.raises(ValueError, match=message):
         sampling.rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
 
 
@@ -769,15 +774,7 @@ NEAR_A_BOUND = [("top_p", 1.0000001, "1.0000001"), ("student_top_p", 1.0000001, 
 def test_a_value_just_past_a_bound_is_shown_as_it_is(backend, field, value, shown):
     """The message shows the refused value with the digits that make it out of range: top_p = float32(1.0000001) was
     refused as "top_p[2] = 1 is out of range: must be in (0, 1]" (found by the differential fuzzer)."""
-    use_backend(backend)
-    teacher, student, uniforms, params, proposal_mask, fallback_mask = small_batch()
-    row = getattr(params, field).clone()
-    row[2] = value
-    params = params._replace(**{field: row})
-    teacher, student, uniforms, proposal_mask, fallback_mask, params = _triton_args(
-        backend, teacher, student, uniforms, proposal_mask, fallback_mask, params)
-    with pytest.raises(ValueError, match=rf"^params\.{field}\[2\] = {re.escape(shown)} is out of range"):
-        sampling.rsd_sample(teacher, student, uniforms, params, proposal_mask, fallback_mask, backend=backend)
+    _refused_with(backend, field, value, rf"^params\.{field}\[2\] = {re.escape(shown)} is out of range")
 
 
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
