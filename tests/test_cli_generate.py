@@ -1161,16 +1161,22 @@ def test_warnings_are_the_commands_own_lines(pair, tmp_path, capsys):
     assert warnings.showwarning is shown_before  # the command's way, for its run only (it leaked into the caller's)
 
 
+def _with_context(models, folder, context: int) -> list:
+    """Copies of `models` in `folder` whose config.json gives them a context of `context` positions."""
+    copies = []
+    for model in models:
+        copy = shutil.copytree(model, folder / model.name)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context}))
+        copies.append(copy)
+    return copies
+
+
 def test_the_default_max_seq_len_stops_at_the_models_context(pair, tmp_path, capsys):
     """--max-seq-len's default (the longest prompt and --max-new-tokens) ran past the models' context with a
     warning: a prompt longer than the context was generated from, at positions the models were never trained at,
     and written (a 1.8M-token row ran for minutes). It stops at the context: such a prompt is skipped and named."""
-    short = []
-    for model in pair:
-        folder = shutil.copytree(model, tmp_path / model.name)
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
-        short.append(folder)
+    short = _with_context(pair, tmp_path, 160)
     long_question = {"id": "long", "question": "What is " + " + ".join(["1"] * 200) + "?", "answer": "200"}
     data = write_problems(tmp_path / "p.jsonl", [long_question])
     for command in ("generate", "eval"):
@@ -1212,11 +1218,9 @@ def test_the_default_max_seq_len_is_sized_by_the_prompts_that_fit(pair, tmp_path
     max_position_embeddings sets no cap (rsd's own 4096 is not the model's)."""
     from rsd_engine.pipeline.generate import default_max_seq_len
 
-    short, bare = [], []
+    short, bare = _with_context(pair, tmp_path / "short", 160), []
     for model in pair:
         config = json.loads((model / "config.json").read_text())
-        short.append(shutil.copytree(model, tmp_path / "short" / model.name))
-        (short[-1] / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
         bare.append(shutil.copytree(model, tmp_path / "bare" / model.name))
         (bare[-1] / "config.json").write_text(json.dumps({**{k: v for k, v in config.items()
                                                              if k != "max_position_embeddings"},
@@ -1234,12 +1238,7 @@ def test_a_cut_below_the_models_context_is_not_said_to_be_the_context(mapped_pai
     where a longer prompt is skipped. A sequence cut there (a prompt much longer in the teacher's space, whose mapped
     tokens the default's room does not cover) was said to be cut by "the models' context (160 positions,
     --max-seq-len's default)", with advice about running past the context: it names the default and its value."""
-    short = []
-    for model in mapped_pair:
-        folder = shutil.copytree(model, tmp_path / model.name)
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 160}))
-        short.append(folder)
+    short = _with_context(mapped_pair, tmp_path, 160)
     data = tmp_path / "p.jsonl"
     # <extra> is one student token and 7 teacher tokens: the prompt is 48 longer in the teacher's space
     rows = [{"id": "mapped", "question": "What is 2+2? " + "<extra>" * 8, "answer": "4"},
