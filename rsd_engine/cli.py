@@ -370,7 +370,8 @@ def _eval_parser(sub):
                        formatter_class=_Help,
                        description="Samples N responses per problem from the model alone and checks each final "
                                    "\\boxed{} answer as rsd generate does. Accuracy: mean over problems of the mean "
-                                   "over samples, with a 95% bootstrap interval over problems. Every generation is "
+                                   "over samples, with a 95% bootstrap interval over problems (exact binomial where "
+                                   "none or all are solved). Every generation is "
                                    "written (id, sample, response, correct), resumable; it feeds rsd provenance.",
                        epilog=_exit_codes("generation", "some generations failed (non-finite logits; written "
                                                         "with their error) or were cut short by --max-seq-len, "

@@ -105,12 +105,22 @@ def test_failed_and_cut_short_generations_exit_3_and_say_so_last(pair, forced, t
     assert "failed (error, written with it): 1 generations" in report
 
 
-def test_interval_of_constant_results_is_a_point():
+def test_no_problem_or_every_one_solved_has_the_exact_binomial_interval():
+    """Every bootstrap resample of all-right (or all-wrong) problems is that value: a zero-width interval whatever
+    the number of problems. The exact binomial bound over problems is given there instead: (alpha/2)^(1/n)."""
     right = [{"id": i, "sample": s, "correct": True} for i in "abc" for s in range(4)]
-    assert accuracy_summary(right)["interval"] == [1.0, 1.0]
+    summary = accuracy_summary(right)
+    assert summary["interval"] == pytest.approx([0.025 ** (1 / 3), 1.0])
+    assert summary["interval_method"] == "exact binomial"
+    wrong = [{"id": str(i), "sample": 0, "correct": False} for i in range(8)]
+    summary = accuracy_summary(wrong)
+    assert summary["interval"] == pytest.approx([0.0, 1 - 0.025 ** (1 / 8)])
+    assert "(no problem solved: 95% exact binomial interval over problems 0.00% to 36.94%; 8 problems x 1 samples" in (
+        evaluate.format_accuracy(summary, "gens.jsonl"))
     mixed = right + [{"id": "d", "sample": 0, "correct": False}]
-    low, high = accuracy_summary(mixed)["interval"]
-    assert 0.0 <= low < accuracy_summary(mixed)["accuracy"] < high <= 1.0
+    summary = accuracy_summary(mixed)
+    low, high = summary["interval"]
+    assert 0.0 <= low < summary["accuracy"] < high <= 1.0 and summary["interval_method"] == "percentile bootstrap"
 
 
 def test_resume_adds_only_missing_samples(pair, forced, tmp_path, capsys):
@@ -444,7 +454,7 @@ def test_lines_of_another_tool_in_the_output_are_counted_apart_by_rsd_eval(pair,
             f.write(json.dumps(line) + "\n")
     run_eval(pair[1], data, out, "--samples", "1", "--force")
     said = capsys.readouterr().out
-    graded = re.search(r"accuracy: \S+  \(95% bootstrap interval over problems: \S+ to \S+; 3 problems x 1 samples",
+    graded = re.search(r"accuracy: \S+  \([^;]*95% \D+ interval over problems:? \S+ to \S+; 3 problems x 1 samples",
                        first)
     assert graded and graded.group(0) in said and forced == [3]  # nothing generated again
     assert "3 lines that are no eval record (no id, integer sample and true/false correct) not graded" in said

@@ -3,7 +3,9 @@ alone, each final answer checked with math-verify as `rsd generate` checks them.
 
 Accuracy is the mean over problems of each problem's mean over its samples (avg@N); its 95%
 interval is a percentile bootstrap over problems (problems resampled with replacement, 10,000
-times, fixed seed), which treats a problem's samples as the correlated unit they are.
+times, fixed seed), which treats a problem's samples as the correlated unit they are. Where no
+problem is solved (or every one) the bootstrap has no width: the exact binomial bound over
+problems is given instead (0 of 8 solved: 0% to 36.9%).
 
 Every generation is written (and fsynced) as it finishes, one line with id, sample, question,
 answer, response, final_answer and correct, so the file feeds `rsd provenance`, and a kill -9
@@ -37,6 +39,8 @@ from .traces import final_answer
 from ..models.loader import check_model_folder
 
 BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP = "percentile bootstrap"
+EXACT_BINOMIAL = "exact binomial"  # none solved or all solved: the bootstrap has no width there
 
 
 @dataclass
@@ -256,7 +260,7 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     reasoning reads as a weak model otherwise). Lines that are no eval record (no id, integer sample and boolean correct:
     another tool's, appended under --force) are counted apart, not graded. Problems are resampled in id order,
     so the interval does not depend on the order of the file's lines (one process, merged ranks, a resume); one
-    problem has no interval over problems."""
+    problem has no interval over problems, and none solved (or all) has the exact binomial one ("interval_method")."""
     import numpy as np
 
     per_problem: dict[str, list[bool]] = {}
@@ -288,10 +292,18 @@ def accuracy_summary(records: list[dict], max_new_tokens: int | None = None) -> 
     boot = np.concatenate([means[rng.integers(0, len(means), size=(min(rows, BOOTSTRAP_RESAMPLES - at), len(means)))]
                            .mean(axis=1) for at in range(0, BOOTSTRAP_RESAMPLES, rows)])
     low, high = np.percentile(boot, [2.5, 97.5])
+    method = BOOTSTRAP
+    if len(means) > 1 and means.min() == means.max() and means[0] in (0.0, 1.0):
+        # No problem solved (or every one): every resample is that one value, a zero-width "interval" that says
+        # nothing of how many problems were seen. Each problem's mean lies in [0, 1], so P(all n read 0) <=
+        # (1 - accuracy)^n: the exact binomial (Clopper-Pearson) bound holds for avg@N too.
+        low, high = (0.0, 1.0 - 0.025 ** (1 / len(means))) if means[0] == 0 else (0.025 ** (1 / len(means)), 1.0)
+        method = EXACT_BINOMIAL
     counts = sorted({len(v) for v in per_problem.values()})
     return {"problems_graded": len(means), "samples": sum(map(len, per_problem.values())),
             "samples_per_problem": counts, "accuracy": float(means.mean()),
             "interval": [float(low), float(high)] if len(means) > 1 else None,
+            "interval_method": method if len(means) > 1 else None,
             "failed_in_output": failed, "cut_short_in_output": cut_short, "at_max_new_tokens_in_output": at_limit,
             "grading_timed_out_in_output": timed_out, "not_eval_records": foreign}
 
@@ -321,8 +333,14 @@ def format_accuracy(s: dict, path) -> str:
         return f"no graded generations in {path}{not_graded}"
     per = s["samples_per_problem"]
     per = str(per[0]) if len(per) == 1 else f"{per[0]}-{per[-1]}"
-    interval = ("one problem: no interval over problems" if s["interval"] is None else
-                "95% bootstrap interval over problems: {:.2%} to {:.2%}".format(*s["interval"]))
+    if s["interval"] is None:
+        interval = "one problem: no interval over problems"
+    elif s.get("interval_method") == EXACT_BINOMIAL:
+        solved = "no problem" if s["accuracy"] == 0 else "every problem"
+        interval = "{} solved: 95% exact binomial interval over problems {:.2%} to {:.2%}".format(
+            solved, *s["interval"])
+    else:
+        interval = "95% bootstrap interval over problems: {:.2%} to {:.2%}".format(*s["interval"])
     return (f"accuracy: {s['accuracy']:.2%}  ({interval}; "
             f"{s['problems_graded']} problems x {per} samples, {path}{not_graded}{cut})")
 
