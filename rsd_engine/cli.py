@@ -159,7 +159,7 @@ def _generate_parser(sub):
                    help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
                         "the question text)")
     p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
-                   help="system prompt, '' for none (default: %(default)r)")
+                   help="system prompt, '' for none (default: '%(default)s')")
     p.add_argument("--attempts", type=_int(1, MAX_SAMPLES), default=16,
                    help=f"tries per problem, at most {MAX_SAMPLES} (default: %(default)s)")
     p.add_argument("--max-fallback", type=_fraction, default=0.5,
@@ -228,7 +228,7 @@ def _score_parser(sub):
                         "(default: rsd generate records or chat messages)")
     p.add_argument("--question-field", default="question", help="column holding the question text")
     p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
-                   help="system prompt of --completion-field prompts, '' for none (default: %(default)r)")
+                   help="system prompt of --completion-field prompts, '' for none (default: '%(default)s')")
     _runtime_options(p)
 
 
@@ -278,7 +278,8 @@ def _response_options(p, what, models_required=True):
             else "data where no row has one is refused")
     p.add_argument("--id-field", default="id", help=f"column holding the problem id (default: %(default)s; {none})")
     p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
-                   help="system prompt each model reads the question with ('' for none; chat records use their own)")
+                   help="system prompt each model reads the question with ('' for none; chat records use their own) "
+                        "(default: '%(default)s')")
     p.add_argument("--max-seq-len", type=_int(2, MAX_SIZE), default=None,
                    help="longer responses are skipped and counted (default: the longest, up to the models' context)")
     p.add_argument("--batch-size", type=_int(1, MAX_SIZE), default=8,
@@ -387,7 +388,7 @@ def _eval_parser(sub):
                    help="column holding a unique problem id (default: 'id' when the rows have it, else a hash of "
                         "the question text)")
     p.add_argument("--system-prompt", type=_text, default=DEFAULT_SYSTEM_PROMPT,
-                   help="'' for none (default: %(default)r)")
+                   help="'' for none (default: '%(default)s')")
     p.add_argument("--seed", type=_int(0), default=0, help="seeds derive from it, the problem id and the sample")
     _force_option(p)
     p.add_argument("--limit", type=_int(1), default=None, help="only the first N problems of the dataset (default: all)")

@@ -48,6 +48,18 @@ def test_every_option_states_its_default(capsys, command):
             f"rsd {command} {option}: {helptext!r} does not say its default"
 
 
+def test_the_system_prompt_default_reads_as_it_is_typed(capsys, monkeypatch):
+    """One spelling in every command's help, the one a shell takes in single quotes: repr doubled the backslash of
+    \\boxed{} in generate, eval and score (a copied default asked for a literal double backslash)."""
+    from rsd_engine.pipeline.prompts import DEFAULT_SYSTEM_PROMPT
+
+    monkeypatch.setenv("COLUMNS", "400")
+    for command in ("generate", "eval", "score", "provenance", "select"):
+        helptext = option_entries(help_text(capsys, command))["--system-prompt"]
+        assert helptext.endswith(f"(default: '{DEFAULT_SYSTEM_PROMPT}')"), (command, helptext)
+        assert "\\\\" not in helptext
+
+
 @pytest.mark.parametrize("command", ("", *COMMANDS))
 def test_help_has_no_doubled_percent(capsys, command):
     text = help_text(capsys, *([command] if command else []))
