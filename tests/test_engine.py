@@ -41,6 +41,7 @@ def test_greedy_matches_hf(engine, hf_models, threshold, which):
         assert result.prompt_token_ids == ids
         assert result.token_ids == hf_greedy(hf_models[which], engine, ids, 12)
         assert all(a == (threshold == 0.0) for a in result.accepted)
+        assert result.acceptance_rate == (1.0 if threshold == 0.0 else 0.0)
 
 
 def test_score_batch_matches_hf(engine, hf_models):

@@ -201,6 +201,18 @@ def test_a_token_the_teacher_has_at_another_id_is_proposed_as_that_token(permute
         assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)  # not NaN
 
 
+def test_a_token_mapped_to_several_teacher_tokens_is_never_proposed(permuted_pair):
+    """Only a token the teacher reads as one token of its own is proposed (its column is that token's): one mapped to
+    several is not, even where its first piece is no shared id (that piece's column is not the token's law)."""
+    teacher_tok, student_tok = load_tokenizer(permuted_pair[0]), load_tokenizer(permuted_pair[1])
+    think, close = student_tok.convert_tokens_to_ids(["<think>", "</think>"])
+    space = align_token_spaces(teacher_tok, student_tok, teacher_rows=512, student_rows=512,
+                               token_map={"<think>": "<think><think>"})
+    assert space.teacher_pieces[think] == (close, close) and not space.is_shared(close)  # the teacher's <think>
+    assert space.teacher_columns == {close: think}
+    assert space.proposal_mask[close] and not space.proposal_mask[think] and space.fallback_mask[think]
+
+
 def test_the_teachers_eos_ends_a_trace_at_the_students_id_of_that_token(permuted_pair, monkeypatch):
     """A teacher whose EOS is a token the student has at another id (its </think> here, as an R1 distill's EOS is
     Qwen3's at another id): the student's id of that token ends a trace, and the student's other token that sits
