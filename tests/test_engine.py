@@ -41,6 +41,7 @@ def test_greedy_matches_hf(engine, hf_models, threshold, which):
         assert result.prompt_token_ids == ids
         assert result.token_ids == hf_greedy(hf_models[which], engine, ids, 12)
         assert all(a == (threshold == 0.0) for a in result.accepted)
+        assert result.acceptance_rate == (1.0 if threshold == 0.0 else 0.0)
 
 
 def test_score_batch_matches_hf(engine, hf_models):
@@ -142,6 +143,8 @@ def test_stops(engine):
     by_id = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=12, **GREEDY, threshold=0.0,
                                                                stop_token_ids=[stop_id]))[0]
     assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: first + 1]
+    # A stop id is no EOS: its text is kept, as its id is.
+    assert by_id.text == engine.tokenizer.decode(by_id.token_ids, skip_special_tokens=False)
     text = base.text
     needle = text[len(text) // 2: len(text) // 2 + 2]
     by_text = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=12, **GREEDY, threshold=0.0,
@@ -155,6 +158,18 @@ def test_stop_string_at_the_start_leaves_no_text(engine):
     cut = engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=4, **GREEDY, threshold=0.0,
                                                              stop=[first]))[0]
     assert (cut.finish_reason, cut.token_ids, cut.text) == ("stop", base.token_ids[:1], "")
+
+
+def test_the_earliest_of_several_stop_strings_cuts_the_text(engine):
+    """Two stop strings that one token completes together: the text ends before the one that starts first, whatever
+    their order in ``stop``."""
+    ids = engine.tokenizer.encode("The answer is 42", add_special_tokens=False)
+    assert engine.tokenizer.decode(ids[:2]) == "The answer"  # " answer" completes both stop strings at once
+    r = engine._make_requests(["The"], SamplingParams(max_new_tokens=20, stop=["swer", " an"]))[0]
+    for token in ids:  # one token per step, as plain decoding commits them
+        if engine._commit([r], [[(token, 1.0, 0.0, 0.0)]]):
+            break
+    assert (r.result.finish_reason, r.result.token_ids, r.result.text) == ("stop", ids[:2], "The")
 
 
 @pytest.mark.parametrize("stop,text", [("€", "ab"), ("b€", "a"), ("€c", "ab")])
@@ -174,6 +189,24 @@ def test_cache_limit_finishes_with_length(tiny_pair):
     small = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=12, sampler="reference")
     r = small.generate_batch([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=100, threshold=0.0, **GREEDY))[0]
     assert r.finish_reason in ("length", "eos") and len(r.prompt_token_ids) + len(r.token_ids) <= 12
+
+
+@pytest.mark.parametrize("kind", ["plain", "speculative", "generator"])
+def test_a_sequence_that_nothing_else_stops_holds_exactly_max_seq_len_tokens(tiny_pair, kind):
+    """Prompt and generated tokens together hold at most max_seq_len tokens, and a request that no EOS, stop or
+    max_new_tokens ends runs to exactly that many: its last token is written, never read, so it needs no cache
+    position (the check above allowed ending a token or more early)."""
+    from rsd_engine import Generator
+
+    prompt = [5, 6, 7, 8, 9]
+    for max_seq_len in (7, 12, 13):
+        model = (Generator(tiny_pair[1], device="cpu", max_batch_size=1, max_seq_len=max_seq_len, sampler="reference")
+                 if kind == "generator" else
+                 Engine(*tiny_pair, device="cpu", max_batch_size=1, max_seq_len=max_seq_len, sampler="reference",
+                        draft_tokens=3 if kind == "speculative" else 0))
+        r = model.generate_batch([prompt], SamplingParams(max_new_tokens=100, threshold=0.01, seed=1,
+                                                          ignore_eos=True))[0]
+        assert (r.finish_reason, len(prompt) + len(r.token_ids)) == ("length", max_seq_len), max_seq_len
 
 
 def test_max_seq_len_past_a_models_context_warns(tiny_pair, recwarn):
@@ -241,6 +274,44 @@ def test_ignore_eos_runs_to_max_new_tokens(engine):
     params = SamplingParams(max_new_tokens=30, threshold=0.0, seed=5, ignore_eos=True)
     results = engine.generate_batch(PROMPTS, params)
     assert all(len(r.token_ids) == 30 and r.finish_reason == "length" for r in results)
+
+
+def test_a_written_eos_ends_the_request_unless_ignore_eos(engine, monkeypatch):
+    """The student made to write its EOS at every step: the request ends on it ("eos"; the EOS is in token_ids, not
+    in text), or with ignore_eos runs on past it to max_new_tokens. Sampled, the tiny models seldom write an EOS:
+    the test above passes as well without ignore_eos."""
+    eos = engine.tokenizer.eos_token_id
+    real = engine.student.logits
+    monkeypatch.setattr(engine.student, "logits", lambda hidden: real(hidden).index_fill(-1, torch.tensor([eos]), 1e4))
+    ended, ignored = (engine.generate_batch([PROMPTS[0]], SamplingParams(max_new_tokens=5, threshold=1.0,
+                                                                         ignore_eos=flag, **GREEDY))[0]
+                      for flag in (False, True))
+    assert (ended.finish_reason, ended.token_ids, ended.text) == ("eos", [eos], "")
+    assert (ignored.finish_reason, ignored.token_ids) == ("length", [eos] * 5)
+    assert ignored.text == engine.tokenizer.decode([eos] * 5, skip_special_tokens=False) != ""
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 3])
+def test_a_long_prompt_over_prefill_chunks_and_kv_buckets_matches_teacher_forcing(tiny_pair, draft_tokens):
+    """A prompt longer than PREFILL_CHUNK is prefilled in chunks, and its generation crosses a KV_BUCKET boundary
+    (the attention span a step passes grows there): every step's log-probs are teacher forcing's. The other tests'
+    sequences stay inside one chunk and one bucket."""
+    from rsd_engine.engine import PREFILL_CHUNK
+    from rsd_engine.runtime import KV_BUCKET
+
+    eng = Engine(*tiny_pair, device="cpu", max_batch_size=2, max_seq_len=PREFILL_CHUNK + 2 * KV_BUCKET,
+                 sampler="reference", draft_tokens=draft_tokens)
+    text = " ".join(PROMPTS) + " The derivative of x^3 is 3x^2, and the integral of 2x is x^2 + C. "
+    ids = eng.tokenizer.encode(text * 60, add_special_tokens=False)
+    # Crosses the bucket boundary past the first chunk; the shorter row's stays in the middle of its bucket.
+    long, short = ids[: PREFILL_CHUNK + KV_BUCKET - 6], ids[: KV_BUCKET + 40]
+    params = SamplingParams(max_new_tokens=12, threshold=0.01, seed=2, ignore_eos=True)
+    results = eng.generate_batch([long, short], params)
+    scores = eng.score_batch([r.prompt_token_ids for r in results], [r.token_ids for r in results])
+    for result, score in zip(results, scores):
+        assert len(result.token_ids) == 12
+        assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)
+        assert result.student_logprobs == pytest.approx(score.student_logprobs, abs=1e-4)
 
 
 def test_a_top_k_past_int32_keeps_every_id(engine):

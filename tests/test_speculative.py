@@ -168,6 +168,74 @@ def test_identical_pair_keeps_every_draft(tiny_pair, draft_tokens):
     assert engine._speculative.stats.alpha == 1.0
 
 
+@pytest.mark.parametrize("pair", ["identical", "different"])
+def test_draft_statistics_count_what_the_rounds_did(tiny_pair, pair):
+    """DraftStats (the bench's α = kept / checked) against each row's run as the round gave it to the commit: a round
+    of n drafts emits its kept drafts and one more token (a residual at the first rejection, or a bonus after all
+    n), so it checks one more draft than it keeps exactly when it rejects one. Only budgets end these requests
+    (ignore_eos, no stops) and num_draft leaves room for a round's last token under max_new_tokens and
+    max_seq_len: no round is cut, every token a round emits is committed."""
+    identical = pair == "identical"
+    engine = engine_for((tiny_pair[1],) * 2 if identical else tiny_pair, 3, max_seq_len=24)
+    spec, rounds = engine._speculative, []
+    commit = engine._commit
+
+    def recording(batch, runs):  # before the commit: _num_draft is what the round was sized with
+        rounds.extend((len(run), spec._num_draft(r)) for r, run in zip(batch, runs))
+        return commit(batch, runs)
+
+    engine._commit = recording
+    # Budgets of 2 (one draft fits), 7 and 10 (not whole rounds), and the cache's limit (30 does not fit 24).
+    # threshold 0: Q is the teacher's law, the student's own (every draft kept) for the identical pair; hot, so that
+    # the tiny pair's laws overlap (drafts kept and rejected).
+    params = [SamplingParams(max_new_tokens=k, threshold=0.0, temperature=2.0, top_p=1.0, student_temperature=2.0,
+                             student_top_p=1.0, seed=k, ignore_eos=True) for k in (2, 7, 10, 30)]
+    results = engine.generate_batch(PROMPTS[:4], params)
+    stats = spec.stats
+    assert stats.rounds == len(rounds) == sum(r.teacher_passes for r in results)
+    assert all(1 <= m <= n + 1 for m, n in rounds), rounds
+    assert stats.emitted == sum(len(r.token_ids) for r in results) == sum(m for m, _ in rounds)
+    assert stats.kept == sum(m - 1 for m, _ in rounds)
+    assert stats.checked == stats.kept + sum(m <= n for m, n in rounds)
+    assert 0 < stats.kept == stats.checked if identical else 0 < stats.kept < stats.checked, (stats, rounds)
+
+
+def test_a_round_reads_the_uniforms_of_its_positions(tiny_pair, monkeypatch):
+    """Randomness contract (DESIGN.md §3, §8): a round starting at step t drafts position t + i with draw DRAFT_DRAW
+    of step t + i, and verifies with the uniforms of steps t .. t + G, so every draft has a draw of its own."""
+    from rsd_engine import speculative
+    from rsd_engine.randomness import DRAFT_DRAW, round_uniforms
+
+    engine = engine_for(tiny_pair, 3)
+    spec, G = engine._speculative, 3
+    starts, drafts, verified = [], [], []
+    real_round, real_sample, real_verify = spec.round, speculative.sample_tokens, speculative.rsd_verify
+
+    def round_(inputs, **kwargs):
+        starts.append((inputs["seeds"].clone(), inputs["steps"].clone()))
+        return real_round(inputs, **kwargs)
+
+    def sample(logits, uniforms, *args, **kwargs):
+        drafts.append(uniforms.clone())
+        return real_sample(logits, uniforms, *args, **kwargs)
+
+    def verify(teacher_logits, student_logits, draft, num_draft, uniforms, *args, **kwargs):
+        verified.append(uniforms.clone())
+        return real_verify(teacher_logits, student_logits, draft, num_draft, uniforms, *args, **kwargs)
+
+    monkeypatch.setattr(spec, "round", round_)
+    monkeypatch.setattr(speculative, "sample_tokens", sample)
+    monkeypatch.setattr(speculative, "rsd_verify", verify)
+    params = [SamplingParams(max_new_tokens=9, threshold=0.01, seed=40 + i) for i in range(3)]
+    engine.generate_batch(PROMPTS[:3], params)
+    assert len(starts) >= 2 and len(drafts) == G * len(starts) and len(verified) == len(starts)
+    for k, (seeds, steps) in enumerate(starts):
+        want = round_uniforms(seeds, steps, G + 1)
+        assert torch.equal(verified[k], want)
+        for i in range(G):
+            assert torch.equal(drafts[G * k + i], want[:, i, DRAFT_DRAW]), (k, i)
+
+
 # ---------------------------------------------------------------------------- randomness contract
 
 def test_output_does_not_depend_on_the_batch(tiny_pair, spec4):

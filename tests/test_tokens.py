@@ -201,6 +201,34 @@ def test_a_token_the_teacher_has_at_another_id_is_proposed_as_that_token(permute
         assert result.teacher_logprobs == pytest.approx(score.teacher_logprobs, abs=1e-4)  # not NaN
 
 
+def test_a_token_mapped_to_several_teacher_tokens_is_never_proposed(permuted_pair):
+    """Only a token the teacher reads as one token of its own is proposed (its column is that token's): one mapped to
+    several is not, even where its first piece is no shared id (that piece's column is not the token's law)."""
+    teacher_tok, student_tok = load_tokenizer(permuted_pair[0]), load_tokenizer(permuted_pair[1])
+    think, close = student_tok.convert_tokens_to_ids(["<think>", "</think>"])
+    space = align_token_spaces(teacher_tok, student_tok, teacher_rows=512, student_rows=512,
+                               token_map={"<think>": "<think><think>"})
+    assert space.teacher_pieces[think] == (close, close) and not space.is_shared(close)  # the teacher's <think>
+    assert space.teacher_columns == {close: think}
+    assert space.proposal_mask[close] and not space.proposal_mask[think] and space.fallback_mask[think]
+
+
+def test_the_teachers_eos_ends_a_trace_at_the_students_id_of_that_token(permuted_pair, monkeypatch):
+    """A teacher whose EOS is a token the student has at another id (its </think> here, as an R1 distill's EOS is
+    Qwen3's at another id): the student's id of that token ends a trace, and the student's other token that sits
+    at the teacher's EOS id (its <think>) does not."""
+    import dataclasses
+
+    engine = Engine(*permuted_pair, device="cpu", max_batch_size=1, max_seq_len=64, sampler="reference")
+    think, close = engine.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    teacher_close = engine.teacher_tokenizer.convert_tokens_to_ids("</think>")
+    assert teacher_close == think and engine.space.teacher_columns[close] == teacher_close
+    monkeypatch.setattr(engine.teacher, "config", dataclasses.replace(engine.teacher.config,
+                                                                       eos_token_ids=(teacher_close,)))
+    eos = engine._eos_ids()
+    assert close in eos and think not in eos and engine.tokenizer.eos_token_id in eos
+
+
 @pytest.mark.parametrize("draft_tokens", [0, 2])
 def test_a_token_mapped_to_a_shared_teacher_token_is_not_scored_by_another_tokens_column(mapped_pair, draft_tokens):
     """token_map={"<extra>": "<think>"}: one teacher token, but a shared one (its column stays the student's
@@ -304,6 +332,31 @@ def test_mapped_token_is_read_by_the_teacher_as_its_pieces(mapped_pair, monkeypa
     # Teacher log-prob of a mapped token is the sum over its pieces; the steps after it read them all.
     for step in (0, 2, 3, 5, 6, 7):
         assert result.teacher_logprobs[step] == pytest.approx(score.teacher_logprobs[step], abs=1e-4)
+
+
+def test_pipelined_sampling_over_mapped_tokens_gives_the_step_by_step_tokens(mapped_pair):
+    """Pipelined, a row that wrote a mapped token is sent again to redo its step (Engine._decode), with its own step
+    counter: sampled tokens and flags are those of the step-by-step loop (the greedy test above reads no uniform).
+    The student's <extra> logit is tied with its best one, so that it is often drawn."""
+    results = {}
+    for pipelined in (False, True):
+        engine = Engine(*mapped_pair, device="cpu", max_batch_size=2, max_seq_len=64, sampler="reference")
+        engine.pipelined = pipelined
+        extra = engine.tokenizer.convert_tokens_to_ids("<extra>")
+        real = engine.student.logits
+
+        def tied(hidden):
+            out = real(hidden)
+            out[..., extra] = out.amax(-1)
+            return out
+
+        engine.student.logits = tied
+        params = [SamplingParams(max_new_tokens=16, threshold=0.5, student_temperature=1.0, student_top_p=1.0,
+                                 seed=seed, ignore_eos=True) for seed in (1, 2, 3)]
+        results[pipelined] = engine.generate_batch(["The answer is", "1 + 1 =", "Alice has 5 apples"], params)
+    for want, got in zip(results[False], results[True]):
+        assert (got.token_ids, got.accepted) == (want.token_ids, want.accepted)
+    assert sum(r.token_ids.count(extra) for r in results[False]) >= 3, "the test needs mapped tokens in the output"
 
 
 @pytest.mark.parametrize("mode", ["step_by_step", "pipelined", "speculative"])

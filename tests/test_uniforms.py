@@ -51,6 +51,15 @@ def test_round_uniforms_kernel_equals_torch_bit_for_bit(num_positions, monkeypat
         assert torch.equal(got[:, i, :NUM_DRAWS], step_uniforms_torch(seeds, steps + i))
 
 
+def test_each_draw_of_a_round_position_has_its_own_column():
+    """DESIGN.md §8: the draft, the keep test, the residual and the flag of a position each have a draw of their own,
+    after the plain step's NUM_DRAWS (the fallback and the proposals, which the bonus token reads as a plain step)."""
+    from rsd_engine.randomness import DRAFT_DRAW, FALLBACK_DRAW, FLAG_DRAW, KEEP_DRAW, RESIDUAL_DRAW
+
+    assert sorted([DRAFT_DRAW, KEEP_DRAW, RESIDUAL_DRAW, FLAG_DRAW]) == list(range(NUM_DRAWS, NUM_ROUND_DRAWS))
+    assert 0 <= FALLBACK_DRAW < NUM_DRAWS
+
+
 def test_one_launch_per_call(monkeypatch):
     """The point of the kernel: on CUDA the torch ops are ~70 kernels per call."""
     monkeypatch.setattr(randomness, "KERNEL_ON_CPU", True)
