@@ -857,3 +857,16 @@ def test_merge_tells_a_part_of_another_token_space_whichever_comes_first(tmp_pat
                 writer.write({"id": str(rank)})
         with pytest.raises(SettingsMismatch, match="token space: 2 in the output, 1 now|token space: .*2 now"):
             merge_parts(out)
+
+
+def test_an_output_that_is_a_hard_link_to_an_input_is_refused(tmp_path):
+    """Another name of the data file (a hard link: no symlink to resolve) is the data file: records appended to it
+    mix with the data they are made from."""
+    from rsd_engine.pipeline.output_paths import check_not_input
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "0", "question": "q"}) + "\n")
+    os.link(data, tmp_path / "out.jsonl")
+    with pytest.raises(ValueError, match=r"--out .*out.jsonl is also --data"):
+        check_not_input({"--data": data}, {"--out": tmp_path / "out.jsonl"})
+    check_not_input({"--data": data}, {"--out": tmp_path / "other.jsonl"})
