@@ -13,9 +13,9 @@ import pytest
 
 from rsd_engine.cli import main
 from rsd_engine.pipeline.manifest import manifest_path, read_manifest
-from rsd_engine.pipeline.records import (OutputBusy, RecordConflict, RecordWriter, SettingsMismatch, done_ids,
-                                         part_path, read_records, same_record)
-from rsd_engine.pipeline.parts import find_parts, held_elsewhere, merge_parts
+from rsd_engine.pipeline.records import (OutputBusy, RecordConflict, RecordWriter, SettingsMismatch, all_finite,
+                                         done_ids, part_path, read_records, same_record)
+from rsd_engine.pipeline.parts import find_parts, held_elsewhere, merge_parts, others_state, recheck_elsewhere
 from rsd_engine.pipeline.output_paths import check_writable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -695,3 +695,178 @@ def test_a_run_that_fails_before_its_first_record_leaves_no_file_it_created(tmp_
             writer.write({"id": "0"})
             raise ValueError("refused")
     assert read_records(tmp_path / "written.jsonl") == [{"id": "0"}]
+
+
+def test_drop_last_keeps_existing_in_step_with_the_file(tmp_path):
+    """drop_last cuts a torn group off the file and off .existing alike; drop_last(0) changes neither (rsd provenance
+    calls it with 0 when nothing was torn, then reads .existing as the file's records)."""
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(out) as writer:
+        writer.write_many([{"id": str(i)} for i in range(4)])
+    with RecordWriter(out) as writer:
+        writer.drop_last(0)
+        assert [r["id"] for r in writer.existing] == ["0", "1", "2", "3"] == [r["id"] for r in read_records(out)]
+        writer.drop_last(2)
+        assert [r["id"] for r in writer.existing] == ["0", "1"] == [r["id"] for r in read_records(out)]
+
+
+def test_a_run_refused_after_it_wrote_records_stays_unfinished(tmp_path):
+    """A run that wrote records and then stopped on a ValueError (a refusal found midway) did not reach its end: its
+    mark says so, whatever the earlier run's said. Only a refusal before anything was written leaves the mark as it
+    was (a merge would otherwise join the part as whole)."""
+    part = part_path(tmp_path / "out.jsonl", 0, 2)
+    with RecordWriter(part, {"--seed": 0}) as writer:
+        writer.write({"id": "0"})
+    assert read_manifest(part)["finished"] is True
+    with pytest.raises(ValueError, match="midway"):
+        with RecordWriter(part, {"--seed": 0}) as writer:
+            writer.write({"id": "2"})
+            raise ValueError("refused midway")
+    assert read_manifest(part)["finished"] is False and [r["id"] for r in read_records(part)] == ["0", "2"]
+
+
+def test_a_writer_locks_the_file_its_path_names_now(tmp_path, monkeypatch):
+    """A merge renames its merged records over OUT: a writer that opened the old file just before and locked it
+    after would append to a file no path names any more, its records lost. It opens the path again."""
+    import fcntl
+
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "0"}) + "\n")
+    real_flock, replaced = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not replaced:  # between this writer's open and its lock, a merge renames its file over OUT
+            replaced.append(True)
+            merged = tmp_path / ".out.jsonl.merging"
+            merged.write_text(json.dumps({"id": "0"}) + "\n" + json.dumps({"id": "1"}) + "\n")
+            os.replace(merged, out)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with RecordWriter(out) as writer:
+        assert [r["id"] for r in writer.existing] == ["0", "1"]
+        writer.write({"id": "2"})
+    assert [r["id"] for r in read_records(out)] == ["0", "1", "2"]
+
+
+def test_a_nan_anywhere_in_a_record_is_not_finite(tmp_path):
+    """A score of an older rsd with a NaN in a list (a sentence's log-prob) is computed again: the merge keeps the
+    finite copy over it, no conflict, whichever file holds which."""
+    assert not all_finite({"scores": [0.5, float("nan")]}) and not all_finite([{"a": float("inf")}])
+    assert all_finite({"scores": [0.5, 1], "id": "x", "ok": None})
+    out = tmp_path / "sel.scores.jsonl"
+    with RecordWriter(out) as writer:
+        writer.write({"id": "2", "sentence_logprobs": [-0.5, float("nan")]})
+    with RecordWriter(part_path(out, 0, 1)) as writer:
+        writer.write({"id": "2", "sentence_logprobs": [-0.5, -1.5]})
+    report = merge_parts(out)
+    assert report.conflicts == {} and read_records(out) == [{"id": "2", "sentence_logprobs": [-0.5, -1.5]}]
+
+
+def test_a_run_rereads_what_another_run_wrote_before_it_locked(tmp_path):
+    """Two runs started at once both read OUT's other files before either locked its own: once it holds its lock, a
+    run reads again every file written since (recheck_elsewhere), or it would do those problems a second time."""
+    out, settings = tmp_path / "out.jsonl", {"--seed": 0}
+    with RecordWriter(part_path(out, 0, 2), settings) as writer:
+        writer.write({"id": "0"})
+    target = part_path(out, 0, 3)
+    state = others_state(out, target)
+    held = held_elsewhere(out, target, settings, force=False)
+    with RecordWriter(part_path(out, 1, 2), settings) as writer:  # another run, in between
+        writer.write({"id": "1"})
+    again = recheck_elsewhere(out, target, settings, force=False, held=held, state=state)
+    assert {path.name: [r["id"] for r in records] for path, records in again.items()} == {
+        part_path(out, 0, 2).name: ["0"], part_path(out, 1, 2).name: ["1"]}
+    assert recheck_elsewhere(out, target, settings, force=False, held=again, state=others_state(out, target)) is again
+
+
+def test_a_merge_under_force_without_some_ranks_says_unfinished(tmp_path):
+    """--force merges the parts there are of a set without some ranks: OUT lacks their records, so its manifest says
+    unfinished (as a merge of a stopped run's parts does), and no later set with a rank missing counts as having
+    done a stopped part's work."""
+    out, settings = tmp_path / "out.jsonl", {"--seed": 0}
+    stopped = RecordWriter(part_path(out, 1, 2), settings)  # a 2-rank run, rank 1 killed
+    stopped.write({"id": "1"})
+    stopped.close()
+    with RecordWriter(part_path(out, 0, 2), settings) as writer:
+        writer.write({"id": "0"})
+    for rank in (0, 2):  # a later 3-rank run whose rank 1's part is not here
+        with RecordWriter(part_path(out, rank, 3), settings) as writer:
+            writer.write({"id": str(rank + 3)})
+    report = merge_parts(out, force=True)
+    assert report.missing == [part_path(out, 1, 3).name] and report.unfinished == [part_path(out, 1, 2).name]
+    assert read_manifest(out)["finished"] is False
+    whole = tmp_path / "whole.jsonl"  # every part there finished: still short of the missing one's records
+    for rank in (0, 2):
+        with RecordWriter(part_path(whole, rank, 3), settings) as writer:
+            writer.write({"id": str(rank)})
+    report = merge_parts(whole, force=True)
+    assert report.missing == [part_path(whole, 1, 3).name] and report.unfinished == []
+    assert read_manifest(whole)["finished"] is False
+
+
+def test_merge_writes_every_record_across_its_blocks(tmp_path, monkeypatch):
+    """merge_parts writes (and fsyncs) its records MERGE_BLOCK at a time: none lost or doubled at a block's edge."""
+    from rsd_engine.pipeline import parts
+
+    monkeypatch.setattr(parts, "MERGE_BLOCK", 2)
+    out = tmp_path / "out.jsonl"
+    for rank in range(2):
+        with RecordWriter(part_path(out, rank, 2)) as writer:
+            writer.write_many([{"id": str(i)} for i in range(rank, 7, 2)])
+    assert merge_parts(out).records == 7
+    assert [r["id"] for r in read_records(out)] == [str(i) for i in range(7)]
+
+
+def test_merge_refuses_a_part_without_a_manifest(tmp_path):
+    """A part with records and no manifest (an older rsd's, another tool's) may hold records of other settings: it
+    is named as a difference, merged only under --force."""
+    out = tmp_path / "out.jsonl"
+    with RecordWriter(part_path(out, 0, 2), {"--seed": 0}) as writer:
+        writer.write({"id": "0"})
+    part_path(out, 1, 2).write_text(json.dumps({"id": "1"}) + "\n")
+    with pytest.raises(SettingsMismatch, match=r"out.rank00001-of-00002.jsonl: no manifest"):
+        merge_parts(out)
+    assert not out.exists()
+    report = merge_parts(out, force=True)
+    assert report.records == 2 and report.forced == ["out.rank00001-of-00002.jsonl: no manifest"]
+
+
+def test_an_input_is_the_same_by_its_path_or_its_content_not_by_both_being_unknown():
+    """Two --data inputs whose content cannot be hashed (no such file here) are one input only where their paths
+    are: resuming with another one would mix two datasets in one output."""
+    from rsd_engine.pipeline.manifest import differences
+
+    held = {"--data": {"file": "/data/a.jsonl", "content": None}}
+    assert differences(held, {"--data": {"file": "/data/a.jsonl", "content": None}}) == []
+    assert differences(held, {"--data": {"file": "/data/b.jsonl", "content": None}}) == [
+        "--data: /data/a.jsonl in the output, /data/b.jsonl now (another file, with other content)"]
+    assert differences({"--data": {"file": "/data/a.jsonl", "content": "3:h"}},
+                       {"--data": {"file": "/data/copy.jsonl", "content": "3:h"}}) == []
+
+
+def test_merge_tells_a_part_of_another_token_space_whichever_comes_first(tmp_path):
+    """A pair's token space is recorded only where it is not version 1: a part that records version 2 and one of an
+    older rsd that records none are two laws of traces, refused whichever part is read first."""
+    from rsd_engine.pipeline.manifest import TOKEN_SPACE
+
+    for first, second in (({TOKEN_SPACE: 2}, {}), ({}, {TOKEN_SPACE: 2})):
+        out = tmp_path / f"out{len(first)}.jsonl"
+        for rank, extra in enumerate((first, second)):
+            with RecordWriter(part_path(out, rank, 2), {"--seed": 0, **extra}) as writer:
+                writer.write({"id": str(rank)})
+        with pytest.raises(SettingsMismatch, match="token space: 2 in the output, 1 now|token space: .*2 now"):
+            merge_parts(out)
+
+
+def test_an_output_that_is_a_hard_link_to_an_input_is_refused(tmp_path):
+    """Another name of the data file (a hard link: no symlink to resolve) is the data file: records appended to it
+    mix with the data they are made from."""
+    from rsd_engine.pipeline.output_paths import check_not_input
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "0", "question": "q"}) + "\n")
+    os.link(data, tmp_path / "out.jsonl")
+    with pytest.raises(ValueError, match=r"--out .*out.jsonl is also --data"):
+        check_not_input({"--data": data}, {"--out": tmp_path / "out.jsonl"})
+    check_not_input({"--data": data}, {"--out": tmp_path / "other.jsonl"})

@@ -456,6 +456,17 @@ def test_ranks_whose_rows_have_an_id_of_their_own_merge_by_the_id_field(tmp_path
     assert "problems: 2 (2 already in the output, 0 written now)" in said
 
 
+def test_a_run_on_one_process_resumes_from_the_parts_ranks_left(tmp_path, as_ranks, capsys):
+    """The rows of ranks' parts not merged yet are done: a run on one process writes none of them into OUT again."""
+    data = write_rows(tmp_path / "c.jsonl", ROWS)
+    argv = ["select", "--by", "random", "--data", str(data), "--no-progress", "--out", str(tmp_path / "sel.jsonl")]
+    assert as_ranks(lambda: main(argv)) == [0, 0]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "problems: 5 (5 already in the output, 0 written now)" in capsys.readouterr().out
+    assert read_records(tmp_path / "sel.jsonl") == []
+
+
 def test_budget_scores_follow_the_text_not_the_row_place(tiny_pair, tmp_path):
     """A scores file from before the candidates were reordered (rows without "sample": their place is
     their sample) or edited: each kept row's score is its own text's, as a fresh run gives."""
