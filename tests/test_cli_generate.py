@@ -1,6 +1,7 @@
 """`rsd generate` end to end on a tiny pair that learned its answers (solver_pair.py), plus prompts,
 trace selection, SFT export, resume after kill -9, bad input, and the demo's plumbing."""
 import json
+import math
 import shutil
 import os
 import re
@@ -157,6 +158,42 @@ def test_select_trace_keeps_shortest_correct_and_prefix_of_first():
     assert (record["status"], record["kept_attempt"], record["token_ids"]) == ("unverified", 3, [10, 11, 12])
 
 
+def test_attempts_of_equal_length_keep_the_earlier_and_a_prefix_is_always_of_attempt_0():
+    """Ties in length go to the earlier attempt (solved and unverified alike); a problem never solved gets the prefix
+    of attempt 0 even where attempt 0 failed the checks and a later attempt passed them (wrong, but valid)."""
+    prompt = ChatPrompt("P<think>\n", "", "q", "<think>\n")
+    good, bad = "r</think>\\boxed{4}", "r</think>\\boxed{5}"
+    attempts = [_result(6, text=good), _result(3, text=bad), _result(3, text=good), _result(3, text=good)]
+    checks = [check_attempt(i, r, reference="4", thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    record = select_trace(Problem("x", "q", "4"), prompt, checks, prefix_tokens=2, decode=str)
+    assert (record["status"], record["kept_attempt"]) == ("solved", 2)
+    no_ref = [check_attempt(i, r, reference=None, thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    record = select_trace(Problem("x", "q", None), prompt, no_ref, prefix_tokens=2, decode=str)
+    assert (record["status"], record["kept_attempt"]) == ("unverified", 1)
+
+    # Attempt 0 never ended (no EOS); attempt 1 is valid, wrong.
+    attempts = [_result(5, eos=False, text="r</think>\\boxed{5"), _result(4, text=bad)]
+    checks = [check_attempt(i, r, reference="4", thinking=True, max_fallback=0.5) for i, r in enumerate(attempts)]
+    assert [c.valid for c in checks] == [False, True]
+    record = select_trace(Problem("x", "q", "4"), prompt, checks, prefix_tokens=3, decode=str)
+    assert (record["status"], record["kept_attempt"], record["seed"]) == ("prefix", 0, 5)
+    assert (record["num_valid"], record["num_correct"]) == (1, 0)
+
+
+def test_trace_stats_against_the_documented_figures():
+    """The record's stats: acceptance rate, the share of tokens the STUDENT gives under 1% (the paper's line; exactly
+    1% is not under it), mean surprisals in nats, the teacher's over the tokens it scored (NaN: a mapped special
+    token it has no log-prob for)."""
+    log = math.log
+    student = [log(0.5), log(0.001), log(0.01), log(0.2)]
+    teacher = [log(0.005), log(0.004), float("nan"), log(0.9)]
+    stats = trace_stats([True, False, True, True], teacher, student)
+    assert stats == pytest.approx({"tokens": 4, "acceptance_rate": 0.75, "sub_1pct_share": 0.25,
+                                   "mean_student_surprisal": -(log(0.5) + log(0.001) + log(0.01) + log(0.2)) / 4,
+                                   "mean_teacher_surprisal": -(log(0.005) + log(0.004) + log(0.9)) / 3})
+    assert trace_stats([], [], [])["sub_1pct_share"] == 0.0
+
+
 def test_a_reasoning_block_the_model_opens_is_checked_as_one_the_prompt_opens():
     """A template that opens no block (thinking=False) still gets <think> from a model trained with one: an
     answer inside the block is a step of the reasoning, and a block never closed fails the checks."""
@@ -170,6 +207,9 @@ def test_a_reasoning_block_the_model_opens_is_checked_as_one_the_prompt_opens():
     assert (after.final_answer, after.correct, after.valid) == ("7", True, True)
     plain = check(r"So \boxed{7}.")  # no block at all: the box anywhere
     assert (plain.final_answer, plain.correct, plain.valid) == ("7", True, True)
+    # The reasoning ends at its last </think>: a box between two closes is still a step of it.
+    twice = check(r"<think>so</think>maybe \boxed{7}</think>The answer is 8.")
+    assert (twice.final_answer, twice.correct, twice.valid) == (None, False, True)
 
 
 def test_unreadable_reference_answers_are_named(pair, tmp_path, capsys):

@@ -437,6 +437,26 @@ def test_traces_with_non_finite_log_probs_fail_apart_from_the_figures(tiny_pair,
     assert [count for count, *_ in shortfalls(reports)] == [0, 1]
 
 
+def test_a_non_finite_teacher_log_prob_fails_the_trace_as_a_students_does():
+    from rsd_engine.pipeline.score import _not_finite
+
+    assert _not_finite({"student": [-1.0, -2.0], "teacher": [-1.0, -0.5]}) == ""
+    for bad in (float("nan"), float("-inf")):
+        assert _not_finite({"student": [-1.0, -2.0], "teacher": [-1.0, bad]}) == (
+            f"the teacher's log-prob of completion token 1 is {bad}")
+
+
+def test_surprisal_figures_of_a_trace():
+    """Under 1% is strictly under (a token at exactly 1% is not), surprisal in nats, perplexity its exp."""
+    from rsd_engine.pipeline.score_report import surprisal_stats
+
+    logprobs = [math.log(0.01), math.log(0.0099), math.log(0.5), 0.0]
+    mean = -sum(logprobs) / 4
+    assert surprisal_stats(logprobs) == pytest.approx({"tokens": 4, "sub_1pct_share": 0.25, "mean_surprisal": mean,
+                                                       "perplexity": math.exp(mean)})
+    assert surprisal_stats([-800.0])["perplexity"] is None  # e^800 is past the largest float
+
+
 def test_multi_turn_messages_score_the_last_turn_after_every_turn_before_it(tiny_pair, tmp_path):
     from rsd_engine.pipeline.prompts import render_chat
 

@@ -2,6 +2,7 @@
 against a case computed by hand; the bootstrap against its definition; re-categorising under the
 ratio rule; bad input refused."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -96,6 +97,20 @@ def test_correlation_is_the_point_biserial_r(tmp_path):
     assert r["correlation"]["responses"] == 4
 
 
+def test_responses_without_a_grade_are_in_the_shares_but_out_of_the_split(tmp_path):
+    """A response whose line has no "correct" counts in the overall shares, and in neither group of the split by
+    correctness: not as an incorrect answer (the curves, the area and the correlation are CASE's alone)."""
+    ungraded = ("c", 0, None, [T, T, T])
+    r, plain = report_of(tmp_path, case=CASE + [ungraded], resamples=10), report_of(tmp_path, resamples=10)
+    assert (r["responses"], r["unjudged"], r["shares"]["all"]["sentences"]) == (5, 1, 12)
+    assert r["shares"]["all"]["teacher"] == pytest.approx(7 / 12)
+    for name in ("correct", "incorrect"):
+        assert r["shares"][name] == plain["shares"][name]
+    assert r["by_position"] == plain["by_position"]
+    assert r["correlation"]["responses"] == 4 and r["correlation"]["value"] == pytest.approx(1 / 3 ** 0.5)
+    assert r["teacher_area"]["value"] == pytest.approx(plain["teacher_area"]["value"])
+
+
 def test_bootstrap_replicate_is_the_estimate_on_the_resampled_problems(tmp_path):
     """Weights (2, 1, 1) over problems (a, b, c) give what the plain estimate gives on a, a, b, c; weights (2, 0, 1)
     the correlation on a, a, c, and an area only if a, a, c fill every bin the whole data compares (a replicate is the
@@ -183,6 +198,61 @@ def test_ratio_rule_flags_what_the_difference_never_does(tmp_path):
 ])
 def test_ratio_rule(pt, ps, pd, margin, category):
     assert Rule("ratio", margin).categorize(pt, ps, pd) == category
+
+
+def test_a_margin_exactly_met_is_not_much_greater():
+    """">>" is strict under both rules (DESIGN §9: pT - pS > beta; log pT - log pS > delta): a sentence exactly at the
+    margin, in floats as computed, is shared; a little past it is the teacher's or the student's."""
+    difference = Rule("difference", 0.25)  # 0.75 - 0.5 and 0.75 - 0.5 are exact in floats
+    assert difference.categorize(0.75, 0.5) == difference.categorize(0.5, 0.75) == "shared"
+    assert difference.categorize(0.5, 0.5, 0.75) == "shared"
+    assert (difference.categorize(0.75, 0.49), difference.categorize(0.49, 0.75)) == ("teacher", "student")
+    assert difference.categorize(0.5, 0.5, 0.76) == "boosted"
+    delta = math.log(0.5) - math.log(0.25)
+    ratio = Rule("ratio", delta)
+    assert ratio.categorize(0.5, 0.25) == ratio.categorize(0.25, 0.5) == ratio.categorize(0.25, 0.25, 0.5) == "shared"
+    assert (ratio.categorize(0.5, 0.24), ratio.categorize(0.24, 0.5), ratio.categorize(0.25, 0.25, 0.51)) == (
+        "teacher", "student", "boosted")
+
+
+@pytest.mark.parametrize("rule", [Rule("difference", 0.1), Rule("ratio", 0.5)])
+def test_boosted_is_only_a_sentence_neither_model_owns(rule):
+    """boosted: neither pT >> pS nor pS >> pT, and pD >> max(pT, pS); a distilled model that raises a teacher's or
+    student's sentence further does not make it boosted."""
+    assert rule.categorize(0.3, 0.05, 0.99) == "teacher"
+    assert rule.categorize(0.05, 0.3, 0.99) == "student"
+    assert rule.categorize(0.5, 0.5, 0.99) == "boosted"
+
+
+def test_the_ratio_rules_default_margin_is_half_a_nat():
+    """README and DESIGN: --rule ratio defaults to delta = 0.5 (each token about 1.65 times as likely)."""
+    assert DEFAULT_MARGIN == 0.5 and make_rule("ratio").margin == 0.5
+    assert make_rule("ratio").categorize(0.5, 0.3) == "teacher"  # log(5/3) = 0.51
+    assert make_rule("ratio").categorize(0.5, 0.31) == "shared"  # log(0.5/0.31) = 0.48
+
+
+def test_the_interval_is_the_central_percentile_range_of_the_finite_replicates():
+    """A level-L percentile bootstrap interval is the (1 - L)/2 and (1 + L)/2 quantiles of the replicates with a
+    value (NaN replicates, resamples without both kinds of answer, are left out and counted)."""
+    from rsd_engine.pipeline.provenance_report import _estimate
+
+    replicates = np.concatenate([np.arange(1001) / 10.0, [np.nan] * 7])  # 0.0, 0.1, ... 100.0: quantile q is 100 q
+    for level, interval in ((0.95, [2.5, 97.5]), (0.9, [5.0, 95.0]), (0.5, [25.0, 75.0])):
+        e = _estimate(50.0, replicates, level, len(replicates), 3)
+        assert e["interval"] == pytest.approx(interval, abs=1e-9) and e["value"] == 50.0
+        assert (e["resamples"], e["resamples_drawn"], e["level"], e["seed"]) == (1001, 1008, level, 3)
+
+
+@pytest.mark.parametrize("case, defined", [
+    ([("a", 0, True, [T]), ("b", 0, False, [S])], 1 / 2),  # both drawn: 1 - 2 (1/2)^2
+    ([("a", 0, True, [T]), ("b", 0, False, [S]), ("c", 0, False, [SH])], 2 / 3),  # 1 - (1/3)^3 - (2/3)^3
+])
+def test_a_resample_draws_as_many_problems_as_there_are(tmp_path, case, defined):
+    """Each bootstrap resample draws the data's number of problems with replacement: the share of resamples holding
+    both a correct and an incorrect answer (those that have an area and a correlation) is its probability."""
+    r = report_of(tmp_path, case=case, resamples=4000, seed=0)
+    for name in ("teacher_area", "correlation"):
+        assert r[name]["resamples"] / 4000 == pytest.approx(defined, abs=0.03), name
 
 
 def test_rule_options_are_checked():

@@ -40,6 +40,20 @@ def test_budget_of_problems_keeps_each_problems_best():
     assert names(select_budget(PROBLEMS, 3, "problems", "count")) == [("p3", 1), ("p1", 1), ("p2", 0)]
 
 
+def test_budget_of_problems_picks_each_problems_best_by_the_same_ranking():
+    """A problem competes with its best candidate under --by, not under the count: p3's best share is 1 of 2
+    (0.5, tied with 4 of 8 and shorter), not its most teacher sentences (4 of 8)."""
+    assert names(select_budget(PROBLEMS, 3, "problems", "share")) == [("p2", 0), ("p1", 1), ("p3", 2)]
+
+
+def test_budget_ties_of_score_and_length_go_to_the_dataset_order_then_the_earlier_candidate():
+    same = [cand(0, 1, 2, 30), cand(1, 1, 2, 30)]
+    problems = {"z": list(same), "a": list(same), "m": [cand(0, 2, 2, 30)]}  # dataset order z, a, m: not id order
+    assert names(select_budget(problems, 5, "responses", "share")) == [("m", 0), ("z", 0), ("z", 1), ("a", 0),
+                                                                       ("a", 1)]
+    assert names(select_budget(problems, 3, "problems", "share")) == [("m", 0), ("z", 0), ("a", 0)]
+
+
 def test_student_likelihood_ranks_by_the_mean_log_probability():
     problems = {"a": [Candidate(0, tokens=10, student_logprob=-2.0), Candidate(1, tokens=12, student_logprob=-0.5)],
                 "b": [Candidate(0, tokens=9, student_logprob=-1.0)]}
@@ -81,6 +95,17 @@ def test_random_baseline_keeps_the_budget_without_any_model(tmp_path, capsys):
                  "--data", str(data), "--out", str(other), "--no-progress"]) == 0
     kept = read_records(other)
     assert len({r["id"] for r in kept}) == 3
+
+
+def test_without_budget_each_problem_keeps_its_best_under_by(tmp_path):
+    """Without --budget a problem keeps its best candidate under --by (here random: the smallest draw of (seed, id,
+    sample)), not under the count's default."""
+    data, out = write_rows(tmp_path / "c.jsonl", ROWS), tmp_path / "sel.jsonl"
+    assert main(["select", "--by", "random", "--seed", "3", "--data", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    expected = {f"q{i}": min(range(3), key=lambda s: random_key(3, f"q{i}", s)) for i in range(5)}
+    assert set(expected.values()) != {0}  # the draw is not the first candidate's
+    assert {r["id"]: r["sample"] for r in read_records(out)} == expected
 
 
 @pytest.mark.parametrize("data_name, extra", [("sel.scores.jsonl", ["--budget", "4", "--force"]),
