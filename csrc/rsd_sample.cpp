@@ -8,7 +8,9 @@
 // log-probabilities under both models. Flagged rows as in the reference: token -1 (-2) when the teacher
 // (student) row holds NaN or +inf, -3 when the student must write but no fallback id is finite; no allowed
 // finite proposal means no proposal is drawn. Weights are exp((x - max) * (1 / t)) with 1 / t in float32 and
-// their sums in double; the check probability and its comparison with the threshold run in double.
+// their sums in double; the check probability and its comparison with the threshold run in double, over a
+// normaliser of float32 exponentials (the reference's are float64): a check within float32 rounding of the
+// threshold may go either way, as the contract allows.
 //
 // How a row is read (rsd_row.h): pass 1 finds NaN/+inf and the maxima; pass 2 computes every exponential
 // once (the normaliser, and the teacher's weights into a cache-resident scratch row); truncation gathers

@@ -13,7 +13,8 @@ Law: x ~ qT = truncate(softmax(lT / temperature) on proposal_mask, top_k, top_p)
 softmax(lS / check_temperature)[x] >= threshold, up to proposal_trials tries; otherwise the student
 writes y ~ qS = truncate(softmax(lS / student_temperature) on fallback_mask, student_top_k, student_top_p).
 Temperature 0 is argmax (lowest id). Weights are exp((l - max) * (1 / t)), 1 / t rounded once; the check
-probability and its comparison with the threshold run in fp64. A draw u picks the first id, in id order,
+probability and its comparison with the threshold run in fp64, over a normaliser of fp32 exponentials (a check
+within fp32 rounding of the threshold may go either way). A draw u picks the first id, in id order,
 with weight > 0 whose cumulative kept mass is >= u * total. No allowed finite proposal: no proposal is
 drawn. Flagged rows (accepted 0, NaN log-probs): token -1 (teacher) or -2 (student) for NaN or +inf
 logits, -3 when the student must write but no fallback id is finite. Tokens equal the reference's except
