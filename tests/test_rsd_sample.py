@@ -840,3 +840,53 @@ def test_cpp_decode_step_compiles_fullgraph():
     for a, b in zip(out, eager):
         assert torch.equal(a, b)
     assert NUM_DRAWS == step_uniforms(seeds, steps).shape[1]
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it(backend):
+    """Top-p keeps the smallest set of most probable ids whose mass is >= top_p (DESIGN §2). Over four equal logits
+    top_p = 0.5 keeps ids 0 and 1 (ties by lower id): their mass 0.5 reaches 0.5 exactly, so id 2 is not kept. The
+    draw takes the first kept id whose cumulative mass is >= u * total: u = 0.1, 0.5 give id 0; u = 0.75, 1 id 1."""
+    use_backend(backend)
+    B, V = 4, 4
+    logits = torch.zeros(B, V)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = torch.tensor([0.1, 0.5, 0.75, 1.0])[:, None].expand(B, NUM_DRAWS).contiguous()
+    for threshold in (0.0, 1.0):  # the teacher's proposal, then the student's fallback
+        params = edge_params(B, temperature=1.0, student_temperature=1.0, top_p=0.5, student_top_p=0.5,
+                             threshold=threshold)
+        out = rsd_sample(logits, logits, uniforms, params, mask, mask, backend=backend)
+        assert out.token.tolist() == [0, 0, 1, 1] and out.accepted.tolist() == [threshold == 0.0] * B
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_unchecked_top_p_zero_still_keeps_the_top_id(backend):
+    """Top-p keeps at least one id (DESIGN §2). top_p = 0 is out of range, but a call whose values go unread
+    (check_values=False) still samples the most probable id, as top_p -> 0 does: so reference.py says of itself and
+    the C++ op. (Triton flags such rows instead; no legal input reaches this.)"""
+    B, V = 3, 50
+    teacher, student, _, _ = random_rows(B, V, seed=23)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = uniforms_for(B, 23)
+    for threshold in (0.0, 1.0):
+        params = edge_params(B, top_p=0.0, student_top_p=0.0, threshold=threshold)
+        out = rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend, check_values=False)
+        top = (teacher if threshold == 0.0 else student)[:, :V].argmax(-1)
+        assert torch.equal(out.token, top) and out.accepted.tolist() == [threshold == 0.0] * B
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_top_p_is_a_share_of_the_mass_top_k_kept(backend):
+    """Top-k first, then top-p of what top-k kept (reference.py: the mass ranked before an id is compared with top_p
+    times the mass top-k kept). Weights e^2, e, 1, 1 with top_k = 2 keep mass e^2 + e; id 0 alone holds 73% of it,
+    so top_p = 0.7 keeps id 0 only, whatever the uniform. (Measured against the whole row, 61%, id 1 would stay.)"""
+    use_backend(backend)
+    B, V = 4, 4
+    logits = torch.tensor([2.0, 1.0, 0.0, 0.0]).expand(B, V)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = torch.tensor([0.2, 0.7, 0.9, 1.0])[:, None].expand(B, NUM_DRAWS).contiguous()
+    for threshold in (0.0, 1.0):  # the teacher's proposal, then the student's fallback
+        params = edge_params(B, temperature=1.0, student_temperature=1.0, top_k=2, student_top_k=2, top_p=0.7,
+                             student_top_p=0.7, threshold=threshold)
+        out = rsd_sample(logits, logits, uniforms, params, mask, mask, backend=backend)
+        assert out.token.tolist() == [0] * B and out.accepted.tolist() == [threshold == 0.0] * B
