@@ -768,3 +768,19 @@ def test_the_kernels_trial_limit_is_the_plain_steps():
 
     limit = import_kernel("rsd_verify").MAX_TRIALS
     assert getattr(limit, "value", limit) == NUM_DRAWS - 1
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_uniform_one_keeps_a_draft_where_q_equals_qs(backend):
+    """Keep iff u_keep·qS(x) <= Q(x); flag iff u_flag·Q(y) <= qT(y)·ok(y)·c (verify_reference.py): both are <=, so
+    with identical models at threshold 0 (Q = qS = qT) even u = 1 keeps every draft and flags it the teacher's."""
+    B, G, V = 2, 2, 6
+    logits = torch.randn(B, G + 1, V, generator=torch.Generator().manual_seed(4))
+    params = row_params(B, threshold=0.0, temperature=1.0, student_temperature=1.0, top_p=1.0, student_top_p=1.0)
+    mask = torch.ones(V, dtype=torch.bool)
+    draft = torch.tensor([[2, 5], [0, 3]])
+    ones = torch.ones(B, G + 1, NUM_ROUND_DRAWS)
+    out = rsd_verify(logits, logits, draft, torch.full((B,), G, dtype=torch.int32), ones, params, mask, mask,
+                     backend=backend)
+    assert out.num_emitted.tolist() == [G + 1] * B and torch.equal(out.tokens[:, :G], draft)
+    assert out.accepted.all()
