@@ -5,6 +5,7 @@ built) and "triton" (kernels/, under TRITON_INTERPRET=1 on CPU, so at the small 
 Same uniforms in, same token out: a backend may differ from the reference only on a row where a float64
 replay of the reference's decisions shows one of them within float rounding of its boundary.
 """
+import math
 import os
 import re
 import zlib
@@ -501,6 +502,26 @@ def test_threshold_exactly_at_a_check_probability(backend):
             params = edge_params(2, threshold=float(threshold), **family)
             out = rsd_sample(logits, logits, uniforms_for(2, n), params, mask, mask, backend=backend)
             assert out.accepted.tolist() == [exact] * 2, (n, family)
+
+
+def test_the_reference_check_subtracts_the_largest_logit_in_float64():
+    """pC(x) = exp((lS[x] - max lS) / tc) / sum_j ..., all in float64 from the float32 logits (reference.py).
+    Student logits [a, b] with b = 2**-24, a near -3: a - b is exact in float64 but rounds to a in float32,
+    which moves pC(1) = 1 / (1 + exp(a - b)) by ~3e-9, across the float32 threshold t chosen between the two.
+    The teacher proposes id 1 (argmax), so the step accepts iff t <= the float64 pC(1). The reference only: the
+    kernels sum float32 weights for the normaliser, and a check this close to the threshold is excused there
+    (replay64's ROUNDING)."""
+    backend = "reference"
+    a, b = float.fromhex("-0x1.7ffff6p+1"), 2.0**-24
+    threshold = float.fromhex("0x1.e7b7cap-1")
+    assert float(np.float32(a)) == a and float(np.float32(threshold)) == threshold
+    assert 1 / (1 + math.exp(a)) < threshold <= 1 / (1 + math.exp(a - b))  # float32 a - b would reject
+    student = torch.tensor([[a, b]] * 2)
+    teacher = torch.tensor([[0.0, 1.0]] * 2)
+    mask = torch.ones(2, dtype=torch.bool)
+    params = edge_params(2, temperature=0.0, threshold=threshold)
+    out = rsd_sample(teacher, student, uniforms_for(2, 3), params, mask, mask, backend=backend)
+    assert out.accepted.tolist() == [True, True] and out.token.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
