@@ -499,6 +499,7 @@ def good_verify_args(B=2, G=2, V=12):
     (lambda a: a.update(draft=a["draft"][:, :1]), r"draft must be int64 \[B=2, G=2\]"),
     (lambda a: a.update(num_draft=a["num_draft"].long()), "num_draft must be int32"),
     (lambda a: a.update(uniforms=a["uniforms"][:, :, :NUM_DRAWS]), f"D>={NUM_ROUND_DRAWS}"),
+    (lambda a: a.update(uniforms=a["uniforms"][:, :, :NUM_ROUND_DRAWS - 1]), f"D>={NUM_ROUND_DRAWS}"),  # no flag draw
     (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms must be float32"),
     (lambda a: a.update(params=tuple(a["params"])), "RowParams"),
     (lambda a: a.update(params=a["params"]._replace(top_k=torch.zeros(3, dtype=torch.int32))), "params.top_k"),
