@@ -772,10 +772,11 @@ def test_the_kernels_trial_limit_is_the_plain_steps():
     assert getattr(limit, "value", limit) == NUM_DRAWS - 1
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_one_keeps_a_draft_where_q_equals_qs(backend):
     """Keep iff u_keep·qS(x) <= Q(x); flag iff u_flag·Q(y) <= qT(y)·ok(y)·c (verify_reference.py): both are <=, so
     with identical models at threshold 0 (Q = qS = qT) even u = 1 keeps every draft and flags it the teacher's."""
+    use_backend(backend)
     B, G, V = 2, 2, 6
     logits = torch.randn(B, G + 1, V, generator=torch.Generator().manual_seed(4))
     params = row_params(B, threshold=0.0, temperature=1.0, student_temperature=1.0, top_p=1.0, student_top_p=1.0)
