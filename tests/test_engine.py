@@ -356,6 +356,20 @@ def test_bad_engine_arguments_are_named(tiny_pair, kwargs, message):
         Engine(*tiny_pair, **kwargs)
 
 
+def test_the_sampler_resolves_by_device():
+    """resolve_backend (sampling/__init__.py): "auto" is the fused backend of the device (C++ on the CPU where
+    rsd_engine._C is built, Triton on CUDA where triton imports), else the reference; an explicit "cpp" needs the
+    CPU. A device here is only a name: nothing runs on it, so the CUDA cases need no GPU."""
+    from rsd_engine.sampling import _cpp_available, _triton_available, resolve_backend
+
+    assert resolve_backend("auto", "cpu") == ("cpp" if _cpp_available() else "reference")
+    assert resolve_backend("auto", "cuda:0") == ("triton" if _triton_available() else "reference")
+    assert resolve_backend("auto", "meta") == "reference"
+    assert resolve_backend("reference", "cuda") == "reference"
+    with pytest.raises(ValueError, match="sampler='cpp' needs device='cpu'"):
+        resolve_backend("cpp", "cuda:0")
+
+
 def test_bad_params_and_score_pairs_are_named(engine):
     with pytest.raises(TypeError, match=r"params\[1\] is a dict, not a SamplingParams"):
         engine.generate_batch(PROMPTS[:2], [SamplingParams(), {"temperature": 0}])

@@ -27,9 +27,12 @@ BAD = [
     ("proposal_trials", 0, "[1, 16]"),
     ("proposal_trials", 17, "[1, 16]"),
     ("seed", -1, "integer"),
+    ("seed", 2**63, "integer in [0, 9223372036854775807]"),  # seeds travel as int64
     ("stop", [""], "non-empty"),
     ("stop", [3], "str"),
     ("stop_token_ids", [-2], ">= 0"),
+    ("stop_token_ids", [7, -1], ">= 0"),  # -1 is no token id (it is a flag, sampling.TEACHER_NONFINITE)
+    ("ignore_eos", 1, "True or False"),
 ]
 
 
@@ -38,6 +41,20 @@ def test_out_of_range_field_is_named(field, value, allowed):
     with pytest.raises(ValueError) as err:
         SamplingParams(**{field: value})
     assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_the_edges_of_every_range_are_accepted():
+    """Each range's own edges are legal values (params.RANGES says so in words): temperature 0 (argmax) and the
+    extreme temperatures, top_p 1 and the smallest top_p, top_k 0 (off), threshold 0 and 1, 1 and 16 trials, seeds 0
+    and 2**63 - 1, one new token."""
+    edges = [dict(temperature=0.0, student_temperature=0.0, top_p=1.0, student_top_p=1.0, threshold=0.0, top_k=0,
+                  student_top_k=0, proposal_trials=1, check_temperature=1e-30, seed=0, max_new_tokens=1),
+             dict(temperature=1e-30, student_temperature=1e30, top_p=1e-30, student_top_p=1e-30, threshold=1.0,
+                  top_k=1, student_top_k=10**12, proposal_trials=16, check_temperature=1e30, seed=2**63 - 1),
+             dict(temperature=1e30, student_temperature=1e-30, top_k=10**12, student_top_k=1, stop_token_ids=[0])]
+    for fields in edges:
+        p = SamplingParams(**fields)
+        assert all(getattr(p, k) == (tuple(v) if isinstance(v, list) else v) for k, v in fields.items())
 
 
 def test_defaults_are_the_papers():

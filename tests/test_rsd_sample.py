@@ -5,6 +5,7 @@ built) and "triton" (kernels/, under TRITON_INTERPRET=1 on CPU, so at the small 
 Same uniforms in, same token out: a backend may differ from the reference only on a row where a float64
 replay of the reference's decisions shows one of them within float rounding of its boundary.
 """
+import math
 import os
 import re
 import zlib
@@ -503,6 +504,26 @@ def test_threshold_exactly_at_a_check_probability(backend):
             assert out.accepted.tolist() == [exact] * 2, (n, family)
 
 
+def test_the_reference_check_subtracts_the_largest_logit_in_float64():
+    """pC(x) = exp((lS[x] - max lS) / tc) / sum_j ..., all in float64 from the float32 logits (reference.py).
+    Student logits [a, b] with b = 2**-24, a near -3: a - b is exact in float64 but rounds to a in float32,
+    which moves pC(1) = 1 / (1 + exp(a - b)) by ~3e-9, across the float32 threshold t chosen between the two.
+    The teacher proposes id 1 (argmax), so the step accepts iff t <= the float64 pC(1). The reference only: the
+    kernels sum float32 weights for the normaliser, and a check this close to the threshold is excused there
+    (replay64's ROUNDING)."""
+    backend = "reference"
+    a, b = float.fromhex("-0x1.7ffff6p+1"), 2.0**-24
+    threshold = float.fromhex("0x1.e7b7cap-1")
+    assert float(np.float32(a)) == a and float(np.float32(threshold)) == threshold
+    assert 1 / (1 + math.exp(a)) < threshold <= 1 / (1 + math.exp(a - b))  # float32 a - b would reject
+    student = torch.tensor([[a, b]] * 2)
+    teacher = torch.tensor([[0.0, 1.0]] * 2)
+    mask = torch.ones(2, dtype=torch.bool)
+    params = edge_params(2, temperature=0.0, threshold=threshold)
+    out = rsd_sample(teacher, student, uniforms_for(2, 3), params, mask, mask, backend=backend)
+    assert out.accepted.tolist() == [True, True] and out.token.tolist() == [1, 1]
+
+
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
 def test_float32_rounding_ties_are_excused_only_there(backend):
     """At t = 1000 a one-ulp logit gap vanishes in float32 weights, so top_k = 1 may keep either id: float64
@@ -840,3 +861,53 @@ def test_cpp_decode_step_compiles_fullgraph():
     for a, b in zip(out, eager):
         assert torch.equal(a, b)
     assert NUM_DRAWS == step_uniforms(seeds, steps).shape[1]
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it(backend):
+    """Top-p keeps the smallest set of most probable ids whose mass is >= top_p (DESIGN §2). Over four equal logits
+    top_p = 0.5 keeps ids 0 and 1 (ties by lower id): their mass 0.5 reaches 0.5 exactly, so id 2 is not kept. The
+    draw takes the first kept id whose cumulative mass is >= u * total: u = 0.1, 0.5 give id 0; u = 0.75, 1 id 1."""
+    use_backend(backend)
+    B, V = 4, 4
+    logits = torch.zeros(B, V)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = torch.tensor([0.1, 0.5, 0.75, 1.0])[:, None].expand(B, NUM_DRAWS).contiguous()
+    for threshold in (0.0, 1.0):  # the teacher's proposal, then the student's fallback
+        params = edge_params(B, temperature=1.0, student_temperature=1.0, top_p=0.5, student_top_p=0.5,
+                             threshold=threshold)
+        out = rsd_sample(logits, logits, uniforms, params, mask, mask, backend=backend)
+        assert out.token.tolist() == [0, 0, 1, 1] and out.accepted.tolist() == [threshold == 0.0] * B
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_unchecked_top_p_zero_still_keeps_the_top_id(backend):
+    """Top-p keeps at least one id (DESIGN §2). top_p = 0 is out of range, but a call whose values go unread
+    (check_values=False) still samples the most probable id, as top_p -> 0 does: so reference.py says of itself and
+    the C++ op. (Triton flags such rows instead; no legal input reaches this.)"""
+    B, V = 3, 50
+    teacher, student, _, _ = random_rows(B, V, seed=23)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = uniforms_for(B, 23)
+    for threshold in (0.0, 1.0):
+        params = edge_params(B, top_p=0.0, student_top_p=0.0, threshold=threshold)
+        out = rsd_sample(teacher, student, uniforms, params, mask, mask, backend=backend, check_values=False)
+        top = (teacher if threshold == 0.0 else student)[:, :V].argmax(-1)
+        assert torch.equal(out.token, top) and out.accepted.tolist() == [threshold == 0.0] * B
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_top_p_is_a_share_of_the_mass_top_k_kept(backend):
+    """Top-k first, then top-p of what top-k kept (reference.py: the mass ranked before an id is compared with top_p
+    times the mass top-k kept). Weights e^2, e, 1, 1 with top_k = 2 keep mass e^2 + e; id 0 alone holds 73% of it,
+    so top_p = 0.7 keeps id 0 only, whatever the uniform. (Measured against the whole row, 61%, id 1 would stay.)"""
+    use_backend(backend)
+    B, V = 4, 4
+    logits = torch.tensor([2.0, 1.0, 0.0, 0.0]).expand(B, V)
+    mask = torch.ones(V, dtype=torch.bool)
+    uniforms = torch.tensor([0.2, 0.7, 0.9, 1.0])[:, None].expand(B, NUM_DRAWS).contiguous()
+    for threshold in (0.0, 1.0):  # the teacher's proposal, then the student's fallback
+        params = edge_params(B, temperature=1.0, student_temperature=1.0, top_k=2, student_top_k=2, top_p=0.7,
+                             student_top_p=0.7, threshold=threshold)
+        out = rsd_sample(logits, logits, uniforms, params, mask, mask, backend=backend)
+        assert out.token.tolist() == [0] * B and out.accepted.tolist() == [threshold == 0.0] * B

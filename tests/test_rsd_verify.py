@@ -23,7 +23,8 @@ from test_rsd_sample import row_params as family_params  # noqa: E402
 from triton_device import TRITON_DEVICE, on_triton_device, to_device  # noqa: E402
 
 from rsd_engine import sampling  # noqa: E402
-from rsd_engine.randomness import DRAFT_DRAW, NUM_DRAWS, NUM_ROUND_DRAWS, round_uniforms, step_uniforms  # noqa: E402
+from rsd_engine.randomness import (  # noqa: E402
+    DRAFT_DRAW, FLAG_DRAW, NUM_DRAWS, NUM_ROUND_DRAWS, round_uniforms, step_uniforms)
 from rsd_engine.sampling import (  # noqa: E402
     NO_ALLOWED_TOKEN, SAMPLE_FLAGGED, STUDENT_NONFINITE, TEACHER_NONFINITE, RowParams)
 
@@ -498,6 +499,7 @@ def good_verify_args(B=2, G=2, V=12):
     (lambda a: a.update(draft=a["draft"][:, :1]), r"draft must be int64 \[B=2, G=2\]"),
     (lambda a: a.update(num_draft=a["num_draft"].long()), "num_draft must be int32"),
     (lambda a: a.update(uniforms=a["uniforms"][:, :, :NUM_DRAWS]), f"D>={NUM_ROUND_DRAWS}"),
+    (lambda a: a.update(uniforms=a["uniforms"][:, :, :NUM_ROUND_DRAWS - 1]), f"D>={NUM_ROUND_DRAWS}"),  # no flag draw
     (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms must be float32"),
     (lambda a: a.update(params=tuple(a["params"])), "RowParams"),
     (lambda a: a.update(params=a["params"]._replace(top_k=torch.zeros(3, dtype=torch.int32))), "params.top_k"),
@@ -768,3 +770,115 @@ def test_the_kernels_trial_limit_is_the_plain_steps():
 
     limit = import_kernel("rsd_verify").MAX_TRIALS
     assert getattr(limit, "value", limit) == NUM_DRAWS - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_one_keeps_a_draft_where_q_equals_qs(backend):
+    """Keep iff u_keep·qS(x) <= Q(x); flag iff u_flag·Q(y) <= qT(y)·ok(y)·c (verify_reference.py): both are <=, so
+    with identical models at threshold 0 (Q = qS = qT) even u = 1 keeps every draft and flags it the teacher's."""
+    use_backend(backend)
+    B, G, V = 2, 2, 6
+    logits = torch.randn(B, G + 1, V, generator=torch.Generator().manual_seed(4))
+    params = row_params(B, threshold=0.0, temperature=1.0, student_temperature=1.0, top_p=1.0, student_top_p=1.0)
+    mask = torch.ones(V, dtype=torch.bool)
+    draft = torch.tensor([[2, 5], [0, 3]])
+    ones = torch.ones(B, G + 1, NUM_ROUND_DRAWS)
+    out = rsd_verify(logits, logits, draft, torch.full((B,), G, dtype=torch.int32), ones, params, mask, mask,
+                     backend=backend)
+    assert out.num_emitted.tolist() == [G + 1] * B and torch.equal(out.tokens[:, :G], draft)
+    assert out.accepted.all()
+
+
+def untruncated_round(B, G, V, seed, **kw):
+    """Random teacher/student logits [B, G+1, V] and round uniforms, with untruncated laws at temperature 1."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher, student = torch.randn(2, B, G + 1, V, generator=gen) * 2
+    params = row_params(B, **{**dict(temperature=1.0, student_temperature=1.0, top_p=1.0, student_top_p=1.0), **kw})
+    uniforms = round_uniforms(torch.arange(B) + seed, torch.zeros(B, dtype=torch.int64), G + 1)
+    return teacher, student, params, uniforms, torch.ones(V, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_draft_id_outside_the_vocabulary_is_never_kept(backend):
+    """A draft id outside [0, V) is rejected (verify_reference.py), even where any id in range would be kept:
+    identical models at threshold 0 give Q = qS, so row 0's drafts are kept for any u_keep, while rows 1-3
+    (ids -1, V, -2**40, which clamping would read as 0 or V - 1) end the round at position 0 with an id in [0, V)."""
+    use_backend(backend)
+    B, G, V = 4, 2, 6
+    logits, _, params, uniforms, mask = untruncated_round(B, G, V, seed=21, threshold=0.0)
+    draft = torch.tensor([[0, V - 1], [-1, 0], [V, V - 1], [-2**40, 0]])
+    out = rsd_verify(logits, logits, draft, torch.full((B,), G, dtype=torch.int32), uniforms, params, mask, mask,
+                     backend=backend)
+    assert out.num_emitted.tolist() == [G + 1, 1, 1, 1] and torch.equal(out.tokens[0, :G], draft[0])
+    assert ((out.tokens[1:, 0] >= 0) & (out.tokens[1:, 0] < V)).all() and (out.tokens[1:, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_teacher_part_keeps_every_draft_and_flags_none_even_at_u_flag_zero(backend):
+    """Where the teacher's part qT·ok·c is 0 everywhere, Q = qS (r = 1), so every draft is kept; the flag needs
+    u_flag·Q(y) <= qT(y)·ok(y)·c AND that part > 0, so it stays False at u_flag = 0. Row 0: the teacher has no
+    allowed id (all -inf on [0, V), a finite padding id): qT = 0 and r = 1 by definition. Row 1: threshold 1,
+    which no pC < 1 reaches. The bonus token is then the student's too (accepted False)."""
+    use_backend(backend)
+    B, G, V = 2, 3, 8
+    teacher, student, params, uniforms, mask = untruncated_round(B, G, V, seed=22)
+    teacher = torch.cat([teacher, torch.zeros(B, G + 1, 1)], dim=2)
+    teacher[0, :, :V] = float("-inf")
+    params = params._replace(threshold=torch.tensor([0.01, 1.0]))
+    uniforms[:, :, FLAG_DRAW] = 0.0
+    draft = torch.tensor([[1, 4, 7], [6, 0, 2]])
+    out = rsd_verify(teacher, student, draft, torch.full((B,), G, dtype=torch.int32), uniforms, params, mask, mask,
+                     backend=backend)
+    assert out.num_emitted.tolist() == [G + 1] * B and torch.equal(out.tokens[:, :G], draft)
+    assert ((out.tokens[:, G] >= 0) & (out.tokens[:, G] < V)).all() and not out.accepted.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_draft_position_flags_teacher_nonfinite_before_student_nonfinite(backend):
+    """Flag precedence at a draft position, as rsd_sample's: teacher NaN/+inf gives -1 whatever the student row
+    holds, else student NaN/+inf gives -2; the round ends there, accepted False."""
+    use_backend(backend)
+    B, G, V = 3, 2, 6
+    teacher, student, params, uniforms, mask = untruncated_round(B, G, V, seed=23)
+    teacher[0, 0, 2], student[0, 0, 3] = float("nan"), float("nan")  # row 0: both bad
+    teacher[1, 0, 1], student[1, 0, 4] = float("inf"), float("inf")  # row 1: both bad
+    student[2, 0, 0] = float("nan")  # row 2: the student only
+    out = rsd_verify(teacher, student, torch.zeros(B, G, dtype=torch.int64), torch.full((B,), G, dtype=torch.int32),
+                     uniforms, params, mask, mask, backend=backend)
+    assert out.tokens[:, 0].tolist() == [TEACHER_NONFINITE, TEACHER_NONFINITE, STUDENT_NONFINITE]
+    assert out.num_emitted.tolist() == [1] * B and not out.accepted.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_kept_draft_the_student_cannot_write_is_flagged_and_not_accepted(backend):
+    """At threshold 0 every id passes the check (pC >= 0), so r = 0 and Q = qT: a draft with qT > 0 passes the keep
+    test and its flag test. But where the fallback mask leaves the student no finite logit the position is
+    NO_ALLOWED_TOKEN (-3), and a flagged token is never accepted (rsd_sample's rule)."""
+    use_backend(backend)
+    B, G, V = 2, 2, 6
+    teacher, student, params, uniforms, mask = untruncated_round(B, G, V, seed=24, threshold=0.0)
+    student = torch.cat([student, torch.zeros(B, G + 1, 1)], dim=2)
+    student[:, 0, :V] = float("-inf")  # only the padding id is finite at position 0
+    out = rsd_verify(teacher, student, torch.tensor([[2, 0], [5, 1]]), torch.full((B,), G, dtype=torch.int32),
+                     uniforms, params, mask, mask, backend=backend)
+    assert out.tokens[:, 0].tolist() == [NO_ALLOWED_TOKEN] * B and out.num_emitted.tolist() == [1] * B
+    assert not out.accepted.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_threshold_exactly_at_a_check_probability(backend):
+    """ok(y) = [pC(y) >= threshold], pC in float64: 4 equal student logits give pC = 1/4 exactly. The teacher
+    bans id 3 (-inf), so qT(3) = 0. Row 0, threshold 1/4: every id is ok, r = 0 and Q = qT, so the draft 3 has
+    Q(3) = 0 and is rejected; the residual draw y has qT(y) > 0 and Q(y) = qT(y), so it is flagged for any u_flag.
+    Row 1, threshold = the next float32 above 1/4: no id is ok, Q = qS, both drafts 3 are kept, unflagged."""
+    use_backend(backend)
+    B, G, V = 2, 2, 4
+    teacher, _, params, uniforms, mask = untruncated_round(B, G, V, seed=25)
+    teacher[:, :, 3] = float("-inf")
+    student = torch.zeros(B, G + 1, V)
+    params = params._replace(threshold=torch.tensor([0.25, float(np.nextafter(np.float32(0.25), np.float32(1)))]))
+    out = rsd_verify(teacher, student, torch.full((B, G), 3), torch.full((B,), G, dtype=torch.int32), uniforms,
+                     params, mask, mask, backend=backend)
+    assert out.num_emitted.tolist() == [1, G + 1]
+    assert 0 <= out.tokens[0, 0] < 3 and out.accepted[0, 0]
+    assert out.tokens[1, :G].tolist() == [3] * G and not out.accepted[1].any()
