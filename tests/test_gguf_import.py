@@ -111,7 +111,7 @@ def add_tensor(writer, name, array, qtype):
         writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
 
 
-def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", vocab_extra=0):
+def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", vocab_extra=0, add_bos=False, eot=None):
     tokens, merges, types = train_bpe()
     weights = hf_weights(len(tokens), tied)
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -135,7 +135,9 @@ def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", voca
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
+    if eot is not None:
+        writer.add_eot_token_id(eot)
     writer.add_chat_template(CHAT_TEMPLATE)
     add_tensor(writer, "token_embd.weight", weights["model.embed_tokens.weight"], Q.Q8_0)
     add_tensor(writer, "output_norm.weight", weights["model.norm.weight"], Q.F32)
@@ -216,6 +218,26 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(converted):
     assert specials == ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>")
     prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bos_is_added_where_the_file_says(tmp_path):
+    """tokenizer.ggml.add_bos_token true (Llama 3's GGUFs): every encoded text starts with BOS, as in llama.cpp and
+    transformers' own GGUF tokenizer (the oracle)."""
+    write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True)
+    ours = transformers.AutoTokenizer.from_pretrained(convert_gguf(tmp_path / "bos.gguf", tmp_path / "out"))
+    oracle = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="bos.gguf")
+    for text in TEXTS:
+        ids = ours(text).input_ids
+        assert ids[0] == 1 and ids == oracle(text).input_ids, text
+
+
+def test_end_of_turn_token_ends_generation_too(tmp_path):
+    """tokenizer.ggml.eot_token_id: llama.cpp ends generation at the end-of-turn token as at EOS, so both are
+    eos_token_id (config.json and generation_config.json), EOS first."""
+    write_tiny_gguf(tmp_path / "eot.gguf", eot=0)
+    out = convert_gguf(tmp_path / "eot.gguf", tmp_path / "out")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["eos_token_id"] == [2, 0], name
 
 
 def test_bfloat16_storage_is_rounded_float32(converted, tmp_path):

@@ -116,6 +116,30 @@ def test_pickle_only_repos_are_refused(cache, tiny_pair):
         Generator("tiny-org/pickled", device="cpu")
 
 
+def test_only_metadata_and_safetensors_are_asked_for(cache, tiny_pair, monkeypatch):
+    """What is fetched: pickle checkpoints (*.bin, *.pt, ...) and modelling code (*.py) never, whatever the repo
+    holds; the weights come from the commit the metadata came from, named by its hash (a branch moved between the
+    two downloads would mix two commits)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls, real = [], huggingface_hub.snapshot_download
+
+    def spy(repo_id, *, revision=None, allow_patterns=None, **kwargs):
+        calls.append((revision, list(allow_patterns)))
+        return real(repo_id, revision=revision, allow_patterns=allow_patterns, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    lay_out(cache, "tiny-org/student", tiny_pair[1])
+    resolve_model("tiny-org/student", "main")
+    assert [revision for revision, _ in calls] == ["main", MAIN]
+    refused = ("pytorch_model.bin", "model.pt", "consolidated.pth", "modeling_qwen3.py", "model.ckpt", "x.pkl")
+    for _, patterns in calls:
+        assert not [(p, name) for p in patterns for name in refused if fnmatch.fnmatch(name, p)]
+    assert calls[1][1] == ["model.safetensors"]
+
+
 def test_missing_shards_are_named(cache, tmp_path):
     from tiny import build_model
 

@@ -11,6 +11,7 @@ from tiny import build_model
 
 from rsd_engine.models import ModelConfig, load_model
 from rsd_engine.models import rope
+from rsd_engine.models.transformer import RMSNorm
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -19,8 +20,11 @@ VARIANTS = {
     "qwen2": dict(arch="qwen2"),  # qkv bias
     "llama": dict(arch="llama", num_kv_heads=4),  # no GQA
     "llama3_tied": dict(arch="llama", tie_word_embeddings=True, rope_scaling=LLAMA3, num_kv_heads=1),
-    "qwen3_bias": dict(arch="qwen3", config={"attention_bias": True}),  # q, k, v and o biases, then q/k norms
+    "qwen3_bias": dict(arch="qwen3", num_kv_heads=4, config={"attention_bias": True}),  # biases, q/k norms, no GQA
     "llama_bias": dict(arch="llama", config={"attention_bias": True, "mlp_bias": True}),
+    # head_dim not hidden_size / heads (Qwen3's own: 128 against 1024 / 16), eps and theta not the defaults
+    "qwen3_wide_heads": dict(arch="qwen3", head_dim=32, config={
+        "rms_norm_eps": 1e-2, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
 }
 MAX_SEQ_LEN = 32
 
@@ -231,6 +235,53 @@ BAD_LLAMA3 = {  # each was accepted (a negative or "8" factor generated; 0 gave 
 }
 
 
+def test_llama3_rope_without_its_original_length_takes_the_context():
+    """A llama3 rope_scaling without original_max_position_embeddings: transformers takes max_position_embeddings
+    for it; the frequencies are transformers' own (its llama3 init on the same config is the oracle)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_theta": 5e5, **{k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}}
+    sizes = {**CONFIG, "hidden_size": 64}  # head_dim 32: wavelengths on both sides of the band 128/4 .. 128/1
+    ours = ModelConfig.from_hf({**sizes, "rope_parameters": params})
+    assert ours.rope_scaling["original_max_position_embeddings"] == 128
+    hf = transformers.LlamaConfig(**{k: v for k, v in sizes.items() if k != "architectures"}, rope_parameters=params)
+    torch.testing.assert_close(rope.inv_freq(ours), ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0], rtol=0, atol=0)
+
+
+def test_config_reads_sizes_the_defaults_do_not_give():
+    """head_dim, num_key_value_heads, rms_norm_eps and max_position_embeddings as config.json gives them, not as
+    derived or defaulted (Qwen3-0.6B: head_dim 128 where hidden_size / heads is 64; Llama's eps is 1e-5)."""
+    cfg = ModelConfig.from_hf({**CONFIG, "head_dim": 16, "num_key_value_heads": 1, "rms_norm_eps": 1e-5})
+    assert (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads) == (16, 2, 1)
+    assert (cfg.rms_norm_eps, cfg.max_position_embeddings) == (1e-5, 128)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor != 1 is not supported"),
+])
+def test_config_refuses_attention_the_decoder_does_not_compute(change, message):
+    """Sliding-window attention and partial RoPE (at the top level of config.json, as older configs put it) are
+    refused: the decoder attends to every position and rotates the whole head, so it would compute another model."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**CONFIG, **change})
+
+
+def test_rms_norm_rounds_as_transformers():
+    """RMSNorm normalises in float32, casts back to the model dtype, then scales in it, as transformers' does: in
+    bfloat16 scaling before the cast rounds differently."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = RMSNorm(64, 1e-6), Qwen3RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(16, 64, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours.to(torch.bfloat16)(x), theirs.to(torch.bfloat16)(x))
+
+
 @pytest.mark.parametrize("name", list(BAD_LLAMA3))
 def test_config_refuses_bad_llama3_rope(name):
     """Each llama3 setting is checked at load, naming the field and its valid range (transformers only warns)."""
@@ -287,6 +338,9 @@ def test_config_biases_follow_transformers():
                                ("Qwen2ForCausalLM", False, True, False)]:
         cfg = ModelConfig.from_hf({**CONFIG, "architectures": [arch], "attention_bias": bias})
         assert (cfg.qkv_bias, cfg.o_bias) == (qkv, o), (arch, bias)
+    # mlp_bias: Llama's MLP only; Qwen2's and Qwen3's have no bias whatever the config says.
+    for arch, mlp in [("LlamaForCausalLM", True), ("Qwen2ForCausalLM", False), ("Qwen3ForCausalLM", False)]:
+        assert ModelConfig.from_hf({**CONFIG, "architectures": [arch], "mlp_bias": True}).mlp_bias == mlp, arch
 
 
 def test_config_refuses_activations_other_than_silu():

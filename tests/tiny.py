@@ -78,12 +78,13 @@ def build_tokenizer(folder, *, extra_special_tokens=(), vocab_size=BPE_VOCAB_SIZ
 
 def build_model(folder, arch="qwen3", *, tokenizer_dir=None, vocab_size=None, hidden_size=64, num_layers=2,
                 num_heads=4, num_kv_heads=2, intermediate_size=128, tie_word_embeddings=False,
-                rope_scaling=None, seed=0, dtype=torch.float32, shards=1) -> Path:
+                rope_scaling=None, seed=0, dtype=torch.float32, shards=1, head_dim=None) -> Path:
     """Save a randomly initialised HF checkpoint (safetensors) plus tokenizer files in `folder`.
 
     vocab_size defaults to the tokenizer's length rounded up to a multiple of 64 (so the embedding has
     padding rows, as real checkpoints do). rope_scaling, e.g. {"rope_type": "llama3", "factor": 8.0,
     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}.
+    head_dim defaults to hidden_size / num_heads; Qwen3's own are wider (Qwen3-0.6B: 1024 / 16 heads, head_dim 128).
     """
     import transformers
 
@@ -105,7 +106,7 @@ def build_model(folder, arch="qwen3", *, tokenizer_dir=None, vocab_size=None, hi
     config = config_classes[arch](
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        head_dim=head_dim or hidden_size // num_heads, max_position_embeddings=2048, rms_norm_eps=1e-6,
         initializer_range=0.1, tie_word_embeddings=tie_word_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **(rope_scaling or {})},
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
