@@ -103,6 +103,15 @@ def test_records_statuses_and_stats(pair, tmp_path, capsys):
     assert records["open"]["answer"] is None and records["open"]["final_answer"] == "7"
 
 
+def test_attempt_seeds_differ_by_attempt_problem_and_seed():
+    """The seed of an attempt is a hash of (--seed, problem id, attempt index) (generate.py): every attempt of a
+    problem is another sample (one seed for all would make --attempts 16 one attempt written 16 times), problems
+    do not share draws, and the same triple always gives the same seed (reruns and ranks agree)."""
+    seeds = {(s, pid, a): attempt_seed(s, pid, a) for s in (0, 1) for pid in ("add", "mul") for a in range(16)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(attempt_seed(*key) == seed and 0 <= seed < 2**63 for key, seed in seeds.items())
+
+
 @pytest.mark.parametrize("extra, status", [
     (["--threshold", "1"], "prefix"),  # every proposal rejected: the student wrote 100% > --max-fallback 0.5
     (["--threshold", "1", "--max-fallback", "1"], "solved"),

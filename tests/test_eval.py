@@ -429,6 +429,32 @@ def test_the_interval_does_not_depend_on_the_order_of_the_lines():
     assert all(s == summaries[0] for s in summaries)
 
 
+@pytest.mark.parametrize("n", [13, 1000])
+def test_the_interval_is_a_percentile_bootstrap_of_10000_resamples_over_problems(n):
+    """The module's rule, computed here independently: problem means (in id order) resampled with replacement
+    10,000 times from one seeded stream (numpy's default_rng(0), as test_forced_answers_give_exact_accuracy), the
+    2.5th and 97.5th percentiles of the resampled accuracies. Many problems with varied means, so that fewer
+    resamples, or more (1,000 problems: the resamples are drawn in chunks), move the bounds."""
+    records = [{"id": f"p{i:04d}", "sample": s, "correct": s < (i * 7) % 5} for i in range(n) for s in range(4)]
+    means = np.array([min((i * 7) % 5, 4) / 4 for i in range(n)])  # ids p0000.. sort as their numbers
+    boot = means[np.random.default_rng(0).integers(0, n, size=(10_000, n))].mean(axis=1)
+    summary = accuracy_summary(records)
+    assert summary["accuracy"] == pytest.approx(means.mean())
+    assert summary["interval"] == pytest.approx(list(np.percentile(boot, [2.5, 97.5])), abs=1e-12)
+    assert summary["interval_method"] == "percentile bootstrap"
+
+
+def test_problems_all_half_solved_keep_the_bootstrap_not_the_all_or_none_bound():
+    """The exact binomial bound is for no problem solved or every one (module docstring); problems that each solve
+    half their samples are neither: their (zero-width) bootstrap interval stays, and the line says no "solved"."""
+    records = [{"id": i, "sample": s, "correct": s == 0} for i in "abcd" for s in range(2)]
+    summary = accuracy_summary(records)
+    assert summary["accuracy"] == 0.5 and summary["interval_method"] == "percentile bootstrap"
+    assert summary["interval"] == pytest.approx([0.5, 0.5])
+    line = evaluate.format_accuracy(summary, "g.jsonl")
+    assert "95% bootstrap interval over problems: 50.00% to 50.00%" in line and "solved" not in line
+
+
 def test_lines_that_are_no_eval_record_are_not_graded_and_said():
     """Another tool's lines, appended under --force: counted apart, not graded as wrong answers of made-up
     problems, and no KeyError after the run for a line without an id."""

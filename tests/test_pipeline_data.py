@@ -176,6 +176,11 @@ def test_dataset_dict_folders(tmp_path):
     one = Dataset.from_list([{"question": "q", "answer": "1"}])
     DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "with_train"))
     assert load_problems(tmp_path / "with_train").problems == [Problem(question_id("q"), "q", "1")]
+    # Of several splits, "train" is read whichever place it has, never another split's rows.
+    other = Dataset.from_list([{"question": "held out", "answer": "2"}])
+    for name, splits in (("train_first", {"train": one, "test": other}), ("train_last", {"test": other, "train": one})):
+        DatasetDict(splits).save_to_disk(str(tmp_path / name))
+        assert load_problems(tmp_path / name).problems == [Problem(question_id("q"), "q", "1")], name
     DatasetDict({"a": one, "b": one}).save_to_disk(str(tmp_path / "no_train"))
     with pytest.raises(ValueError, match=r"splits \['a', 'b'\]"):
         load_problems(tmp_path / "no_train")
@@ -427,3 +432,25 @@ def test_skipped_rows_are_described_by_reason_every_reason_named():
                                              "row 6: no 'pid' id)")
     many = [(i, f"reason {i}") for i in range(8)]
     assert describe_skipped(many, 8).endswith("row 5: reason 5; 2 more rows for 2 other reasons)")
+
+
+def test_blank_or_true_false_answers_are_no_reference_answers(tmp_path):
+    """A row without an answer becomes a problem with answer None (data.py): an empty or blank answer is no answer
+    (graded against it, every attempt would read as wrong and the problem be written as a prefix, not "unverified").
+    An answer that is true/false is neither text nor a number: the row is skipped and named, not graded against
+    the text "True"."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "e", "question": "q1", "answer": ""}\n{"id": "b", "question": "q2", "answer": "  "}\n'
+                    '{"id": "t", "question": "q3", "answer": true}\n{"id": "n", "question": "q4", "answer": 0}\n')
+    loaded = load_problems(path)
+    assert loaded.problems == [Problem("e", "q1", None), Problem("b", "q2", None), Problem("n", "q4", "0")]
+    assert loaded.skipped == [(2, "'answer' is a bool, not text or a number")]
+
+
+def test_blank_lines_between_jsonl_rows_are_no_rows(tmp_path):
+    """JSON Lines read line by line: an empty line or one of whitespace alone (an editor's) holds no row, and is
+    neither an error nor a skipped row."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "1", "question": "q1"}\n\n   \n\t\n{"id": "2", "question": "q2"}\n  \n')
+    loaded = load_problems(path, answer_field=None)
+    assert [p.id for p in loaded.problems] == ["1", "2"] and loaded.num_rows == 2 and loaded.skipped == []
