@@ -640,3 +640,24 @@ def test_an_answer_math_verify_cannot_compare_in_time_is_marked_and_counted(pair
     assert 'answers math-verify could not compare in time ("grading": "timed out"), graded wrong' in \
         capsys.readouterr().out
     assert answers.check_answer("4", "4") is None and answers.is_correct("4", "4") is False
+
+
+def test_the_sampling_options_reach_every_sample(pair, forced, tmp_path, monkeypatch):
+    """--temperature, --top-p, --top-k and --max-new-tokens are the law of every sample (the model's alone: no
+    teacher, so no RSD check), each sample seeded by (--seed, problem, sample); the learned answers come out
+    whatever the law, so only the parameters the generator is handed can show a dropped option."""
+    handed = []
+    forced_samples = evaluate.generate_samples
+
+    def generate_samples(opts, prompts, params, device, max_seq_len):
+        handed.extend(params)
+        yield from forced_samples(opts, prompts, params, device, max_seq_len)
+
+    monkeypatch.setattr(evaluate, "generate_samples", generate_samples)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_eval(pair[1], data, tmp_path / "gens.jsonl", "--samples", "2", "--temperature", "0.3", "--top-p", "0.8",
+             "--top-k", "5", "--seed", "11")
+    assert len(handed) == 6
+    assert {(p.temperature, p.top_p, p.top_k, p.max_new_tokens) for p in handed} == {(0.3, 0.8, 5, 40)}
+    assert sorted(p.seed for p in handed) == sorted(evaluate.attempt_seed(11, i, s) for i in "abc" for s in (0, 1))
