@@ -292,6 +292,7 @@ def test_prompt_thinking_detection(tiny_tokenizer_dir):
 
     tok.chat_template = None
     assert build_prompt(tok, "Q?", "S").text == "S\n\nQ?\n\n"
+    assert build_prompt(tok, "Q?", "").text == "Q?\n\n"  # no system prompt: no blank line before the question
 
 
 def test_a_template_without_system_role_gets_the_same_messages(tiny_tokenizer_dir):
