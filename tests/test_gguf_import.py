@@ -63,7 +63,7 @@ def llama_cpp_permute(weight, num_heads):
     return weight.reshape(num_heads, 2, rows // num_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def hf_weights(vocab, tied, seed=0):
+def hf_weights(vocab, tied, seed=0, head_dim=HEAD_DIM):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.2):
@@ -74,10 +74,10 @@ def hf_weights(vocab, tied, seed=0):
         w["lm_head.weight"] = rand(vocab, HIDDEN)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = rand(HEADS * HEAD_DIM, HIDDEN)
-        w[p + "self_attn.k_proj.weight"] = rand(KV_HEADS * HEAD_DIM, HIDDEN)
-        w[p + "self_attn.v_proj.weight"] = rand(KV_HEADS * HEAD_DIM, HIDDEN)
-        w[p + "self_attn.o_proj.weight"] = rand(HIDDEN, HEADS * HEAD_DIM)
+        w[p + "self_attn.q_proj.weight"] = rand(HEADS * head_dim, HIDDEN)
+        w[p + "self_attn.k_proj.weight"] = rand(KV_HEADS * head_dim, HIDDEN)
+        w[p + "self_attn.v_proj.weight"] = rand(KV_HEADS * head_dim, HIDDEN)
+        w[p + "self_attn.o_proj.weight"] = rand(HIDDEN, HEADS * head_dim)
         w[p + "mlp.gate_proj.weight"] = rand(FFN, HIDDEN)
         w[p + "mlp.up_proj.weight"] = rand(FFN, HIDDEN)
         w[p + "mlp.down_proj.weight"] = rand(HIDDEN, FFN)
@@ -111,9 +111,14 @@ def add_tensor(writer, name, array, qtype):
         writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
 
 
-def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", vocab_extra=0, add_bos=False, eot=None):
+def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", vocab_extra=0, add_bos=False, eot=None,
+                    head_dim=None, rope_scaling=None, control=None):
+    """head_dim: a head wider than hidden / heads, written as attention.key_length (as llama.cpp does);
+    rope_scaling: a gguf.RopeScalingType to write; control: one more control token, the last id."""
     tokens, merges, types = train_bpe()
-    weights = hf_weights(len(tokens), tied)
+    if control is not None:
+        tokens, types = tokens + [control], types + [3]
+    weights = hf_weights(len(tokens), tied, head_dim=head_dim or HEAD_DIM)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name("tiny-llama")
     writer.add_block_count(LAYERS)
@@ -122,7 +127,13 @@ def write_tiny_gguf(path, *, tied=False, pre="gpt-2", architecture="llama", voca
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_rope_dimension_count(head_dim or HEAD_DIM)
+    if head_dim is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(rope_scaling)
+        writer.add_rope_scaling_factor(4.0)
     writer.add_rope_freq_base(50000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(len(tokens) + vocab_extra)
@@ -257,6 +268,55 @@ def test_smollm_pre_tokenizer_splits_every_digit(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(convert_gguf(tmp_path / "smol.gguf", tmp_path / "out"))
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("x 12345 2024").input_ids)
     assert pieces == ["x", "Ġ", "1", "2", "3", "4", "5", "Ġ", "2", "0", "2", "4"]
+
+
+def test_user_defined_tokens_are_text_and_control_tokens_special(tmp_path):
+    """llama.cpp's token types: control tokens (3; here also <|tool|>, which is none of BOS, EOS, UNK, PAD) are
+    special, matched whole and dropped when decoding with skip_special_tokens, as llama.cpp drops them when it
+    renders without specials; user-defined ones (4, here <think>) are added tokens matched whole, rendered as text."""
+    write_tiny_gguf(tmp_path / "tool.gguf", control="<|tool|>")
+    ours = transformers.AutoTokenizer.from_pretrained(convert_gguf(tmp_path / "tool.gguf", tmp_path / "out"))
+    ids = ours("<|im_start|>say <think> ok<|tool|>x<|im_end|>").input_ids
+    pieces = ours.convert_ids_to_tokens(ids)
+    assert pieces.count("<think>") == 1 and pieces.count("<|tool|>") == 1
+    assert ours.decode(ids, skip_special_tokens=True) == "say <think> okx"
+
+
+@pytest.mark.parametrize("pre, pieces", [("llama-bpe", ["abc"]), ("gpt-2", ["ab", "c"])])
+def test_llama3_pre_tokenizer_takes_a_word_in_the_vocabulary_whole(pre, pieces):
+    """llama.cpp's Llama 3 tokenizer (and HF's tokenizer.json, ignore_merges: true) takes a word found in the vocabulary
+    as one token before any merge; GPT-2's applies the merges by rank. By hand: merge 'a b' ranks first, so the
+    merges give ab + c, though abc is a token."""
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": ["a", "b", "c", "ab", "bc", "abc"],
+            "tokenizer.ggml.merges": ["a b", "b c", "a bc"]}
+    tokenizer = gguf_import.build_tokenizer(meta)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("abc").input_ids) == pieces
+
+
+def test_head_wider_than_hidden_over_heads(tmp_path):
+    """attention.key_length is the head size when it is not hidden / heads (Mistral Nemo's llama files): the
+    converted model's logits are transformers' own GGUF loading's (which reads the head size from
+    rope.dimension_count, written the same here)."""
+    write_tiny_gguf(tmp_path / "wide.gguf", head_dim=2 * HEAD_DIM)
+    out = convert_gguf(tmp_path / "wide.gguf", tmp_path / "out", dtype=torch.float32)
+    assert json.loads((out / "config.json").read_text())["head_dim"] == 2 * HEAD_DIM
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="wide.gguf", dtype=torch.float32)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[5, 40, 77, 3, 200, 9, 1, 150]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scaling_is_refused(tmp_path):
+    """The importer writes plain RoPE only: a file with a RoPE scaling type (linear, yarn, ...) is refused, naming
+    it, rather than converted to a model whose positions drift past the original context."""
+    write_tiny_gguf(tmp_path / "linear.gguf", rope_scaling=gguf.RopeScalingType.LINEAR)
+    with pytest.raises(ValueError, match="rope scaling 'linear' is not supported"):
+        convert_gguf(tmp_path / "linear.gguf", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    write_tiny_gguf(tmp_path / "none.gguf", rope_scaling=gguf.RopeScalingType.NONE)
+    assert convert_gguf(tmp_path / "none.gguf", tmp_path / "plain").is_dir()
 
 
 @pytest.fixture(scope="module")

@@ -262,6 +262,17 @@ def test_a_tensor_stored_twice_is_refused(folder):
         load_model(folder)
 
 
+def test_model_safetensors_is_read_over_other_files_beside_it(folder):
+    """A folder holding model.safetensors and another full copy (Mistral's consolidated.safetensors): as in
+    transformers, model.safetensors is the checkpoint and the other file is not read (not "stored twice")."""
+    state = load_file(folder / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, folder / "consolidated.safetensors",
+              metadata={"format": "pt"})
+    model = load_model(folder)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(model.state_dict()[name], state[name].to(model.dtype))
+
+
 def test_buffers_and_a_tied_head_copy_are_still_skipped(folder):
     """What a checkpoint may hold beside the weights: old rotary buffers, and lm_head.weight next to tied
     embeddings (the head is the embedding: nothing is lost)."""
